@@ -1,0 +1,45 @@
+//! Indices of the global per-CPU counters: one per action or pass reason.
+//! Every packet the program sees lands in exactly one of the `PASS_*`,
+//! `DELIVERED`, `UNOWNED` or `REDIRECT_FAILED` counters.
+
+/// Not IPv4 or IPv6 (ARP, LLDP, ...), or more VLAN tags than we parse.
+pub const PASS_NOT_IP: u32 = 0;
+/// The frame ends inside a header it claims to carry.
+pub const PASS_TRUNCATED: u32 = 1;
+/// A header is inconsistent: IPv4 IHL < 5, a length field shorter than its
+/// header, a TCP data offset < 5, an IPv6 extension chain too long.
+pub const PASS_MALFORMED: u32 = 2;
+/// An IP fragment: only the first carries ports, so none is steered and all
+/// go to the kernel, which reassembles them.
+pub const PASS_FRAGMENT: u32 = 3;
+/// IP, but neither UDP nor TCP (ICMP, ESP, ...).
+pub const PASS_NOT_L4: u32 = 4;
+/// UDP/TCP not addressed to a configured (VIP, port, protocol).
+pub const PASS_NO_SERVICE: u32 = 5;
+/// Redirected to the owner of the unit.
+pub const DELIVERED: u32 = 6;
+/// The unit has no live owner (passed to the kernel until the punt path
+/// exists).
+pub const UNOWNED: u32 = 7;
+/// The owner's DEVMAP slot was empty: passed to the kernel.
+pub const REDIRECT_FAILED: u32 = 8;
+/// Not an action: service packets keyed by flow hash because the tag was
+/// missing. Counted in addition to the action.
+pub const TAG_MISSING: u32 = 9;
+
+/// Number of global counters.
+pub const COUNT: u32 = 10;
+
+/// Names for display and metrics, indexed like the counters.
+pub const NAMES: [&str; COUNT as usize] = [
+    "pass_not_ip",
+    "pass_truncated",
+    "pass_malformed",
+    "pass_fragment",
+    "pass_not_l4",
+    "pass_no_service",
+    "delivered",
+    "unowned",
+    "redirect_failed",
+    "tag_missing",
+];

@@ -1,0 +1,76 @@
+//! Everything that crosses the kernel/user line, in one `no_std` crate that
+//! builds for both `bpfel-unknown-none` and the host.
+//!
+//! The XDP program and the agent call the very same [`key`] functions and the
+//! same [`parse`] code, so the unit the data path picks for a packet is, by
+//! construction, the unit the agent computes for it. Host builds make both
+//! unit-testable.
+#![no_std]
+
+pub mod counters;
+pub mod key;
+pub mod maps;
+pub mod parse;
+
+/// Width `B` of a work unit: a unit is the top `B` bits of a key.
+pub const UNIT_BITS: u32 = 16;
+/// Work units in one service's key space.
+pub const UNITS_PER_SERVICE: u32 = 1 << UNIT_BITS;
+/// Upper bound on configured services; service ids are `0..MAX_SERVICES`.
+pub const MAX_SERVICES: u32 = 256;
+/// Resolution of the per-unit hit counters: `2^HIT_BITS` buckets per service,
+/// each covering `2^(UNIT_BITS - HIT_BITS)` consecutive units. 256 buckets of
+/// 8 bytes keep them at 2 KiB per service per CPU.
+pub const HIT_BITS: u32 = 8;
+/// Hit buckets per service.
+pub const HIT_BUCKETS_PER_SERVICE: u32 = 1 << HIT_BITS;
+/// Longest workload tag carried in a UDP payload.
+pub const MAX_TAG_LEN: u32 = 16;
+/// Most VLAN tags parsed in front of the IP header (802.1ad + 802.1Q).
+pub const MAX_VLAN_TAGS: usize = 2;
+/// Most IPv6 extension headers walked before the transport header.
+pub const MAX_IPV6_EXT_HEADERS: usize = 6;
+
+/// The work unit a key falls in.
+#[inline(always)]
+#[must_use]
+pub const fn unit_of(key: u32) -> u32 {
+    key >> (32 - UNIT_BITS)
+}
+
+/// Index into the owner array of `unit` of service `service_id`.
+#[inline(always)]
+#[must_use]
+pub const fn owner_index(service_id: u32, unit: u32) -> u32 {
+    (service_id << UNIT_BITS) | unit
+}
+
+/// Index into the per-unit hit counters of `unit` of service `service_id`.
+#[inline(always)]
+#[must_use]
+pub const fn hit_index(service_id: u32, unit: u32) -> u32 {
+    (service_id << HIT_BITS) | (unit >> (UNIT_BITS - HIT_BITS))
+}
+
+#[cfg(test)]
+extern crate std;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unit_is_top_bits_of_key() {
+        assert_eq!(unit_of(0xABCD_1234), 0xABCD);
+        assert_eq!(unit_of(0), 0);
+        assert_eq!(unit_of(u32::MAX), UNITS_PER_SERVICE - 1);
+    }
+
+    #[test]
+    fn indices_do_not_collide_across_services() {
+        assert_eq!(owner_index(1, 0), UNITS_PER_SERVICE);
+        assert_eq!(owner_index(0, UNITS_PER_SERVICE - 1) + 1, owner_index(1, 0));
+        assert_eq!(hit_index(0, UNITS_PER_SERVICE - 1) + 1, hit_index(1, 0));
+        assert_eq!(hit_index(2, 0x0100), 2 * HIT_BUCKETS_PER_SERVICE + 1);
+    }
+}

@@ -1,0 +1,413 @@
+//! The packet parser of the data path, written once over a [`Frame`] so the
+//! XDP program (direct packet access) and the host (a byte slice) run the
+//! same code. Every step is bounded: at most [`MAX_VLAN_TAGS`] VLAN tags and
+//! [`MAX_IPV6_EXT_HEADERS`] extension headers.
+
+use crate::{
+    MAX_IPV6_EXT_HEADERS, MAX_TAG_LEN, MAX_VLAN_TAGS, counters, key,
+    maps::{
+        FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP, ServiceEntry, ServiceKey, TAG_IPV6_FLOW_LABEL,
+        TAG_UDP_PAYLOAD,
+    },
+};
+
+/// Bytes of a frame, however they are reached.
+pub trait Frame {
+    /// Length of the frame in bytes.
+    fn len(&self) -> usize;
+    /// `size_of::<T>()` bytes at `off`, if the frame holds them all.
+    fn load<T: Copy>(&self, off: usize) -> Option<T>;
+    /// Copies `len` bytes (`1..=16`) at `off` into the front of `out`;
+    /// `false` if the frame does not hold them.
+    fn load_tag(&self, off: usize, len: usize, out: &mut [u8; 16]) -> bool;
+}
+
+impl Frame for [u8] {
+    fn len(&self) -> usize {
+        <[u8]>::len(self)
+    }
+
+    fn load<T: Copy>(&self, off: usize) -> Option<T> {
+        let bytes = self.get(off..off.checked_add(size_of::<T>())?)?;
+        // SAFETY: `bytes` holds exactly size_of::<T>() bytes; `T` is only
+        // ever an integer or a byte array here, valid for any bit pattern.
+        Some(unsafe { bytes.as_ptr().cast::<T>().read_unaligned() })
+    }
+
+    fn load_tag(&self, off: usize, len: usize, out: &mut [u8; 16]) -> bool {
+        match (self.get(off..off.saturating_add(len)), out.get_mut(..len)) {
+            (Some(src), Some(dst)) if len > 0 => {
+                dst.copy_from_slice(src);
+                true
+            }
+            _ => false,
+        }
+    }
+}
+
+/// Why a frame is passed to the kernel untouched.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pass {
+    NotIp,
+    Truncated,
+    Malformed,
+    Fragment,
+    NotL4,
+    NoService,
+}
+
+impl Pass {
+    /// The global counter this reason is counted in.
+    #[inline(always)]
+    #[must_use]
+    pub const fn counter(self) -> u32 {
+        match self {
+            Self::NotIp => counters::PASS_NOT_IP,
+            Self::Truncated => counters::PASS_TRUNCATED,
+            Self::Malformed => counters::PASS_MALFORMED,
+            Self::Fragment => counters::PASS_FRAGMENT,
+            Self::NotL4 => counters::PASS_NOT_L4,
+            Self::NoService => counters::PASS_NO_SERVICE,
+        }
+    }
+}
+
+/// The transport flow of a parsed frame.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Flow {
+    pub family: u8,
+    pub proto: u8,
+    /// Addresses as words ([`crate::key`]); IPv4 uses word 0.
+    pub src: [u32; 4],
+    pub dst: [u32; 4],
+    /// Source and destination port, the first 4 bytes of the L4 header.
+    pub ports: u32,
+    /// Offset of the UDP/TCP header.
+    pub l4_off: usize,
+    /// First word of the IPv6 header (version, class, flow label); 0 for v4.
+    pub ip6_word0: u32,
+}
+
+impl Flow {
+    /// Key of the service map this flow is looked up under.
+    #[inline(always)]
+    #[must_use]
+    pub const fn service_key(&self) -> ServiceKey {
+        ServiceKey {
+            addr: self.dst,
+            port_be: (self.ports >> 16) as u16,
+            proto: self.proto,
+            family: self.family,
+        }
+    }
+
+    /// The flow hash of the 5-tuple.
+    #[inline(always)]
+    #[must_use]
+    pub const fn flow_key(&self) -> u32 {
+        if self.family == FAMILY_V4 {
+            key::flow_v4(self.src[0], self.dst[0], self.ports, self.proto)
+        } else {
+            key::flow_v6(&self.src, &self.dst, self.ports, self.proto)
+        }
+    }
+}
+
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+const ETH_P_8021Q: u16 = 0x8100;
+const ETH_P_8021AD: u16 = 0x88a8;
+const ETH_HLEN: usize = 14;
+
+/// Parses Ethernet, up to two VLAN tags, IPv4 or IPv6, and UDP or TCP.
+#[inline(always)]
+pub fn parse<F: Frame + ?Sized>(f: &F) -> Result<Flow, Pass> {
+    let mut ethertype = u16::from_be(f.load::<u16>(12).ok_or(Pass::Truncated)?);
+    let mut l3 = ETH_HLEN;
+    for _ in 0..MAX_VLAN_TAGS {
+        if ethertype != ETH_P_8021Q && ethertype != ETH_P_8021AD {
+            break;
+        }
+        // A tag is 2 bytes of TCI, then the inner ethertype.
+        ethertype = u16::from_be(f.load::<u16>(l3 + 2).ok_or(Pass::Truncated)?);
+        l3 += 4;
+    }
+    match ethertype {
+        ETH_P_IP => parse_v4(f, l3),
+        ETH_P_IPV6 => parse_v6(f, l3),
+        _ => Err(Pass::NotIp),
+    }
+}
+
+#[inline(always)]
+fn parse_v4<F: Frame + ?Sized>(f: &F, l3: usize) -> Result<Flow, Pass> {
+    let vhl = f.load::<u8>(l3).ok_or(Pass::Truncated)?;
+    if vhl >> 4 != 4 {
+        return Err(Pass::Malformed);
+    }
+    let hdr_len = usize::from(vhl & 0x0f) * 4;
+    if hdr_len < 20 {
+        return Err(Pass::Malformed);
+    }
+    // Fixed part first, then the options: both must be in the frame.
+    let fixed = f.load::<[u32; 5]>(l3).ok_or(Pass::Truncated)?;
+    if f.load::<u8>(l3 + hdr_len - 1).is_none() {
+        return Err(Pass::Truncated);
+    }
+    let w0 = fixed[0].to_le_bytes();
+    let tot_len = usize::from(u16::from_be_bytes([w0[2], w0[3]]));
+    if tot_len < hdr_len {
+        return Err(Pass::Malformed);
+    }
+    if l3 + tot_len > f.len() {
+        return Err(Pass::Truncated);
+    }
+    let w1 = fixed[1].to_le_bytes();
+    // MF flag or a fragment offset: a fragment.
+    if u16::from_be_bytes([w1[2], w1[3]]) & 0x3fff != 0 {
+        return Err(Pass::Fragment);
+    }
+    let proto = fixed[2].to_le_bytes()[1];
+    let l4_off = l3 + hdr_len;
+    let ports = parse_l4(f, proto, l4_off, l3 + tot_len)?;
+    Ok(Flow {
+        family: FAMILY_V4,
+        proto,
+        src: [fixed[3], 0, 0, 0],
+        dst: [fixed[4], 0, 0, 0],
+        ports,
+        l4_off,
+        ip6_word0: 0,
+    })
+}
+
+const IPPROTO_HOPOPTS: u8 = 0;
+const IPPROTO_ROUTING: u8 = 43;
+const IPPROTO_FRAGMENT: u8 = 44;
+const IPPROTO_AH: u8 = 51;
+const IPPROTO_DSTOPTS: u8 = 60;
+
+#[inline(always)]
+fn parse_v6<F: Frame + ?Sized>(f: &F, l3: usize) -> Result<Flow, Pass> {
+    let word0 = f.load::<u32>(l3).ok_or(Pass::Truncated)?;
+    if word0.to_le_bytes()[0] >> 4 != 6 {
+        return Err(Pass::Malformed);
+    }
+    let hdr = f.load::<[u32; 10]>(l3).ok_or(Pass::Truncated)?;
+    let w1 = hdr[1].to_le_bytes();
+    let payload_len = usize::from(u16::from_be_bytes([w1[0], w1[1]]));
+    let end = l3 + 40 + payload_len;
+    if end > f.len() {
+        return Err(Pass::Truncated);
+    }
+    let mut next = w1[2];
+    let mut off = l3 + 40;
+    let mut walked = 0;
+    while walked < MAX_IPV6_EXT_HEADERS {
+        match next {
+            IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS => {
+                let h = f.load::<[u8; 2]>(off).ok_or(Pass::Truncated)?;
+                next = h[0];
+                off += (usize::from(h[1]) + 1) * 8;
+            }
+            IPPROTO_AH => {
+                let h = f.load::<[u8; 2]>(off).ok_or(Pass::Truncated)?;
+                next = h[0];
+                off += (usize::from(h[1]) + 2) * 4;
+            }
+            IPPROTO_FRAGMENT => {
+                let h = f.load::<[u8; 4]>(off).ok_or(Pass::Truncated)?;
+                // Offset (13 bits) or M flag set: a real fragment. An atomic
+                // fragment (both zero) carries the whole datagram.
+                if u16::from_be_bytes([h[2], h[3]]) & 0xfff9 != 0 {
+                    return Err(Pass::Fragment);
+                }
+                next = h[0];
+                off += 8;
+            }
+            _ => break,
+        }
+        if off > end {
+            return Err(Pass::Truncated);
+        }
+        walked += 1;
+    }
+    if matches!(
+        next,
+        IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS | IPPROTO_AH | IPPROTO_FRAGMENT
+    ) {
+        // Longer chain than we walk: not ours to judge, but not steerable.
+        return Err(Pass::Malformed);
+    }
+    let ports = parse_l4(f, next, off, end)?;
+    Ok(Flow {
+        family: FAMILY_V6,
+        proto: next,
+        src: [hdr[2], hdr[3], hdr[4], hdr[5]],
+        dst: [hdr[6], hdr[7], hdr[8], hdr[9]],
+        ports,
+        l4_off: off,
+        ip6_word0: word0,
+    })
+}
+
+/// Checks the UDP/TCP header at `off` (the IP packet ends at `end`) and
+/// returns its ports word.
+#[inline(always)]
+fn parse_l4<F: Frame + ?Sized>(f: &F, proto: u8, off: usize, end: usize) -> Result<u32, Pass> {
+    match proto {
+        PROTO_UDP => {
+            let h = f.load::<[u32; 2]>(off).ok_or(Pass::Truncated)?;
+            if off + 8 > end {
+                return Err(Pass::Truncated);
+            }
+            let b = h[1].to_le_bytes();
+            if u16::from_be_bytes([b[0], b[1]]) < 8 {
+                return Err(Pass::Malformed);
+            }
+            Ok(h[0])
+        }
+        PROTO_TCP => {
+            let h = f.load::<[u32; 5]>(off).ok_or(Pass::Truncated)?;
+            if off + 20 > end {
+                return Err(Pass::Truncated);
+            }
+            if h[3].to_le_bytes()[0] >> 4 < 5 {
+                return Err(Pass::Malformed);
+            }
+            Ok(h[0])
+        }
+        _ => Err(Pass::NotL4),
+    }
+}
+
+/// The key of a packet of a service, and whether its tag made it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Keyed {
+    pub key: u32,
+    /// The service has a tag kind and the packet carried the tag.
+    pub tagged: bool,
+    /// The service has a tag kind but the packet lacked it.
+    pub tag_missing: bool,
+}
+
+/// The packet's key under `svc`'s tag spec: the tag if the service has one
+/// and the packet carries it, else the flow hash.
+#[inline(always)]
+pub fn key_for<F: Frame + ?Sized>(f: &F, flow: &Flow, svc: &ServiceEntry) -> Keyed {
+    let tag = match svc.tag_kind {
+        TAG_UDP_PAYLOAD => udp_payload_tag(f, flow, svc),
+        TAG_IPV6_FLOW_LABEL if flow.family == FAMILY_V6 => {
+            let words = key::flow_label_tag(flow.ip6_word0);
+            (words[0] != 0).then(|| key::tag(&words, key::FLOW_LABEL_TAG_LEN))
+        }
+        TAG_IPV6_FLOW_LABEL => None,
+        _ => {
+            return Keyed {
+                key: flow.flow_key(),
+                tagged: false,
+                tag_missing: false,
+            };
+        }
+    };
+    match tag {
+        Some(key) => Keyed {
+            key,
+            tagged: true,
+            tag_missing: false,
+        },
+        None => Keyed {
+            key: flow.flow_key(),
+            tagged: false,
+            tag_missing: true,
+        },
+    }
+}
+
+#[inline(always)]
+fn udp_payload_tag<F: Frame + ?Sized>(f: &F, flow: &Flow, svc: &ServiceEntry) -> Option<u32> {
+    if flow.proto != PROTO_UDP {
+        return None;
+    }
+    let len = u32::from(svc.tag_len);
+    if len == 0 || len > MAX_TAG_LEN {
+        return None;
+    }
+    // The tag must lie inside the datagram, not just inside the frame
+    // (Ethernet pads short frames).
+    let udp_len = usize::from(u16::from_be(f.load::<u16>(flow.l4_off + 4)?));
+    let off = flow.l4_off + 8 + usize::from(svc.tag_offset);
+    if off + len as usize > flow.l4_off + udp_len {
+        return None;
+    }
+    let mut buf = [0u8; 16];
+    if !f.load_tag(off, len as usize, &mut buf) {
+        return None;
+    }
+    Some(key::tag(&key::words16(&buf), len))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn udp4(payload: &[u8]) -> std::vec::Vec<u8> {
+        let mut v = std::vec![0u8; 12];
+        v.extend_from_slice(&[0x08, 0x00]);
+        let tot = 20 + 8 + payload.len();
+        v.extend_from_slice(&[0x45, 0, (tot >> 8) as u8, tot as u8, 0, 1, 0x40, 0, 64, 17, 0, 0]);
+        v.extend_from_slice(&[198, 18, 0, 1, 198, 18, 1, 1]);
+        let ul = 8 + payload.len();
+        v.extend_from_slice(&[0x30, 0x39, 0x1b, 0x58, (ul >> 8) as u8, ul as u8, 0, 0]);
+        v.extend_from_slice(payload);
+        v
+    }
+
+    #[test]
+    fn parses_a_udp4_frame() {
+        let f = udp4(b"hello");
+        let flow = parse(f.as_slice()).unwrap();
+        assert_eq!(flow.family, FAMILY_V4);
+        assert_eq!(flow.proto, PROTO_UDP);
+        assert_eq!(flow.l4_off, 34);
+        assert_eq!(key::host::dst_port(flow.ports), 7000);
+        assert_eq!(flow.dst[0], key::host::v4([198, 18, 1, 1]));
+        assert_eq!(flow.service_key().port_be, 7000u16.to_be());
+    }
+
+    #[test]
+    fn every_truncation_is_caught() {
+        let f = udp4(b"hello");
+        for cut in 0..f.len() - 5 {
+            assert_eq!(
+                parse(&f[..cut]),
+                Err(Pass::Truncated),
+                "frame cut at {cut} bytes"
+            );
+        }
+    }
+
+    #[test]
+    fn udp_tag_inside_datagram_only() {
+        let svc = ServiceEntry {
+            tag_kind: TAG_UDP_PAYLOAD,
+            tag_offset: 1,
+            tag_len: 4,
+            ..ServiceEntry::default()
+        };
+        let f = udp4(b"xabcd");
+        let flow = parse(f.as_slice()).unwrap();
+        let k = key_for(f.as_slice(), &flow, &svc);
+        assert!(k.tagged);
+        assert_eq!(k.key, key::tag_bytes(b"abcd"));
+
+        // Same bytes present in the frame as Ethernet padding, but the UDP
+        // length says the datagram ends earlier: the tag is missing.
+        let mut short = udp4(b"xab");
+        short.extend_from_slice(b"cd");
+        let flow = parse(short.as_slice()).unwrap();
+        let k = key_for(short.as_slice(), &flow, &svc);
+        assert!(k.tag_missing && !k.tagged);
+        assert_eq!(k.key, flow.flow_key());
+    }
+}

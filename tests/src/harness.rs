@@ -1,0 +1,106 @@
+//! Loads the real XDP program with a test config and runs frames through it
+//! in the kernel with BPF_PROG_TEST_RUN.
+
+use std::path::Path;
+
+use aya::programs::{TestRun as _, TestRunOptions};
+use sluice::{config::Config, dataplane::Dataplane, plan::Plan};
+use sluice_common::{
+    counters,
+    maps::{InstanceCounters, ServiceCounters},
+};
+
+/// XDP return codes.
+pub const XDP_ABORTED: u32 = 0;
+pub const XDP_DROP: u32 = 1;
+pub const XDP_PASS: u32 = 2;
+pub const XDP_TX: u32 = 3;
+pub const XDP_REDIRECT: u32 = 4;
+
+/// The MAC the harness gives instance `id`.
+#[must_use]
+pub fn instance_mac(id: u32) -> [u8; 6] {
+    let b = id.to_be_bytes();
+    [0x02, 0x5e, 0x00, b[1], b[2], b[3]]
+}
+
+/// The program loaded and programmed from a config, every instance's DEVMAP
+/// slot pointing at `lo` (BPF_PROG_TEST_RUN only records the redirect).
+pub struct Harness {
+    pub dp: Dataplane,
+    pub plan: Plan,
+}
+
+/// One run of the program on one frame.
+#[derive(Debug)]
+pub struct Run {
+    pub action: u32,
+    /// The frame as the program left it.
+    pub frame: Vec<u8>,
+    pub duration_ns: u128,
+}
+
+impl Harness {
+    /// Panics with the reason if the config is bad or the program does not
+    /// load: a test that cannot load the program must fail, not skip.
+    #[must_use]
+    pub fn new(config: &str) -> Self {
+        let config = Config::parse(config, Path::new("test-config.toml")).expect("test config is valid");
+        Self::from_config(&config)
+    }
+
+    #[must_use]
+    pub fn from_config(config: &Config) -> Self {
+        let mut next = 0u32;
+        let plan = Plan::build(config, |_, _| {
+            next += 1;
+            Ok::<_, std::convert::Infallible>((1, instance_mac(next)))
+        })
+        .expect("infallible");
+        let mut dp = Dataplane::load(&plan).unwrap_or_else(|e| panic!("loading the XDP program: {e}"));
+        dp.program(&plan).unwrap_or_else(|e| panic!("programming the maps: {e}"));
+        Self { dp, plan }
+    }
+
+    /// Runs the program once on `frame`.
+    #[must_use]
+    pub fn run(&self, frame: &[u8]) -> Run {
+        let mut out = vec![0u8; frame.len() + 256];
+        let mut opts = TestRunOptions::default();
+        opts.data_in = Some(frame);
+        opts.data_out = Some(&mut out);
+        let r = self
+            .dp
+            .program_ref()
+            .expect("program loaded")
+            .test_run(opts)
+            .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN failed: {e}"));
+        out.truncate(r.data_size_out as usize);
+        Run {
+            action: r.return_value,
+            frame: out,
+            duration_ns: r.duration.as_nanos(),
+        }
+    }
+
+    #[must_use]
+    pub fn global(&self) -> [u64; counters::COUNT as usize] {
+        self.dp.global_counters().expect("global counters")
+    }
+
+    #[must_use]
+    pub fn service(&self, id: u32) -> ServiceCounters {
+        self.dp.service_counters(id).expect("service counters")
+    }
+
+    #[must_use]
+    pub fn instance(&self, id: u32) -> InstanceCounters {
+        self.dp.instance_counters(id).expect("instance counters")
+    }
+
+    /// Instance id whose MAC is `mac`.
+    #[must_use]
+    pub fn instance_by_mac(&self, mac: &[u8]) -> Option<u32> {
+        self.plan.instances.iter().find(|i| i.mac == mac).map(|i| i.id)
+    }
+}

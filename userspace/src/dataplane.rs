@@ -1,0 +1,294 @@
+//! Loads the XDP program, sizes and writes its maps, attaches it, and reads
+//! its counters.
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, DevMap, HashMap, MapData, MapError, PerCpuArray},
+    programs::{
+        ProgramError, Xdp,
+        xdp::{XdpLinkId, XdpMode},
+    },
+};
+use sluice_common::{
+    HIT_BUCKETS_PER_SERVICE, counters,
+    maps::{
+        INSTANCE_LIVE, InstanceCounters, InstanceEntry, PROGRAM_NAME, ServiceCounters,
+        ServiceEntry, ServiceKey, names,
+    },
+    owner_index,
+};
+
+use crate::plan::Plan;
+
+/// The XDP program, built by build.rs (or an empty stand-in without
+/// bpf-linker).
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sluice-xdp"));
+
+#[derive(Debug, thiserror::Error)]
+pub enum DataplaneError {
+    #[error(
+        "this build carries no XDP program (it was built without bpf-linker); run `cargo xtask setup`, then rebuild"
+    )]
+    ObjectMissing,
+    #[error("loading the XDP object failed: {0}")]
+    Load(#[source] aya::EbpfError),
+    #[error("the XDP object has no {what} `{name}`")]
+    Missing { what: &'static str, name: &'static str },
+    #[error("map `{name}`: {source}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: MapError,
+    },
+    #[error("program `{PROGRAM_NAME}`: {0}")]
+    Program(#[source] ProgramError),
+    #[error("attaching to `{iface}` failed in native and in generic mode: {source}")]
+    Attach {
+        iface: String,
+        #[source]
+        source: ProgramError,
+    },
+}
+
+/// How the program is attached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttachMode {
+    /// In the driver (native XDP).
+    Native,
+    /// In the generic kernel path (slower; for drivers without XDP).
+    Generic,
+}
+
+/// The loaded program and its maps.
+pub struct Dataplane {
+    ebpf: Ebpf,
+    link: Option<XdpLinkId>,
+}
+
+fn map_err(name: &'static str) -> impl Fn(MapError) -> DataplaneError {
+    move |source| DataplaneError::Map { name, source }
+}
+
+impl Dataplane {
+    /// Loads the program with every map sized for `plan`. Nothing is
+    /// attached and no entry written yet.
+    pub fn load(plan: &Plan) -> Result<Self, DataplaneError> {
+        if OBJECT.is_empty() {
+            return Err(DataplaneError::ObjectMissing);
+        }
+        let services = u32::try_from(plan.services.len()).expect("bounded").max(1);
+        let keys = u32::try_from(plan.services.iter().map(|s| s.keys.len()).sum::<usize>())
+            .expect("bounded")
+            .max(1);
+        // Instance ids start at 1: slot 0 stays empty.
+        let instances = u32::try_from(plan.instances.len()).expect("bounded") + 1;
+        let mut loader = EbpfLoader::new();
+        loader
+            .map_max_entries(names::SERVICES, keys)
+            .map_max_entries(names::OWNERS, plan.owner_entries())
+            .map_max_entries(names::INSTANCES, instances)
+            .map_max_entries(names::DELIVER, instances)
+            .map_max_entries(names::INSTANCE_COUNTERS, instances)
+            .map_max_entries(names::SERVICE_COUNTERS, services)
+            .map_max_entries(names::UNIT_HITS, services * HIT_BUCKETS_PER_SERVICE);
+        let mut ebpf = loader.load(OBJECT).map_err(DataplaneError::Load)?;
+        let prog: &mut Xdp = ebpf
+            .program_mut(PROGRAM_NAME)
+            .ok_or(DataplaneError::Missing {
+                what: "program",
+                name: PROGRAM_NAME,
+            })?
+            .try_into()
+            .map_err(DataplaneError::Program)?;
+        prog.load().map_err(DataplaneError::Program)?;
+        Ok(Self { ebpf, link: None })
+    }
+
+    /// Writes the whole plan: instances and their veths first, then owners,
+    /// and the services last, so no packet matches a service whose owners
+    /// are not in place yet.
+    pub fn program(&mut self, plan: &Plan) -> Result<(), DataplaneError> {
+        {
+            let mut instances: Array<&mut MapData, InstanceEntry> = self.map_mut(names::INSTANCES)?;
+            for i in &plan.instances {
+                let entry = InstanceEntry {
+                    mac: i.mac,
+                    _pad: 0,
+                    flags: INSTANCE_LIVE,
+                    service_id: i.service_id,
+                };
+                instances
+                    .set(i.id, entry, 0)
+                    .map_err(map_err(names::INSTANCES))?;
+            }
+        }
+        {
+            let mut deliver: DevMap<&mut MapData> = self.map_mut(names::DELIVER)?;
+            for i in &plan.instances {
+                deliver
+                    .set(i.id, i.ifindex, None, 0)
+                    .map_err(|e| match e {
+                        aya::maps::xdp::XdpMapError::MapError(source) => DataplaneError::Map {
+                            name: names::DELIVER,
+                            source,
+                        },
+                        aya::maps::xdp::XdpMapError::ChainedProgramNotSupported => {
+                            unreachable!("no chained program is given")
+                        }
+                    })?;
+            }
+        }
+        {
+            let mut owners: Array<&mut MapData, u32> = self.map_mut(names::OWNERS)?;
+            for s in &plan.services {
+                for (g, owner) in &s.groups {
+                    for unit in g.units() {
+                        owners
+                            .set(owner_index(s.id, unit), owner, 0)
+                            .map_err(map_err(names::OWNERS))?;
+                    }
+                }
+            }
+        }
+        let mut services: HashMap<&mut MapData, ServiceKey, ServiceEntry> =
+            self.map_mut(names::SERVICES)?;
+        for s in &plan.services {
+            for k in &s.keys {
+                services
+                    .insert(k, s.entry, 0)
+                    .map_err(map_err(names::SERVICES))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Attaches to `iface`: native XDP, or generic mode when the driver
+    /// refuses (with a warning, since generic mode is much slower).
+    pub fn attach(&mut self, iface: &str, force_generic: bool) -> Result<AttachMode, DataplaneError> {
+        let prog = self.program_mut()?;
+        let native_err = if force_generic {
+            None
+        } else {
+            match prog.attach(iface, XdpMode::Driver) {
+                Ok(link) => {
+                    self.link = Some(link);
+                    return Ok(AttachMode::Native);
+                }
+                Err(e) => Some(e),
+            }
+        };
+        match prog.attach(iface, XdpMode::Skb) {
+            Ok(link) => {
+                if let Some(e) = native_err {
+                    tracing::warn!(iface, error = %e, "native XDP refused; attached in generic (skb) mode, which is much slower");
+                }
+                self.link = Some(link);
+                Ok(AttachMode::Generic)
+            }
+            Err(source) => Err(DataplaneError::Attach {
+                iface: iface.to_owned(),
+                source: native_err.unwrap_or(source),
+            }),
+        }
+    }
+
+    /// Detaches from the interface (dropping the dataplane does it too).
+    pub fn detach(&mut self) -> Result<(), DataplaneError> {
+        if let Some(link) = self.link.take() {
+            self.program_mut()?.detach(link).map_err(DataplaneError::Program)?;
+        }
+        Ok(())
+    }
+
+    /// The loaded program, e.g. for BPF_PROG_TEST_RUN.
+    pub fn program_ref(&self) -> Result<&Xdp, DataplaneError> {
+        self.ebpf
+            .program(PROGRAM_NAME)
+            .ok_or(DataplaneError::Missing {
+                what: "program",
+                name: PROGRAM_NAME,
+            })?
+            .try_into()
+            .map_err(DataplaneError::Program)
+    }
+
+    fn program_mut(&mut self) -> Result<&mut Xdp, DataplaneError> {
+        self.ebpf
+            .program_mut(PROGRAM_NAME)
+            .ok_or(DataplaneError::Missing {
+                what: "program",
+                name: PROGRAM_NAME,
+            })?
+            .try_into()
+            .map_err(DataplaneError::Program)
+    }
+
+    fn map_mut<'a, T>(&'a mut self, name: &'static str) -> Result<T, DataplaneError>
+    where
+        T: TryFrom<&'a mut aya::maps::Map, Error = MapError>,
+    {
+        self.ebpf
+            .map_mut(name)
+            .ok_or(DataplaneError::Missing { what: "map", name })?
+            .try_into()
+            .map_err(map_err(name))
+    }
+
+    fn map<'a, T>(&'a self, name: &'static str) -> Result<T, DataplaneError>
+    where
+        T: TryFrom<&'a aya::maps::Map, Error = MapError>,
+    {
+        self.ebpf
+            .map(name)
+            .ok_or(DataplaneError::Missing { what: "map", name })?
+            .try_into()
+            .map_err(map_err(name))
+    }
+
+    /// Global counters summed over CPUs, indexed as in
+    /// [`sluice_common::counters`].
+    pub fn global_counters(&self) -> Result<[u64; counters::COUNT as usize], DataplaneError> {
+        let map: PerCpuArray<&MapData, u64> = self.map(names::GLOBAL_COUNTERS)?;
+        let mut out = [0u64; counters::COUNT as usize];
+        for (i, slot) in (0u32..).zip(out.iter_mut()) {
+            *slot = map
+                .get(&i, 0)
+                .map_err(map_err(names::GLOBAL_COUNTERS))?
+                .iter()
+                .sum();
+        }
+        Ok(out)
+    }
+
+    /// Counters of service `id`, summed over CPUs.
+    pub fn service_counters(&self, id: u32) -> Result<ServiceCounters, DataplaneError> {
+        let map: PerCpuArray<&MapData, ServiceCounters> = self.map(names::SERVICE_COUNTERS)?;
+        let mut sum = ServiceCounters::default();
+        for c in map.get(&id, 0).map_err(map_err(names::SERVICE_COUNTERS))?.iter() {
+            sum += *c;
+        }
+        Ok(sum)
+    }
+
+    /// Counters of instance `id`, summed over CPUs.
+    pub fn instance_counters(&self, id: u32) -> Result<InstanceCounters, DataplaneError> {
+        let map: PerCpuArray<&MapData, InstanceCounters> = self.map(names::INSTANCE_COUNTERS)?;
+        let mut sum = InstanceCounters::default();
+        for c in map.get(&id, 0).map_err(map_err(names::INSTANCE_COUNTERS))?.iter() {
+            sum += *c;
+        }
+        Ok(sum)
+    }
+
+    /// Hit counts of service `id`'s unit buckets, summed over CPUs.
+    pub fn unit_hits(&self, id: u32) -> Result<Vec<u64>, DataplaneError> {
+        let map: PerCpuArray<&MapData, u64> = self.map(names::UNIT_HITS)?;
+        (0..HIT_BUCKETS_PER_SERVICE)
+            .map(|b| {
+                map.get(&(id * HIT_BUCKETS_PER_SERVICE + b), 0)
+                    .map(|v| v.iter().sum())
+                    .map_err(map_err(names::UNIT_HITS))
+            })
+            .collect()
+    }
+}

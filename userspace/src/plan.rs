@@ -1,0 +1,181 @@
+//! The plan: a checked config turned into exactly what goes into the maps —
+//! dense ids, service keys, resolved interfaces and the initial groups.
+
+use std::net::IpAddr;
+
+use sluice_common::{
+    key,
+    maps::{
+        FAMILY_V4, FAMILY_V6, ServiceEntry, ServiceKey, TAG_IPV6_FLOW_LABEL, TAG_NONE,
+        TAG_UDP_PAYLOAD,
+    },
+    owner_index, unit_of,
+};
+
+use crate::{
+    assign::{self, Group, UnitTable},
+    config::{Config, Instance, TagSpec},
+};
+
+/// An instance as the data path sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InstancePlan {
+    /// Dense id, from 1 (0 means "no owner").
+    pub id: u32,
+    pub name: String,
+    pub service_id: u32,
+    /// Host-side veth the DEVMAP redirects into.
+    pub ifindex: u32,
+    /// Destination MAC written into delivered frames.
+    pub mac: [u8; 6],
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServicePlan {
+    /// Dense id, from 0.
+    pub id: u32,
+    pub name: String,
+    /// One service-map key per port.
+    pub keys: Vec<ServiceKey>,
+    pub entry: ServiceEntry,
+    /// Each group of the service and the instance id that owns it.
+    pub groups: Vec<(Group, u32)>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Plan {
+    pub services: Vec<ServicePlan>,
+    pub instances: Vec<InstancePlan>,
+}
+
+/// Failure to resolve an instance's interface.
+#[derive(Debug, thiserror::Error)]
+#[error("instance `{instance}` (`{field}`): {source}")]
+pub struct ResolveError {
+    pub instance: String,
+    /// Config field the operator should look at.
+    pub field: String,
+    #[source]
+    pub source: crate::netdev::NetdevError,
+}
+
+/// Ifindex and MAC of an instance, from the host's interfaces.
+pub fn resolve_instance(inst: &Instance, field: &str) -> Result<(u32, [u8; 6]), ResolveError> {
+    let wrap = |field: String| {
+        move |source| ResolveError {
+            instance: inst.name.clone(),
+            field,
+            source,
+        }
+    };
+    let ifindex = crate::netdev::ifindex(&inst.veth).map_err(wrap(format!("{field}.veth")))?;
+    let mac = match inst.mac {
+        Some(mac) => mac,
+        None => crate::netdev::discover_peer_mac(&inst.veth, inst.netns.as_deref())
+            .map_err(wrap(format!("{field}.mac")))?,
+    };
+    Ok((ifindex, mac))
+}
+
+/// Service-map key for a VIP, port and protocol number.
+#[must_use]
+pub fn service_key(vip: IpAddr, port: u16, proto: u8) -> ServiceKey {
+    let (addr, family) = match vip {
+        IpAddr::V4(a) => ([key::host::v4(a.octets()), 0, 0, 0], FAMILY_V4),
+        IpAddr::V6(a) => (key::host::v6(a.octets()), FAMILY_V6),
+    };
+    ServiceKey {
+        addr,
+        port_be: port.to_be(),
+        proto,
+        family,
+    }
+}
+
+impl Plan {
+    /// Builds the plan; `resolve` gives each instance's ifindex and MAC
+    /// (the agent asks the host, tests hand in their own).
+    pub fn build<E>(
+        config: &Config,
+        mut resolve: impl FnMut(&Instance, &str) -> Result<(u32, [u8; 6]), E>,
+    ) -> Result<Self, E> {
+        let mut plan = Self::default();
+        let mut next_instance = 1u32;
+        for (sid, svc) in config.services.iter().enumerate() {
+            let id = u32::try_from(sid).expect("at most MAX_SERVICES services");
+            let (tag_kind, tag_offset, tag_len) = match svc.tag {
+                TagSpec::None => (TAG_NONE, 0, 0),
+                TagSpec::UdpPayload { offset, length } => (TAG_UDP_PAYLOAD, offset, length),
+                TagSpec::Ipv6FlowLabel => (TAG_IPV6_FLOW_LABEL, 0, 0),
+            };
+            let first = next_instance;
+            for (j, inst) in svc.instances.iter().enumerate() {
+                let (ifindex, mac) = resolve(inst, &format!("service[{sid}].instance[{j}]"))?;
+                plan.instances.push(InstancePlan {
+                    id: next_instance,
+                    name: inst.name.clone(),
+                    service_id: id,
+                    ifindex,
+                    mac,
+                });
+                next_instance += 1;
+            }
+            let groups = assign::even(svc.instances.len())
+                .into_iter()
+                .zip(first..)
+                .flat_map(|(gs, owner)| gs.into_iter().map(move |g| (g, owner)))
+                .collect();
+            plan.services.push(ServicePlan {
+                id,
+                name: svc.name.clone(),
+                keys: svc
+                    .ports
+                    .iter()
+                    .map(|&p| service_key(svc.vip, p, svc.protocol.number()))
+                    .collect(),
+                entry: ServiceEntry {
+                    id,
+                    tag_kind,
+                    tag_offset,
+                    tag_len,
+                    _reserved: 0,
+                },
+                groups,
+            });
+        }
+        Ok(plan)
+    }
+
+    /// Owner of every unit of service `service_id`.
+    #[must_use]
+    pub fn unit_table(&self, service_id: u32) -> UnitTable {
+        UnitTable::from_groups(
+            self.services[service_id as usize]
+                .groups
+                .iter()
+                .map(|(g, o)| (g, *o)),
+        )
+    }
+
+    /// The instance the agent expects a packet with `key` of `service_id`
+    /// to reach.
+    #[must_use]
+    pub fn owner_of_key(&self, service_id: u32, key: u32) -> u32 {
+        let unit = unit_of(key);
+        self.services[service_id as usize]
+            .groups
+            .iter()
+            .find(|(g, _)| g.contains(unit))
+            .map_or(sluice_common::maps::NO_OWNER, |(_, o)| *o)
+    }
+
+    pub fn instance(&self, id: u32) -> Option<&InstancePlan> {
+        self.instances.iter().find(|i| i.id == id)
+    }
+
+    /// Entries the owner array needs.
+    #[must_use]
+    pub fn owner_entries(&self) -> u32 {
+        owner_index(u32::try_from(self.services.len()).expect("bounded"), 0).max(1)
+    }
+}
