@@ -1,5 +1,5 @@
-//! Builds the XDP program with aya-build and leaves it in OUT_DIR, where
-//! `dataplane` embeds it. Without `bpf-linker` (or with AYA_BUILD_SKIP=1) an
+//! Builds the XDP program with aya-build and leaves it in `OUT_DIR`, where
+//! `dataplane` embeds it. Without `bpf-linker` (or with `AYA_BUILD_SKIP=1`) an
 //! empty stand-in is written instead, so `cargo check` and clippy work on a
 //! machine without the eBPF toolchain; loading the stand-in fails with an
 //! error that says how to build the real object (`cargo xtask setup`).
@@ -13,12 +13,17 @@ const EBPF_BIN: &str = "sluice-xdp";
 fn main() -> anyhow::Result<()> {
     println!("cargo::rerun-if-env-changed=AYA_BUILD_SKIP");
     println!("cargo::rerun-if-env-changed=PATH");
+    println!("cargo::rerun-if-env-changed=SLUICE_EBPF_TOOLCHAIN");
     let out_dir = PathBuf::from(env::var_os("OUT_DIR").context("OUT_DIR not set")?);
     let skip = env::var("AYA_BUILD_SKIP").is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"));
     if skip || which::which("bpf-linker").is_err() {
         println!(
             "cargo::warning=building {EBPF_BIN} as an empty stand-in ({}); run `cargo xtask setup` for the real program",
-            if skip { "AYA_BUILD_SKIP set" } else { "bpf-linker not found" }
+            if skip {
+                "AYA_BUILD_SKIP set"
+            } else {
+                "bpf-linker not found"
+            }
         );
         fs::write(out_dir.join(EBPF_BIN), [])?;
         return Ok(());
@@ -35,12 +40,18 @@ fn main() -> anyhow::Result<()> {
         .manifest_path
         .parent()
         .ok_or_else(|| anyhow!("no parent for {}", pkg.manifest_path))?;
+    // xtask picks nightly, or stable with RUSTC_BOOTSTRAP=1 when no nightly
+    // is installed.
+    let toolchain = env::var("SLUICE_EBPF_TOOLCHAIN").unwrap_or_default();
     aya_build::build_ebpf(
         [aya_build::Package {
             name: EBPF_PACKAGE,
             root_dir: root.as_str(),
             ..Default::default()
         }],
-        aya_build::Toolchain::default(),
+        match toolchain.as_str() {
+            "" | "nightly" => aya_build::Toolchain::Nightly,
+            custom => aya_build::Toolchain::Custom(custom),
+        },
     )
 }

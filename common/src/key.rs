@@ -16,7 +16,10 @@ const C2: u32 = 0x1b87_3593;
 #[inline(always)]
 const fn mix(h: u32, k: u32) -> u32 {
     let k = k.wrapping_mul(C1).rotate_left(15).wrapping_mul(C2);
-    (h ^ k).rotate_left(13).wrapping_mul(5).wrapping_add(0xe654_6b64)
+    (h ^ k)
+        .rotate_left(13)
+        .wrapping_mul(5)
+        .wrapping_add(0xe654_6b64)
 }
 
 #[inline(always)]
@@ -77,9 +80,9 @@ pub const fn tag(words: &[u32; 4], len: u32) -> u32 {
 #[must_use]
 pub fn tag_bytes(bytes: &[u8]) -> u32 {
     let mut padded = [0u8; 16];
-    let n = if bytes.len() < 16 { bytes.len() } else { 16 };
+    let n = bytes.len().min(16);
     padded[..n].copy_from_slice(&bytes[..n]);
-    tag(&words16(&padded), n as u32)
+    tag(&words16(&padded), u32::try_from(n).unwrap_or(16))
 }
 
 /// The 16 tag bytes as the four words [`tag`] hashes.
@@ -185,7 +188,12 @@ mod tests {
         let mut buckets = [0u32; 256];
         for p in 0..(1u32 << 18) {
             let ports = host::ports((p & 0xffff) as u16, 7000);
-            let k = flow_v4(host::v4([198, 18, 0, 1 + (p >> 16) as u8]), 1, ports, 17);
+            let k = flow_v4(
+                host::v4([198, 18, 0, 1 + u8::try_from(p >> 16).unwrap()]),
+                1,
+                ports,
+                17,
+            );
             buckets[(unit_of(k) >> 8) as usize] += 1;
         }
         let expect = (1u32 << 18) / 256;
@@ -204,6 +212,10 @@ mod tests {
             seen.insert(flow_v6(&[p, 1, 2, 3], &[4, 5, 6, 7], p.rotate_left(16), 6));
         }
         // Birthday bound for 50k keys in 2^32 is < 1 expected collision.
-        assert!(seen.len() >= 49_995, "too many collisions: {}", 50_000 - seen.len());
+        assert!(
+            seen.len() >= 49_995,
+            "too many collisions: {}",
+            50_000 - seen.len()
+        );
     }
 }

@@ -6,6 +6,10 @@
 //! construction, the unit the agent computes for it. Host builds make both
 //! unit-testable.
 #![no_std]
+#![expect(
+    clippy::inline_always,
+    reason = "the XDP program needs these inlined: BPF calls are costly and the verifier tracks bounds best within one function"
+)]
 
 pub mod counters;
 pub mod key;

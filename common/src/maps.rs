@@ -55,7 +55,7 @@ pub struct ServiceEntry {
     pub tag_offset: u16,
     /// Tag length in bytes, `1..=MAX_TAG_LEN` for `TAG_UDP_PAYLOAD`.
     pub tag_len: u16,
-    pub _reserved: u32,
+    pub reserved: u32,
 }
 const _: () = assert!(size_of::<ServiceEntry>() == 16);
 
@@ -73,7 +73,7 @@ pub const INSTANCE_LIVE: u32 = 1;
 pub struct InstanceEntry {
     /// MAC of the instance's own (container-side) interface.
     pub mac: [u8; 6],
-    pub _pad: u16,
+    pub pad: u16,
     /// `INSTANCE_LIVE` or 0.
     pub flags: u32,
     /// Service id the instance serves (to catch a stale owner entry).
@@ -98,7 +98,7 @@ pub struct ServiceCounters {
     pub tagged: u64,
     /// Tagged service, but the packet lacked the tag: keyed by flow hash.
     pub tag_missing: u64,
-    pub _reserved: u64,
+    pub reserved: u64,
 }
 const _: () = assert!(size_of::<ServiceCounters>() == 64);
 
@@ -109,7 +109,7 @@ pub struct InstanceCounters {
     pub packets: u64,
     pub bytes: u64,
     pub redirect_failed: u64,
-    pub _reserved: u64,
+    pub reserved: u64,
 }
 const _: () = assert!(size_of::<InstanceCounters>() == 32);
 

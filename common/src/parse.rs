@@ -14,7 +14,7 @@ use crate::{
 /// Bytes of a frame, however they are reached.
 pub trait Frame {
     /// Length of the frame in bytes.
-    fn len(&self) -> usize;
+    fn size(&self) -> usize;
     /// `size_of::<T>()` bytes at `off`, if the frame holds them all.
     fn load<T: Copy>(&self, off: usize) -> Option<T>;
     /// Copies `len` bytes (`1..=16`) at `off` into the front of `out`;
@@ -23,8 +23,8 @@ pub trait Frame {
 }
 
 impl Frame for [u8] {
-    fn len(&self) -> usize {
-        <[u8]>::len(self)
+    fn size(&self) -> usize {
+        self.len()
     }
 
     fn load<T: Copy>(&self, off: usize) -> Option<T> {
@@ -159,7 +159,7 @@ fn parse_v4<F: Frame + ?Sized>(f: &F, l3: usize) -> Result<Flow, Pass> {
     if tot_len < hdr_len {
         return Err(Pass::Malformed);
     }
-    if l3 + tot_len > f.len() {
+    if l3 + tot_len > f.size() {
         return Err(Pass::Truncated);
     }
     let w1 = fixed[1].to_le_bytes();
@@ -197,7 +197,7 @@ fn parse_v6<F: Frame + ?Sized>(f: &F, l3: usize) -> Result<Flow, Pass> {
     let w1 = hdr[1].to_le_bytes();
     let payload_len = usize::from(u16::from_be_bytes([w1[0], w1[1]]));
     let end = l3 + 40 + payload_len;
-    if end > f.len() {
+    if end > f.size() {
         return Err(Pass::Truncated);
     }
     let mut next = w1[2];
@@ -354,11 +354,11 @@ mod tests {
     fn udp4(payload: &[u8]) -> std::vec::Vec<u8> {
         let mut v = std::vec![0u8; 12];
         v.extend_from_slice(&[0x08, 0x00]);
-        let tot = 20 + 8 + payload.len();
-        v.extend_from_slice(&[0x45, 0, (tot >> 8) as u8, tot as u8, 0, 1, 0x40, 0, 64, 17, 0, 0]);
+        let tot = u16::try_from(20 + 8 + payload.len()).unwrap().to_be_bytes();
+        v.extend_from_slice(&[0x45, 0, tot[0], tot[1], 0, 1, 0x40, 0, 64, 17, 0, 0]);
         v.extend_from_slice(&[198, 18, 0, 1, 198, 18, 1, 1]);
-        let ul = 8 + payload.len();
-        v.extend_from_slice(&[0x30, 0x39, 0x1b, 0x58, (ul >> 8) as u8, ul as u8, 0, 0]);
+        let ul = u16::try_from(8 + payload.len()).unwrap().to_be_bytes();
+        v.extend_from_slice(&[0x30, 0x39, 0x1b, 0x58, ul[0], ul[1], 0, 0]);
         v.extend_from_slice(payload);
         v
     }

@@ -1,5 +1,5 @@
 //! Loads the real XDP program with a test config and runs frames through it
-//! in the kernel with BPF_PROG_TEST_RUN.
+//! in the kernel with `BPF_PROG_TEST_RUN`.
 
 use std::path::Path;
 
@@ -25,7 +25,7 @@ pub fn instance_mac(id: u32) -> [u8; 6] {
 }
 
 /// The program loaded and programmed from a config, every instance's DEVMAP
-/// slot pointing at `lo` (BPF_PROG_TEST_RUN only records the redirect).
+/// slot pointing at `lo` (`BPF_PROG_TEST_RUN` only records the redirect).
 pub struct Harness {
     pub dp: Dataplane,
     pub plan: Plan,
@@ -45,7 +45,8 @@ impl Harness {
     /// load: a test that cannot load the program must fail, not skip.
     #[must_use]
     pub fn new(config: &str) -> Self {
-        let config = Config::parse(config, Path::new("test-config.toml")).expect("test config is valid");
+        let config =
+            Config::parse(config, Path::new("test-config.toml")).expect("test config is valid");
         Self::from_config(&config)
     }
 
@@ -57,8 +58,10 @@ impl Harness {
             Ok::<_, std::convert::Infallible>((1, instance_mac(next)))
         })
         .expect("infallible");
-        let mut dp = Dataplane::load(&plan).unwrap_or_else(|e| panic!("loading the XDP program: {e}"));
-        dp.program(&plan).unwrap_or_else(|e| panic!("programming the maps: {e}"));
+        let mut dp =
+            Dataplane::load(&plan).unwrap_or_else(|e| panic!("loading the XDP program: {e}"));
+        dp.program(&plan)
+            .unwrap_or_else(|e| panic!("programming the maps: {e}"));
         Self { dp, plan }
     }
 
@@ -66,9 +69,11 @@ impl Harness {
     #[must_use]
     pub fn run(&self, frame: &[u8]) -> Run {
         let mut out = vec![0u8; frame.len() + 256];
-        let mut opts = TestRunOptions::default();
-        opts.data_in = Some(frame);
-        opts.data_out = Some(&mut out);
+        let opts = TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            ..TestRunOptions::default()
+        };
         let r = self
             .dp
             .program_ref()
@@ -101,6 +106,10 @@ impl Harness {
     /// Instance id whose MAC is `mac`.
     #[must_use]
     pub fn instance_by_mac(&self, mac: &[u8]) -> Option<u32> {
-        self.plan.instances.iter().find(|i| i.mac == mac).map(|i| i.id)
+        self.plan
+            .instances
+            .iter()
+            .find(|i| i.mac == mac)
+            .map(|i| i.id)
     }
 }

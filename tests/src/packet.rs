@@ -71,7 +71,11 @@ impl Packet {
 
     #[must_use]
     pub fn new(src: SocketAddr, dst: SocketAddr, l4: L4) -> Self {
-        assert_eq!(src.is_ipv4(), dst.is_ipv4(), "source and destination families differ");
+        assert_eq!(
+            src.is_ipv4(),
+            dst.is_ipv4(),
+            "source and destination families differ"
+        );
         Self {
             dst_mac: NIC_MAC,
             src_mac: CLIENT_MAC,
@@ -141,40 +145,41 @@ impl Packet {
         }
         let transport = self.transport();
         match (self.src.ip(), self.dst.ip()) {
-            (IpAddr::V4(s), IpAddr::V4(d)) => {
+            (IpAddr::V4(src), IpAddr::V4(dst)) => {
                 f.extend_from_slice(&0x0800u16.to_be_bytes());
                 let mut opts = self.ipv4_options.clone();
-                while opts.len() % 4 != 0 {
+                while !opts.len().is_multiple_of(4) {
                     opts.push(0); // end of option list
                 }
                 let hl = 20 + opts.len();
                 let tot = hl + transport.len();
                 let frag = (self.ipv4_frag.0 & 0x1fff) | if self.ipv4_frag.1 { 0x2000 } else { 0 };
-                let mut h = vec![
-                    0x40 | u8::try_from(hl / 4).expect("IHL fits"),
-                    0,
-                ];
+                let mut h = vec![0x40 | u8::try_from(hl / 4).expect("IHL fits"), 0];
                 h.extend_from_slice(&u16::try_from(tot).expect("fits").to_be_bytes());
                 h.extend_from_slice(&[0x12, 0x34]);
                 h.extend_from_slice(&frag.to_be_bytes());
                 h.extend_from_slice(&[64, self.proto(), 0, 0]);
-                h.extend_from_slice(&s.octets());
-                h.extend_from_slice(&d.octets());
+                h.extend_from_slice(&src.octets());
+                h.extend_from_slice(&dst.octets());
                 h.extend_from_slice(&opts);
                 let c = checksum(&h, 0);
                 h[10..12].copy_from_slice(&c.to_be_bytes());
                 f.extend_from_slice(&h);
             }
-            (IpAddr::V6(s), IpAddr::V6(d)) => {
+            (IpAddr::V6(src), IpAddr::V6(dst)) => {
                 f.extend_from_slice(&0x86ddu16.to_be_bytes());
                 let ext = self.ext_bytes();
                 let word0 = (6u32 << 28) | (self.flow_label & 0x000f_ffff);
                 f.extend_from_slice(&word0.to_be_bytes());
-                f.extend_from_slice(&u16::try_from(ext.len() + transport.len()).expect("fits").to_be_bytes());
+                f.extend_from_slice(
+                    &u16::try_from(ext.len() + transport.len())
+                        .expect("fits")
+                        .to_be_bytes(),
+                );
                 f.push(self.ipv6_ext.first().map_or(self.proto(), Ext::proto));
                 f.push(64);
-                f.extend_from_slice(&s.octets());
-                f.extend_from_slice(&d.octets());
+                f.extend_from_slice(&src.octets());
+                f.extend_from_slice(&dst.octets());
                 f.extend_from_slice(&ext);
             }
             _ => unreachable!("checked in new"),
@@ -230,7 +235,11 @@ impl Packet {
                 let mut t = Vec::with_capacity(8 + self.payload.len());
                 t.extend_from_slice(&sp.to_be_bytes());
                 t.extend_from_slice(&dp.to_be_bytes());
-                t.extend_from_slice(&u16::try_from(8 + self.payload.len()).expect("fits").to_be_bytes());
+                t.extend_from_slice(
+                    &u16::try_from(8 + self.payload.len())
+                        .expect("fits")
+                        .to_be_bytes(),
+                );
                 t.extend_from_slice(&[0, 0]);
                 t
             }
@@ -301,17 +310,28 @@ mod tests {
 
     #[test]
     fn ipv4_header_checksum_verifies() {
-        let f = Packet::udp("198.18.0.1:1000".parse().unwrap(), "198.18.1.1:7000".parse().unwrap())
-            .payload(b"abc".to_vec())
-            .ipv4_options([1, 1, 1, 1])
-            .build();
-        assert_eq!(checksum(&f[14..38], 0), 0, "header with options sums to zero");
+        let f = Packet::udp(
+            "198.18.0.1:1000".parse().unwrap(),
+            "198.18.1.1:7000".parse().unwrap(),
+        )
+        .payload(b"abc".to_vec())
+        .ipv4_options([1, 1, 1, 1])
+        .build();
+        assert_eq!(
+            checksum(&f[14..38], 0),
+            0,
+            "header with options sums to zero"
+        );
         assert_eq!(f[14], 0x46);
     }
 
     #[test]
     fn udp_checksum_verifies() {
-        let p = Packet::udp("198.18.0.1:1000".parse().unwrap(), "198.18.1.1:7000".parse().unwrap()).payload(b"hello".to_vec());
+        let p = Packet::udp(
+            "198.18.0.1:1000".parse().unwrap(),
+            "198.18.1.1:7000".parse().unwrap(),
+        )
+        .payload(b"hello".to_vec());
         let f = p.build();
         let udp = &f[34..];
         let pseudo = pseudo_header_sum(p.src.ip(), p.dst.ip(), 17, udp.len());

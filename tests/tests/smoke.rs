@@ -2,7 +2,8 @@ use sluice_tests::{harness::*, packet::Packet};
 
 #[test]
 fn smoke() {
-    let h = Harness::new(r#"
+    let h = Harness::new(
+        r#"
 [[service]]
 name = "kv"
 vip = "198.18.1.1"
@@ -16,8 +17,14 @@ mac = "02:00:00:00:00:01"
 name = "b"
 veth = "vb"
 mac = "02:00:00:00:00:02"
-"#);
-    let f = Packet::udp("198.18.0.1:1000".parse().unwrap(), "198.18.1.1:7000".parse().unwrap()).payload(b"hi".to_vec()).build();
+"#,
+    );
+    let f = Packet::udp(
+        "198.18.0.1:1000".parse().unwrap(),
+        "198.18.1.1:7000".parse().unwrap(),
+    )
+    .payload(b"hi".to_vec())
+    .build();
     let r = h.run(&f);
     eprintln!("{r:?}");
     eprintln!("{:?}", h.global());

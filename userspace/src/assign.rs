@@ -224,7 +224,10 @@ mod tests {
                 prefix_len: 1
             })
         );
-        assert!(matches!("0x8000".parse::<Group>(), Err(GroupError::Syntax { .. })));
+        assert!(matches!(
+            "0x8000".parse::<Group>(),
+            Err(GroupError::Syntax { .. })
+        ));
         assert!(matches!(
             "0x0/17".parse::<Group>(),
             Err(GroupError::PrefixTooLong { .. })
@@ -256,7 +259,14 @@ mod tests {
 
     #[test]
     fn cover_is_exact_and_aligned() {
-        for (start, end) in [(0, 65536), (0, 21845), (21845, 43690), (43690, 65536), (7, 8), (1, 65535)] {
+        for (start, end) in [
+            (0, 65536),
+            (0, 21845),
+            (21845, 43690),
+            (43690, 65536),
+            (7, 8),
+            (1, 65535),
+        ] {
             let gs = cover(start, end);
             let mut at = start;
             for g in &gs {
@@ -273,7 +283,10 @@ mod tests {
         for n in 1..=64 {
             let per = even(n);
             assert_eq!(per.len(), n);
-            let sizes: Vec<u32> = per.iter().map(|gs| gs.iter().map(|g| g.size()).sum()).collect();
+            let sizes: Vec<u32> = per
+                .iter()
+                .map(|gs| gs.iter().map(|g| g.size()).sum())
+                .collect();
             assert_eq!(sizes.iter().sum::<u32>(), UNITS_PER_SERVICE, "n={n}");
             let (min, max) = (sizes.iter().min().unwrap(), sizes.iter().max().unwrap());
             assert!(max - min <= 1, "n={n}: shares {min}..{max}");
@@ -283,7 +296,10 @@ mod tests {
                 .flat_map(|(i, gs)| gs.iter().map(move |g| (g, u32::try_from(i).unwrap() + 1)))
                 .collect();
             let table = UnitTable::from_groups(owners);
-            assert!(table.owners().iter().all(|&o| o != 0), "n={n}: every unit owned");
+            assert!(
+                table.owners().iter().all(|&o| o != 0),
+                "n={n}: every unit owned"
+            );
         }
     }
 }

@@ -169,7 +169,12 @@ struct Checker<'a> {
 }
 
 impl Checker<'_> {
-    fn err(&self, field: impl Into<String>, problem: impl Into<String>, fix: impl Into<String>) -> ConfigError {
+    fn err(
+        &self,
+        field: impl Into<String>,
+        problem: impl Into<String>,
+        fix: impl Into<String>,
+    ) -> ConfigError {
         ConfigError::Invalid {
             path: self.path.to_owned(),
             field: field.into(),
@@ -189,7 +194,10 @@ impl Checker<'_> {
         if raw.service.len() > MAX_SERVICES as usize {
             return Err(self.err(
                 "service",
-                format!("{} services configured, at most {MAX_SERVICES} are supported", raw.service.len()),
+                format!(
+                    "{} services configured, at most {MAX_SERVICES} are supported",
+                    raw.service.len()
+                ),
                 "split the services over several hosts",
             ));
         }
@@ -226,7 +234,10 @@ impl Checker<'_> {
                 if let Some(other) = endpoints.insert((s.vip, *p, s.protocol), &s.name) {
                     return Err(self.err(
                         format!("service[{i}].ports"),
-                        format!("{} {}:{p} already belongs to service `{other}`", s.protocol, s.vip),
+                        format!(
+                            "{} {}:{p} already belongs to service `{other}`",
+                            s.protocol, s.vip
+                        ),
                         "use a different vip or port for one of the two services",
                     ));
                 }
@@ -259,7 +270,11 @@ impl Checker<'_> {
             return Err(self.err(format!("{at}.name"), "empty", "give the service a name"));
         }
         let vip_text = required(raw.vip, || {
-            self.err(format!("{at}.vip"), "missing", "add vip = \"198.18.0.100\" (IPv4 or IPv6)")
+            self.err(
+                format!("{at}.vip"),
+                "missing",
+                "add vip = \"198.18.0.100\" (IPv4 or IPv6)",
+            )
         })?;
         let vip: IpAddr = vip_text.parse().map_err(|_| {
             self.err(
@@ -280,7 +295,11 @@ impl Checker<'_> {
                 ));
             }
             None => {
-                return Err(self.err(format!("{at}.protocol"), "missing", "add protocol = \"udp\" or \"tcp\""));
+                return Err(self.err(
+                    format!("{at}.protocol"),
+                    "missing",
+                    "add protocol = \"udp\" or \"tcp\"",
+                ));
             }
         };
         let tag = self.tag(at, raw.tag, protocol, vip)?;
@@ -305,7 +324,12 @@ impl Checker<'_> {
         })
     }
 
-    fn ports(&self, at: &str, port: Option<i64>, ports: Option<Vec<i64>>) -> Result<Vec<u16>, ConfigError> {
+    fn ports(
+        &self,
+        at: &str,
+        port: Option<i64>,
+        ports: Option<Vec<i64>>,
+    ) -> Result<Vec<u16>, ConfigError> {
         let (field, list) = match (port, ports) {
             (Some(_), Some(_)) => {
                 return Err(self.err(
@@ -317,7 +341,11 @@ impl Checker<'_> {
             (Some(p), None) => (format!("{at}.port"), vec![p]),
             (None, Some(ps)) => (format!("{at}.ports"), ps),
             (None, None) => {
-                return Err(self.err(format!("{at}.ports"), "missing", "add port = 7000 or ports = [7000, 7001]"));
+                return Err(self.err(
+                    format!("{at}.ports"),
+                    "missing",
+                    "add port = 7000 or ports = [7000, 7001]",
+                ));
             }
         };
         if list.is_empty() {
@@ -326,23 +354,41 @@ impl Checker<'_> {
         let mut out = Vec::with_capacity(list.len());
         for p in list {
             let port = u16::try_from(p).ok().filter(|&p| p != 0).ok_or_else(|| {
-                self.err(&field, format!("{p} is not a port"), "use a number from 1 to 65535")
+                self.err(
+                    &field,
+                    format!("{p} is not a port"),
+                    "use a number from 1 to 65535",
+                )
             })?;
             if out.contains(&port) {
-                return Err(self.err(&field, format!("port {port} is listed twice"), "list each port once"));
+                return Err(self.err(
+                    &field,
+                    format!("port {port} is listed twice"),
+                    "list each port once",
+                ));
             }
             out.push(port);
         }
         Ok(out)
     }
 
-    fn tag(&self, at: &str, raw: Option<RawTag>, protocol: Protocol, vip: IpAddr) -> Result<TagSpec, ConfigError> {
+    fn tag(
+        &self,
+        at: &str,
+        raw: Option<RawTag>,
+        protocol: Protocol,
+        vip: IpAddr,
+    ) -> Result<TagSpec, ConfigError> {
         let Some(raw) = raw else {
             return Ok(TagSpec::None);
         };
         let field = format!("{at}.tag.kind");
         let kind = required(raw.kind, || {
-            self.err(&field, "missing", "set kind = \"none\", \"udp-payload\" or \"ipv6-flow-label\"")
+            self.err(
+                &field,
+                "missing",
+                "set kind = \"none\", \"udp-payload\" or \"ipv6-flow-label\"",
+            )
         })?;
         let no_extra = |kind: &str| -> Result<(), ConfigError> {
             if raw.offset.is_some() || raw.length.is_some() {
@@ -379,7 +425,11 @@ impl Checker<'_> {
                     ));
                 }
                 let length = raw.length.ok_or_else(|| {
-                    self.err(format!("{at}.tag.length"), "missing", format!("set length = 1..{MAX_TAG_LEN} (tag bytes)"))
+                    self.err(
+                        format!("{at}.tag.length"),
+                        "missing",
+                        format!("set length = 1..{MAX_TAG_LEN} (tag bytes)"),
+                    )
                 })?;
                 let length = u16::try_from(length)
                     .ok()
@@ -392,13 +442,16 @@ impl Checker<'_> {
                         )
                     })?;
                 let offset = raw.offset.unwrap_or(0);
-                let offset = u16::try_from(offset).ok().filter(|&o| o <= 9000).ok_or_else(|| {
-                    self.err(
-                        format!("{at}.tag.offset"),
-                        format!("offset {offset} is outside any datagram"),
-                        "use a byte offset from 0 to 9000 into the UDP payload",
-                    )
-                })?;
+                let offset = u16::try_from(offset)
+                    .ok()
+                    .filter(|&o| o <= 9000)
+                    .ok_or_else(|| {
+                        self.err(
+                            format!("{at}.tag.offset"),
+                            format!("offset {offset} is outside any datagram"),
+                            "use a byte offset from 0 to 9000 into the UDP payload",
+                        )
+                    })?;
                 Ok(TagSpec::UdpPayload { offset, length })
             }
             other => Err(self.err(
@@ -410,12 +463,22 @@ impl Checker<'_> {
     }
 
     fn instance(&self, at: &str, raw: RawInstance) -> Result<Instance, ConfigError> {
-        let name = required(raw.name, || self.err(format!("{at}.name"), "missing", "add name = \"my-instance\""))?;
+        let name = required(raw.name, || {
+            self.err(
+                format!("{at}.name"),
+                "missing",
+                "add name = \"my-instance\"",
+            )
+        })?;
         if name.is_empty() {
             return Err(self.err(format!("{at}.name"), "empty", "give the instance a name"));
         }
         let veth = required(raw.veth, || {
-            self.err(format!("{at}.veth"), "missing", "add veth = \"<host-side veth of the instance's container>\"")
+            self.err(
+                format!("{at}.veth"),
+                "missing",
+                "add veth = \"<host-side veth of the instance's container>\"",
+            )
         })?;
         if veth.is_empty() || veth.len() > 15 || veth.contains(['/', ' ']) {
             return Err(self.err(
@@ -470,7 +533,10 @@ pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
 /// `aa:bb:cc:dd:ee:ff`.
 #[must_use]
 pub fn format_mac(mac: &[u8; 6]) -> String {
-    mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
 }
 
 #[cfg(test)]
@@ -522,8 +588,17 @@ veth = "slc-web0"
         let c = parse(GOOD).unwrap();
         assert_eq!(c.services.len(), 2);
         assert_eq!(c.services[0].ports, vec![7000, 7001]);
-        assert_eq!(c.services[0].tag, TagSpec::UdpPayload { offset: 2, length: 8 });
-        assert_eq!(c.services[0].instances[0].mac, Some([2, 0, 0x5e, 0x10, 0, 1]));
+        assert_eq!(
+            c.services[0].tag,
+            TagSpec::UdpPayload {
+                offset: 2,
+                length: 8
+            }
+        );
+        assert_eq!(
+            c.services[0].instances[0].mac,
+            Some([2, 0, 0x5e, 0x10, 0, 1])
+        );
         assert_eq!(c.services[0].instances[1].netns.as_deref(), Some("kv1"));
         assert_eq!(c.services[1].tag, TagSpec::None);
         assert_eq!(c.services[1].protocol, Protocol::Tcp);
@@ -533,28 +608,73 @@ veth = "slc-web0"
     #[test]
     fn errors_name_the_field() {
         let cases = [
-            (GOOD.replace("198.18.0.100", "198.18.0.300"), "service[0].vip"),
-            (GOOD.replace("[7000, 7001]", "[7000, 70000]"), "service[0].ports"),
-            (GOOD.replace("[7000, 7001]", "[7000, 7000]"), "service[0].ports"),
-            (GOOD.replace("\"tcp\"", "\"sctp\""), "service[1].protocol"),
-            (GOOD.replace("length = 8", "length = 17"), "service[0].tag.length"),
-            (GOOD.replace("udp-payload", "quic"), "service[0].tag.kind"),
-            (GOOD.replace("02:00:5e:10:00:01", "01:00:5e:10:00:01"), "service[0].instance[0].mac"),
-            (GOOD.replace("slc-kv1", "slc-kv0"), "service[0].instance[1].veth"),
-            (GOOD.replace("slc-web0", "a-name-longer-than-15"), "service[1].instance[0].veth"),
-            (GOOD.replace("name = \"web\"", "name = \"kv\""), "service[1].name"),
-            (GOOD.replace("name = \"web-0\"", "name = \"kv-0\""), "service[1].instance[0].name"),
-            (GOOD.replace("port = 443", "port = 443\nports = [1]"), "service[1].port"),
-            (GOOD.replace("\"tcp\"", "\"tcp\"\ntag = { kind = \"udp-payload\", length = 4 }"), "service[1].tag.kind"),
             (
-                GOOD.replace("kind = \"udp-payload\", offset = 2, length = 8", "kind = \"ipv6-flow-label\""),
+                GOOD.replace("198.18.0.100", "198.18.0.300"),
+                "service[0].vip",
+            ),
+            (
+                GOOD.replace("[7000, 7001]", "[7000, 70000]"),
+                "service[0].ports",
+            ),
+            (
+                GOOD.replace("[7000, 7001]", "[7000, 7000]"),
+                "service[0].ports",
+            ),
+            (GOOD.replace("\"tcp\"", "\"sctp\""), "service[1].protocol"),
+            (
+                GOOD.replace("length = 8", "length = 17"),
+                "service[0].tag.length",
+            ),
+            (GOOD.replace("udp-payload", "quic"), "service[0].tag.kind"),
+            (
+                GOOD.replace("02:00:5e:10:00:01", "01:00:5e:10:00:01"),
+                "service[0].instance[0].mac",
+            ),
+            (
+                GOOD.replace("slc-kv1", "slc-kv0"),
+                "service[0].instance[1].veth",
+            ),
+            (
+                GOOD.replace("slc-web0", "a-name-longer-than-15"),
+                "service[1].instance[0].veth",
+            ),
+            (
+                GOOD.replace("name = \"web\"", "name = \"kv\""),
+                "service[1].name",
+            ),
+            (
+                GOOD.replace("name = \"web-0\"", "name = \"kv-0\""),
+                "service[1].instance[0].name",
+            ),
+            (
+                GOOD.replace("port = 443", "port = 443\nports = [1]"),
+                "service[1].port",
+            ),
+            (
+                GOOD.replace(
+                    "\"tcp\"",
+                    "\"tcp\"\ntag = { kind = \"udp-payload\", length = 4 }",
+                ),
+                "service[1].tag.kind",
+            ),
+            (
+                GOOD.replace(
+                    "kind = \"udp-payload\", offset = 2, length = 8",
+                    "kind = \"ipv6-flow-label\"",
+                ),
                 "service[0].tag.kind",
             ),
-            (GOOD.replace("\"fd00:5100::100\"", "\"fd00:5100::100\"\nvip2 = 1"), ""),
+            (
+                GOOD.replace("\"fd00:5100::100\"", "\"fd00:5100::100\"\nvip2 = 1"),
+                "",
+            ),
         ];
         for (text, want) in cases {
             if want.is_empty() {
-                assert!(matches!(parse(&text), Err(ConfigError::Syntax { .. })), "unknown key must be rejected");
+                assert!(
+                    matches!(parse(&text), Err(ConfigError::Syntax { .. })),
+                    "unknown key must be rejected"
+                );
                 continue;
             }
             assert_eq!(field_of(&text), want);
@@ -563,14 +683,19 @@ veth = "slc-web0"
 
     #[test]
     fn error_message_says_how_to_fix() {
-        let e = parse(&GOOD.replace("198.18.0.100", "nope")).unwrap_err().to_string();
+        let e = parse(&GOOD.replace("198.18.0.100", "nope"))
+            .unwrap_err()
+            .to_string();
         assert!(e.starts_with("test.toml: `service[0].vip`"), "{e}");
         assert!(e.contains("fix: write an IPv4"), "{e}");
     }
 
     #[test]
     fn same_port_on_two_services_is_rejected() {
-        let text = GOOD.replace("fd00:5100::100", "198.18.0.100").replace("port = 443", "port = 7001").replace("\"tcp\"", "\"udp\"");
+        let text = GOOD
+            .replace("fd00:5100::100", "198.18.0.100")
+            .replace("port = 443", "port = 7001")
+            .replace("\"tcp\"", "\"udp\"");
         assert_eq!(field_of(&text), "service[1].ports");
     }
 
@@ -581,7 +706,10 @@ veth = "slc-web0"
 
     #[test]
     fn mac_parsing() {
-        assert_eq!(parse_mac("02:00:5e:10:00:01"), Some([2, 0, 0x5e, 0x10, 0, 1]));
+        assert_eq!(
+            parse_mac("02:00:5e:10:00:01"),
+            Some([2, 0, 0x5e, 0x10, 0, 1])
+        );
         assert_eq!(parse_mac("02:00:5e:10:00"), None);
         assert_eq!(parse_mac("02:00:5e:10:00:01:02"), None);
         assert_eq!(parse_mac("ff:ff:ff:ff:ff:ff"), None);

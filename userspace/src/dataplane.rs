@@ -33,7 +33,10 @@ pub enum DataplaneError {
     #[error("loading the XDP object failed: {0}")]
     Load(#[source] aya::EbpfError),
     #[error("the XDP object has no {what} `{name}`")]
-    Missing { what: &'static str, name: &'static str },
+    Missing {
+        what: &'static str,
+        name: &'static str,
+    },
     #[error("map `{name}`: {source}")]
     Map {
         name: &'static str,
@@ -109,11 +112,12 @@ impl Dataplane {
     /// are not in place yet.
     pub fn program(&mut self, plan: &Plan) -> Result<(), DataplaneError> {
         {
-            let mut instances: Array<&mut MapData, InstanceEntry> = self.map_mut(names::INSTANCES)?;
+            let mut instances: Array<&mut MapData, InstanceEntry> =
+                self.map_mut(names::INSTANCES)?;
             for i in &plan.instances {
                 let entry = InstanceEntry {
                     mac: i.mac,
-                    _pad: 0,
+                    pad: 0,
                     flags: INSTANCE_LIVE,
                     service_id: i.service_id,
                 };
@@ -125,17 +129,15 @@ impl Dataplane {
         {
             let mut deliver: DevMap<&mut MapData> = self.map_mut(names::DELIVER)?;
             for i in &plan.instances {
-                deliver
-                    .set(i.id, i.ifindex, None, 0)
-                    .map_err(|e| match e {
-                        aya::maps::xdp::XdpMapError::MapError(source) => DataplaneError::Map {
-                            name: names::DELIVER,
-                            source,
-                        },
-                        aya::maps::xdp::XdpMapError::ChainedProgramNotSupported => {
-                            unreachable!("no chained program is given")
-                        }
-                    })?;
+                deliver.set(i.id, i.ifindex, None, 0).map_err(|e| match e {
+                    aya::maps::xdp::XdpMapError::MapError(source) => DataplaneError::Map {
+                        name: names::DELIVER,
+                        source,
+                    },
+                    aya::maps::xdp::XdpMapError::ChainedProgramNotSupported => {
+                        unreachable!("no chained program is given")
+                    }
+                })?;
             }
         }
         {
@@ -164,7 +166,11 @@ impl Dataplane {
 
     /// Attaches to `iface`: native XDP, or generic mode when the driver
     /// refuses (with a warning, since generic mode is much slower).
-    pub fn attach(&mut self, iface: &str, force_generic: bool) -> Result<AttachMode, DataplaneError> {
+    pub fn attach(
+        &mut self,
+        iface: &str,
+        force_generic: bool,
+    ) -> Result<AttachMode, DataplaneError> {
         let prog = self.program_mut()?;
         let native_err = if force_generic {
             None
@@ -195,12 +201,14 @@ impl Dataplane {
     /// Detaches from the interface (dropping the dataplane does it too).
     pub fn detach(&mut self) -> Result<(), DataplaneError> {
         if let Some(link) = self.link.take() {
-            self.program_mut()?.detach(link).map_err(DataplaneError::Program)?;
+            self.program_mut()?
+                .detach(link)
+                .map_err(DataplaneError::Program)?;
         }
         Ok(())
     }
 
-    /// The loaded program, e.g. for BPF_PROG_TEST_RUN.
+    /// The loaded program, e.g. for `BPF_PROG_TEST_RUN`.
     pub fn program_ref(&self) -> Result<&Xdp, DataplaneError> {
         self.ebpf
             .program(PROGRAM_NAME)
@@ -264,7 +272,11 @@ impl Dataplane {
     pub fn service_counters(&self, id: u32) -> Result<ServiceCounters, DataplaneError> {
         let map: PerCpuArray<&MapData, ServiceCounters> = self.map(names::SERVICE_COUNTERS)?;
         let mut sum = ServiceCounters::default();
-        for c in map.get(&id, 0).map_err(map_err(names::SERVICE_COUNTERS))?.iter() {
+        for c in map
+            .get(&id, 0)
+            .map_err(map_err(names::SERVICE_COUNTERS))?
+            .iter()
+        {
             sum += *c;
         }
         Ok(sum)
@@ -274,7 +286,11 @@ impl Dataplane {
     pub fn instance_counters(&self, id: u32) -> Result<InstanceCounters, DataplaneError> {
         let map: PerCpuArray<&MapData, InstanceCounters> = self.map(names::INSTANCE_COUNTERS)?;
         let mut sum = InstanceCounters::default();
-        for c in map.get(&id, 0).map_err(map_err(names::INSTANCE_COUNTERS))?.iter() {
+        for c in map
+            .get(&id, 0)
+            .map_err(map_err(names::INSTANCE_COUNTERS))?
+            .iter()
+        {
             sum += *c;
         }
         Ok(sum)

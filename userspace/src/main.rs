@@ -79,7 +79,9 @@ fn main() -> ExitCode {
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -104,7 +106,12 @@ fn check_config(path: &std::path::Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn run(iface: &str, config_path: &std::path::Path, generic: bool, stats_interval: u64) -> anyhow::Result<()> {
+fn run(
+    iface: &str,
+    config_path: &std::path::Path,
+    generic: bool,
+    stats_interval: u64,
+) -> anyhow::Result<()> {
     // Everything that can fail on bad input happens before the kernel is
     // touched: a bad config or a missing veth changes nothing.
     let config = Config::load(config_path)?;
@@ -126,7 +133,9 @@ fn run(iface: &str, config_path: &std::path::Path, generic: bool, stats_interval
         tracing::warn!("generic mode: expect a fraction of native throughput");
     }
 
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     rt.block_on(async {
         let mut term = signal(SignalKind::terminate())?;
         let mut ticker = tokio::time::interval(Duration::from_secs(stats_interval.max(1)));

@@ -4,8 +4,7 @@
 use std::{
     collections::HashSet,
     ffi::CString,
-    fs,
-    io,
+    fs, io,
     os::{
         fd::{AsRawFd, FromRawFd, OwnedFd},
         unix::fs::MetadataExt,
@@ -28,16 +27,26 @@ pub enum NetdevError {
     #[error(
         "peer of veth `{veth}` (ifindex {peer}) not found in {searched}; set `mac` (or `netns`) for this instance in the config"
     )]
-    PeerNotFound { veth: String, peer: u32, searched: String },
+    PeerNotFound {
+        veth: String,
+        peer: u32,
+        searched: String,
+    },
     #[error(
         "peer of veth `{veth}` (ifindex {peer}) is ambiguous: veths with that ifindex exist in {candidates}; set `netns` or `mac` for this instance in the config"
     )]
-    PeerAmbiguous { veth: String, peer: u32, candidates: String },
+    PeerAmbiguous {
+        veth: String,
+        peer: u32,
+        candidates: String,
+    },
 }
 
 /// Ifindex of `name` in the agent's namespace.
 pub fn ifindex(name: &str) -> Result<u32, NetdevError> {
-    let missing = || NetdevError::NoSuchInterface { name: name.to_owned() };
+    let missing = || NetdevError::NoSuchInterface {
+        name: name.to_owned(),
+    };
     let c = CString::new(name).map_err(|_| missing())?;
     // SAFETY: `c` is a valid NUL-terminated string.
     let idx = unsafe { libc::if_nametoindex(c.as_ptr()) };
@@ -51,9 +60,13 @@ pub fn veth_peer_ifindex(name: &str) -> Result<u32, NetdevError> {
     let peer = fs::read_to_string(&path)
         .ok()
         .and_then(|s| s.trim().parse::<u32>().ok())
-        .ok_or_else(|| NetdevError::NoSuchInterface { name: name.to_owned() })?;
+        .ok_or_else(|| NetdevError::NoSuchInterface {
+            name: name.to_owned(),
+        })?;
     if peer == own || peer == 0 {
-        return Err(NetdevError::NotVeth { name: name.to_owned() });
+        return Err(NetdevError::NotVeth {
+            name: name.to_owned(),
+        });
     }
     Ok(peer)
 }
@@ -71,10 +84,10 @@ pub fn discover_peer_mac(veth: &str, netns: Option<&str>) -> Result<[u8; 6], Net
     for path in &candidates {
         match veth_mac_in(path, peer) {
             Ok(Some(mac)) => found.push((path.clone(), mac)),
-            Ok(None) => {}
             Err(e) if netns.is_some() => return Err(e),
-            // A process may exit while we scan; other namespaces still count.
-            Err(_) => {}
+            // Not there, or a process exited while we scanned: the other
+            // namespaces still count.
+            Ok(None) | Err(_) => {}
         }
     }
     match found.as_slice() {
@@ -90,7 +103,11 @@ pub fn discover_peer_mac(veth: &str, netns: Option<&str>) -> Result<[u8; 6], Net
         many => Err(NetdevError::PeerAmbiguous {
             veth: veth.to_owned(),
             peer,
-            candidates: many.iter().map(|(p, _)| p.display().to_string()).collect::<Vec<_>>().join(", "),
+            candidates: many
+                .iter()
+                .map(|(p, _)| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
         }),
     }
 }
@@ -101,12 +118,20 @@ fn namespace_files() -> Vec<PathBuf> {
     if let Ok(m) = fs::metadata("/proc/self/ns/net") {
         seen.insert(m.ino());
     }
-    let named = fs::read_dir("/run/netns").into_iter().flatten().flatten().map(|e| e.path());
+    let named = fs::read_dir("/run/netns")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path());
     let procs = fs::read_dir("/proc")
         .into_iter()
         .flatten()
         .flatten()
-        .filter(|e| e.file_name().to_str().is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit())))
+        .filter(|e| {
+            e.file_name()
+                .to_str()
+                .is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit()))
+        })
         .map(|e| e.path().join("ns/net"));
     named
         .chain(procs)
@@ -168,7 +193,7 @@ fn query_veth_mac(ifindex: u32) -> Option<[u8; 6]> {
     Some(mac)
 }
 
-/// Driver name of `ifr.ifr_name`, through ETHTOOL_GDRVINFO.
+/// Driver name of `ifr.ifr_name`, through `ETHTOOL_GDRVINFO`.
 fn driver_of(sock: &OwnedFd, ifr: &libc::ifreq) -> Option<String> {
     const ETHTOOL_GDRVINFO: u32 = 3;
     #[repr(C)]
@@ -200,7 +225,10 @@ mod tests {
     #[test]
     fn loopback_has_an_ifindex_and_no_peer() {
         assert!(ifindex("lo").unwrap() > 0);
-        assert!(matches!(veth_peer_ifindex("lo"), Err(NetdevError::NotVeth { .. })));
+        assert!(matches!(
+            veth_peer_ifindex("lo"),
+            Err(NetdevError::NotVeth { .. })
+        ));
         assert!(matches!(
             ifindex("no-such-if0"),
             Err(NetdevError::NoSuchInterface { .. })

@@ -138,7 +138,7 @@ impl Plan {
                     tag_kind,
                     tag_offset,
                     tag_len,
-                    _reserved: 0,
+                    reserved: 0,
                 },
                 groups,
             });
@@ -169,6 +169,7 @@ impl Plan {
             .map_or(sluice_common::maps::NO_OWNER, |(_, o)| *o)
     }
 
+    #[must_use]
     pub fn instance(&self, id: u32) -> Option<&InstancePlan> {
         self.instances.iter().find(|i| i.id == id)
     }

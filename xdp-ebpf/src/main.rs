@@ -5,6 +5,10 @@
 //! the kernel untouched and is counted by reason.
 #![no_std]
 #![no_main]
+#![expect(
+    clippy::inline_always,
+    reason = "BPF-to-BPF calls cost more than inlining, and the verifier tracks packet bounds best within one function"
+)]
 
 use aya_ebpf::{
     bindings::xdp_action::XDP_PASS,
@@ -59,6 +63,10 @@ static UNIT_HITS: PerCpuArray<u64> =
     PerCpuArray::with_max_entries(MAX_SERVICES * HIT_BUCKETS_PER_SERVICE, 0);
 
 #[xdp]
+#[expect(
+    clippy::needless_pass_by_value,
+    reason = "the #[xdp] macro hands over the context by value"
+)]
 pub fn sluice_xdp(ctx: XdpContext) -> u32 {
     let frame = XdpFrame::new(&ctx);
     let (action, counter) = match try_sluice_xdp(&frame) {
@@ -74,10 +82,10 @@ pub fn sluice_xdp(ctx: XdpContext) -> u32 {
 fn try_sluice_xdp(frame: &XdpFrame) -> Result<(u32, u32), Pass> {
     let flow = parse::parse(frame)?;
     // SAFETY: the value is only read, and the agent replaces entries whole.
-    let svc = unsafe { SERVICES.get(&flow.service_key()) }.ok_or(Pass::NoService)?;
+    let svc = unsafe { SERVICES.get(flow.service_key()) }.ok_or(Pass::NoService)?;
     let keyed = parse::key_for(frame, &flow, svc);
     let unit = unit_of(keyed.key);
-    let bytes = frame.len() as u64;
+    let bytes = frame.size() as u64;
 
     let sc = SERVICE_COUNTERS.get_ptr_mut(svc.id);
     if let Some(sc) = sc {
@@ -100,9 +108,10 @@ fn try_sluice_xdp(frame: &XdpFrame) -> Result<(u32, u32), Pass> {
         .get(owner_index(svc.id, unit))
         .copied()
         .unwrap_or(NO_OWNER);
-    let Some(instance) = INSTANCES.get(owner).filter(|i| {
-        owner != NO_OWNER && i.flags & INSTANCE_LIVE != 0 && i.service_id == svc.id
-    }) else {
+    let Some(instance) = INSTANCES
+        .get(owner)
+        .filter(|i| owner != NO_OWNER && i.flags & INSTANCE_LIVE != 0 && i.service_id == svc.id)
+    else {
         return Ok(unowned(sc));
     };
 
@@ -135,7 +144,7 @@ fn try_sluice_xdp(frame: &XdpFrame) -> Result<(u32, u32), Pass> {
     Ok((action, counters::DELIVERED))
 }
 
-/// No live owner. The AF_XDP punt to the agent goes here; until it exists
+/// No live owner. The `AF_XDP` punt to the agent goes here; until it exists
 /// the packet passes to the kernel, counted.
 #[inline(always)]
 fn unowned(sc: Option<*mut ServiceCounters>) -> (u32, u32) {
@@ -184,7 +193,7 @@ impl XdpFrame {
 
 impl Frame for XdpFrame {
     #[inline(always)]
-    fn len(&self) -> usize {
+    fn size(&self) -> usize {
         self.end - self.data
     }
 
@@ -200,6 +209,10 @@ impl Frame for XdpFrame {
     }
 
     #[inline(always)]
+    #[expect(
+        clippy::cast_possible_truncation,
+        reason = "offsets are within a frame (< 64 KiB) and len <= 16"
+    )]
     fn load_tag(&self, off: usize, len: usize, out: &mut [u8; 16]) -> bool {
         if len == 0 || len > out.len() {
             return false;
@@ -207,7 +220,9 @@ impl Frame for XdpFrame {
         // The helper copies across fragments of multi-buffer frames too, and
         // keeps the variable length out of the verifier's packet-range logic.
         // SAFETY: `out` holds at least `len` bytes.
-        let ret = unsafe { bpf_xdp_load_bytes(self.ctx, off as u32, out.as_mut_ptr().cast(), len as u32) };
+        let ret = unsafe {
+            bpf_xdp_load_bytes(self.ctx, off as u32, out.as_mut_ptr().cast(), len as u32)
+        };
         ret == 0
     }
 }

@@ -1,1 +1,196 @@
-fn main() {}
+//! `cargo xtask`: set up the eBPF toolchain, build, lint and test Sluice.
+//!
+//! Every command that builds first runs `setup`, which installs what a fresh
+//! machine lacks and is quick when everything is already there.
+
+mod setup;
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, ExitCode},
+};
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "Build, set-up, lint and test tasks for Sluice", long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what building the XDP program needs (LLVM 22 dev packages,
+    /// bpf-linker 0.13, rust-src); only what is missing.
+    Setup {
+        /// Only report what is missing; install nothing.
+        #[arg(long)]
+        check: bool,
+    },
+    /// Build the workspace, the XDP program included.
+    Build {
+        /// Build with optimisations.
+        #[arg(long)]
+        release: bool,
+    },
+    /// Check formatting and run clippy in two passes (userspace crates, then
+    /// the eBPF crate with `-C panic=abort`).
+    Lint {
+        /// Reformat instead of checking.
+        #[arg(long)]
+        fix: bool,
+    },
+    /// Lint, then run every test: unit tests, and the kernel tests that load
+    /// the real XDP program (needs root: BPF and network namespaces).
+    Test {
+        /// Skip the lint step.
+        #[arg(long)]
+        no_lint: bool,
+        /// Extra arguments for `cargo test` (after `--`), e.g. a test name.
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Build and run the agent: `cargo xtask run -- run --iface IF --config FILE`.
+    Run {
+        /// Build with optimisations.
+        #[arg(long)]
+        release: bool,
+        /// Arguments for `sluice`.
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    match real_main() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn real_main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let root = workspace_root();
+    std::env::set_current_dir(&root).with_context(|| format!("cd {}", root.display()))?;
+    match cli.command {
+        Cmd::Setup { check } => {
+            let env = setup::ensure(check)?;
+            if check && !env.complete() {
+                bail!("missing: {}", env.missing.join(", "));
+            }
+            Ok(())
+        }
+        Cmd::Build { release } => {
+            let env = setup::ensure(false)?;
+            cargo(&env, &["build", "--workspace"], release)
+        }
+        Cmd::Lint { fix } => {
+            let env = setup::ensure(false)?;
+            lint(&env, fix)
+        }
+        Cmd::Test { no_lint, args } => {
+            let env = setup::ensure(false)?;
+            if !no_lint {
+                lint(&env, false)?;
+            }
+            require_root("the kernel tests load XDP programs and create network namespaces")?;
+            let mut a = vec!["test", "--workspace", "--no-fail-fast"];
+            if !args.is_empty() {
+                a.push("--");
+                a.extend(args.iter().map(String::as_str));
+            }
+            cargo(&env, &a, false)
+        }
+        Cmd::Run { release, args } => {
+            let env = setup::ensure(false)?;
+            let mut a = vec!["run", "--package", "sluice", "--"];
+            a.extend(args.iter().map(String::as_str));
+            cargo(&env, &a, release)
+        }
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_owned()
+}
+
+fn require_root(why: &str) -> anyhow::Result<()> {
+    if !setup::is_root() {
+        bail!("run as root: {why}");
+    }
+    Ok(())
+}
+
+/// Runs cargo with the eBPF toolchain's environment.
+fn cargo(env: &setup::Env, args: &[&str], release: bool) -> anyhow::Result<()> {
+    let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    cmd.args(args);
+    if release {
+        // `--release` must come before a `--` separator.
+        let at = args.iter().position(|a| *a == "--").unwrap_or(args.len());
+        cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+        cmd.args(&args[..at]).arg("--release").args(&args[at..]);
+    }
+    env.apply(&mut cmd);
+    run(&mut cmd)
+}
+
+fn run(cmd: &mut Command) -> anyhow::Result<()> {
+    let status = cmd.status().with_context(|| format!("spawning {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+fn lint(env: &setup::Env, fix: bool) -> anyhow::Result<()> {
+    eprintln!("[lint] rustfmt");
+    let mut fmt = env.toolchain_cargo();
+    fmt.args(["fmt", "--all"]);
+    if !fix {
+        fmt.args(["--", "--check"]);
+    }
+    run(&mut fmt).context("formatting differs: run `cargo xtask lint --fix`")?;
+
+    eprintln!("[lint] clippy, userspace crates");
+    let mut c = Command::new("cargo");
+    c.args([
+        "clippy",
+        "--workspace",
+        "--exclude",
+        "sluice-ebpf",
+        "--all-targets",
+        "--",
+        "--deny",
+        "warnings",
+    ]);
+    env.apply(&mut c);
+    run(&mut c)?;
+
+    // The eBPF crate is no_std with its own panic handler: lint it for the
+    // host with panic=abort, as aya-template does.
+    eprintln!("[lint] clippy, eBPF crate");
+    let mut c = env.toolchain_cargo();
+    c.args([
+        "clippy",
+        "--package",
+        "sluice-ebpf",
+        "--all-targets",
+        "--",
+        "--deny",
+        "warnings",
+        "-C",
+        "panic=abort",
+        "-Zpanic_abort_tests",
+    ]);
+    env.apply(&mut c);
+    run(&mut c)
+}

@@ -1,0 +1,306 @@
+//! `cargo xtask setup`: installs what building the XDP program needs, and
+//! only what is missing, so it is quick when everything is in place.
+//!
+//! - `bpf-linker` 0.13 (links the BPF object; built against LLVM 22, the
+//!   LLVM of the rustc that compiles the program), which in turn needs the
+//!   Debian packages `llvm-22-dev`, `libpolly-22-dev`, `zlib1g-dev` and
+//!   `libzstd-dev` to build;
+//! - the `rust-src` component of the toolchain that builds the program
+//!   (`-Z build-std=core`): nightly when installed, else stable with
+//!   `RUSTC_BOOTSTRAP=1`;
+//! - bpffs mounted at /sys/fs/bpf (for pinned maps).
+
+use std::{
+    env,
+    ffi::OsString,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+};
+
+use anyhow::{Context as _, bail};
+
+const BPF_LINKER_VERSION: &str = "0.13";
+const BPF_LINKER_CRATE: &str = "bpf-linker@0.13.0";
+const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
+const DEBIAN_PACKAGES: [&str; 4] = [
+    "llvm-22-dev",
+    "libpolly-22-dev",
+    "zlib1g-dev",
+    "libzstd-dev",
+];
+
+/// What the build needs to know about the eBPF toolchain.
+pub struct Env {
+    /// Toolchain that builds the eBPF crate (`nightly` or `stable`).
+    pub toolchain: String,
+    /// Stable toolchain: unlock `-Z build-std` with `RUSTC_BOOTSTRAP=1`.
+    pub bootstrap: bool,
+    /// Where `cargo install` puts binaries (bpf-linker).
+    pub cargo_bin: PathBuf,
+    /// Pieces found missing in `--check` mode.
+    pub missing: Vec<String>,
+}
+
+impl Env {
+    pub fn complete(&self) -> bool {
+        self.missing.is_empty()
+    }
+
+    /// Sets the variables the userspace build script reads.
+    pub fn apply(&self, cmd: &mut Command) {
+        cmd.env("SLUICE_EBPF_TOOLCHAIN", &self.toolchain);
+        if self.bootstrap {
+            cmd.env("RUSTC_BOOTSTRAP", "1");
+        }
+        cmd.env("PATH", path_with(&self.cargo_bin));
+    }
+
+    /// `cargo` of the eBPF toolchain.
+    pub fn toolchain_cargo(&self) -> Command {
+        let mut c = Command::new("rustup");
+        c.args(["run", &self.toolchain, "cargo"]);
+        c
+    }
+}
+
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+fn path_with(dir: &Path) -> OsString {
+    let mut paths = vec![dir.to_owned()];
+    paths.extend(env::split_paths(&env::var_os("PATH").unwrap_or_default()));
+    env::join_paths(paths).expect("PATH entries are valid")
+}
+
+fn cargo_bin() -> PathBuf {
+    env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))
+        .unwrap_or_else(|| PathBuf::from("/root/.cargo"))
+        .join("bin")
+}
+
+fn output(cmd: &mut Command) -> Option<String> {
+    let out = cmd.stderr(Stdio::null()).output().ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn step(what: &str, state: &str) {
+    eprintln!("[setup] {what:<34} {state}");
+}
+
+/// Ensures every piece is there, installing what is missing (unless
+/// `check_only`, which only records it).
+pub fn ensure(check_only: bool) -> anyhow::Result<Env> {
+    let mut env = Env {
+        toolchain: String::new(),
+        bootstrap: false,
+        cargo_bin: cargo_bin(),
+        missing: Vec::new(),
+    };
+    if output(Command::new("rustup").arg("--version")).is_none() {
+        bail!(
+            "rustup not found: Sluice builds its XDP program with a rustup-managed toolchain (https://rustup.rs)"
+        );
+    }
+
+    let toolchains = output(Command::new("rustup").args(["toolchain", "list"])).unwrap_or_default();
+    if toolchains.lines().any(|l| l.starts_with("nightly")) {
+        env.toolchain = "nightly".into();
+        step("eBPF toolchain", "nightly");
+    } else {
+        env.toolchain = "stable".into();
+        env.bootstrap = true;
+        step(
+            "eBPF toolchain",
+            "stable with RUSTC_BOOTSTRAP=1 (no nightly installed)",
+        );
+    }
+
+    rust_src(&mut env, check_only)?;
+    bpf_linker(&mut env, check_only)?;
+    bpffs(&mut env, check_only)?;
+    Ok(env)
+}
+
+fn rust_src(env: &mut Env, check_only: bool) -> anyhow::Result<()> {
+    let installed = output(Command::new("rustup").args([
+        "component",
+        "list",
+        "--installed",
+        "--toolchain",
+        &env.toolchain,
+    ]))
+    .unwrap_or_default();
+    if installed.lines().any(|l| l.starts_with("rust-src")) {
+        step("rust-src", "ok");
+        return Ok(());
+    }
+    if check_only {
+        step("rust-src", "MISSING");
+        env.missing.push(format!("rust-src for {}", env.toolchain));
+        return Ok(());
+    }
+    step(
+        "rust-src",
+        "installing: -Z build-std=core compiles core for the BPF target from it",
+    );
+    let status = Command::new("rustup")
+        .args([
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            &env.toolchain,
+        ])
+        .status()
+        .context("running rustup")?;
+    if !status.success() {
+        bail!(
+            "installing rust-src failed; run `rustup component add rust-src --toolchain {}` and retry",
+            env.toolchain
+        );
+    }
+    Ok(())
+}
+
+fn bpf_linker_ok(env: &Env) -> bool {
+    let mut c = Command::new("bpf-linker");
+    c.arg("--version").env("PATH", path_with(&env.cargo_bin));
+    output(&mut c).is_some_and(|v| {
+        v.split_whitespace().nth(1).is_some_and(|ver| {
+            ver == BPF_LINKER_VERSION || ver.starts_with(&format!("{BPF_LINKER_VERSION}."))
+        })
+    })
+}
+
+fn bpf_linker(env: &mut Env, check_only: bool) -> anyhow::Result<()> {
+    if bpf_linker_ok(env) {
+        step("bpf-linker", &format!("ok ({BPF_LINKER_VERSION})"));
+        return Ok(());
+    }
+    // LLVM's dev files are needed only to build bpf-linker.
+    debian_packages(env, check_only)?;
+    if check_only {
+        step("bpf-linker", "MISSING");
+        env.missing.push(format!("bpf-linker {BPF_LINKER_VERSION}"));
+        return Ok(());
+    }
+    step(
+        "bpf-linker",
+        "building 0.13 against LLVM 22 (links the XDP program; takes a few minutes)",
+    );
+    let status = Command::new("cargo")
+        .args([
+            "install",
+            BPF_LINKER_CRATE,
+            "--locked",
+            "--no-default-features",
+            "--features",
+            "llvm-22",
+        ])
+        // Point both bpf-linker's and llvm-sys's build scripts at LLVM 22,
+        // not at whatever llvm-config is first on PATH.
+        .env("LLVM_PREFIX", LLVM_PREFIX)
+        .env("LLVM_SYS_221_PREFIX", LLVM_PREFIX)
+        .env("PATH", path_with(&Path::new(LLVM_PREFIX).join("bin")))
+        .status()
+        .context("running cargo install")?;
+    if !status.success() || !bpf_linker_ok(env) {
+        bail!(
+            "building bpf-linker failed; with LLVM 22 dev files in {LLVM_PREFIX}, run \
+             `LLVM_PREFIX={LLVM_PREFIX} LLVM_SYS_221_PREFIX={LLVM_PREFIX} cargo install {BPF_LINKER_CRATE} \
+             --locked --no-default-features --features llvm-22`"
+        );
+    }
+    Ok(())
+}
+
+fn debian_packages(env: &mut Env, check_only: bool) -> anyhow::Result<()> {
+    let missing: Vec<&str> = DEBIAN_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| {
+            output(Command::new("dpkg-query").args(["-W", "-f=${Status}", p]))
+                .is_none_or(|s| !s.contains("install ok installed"))
+        })
+        .collect();
+    if missing.is_empty() {
+        step("LLVM 22 dev packages", "ok");
+        return Ok(());
+    }
+    let list = missing.join(" ");
+    if check_only {
+        step("LLVM 22 dev packages", &format!("MISSING: {list}"));
+        env.missing.extend(missing.iter().map(ToString::to_string));
+        return Ok(());
+    }
+    let has_apt = output(Command::new("apt-get").arg("--version")).is_some();
+    if !has_apt {
+        bail!(
+            "bpf-linker must be built against LLVM 22, whose dev files are missing ({list}); \
+             this is not a Debian system: install LLVM 22 with its dev files and Polly under {LLVM_PREFIX}, then retry"
+        );
+    }
+    if !is_root() {
+        bail!(
+            "missing Debian packages {list} (needed to build bpf-linker); run `sudo apt-get install -y {list}` and retry"
+        );
+    }
+    step(
+        "LLVM 22 dev packages",
+        &format!("installing {list} (to build bpf-linker)"),
+    );
+    let apt = |args: &[&str]| -> anyhow::Result<()> {
+        let status = Command::new("apt-get")
+            .args(args)
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .status()
+            .context("running apt-get")?;
+        if !status.success() {
+            bail!(
+                "`apt-get {}` failed; install {list} by hand and retry",
+                args.join(" ")
+            );
+        }
+        Ok(())
+    };
+    apt(&["update", "-qq"])?;
+    let mut args = vec!["install", "-y", "-qq", "--no-install-recommends"];
+    args.extend(missing.iter().copied());
+    apt(&args)
+}
+
+fn bpffs(env: &mut Env, check_only: bool) -> anyhow::Result<()> {
+    let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
+    if mounts.lines().any(|l| {
+        let mut f = l.split_whitespace();
+        f.next() == Some("bpf") || (f.next() == Some("/sys/fs/bpf") && f.next() == Some("bpf"))
+    }) {
+        step("bpffs at /sys/fs/bpf", "ok");
+        return Ok(());
+    }
+    if check_only || !is_root() {
+        step(
+            "bpffs at /sys/fs/bpf",
+            "not mounted (`mount -t bpf bpf /sys/fs/bpf` as root)",
+        );
+        if check_only {
+            env.missing.push("bpffs at /sys/fs/bpf".into());
+        }
+        return Ok(());
+    }
+    step("bpffs at /sys/fs/bpf", "mounting (pinned maps live there)");
+    let status = Command::new("mount")
+        .args(["-t", "bpf", "bpf", "/sys/fs/bpf"])
+        .status()
+        .context("running mount")?;
+    if !status.success() {
+        bail!("mounting bpffs failed; run `mount -t bpf bpf /sys/fs/bpf` as root");
+    }
+    Ok(())
+}
