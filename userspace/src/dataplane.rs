@@ -18,7 +18,7 @@ use sluice_common::{
     owner_index,
 };
 
-use crate::plan::Plan;
+use crate::{assign::Group, plan::Plan};
 
 /// The XDP program, built by build.rs (or an empty stand-in without
 /// bpf-linker).
@@ -140,16 +140,9 @@ impl Dataplane {
                 })?;
             }
         }
-        {
-            let mut owners: Array<&mut MapData, u32> = self.map_mut(names::OWNERS)?;
-            for s in &plan.services {
-                for (g, owner) in &s.groups {
-                    for unit in g.units() {
-                        owners
-                            .set(owner_index(s.id, unit), owner, 0)
-                            .map_err(map_err(names::OWNERS))?;
-                    }
-                }
+        for s in &plan.services {
+            for (g, owner) in &s.groups {
+                self.set_group_owner(s.id, *g, *owner)?;
             }
         }
         let mut services: HashMap<&mut MapData, ServiceKey, ServiceEntry> =
@@ -160,6 +153,23 @@ impl Dataplane {
                     .insert(k, s.entry, 0)
                     .map_err(map_err(names::SERVICES))?;
             }
+        }
+        Ok(())
+    }
+
+    /// Points every unit of `group` of service `service_id` at `owner`
+    /// (`NO_OWNER` leaves the group unowned).
+    pub fn set_group_owner(
+        &mut self,
+        service_id: u32,
+        group: Group,
+        owner: u32,
+    ) -> Result<(), DataplaneError> {
+        let mut owners: Array<&mut MapData, u32> = self.map_mut(names::OWNERS)?;
+        for unit in group.units() {
+            owners
+                .set(owner_index(service_id, unit), owner, 0)
+                .map_err(map_err(names::OWNERS))?;
         }
         Ok(())
     }

@@ -70,7 +70,7 @@ pub fn is_root() -> bool {
 
 fn path_with(dir: &Path) -> OsString {
     let mut paths = vec![dir.to_owned()];
-    paths.extend(env::split_paths(&env::var_os("PATH").unwrap_or_default()));
+    paths.extend(env::split_paths(&env::var_os("PATH").unwrap_or_default()).filter(|p| p != dir));
     env::join_paths(paths).expect("PATH entries are valid")
 }
 
