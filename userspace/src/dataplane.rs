@@ -30,22 +30,22 @@ pub enum DataplaneError {
         "this build carries no XDP program (it was built without bpf-linker); run `cargo xtask setup`, then rebuild"
     )]
     ObjectMissing,
-    #[error("loading the XDP object failed: {0}")]
+    #[error("loading the XDP object failed")]
     Load(#[source] aya::EbpfError),
     #[error("the XDP object has no {what} `{name}`")]
     Missing {
         what: &'static str,
         name: &'static str,
     },
-    #[error("map `{name}`: {source}")]
+    #[error("map `{name}`")]
     Map {
         name: &'static str,
         #[source]
         source: MapError,
     },
-    #[error("program `{PROGRAM_NAME}`: {0}")]
+    #[error("program `{PROGRAM_NAME}`")]
     Program(#[source] ProgramError),
-    #[error("attaching to `{iface}` failed in native and in generic mode: {source}")]
+    #[error("attaching to `{iface}` failed")]
     Attach {
         iface: String,
         #[source]

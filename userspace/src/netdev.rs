@@ -18,7 +18,7 @@ pub enum NetdevError {
     NoSuchInterface { name: String },
     #[error("interface `{name}` is not a veth (it has no peer)")]
     NotVeth { name: String },
-    #[error("cannot enter network namespace {path}: {source}")]
+    #[error("cannot enter network namespace {path}")]
     Netns {
         path: PathBuf,
         #[source]
@@ -33,7 +33,7 @@ pub enum NetdevError {
         searched: String,
     },
     #[error(
-        "peer of veth `{veth}` (ifindex {peer}) is ambiguous: veths with that ifindex exist in {candidates}; set `netns` or `mac` for this instance in the config"
+        "peer of veth `{veth}` (ifindex {peer}) is ambiguous: it matches interfaces in {candidates}; set `netns` or `mac` for this instance in the config"
     )]
     PeerAmbiguous {
         veth: String,
@@ -73,8 +73,10 @@ pub fn veth_peer_ifindex(name: &str) -> Result<u32, NetdevError> {
 
 /// MAC of the peer of host-side veth `veth`: looked up in the named netns
 /// when given, else in every namespace under /run/netns and of every
-/// process, where it must be the only veth with that ifindex.
+/// process. The peer is the interface there whose ifindex is our veth's
+/// `iflink` and whose own link is our veth; it must be unique.
 pub fn discover_peer_mac(veth: &str, netns: Option<&str>) -> Result<[u8; 6], NetdevError> {
+    let own = ifindex(veth)?;
     let peer = veth_peer_ifindex(veth)?;
     let candidates: Vec<PathBuf> = match netns {
         Some(name) => vec![Path::new("/run/netns").join(name)],
@@ -82,7 +84,7 @@ pub fn discover_peer_mac(veth: &str, netns: Option<&str>) -> Result<[u8; 6], Net
     };
     let mut found = Vec::new();
     for path in &candidates {
-        match veth_mac_in(path, peer) {
+        match veth_mac_in(path, peer, own) {
             Ok(Some(mac)) => found.push((path.clone(), mac)),
             Err(e) if netns.is_some() => return Err(e),
             // Not there, or a process exited while we scanned: the other
@@ -139,8 +141,9 @@ fn namespace_files() -> Vec<PathBuf> {
         .collect()
 }
 
-/// In the namespace at `path`: the MAC of interface `ifindex` if it is a veth.
-fn veth_mac_in(path: &Path, ifindex: u32) -> Result<Option<[u8; 6]>, NetdevError> {
+/// In the namespace at `path`: the MAC of interface `ifindex` if it is the
+/// peer of our interface `link`.
+fn veth_mac_in(path: &Path, ifindex: u32, link: u32) -> Result<Option<[u8; 6]>, NetdevError> {
     let ns_err = |source| NetdevError::Netns {
         path: path.to_owned(),
         source,
@@ -154,68 +157,68 @@ fn veth_mac_in(path: &Path, ifindex: u32) -> Result<Option<[u8; 6]>, NetdevError
             if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
                 return Err(ns_err(io::Error::last_os_error()));
             }
-            Ok(query_veth_mac(ifindex))
+            Ok(query_peer_mac(ifindex, link))
         })
         .join()
         .expect("netns thread does not panic")
     })
 }
 
-/// MAC of `ifindex` in the current thread's namespace, if it is a veth.
-fn query_veth_mac(ifindex: u32) -> Option<[u8; 6]> {
+/// Asks rtnetlink, in the current thread's namespace, for interface
+/// `ifindex`; returns its MAC if its link (`IFLA_LINK`) is `link`.
+fn query_peer_mac(ifindex: u32, link: u32) -> Option<[u8; 6]> {
+    const IFLA_ADDRESS: u16 = 1;
+    const IFLA_LINK: u16 = 5;
+    const NLMSG_HDR: usize = 16;
+    const IFINFO: usize = 16;
     // SAFETY: plain socket creation; the fd is owned right after.
-    let raw = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    let raw = unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_RAW | libc::SOCK_CLOEXEC, libc::NETLINK_ROUTE) };
     if raw < 0 {
         return None;
     }
     // SAFETY: `raw` is a fresh fd we own.
     let sock = unsafe { OwnedFd::from_raw_fd(raw) };
-    // SAFETY: ifreq is plain data; all-zero is a valid value.
-    let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
-    ifr.ifr_ifru.ifru_ifindex = i32::try_from(ifindex).ok()?;
-    // SAFETY: SIOCGIFNAME fills ifr_name for the ifindex.
-    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFNAME, &raw mut ifr) } != 0 {
-        return None;
-    }
-    if driver_of(&sock, &ifr).as_deref() != Some("veth") {
-        return None;
-    }
-    // SAFETY: SIOCGIFHWADDR reads the MAC of ifr_name.
-    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFHWADDR, &raw mut ifr) } != 0 {
-        return None;
-    }
-    // SAFETY: the ioctl above filled the hwaddr member.
-    let sa = unsafe { ifr.ifr_ifru.ifru_hwaddr };
-    let mut mac = [0u8; 6];
-    for (m, b) in mac.iter_mut().zip(sa.sa_data.iter()) {
-        *m = b.to_ne_bytes()[0];
-    }
-    Some(mac)
-}
 
-/// Driver name of `ifr.ifr_name`, through `ETHTOOL_GDRVINFO`.
-fn driver_of(sock: &OwnedFd, ifr: &libc::ifreq) -> Option<String> {
-    const ETHTOOL_GDRVINFO: u32 = 3;
-    #[repr(C)]
-    struct DrvInfo {
-        cmd: u32,
-        driver: [u8; 32],
-        rest: [u8; 160],
-    }
-    let mut info = DrvInfo {
-        cmd: ETHTOOL_GDRVINFO,
-        driver: [0; 32],
-        rest: [0; 160],
-    };
-    let mut req = *ifr;
-    req.ifr_ifru.ifru_data = (&raw mut info).cast();
-    // SAFETY: SIOCETHTOOL with GDRVINFO writes into `info`, which is large
-    // enough for struct ethtool_drvinfo (196 bytes).
-    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCETHTOOL, &raw mut req) } != 0 {
+    // nlmsghdr + ifinfomsg, RTM_GETLINK for one ifindex.
+    let mut req = [0u8; NLMSG_HDR + IFINFO];
+    let len = u32::try_from(req.len()).expect("small");
+    req[0..4].copy_from_slice(&len.to_ne_bytes());
+    req[4..6].copy_from_slice(&libc::RTM_GETLINK.to_ne_bytes());
+    req[6..8].copy_from_slice(&u16::try_from(libc::NLM_F_REQUEST).expect("flag fits").to_ne_bytes());
+    req[8..12].copy_from_slice(&1u32.to_ne_bytes());
+    req[NLMSG_HDR] = u8::try_from(libc::AF_UNSPEC).expect("fits");
+    req[NLMSG_HDR + 4..NLMSG_HDR + 8].copy_from_slice(&i32::try_from(ifindex).ok()?.to_ne_bytes());
+    // SAFETY: `req` is a valid buffer of `req.len()` bytes.
+    if unsafe { libc::send(sock.as_raw_fd(), req.as_ptr().cast(), req.len(), 0) } < 0 {
         return None;
     }
-    let end = info.driver.iter().position(|&b| b == 0).unwrap_or(32);
-    String::from_utf8(info.driver[..end].to_vec()).ok()
+    let mut buf = vec![0u8; 16 * 1024];
+    // SAFETY: `buf` is writable for its length.
+    let n = unsafe { libc::recv(sock.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+    let n = usize::try_from(n).ok()?;
+    let msg = buf.get(..n)?;
+    let msg_type = u16::from_ne_bytes([*msg.get(4)?, *msg.get(5)?]);
+    if msg_type != libc::RTM_NEWLINK {
+        return None; // NLMSG_ERROR: no such interface here
+    }
+    let mut mac = None;
+    let mut peer_link = None;
+    let mut at = NLMSG_HDR + IFINFO;
+    while at + 4 <= msg.len() {
+        let alen = usize::from(u16::from_ne_bytes([msg[at], msg[at + 1]]));
+        let atype = u16::from_ne_bytes([msg[at + 2], msg[at + 3]]) & 0x3fff;
+        if alen < 4 || at + alen > msg.len() {
+            break;
+        }
+        let body = &msg[at + 4..at + alen];
+        match atype {
+            IFLA_ADDRESS if body.len() == 6 => mac = <[u8; 6]>::try_from(body).ok(),
+            IFLA_LINK if body.len() == 4 => peer_link = Some(u32::from_ne_bytes(body.try_into().ok()?)),
+            _ => {}
+        }
+        at += (alen + 3) & !3;
+    }
+    (peer_link == Some(link)).then_some(mac).flatten()
 }
 
 #[cfg(test)]

@@ -50,7 +50,7 @@ pub struct Plan {
 
 /// Failure to resolve an instance's interface.
 #[derive(Debug, thiserror::Error)]
-#[error("instance `{instance}` (`{field}`): {source}")]
+#[error("instance `{instance}` (`{field}`)")]
 pub struct ResolveError {
     pub instance: String,
     /// Config field the operator should look at.
