@@ -3,4 +3,7 @@
 //! `BPF_PROG_TEST_RUN`.
 
 pub mod harness;
+pub mod netns;
 pub mod packet;
+pub mod testbed;
+pub mod traffic;

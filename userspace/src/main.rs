@@ -2,12 +2,12 @@
 
 use std::{path::PathBuf, process::ExitCode, time::Duration};
 
-use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
 use sluice::{
+    agent::Agent,
     config::{Config, format_mac},
     dataplane::{AttachMode, Dataplane},
-    plan::{Plan, resolve_instance},
+    plan::Plan,
 };
 use sluice_common::counters;
 use tokio::signal::unix::{SignalKind, signal};
@@ -112,11 +112,9 @@ fn run(
     generic: bool,
     stats_interval: u64,
 ) -> anyhow::Result<()> {
-    // Everything that can fail on bad input happens before the kernel is
-    // touched: a bad config or a missing veth changes nothing.
     let config = Config::load(config_path)?;
-    sluice::netdev::ifindex(iface).with_context(|| format!("--iface {iface}"))?;
-    let plan = Plan::build(&config, resolve_instance)?;
+    let agent = Agent::start(&config, iface, generic)?;
+    let plan = &agent.plan;
     for i in &plan.instances {
         tracing::info!(instance = %i.name, id = i.id, ifindex = i.ifindex, mac = %format_mac(&i.mac), "instance resolved");
     }
@@ -124,12 +122,8 @@ fn run(
         let groups: Vec<String> = s.groups.iter().map(|(g, o)| format!("{g}->{o}")).collect();
         tracing::info!(service = %s.name, groups = %groups.join(" "), "initial assignment");
     }
-
-    let mut dp = Dataplane::load(&plan)?;
-    dp.program(&plan)?;
-    let mode = dp.attach(iface, generic)?;
-    tracing::info!(iface, mode = ?mode, "attached");
-    if mode == AttachMode::Generic && !generic {
+    tracing::info!(iface, mode = ?agent.mode, "attached");
+    if agent.mode == AttachMode::Generic && !generic {
         tracing::warn!("generic mode: expect a fraction of native throughput");
     }
 
@@ -144,13 +138,13 @@ fn run(
             tokio::select! {
                 _ = tokio::signal::ctrl_c() => break,
                 _ = term.recv() => break,
-                _ = ticker.tick(), if stats_interval > 0 => report(&dp, &plan, false),
+                _ = ticker.tick(), if stats_interval > 0 => report(&agent.dataplane, plan, false),
             }
         }
         anyhow::Ok(())
     })?;
-    report(&dp, &plan, true);
-    dp.detach()?;
+    report(&agent.dataplane, plan, true);
+    agent.stop()?;
     tracing::info!(iface, "detached");
     Ok(())
 }

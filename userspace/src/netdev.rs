@@ -53,22 +53,22 @@ pub fn ifindex(name: &str) -> Result<u32, NetdevError> {
     if idx == 0 { Err(missing()) } else { Ok(idx) }
 }
 
-/// Ifindex of the peer of veth `name` (its `iflink`).
+/// Ifindex of the peer of veth `name` (its `iflink`), in the calling
+/// thread's namespace (asked over rtnetlink: /sys shows the namespace it was
+/// mounted in, not the thread's).
 pub fn veth_peer_ifindex(name: &str) -> Result<u32, NetdevError> {
     let own = ifindex(name)?;
-    let path = format!("/sys/class/net/{name}/iflink");
-    let peer = fs::read_to_string(&path)
-        .ok()
-        .and_then(|s| s.trim().parse::<u32>().ok())
+    let link = query_link(own)
         .ok_or_else(|| NetdevError::NoSuchInterface {
             name: name.to_owned(),
-        })?;
-    if peer == own || peer == 0 {
-        return Err(NetdevError::NotVeth {
+        })?
+        .link;
+    match link {
+        Some(peer) if peer != own && peer != 0 => Ok(peer),
+        _ => Err(NetdevError::NotVeth {
             name: name.to_owned(),
-        });
+        }),
     }
-    Ok(peer)
 }
 
 /// MAC of the peer of host-side veth `veth`: looked up in the named netns
@@ -157,22 +157,36 @@ fn veth_mac_in(path: &Path, ifindex: u32, link: u32) -> Result<Option<[u8; 6]>, 
             if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
                 return Err(ns_err(io::Error::last_os_error()));
             }
-            Ok(query_peer_mac(ifindex, link))
+            Ok(query_link(ifindex)
+                .filter(|l| l.link == Some(link))
+                .and_then(|l| l.mac))
         })
         .join()
         .expect("netns thread does not panic")
     })
 }
 
-/// Asks rtnetlink, in the current thread's namespace, for interface
-/// `ifindex`; returns its MAC if its link (`IFLA_LINK`) is `link`.
-fn query_peer_mac(ifindex: u32, link: u32) -> Option<[u8; 6]> {
+/// What rtnetlink says of an interface.
+struct LinkInfo {
+    mac: Option<[u8; 6]>,
+    /// `IFLA_LINK`: for a veth, the peer's ifindex.
+    link: Option<u32>,
+}
+
+/// Asks rtnetlink, in the current thread's namespace, about `ifindex`.
+fn query_link(ifindex: u32) -> Option<LinkInfo> {
     const IFLA_ADDRESS: u16 = 1;
     const IFLA_LINK: u16 = 5;
     const NLMSG_HDR: usize = 16;
     const IFINFO: usize = 16;
     // SAFETY: plain socket creation; the fd is owned right after.
-    let raw = unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_RAW | libc::SOCK_CLOEXEC, libc::NETLINK_ROUTE) };
+    let raw = unsafe {
+        libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+            libc::NETLINK_ROUTE,
+        )
+    };
     if raw < 0 {
         return None;
     }
@@ -184,7 +198,11 @@ fn query_peer_mac(ifindex: u32, link: u32) -> Option<[u8; 6]> {
     let len = u32::try_from(req.len()).expect("small");
     req[0..4].copy_from_slice(&len.to_ne_bytes());
     req[4..6].copy_from_slice(&libc::RTM_GETLINK.to_ne_bytes());
-    req[6..8].copy_from_slice(&u16::try_from(libc::NLM_F_REQUEST).expect("flag fits").to_ne_bytes());
+    req[6..8].copy_from_slice(
+        &u16::try_from(libc::NLM_F_REQUEST)
+            .expect("flag fits")
+            .to_ne_bytes(),
+    );
     req[8..12].copy_from_slice(&1u32.to_ne_bytes());
     req[NLMSG_HDR] = u8::try_from(libc::AF_UNSPEC).expect("fits");
     req[NLMSG_HDR + 4..NLMSG_HDR + 8].copy_from_slice(&i32::try_from(ifindex).ok()?.to_ne_bytes());
@@ -213,12 +231,17 @@ fn query_peer_mac(ifindex: u32, link: u32) -> Option<[u8; 6]> {
         let body = &msg[at + 4..at + alen];
         match atype {
             IFLA_ADDRESS if body.len() == 6 => mac = <[u8; 6]>::try_from(body).ok(),
-            IFLA_LINK if body.len() == 4 => peer_link = Some(u32::from_ne_bytes(body.try_into().ok()?)),
+            IFLA_LINK if body.len() == 4 => {
+                peer_link = Some(u32::from_ne_bytes(body.try_into().ok()?));
+            }
             _ => {}
         }
         at += (alen + 3) & !3;
     }
-    (peer_link == Some(link)).then_some(mac).flatten()
+    Some(LinkInfo {
+        mac,
+        link: peer_link,
+    })
 }
 
 #[cfg(test)]

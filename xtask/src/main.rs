@@ -87,7 +87,11 @@ fn real_main() -> anyhow::Result<()> {
         }
         Cmd::Build { release } => {
             let env = setup::ensure(false)?;
-            cargo(&env, &["build", "--workspace", "--exclude", "sluice-ebpf"], release)
+            cargo(
+                &env,
+                &["build", "--workspace", "--exclude", "sluice-ebpf"],
+                release,
+            )
         }
         Cmd::Lint { fix } => {
             let env = setup::ensure(false)?;
@@ -99,7 +103,13 @@ fn real_main() -> anyhow::Result<()> {
                 lint(&env, false)?;
             }
             require_root("the kernel tests load XDP programs and create network namespaces")?;
-            let mut a = vec!["test", "--workspace", "--exclude", "sluice-ebpf", "--no-fail-fast"];
+            let mut a = vec![
+                "test",
+                "--workspace",
+                "--exclude",
+                "sluice-ebpf",
+                "--no-fail-fast",
+            ];
             if !args.is_empty() {
                 a.push("--");
                 a.extend(args.iter().map(String::as_str));

@@ -1,0 +1,287 @@
+//! Real-socket servers and clients for end-to-end tests, each bounded in
+//! count and time.
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
+    os::fd::AsRawFd,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use crate::netns;
+
+/// A datagram as a server saw it.
+#[derive(Clone, Debug)]
+pub struct Received {
+    pub from: SocketAddr,
+    pub payload: Vec<u8>,
+}
+
+/// UDP servers, one per namespace, all bound to the same VIP and port.
+pub struct UdpServers {
+    stop: Arc<AtomicBool>,
+    /// Datagrams received, summed over the servers.
+    pub total: Arc<AtomicU64>,
+    handles: Vec<JoinHandle<Vec<Received>>>,
+}
+
+fn set_rcvbuf(sock: &impl AsRawFd, bytes: i32) {
+    // SO_RCVBUFFORCE: as root, beyond rmem_max, so a burst is not dropped
+    // for want of buffer.
+    // SAFETY: setsockopt with a valid int option.
+    let r = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUFFORCE,
+            (&raw const bytes).cast(),
+            u32::try_from(size_of::<i32>()).expect("small"),
+        )
+    };
+    assert_eq!(r, 0, "SO_RCVBUFFORCE: {}", std::io::Error::last_os_error());
+}
+
+impl UdpServers {
+    /// Binds `addr` in each namespace and starts receiving.
+    #[must_use]
+    pub fn start(namespaces: &[String], addr: SocketAddr) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let total = Arc::new(AtomicU64::new(0));
+        let handles = namespaces
+            .iter()
+            .map(|ns| {
+                let sock = netns::run_in(ns, || UdpSocket::bind(addr))
+                    .unwrap_or_else(|e| panic!("binding {addr} in {ns}: {e}"));
+                set_rcvbuf(&sock, 16 << 20);
+                sock.set_read_timeout(Some(Duration::from_millis(20)))
+                    .expect("timeout");
+                let (stop, total) = (stop.clone(), total.clone());
+                std::thread::spawn(move || {
+                    let mut got = Vec::new();
+                    let mut buf = [0u8; 2048];
+                    while !stop.load(Ordering::Relaxed) {
+                        if let Ok((n, from)) = sock.recv_from(&mut buf) {
+                            got.push(Received {
+                                from,
+                                payload: buf[..n].to_vec(),
+                            });
+                            total.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    // Drain what is already queued.
+                    while let Ok((n, from)) = sock.recv_from(&mut buf) {
+                        got.push(Received {
+                            from,
+                            payload: buf[..n].to_vec(),
+                        });
+                        total.fetch_add(1, Ordering::Relaxed);
+                    }
+                    got
+                })
+            })
+            .collect();
+        Self {
+            stop,
+            total,
+            handles,
+        }
+    }
+
+    /// Stops the servers and returns what each received, in namespace order.
+    #[must_use]
+    pub fn finish(self) -> Vec<Vec<Received>> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.handles
+            .into_iter()
+            .map(|h| h.join().expect("server thread"))
+            .collect()
+    }
+}
+
+/// A bounded UDP load from the client namespace.
+pub struct UdpLoad<'a> {
+    pub client_ns: &'a str,
+    pub dst: SocketAddr,
+    /// Client sockets, each with its own source port.
+    pub sockets: usize,
+    /// Datagrams each socket sends.
+    pub per_socket: u32,
+    /// Most datagrams sent but not yet received (counted by `received`), so
+    /// that no queue on the way overflows.
+    pub window: u64,
+    /// Stop sending at this time from the start, whatever is left.
+    pub deadline: Duration,
+}
+
+/// Sends the load. Each payload is `prefix(socket)`, then the socket index
+/// and the sequence number. Returns (datagrams sent, the sockets' local
+/// addresses).
+pub fn send_udp(
+    load: &UdpLoad<'_>,
+    received: &AtomicU64,
+    prefix: impl Fn(usize) -> Vec<u8>,
+) -> (u64, Vec<SocketAddr>) {
+    let UdpLoad {
+        client_ns,
+        dst,
+        sockets,
+        per_socket,
+        window,
+        deadline,
+    } = *load;
+    let bind: SocketAddr = if dst.is_ipv4() {
+        "0.0.0.0:0".parse().expect("addr")
+    } else {
+        "[::]:0".parse().expect("addr")
+    };
+    let socks: Vec<UdpSocket> = netns::run_in(client_ns, || {
+        (0..sockets)
+            .map(|_| UdpSocket::bind(bind).expect("client socket"))
+            .collect()
+    });
+    let locals = socks
+        .iter()
+        .map(|s| s.local_addr().expect("local addr"))
+        .collect();
+    let end = Instant::now() + deadline;
+    let mut sent = 0u64;
+    'rounds: for seq in 0..per_socket {
+        for (i, s) in socks.iter().enumerate() {
+            while sent - received.load(Ordering::Relaxed) >= window {
+                if Instant::now() > end {
+                    break 'rounds;
+                }
+                std::thread::sleep(Duration::from_micros(200));
+            }
+            let mut payload = prefix(i);
+            payload.extend_from_slice(&u32::try_from(i).expect("fits").to_be_bytes());
+            payload.extend_from_slice(&seq.to_be_bytes());
+            s.send_to(&payload, dst).expect("send");
+            sent += 1;
+        }
+    }
+    (sent, locals)
+}
+
+/// TCP echo servers that prefix each reply with their name.
+pub struct TcpServers {
+    stop: Arc<AtomicBool>,
+    handles: Vec<JoinHandle<()>>,
+    /// Connections accepted, per server.
+    pub accepted: Vec<Arc<AtomicU64>>,
+    errors: Arc<Mutex<Vec<String>>>,
+}
+
+impl TcpServers {
+    /// Listens on `addr` in each namespace; server `k` answers `name(k)|data`.
+    #[must_use]
+    pub fn start(namespaces: &[String], addr: SocketAddr, names: &[String]) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let errors = Arc::new(Mutex::new(Vec::new()));
+        let mut accepted = Vec::new();
+        let handles = namespaces
+            .iter()
+            .zip(names)
+            .map(|(ns, name)| {
+                let l = netns::run_in(ns, || TcpListener::bind(addr))
+                    .unwrap_or_else(|e| panic!("listening on {addr} in {ns}: {e}"));
+                l.set_nonblocking(true).expect("nonblocking");
+                let count = Arc::new(AtomicU64::new(0));
+                accepted.push(count.clone());
+                let (stop, errors, name) = (stop.clone(), errors.clone(), name.clone());
+                std::thread::spawn(move || {
+                    let mut conns = Vec::new();
+                    while !stop.load(Ordering::Relaxed) {
+                        match l.accept() {
+                            Ok((s, _)) => {
+                                count.fetch_add(1, Ordering::Relaxed);
+                                let (name, errors) = (name.clone(), errors.clone());
+                                conns.push(std::thread::spawn(move || {
+                                    if let Err(e) = echo(s, &name) {
+                                        errors.lock().expect("lock").push(format!("{name}: {e}"));
+                                    }
+                                }));
+                            }
+                            Err(_) => std::thread::sleep(Duration::from_millis(2)),
+                        }
+                    }
+                    for c in conns {
+                        let _ = c.join();
+                    }
+                })
+            })
+            .collect();
+        Self {
+            stop,
+            handles,
+            accepted,
+            errors,
+        }
+    }
+
+    /// Stops the servers; returns the errors connections hit.
+    #[must_use]
+    pub fn finish(self) -> Vec<String> {
+        self.stop.store(true, Ordering::Relaxed);
+        for h in self.handles {
+            let _ = h.join();
+        }
+        std::mem::take(&mut *self.errors.lock().expect("lock"))
+    }
+}
+
+fn echo(mut s: TcpStream, name: &str) -> std::io::Result<()> {
+    s.set_nonblocking(false)?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut buf = [0u8; 1024];
+    loop {
+        let n = s.read(&mut buf)?;
+        if n == 0 {
+            return Ok(());
+        }
+        let mut reply = format!("{name}|").into_bytes();
+        reply.extend_from_slice(&buf[..n]);
+        s.write_all(&reply)?;
+    }
+}
+
+/// Opens a connection from the client namespace, sends `msg`, reads the
+/// reply and closes (FIN). Returns (local address, server name, echoed
+/// bytes).
+pub fn tcp_exchange(
+    client_ns: &str,
+    dst: SocketAddr,
+    msg: &[u8],
+) -> std::io::Result<(SocketAddr, String, Vec<u8>)> {
+    let mut s = netns::run_in(client_ns, || {
+        TcpStream::connect_timeout(&dst, Duration::from_secs(5))
+    })?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.write_all(msg)?;
+    let mut buf = vec![0u8; 1024];
+    let mut got = Vec::new();
+    while !got.ends_with(msg) {
+        let n = s.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        got.extend_from_slice(&buf[..n]);
+    }
+    let local = s.local_addr()?;
+    s.shutdown(std::net::Shutdown::Write)?;
+    // Wait for the server's FIN: the connection completes both ways.
+    let n = s.read(&mut buf)?;
+    if n != 0 {
+        return Err(std::io::Error::other("unexpected data after echo"));
+    }
+    let text = String::from_utf8_lossy(&got).into_owned();
+    let (name, rest) = text
+        .split_once('|')
+        .ok_or_else(|| std::io::Error::other(format!("reply without a server name: {text:?}")))?;
+    Ok((local, name.to_owned(), rest.as_bytes().to_vec()))
+}

@@ -1,0 +1,409 @@
+//! End to end: the real XDP program attached by the agent to the host's
+//! "NIC" veth, real sockets in client and instance namespaces.
+
+use std::{
+    collections::{HashMap, HashSet},
+    net::{IpAddr, SocketAddr, UdpSocket},
+    path::Path,
+    sync::atomic::Ordering,
+    time::Duration,
+};
+
+use sluice::{agent::Agent, config::Config, plan::Plan};
+use sluice_common::key;
+use sluice_tests::{
+    netns,
+    testbed::{self, Testbed},
+    traffic::{self, TcpServers, UdpLoad, UdpServers},
+};
+
+fn testbed(tag: &str, n: usize) -> Testbed {
+    Testbed::new(tag, n).unwrap_or_else(|e| panic!("building the testbed: {e}"))
+}
+
+fn service_toml(
+    tb: &Testbed,
+    name: &str,
+    vip: IpAddr,
+    port: u16,
+    proto: &str,
+    tag: &str,
+) -> String {
+    format!(
+        "[[service]]\nname = \"{name}\"\nvip = \"{vip}\"\nport = {port}\nprotocol = \"{proto}\"\n{tag}\n{}",
+        tb.instances_toml(0, tb.instances.len())
+    )
+}
+
+/// Starts the agent inside the host namespace, as `sluice run` would.
+fn start_agent(tb: &Testbed, toml: &str) -> Agent {
+    let config =
+        Config::parse(toml, Path::new("e2e.toml")).unwrap_or_else(|e| panic!("config: {e}"));
+    netns::run_in(&tb.host, || Agent::start(&config, testbed::NIC, false))
+        .unwrap_or_else(|e| panic!("starting the agent: {:#}", anyhow_chain(&e)))
+}
+
+fn anyhow_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+/// Testbed instance index of each plan instance id (names are `inst-<k>`).
+fn index_of(plan: &Plan) -> HashMap<u32, usize> {
+    plan.instances
+        .iter()
+        .map(|i| {
+            (
+                i.id,
+                i.name
+                    .trim_start_matches("inst-")
+                    .parse()
+                    .expect("inst-<k>"),
+            )
+        })
+        .collect()
+}
+
+fn flow_key(src: SocketAddr, dst: SocketAddr, proto: u8) -> u32 {
+    let ports = key::host::ports(src.port(), dst.port());
+    match (src.ip(), dst.ip()) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => key::flow_v4(
+            key::host::v4(s.octets()),
+            key::host::v4(d.octets()),
+            ports,
+            proto,
+        ),
+        (IpAddr::V6(s), IpAddr::V6(d)) => key::flow_v6(
+            &key::host::v6(s.octets()),
+            &key::host::v6(d.octets()),
+            ports,
+            proto,
+        ),
+        _ => unreachable!("same family"),
+    }
+}
+
+fn namespaces(tb: &Testbed) -> Vec<String> {
+    tb.instances.iter().map(|i| i.netns.clone()).collect()
+}
+
+/// 50,000+ untagged datagrams from many source ports: every instance gets
+/// exactly the datagrams of the units it owns, and none is lost.
+fn untagged_udp(vip: IpAddr, tag: &str) {
+    let tb = testbed(tag, 4);
+    let port = 7000;
+    let dst = SocketAddr::new(vip, port);
+    let agent = start_agent(&tb, &service_toml(&tb, "kv", vip, port, "udp", ""));
+    let servers = UdpServers::start(&namespaces(&tb), dst);
+    let load = UdpLoad {
+        client_ns: &tb.client,
+        dst,
+        sockets: 500,
+        per_socket: 104,
+        window: 512,
+        deadline: Duration::from_mins(1),
+    };
+    let (sent, _) = traffic::send_udp(&load, &servers.total, |_| Vec::new());
+    // Let the last datagrams land.
+    for _ in 0..200 {
+        if servers.total.load(Ordering::Relaxed) >= sent {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let got = servers.finish();
+    let idx = index_of(&agent.plan);
+    let mut seen = HashSet::new();
+    let mut per_instance = vec![0u64; tb.instances.len()];
+    for (k, datagrams) in got.iter().enumerate() {
+        for d in datagrams {
+            let want = idx[&agent.plan.owner_of_key(0, flow_key(d.from, dst, 17))];
+            assert_eq!(
+                k, want,
+                "datagram from {} reached instance {k}, but its unit belongs to instance {want}",
+                d.from
+            );
+            assert!(
+                seen.insert((d.from, d.payload.clone())),
+                "duplicate datagram from {}",
+                d.from
+            );
+            per_instance[k] += 1;
+        }
+    }
+    let delivered: u64 = per_instance.iter().sum();
+    let counters: Vec<u64> = agent
+        .plan
+        .instances
+        .iter()
+        .map(|i| {
+            agent
+                .dataplane
+                .instance_counters(i.id)
+                .expect("counters")
+                .packets
+        })
+        .collect();
+    eprintln!(
+        "{vip}: sent {sent}, received per instance {per_instance:?}, data path delivered {counters:?}"
+    );
+    assert!(
+        sent >= 50_000,
+        "sent only {sent} datagrams before the deadline"
+    );
+    assert_eq!(
+        delivered, sent,
+        "datagrams lost: sent {sent}, received {delivered}"
+    );
+    assert!(
+        per_instance.iter().all(|&n| n > sent / 8),
+        "every instance owns a quarter of the units: {per_instance:?}"
+    );
+    agent.stop().expect("detach");
+}
+
+#[test]
+fn untagged_udp_v4() {
+    untagged_udp(testbed::VIP_V4.into(), "u4");
+}
+
+#[test]
+fn untagged_udp_v6() {
+    untagged_udp(testbed::VIP_V6.into(), "u6");
+}
+
+/// Datagrams with the same tag reach the same instance, whatever their
+/// source port; and it is the instance the agent assigned the tag's unit.
+fn tagged_udp(vip: IpAddr, tag: &str) {
+    let tb = testbed(tag, 3);
+    let dst = SocketAddr::new(vip, 7100);
+    let agent = start_agent(
+        &tb,
+        &service_toml(
+            &tb,
+            "sessions",
+            vip,
+            7100,
+            "udp",
+            "tag = { kind = \"udp-payload\", offset = 0, length = 8 }",
+        ),
+    );
+    let servers = UdpServers::start(&namespaces(&tb), dst);
+    let tags: Vec<[u8; 8]> = (0..24u8)
+        .map(|t| b"tenant-\0".map(|b| if b == 0 { b'a' + t } else { b }))
+        .collect();
+    let load = UdpLoad {
+        client_ns: &tb.client,
+        dst,
+        sockets: 240,
+        per_socket: 25,
+        window: 256,
+        deadline: Duration::from_mins(1),
+    };
+    let (sent, _) = traffic::send_udp(&load, &servers.total, |i| tags[i % tags.len()].to_vec());
+    for _ in 0..200 {
+        if servers.total.load(Ordering::Relaxed) >= sent {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let got = servers.finish();
+    let idx = index_of(&agent.plan);
+    let mut where_tag: HashMap<Vec<u8>, HashSet<usize>> = HashMap::new();
+    let mut ports: HashMap<Vec<u8>, HashSet<u16>> = HashMap::new();
+    let mut total = 0;
+    for (k, datagrams) in got.iter().enumerate() {
+        for d in datagrams {
+            let t = d.payload[..8].to_vec();
+            let want = idx[&agent.plan.owner_of_key(0, key::tag_bytes(&t))];
+            assert_eq!(
+                k,
+                want,
+                "tag {:?} reached instance {k}, the agent assigned it to {want}",
+                String::from_utf8_lossy(&t)
+            );
+            where_tag.entry(t.clone()).or_default().insert(k);
+            ports.entry(t).or_default().insert(d.from.port());
+            total += 1;
+        }
+    }
+    assert_eq!(total, sent, "datagrams lost");
+    assert_eq!(where_tag.len(), tags.len());
+    for (t, at) in &where_tag {
+        assert_eq!(at.len(), 1, "tag {t:?} reached instances {at:?}");
+        assert!(
+            ports[t].len() >= 10,
+            "tag {t:?} came from {} source ports only",
+            ports[t].len()
+        );
+    }
+    let used: HashSet<usize> = where_tag.values().flatten().copied().collect();
+    assert!(
+        used.len() > 1,
+        "24 tags should spread over more than one instance"
+    );
+    agent.stop().expect("detach");
+}
+
+#[test]
+fn tagged_udp_v4() {
+    tagged_udp(testbed::VIP_V4.into(), "t4");
+}
+
+#[test]
+fn tagged_udp_v6() {
+    tagged_udp(testbed::VIP_V6.into(), "t6");
+}
+
+/// TCP connections complete, SYN to FIN, with the instance that owns the
+/// flow, and the replies reach the client.
+fn tcp(vip: IpAddr, tag: &str) {
+    let tb = testbed(tag, 3);
+    let dst = SocketAddr::new(vip, 8080);
+    let agent = start_agent(&tb, &service_toml(&tb, "web", vip, 8080, "tcp", ""));
+    let names: Vec<String> = (0..tb.instances.len())
+        .map(|k| format!("inst-{k}"))
+        .collect();
+    let servers = TcpServers::start(&namespaces(&tb), dst, &names);
+    let idx = index_of(&agent.plan);
+    let mut per = vec![0; tb.instances.len()];
+    for c in 0..150 {
+        let msg = format!("hello {c}");
+        let (local, name, echoed) = traffic::tcp_exchange(&tb.client, dst, msg.as_bytes())
+            .unwrap_or_else(|e| panic!("connection {c} to {dst}: {e}"));
+        assert_eq!(echoed, msg.as_bytes(), "connection {c}: echo");
+        let k: usize = name
+            .trim_start_matches("inst-")
+            .parse()
+            .expect("server name");
+        let want = idx[&agent.plan.owner_of_key(0, flow_key(local, dst, 6))];
+        assert_eq!(
+            k, want,
+            "connection from {local} served by {name}, the agent assigned its unit to inst-{want}"
+        );
+        per[k] += 1;
+    }
+    let errors = servers.finish();
+    assert!(errors.is_empty(), "server side errors: {errors:?}");
+    eprintln!("{vip}: connections per instance {per:?}");
+    assert!(
+        per.iter().all(|&n| n > 10),
+        "connections spread over all instances: {per:?}"
+    );
+    agent.stop().expect("detach");
+}
+
+#[test]
+fn tcp_v4() {
+    tcp(testbed::VIP_V4.into(), "p4");
+}
+
+#[test]
+fn tcp_v6() {
+    tcp(testbed::VIP_V6.into(), "p6");
+}
+
+/// Traffic that is not for a service (ARP/NDP, and UDP to the host itself)
+/// passes through the attached program to the host's own stack.
+#[test]
+fn non_service_traffic_still_works() {
+    let tb = testbed("ns", 2);
+    let agent = start_agent(
+        &tb,
+        &service_toml(&tb, "kv", testbed::VIP_V4.into(), 7000, "udp", ""),
+    );
+    for host in [
+        IpAddr::from(testbed::HOST_V4),
+        IpAddr::from(testbed::HOST_V6),
+    ] {
+        let addr = SocketAddr::new(host, 9999);
+        let server = netns::run_in(&tb.host, || UdpSocket::bind(addr)).expect("host server");
+        server
+            .set_read_timeout(Some(Duration::from_secs(2)))
+            .expect("timeout");
+        let echo = std::thread::spawn(move || {
+            let mut buf = [0u8; 64];
+            let (n, from) = server.recv_from(&mut buf).expect("host server receives");
+            server
+                .send_to(&buf[..n], from)
+                .expect("host server replies");
+        });
+        let bind: SocketAddr = if host.is_ipv4() {
+            "0.0.0.0:0".parse().unwrap()
+        } else {
+            "[::]:0".parse().unwrap()
+        };
+        let client = netns::run_in(&tb.client, || UdpSocket::bind(bind)).expect("client");
+        client
+            .set_read_timeout(Some(Duration::from_secs(2)))
+            .expect("timeout");
+        client.send_to(b"ping", addr).expect("send");
+        let mut buf = [0u8; 64];
+        let (n, _) = client
+            .recv_from(&mut buf)
+            .unwrap_or_else(|e| panic!("no reply from the host at {addr}: {e}"));
+        assert_eq!(&buf[..n], b"ping");
+        echo.join().expect("echo thread");
+    }
+    let g = agent.dataplane.global_counters().expect("counters");
+    assert!(
+        g[sluice_common::counters::PASS_NO_SERVICE as usize] >= 2,
+        "the UDP pings passed as non-service: {g:?}"
+    );
+    assert!(
+        g[sluice_common::counters::PASS_NOT_IP as usize]
+            + g[sluice_common::counters::PASS_NOT_L4 as usize]
+            >= 2,
+        "ARP and NDP passed too: {g:?}"
+    );
+    agent.stop().expect("detach");
+}
+
+fn xdp_attached(tb: &Testbed) -> bool {
+    let out = std::process::Command::new("ip")
+        .args(["-n", &tb.host, "-d", "link", "show", testbed::NIC])
+        .output()
+        .expect("ip link show");
+    String::from_utf8_lossy(&out.stdout).contains("prog/xdp")
+}
+
+/// A config naming a veth that does not exist: a clear error, and nothing
+/// attached.
+#[test]
+fn missing_veth_fails_cleanly() {
+    let tb = testbed("mv", 1);
+    let toml = format!(
+        "{}[[service.instance]]\nname = \"ghost\"\nveth = \"nope0\"\n",
+        service_toml(&tb, "kv", testbed::VIP_V4.into(), 7000, "udp", "")
+    );
+    let config = Config::parse(&toml, Path::new("e2e.toml")).expect("valid syntax");
+    let err = netns::run_in(&tb.host, || {
+        Agent::start(&config, testbed::NIC, false).err()
+    })
+    .expect("start must fail");
+    let msg = anyhow_chain(&err);
+    assert!(
+        msg.contains("instance `ghost`")
+            && msg.contains("service[0].instance[1].veth")
+            && msg.contains("nope0"),
+        "{msg}"
+    );
+    assert!(
+        !xdp_attached(&tb),
+        "a failed start must leave nothing attached"
+    );
+    // And a good start does attach: the check above can fail.
+    let agent = start_agent(
+        &tb,
+        &service_toml(&tb, "kv", testbed::VIP_V4.into(), 7000, "udp", ""),
+    );
+    assert!(xdp_attached(&tb));
+    agent.stop().expect("detach");
+    assert!(!xdp_attached(&tb), "stop detaches");
+}
