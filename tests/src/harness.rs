@@ -52,6 +52,11 @@ impl Harness {
 
     #[must_use]
     pub fn from_config(config: &Config) -> Self {
+        // SAFETY: geteuid has no preconditions.
+        assert!(
+            unsafe { libc::geteuid() } == 0,
+            "the kernel tests load an XDP program: run them as root (or with CAP_BPF and CAP_NET_ADMIN)"
+        );
         let mut next = 0u32;
         let plan = Plan::build(config, |_, _| {
             next += 1;

@@ -36,6 +36,8 @@ pub const NIC: &str = "nic";
 
 #[derive(Debug, thiserror::Error)]
 pub enum TestbedError {
+    #[error("the testbed needs root (network namespaces, veths, XDP); run the tests as root")]
+    NotRoot,
     #[error("`ip` (iproute2) not found: the testbed needs it to create namespaces")]
     NoIproute,
     #[error(
@@ -98,6 +100,10 @@ impl Testbed {
     /// Builds a testbed with `n` instances. `tag` names the test in the
     /// namespace names (`sl-<tag>-<pid>-<n>-...`).
     pub fn new(tag: &str, n: usize) -> Result<Self, TestbedError> {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            return Err(TestbedError::NotRoot);
+        }
         let id = NEXT.fetch_add(1, Ordering::Relaxed);
         let prefix = format!("sl-{tag}-{}-{id}", std::process::id());
         let mut tb = Self {

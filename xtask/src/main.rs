@@ -52,6 +52,17 @@ enum Cmd {
         #[arg(last = true)]
         args: Vec<String>,
     },
+    /// Run Sluice on a built-in testbed (namespaces, 4 instances, tagged and
+    /// untagged flows) with a live per-instance table; needs root, no NIC or
+    /// config. Leaves nothing behind.
+    Demo {
+        /// How long to run, in seconds.
+        #[arg(long, default_value_t = 30)]
+        seconds: u64,
+        /// Datagrams per second the traffic generator sends.
+        #[arg(long, default_value_t = 20_000)]
+        rate: u64,
+    },
     /// Build and run the agent: `cargo xtask run -- run --iface IF --config FILE`.
     Run {
         /// Build with optimisations.
@@ -115,6 +126,30 @@ fn real_main() -> anyhow::Result<()> {
                 a.extend(args.iter().map(String::as_str));
             }
             cargo(&env, &a, false)
+        }
+        Cmd::Demo { seconds, rate } => {
+            let env = setup::ensure(false)?;
+            require_root("the demo creates network namespaces and attaches an XDP program")?;
+            eprintln!("[demo] building");
+            cargo(
+                &env,
+                &[
+                    "build",
+                    "--quiet",
+                    "--package",
+                    "sluice-tests",
+                    "--bin",
+                    "sluice-demo",
+                ],
+                false,
+            )?;
+            let bin = root.join("target/debug/sluice-demo");
+            run(Command::new(bin).args([
+                "--seconds",
+                &seconds.to_string(),
+                "--rate",
+                &rate.to_string(),
+            ]))
         }
         Cmd::Run { release, args } => {
             let env = setup::ensure(false)?;
