@@ -12,6 +12,7 @@ pub mod names {
     pub const SERVICE_COUNTERS: &str = "SERVICE_COUNTERS";
     pub const INSTANCE_COUNTERS: &str = "INSTANCE_COUNTERS";
     pub const UNIT_HITS: &str = "UNIT_HITS";
+    pub const PINNED: &str = "PINNED";
 }
 
 /// Name of the XDP program in the object file.
@@ -55,9 +56,44 @@ pub struct ServiceEntry {
     pub tag_offset: u16,
     /// Tag length in bytes, `1..=MAX_TAG_LEN` for `TAG_UDP_PAYLOAD`.
     pub tag_len: u16,
+    /// `PIN_TCP` and/or `PIN_UDP`: which flows are pinned to their owner.
+    pub flags: u32,
+    /// A pinned flow idle this long (seconds) is no longer pinned.
+    pub pin_idle_secs: u32,
     pub reserved: u32,
 }
-const _: () = assert!(size_of::<ServiceEntry>() == 16);
+const _: () = assert!(size_of::<ServiceEntry>() == 24);
+
+/// Pin TCP flows: an established connection stays with its owner while its
+/// unit moves.
+pub const PIN_TCP: u32 = 1;
+/// Pin UDP flows too (for services whose datagrams carry session state).
+pub const PIN_UDP: u32 = 2;
+
+/// Key of the pinned-flow LRU map: the 5-tuple.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct PinKey {
+    pub src: [u32; 4],
+    pub dst: [u32; 4],
+    pub ports: u32,
+    pub proto: u8,
+    pub family: u8,
+    pub pad: u16,
+}
+const _: () = assert!(size_of::<PinKey>() == 40);
+
+/// Value of the pinned-flow map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Pin {
+    /// Instance the flow stays with.
+    pub owner: u32,
+    pub pad: u32,
+    /// Last packet seen, `bpf_ktime_get_coarse_ns`.
+    pub last_seen_ns: u64,
+}
+const _: () = assert!(size_of::<Pin>() == 16);
 
 /// No owner in the owner array: the unit is unowned.
 pub const NO_OWNER: u32 = 0;
@@ -98,9 +134,18 @@ pub struct ServiceCounters {
     pub tagged: u64,
     /// Tagged service, but the packet lacked the tag: keyed by flow hash.
     pub tag_missing: u64,
-    pub reserved: u64,
+    /// Delivered to the owner its pin names, not (necessarily) the unit's.
+    pub pin_hits: u64,
+    /// Pins created (first packet of a flow, or after its pin expired).
+    pub pins_created: u64,
+    /// A TCP packet without SYN found no pin: its pin was evicted from the
+    /// LRU map or idled out, so it may now reach a different instance.
+    pub pins_lost: u64,
+    /// A pin was found but had idled out, or its owner is gone.
+    pub pins_expired: u64,
+    pub reserved: [u64; 5],
 }
-const _: () = assert!(size_of::<ServiceCounters>() == 64);
+const _: () = assert!(size_of::<ServiceCounters>() == 128);
 
 /// Per-CPU counters of one instance: what the data path delivered to it.
 #[repr(C)]
@@ -122,6 +167,8 @@ mod pod {
     unsafe impl aya::Pod for super::InstanceEntry {}
     unsafe impl aya::Pod for super::ServiceCounters {}
     unsafe impl aya::Pod for super::InstanceCounters {}
+    unsafe impl aya::Pod for super::PinKey {}
+    unsafe impl aya::Pod for super::Pin {}
 }
 
 #[cfg(feature = "user")]
@@ -139,6 +186,10 @@ mod ops {
             self.redirect_failed += o.redirect_failed;
             self.tagged += o.tagged;
             self.tag_missing += o.tag_missing;
+            self.pin_hits += o.pin_hits;
+            self.pins_created += o.pins_created;
+            self.pins_lost += o.pins_lost;
+            self.pins_expired += o.pins_expired;
         }
     }
 

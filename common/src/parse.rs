@@ -6,8 +6,8 @@
 use crate::{
     MAX_IPV6_EXT_HEADERS, MAX_TAG_LEN, MAX_VLAN_TAGS, counters, key,
     maps::{
-        FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP, ServiceEntry, ServiceKey, TAG_IPV6_FLOW_LABEL,
-        TAG_UDP_PAYLOAD,
+        FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP, PinKey, ServiceEntry, ServiceKey,
+        TAG_IPV6_FLOW_LABEL, TAG_UDP_PAYLOAD,
     },
 };
 
@@ -84,6 +84,8 @@ pub struct Flow {
     pub ports: u32,
     /// Offset of the UDP/TCP header.
     pub l4_off: usize,
+    /// TCP flags byte (FIN 0x01, SYN 0x02, RST 0x04, ACK 0x10); 0 for UDP.
+    pub tcp_flags: u8,
     /// First word of the IPv6 header (version, class, flow label); 0 for v4.
     pub ip6_word0: u32,
 }
@@ -98,6 +100,20 @@ impl Flow {
             port_be: (self.ports >> 16) as u16,
             proto: self.proto,
             family: self.family,
+        }
+    }
+
+    /// Key of the pinned-flow map.
+    #[inline(always)]
+    #[must_use]
+    pub const fn pin_key(&self) -> PinKey {
+        PinKey {
+            src: self.src,
+            dst: self.dst,
+            ports: self.ports,
+            proto: self.proto,
+            family: self.family,
+            pad: 0,
         }
     }
 
@@ -169,7 +185,7 @@ fn parse_v4<F: Frame + ?Sized>(f: &F, l3: usize) -> Result<Flow, Pass> {
     }
     let proto = fixed[2].to_le_bytes()[1];
     let l4_off = l3 + hdr_len;
-    let ports = parse_l4(f, proto, l4_off, l3 + tot_len)?;
+    let (ports, tcp_flags) = parse_l4(f, proto, l4_off, l3 + tot_len)?;
     Ok(Flow {
         family: FAMILY_V4,
         proto,
@@ -177,6 +193,7 @@ fn parse_v4<F: Frame + ?Sized>(f: &F, l3: usize) -> Result<Flow, Pass> {
         dst: [fixed[4], 0, 0, 0],
         ports,
         l4_off,
+        tcp_flags,
         ip6_word0: 0,
     })
 }
@@ -239,7 +256,7 @@ fn parse_v6<F: Frame + ?Sized>(f: &F, l3: usize) -> Result<Flow, Pass> {
         // Longer chain than we walk: not ours to judge, but not steerable.
         return Err(Pass::Malformed);
     }
-    let ports = parse_l4(f, next, off, end)?;
+    let (ports, tcp_flags) = parse_l4(f, next, off, end)?;
     Ok(Flow {
         family: FAMILY_V6,
         proto: next,
@@ -247,14 +264,20 @@ fn parse_v6<F: Frame + ?Sized>(f: &F, l3: usize) -> Result<Flow, Pass> {
         dst: [hdr[6], hdr[7], hdr[8], hdr[9]],
         ports,
         l4_off: off,
+        tcp_flags,
         ip6_word0: word0,
     })
 }
 
 /// Checks the UDP/TCP header at `off` (the IP packet ends at `end`) and
-/// returns its ports word.
+/// returns its ports word and TCP flags.
 #[inline(always)]
-fn parse_l4<F: Frame + ?Sized>(f: &F, proto: u8, off: usize, end: usize) -> Result<u32, Pass> {
+fn parse_l4<F: Frame + ?Sized>(
+    f: &F,
+    proto: u8,
+    off: usize,
+    end: usize,
+) -> Result<(u32, u8), Pass> {
     match proto {
         PROTO_UDP => {
             let h = f.load::<[u32; 2]>(off).ok_or(Pass::Truncated)?;
@@ -265,17 +288,18 @@ fn parse_l4<F: Frame + ?Sized>(f: &F, proto: u8, off: usize, end: usize) -> Resu
             if u16::from_be_bytes([b[0], b[1]]) < 8 {
                 return Err(Pass::Malformed);
             }
-            Ok(h[0])
+            Ok((h[0], 0))
         }
         PROTO_TCP => {
             let h = f.load::<[u32; 5]>(off).ok_or(Pass::Truncated)?;
             if off + 20 > end {
                 return Err(Pass::Truncated);
             }
-            if h[3].to_le_bytes()[0] >> 4 < 5 {
+            let w3 = h[3].to_le_bytes();
+            if w3[0] >> 4 < 5 {
                 return Err(Pass::Malformed);
             }
-            Ok(h[0])
+            Ok((h[0], w3[1]))
         }
         _ => Err(Pass::NotL4),
     }

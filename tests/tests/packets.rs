@@ -822,3 +822,174 @@ fn same_tag_same_instance_whatever_the_source() {
         );
     }
 }
+
+const PIN_CONFIG: &str = r#"
+[[service]]
+name = "tcp"
+vip = "198.18.1.1"
+port = 443
+protocol = "tcp"
+pin_idle_secs = 1
+[[service.instance]]
+name = "a"
+veth = "t-a"
+[[service.instance]]
+name = "b"
+veth = "t-b"
+
+[[service]]
+name = "udp-pinned"
+vip = "198.18.1.1"
+port = 4000
+protocol = "udp"
+pin = "tcp+udp"
+[[service.instance]]
+name = "c"
+veth = "t-c"
+[[service.instance]]
+name = "d"
+veth = "t-d"
+"#;
+
+const ACK: u8 = 0x10;
+
+/// Instance id a frame was redirected to.
+fn target(h: &Harness, p: &Packet) -> u32 {
+    let run = h.run(&p.build());
+    assert_eq!(run.action, XDP_REDIRECT, "{p:?}");
+    h.instance_by_mac(&run.frame[..6]).expect("known MAC")
+}
+
+/// Another client (198.18.0.x, any port) whose TCP flow to `dst` falls in
+/// the same unit as `of`'s.
+fn same_unit_client(of: SocketAddr, dst: SocketAddr) -> SocketAddr {
+    let unit = |src: SocketAddr| {
+        sluice_common::unit_of(agent_key(&Packet::tcp(src, dst, SYN), &Key::Flow))
+    };
+    let want = unit(of);
+    (1..=254u8)
+        .flat_map(|host| {
+            (1024..=65535u16)
+                .map(move |port| SocketAddr::new(IpAddr::from([198, 18, 0, host]), port))
+        })
+        .find(|&src| src != of && unit(src) == want)
+        .unwrap_or_else(|| panic!("no other client in unit {want:#06x}"))
+}
+
+#[test]
+fn pinned_tcp_flow_stays_while_its_unit_moves() {
+    let mut h = Harness::new(PIN_CONFIG);
+    let client = IpAddr::from([198, 18, 0, 20]);
+    let dst = sa("198.18.1.1:443");
+    let p = Packet::tcp(SocketAddr::new(client, 50000), dst, SYN);
+    let first = target(&h, &p);
+    let other = if first == 1 { 2 } else { 1 };
+    let unit = sluice_common::unit_of(agent_key(&p, &Key::Flow));
+    let s0 = h.service(0);
+
+    // Move the flow's unit to the other instance.
+    h.dp.set_group_owner(
+        0,
+        Group::new(unit, sluice_common::UNIT_BITS).unwrap(),
+        other,
+    )
+    .expect("move");
+    let established = Packet::tcp(SocketAddr::new(client, 50000), dst, ACK);
+    for _ in 0..3 {
+        assert_eq!(
+            target(&h, &established),
+            first,
+            "an established flow stays with its pinned owner"
+        );
+    }
+    // A new connection in the same unit goes to the new owner.
+    let newcomer = same_unit_client(SocketAddr::new(client, 50000), dst);
+    assert_eq!(target(&h, &Packet::tcp(newcomer, dst, SYN)), other);
+    let s1 = h.service(0);
+    assert_eq!(s1.pin_hits - s0.pin_hits, 3);
+    assert_eq!(s1.pins_created - s0.pins_created, 1);
+    assert_eq!(s1.pins_lost - s0.pins_lost, 0);
+
+    // A mid-connection packet of a flow never seen: counted as a lost pin.
+    let stray = Packet::tcp(SocketAddr::new(client, 50001), dst, ACK);
+    let _ = target(&h, &stray);
+    assert_eq!(h.service(0).pins_lost - s1.pins_lost, 1);
+
+    // The pinned owner dies: the pin is ignored, the flow goes to the unit's
+    // owner and is pinned there.
+    let plan = h.plan.clone();
+    h.dp.set_instance_live(&plan, first, false)
+        .expect("mark dead");
+    assert_eq!(target(&h, &established), other);
+    assert_eq!(h.service(0).pins_expired - s1.pins_expired, 1);
+    h.dp.set_instance_live(&plan, first, true)
+        .expect("mark live");
+    assert_eq!(
+        target(&h, &established),
+        other,
+        "re-pinned to the new owner"
+    );
+}
+
+#[test]
+fn idle_pin_expires() {
+    let mut h = Harness::new(PIN_CONFIG);
+    let client = IpAddr::from([198, 18, 0, 21]);
+    let dst = sa("198.18.1.1:443");
+    let p = Packet::tcp(SocketAddr::new(client, 40000), dst, SYN);
+    let first = target(&h, &p);
+    let other = if first == 1 { 2 } else { 1 };
+    let unit = sluice_common::unit_of(agent_key(&p, &Key::Flow));
+    h.dp.set_group_owner(
+        0,
+        Group::new(unit, sluice_common::UNIT_BITS).unwrap(),
+        other,
+    )
+    .expect("move");
+    let ack = Packet::tcp(SocketAddr::new(client, 40000), dst, ACK);
+    assert_eq!(target(&h, &ack), first);
+    // pin_idle_secs = 1; the coarse clock ticks every few ms.
+    std::thread::sleep(std::time::Duration::from_millis(1300));
+    let before = h.service(0).pins_expired;
+    assert_eq!(
+        target(&h, &ack),
+        other,
+        "an idle pin no longer holds the flow"
+    );
+    assert_eq!(h.service(0).pins_expired - before, 1);
+}
+
+#[test]
+fn udp_pinned_only_where_configured() {
+    let mut h = Harness::new(PIN_CONFIG);
+    let client = IpAddr::from([198, 18, 0, 22]);
+    // Pinned UDP service: the flow stays.
+    let dst = sa("198.18.1.1:4000");
+    let p = Packet::udp(SocketAddr::new(client, 30000), dst);
+    let first = target(&h, &p);
+    let other = if first == 3 { 4 } else { 3 };
+    let unit = sluice_common::unit_of(agent_key(&p, &Key::Flow));
+    h.dp.set_group_owner(
+        1,
+        Group::new(unit, sluice_common::UNIT_BITS).unwrap(),
+        other,
+    )
+    .expect("move");
+    assert_eq!(target(&h, &p), first);
+    // Unpinned UDP (the default): the flow follows its unit at once.
+    let h2 = harness();
+    let p = Packet::udp(SocketAddr::new(client, 30000), sa("198.18.1.1:7000"));
+    let first = target(&h2, &p);
+    let unit = sluice_common::unit_of(agent_key(&p, &Key::Flow));
+    let other = if first == 1 { 2 } else { 1 };
+    let mut h2 = h2;
+    h2.dp
+        .set_group_owner(
+            UDP4,
+            Group::new(unit, sluice_common::UNIT_BITS).unwrap(),
+            other,
+        )
+        .expect("move");
+    assert_eq!(target(&h2, &p), other);
+    assert_eq!(h2.service(UDP4).pin_hits, 0);
+}

@@ -72,29 +72,106 @@ pub enum TagSpec {
     Ipv6FlowLabel,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// Which flows of a service are pinned to their owner while units move.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PinMode {
+    None,
+    Tcp,
+    TcpUdp,
+}
+
+/// WLM settings of a service: capacity, thresholds and pacing.
+#[derive(Clone, Debug, PartialEq)]
+pub struct WlmConfig {
+    /// Packets per second one instance is sized for.
+    pub capacity_pps: f64,
+    /// Utilisation above which an instance sheds work.
+    pub overload: f64,
+    /// Utilisation below which an instance takes work back.
+    pub underload: f64,
+    /// Intervals a threshold must be crossed for before acting.
+    pub sustain: u32,
+    /// Least time between two moves of one element.
+    pub cooldown: std::time::Duration,
+    /// Groups of this many units or fewer are not split.
+    pub min_group_units: u32,
+    /// Application QoS targets: a report at the target is utilisation 1.
+    pub latency_target_ms: Option<f64>,
+    pub queue_target: Option<f64>,
+    pub in_flight_target: Option<f64>,
+}
+
+impl Default for WlmConfig {
+    fn default() -> Self {
+        Self {
+            capacity_pps: 100_000.0,
+            overload: 0.8,
+            underload: 0.3,
+            sustain: 3,
+            cooldown: std::time::Duration::from_secs(5),
+            min_group_units: 256,
+            latency_target_ms: None,
+            queue_target: None,
+            in_flight_target: None,
+        }
+    }
+}
+
+/// Agent-wide settings.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AgentConfig {
+    /// QoS sampling and WLM decision interval.
+    pub interval: std::time::Duration,
+    /// Most group moves per second, over all elements.
+    pub max_moves_per_sec: f64,
+    /// Capacity of the pinned-flow LRU map.
+    pub pinned_flows: u32,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        Self {
+            interval: std::time::Duration::from_secs(1),
+            max_moves_per_sec: 2.0,
+            pinned_flows: 1 << 20,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
 pub struct Instance {
     pub name: String,
     /// Host-side veth of the instance's container.
     pub veth: String,
     /// MAC of the container-side interface; discovered when absent.
     pub mac: Option<[u8; 6]>,
-    /// Named network namespace (`ip netns`) to look the MAC up in.
+    /// Named network namespace (`ip netns`) to look the MAC up in, and to
+    /// read the instance's socket statistics from.
     pub netns: Option<String>,
+    /// cgroup v2 directory of the container, for CPU usage.
+    pub cgroup: Option<PathBuf>,
+    /// CPUs the container may use; with `cgroup`, CPU utilisation is
+    /// usage / limit.
+    pub cpu_limit: Option<f64>,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Service {
     pub name: String,
     pub vip: IpAddr,
     pub ports: Vec<u16>,
     pub protocol: Protocol,
     pub tag: TagSpec,
+    pub pin: PinMode,
+    /// A pinned flow idle this long loses its pin.
+    pub pin_idle_secs: u32,
+    pub wlm: WlmConfig,
     pub instances: Vec<Instance>,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Config {
+    pub agent: AgentConfig,
     pub services: Vec<Service>,
 }
 
@@ -104,8 +181,31 @@ pub struct Config {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawConfig {
+    agent: Option<RawAgent>,
     #[serde(default)]
     service: Vec<RawService>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAgent {
+    interval_ms: Option<i64>,
+    max_moves_per_sec: Option<f64>,
+    pinned_flows: Option<i64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawWlm {
+    capacity_pps: Option<f64>,
+    overload: Option<f64>,
+    underload: Option<f64>,
+    sustain: Option<i64>,
+    cooldown_ms: Option<i64>,
+    min_group_units: Option<i64>,
+    latency_target_ms: Option<f64>,
+    queue_target: Option<f64>,
+    in_flight_target: Option<f64>,
 }
 
 #[derive(Deserialize)]
@@ -117,6 +217,9 @@ struct RawService {
     ports: Option<Vec<i64>>,
     protocol: Option<String>,
     tag: Option<RawTag>,
+    pin: Option<String>,
+    pin_idle_secs: Option<i64>,
+    wlm: Option<RawWlm>,
     #[serde(default)]
     instance: Vec<RawInstance>,
 }
@@ -136,6 +239,8 @@ struct RawInstance {
     veth: Option<String>,
     mac: Option<String>,
     netns: Option<String>,
+    cgroup: Option<String>,
+    cpu_limit: Option<f64>,
 }
 
 impl Config {
@@ -183,7 +288,8 @@ impl Checker<'_> {
         }
     }
 
-    fn config(&self, raw: RawConfig) -> Result<Config, ConfigError> {
+    fn config(&self, mut raw: RawConfig) -> Result<Config, ConfigError> {
+        let raw_agent = raw.agent.take();
         if raw.service.is_empty() {
             return Err(self.err(
                 "service",
@@ -206,6 +312,7 @@ impl Checker<'_> {
             services.push(self.service(&format!("service[{i}]"), s)?);
         }
         self.unique(&services)?;
+        let agent = self.agent(raw_agent)?;
         let count: usize = services.iter().map(|s| s.instances.len()).sum();
         if count > MAX_INSTANCES {
             return Err(self.err(
@@ -214,7 +321,7 @@ impl Checker<'_> {
                 "spread the instances over several hosts",
             ));
         }
-        Ok(Config { services })
+        Ok(Config { agent, services })
     }
 
     fn unique(&self, services: &[Service]) -> Result<(), ConfigError> {
@@ -314,13 +421,173 @@ impl Checker<'_> {
         for (j, inst) in raw.instance.into_iter().enumerate() {
             instances.push(self.instance(&format!("{at}.instance[{j}]"), inst)?);
         }
+        let pin = match raw.pin.as_deref() {
+            None if protocol == Protocol::Tcp => PinMode::Tcp,
+            None | Some("none") => PinMode::None,
+            Some("tcp") => PinMode::Tcp,
+            Some("tcp+udp") => PinMode::TcpUdp,
+            Some(other) => {
+                return Err(self.err(
+                    format!("{at}.pin"),
+                    format!("unknown pin mode `{other}`"),
+                    "use \"none\", \"tcp\" or \"tcp+udp\"",
+                ));
+            }
+        };
+        let pin_idle_secs = self.int(
+            &format!("{at}.pin_idle_secs"),
+            raw.pin_idle_secs,
+            300,
+            1,
+            86_400,
+        )?;
+        let wlm = self.wlm(&format!("{at}.wlm"), raw.wlm)?;
         Ok(Service {
             name,
             vip,
             ports,
             protocol,
             tag,
+            pin,
+            pin_idle_secs,
+            wlm,
             instances,
+        })
+    }
+
+    /// An optional integer in `lo..=hi`, or `default`.
+    fn int(
+        &self,
+        field: &str,
+        v: Option<i64>,
+        default: u32,
+        lo: u32,
+        hi: u32,
+    ) -> Result<u32, ConfigError> {
+        let Some(v) = v else { return Ok(default) };
+        u32::try_from(v)
+            .ok()
+            .filter(|v| (lo..=hi).contains(v))
+            .ok_or_else(|| {
+                self.err(
+                    field,
+                    format!("{v} is out of range"),
+                    format!("use a whole number from {lo} to {hi}"),
+                )
+            })
+    }
+
+    /// An optional number in `lo..=hi`, or `default`.
+    fn num(
+        &self,
+        field: &str,
+        v: Option<f64>,
+        default: f64,
+        lo: f64,
+        hi: f64,
+    ) -> Result<f64, ConfigError> {
+        let Some(v) = v else { return Ok(default) };
+        if v.is_finite() && (lo..=hi).contains(&v) {
+            Ok(v)
+        } else {
+            Err(self.err(
+                field,
+                format!("{v} is out of range"),
+                format!("use a number from {lo} to {hi}"),
+            ))
+        }
+    }
+
+    fn agent(&self, raw: Option<RawAgent>) -> Result<AgentConfig, ConfigError> {
+        let d = AgentConfig::default();
+        let Some(raw) = raw else { return Ok(d) };
+        let interval_ms = self.int("agent.interval_ms", raw.interval_ms, 1000, 50, 60_000)?;
+        Ok(AgentConfig {
+            interval: std::time::Duration::from_millis(interval_ms.into()),
+            max_moves_per_sec: self.num(
+                "agent.max_moves_per_sec",
+                raw.max_moves_per_sec,
+                d.max_moves_per_sec,
+                0.01,
+                1000.0,
+            )?,
+            pinned_flows: self.int(
+                "agent.pinned_flows",
+                raw.pinned_flows,
+                d.pinned_flows,
+                1024,
+                1 << 26,
+            )?,
+        })
+    }
+
+    fn wlm(&self, at: &str, raw: Option<RawWlm>) -> Result<WlmConfig, ConfigError> {
+        let d = WlmConfig::default();
+        let Some(raw) = raw else { return Ok(d) };
+        let overload = self.num(
+            &format!("{at}.overload"),
+            raw.overload,
+            d.overload,
+            0.05,
+            10.0,
+        )?;
+        let underload = self.num(
+            &format!("{at}.underload"),
+            raw.underload,
+            d.underload,
+            0.0,
+            10.0,
+        )?;
+        if underload >= overload {
+            return Err(self.err(
+                format!("{at}.underload"),
+                format!("underload {underload} is not below overload {overload}"),
+                "keep a gap between the two (e.g. underload = 0.3, overload = 0.8), or the loop would move groups back and forth",
+            ));
+        }
+        let target = |name: &str, v: Option<f64>| -> Result<Option<f64>, ConfigError> {
+            v.map(|v| self.num(&format!("{at}.{name}"), Some(v), 0.0, 1e-6, 1e12))
+                .transpose()
+        };
+        let min_group_units = self.int(
+            &format!("{at}.min_group_units"),
+            raw.min_group_units,
+            d.min_group_units,
+            1,
+            sluice_common::UNITS_PER_SERVICE,
+        )?;
+        if !min_group_units.is_power_of_two() {
+            return Err(self.err(
+                format!("{at}.min_group_units"),
+                format!("{min_group_units} is not a power of two"),
+                "groups are aligned powers of two: use 1, 2, 4, ... 65536",
+            ));
+        }
+        Ok(WlmConfig {
+            capacity_pps: self.num(
+                &format!("{at}.capacity_pps"),
+                raw.capacity_pps,
+                d.capacity_pps,
+                1.0,
+                1e10,
+            )?,
+            overload,
+            underload,
+            sustain: self.int(&format!("{at}.sustain"), raw.sustain, d.sustain, 1, 1000)?,
+            cooldown: std::time::Duration::from_millis(
+                self.int(
+                    &format!("{at}.cooldown_ms"),
+                    raw.cooldown_ms,
+                    5000,
+                    0,
+                    3_600_000,
+                )?
+                .into(),
+            ),
+            min_group_units,
+            latency_target_ms: target("latency_target_ms", raw.latency_target_ms)?,
+            queue_target: target("queue_target", raw.queue_target)?,
+            in_flight_target: target("in_flight_target", raw.in_flight_target)?,
         })
     }
 
@@ -499,11 +766,24 @@ impl Checker<'_> {
                 })
             })
             .transpose()?;
+        let cpu_limit = raw
+            .cpu_limit
+            .map(|v| self.num(&format!("{at}.cpu_limit"), Some(v), 0.0, 0.01, 4096.0))
+            .transpose()?;
+        if cpu_limit.is_some() && raw.cgroup.is_none() {
+            return Err(self.err(
+                format!("{at}.cpu_limit"),
+                "cpu_limit without cgroup",
+                "add cgroup = \"/sys/fs/cgroup/<container>\" so CPU usage can be read",
+            ));
+        }
         Ok(Instance {
             name,
             veth,
             mac,
             netns: raw.netns,
+            cgroup: raw.cgroup.map(PathBuf::from),
+            cpu_limit,
         })
     }
 }

@@ -93,7 +93,8 @@ impl Dataplane {
             .map_max_entries(names::DELIVER, instances)
             .map_max_entries(names::INSTANCE_COUNTERS, instances)
             .map_max_entries(names::SERVICE_COUNTERS, services)
-            .map_max_entries(names::UNIT_HITS, services * HIT_BUCKETS_PER_SERVICE);
+            .map_max_entries(names::UNIT_HITS, services * HIT_BUCKETS_PER_SERVICE)
+            .map_max_entries(names::PINNED, plan.pinned_flows.max(1));
         let mut ebpf = loader.load(OBJECT).map_err(DataplaneError::Load)?;
         let prog: &mut Xdp = ebpf
             .program_mut(PROGRAM_NAME)
@@ -172,6 +173,29 @@ impl Dataplane {
                 .map_err(map_err(names::OWNERS))?;
         }
         Ok(())
+    }
+
+    /// Marks instance `id` live or not; packets for a dead instance are
+    /// unowned and its pins are ignored.
+    pub fn set_instance_live(
+        &mut self,
+        plan: &Plan,
+        id: u32,
+        live: bool,
+    ) -> Result<(), DataplaneError> {
+        let Some(i) = plan.instance(id) else {
+            return Ok(());
+        };
+        let mut instances: Array<&mut MapData, InstanceEntry> = self.map_mut(names::INSTANCES)?;
+        let entry = InstanceEntry {
+            mac: i.mac,
+            pad: 0,
+            flags: if live { INSTANCE_LIVE } else { 0 },
+            service_id: i.service_id,
+        };
+        instances
+            .set(id, entry, 0)
+            .map_err(map_err(names::INSTANCES))
     }
 
     /// Attaches to `iface`: native XDP, or generic mode when the driver

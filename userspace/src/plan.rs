@@ -6,15 +6,15 @@ use std::net::IpAddr;
 use sluice_common::{
     key,
     maps::{
-        FAMILY_V4, FAMILY_V6, ServiceEntry, ServiceKey, TAG_IPV6_FLOW_LABEL, TAG_NONE,
-        TAG_UDP_PAYLOAD,
+        FAMILY_V4, FAMILY_V6, PIN_TCP, PIN_UDP, ServiceEntry, ServiceKey, TAG_IPV6_FLOW_LABEL,
+        TAG_NONE, TAG_UDP_PAYLOAD,
     },
     owner_index, unit_of,
 };
 
 use crate::{
     assign::{self, Group, UnitTable},
-    config::{Config, Instance, TagSpec},
+    config::{Config, Instance, PinMode, TagSpec},
 };
 
 /// An instance as the data path sees it.
@@ -46,6 +46,8 @@ pub struct ServicePlan {
 pub struct Plan {
     pub services: Vec<ServicePlan>,
     pub instances: Vec<InstancePlan>,
+    /// Capacity of the pinned-flow map.
+    pub pinned_flows: u32,
 }
 
 /// Failure to resolve an instance's interface.
@@ -99,7 +101,10 @@ impl Plan {
         config: &Config,
         mut resolve: impl FnMut(&Instance, &str) -> Result<(u32, [u8; 6]), E>,
     ) -> Result<Self, E> {
-        let mut plan = Self::default();
+        let mut plan = Self {
+            pinned_flows: config.agent.pinned_flows,
+            ..Self::default()
+        };
         let mut next_instance = 1u32;
         for (sid, svc) in config.services.iter().enumerate() {
             let id = u32::try_from(sid).expect("at most MAX_SERVICES services");
@@ -138,6 +143,12 @@ impl Plan {
                     tag_kind,
                     tag_offset,
                     tag_len,
+                    flags: match svc.pin {
+                        PinMode::None => 0,
+                        PinMode::Tcp => PIN_TCP,
+                        PinMode::TcpUdp => PIN_TCP | PIN_UDP,
+                    },
+                    pin_idle_secs: svc.pin_idle_secs,
                     reserved: 0,
                 },
                 groups,

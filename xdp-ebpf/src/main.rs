@@ -12,19 +12,19 @@
 
 use aya_ebpf::{
     bindings::xdp_action::XDP_PASS,
-    helpers::generated::bpf_xdp_load_bytes,
+    helpers::generated::{bpf_ktime_get_coarse_ns, bpf_xdp_load_bytes},
     macros::{map, xdp},
-    maps::{Array, DevMap, HashMap, PerCpuArray},
+    maps::{Array, DevMap, HashMap, LruHashMap, PerCpuArray},
     programs::XdpContext,
 };
 use sluice_common::{
     HIT_BUCKETS_PER_SERVICE, MAX_SERVICES, UNITS_PER_SERVICE, counters, hit_index,
     maps::{
-        INSTANCE_LIVE, InstanceCounters, InstanceEntry, NO_OWNER, ServiceCounters, ServiceEntry,
-        ServiceKey,
+        INSTANCE_LIVE, InstanceCounters, InstanceEntry, NO_OWNER, PIN_TCP, PIN_UDP, PROTO_TCP, Pin,
+        PinKey, ServiceCounters, ServiceEntry, ServiceKey,
     },
     owner_index,
-    parse::{self, Frame, Pass},
+    parse::{self, Flow, Frame, Pass},
     unit_of,
 };
 
@@ -57,6 +57,11 @@ static SERVICE_COUNTERS: PerCpuArray<ServiceCounters> =
 #[map]
 static INSTANCE_COUNTERS: PerCpuArray<InstanceCounters> = PerCpuArray::with_max_entries(4096, 0);
 
+/// Pinned flows: 5-tuple -> the instance it stays with while its unit moves.
+/// LRU, so a full table forgets the least recently used flow.
+#[map]
+static PINNED: LruHashMap<PinKey, Pin> = LruHashMap::with_max_entries(1 << 20, 0);
+
 /// Per-unit hit counts, `HIT_BUCKETS_PER_SERVICE` coarse buckets a service.
 #[map]
 static UNIT_HITS: PerCpuArray<u64> =
@@ -88,71 +93,122 @@ fn try_sluice_xdp(frame: &XdpFrame) -> Result<(u32, u32), Pass> {
     let bytes = frame.size() as u64;
 
     let sc = SERVICE_COUNTERS.get_ptr_mut(svc.id);
-    if let Some(sc) = sc {
-        // SAFETY: per-CPU slot; XDP runs with preemption disabled.
-        let sc = unsafe { &mut *sc };
-        sc.packets += 1;
-        sc.bytes += bytes;
-        sc.tagged += u64::from(keyed.tagged);
-        sc.tag_missing += u64::from(keyed.tag_missing);
-    }
+    count(sc, |c| {
+        c.packets += 1;
+        c.bytes += bytes;
+        c.tagged += u64::from(keyed.tagged);
+        c.tag_missing += u64::from(keyed.tag_missing);
+    });
     if keyed.tag_missing {
         bump(&GLOBAL_COUNTERS, counters::TAG_MISSING);
     }
     bump(&UNIT_HITS, hit_index(svc.id, unit));
 
-    // Pinned flows (established connections that stay with an old owner
-    // while their unit moves) are looked up here, before the owner array.
-
-    let owner = OWNERS
-        .get(owner_index(svc.id, unit))
-        .copied()
-        .unwrap_or(NO_OWNER);
-    let Some(instance) = INSTANCES
-        .get(owner)
-        .filter(|i| owner != NO_OWNER && i.flags & INSTANCE_LIVE != 0 && i.service_id == svc.id)
-    else {
-        return Ok(unowned(sc));
+    let pin_kind = if flow.proto == PROTO_TCP {
+        PIN_TCP
+    } else {
+        PIN_UDP
+    };
+    let owner = if svc.flags & pin_kind != 0 {
+        pinned_owner(&flow, svc, unit, sc)
+    } else {
+        unit_owner(svc.id, unit)
+    };
+    let Some(instance) = live_instance(owner, svc.id) else {
+        // No live owner. The AF_XDP punt to the agent goes here; until it
+        // exists the packet passes to the kernel, counted.
+        count(sc, |c| c.unowned += 1);
+        return Ok((XDP_PASS, counters::UNOWNED));
     };
 
+    let ic = INSTANCE_COUNTERS.get_ptr_mut(owner);
     // Lookup failure returns the low bits of the flags: XDP_PASS.
     let Ok(action) = DELIVER.redirect(owner, u64::from(XDP_PASS)) else {
-        if let Some(sc) = sc {
-            // SAFETY: as above.
-            unsafe { (*sc).redirect_failed += 1 };
-        }
-        if let Some(ic) = INSTANCE_COUNTERS.get_ptr_mut(owner) {
-            // SAFETY: as above.
-            unsafe { (*ic).redirect_failed += 1 };
-        }
+        count(sc, |c| c.redirect_failed += 1);
+        count(ic, |c| c.redirect_failed += 1);
         return Ok((XDP_PASS, counters::REDIRECT_FAILED));
     };
     // The redirect happens after we return, so the frame may still change.
     if !frame.set_dst_mac(&instance.mac) {
         return Ok((XDP_PASS, counters::PASS_TRUNCATED));
     }
-    if let Some(sc) = sc {
-        // SAFETY: as above.
-        unsafe { (*sc).delivered += 1 };
-    }
-    if let Some(ic) = INSTANCE_COUNTERS.get_ptr_mut(owner) {
-        // SAFETY: as above.
-        let ic = unsafe { &mut *ic };
-        ic.packets += 1;
-        ic.bytes += bytes;
-    }
+    count(sc, |c| c.delivered += 1);
+    count(ic, |c| {
+        c.packets += 1;
+        c.bytes += bytes;
+    });
     Ok((action, counters::DELIVERED))
 }
 
-/// No live owner. The `AF_XDP` punt to the agent goes here; until it exists
-/// the packet passes to the kernel, counted.
 #[inline(always)]
-fn unowned(sc: Option<*mut ServiceCounters>) -> (u32, u32) {
-    if let Some(sc) = sc {
-        // SAFETY: per-CPU slot; XDP runs with preemption disabled.
-        unsafe { (*sc).unowned += 1 };
+fn unit_owner(service_id: u32, unit: u32) -> u32 {
+    OWNERS
+        .get(owner_index(service_id, unit))
+        .copied()
+        .unwrap_or(NO_OWNER)
+}
+
+/// The instance entry of `owner` if it is live and serves `service_id`.
+#[inline(always)]
+fn live_instance(owner: u32, service_id: u32) -> Option<&'static InstanceEntry> {
+    if owner == NO_OWNER {
+        return None;
     }
-    (XDP_PASS, counters::UNOWNED)
+    INSTANCES
+        .get(owner)
+        .filter(|i| i.flags & INSTANCE_LIVE != 0 && i.service_id == service_id)
+}
+
+/// Owner of a flow of a pinning service: the pin's owner while the pin is
+/// fresh and its owner live, else the unit's owner, pinned from now on.
+#[inline(always)]
+fn pinned_owner(
+    flow: &Flow,
+    svc: &ServiceEntry,
+    unit: u32,
+    sc: Option<*mut ServiceCounters>,
+) -> u32 {
+    const TCP_SYN: u8 = 0x02;
+    let key = flow.pin_key();
+    // SAFETY: helper without arguments.
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let idle_ns = u64::from(svc.pin_idle_secs) * 1_000_000_000;
+    if let Some(pin) = PINNED.get_ptr_mut(key) {
+        // SAFETY: the value stays valid for this run; a racing update of
+        // `last_seen_ns` from another CPU is benign.
+        let pin = unsafe { &mut *pin };
+        if now.wrapping_sub(pin.last_seen_ns) <= idle_ns
+            && live_instance(pin.owner, svc.id).is_some()
+        {
+            pin.last_seen_ns = now;
+            count(sc, |c| c.pin_hits += 1);
+            return pin.owner;
+        }
+        count(sc, |c| c.pins_expired += 1);
+    } else if flow.proto == PROTO_TCP && flow.tcp_flags & TCP_SYN == 0 {
+        count(sc, |c| c.pins_lost += 1);
+    }
+    let owner = unit_owner(svc.id, unit);
+    if live_instance(owner, svc.id).is_some() {
+        let pin = Pin {
+            owner,
+            pad: 0,
+            last_seen_ns: now,
+        };
+        if PINNED.insert(key, pin, 0).is_ok() {
+            count(sc, |c| c.pins_created += 1);
+        }
+    }
+    owner
+}
+
+/// Updates a per-CPU counter slot, if the lookup found one.
+#[inline(always)]
+fn count<T>(slot: Option<*mut T>, f: impl FnOnce(&mut T)) {
+    if let Some(p) = slot {
+        // SAFETY: per-CPU slot; XDP runs with preemption disabled.
+        f(unsafe { &mut *p });
+    }
 }
 
 #[inline(always)]
