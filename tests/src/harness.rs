@@ -4,7 +4,11 @@
 use std::path::Path;
 
 use aya::programs::{TestRun as _, TestRunOptions};
-use sluice::{config::Config, dataplane::Dataplane, plan::Plan};
+use sluice::{
+    config::Config,
+    dataplane::Dataplane,
+    plan::{Plan, Resolved},
+};
 use sluice_common::{
     counters,
     maps::{InstanceCounters, ServiceCounters},
@@ -60,7 +64,11 @@ impl Harness {
         let mut next = 0u32;
         let plan = Plan::build(config, |_, _| {
             next += 1;
-            Ok::<_, std::convert::Infallible>((1, instance_mac(next)))
+            Ok::<_, std::convert::Infallible>(Resolved {
+                ifindex: 1,
+                mac: instance_mac(next),
+                netns: None,
+            })
         })
         .expect("infallible");
         let mut dp =

@@ -27,7 +27,50 @@ pub struct UdpServers {
     stop: Arc<AtomicBool>,
     /// Datagrams received, summed over the servers.
     pub total: Arc<AtomicU64>,
+    /// Per server: most datagrams a second it reads (0: as fast as it can).
+    /// A throttled server lets its socket queue fill and drop: a slow
+    /// instance.
+    pub throttle: Vec<Arc<AtomicU64>>,
     handles: Vec<JoinHandle<Vec<Received>>>,
+}
+
+/// A server's receive loop: reads at most `limit` datagrams a second when
+/// `limit` is set, until `stop`, then drains what is queued.
+fn receive(
+    sock: &UdpSocket,
+    stop: &AtomicBool,
+    total: &AtomicU64,
+    limit: &AtomicU64,
+) -> Vec<Received> {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 2048];
+    let mut next = Instant::now();
+    let take = |got: &mut Vec<Received>, payload: &[u8], from| {
+        got.push(Received {
+            from,
+            payload: payload.to_vec(),
+        });
+        total.fetch_add(1, Ordering::Relaxed);
+    };
+    while !stop.load(Ordering::Relaxed) {
+        let pps = limit.load(Ordering::Relaxed);
+        if pps > 0 {
+            let now = Instant::now();
+            if now < next {
+                std::thread::sleep(next - now);
+            }
+            #[expect(clippy::cast_precision_loss, reason = "a rate")]
+            let gap = Duration::from_secs_f64(1.0 / pps as f64);
+            next = next.max(now) + gap;
+        }
+        if let Ok((n, from)) = sock.recv_from(&mut buf) {
+            take(&mut got, &buf[..n], from);
+        }
+    }
+    while let Ok((n, from)) = sock.recv_from(&mut buf) {
+        take(&mut got, &buf[..n], from);
+    }
+    got
 }
 
 fn set_rcvbuf(sock: &impl AsRawFd, bytes: i32) {
@@ -47,47 +90,37 @@ fn set_rcvbuf(sock: &impl AsRawFd, bytes: i32) {
 }
 
 impl UdpServers {
-    /// Binds `addr` in each namespace and starts receiving.
+    /// Binds `addr` in each namespace and starts receiving, with 16 MiB of
+    /// receive buffer each.
     #[must_use]
     pub fn start(namespaces: &[String], addr: SocketAddr) -> Self {
+        Self::start_with(namespaces, addr, 16 << 20)
+    }
+
+    /// As [`Self::start`], with `rcvbuf` bytes of receive buffer.
+    #[must_use]
+    pub fn start_with(namespaces: &[String], addr: SocketAddr, rcvbuf: i32) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let total = Arc::new(AtomicU64::new(0));
+        let mut throttle = Vec::new();
         let handles = namespaces
             .iter()
             .map(|ns| {
                 let sock = netns::run_in(ns, || UdpSocket::bind(addr))
                     .unwrap_or_else(|e| panic!("binding {addr} in {ns}: {e}"));
-                set_rcvbuf(&sock, 16 << 20);
+                set_rcvbuf(&sock, rcvbuf);
                 sock.set_read_timeout(Some(Duration::from_millis(20)))
                     .expect("timeout");
+                let limit = Arc::new(AtomicU64::new(0));
+                throttle.push(limit.clone());
                 let (stop, total) = (stop.clone(), total.clone());
-                std::thread::spawn(move || {
-                    let mut got = Vec::new();
-                    let mut buf = [0u8; 2048];
-                    while !stop.load(Ordering::Relaxed) {
-                        if let Ok((n, from)) = sock.recv_from(&mut buf) {
-                            got.push(Received {
-                                from,
-                                payload: buf[..n].to_vec(),
-                            });
-                            total.fetch_add(1, Ordering::Relaxed);
-                        }
-                    }
-                    // Drain what is already queued.
-                    while let Ok((n, from)) = sock.recv_from(&mut buf) {
-                        got.push(Received {
-                            from,
-                            payload: buf[..n].to_vec(),
-                        });
-                        total.fetch_add(1, Ordering::Relaxed);
-                    }
-                    got
-                })
+                std::thread::spawn(move || receive(&sock, &stop, &total, &limit))
             })
             .collect();
         Self {
             stop,
             total,
+            throttle,
             handles,
         }
     }
@@ -101,6 +134,52 @@ impl UdpServers {
             .map(|h| h.join().expect("server thread"))
             .collect()
     }
+}
+
+/// Sends `rate` datagrams a second to `dst` from `sockets` client sockets in
+/// turn, until `stop` is set or `deadline` passes; `rate` may change while
+/// it runs. Returns the count sent. Each payload is the socket index and a
+/// sequence number.
+pub fn paced_udp(
+    client_ns: &str,
+    dst: SocketAddr,
+    sockets: usize,
+    rate: &AtomicU64,
+    stop: &AtomicBool,
+    deadline: Duration,
+) -> u64 {
+    let bind: SocketAddr = if dst.is_ipv4() {
+        "0.0.0.0:0".parse().expect("addr")
+    } else {
+        "[::]:0".parse().expect("addr")
+    };
+    let socks: Vec<UdpSocket> = netns::run_in(client_ns, || {
+        (0..sockets)
+            .map(|_| UdpSocket::bind(bind).expect("client socket"))
+            .collect()
+    });
+    let end = Instant::now() + deadline;
+    let mut sent = 0u64;
+    let mut budget = 0.0f64;
+    let mut last = Instant::now();
+    while !stop.load(Ordering::Relaxed) && Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(2));
+        let now = Instant::now();
+        #[expect(clippy::cast_precision_loss, reason = "a rate")]
+        let r = rate.load(Ordering::Relaxed) as f64;
+        budget += r * now.duration_since(last).as_secs_f64();
+        last = now;
+        while budget >= 1.0 {
+            let i = usize::try_from(sent % socks.len() as u64).expect("fits");
+            let mut payload = u32::try_from(i).expect("fits").to_be_bytes().to_vec();
+            payload.extend_from_slice(&sent.to_be_bytes());
+            if socks[i].send_to(&payload, dst).is_ok() {
+                sent += 1;
+            }
+            budget -= 1.0;
+        }
+    }
+    sent
 }
 
 /// A bounded UDP load from the client namespace.

@@ -5,11 +5,11 @@ use std::{
     collections::{HashMap, HashSet},
     net::{IpAddr, SocketAddr, UdpSocket},
     path::Path,
-    sync::atomic::Ordering,
+    sync::{Arc, atomic::Ordering},
     time::Duration,
 };
 
-use sluice::{agent::Agent, config::Config, plan::Plan};
+use sluice::{agent::Agent, config::Config, coord::EmbeddedStore, plan::Plan};
 use sluice_common::key;
 use sluice_tests::{
     netns,
@@ -39,8 +39,15 @@ fn service_toml(
 fn start_agent(tb: &Testbed, toml: &str) -> Agent {
     let config =
         Config::parse(toml, Path::new("e2e.toml")).unwrap_or_else(|e| panic!("config: {e}"));
-    netns::run_in(&tb.host, || Agent::start(&config, testbed::NIC, false))
-        .unwrap_or_else(|e| panic!("starting the agent: {:#}", anyhow_chain(&e)))
+    netns::run_in(&tb.host, || {
+        Agent::start(
+            &config,
+            testbed::NIC,
+            false,
+            Arc::new(EmbeddedStore::in_memory()),
+        )
+    })
+    .unwrap_or_else(|e| panic!("starting the agent: {:#}", anyhow_chain(&e)))
 }
 
 fn anyhow_chain(e: &dyn std::error::Error) -> String {
@@ -384,7 +391,13 @@ fn missing_veth_fails_cleanly() {
     );
     let config = Config::parse(&toml, Path::new("e2e.toml")).expect("valid syntax");
     let err = netns::run_in(&tb.host, || {
-        Agent::start(&config, testbed::NIC, false).err()
+        Agent::start(
+            &config,
+            testbed::NIC,
+            false,
+            Arc::new(EmbeddedStore::in_memory()),
+        )
+        .err()
     })
     .expect("start must fail");
     let msg = anyhow_chain(&err);

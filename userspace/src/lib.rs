@@ -8,8 +8,13 @@
 //! - [`netdev`]: ifindex and peer-MAC discovery.
 
 pub mod agent;
+pub mod api;
 pub mod assign;
 pub mod config;
+pub mod control;
+pub mod coord;
 pub mod dataplane;
 pub mod netdev;
 pub mod plan;
+pub mod qos;
+pub mod wlm;

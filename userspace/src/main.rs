@@ -1,19 +1,31 @@
 //! `sluice`: the agent (`sluice run`) and its CLI.
 
-use std::{path::PathBuf, process::ExitCode, time::Duration};
+use std::{
+    path::{Path, PathBuf},
+    process::ExitCode,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use clap::{Parser, Subcommand, ValueEnum};
 use sluice::{
     agent::Agent,
+    api::{self, InstanceLine, Request},
     config::{Config, format_mac},
+    coord::EmbeddedStore,
     dataplane::{AttachMode, Dataplane},
     plan::Plan,
+    qos::Report,
 };
 use sluice_common::counters;
 use tokio::signal::unix::{SignalKind, signal};
 
+const DEFAULT_API_SOCKET: &str = "/run/sluice/agent.sock";
+const DEFAULT_STATE: &str = "/var/lib/sluice/state.json";
+
 /// Sluice: steer each packet of a service to the container instance that owns
-/// its work unit, in XDP.
+/// its work unit, in XDP, and move work between instances as their load
+/// changes.
 #[derive(Parser)]
 #[command(version, about, long_about = None)]
 struct Cli {
@@ -32,8 +44,8 @@ enum LogFormat {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Load the XDP program on an interface, program it from the config, and
-    /// steer until SIGINT/SIGTERM, then detach.
+    /// Load the XDP program on an interface, program it from the config, run
+    /// the workload manager until SIGINT/SIGTERM, then detach.
     Run {
         /// Interface to attach to: the NIC (or the veth) traffic arrives on.
         #[arg(long, short)]
@@ -47,11 +59,36 @@ enum Command {
         /// Seconds between per-instance counter reports in the log (0: off).
         #[arg(long, default_value_t = 10)]
         stats_interval: u64,
+        /// File the coordination store persists the assignment in; a
+        /// restarted agent resumes it.
+        #[arg(long, default_value = DEFAULT_STATE)]
+        state: PathBuf,
+        /// Unix socket of the local API (QoS reports, status).
+        #[arg(long, default_value = DEFAULT_API_SOCKET)]
+        api_socket: PathBuf,
     },
     /// Check a config file and print what it would program; changes nothing.
     CheckConfig {
         /// TOML config to check.
         config: PathBuf,
+    },
+    /// Report an instance's own QoS to the running agent.
+    Report {
+        /// Instance name, as in the config.
+        #[arg(long)]
+        instance: String,
+        /// 99th percentile latency, in milliseconds.
+        #[arg(long)]
+        latency_p99_ms: Option<f64>,
+        /// Requests waiting in the application's queue.
+        #[arg(long)]
+        queue_depth: Option<f64>,
+        /// Requests being worked on.
+        #[arg(long)]
+        in_flight: Option<f64>,
+        /// Unix socket of the agent's local API.
+        #[arg(long, default_value = DEFAULT_API_SOCKET)]
+        api_socket: PathBuf,
     },
 }
 
@@ -64,8 +101,34 @@ fn main() -> ExitCode {
             config,
             generic,
             stats_interval,
-        } => run(&iface, &config, generic, stats_interval),
+            state,
+            api_socket,
+        } => run(&RunArgs {
+            iface: &iface,
+            config: &config,
+            generic,
+            stats_interval,
+            state: &state,
+            api_socket: &api_socket,
+        }),
         Command::CheckConfig { config } => check_config(&config),
+        Command::Report {
+            instance,
+            latency_p99_ms,
+            queue_depth,
+            in_flight,
+            api_socket,
+        } => api::call(
+            &api_socket,
+            &Request::Report(Report {
+                instance,
+                latency_p99_ms,
+                queue_depth,
+                in_flight,
+            }),
+        )
+        .map(|_| ())
+        .map_err(Into::into),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -81,24 +144,26 @@ fn init_logging(format: LogFormat) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
     }
 }
 
-fn check_config(path: &std::path::Path) -> anyhow::Result<()> {
+fn check_config(path: &Path) -> anyhow::Result<()> {
     let config = Config::load(path)?;
     for s in &config.services {
         let ports: Vec<String> = s.ports.iter().map(ToString::to_string).collect();
         println!(
-            "service {}: {} {} port {} tag {:?}, {} instance(s)",
+            "service {}: {} {} port {} tag {:?} pin {:?}, {} instance(s)",
             s.name,
             s.protocol,
             s.vip,
             ports.join(","),
             s.tag,
+            s.pin,
             s.instances.len()
         );
     }
@@ -106,24 +171,29 @@ fn check_config(path: &std::path::Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn run(
-    iface: &str,
-    config_path: &std::path::Path,
+struct RunArgs<'a> {
+    iface: &'a str,
+    config: &'a Path,
     generic: bool,
     stats_interval: u64,
-) -> anyhow::Result<()> {
-    let config = Config::load(config_path)?;
-    let agent = Agent::start(&config, iface, generic)?;
-    let plan = &agent.plan;
-    for i in &plan.instances {
+    state: &'a Path,
+    api_socket: &'a Path,
+}
+
+fn run(a: &RunArgs<'_>) -> anyhow::Result<()> {
+    let config = Config::load(a.config)?;
+    let store = Arc::new(EmbeddedStore::open(a.state)?);
+    let mut agent = Agent::start(&config, a.iface, a.generic, store)?;
+    let iface = a.iface;
+    for i in &agent.plan.instances {
         tracing::info!(instance = %i.name, id = i.id, ifindex = i.ifindex, mac = %format_mac(&i.mac), "instance resolved");
     }
-    for s in &plan.services {
+    for s in &agent.plan.services {
         let groups: Vec<String> = s.groups.iter().map(|(g, o)| format!("{g}->{o}")).collect();
-        tracing::info!(service = %s.name, groups = %groups.join(" "), "initial assignment");
+        tracing::info!(service = %s.name, groups = %groups.join(" "), "assignment");
     }
     tracing::info!(iface, mode = ?agent.mode, "attached");
-    if agent.mode == AttachMode::Generic && !generic {
+    if agent.mode == AttachMode::Generic && !a.generic {
         tracing::warn!("generic mode: expect a fraction of native throughput");
     }
 
@@ -131,22 +201,53 @@ fn run(
         .enable_all()
         .build()?;
     rt.block_on(async {
+        let shared = api::Shared {
+            reports: agent.control.reports.clone(),
+            instances: Arc::new(agent.plan.instances.iter().map(|i| i.name.clone()).collect()),
+            status: Arc::new(Mutex::new(Vec::new())),
+        };
+        let _api = api::serve(a.api_socket, shared.clone())?;
         let mut term = signal(SignalKind::terminate())?;
-        let mut ticker = tokio::time::interval(Duration::from_secs(stats_interval.max(1)));
-        ticker.tick().await;
+        let mut control = tokio::time::interval(agent.control.interval());
+        let mut stats = tokio::time::interval(Duration::from_secs(a.stats_interval.max(1)));
+        stats.tick().await;
         loop {
             tokio::select! {
                 _ = tokio::signal::ctrl_c() => break,
                 _ = term.recv() => break,
-                _ = ticker.tick(), if stats_interval > 0 => report(&agent.dataplane, plan, false),
+                _ = control.tick() => {
+                    if let Err(e) = agent.tick() {
+                        tracing::warn!(error = %e, "control interval failed");
+                    }
+                    publish_status(&agent, &shared);
+                }
+                _ = stats.tick(), if a.stats_interval > 0 => report(&agent.dataplane, &agent.plan, false),
             }
         }
         anyhow::Ok(())
     })?;
-    report(&agent.dataplane, plan, true);
+    let _ = std::fs::remove_file(a.api_socket);
+    report(&agent.dataplane, &agent.plan, true);
     agent.stop()?;
     tracing::info!(iface, "detached");
     Ok(())
+}
+
+fn publish_status(agent: &Agent, shared: &api::Shared) {
+    let Ok(status) = agent.control.status() else {
+        return;
+    };
+    *shared.status.lock().expect("status lock") = status
+        .into_iter()
+        .map(|s| InstanceLine {
+            service: s.service,
+            name: s.name,
+            utilisation: s.sample.utilisation,
+            rate_pps: s.sample.rate_pps,
+            drops_ps: s.sample.drops_ps,
+            groups: s.groups.iter().map(ToString::to_string).collect(),
+        })
+        .collect();
 }
 
 /// Per-instance delivery counts: to the log, or as a table on stdout at exit.

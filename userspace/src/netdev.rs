@@ -75,7 +75,10 @@ pub fn veth_peer_ifindex(name: &str) -> Result<u32, NetdevError> {
 /// when given, else in every namespace under /run/netns and of every
 /// process. The peer is the interface there whose ifindex is our veth's
 /// `iflink` and whose own link is our veth; it must be unique.
-pub fn discover_peer_mac(veth: &str, netns: Option<&str>) -> Result<[u8; 6], NetdevError> {
+pub fn discover_peer_mac(
+    veth: &str,
+    netns: Option<&str>,
+) -> Result<([u8; 6], PathBuf), NetdevError> {
     let own = ifindex(veth)?;
     let peer = veth_peer_ifindex(veth)?;
     let candidates: Vec<PathBuf> = match netns {
@@ -93,7 +96,7 @@ pub fn discover_peer_mac(veth: &str, netns: Option<&str>) -> Result<[u8; 6], Net
         }
     }
     match found.as_slice() {
-        [(_, mac)] => Ok(*mac),
+        [(path, mac)] => Ok((*mac, path.clone())),
         [] => Err(NetdevError::PeerNotFound {
             veth: veth.to_owned(),
             peer,

@@ -1,7 +1,10 @@
 //! The plan: a checked config turned into exactly what goes into the maps —
 //! dense ids, service keys, resolved interfaces and the initial groups.
 
-use std::net::IpAddr;
+use std::{
+    net::IpAddr,
+    path::{Path, PathBuf},
+};
 
 use sluice_common::{
     key,
@@ -28,6 +31,17 @@ pub struct InstancePlan {
     pub ifindex: u32,
     /// Destination MAC written into delivered frames.
     pub mac: [u8; 6],
+    /// The instance's network namespace, where its socket statistics are
+    /// read; unknown when the config gives `mac` without `netns`.
+    pub netns: Option<PathBuf>,
+}
+
+/// What the host says of an instance.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Resolved {
+    pub ifindex: u32,
+    pub mac: [u8; 6],
+    pub netns: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -61,8 +75,8 @@ pub struct ResolveError {
     pub source: crate::netdev::NetdevError,
 }
 
-/// Ifindex and MAC of an instance, from the host's interfaces.
-pub fn resolve_instance(inst: &Instance, field: &str) -> Result<(u32, [u8; 6]), ResolveError> {
+/// Ifindex, MAC and namespace of an instance, from the host's interfaces.
+pub fn resolve_instance(inst: &Instance, field: &str) -> Result<Resolved, ResolveError> {
     let wrap = |field: String| {
         move |source| ResolveError {
             instance: inst.name.clone(),
@@ -71,12 +85,19 @@ pub fn resolve_instance(inst: &Instance, field: &str) -> Result<(u32, [u8; 6]), 
         }
     };
     let ifindex = crate::netdev::ifindex(&inst.veth).map_err(wrap(format!("{field}.veth")))?;
-    let mac = match inst.mac {
-        Some(mac) => mac,
-        None => crate::netdev::discover_peer_mac(&inst.veth, inst.netns.as_deref())
-            .map_err(wrap(format!("{field}.mac")))?,
+    let named = inst.netns.as_ref().map(|n| Path::new("/run/netns").join(n));
+    let (mac, netns) = if let Some(mac) = inst.mac {
+        (mac, named)
+    } else {
+        let (mac, path) = crate::netdev::discover_peer_mac(&inst.veth, inst.netns.as_deref())
+            .map_err(wrap(format!("{field}.mac")))?;
+        (mac, Some(path))
     };
-    Ok((ifindex, mac))
+    Ok(Resolved {
+        ifindex,
+        mac,
+        netns,
+    })
 }
 
 /// Service-map key for a VIP, port and protocol number.
@@ -99,7 +120,7 @@ impl Plan {
     /// (the agent asks the host, tests hand in their own).
     pub fn build<E>(
         config: &Config,
-        mut resolve: impl FnMut(&Instance, &str) -> Result<(u32, [u8; 6]), E>,
+        mut resolve: impl FnMut(&Instance, &str) -> Result<Resolved, E>,
     ) -> Result<Self, E> {
         let mut plan = Self {
             pinned_flows: config.agent.pinned_flows,
@@ -115,13 +136,14 @@ impl Plan {
             };
             let first = next_instance;
             for (j, inst) in svc.instances.iter().enumerate() {
-                let (ifindex, mac) = resolve(inst, &format!("service[{sid}].instance[{j}]"))?;
+                let r = resolve(inst, &format!("service[{sid}].instance[{j}]"))?;
                 plan.instances.push(InstancePlan {
                     id: next_instance,
                     name: inst.name.clone(),
                     service_id: id,
-                    ifindex,
-                    mac,
+                    ifindex: r.ifindex,
+                    mac: r.mac,
+                    netns: r.netns,
                 });
                 next_instance += 1;
             }

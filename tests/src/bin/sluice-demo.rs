@@ -20,7 +20,7 @@ use std::{
 };
 
 use clap::Parser;
-use sluice::{agent::Agent, config::Config};
+use sluice::{agent::Agent, config::Config, coord::EmbeddedStore};
 use sluice_tests::{
     netns,
     testbed::{self, Testbed},
@@ -84,7 +84,14 @@ fn run(args: &Args) -> anyhow::Result<()> {
     );
     let config = Config::parse(&toml, Path::new("demo.toml"))?;
     eprintln!("[demo] starting the agent on {}/{}", tb.host, testbed::NIC);
-    let agent = netns::run_in(&tb.host, || Agent::start(&config, testbed::NIC, false))?;
+    let agent = netns::run_in(&tb.host, || {
+        Agent::start(
+            &config,
+            testbed::NIC,
+            false,
+            Arc::new(EmbeddedStore::in_memory()),
+        )
+    })?;
     let dst = SocketAddr::new(testbed::VIP_V4.into(), PORT);
     let servers = UdpServers::start(
         &tb.instances

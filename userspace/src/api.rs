@@ -1,0 +1,250 @@
+//! The agent's local API: a unix socket speaking JSON lines, one request a
+//! line, one response a line.
+//!
+//! ```text
+//! -> {"report": {"instance": "kv-0", "latency_p99_ms": 12.5, "queue_depth": 40}}
+//! <- {"ok": true}
+//! -> {"status": {}}
+//! <- {"ok": true, "instances": [{"service": "kv", "name": "kv-0", "utilisation": 0.42, ...}]}
+//! ```
+//!
+//! Errors come back as `{"ok": false, "error": "..."}`. `sluice report` is
+//! a client of the first request; applications may speak it directly.
+
+use std::{
+    io::{BufRead as _, BufReader, Write as _},
+    os::unix::net::UnixStream,
+    path::Path,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use serde::{Deserialize, Serialize};
+use tokio::{
+    io::{AsyncBufReadExt as _, AsyncWriteExt as _},
+    net::UnixListener,
+};
+
+use crate::qos::{Report, Reports};
+
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum Request {
+    Report(Report),
+    Status {},
+}
+
+/// One instance in a status answer.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+pub struct InstanceLine {
+    pub service: String,
+    pub name: String,
+    pub utilisation: f64,
+    pub rate_pps: f64,
+    pub drops_ps: f64,
+    pub groups: Vec<String>,
+}
+
+#[derive(Debug, Default, Deserialize, Serialize)]
+pub struct Response {
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instances: Option<Vec<InstanceLine>>,
+}
+
+/// What the API serves from.
+#[derive(Clone)]
+pub struct Shared {
+    pub reports: Arc<Mutex<Reports>>,
+    /// Names of the configured instances (reports for others are refused).
+    pub instances: Arc<Vec<String>>,
+    /// Latest status, refreshed by the control loop.
+    pub status: Arc<Mutex<Vec<InstanceLine>>>,
+}
+
+fn answer(shared: &Shared, line: &str) -> Response {
+    match serde_json::from_str::<Request>(line) {
+        Ok(Request::Report(r)) => {
+            if !shared.instances.contains(&r.instance) {
+                return Response {
+                    ok: false,
+                    error: Some(format!("unknown instance `{}`", r.instance)),
+                    ..Response::default()
+                };
+            }
+            shared
+                .reports
+                .lock()
+                .expect("reports lock")
+                .put(r, Instant::now());
+            Response {
+                ok: true,
+                ..Response::default()
+            }
+        }
+        Ok(Request::Status {}) => Response {
+            ok: true,
+            instances: Some(shared.status.lock().expect("status lock").clone()),
+            ..Response::default()
+        },
+        Err(e) => Response {
+            ok: false,
+            error: Some(format!("bad request: {e}")),
+            ..Response::default()
+        },
+    }
+}
+
+/// Binds the socket (replacing a stale one) and serves until the task is
+/// dropped.
+pub fn serve(path: &Path, shared: Shared) -> std::io::Result<tokio::task::JoinHandle<()>> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    match UnixStream::connect(path) {
+        Ok(_) => {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AddrInUse,
+                format!("another agent answers on {}", path.display()),
+            ));
+        }
+        Err(_) => {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+    let listener = UnixListener::bind(path)?;
+    Ok(tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let shared = shared.clone();
+            tokio::spawn(async move {
+                let (r, mut w) = stream.into_split();
+                let mut lines = tokio::io::BufReader::new(r).lines();
+                while let Ok(Some(line)) = lines.next_line().await {
+                    let mut out = serde_json::to_vec(&answer(&shared, &line)).expect("serialises");
+                    out.push(b'\n');
+                    if w.write_all(&out).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    }))
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error(
+        "no agent answers on {path} (is `sluice run` running? use --api-socket to point elsewhere)"
+    )]
+    NoAgent {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("talking to the agent on {path}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the agent said: {0}")]
+    Refused(String),
+}
+
+/// Sends one request and returns the answer.
+pub fn call(path: &Path, req: &Request) -> Result<Response, ClientError> {
+    let p = path.display().to_string();
+    let mut s = UnixStream::connect(path).map_err(|source| ClientError::NoAgent {
+        path: p.clone(),
+        source,
+    })?;
+    let io = |source| ClientError::Io {
+        path: p.clone(),
+        source,
+    };
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .map_err(io)?;
+    let mut line = serde_json::to_vec(req).expect("serialises");
+    line.push(b'\n');
+    s.write_all(&line).map_err(io)?;
+    let mut answer = String::new();
+    BufReader::new(&s).read_line(&mut answer).map_err(io)?;
+    let r: Response = serde_json::from_str(&answer).map_err(|e| ClientError::Io {
+        path: p.clone(),
+        source: std::io::Error::other(e),
+    })?;
+    if !r.ok {
+        return Err(ClientError::Refused(r.error.unwrap_or_default()));
+    }
+    Ok(r)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shared() -> Shared {
+        Shared {
+            reports: Arc::default(),
+            instances: Arc::new(vec!["a".into()]),
+            status: Arc::default(),
+        }
+    }
+
+    #[test]
+    fn reports_for_known_instances_only() {
+        let s = shared();
+        let ok = answer(&s, r#"{"report": {"instance": "a", "queue_depth": 4}}"#);
+        assert!(ok.ok, "{ok:?}");
+        assert!(
+            s.reports
+                .lock()
+                .unwrap()
+                .fresh("a", Instant::now(), Duration::from_secs(1))
+                .is_some()
+        );
+        let no = answer(&s, r#"{"report": {"instance": "b"}}"#);
+        assert_eq!(no.error.as_deref(), Some("unknown instance `b`"));
+        let bad = answer(&s, r#"{"reprot": {}}"#);
+        assert!(bad.error.unwrap().starts_with("bad request"));
+    }
+
+    #[tokio::test]
+    async fn serves_over_a_unix_socket() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.sock");
+        let s = shared();
+        let _task = serve(&path, s.clone()).unwrap();
+        let p = path.clone();
+        let r = tokio::task::spawn_blocking(move || {
+            call(
+                &p,
+                &Request::Report(Report {
+                    instance: "a".into(),
+                    in_flight: Some(2.0),
+                    ..Report::default()
+                }),
+            )
+        })
+        .await
+        .unwrap();
+        assert!(r.unwrap().ok);
+        let p = path.clone();
+        let e = tokio::task::spawn_blocking(move || {
+            call(
+                &p,
+                &Request::Report(Report {
+                    instance: "zz".into(),
+                    ..Report::default()
+                }),
+            )
+        })
+        .await
+        .unwrap();
+        assert!(matches!(e, Err(ClientError::Refused(_))));
+        let missing = call(&dir.path().join("none.sock"), &Request::Status {});
+        assert!(matches!(missing, Err(ClientError::NoAgent { .. })));
+    }
+}

@@ -1,0 +1,457 @@
+//! The agent's control loop: each interval, measure every instance's QoS,
+//! publish it, let each instance's WLM element decide, and carry the moves
+//! out — in the coordination store first (compare-and-swap), then in the
+//! data path.
+
+use std::{
+    collections::HashMap,
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use sluice_common::{HIT_BUCKETS_PER_SERVICE, unit_of};
+
+use crate::{
+    assign::Group,
+    config::{Config, WlmConfig},
+    coord::{CoordError, CoordStore, GroupEntry, Load, check_partition},
+    dataplane::{Dataplane, DataplaneError},
+    plan::Plan,
+    qos::{self, Inputs, Rate, Reports},
+    wlm::{self, Action, ElementState, MoveLimiter, Peer, Sample, View},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error(transparent)]
+    Coord(#[from] CoordError),
+    #[error(transparent)]
+    Dataplane(#[from] DataplaneError),
+    #[error("service `{service}` has no instance `{instance}`")]
+    UnknownInstance { service: String, instance: String },
+    #[error("no service `{service}`")]
+    UnknownService { service: String },
+}
+
+/// One move, as it happened.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MoveEvent {
+    pub at: Instant,
+    pub service: String,
+    /// `split`, `give`, `reclaim`, `merge` (bookkeeping only) or `manual`.
+    pub kind: &'static str,
+    /// The group whose traffic changed owner (none for a bookkeeping merge).
+    pub group: Option<Group>,
+    pub from: String,
+    pub to: String,
+}
+
+struct InstCtl {
+    name: String,
+    id: u32,
+    netns: Option<PathBuf>,
+    cgroup: Option<PathBuf>,
+    cpu_limit: Option<f64>,
+    packets: Rate,
+    bytes: Rate,
+    drops: Rate,
+    cpu: Rate,
+    state: ElementState,
+    sample: Sample,
+    inputs: Inputs,
+}
+
+struct ServiceCtl {
+    name: String,
+    id: u32,
+    cfg: WlmConfig,
+    ports: Vec<u16>,
+    hits: Vec<Rate>,
+    buckets: Vec<f64>,
+    instances: Vec<InstCtl>,
+}
+
+/// What `status` shows of an instance.
+#[derive(Clone, Debug, PartialEq)]
+pub struct InstanceStatus {
+    pub service: String,
+    pub name: String,
+    pub sample: Sample,
+    pub inputs: Inputs,
+    pub groups: Vec<Group>,
+    pub ceiling_pps: Option<f64>,
+}
+
+pub struct Controller {
+    store: Arc<dyn CoordStore>,
+    services: Vec<ServiceCtl>,
+    limiter: MoveLimiter,
+    /// Application QoS reports, filled by the local API.
+    pub reports: Arc<Mutex<Reports>>,
+    interval: Duration,
+    history: Vec<MoveEvent>,
+}
+
+/// Most move events kept for `history`.
+const HISTORY: usize = 4096;
+
+impl Controller {
+    /// Builds the controller and settles the starting assignment: the
+    /// store's, if it has one for each service that still fits the
+    /// configured instances (a restarted agent resumes it), else the plan's
+    /// even one, stored. `plan`'s groups are replaced by what was settled,
+    /// so the data path starts with it.
+    pub fn new(
+        config: &Config,
+        plan: &mut Plan,
+        store: Arc<dyn CoordStore>,
+    ) -> Result<Self, ControlError> {
+        let mut services = Vec::with_capacity(plan.services.len());
+        for (sp, sc) in plan.services.iter_mut().zip(&config.services) {
+            let names: HashMap<u32, &str> = plan
+                .instances
+                .iter()
+                .filter(|i| i.service_id == sp.id)
+                .map(|i| (i.id, i.name.as_str()))
+                .collect();
+            let ids: HashMap<&str, u32> = names.iter().map(|(id, n)| (*n, *id)).collect();
+            let wanted: Vec<(Group, String)> = sp
+                .groups
+                .iter()
+                .map(|(g, o)| (*g, names[o].to_owned()))
+                .collect();
+            if !store.init(&sp.name, &wanted)? {
+                let stored = store.groups(&sp.name)?;
+                let fits = stored.iter().all(|e| ids.contains_key(e.owner.as_str()))
+                    && check_partition(stored.iter().map(|e| &e.group)).is_ok();
+                if fits {
+                    tracing::info!(service = %sp.name, groups = stored.len(), "resuming the stored assignment");
+                } else {
+                    tracing::warn!(service = %sp.name, "stored assignment names instances no longer configured; starting from an even one");
+                    store.reset(&sp.name, &wanted)?;
+                }
+            }
+            sp.groups = store
+                .groups(&sp.name)?
+                .iter()
+                .map(|e| (e.group, ids[e.owner.as_str()]))
+                .collect();
+            services.push(ServiceCtl {
+                name: sp.name.clone(),
+                id: sp.id,
+                cfg: sc.wlm.clone(),
+                ports: sc.ports.clone(),
+                hits: vec![Rate::default(); HIT_BUCKETS_PER_SERVICE as usize],
+                buckets: vec![0.0; HIT_BUCKETS_PER_SERVICE as usize],
+                instances: plan
+                    .instances
+                    .iter()
+                    .filter(|i| i.service_id == sp.id)
+                    .zip(&sc.instances)
+                    .map(|(ip, ic)| InstCtl {
+                        name: ip.name.clone(),
+                        id: ip.id,
+                        netns: ip.netns.clone(),
+                        cgroup: ic.cgroup.clone(),
+                        cpu_limit: ic.cpu_limit,
+                        packets: Rate::default(),
+                        bytes: Rate::default(),
+                        drops: Rate::default(),
+                        cpu: Rate::default(),
+                        state: ElementState::default(),
+                        sample: Sample::default(),
+                        inputs: Inputs::default(),
+                    })
+                    .collect(),
+            });
+        }
+        Ok(Self {
+            store,
+            services,
+            limiter: MoveLimiter::new(config.agent.max_moves_per_sec, Instant::now()),
+            reports: Arc::new(Mutex::new(Reports::default())),
+            interval: config.agent.interval,
+            history: Vec::new(),
+        })
+    }
+
+    #[must_use]
+    pub fn interval(&self) -> Duration {
+        self.interval
+    }
+
+    /// Every move so far (the last few thousand).
+    #[must_use]
+    pub fn history(&self) -> &[MoveEvent] {
+        &self.history
+    }
+
+    fn record(&mut self, e: MoveEvent) {
+        tracing::info!(service = %e.service, kind = e.kind, group = ?e.group.map(|g| g.to_string()), from = %e.from, to = %e.to, "move");
+        if self.history.len() == HISTORY {
+            self.history.remove(0);
+        }
+        self.history.push(e);
+    }
+
+    /// Measures every instance over the interval that just ended.
+    fn measure(&mut self, dp: &Dataplane, now: Instant) -> Result<(), ControlError> {
+        let max_age = self.interval * 3;
+        let reports = self.reports.lock().expect("reports lock");
+        for s in &mut self.services {
+            let hits = dp.unit_hits(s.id)?;
+            for ((rate, h), b) in s.hits.iter_mut().zip(hits).zip(s.buckets.iter_mut()) {
+                *b = rate.update(h, now);
+            }
+            for i in &mut s.instances {
+                let c = dp.instance_counters(i.id)?;
+                let mut inputs = Inputs {
+                    rate_pps: i.packets.update(c.packets, now),
+                    bytes_ps: i.bytes.update(c.bytes, now),
+                    report: reports.fresh(&i.name, now, max_age),
+                    cpu_limit: i.cpu_limit,
+                    ..Inputs::default()
+                };
+                if let Some(ns) = &i.netns {
+                    match qos::netns_stats(ns, &s.ports) {
+                        Ok(st) => {
+                            inputs.drops_ps = i.drops.update(st.rcvbuf_errors, now);
+                            #[expect(clippy::cast_precision_loss, reason = "an estimate")]
+                            let q = st.queue_bytes as f64;
+                            inputs.queue_bytes = q;
+                        }
+                        Err(e) => {
+                            tracing::debug!(instance = %i.name, error = %e, "netns stats unavailable");
+                        }
+                    }
+                }
+                if let Some(cg) = &i.cgroup {
+                    match qos::cgroup_usage_usec(cg) {
+                        Ok(usec) => inputs.cpu_cores = Some(i.cpu.update(usec, now) / 1e6),
+                        Err(e) => {
+                            tracing::debug!(instance = %i.name, error = %e, "cgroup CPU unavailable");
+                        }
+                    }
+                }
+                i.sample = Sample {
+                    rate_pps: inputs.rate_pps,
+                    drops_ps: inputs.drops_ps,
+                    utilisation: qos::utilisation(&inputs, &s.cfg),
+                };
+                i.inputs = inputs;
+                self.store.publish_load(
+                    &i.name,
+                    Load {
+                        utilisation: i.sample.utilisation,
+                        rate_pps: i.sample.rate_pps,
+                    },
+                )?;
+            }
+        }
+        Ok(())
+    }
+
+    /// One interval: measure, decide, move. Returns the moves made.
+    pub fn tick(
+        &mut self,
+        dp: &mut Dataplane,
+        now: Instant,
+    ) -> Result<Vec<MoveEvent>, ControlError> {
+        self.measure(dp, now)?;
+        let mut made = Vec::new();
+        for si in 0..self.services.len() {
+            // Most loaded elements act first.
+            let mut order: Vec<usize> = (0..self.services[si].instances.len()).collect();
+            order.sort_by(|&a, &b| {
+                let s = &self.services[si].instances;
+                s[b].sample.utilisation.total_cmp(&s[a].sample.utilisation)
+            });
+            for ii in order {
+                let svc = &self.services[si];
+                let assignment = self.store.groups(&svc.name)?;
+                let peers: Vec<Peer> = svc
+                    .instances
+                    .iter()
+                    .enumerate()
+                    .filter(|(j, _)| *j != ii)
+                    .map(|(_, p)| Peer {
+                        name: p.name.clone(),
+                        sample: p.sample,
+                        ceiling_pps: p.state.ceiling_pps(),
+                    })
+                    .collect();
+                let me = &svc.instances[ii];
+                let view = View {
+                    me: &me.name,
+                    cfg: &svc.cfg,
+                    now,
+                    sample: me.sample,
+                    assignment: &assignment,
+                    buckets: &svc.buckets,
+                    peers: &peers,
+                };
+                let mut state = me.state.clone();
+                let action = wlm::decide(&mut state, &view);
+                self.services[si].instances[ii].state = state;
+                let Some(action) = action else { continue };
+                if !matches!(action, Action::Coalesce { .. }) && !self.limiter.try_take(now) {
+                    continue;
+                }
+                let (name, me_name) = (
+                    self.services[si].name.clone(),
+                    self.services[si].instances[ii].name.clone(),
+                );
+                match wlm::apply(&*self.store, &name, &me_name, &action) {
+                    Ok(applied) => {
+                        if let Some((g, from, to)) = &applied.moved {
+                            self.write(dp, si, *g, to)?;
+                            self.services[si].instances[ii].state.moved(now);
+                            let e = MoveEvent {
+                                at: now,
+                                service: name,
+                                kind: applied.kind,
+                                group: Some(*g),
+                                from: from.clone(),
+                                to: to.clone(),
+                            };
+                            made.push(e.clone());
+                            self.record(e);
+                        } else {
+                            self.record(MoveEvent {
+                                at: now,
+                                service: name,
+                                kind: applied.kind,
+                                group: None,
+                                from: me_name.clone(),
+                                to: me_name,
+                            });
+                        }
+                    }
+                    Err(CoordError::Conflict { .. }) => {
+                        tracing::debug!(service = %name, ?action, "lost a race; deciding again next interval");
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        }
+        Ok(made)
+    }
+
+    /// Points `group` of service index `si` at instance `to` in the data path.
+    fn write(
+        &self,
+        dp: &mut Dataplane,
+        si: usize,
+        group: Group,
+        to: &str,
+    ) -> Result<(), ControlError> {
+        let svc = &self.services[si];
+        let id = svc
+            .instances
+            .iter()
+            .find(|i| i.name == to)
+            .ok_or_else(|| ControlError::UnknownInstance {
+                service: svc.name.clone(),
+                instance: to.to_owned(),
+            })?
+            .id;
+        dp.set_group_owner(svc.id, group, id)?;
+        Ok(())
+    }
+
+    /// Gives every unit of `group` of `service` to instance `to`, through
+    /// the store and then the data path, as the elements do: a larger group
+    /// holding it is split down to it first; smaller groups inside it move
+    /// one by one.
+    pub fn move_group(
+        &mut self,
+        dp: &mut Dataplane,
+        service: &str,
+        group: Group,
+        to: &str,
+    ) -> Result<Vec<MoveEvent>, ControlError> {
+        let si = self
+            .services
+            .iter()
+            .position(|s| s.name == service)
+            .ok_or_else(|| ControlError::UnknownService {
+                service: service.to_owned(),
+            })?;
+        if !self.services[si].instances.iter().any(|i| i.name == to) {
+            return Err(ControlError::UnknownInstance {
+                service: service.to_owned(),
+                instance: to.to_owned(),
+            });
+        }
+        loop {
+            let e: GroupEntry = self
+                .store
+                .groups(service)?
+                .into_iter()
+                .find(|e| e.group.contains(group.base()))
+                .expect("the groups partition the units");
+            if e.group.size() <= group.size() {
+                break;
+            }
+            self.store.split(service, e.group, e.version)?;
+        }
+        let inside: Vec<GroupEntry> = self
+            .store
+            .groups(service)?
+            .into_iter()
+            .filter(|e| group.contains(e.group.base()) && e.owner != to)
+            .collect();
+        let mut events = Vec::with_capacity(inside.len());
+        for e in inside {
+            self.store.move_group(service, e.group, e.version, to)?;
+            self.write(dp, si, e.group, to)?;
+            let ev = MoveEvent {
+                at: Instant::now(),
+                service: service.to_owned(),
+                kind: "manual",
+                group: Some(e.group),
+                from: e.owner,
+                to: to.to_owned(),
+            };
+            self.record(ev.clone());
+            events.push(ev);
+        }
+        Ok(events)
+    }
+
+    /// Current state of every instance.
+    pub fn status(&self) -> Result<Vec<InstanceStatus>, ControlError> {
+        let mut out = Vec::new();
+        for s in &self.services {
+            let groups = self.store.groups(&s.name)?;
+            for i in &s.instances {
+                out.push(InstanceStatus {
+                    service: s.name.clone(),
+                    name: i.name.clone(),
+                    sample: i.sample,
+                    inputs: i.inputs.clone(),
+                    groups: groups
+                        .iter()
+                        .filter(|e| e.owner == i.name)
+                        .map(|e| e.group)
+                        .collect(),
+                    ceiling_pps: i.state.ceiling_pps(),
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    /// The owner the store gives `key` of `service` (for tests and tools).
+    pub fn owner_of_key(&self, service: &str, key: u32) -> Result<String, ControlError> {
+        let unit = unit_of(key);
+        Ok(self
+            .store
+            .groups(service)?
+            .into_iter()
+            .find(|e| e.group.contains(unit))
+            .expect("the groups partition the units")
+            .owner)
+    }
+}

@@ -1,0 +1,565 @@
+//! The coordination store: where the assignment (group -> owner, with a
+//! version) lives and where elements publish their load.
+//!
+//! Every change is a compare-and-swap on the versions of the groups it
+//! touches, so two elements can never move the same group at once: the
+//! second finds the version changed and gets [`CoordError::Conflict`].
+//! Owners are instance *names*, stable across restarts and hosts.
+//!
+//! [`EmbeddedStore`] serves one host and persists the assignment to a JSON
+//! file (write to a temporary file, fsync, rename), so a restarted agent
+//! resumes it. An etcd backend implements the same trait for several hosts.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    fs,
+    io::Write as _,
+    path::{Path, PathBuf},
+    sync::Mutex,
+};
+
+use serde::{Deserialize, Serialize};
+use sluice_common::UNITS_PER_SERVICE;
+use tokio::sync::broadcast;
+
+use crate::assign::Group;
+
+/// Version of a group entry: unique over the store's life, so a stale
+/// version never matches a newer entry (no ABA).
+pub type Version = u64;
+
+/// One group of a service's assignment.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupEntry {
+    #[serde(with = "group_text")]
+    pub group: Group,
+    /// Instance name.
+    pub owner: String,
+    pub version: Version,
+}
+
+/// What an element publishes each interval.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Load {
+    pub utilisation: f64,
+    pub rate_pps: f64,
+}
+
+/// A change others may want to react to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Event {
+    /// The assignment of this service changed.
+    Assignment { service: String },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CoordError {
+    #[error("service `{service}` has no assignment in the store")]
+    UnknownService { service: String },
+    #[error(
+        "group {group} of `{service}` changed under us (expected version {expected}, found {found:?})"
+    )]
+    Conflict {
+        service: String,
+        group: Group,
+        expected: Version,
+        /// Current version, or `None` when the group no longer exists
+        /// (it was split or merged).
+        found: Option<Version>,
+    },
+    #[error("{a} and {b} are not buddies and cannot merge")]
+    NotBuddies { a: Group, b: Group },
+    #[error("{a} and {b} have different owners; move one first")]
+    DifferentOwners { a: Group, b: Group },
+    #[error("group {group} is a single unit and cannot split")]
+    Indivisible { group: Group },
+    #[error("initial assignment of `{service}` is not a partition of the units: {reason}")]
+    NotAPartition { service: String, reason: String },
+    #[error("store file {path}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "store file {path} is corrupt: {reason}; move it away to start from a fresh assignment"
+    )]
+    Corrupt { path: PathBuf, reason: String },
+}
+
+/// The coordination store, as the WLM elements use it.
+pub trait CoordStore: Send + Sync {
+    /// Groups of `service`, sorted by base.
+    fn groups(&self, service: &str) -> Result<Vec<GroupEntry>, CoordError>;
+    /// Stores `groups` as the assignment of `service` unless it has one;
+    /// returns whether it did. The groups must partition the units.
+    fn init(&self, service: &str, groups: &[(Group, String)]) -> Result<bool, CoordError>;
+    /// Replaces the assignment of `service` whole (after a config change
+    /// made the stored one invalid).
+    fn reset(&self, service: &str, groups: &[(Group, String)]) -> Result<(), CoordError>;
+    /// Gives `group` to `to`, if it is still at `version`.
+    fn move_group(
+        &self,
+        service: &str,
+        group: Group,
+        version: Version,
+        to: &str,
+    ) -> Result<Version, CoordError>;
+    /// Splits `group` into its halves, same owner, if it is at `version`.
+    fn split(
+        &self,
+        service: &str,
+        group: Group,
+        version: Version,
+    ) -> Result<[GroupEntry; 2], CoordError>;
+    /// Merges two buddies with one owner, if both are at their versions.
+    fn merge(
+        &self,
+        service: &str,
+        a: (Group, Version),
+        b: (Group, Version),
+    ) -> Result<GroupEntry, CoordError>;
+    /// Publishes an instance's load.
+    fn publish_load(&self, instance: &str, load: Load) -> Result<(), CoordError>;
+    /// Every instance's last published load.
+    fn loads(&self) -> Result<HashMap<String, Load>, CoordError>;
+    /// Assignment changes, as they happen.
+    fn watch(&self) -> broadcast::Receiver<Event>;
+}
+
+/// Checks that `groups` (any order) cover every unit exactly once.
+pub fn check_partition<'a>(groups: impl IntoIterator<Item = &'a Group>) -> Result<(), String> {
+    let mut sorted: Vec<&Group> = groups.into_iter().collect();
+    sorted.sort_by_key(|g| g.base());
+    let mut at = 0;
+    for g in sorted {
+        if g.base() != at {
+            return Err(if g.base() < at {
+                format!("{g} overlaps the group before it")
+            } else {
+                format!("units {at:#06x}..{:#06x} have no group", g.base())
+            });
+        }
+        at += g.size();
+    }
+    if at != UNITS_PER_SERVICE {
+        return Err(format!("units {at:#06x}.. have no group"));
+    }
+    Ok(())
+}
+
+#[derive(Default, Serialize, Deserialize)]
+struct State {
+    next_version: Version,
+    services: BTreeMap<String, Vec<GroupEntry>>,
+}
+
+/// The single-host store: in memory, persisted to a JSON file.
+pub struct EmbeddedStore {
+    path: Option<PathBuf>,
+    state: Mutex<State>,
+    loads: Mutex<HashMap<String, Load>>,
+    events: broadcast::Sender<Event>,
+}
+
+impl EmbeddedStore {
+    /// A store that is not persisted (tests, demos).
+    #[must_use]
+    pub fn in_memory() -> Self {
+        Self::with_state(None, State::default())
+    }
+
+    /// A store persisted at `path`, loading what is there.
+    pub fn open(path: &Path) -> Result<Self, CoordError> {
+        let state = match fs::read(path) {
+            Ok(bytes) => {
+                let state: State =
+                    serde_json::from_slice(&bytes).map_err(|e| CoordError::Corrupt {
+                        path: path.to_owned(),
+                        reason: e.to_string(),
+                    })?;
+                for (service, groups) in &state.services {
+                    check_partition(groups.iter().map(|e| &e.group)).map_err(|reason| {
+                        CoordError::Corrupt {
+                            path: path.to_owned(),
+                            reason: format!("service `{service}`: {reason}"),
+                        }
+                    })?;
+                }
+                state
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => State::default(),
+            Err(source) => {
+                return Err(CoordError::Io {
+                    path: path.to_owned(),
+                    source,
+                });
+            }
+        };
+        Ok(Self::with_state(Some(path.to_owned()), state))
+    }
+
+    fn with_state(path: Option<PathBuf>, state: State) -> Self {
+        Self {
+            path,
+            state: Mutex::new(state),
+            loads: Mutex::new(HashMap::new()),
+            events: broadcast::channel(1024).0,
+        }
+    }
+
+    /// Runs `f` on the state; if it succeeds, persists and announces the
+    /// change. A failed persist rolls the change back.
+    fn change<T>(
+        &self,
+        service: &str,
+        f: impl FnOnce(&mut State) -> Result<T, CoordError>,
+    ) -> Result<T, CoordError> {
+        let mut state = self.state.lock().expect("store lock");
+        let before = self
+            .path
+            .as_ref()
+            .map(|_| serde_json::to_vec(&*state).expect("state serialises"));
+        let out = f(&mut state)?;
+        if let Some(path) = &self.path
+            && let Err(e) = persist(path, &state)
+        {
+            *state =
+                serde_json::from_slice(&before.expect("taken when persisted")).expect("round trip");
+            return Err(e);
+        }
+        drop(state);
+        let _ = self.events.send(Event::Assignment {
+            service: service.to_owned(),
+        });
+        Ok(out)
+    }
+}
+
+fn persist(path: &Path, state: &State) -> Result<(), CoordError> {
+    let io = |source| CoordError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        fs::create_dir_all(dir).map_err(io)?;
+    }
+    let tmp = path.with_extension("tmp");
+    let mut f = fs::File::create(&tmp).map_err(io)?;
+    f.write_all(&serde_json::to_vec_pretty(state).expect("state serialises"))
+        .map_err(io)?;
+    f.sync_all().map_err(io)?;
+    fs::rename(&tmp, path).map_err(io)
+}
+
+fn entries<'a>(state: &'a mut State, service: &str) -> Result<&'a mut Vec<GroupEntry>, CoordError> {
+    state
+        .services
+        .get_mut(service)
+        .ok_or_else(|| CoordError::UnknownService {
+            service: service.to_owned(),
+        })
+}
+
+/// Index of `group` at `version`, or the conflict.
+fn find(
+    entries: &[GroupEntry],
+    service: &str,
+    group: Group,
+    version: Version,
+) -> Result<usize, CoordError> {
+    match entries.iter().position(|e| e.group == group) {
+        Some(i) if entries[i].version == version => Ok(i),
+        found => Err(CoordError::Conflict {
+            service: service.to_owned(),
+            group,
+            expected: version,
+            found: found.map(|i| entries[i].version),
+        }),
+    }
+}
+
+fn fresh(state: &mut State) -> Version {
+    state.next_version += 1;
+    state.next_version
+}
+
+fn build(
+    state: &mut State,
+    service: &str,
+    groups: &[(Group, String)],
+) -> Result<Vec<GroupEntry>, CoordError> {
+    check_partition(groups.iter().map(|(g, _)| g)).map_err(|reason| CoordError::NotAPartition {
+        service: service.to_owned(),
+        reason,
+    })?;
+    let mut out: Vec<GroupEntry> = groups
+        .iter()
+        .map(|(g, o)| GroupEntry {
+            group: *g,
+            owner: o.clone(),
+            version: fresh(state),
+        })
+        .collect();
+    out.sort_by_key(|e| e.group.base());
+    Ok(out)
+}
+
+impl CoordStore for EmbeddedStore {
+    fn groups(&self, service: &str) -> Result<Vec<GroupEntry>, CoordError> {
+        let state = self.state.lock().expect("store lock");
+        state
+            .services
+            .get(service)
+            .cloned()
+            .ok_or_else(|| CoordError::UnknownService {
+                service: service.to_owned(),
+            })
+    }
+
+    fn init(&self, service: &str, groups: &[(Group, String)]) -> Result<bool, CoordError> {
+        if self
+            .state
+            .lock()
+            .expect("store lock")
+            .services
+            .contains_key(service)
+        {
+            return Ok(false);
+        }
+        self.change(service, |state| {
+            let entries = build(state, service, groups)?;
+            state.services.insert(service.to_owned(), entries);
+            Ok(true)
+        })
+    }
+
+    fn reset(&self, service: &str, groups: &[(Group, String)]) -> Result<(), CoordError> {
+        self.change(service, |state| {
+            let entries = build(state, service, groups)?;
+            state.services.insert(service.to_owned(), entries);
+            Ok(())
+        })
+    }
+
+    fn move_group(
+        &self,
+        service: &str,
+        group: Group,
+        version: Version,
+        to: &str,
+    ) -> Result<Version, CoordError> {
+        self.change(service, |state| {
+            let v = fresh(state);
+            let entries = entries(state, service)?;
+            let i = find(entries, service, group, version)?;
+            to.clone_into(&mut entries[i].owner);
+            entries[i].version = v;
+            Ok(v)
+        })
+    }
+
+    fn split(
+        &self,
+        service: &str,
+        group: Group,
+        version: Version,
+    ) -> Result<[GroupEntry; 2], CoordError> {
+        self.change(service, |state| {
+            let (v1, v2) = (fresh(state), fresh(state));
+            let entries = entries(state, service)?;
+            let i = find(entries, service, group, version)?;
+            let (lo, hi) = group.split().ok_or(CoordError::Indivisible { group })?;
+            let owner = entries[i].owner.clone();
+            let halves = [
+                GroupEntry {
+                    group: lo,
+                    owner: owner.clone(),
+                    version: v1,
+                },
+                GroupEntry {
+                    group: hi,
+                    owner,
+                    version: v2,
+                },
+            ];
+            entries.splice(i..=i, halves.clone());
+            Ok(halves)
+        })
+    }
+
+    fn merge(
+        &self,
+        service: &str,
+        a: (Group, Version),
+        b: (Group, Version),
+    ) -> Result<GroupEntry, CoordError> {
+        self.change(service, |state| {
+            let v = fresh(state);
+            let entries = entries(state, service)?;
+            let merged =
+                a.0.merge(b.0)
+                    .ok_or(CoordError::NotBuddies { a: a.0, b: b.0 })?;
+            let ia = find(entries, service, a.0, a.1)?;
+            let ib = find(entries, service, b.0, b.1)?;
+            if entries[ia].owner != entries[ib].owner {
+                return Err(CoordError::DifferentOwners { a: a.0, b: b.0 });
+            }
+            let entry = GroupEntry {
+                group: merged,
+                owner: entries[ia].owner.clone(),
+                version: v,
+            };
+            let (first, second) = (ia.min(ib), ia.max(ib));
+            entries.remove(second);
+            entries[first] = entry.clone();
+            Ok(entry)
+        })
+    }
+
+    fn publish_load(&self, instance: &str, load: Load) -> Result<(), CoordError> {
+        self.loads
+            .lock()
+            .expect("loads lock")
+            .insert(instance.to_owned(), load);
+        Ok(())
+    }
+
+    fn loads(&self) -> Result<HashMap<String, Load>, CoordError> {
+        Ok(self.loads.lock().expect("loads lock").clone())
+    }
+
+    fn watch(&self) -> broadcast::Receiver<Event> {
+        self.events.subscribe()
+    }
+}
+
+mod group_text {
+    use serde::{Deserialize as _, Deserializer, Serializer, de::Error as _};
+
+    use crate::assign::Group;
+
+    #[expect(
+        clippy::trivially_copy_pass_by_ref,
+        reason = "serde's `with` hands a reference"
+    )]
+    pub fn serialize<S: Serializer>(g: &Group, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(g)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Group, D::Error> {
+        let text = String::deserialize(d)?;
+        text.parse().map_err(D::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::assign;
+
+    fn even(n: usize) -> Vec<(Group, String)> {
+        assign::even(n)
+            .into_iter()
+            .enumerate()
+            .flat_map(|(i, gs)| gs.into_iter().map(move |g| (g, format!("i{i}"))))
+            .collect()
+    }
+
+    #[test]
+    fn cas_refuses_a_stale_version() {
+        let s = EmbeddedStore::in_memory();
+        assert!(s.init("kv", &even(2)).unwrap());
+        assert!(
+            !s.init("kv", &even(3)).unwrap(),
+            "init keeps an existing assignment"
+        );
+        let g = s.groups("kv").unwrap()[0].clone();
+        let v = s.move_group("kv", g.group, g.version, "i1").unwrap();
+        let again = s.move_group("kv", g.group, g.version, "i0");
+        assert!(
+            matches!(again, Err(CoordError::Conflict { found: Some(f), .. }) if f == v),
+            "{again:?}"
+        );
+        assert_eq!(s.groups("kv").unwrap()[0].owner, "i1");
+    }
+
+    #[test]
+    fn split_then_merge_restores_one_group() {
+        let s = EmbeddedStore::in_memory();
+        s.init("kv", &[(Group::ALL, "a".into())]).unwrap();
+        let [lo, hi] = s.split("kv", Group::ALL, 1).unwrap();
+        check_partition(s.groups("kv").unwrap().iter().map(|e| &e.group)).unwrap();
+        // A stale split of the old whole group fails: it no longer exists.
+        assert!(matches!(
+            s.split("kv", Group::ALL, 1),
+            Err(CoordError::Conflict { found: None, .. })
+        ));
+        let hi_v = s.move_group("kv", hi.group, hi.version, "b").unwrap();
+        assert!(matches!(
+            s.merge("kv", (lo.group, lo.version), (hi.group, hi_v)),
+            Err(CoordError::DifferentOwners { .. })
+        ));
+        let hi_v = s.move_group("kv", hi.group, hi_v, "a").unwrap();
+        let m = s
+            .merge("kv", (lo.group, lo.version), (hi.group, hi_v))
+            .unwrap();
+        assert_eq!(m.group, Group::ALL);
+        assert_eq!(s.groups("kv").unwrap(), vec![m]);
+    }
+
+    #[test]
+    fn persisted_assignment_survives_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.json");
+        let s = EmbeddedStore::open(&path).unwrap();
+        s.init("kv", &even(3)).unwrap();
+        let g = s.groups("kv").unwrap()[1].clone();
+        s.split("kv", g.group, g.version).unwrap();
+        let before = s.groups("kv").unwrap();
+        drop(s);
+        let s = EmbeddedStore::open(&path).unwrap();
+        assert_eq!(s.groups("kv").unwrap(), before);
+        // Versions keep growing after a restart: no reuse.
+        let e = before[0].clone();
+        let v = s.move_group("kv", e.group, e.version, "i2").unwrap();
+        assert!(before.iter().all(|b| b.version < v));
+    }
+
+    #[test]
+    fn corrupt_file_is_refused_with_the_fix() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.json");
+        fs::write(&path, r#"{"next_version":3,"services":{"kv":[{"group":"0x0000/1","owner":"a","version":1}]}}"#).unwrap();
+        let e = EmbeddedStore::open(&path)
+            .err()
+            .expect("half the units unassigned");
+        assert!(
+            e.to_string().contains("have no group") && e.to_string().contains("move it away"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn init_refuses_a_non_partition() {
+        let s = EmbeddedStore::in_memory();
+        let g: Group = "0x8000/1".parse().unwrap();
+        assert!(matches!(
+            s.init("kv", &[(g, "a".into())]),
+            Err(CoordError::NotAPartition { .. })
+        ));
+    }
+
+    #[test]
+    fn watchers_hear_changes() {
+        let s = EmbeddedStore::in_memory();
+        let mut rx = s.watch();
+        s.init("kv", &even(2)).unwrap();
+        assert_eq!(
+            rx.try_recv().unwrap(),
+            Event::Assignment {
+                service: "kv".into()
+            }
+        );
+    }
+}

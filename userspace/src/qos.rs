@@ -1,0 +1,297 @@
+//! QoS inputs of an instance and the one utilisation figure they make.
+//!
+//! Utilisation is the most constrained of the instance's resources, each
+//! as a fraction of what it can take (1.0 = at capacity):
+//!
+//! ```text
+//! u = max( rate_pps / capacity_pps,
+//!          1 + drops_ps / rate_pps          if the instance drops (> 0 drops/s),
+//!          cpu_cores / cpu_limit            with a cgroup and cpu_limit,
+//!          latency_p99_ms / latency_target_ms,
+//!          queue_depth / queue_target,
+//!          in_flight / in_flight_target     from fresh application reports )
+//! ```
+//!
+//! A receive-buffer drop means the instance is past capacity whatever its
+//! rate, hence the term above 1. Socket queue occupancy is measured and
+//! exported but does not enter `u`: /proc does not tell the buffer size it
+//! would be a fraction of.
+
+use std::{
+    collections::HashMap,
+    fs, io,
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::WlmConfig;
+
+/// QoS an application reports about itself over the agent's local API.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Report {
+    pub instance: String,
+    #[serde(default)]
+    pub latency_p99_ms: Option<f64>,
+    #[serde(default)]
+    pub queue_depth: Option<f64>,
+    #[serde(default)]
+    pub in_flight: Option<f64>,
+}
+
+/// Everything measured about one instance over one interval.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Inputs {
+    pub rate_pps: f64,
+    pub bytes_ps: f64,
+    /// UDP receive-buffer drops per second in the instance's namespace.
+    pub drops_ps: f64,
+    /// Bytes queued on the service's sockets in the instance.
+    pub queue_bytes: f64,
+    /// CPUs in use by the instance's cgroup.
+    pub cpu_cores: Option<f64>,
+    pub cpu_limit: Option<f64>,
+    /// The application's last report, if fresh.
+    pub report: Option<Report>,
+}
+
+/// The utilisation of an instance (see the module docs).
+#[must_use]
+pub fn utilisation(i: &Inputs, cfg: &WlmConfig) -> f64 {
+    let mut u = i.rate_pps / cfg.capacity_pps;
+    if i.drops_ps > 0.0 {
+        u = u.max(1.0 + i.drops_ps / i.rate_pps.max(1.0));
+    }
+    if let (Some(c), Some(l)) = (i.cpu_cores, i.cpu_limit) {
+        u = u.max(c / l);
+    }
+    if let Some(r) = &i.report {
+        for (v, t) in [
+            (r.latency_p99_ms, cfg.latency_target_ms),
+            (r.queue_depth, cfg.queue_target),
+            (r.in_flight, cfg.in_flight_target),
+        ] {
+            if let (Some(v), Some(t)) = (v, t) {
+                u = u.max(v / t);
+            }
+        }
+    }
+    u
+}
+
+/// Socket statistics read inside an instance's namespace.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct NetnsStats {
+    /// UDP + UDP6 `RcvbufErrors`, since the namespace was made.
+    pub rcvbuf_errors: u64,
+    /// Bytes queued for reading on UDP sockets bound to the given ports.
+    pub queue_bytes: u64,
+}
+
+/// Reads [`NetnsStats`] in the namespace at `netns` (a thread of our own
+/// enters it; `/proc/thread-self/net` then shows that namespace).
+pub fn netns_stats(netns: &Path, ports: &[u16]) -> io::Result<NetnsStats> {
+    let f = fs::File::open(netns)?;
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            // SAFETY: `f` is an open namespace file; only this thread moves.
+            if unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&f), libc::CLONE_NEWNET) } != 0
+            {
+                return Err(io::Error::last_os_error());
+            }
+            let snmp = fs::read_to_string("/proc/thread-self/net/snmp")?;
+            let snmp6 = fs::read_to_string("/proc/thread-self/net/snmp6").unwrap_or_default();
+            let mut queue = 0;
+            for file in ["/proc/thread-self/net/udp", "/proc/thread-self/net/udp6"] {
+                queue += udp_queue_bytes(&fs::read_to_string(file).unwrap_or_default(), ports);
+            }
+            Ok(NetnsStats {
+                rcvbuf_errors: snmp_field(&snmp, "Udp:", "RcvbufErrors").unwrap_or(0)
+                    + snmp6_field(&snmp6, "Udp6RcvbufErrors").unwrap_or(0),
+                queue_bytes: queue,
+            })
+        })
+        .join()
+        .unwrap_or_else(|p| std::panic::resume_unwind(p))
+    })
+}
+
+/// A field of a `/proc/net/snmp` table: a header line names the fields, the
+/// next line with the same prefix holds the values.
+fn snmp_field(text: &str, prefix: &str, field: &str) -> Option<u64> {
+    let mut lines = text.lines().filter(|l| l.starts_with(prefix));
+    let names = lines.next()?;
+    let values = lines.next()?;
+    let at = names.split_whitespace().position(|n| n == field)?;
+    values.split_whitespace().nth(at)?.parse().ok()
+}
+
+fn snmp6_field(text: &str, field: &str) -> Option<u64> {
+    text.lines().find_map(|l| {
+        let mut it = l.split_whitespace();
+        (it.next() == Some(field))
+            .then(|| it.next()?.parse().ok())
+            .flatten()
+    })
+}
+
+/// Sum of `rx_queue` of the sockets in a `/proc/net/udp` table whose local
+/// port is one of `ports`.
+fn udp_queue_bytes(table: &str, ports: &[u16]) -> u64 {
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let mut cols = l.split_whitespace();
+            let local = cols.nth(1)?;
+            let port = u16::from_str_radix(local.rsplit(':').next()?, 16).ok()?;
+            let queues = cols.nth(2)?;
+            let rx = u64::from_str_radix(queues.split(':').nth(1)?, 16).ok()?;
+            ports.contains(&port).then_some(rx)
+        })
+        .sum()
+}
+
+/// CPU time used by a cgroup v2, in microseconds.
+pub fn cgroup_usage_usec(cgroup: &Path) -> io::Result<u64> {
+    let stat = fs::read_to_string(cgroup.join("cpu.stat"))?;
+    stat.lines()
+        .find_map(|l| {
+            l.strip_prefix("usage_usec ")
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .ok_or_else(|| io::Error::other(format!("no usage_usec in {}/cpu.stat", cgroup.display())))
+}
+
+/// Application reports, newest per instance.
+#[derive(Debug, Default)]
+pub struct Reports {
+    latest: HashMap<String, (Report, Instant)>,
+}
+
+impl Reports {
+    pub fn put(&mut self, r: Report, now: Instant) {
+        self.latest.insert(r.instance.clone(), (r, now));
+    }
+
+    /// The report of `instance` if it is younger than `max_age`.
+    #[must_use]
+    pub fn fresh(&self, instance: &str, now: Instant, max_age: Duration) -> Option<Report> {
+        self.latest
+            .get(instance)
+            .filter(|(_, at)| now.saturating_duration_since(*at) <= max_age)
+            .map(|(r, _)| r.clone())
+    }
+}
+
+/// A counter sampled at intervals, giving per-second rates.
+#[derive(Clone, Debug, Default)]
+pub struct Rate {
+    last: Option<(u64, Instant)>,
+}
+
+impl Rate {
+    /// Rate since the previous call (0 on the first).
+    pub fn update(&mut self, value: u64, now: Instant) -> f64 {
+        let rate = match self.last {
+            Some((v, t)) if now > t => {
+                #[expect(clippy::cast_precision_loss, reason = "rates are estimates")]
+                let d = value.saturating_sub(v) as f64;
+                d / now.duration_since(t).as_secs_f64()
+            }
+            _ => 0.0,
+        };
+        self.last = Some((value, now));
+        rate
+    }
+}
+
+/// Where to read an instance's namespace-side inputs.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Sources {
+    pub netns: Option<PathBuf>,
+    pub cgroup: Option<PathBuf>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn drops_mean_overload_whatever_the_rate() {
+        let cfg = WlmConfig::default();
+        let quiet = Inputs {
+            rate_pps: 100.0,
+            ..Inputs::default()
+        };
+        assert!(utilisation(&quiet, &cfg) < 0.01);
+        let dropping = Inputs {
+            drops_ps: 10.0,
+            ..quiet.clone()
+        };
+        assert!((utilisation(&dropping, &cfg) - 1.1).abs() < 1e-9);
+    }
+
+    #[test]
+    fn the_most_constrained_input_wins() {
+        let cfg = WlmConfig {
+            latency_target_ms: Some(20.0),
+            queue_target: Some(100.0),
+            ..WlmConfig::default()
+        };
+        let i = Inputs {
+            rate_pps: 10_000.0,
+            cpu_cores: Some(1.5),
+            cpu_limit: Some(2.0),
+            report: Some(Report {
+                instance: "a".into(),
+                latency_p99_ms: Some(18.0),
+                queue_depth: Some(50.0),
+                in_flight: Some(1e9),
+            }),
+            ..Inputs::default()
+        };
+        // in_flight has no target, so it does not count.
+        assert!((utilisation(&i, &cfg) - 0.9).abs() < 1e-9);
+    }
+
+    #[test]
+    fn proc_tables_parse() {
+        let snmp = "Udp: InDatagrams NoPorts InErrors OutDatagrams RcvbufErrors SndbufErrors\nUdp: 10 0 7 3 5 0\n";
+        assert_eq!(snmp_field(snmp, "Udp:", "RcvbufErrors"), Some(5));
+        assert_eq!(
+            snmp6_field(
+                "Udp6InDatagrams 4\nUdp6RcvbufErrors 2\n",
+                "Udp6RcvbufErrors"
+            ),
+            Some(2)
+        );
+        let udp = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode ref pointer drops\n\
+                   0: 0101A8C6:1B58 00000000:0000 07 00000000:00000400 00:00000000 00000000     0        0 1 2 0 0\n\
+                   1: 0101A8C6:1B59 00000000:0000 07 00000000:00000100 00:00000000 00000000     0        0 1 2 0 0\n";
+        assert_eq!(udp_queue_bytes(udp, &[7000]), 0x400);
+    }
+
+    #[test]
+    fn stale_reports_are_ignored() {
+        let mut r = Reports::default();
+        let t0 = Instant::now();
+        r.put(
+            Report {
+                instance: "a".into(),
+                queue_depth: Some(3.0),
+                ..Report::default()
+            },
+            t0,
+        );
+        assert!(
+            r.fresh("a", t0 + Duration::from_secs(1), Duration::from_secs(2))
+                .is_some()
+        );
+        assert!(
+            r.fresh("a", t0 + Duration::from_secs(3), Duration::from_secs(2))
+                .is_none()
+        );
+    }
+}
