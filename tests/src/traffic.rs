@@ -138,8 +138,8 @@ impl UdpServers {
 
 /// Sends `rate` datagrams a second to `dst` from `sockets` client sockets in
 /// turn, until `stop` is set or `deadline` passes; `rate` may change while
-/// it runs. Returns the count sent. Each payload is the socket index and a
-/// sequence number.
+/// it runs. Datagram `seq` from socket `i` carries `payload(i, seq)`.
+/// Returns the count sent.
 pub fn paced_udp(
     client_ns: &str,
     dst: SocketAddr,
@@ -147,6 +147,7 @@ pub fn paced_udp(
     rate: &AtomicU64,
     stop: &AtomicBool,
     deadline: Duration,
+    payload: impl Fn(usize, u64) -> Vec<u8>,
 ) -> u64 {
     let bind: SocketAddr = if dst.is_ipv4() {
         "0.0.0.0:0".parse().expect("addr")
@@ -171,9 +172,7 @@ pub fn paced_udp(
         last = now;
         while budget >= 1.0 {
             let i = usize::try_from(sent % socks.len() as u64).expect("fits");
-            let mut payload = u32::try_from(i).expect("fits").to_be_bytes().to_vec();
-            payload.extend_from_slice(&sent.to_be_bytes());
-            if socks[i].send_to(&payload, dst).is_ok() {
+            if socks[i].send_to(&payload(i, sent), dst).is_ok() {
                 sent += 1;
             }
             budget -= 1.0;

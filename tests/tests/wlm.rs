@@ -100,7 +100,19 @@ fn slow_instance_sheds_then_groups_merge_back() {
     let sender = {
         let (client, rate, stop) = (tb.client.clone(), rate.clone(), stop.clone());
         std::thread::spawn(move || {
-            traffic::paced_udp(&client, dst, 600, &rate, &stop, Duration::from_mins(2))
+            traffic::paced_udp(
+                &client,
+                dst,
+                600,
+                &rate,
+                &stop,
+                Duration::from_mins(2),
+                |i, seq| {
+                    let mut p = u32::try_from(i).unwrap().to_be_bytes().to_vec();
+                    p.extend_from_slice(&seq.to_be_bytes());
+                    p
+                },
+            )
         })
     };
 

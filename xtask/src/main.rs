@@ -53,14 +53,15 @@ enum Cmd {
         args: Vec<String>,
     },
     /// Run Sluice on a built-in testbed (namespaces, 4 instances, tagged and
-    /// untagged flows) with a live per-instance table; needs root, no NIC or
-    /// config. Leaves nothing behind.
+    /// untagged flows) with a live per-instance table: one instance is
+    /// throttled and sheds work, then recovers as the load falls and groups
+    /// merge back. Needs root, no NIC or config; leaves nothing behind.
     Demo {
         /// How long to run, in seconds.
-        #[arg(long, default_value_t = 30)]
+        #[arg(long, default_value_t = 40)]
         seconds: u64,
-        /// Datagrams per second the traffic generator sends.
-        #[arg(long, default_value_t = 20_000)]
+        /// Datagrams per second the traffic generator sends at high load.
+        #[arg(long, default_value_t = 8000)]
         rate: u64,
     },
     /// Build and run the agent: `cargo xtask run -- run --iface IF --config FILE`.
