@@ -95,29 +95,7 @@ fn run(args: &Args) -> anyhow::Result<()> {
     let servers = UdpServers::start_with(&namespaces, dst, 256 << 10);
 
     let rate = Arc::new(AtomicU64::new(args.rate));
-    let generator = {
-        let (client, rate) = (tb.client.clone(), rate.clone());
-        let secs = args.seconds;
-        // Even sockets carry one of six tags; odd ones a 4-byte payload
-        // without the tag (keyed by flow hash).
-        std::thread::spawn(move || {
-            traffic::paced_udp(
-                &client,
-                dst,
-                256,
-                &rate,
-                &STOP,
-                Duration::from_secs(secs),
-                |i, _| {
-                    if i % 2 == 0 {
-                        TAGS[(i / 2) % TAGS.len()].to_vec()
-                    } else {
-                        b"hi!!".to_vec()
-                    }
-                },
-            )
-        })
-    };
+    let generator = spawn_generator(&tb, dst, rate.clone(), args.seconds);
 
     let tty = std::io::stdout().is_terminal();
     let start = Instant::now();
@@ -272,4 +250,32 @@ fn demo_config(tb: &Testbed, rate: u64) -> String {
         testbed::VIP_V4,
         tb.instances_toml(0, INSTANCES)
     )
+}
+
+/// The traffic generator: even sockets carry one of six tags; odd ones a
+/// 4-byte payload without the tag (keyed by flow hash).
+fn spawn_generator(
+    tb: &Testbed,
+    dst: std::net::SocketAddr,
+    rate: Arc<AtomicU64>,
+    seconds: u64,
+) -> std::thread::JoinHandle<u64> {
+    let client = tb.client.clone();
+    std::thread::spawn(move || {
+        traffic::paced_udp(
+            &client,
+            dst,
+            256,
+            &rate,
+            &STOP,
+            Duration::from_secs(seconds),
+            |i, _| {
+                if i % 2 == 0 {
+                    TAGS[(i / 2) % TAGS.len()].to_vec()
+                } else {
+                    b"hi!!".to_vec()
+                }
+            },
+        )
+    })
 }
