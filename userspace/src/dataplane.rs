@@ -43,6 +43,11 @@ pub enum DataplaneError {
         #[source]
         source: MapError,
     },
+    #[error("mapping the owner array into memory")]
+    Mmap {
+        #[source]
+        source: std::io::Error,
+    },
     #[error("program `{PROGRAM_NAME}`")]
     Program(#[source] ProgramError),
     #[error("attaching to `{iface}` failed")]
@@ -66,6 +71,74 @@ pub enum AttachMode {
 pub struct Dataplane {
     ebpf: Ebpf,
     link: Option<XdpLinkId>,
+    owners: OwnerTable,
+}
+
+/// The owner array, mapped into our memory (`BPF_F_MMAPABLE`): a group's
+/// owners are rewritten with plain atomic stores, which the data path sees
+/// at once, instead of one syscall per unit.
+struct OwnerTable {
+    ptr: std::ptr::NonNull<u8>,
+    len: usize,
+    entries: u32,
+}
+
+// SAFETY: the mapping is owned by this value and only accessed through
+// atomics.
+unsafe impl Send for OwnerTable {}
+
+/// An array map's elements are `value_size` rounded up to 8 bytes apart.
+const OWNER_STRIDE: usize = 8;
+
+impl OwnerTable {
+    fn map(data: &MapData, entries: u32) -> Result<Self, DataplaneError> {
+        use std::os::fd::{AsFd as _, AsRawFd as _};
+        let len = (entries as usize * OWNER_STRIDE).next_multiple_of(4096);
+        // SAFETY: mapping a BPF_F_MMAPABLE array map of `entries` elements,
+        // shared, for reading and writing; the length covers the elements.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                data.fd().as_fd().as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(DataplaneError::Mmap {
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        Ok(Self {
+            ptr: std::ptr::NonNull::new(ptr.cast()).expect("mmap succeeded"),
+            len,
+            entries,
+        })
+    }
+
+    fn slot(&self, index: u32) -> &std::sync::atomic::AtomicU32 {
+        assert!(index < self.entries, "owner index {index} out of {}", self.entries);
+        // SAFETY: in bounds (checked), 8-byte aligned within a page-aligned
+        // mapping, and only ever accessed atomically.
+        unsafe { &*self.ptr.as_ptr().add(index as usize * OWNER_STRIDE).cast::<std::sync::atomic::AtomicU32>() }
+    }
+
+    fn set(&self, index: u32, owner: u32) {
+        self.slot(index).store(owner, std::sync::atomic::Ordering::Release);
+    }
+
+    fn get(&self, index: u32) -> u32 {
+        self.slot(index).load(std::sync::atomic::Ordering::Acquire)
+    }
+}
+
+impl Drop for OwnerTable {
+    fn drop(&mut self) {
+        // SAFETY: unmapping exactly what `map` mapped.
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
+    }
 }
 
 fn map_err(name: &'static str) -> impl Fn(MapError) -> DataplaneError {
@@ -105,7 +178,20 @@ impl Dataplane {
             .try_into()
             .map_err(DataplaneError::Program)?;
         prog.load().map_err(DataplaneError::Program)?;
-        Ok(Self { ebpf, link: None })
+        let owners = match ebpf.map(names::OWNERS) {
+            Some(aya::maps::Map::Array(data)) => OwnerTable::map(data, plan.owner_entries())?,
+            _ => {
+                return Err(DataplaneError::Missing {
+                    what: "array map",
+                    name: names::OWNERS,
+                });
+            }
+        };
+        Ok(Self {
+            ebpf,
+            link: None,
+            owners,
+        })
     }
 
     /// Writes the whole plan: instances and their veths first, then owners,
@@ -160,21 +246,18 @@ impl Dataplane {
 
     /// Points every unit of `group` of service `service_id` at `owner`
     /// (`NO_OWNER` leaves the group unowned).
-    pub fn set_group_owner(
-        &mut self,
-        service_id: u32,
-        group: Group,
-        owner: u32,
-    ) -> Result<(), DataplaneError> {
-        let mut owners: Array<&mut MapData, u32> = self.map_mut(names::OWNERS)?;
+    pub fn set_group_owner(&mut self, service_id: u32, group: Group, owner: u32) -> Result<(), DataplaneError> {
         for unit in group.units() {
-            owners
-                .set(owner_index(service_id, unit), owner, 0)
-                .map_err(map_err(names::OWNERS))?;
+            self.owners.set(owner_index(service_id, unit), owner);
         }
         Ok(())
     }
 
+    /// The owner the data path has for `unit` of service `service_id`.
+    #[must_use]
+    pub fn owner_of_unit(&self, service_id: u32, unit: u32) -> u32 {
+        self.owners.get(owner_index(service_id, unit))
+    }
     /// Marks instance `id` live or not; packets for a dead instance are
     /// unowned and its pins are ignored.
     pub fn set_instance_live(

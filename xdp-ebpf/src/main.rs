@@ -11,7 +11,7 @@
 )]
 
 use aya_ebpf::{
-    bindings::xdp_action::XDP_PASS,
+    bindings::{BPF_F_MMAPABLE, xdp_action::XDP_PASS},
     helpers::generated::{bpf_ktime_get_coarse_ns, bpf_xdp_load_bytes},
     macros::{map, xdp},
     maps::{Array, DevMap, HashMap, LruHashMap, PerCpuArray},
@@ -35,9 +35,10 @@ use sluice_common::{
 #[map]
 static SERVICES: HashMap<ServiceKey, ServiceEntry> = HashMap::with_max_entries(MAX_SERVICES, 0);
 
-/// (service, unit) -> owning instance id, or `NO_OWNER`.
+/// (service, unit) -> owning instance id, or `NO_OWNER`. Mmapable: the
+/// agent rewrites a group's owners with plain stores, not a syscall a unit.
 #[map]
-static OWNERS: Array<u32> = Array::with_max_entries(MAX_SERVICES * UNITS_PER_SERVICE, 0);
+static OWNERS: Array<u32> = Array::with_max_entries(MAX_SERVICES * UNITS_PER_SERVICE, BPF_F_MMAPABLE);
 
 /// Instance id -> MAC and liveness.
 #[map]
