@@ -8,7 +8,9 @@ use std::{env, fs, path::PathBuf};
 use anyhow::{Context as _, anyhow};
 
 const EBPF_PACKAGE: &str = "sluice-ebpf";
-const EBPF_BIN: &str = "sluice-xdp";
+/// Every program the eBPF crate builds; each lands in `OUT_DIR` under its
+/// name.
+const EBPF_BINS: [&str; 2] = ["sluice-xdp", "sluice-empty"];
 
 fn main() -> anyhow::Result<()> {
     println!("cargo::rerun-if-env-changed=AYA_BUILD_SKIP");
@@ -18,14 +20,16 @@ fn main() -> anyhow::Result<()> {
     let skip = env::var("AYA_BUILD_SKIP").is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"));
     if skip || which::which("bpf-linker").is_err() {
         println!(
-            "cargo::warning=building {EBPF_BIN} as an empty stand-in ({}); run `cargo xtask setup` for the real program",
+            "cargo::warning=building the XDP programs as empty stand-ins ({}); run `cargo xtask setup` for the real ones",
             if skip {
                 "AYA_BUILD_SKIP set"
             } else {
                 "bpf-linker not found"
             }
         );
-        fs::write(out_dir.join(EBPF_BIN), [])?;
+        for bin in EBPF_BINS {
+            fs::write(out_dir.join(bin), [])?;
+        }
         return Ok(());
     }
     let cargo_metadata::Metadata { packages, .. } = cargo_metadata::MetadataCommand::new()

@@ -283,6 +283,32 @@ impl Testbed {
         Ok(())
     }
 
+    /// Adds `n` veth pairs with both ends in the host namespace (`lv<i>`,
+    /// peer `lp<i>`): stand-in instances for tests and benchmarks that need
+    /// many interfaces but no traffic. Returns (veth, peer MAC) pairs.
+    pub fn local_veths(&self, n: usize) -> Result<Vec<(String, [u8; 6])>, TestbedError> {
+        let mut out = Vec::with_capacity(n);
+        for i in 0..n {
+            let (a, b) = (format!("lv{i}"), format!("lp{i}"));
+            let b2 = u8::try_from(i >> 8).expect("fewer than 65536");
+            let b3 = u8::try_from(i & 0xff).expect("masked");
+            let mac = [0x02, 0x5c, 0x00, 0x00, b2, b3];
+            let mac_text = mac
+                .iter()
+                .map(|m| format!("{m:02x}"))
+                .collect::<Vec<_>>()
+                .join(":");
+            ip(&[
+                "-n", &self.host, "link", "add", &a, "type", "veth", "peer", "name", &b, "address",
+                &mac_text,
+            ])?;
+            ip(&["-n", &self.host, "link", "set", &a, "up"])?;
+            ip(&["-n", &self.host, "link", "set", &b, "up"])?;
+            out.push((a, mac));
+        }
+        Ok(out)
+    }
+
     /// Source address of the client for `vip`'s family.
     #[must_use]
     pub fn client_addr(vip: IpAddr) -> IpAddr {

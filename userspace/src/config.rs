@@ -15,7 +15,7 @@ use serde::Deserialize;
 use sluice_common::{MAX_SERVICES, MAX_TAG_LEN};
 
 /// Most instances, over all services (instance ids are `1..=MAX_INSTANCES`).
-pub const MAX_INSTANCES: usize = 4095;
+pub const MAX_INSTANCES: usize = 4096;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {

@@ -39,7 +39,8 @@ pub enum ControlError {
 pub struct MoveEvent {
     pub at: Instant,
     pub service: String,
-    /// `split`, `give`, `reclaim`, `merge` (bookkeeping only) or `manual`.
+    /// `split`, `give`, `reclaim`, `merge` (bookkeeping only), `drain` or
+    /// `manual`.
     pub kind: &'static str,
     /// The group whose traffic changed owner (none for a bookkeeping merge).
     pub group: Option<Group>,
@@ -371,6 +372,17 @@ impl Controller {
         group: Group,
         to: &str,
     ) -> Result<Vec<MoveEvent>, ControlError> {
+        self.move_group_as(dp, service, group, to, "manual")
+    }
+
+    fn move_group_as(
+        &mut self,
+        dp: &mut Dataplane,
+        service: &str,
+        group: Group,
+        to: &str,
+        kind: &'static str,
+    ) -> Result<Vec<MoveEvent>, ControlError> {
         let si = self
             .services
             .iter()
@@ -409,13 +421,71 @@ impl Controller {
             let ev = MoveEvent {
                 at: Instant::now(),
                 service: service.to_owned(),
-                kind: "manual",
+                kind,
                 group: Some(e.group),
                 from: e.owner,
                 to: to.to_owned(),
             };
             self.record(ev.clone());
             events.push(ev);
+        }
+        Ok(events)
+    }
+
+    /// Moves every group of `instance` to its peers, each to the peer with
+    /// the least load so far (its rate plus what this drain gave it), at
+    /// most `max_moves_per_sec`; `progress(done, total)` is called after
+    /// each move. Returns the moves.
+    pub fn drain(
+        &mut self,
+        dp: &mut Dataplane,
+        service: &str,
+        instance: &str,
+        mut progress: impl FnMut(usize, usize),
+    ) -> Result<Vec<MoveEvent>, ControlError> {
+        let si = self
+            .services
+            .iter()
+            .position(|s| s.name == service)
+            .ok_or_else(|| ControlError::UnknownService {
+                service: service.to_owned(),
+            })?;
+        let svc = &self.services[si];
+        if !svc.instances.iter().any(|i| i.name == instance) {
+            return Err(ControlError::UnknownInstance {
+                service: service.to_owned(),
+                instance: instance.to_owned(),
+            });
+        }
+        let mut load: Vec<(String, f64)> = svc
+            .instances
+            .iter()
+            .filter(|i| i.name != instance)
+            .map(|i| (i.name.clone(), i.sample.rate_pps))
+            .collect();
+        if load.is_empty() {
+            return Ok(Vec::new());
+        }
+        let buckets = svc.buckets.clone();
+        let groups: Vec<GroupEntry> = self
+            .store
+            .groups(service)?
+            .into_iter()
+            .filter(|e| e.owner == instance)
+            .collect();
+        let mut events = Vec::with_capacity(groups.len());
+        for (n, e) in groups.iter().enumerate() {
+            while !self.limiter.try_take(Instant::now()) {
+                std::thread::sleep(self.limiter.wait().max(Duration::from_millis(1)));
+            }
+            let to = load
+                .iter_mut()
+                .min_by(|a, b| a.1.total_cmp(&b.1))
+                .expect("at least one peer");
+            to.1 += wlm::group_rate(e.group, &buckets);
+            let to = to.0.clone();
+            events.extend(self.move_group_as(dp, service, e.group, &to, "drain")?);
+            progress(n + 1, groups.len());
         }
         Ok(events)
     }

@@ -20,9 +20,19 @@ use sluice_common::{
 
 use crate::{assign::Group, plan::Plan};
 
-/// The XDP program, built by build.rs (or an empty stand-in without
+/// The XDP programs, built by build.rs (or empty stand-ins without
 /// bpf-linker).
-static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sluice-xdp"));
+pub mod objects {
+    /// Sluice's XDP program.
+    pub static SLUICE_XDP: &[u8] =
+        aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sluice-xdp"));
+    /// An XDP program that only returns `XDP_PASS` (program `empty`): the
+    /// floor benchmarks measure Sluice against.
+    pub static EMPTY_XDP: &[u8] =
+        aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sluice-empty"));
+}
+
+use objects::SLUICE_XDP as OBJECT;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DataplaneError {
@@ -78,7 +88,8 @@ pub struct Dataplane {
 /// owners are rewritten with plain atomic stores, which the data path sees
 /// at once, instead of one syscall per unit.
 struct OwnerTable {
-    ptr: std::ptr::NonNull<u8>,
+    /// Elements are 8 bytes apart (value size rounded up to 8).
+    ptr: std::ptr::NonNull<u64>,
     len: usize,
     entries: u32,
 }
@@ -88,7 +99,7 @@ struct OwnerTable {
 unsafe impl Send for OwnerTable {}
 
 /// An array map's elements are `value_size` rounded up to 8 bytes apart.
-const OWNER_STRIDE: usize = 8;
+const OWNER_STRIDE: usize = size_of::<u64>();
 
 impl OwnerTable {
     fn map(data: &MapData, entries: u32) -> Result<Self, DataplaneError> {
@@ -119,14 +130,25 @@ impl OwnerTable {
     }
 
     fn slot(&self, index: u32) -> &std::sync::atomic::AtomicU32 {
-        assert!(index < self.entries, "owner index {index} out of {}", self.entries);
-        // SAFETY: in bounds (checked), 8-byte aligned within a page-aligned
-        // mapping, and only ever accessed atomically.
-        unsafe { &*self.ptr.as_ptr().add(index as usize * OWNER_STRIDE).cast::<std::sync::atomic::AtomicU32>() }
+        assert!(
+            index < self.entries,
+            "owner index {index} out of {}",
+            self.entries
+        );
+        // SAFETY: in bounds (checked); each element starts 8-byte aligned
+        // and its first 4 bytes are the u32 value; only accessed atomically.
+        unsafe {
+            &*self
+                .ptr
+                .as_ptr()
+                .add(index as usize)
+                .cast::<std::sync::atomic::AtomicU32>()
+        }
     }
 
     fn set(&self, index: u32, owner: u32) {
-        self.slot(index).store(owner, std::sync::atomic::Ordering::Release);
+        self.slot(index)
+            .store(owner, std::sync::atomic::Ordering::Release);
     }
 
     fn get(&self, index: u32) -> u32 {
@@ -246,7 +268,12 @@ impl Dataplane {
 
     /// Points every unit of `group` of service `service_id` at `owner`
     /// (`NO_OWNER` leaves the group unowned).
-    pub fn set_group_owner(&mut self, service_id: u32, group: Group, owner: u32) -> Result<(), DataplaneError> {
+    pub fn set_group_owner(
+        &mut self,
+        service_id: u32,
+        group: Group,
+        owner: u32,
+    ) -> Result<(), DataplaneError> {
         for unit in group.units() {
             self.owners.set(owner_index(service_id, unit), owner);
         }
@@ -323,6 +350,12 @@ impl Dataplane {
                 .map_err(DataplaneError::Program)?;
         }
         Ok(())
+    }
+
+    /// The loaded object, for tools and benchmarks that need a map or
+    /// program this type does not wrap.
+    pub fn ebpf_mut(&mut self) -> &mut Ebpf {
+        &mut self.ebpf
     }
 
     /// The loaded program, e.g. for `BPF_PROG_TEST_RUN`.

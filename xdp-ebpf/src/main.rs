@@ -38,15 +38,16 @@ static SERVICES: HashMap<ServiceKey, ServiceEntry> = HashMap::with_max_entries(M
 /// (service, unit) -> owning instance id, or `NO_OWNER`. Mmapable: the
 /// agent rewrites a group's owners with plain stores, not a syscall a unit.
 #[map]
-static OWNERS: Array<u32> = Array::with_max_entries(MAX_SERVICES * UNITS_PER_SERVICE, BPF_F_MMAPABLE);
+static OWNERS: Array<u32> =
+    Array::with_max_entries(MAX_SERVICES * UNITS_PER_SERVICE, BPF_F_MMAPABLE);
 
 /// Instance id -> MAC and liveness.
 #[map]
-static INSTANCES: Array<InstanceEntry> = Array::with_max_entries(4096, 0);
+static INSTANCES: Array<InstanceEntry> = Array::with_max_entries(4097, 0);
 
 /// Instance id -> host-side veth of the instance.
 #[map]
-static DELIVER: DevMap = DevMap::with_max_entries(4096, 0);
+static DELIVER: DevMap = DevMap::with_max_entries(4097, 0);
 
 #[map]
 static GLOBAL_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counters::COUNT, 0);
@@ -56,7 +57,7 @@ static SERVICE_COUNTERS: PerCpuArray<ServiceCounters> =
     PerCpuArray::with_max_entries(MAX_SERVICES, 0);
 
 #[map]
-static INSTANCE_COUNTERS: PerCpuArray<InstanceCounters> = PerCpuArray::with_max_entries(4096, 0);
+static INSTANCE_COUNTERS: PerCpuArray<InstanceCounters> = PerCpuArray::with_max_entries(4097, 0);
 
 /// Pinned flows: 5-tuple -> the instance it stays with while its unit moves.
 /// LRU, so a full table forgets the least recently used flow.

@@ -64,6 +64,14 @@ enum Cmd {
         #[arg(long, default_value_t = 8000)]
         rate: u64,
     },
+    /// Benchmarks against their baselines in one run (fast path vs the empty
+    /// program, owner-map writes, control loop, memory); writes
+    /// target/bench/bench.md and bench.json. Needs root.
+    Bench {
+        /// Arguments for `sluice-bench` (e.g. `--repeat 1000000`).
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
     /// Build and run the agent: `cargo xtask run -- run --iface IF --config FILE`.
     Run {
         /// Build with optimisations.
@@ -151,6 +159,24 @@ fn real_main() -> anyhow::Result<()> {
                 "--rate",
                 &rate.to_string(),
             ]))
+        }
+        Cmd::Bench { args } => {
+            let env = setup::ensure(false)?;
+            require_root("the benchmarks load XDP programs and create network namespaces")?;
+            eprintln!("[bench] building (release)");
+            cargo(
+                &env,
+                &[
+                    "build",
+                    "--quiet",
+                    "--package",
+                    "sluice",
+                    "--package",
+                    "sluice-benches",
+                ],
+                true,
+            )?;
+            run(Command::new(root.join("target/release/sluice-bench")).args(&args))
         }
         Cmd::Run { release, args } => {
             let env = setup::ensure(false)?;

@@ -1,0 +1,149 @@
+//! Control-loop timings on the namespace testbed, with the real program,
+//! sockets and loop: a step change (one instance throttled) until the loads
+//! are within tolerance again, and a drain.
+
+use std::{
+    net::SocketAddr,
+    path::Path,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use serde::Serialize;
+use sluice::{agent::Agent, config::Config, coord::EmbeddedStore};
+use sluice_tests::{
+    netns,
+    testbed::{self, Testbed},
+    traffic::{self, UdpServers},
+};
+
+#[derive(Serialize)]
+pub struct Figures {
+    pub interval_ms: u64,
+    pub sustain: u32,
+    /// Step change to the first interval that sees the overload.
+    pub detect_s: f64,
+    /// Overload seen to the first split written to the owner map.
+    pub decide_s: f64,
+    /// Step change to balanced (nobody over 0.8, no drops, then 2 s calm).
+    pub balance_s: f64,
+    pub moves: usize,
+    pub drain_groups: usize,
+    pub drain_rate: f64,
+    pub drain_s: f64,
+}
+
+const INTERVAL_MS: u64 = 250;
+const SUSTAIN: u32 = 2;
+const MOVES_PER_SEC: f64 = 4.0;
+
+pub fn run() -> anyhow::Result<Figures> {
+    let tb = Testbed::new("bench", 3)?;
+    let toml = format!(
+        "[agent]\ninterval_ms = {INTERVAL_MS}\nmax_moves_per_sec = {MOVES_PER_SEC}\n\n\
+         [[service]]\nname = \"kv\"\nvip = \"{}\"\nport = 7000\nprotocol = \"udp\"\n\
+         wlm = {{ capacity_pps = 3000, overload = 0.8, underload = 0.3, sustain = {SUSTAIN}, cooldown_ms = 1000, min_group_units = 64 }}\n\n{}",
+        testbed::VIP_V4,
+        tb.instances_toml(0, 3)
+    );
+    let config = Config::parse(&toml, Path::new("bench.toml"))?;
+    let mut agent = netns::run_in(&tb.host, || {
+        Agent::start(
+            &config,
+            testbed::NIC,
+            false,
+            Arc::new(EmbeddedStore::in_memory()),
+        )
+    })?;
+    let dst = SocketAddr::new(testbed::VIP_V4.into(), 7000);
+    let ns: Vec<String> = tb.instances.iter().map(|i| i.netns.clone()).collect();
+    let servers = UdpServers::start_with(&ns, dst, 64 << 10);
+    let rate = Arc::new(AtomicU64::new(1500));
+    let halt = Arc::new(AtomicBool::new(false));
+    let sender = {
+        let (client, rate, halt) = (tb.client.clone(), rate.clone(), halt.clone());
+        std::thread::spawn(move || {
+            traffic::paced_udp(
+                &client,
+                dst,
+                600,
+                &rate,
+                &halt,
+                Duration::from_mins(2),
+                |_, seq| seq.to_be_bytes().to_vec(),
+            )
+        })
+    };
+    let interval = agent.control.interval();
+    // Settle for 2 s so the rates are measured before the step.
+    for _ in 0..8 {
+        std::thread::sleep(interval);
+        agent.tick()?;
+    }
+    let step = Instant::now();
+    servers.throttle[1].store(150, Ordering::Relaxed);
+    let (mut seen, mut first_move, mut calm_since) = (None, None, None);
+    let moves_before = agent.control.history().len();
+    loop {
+        std::thread::sleep(interval);
+        let made = agent.tick()?;
+        let now = Instant::now();
+        let st = agent.control.status()?;
+        if seen.is_none() && st[1].sample.utilisation > 0.8 {
+            seen = Some(now);
+        }
+        if first_move.is_none() && !made.is_empty() {
+            first_move = Some(made[0].at);
+        }
+        let calm = first_move.is_some()
+            && st
+                .iter()
+                .all(|s| s.sample.utilisation <= 0.8 && s.sample.drops_ps == 0.0);
+        calm_since = if calm { calm_since.or(Some(now)) } else { None };
+        if calm_since.is_some_and(|t| t.elapsed() >= Duration::from_secs(2)) {
+            break;
+        }
+        if step.elapsed() > Duration::from_mins(1) {
+            bail!("the loop did not balance within 60 s");
+        }
+    }
+    let seen = seen.context("overload never seen")?;
+    let first_move = first_move.context("no move")?;
+    let balanced = calm_since.context("not balanced")?;
+    let moves = agent.control.history()[moves_before..]
+        .iter()
+        .filter(|e| e.group.is_some())
+        .count();
+
+    // Drain inst-0 to its peers.
+    let drain_groups = agent.control.status()?[0].groups.len();
+    let t = Instant::now();
+    let (dp, control) = (&mut agent.dataplane, &mut agent.control);
+    control.drain(dp, "kv", "inst-0", |_, _| {})?;
+    let drain_s = t.elapsed().as_secs_f64();
+    if !agent.control.status()?[0].groups.is_empty() {
+        bail!("inst-0 still owns groups after the drain");
+    }
+
+    halt.store(true, Ordering::Relaxed);
+    sender
+        .join()
+        .map_err(|_| anyhow::anyhow!("sender panicked"))?;
+    let _ = servers.finish();
+    agent.stop()?;
+    Ok(Figures {
+        interval_ms: INTERVAL_MS,
+        sustain: SUSTAIN,
+        detect_s: seen.duration_since(step).as_secs_f64(),
+        decide_s: first_move.saturating_duration_since(seen).as_secs_f64(),
+        balance_s: balanced.duration_since(step).as_secs_f64(),
+        moves,
+        drain_groups,
+        drain_rate: MOVES_PER_SEC,
+        drain_s,
+    })
+}

@@ -1,0 +1,237 @@
+//! `cargo xtask bench`: Sluice against its baselines, measured in one run
+//! on one machine, written as a Markdown table and JSON.
+//!
+//! - fast path: ns per packet under `BPF_PROG_TEST_RUN` for representative
+//!   frames, beside the empty XDP program (the harness floor), in both the
+//!   repeat mode (10 million runs a call) and the one-run-per-fresh-frame
+//!   mode; at 2, 64 and 4,096 instances, 1 and 256 services, 0 and 1,000,000
+//!   pinned flows;
+//! - owner-map writes: the mmapped owner array against one `bpf()` syscall
+//!   a unit, for groups of 1 to 65,536 units;
+//! - the control loop on the namespace testbed: a step change (one instance
+//!   throttled) to detection, first move and balance; and a drain;
+//! - memory: BPF map memory per service and per pinned flow, and the
+//!   agent's resident memory at 1 and 256 services.
+//!
+//! Benchmarks are not tests: nothing here passes or fails on a number.
+
+mod control;
+mod fastpath;
+mod memory;
+
+use std::{fmt::Write as _, path::PathBuf};
+
+use clap::Parser;
+use serde::Serialize;
+
+/// Benchmarks of Sluice against its baselines.
+#[derive(Parser)]
+#[command(version, about)]
+struct Args {
+    /// Where to write bench.md and bench.json.
+    #[arg(long, default_value = "target/bench")]
+    out: PathBuf,
+    /// Runs per call in the repeat mode.
+    #[arg(long, default_value_t = 10_000_000)]
+    repeat: u32,
+    /// Calls (one run each, on a fresh copy of the frame) in the fresh-frame mode.
+    #[arg(long, default_value_t = 100_000)]
+    fresh: u32,
+    /// The `sluice` binary whose resident memory is measured (default: next
+    /// to this one).
+    #[arg(long)]
+    sluice: Option<PathBuf>,
+}
+
+#[derive(Serialize)]
+struct Machine {
+    cpu: String,
+    cores: usize,
+    kernel: String,
+}
+
+#[derive(Serialize)]
+struct Report {
+    machine: Machine,
+    fast_path: Vec<fastpath::Row>,
+    map_write: Vec<fastpath::WriteRow>,
+    control: control::Figures,
+    memory: memory::Figures,
+}
+
+fn machine() -> Machine {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("model name")
+                .map(|v| v.trim_start_matches([' ', '\t', ':']).to_owned())
+        })
+        .unwrap_or_else(|| "unknown".into());
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .unwrap_or_default()
+        .trim()
+        .to_owned();
+    Machine {
+        cpu,
+        cores: std::thread::available_parallelism().map_or(1, std::num::NonZero::get),
+        kernel,
+    }
+}
+
+fn main() -> std::process::ExitCode {
+    match run(&Args::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("sluice-bench: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: &Args) -> anyhow::Result<()> {
+    let m = machine();
+    eprintln!("[bench] {} — {} cores — Linux {}", m.cpu, m.cores, m.kernel);
+    eprintln!(
+        "[bench] fast path ({} runs a call; {} fresh frames)",
+        args.repeat, args.fresh
+    );
+    let (fast_path, map_write) = fastpath::run(args.repeat, args.fresh)?;
+    eprintln!("[bench] control loop on the namespace testbed");
+    let control = control::run()?;
+    eprintln!("[bench] memory");
+    let sluice = args.sluice.clone().unwrap_or_else(|| {
+        std::env::current_exe()
+            .ok()
+            .and_then(|p| p.parent().map(|d| d.join("sluice")))
+            .unwrap_or_else(|| PathBuf::from("sluice"))
+    });
+    let memory = memory::run(&sluice)?;
+    let report = Report {
+        machine: m,
+        fast_path,
+        map_write,
+        control,
+        memory,
+    };
+    let md = markdown(&report);
+    std::fs::create_dir_all(&args.out)?;
+    std::fs::write(args.out.join("bench.md"), &md)?;
+    std::fs::write(
+        args.out.join("bench.json"),
+        serde_json::to_vec_pretty(&report)?,
+    )?;
+    println!("{md}");
+    eprintln!(
+        "[bench] wrote {}/bench.md and bench.json",
+        args.out.display()
+    );
+    Ok(())
+}
+
+#[expect(clippy::too_many_lines, reason = "one table after another")]
+fn markdown(r: &Report) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "Machine: {}, {} cores, Linux {}. Command: `cargo xtask bench`.\n",
+        r.machine.cpu, r.machine.cores, r.machine.kernel
+    );
+    let _ = writeln!(s, "#### Fast path (ns per packet, `BPF_PROG_TEST_RUN`)\n");
+    let _ = writeln!(
+        s,
+        "| scale | frame | sluice, repeat | empty, repeat | own work | sluice, fresh frame | empty, fresh frame | own work | ratio (fresh) |"
+    );
+    let _ = writeln!(
+        s,
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+    );
+    for f in &r.fast_path {
+        let _ = writeln!(
+            s,
+            "| {} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.2}× |",
+            f.scale,
+            f.frame,
+            f.repeat_ns,
+            f.empty_repeat_ns,
+            f.repeat_ns - f.empty_repeat_ns,
+            f.fresh_ns,
+            f.empty_fresh_ns,
+            f.fresh_ns - f.empty_fresh_ns,
+            f.fresh_ns / f.empty_fresh_ns
+        );
+    }
+    let _ = writeln!(s, "\n#### Owner-map writes (one group, µs)\n");
+    let _ = writeln!(
+        s,
+        "| units | mmapped array | one `bpf()` syscall a unit | speed-up |"
+    );
+    let _ = writeln!(s, "| ---: | ---: | ---: | ---: |");
+    for w in &r.map_write {
+        let _ = writeln!(
+            s,
+            "| {} | {:.2} | {:.1} | {:.0}× |",
+            w.units,
+            w.mmap_us,
+            w.syscall_us,
+            w.syscall_us / w.mmap_us.max(1e-3)
+        );
+    }
+    let c = &r.control;
+    let _ = writeln!(
+        s,
+        "\n#### Control loop (namespace testbed, {} ms intervals, sustain {})\n",
+        c.interval_ms, c.sustain
+    );
+    let _ = writeln!(s, "| what | time |");
+    let _ = writeln!(s, "| --- | ---: |");
+    let _ = writeln!(
+        s,
+        "| step change (one of 3 instances throttled) → overload seen | {:.2} s |",
+        c.detect_s
+    );
+    let _ = writeln!(
+        s,
+        "| overload seen → first split written to the map | {:.2} s |",
+        c.decide_s
+    );
+    let _ = writeln!(
+        s,
+        "| step change → loads within tolerance (nobody over 0.8, no drops, 2 s calm) | {:.2} s ({} moves) |",
+        c.balance_s, c.moves
+    );
+    let _ = writeln!(
+        s,
+        "| drain an instance ({} groups, {} moves/s limit) | {:.2} s |",
+        c.drain_groups, c.drain_rate, c.drain_s
+    );
+    let mm = &r.memory;
+    let _ = writeln!(s, "\n#### Memory\n");
+    let _ = writeln!(s, "| what | bytes |");
+    let _ = writeln!(s, "| --- | ---: |");
+    let _ = writeln!(
+        s,
+        "| BPF maps per service (owner array, counters, unit hits; {} CPUs) | {} |",
+        r.machine.cores, mm.per_service_bytes
+    );
+    let _ = writeln!(
+        s,
+        "| BPF map per pinned flow (LRU, preallocated) | {:.0} |",
+        mm.per_pinned_flow_bytes
+    );
+    let _ = writeln!(
+        s,
+        "| all BPF maps, 1 service, 1,048,576 pinned flows | {} |",
+        mm.maps_1_service_bytes
+    );
+    for (n, (all, anon)) in [
+        (1, mm.agent_rss_1_service),
+        (256, mm.agent_rss_256_services),
+    ] {
+        let _ = writeln!(
+            s,
+            "| agent resident memory, {n} service(s): all (with the mapped owner array) / anonymous | {all} / {anon} |"
+        );
+    }
+    s
+}

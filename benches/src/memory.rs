@@ -1,0 +1,170 @@
+//! Memory: what the kernel charges for the BPF maps (`memlock` in fdinfo),
+//! and the agent's resident memory.
+
+use std::{
+    collections::HashSet,
+    fmt::Write as _,
+    os::fd::{AsFd as _, AsRawFd as _},
+    path::Path,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use aya::maps::{MapInfo, loaded_maps};
+use serde::Serialize;
+use sluice::config::Config;
+use sluice_tests::{harness::Harness, testbed::Testbed};
+
+#[derive(Serialize)]
+pub struct Figures {
+    pub per_service_bytes: u64,
+    pub per_pinned_flow_bytes: f64,
+    pub maps_1_service_bytes: u64,
+    /// Resident memory of the agent: (all, anonymous). "All" counts the
+    /// owner array's pages, which the agent maps and which are the kernel
+    /// map's own memory, not a copy.
+    pub agent_rss_1_service: (u64, u64),
+    pub agent_rss_256_services: (u64, u64),
+}
+
+fn memlock(info: &MapInfo) -> anyhow::Result<u64> {
+    let fd = info.fd()?;
+    let text = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", fd.as_fd().as_raw_fd()))?;
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix("memlock:")
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .context("no memlock in fdinfo")
+}
+
+fn map_ids() -> HashSet<u32> {
+    loaded_maps()
+        .filter_map(Result::ok)
+        .map(|m| m.id())
+        .collect()
+}
+
+/// Memory of every map a harness loaded for `toml`, and of its PINNED map
+/// with its capacity.
+fn maps_of(toml: &str) -> anyhow::Result<(u64, u64, u32)> {
+    let before = map_ids();
+    let cfg = Config::parse(toml, Path::new("bench.toml"))?;
+    let h = Harness::from_config(&cfg);
+    let (mut total, mut pinned, mut cap) = (0, 0, 0);
+    for m in loaded_maps()
+        .filter_map(Result::ok)
+        .filter(|m| !before.contains(&m.id()))
+    {
+        let bytes = memlock(&m)?;
+        total += bytes;
+        if m.name_as_str() == Some("PINNED") {
+            pinned = bytes;
+            cap = m.max_entries();
+        }
+    }
+    drop(h);
+    Ok((total, pinned, cap))
+}
+
+fn services_toml(n: usize, veths: &[(String, [u8; 6])]) -> String {
+    let mut s = String::new();
+    for (i, (veth, mac)) in veths.iter().enumerate().take(n) {
+        let mac = mac
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<Vec<_>>()
+            .join(":");
+        let _ = write!(
+            s,
+            "[[service]]\nname = \"s{i}\"\nvip = \"198.18.{}.{}\"\nport = 9000\nprotocol = \"udp\"\n\
+             [[service.instance]]\nname = \"s{i}-0\"\nveth = \"{veth}\"\nmac = \"{mac}\"\n",
+            2 + i / 250,
+            1 + i % 250
+        );
+    }
+    s
+}
+
+/// Starts the real `sluice run` in the testbed's host namespace, waits for
+/// its API to answer, reads its resident memory, and stops it.
+fn agent_rss(sluice: &Path, tb: &Testbed, toml: &str) -> anyhow::Result<(u64, u64)> {
+    let dir = tempfile::tempdir()?;
+    let config = dir.path().join("sluice.toml");
+    std::fs::write(&config, toml)?;
+    let sock = dir.path().join("agent.sock");
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", &tb.host])
+        .arg(sluice)
+        .args([
+            "run",
+            "--iface",
+            sluice_tests::testbed::NIC,
+            "--stats-interval",
+            "0",
+            "--config",
+        ])
+        .arg(&config)
+        .arg("--state")
+        .arg(dir.path().join("state.json"))
+        .arg("--api-socket")
+        .arg(&sock)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .with_context(|| format!("starting {}", sluice.display()))?;
+    let t = Instant::now();
+    let ready = loop {
+        if sluice::api::call(&sock, &sluice::api::Request::Status {}).is_ok() {
+            break true;
+        }
+        if t.elapsed() > Duration::from_secs(30) || child.try_wait()?.is_some() {
+            break false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let pid = child.id();
+    // `ip netns exec` execs the agent, so the child's pid is the agent's.
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    // SAFETY: signalling the child we started, by its pid.
+    unsafe { libc::kill(i32::try_from(pid)?, libc::SIGTERM) };
+    let _ = child.wait();
+    if !ready {
+        bail!("the agent did not come up");
+    }
+    let field = |name: &str| -> anyhow::Result<u64> {
+        let kib: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .with_context(|| format!("no {name} in /proc/{pid}/status"))?;
+        Ok(kib * 1024)
+    };
+    Ok((field("VmRSS:")?, field("RssAnon:")?))
+}
+
+pub fn run(sluice: &Path) -> anyhow::Result<Figures> {
+    let veths_for = |n: usize| -> Vec<(String, [u8; 6])> {
+        (0..n)
+            .map(|i| {
+                let b = u16::try_from(i).expect("few").to_be_bytes();
+                (format!("v{i}"), [2, 0x5c, 0, 0, b[0], b[1]])
+            })
+            .collect()
+    };
+    let (one, pinned, cap) = maps_of(&services_toml(1, &veths_for(1)))?;
+    let (many, _, _) = maps_of(&services_toml(256, &veths_for(256)))?;
+    let tb = Testbed::new("mem", 0)?;
+    let veths = tb.local_veths(256)?;
+    let rss1 = agent_rss(sluice, &tb, &services_toml(1, &veths))?;
+    let rss256 = agent_rss(sluice, &tb, &services_toml(256, &veths))?;
+    Ok(Figures {
+        per_service_bytes: (many - one) / 255,
+        #[expect(clippy::cast_precision_loss, reason = "bytes")]
+        per_pinned_flow_bytes: pinned as f64 / f64::from(cap.max(1)),
+        maps_1_service_bytes: one,
+        agent_rss_1_service: rss1,
+        agent_rss_256_services: rss256,
+    })
+}
