@@ -6,10 +6,6 @@
 use aya_ebpf::{bindings::xdp_action::XDP_PASS, macros::xdp, programs::XdpContext};
 
 #[xdp]
-#[expect(
-    clippy::needless_pass_by_value,
-    reason = "the #[xdp] macro hands over the context by value"
-)]
 pub fn empty(_ctx: XdpContext) -> u32 {
     XDP_PASS
 }
