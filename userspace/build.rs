@@ -10,7 +10,7 @@ use anyhow::{Context as _, anyhow};
 const EBPF_PACKAGE: &str = "sluice-ebpf";
 /// Every program the eBPF crate builds; each lands in `OUT_DIR` under its
 /// name.
-const EBPF_BINS: [&str; 2] = ["sluice-xdp", "sluice-empty"];
+const EBPF_BINS: [&str; 3] = ["sluice-xdp", "sluice-empty", "sluice-bench-xdp"];
 
 fn main() -> anyhow::Result<()> {
     println!("cargo::rerun-if-env-changed=AYA_BUILD_SKIP");

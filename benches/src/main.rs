@@ -16,6 +16,7 @@
 //! Benchmarks are not tests: nothing here passes or fails on a number.
 
 mod control;
+mod e2e;
 mod fastpath;
 mod memory;
 
@@ -37,6 +38,9 @@ struct Args {
     /// Calls (one run each, on a fresh copy of the frame) in the fresh-frame mode.
     #[arg(long, default_value_t = 100_000)]
     fresh: u32,
+    /// Seconds each end-to-end path is driven.
+    #[arg(long, default_value_t = 3.0)]
+    e2e_seconds: f64,
     /// The `sluice` binary whose resident memory is measured (default: next
     /// to this one).
     #[arg(long)]
@@ -55,6 +59,7 @@ struct Report {
     machine: Machine,
     fast_path: Vec<fastpath::Row>,
     map_write: Vec<fastpath::WriteRow>,
+    e2e: Vec<e2e::Row>,
     control: control::Figures,
     memory: memory::Figures,
 }
@@ -97,6 +102,8 @@ fn run(args: &Args) -> anyhow::Result<()> {
         args.repeat, args.fresh
     );
     let (fast_path, map_write) = fastpath::run(args.repeat, args.fresh)?;
+    eprintln!("[bench] end to end: Sluice against nftables on the namespace testbed");
+    let e2e = e2e::run(args.e2e_seconds)?;
     eprintln!("[bench] control loop on the namespace testbed");
     let control = control::run()?;
     eprintln!("[bench] memory");
@@ -111,6 +118,7 @@ fn run(args: &Args) -> anyhow::Result<()> {
         machine: m,
         fast_path,
         map_write,
+        e2e,
         control,
         memory,
     };
@@ -175,6 +183,22 @@ fn markdown(r: &Report) -> String {
             w.mmap_us,
             w.syscall_us,
             w.syscall_us / w.mmap_us.max(1e-3)
+        );
+    }
+    let _ = writeln!(
+        s,
+        "\n#### End to end (namespace testbed, 4 instances, UDP)\n"
+    );
+    let _ = writeln!(
+        s,
+        "| path | generator | generated pps | delivered pps | CPU cores busy | delivered pps per core |"
+    );
+    let _ = writeln!(s, "| --- | --- | ---: | ---: | ---: | ---: |");
+    for e in &r.e2e {
+        let _ = writeln!(
+            s,
+            "| {} | {} | {:.0} | {:.0} | {:.2} | {:.0} |",
+            e.path, e.generator, e.generated_pps, e.delivered_pps, e.cores_busy, e.pps_per_core
         );
     }
     let c = &r.control;

@@ -30,6 +30,10 @@ pub mod objects {
     /// floor benchmarks measure Sluice against.
     pub static EMPTY_XDP: &[u8] =
         aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sluice-empty"));
+    /// The end-to-end benchmark's packet generator (`generate`) and sink
+    /// (`sink`).
+    pub static BENCH_XDP: &[u8] =
+        aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sluice-bench-xdp"));
 }
 
 use objects::SLUICE_XDP as OBJECT;

@@ -161,7 +161,14 @@ fn real_main() -> anyhow::Result<()> {
             ]))
         }
         Cmd::Bench { args } => {
-            let env = setup::ensure(false)?;
+            let mut env = setup::ensure(false)?;
+            setup::debian(
+                &mut env,
+                &["nftables"],
+                "nftables",
+                "for the end-to-end baseline",
+                false,
+            )?;
             require_root("the benchmarks load XDP programs and create network namespaces")?;
             eprintln!("[bench] building (release)");
             cargo(

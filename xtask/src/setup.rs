@@ -221,7 +221,24 @@ fn bpf_linker(env: &mut Env, check_only: bool) -> anyhow::Result<()> {
 }
 
 fn debian_packages(env: &mut Env, check_only: bool) -> anyhow::Result<()> {
-    let missing: Vec<&str> = DEBIAN_PACKAGES
+    debian(
+        env,
+        &DEBIAN_PACKAGES,
+        "LLVM 22 dev packages",
+        "to build bpf-linker",
+        check_only,
+    )
+}
+
+/// Installs the Debian packages among `pkgs` that are missing.
+pub fn debian(
+    env: &mut Env,
+    pkgs: &[&str],
+    what: &str,
+    why: &str,
+    check_only: bool,
+) -> anyhow::Result<()> {
+    let missing: Vec<&str> = pkgs
         .iter()
         .copied()
         .filter(|p| {
@@ -230,31 +247,28 @@ fn debian_packages(env: &mut Env, check_only: bool) -> anyhow::Result<()> {
         })
         .collect();
     if missing.is_empty() {
-        step("LLVM 22 dev packages", "ok");
+        step(what, "ok");
         return Ok(());
     }
     let list = missing.join(" ");
     if check_only {
-        step("LLVM 22 dev packages", &format!("MISSING: {list}"));
+        step(what, &format!("MISSING: {list}"));
         env.missing.extend(missing.iter().map(ToString::to_string));
         return Ok(());
     }
     let has_apt = output(Command::new("apt-get").arg("--version")).is_some();
     if !has_apt {
         bail!(
-            "bpf-linker must be built against LLVM 22, whose dev files are missing ({list}); \
-             this is not a Debian system: install LLVM 22 with its dev files and Polly under {LLVM_PREFIX}, then retry"
+            "{what} missing ({list}), needed {why}; this is not a Debian system: install their equivalents \
+             (for LLVM: version 22 with its dev files and Polly under {LLVM_PREFIX}), then retry"
         );
     }
     if !is_root() {
         bail!(
-            "missing Debian packages {list} (needed to build bpf-linker); run `sudo apt-get install -y {list}` and retry"
+            "missing Debian packages {list} (needed {why}); run `sudo apt-get install -y {list}` and retry"
         );
     }
-    step(
-        "LLVM 22 dev packages",
-        &format!("installing {list} (to build bpf-linker)"),
-    );
+    step(what, &format!("installing {list} ({why})"));
     let apt = |args: &[&str]| -> anyhow::Result<()> {
         let status = Command::new("apt-get")
             .args(args)

@@ -1,0 +1,82 @@
+//! Programs for the end-to-end benchmark (not part of the data path):
+//!
+//! - `gen`: a packet generator for `BPF_PROG_TEST_RUN` in live-frames mode.
+//!   Each run gives the UDP frame a new source port (so flows spread over
+//!   the work units) and transmits it (`XDP_TX`) on the client's veth.
+//! - `sink`: on an instance's veth, counts and drops IPv4 UDP (so the
+//!   benchmark measures distribution, not the instance's stack), passes
+//!   the rest (ARP).
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{
+    bindings::xdp_action::{XDP_DROP, XDP_PASS, XDP_TX},
+    macros::{map, xdp},
+    maps::PerCpuArray,
+    programs::XdpContext,
+};
+
+/// Per-CPU sequence of the generator.
+#[map]
+static GEN_SEQ: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
+
+/// Per-CPU count of datagrams the sink dropped.
+#[map]
+static SINK_COUNT: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// Ethernet + IPv4 without options: the UDP source port is at 34.
+const UDP_SPORT: usize = 14 + 20;
+
+#[xdp]
+pub fn generate(ctx: XdpContext) -> u32 {
+    let (data, end) = (ctx.data(), ctx.data_end());
+    if data + UDP_SPORT + 8 > end {
+        return XDP_PASS;
+    }
+    let Some(seq) = GEN_SEQ.get_ptr_mut(0) else {
+        return XDP_PASS;
+    };
+    // SAFETY: per-CPU slot; the 8 bytes of the UDP header were checked to be
+    // in the frame.
+    unsafe {
+        *seq = (*seq).wrapping_add(1);
+        let port = 1024 + (*seq & 0x0fff) as u16;
+        ((data + UDP_SPORT) as *mut [u8; 2]).write_unaligned(port.to_be_bytes());
+        // IPv4 UDP may carry no checksum: zero stays valid whatever the port.
+        ((data + UDP_SPORT + 6) as *mut [u8; 2]).write_unaligned([0, 0]);
+    }
+    XDP_TX
+}
+
+#[xdp]
+pub fn sink(ctx: XdpContext) -> u32 {
+    let (data, end) = (ctx.data(), ctx.data_end());
+    if data + UDP_SPORT > end {
+        return XDP_PASS;
+    }
+    // SAFETY: the first 34 bytes were checked to be in the frame.
+    let (ethertype, proto) = unsafe {
+        (
+            ((data + 12) as *const [u8; 2]).read_unaligned(),
+            *((data + 23) as *const u8),
+        )
+    };
+    if ethertype != [0x08, 0x00] || proto != 17 {
+        return XDP_PASS;
+    }
+    if let Some(c) = SINK_COUNT.get_ptr_mut(0) {
+        // SAFETY: per-CPU slot.
+        unsafe { *c += 1 };
+    }
+    XDP_DROP
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";
