@@ -28,6 +28,10 @@ static SINK_COUNT: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 const UDP_SPORT: usize = 14 + 20;
 
 #[xdp]
+#[expect(
+    clippy::needless_pass_by_value,
+    reason = "the #[xdp] macro hands over the context by value"
+)]
 pub fn generate(ctx: XdpContext) -> u32 {
     let (data, end) = (ctx.data(), ctx.data_end());
     if data + UDP_SPORT + 8 > end {
@@ -40,7 +44,7 @@ pub fn generate(ctx: XdpContext) -> u32 {
     // in the frame.
     unsafe {
         *seq = (*seq).wrapping_add(1);
-        let port = 1024 + (*seq & 0x0fff) as u16;
+        let port = 1024 + u16::try_from(*seq & 0x0fff).unwrap_or(0);
         ((data + UDP_SPORT) as *mut [u8; 2]).write_unaligned(port.to_be_bytes());
         // IPv4 UDP may carry no checksum: zero stays valid whatever the port.
         ((data + UDP_SPORT + 6) as *mut [u8; 2]).write_unaligned([0, 0]);
@@ -49,6 +53,10 @@ pub fn generate(ctx: XdpContext) -> u32 {
 }
 
 #[xdp]
+#[expect(
+    clippy::needless_pass_by_value,
+    reason = "the #[xdp] macro hands over the context by value"
+)]
 pub fn sink(ctx: XdpContext) -> u32 {
     let (data, end) = (ctx.data(), ctx.data_end());
     if data + UDP_SPORT > end {
