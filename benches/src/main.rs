@@ -41,6 +41,9 @@ struct Args {
     /// Seconds each end-to-end path is driven.
     #[arg(long, default_value_t = 3.0)]
     e2e_seconds: f64,
+    /// Run only these parts (default: all): fast-path, e2e, control, memory.
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
     /// The `sluice` binary whose resident memory is measured (default: next
     /// to this one).
     #[arg(long)]
@@ -60,8 +63,8 @@ struct Report {
     fast_path: Vec<fastpath::Row>,
     map_write: Vec<fastpath::WriteRow>,
     e2e: Vec<e2e::Row>,
-    control: control::Figures,
-    memory: memory::Figures,
+    control: Option<control::Figures>,
+    memory: Option<memory::Figures>,
 }
 
 fn machine() -> Machine {
@@ -97,23 +100,40 @@ fn main() -> std::process::ExitCode {
 fn run(args: &Args) -> anyhow::Result<()> {
     let m = machine();
     eprintln!("[bench] {} — {} cores — Linux {}", m.cpu, m.cores, m.kernel);
-    eprintln!(
-        "[bench] fast path ({} runs a call; {} fresh frames)",
-        args.repeat, args.fresh
-    );
-    let (fast_path, map_write) = fastpath::run(args.repeat, args.fresh)?;
-    eprintln!("[bench] end to end: Sluice against nftables on the namespace testbed");
-    let e2e = e2e::run(args.e2e_seconds)?;
-    eprintln!("[bench] control loop on the namespace testbed");
-    let control = control::run()?;
-    eprintln!("[bench] memory");
-    let sluice = args.sluice.clone().unwrap_or_else(|| {
-        std::env::current_exe()
-            .ok()
-            .and_then(|p| p.parent().map(|d| d.join("sluice")))
-            .unwrap_or_else(|| PathBuf::from("sluice"))
-    });
-    let memory = memory::run(&sluice)?;
+    let want = |part: &str| args.only.is_empty() || args.only.iter().any(|o| o == part);
+    let (fast_path, map_write) = if want("fast-path") {
+        eprintln!(
+            "[bench] fast path ({} runs a call; {} fresh frames)",
+            args.repeat, args.fresh
+        );
+        fastpath::run(args.repeat, args.fresh)?
+    } else {
+        (Vec::new(), Vec::new())
+    };
+    let e2e = if want("e2e") {
+        eprintln!("[bench] end to end: Sluice against nftables on the namespace testbed");
+        e2e::run(args.e2e_seconds)?
+    } else {
+        Vec::new()
+    };
+    let control = if want("control") {
+        eprintln!("[bench] control loop on the namespace testbed");
+        Some(control::run()?)
+    } else {
+        None
+    };
+    let memory = if want("memory") {
+        eprintln!("[bench] memory");
+        let sluice = args.sluice.clone().unwrap_or_else(|| {
+            std::env::current_exe()
+                .ok()
+                .and_then(|p| p.parent().map(|d| d.join("sluice")))
+                .unwrap_or_else(|| PathBuf::from("sluice"))
+        });
+        Some(memory::run(&sluice)?)
+    } else {
+        None
+    };
     let report = Report {
         machine: m,
         fast_path,
@@ -137,7 +157,6 @@ fn run(args: &Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-#[expect(clippy::too_many_lines, reason = "one table after another")]
 fn markdown(r: &Report) -> String {
     let mut s = String::new();
     let _ = writeln!(
@@ -201,7 +220,16 @@ fn markdown(r: &Report) -> String {
             e.path, e.generator, e.generated_pps, e.delivered_pps, e.cores_busy, e.pps_per_core
         );
     }
-    let c = &r.control;
+    if let Some(c) = &r.control {
+        control_table(&mut s, c);
+    }
+    if let Some(mm) = &r.memory {
+        memory_table(&mut s, mm, r.machine.cores);
+    }
+    s
+}
+
+fn control_table(s: &mut String, c: &control::Figures) {
     let _ = writeln!(
         s,
         "\n#### Control loop (namespace testbed, {} ms intervals, sustain {})\n",
@@ -229,14 +257,16 @@ fn markdown(r: &Report) -> String {
         "| drain an instance ({} groups, {} moves/s limit) | {:.2} s |",
         c.drain_groups, c.drain_rate, c.drain_s
     );
-    let mm = &r.memory;
+}
+
+fn memory_table(s: &mut String, mm: &memory::Figures, cores: usize) {
     let _ = writeln!(s, "\n#### Memory\n");
     let _ = writeln!(s, "| what | bytes |");
     let _ = writeln!(s, "| --- | ---: |");
     let _ = writeln!(
         s,
         "| BPF maps per service (owner array, counters, unit hits; {} CPUs) | {} |",
-        r.machine.cores, mm.per_service_bytes
+        cores, mm.per_service_bytes
     );
     let _ = writeln!(
         s,
@@ -257,5 +287,4 @@ fn markdown(r: &Report) -> String {
             "| agent resident memory, {n} service(s): all (with the mapped owner array) / anonymous | {all} / {anon} |"
         );
     }
-    s
 }

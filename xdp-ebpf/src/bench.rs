@@ -1,8 +1,11 @@
 //! Programs for the end-to-end benchmark (not part of the data path):
 //!
-//! - `gen`: a packet generator for `BPF_PROG_TEST_RUN` in live-frames mode.
-//!   Each run gives the UDP frame a new source port (so flows spread over
-//!   the work units) and transmits it (`XDP_TX`) on the client's veth.
+//! - `generate`: a packet generator for `BPF_PROG_TEST_RUN` in live-frames
+//!   mode. Each run writes the headers afresh from `TEMPLATE` (live mode
+//!   recycles pages that whoever received them may have rewritten: Sluice
+//!   sets the MAC, a router the MACs, TTL and, under NAT, the address), gives
+//!   the frame a new source port (so flows spread over the work units) and
+//!   transmits it (`XDP_TX`) on the client's veth.
 //! - `sink`: on an instance's veth, counts and drops IPv4 UDP (so the
 //!   benchmark measures distribution, not the instance's stack), passes
 //!   the rest (ARP).
@@ -12,13 +15,20 @@
 use aya_ebpf::{
     bindings::xdp_action::{XDP_DROP, XDP_PASS, XDP_TX},
     macros::{map, xdp},
-    maps::PerCpuArray,
+    maps::{Array, PerCpuArray},
     programs::XdpContext,
 };
 
 /// Per-CPU sequence of the generator.
 #[map]
 static GEN_SEQ: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
+
+/// The first `TEMPLATE_LEN` bytes of the frame: Ethernet, IPv4, UDP.
+#[map]
+static TEMPLATE: Array<[u64; TEMPLATE_WORDS]> = Array::with_max_entries(1, 0);
+
+const TEMPLATE_WORDS: usize = 6;
+const TEMPLATE_LEN: usize = TEMPLATE_WORDS * 8;
 
 /// Per-CPU count of datagrams the sink dropped.
 #[map]
@@ -34,15 +44,16 @@ const UDP_SPORT: usize = 14 + 20;
 )]
 pub fn generate(ctx: XdpContext) -> u32 {
     let (data, end) = (ctx.data(), ctx.data_end());
-    if data + UDP_SPORT + 8 > end {
+    if data + TEMPLATE_LEN > end {
         return XDP_PASS;
     }
-    let Some(seq) = GEN_SEQ.get_ptr_mut(0) else {
+    let (Some(seq), Some(template)) = (GEN_SEQ.get_ptr_mut(0), TEMPLATE.get(0)) else {
         return XDP_PASS;
     };
-    // SAFETY: per-CPU slot; the 8 bytes of the UDP header were checked to be
-    // in the frame.
+    // SAFETY: per-CPU slot; the first TEMPLATE_LEN bytes, which hold the
+    // UDP header, were checked to be in the frame.
     unsafe {
+        (data as *mut [u64; TEMPLATE_WORDS]).write_unaligned(*template);
         *seq = (*seq).wrapping_add(1);
         let port = 1024 + u16::try_from(*seq & 0x0fff).unwrap_or(0);
         ((data + UDP_SPORT) as *mut [u8; 2]).write_unaligned(port.to_be_bytes());
