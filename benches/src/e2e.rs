@@ -302,8 +302,23 @@ pub fn run(secs: f64) -> anyhow::Result<Vec<Row>> {
     }
     agent.stop()?;
 
-    // nftables: DNAT by jhash in the host's stack. The empty program on the
-    // NIC veth gives it NAPI, as Sluice's program does.
+    nftables_dnat(&tb)?;
+    for g in [Generator::LiveFrames, Generator::Sendmmsg] {
+        rows.push(measure(
+            "nftables DNAT (jhash), kernel stack",
+            g,
+            &tb,
+            &bench,
+            &frame,
+            secs,
+        )?);
+    }
+    Ok(rows)
+}
+
+/// The baseline: the host's stack distributes by DNAT to the instances,
+/// chosen by jhash of the source address and port.
+fn nftables_dnat(tb: &Testbed) -> anyhow::Result<()> {
     // GRO on gives the NIC veth NAPI, as Sluice's program does.
     netns::run_in(&tb.host, || {
         netns::set_offload(testbed::NIC, netns::Offload::Gro, true)
@@ -341,15 +356,5 @@ pub fn run(secs: f64) -> anyhow::Result<Vec<Row>> {
     if !status.success() {
         bail!("loading the nftables rules");
     }
-    for g in [Generator::LiveFrames, Generator::Sendmmsg] {
-        rows.push(measure(
-            "nftables DNAT (jhash), kernel stack",
-            g,
-            &tb,
-            &bench,
-            &frame,
-            secs,
-        )?);
-    }
-    Ok(rows)
+    Ok(())
 }
