@@ -189,6 +189,7 @@ impl Controller {
     }
 
     fn record(&mut self, e: MoveEvent) {
+        crate::telemetry::moved(&e.service, e.kind);
         tracing::info!(service = %e.service, kind = e.kind, group = ?e.group.map(|g| g.to_string()), from = %e.from, to = %e.to, "move");
         if self.history.len() == HISTORY {
             self.history.remove(0);

@@ -278,9 +278,11 @@ impl Dataplane {
         group: Group,
         owner: u32,
     ) -> Result<(), DataplaneError> {
+        let t = std::time::Instant::now();
         for unit in group.units() {
             self.owners.set(owner_index(service_id, unit), owner);
         }
+        crate::telemetry::map_write(t.elapsed().as_secs_f64());
         Ok(())
     }
 

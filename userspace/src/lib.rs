@@ -17,4 +17,5 @@ pub mod dataplane;
 pub mod netdev;
 pub mod plan;
 pub mod qos;
+pub mod telemetry;
 pub mod wlm;

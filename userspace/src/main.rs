@@ -66,6 +66,9 @@ enum Command {
         /// Unix socket of the local API (QoS reports, status).
         #[arg(long, default_value = DEFAULT_API_SOCKET)]
         api_socket: PathBuf,
+        /// Where Prometheus scrapes `/metrics`.
+        #[arg(long, default_value = "127.0.0.1:9477")]
+        metrics_addr: std::net::SocketAddr,
     },
     /// Check a config file and print what it would program; changes nothing.
     CheckConfig {
@@ -103,6 +106,7 @@ fn main() -> ExitCode {
             stats_interval,
             state,
             api_socket,
+            metrics_addr,
         } => run(&RunArgs {
             iface: &iface,
             config: &config,
@@ -110,6 +114,7 @@ fn main() -> ExitCode {
             stats_interval,
             state: &state,
             api_socket: &api_socket,
+            metrics_addr,
         }),
         Command::CheckConfig { config } => check_config(&config),
         Command::Report {
@@ -178,11 +183,17 @@ struct RunArgs<'a> {
     stats_interval: u64,
     state: &'a Path,
     api_socket: &'a Path,
+    metrics_addr: std::net::SocketAddr,
 }
 
 fn run(a: &RunArgs<'_>) -> anyhow::Result<()> {
     let config = Config::load(a.config)?;
     let store = Arc::new(EmbeddedStore::open(a.state)?);
+    // Before start-up, so the first map writes are measured too. Without a
+    // runtime yet, the exporter serves from a thread of its own.
+    sluice::telemetry::install(a.metrics_addr)
+        .map_err(|e| anyhow::anyhow!("--metrics-addr {}: {e}", a.metrics_addr))?;
+    tracing::info!(addr = %a.metrics_addr, "serving /metrics");
     let mut agent = Agent::start(&config, a.iface, a.generic, store)?;
     let iface = a.iface;
     for i in &agent.plan.instances {
@@ -207,6 +218,7 @@ fn run(a: &RunArgs<'_>) -> anyhow::Result<()> {
             status: Arc::new(Mutex::new(Vec::new())),
         };
         let _api = api::serve(a.api_socket, shared.clone())?;
+        sluice::telemetry::publish(&agent);
         let mut term = signal(SignalKind::terminate())?;
         let mut control = tokio::time::interval(agent.control.interval());
         let mut stats = tokio::time::interval(Duration::from_secs(a.stats_interval.max(1)));
@@ -220,6 +232,7 @@ fn run(a: &RunArgs<'_>) -> anyhow::Result<()> {
                         tracing::warn!(error = %e, "control interval failed");
                     }
                     publish_status(&agent, &shared);
+                    sluice::telemetry::publish(&agent);
                 }
                 _ = stats.tick(), if a.stats_interval > 0 => report(&agent.dataplane, &agent.plan, false),
             }

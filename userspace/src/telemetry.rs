@@ -1,0 +1,185 @@
+//! Prometheus metrics: names start with `sluice_`, units are in the names,
+//! labels are bounded (service, instance, action, reason, kind — never a
+//! unit or a flow). The Grafana dashboard in `dashboards/` uses exactly
+//! these names; a test checks it.
+
+use std::net::SocketAddr;
+
+use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
+use metrics_exporter_prometheus::{BuildError, Matcher, PrometheusBuilder};
+use sluice_common::counters;
+
+use crate::{agent::Agent, dataplane::AttachMode};
+
+/// Kinds of move, as `sluice_moves_total{kind}` counts them.
+pub const MOVE_KINDS: [&str; 6] = ["split", "give", "reclaim", "merge", "drain", "manual"];
+
+/// Serves `/metrics` on `addr` (from the current tokio runtime).
+pub fn install(addr: SocketAddr) -> Result<(), BuildError> {
+    PrometheusBuilder::new()
+        .with_http_listener(addr)
+        .set_buckets_for_metric(
+            Matcher::Full("sluice_map_write_seconds".into()),
+            &[1e-6, 4e-6, 16e-6, 64e-6, 256e-6, 1e-3, 4e-3, 16e-3, 64e-3],
+        )?
+        .install()?;
+    describe();
+    Ok(())
+}
+
+fn describe() {
+    describe_counter!(
+        "sluice_datapath_packets_total",
+        "Packets the XDP program handled, by action or pass reason"
+    );
+    describe_counter!("sluice_service_packets_total", "Packets of a service");
+    describe_counter!("sluice_service_bytes_total", "Bytes of a service");
+    describe_counter!(
+        "sluice_service_actions_total",
+        "Packets of a service by outcome (delivered, unowned, redirect_failed, tagged, tag_missing)"
+    );
+    describe_counter!(
+        "sluice_pinned_flows_total",
+        "Pinned-flow events by kind (hit, created, lost, expired)"
+    );
+    describe_counter!(
+        "sluice_instance_packets_total",
+        "Packets delivered to an instance"
+    );
+    describe_counter!(
+        "sluice_instance_bytes_total",
+        "Bytes delivered to an instance"
+    );
+    describe_gauge!(
+        "sluice_instance_utilisation_ratio",
+        "Utilisation of an instance (1 = at capacity)"
+    );
+    describe_gauge!(
+        "sluice_instance_rate_packets_per_second",
+        "Packets per second delivered to an instance"
+    );
+    describe_gauge!(
+        "sluice_instance_drops_per_second",
+        "UDP receive-buffer drops per second inside an instance"
+    );
+    describe_gauge!(
+        "sluice_instance_socket_queue_bytes",
+        "Bytes queued on the service's sockets inside an instance"
+    );
+    describe_gauge!(
+        "sluice_instance_cpu_cores",
+        "CPUs used by an instance's cgroup"
+    );
+    describe_gauge!(
+        "sluice_instance_reported_latency_p99_seconds",
+        "Latency p99 the application reported"
+    );
+    describe_gauge!(
+        "sluice_instance_reported_queue_depth",
+        "Queue depth the application reported"
+    );
+    describe_gauge!(
+        "sluice_instance_reported_in_flight",
+        "Requests in flight the application reported"
+    );
+    describe_gauge!(
+        "sluice_instance_groups",
+        "Work unit groups an instance owns"
+    );
+    describe_gauge!("sluice_instance_units", "Work units an instance owns");
+    describe_counter!("sluice_moves_total", "Group moves by kind");
+    describe_histogram!(
+        "sluice_map_write_seconds",
+        "Time to rewrite a group's owners in the data path"
+    );
+    describe_gauge!(
+        "sluice_attach_info",
+        "How the XDP program is attached (mode label)"
+    );
+}
+
+/// Records a map write of `seconds`.
+pub fn map_write(seconds: f64) {
+    histogram!("sluice_map_write_seconds").record(seconds);
+}
+
+/// Counts a move.
+pub fn moved(service: &str, kind: &'static str) {
+    counter!("sluice_moves_total", "service" => service.to_owned(), "kind" => kind).increment(1);
+}
+
+/// Publishes everything the agent knows, once an interval.
+pub fn publish(agent: &Agent) {
+    let dp = &agent.dataplane;
+    if let Ok(g) = dp.global_counters() {
+        for (name, v) in counters::NAMES.iter().zip(g) {
+            counter!("sluice_datapath_packets_total", "action" => *name).absolute(v);
+        }
+    }
+    for s in &agent.plan.services {
+        let name = s.name.clone();
+        if let Ok(c) = dp.service_counters(s.id) {
+            counter!("sluice_service_packets_total", "service" => name.clone()).absolute(c.packets);
+            counter!("sluice_service_bytes_total", "service" => name.clone()).absolute(c.bytes);
+            for (action, v) in [
+                ("delivered", c.delivered),
+                ("unowned", c.unowned),
+                ("redirect_failed", c.redirect_failed),
+                ("tagged", c.tagged),
+                ("tag_missing", c.tag_missing),
+            ] {
+                counter!("sluice_service_actions_total", "service" => name.clone(), "action" => action).absolute(v);
+            }
+            for (event, v) in [
+                ("hit", c.pin_hits),
+                ("created", c.pins_created),
+                ("lost", c.pins_lost),
+                ("expired", c.pins_expired),
+            ] {
+                counter!("sluice_pinned_flows_total", "service" => name.clone(), "event" => event)
+                    .absolute(v);
+            }
+        }
+        for kind in MOVE_KINDS {
+            // Registers every kind, so a dashboard sees zeros, not gaps.
+            counter!("sluice_moves_total", "service" => name.clone(), "kind" => kind).increment(0);
+        }
+    }
+    for i in &agent.plan.instances {
+        if let Ok(c) = dp.instance_counters(i.id) {
+            let service = agent.plan.services[i.service_id as usize].name.clone();
+            let labels = [("service", service), ("instance", i.name.clone())];
+            counter!("sluice_instance_packets_total", &labels).absolute(c.packets);
+            counter!("sluice_instance_bytes_total", &labels).absolute(c.bytes);
+        }
+    }
+    if let Ok(status) = agent.control.status() {
+        for st in status {
+            let labels = [
+                ("service", st.service.clone()),
+                ("instance", st.name.clone()),
+            ];
+            gauge!("sluice_instance_utilisation_ratio", &labels).set(st.sample.utilisation);
+            gauge!("sluice_instance_rate_packets_per_second", &labels).set(st.inputs.rate_pps);
+            gauge!("sluice_instance_drops_per_second", &labels).set(st.inputs.drops_ps);
+            gauge!("sluice_instance_socket_queue_bytes", &labels).set(st.inputs.queue_bytes);
+            gauge!("sluice_instance_cpu_cores", &labels).set(st.inputs.cpu_cores.unwrap_or(0.0));
+            let r = st.inputs.report.clone().unwrap_or_default();
+            gauge!("sluice_instance_reported_latency_p99_seconds", &labels)
+                .set(r.latency_p99_ms.unwrap_or(0.0) / 1e3);
+            gauge!("sluice_instance_reported_queue_depth", &labels)
+                .set(r.queue_depth.unwrap_or(0.0));
+            gauge!("sluice_instance_reported_in_flight", &labels).set(r.in_flight.unwrap_or(0.0));
+            #[expect(clippy::cast_precision_loss, reason = "small counts")]
+            let groups = st.groups.len() as f64;
+            gauge!("sluice_instance_groups", &labels).set(groups);
+            gauge!("sluice_instance_units", &labels)
+                .set(f64::from(st.groups.iter().map(|g| g.size()).sum::<u32>()));
+        }
+    }
+    let mode = match agent.mode {
+        AttachMode::Native => "native",
+        AttachMode::Generic => "generic",
+    };
+    gauge!("sluice_attach_info", "iface" => agent.iface.clone(), "mode" => mode).set(1.0);
+}
