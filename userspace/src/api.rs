@@ -32,6 +32,24 @@ use crate::qos::{Report, Reports};
 pub enum Request {
     Report(Report),
     Status {},
+    Groups { service: String },
+    Drain { instance: String },
+    Undrain { instance: String },
+}
+
+/// A drain or undrain for the control loop to carry out.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Command {
+    Drain(String),
+    Undrain(String),
+}
+
+/// One group in a `groups` answer.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+pub struct GroupLine {
+    pub group: String,
+    pub owner: String,
+    pub version: u64,
 }
 
 /// One instance in a status answer.
@@ -43,6 +61,8 @@ pub struct InstanceLine {
     pub rate_pps: f64,
     pub drops_ps: f64,
     pub groups: Vec<String>,
+    #[serde(default)]
+    pub drained: bool,
 }
 
 #[derive(Debug, Default, Deserialize, Serialize)]
@@ -52,6 +72,8 @@ pub struct Response {
     pub error: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub instances: Option<Vec<InstanceLine>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub groups: Option<Vec<GroupLine>>,
 }
 
 /// What the API serves from.
@@ -62,6 +84,10 @@ pub struct Shared {
     pub instances: Arc<Vec<String>>,
     /// Latest status, refreshed by the control loop.
     pub status: Arc<Mutex<Vec<InstanceLine>>>,
+    /// Latest assignment per service, refreshed by the control loop.
+    pub groups: Arc<Mutex<std::collections::HashMap<String, Vec<GroupLine>>>>,
+    /// Drains and undrains waiting for the control loop.
+    pub commands: Arc<Mutex<Vec<Command>>>,
 }
 
 fn answer(shared: &Shared, line: &str) -> Response {
@@ -89,11 +115,44 @@ fn answer(shared: &Shared, line: &str) -> Response {
             instances: Some(shared.status.lock().expect("status lock").clone()),
             ..Response::default()
         },
+        Ok(Request::Groups { service }) => {
+            match shared.groups.lock().expect("groups lock").get(&service) {
+                Some(g) => Response {
+                    ok: true,
+                    groups: Some(g.clone()),
+                    ..Response::default()
+                },
+                None => refuse(format!("unknown service `{service}`")),
+            }
+        }
+        Ok(Request::Drain { instance } | Request::Undrain { instance })
+            if !shared.instances.contains(&instance) =>
+        {
+            refuse(format!("unknown instance `{instance}`"))
+        }
+        Ok(Request::Drain { instance }) => queue(shared, Command::Drain(instance)),
+        Ok(Request::Undrain { instance }) => queue(shared, Command::Undrain(instance)),
         Err(e) => Response {
             ok: false,
             error: Some(format!("bad request: {e}")),
             ..Response::default()
         },
+    }
+}
+
+fn refuse(error: String) -> Response {
+    Response {
+        ok: false,
+        error: Some(error),
+        ..Response::default()
+    }
+}
+
+fn queue(shared: &Shared, c: Command) -> Response {
+    shared.commands.lock().expect("commands lock").push(c);
+    Response {
+        ok: true,
+        ..Response::default()
     }
 }
 
@@ -190,7 +249,27 @@ mod tests {
             reports: Arc::default(),
             instances: Arc::new(vec!["a".into()]),
             status: Arc::default(),
+            groups: Arc::default(),
+            commands: Arc::default(),
         }
+    }
+
+    #[test]
+    fn drains_are_queued_for_known_instances() {
+        let s = shared();
+        assert!(answer(&s, r#"{"drain": {"instance": "a"}}"#).ok);
+        assert!(answer(&s, r#"{"undrain": {"instance": "a"}}"#).ok);
+        assert_eq!(
+            *s.commands.lock().unwrap(),
+            vec![Command::Drain("a".into()), Command::Undrain("a".into())]
+        );
+        assert!(!answer(&s, r#"{"drain": {"instance": "zz"}}"#).ok);
+        assert_eq!(
+            answer(&s, r#"{"groups": {"service": "nope"}}"#)
+                .error
+                .as_deref(),
+            Some("unknown service `nope`")
+        );
     }
 
     #[test]

@@ -92,6 +92,9 @@ pub struct Controller {
     pub reports: Arc<Mutex<Reports>>,
     interval: Duration,
     history: Vec<MoveEvent>,
+    /// Instances being drained: they give their groups away, one move at a
+    /// time within the move limit, and take none.
+    drained: std::collections::HashSet<String>,
 }
 
 /// Most move events kept for `history`.
@@ -174,6 +177,7 @@ impl Controller {
             reports: Arc::new(Mutex::new(Reports::default())),
             interval: config.agent.interval,
             history: Vec::new(),
+            drained: std::collections::HashSet::new(),
         })
     }
 
@@ -254,14 +258,85 @@ impl Controller {
         Ok(())
     }
 
-    /// One interval: measure, decide, move. Returns the moves made.
+    /// Marks `instance` drained (it gives all its groups away and takes
+    /// none) or not.
+    pub fn set_drained(&mut self, instance: &str, drained: bool) -> Result<(), ControlError> {
+        if !self
+            .services
+            .iter()
+            .any(|s| s.instances.iter().any(|i| i.name == instance))
+        {
+            return Err(ControlError::UnknownInstance {
+                service: "*".into(),
+                instance: instance.to_owned(),
+            });
+        }
+        if drained {
+            self.drained.insert(instance.to_owned());
+        } else {
+            self.drained.remove(instance);
+        }
+        Ok(())
+    }
+
+    #[must_use]
+    pub fn is_drained(&self, instance: &str) -> bool {
+        self.drained.contains(instance)
+    }
+
+    /// One move of each drained instance that still owns groups, within the
+    /// move limit: its largest group goes to the least-utilised peer that is
+    /// not drained.
+    fn drain_step(
+        &mut self,
+        dp: &mut Dataplane,
+        now: Instant,
+    ) -> Result<Vec<MoveEvent>, ControlError> {
+        let mut made = Vec::new();
+        for si in 0..self.services.len() {
+            let name = self.services[si].name.clone();
+            let assignment = self.store.groups(&name)?;
+            let draining: Vec<String> = self.services[si]
+                .instances
+                .iter()
+                .filter(|i| self.drained.contains(&i.name))
+                .map(|i| i.name.clone())
+                .collect();
+            for d in draining {
+                let Some(e) = assignment
+                    .iter()
+                    .filter(|e| e.owner == d)
+                    .max_by_key(|e| e.group.size())
+                else {
+                    continue;
+                };
+                let Some(to) = self.services[si]
+                    .instances
+                    .iter()
+                    .filter(|i| !self.drained.contains(&i.name))
+                    .min_by(|a, b| a.sample.utilisation.total_cmp(&b.sample.utilisation))
+                    .map(|i| i.name.clone())
+                else {
+                    continue;
+                };
+                if !self.limiter.try_take(now) {
+                    return Ok(made);
+                }
+                made.extend(self.move_group_as(dp, &name, e.group, &to, "drain")?);
+            }
+        }
+        Ok(made)
+    }
+
+    /// One interval: measure, move drained instances' groups, then let
+    /// every element decide. Returns the moves made.
     pub fn tick(
         &mut self,
         dp: &mut Dataplane,
         now: Instant,
     ) -> Result<Vec<MoveEvent>, ControlError> {
         self.measure(dp, now)?;
-        let mut made = Vec::new();
+        let mut made = self.drain_step(dp, now)?;
         for si in 0..self.services.len() {
             // Most loaded elements act first.
             let mut order: Vec<usize> = (0..self.services[si].instances.len()).collect();
@@ -271,12 +346,15 @@ impl Controller {
             });
             for ii in order {
                 let svc = &self.services[si];
+                if self.drained.contains(&svc.instances[ii].name) {
+                    continue;
+                }
                 let assignment = self.store.groups(&svc.name)?;
                 let peers: Vec<Peer> = svc
                     .instances
                     .iter()
                     .enumerate()
-                    .filter(|(j, _)| *j != ii)
+                    .filter(|(j, p)| *j != ii && !self.drained.contains(&p.name))
                     .map(|(_, p)| Peer {
                         name: p.name.clone(),
                         sample: p.sample,
@@ -489,6 +567,14 @@ impl Controller {
             progress(n + 1, groups.len());
         }
         Ok(events)
+    }
+
+    /// Every service's assignment, from the store.
+    pub fn assignments(&self) -> Result<Vec<(String, Vec<GroupEntry>)>, ControlError> {
+        self.services
+            .iter()
+            .map(|s| Ok((s.name.clone(), self.store.groups(&s.name)?)))
+            .collect()
     }
 
     /// Current state of every instance.

@@ -75,6 +75,41 @@ enum Command {
         /// TOML config to check.
         config: PathBuf,
     },
+    /// Show every instance of the running agent: utilisation, rate, drops,
+    /// groups.
+    Status {
+        /// Unix socket of the agent's local API.
+        #[arg(long, default_value = DEFAULT_API_SOCKET)]
+        api_socket: PathBuf,
+    },
+    /// Show the groups of a service and their owners.
+    Groups {
+        /// Service name, as in the config.
+        service: String,
+        /// Unix socket of the agent's local API.
+        #[arg(long, default_value = DEFAULT_API_SOCKET)]
+        api_socket: PathBuf,
+    },
+    /// Move every group of an instance to its peers (rate-limited), showing
+    /// progress; it then takes no work until `undrain`.
+    Drain {
+        /// Instance name, as in the config.
+        instance: String,
+        /// Give up waiting after this many seconds (the drain goes on).
+        #[arg(long, default_value_t = 300)]
+        timeout: u64,
+        /// Unix socket of the agent's local API.
+        #[arg(long, default_value = DEFAULT_API_SOCKET)]
+        api_socket: PathBuf,
+    },
+    /// Let a drained instance take work again.
+    Undrain {
+        /// Instance name, as in the config.
+        instance: String,
+        /// Unix socket of the agent's local API.
+        #[arg(long, default_value = DEFAULT_API_SOCKET)]
+        api_socket: PathBuf,
+    },
     /// Report an instance's own QoS to the running agent.
     Report {
         /// Instance name, as in the config.
@@ -117,6 +152,27 @@ fn main() -> ExitCode {
             metrics_addr,
         }),
         Command::CheckConfig { config } => check_config(&config),
+        Command::Status { api_socket } => status(&api_socket),
+        Command::Groups {
+            service,
+            api_socket,
+        } => groups(&api_socket, service),
+        Command::Drain {
+            instance,
+            timeout,
+            api_socket,
+        } => drain(&api_socket, &instance, timeout),
+        Command::Undrain {
+            instance,
+            api_socket,
+        } => api::call(
+            &api_socket,
+            &Request::Undrain {
+                instance: instance.clone(),
+            },
+        )
+        .map(|_| println!("{instance}: undrained; it may take work again"))
+        .map_err(Into::into),
         Command::Report {
             instance,
             latency_p99_ms,
@@ -176,6 +232,78 @@ fn check_config(path: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn instances(api_socket: &Path) -> anyhow::Result<Vec<InstanceLine>> {
+    Ok(api::call(api_socket, &Request::Status {})?
+        .instances
+        .unwrap_or_default())
+}
+
+fn status(api_socket: &Path) -> anyhow::Result<()> {
+    println!(
+        "{:<16} {:<16} {:>6} {:>10} {:>8}  groups",
+        "service", "instance", "util", "pps", "drops/s"
+    );
+    for i in instances(api_socket)? {
+        println!(
+            "{:<16} {:<16} {:>6.2} {:>10.0} {:>8.0}  {}{}",
+            i.service,
+            i.name,
+            i.utilisation,
+            i.rate_pps,
+            i.drops_ps,
+            i.groups.join(" "),
+            if i.drained { "  (drained)" } else { "" }
+        );
+    }
+    Ok(())
+}
+
+fn groups(api_socket: &Path, service: String) -> anyhow::Result<()> {
+    let answer = api::call(api_socket, &Request::Groups { service })?;
+    println!("{:<12} {:<16} {:>8}", "group", "owner", "version");
+    for g in answer.groups.unwrap_or_default() {
+        println!("{:<12} {:<16} {:>8}", g.group, g.owner, g.version);
+    }
+    Ok(())
+}
+
+fn drain(api_socket: &Path, instance: &str, timeout: u64) -> anyhow::Result<()> {
+    let left = |list: &[InstanceLine]| {
+        list.iter()
+            .find(|i| i.name == instance)
+            .map_or(0, |i| i.groups.len())
+    };
+    let total = left(&instances(api_socket)?);
+    api::call(
+        api_socket,
+        &Request::Drain {
+            instance: instance.to_owned(),
+        },
+    )?;
+    let start = std::time::Instant::now();
+    let mut last = usize::MAX;
+    loop {
+        let now = left(&instances(api_socket)?);
+        if now != last {
+            println!(
+                "{instance}: {}/{total} groups moved",
+                total.saturating_sub(now)
+            );
+            last = now;
+        }
+        if now == 0 {
+            println!("{instance}: drained");
+            return Ok(());
+        }
+        if start.elapsed() > Duration::from_secs(timeout) {
+            anyhow::bail!(
+                "{instance}: {now} groups left after {timeout} s; the drain goes on in the agent"
+            );
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
 struct RunArgs<'a> {
     iface: &'a str,
     config: &'a Path,
@@ -216,6 +344,8 @@ fn run(a: &RunArgs<'_>) -> anyhow::Result<()> {
             reports: agent.control.reports.clone(),
             instances: Arc::new(agent.plan.instances.iter().map(|i| i.name.clone()).collect()),
             status: Arc::new(Mutex::new(Vec::new())),
+            groups: Arc::default(),
+            commands: Arc::default(),
         };
         let _api = api::serve(a.api_socket, shared.clone())?;
         sluice::telemetry::publish(&agent);
@@ -228,6 +358,16 @@ fn run(a: &RunArgs<'_>) -> anyhow::Result<()> {
                 _ = tokio::signal::ctrl_c() => break,
                 _ = term.recv() => break,
                 _ = control.tick() => {
+                    for c in std::mem::take(&mut *shared.commands.lock().expect("commands lock")) {
+                        let (name, drained) = match &c {
+                            api::Command::Drain(n) => (n, true),
+                            api::Command::Undrain(n) => (n, false),
+                        };
+                        match agent.control.set_drained(name, drained) {
+                            Ok(()) => tracing::info!(instance = %name, drained, "drain state changed"),
+                            Err(e) => tracing::warn!(error = %e, "drain request refused"),
+                        }
+                    }
                     if let Err(e) = agent.tick() {
                         tracing::warn!(error = %e, "control interval failed");
                     }
@@ -247,12 +387,29 @@ fn run(a: &RunArgs<'_>) -> anyhow::Result<()> {
 }
 
 fn publish_status(agent: &Agent, shared: &api::Shared) {
+    if let Ok(groups) = agent.control.assignments() {
+        *shared.groups.lock().expect("groups lock") = groups
+            .into_iter()
+            .map(|(service, entries)| {
+                let lines = entries
+                    .into_iter()
+                    .map(|e| api::GroupLine {
+                        group: e.group.to_string(),
+                        owner: e.owner,
+                        version: e.version,
+                    })
+                    .collect();
+                (service, lines)
+            })
+            .collect();
+    }
     let Ok(status) = agent.control.status() else {
         return;
     };
     *shared.status.lock().expect("status lock") = status
         .into_iter()
         .map(|s| InstanceLine {
+            drained: agent.control.is_drained(&s.name),
             service: s.service,
             name: s.name,
             utilisation: s.sample.utilisation,

@@ -1,0 +1,156 @@
+//! What the tests of the `sluice` binary share: a network namespace of the
+//! test's own with veths in it, and the real agent started there.
+
+use std::{
+    fmt::Write as _,
+    io::Read as _,
+    path::PathBuf,
+    process::{Child, Command, Output, Stdio},
+    time::{Duration, Instant},
+};
+
+/// A network namespace of this test, deleted on drop (with its links).
+pub struct Netns(pub String);
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+/// The agent a test started, stopped by its pid on drop.
+pub struct Agent {
+    child: Child,
+    pub socket: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        // SAFETY: signalling the child this test started.
+        unsafe { libc::kill(i32::try_from(self.child.id()).expect("pid"), libc::SIGTERM) };
+        let _ = self.child.wait();
+    }
+}
+
+pub fn ip(args: &[&str]) {
+    let st = Command::new("ip").args(args).status().expect("ip");
+    assert!(st.success(), "ip {}", args.join(" "));
+}
+
+/// A namespace with the "NIC" veth `nic0` and `n` instance veths `v<i>`
+/// (peers `p<i>` with MAC `02:5c:00:00:00:<i+1>`), all up.
+pub fn netns(tag: &str, n: usize) -> Netns {
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "run as root: the agent attaches XDP"
+    );
+    let ns = Netns(format!("sl-{tag}-{}", std::process::id()));
+    ip(&["netns", "add", &ns.0]);
+    ip(&["-n", &ns.0, "link", "set", "lo", "up"]);
+    ip(&[
+        "-n", &ns.0, "link", "add", "nic0", "type", "veth", "peer", "name", "wire0",
+    ]);
+    let mut devs = vec!["nic0".to_owned(), "wire0".to_owned()];
+    for i in 0..n {
+        let mac = format!("02:5c:00:00:00:{:02x}", i + 1);
+        ip(&[
+            "-n",
+            &ns.0,
+            "link",
+            "add",
+            &format!("v{i}"),
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &format!("p{i}"),
+            "address",
+            &mac,
+        ]);
+        devs.extend([format!("v{i}"), format!("p{i}")]);
+    }
+    for d in &devs {
+        ip(&["-n", &ns.0, "link", "set", d, "up"]);
+    }
+    ns
+}
+
+/// Config instance tables for the namespace's `n` instance veths.
+#[must_use]
+pub fn instances_toml(service: &str, n: usize) -> String {
+    let mut out = String::new();
+    for i in 0..n {
+        let _ = write!(
+            out,
+            "[[service.instance]]\nname = \"{service}-{i}\"\nveth = \"v{i}\"\nmac = \"02:5c:00:00:00:{:02x}\"\n",
+            i + 1
+        );
+    }
+    out
+}
+
+/// Starts `sluice run` in `ns` with `config` and waits until its API
+/// answers.
+pub fn start(ns: &Netns, config: &str, extra: &[&str]) -> Agent {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("sluice.toml");
+    std::fs::write(&path, config).expect("config");
+    let socket = dir.path().join("agent.sock");
+    let child = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &ns.0,
+            env!("CARGO_BIN_EXE_sluice"),
+            "run",
+            "--iface",
+            "nic0",
+            "--stats-interval",
+            "0",
+        ])
+        .arg("--config")
+        .arg(&path)
+        .arg("--state")
+        .arg(dir.path().join("state.json"))
+        .arg("--api-socket")
+        .arg(&socket)
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start sluice");
+    let mut agent = Agent {
+        child,
+        socket,
+        _dir: dir,
+    };
+    let t = Instant::now();
+    while sluice::api::call(&agent.socket, &sluice::api::Request::Status {}).is_err() {
+        if let Some(status) = agent.child.try_wait().expect("wait") {
+            let mut err = String::new();
+            let _ = agent
+                .child
+                .stderr
+                .take()
+                .map(|mut e| e.read_to_string(&mut err));
+            panic!("the agent exited ({status}): {err}");
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "the agent did not come up"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    agent
+}
+
+/// Runs a `sluice` CLI command.
+pub fn sluice(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(args)
+        .output()
+        .expect("run sluice")
+}
