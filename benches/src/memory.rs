@@ -94,8 +94,10 @@ fn agent_rss(sluice: &Path, tb: &Testbed, toml: &str) -> anyhow::Result<(u64, u6
     let config = dir.path().join("sluice.toml");
     std::fs::write(&config, toml)?;
     let sock = dir.path().join("agent.sock");
-    let mut child = Command::new("ip")
-        .args(["netns", "exec", &tb.host])
+    let pins = format!("/sys/fs/bpf/sluice-bench-{}", std::process::id());
+    // nsenter, not `ip netns exec`: that remounts /sys, hiding bpffs.
+    let mut child = Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}", tb.host))
         .arg(sluice)
         .args([
             "run",
@@ -103,6 +105,13 @@ fn agent_rss(sluice: &Path, tb: &Testbed, toml: &str) -> anyhow::Result<(u64, u6
             sluice_tests::testbed::NIC,
             "--stats-interval",
             "0",
+            "--cleanup",
+        ])
+        .args([
+            "--pin-dir",
+            &pins,
+            "--metrics-addr",
+            "127.0.0.1:9477",
             "--config",
         ])
         .arg(&config)
@@ -125,7 +134,7 @@ fn agent_rss(sluice: &Path, tb: &Testbed, toml: &str) -> anyhow::Result<(u64, u6
         std::thread::sleep(Duration::from_millis(50));
     };
     let pid = child.id();
-    // `ip netns exec` execs the agent, so the child's pid is the agent's.
+    // nsenter execs the agent, so the child's pid is the agent's.
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     // SAFETY: signalling the child we started, by its pid.
     unsafe { libc::kill(i32::try_from(pid)?, libc::SIGTERM) };

@@ -13,6 +13,19 @@ pub mod names {
     pub const INSTANCE_COUNTERS: &str = "INSTANCE_COUNTERS";
     pub const UNIT_HITS: &str = "UNIT_HITS";
     pub const PINNED: &str = "PINNED";
+
+    /// Every map of the program, for pinning them all.
+    pub const ALL: [&str; 9] = [
+        SERVICES,
+        OWNERS,
+        INSTANCES,
+        DELIVER,
+        GLOBAL_COUNTERS,
+        SERVICE_COUNTERS,
+        INSTANCE_COUNTERS,
+        UNIT_HITS,
+        PINNED,
+    ];
 }
 
 /// Name of the XDP program in the object file.

@@ -50,13 +50,27 @@ impl Agent {
         force_generic: bool,
         store: Arc<dyn CoordStore>,
     ) -> Result<Self, StartError> {
+        Self::start_pinned(config, iface, force_generic, store, None)
+    }
+
+    /// As [`Self::start`]; with `pin_dir`, the data path is pinned there and
+    /// outlives this agent (or, left by a previous one, is adopted: counters,
+    /// pinned flows and owners carry over, and the new program is swapped
+    /// in atomically).
+    pub fn start_pinned(
+        config: &Config,
+        iface: &str,
+        force_generic: bool,
+        store: Arc<dyn CoordStore>,
+        pin_dir: Option<&std::path::Path>,
+    ) -> Result<Self, StartError> {
         netdev::ifindex(iface).map_err(|source| StartError::Iface {
             iface: iface.to_owned(),
             source,
         })?;
         let mut plan = Plan::build(config, resolve_instance)?;
         let control = Controller::new(config, &mut plan, store)?;
-        let mut dataplane = Dataplane::load(&plan)?;
+        let mut dataplane = Dataplane::load_with(&plan, pin_dir)?;
         dataplane.program(&plan)?;
         let mode = dataplane.attach(iface, force_generic)?;
         Ok(Self {
@@ -73,7 +87,8 @@ impl Agent {
         self.control.tick(&mut self.dataplane, Instant::now())
     }
 
-    /// Detaches the program from the interface.
+    /// Detaches the program from the interface, unless it is pinned: then
+    /// it stays attached for the next agent.
     pub fn stop(mut self) -> Result<(), DataplaneError> {
         self.dataplane.detach()
     }

@@ -57,6 +57,26 @@ pub enum DataplaneError {
         #[source]
         source: MapError,
     },
+    #[error("bpffs directory {dir}")]
+    PinDir {
+        dir: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "map `{map}` pinned in {dir} has {pinned} entries, this config needs {wanted}; run `sluice detach --pin-dir {dir}` (it drops pinned flows) and start again"
+    )]
+    PinMismatch {
+        dir: std::path::PathBuf,
+        map: &'static str,
+        pinned: u32,
+        wanted: u32,
+    },
+    #[error("adopting the data path pinned in {dir}: {problem}")]
+    Adopt {
+        dir: std::path::PathBuf,
+        problem: String,
+    },
     #[error("mapping the owner array into memory")]
     Mmap {
         #[source]
@@ -86,6 +106,19 @@ pub struct Dataplane {
     ebpf: Ebpf,
     link: Option<XdpLinkId>,
     owners: OwnerTable,
+    /// Set when the data path lives on in bpffs across agent restarts.
+    pins: Option<Pins>,
+}
+
+/// A data path pinned under a bpffs directory: every map at `<dir>/<MAP>`,
+/// the XDP link at `<dir>/link`, and the interface and attach mode as empty
+/// directories `iface=<name>` and `mode=<native|generic>`. While the
+/// link is pinned the program stays attached with no agent running; a new
+/// agent adopts the maps (owners, counters, pinned flows) and swaps its
+/// program in atomically.
+struct Pins {
+    dir: std::path::PathBuf,
+    link: Option<aya::programs::links::PinnedLink>,
 }
 
 /// The owner array, mapped into our memory (`BPF_F_MMAPABLE`): a group's
@@ -167,6 +200,16 @@ impl Drop for OwnerTable {
     }
 }
 
+/// The value of a `key=value` directory under `dir`.
+fn pin_tag(dir: &std::path::Path, key: &str) -> Option<String> {
+    std::fs::read_dir(dir).ok()?.flatten().find_map(|e| {
+        e.file_name()
+            .to_str()?
+            .strip_prefix(&format!("{key}="))
+            .map(str::to_owned)
+    })
+}
+
 fn map_err(name: &'static str) -> impl Fn(MapError) -> DataplaneError {
     move |source| DataplaneError::Map { name, source }
 }
@@ -175,25 +218,69 @@ impl Dataplane {
     /// Loads the program with every map sized for `plan`. Nothing is
     /// attached and no entry written yet.
     pub fn load(plan: &Plan) -> Result<Self, DataplaneError> {
-        if OBJECT.is_empty() {
-            return Err(DataplaneError::ObjectMissing);
-        }
+        Self::load_with(plan, None)
+    }
+
+    /// Sizes of every map for `plan`.
+    fn sizes(plan: &Plan) -> [(&'static str, u32); 8] {
         let services = u32::try_from(plan.services.len()).expect("bounded").max(1);
         let keys = u32::try_from(plan.services.iter().map(|s| s.keys.len()).sum::<usize>())
             .expect("bounded")
             .max(1);
         // Instance ids start at 1: slot 0 stays empty.
         let instances = u32::try_from(plan.instances.len()).expect("bounded") + 1;
+        [
+            (names::SERVICES, keys),
+            (names::OWNERS, plan.owner_entries()),
+            (names::INSTANCES, instances),
+            (names::DELIVER, instances),
+            (names::INSTANCE_COUNTERS, instances),
+            (names::SERVICE_COUNTERS, services),
+            (names::UNIT_HITS, services * HIT_BUCKETS_PER_SERVICE),
+            (names::PINNED, plan.pinned_flows.max(1)),
+        ]
+    }
+
+    /// Loads as [`Self::load`]; with `pin_dir`, every map is pinned there,
+    /// or, if a previous agent left them pinned, adopted (sizes must match).
+    pub fn load_with(
+        plan: &Plan,
+        pin_dir: Option<&std::path::Path>,
+    ) -> Result<Self, DataplaneError> {
+        if OBJECT.is_empty() {
+            return Err(DataplaneError::ObjectMissing);
+        }
+        let sizes = Self::sizes(plan);
         let mut loader = EbpfLoader::new();
-        loader
-            .map_max_entries(names::SERVICES, keys)
-            .map_max_entries(names::OWNERS, plan.owner_entries())
-            .map_max_entries(names::INSTANCES, instances)
-            .map_max_entries(names::DELIVER, instances)
-            .map_max_entries(names::INSTANCE_COUNTERS, instances)
-            .map_max_entries(names::SERVICE_COUNTERS, services)
-            .map_max_entries(names::UNIT_HITS, services * HIT_BUCKETS_PER_SERVICE)
-            .map_max_entries(names::PINNED, plan.pinned_flows.max(1));
+        for (name, n) in sizes {
+            loader.map_max_entries(name, n);
+        }
+        let paths: Vec<(&str, std::path::PathBuf)> = pin_dir
+            .map(|d| names::ALL.iter().map(|n| (*n, d.join(n))).collect())
+            .unwrap_or_default();
+        if let Some(dir) = pin_dir {
+            std::fs::create_dir_all(dir).map_err(|source| DataplaneError::PinDir {
+                dir: dir.to_owned(),
+                source,
+            })?;
+            // A pinned map is reused as it is: refuse one of another size
+            // rather than index past its end.
+            for (name, n) in sizes {
+                if let Ok(info) = aya::maps::MapInfo::from_pin(dir.join(name))
+                    && info.max_entries() != n
+                {
+                    return Err(DataplaneError::PinMismatch {
+                        dir: dir.to_owned(),
+                        map: name,
+                        pinned: info.max_entries(),
+                        wanted: n,
+                    });
+                }
+            }
+            for (name, path) in &paths {
+                loader.map_pin_path(name, path.as_path());
+            }
+        }
         let mut ebpf = loader.load(OBJECT).map_err(DataplaneError::Load)?;
         let prog: &mut Xdp = ebpf
             .program_mut(PROGRAM_NAME)
@@ -217,6 +304,10 @@ impl Dataplane {
             ebpf,
             link: None,
             owners,
+            pins: pin_dir.map(|d| Pins {
+                dir: d.to_owned(),
+                link: None,
+            }),
         })
     }
 
@@ -321,6 +412,108 @@ impl Dataplane {
         iface: &str,
         force_generic: bool,
     ) -> Result<AttachMode, DataplaneError> {
+        if let Some(dir) = self.pins.as_ref().map(|p| p.dir.clone())
+            && dir.join("link").exists()
+        {
+            return self.adopt(&dir, iface);
+        }
+        let mode = self.attach_fresh(iface, force_generic)?;
+        if let Some(dir) = self.pins.as_ref().map(|p| p.dir.clone()) {
+            self.pin_link(&dir, iface, mode)?;
+        }
+        Ok(mode)
+    }
+
+    /// Takes over the link a previous agent pinned, swapping this program in
+    /// (one `bpf_link_update`: no packet sees no program).
+    fn adopt(&mut self, dir: &std::path::Path, iface: &str) -> Result<AttachMode, DataplaneError> {
+        let pin_err = |what: &str| DataplaneError::Adopt {
+            dir: dir.to_owned(),
+            problem: what.to_owned(),
+        };
+        let pinned_iface = pin_tag(dir, "iface").unwrap_or_default();
+        if pinned_iface != iface {
+            return Err(pin_err(&format!(
+                "it holds a link on `{pinned_iface}`, not `{iface}`"
+            )));
+        }
+        let mode = match pin_tag(dir, "mode").as_deref() {
+            Some("generic") => AttachMode::Generic,
+            _ => AttachMode::Native,
+        };
+        let fd_link = aya::programs::links::PinnedLink::from_pin(dir.join("link"))
+            .map_err(|e| pin_err(&format!("reading the pinned link: {e}")))?
+            .unpin()
+            .map_err(|e| pin_err(&format!("unpinning the link: {e}")))?;
+        let xdp_link = aya::programs::xdp::XdpLink::try_from(fd_link)
+            .map_err(|e| pin_err(&format!("the pinned link is not an XDP link: {e}")))?;
+        let id = self
+            .program_mut()?
+            .attach_to_link(xdp_link)
+            .map_err(DataplaneError::Program)?;
+        self.link = Some(id);
+        self.pin_link(dir, iface, mode)?;
+        Ok(mode)
+    }
+
+    /// Pins the link, so the program stays attached when this agent exits.
+    fn pin_link(
+        &mut self,
+        dir: &std::path::Path,
+        iface: &str,
+        mode: AttachMode,
+    ) -> Result<(), DataplaneError> {
+        let Some(id) = self.link.take() else {
+            return Ok(());
+        };
+        let xdp_link = self
+            .program_mut()?
+            .take_link(id)
+            .map_err(DataplaneError::Program)?;
+        let fd_link = match aya::programs::links::FdLink::try_from(xdp_link) {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!(error = %e, "this kernel attached XDP without a bpf link: hot restart is unavailable");
+                return Ok(());
+            }
+        };
+        let pinned = fd_link
+            .pin(dir.join("link"))
+            .map_err(|e| DataplaneError::Adopt {
+                dir: dir.to_owned(),
+                problem: format!("pinning the link: {e}"),
+            })?;
+        let io = |source| DataplaneError::PinDir {
+            dir: dir.to_owned(),
+            source,
+        };
+        // bpffs holds only pinned objects and directories: the facts the
+        // next agent needs are directory names.
+        for (key, value) in [
+            ("iface", iface),
+            (
+                "mode",
+                match mode {
+                    AttachMode::Native => "native",
+                    AttachMode::Generic => "generic",
+                },
+            ),
+        ] {
+            if pin_tag(dir, key).is_none() {
+                std::fs::create_dir(dir.join(format!("{key}={value}"))).map_err(io)?;
+            }
+        }
+        if let Some(p) = &mut self.pins {
+            p.link = Some(pinned);
+        }
+        Ok(())
+    }
+
+    fn attach_fresh(
+        &mut self,
+        iface: &str,
+        force_generic: bool,
+    ) -> Result<AttachMode, DataplaneError> {
         let prog = self.program_mut()?;
         let native_err = if force_generic {
             None
@@ -348,7 +541,41 @@ impl Dataplane {
         }
     }
 
+    /// Whether the data path is pinned (it outlives this agent).
+    #[must_use]
+    pub fn is_pinned(&self) -> bool {
+        self.pins.as_ref().is_some_and(|p| p.link.is_some())
+    }
+
+    /// Removes everything pinned under `dir`: the link (the program is
+    /// detached when no one else holds it) and every map.
+    pub fn remove_pins(dir: &std::path::Path) -> Result<bool, DataplaneError> {
+        if !dir.exists() {
+            return Ok(false);
+        }
+        if dir.join("link").exists()
+            && let Ok(l) = aya::programs::links::PinnedLink::from_pin(dir.join("link"))
+        {
+            drop(l.unpin());
+        }
+        for f in names::ALL.iter().copied().chain(["link"]) {
+            let _ = std::fs::remove_file(dir.join(f));
+        }
+        for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            if e.file_name().to_string_lossy().contains('=') {
+                let _ = std::fs::remove_dir(e.path());
+            }
+        }
+        std::fs::remove_dir(dir).map_err(|source| DataplaneError::PinDir {
+            dir: dir.to_owned(),
+            source,
+        })?;
+        Ok(true)
+    }
+
     /// Detaches from the interface (dropping the dataplane does it too).
+    /// A pinned data path is left attached for the next agent; use
+    /// [`Self::remove_pins`] to take it down.
     pub fn detach(&mut self) -> Result<(), DataplaneError> {
         if let Some(link) = self.link.take() {
             self.program_mut()?

@@ -69,6 +69,25 @@ enum Command {
         /// Where Prometheus scrapes `/metrics`.
         #[arg(long, default_value = "127.0.0.1:9477")]
         metrics_addr: std::net::SocketAddr,
+        /// bpffs directory the program and maps are pinned in, so traffic
+        /// keeps flowing while the agent restarts or upgrades (default
+        /// /sys/fs/bpf/sluice/IFACE).
+        #[arg(long)]
+        pin_dir: Option<PathBuf>,
+        /// On exit, detach and remove the pins instead of leaving the data
+        /// path running for the next agent.
+        #[arg(long)]
+        cleanup: bool,
+    },
+    /// Take down a data path a stopped agent left pinned (detaches the
+    /// program, drops its maps and pinned flows).
+    Detach {
+        /// Interface the agent ran on (for the default pin directory).
+        #[arg(long, short)]
+        iface: Option<String>,
+        /// bpffs directory the data path is pinned in.
+        #[arg(long)]
+        pin_dir: Option<PathBuf>,
     },
     /// Check a config file and print what it would program; changes nothing.
     CheckConfig {
@@ -142,7 +161,11 @@ fn main() -> ExitCode {
             state,
             api_socket,
             metrics_addr,
+            pin_dir,
+            cleanup,
         } => run(&RunArgs {
+            pin_dir: pin_dir.unwrap_or_else(|| default_pin_dir(&iface)),
+            cleanup,
             iface: &iface,
             config: &config,
             generic,
@@ -152,6 +175,7 @@ fn main() -> ExitCode {
             metrics_addr,
         }),
         Command::CheckConfig { config } => check_config(&config),
+        Command::Detach { iface, pin_dir } => detach(iface.as_deref(), pin_dir),
         Command::Status { api_socket } => status(&api_socket),
         Command::Groups {
             service,
@@ -304,6 +328,24 @@ fn drain(api_socket: &Path, instance: &str, timeout: u64) -> anyhow::Result<()> 
     }
 }
 
+fn default_pin_dir(iface: &str) -> PathBuf {
+    Path::new("/sys/fs/bpf/sluice").join(iface)
+}
+
+fn detach(iface: Option<&str>, pin_dir: Option<PathBuf>) -> anyhow::Result<()> {
+    let dir = match (pin_dir, iface) {
+        (Some(d), _) => d,
+        (None, Some(i)) => default_pin_dir(i),
+        (None, None) => anyhow::bail!("say which data path: --iface IFACE or --pin-dir DIR"),
+    };
+    if Dataplane::remove_pins(&dir)? {
+        println!("{}: detached and removed", dir.display());
+    } else {
+        println!("{}: nothing pinned there", dir.display());
+    }
+    Ok(())
+}
+
 struct RunArgs<'a> {
     iface: &'a str,
     config: &'a Path,
@@ -312,6 +354,8 @@ struct RunArgs<'a> {
     state: &'a Path,
     api_socket: &'a Path,
     metrics_addr: std::net::SocketAddr,
+    pin_dir: PathBuf,
+    cleanup: bool,
 }
 
 fn run(a: &RunArgs<'_>) -> anyhow::Result<()> {
@@ -322,7 +366,10 @@ fn run(a: &RunArgs<'_>) -> anyhow::Result<()> {
     sluice::telemetry::install(a.metrics_addr)
         .map_err(|e| anyhow::anyhow!("--metrics-addr {}: {e}", a.metrics_addr))?;
     tracing::info!(addr = %a.metrics_addr, "serving /metrics");
-    let mut agent = Agent::start(&config, a.iface, a.generic, store)?;
+    let mut agent = Agent::start_pinned(&config, a.iface, a.generic, store, Some(&a.pin_dir))?;
+    if agent.dataplane.is_pinned() {
+        tracing::info!(dir = %a.pin_dir.display(), "data path pinned: it keeps running across agent restarts");
+    }
     let iface = a.iface;
     for i in &agent.plan.instances {
         tracing::info!(instance = %i.name, id = i.id, ifindex = i.ifindex, mac = %format_mac(&i.mac), "instance resolved");
@@ -381,8 +428,16 @@ fn run(a: &RunArgs<'_>) -> anyhow::Result<()> {
     })?;
     let _ = std::fs::remove_file(a.api_socket);
     report(&agent.dataplane, &agent.plan, true);
+    let pinned = agent.dataplane.is_pinned();
     agent.stop()?;
-    tracing::info!(iface, "detached");
+    if a.cleanup {
+        Dataplane::remove_pins(&a.pin_dir)?;
+        tracing::info!(iface, "detached and removed the pins");
+    } else if pinned {
+        tracing::info!(iface, dir = %a.pin_dir.display(), "left attached for the next agent; `sluice detach` takes it down");
+    } else {
+        tracing::info!(iface, "detached");
+    }
     Ok(())
 }
 

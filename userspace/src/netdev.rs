@@ -247,6 +247,54 @@ fn query_link(ifindex: u32) -> Option<LinkInfo> {
     })
 }
 
+/// Sets a boolean offload of `dev` (in the current thread's namespace)
+/// through the legacy ethtool ioctls, so tests need no `ethtool` binary.
+pub fn set_offload(dev: &str, cmd: Offload, on: bool) -> io::Result<()> {
+    #[repr(C)]
+    struct EthtoolValue {
+        cmd: u32,
+        data: u32,
+    }
+    // SAFETY: plain socket creation.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a fresh fd we own.
+    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    let mut val = EthtoolValue {
+        cmd: cmd as u32,
+        data: u32::from(on),
+    };
+    // SAFETY: ifreq is plain data; all-zero is valid.
+    let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+    if dev.len() >= ifr.ifr_name.len() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "interface name too long",
+        ));
+    }
+    for (d, s) in ifr.ifr_name.iter_mut().zip(dev.bytes()) {
+        *d = libc::c_char::from_ne_bytes([s]);
+    }
+    ifr.ifr_ifru.ifru_data = (&raw mut val).cast();
+    // SAFETY: SIOCETHTOOL with a set-value command reads `val`.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCETHTOOL, &raw mut ifr) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Legacy ethtool set commands.
+#[derive(Clone, Copy)]
+#[repr(u32)]
+pub enum Offload {
+    /// Transmit checksum offload (`ethtool -K DEV tx`).
+    TxChecksum = 0x17,
+    /// Generic receive offload (`ethtool -K DEV gro`).
+    Gro = 0x2c,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -38,7 +38,18 @@ fn status_groups_drain_undrain() {
          wlm = {{ underload = 0.0 }}\n{}",
         common::instances_toml("kv", 2)
     );
-    let agent = common::start(&ns, &config, &["--metrics-addr", "127.0.0.1:9478"]);
+    let pins = common::PinDir::new("cli");
+    let state = tempfile::tempdir().expect("tempdir");
+    let agent = common::start(
+        &ns,
+        &common::Start {
+            config: &config,
+            pin_dir: &pins.0,
+            state: &state.path().join("state.json"),
+            cleanup: true,
+            metrics_port: 9478,
+        },
+    );
     let sock = agent.socket.to_str().expect("utf-8 path").to_owned();
     std::thread::sleep(Duration::from_millis(500));
 
@@ -155,7 +166,18 @@ fn dashboard_uses_only_exported_metrics() {
         "[agent]\ninterval_ms = 200\n\n[[service]]\nname = \"kv\"\nvip = \"198.18.1.1\"\nport = 7000\nprotocol = \"udp\"\n{}",
         common::instances_toml("kv", 1)
     );
-    let agent = common::start(&ns, &config, &["--metrics-addr", "127.0.0.1:9477"]);
+    let pins = common::PinDir::new("met");
+    let state = tempfile::tempdir().expect("tempdir");
+    let agent = common::start(
+        &ns,
+        &common::Start {
+            config: &config,
+            pin_dir: &pins.0,
+            state: &state.path().join("state.json"),
+            cleanup: true,
+            metrics_port: 9477,
+        },
+    );
     // A few control intervals, so every gauge has been set.
     std::thread::sleep(Duration::from_millis(700));
     let body = scrape(&ns.0, 9477).expect("scrape /metrics");
@@ -183,4 +205,150 @@ fn dashboard_uses_only_exported_metrics() {
         );
     }
     drop(agent);
+}
+
+/// Packets `dev` received, inside the namespace.
+fn rx_packets(ns: &str, dev: &str) -> u64 {
+    common::in_netns(ns, || {
+        let text = std::fs::read_to_string("/proc/thread-self/net/dev").expect("net/dev");
+        text.lines()
+            .find_map(|l| {
+                l.trim_start()
+                    .strip_prefix(&format!("{dev}:"))
+                    .map(str::to_owned)
+            })
+            .and_then(|rest| rest.split_whitespace().nth(1)?.parse().ok())
+            .expect("rx packets")
+    })
+}
+
+fn xdp_attached(ns: &str) -> bool {
+    let out = std::process::Command::new("ip")
+        .args(["-n", ns, "-d", "link", "show", "nic0"])
+        .output()
+        .expect("ip");
+    String::from_utf8_lossy(&out.stdout).contains("prog/xdp")
+}
+
+/// Traffic flows through an agent restart with zero loss: the program and
+/// maps stay pinned while no agent runs, and the new agent adopts them.
+/// Then `sluice detach` takes the data path down.
+#[test]
+#[expect(
+    clippy::too_many_lines,
+    reason = "one scenario: start, send, restart, count, detach"
+)]
+fn restart_loses_nothing_and_detach_cleans_up() {
+    let ns = common::netns("rst", 1);
+    // The "client" is the namespace itself, sending out of wire0 into nic0.
+    let nic_mac = {
+        let out = std::process::Command::new("ip")
+            .args(["-n", &ns.0, "-br", "link", "show", "nic0"])
+            .output()
+            .expect("ip");
+        String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .nth(2)
+            .expect("mac")
+            .to_owned()
+    };
+    common::ip(&["-n", &ns.0, "addr", "add", "198.18.0.2/24", "dev", "wire0"]);
+    common::ip(&[
+        "-n",
+        &ns.0,
+        "route",
+        "add",
+        "198.18.1.0/24",
+        "via",
+        "198.18.0.1",
+        "dev",
+        "wire0",
+    ]);
+    common::ip(&[
+        "-n",
+        &ns.0,
+        "neigh",
+        "replace",
+        "198.18.0.1",
+        "lladdr",
+        &nic_mac,
+        "dev",
+        "wire0",
+    ]);
+    // The instance side needs NAPI to take redirected frames.
+    common::in_netns(&ns.0, || {
+        sluice::netdev::set_offload("p0", sluice::netdev::Offload::Gro, true)
+    })
+    .expect("gro on p0");
+    let config = format!(
+        "[[service]]\nname = \"kv\"\nvip = \"198.18.1.1\"\nport = 7000\nprotocol = \"udp\"\n{}",
+        common::instances_toml("kv", 1)
+    );
+    let pins = common::PinDir::new("rst");
+    let state_dir = tempfile::tempdir().expect("tempdir");
+    let state = state_dir.path().join("state.json");
+    let start = |cleanup| {
+        common::start(
+            &ns,
+            &common::Start {
+                config: &config,
+                pin_dir: &pins.0,
+                state: &state,
+                cleanup,
+                metrics_port: 9479,
+            },
+        )
+    };
+    let first = start(false);
+    let before = rx_packets(&ns.0, "p0");
+    let sock = common::in_netns(&ns.0, || std::net::UdpSocket::bind("198.18.0.2:0"))
+        .expect("client socket");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sender = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut sent = 0u64;
+            let t = std::time::Instant::now();
+            // About 4,000 a second, for at most 20 s.
+            while !stop.load(std::sync::atomic::Ordering::Relaxed)
+                && t.elapsed() < Duration::from_secs(20)
+            {
+                for _ in 0..4 {
+                    sock.send_to(&sent.to_be_bytes(), "198.18.1.1:7000")
+                        .expect("send");
+                    sent += 1;
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            sent
+        })
+    };
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(first.stop().success(), "the first agent exits cleanly");
+    assert!(
+        xdp_attached(&ns.0),
+        "the program stays attached while no agent runs"
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let second = start(false);
+    std::thread::sleep(Duration::from_secs(1));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let sent = sender.join().expect("sender");
+    std::thread::sleep(Duration::from_millis(300));
+    let delivered = rx_packets(&ns.0, "p0") - before;
+    eprintln!("through a restart: sent {sent}, delivered {delivered}");
+    assert!(sent > 5000, "sent only {sent}");
+    assert_eq!(delivered, sent, "datagrams lost across the restart");
+
+    assert!(second.stop().success());
+    assert!(xdp_attached(&ns.0));
+    let out = common::sluice(&["detach", "--pin-dir", pins.0.to_str().expect("utf-8")]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("detached and removed"),
+        "{}",
+        text(&out)
+    );
+    assert!(!xdp_attached(&ns.0), "detach takes the program down");
+    assert!(!pins.0.exists());
 }

@@ -4,7 +4,7 @@
 use std::{
     fmt::Write as _,
     io::Read as _,
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::{Child, Command, Output, Stdio},
     time::{Duration, Instant},
 };
@@ -49,6 +49,17 @@ pub fn netns(tag: &str, n: usize) -> Netns {
     );
     let ns = Netns(format!("sl-{tag}-{}", std::process::id()));
     ip(&["netns", "add", &ns.0]);
+    // No IPv6 autoconfiguration chatter: tests count the frames on links.
+    for key in ["all", "default"] {
+        ip(&[
+            "netns",
+            "exec",
+            &ns.0,
+            "sysctl",
+            "-qw",
+            &format!("net.ipv6.conf.{key}.disable_ipv6=1"),
+        ]);
+    }
     ip(&["-n", &ns.0, "link", "set", "lo", "up"]);
     ip(&[
         "-n", &ns.0, "link", "add", "nic0", "type", "veth", "peer", "name", "wire0",
@@ -92,18 +103,48 @@ pub fn instances_toml(service: &str, n: usize) -> String {
     out
 }
 
-/// Starts `sluice run` in `ns` with `config` and waits until its API
-/// answers.
-pub fn start(ns: &Netns, config: &str, extra: &[&str]) -> Agent {
+/// How to start an agent.
+pub struct Start<'a> {
+    pub config: &'a str,
+    /// bpffs directory to pin in.
+    pub pin_dir: &'a Path,
+    /// Coordination store file (kept across restarts).
+    pub state: &'a Path,
+    /// Remove the pins when the agent exits.
+    pub cleanup: bool,
+    pub metrics_port: u16,
+}
+
+/// A bpffs directory for this test's pins, removed (with what is pinned in
+/// it) on drop.
+pub struct PinDir(pub PathBuf);
+
+impl PinDir {
+    #[must_use]
+    pub fn new(tag: &str) -> Self {
+        Self(PathBuf::from(format!(
+            "/sys/fs/bpf/sluice-test-{tag}-{}",
+            std::process::id()
+        )))
+    }
+}
+
+impl Drop for PinDir {
+    fn drop(&mut self) {
+        let _ = sluice::dataplane::Dataplane::remove_pins(&self.0);
+    }
+}
+
+/// Starts `sluice run` in `ns` and waits until its API answers.
+pub fn start(ns: &Netns, s: &Start<'_>) -> Agent {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("sluice.toml");
-    std::fs::write(&path, config).expect("config");
+    std::fs::write(&path, s.config).expect("config");
     let socket = dir.path().join("agent.sock");
-    let child = Command::new("ip")
+    // nsenter, not `ip netns exec`: that remounts /sys, hiding bpffs.
+    let mut cmd = Command::new("nsenter");
+    cmd.arg(format!("--net=/run/netns/{}", ns.0))
         .args([
-            "netns",
-            "exec",
-            &ns.0,
             env!("CARGO_BIN_EXE_sluice"),
             "run",
             "--iface",
@@ -114,14 +155,18 @@ pub fn start(ns: &Netns, config: &str, extra: &[&str]) -> Agent {
         .arg("--config")
         .arg(&path)
         .arg("--state")
-        .arg(dir.path().join("state.json"))
+        .arg(s.state)
         .arg("--api-socket")
         .arg(&socket)
-        .args(extra)
+        .arg("--pin-dir")
+        .arg(s.pin_dir)
+        .args(["--metrics-addr", &format!("127.0.0.1:{}", s.metrics_port)])
         .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start sluice");
+        .stderr(Stdio::piped());
+    if s.cleanup {
+        cmd.arg("--cleanup");
+    }
+    let child = cmd.spawn().expect("start sluice");
     let mut agent = Agent {
         child,
         socket,
@@ -145,6 +190,34 @@ pub fn start(ns: &Netns, config: &str, extra: &[&str]) -> Agent {
         std::thread::sleep(Duration::from_millis(50));
     }
     agent
+}
+
+impl Agent {
+    /// Sends SIGTERM and waits for the agent to exit.
+    pub fn stop(mut self) -> std::process::ExitStatus {
+        // SAFETY: signalling the child this test started.
+        unsafe { libc::kill(i32::try_from(self.child.id()).expect("pid"), libc::SIGTERM) };
+        self.child.wait().expect("wait for the agent")
+    }
+}
+
+/// Runs `f` on a thread inside namespace `ns`.
+pub fn in_netns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> T {
+    use std::os::fd::AsRawFd as _;
+    let file = std::fs::File::open(format!("/run/netns/{ns}")).expect("netns");
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            // SAFETY: an open namespace file; only this thread moves.
+            assert_eq!(
+                unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) },
+                0,
+                "setns"
+            );
+            f()
+        })
+        .join()
+        .expect("netns thread")
+    })
 }
 
 /// Runs a `sluice` CLI command.
