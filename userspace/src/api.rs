@@ -81,7 +81,7 @@ pub struct Response {
 pub struct Shared {
     pub reports: Arc<Mutex<Reports>>,
     /// Names of the configured instances (reports for others are refused).
-    pub instances: Arc<Vec<String>>,
+    pub instances: Arc<Mutex<Vec<String>>>,
     /// Latest status, refreshed by the control loop.
     pub status: Arc<Mutex<Vec<InstanceLine>>>,
     /// Latest assignment per service, refreshed by the control loop.
@@ -93,7 +93,12 @@ pub struct Shared {
 fn answer(shared: &Shared, line: &str) -> Response {
     match serde_json::from_str::<Request>(line) {
         Ok(Request::Report(r)) => {
-            if !shared.instances.contains(&r.instance) {
+            if !shared
+                .instances
+                .lock()
+                .expect("instances lock")
+                .contains(&r.instance)
+            {
                 return Response {
                     ok: false,
                     error: Some(format!("unknown instance `{}`", r.instance)),
@@ -126,7 +131,11 @@ fn answer(shared: &Shared, line: &str) -> Response {
             }
         }
         Ok(Request::Drain { instance } | Request::Undrain { instance })
-            if !shared.instances.contains(&instance) =>
+            if !shared
+                .instances
+                .lock()
+                .expect("instances lock")
+                .contains(&instance) =>
         {
             refuse(format!("unknown instance `{instance}`"))
         }
@@ -247,7 +256,7 @@ mod tests {
     fn shared() -> Shared {
         Shared {
             reports: Arc::default(),
-            instances: Arc::new(vec!["a".into()]),
+            instances: Arc::new(Mutex::new(vec!["a".into()])),
             status: Arc::default(),
             groups: Arc::default(),
             commands: Arc::default(),

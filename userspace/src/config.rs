@@ -27,9 +27,11 @@ pub enum ConfigError {
     },
     #[error("{path}: {message}")]
     Syntax { path: PathBuf, message: String },
-    #[error("{path}: `{field}`: {problem}; fix: {fix}")]
+    #[error("{path}:{}: `{field}`: {problem}; fix: {fix}", line.map_or_else(|| "?".to_owned(), |l| l.to_string()))]
     Invalid {
         path: PathBuf,
+        /// 1-based line of the field (or of its table) in the file.
+        line: Option<usize>,
         field: String,
         problem: String,
         fix: String,
@@ -259,7 +261,22 @@ impl Config {
             path: path.to_owned(),
             message: e.to_string(),
         })?;
-        Checker { path }.config(raw)
+        Checker { path }.config(raw).map_err(|e| match e {
+            ConfigError::Invalid {
+                path,
+                line: None,
+                field,
+                problem,
+                fix,
+            } => ConfigError::Invalid {
+                line: locate(text, &field),
+                path,
+                field,
+                problem,
+                fix,
+            },
+            e => e,
+        })
     }
 
     /// Total number of instances over all services.
@@ -282,6 +299,7 @@ impl Checker<'_> {
     ) -> ConfigError {
         ConfigError::Invalid {
             path: self.path.to_owned(),
+            line: None,
             field: field.into(),
             problem: problem.into(),
             fix: fix.into(),
@@ -788,6 +806,86 @@ impl Checker<'_> {
     }
 }
 
+/// The 1-based line of `field` (`service[1].instance[0].veth`,
+/// `service[0].tag.length`, `agent.interval_ms`) in the config text: the
+/// key's line if it is there, else the line of the table it belongs in.
+fn locate(text: &str, field: &str) -> Option<usize> {
+    // Which table each line is in: (service index, instance index, sub-table).
+    let mut service: Option<usize> = None;
+    let mut instance: Option<usize> = None;
+    let mut table = String::new();
+    let mut rows = Vec::new();
+    for line in text.lines() {
+        let t = line.trim();
+        match t {
+            "[[service]]" => {
+                service = Some(service.map_or(0, |s| s + 1));
+                instance = None;
+                table = "service".into();
+            }
+            "[[service.instance]]" => {
+                instance = Some(instance.map_or(0, |i| i + 1));
+                table = "service.instance".into();
+            }
+            _ if t.starts_with('[') => t.trim_matches(['[', ']']).trim().clone_into(&mut table),
+            _ => {}
+        }
+        rows.push((service, instance, table.clone(), t.to_owned()));
+    }
+    // Parse the path into (service, instance, key segments).
+    let index = |seg: &str, name: &str| -> Option<Option<usize>> {
+        let rest = seg.strip_prefix(name)?;
+        Some(
+            rest.strip_prefix('[')
+                .and_then(|r| r.strip_suffix(']'))
+                .and_then(|n| n.parse().ok()),
+        )
+    };
+    let mut segs = field.split('.').peekable();
+    let (mut want_s, mut want_i, mut prefix) = (None, None, String::new());
+    if let Some(Some(si)) = segs.peek().and_then(|s| index(s, "service")) {
+        want_s = Some(si);
+        prefix = "service".into();
+        segs.next();
+        if let Some(Some(ii)) = segs.peek().and_then(|s| index(s, "instance")) {
+            want_i = Some(ii);
+            prefix = "service.instance".into();
+            segs.next();
+        }
+    } else if segs.peek() == Some(&"agent") {
+        prefix = "agent".into();
+        segs.next();
+    }
+    let keys: Vec<&str> = segs.collect();
+    let in_block = |r: &(Option<usize>, Option<usize>, String, String)| {
+        r.0 == want_s && (want_i.is_none() || r.1 == want_i) && r.2.starts_with(&prefix)
+    };
+    let header = rows
+        .iter()
+        .position(|r| in_block(r) && r.3.starts_with('['));
+    // The deepest key written as `key =` in the block, or as a sub-table.
+    for depth in (1..=keys.len()).rev() {
+        let table = if depth > 1 {
+            format!("{prefix}.{}", keys[..depth - 1].join("."))
+        } else {
+            prefix.clone()
+        };
+        let key = keys[depth - 1];
+        if let Some(n) = rows.iter().position(|r| {
+            in_block(r) && r.2 == table && r.3.split('=').next().is_some_and(|k| k.trim() == key)
+        }) {
+            return Some(n + 1);
+        }
+        if let Some(n) = rows
+            .iter()
+            .position(|r| in_block(r) && r.3 == format!("[{table}.{key}]"))
+        {
+            return Some(n + 1);
+        }
+    }
+    header.map(|n| n + 1)
+}
+
 fn required<T>(v: Option<T>, err: impl FnOnce() -> ConfigError) -> Result<T, ConfigError> {
     v.ok_or_else(err)
 }
@@ -962,11 +1060,31 @@ veth = "slc-web0"
     }
 
     #[test]
+    fn errors_carry_the_line() {
+        let line_of = |text: &str| match parse(text) {
+            Err(ConfigError::Invalid { line, .. }) => line,
+            other => panic!("expected a field error, got {other:?}"),
+        };
+        // GOOD starts with an empty line: `vip` of service 0 is line 4.
+        assert_eq!(line_of(&GOOD.replace("198.18.0.100", "nope")), Some(4));
+        assert_eq!(line_of(&GOOD.replace("slc-kv1", "slc-kv0")), Some(16));
+        assert_eq!(line_of(&GOOD.replace("length = 8", "length = 99")), Some(7));
+        assert_eq!(
+            line_of(&GOOD.replace("name = \"web-0\"", "name = \"kv-0\"")),
+            Some(26)
+        );
+        let e = parse(&GOOD.replace("\"tcp\"", "\"sctp\""))
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("test.toml:23: `service[1].protocol`"), "{e}");
+    }
+
+    #[test]
     fn error_message_says_how_to_fix() {
         let e = parse(&GOOD.replace("198.18.0.100", "nope"))
             .unwrap_err()
             .to_string();
-        assert!(e.starts_with("test.toml: `service[0].vip`"), "{e}");
+        assert!(e.starts_with("test.toml:4: `service[0].vip`"), "{e}");
         assert!(e.contains("fix: write an IPv4"), "{e}");
     }
 

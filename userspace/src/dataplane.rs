@@ -351,6 +351,15 @@ impl Dataplane {
         }
         let mut services: HashMap<&mut MapData, ServiceKey, ServiceEntry> =
             self.map_mut(names::SERVICES)?;
+        // An adopted map may hold services this plan no longer has.
+        let stale: Vec<ServiceKey> = services
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !plan.services.iter().any(|s| s.keys.contains(k)))
+            .collect();
+        for k in &stale {
+            services.remove(k).map_err(map_err(names::SERVICES))?;
+        }
         for s in &plan.services {
             for k in &s.keys {
                 services

@@ -366,7 +366,8 @@ fn run(a: &RunArgs<'_>) -> anyhow::Result<()> {
     sluice::telemetry::install(a.metrics_addr)
         .map_err(|e| anyhow::anyhow!("--metrics-addr {}: {e}", a.metrics_addr))?;
     tracing::info!(addr = %a.metrics_addr, "serving /metrics");
-    let mut agent = Agent::start_pinned(&config, a.iface, a.generic, store, Some(&a.pin_dir))?;
+    let mut agent =
+        Agent::start_pinned(&config, a.iface, a.generic, store.clone(), Some(&a.pin_dir))?;
     if agent.dataplane.is_pinned() {
         tracing::info!(dir = %a.pin_dir.display(), "data path pinned: it keeps running across agent restarts");
     }
@@ -389,7 +390,7 @@ fn run(a: &RunArgs<'_>) -> anyhow::Result<()> {
     rt.block_on(async {
         let shared = api::Shared {
             reports: agent.control.reports.clone(),
-            instances: Arc::new(agent.plan.instances.iter().map(|i| i.name.clone()).collect()),
+            instances: Arc::new(Mutex::new(instance_names(&agent))),
             status: Arc::new(Mutex::new(Vec::new())),
             groups: Arc::default(),
             commands: Arc::default(),
@@ -397,6 +398,7 @@ fn run(a: &RunArgs<'_>) -> anyhow::Result<()> {
         let _api = api::serve(a.api_socket, shared.clone())?;
         sluice::telemetry::publish(&agent);
         let mut term = signal(SignalKind::terminate())?;
+        let mut hup = signal(SignalKind::hangup())?;
         let mut control = tokio::time::interval(agent.control.interval());
         let mut stats = tokio::time::interval(Duration::from_secs(a.stats_interval.max(1)));
         stats.tick().await;
@@ -404,6 +406,23 @@ fn run(a: &RunArgs<'_>) -> anyhow::Result<()> {
             tokio::select! {
                 _ = tokio::signal::ctrl_c() => break,
                 _ = term.recv() => break,
+                _ = hup.recv() => {
+                    match reload(a, &store) {
+                        Ok(mut new) => {
+                            new.control.reports = shared.reports.clone();
+                            *shared.instances.lock().expect("instances lock") = instance_names(&new);
+                            control = tokio::time::interval(new.control.interval());
+                            // The old agent's program is already swapped out
+                            // of the pinned link; dropping it closes its fds.
+                            drop(std::mem::replace(&mut agent, new));
+                            tracing::info!(config = %a.config.display(), "config reloaded");
+                        }
+                        Err(e) => tracing::error!(
+                            error = %format!("{e:#}"),
+                            "config reload refused; the running config stays in force"
+                        ),
+                    }
+                }
                 _ = control.tick() => {
                     for c in std::mem::take(&mut *shared.commands.lock().expect("commands lock")) {
                         let (name, drained) = match &c {
@@ -439,6 +458,29 @@ fn run(a: &RunArgs<'_>) -> anyhow::Result<()> {
         tracing::info!(iface, "detached");
     }
     Ok(())
+}
+
+fn instance_names(agent: &Agent) -> Vec<String> {
+    agent
+        .plan
+        .instances
+        .iter()
+        .map(|i| i.name.clone())
+        .collect()
+}
+
+/// SIGHUP: the config file again, applied whole or not at all. Everything
+/// that can fail on bad input fails before a map is written; the new
+/// program adopts the pinned maps and takes the link over atomically.
+fn reload(a: &RunArgs<'_>, store: &Arc<EmbeddedStore>) -> anyhow::Result<Agent> {
+    let config = Config::load(a.config)?;
+    let agent = Agent::start_pinned(&config, a.iface, a.generic, store.clone(), Some(&a.pin_dir))?;
+    if !agent.dataplane.is_pinned() {
+        anyhow::bail!(
+            "the data path is not pinned, so it cannot be swapped in place; restart the agent"
+        );
+    }
+    Ok(agent)
 }
 
 fn publish_status(agent: &Agent, shared: &api::Shared) {

@@ -352,3 +352,75 @@ fn restart_loses_nothing_and_detach_cleans_up() {
     assert!(!xdp_attached(&ns.0), "detach takes the program down");
     assert!(!pins.0.exists());
 }
+
+/// SIGHUP applies a valid config as a whole and leaves an invalid one
+/// without effect; `check-config` names the line.
+#[test]
+fn sighup_reload_is_all_or_nothing() {
+    let ns = common::netns("hup", 2);
+    let config = |name: &str, vip: &str| {
+        format!(
+            "[agent]\ninterval_ms = 200\n\n[[service]]\nname = \"{name}\"\nvip = \"{vip}\"\nport = 7000\nprotocol = \"udp\"\nwlm = {{ underload = 0.0 }}\n{}",
+            common::instances_toml(name, 2)
+        )
+    };
+    let pins = common::PinDir::new("hup");
+    let state = tempfile::tempdir().expect("tempdir");
+    let first = config("kv", "198.18.1.1");
+    let mut agent = common::start(
+        &ns,
+        &common::Start {
+            config: &first,
+            pin_dir: &pins.0,
+            state: &state.path().join("state.json"),
+            cleanup: true,
+            metrics_port: 9480,
+        },
+    );
+    let sock = agent.socket.to_str().expect("utf-8").to_owned();
+    let services = |sock: &str| {
+        let out = text(&common::sluice(&["status", "--api-socket", sock]));
+        out.lines()
+            .skip(1)
+            .filter_map(|l| l.split_whitespace().next().map(str::to_owned))
+            .collect::<BTreeSet<_>>()
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(services(&sock), BTreeSet::from(["kv".to_owned()]));
+
+    // An invalid config: refused, the running one stays.
+    let bad = config("kv2", "not-an-address");
+    std::fs::write(agent.config_path(), &bad).expect("write");
+    let check = common::sluice(&["check-config", agent.config_path().to_str().expect("utf-8")]);
+    assert!(!check.status.success());
+    assert!(
+        text(&check).contains("sluice.toml:6: `service[0].vip`"),
+        "{}",
+        text(&check)
+    );
+    agent.hup();
+    std::thread::sleep(Duration::from_millis(800));
+    assert!(agent.running(), "a bad reload must not stop the agent");
+    assert_eq!(
+        services(&sock),
+        BTreeSet::from(["kv".to_owned()]),
+        "nothing of the bad config applied"
+    );
+    assert!(xdp_attached(&ns.0));
+
+    // A valid one: applied whole.
+    std::fs::write(agent.config_path(), config("kvb", "198.18.1.2")).expect("write");
+    agent.hup();
+    let t = std::time::Instant::now();
+    while services(&sock) != BTreeSet::from(["kvb".to_owned()]) {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "the reload did not apply: {:?}",
+            services(&sock)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(agent.running());
+    assert!(xdp_attached(&ns.0), "still attached after the swap");
+    drop(agent);
+}

@@ -22,7 +22,7 @@ impl Drop for Netns {
 pub struct Agent {
     child: Child,
     pub socket: PathBuf,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 impl Drop for Agent {
@@ -167,11 +167,7 @@ pub fn start(ns: &Netns, s: &Start<'_>) -> Agent {
         cmd.arg("--cleanup");
     }
     let child = cmd.spawn().expect("start sluice");
-    let mut agent = Agent {
-        child,
-        socket,
-        _dir: dir,
-    };
+    let mut agent = Agent { child, socket, dir };
     let t = Instant::now();
     while sluice::api::call(&agent.socket, &sluice::api::Request::Status {}).is_err() {
         if let Some(status) = agent.child.try_wait().expect("wait") {
@@ -193,6 +189,23 @@ pub fn start(ns: &Netns, s: &Start<'_>) -> Agent {
 }
 
 impl Agent {
+    /// The config file the agent was started with.
+    #[must_use]
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("sluice.toml")
+    }
+
+    /// Sends SIGHUP: reload the config.
+    pub fn hup(&self) {
+        // SAFETY: signalling the child this test started.
+        unsafe { libc::kill(i32::try_from(self.child.id()).expect("pid"), libc::SIGHUP) };
+    }
+
+    /// Whether the agent still runs.
+    pub fn running(&mut self) -> bool {
+        self.child.try_wait().expect("wait").is_none()
+    }
+
     /// Sends SIGTERM and waits for the agent to exit.
     pub fn stop(mut self) -> std::process::ExitStatus {
         // SAFETY: signalling the child this test started.
