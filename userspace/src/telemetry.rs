@@ -103,9 +103,20 @@ pub fn map_write(seconds: f64) {
     histogram!("sluice_map_write_seconds").record(seconds);
 }
 
+/// Why a kind of move happens.
+const fn reason(kind: &str) -> &'static str {
+    match kind.as_bytes() {
+        b"split" | b"give" => "overload",
+        b"reclaim" => "underload",
+        b"merge" => "defragment",
+        b"drain" => "drain",
+        _ => "operator",
+    }
+}
+
 /// Counts a move.
 pub fn moved(service: &str, kind: &'static str) {
-    counter!("sluice_moves_total", "service" => service.to_owned(), "kind" => kind).increment(1);
+    counter!("sluice_moves_total", "service" => service.to_owned(), "kind" => kind, "reason" => reason(kind)).increment(1);
 }
 
 /// Publishes everything the agent knows, once an interval.
@@ -142,7 +153,8 @@ pub fn publish(agent: &Agent) {
         }
         for kind in MOVE_KINDS {
             // Registers every kind, so a dashboard sees zeros, not gaps.
-            counter!("sluice_moves_total", "service" => name.clone(), "kind" => kind).increment(0);
+            counter!("sluice_moves_total", "service" => name.clone(), "kind" => kind, "reason" => reason(kind))
+                .increment(0);
         }
     }
     for i in &agent.plan.instances {
