@@ -14,9 +14,8 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use serde::Serialize;
-use sluice::{agent::Agent, config::Config, coord::EmbeddedStore};
+use sluice::{config::Config, coord::EmbeddedStore};
 use sluice_tests::{
-    netns,
     testbed::{self, Testbed},
     traffic::{self, UdpServers},
 };
@@ -41,7 +40,6 @@ const INTERVAL_MS: u64 = 250;
 const SUSTAIN: u32 = 2;
 const MOVES_PER_SEC: f64 = 4.0;
 
-#[expect(clippy::too_many_lines, reason = "one scenario, step after step")]
 pub fn run() -> anyhow::Result<Figures> {
     let tb = Testbed::new("bench", 3)?;
     let toml = format!(
@@ -52,14 +50,7 @@ pub fn run() -> anyhow::Result<Figures> {
         tb.instances_toml(0, 3)
     );
     let config = Config::parse(&toml, Path::new("bench.toml"))?;
-    let mut agent = netns::run_in(&tb.host, || {
-        Agent::start(
-            &config,
-            testbed::NIC,
-            false,
-            Arc::new(EmbeddedStore::in_memory()),
-        )
-    })?;
+    let mut agent = tb.start_agent(&config, Arc::new(EmbeddedStore::in_memory()))?;
     let dst = SocketAddr::new(testbed::VIP_V4.into(), 7000);
     let ns: Vec<String> = tb.instances.iter().map(|i| i.netns.clone()).collect();
     let servers = UdpServers::start_with(&ns, dst, 64 << 10);

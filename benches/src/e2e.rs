@@ -28,7 +28,7 @@ use aya::{
     programs::{TestRun as _, TestRunAttrs, TestRunOptions, Xdp, xdp::XdpMode},
 };
 use serde::Serialize;
-use sluice::{agent::Agent, config::Config, coord::EmbeddedStore, dataplane::objects};
+use sluice::{config::Config, coord::EmbeddedStore, dataplane::objects};
 use sluice_tests::{
     netns,
     packet::Packet,
@@ -281,14 +281,7 @@ pub fn run(secs: f64) -> anyhow::Result<Vec<Row>> {
         tb.instances_toml(0, INSTANCES)
     );
     let config = Config::parse(&toml, Path::new("bench.toml"))?;
-    let agent = netns::run_in(&tb.host, || {
-        Agent::start(
-            &config,
-            testbed::NIC,
-            false,
-            Arc::new(EmbeddedStore::in_memory()),
-        )
-    })?;
+    let agent = tb.start_agent(&config, Arc::new(EmbeddedStore::in_memory()))?;
     let mut rows = Vec::new();
     for g in [Generator::LiveFrames, Generator::Sendmmsg] {
         rows.push(measure(

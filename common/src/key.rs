@@ -140,6 +140,29 @@ pub mod host {
         u16::from_be_bytes([b[2], b[3]])
     }
 
+    /// Flow key of a 5-tuple given as socket addresses (both of one
+    /// family) and an IP protocol number.
+    #[must_use]
+    pub fn flow(src: core::net::SocketAddr, dst: core::net::SocketAddr, proto: u8) -> u32 {
+        use core::net::IpAddr;
+        let ports = ports(src.port(), dst.port());
+        match (src.ip(), dst.ip()) {
+            (IpAddr::V6(s), IpAddr::V6(d)) => {
+                super::flow_v6(&v6(s.octets()), &v6(d.octets()), ports, proto)
+            }
+            (s, d) => super::flow_v4(v4(ip4(s)), v4(ip4(d)), ports, proto),
+        }
+    }
+
+    /// The IPv4 octets of an address (IPv4-mapped IPv6 included; other IPv6
+    /// addresses give 0.0.0.0, which no flow of a v4 service has).
+    fn ip4(a: core::net::IpAddr) -> [u8; 4] {
+        match a {
+            core::net::IpAddr::V4(a) => a.octets(),
+            core::net::IpAddr::V6(a) => a.to_ipv4_mapped().map_or([0; 4], |a| a.octets()),
+        }
+    }
+
     /// Tag of an IPv6 flow label given as its 20-bit value.
     #[must_use]
     pub const fn flow_label_key(label: u32) -> u32 {

@@ -309,6 +309,18 @@ impl Testbed {
         Ok(out)
     }
 
+    /// Starts the agent in the host namespace on the NIC veth, as `sluice
+    /// run` would (unpinned: it detaches when stopped).
+    pub fn start_agent(
+        &self,
+        config: &sluice::config::Config,
+        store: std::sync::Arc<dyn sluice::coord::CoordStore>,
+    ) -> Result<sluice::agent::Agent, sluice::agent::StartError> {
+        netns::run_in(&self.host, || {
+            sluice::agent::Agent::start(config, NIC, false, store)
+        })
+    }
+
     /// Source address of the client for `vip`'s family.
     #[must_use]
     pub fn client_addr(vip: IpAddr) -> IpAddr {

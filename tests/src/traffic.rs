@@ -125,6 +125,14 @@ impl UdpServers {
         }
     }
 
+    /// Waits until the servers have received `n` datagrams, or `timeout`.
+    pub fn wait_for(&self, n: u64, timeout: Duration) {
+        let end = Instant::now() + timeout;
+        while self.total.load(Ordering::Relaxed) < n && Instant::now() < end {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     /// Stops the servers and returns what each received, in namespace order.
     #[must_use]
     pub fn finish(self) -> Vec<Vec<Received>> {
@@ -134,6 +142,21 @@ impl UdpServers {
             .map(|h| h.join().expect("server thread"))
             .collect()
     }
+}
+
+/// `n` UDP sockets in the client namespace, each on its own ephemeral port,
+/// of `dst`'s family.
+fn client_sockets(client_ns: &str, dst: SocketAddr, n: usize) -> Vec<UdpSocket> {
+    let bind: SocketAddr = if dst.is_ipv4() {
+        "0.0.0.0:0".parse().expect("addr")
+    } else {
+        "[::]:0".parse().expect("addr")
+    };
+    netns::run_in(client_ns, || {
+        (0..n)
+            .map(|_| UdpSocket::bind(bind).expect("client socket"))
+            .collect()
+    })
 }
 
 /// Sends `rate` datagrams a second to `dst` from `sockets` client sockets in
@@ -149,16 +172,7 @@ pub fn paced_udp(
     deadline: Duration,
     payload: impl Fn(usize, u64) -> Vec<u8>,
 ) -> u64 {
-    let bind: SocketAddr = if dst.is_ipv4() {
-        "0.0.0.0:0".parse().expect("addr")
-    } else {
-        "[::]:0".parse().expect("addr")
-    };
-    let socks: Vec<UdpSocket> = netns::run_in(client_ns, || {
-        (0..sockets)
-            .map(|_| UdpSocket::bind(bind).expect("client socket"))
-            .collect()
-    });
+    let socks = client_sockets(client_ns, dst, sockets);
     let end = Instant::now() + deadline;
     let mut sent = 0u64;
     let mut budget = 0.0f64;
@@ -212,16 +226,7 @@ pub fn send_udp(
         window,
         deadline,
     } = *load;
-    let bind: SocketAddr = if dst.is_ipv4() {
-        "0.0.0.0:0".parse().expect("addr")
-    } else {
-        "[::]:0".parse().expect("addr")
-    };
-    let socks: Vec<UdpSocket> = netns::run_in(client_ns, || {
-        (0..sockets)
-            .map(|_| UdpSocket::bind(bind).expect("client socket"))
-            .collect()
-    });
+    let socks = client_sockets(client_ns, dst, sockets);
     let locals = socks
         .iter()
         .map(|s| s.local_addr().expect("local addr"))

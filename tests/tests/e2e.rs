@@ -5,7 +5,7 @@ use std::{
     collections::{HashMap, HashSet},
     net::{IpAddr, SocketAddr, UdpSocket},
     path::Path,
-    sync::{Arc, atomic::Ordering},
+    sync::Arc,
     time::Duration,
 };
 
@@ -39,15 +39,8 @@ fn service_toml(
 fn start_agent(tb: &Testbed, toml: &str) -> Agent {
     let config =
         Config::parse(toml, Path::new("e2e.toml")).unwrap_or_else(|e| panic!("config: {e}"));
-    netns::run_in(&tb.host, || {
-        Agent::start(
-            &config,
-            testbed::NIC,
-            false,
-            Arc::new(EmbeddedStore::in_memory()),
-        )
-    })
-    .unwrap_or_else(|e| panic!("starting the agent: {:#}", anyhow_chain(&e)))
+    tb.start_agent(&config, Arc::new(EmbeddedStore::in_memory()))
+        .unwrap_or_else(|e| panic!("starting the agent: {:#}", anyhow_chain(&e)))
 }
 
 fn anyhow_chain(e: &dyn std::error::Error) -> String {
@@ -77,25 +70,6 @@ fn index_of(plan: &Plan) -> HashMap<u32, usize> {
         .collect()
 }
 
-fn flow_key(src: SocketAddr, dst: SocketAddr, proto: u8) -> u32 {
-    let ports = key::host::ports(src.port(), dst.port());
-    match (src.ip(), dst.ip()) {
-        (IpAddr::V4(s), IpAddr::V4(d)) => key::flow_v4(
-            key::host::v4(s.octets()),
-            key::host::v4(d.octets()),
-            ports,
-            proto,
-        ),
-        (IpAddr::V6(s), IpAddr::V6(d)) => key::flow_v6(
-            &key::host::v6(s.octets()),
-            &key::host::v6(d.octets()),
-            ports,
-            proto,
-        ),
-        _ => unreachable!("same family"),
-    }
-}
-
 fn namespaces(tb: &Testbed) -> Vec<String> {
     tb.instances.iter().map(|i| i.netns.clone()).collect()
 }
@@ -118,19 +92,14 @@ fn untagged_udp(vip: IpAddr, tag: &str) {
     };
     let (sent, _) = traffic::send_udp(&load, &servers.total, |_| Vec::new());
     // Let the last datagrams land.
-    for _ in 0..200 {
-        if servers.total.load(Ordering::Relaxed) >= sent {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    servers.wait_for(sent, Duration::from_secs(2));
     let got = servers.finish();
     let idx = index_of(&agent.plan);
     let mut seen = HashSet::new();
     let mut per_instance = vec![0u64; tb.instances.len()];
     for (k, datagrams) in got.iter().enumerate() {
         for d in datagrams {
-            let want = idx[&agent.plan.owner_of_key(0, flow_key(d.from, dst, 17))];
+            let want = idx[&agent.plan.owner_of_key(0, key::host::flow(d.from, dst, 17))];
             assert_eq!(
                 k, want,
                 "datagram from {} reached instance {k}, but its unit belongs to instance {want}",
@@ -214,12 +183,7 @@ fn tagged_udp(vip: IpAddr, tag: &str) {
         deadline: Duration::from_mins(1),
     };
     let (sent, _) = traffic::send_udp(&load, &servers.total, |i| tags[i % tags.len()].to_vec());
-    for _ in 0..200 {
-        if servers.total.load(Ordering::Relaxed) >= sent {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    servers.wait_for(sent, Duration::from_secs(2));
     let got = servers.finish();
     let idx = index_of(&agent.plan);
     let mut where_tag: HashMap<Vec<u8>, HashSet<usize>> = HashMap::new();
@@ -289,7 +253,7 @@ fn tcp(vip: IpAddr, tag: &str) {
             .trim_start_matches("inst-")
             .parse()
             .expect("server name");
-        let want = idx[&agent.plan.owner_of_key(0, flow_key(local, dst, 6))];
+        let want = idx[&agent.plan.owner_of_key(0, key::host::flow(local, dst, 6))];
         assert_eq!(
             k, want,
             "connection from {local} served by {name}, the agent assigned its unit to inst-{want}"
@@ -390,16 +354,10 @@ fn missing_veth_fails_cleanly() {
         service_toml(&tb, "kv", testbed::VIP_V4.into(), 7000, "udp", "")
     );
     let config = Config::parse(&toml, Path::new("e2e.toml")).expect("valid syntax");
-    let err = netns::run_in(&tb.host, || {
-        Agent::start(
-            &config,
-            testbed::NIC,
-            false,
-            Arc::new(EmbeddedStore::in_memory()),
-        )
+    let err = tb
+        .start_agent(&config, Arc::new(EmbeddedStore::in_memory()))
         .err()
-    })
-    .expect("start must fail");
+        .expect("start must fail");
     let msg = anyhow_chain(&err);
     assert!(
         msg.contains("instance `ghost`")

@@ -176,24 +176,7 @@ fn agent_key(p: &Packet, key: &Key) -> u32 {
     match key {
         Key::Tag(bytes) => key::tag_bytes(bytes),
         Key::Label(l) => key::host::flow_label_key(*l),
-        Key::Flow => {
-            let ports = key::host::ports(p.src.port(), p.dst.port());
-            match (p.src.ip(), p.dst.ip()) {
-                (IpAddr::V4(s), IpAddr::V4(d)) => key::flow_v4(
-                    key::host::v4(s.octets()),
-                    key::host::v4(d.octets()),
-                    ports,
-                    proto,
-                ),
-                (IpAddr::V6(s), IpAddr::V6(d)) => key::flow_v6(
-                    &key::host::v6(s.octets()),
-                    &key::host::v6(d.octets()),
-                    ports,
-                    proto,
-                ),
-                _ => unreachable!(),
-            }
-        }
+        Key::Flow => key::host::flow(p.src, p.dst, proto),
     }
 }
 

@@ -3,7 +3,7 @@
 
 use std::{
     io::{Read as _, Write as _},
-    net::{IpAddr, SocketAddr, TcpStream},
+    net::{SocketAddr, TcpStream},
     path::Path,
     sync::{
         Arc,
@@ -33,10 +33,8 @@ fn testbed(tag: &str, n: usize) -> Testbed {
 fn start(tb: &Testbed, toml: &str, store: Arc<dyn CoordStore>) -> Agent {
     let config =
         Config::parse(toml, Path::new("wlm.toml")).unwrap_or_else(|e| panic!("config: {e}"));
-    netns::run_in(&tb.host, || {
-        Agent::start(&config, testbed::NIC, false, store)
-    })
-    .unwrap_or_else(|e| panic!("starting the agent: {e:?}"))
+    tb.start_agent(&config, store)
+        .unwrap_or_else(|e| panic!("starting the agent: {e:?}"))
 }
 
 /// The instance made slow.
@@ -51,25 +49,6 @@ fn drops(tb: &Testbed, k: usize) -> u64 {
     )
     .expect("netns stats")
     .rcvbuf_errors
-}
-
-fn flow_key(src: SocketAddr, dst: SocketAddr, proto: u8) -> u32 {
-    let ports = key::host::ports(src.port(), dst.port());
-    match (src.ip(), dst.ip()) {
-        (IpAddr::V4(s), IpAddr::V4(d)) => key::flow_v4(
-            key::host::v4(s.octets()),
-            key::host::v4(d.octets()),
-            ports,
-            proto,
-        ),
-        (IpAddr::V6(s), IpAddr::V6(d)) => key::flow_v6(
-            &key::host::v6(s.octets()),
-            &key::host::v6(d.octets()),
-            ports,
-            proto,
-        ),
-        _ => unreachable!("same family"),
-    }
 }
 
 /// One instance made slow under steady load: its group is split and part
@@ -304,7 +283,7 @@ fn tcp_connections_survive_a_move() {
     // Move the /4 group (4096 units) holding connection 0's unit to the
     // other instance.
     let local0 = conns[0].0.local_addr().unwrap();
-    let unit = unit_of(flow_key(local0, dst, 6));
+    let unit = unit_of(key::host::flow(local0, dst, 6));
     let group = Group::new(unit & !0x0fff, 4).unwrap();
     let from = conns[0].1.clone();
     let to = if from == "inst-0" { "inst-1" } else { "inst-0" };
@@ -314,7 +293,13 @@ fn tcp_connections_survive_a_move() {
         .expect("move");
     assert!(!events.is_empty());
     let moved: Vec<usize> = (0..conns.len())
-        .filter(|&c| group.contains(unit_of(flow_key(conns[c].0.local_addr().unwrap(), dst, 6))))
+        .filter(|&c| {
+            group.contains(unit_of(key::host::flow(
+                conns[c].0.local_addr().unwrap(),
+                dst,
+                6,
+            )))
+        })
         .collect();
     assert!(moved.contains(&0));
 
@@ -333,7 +318,7 @@ fn tcp_connections_survive_a_move() {
     let mut fresh = 0;
     for port in 20000..60000u16 {
         let src = SocketAddr::new(testbed::CLIENT_V4.into(), port);
-        if !group.contains(unit_of(flow_key(src, dst, 6))) {
+        if !group.contains(unit_of(key::host::flow(src, dst, 6))) {
             continue;
         }
         let Ok(mut s) = connect_from(&tb, port, dst) else {
@@ -399,7 +384,7 @@ fn restarted_agent_resumes_the_assignment() {
     let servers = UdpServers::start(&ns, dst);
     let port = (20000..60000u16)
         .find(|&p| {
-            group.contains(unit_of(flow_key(
+            group.contains(unit_of(key::host::flow(
                 SocketAddr::new(testbed::CLIENT_V4.into(), p),
                 dst,
                 17,

@@ -462,19 +462,7 @@ impl Controller {
         to: &str,
         kind: &'static str,
     ) -> Result<Vec<MoveEvent>, ControlError> {
-        let si = self
-            .services
-            .iter()
-            .position(|s| s.name == service)
-            .ok_or_else(|| ControlError::UnknownService {
-                service: service.to_owned(),
-            })?;
-        if !self.services[si].instances.iter().any(|i| i.name == to) {
-            return Err(ControlError::UnknownInstance {
-                service: service.to_owned(),
-                instance: to.to_owned(),
-            });
-        }
+        let si = self.instance_of(service, to)?;
         loop {
             let e: GroupEntry = self
                 .store
@@ -522,20 +510,8 @@ impl Controller {
         instance: &str,
         mut progress: impl FnMut(usize, usize),
     ) -> Result<Vec<MoveEvent>, ControlError> {
-        let si = self
-            .services
-            .iter()
-            .position(|s| s.name == service)
-            .ok_or_else(|| ControlError::UnknownService {
-                service: service.to_owned(),
-            })?;
+        let si = self.instance_of(service, instance)?;
         let svc = &self.services[si];
-        if !svc.instances.iter().any(|i| i.name == instance) {
-            return Err(ControlError::UnknownInstance {
-                service: service.to_owned(),
-                instance: instance.to_owned(),
-            });
-        }
         let mut load: Vec<(String, f64)> = svc
             .instances
             .iter()
@@ -567,6 +543,28 @@ impl Controller {
             progress(n + 1, groups.len());
         }
         Ok(events)
+    }
+
+    /// Index of `service`, after checking it has instance `instance`.
+    fn instance_of(&self, service: &str, instance: &str) -> Result<usize, ControlError> {
+        let si = self
+            .services
+            .iter()
+            .position(|s| s.name == service)
+            .ok_or_else(|| ControlError::UnknownService {
+                service: service.to_owned(),
+            })?;
+        if !self.services[si]
+            .instances
+            .iter()
+            .any(|i| i.name == instance)
+        {
+            return Err(ControlError::UnknownInstance {
+                service: service.to_owned(),
+                instance: instance.to_owned(),
+            });
+        }
+        Ok(si)
     }
 
     /// Every service's assignment, from the store.

@@ -660,32 +660,27 @@ impl Dataplane {
         Ok(out)
     }
 
-    /// Counters of service `id`, summed over CPUs.
-    pub fn service_counters(&self, id: u32) -> Result<ServiceCounters, DataplaneError> {
-        let map: PerCpuArray<&MapData, ServiceCounters> = self.map(names::SERVICE_COUNTERS)?;
-        let mut sum = ServiceCounters::default();
-        for c in map
-            .get(&id, 0)
-            .map_err(map_err(names::SERVICE_COUNTERS))?
-            .iter()
-        {
+    /// Entry `id` of per-CPU map `name`, summed over CPUs.
+    fn per_cpu_sum<T>(&self, name: &'static str, id: u32) -> Result<T, DataplaneError>
+    where
+        T: aya::Pod + Default + std::ops::AddAssign,
+    {
+        let map: PerCpuArray<&MapData, T> = self.map(name)?;
+        let mut sum = T::default();
+        for c in map.get(&id, 0).map_err(map_err(name))?.iter() {
             sum += *c;
         }
         Ok(sum)
     }
 
+    /// Counters of service `id`, summed over CPUs.
+    pub fn service_counters(&self, id: u32) -> Result<ServiceCounters, DataplaneError> {
+        self.per_cpu_sum(names::SERVICE_COUNTERS, id)
+    }
+
     /// Counters of instance `id`, summed over CPUs.
     pub fn instance_counters(&self, id: u32) -> Result<InstanceCounters, DataplaneError> {
-        let map: PerCpuArray<&MapData, InstanceCounters> = self.map(names::INSTANCE_COUNTERS)?;
-        let mut sum = InstanceCounters::default();
-        for c in map
-            .get(&id, 0)
-            .map_err(map_err(names::INSTANCE_COUNTERS))?
-            .iter()
-        {
-            sum += *c;
-        }
-        Ok(sum)
+        self.per_cpu_sum(names::INSTANCE_COUNTERS, id)
     }
 
     /// Hit counts of service `id`'s unit buckets, summed over CPUs.

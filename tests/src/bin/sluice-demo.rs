@@ -24,7 +24,6 @@ use std::{
 use clap::Parser;
 use sluice::{agent::Agent, config::Config, coord::EmbeddedStore};
 use sluice_tests::{
-    netns,
     testbed::{self, Testbed},
     traffic::{self, UdpServers},
 };
@@ -82,14 +81,7 @@ fn run(args: &Args) -> anyhow::Result<()> {
     let toml = demo_config(&tb, args.rate);
     let config = Config::parse(&toml, Path::new("demo.toml"))?;
     eprintln!("[demo] starting the agent on {}/{}", tb.host, testbed::NIC);
-    let mut agent = netns::run_in(&tb.host, || {
-        Agent::start(
-            &config,
-            testbed::NIC,
-            false,
-            Arc::new(EmbeddedStore::in_memory()),
-        )
-    })?;
+    let mut agent = tb.start_agent(&config, Arc::new(EmbeddedStore::in_memory()))?;
     let dst = std::net::SocketAddr::new(testbed::VIP_V4.into(), PORT);
     let namespaces: Vec<String> = tb.instances.iter().map(|i| i.netns.clone()).collect();
     let servers = UdpServers::start_with(&namespaces, dst, 256 << 10);
