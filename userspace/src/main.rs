@@ -371,6 +371,10 @@ fn run(a: &RunArgs<'_>) -> anyhow::Result<()> {
     if agent.dataplane.is_pinned() {
         tracing::info!(dir = %a.pin_dir.display(), "data path pinned: it keeps running across agent restarts");
     }
+    sluice::telemetry::count_pinned_flows(
+        a.pin_dir.join(sluice_common::maps::names::PINNED),
+        Duration::from_secs(30),
+    );
     let iface = a.iface;
     for i in &agent.plan.instances {
         tracing::info!(instance = %i.name, id = i.id, ifindex = i.ifindex, mac = %format_mac(&i.mac), "instance resolved");

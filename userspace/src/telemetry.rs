@@ -96,6 +96,41 @@ fn describe() {
         "sluice_attach_info",
         "How the XDP program is attached (mode label)"
     );
+    describe_gauge!(
+        "sluice_pinned_flows",
+        "Flows in the pinned-flow map (counted by a walk every 30 s)"
+    );
+}
+
+/// Counts the pinned-flow map pinned at `path` every `every`, on a thread
+/// of its own: a walk of a full map is a million `bpf()` calls, which the
+/// control loop should not wait for.
+pub fn count_pinned_flows(path: std::path::PathBuf, every: std::time::Duration) {
+    use sluice_common::maps::{Pin, PinKey};
+    let spawned = std::thread::Builder::new()
+        .name("sluice-pin-count".into())
+        .spawn(move || {
+            loop {
+                match aya::maps::MapData::from_pin(&path) {
+                    Ok(data) => {
+                        let map: Result<aya::maps::HashMap<_, PinKey, Pin>, _> =
+                            aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(data));
+                        if let Ok(map) = map {
+                            #[expect(clippy::cast_precision_loss, reason = "a gauge")]
+                            let n = map.keys().map_while(Result::ok).count() as f64;
+                            gauge!("sluice_pinned_flows").set(n);
+                        }
+                    }
+                    Err(e) => {
+                        tracing::debug!(error = %e, path = %path.display(), "pinned-flow map not readable");
+                    }
+                }
+                std::thread::sleep(every);
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "no thread to count pinned flows");
+    }
 }
 
 /// Records a map write of `seconds`.
