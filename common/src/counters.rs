@@ -18,17 +18,20 @@ pub const PASS_NOT_L4: u32 = 4;
 pub const PASS_NO_SERVICE: u32 = 5;
 /// Redirected to the owner of the unit.
 pub const DELIVERED: u32 = 6;
-/// The unit has no live owner (passed to the kernel until the punt path
-/// exists).
+/// The unit has no live owner and no agent socket took it: passed to the
+/// kernel.
 pub const UNOWNED: u32 = 7;
 /// The owner's DEVMAP slot was empty: passed to the kernel.
 pub const REDIRECT_FAILED: u32 = 8;
 /// Not an action: service packets keyed by flow hash because the tag was
 /// missing. Counted in addition to the action.
 pub const TAG_MISSING: u32 = 9;
+/// The unit has no live owner and the agent's `AF_XDP` socket took the
+/// packet (the punt); without a socket it is `UNOWNED`.
+pub const PUNTED: u32 = 10;
 
 /// Number of global counters.
-pub const COUNT: u32 = 10;
+pub const COUNT: u32 = 11;
 
 /// Names for display and metrics, indexed like the counters.
 pub const NAMES: [&str; COUNT as usize] = [
@@ -42,4 +45,5 @@ pub const NAMES: [&str; COUNT as usize] = [
     "unowned",
     "redirect_failed",
     "tag_missing",
+    "punted",
 ];

@@ -13,9 +13,11 @@ pub mod names {
     pub const INSTANCE_COUNTERS: &str = "INSTANCE_COUNTERS";
     pub const UNIT_HITS: &str = "UNIT_HITS";
     pub const PINNED: &str = "PINNED";
+    pub const PUNT: &str = "PUNT";
 
     /// Every map of the program, for pinning them all.
-    pub const ALL: [&str; 9] = [
+    pub const ALL: [&str; 10] = [
+        PUNT,
         SERVICES,
         OWNERS,
         INSTANCES,

@@ -38,7 +38,24 @@ pub struct Agent {
     pub control: Controller,
     pub iface: String,
     pub mode: AttachMode,
+    /// The punt path, when its socket could be opened.
+    pub punt: Option<Punt>,
 }
+
+/// The agent's end of the punt path.
+pub struct Punt {
+    pub queue: Arc<crate::punt::PuntQueue>,
+    _receiver: crate::punt::PuntReceiver,
+    reinject: crate::punt::Reinjector,
+    /// Punted frames sent on to their (new) owner.
+    pub delivered: u64,
+    /// Punted frames that could not be: not a service packet, no instance
+    /// to claim for, or the send failed.
+    pub failed: u64,
+}
+
+/// Frames the punt queue holds at most; more are counted as overflow.
+const PUNT_QUEUE: usize = 65_536;
 
 impl Agent {
     /// Resolves the config's instances on this host, settles the starting
@@ -72,6 +89,18 @@ impl Agent {
         let control = Controller::new(config, &mut plan, store)?;
         let mut dataplane = Dataplane::load_with(&plan, pin_dir)?;
         dataplane.program(&plan)?;
+        let ifindex = netdev::ifindex(iface).map_err(|source| StartError::Iface {
+            iface: iface.to_owned(),
+            source,
+        })?;
+        // The socket must exist before the program can punt to it.
+        let punt = match Self::open_punt(&mut dataplane, ifindex) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                tracing::warn!(iface, error = %e, "no AF_XDP socket: packets of unowned units pass to the kernel");
+                None
+            }
+        };
         let mode = dataplane.attach(iface, force_generic)?;
         Ok(Self {
             dataplane,
@@ -79,7 +108,66 @@ impl Agent {
             control,
             iface: iface.to_owned(),
             mode,
+            punt,
         })
+    }
+
+    fn open_punt(
+        dataplane: &mut Dataplane,
+        ifindex: u32,
+    ) -> Result<Punt, Box<dyn std::error::Error>> {
+        let queue = crate::punt::PuntQueue::new(PUNT_QUEUE);
+        // Queue 0 only: a veth has one; on a multi-queue NIC the other
+        // queues' unowned packets pass to the kernel (counted `unowned`).
+        let receiver = crate::punt::PuntReceiver::start(ifindex, 0, queue.clone())?;
+        dataplane.set_punt_socket(0, receiver.fd)?;
+        Ok(Punt {
+            queue,
+            _receiver: receiver,
+            reinject: crate::punt::Reinjector::new()?,
+            delivered: 0,
+            failed: 0,
+        })
+    }
+
+    /// Resolves every punted frame waiting: claims its unit if nobody owns
+    /// it, and sends it to the owner with the owner's MAC. Returns how many
+    /// frames it handled.
+    pub fn process_punts(&mut self) -> Result<usize, ControlError> {
+        let Some(punt) = self.punt.as_mut() else {
+            return Ok(0);
+        };
+        let frames = punt.queue.drain();
+        let now = Instant::now();
+        for mut frame in frames.iter().cloned() {
+            let target = (|| {
+                let flow = sluice_common::parse::parse(frame.as_slice()).ok()?;
+                let key = flow.service_key();
+                let svc = self.plan.services.iter().find(|s| s.keys.contains(&key))?;
+                let keyed = sluice_common::parse::key_for(frame.as_slice(), &flow, &svc.entry);
+                Some((svc.id, sluice_common::unit_of(keyed.key)))
+            })();
+            let Some((service_id, unit)) = target else {
+                punt.failed += 1;
+                continue;
+            };
+            let owner = self
+                .control
+                .claim(&mut self.dataplane, service_id, unit, now)?;
+            let Some(inst) = owner.and_then(|o| self.plan.instance(o)) else {
+                punt.failed += 1;
+                continue;
+            };
+            frame[..6].copy_from_slice(&inst.mac);
+            match punt.reinject.send(inst.ifindex, &frame) {
+                Ok(()) => punt.delivered += 1,
+                Err(e) => {
+                    tracing::debug!(error = %e, "re-injecting a punted frame failed");
+                    punt.failed += 1;
+                }
+            }
+        }
+        Ok(frames.len())
     }
 
     /// One control interval: measure, decide, move.

@@ -167,6 +167,9 @@ pub struct Service {
     pub pin: PinMode,
     /// A pinned flow idle this long loses its pin.
     pub pin_idle_secs: u32,
+    /// `assign = "on-demand"`: no unit is owned at start; units are claimed
+    /// by their first packets (punted to the agent).
+    pub on_demand: bool,
     pub wlm: WlmConfig,
     pub instances: Vec<Instance>,
 }
@@ -221,6 +224,7 @@ struct RawService {
     tag: Option<RawTag>,
     pin: Option<String>,
     pin_idle_secs: Option<i64>,
+    assign: Option<String>,
     wlm: Option<RawWlm>,
     #[serde(default)]
     instance: Vec<RawInstance>,
@@ -460,6 +464,17 @@ impl Checker<'_> {
             86_400,
         )?;
         let wlm = self.wlm(&format!("{at}.wlm"), raw.wlm)?;
+        let on_demand = match raw.assign.as_deref() {
+            None | Some("even") => false,
+            Some("on-demand") => true,
+            Some(other) => {
+                return Err(self.err(
+                    format!("{at}.assign"),
+                    format!("unknown assignment `{other}`"),
+                    "use \"even\" (units split over the instances at start) or \"on-demand\" (claimed by first packets)",
+                ));
+            }
+        };
         Ok(Service {
             name,
             vip,
@@ -468,6 +483,7 @@ impl Checker<'_> {
             tag,
             pin,
             pin_idle_secs,
+            on_demand,
             wlm,
             instances,
         })

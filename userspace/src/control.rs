@@ -10,7 +10,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use sluice_common::{HIT_BUCKETS_PER_SERVICE, unit_of};
+use sluice_common::{HIT_BUCKETS_PER_SERVICE, maps::NO_OWNER, unit_of};
+
+/// Owner name of a group nobody owns (on-demand services, failed instances).
+pub const UNOWNED: &str = "";
 
 use crate::{
     assign::Group,
@@ -113,12 +116,14 @@ impl Controller {
     ) -> Result<Self, ControlError> {
         let mut services = Vec::with_capacity(plan.services.len());
         for (sp, sc) in plan.services.iter_mut().zip(&config.services) {
-            let names: HashMap<u32, &str> = plan
+            // An unowned group has the empty owner name.
+            let mut names: HashMap<u32, &str> = plan
                 .instances
                 .iter()
                 .filter(|i| i.service_id == sp.id)
                 .map(|i| (i.id, i.name.as_str()))
                 .collect();
+            names.insert(NO_OWNER, UNOWNED);
             let ids: HashMap<&str, u32> = names.iter().map(|(id, n)| (*n, *id)).collect();
             let wanted: Vec<(Group, String)> = sp
                 .groups
@@ -427,6 +432,10 @@ impl Controller {
         to: &str,
     ) -> Result<(), ControlError> {
         let svc = &self.services[si];
+        if to == UNOWNED {
+            dp.set_group_owner(svc.id, group, NO_OWNER)?;
+            return Ok(());
+        }
         let id = svc
             .instances
             .iter()
@@ -565,6 +574,88 @@ impl Controller {
             });
         }
         Ok(si)
+    }
+
+    /// The owner of `unit` of service `service_id`, claiming its group for
+    /// the least-utilised instance (not drained) if nobody owns it. The
+    /// claimed group is the `min_group_units`-sized one holding the unit; a
+    /// concurrent claim is settled by the store's compare-and-swap (the
+    /// loser takes the winner's answer). Returns the owner's instance id,
+    /// or `None` if the service has no instance to give it to.
+    pub fn claim(
+        &mut self,
+        dp: &mut Dataplane,
+        service_id: u32,
+        unit: u32,
+        now: Instant,
+    ) -> Result<Option<u32>, ControlError> {
+        let Some(si) = self.services.iter().position(|s| s.id == service_id) else {
+            return Ok(None);
+        };
+        let name = self.services[si].name.clone();
+        let size = self.services[si].cfg.min_group_units;
+        let id_of = |ctl: &Self, owner: &str| {
+            ctl.services[si]
+                .instances
+                .iter()
+                .find(|i| i.name == owner)
+                .map(|i| i.id)
+        };
+        loop {
+            let e = self
+                .store
+                .groups(&name)?
+                .into_iter()
+                .find(|e| e.group.contains(unit))
+                .expect("the groups partition the units");
+            if e.owner != UNOWNED {
+                return Ok(id_of(self, &e.owner));
+            }
+            if e.group.size() > size {
+                match self.store.split(&name, e.group, e.version) {
+                    Ok(_) | Err(CoordError::Conflict { .. }) => continue,
+                    Err(err) => return Err(err.into()),
+                }
+            }
+            let owned = |n: &str| -> u32 {
+                self.store.groups(&name).map_or(0, |g| {
+                    g.iter()
+                        .filter(|x| x.owner == n)
+                        .map(|x| x.group.size())
+                        .sum()
+                })
+            };
+            let Some(to) = self.services[si]
+                .instances
+                .iter()
+                .filter(|i| !self.drained.contains(&i.name))
+                .min_by(|a, b| {
+                    a.sample
+                        .utilisation
+                        .total_cmp(&b.sample.utilisation)
+                        .then_with(|| owned(&a.name).cmp(&owned(&b.name)))
+                })
+                .map(|i| i.name.clone())
+            else {
+                return Ok(None);
+            };
+            match self.store.move_group(&name, e.group, e.version, &to) {
+                Ok(_) => {
+                    self.write(dp, si, e.group, &to)?;
+                    self.record(MoveEvent {
+                        at: now,
+                        service: name,
+                        kind: "claim",
+                        group: Some(e.group),
+                        from: UNOWNED.to_owned(),
+                        to: to.clone(),
+                    });
+                    return Ok(id_of(self, &to));
+                }
+                Err(CoordError::Conflict { .. }) => {}
+                Err(err) => return Err(err.into()),
+            }
+        }
     }
 
     /// Every service's assignment, from the store.

@@ -550,6 +550,17 @@ impl Dataplane {
         }
     }
 
+    /// Registers the agent's `AF_XDP` socket `fd` for receive queue `queue`:
+    /// from now on, packets of unowned units on that queue are punted to it.
+    pub fn set_punt_socket(
+        &mut self,
+        queue: u32,
+        fd: std::os::fd::RawFd,
+    ) -> Result<(), DataplaneError> {
+        let mut map: aya::maps::XskMap<&mut MapData> = self.map_mut(names::PUNT)?;
+        map.set(queue, fd, 0).map_err(map_err(names::PUNT))
+    }
+
     /// Whether the data path is pinned (it outlives this agent).
     #[must_use]
     pub fn is_pinned(&self) -> bool {

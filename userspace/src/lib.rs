@@ -16,6 +16,7 @@ pub mod coord;
 pub mod dataplane;
 pub mod netdev;
 pub mod plan;
+pub mod punt;
 pub mod qos;
 pub mod telemetry;
 pub mod wlm;

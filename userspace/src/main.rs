@@ -404,6 +404,9 @@ fn run(a: &RunArgs<'_>) -> anyhow::Result<()> {
         let mut term = signal(SignalKind::terminate())?;
         let mut hup = signal(SignalKind::hangup())?;
         let mut control = tokio::time::interval(agent.control.interval());
+        // Punted frames wait for a claim: serve them every 2 ms.
+        let mut punts = tokio::time::interval(Duration::from_millis(2));
+        punts.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         let mut stats = tokio::time::interval(Duration::from_secs(a.stats_interval.max(1)));
         stats.tick().await;
         loop {
@@ -428,21 +431,17 @@ fn run(a: &RunArgs<'_>) -> anyhow::Result<()> {
                     }
                 }
                 _ = control.tick() => {
-                    for c in std::mem::take(&mut *shared.commands.lock().expect("commands lock")) {
-                        let (name, drained) = match &c {
-                            api::Command::Drain(n) => (n, true),
-                            api::Command::Undrain(n) => (n, false),
-                        };
-                        match agent.control.set_drained(name, drained) {
-                            Ok(()) => tracing::info!(instance = %name, drained, "drain state changed"),
-                            Err(e) => tracing::warn!(error = %e, "drain request refused"),
-                        }
-                    }
+                    apply_commands(&mut agent, &shared);
                     if let Err(e) = agent.tick() {
                         tracing::warn!(error = %e, "control interval failed");
                     }
                     publish_status(&agent, &shared);
                     sluice::telemetry::publish(&agent);
+                }
+                _ = punts.tick(), if agent.punt.is_some() => {
+                    if let Err(e) = agent.process_punts() {
+                        tracing::warn!(error = %e, "resolving punted packets failed");
+                    }
                 }
                 _ = stats.tick(), if a.stats_interval > 0 => report(&agent.dataplane, &agent.plan, false),
             }
@@ -462,6 +461,20 @@ fn run(a: &RunArgs<'_>) -> anyhow::Result<()> {
         tracing::info!(iface, "detached");
     }
     Ok(())
+}
+
+/// Drains and undrains the API queued for the control loop.
+fn apply_commands(agent: &mut Agent, shared: &api::Shared) {
+    for c in std::mem::take(&mut *shared.commands.lock().expect("commands lock")) {
+        let (name, drained) = match &c {
+            api::Command::Drain(n) => (n, true),
+            api::Command::Undrain(n) => (n, false),
+        };
+        match agent.control.set_drained(name, drained) {
+            Ok(()) => tracing::info!(instance = %name, drained, "drain state changed"),
+            Err(e) => tracing::warn!(error = %e, "drain request refused"),
+        }
+    }
 }
 
 fn instance_names(agent: &Agent) -> Vec<String> {

@@ -147,11 +147,15 @@ impl Plan {
                 });
                 next_instance += 1;
             }
-            let groups = assign::even(svc.instances.len())
-                .into_iter()
-                .zip(first..)
-                .flat_map(|(gs, owner)| gs.into_iter().map(move |g| (g, owner)))
-                .collect();
+            let groups = if svc.on_demand {
+                vec![(Group::ALL, sluice_common::maps::NO_OWNER)]
+            } else {
+                assign::even(svc.instances.len())
+                    .into_iter()
+                    .zip(first..)
+                    .flat_map(|(gs, owner)| gs.into_iter().map(move |g| (g, owner)))
+                    .collect()
+            };
             plan.services.push(ServicePlan {
                 id,
                 name: svc.name.clone(),

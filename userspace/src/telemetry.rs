@@ -12,7 +12,9 @@ use sluice_common::counters;
 use crate::{agent::Agent, dataplane::AttachMode};
 
 /// Kinds of move, as `sluice_moves_total{kind}` counts them.
-pub const MOVE_KINDS: [&str; 6] = ["split", "give", "reclaim", "merge", "drain", "manual"];
+pub const MOVE_KINDS: [&str; 7] = [
+    "split", "give", "reclaim", "merge", "drain", "manual", "claim",
+];
 
 /// Serves `/metrics` on `addr` (from the current tokio runtime).
 pub fn install(addr: SocketAddr) -> Result<(), BuildError> {
@@ -97,6 +99,14 @@ fn describe() {
         "How the XDP program is attached (mode label)"
     );
     describe_gauge!(
+        "sluice_punt_queue_depth",
+        "Punted frames waiting for a claim"
+    );
+    describe_counter!(
+        "sluice_punt_frames_total",
+        "Punted frames by outcome (received, reinjected, failed, overflow)"
+    );
+    describe_gauge!(
         "sluice_pinned_flows",
         "Flows in the pinned-flow map (counted by a walk every 30 s)"
     );
@@ -145,6 +155,7 @@ const fn reason(kind: &str) -> &'static str {
         b"reclaim" => "underload",
         b"merge" => "defragment",
         b"drain" => "drain",
+        b"claim" => "punt",
         _ => "operator",
     }
 }
@@ -222,6 +233,25 @@ pub fn publish(agent: &Agent) {
             gauge!("sluice_instance_groups", &labels).set(groups);
             gauge!("sluice_instance_units", &labels)
                 .set(f64::from(st.groups.iter().map(|g| g.size()).sum::<u32>()));
+        }
+    }
+    if let Some(p) = &agent.punt {
+        #[expect(clippy::cast_precision_loss, reason = "a gauge")]
+        let depth = p.queue.depth() as f64;
+        gauge!("sluice_punt_queue_depth").set(depth);
+        for (outcome, v) in [
+            (
+                "received",
+                p.queue.received.load(std::sync::atomic::Ordering::Relaxed),
+            ),
+            (
+                "overflow",
+                p.queue.overflow.load(std::sync::atomic::Ordering::Relaxed),
+            ),
+            ("reinjected", p.delivered),
+            ("failed", p.failed),
+        ] {
+            counter!("sluice_punt_frames_total", "outcome" => outcome).absolute(v);
         }
     }
     let mode = match agent.mode {

@@ -14,7 +14,7 @@ use aya_ebpf::{
     bindings::{BPF_F_MMAPABLE, xdp_action::XDP_PASS},
     helpers::generated::{bpf_ktime_get_coarse_ns, bpf_xdp_load_bytes},
     macros::{map, xdp},
-    maps::{Array, DevMap, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, DevMap, HashMap, LruHashMap, PerCpuArray, XskMap},
     programs::XdpContext,
 };
 use sluice_common::{
@@ -63,6 +63,11 @@ static INSTANCE_COUNTERS: PerCpuArray<InstanceCounters> = PerCpuArray::with_max_
 /// LRU, so a full table forgets the least recently used flow.
 #[map]
 static PINNED: LruHashMap<PinKey, Pin> = LruHashMap::with_max_entries(1 << 20, 0);
+
+/// Receive queue -> the agent's `AF_XDP` socket on it: where packets of
+/// units without a live owner go (the punt).
+#[map]
+static PUNT: XskMap = XskMap::with_max_entries(64, 0);
 
 /// Per-unit hit counts, `HIT_BUCKETS_PER_SERVICE` coarse buckets a service.
 #[map]
@@ -117,10 +122,13 @@ fn try_sluice_xdp(frame: &XdpFrame) -> Result<(u32, u32), Pass> {
         unit_owner(svc.id, unit)
     };
     let Some(instance) = live_instance(owner, svc.id) else {
-        // No live owner. The AF_XDP punt to the agent goes here; until it
-        // exists the packet passes to the kernel, counted.
+        // No live owner: to the agent, which claims the unit and re-injects
+        // the packet. With no socket on this queue, to the kernel.
         count(sc, |c| c.unowned += 1);
-        return Ok((XDP_PASS, counters::UNOWNED));
+        return Ok(match PUNT.redirect(frame.rx_queue, u64::from(XDP_PASS)) {
+            Ok(action) => (action, counters::PUNTED),
+            Err(_) => (XDP_PASS, counters::UNOWNED),
+        });
     };
 
     let ic = INSTANCE_COUNTERS.get_ptr_mut(owner);
@@ -226,6 +234,7 @@ struct XdpFrame {
     ctx: *mut aya_ebpf::bindings::xdp_md,
     data: usize,
     end: usize,
+    rx_queue: u32,
 }
 
 impl XdpFrame {
@@ -235,6 +244,7 @@ impl XdpFrame {
             ctx: ctx.ctx,
             data: ctx.data(),
             end: ctx.data_end(),
+            rx_queue: ctx.rx_queue_index(),
         }
     }
 
