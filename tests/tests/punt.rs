@@ -119,3 +119,227 @@ fn on_demand_units_are_claimed_and_every_datagram_arrives_once() {
     );
     agent.stop().expect("detach");
 }
+
+/// An instance whose veth is deleted mid-traffic: the agent marks it
+/// failed, its units become unowned and the survivors claim them from
+/// their first punted packets. Loss is confined to the window between the
+/// deletion and the agent noticing it.
+/// Datagrams a second in the failover test.
+const RATE: u64 = 3000;
+
+#[test]
+#[expect(
+    clippy::too_many_lines,
+    reason = "one scenario: traffic, failure, accounting"
+)]
+fn a_deleted_instance_fails_over_to_the_survivors() {
+    let tb = Testbed::new("fail", 3).unwrap_or_else(|e| panic!("building the testbed: {e}"));
+    let toml = format!(
+        "[agent]\ninterval_ms = 100\n\n[[service]]\nname = \"kv\"\nvip = \"{}\"\nport = 7000\nprotocol = \"udp\"\n\
+         wlm = {{ min_group_units = 256, underload = 0.0 }}\n\n{}",
+        testbed::VIP_V4,
+        tb.instances_toml(0, 3)
+    );
+    let config = Config::parse(&toml, Path::new("fail.toml")).expect("config");
+    let mut agent = tb
+        .start_agent(&config, Arc::new(EmbeddedStore::in_memory()))
+        .unwrap_or_else(|e| panic!("starting the agent: {e:?}"));
+    let dst = SocketAddr::new(testbed::VIP_V4.into(), 7000);
+    let ns: Vec<String> = tb.instances.iter().map(|i| i.netns.clone()).collect();
+    let servers = UdpServers::start(&ns, dst);
+    let rate = Arc::new(std::sync::atomic::AtomicU64::new(RATE));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let t0 = Instant::now();
+    let sender = {
+        let (client, rate, stop) = (tb.client.clone(), rate.clone(), stop.clone());
+        std::thread::spawn(move || {
+            traffic::paced_udp(
+                &client,
+                dst,
+                300,
+                &rate,
+                &stop,
+                Duration::from_secs(3),
+                |_, seq| seq.to_be_bytes().to_vec(),
+            )
+        })
+    };
+    let mut deleted = None;
+    let mut last_tick = Instant::now();
+    while !sender.is_finished() {
+        agent.process_punts().expect("punts");
+        if last_tick.elapsed() >= agent.control.interval() {
+            agent.tick().expect("tick");
+            last_tick = Instant::now();
+        }
+        if deleted.is_none() && t0.elapsed() > Duration::from_secs(1) {
+            let st = std::process::Command::new("ip")
+                .args(["-n", &tb.host, "link", "del", &tb.instances[1].veth])
+                .status()
+                .expect("ip");
+            assert!(st.success());
+            deleted = Some(t0.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let sent = sender.join().expect("sender");
+    let end = Instant::now() + Duration::from_secs(2);
+    while servers.total.load(Ordering::Relaxed) < sent && Instant::now() < end {
+        agent.process_punts().expect("punts");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let deleted = deleted.expect("deleted");
+    let detected = agent
+        .control
+        .history()
+        .iter()
+        .find(|e| e.kind == "failover")
+        .map(|e| e.at.duration_since(t0))
+        .expect("the failure was detected");
+    let got = servers.finish();
+    let mut seqs = HashSet::new();
+    for d in got.iter().flatten() {
+        let seq = u64::from_be_bytes(d.payload[..8].try_into().expect("seq"));
+        assert!(seqs.insert(seq), "datagram {seq} arrived twice");
+    }
+    // The sender paces `RATE` a second from its start: datagram `seq` left
+    // at about seq / RATE.
+    #[expect(clippy::cast_precision_loss, reason = "times")]
+    let sent_at = |seq: u64| Duration::from_secs_f64(seq as f64 / RATE as f64);
+    let lost: Vec<u64> = (0..sent).filter(|s| !seqs.contains(s)).collect();
+    let claims = agent
+        .control
+        .history()
+        .iter()
+        .filter(|e| e.kind == "claim")
+        .count();
+    eprintln!(
+        "deleted at {deleted:?}, detected at {detected:?}; sent {sent}, lost {} (about {:?}..{:?} into the run); {claims} claims by the survivors; inst-0/inst-2 received {}/{}",
+        lost.len(),
+        lost.first().map(|s| sent_at(*s)),
+        lost.last().map(|s| sent_at(*s)),
+        got[0].len(),
+        got[2].len()
+    );
+    let noticed = detected
+        .checked_sub(deleted)
+        .expect("detected after the deletion");
+    assert!(
+        noticed < Duration::from_millis(400),
+        "detection took too long"
+    );
+    // The loss window, measured by what was lost: at RATE a second, the
+    // lost datagrams are this much traffic. They must be one contiguous
+    // stretch around the failure, not a trickle afterwards.
+    #[expect(clippy::cast_precision_loss, reason = "times")]
+    let lost_window = Duration::from_secs_f64(lost.len() as f64 / RATE as f64);
+    eprintln!(
+        "loss window: {lost_window:?} of traffic (failure noticed {noticed:?} after the deletion)"
+    );
+    assert!(
+        lost_window <= noticed + Duration::from_millis(50),
+        "lost {lost_window:?} of traffic for a failure noticed in {noticed:?}"
+    );
+    if let (Some(a), Some(b)) = (lost.first(), lost.last()) {
+        assert!(
+            b - a <= RATE / 10,
+            "lost datagrams spread over {} sends, not one stretch",
+            b - a
+        );
+    }
+    assert!(
+        claims > 0,
+        "the survivors claimed the failed instance's units"
+    );
+    agent.stop().expect("detach");
+}
+
+/// A punt storm far beyond the punt queue while the agent does not serve
+/// it: the excess is dropped and counted (nothing lost silently), the agent
+/// still answers, and a service whose units are owned is not touched.
+#[test]
+fn a_punt_storm_degrades_gracefully() {
+    let tb = Testbed::new("storm", 4).unwrap_or_else(|e| panic!("building the testbed: {e}"));
+    let toml = format!(
+        "[agent]\npunt_queue = 256\n\n\
+         [[service]]\nname = \"storm\"\nvip = \"{vip}\"\nport = 7100\nprotocol = \"udp\"\nassign = \"on-demand\"\n\
+         wlm = {{ min_group_units = 1, underload = 0.0 }}\n\n{}\
+         [[service]]\nname = \"kv\"\nvip = \"{vip}\"\nport = 7000\nprotocol = \"udp\"\nwlm = {{ underload = 0.0 }}\n\n{}",
+        tb.instances_toml(0, 2),
+        tb.instances_toml(2, 2),
+        vip = testbed::VIP_V4,
+    );
+    let config = Config::parse(&toml, Path::new("storm.toml")).expect("config");
+    let mut agent = tb
+        .start_agent(&config, Arc::new(EmbeddedStore::in_memory()))
+        .unwrap_or_else(|e| panic!("starting the agent: {e:?}"));
+    let ns: Vec<String> = tb.instances.iter().map(|i| i.netns.clone()).collect();
+    let storm_dst = SocketAddr::new(testbed::VIP_V4.into(), 7100);
+    let kv_dst = SocketAddr::new(testbed::VIP_V4.into(), 7000);
+    let storm = UdpServers::start(&ns[..2], storm_dst);
+    let kv = UdpServers::start(&ns[2..], kv_dst);
+
+    // The storm: 6,000 new flows at once, the agent not serving punts.
+    let storm_load = UdpLoad {
+        client_ns: &tb.client,
+        dst: storm_dst,
+        sockets: 6000,
+        per_socket: 1,
+        window: u64::MAX,
+        deadline: Duration::from_secs(20),
+    };
+    let (storm_sent, _) = traffic::send_udp(&storm_load, &storm.total, |_| Vec::new());
+    // Meanwhile the owned service runs on the fast path, untouched.
+    let kv_load = UdpLoad {
+        client_ns: &tb.client,
+        dst: kv_dst,
+        sockets: 200,
+        per_socket: 10,
+        window: 256,
+        deadline: Duration::from_secs(20),
+    };
+    let (kv_sent, _) = traffic::send_udp(&kv_load, &kv.total, |_| Vec::new());
+    kv.wait_for(kv_sent, Duration::from_secs(2));
+    assert!(
+        agent.control.status().is_ok(),
+        "the agent answers during the storm"
+    );
+
+    // Let the receiver thread empty the socket's ring into the queue (on a
+    // busy machine it may lag): until every punted frame is taken or
+    // counted as dropped by the kernel.
+    let punted = agent.dataplane.global_counters().expect("counters")[counters::PUNTED as usize];
+    let settle = Instant::now() + Duration::from_secs(5);
+    {
+        let q = &agent.punt.as_ref().expect("punt").queue;
+        while q.received.load(Ordering::Relaxed) + q.kernel_dropped.load(Ordering::Relaxed) < punted
+            && Instant::now() < settle
+        {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    let served = agent.process_punts().expect("punts");
+    storm.wait_for(u64::try_from(served).expect("fits"), Duration::from_secs(2));
+    let storm_got: usize = storm.finish().iter().map(Vec::len).sum();
+    let kv_got: usize = kv.finish().iter().map(Vec::len).sum();
+    let punt = agent.punt.as_ref().expect("punt");
+    let overflow = punt.queue.overflow.load(Ordering::Relaxed);
+    let kernel_dropped = punt.queue.kernel_dropped.load(Ordering::Relaxed);
+    eprintln!(
+        "storm: sent {storm_sent}, punted {punted}, delivered {storm_got} (queued then re-injected {served}), dropped and counted {overflow} (queue) + {kernel_dropped} (socket ring); kv: sent {kv_sent}, received {kv_got}"
+    );
+    assert_eq!(
+        u64::try_from(kv_got).unwrap(),
+        kv_sent,
+        "the fast path lost nothing during the storm"
+    );
+    assert!(overflow > 0, "the storm was beyond the queue");
+    // Before the program, a veth may drop a burst this size (its ring is
+    // 256 frames): what the program punted is what the punt path owes.
+    assert_eq!(
+        u64::try_from(storm_got).unwrap() + overflow + kernel_dropped,
+        punted,
+        "every punted datagram is delivered or counted as dropped"
+    );
+    agent.stop().expect("detach");
+}

@@ -54,9 +54,6 @@ pub struct Punt {
     pub failed: u64,
 }
 
-/// Frames the punt queue holds at most; more are counted as overflow.
-const PUNT_QUEUE: usize = 65_536;
-
 impl Agent {
     /// Resolves the config's instances on this host, settles the starting
     /// assignment with `store`, loads and programs the XDP program, and
@@ -94,7 +91,8 @@ impl Agent {
             source,
         })?;
         // The socket must exist before the program can punt to it.
-        let punt = match Self::open_punt(&mut dataplane, ifindex) {
+        let punt = match Self::open_punt(&mut dataplane, ifindex, config.agent.punt_queue as usize)
+        {
             Ok(p) => Some(p),
             Err(e) => {
                 tracing::warn!(iface, error = %e, "no AF_XDP socket: packets of unowned units pass to the kernel");
@@ -115,8 +113,9 @@ impl Agent {
     fn open_punt(
         dataplane: &mut Dataplane,
         ifindex: u32,
+        cap: usize,
     ) -> Result<Punt, Box<dyn std::error::Error>> {
-        let queue = crate::punt::PuntQueue::new(PUNT_QUEUE);
+        let queue = crate::punt::PuntQueue::new(cap);
         // Queue 0 only: a veth has one; on a multi-queue NIC the other
         // queues' unowned packets pass to the kernel (counted `unowned`).
         let receiver = crate::punt::PuntReceiver::start(ifindex, 0, queue.clone())?;

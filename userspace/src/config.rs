@@ -128,6 +128,9 @@ pub struct AgentConfig {
     pub max_moves_per_sec: f64,
     /// Capacity of the pinned-flow LRU map.
     pub pinned_flows: u32,
+    /// Punted frames waiting for a claim, at most; more are dropped and
+    /// counted.
+    pub punt_queue: u32,
 }
 
 impl Default for AgentConfig {
@@ -136,6 +139,7 @@ impl Default for AgentConfig {
             interval: std::time::Duration::from_secs(1),
             max_moves_per_sec: 2.0,
             pinned_flows: 1 << 20,
+            punt_queue: 65_536,
         }
     }
 }
@@ -197,6 +201,7 @@ struct RawAgent {
     interval_ms: Option<i64>,
     max_moves_per_sec: Option<f64>,
     pinned_flows: Option<i64>,
+    punt_queue: Option<i64>,
 }
 
 #[derive(Deserialize)]
@@ -551,6 +556,13 @@ impl Checker<'_> {
                 d.pinned_flows,
                 1024,
                 1 << 26,
+            )?,
+            punt_queue: self.int(
+                "agent.punt_queue",
+                raw.punt_queue,
+                d.punt_queue,
+                16,
+                1 << 24,
             )?,
         })
     }

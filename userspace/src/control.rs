@@ -54,6 +54,8 @@ pub struct MoveEvent {
 struct InstCtl {
     name: String,
     id: u32,
+    /// Host-side veth: the instance has failed when it disappears.
+    ifindex: u32,
     netns: Option<PathBuf>,
     cgroup: Option<PathBuf>,
     cpu_limit: Option<f64>,
@@ -98,6 +100,12 @@ pub struct Controller {
     /// Instances being drained: they give their groups away, one move at a
     /// time within the move limit, and take none.
     drained: std::collections::HashSet<String>,
+    /// Instances found failed (their veth is gone): out of the data path,
+    /// their groups unowned, claimed again by the survivors.
+    failed: std::collections::HashSet<String>,
+    /// Interface checks in the agent's namespace (the loop may run on any
+    /// thread).
+    links: Option<crate::netdev::LinkProbe>,
 }
 
 /// Most move events kept for `history`.
@@ -161,6 +169,7 @@ impl Controller {
                     .map(|(ip, ic)| InstCtl {
                         name: ip.name.clone(),
                         id: ip.id,
+                        ifindex: ip.ifindex,
                         netns: ip.netns.clone(),
                         cgroup: ic.cgroup.clone(),
                         cpu_limit: ic.cpu_limit,
@@ -183,6 +192,8 @@ impl Controller {
             interval: config.agent.interval,
             history: Vec::new(),
             drained: std::collections::HashSet::new(),
+            failed: std::collections::HashSet::new(),
+            links: crate::netdev::LinkProbe::new().ok(),
         })
     }
 
@@ -289,6 +300,62 @@ impl Controller {
         self.drained.contains(instance)
     }
 
+    /// Finds instances whose veth is gone (or came back with another
+    /// ifindex: a new container). Each is taken out of the data path at
+    /// once (its packets are punted, its pinned flows no longer hold) and
+    /// its groups become unowned in the store, to be claimed by the
+    /// survivors as their packets arrive.
+    fn fail_step(
+        &mut self,
+        dp: &mut Dataplane,
+        now: Instant,
+    ) -> Result<Vec<MoveEvent>, ControlError> {
+        let mut made = Vec::new();
+        let Some(links) = &self.links else {
+            return Ok(made);
+        };
+        let gone: Vec<(usize, String, u32)> = self
+            .services
+            .iter()
+            .enumerate()
+            .flat_map(|(si, s)| s.instances.iter().map(move |i| (si, i)))
+            .filter(|(_, i)| !self.failed.contains(&i.name) && !links.exists(i.ifindex))
+            .map(|(si, i)| (si, i.name.clone(), i.id))
+            .collect();
+        for (si, name, id) in gone {
+            tracing::warn!(instance = %name, "veth gone: instance failed; its groups are unowned until claimed");
+            self.failed.insert(name.clone());
+            dp.set_instance_dead(id)?;
+            let service = self.services[si].name.clone();
+            for e in self
+                .store
+                .groups(&service)?
+                .into_iter()
+                .filter(|e| e.owner == name)
+            {
+                self.store
+                    .move_group(&service, e.group, e.version, UNOWNED)?;
+                self.write(dp, si, e.group, UNOWNED)?;
+                let ev = MoveEvent {
+                    at: now,
+                    service: service.clone(),
+                    kind: "failover",
+                    group: Some(e.group),
+                    from: name.clone(),
+                    to: UNOWNED.to_owned(),
+                };
+                self.record(ev.clone());
+                made.push(ev);
+            }
+        }
+        Ok(made)
+    }
+
+    #[must_use]
+    pub fn is_failed(&self, instance: &str) -> bool {
+        self.failed.contains(instance)
+    }
+
     /// One move of each drained instance that still owns groups, within the
     /// move limit: its largest group goes to the least-utilised peer that is
     /// not drained.
@@ -318,7 +385,7 @@ impl Controller {
                 let Some(to) = self.services[si]
                     .instances
                     .iter()
-                    .filter(|i| !self.drained.contains(&i.name))
+                    .filter(|i| !self.drained.contains(&i.name) && !self.failed.contains(&i.name))
                     .min_by(|a, b| a.sample.utilisation.total_cmp(&b.sample.utilisation))
                     .map(|i| i.name.clone())
                 else {
@@ -341,7 +408,8 @@ impl Controller {
         now: Instant,
     ) -> Result<Vec<MoveEvent>, ControlError> {
         self.measure(dp, now)?;
-        let mut made = self.drain_step(dp, now)?;
+        let mut made = self.fail_step(dp, now)?;
+        made.extend(self.drain_step(dp, now)?);
         for si in 0..self.services.len() {
             // Most loaded elements act first.
             let mut order: Vec<usize> = (0..self.services[si].instances.len()).collect();
@@ -351,7 +419,9 @@ impl Controller {
             });
             for ii in order {
                 let svc = &self.services[si];
-                if self.drained.contains(&svc.instances[ii].name) {
+                if self.drained.contains(&svc.instances[ii].name)
+                    || self.failed.contains(&svc.instances[ii].name)
+                {
                     continue;
                 }
                 let assignment = self.store.groups(&svc.name)?;
@@ -359,7 +429,11 @@ impl Controller {
                     .instances
                     .iter()
                     .enumerate()
-                    .filter(|(j, p)| *j != ii && !self.drained.contains(&p.name))
+                    .filter(|(j, p)| {
+                        *j != ii
+                            && !self.drained.contains(&p.name)
+                            && !self.failed.contains(&p.name)
+                    })
                     .map(|(_, p)| Peer {
                         name: p.name.clone(),
                         sample: p.sample,
@@ -628,7 +702,7 @@ impl Controller {
             let Some(to) = self.services[si]
                 .instances
                 .iter()
-                .filter(|i| !self.drained.contains(&i.name))
+                .filter(|i| !self.drained.contains(&i.name) && !self.failed.contains(&i.name))
                 .min_by(|a, b| {
                     a.sample
                         .utilisation

@@ -550,6 +550,15 @@ impl Dataplane {
         }
     }
 
+    /// Marks instance `id` dead: its packets become unowned and its pinned
+    /// flows no longer hold.
+    pub fn set_instance_dead(&mut self, id: u32) -> Result<(), DataplaneError> {
+        let mut instances: Array<&mut MapData, InstanceEntry> = self.map_mut(names::INSTANCES)?;
+        let mut e = instances.get(&id, 0).map_err(map_err(names::INSTANCES))?;
+        e.flags &= !INSTANCE_LIVE;
+        instances.set(id, e, 0).map_err(map_err(names::INSTANCES))
+    }
+
     /// Registers the agent's `AF_XDP` socket `fd` for receive queue `queue`:
     /// from now on, packets of unowned units on that queue are punted to it.
     pub fn set_punt_socket(

@@ -178,10 +178,11 @@ struct LinkInfo {
 
 /// Asks rtnetlink, in the current thread's namespace, about `ifindex`.
 fn query_link(ifindex: u32) -> Option<LinkInfo> {
-    const IFLA_ADDRESS: u16 = 1;
-    const IFLA_LINK: u16 = 5;
-    const NLMSG_HDR: usize = 16;
-    const IFINFO: usize = 16;
+    query_link_on(&netlink_socket()?, ifindex)
+}
+
+/// An rtnetlink socket in the calling thread's namespace.
+fn netlink_socket() -> Option<OwnedFd> {
     // SAFETY: plain socket creation; the fd is owned right after.
     let raw = unsafe {
         libc::socket(
@@ -194,8 +195,33 @@ fn query_link(ifindex: u32) -> Option<LinkInfo> {
         return None;
     }
     // SAFETY: `raw` is a fresh fd we own.
-    let sock = unsafe { OwnedFd::from_raw_fd(raw) };
+    Some(unsafe { OwnedFd::from_raw_fd(raw) })
+}
 
+/// Answers whether an interface still exists, in the namespace the probe
+/// was made in, from any thread.
+pub struct LinkProbe(OwnedFd);
+
+impl LinkProbe {
+    /// A probe of the calling thread's namespace.
+    pub fn new() -> io::Result<Self> {
+        netlink_socket()
+            .map(Self)
+            .ok_or_else(io::Error::last_os_error)
+    }
+
+    /// Whether interface `ifindex` exists.
+    #[must_use]
+    pub fn exists(&self, ifindex: u32) -> bool {
+        query_link_on(&self.0, ifindex).is_some()
+    }
+}
+
+fn query_link_on(sock: &OwnedFd, ifindex: u32) -> Option<LinkInfo> {
+    const IFLA_ADDRESS: u16 = 1;
+    const IFLA_LINK: u16 = 5;
+    const NLMSG_HDR: usize = 16;
+    const IFINFO: usize = 16;
     // nlmsghdr + ifinfomsg, RTM_GETLINK for one ifindex.
     let mut req = [0u8; NLMSG_HDR + IFINFO];
     let len = u32::try_from(req.len()).expect("small");

@@ -30,6 +30,9 @@ pub struct PuntQueue {
     pub overflow: AtomicU64,
     /// Frames taken off the socket.
     pub received: AtomicU64,
+    /// Frames the kernel could not put on the socket's ring (ring full,
+    /// no buffer to fill): dropped before the agent saw them, counted.
+    pub kernel_dropped: AtomicU64,
 }
 
 impl PuntQueue {
@@ -40,6 +43,7 @@ impl PuntQueue {
             cap,
             overflow: AtomicU64::new(0),
             received: AtomicU64::new(0),
+            kernel_dropped: AtomicU64::new(0),
         })
     }
 

@@ -156,6 +156,7 @@ const fn reason(kind: &str) -> &'static str {
         b"merge" => "defragment",
         b"drain" => "drain",
         b"claim" => "punt",
+        b"failover" => "instance_failed",
         _ => "operator",
     }
 }
