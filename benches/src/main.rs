@@ -19,6 +19,7 @@ mod control;
 mod e2e;
 mod fastpath;
 mod memory;
+mod punt;
 
 use std::{fmt::Write as _, path::PathBuf};
 
@@ -41,7 +42,8 @@ struct Args {
     /// Seconds each end-to-end path is driven.
     #[arg(long, default_value_t = 3.0)]
     e2e_seconds: f64,
-    /// Run only these parts (default: all): fast-path, e2e, control, memory.
+    /// Run only these parts (default: all): fast-path, e2e, punt, control,
+    /// memory.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// The `sluice` binary whose resident memory is measured (default: next
@@ -63,6 +65,7 @@ struct Report {
     fast_path: Vec<fastpath::Row>,
     map_write: Vec<fastpath::WriteRow>,
     e2e: Vec<e2e::Row>,
+    punt: Vec<punt::Row>,
     control: Option<control::Figures>,
     memory: Option<memory::Figures>,
 }
@@ -116,6 +119,12 @@ fn run(args: &Args) -> anyhow::Result<()> {
     } else {
         Vec::new()
     };
+    let punt = if want("punt") {
+        eprintln!("[bench] punt path");
+        punt::run()?
+    } else {
+        Vec::new()
+    };
     let control = if want("control") {
         eprintln!("[bench] control loop on the namespace testbed");
         Some(control::run()?)
@@ -139,6 +148,7 @@ fn run(args: &Args) -> anyhow::Result<()> {
         fast_path,
         map_write,
         e2e,
+        punt,
         control,
         memory,
     };
@@ -219,6 +229,24 @@ fn markdown(r: &Report) -> String {
             "| {} | {} | {:.0} | {:.0} | {:.2} | {:.0} |",
             e.path, e.generator, e.generated_pps, e.delivered_pps, e.cores_busy, e.pps_per_core
         );
+    }
+    if !r.punt.is_empty() {
+        let _ = writeln!(
+            s,
+            "\n#### Punt path (a backlog of punted frames: off the AF_XDP socket, claimed, re-injected)\n"
+        );
+        let _ = writeln!(
+            s,
+            "| case | frames | claims | seconds | frames per second |"
+        );
+        let _ = writeln!(s, "| --- | ---: | ---: | ---: | ---: |");
+        for p in &r.punt {
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} | {:.3} | {:.0} |",
+                p.case, p.frames, p.claims, p.seconds, p.frames_per_second
+            );
+        }
     }
     if let Some(c) = &r.control {
         control_table(&mut s, c);

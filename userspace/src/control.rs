@@ -106,6 +106,8 @@ pub struct Controller {
     /// Interface checks in the agent's namespace (the loop may run on any
     /// thread).
     links: Option<crate::netdev::LinkProbe>,
+    /// Whose turn it is among equally loaded claimants.
+    claim_turn: usize,
 }
 
 /// Most move events kept for `history`.
@@ -194,6 +196,7 @@ impl Controller {
             drained: std::collections::HashSet::new(),
             failed: std::collections::HashSet::new(),
             links: crate::netdev::LinkProbe::new().ok(),
+            claim_turn: 0,
         })
     }
 
@@ -676,12 +679,7 @@ impl Controller {
                 .map(|i| i.id)
         };
         loop {
-            let e = self
-                .store
-                .groups(&name)?
-                .into_iter()
-                .find(|e| e.group.contains(unit))
-                .expect("the groups partition the units");
+            let e = self.store.group_of(&name, unit)?;
             if e.owner != UNOWNED {
                 return Ok(id_of(self, &e.owner));
             }
@@ -691,28 +689,32 @@ impl Controller {
                     Err(err) => return Err(err.into()),
                 }
             }
-            let owned = |n: &str| -> u32 {
-                self.store.groups(&name).map_or(0, |g| {
-                    g.iter()
-                        .filter(|x| x.owner == n)
-                        .map(|x| x.group.size())
-                        .sum()
-                })
-            };
-            let Some(to) = self.services[si]
+            // The least utilised instance (to a twentieth), claims taking
+            // turns among equals so a burst spreads evenly.
+            let candidates: Vec<(u64, &str)> = self.services[si]
                 .instances
                 .iter()
                 .filter(|i| !self.drained.contains(&i.name) && !self.failed.contains(&i.name))
-                .min_by(|a, b| {
-                    a.sample
-                        .utilisation
-                        .total_cmp(&b.sample.utilisation)
-                        .then_with(|| owned(&a.name).cmp(&owned(&b.name)))
+                .map(|i| {
+                    #[expect(
+                        clippy::cast_possible_truncation,
+                        clippy::cast_sign_loss,
+                        reason = "a coarse bucket"
+                    )]
+                    let bucket = (i.sample.utilisation.max(0.0) * 20.0) as u64;
+                    (bucket, i.name.as_str())
                 })
-                .map(|i| i.name.clone())
-            else {
+                .collect();
+            let Some(least) = candidates.iter().map(|c| c.0).min() else {
                 return Ok(None);
             };
+            let equals: Vec<&str> = candidates
+                .iter()
+                .filter(|c| c.0 == least)
+                .map(|c| c.1)
+                .collect();
+            self.claim_turn = self.claim_turn.wrapping_add(1);
+            let to = equals[self.claim_turn % equals.len()].to_owned();
             match self.store.move_group(&name, e.group, e.version, &to) {
                 Ok(_) => {
                     self.write(dp, si, e.group, &to)?;

@@ -91,6 +91,14 @@ pub enum CoordError {
 pub trait CoordStore: Send + Sync {
     /// Groups of `service`, sorted by base.
     fn groups(&self, service: &str) -> Result<Vec<GroupEntry>, CoordError>;
+    /// The group of `service` that holds `unit`.
+    fn group_of(&self, service: &str, unit: u32) -> Result<GroupEntry, CoordError> {
+        Ok(self
+            .groups(service)?
+            .into_iter()
+            .find(|e| e.group.contains(unit))
+            .expect("the groups partition the units"))
+    }
     /// Stores `groups` as the assignment of `service` unless it has one;
     /// returns whether it did. The groups must partition the units.
     fn init(&self, service: &str, groups: &[(Group, String)]) -> Result<bool, CoordError>;
@@ -315,6 +323,20 @@ impl CoordStore for EmbeddedStore {
             .ok_or_else(|| CoordError::UnknownService {
                 service: service.to_owned(),
             })
+    }
+
+    fn group_of(&self, service: &str, unit: u32) -> Result<GroupEntry, CoordError> {
+        let state = self.state.lock().expect("store lock");
+        let entries = state
+            .services
+            .get(service)
+            .ok_or_else(|| CoordError::UnknownService {
+                service: service.to_owned(),
+            })?;
+        // Sorted by base and a partition: the last group starting at or
+        // below the unit holds it.
+        let i = entries.partition_point(|e| e.group.base() <= unit);
+        Ok(entries[i.checked_sub(1).expect("the first group starts at 0")].clone())
     }
 
     fn init(&self, service: &str, groups: &[(Group, String)]) -> Result<bool, CoordError> {
