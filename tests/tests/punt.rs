@@ -343,3 +343,65 @@ fn a_punt_storm_degrades_gracefully() {
     );
     agent.stop().expect("detach");
 }
+
+/// `health = "reports"`: an instance whose application stops reporting its
+/// QoS is failed like one whose veth went away.
+#[test]
+fn silent_reports_fail_an_instance() {
+    let tb = Testbed::new("hlth", 2).unwrap_or_else(|e| panic!("building the testbed: {e}"));
+    let instances = tb.instances_toml(0, 2).replace(
+        &format!("veth = \"{}\"\n", tb.instances[1].veth),
+        &format!(
+            "veth = \"{}\"\nhealth = \"reports\"\n",
+            tb.instances[1].veth
+        ),
+    );
+    let toml = format!(
+        "[agent]\ninterval_ms = 100\n\n[[service]]\nname = \"kv\"\nvip = \"{}\"\nport = 7000\nprotocol = \"udp\"\nwlm = {{ underload = 0.0 }}\n\n{instances}",
+        testbed::VIP_V4
+    );
+    let config = Config::parse(&toml, Path::new("health.toml")).expect("config");
+    let mut agent = tb
+        .start_agent(&config, Arc::new(EmbeddedStore::in_memory()))
+        .unwrap_or_else(|e| panic!("starting the agent: {e:?}"));
+    let report = |agent: &sluice::agent::Agent| {
+        agent.control.reports.lock().expect("lock").put(
+            sluice::qos::Report {
+                instance: "inst-1".into(),
+                queue_depth: Some(1.0),
+                ..sluice::qos::Report::default()
+            },
+            Instant::now(),
+        );
+    };
+    // Reporting: healthy for a second, past the grace period.
+    for _ in 0..10 {
+        report(&agent);
+        agent.tick().expect("tick");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(!agent.control.is_failed("inst-1"));
+    // Silent: failed within about three intervals, its groups unowned.
+    let t = Instant::now();
+    while !agent.control.is_failed("inst-1") {
+        assert!(
+            t.elapsed() < Duration::from_secs(2),
+            "a silent instance was not failed"
+        );
+        agent.tick().expect("tick");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let groups = agent.control.assignments().expect("assignments");
+    assert!(
+        groups
+            .iter()
+            .flat_map(|(_, g)| g)
+            .all(|e| e.owner != "inst-1"),
+        "{groups:?}"
+    );
+    assert!(
+        !agent.control.is_failed("inst-0"),
+        "the veth-only instance stays"
+    );
+    agent.stop().expect("detach");
+}

@@ -45,7 +45,8 @@ pub struct Agent {
 /// The agent's end of the punt path.
 pub struct Punt {
     pub queue: Arc<crate::punt::PuntQueue>,
-    _receiver: crate::punt::PuntReceiver,
+    /// One socket per receive queue of the interface.
+    pub receivers: Vec<crate::punt::PuntReceiver>,
     reinject: crate::punt::Reinjector,
     /// Punted frames sent on to their (new) owner.
     pub delivered: u64,
@@ -91,8 +92,12 @@ impl Agent {
             source,
         })?;
         // The socket must exist before the program can punt to it.
-        let punt = match Self::open_punt(&mut dataplane, ifindex, config.agent.punt_queue as usize)
-        {
+        let punt = match Self::open_punt(
+            &mut dataplane,
+            iface,
+            ifindex,
+            config.agent.punt_queue as usize,
+        ) {
             Ok(p) => Some(p),
             Err(e) => {
                 tracing::warn!(iface, error = %e, "no AF_XDP socket: packets of unowned units pass to the kernel");
@@ -112,17 +117,27 @@ impl Agent {
 
     fn open_punt(
         dataplane: &mut Dataplane,
+        iface: &str,
         ifindex: u32,
         cap: usize,
     ) -> Result<Punt, Box<dyn std::error::Error>> {
         let queue = crate::punt::PuntQueue::new(cap);
-        // Queue 0 only: a veth has one; on a multi-queue NIC the other
-        // queues' unowned packets pass to the kernel (counted `unowned`).
-        let receiver = crate::punt::PuntReceiver::start(ifindex, 0, queue.clone())?;
-        dataplane.set_punt_socket(0, receiver.fd)?;
+        // A socket on every receive queue, all feeding one queue.
+        let mut receivers = Vec::new();
+        for q in 0..netdev::rx_queues(iface) {
+            let r = crate::punt::PuntReceiver::start(ifindex, q, queue.clone())?;
+            dataplane.set_punt_socket(q, r.fd)?;
+            tracing::info!(
+                iface,
+                queue = q,
+                zero_copy = r.zero_copy,
+                "AF_XDP punt socket bound"
+            );
+            receivers.push(r);
+        }
         Ok(Punt {
             queue,
-            _receiver: receiver,
+            receivers,
             reinject: crate::punt::Reinjector::new()?,
             delivered: 0,
             failed: 0,

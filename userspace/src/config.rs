@@ -159,6 +159,10 @@ pub struct Instance {
     /// CPUs the container may use; with `cgroup`, CPU utilisation is
     /// usage / limit.
     pub cpu_limit: Option<f64>,
+    /// `health = "reports"`: the instance has failed when its application
+    /// stops reporting QoS (3 intervals); its veth disappearing always
+    /// counts.
+    pub health_reports: bool,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -252,6 +256,7 @@ struct RawInstance {
     netns: Option<String>,
     cgroup: Option<String>,
     cpu_limit: Option<f64>,
+    health: Option<String>,
 }
 
 impl Config {
@@ -823,6 +828,17 @@ impl Checker<'_> {
                 "add cgroup = \"/sys/fs/cgroup/<container>\" so CPU usage can be read",
             ));
         }
+        let health_reports = match raw.health.as_deref() {
+            None | Some("veth") => false,
+            Some("reports") => true,
+            Some(other) => {
+                return Err(self.err(
+                    format!("{at}.health"),
+                    format!("unknown health check `{other}`"),
+                    "use \"veth\" (failed when its veth disappears) or \"reports\" (also when its QoS reports stop)",
+                ));
+            }
+        };
         Ok(Instance {
             name,
             veth,
@@ -830,6 +846,7 @@ impl Checker<'_> {
             netns: raw.netns,
             cgroup: raw.cgroup.map(PathBuf::from),
             cpu_limit,
+            health_reports,
         })
     }
 }

@@ -56,6 +56,8 @@ struct InstCtl {
     id: u32,
     /// Host-side veth: the instance has failed when it disappears.
     ifindex: u32,
+    /// Also failed when its application's QoS reports stop.
+    health_reports: bool,
     netns: Option<PathBuf>,
     cgroup: Option<PathBuf>,
     cpu_limit: Option<f64>,
@@ -108,6 +110,8 @@ pub struct Controller {
     links: Option<crate::netdev::LinkProbe>,
     /// Whose turn it is among equally loaded claimants.
     claim_turn: usize,
+    /// When this controller started (reports get a grace period).
+    started: Instant,
 }
 
 /// Most move events kept for `history`.
@@ -172,6 +176,7 @@ impl Controller {
                         name: ip.name.clone(),
                         id: ip.id,
                         ifindex: ip.ifindex,
+                        health_reports: ic.health_reports,
                         netns: ip.netns.clone(),
                         cgroup: ic.cgroup.clone(),
                         cpu_limit: ic.cpu_limit,
@@ -197,6 +202,7 @@ impl Controller {
             failed: std::collections::HashSet::new(),
             links: crate::netdev::LinkProbe::new().ok(),
             claim_turn: 0,
+            started: Instant::now(),
         })
     }
 
@@ -317,16 +323,26 @@ impl Controller {
         let Some(links) = &self.links else {
             return Ok(made);
         };
+        let silence = self.interval * 3;
+        let reports = self.reports.lock().expect("reports lock");
+        let silent = |name: &str| {
+            now.saturating_duration_since(self.started) > silence
+                && reports.fresh(name, now, silence).is_none()
+        };
         let gone: Vec<(usize, String, u32)> = self
             .services
             .iter()
             .enumerate()
             .flat_map(|(si, s)| s.instances.iter().map(move |i| (si, i)))
-            .filter(|(_, i)| !self.failed.contains(&i.name) && !links.exists(i.ifindex))
+            .filter(|(_, i)| {
+                !self.failed.contains(&i.name)
+                    && (!links.exists(i.ifindex) || (i.health_reports && silent(&i.name)))
+            })
             .map(|(si, i)| (si, i.name.clone(), i.id))
             .collect();
+        drop(reports);
         for (si, name, id) in gone {
-            tracing::warn!(instance = %name, "veth gone: instance failed; its groups are unowned until claimed");
+            tracing::warn!(instance = %name, "instance failed (veth gone or reports stopped); its groups are unowned until claimed");
             self.failed.insert(name.clone());
             dp.set_instance_dead(id)?;
             let service = self.services[si].name.clone();

@@ -311,6 +311,47 @@ pub fn set_offload(dev: &str, cmd: Offload, on: bool) -> io::Result<()> {
     Ok(())
 }
 
+/// Receive queues of `dev` in the calling thread's namespace (ethtool
+/// channels; 1 when the driver does not say).
+#[must_use]
+pub fn rx_queues(dev: &str) -> u32 {
+    #[repr(C)]
+    #[derive(Default)]
+    struct Channels {
+        cmd: u32,
+        max_rx: u32,
+        max_tx: u32,
+        max_other: u32,
+        max_combined: u32,
+        rx_count: u32,
+        tx_count: u32,
+        other_count: u32,
+        combined_count: u32,
+    }
+    const ETHTOOL_GCHANNELS: u32 = 0x3c;
+    let Ok(sock) = std::net::UdpSocket::bind("0.0.0.0:0") else {
+        return 1;
+    };
+    let mut ch = Channels {
+        cmd: ETHTOOL_GCHANNELS,
+        ..Channels::default()
+    };
+    // SAFETY: ifreq is plain data; all-zero is valid.
+    let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+    if dev.len() >= ifr.ifr_name.len() {
+        return 1;
+    }
+    for (d, s) in ifr.ifr_name.iter_mut().zip(dev.bytes()) {
+        *d = libc::c_char::from_ne_bytes([s]);
+    }
+    ifr.ifr_ifru.ifru_data = (&raw mut ch).cast();
+    // SAFETY: SIOCETHTOOL with GCHANNELS writes into `ch`.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCETHTOOL, &raw mut ifr) } != 0 {
+        return 1;
+    }
+    ch.rx_count.max(ch.combined_count).clamp(1, 64)
+}
+
 /// Legacy ethtool set commands.
 #[derive(Clone, Copy)]
 #[repr(u32)]

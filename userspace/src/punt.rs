@@ -85,6 +85,8 @@ pub struct PuntReceiver {
     thread: Option<std::thread::JoinHandle<()>>,
     /// The socket, for the XSKMAP (kept open by the thread).
     pub fd: RawFd,
+    /// Bound in zero-copy mode (the driver supports it), else copy mode.
+    pub zero_copy: bool,
 }
 
 impl Drop for PuntReceiver {
@@ -101,63 +103,86 @@ fn errno(e: xdpilone::Errno) -> io::Error {
     io::Error::from_raw_os_error(e.get_raw())
 }
 
+/// The parts of a bound socket the receive loop works with.
+type Bound = (
+    Umem,
+    xdpilone::DeviceQueue,
+    xdpilone::User,
+    xdpilone::RingRx,
+    NonNull<[u8]>,
+);
+
+/// Sets up a socket on (`ifindex`, `queue`) with a UMEM of its own.
+fn bind_socket(ifindex: u32, queue: u32, zero_copy: bool) -> io::Result<Bound> {
+    let area: Box<[Page]> = (0..FRAMES)
+        .map(|_| Page([0; FRAME_SIZE as usize]))
+        .collect();
+    // The kernel writes into it for as long as the socket lives; a retried
+    // or closed socket leaves its 8 MiB behind, which is rare.
+    let area = Box::leak(area);
+    let len = area.len() * FRAME_SIZE as usize;
+    let mem = NonNull::slice_from_raw_parts(
+        NonNull::new(area.as_mut_ptr().cast::<u8>()).expect("heap"),
+        len,
+    );
+    let config = UmemConfig {
+        fill_size: FRAMES,
+        complete_size: FRAMES,
+        frame_size: FRAME_SIZE,
+        headroom: 0,
+        flags: 0,
+    };
+    // SAFETY: `mem` is a leaked, page-aligned allocation used by this
+    // socket only, for the life of the process.
+    let umem = unsafe { Umem::new(config, mem) }.map_err(errno)?;
+    let mut info = IfInfo::invalid();
+    info.from_ifindex(ifindex).map_err(errno)?;
+    info.set_queue(queue);
+    let sock = Socket::with_shared(&info, &umem).map_err(errno)?;
+    let device = umem.fq_cq(&sock).map_err(errno)?;
+    let mode = if zero_copy {
+        SocketConfig::XDP_BIND_ZEROCOPY
+    } else {
+        SocketConfig::XDP_BIND_COPY
+    };
+    let user = umem
+        .rx_tx(
+            &sock,
+            &SocketConfig {
+                rx_size: NonZeroU32::new(FRAMES),
+                tx_size: None,
+                bind_flags: SocketConfig::XDP_BIND_NEED_WAKEUP | mode,
+            },
+        )
+        .map_err(errno)?;
+    let rx_ring = user.map_rx().map_err(errno)?;
+    umem.bind(&user).map_err(errno)?;
+    Ok((umem, device, user, rx_ring, mem))
+}
+
 impl PuntReceiver {
     /// Opens the socket on `ifindex`, queue `queue`, in the calling
-    /// thread's network namespace, and starts receiving into `queue_out`.
+    /// thread's network namespace — zero-copy where the driver can, copy
+    /// mode otherwise — and starts receiving into `queue_out`.
     pub fn start(ifindex: u32, queue: u32, queue_out: Arc<PuntQueue>) -> io::Result<Self> {
         let stop = Arc::new(AtomicBool::new(false));
-        let (tx, rx) = std::sync::mpsc::channel::<io::Result<RawFd>>();
+        let (tx, rx) = std::sync::mpsc::channel::<io::Result<(RawFd, bool)>>();
         let stop2 = stop.clone();
         // The thread inherits the caller's network namespace.
         let thread = std::thread::Builder::new()
             .name("sluice-punt".into())
             .spawn(move || {
-                let area: Box<[Page]> = (0..FRAMES)
-                    .map(|_| Page([0; FRAME_SIZE as usize]))
-                    .collect();
-                let area = Box::leak(area);
-                let len = area.len() * FRAME_SIZE as usize;
-                let mem = NonNull::slice_from_raw_parts(
-                    NonNull::new(area.as_mut_ptr().cast::<u8>()).expect("heap"),
-                    len,
-                );
-                let setup = || -> io::Result<_> {
-                    let config = UmemConfig {
-                        fill_size: FRAMES,
-                        complete_size: FRAMES,
-                        frame_size: FRAME_SIZE,
-                        headroom: 0,
-                        flags: 0,
-                    };
-                    // SAFETY: `mem` is a leaked, page-aligned allocation used by
-                    // this socket only, for the life of the process.
-                    let umem = unsafe { Umem::new(config, mem) }.map_err(errno)?;
-                    let mut info = IfInfo::invalid();
-                    info.from_ifindex(ifindex).map_err(errno)?;
-                    info.set_queue(queue);
-                    let sock = Socket::with_shared(&info, &umem).map_err(errno)?;
-                    let device = umem.fq_cq(&sock).map_err(errno)?;
-                    let user = umem
-                        .rx_tx(
-                            &sock,
-                            &SocketConfig {
-                                rx_size: NonZeroU32::new(FRAMES),
-                                tx_size: None,
-                                bind_flags: SocketConfig::XDP_BIND_NEED_WAKEUP | (1 << 1), // XDP_COPY
-                            },
-                        )
-                        .map_err(errno)?;
-                    let rx_ring = user.map_rx().map_err(errno)?;
-                    umem.bind(&user).map_err(errno)?;
-                    Ok((umem, device, user, rx_ring))
+                let (bound, zero_copy) = match bind_socket(ifindex, queue, true) {
+                    Ok(b) => (b, true),
+                    Err(_) => match bind_socket(ifindex, queue, false) {
+                        Ok(b) => (b, false),
+                        Err(e) => {
+                            let _ = tx.send(Err(e));
+                            return;
+                        }
+                    },
                 };
-                let (umem, mut device, user, mut rx_ring) = match setup() {
-                    Ok(s) => s,
-                    Err(e) => {
-                        let _ = tx.send(Err(e));
-                        return;
-                    }
-                };
+                let (umem, mut device, user, mut rx_ring, mem) = bound;
                 // Give every frame to the kernel to fill.
                 {
                     let mut fill = device.fill(FRAMES);
@@ -166,8 +191,9 @@ impl PuntReceiver {
                     );
                     fill.commit();
                 }
-                let _ = tx.send(Ok(user.as_raw_fd()));
+                let _ = tx.send(Ok((user.as_raw_fd(), zero_copy)));
                 let base = mem.as_ptr().cast::<u8>();
+                let mut dropped = 0u64;
                 while !stop2.load(Ordering::Relaxed) {
                     let mut pfd = libc::pollfd {
                         fd: user.as_raw_fd(),
@@ -202,16 +228,25 @@ impl PuntReceiver {
                     if device.needs_wakeup() {
                         device.wake();
                     }
+                    if let Ok(st) = user.statistics_v2() {
+                        // Several sockets share the queue: add this one's growth.
+                        let now = st.rx_dropped + st.rx_ring_full + st.rx_fill_ring_empty_descs;
+                        queue_out
+                            .kernel_dropped
+                            .fetch_add(now.saturating_sub(dropped), Ordering::Relaxed);
+                        dropped = now;
+                    }
                 }
                 drop(user);
             })?;
-        let fd = rx
+        let (fd, zero_copy) = rx
             .recv_timeout(Duration::from_secs(5))
             .map_err(|_| io::Error::other("the punt socket thread did not start"))??;
         Ok(Self {
             stop,
             thread: Some(thread),
             fd,
+            zero_copy,
         })
     }
 }
