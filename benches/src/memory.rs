@@ -53,10 +53,28 @@ fn maps_of(toml: &str) -> anyhow::Result<(u64, u64, u32)> {
     let cfg = Config::parse(toml, Path::new("bench.toml"))?;
     let h = Harness::from_config(&cfg);
     let (mut total, mut pinned, mut cap) = (0, 0, 0);
+    // Only this harness's maps: the program's names, the newest of each
+    // (another part of the run may still be releasing its own).
+    let mut newest: std::collections::HashMap<String, MapInfo> = std::collections::HashMap::new();
     for m in loaded_maps()
         .filter_map(Result::ok)
         .filter(|m| !before.contains(&m.id()))
     {
+        let Some(name) = m.name_as_str().map(str::to_owned) else {
+            continue;
+        };
+        // The kernel keeps 15 characters of a map's name.
+        if !sluice_common::maps::names::ALL
+            .iter()
+            .any(|n| n.get(..15).unwrap_or(n) == name)
+        {
+            continue;
+        }
+        if newest.get(&name).is_none_or(|o| o.id() < m.id()) {
+            newest.insert(name, m);
+        }
+    }
+    for m in newest.into_values() {
         let bytes = memlock(&m)?;
         total += bytes;
         if m.name_as_str() == Some("PINNED") {
