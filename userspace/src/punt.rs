@@ -113,18 +113,7 @@ type Bound = (
 );
 
 /// Sets up a socket on (`ifindex`, `queue`) with a UMEM of its own.
-fn bind_socket(ifindex: u32, queue: u32, zero_copy: bool) -> io::Result<Bound> {
-    let area: Box<[Page]> = (0..FRAMES)
-        .map(|_| Page([0; FRAME_SIZE as usize]))
-        .collect();
-    // The kernel writes into it for as long as the socket lives; a retried
-    // or closed socket leaves its 8 MiB behind, which is rare.
-    let area = Box::leak(area);
-    let len = area.len() * FRAME_SIZE as usize;
-    let mem = NonNull::slice_from_raw_parts(
-        NonNull::new(area.as_mut_ptr().cast::<u8>()).expect("heap"),
-        len,
-    );
+fn bind_socket(ifindex: u32, queue: u32, zero_copy: bool, mem: NonNull<[u8]>) -> io::Result<Bound> {
     let config = UmemConfig {
         fill_size: FRAMES,
         complete_size: FRAMES,
@@ -172,9 +161,21 @@ impl PuntReceiver {
         let thread = std::thread::Builder::new()
             .name("sluice-punt".into())
             .spawn(move || {
-                let (bound, zero_copy) = match bind_socket(ifindex, queue, true) {
+                // The frames' memory: the kernel writes into it for as long as the
+                // socket lives, so it lives as long as the process (one per socket,
+                // shared by the zero-copy attempt and the copy-mode fallback).
+                let area: Box<[Page]> = (0..FRAMES)
+                    .map(|_| Page([0; FRAME_SIZE as usize]))
+                    .collect();
+                let area = Box::leak(area);
+                let len = area.len() * FRAME_SIZE as usize;
+                let mem = NonNull::slice_from_raw_parts(
+                    NonNull::new(area.as_mut_ptr().cast::<u8>()).expect("heap"),
+                    len,
+                );
+                let (bound, zero_copy) = match bind_socket(ifindex, queue, true, mem) {
                     Ok(b) => (b, true),
-                    Err(_) => match bind_socket(ifindex, queue, false) {
+                    Err(_) => match bind_socket(ifindex, queue, false, mem) {
                         Ok(b) => (b, false),
                         Err(e) => {
                             let _ = tx.send(Err(e));
@@ -230,7 +231,10 @@ impl PuntReceiver {
                     }
                     if let Ok(st) = user.statistics_v2() {
                         // Several sockets share the queue: add this one's growth.
-                        let now = st.rx_dropped + st.rx_ring_full + st.rx_fill_ring_empty_descs;
+                        // rx_dropped counts frames lost for want of a buffer (an empty fill
+                        // ring, which rx_fill_ring_empty_descs counts again), rx_ring_full
+                        // those lost to a full rx ring.
+                        let now = st.rx_dropped + st.rx_ring_full;
                         queue_out
                             .kernel_dropped
                             .fetch_add(now.saturating_sub(dropped), Ordering::Relaxed);
