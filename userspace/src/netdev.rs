@@ -292,23 +292,27 @@ pub fn set_offload(dev: &str, cmd: Offload, on: bool) -> io::Result<()> {
         cmd: cmd as u32,
         data: u32::from(on),
     };
-    // SAFETY: ifreq is plain data; all-zero is valid.
-    let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
-    if dev.len() >= ifr.ifr_name.len() {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            "interface name too long",
-        ));
-    }
-    for (d, s) in ifr.ifr_name.iter_mut().zip(dev.bytes()) {
-        *d = libc::c_char::from_ne_bytes([s]);
-    }
+    let mut ifr = ifreq_named(dev)
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "interface name too long"))?;
     ifr.ifr_ifru.ifru_data = (&raw mut val).cast();
     // SAFETY: SIOCETHTOOL with a set-value command reads `val`.
     if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCETHTOOL, &raw mut ifr) } != 0 {
         return Err(io::Error::last_os_error());
     }
     Ok(())
+}
+
+/// An `ifreq` naming `dev`, or `None` if the name is too long for one.
+fn ifreq_named(dev: &str) -> Option<libc::ifreq> {
+    // SAFETY: ifreq is plain data; all-zero is valid.
+    let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+    if dev.len() >= ifr.ifr_name.len() {
+        return None;
+    }
+    for (d, s) in ifr.ifr_name.iter_mut().zip(dev.bytes()) {
+        *d = libc::c_char::from_ne_bytes([s]);
+    }
+    Some(ifr)
 }
 
 /// Receive queues of `dev` in the calling thread's namespace (ethtool
@@ -336,14 +340,9 @@ pub fn rx_queues(dev: &str) -> u32 {
         cmd: ETHTOOL_GCHANNELS,
         ..Channels::default()
     };
-    // SAFETY: ifreq is plain data; all-zero is valid.
-    let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
-    if dev.len() >= ifr.ifr_name.len() {
+    let Some(mut ifr) = ifreq_named(dev) else {
         return 1;
-    }
-    for (d, s) in ifr.ifr_name.iter_mut().zip(dev.bytes()) {
-        *d = libc::c_char::from_ne_bytes([s]);
-    }
+    };
     ifr.ifr_ifru.ifru_data = (&raw mut ch).cast();
     // SAFETY: SIOCETHTOOL with GCHANNELS writes into `ch`.
     if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCETHTOOL, &raw mut ifr) } != 0 {
