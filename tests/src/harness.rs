@@ -21,6 +21,18 @@ pub const XDP_PASS: u32 = 2;
 pub const XDP_TX: u32 = 3;
 pub const XDP_REDIRECT: u32 = 4;
 
+/// An error with its sources (the verifier's log among them).
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
 /// The MAC the harness gives instance `id`.
 #[must_use]
 pub fn instance_mac(id: u32) -> [u8; 6] {
@@ -71,10 +83,10 @@ impl Harness {
             })
         })
         .expect("infallible");
-        let mut dp =
-            Dataplane::load(&plan).unwrap_or_else(|e| panic!("loading the XDP program: {e}"));
+        let mut dp = Dataplane::load(&plan)
+            .unwrap_or_else(|e| panic!("loading the XDP program: {}", chain(&e)));
         dp.program(&plan)
-            .unwrap_or_else(|e| panic!("programming the maps: {e}"));
+            .unwrap_or_else(|e| panic!("programming the maps: {}", chain(&e)));
         Self { dp, plan }
     }
 
