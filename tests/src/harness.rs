@@ -22,7 +22,8 @@ pub const XDP_TX: u32 = 3;
 pub const XDP_REDIRECT: u32 = 4;
 
 /// An error with its sources (the verifier's log among them).
-fn chain(e: &dyn std::error::Error) -> String {
+#[must_use]
+pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut cur = e.source();
     while let Some(c) = cur {
@@ -84,9 +85,9 @@ impl Harness {
         })
         .expect("infallible");
         let mut dp = Dataplane::load(&plan)
-            .unwrap_or_else(|e| panic!("loading the XDP program: {}", chain(&e)));
+            .unwrap_or_else(|e| panic!("loading the XDP program: {}", error_chain(&e)));
         dp.program(&plan)
-            .unwrap_or_else(|e| panic!("programming the maps: {}", chain(&e)));
+            .unwrap_or_else(|e| panic!("programming the maps: {}", error_chain(&e)));
         Self { dp, plan }
     }
 

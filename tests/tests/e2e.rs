@@ -40,18 +40,12 @@ fn start_agent(tb: &Testbed, toml: &str) -> Agent {
     let config =
         Config::parse(toml, Path::new("e2e.toml")).unwrap_or_else(|e| panic!("config: {e}"));
     tb.start_agent(&config, Arc::new(EmbeddedStore::in_memory()))
-        .unwrap_or_else(|e| panic!("starting the agent: {:#}", anyhow_chain(&e)))
-}
-
-fn anyhow_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
+        .unwrap_or_else(|e| {
+            panic!(
+                "starting the agent: {:#}",
+                sluice_tests::harness::error_chain(&e)
+            )
+        })
 }
 
 /// Testbed instance index of each plan instance id (names are `inst-<k>`).
@@ -358,7 +352,7 @@ fn missing_veth_fails_cleanly() {
         .start_agent(&config, Arc::new(EmbeddedStore::in_memory()))
         .err()
         .expect("start must fail");
-    let msg = anyhow_chain(&err);
+    let msg = sluice_tests::harness::error_chain(&err);
     assert!(
         msg.contains("instance `ghost`")
             && msg.contains("service[0].instance[1].veth")
