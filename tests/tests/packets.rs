@@ -900,13 +900,10 @@ fn pinned_tcp_flow_stays_while_its_unit_moves() {
 
     // The pinned owner dies: the pin is ignored, the flow goes to the unit's
     // owner and is pinned there.
-    let plan = h.plan.clone();
-    h.dp.set_instance_live(&plan, first, false)
-        .expect("mark dead");
+    h.dp.set_instance_live(first, false).expect("mark dead");
     assert_eq!(target(&h, &established), other);
     assert_eq!(h.service(0).pins_expired - s1.pins_expired, 1);
-    h.dp.set_instance_live(&plan, first, true)
-        .expect("mark live");
+    h.dp.set_instance_live(first, true).expect("mark live");
     assert_eq!(
         target(&h, &established),
         other,

@@ -344,7 +344,7 @@ impl Controller {
         for (si, name, id) in gone {
             tracing::warn!(instance = %name, "instance failed (veth gone or reports stopped); its groups are unowned until claimed");
             self.failed.insert(name.clone());
-            dp.set_instance_dead(id)?;
+            dp.set_instance_live(id, false)?;
             let service = self.services[si].name.clone();
             for e in self
                 .store
@@ -597,52 +597,6 @@ impl Controller {
             };
             self.record(ev.clone());
             events.push(ev);
-        }
-        Ok(events)
-    }
-
-    /// Moves every group of `instance` to its peers, each to the peer with
-    /// the least load so far (its rate plus what this drain gave it), at
-    /// most `max_moves_per_sec`; `progress(done, total)` is called after
-    /// each move. Returns the moves.
-    pub fn drain(
-        &mut self,
-        dp: &mut Dataplane,
-        service: &str,
-        instance: &str,
-        mut progress: impl FnMut(usize, usize),
-    ) -> Result<Vec<MoveEvent>, ControlError> {
-        let si = self.instance_of(service, instance)?;
-        let svc = &self.services[si];
-        let mut load: Vec<(String, f64)> = svc
-            .instances
-            .iter()
-            .filter(|i| i.name != instance)
-            .map(|i| (i.name.clone(), i.sample.rate_pps))
-            .collect();
-        if load.is_empty() {
-            return Ok(Vec::new());
-        }
-        let buckets = svc.buckets.clone();
-        let groups: Vec<GroupEntry> = self
-            .store
-            .groups(service)?
-            .into_iter()
-            .filter(|e| e.owner == instance)
-            .collect();
-        let mut events = Vec::with_capacity(groups.len());
-        for (n, e) in groups.iter().enumerate() {
-            while !self.limiter.try_take(Instant::now()) {
-                std::thread::sleep(self.limiter.wait().max(Duration::from_millis(1)));
-            }
-            let to = load
-                .iter_mut()
-                .min_by(|a, b| a.1.total_cmp(&b.1))
-                .expect("at least one peer");
-            to.1 += wlm::group_rate(e.group, &buckets);
-            let to = to.0.clone();
-            events.extend(self.move_group_as(dp, service, e.group, &to, "drain")?);
-            progress(n + 1, groups.len());
         }
         Ok(events)
     }

@@ -391,28 +391,6 @@ impl Dataplane {
     pub fn owner_of_unit(&self, service_id: u32, unit: u32) -> u32 {
         self.owners.get(owner_index(service_id, unit))
     }
-    /// Marks instance `id` live or not; packets for a dead instance are
-    /// unowned and its pins are ignored.
-    pub fn set_instance_live(
-        &mut self,
-        plan: &Plan,
-        id: u32,
-        live: bool,
-    ) -> Result<(), DataplaneError> {
-        let Some(i) = plan.instance(id) else {
-            return Ok(());
-        };
-        let mut instances: Array<&mut MapData, InstanceEntry> = self.map_mut(names::INSTANCES)?;
-        let entry = InstanceEntry {
-            mac: i.mac,
-            pad: 0,
-            flags: if live { INSTANCE_LIVE } else { 0 },
-            service_id: i.service_id,
-        };
-        instances
-            .set(id, entry, 0)
-            .map_err(map_err(names::INSTANCES))
-    }
 
     /// Attaches to `iface`: native XDP, or generic mode when the driver
     /// refuses (with a warning, since generic mode is much slower).
@@ -550,12 +528,16 @@ impl Dataplane {
         }
     }
 
-    /// Marks instance `id` dead: its packets become unowned and its pinned
-    /// flows no longer hold.
-    pub fn set_instance_dead(&mut self, id: u32) -> Result<(), DataplaneError> {
+    /// Marks instance `id` live or not, keeping its MAC and service: the
+    /// packets of a dead instance are unowned and its pins no longer hold.
+    pub fn set_instance_live(&mut self, id: u32, live: bool) -> Result<(), DataplaneError> {
         let mut instances: Array<&mut MapData, InstanceEntry> = self.map_mut(names::INSTANCES)?;
         let mut e = instances.get(&id, 0).map_err(map_err(names::INSTANCES))?;
-        e.flags &= !INSTANCE_LIVE;
+        if live {
+            e.flags |= INSTANCE_LIVE;
+        } else {
+            e.flags &= !INSTANCE_LIVE;
+        }
         instances.set(id, e, 0).map_err(map_err(names::INSTANCES))
     }
 
