@@ -282,7 +282,7 @@ fn control_table(s: &mut String, c: &control::Figures) {
     );
     let _ = writeln!(
         s,
-        "| drain an instance ({} groups, {} moves/s limit) | {:.2} s |",
+        "| drain an instance through the control loop, as `sluice drain` ({} groups, {} moves/s limit) | {:.2} s |",
         c.drain_groups, c.drain_rate, c.drain_s
     );
 }
