@@ -5,10 +5,7 @@
 use std::{
     net::SocketAddr,
     path::Path,
-    sync::{
-        Arc,
-        atomic::{AtomicBool, AtomicU64, Ordering},
-    },
+    sync::{Arc, atomic::Ordering},
     time::{Duration, Instant},
 };
 
@@ -17,7 +14,7 @@ use serde::Serialize;
 use sluice::{config::Config, coord::EmbeddedStore};
 use sluice_tests::{
     testbed::{self, Testbed},
-    traffic::{self, UdpServers},
+    traffic::{PacedSender, UdpServers},
 };
 
 #[derive(Serialize)]
@@ -54,22 +51,14 @@ pub fn run() -> anyhow::Result<Figures> {
     let dst = SocketAddr::new(testbed::VIP_V4.into(), 7000);
     let ns: Vec<String> = tb.instances.iter().map(|i| i.netns.clone()).collect();
     let servers = UdpServers::start_with(&ns, dst, 64 << 10);
-    let rate = Arc::new(AtomicU64::new(1500));
-    let halt = Arc::new(AtomicBool::new(false));
-    let sender = {
-        let (client, rate, halt) = (tb.client.clone(), rate.clone(), halt.clone());
-        std::thread::spawn(move || {
-            traffic::paced_udp(
-                &client,
-                dst,
-                600,
-                &rate,
-                &halt,
-                Duration::from_mins(2),
-                |_, seq| seq.to_be_bytes().to_vec(),
-            )
-        })
-    };
+    let sender = PacedSender::spawn(
+        &tb.client,
+        dst,
+        600,
+        1500,
+        Duration::from_mins(2),
+        |_, seq| seq.to_be_bytes().to_vec(),
+    );
     let interval = agent.control.interval();
     // Settle for 2 s so the rates are measured before the step.
     for _ in 0..8 {
@@ -130,9 +119,8 @@ pub fn run() -> anyhow::Result<Figures> {
     }
     let drain_s = t.elapsed().as_secs_f64();
 
-    halt.store(true, Ordering::Relaxed);
     sender
-        .join()
+        .finish()
         .map_err(|_| anyhow::anyhow!("sender panicked"))?;
     let _ = servers.finish();
     agent.stop()?;

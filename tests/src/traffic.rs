@@ -195,6 +195,49 @@ pub fn paced_udp(
     sent
 }
 
+/// [`paced_udp`] on a thread of its own, with its rate and stop flag at hand.
+pub struct PacedSender {
+    /// Datagrams a second; may be changed while it runs.
+    pub rate: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+    thread: JoinHandle<u64>,
+}
+
+impl PacedSender {
+    /// Starts sending `rate` datagrams a second, as [`paced_udp`] does.
+    pub fn spawn(
+        client_ns: &str,
+        dst: SocketAddr,
+        sockets: usize,
+        rate: u64,
+        deadline: Duration,
+        payload: impl Fn(usize, u64) -> Vec<u8> + Send + 'static,
+    ) -> Self {
+        let rate = Arc::new(AtomicU64::new(rate));
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let (client, rate, stop) = (client_ns.to_owned(), rate.clone(), stop.clone());
+            std::thread::spawn(move || {
+                paced_udp(&client, dst, sockets, &rate, &stop, deadline, payload)
+            })
+        };
+        Self { rate, stop, thread }
+    }
+
+    /// Whether it has stopped on its own (its deadline passed).
+    #[must_use]
+    pub fn is_finished(&self) -> bool {
+        self.thread.is_finished()
+    }
+
+    /// Stops it and returns how many datagrams it sent; `Err` if the
+    /// sending thread panicked.
+    pub fn finish(self) -> std::thread::Result<u64> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.join()
+    }
+}
+
 /// A bounded UDP load from the client namespace.
 pub struct UdpLoad<'a> {
     pub client_ns: &'a str,

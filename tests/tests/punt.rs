@@ -13,7 +13,7 @@ use sluice::{config::Config, coord::EmbeddedStore};
 use sluice_common::{counters, key};
 use sluice_tests::{
     testbed::{self, Testbed},
-    traffic::{self, UdpLoad, UdpServers},
+    traffic::{self, PacedSender, UdpLoad, UdpServers},
 };
 
 #[test]
@@ -147,23 +147,15 @@ fn a_deleted_instance_fails_over_to_the_survivors() {
     let dst = SocketAddr::new(testbed::VIP_V4.into(), 7000);
     let ns: Vec<String> = tb.instances.iter().map(|i| i.netns.clone()).collect();
     let servers = UdpServers::start(&ns, dst);
-    let rate = Arc::new(std::sync::atomic::AtomicU64::new(RATE));
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let t0 = Instant::now();
-    let sender = {
-        let (client, rate, stop) = (tb.client.clone(), rate.clone(), stop.clone());
-        std::thread::spawn(move || {
-            traffic::paced_udp(
-                &client,
-                dst,
-                300,
-                &rate,
-                &stop,
-                Duration::from_secs(3),
-                |_, seq| seq.to_be_bytes().to_vec(),
-            )
-        })
-    };
+    let sender = PacedSender::spawn(
+        &tb.client,
+        dst,
+        300,
+        RATE,
+        Duration::from_secs(3),
+        |_, seq| seq.to_be_bytes().to_vec(),
+    );
     let mut deleted = None;
     let mut last_tick = Instant::now();
     while !sender.is_finished() {
@@ -182,7 +174,7 @@ fn a_deleted_instance_fails_over_to_the_survivors() {
         }
         std::thread::sleep(Duration::from_millis(1));
     }
-    let sent = sender.join().expect("sender");
+    let sent = sender.finish().expect("sender");
     let end = Instant::now() + Duration::from_secs(2);
     while servers.total.load(Ordering::Relaxed) < sent && Instant::now() < end {
         agent.process_punts().expect("punts");

@@ -5,10 +5,7 @@ use std::{
     io::{Read as _, Write as _},
     net::{SocketAddr, TcpStream},
     path::Path,
-    sync::{
-        Arc,
-        atomic::{AtomicBool, AtomicU64, Ordering},
-    },
+    sync::{Arc, atomic::Ordering},
     time::{Duration, Instant},
 };
 
@@ -23,7 +20,7 @@ use sluice_common::{key, unit_of};
 use sluice_tests::{
     netns,
     testbed::{self, Testbed},
-    traffic::{self, TcpServers, UdpServers},
+    traffic::{PacedSender, TcpServers, UdpServers},
 };
 
 fn testbed(tag: &str, n: usize) -> Testbed {
@@ -74,26 +71,18 @@ fn slow_instance_sheds_then_groups_merge_back() {
     servers.throttle[SLOW].store(150, Ordering::Relaxed);
     let drops0: Vec<u64> = (0..3).map(|k| drops(&tb, k)).collect();
 
-    let rate = Arc::new(AtomicU64::new(1500));
-    let stop = Arc::new(AtomicBool::new(false));
-    let sender = {
-        let (client, rate, stop) = (tb.client.clone(), rate.clone(), stop.clone());
-        std::thread::spawn(move || {
-            traffic::paced_udp(
-                &client,
-                dst,
-                600,
-                &rate,
-                &stop,
-                Duration::from_mins(2),
-                |i, seq| {
-                    let mut p = u32::try_from(i).unwrap().to_be_bytes().to_vec();
-                    p.extend_from_slice(&seq.to_be_bytes());
-                    p
-                },
-            )
-        })
-    };
+    let sender = PacedSender::spawn(
+        &tb.client,
+        dst,
+        600,
+        1500,
+        Duration::from_mins(2),
+        |i, seq| {
+            let mut p = u32::try_from(i).unwrap().to_be_bytes().to_vec();
+            p.extend_from_slice(&seq.to_be_bytes());
+            p
+        },
+    );
 
     // Phase 1: steady load until balanced — nobody over the overload
     // threshold and the slow instance not dropping, for 8 intervals (2 s).
@@ -174,7 +163,7 @@ fn slow_instance_sheds_then_groups_merge_back() {
 
     // Phase 2: the load falls and the slow server recovers: groups merge.
     let groups_at_peak = phase1.iter().map(|s| s.groups.len()).sum::<usize>();
-    rate.store(150, Ordering::Relaxed);
+    sender.rate.store(150, Ordering::Relaxed);
     servers.throttle[SLOW].store(0, Ordering::Relaxed);
     let t1 = Instant::now();
     let merged = loop {
@@ -202,8 +191,7 @@ fn slow_instance_sheds_then_groups_merge_back() {
         "a buddy was taken back"
     );
 
-    stop.store(true, Ordering::Relaxed);
-    let sent = sender.join().expect("sender");
+    let sent = sender.finish().expect("sender");
     std::thread::sleep(Duration::from_millis(500));
     let received: usize = servers.finish().iter().map(Vec::len).sum();
     let dropped: Vec<u64> = (0..3).map(|k| drops(&tb, k) - drops0[k]).collect();
