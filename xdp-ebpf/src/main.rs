@@ -116,12 +116,13 @@ fn try_sluice_xdp(frame: &XdpFrame) -> Result<(u32, u32), Pass> {
     } else {
         PIN_UDP
     };
-    let owner = if svc.flags & pin_kind != 0 {
+    let (owner, instance) = if svc.flags & pin_kind != 0 {
         pinned_owner(&flow, svc, unit, sc)
     } else {
-        unit_owner(svc.id, unit)
+        let owner = unit_owner(svc.id, unit);
+        (owner, live_instance(owner, svc.id))
     };
-    let Some(instance) = live_instance(owner, svc.id) else {
+    let Some(instance) = instance else {
         // No live owner: to the agent, which claims the unit and re-injects
         // the packet. With no socket on this queue, to the kernel.
         count(sc, |c| c.unowned += 1);
@@ -169,15 +170,16 @@ fn live_instance(owner: u32, service_id: u32) -> Option<&'static InstanceEntry> 
         .filter(|i| i.flags & INSTANCE_LIVE != 0 && i.service_id == service_id)
 }
 
-/// Owner of a flow of a pinning service: the pin's owner while the pin is
-/// fresh and its owner live, else the unit's owner, pinned from now on.
+/// Owner of a flow of a pinning service, with its entry if live: the pin's
+/// owner while the pin is fresh and its owner live, else the unit's owner,
+/// pinned from now on.
 #[inline(always)]
 fn pinned_owner(
     flow: &Flow,
     svc: &ServiceEntry,
     unit: u32,
     sc: Option<*mut ServiceCounters>,
-) -> u32 {
+) -> (u32, Option<&'static InstanceEntry>) {
     const TCP_SYN: u8 = 0x02;
     let key = flow.pin_key();
     // SAFETY: helper without arguments.
@@ -188,18 +190,19 @@ fn pinned_owner(
         // `last_seen_ns` from another CPU is benign.
         let pin = unsafe { &mut *pin };
         if now.wrapping_sub(pin.last_seen_ns) <= idle_ns
-            && live_instance(pin.owner, svc.id).is_some()
+            && let Some(instance) = live_instance(pin.owner, svc.id)
         {
             pin.last_seen_ns = now;
             count(sc, |c| c.pin_hits += 1);
-            return pin.owner;
+            return (pin.owner, Some(instance));
         }
         count(sc, |c| c.pins_expired += 1);
     } else if flow.proto == PROTO_TCP && flow.tcp_flags & TCP_SYN == 0 {
         count(sc, |c| c.pins_lost += 1);
     }
     let owner = unit_owner(svc.id, unit);
-    if live_instance(owner, svc.id).is_some() {
+    let instance = live_instance(owner, svc.id);
+    if instance.is_some() {
         let pin = Pin {
             owner,
             pad: 0,
@@ -209,7 +212,7 @@ fn pinned_owner(
             count(sc, |c| c.pins_created += 1);
         }
     }
-    owner
+    (owner, instance)
 }
 
 /// Updates a per-CPU counter slot, if the lookup found one.
