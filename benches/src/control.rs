@@ -13,6 +13,7 @@ use anyhow::{Context as _, bail};
 use serde::Serialize;
 use sluice::{config::Config, coord::EmbeddedStore};
 use sluice_tests::{
+    block_on,
     testbed::{self, Testbed},
     traffic::{PacedSender, UdpServers},
 };
@@ -63,7 +64,7 @@ pub fn run() -> anyhow::Result<Figures> {
     // Settle for 2 s so the rates are measured before the step.
     for _ in 0..8 {
         std::thread::sleep(interval);
-        agent.tick()?;
+        block_on(agent.tick())?;
     }
     let step = Instant::now();
     servers.throttle[1].store(150, Ordering::Relaxed);
@@ -71,9 +72,9 @@ pub fn run() -> anyhow::Result<Figures> {
     let moves_before = agent.control.history().len();
     loop {
         std::thread::sleep(interval);
-        let made = agent.tick()?;
+        let made = block_on(agent.tick())?;
         let now = Instant::now();
-        let st = agent.control.status()?;
+        let st = block_on(agent.control.status())?;
         if seen.is_none() && st[1].sample.utilisation > 0.8 {
             seen = Some(now);
         }
@@ -105,16 +106,16 @@ pub fn run() -> anyhow::Result<Figures> {
         .count();
 
     // Drain inst-0 to its peers.
-    let drain_groups = agent.control.status()?[0].groups.len();
+    let drain_groups = block_on(agent.control.status())?[0].groups.len();
     // As `sluice drain` does it: mark it drained; the control loop moves
     // its groups away within the move limit.
     let t = Instant::now();
     agent.control.set_drained("inst-0", true)?;
-    while !agent.control.status()?[0].groups.is_empty() {
+    while !block_on(agent.control.status())?[0].groups.is_empty() {
         if t.elapsed() > Duration::from_mins(1) {
             bail!("inst-0 still owns groups after a minute of draining");
         }
-        agent.tick()?;
+        block_on(agent.tick())?;
         std::thread::sleep(Duration::from_millis(10));
     }
     let drain_s = t.elapsed().as_secs_f64();

@@ -28,7 +28,7 @@ use aya::{
     programs::{TestRun as _, TestRunAttrs, TestRunOptions, Xdp, xdp::XdpMode},
 };
 use serde::Serialize;
-use sluice::{config::Config, coord::EmbeddedStore, dataplane::objects};
+use sluice::{config::Config, coord::EmbeddedStore, datapath::xdp::objects};
 use sluice_tests::{
     netns,
     packet::Packet,
@@ -179,7 +179,7 @@ fn live_frames(
         .try_into()?;
     let frame_len = u32::try_from(frame.len())?;
     netns::run_in(&tb.client, || {
-        let ifindex = sluice::netdev::ifindex("eth0")?;
+        let ifindex = sluice::sys::link::ifindex("eth0")?;
         // struct xdp_md: data, data_end, data_meta, ingress_ifindex,
         // rx_queue_index, egress_ifindex.
         let md: [u32; 6] = [0, frame_len, 0, ifindex, 0, 0];

@@ -14,7 +14,11 @@ use aya::{
     programs::{TestRun as _, TestRunOptions, Xdp},
 };
 use serde::Serialize;
-use sluice::{assign::Group, config::Config, dataplane::objects};
+use sluice::{
+    config::Config,
+    datapath::{Datapath as _, xdp::objects},
+    plan::Group,
+};
 use sluice_common::{
     maps::{Pin, PinKey, names},
     owner_index,

@@ -11,9 +11,10 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use serde::Serialize;
-use sluice::{config::Config, coord::EmbeddedStore};
+use sluice::{config::Config, coord::EmbeddedStore, datapath::Datapath as _};
 use sluice_common::counters;
 use sluice_tests::{
+    block_on,
     testbed::{self, Testbed},
     traffic::{self, UdpLoad, UdpServers},
 };
@@ -50,7 +51,7 @@ fn case(name: &str, min_group_units: u32) -> anyhow::Result<Row> {
         deadline: Duration::from_secs(30),
     };
     let _ = traffic::send_udp(&load, &servers.total, |_| Vec::new());
-    let punted = agent.dataplane.global_counters()?[counters::PUNTED as usize];
+    let punted = agent.datapath.global_counters()?[counters::PUNTED as usize];
     let q = agent.punt.as_ref().context("no punt socket")?.queue.clone();
     let settle = Instant::now() + Duration::from_secs(10);
     while q.received.load(Ordering::Relaxed) + q.kernel_dropped.load(Ordering::Relaxed) < punted {
@@ -60,9 +61,7 @@ fn case(name: &str, min_group_units: u32) -> anyhow::Result<Row> {
         std::thread::sleep(Duration::from_millis(20));
     }
     let owned = |agent: &sluice::agent::Agent| -> anyhow::Result<usize> {
-        Ok(agent
-            .control
-            .assignments()?
+        Ok(block_on(agent.control.assignments())?
             .iter()
             .flat_map(|(_, g)| g)
             .filter(|e| !e.owner.is_empty())
@@ -70,7 +69,7 @@ fn case(name: &str, min_group_units: u32) -> anyhow::Result<Row> {
     };
     let claims0 = owned(&agent)?;
     let t = Instant::now();
-    let frames = agent.process_punts()?;
+    let frames = block_on(agent.process_punts())?;
     let seconds = t.elapsed().as_secs_f64();
     // Claimed groups (the move history is bounded; the store is not).
     let claims = owned(&agent)? - claims0;

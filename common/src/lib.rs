@@ -22,6 +22,18 @@ pub const UNIT_BITS: u32 = 16;
 pub const UNITS_PER_SERVICE: u32 = 1 << UNIT_BITS;
 /// Upper bound on configured services; service ids are `0..MAX_SERVICES`.
 pub const MAX_SERVICES: u32 = 256;
+/// Upper bound on instances, over all services; instance ids are
+/// `1..=MAX_INSTANCES` (0 is `maps::NO_OWNER`).
+pub const MAX_INSTANCES: u32 = 4096;
+/// Slots of the maps indexed by instance id: one more than the instances,
+/// since id 0 stays empty.
+pub const INSTANCE_SLOTS: u32 = MAX_INSTANCES + 1;
+/// Receive queues the punt path serves (slots of the `PUNT` XSKMAP).
+pub const MAX_PUNT_QUEUES: u32 = 64;
+/// Capacity of the pinned-flow map unless the config says otherwise.
+pub const DEFAULT_PINNED_FLOWS: u32 = 1 << 20;
+/// Largest pinned-flow map the config may ask for.
+pub const MAX_PINNED_FLOWS: u32 = 1 << 26;
 /// Resolution of the per-unit hit counters: `2^HIT_BITS` buckets per service,
 /// each covering `2^(UNIT_BITS - HIT_BITS)` consecutive units. 256 buckets of
 /// 8 bytes keep them at 2 KiB per service per CPU.

@@ -11,12 +11,37 @@ use crate::{
     },
 };
 
+/// Types for which every bit pattern of their size is a valid value — no
+/// padding, no invalid values, no pointers — so they may be read straight
+/// from packet bytes. Sealed: only the integers and integer arrays below.
+///
+/// # Safety
+///
+/// An implementor must be valid for any `size_of::<Self>()` bytes.
+pub unsafe trait FromBytes: Copy + sealed::Sealed {}
+
+mod sealed {
+    pub trait Sealed {}
+}
+
+macro_rules! from_bytes {
+    ($($t:ty),*) => {$(
+        impl sealed::Sealed for $t {}
+        // SAFETY: a primitive integer: every bit pattern is a value.
+        unsafe impl FromBytes for $t {}
+        impl<const N: usize> sealed::Sealed for [$t; N] {}
+        // SAFETY: an array of such integers, with no padding between them.
+        unsafe impl<const N: usize> FromBytes for [$t; N] {}
+    )*};
+}
+from_bytes!(u8, u16, u32, u64);
+
 /// Bytes of a frame, however they are reached.
 pub trait Frame {
     /// Length of the frame in bytes.
     fn size(&self) -> usize;
     /// `size_of::<T>()` bytes at `off`, if the frame holds them all.
-    fn load<T: Copy>(&self, off: usize) -> Option<T>;
+    fn load<T: FromBytes>(&self, off: usize) -> Option<T>;
     /// Copies `len` bytes (`1..=16`) at `off` into the front of `out`;
     /// `false` if the frame does not hold them.
     fn load_tag(&self, off: usize, len: usize, out: &mut [u8; 16]) -> bool;
@@ -27,10 +52,10 @@ impl Frame for [u8] {
         self.len()
     }
 
-    fn load<T: Copy>(&self, off: usize) -> Option<T> {
+    fn load<T: FromBytes>(&self, off: usize) -> Option<T> {
         let bytes = self.get(off..off.checked_add(size_of::<T>())?)?;
-        // SAFETY: `bytes` holds exactly size_of::<T>() bytes; `T` is only
-        // ever an integer or a byte array here, valid for any bit pattern.
+        // SAFETY: `bytes` holds exactly size_of::<T>() bytes, and `T:
+        // FromBytes` is valid for any bit pattern.
         Some(unsafe { bytes.as_ptr().cast::<T>().read_unaligned() })
     }
 

@@ -6,7 +6,7 @@ use std::path::Path;
 use aya::programs::{TestRun as _, TestRunOptions};
 use sluice::{
     config::Config,
-    dataplane::Dataplane,
+    datapath::{Datapath as _, xdp::XdpDatapath},
     plan::{Plan, Resolved},
 };
 use sluice_common::{
@@ -44,7 +44,7 @@ pub fn instance_mac(id: u32) -> [u8; 6] {
 /// The program loaded and programmed from a config, every instance's DEVMAP
 /// slot pointing at `lo` (`BPF_PROG_TEST_RUN` only records the redirect).
 pub struct Harness {
-    pub dp: Dataplane,
+    pub dp: XdpDatapath,
     pub plan: Plan,
 }
 
@@ -84,7 +84,7 @@ impl Harness {
             })
         })
         .expect("infallible");
-        let mut dp = Dataplane::load(&plan)
+        let mut dp = XdpDatapath::load(&plan)
             .unwrap_or_else(|e| panic!("loading the XDP program: {}", error_chain(&e)));
         dp.program(&plan)
             .unwrap_or_else(|e| panic!("programming the maps: {}", error_chain(&e)));

@@ -5,5 +5,19 @@
 pub mod harness;
 pub mod netns;
 pub mod packet;
+pub mod process;
 pub mod testbed;
 pub mod traffic;
+
+/// Runs `f` to completion on this thread's own runtime: the tests drive the
+/// agent's async control loop from plain threads, as `sluice run` drives it
+/// from its event loop.
+pub fn block_on<F: Future>(f: F) -> F::Output {
+    thread_local! {
+        static RUNTIME: tokio::runtime::Runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a tokio runtime");
+    }
+    RUNTIME.with(|rt| rt.block_on(f))
+}

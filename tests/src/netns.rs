@@ -1,34 +1,16 @@
-//! Running code inside a named network namespace (`/run/netns/NAME`).
-//!
-//! `setns` changes only the calling thread, so each helper runs its closure
-//! on a thread of its own. Sockets keep the namespace they were created in,
-//! so a socket made in there can be used from any thread afterwards.
+//! Running code inside a named network namespace (`/run/netns/NAME`) of a
+//! test's own, on a thread of its own (see `sluice::sys::netns`). Sockets
+//! keep the namespace they were created in, so a socket made in there can
+//! be used from any thread afterwards.
 
-use std::{fs::File, io, os::fd::AsRawFd, path::PathBuf, thread};
+use std::thread;
 
-fn path(ns: &str) -> PathBuf {
-    PathBuf::from("/run/netns").join(ns)
-}
-
-fn enter(ns: &str) -> io::Result<()> {
-    let f = File::open(path(ns))?;
-    // SAFETY: `f` is an open namespace file.
-    if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
+pub use sluice::sys::ethtool::{Offload, set_offload};
+use sluice::sys::netns::{enter, named};
 
 /// Runs `f` inside namespace `ns` and returns its result.
 pub fn run_in<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> T {
-    thread::scope(|s| {
-        s.spawn(|| {
-            enter(ns).unwrap_or_else(|e| panic!("entering netns {ns}: {e}"));
-            f()
-        })
-        .join()
-        .unwrap_or_else(|p| std::panic::resume_unwind(p))
-    })
+    sluice::sys::netns::run_in(&named(ns), f).unwrap_or_else(|e| panic!("entering netns {ns}: {e}"))
 }
 
 /// Spawns a thread that lives inside namespace `ns`.
@@ -36,11 +18,10 @@ pub fn spawn_in<T: Send + 'static>(
     ns: &str,
     f: impl FnOnce() -> T + Send + 'static,
 ) -> thread::JoinHandle<T> {
+    let path = named(ns);
     let ns = ns.to_owned();
     thread::spawn(move || {
-        enter(&ns).unwrap_or_else(|e| panic!("entering netns {ns}: {e}"));
+        enter(&path).unwrap_or_else(|e| panic!("entering netns {ns}: {e}"));
         f()
     })
 }
-
-pub use sluice::netdev::{Offload, set_offload};

@@ -317,7 +317,7 @@ impl Testbed {
         store: std::sync::Arc<dyn sluice::coord::CoordStore>,
     ) -> Result<sluice::agent::Agent, sluice::agent::StartError> {
         netns::run_in(&self.host, || {
-            sluice::agent::Agent::start(config, NIC, false, store)
+            crate::block_on(sluice::agent::Agent::start(config, NIC, false, store))
         })
     }
 

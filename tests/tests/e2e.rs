@@ -9,7 +9,9 @@ use std::{
     time::Duration,
 };
 
-use sluice::{agent::Agent, config::Config, coord::EmbeddedStore, plan::Plan};
+use sluice::{
+    agent::Agent, config::Config, coord::EmbeddedStore, datapath::Datapath as _, plan::Plan,
+};
 use sluice_common::key;
 use sluice_tests::{
     netns,
@@ -114,7 +116,7 @@ fn untagged_udp(vip: IpAddr, tag: &str) {
         .iter()
         .map(|i| {
             agent
-                .dataplane
+                .datapath
                 .instance_counters(i.id)
                 .expect("counters")
                 .packets
@@ -316,7 +318,7 @@ fn non_service_traffic_still_works() {
         assert_eq!(&buf[..n], b"ping");
         echo.join().expect("echo thread");
     }
-    let g = agent.dataplane.global_counters().expect("counters");
+    let g = agent.datapath.global_counters().expect("counters");
     assert!(
         g[sluice_common::counters::PASS_NO_SERVICE as usize] >= 2,
         "the UDP pings passed as non-service: {g:?}"

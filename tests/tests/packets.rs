@@ -9,7 +9,7 @@
 use std::net::{IpAddr, SocketAddr};
 
 use rand::{Rng, SeedableRng, rngs::StdRng};
-use sluice::assign::Group;
+use sluice::{datapath::Datapath as _, plan::Group};
 use sluice_common::{counters, key, maps::NO_OWNER};
 use sluice_tests::{
     harness::{Harness, XDP_PASS, XDP_REDIRECT},

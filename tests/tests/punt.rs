@@ -9,9 +9,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use sluice::{config::Config, coord::EmbeddedStore};
+use sluice::{config::Config, coord::EmbeddedStore, datapath::Datapath as _};
 use sluice_common::{counters, key};
 use sluice_tests::{
+    block_on,
     testbed::{self, Testbed},
     traffic::{self, PacedSender, UdpLoad, UdpServers},
 };
@@ -51,9 +52,9 @@ fn on_demand_units_are_claimed_and_every_datagram_arrives_once() {
     let t = Instant::now();
     let mut last_tick = Instant::now();
     while !sender.is_finished() {
-        agent.process_punts().expect("punts");
+        block_on(agent.process_punts()).expect("punts");
         if last_tick.elapsed() > Duration::from_millis(250) {
-            agent.tick().expect("tick");
+            block_on(agent.tick()).expect("tick");
             last_tick = Instant::now();
         }
         assert!(
@@ -65,7 +66,7 @@ fn on_demand_units_are_claimed_and_every_datagram_arrives_once() {
     let (sent, _) = sender.join().expect("sender");
     let end = Instant::now() + Duration::from_secs(3);
     while servers.total.load(Ordering::Relaxed) < sent && Instant::now() < end {
-        agent.process_punts().expect("punts");
+        block_on(agent.process_punts()).expect("punts");
         std::thread::sleep(Duration::from_millis(2));
     }
     let got = servers.finish();
@@ -78,10 +79,12 @@ fn on_demand_units_are_claimed_and_every_datagram_arrives_once() {
                 "datagram from {} arrived twice",
                 d.from
             );
-            let owner = agent
-                .control
-                .owner_of_key("kv", key::host::flow(d.from, dst, 17))
-                .expect("owner");
+            let owner = block_on(
+                agent
+                    .control
+                    .owner_of_key("kv", key::host::flow(d.from, dst, 17)),
+            )
+            .expect("owner");
             assert_eq!(
                 owner,
                 format!("inst-{k}"),
@@ -91,7 +94,7 @@ fn on_demand_units_are_claimed_and_every_datagram_arrives_once() {
             received += 1;
         }
     }
-    let g = agent.dataplane.global_counters().expect("counters");
+    let g = agent.datapath.global_counters().expect("counters");
     let punt = agent.punt.as_ref().expect("punt");
     let claims = agent
         .control
@@ -159,9 +162,9 @@ fn a_deleted_instance_fails_over_to_the_survivors() {
     let mut deleted = None;
     let mut last_tick = Instant::now();
     while !sender.is_finished() {
-        agent.process_punts().expect("punts");
+        block_on(agent.process_punts()).expect("punts");
         if last_tick.elapsed() >= agent.control.interval() {
-            agent.tick().expect("tick");
+            block_on(agent.tick()).expect("tick");
             last_tick = Instant::now();
         }
         if deleted.is_none() && t0.elapsed() > Duration::from_secs(1) {
@@ -177,7 +180,7 @@ fn a_deleted_instance_fails_over_to_the_survivors() {
     let sent = sender.finish().expect("sender");
     let end = Instant::now() + Duration::from_secs(2);
     while servers.total.load(Ordering::Relaxed) < sent && Instant::now() < end {
-        agent.process_punts().expect("punts");
+        block_on(agent.process_punts()).expect("punts");
         std::thread::sleep(Duration::from_millis(2));
     }
     let deleted = deleted.expect("deleted");
@@ -293,14 +296,14 @@ fn a_punt_storm_degrades_gracefully() {
     let (kv_sent, _) = traffic::send_udp(&kv_load, &kv.total, |_| Vec::new());
     kv.wait_for(kv_sent, Duration::from_secs(2));
     assert!(
-        agent.control.status().is_ok(),
+        block_on(agent.control.status()).is_ok(),
         "the agent answers during the storm"
     );
 
     // Let the receiver thread empty the socket's ring into the queue (on a
     // busy machine it may lag): until every punted frame is taken or
     // counted as dropped by the kernel.
-    let punted = agent.dataplane.global_counters().expect("counters")[counters::PUNTED as usize];
+    let punted = agent.datapath.global_counters().expect("counters")[counters::PUNTED as usize];
     let settle = Instant::now() + Duration::from_secs(5);
     {
         let q = &agent.punt.as_ref().expect("punt").queue;
@@ -310,7 +313,7 @@ fn a_punt_storm_degrades_gracefully() {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
-    let served = agent.process_punts().expect("punts");
+    let served = block_on(agent.process_punts()).expect("punts");
     storm.wait_for(u64::try_from(served).expect("fits"), Duration::from_secs(2));
     let storm_got: usize = storm.finish().iter().map(Vec::len).sum();
     let kv_got: usize = kv.finish().iter().map(Vec::len).sum();
@@ -358,10 +361,10 @@ fn silent_reports_fail_an_instance() {
         .unwrap_or_else(|e| panic!("starting the agent: {e:?}"));
     let report = |agent: &sluice::agent::Agent| {
         agent.control.reports.lock().expect("lock").put(
-            sluice::qos::Report {
+            sluice::control::qos::Report {
                 instance: "inst-1".into(),
                 queue_depth: Some(1.0),
-                ..sluice::qos::Report::default()
+                ..sluice::control::qos::Report::default()
             },
             Instant::now(),
         );
@@ -369,7 +372,7 @@ fn silent_reports_fail_an_instance() {
     // Reporting: healthy for a second, past the grace period.
     for _ in 0..10 {
         report(&agent);
-        agent.tick().expect("tick");
+        block_on(agent.tick()).expect("tick");
         std::thread::sleep(Duration::from_millis(100));
     }
     assert!(!agent.control.is_failed("inst-1"));
@@ -380,10 +383,10 @@ fn silent_reports_fail_an_instance() {
             t.elapsed() < Duration::from_secs(2),
             "a silent instance was not failed"
         );
-        agent.tick().expect("tick");
+        block_on(agent.tick()).expect("tick");
         std::thread::sleep(Duration::from_millis(100));
     }
-    let groups = agent.control.assignments().expect("assignments");
+    let groups = block_on(agent.control.assignments()).expect("assignments");
     assert!(
         groups
             .iter()

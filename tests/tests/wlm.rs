@@ -11,14 +11,15 @@ use std::{
 
 use sluice::{
     agent::Agent,
-    assign::Group,
     config::Config,
+    control::qos,
     coord::{CoordStore, EmbeddedStore},
-    qos,
+    datapath::Datapath as _,
+    plan::Group,
 };
 use sluice_common::{key, unit_of};
 use sluice_tests::{
-    netns,
+    block_on, netns,
     testbed::{self, Testbed},
     traffic::{PacedSender, TcpServers, UdpServers},
 };
@@ -92,8 +93,8 @@ fn slow_instance_sheds_then_groups_merge_back() {
     let mut before = None;
     let phase1 = loop {
         std::thread::sleep(agent.control.interval());
-        agent.tick().expect("tick");
-        let st = agent.control.status().expect("status");
+        block_on(agent.tick()).expect("tick");
+        let st = block_on(agent.control.status()).expect("status");
         let slow = &st[SLOW];
         if first_overload.is_none() && slow.sample.utilisation > 0.8 {
             first_overload = Some(Instant::now());
@@ -168,8 +169,8 @@ fn slow_instance_sheds_then_groups_merge_back() {
     let t1 = Instant::now();
     let merged = loop {
         std::thread::sleep(agent.control.interval());
-        agent.tick().expect("tick");
-        let st = agent.control.status().expect("status");
+        block_on(agent.tick()).expect("tick");
+        let st = block_on(agent.control.status()).expect("status");
         let groups = st.iter().map(|s| s.groups.len()).sum::<usize>();
         if groups * 2 <= groups_at_peak {
             break st;
@@ -275,10 +276,12 @@ fn tcp_connections_survive_a_move() {
     let group = Group::new(unit & !0x0fff, 4).unwrap();
     let from = conns[0].1.clone();
     let to = if from == "inst-0" { "inst-1" } else { "inst-0" };
-    let events = agent
-        .control
-        .move_group(&mut agent.dataplane, "web", group, to)
-        .expect("move");
+    let events = block_on(
+        agent
+            .control
+            .move_group(&mut agent.datapath, "web", group, to),
+    )
+    .expect("move");
     assert!(!events.is_empty());
     let moved: Vec<usize> = (0..conns.len())
         .filter(|&c| {
@@ -323,7 +326,7 @@ fn tcp_connections_survive_a_move() {
         }
     }
     assert_eq!(fresh, 5);
-    let svc = agent.dataplane.service_counters(0).expect("counters");
+    let svc = agent.datapath.service_counters(0).expect("counters");
     eprintln!(
         "moved connections {moved:?}; pins: hits {} created {} lost {}",
         svc.pin_hits, svc.pins_created, svc.pins_lost
@@ -352,10 +355,12 @@ fn restarted_agent_resumes_the_assignment() {
     );
     let group: Group = "0x0000/3".parse().unwrap(); // inst-0's to begin with
     let mut agent = start(&tb, &toml, Arc::new(EmbeddedStore::open(&state).unwrap()));
-    agent
-        .control
-        .move_group(&mut agent.dataplane, "kv", group, "inst-1")
-        .expect("move");
+    block_on(
+        agent
+            .control
+            .move_group(&mut agent.datapath, "kv", group, "inst-1"),
+    )
+    .expect("move");
     let before = agent.plan.services[0].groups.clone();
     agent.stop().expect("detach");
 

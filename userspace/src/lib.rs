@@ -1,22 +1,36 @@
-//! The Sluice agent: turns a config into the XDP program's maps.
+//! The Sluice agent and its CLI: turns a config into the XDP program's maps
+//! and moves work units between instances as their load changes.
 //!
-//! - [`agent`]: start-up, from config to an attached data path;
-//! - [`config`]: the TOML config, checked before anything is applied;
-//! - [`plan`]: ids, keys, interfaces and the initial work unit groups;
-//! - [`assign`]: work unit groups (split, merge, even assignment);
-//! - [`dataplane`]: load, program, attach, read counters;
-//! - [`netdev`]: ifindex and peer-MAC discovery.
+//! Modules by concern, each importing only those below it (no cycles):
+//!
+//! ```text
+//! main.rs ─┬─ cli ──────┬─ api ─── control ─┬─ coord ─── plan ─┬─ config
+//!          └─ agent ────┘          │        ├─ datapath ──────┤
+//!                                  │        │                 └─ sys
+//!                                  └────────┴─ telemetry (leaf)
+//! ```
+//!
+//! - [`config`]: the TOML config, parsed with positions and checked whole;
+//! - [`plan`]: dense ids, service keys, resolved interfaces, work unit
+//!   groups and the initial assignment;
+//! - [`coord`]: the coordination store (async trait; embedded backend);
+//! - [`datapath`]: the `Datapath` trait and the XDP implementation, the
+//!   punt sockets;
+//! - [`control`]: the control loop, the WLM element policy, QoS;
+//! - [`api`]: the local API's protocol, server and client;
+//! - [`agent`]: start-up, the event loop, signals and reload;
+//! - [`cli`]: the client-side commands and their tables;
+//! - [`sys`] and [`telemetry`]: leaves (host facts; metric names).
 
 pub mod agent;
 pub mod api;
-pub mod assign;
+pub mod cli;
 pub mod config;
 pub mod control;
 pub mod coord;
-pub mod dataplane;
-pub mod netdev;
+pub mod datapath;
 pub mod plan;
-pub mod punt;
-pub mod qos;
+pub mod sys;
 pub mod telemetry;
-pub mod wlm;
+#[cfg(test)]
+mod testing;

@@ -2,18 +2,23 @@
 //! labels are bounded (service, instance, action, reason, kind — never a
 //! unit or a flow). The Grafana dashboard in `dashboards/` uses exactly
 //! these names; a test checks it.
+//!
+//! A leaf: it imports nothing from the rest of the crate. Callers hand in
+//! plain values (counters from `sluice_common`, names, numbers), so every
+//! metric name is written here and nowhere else.
 
 use std::net::SocketAddr;
 
 use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
 use metrics_exporter_prometheus::{BuildError, Matcher, PrometheusBuilder};
-use sluice_common::counters;
-
-use crate::{agent::Agent, dataplane::AttachMode};
+use sluice_common::{
+    counters,
+    maps::{InstanceCounters, ServiceCounters},
+};
 
 /// Kinds of move, as `sluice_moves_total{kind}` counts them.
-pub const MOVE_KINDS: [&str; 7] = [
-    "split", "give", "reclaim", "merge", "drain", "manual", "claim",
+pub const MOVE_KINDS: [&str; 8] = [
+    "split", "give", "reclaim", "merge", "drain", "manual", "claim", "failover",
 ];
 
 /// Serves `/metrics` on `addr` (from the current tokio runtime).
@@ -104,7 +109,7 @@ fn describe() {
     );
     describe_counter!(
         "sluice_punt_frames_total",
-        "Punted frames by outcome (received, reinjected, failed, overflow)"
+        "Punted frames by outcome (received, reinjected, failed, overflow, kernel_dropped)"
     );
     describe_gauge!(
         "sluice_pinned_flows",
@@ -112,35 +117,10 @@ fn describe() {
     );
 }
 
-/// Counts the pinned-flow map pinned at `path` every `every`, on a thread
-/// of its own: a walk of a full map is a million `bpf()` calls, which the
-/// control loop should not wait for.
-pub fn count_pinned_flows(path: std::path::PathBuf, every: std::time::Duration) {
-    use sluice_common::maps::{Pin, PinKey};
-    let spawned = std::thread::Builder::new()
-        .name("sluice-pin-count".into())
-        .spawn(move || {
-            loop {
-                match aya::maps::MapData::from_pin(&path) {
-                    Ok(data) => {
-                        let map: Result<aya::maps::HashMap<_, PinKey, Pin>, _> =
-                            aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(data));
-                        if let Ok(map) = map {
-                            #[expect(clippy::cast_precision_loss, reason = "a gauge")]
-                            let n = map.keys().map_while(Result::ok).count() as f64;
-                            gauge!("sluice_pinned_flows").set(n);
-                        }
-                    }
-                    Err(e) => {
-                        tracing::debug!(error = %e, path = %path.display(), "pinned-flow map not readable");
-                    }
-                }
-                std::thread::sleep(every);
-            }
-        });
-    if let Err(e) = spawned {
-        tracing::warn!(error = %e, "no thread to count pinned flows");
-    }
+/// Sets the number of flows in the pinned-flow map.
+pub fn pinned_flows(n: u64) {
+    #[expect(clippy::cast_precision_loss, reason = "a gauge")]
+    gauge!("sluice_pinned_flows").set(n as f64);
 }
 
 /// Records a map write of `seconds`.
@@ -166,98 +146,117 @@ pub fn moved(service: &str, kind: &'static str) {
     counter!("sluice_moves_total", "service" => service.to_owned(), "kind" => kind, "reason" => reason(kind)).increment(1);
 }
 
-/// Publishes everything the agent knows, once an interval.
-pub fn publish(agent: &Agent) {
-    let dp = &agent.dataplane;
-    if let Ok(g) = dp.global_counters() {
-        for (name, v) in counters::NAMES.iter().zip(g) {
-            counter!("sluice_datapath_packets_total", "action" => *name).absolute(v);
-        }
+/// The data path's global counters, indexed as in [`counters`].
+pub fn datapath(global: &[u64; counters::COUNT as usize]) {
+    for (name, v) in counters::NAMES.iter().zip(global) {
+        counter!("sluice_datapath_packets_total", "action" => *name).absolute(*v);
     }
-    for s in &agent.plan.services {
-        let name = s.name.clone();
-        if let Ok(c) = dp.service_counters(s.id) {
-            counter!("sluice_service_packets_total", "service" => name.clone()).absolute(c.packets);
-            counter!("sluice_service_bytes_total", "service" => name.clone()).absolute(c.bytes);
-            for (action, v) in [
-                ("delivered", c.delivered),
-                ("unowned", c.unowned),
-                ("redirect_failed", c.redirect_failed),
-                ("tagged", c.tagged),
-                ("tag_missing", c.tag_missing),
-            ] {
-                counter!("sluice_service_actions_total", "service" => name.clone(), "action" => action).absolute(v);
-            }
-            for (event, v) in [
-                ("hit", c.pin_hits),
-                ("created", c.pins_created),
-                ("lost", c.pins_lost),
-                ("expired", c.pins_expired),
-            ] {
-                counter!("sluice_pinned_flows_total", "service" => name.clone(), "event" => event)
-                    .absolute(v);
-            }
-        }
-        for kind in MOVE_KINDS {
-            // Registers every kind, so a dashboard sees zeros, not gaps.
-            counter!("sluice_moves_total", "service" => name.clone(), "kind" => kind, "reason" => reason(kind))
-                .increment(0);
-        }
+}
+
+/// A service's data path counters; also registers every move kind of the
+/// service, so a dashboard sees zeros, not gaps.
+pub fn service(name: &str, c: &ServiceCounters) {
+    let name = name.to_owned();
+    counter!("sluice_service_packets_total", "service" => name.clone()).absolute(c.packets);
+    counter!("sluice_service_bytes_total", "service" => name.clone()).absolute(c.bytes);
+    for (action, v) in [
+        ("delivered", c.delivered),
+        ("unowned", c.unowned),
+        ("redirect_failed", c.redirect_failed),
+        ("tagged", c.tagged),
+        ("tag_missing", c.tag_missing),
+    ] {
+        counter!("sluice_service_actions_total", "service" => name.clone(), "action" => action)
+            .absolute(v);
     }
-    for i in &agent.plan.instances {
-        if let Ok(c) = dp.instance_counters(i.id) {
-            let service = agent.plan.services[i.service_id as usize].name.clone();
-            let labels = [("service", service), ("instance", i.name.clone())];
-            counter!("sluice_instance_packets_total", &labels).absolute(c.packets);
-            counter!("sluice_instance_bytes_total", &labels).absolute(c.bytes);
-        }
+    for (event, v) in [
+        ("hit", c.pin_hits),
+        ("created", c.pins_created),
+        ("lost", c.pins_lost),
+        ("expired", c.pins_expired),
+    ] {
+        counter!("sluice_pinned_flows_total", "service" => name.clone(), "event" => event)
+            .absolute(v);
     }
-    if let Ok(status) = agent.control.status() {
-        for st in status {
-            let labels = [
-                ("service", st.service.clone()),
-                ("instance", st.name.clone()),
-            ];
-            gauge!("sluice_instance_utilisation_ratio", &labels).set(st.sample.utilisation);
-            gauge!("sluice_instance_rate_packets_per_second", &labels).set(st.inputs.rate_pps);
-            gauge!("sluice_instance_drops_per_second", &labels).set(st.inputs.drops_ps);
-            gauge!("sluice_instance_socket_queue_bytes", &labels).set(st.inputs.queue_bytes);
-            gauge!("sluice_instance_cpu_cores", &labels).set(st.inputs.cpu_cores.unwrap_or(0.0));
-            let r = st.inputs.report.clone().unwrap_or_default();
-            gauge!("sluice_instance_reported_latency_p99_seconds", &labels)
-                .set(r.latency_p99_ms.unwrap_or(0.0) / 1e3);
-            gauge!("sluice_instance_reported_queue_depth", &labels)
-                .set(r.queue_depth.unwrap_or(0.0));
-            gauge!("sluice_instance_reported_in_flight", &labels).set(r.in_flight.unwrap_or(0.0));
-            #[expect(clippy::cast_precision_loss, reason = "small counts")]
-            let groups = st.groups.len() as f64;
-            gauge!("sluice_instance_groups", &labels).set(groups);
-            gauge!("sluice_instance_units", &labels)
-                .set(f64::from(st.groups.iter().map(|g| g.size()).sum::<u32>()));
-        }
+    for kind in MOVE_KINDS {
+        counter!("sluice_moves_total", "service" => name.clone(), "kind" => kind, "reason" => reason(kind))
+            .increment(0);
     }
-    if let Some(p) = &agent.punt {
-        #[expect(clippy::cast_precision_loss, reason = "a gauge")]
-        let depth = p.queue.depth() as f64;
-        gauge!("sluice_punt_queue_depth").set(depth);
-        for (outcome, v) in [
-            (
-                "received",
-                p.queue.received.load(std::sync::atomic::Ordering::Relaxed),
-            ),
-            (
-                "overflow",
-                p.queue.overflow.load(std::sync::atomic::Ordering::Relaxed),
-            ),
-            ("reinjected", p.delivered),
-            ("failed", p.failed),
-        ] {
-            counter!("sluice_punt_frames_total", "outcome" => outcome).absolute(v);
-        }
+}
+
+/// What the data path delivered to an instance.
+pub fn instance_delivered(service: &str, instance: &str, c: &InstanceCounters) {
+    let labels = [
+        ("service", service.to_owned()),
+        ("instance", instance.to_owned()),
+    ];
+    counter!("sluice_instance_packets_total", &labels).absolute(c.packets);
+    counter!("sluice_instance_bytes_total", &labels).absolute(c.bytes);
+}
+
+/// An instance's QoS inputs and the utilisation they make, as the control
+/// loop measured them.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct InstanceGauges {
+    pub utilisation: f64,
+    pub rate_pps: f64,
+    pub drops_ps: f64,
+    pub queue_bytes: f64,
+    pub cpu_cores: f64,
+    pub reported_latency_p99_ms: f64,
+    pub reported_queue_depth: f64,
+    pub reported_in_flight: f64,
+    pub groups: u32,
+    pub units: u32,
+}
+
+/// Sets an instance's gauges.
+pub fn instance(service: &str, instance: &str, g: &InstanceGauges) {
+    let labels = [
+        ("service", service.to_owned()),
+        ("instance", instance.to_owned()),
+    ];
+    gauge!("sluice_instance_utilisation_ratio", &labels).set(g.utilisation);
+    gauge!("sluice_instance_rate_packets_per_second", &labels).set(g.rate_pps);
+    gauge!("sluice_instance_drops_per_second", &labels).set(g.drops_ps);
+    gauge!("sluice_instance_socket_queue_bytes", &labels).set(g.queue_bytes);
+    gauge!("sluice_instance_cpu_cores", &labels).set(g.cpu_cores);
+    gauge!("sluice_instance_reported_latency_p99_seconds", &labels)
+        .set(g.reported_latency_p99_ms / 1e3);
+    gauge!("sluice_instance_reported_queue_depth", &labels).set(g.reported_queue_depth);
+    gauge!("sluice_instance_reported_in_flight", &labels).set(g.reported_in_flight);
+    gauge!("sluice_instance_groups", &labels).set(f64::from(g.groups));
+    gauge!("sluice_instance_units", &labels).set(f64::from(g.units));
+}
+
+/// The punt path's queue and frame counts.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PuntCounts {
+    pub depth: usize,
+    pub received: u64,
+    pub overflow: u64,
+    pub reinjected: u64,
+    pub failed: u64,
+    /// Dropped by the kernel before the agent saw them (socket ring full).
+    pub kernel_dropped: u64,
+}
+
+/// Sets the punt path's metrics.
+pub fn punt(p: &PuntCounts) {
+    #[expect(clippy::cast_precision_loss, reason = "a gauge")]
+    gauge!("sluice_punt_queue_depth").set(p.depth as f64);
+    for (outcome, v) in [
+        ("received", p.received),
+        ("overflow", p.overflow),
+        ("reinjected", p.reinjected),
+        ("failed", p.failed),
+        ("kernel_dropped", p.kernel_dropped),
+    ] {
+        counter!("sluice_punt_frames_total", "outcome" => outcome).absolute(v);
     }
-    let mode = match agent.mode {
-        AttachMode::Native => "native",
-        AttachMode::Generic => "generic",
-    };
-    gauge!("sluice_attach_info", "iface" => agent.iface.clone(), "mode" => mode).set(1.0);
+}
+
+/// How the program is attached to `iface` (`native` or `generic`).
+pub fn attached(iface: &str, mode: &'static str) {
+    gauge!("sluice_attach_info", "iface" => iface.to_owned(), "mode" => mode).set(1.0);
 }

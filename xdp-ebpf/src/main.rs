@@ -18,13 +18,14 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use sluice_common::{
-    HIT_BUCKETS_PER_SERVICE, MAX_SERVICES, UNITS_PER_SERVICE, counters, hit_index,
+    DEFAULT_PINNED_FLOWS, HIT_BUCKETS_PER_SERVICE, INSTANCE_SLOTS, MAX_PUNT_QUEUES, MAX_SERVICES,
+    UNITS_PER_SERVICE, counters, hit_index,
     maps::{
         INSTANCE_LIVE, InstanceCounters, InstanceEntry, NO_OWNER, PIN_TCP, PIN_UDP, PROTO_TCP, Pin,
         PinKey, ServiceCounters, ServiceEntry, ServiceKey,
     },
     owner_index,
-    parse::{self, Flow, Frame, Pass},
+    parse::{self, Flow, Frame, FromBytes, Pass},
     unit_of,
 };
 
@@ -43,11 +44,11 @@ static OWNERS: Array<u32> =
 
 /// Instance id -> MAC and liveness.
 #[map]
-static INSTANCES: Array<InstanceEntry> = Array::with_max_entries(4097, 0);
+static INSTANCES: Array<InstanceEntry> = Array::with_max_entries(INSTANCE_SLOTS, 0);
 
 /// Instance id -> host-side veth of the instance.
 #[map]
-static DELIVER: DevMap = DevMap::with_max_entries(4097, 0);
+static DELIVER: DevMap = DevMap::with_max_entries(INSTANCE_SLOTS, 0);
 
 #[map]
 static GLOBAL_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counters::COUNT, 0);
@@ -57,17 +58,18 @@ static SERVICE_COUNTERS: PerCpuArray<ServiceCounters> =
     PerCpuArray::with_max_entries(MAX_SERVICES, 0);
 
 #[map]
-static INSTANCE_COUNTERS: PerCpuArray<InstanceCounters> = PerCpuArray::with_max_entries(4097, 0);
+static INSTANCE_COUNTERS: PerCpuArray<InstanceCounters> =
+    PerCpuArray::with_max_entries(INSTANCE_SLOTS, 0);
 
 /// Pinned flows: 5-tuple -> the instance it stays with while its unit moves.
 /// LRU, so a full table forgets the least recently used flow.
 #[map]
-static PINNED: LruHashMap<PinKey, Pin> = LruHashMap::with_max_entries(1 << 20, 0);
+static PINNED: LruHashMap<PinKey, Pin> = LruHashMap::with_max_entries(DEFAULT_PINNED_FLOWS, 0);
 
 /// Receive queue -> the agent's `AF_XDP` socket on it: where packets of
 /// units without a live owner go (the punt).
 #[map]
-static PUNT: XskMap = XskMap::with_max_entries(64, 0);
+static PUNT: XskMap = XskMap::with_max_entries(MAX_PUNT_QUEUES, 0);
 
 /// Per-unit hit counts, `HIT_BUCKETS_PER_SERVICE` coarse buckets a service.
 #[map]
@@ -269,13 +271,13 @@ impl Frame for XdpFrame {
     }
 
     #[inline(always)]
-    fn load<T: Copy>(&self, off: usize) -> Option<T> {
+    fn load<T: FromBytes>(&self, off: usize) -> Option<T> {
         let start = self.data + off;
         if start + size_of::<T>() > self.end {
             return None;
         }
-        // SAFETY: the bytes were just checked to be in the frame; `T` is an
-        // integer or byte array.
+        // SAFETY: the bytes were just checked to be in the frame, and `T:
+        // FromBytes` is valid for any bit pattern.
         Some(unsafe { (start as *const T).read_unaligned() })
     }
 

@@ -122,19 +122,7 @@ fn real_main() -> anyhow::Result<()> {
             if !no_lint {
                 lint(&env, false)?;
             }
-            require_root("the kernel tests load XDP programs and create network namespaces")?;
-            let mut a = vec![
-                "test",
-                "--workspace",
-                "--exclude",
-                "sluice-ebpf",
-                "--no-fail-fast",
-            ];
-            if !args.is_empty() {
-                a.push("--");
-                a.extend(args.iter().map(String::as_str));
-            }
-            cargo(&env, &a, false)
+            test(&env, &args)
         }
         Cmd::Demo { seconds, rate } => {
             let env = setup::ensure(false)?;
@@ -192,6 +180,44 @@ fn real_main() -> anyhow::Result<()> {
             cargo(&env, &a, release)
         }
     }
+}
+
+/// The tests that need root: the kernel and end-to-end tests of the
+/// `sluice-tests` package (`BPF_PROG_TEST_RUN`, network namespaces, the
+/// agent as a process). Everything else runs as any user.
+const ROOT_TESTS: &str = "sluice-tests";
+
+/// Every test as root; as another user, the unprivileged ones, then an
+/// error naming what was left out and why.
+fn test(env: &setup::Env, args: &[String]) -> anyhow::Result<()> {
+    let extra = |mut a: Vec<&'static str>| -> Vec<String> {
+        let mut a: Vec<String> = a.drain(..).map(str::to_owned).collect();
+        if !args.is_empty() {
+            a.push("--".into());
+            a.extend(args.iter().cloned());
+        }
+        a
+    };
+    if !setup::is_root() {
+        eprintln!("[test] not root: running the tests that need no privileges");
+        let a = extra(vec!["test", "--no-fail-fast"]);
+        cargo(env, &a.iter().map(String::as_str).collect::<Vec<_>>(), false)?;
+        bail!(
+            "ran only the unprivileged tests; the kernel and end-to-end tests (package {ROOT_TESTS}: \
+             BPF_PROG_TEST_RUN, network namespaces, XDP on veths, the agent as a process) need root: \
+             run `sudo cargo xtask test`"
+        );
+    }
+    // The process tests run the `sluice` binary itself.
+    cargo(env, &["build", "--package", "sluice", "--bins"], false)?;
+    let a = extra(vec![
+        "test",
+        "--workspace",
+        "--exclude",
+        "sluice-ebpf",
+        "--no-fail-fast",
+    ]);
+    cargo(env, &a.iter().map(String::as_str).collect::<Vec<_>>(), false)
 }
 
 fn workspace_root() -> PathBuf {

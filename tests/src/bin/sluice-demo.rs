@@ -22,8 +22,9 @@ use std::{
 };
 
 use clap::Parser;
-use sluice::{agent::Agent, config::Config, coord::EmbeddedStore};
+use sluice::{agent::Agent, config::Config, coord::EmbeddedStore, datapath::Datapath as _};
 use sluice_tests::{
+    block_on,
     testbed::{self, Testbed},
     traffic::{self, UdpServers},
 };
@@ -109,7 +110,7 @@ fn run(args: &Args) -> anyhow::Result<()> {
             rate.store(args.rate / 4, Ordering::Relaxed);
             phase = "released";
         }
-        if let Err(e) = agent.tick() {
+        if let Err(e) = block_on(agent.tick()) {
             eprintln!("[demo] control interval failed: {e}");
         }
         if tty || last_print.elapsed() >= Duration::from_secs(5) {
@@ -156,7 +157,7 @@ fn show(agent: &Agent, tb: &Testbed, start: Instant, phase: &str, redraw: bool) 
     if redraw {
         out.push_str("\x1b[2J\x1b[H");
     }
-    let svc = agent.dataplane.service_counters(0).unwrap_or_default();
+    let svc = agent.datapath.service_counters(0).unwrap_or_default();
     let _ = writeln!(
         out,
         "Sluice demo  {:>5.1}s  service `sessions` udp {}:{PORT}  tagged {}  untagged (flow hash) {}\n{phase}\n",
@@ -170,20 +171,20 @@ fn show(agent: &Agent, tb: &Testbed, start: Instant, phase: &str, redraw: bool) 
         "{:<8} {:<22} {:>10} {:>7} {:>8} {:>6} {:>7} {:>7}  groups",
         "instance", "netns", "packets", "share", "pps", "util", "drops/s", "units"
     );
-    let status = agent.control.status().unwrap_or_default();
+    let status = block_on(agent.control.status()).unwrap_or_default();
     let total: u64 = agent
         .plan
         .instances
         .iter()
         .map(|i| {
             agent
-                .dataplane
+                .datapath
                 .instance_counters(i.id)
                 .map_or(0, |c| c.packets)
         })
         .sum();
     for ((i, ti), st) in agent.plan.instances.iter().zip(&tb.instances).zip(&status) {
-        let c = agent.dataplane.instance_counters(i.id).unwrap_or_default();
+        let c = agent.datapath.instance_counters(i.id).unwrap_or_default();
         let units: u32 = st.groups.iter().map(|g| g.size()).sum();
         let shown: Vec<String> = st.groups.iter().take(3).map(ToString::to_string).collect();
         let more = if st.groups.len() > 3 {

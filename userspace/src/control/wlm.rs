@@ -16,9 +16,9 @@
 use std::time::{Duration, Instant};
 
 use crate::{
-    assign::Group,
     config::WlmConfig,
-    coord::{GroupEntry, Version},
+    coord::{CoordError, CoordStore, GroupEntry, Version},
+    plan::Group,
 };
 
 /// What an element measured over the last interval.
@@ -28,7 +28,7 @@ pub struct Sample {
     pub rate_pps: f64,
     /// Receive-buffer drops per second inside the instance.
     pub drops_ps: f64,
-    /// The combined utilisation (see [`crate::qos::utilisation`]).
+    /// The combined utilisation (see [`super::qos::utilisation`]).
     pub utilisation: f64,
 }
 
@@ -332,12 +332,12 @@ pub struct Applied {
 /// Carries out `action` of element `me` in the store. Every step is a
 /// compare-and-swap: if anything changed since the decision, it fails with
 /// a conflict and the next interval decides again.
-pub fn apply(
-    store: &dyn crate::coord::CoordStore,
+pub async fn apply(
+    store: &dyn CoordStore,
     service: &str,
     me: &str,
     action: &Action,
-) -> Result<Applied, crate::coord::CoordError> {
+) -> Result<Applied, CoordError> {
     match action {
         Action::Shed {
             group,
@@ -345,36 +345,38 @@ pub fn apply(
             give,
             to,
         } => {
-            let halves = store.split(service, *group, *version)?;
+            let halves = store.split(service, *group, *version).await?;
             let half = halves
                 .iter()
                 .find(|h| h.group == *give)
                 .expect("give is a half");
-            store.move_group(service, half.group, half.version, to)?;
+            store
+                .move_group(service, half.group, half.version, to)
+                .await?;
             Ok(Applied {
                 kind: "split",
                 moved: Some((*give, me.to_owned(), to.clone())),
             })
         }
         Action::Give { group, version, to } => {
-            store.move_group(service, *group, *version, to)?;
+            store.move_group(service, *group, *version, to).await?;
             Ok(Applied {
                 kind: "give",
                 moved: Some((*group, me.to_owned(), to.clone())),
             })
         }
         Action::Reclaim { mine, buddy, from } => {
-            let v = store.move_group(service, buddy.0, buddy.1, me)?;
+            let v = store.move_group(service, buddy.0, buddy.1, me).await?;
             // The move is what matters to traffic; the merge is bookkeeping
             // and, if it loses a race, the next interval coalesces.
-            let _ = store.merge(service, *mine, (buddy.0, v));
+            let _ = store.merge(service, *mine, (buddy.0, v)).await;
             Ok(Applied {
                 kind: "reclaim",
                 moved: Some((buddy.0, from.clone(), me.to_owned())),
             })
         }
         Action::Coalesce { a, b } => {
-            store.merge(service, *a, *b)?;
+            store.merge(service, *a, *b).await?;
             Ok(Applied {
                 kind: "merge",
                 moved: None,
@@ -396,8 +398,9 @@ mod tests {
 
     use super::*;
     use crate::{
-        assign,
-        coord::{CoordStore as _, EmbeddedStore, check_partition},
+        coord::{EmbeddedStore, check_partition},
+        plan::group as assign,
+        testing::ready,
     };
 
     const BUCKETS: usize = sluice_common::HIT_BUCKETS_PER_SERVICE as usize;
@@ -439,7 +442,7 @@ mod tests {
                 .zip(&names)
                 .flat_map(|(gs, n)| gs.into_iter().map(move |g| (g, n.clone())))
                 .collect();
-            store.init("svc", &groups).unwrap();
+            ready(store.init("svc", &groups)).unwrap();
             let now = Instant::now();
             Self {
                 cfg,
@@ -456,7 +459,7 @@ mod tests {
         }
 
         fn samples(&self) -> Vec<Sample> {
-            let a = self.store.groups("svc").unwrap();
+            let a = ready(self.store.groups("svc")).unwrap();
             self.names
                 .iter()
                 .zip(&self.drain)
@@ -485,7 +488,7 @@ mod tests {
             self.now += Duration::from_secs(1);
             let samples = self.samples();
             for i in 0..self.names.len() {
-                let assignment = self.store.groups("svc").unwrap();
+                let assignment = ready(self.store.groups("svc")).unwrap();
                 let peers: Vec<Peer> = (0..self.names.len())
                     .filter(|&j| j != i)
                     .map(|j| Peer {
@@ -510,13 +513,18 @@ mod tests {
                 if moves_traffic && !self.limiter.try_take(self.now) {
                     continue;
                 }
-                let applied = apply(&self.store, "svc", &self.names[i], &action).unwrap();
+                let applied = ready(apply(&self.store, "svc", &self.names[i], &action)).unwrap();
                 if applied.moved.is_some() {
                     self.states[i].moved(self.now);
                     self.moves.push((self.interval, i));
                 }
-                check_partition(self.store.groups("svc").unwrap().iter().map(|e| &e.group))
-                    .unwrap();
+                check_partition(
+                    ready(self.store.groups("svc"))
+                        .unwrap()
+                        .iter()
+                        .map(|e| &e.group),
+                )
+                .unwrap();
             }
         }
     }
@@ -562,16 +570,16 @@ mod tests {
     fn idle_service_merges_back() {
         let mut sim = Sim::new(cfg(), vec![1e9; 4], vec![10.0 / BUCKETS as f64; BUCKETS]);
         // Fragment the table first, as a busy period would have.
-        for e in sim.store.groups("svc").unwrap() {
+        for e in ready(sim.store.groups("svc")).unwrap() {
             if e.group.size() > 1024 {
-                sim.store.split("svc", e.group, e.version).unwrap();
+                ready(sim.store.split("svc", e.group, e.version)).unwrap();
             }
         }
-        let before = sim.store.groups("svc").unwrap().len();
+        let before = ready(sim.store.groups("svc")).unwrap().len();
         for _ in 0..120 {
             sim.step();
         }
-        let after = sim.store.groups("svc").unwrap().len();
+        let after = ready(sim.store.groups("svc")).unwrap().len();
         assert!(after < before / 2, "groups {before} -> {after}");
     }
 

@@ -1,14 +1,5 @@
-//! The coordination store: where the assignment (group -> owner, with a
-//! version) lives and where elements publish their load.
-//!
-//! Every change is a compare-and-swap on the versions of the groups it
-//! touches, so two elements can never move the same group at once: the
-//! second finds the version changed and gets [`CoordError::Conflict`].
-//! Owners are instance *names*, stable across restarts and hosts.
-//!
-//! [`EmbeddedStore`] serves one host and persists the assignment to a JSON
-//! file (write to a temporary file, fsync, rename), so a restarted agent
-//! resumes it. An etcd backend implements the same trait for several hosts.
+//! The single-host coordination store: the assignment in memory, persisted
+//! to a JSON file on every change (write a temporary file, fsync, rename).
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -19,142 +10,11 @@ use std::{
 };
 
 use serde::{Deserialize, Serialize};
-use sluice_common::UNITS_PER_SERVICE;
 use tokio::sync::broadcast;
+use tokio_stream::{StreamExt as _, wrappers::BroadcastStream};
 
-use crate::assign::Group;
-
-/// Version of a group entry: unique over the store's life, so a stale
-/// version never matches a newer entry (no ABA).
-pub type Version = u64;
-
-/// One group of a service's assignment.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct GroupEntry {
-    #[serde(with = "group_text")]
-    pub group: Group,
-    /// Instance name.
-    pub owner: String,
-    pub version: Version,
-}
-
-/// What an element publishes each interval.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct Load {
-    pub utilisation: f64,
-    pub rate_pps: f64,
-}
-
-/// A change others may want to react to.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Event {
-    /// The assignment of this service changed.
-    Assignment { service: String },
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum CoordError {
-    #[error("service `{service}` has no assignment in the store")]
-    UnknownService { service: String },
-    #[error(
-        "group {group} of `{service}` changed under us (expected version {expected}, found {found:?})"
-    )]
-    Conflict {
-        service: String,
-        group: Group,
-        expected: Version,
-        /// Current version, or `None` when the group no longer exists
-        /// (it was split or merged).
-        found: Option<Version>,
-    },
-    #[error("{a} and {b} are not buddies and cannot merge")]
-    NotBuddies { a: Group, b: Group },
-    #[error("{a} and {b} have different owners; move one first")]
-    DifferentOwners { a: Group, b: Group },
-    #[error("group {group} is a single unit and cannot split")]
-    Indivisible { group: Group },
-    #[error("initial assignment of `{service}` is not a partition of the units: {reason}")]
-    NotAPartition { service: String, reason: String },
-    #[error("store file {path}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error(
-        "store file {path} is corrupt: {reason}; move it away to start from a fresh assignment"
-    )]
-    Corrupt { path: PathBuf, reason: String },
-}
-
-/// The coordination store, as the WLM elements use it.
-pub trait CoordStore: Send + Sync {
-    /// Groups of `service`, sorted by base.
-    fn groups(&self, service: &str) -> Result<Vec<GroupEntry>, CoordError>;
-    /// The group of `service` that holds `unit`.
-    fn group_of(&self, service: &str, unit: u32) -> Result<GroupEntry, CoordError> {
-        Ok(self
-            .groups(service)?
-            .into_iter()
-            .find(|e| e.group.contains(unit))
-            .expect("the groups partition the units"))
-    }
-    /// Stores `groups` as the assignment of `service` unless it has one;
-    /// returns whether it did. The groups must partition the units.
-    fn init(&self, service: &str, groups: &[(Group, String)]) -> Result<bool, CoordError>;
-    /// Replaces the assignment of `service` whole (after a config change
-    /// made the stored one invalid).
-    fn reset(&self, service: &str, groups: &[(Group, String)]) -> Result<(), CoordError>;
-    /// Gives `group` to `to`, if it is still at `version`.
-    fn move_group(
-        &self,
-        service: &str,
-        group: Group,
-        version: Version,
-        to: &str,
-    ) -> Result<Version, CoordError>;
-    /// Splits `group` into its halves, same owner, if it is at `version`.
-    fn split(
-        &self,
-        service: &str,
-        group: Group,
-        version: Version,
-    ) -> Result<[GroupEntry; 2], CoordError>;
-    /// Merges two buddies with one owner, if both are at their versions.
-    fn merge(
-        &self,
-        service: &str,
-        a: (Group, Version),
-        b: (Group, Version),
-    ) -> Result<GroupEntry, CoordError>;
-    /// Publishes an instance's load.
-    fn publish_load(&self, instance: &str, load: Load) -> Result<(), CoordError>;
-    /// Every instance's last published load.
-    fn loads(&self) -> Result<HashMap<String, Load>, CoordError>;
-    /// Assignment changes, as they happen.
-    fn watch(&self) -> broadcast::Receiver<Event>;
-}
-
-/// Checks that `groups` (any order) cover every unit exactly once.
-pub fn check_partition<'a>(groups: impl IntoIterator<Item = &'a Group>) -> Result<(), String> {
-    let mut sorted: Vec<&Group> = groups.into_iter().collect();
-    sorted.sort_by_key(|g| g.base());
-    let mut at = 0;
-    for g in sorted {
-        if g.base() != at {
-            return Err(if g.base() < at {
-                format!("{g} overlaps the group before it")
-            } else {
-                format!("units {at:#06x}..{:#06x} have no group", g.base())
-            });
-        }
-        at += g.size();
-    }
-    if at != UNITS_PER_SERVICE {
-        return Err(format!("units {at:#06x}.. have no group"));
-    }
-    Ok(())
-}
+use super::{CoordError, CoordStore, Event, Events, GroupEntry, Load, Version, check_partition};
+use crate::plan::Group;
 
 #[derive(Default, Serialize, Deserialize)]
 struct State {
@@ -313,8 +173,9 @@ fn build(
     Ok(out)
 }
 
+#[async_trait::async_trait]
 impl CoordStore for EmbeddedStore {
-    fn groups(&self, service: &str) -> Result<Vec<GroupEntry>, CoordError> {
+    async fn groups(&self, service: &str) -> Result<Vec<GroupEntry>, CoordError> {
         let state = self.state.lock().expect("store lock");
         state
             .services
@@ -325,7 +186,7 @@ impl CoordStore for EmbeddedStore {
             })
     }
 
-    fn group_of(&self, service: &str, unit: u32) -> Result<GroupEntry, CoordError> {
+    async fn group_of(&self, service: &str, unit: u32) -> Result<GroupEntry, CoordError> {
         let state = self.state.lock().expect("store lock");
         let entries = state
             .services
@@ -339,7 +200,7 @@ impl CoordStore for EmbeddedStore {
         Ok(entries[i.checked_sub(1).expect("the first group starts at 0")].clone())
     }
 
-    fn init(&self, service: &str, groups: &[(Group, String)]) -> Result<bool, CoordError> {
+    async fn init(&self, service: &str, groups: &[(Group, String)]) -> Result<bool, CoordError> {
         if self
             .state
             .lock()
@@ -356,7 +217,7 @@ impl CoordStore for EmbeddedStore {
         })
     }
 
-    fn reset(&self, service: &str, groups: &[(Group, String)]) -> Result<(), CoordError> {
+    async fn reset(&self, service: &str, groups: &[(Group, String)]) -> Result<(), CoordError> {
         self.change(service, |state| {
             let entries = build(state, service, groups)?;
             state.services.insert(service.to_owned(), entries);
@@ -364,7 +225,7 @@ impl CoordStore for EmbeddedStore {
         })
     }
 
-    fn move_group(
+    async fn move_group(
         &self,
         service: &str,
         group: Group,
@@ -381,7 +242,7 @@ impl CoordStore for EmbeddedStore {
         })
     }
 
-    fn split(
+    async fn split(
         &self,
         service: &str,
         group: Group,
@@ -410,7 +271,7 @@ impl CoordStore for EmbeddedStore {
         })
     }
 
-    fn merge(
+    async fn merge(
         &self,
         service: &str,
         a: (Group, Version),
@@ -439,7 +300,7 @@ impl CoordStore for EmbeddedStore {
         })
     }
 
-    fn publish_load(&self, instance: &str, load: Load) -> Result<(), CoordError> {
+    async fn publish_load(&self, instance: &str, load: Load) -> Result<(), CoordError> {
         self.loads
             .lock()
             .expect("loads lock")
@@ -447,38 +308,19 @@ impl CoordStore for EmbeddedStore {
         Ok(())
     }
 
-    fn loads(&self) -> Result<HashMap<String, Load>, CoordError> {
+    async fn loads(&self) -> Result<HashMap<String, Load>, CoordError> {
         Ok(self.loads.lock().expect("loads lock").clone())
     }
 
-    fn watch(&self) -> broadcast::Receiver<Event> {
-        self.events.subscribe()
-    }
-}
-
-mod group_text {
-    use serde::{Deserialize as _, Deserializer, Serializer, de::Error as _};
-
-    use crate::assign::Group;
-
-    #[expect(
-        clippy::trivially_copy_pass_by_ref,
-        reason = "serde's `with` hands a reference"
-    )]
-    pub fn serialize<S: Serializer>(g: &Group, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(g)
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Group, D::Error> {
-        let text = String::deserialize(d)?;
-        text.parse().map_err(D::Error::custom)
+    fn watch(&self) -> Events {
+        Box::pin(BroadcastStream::new(self.events.subscribe()).map(|e| e.unwrap_or(Event::Lagged)))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::assign;
+    use crate::plan::group as assign;
 
     fn even(n: usize) -> Vec<(Group, String)> {
         assign::even(n)
@@ -488,68 +330,70 @@ mod tests {
             .collect()
     }
 
-    #[test]
-    fn cas_refuses_a_stale_version() {
+    #[tokio::test]
+    async fn cas_refuses_a_stale_version() {
         let s = EmbeddedStore::in_memory();
-        assert!(s.init("kv", &even(2)).unwrap());
+        assert!(s.init("kv", &even(2)).await.unwrap());
         assert!(
-            !s.init("kv", &even(3)).unwrap(),
+            !s.init("kv", &even(3)).await.unwrap(),
             "init keeps an existing assignment"
         );
-        let g = s.groups("kv").unwrap()[0].clone();
-        let v = s.move_group("kv", g.group, g.version, "i1").unwrap();
-        let again = s.move_group("kv", g.group, g.version, "i0");
+        let g = s.groups("kv").await.unwrap()[0].clone();
+        let v = s.move_group("kv", g.group, g.version, "i1").await.unwrap();
+        let again = s.move_group("kv", g.group, g.version, "i0").await;
         assert!(
             matches!(again, Err(CoordError::Conflict { found: Some(f), .. }) if f == v),
             "{again:?}"
         );
-        assert_eq!(s.groups("kv").unwrap()[0].owner, "i1");
+        assert_eq!(s.groups("kv").await.unwrap()[0].owner, "i1");
     }
 
-    #[test]
-    fn split_then_merge_restores_one_group() {
+    #[tokio::test]
+    async fn split_then_merge_restores_one_group() {
         let s = EmbeddedStore::in_memory();
-        s.init("kv", &[(Group::ALL, "a".into())]).unwrap();
-        let [lo, hi] = s.split("kv", Group::ALL, 1).unwrap();
-        check_partition(s.groups("kv").unwrap().iter().map(|e| &e.group)).unwrap();
+        s.init("kv", &[(Group::ALL, "a".into())]).await.unwrap();
+        let [lo, hi] = s.split("kv", Group::ALL, 1).await.unwrap();
+        check_partition(s.groups("kv").await.unwrap().iter().map(|e| &e.group)).unwrap();
         // A stale split of the old whole group fails: it no longer exists.
         assert!(matches!(
-            s.split("kv", Group::ALL, 1),
+            s.split("kv", Group::ALL, 1).await,
             Err(CoordError::Conflict { found: None, .. })
         ));
-        let hi_v = s.move_group("kv", hi.group, hi.version, "b").unwrap();
+        let hi_v = s.move_group("kv", hi.group, hi.version, "b").await.unwrap();
         assert!(matches!(
-            s.merge("kv", (lo.group, lo.version), (hi.group, hi_v)),
+            s.merge("kv", (lo.group, lo.version), (hi.group, hi_v))
+                .await,
             Err(CoordError::DifferentOwners { .. })
         ));
-        let hi_v = s.move_group("kv", hi.group, hi_v, "a").unwrap();
+        let hi_v = s.move_group("kv", hi.group, hi_v, "a").await.unwrap();
         let m = s
             .merge("kv", (lo.group, lo.version), (hi.group, hi_v))
+            .await
             .unwrap();
         assert_eq!(m.group, Group::ALL);
-        assert_eq!(s.groups("kv").unwrap(), vec![m]);
+        assert_eq!(s.groups("kv").await.unwrap(), vec![m]);
     }
 
-    #[test]
-    fn persisted_assignment_survives_a_restart() {
+    #[tokio::test]
+    async fn persisted_assignment_survives_a_restart() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("state.json");
         let s = EmbeddedStore::open(&path).unwrap();
-        s.init("kv", &even(3)).unwrap();
-        let g = s.groups("kv").unwrap()[1].clone();
-        s.split("kv", g.group, g.version).unwrap();
-        let before = s.groups("kv").unwrap();
+        s.init("kv", &even(3)).await.unwrap();
+        let g = s.groups("kv").await.unwrap()[1].clone();
+        s.split("kv", g.group, g.version).await.unwrap();
+        let before = s.groups("kv").await.unwrap();
         drop(s);
         let s = EmbeddedStore::open(&path).unwrap();
-        assert_eq!(s.groups("kv").unwrap(), before);
+        assert_eq!(s.groups("kv").await.unwrap(), before);
         // Versions keep growing after a restart: no reuse.
         let e = before[0].clone();
-        let v = s.move_group("kv", e.group, e.version, "i2").unwrap();
+        let v = s.move_group("kv", e.group, e.version, "i2").await.unwrap();
         assert!(before.iter().all(|b| b.version < v));
     }
 
-    #[test]
-    fn corrupt_file_is_refused_with_the_fix() {
+    #[tokio::test]
+    async fn corrupt_file_is_refused_with_the_fix() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("state.json");
         fs::write(&path, r#"{"next_version":3,"services":{"kv":[{"group":"0x0000/1","owner":"a","version":1}]}}"#).unwrap();
@@ -562,26 +406,29 @@ mod tests {
         );
     }
 
-    #[test]
-    fn init_refuses_a_non_partition() {
+    #[tokio::test]
+    async fn init_refuses_a_non_partition() {
         let s = EmbeddedStore::in_memory();
         let g: Group = "0x8000/1".parse().unwrap();
         assert!(matches!(
-            s.init("kv", &[(g, "a".into())]),
+            s.init("kv", &[(g, "a".into())]).await,
             Err(CoordError::NotAPartition { .. })
         ));
     }
 
-    #[test]
-    fn watchers_hear_changes() {
+    #[tokio::test]
+    async fn watchers_hear_changes() {
         let s = EmbeddedStore::in_memory();
         let mut rx = s.watch();
-        s.init("kv", &even(2)).unwrap();
+        s.init("kv", &even(2)).await.unwrap();
+        let got = tokio::time::timeout(std::time::Duration::from_secs(1), rx.next())
+            .await
+            .expect("an event within a second");
         assert_eq!(
-            rx.try_recv().unwrap(),
-            Event::Assignment {
+            got,
+            Some(Event::Assignment {
                 service: "kv".into()
-            }
+            })
         );
     }
 }

@@ -1,10 +1,12 @@
 //! The plan: a checked config turned into exactly what goes into the maps —
-//! dense ids, service keys, resolved interfaces and the initial groups.
+//! dense ids, service keys, resolved interfaces and the initial groups
+//! ([`group`]: work unit groups and the even initial assignment).
+//!
+//! May import `config` and `sys`; nothing above it.
 
-use std::{
-    net::IpAddr,
-    path::{Path, PathBuf},
-};
+pub mod group;
+
+use std::{net::IpAddr, path::PathBuf};
 
 use sluice_common::{
     key,
@@ -15,9 +17,10 @@ use sluice_common::{
     owner_index, unit_of,
 };
 
+pub use self::group::{Group, UnitTable};
 use crate::{
-    assign::{self, Group, UnitTable},
     config::{Config, Instance, PinMode, TagSpec},
+    sys::link::{self, LinkError},
 };
 
 /// An instance as the data path sees it.
@@ -72,7 +75,7 @@ pub struct ResolveError {
     /// Config field the operator should look at.
     pub field: String,
     #[source]
-    pub source: crate::netdev::NetdevError,
+    pub source: LinkError,
 }
 
 /// Ifindex, MAC and namespace of an instance, from the host's interfaces.
@@ -84,12 +87,12 @@ pub fn resolve_instance(inst: &Instance, field: &str) -> Result<Resolved, Resolv
             source,
         }
     };
-    let ifindex = crate::netdev::ifindex(&inst.veth).map_err(wrap(format!("{field}.veth")))?;
-    let named = inst.netns.as_ref().map(|n| Path::new("/run/netns").join(n));
+    let ifindex = link::ifindex(&inst.veth).map_err(wrap(format!("{field}.veth")))?;
+    let named = inst.netns.as_deref().map(crate::sys::netns::named);
     let (mac, netns) = if let Some(mac) = inst.mac {
         (mac, named)
     } else {
-        let (mac, path) = crate::netdev::discover_peer_mac(&inst.veth, inst.netns.as_deref())
+        let (mac, path) = link::discover_peer_mac(&inst.veth, inst.netns.as_deref())
             .map_err(wrap(format!("{field}.mac")))?;
         (mac, Some(path))
     };
@@ -150,7 +153,7 @@ impl Plan {
             let groups = if svc.on_demand {
                 vec![(Group::ALL, sluice_common::maps::NO_OWNER)]
             } else {
-                assign::even(svc.instances.len())
+                group::even(svc.instances.len())
                     .into_iter()
                     .zip(first..)
                     .flat_map(|(gs, owner)| gs.into_iter().map(move |g| (g, owner)))

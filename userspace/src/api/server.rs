@@ -1,80 +1,20 @@
-//! The agent's local API: a unix socket speaking JSON lines, one request a
-//! line, one response a line.
-//!
-//! ```text
-//! -> {"report": {"instance": "kv-0", "latency_p99_ms": 12.5, "queue_depth": 40}}
-//! <- {"ok": true}
-//! -> {"status": {}}
-//! <- {"ok": true, "instances": [{"service": "kv", "name": "kv-0", "utilisation": 0.42, ...}]}
-//! ```
-//!
-//! Errors come back as `{"ok": false, "error": "..."}`. `sluice report` is
-//! a client of the first request; applications may speak it directly.
+//! The agent's side of the local API: binds the socket and answers each
+//! line from what the control loop last published.
 
 use std::{
-    io::{BufRead as _, BufReader, Write as _},
     os::unix::net::UnixStream,
     path::Path,
     sync::{Arc, Mutex},
-    time::{Duration, Instant},
+    time::Instant,
 };
 
-use serde::{Deserialize, Serialize};
 use tokio::{
     io::{AsyncBufReadExt as _, AsyncWriteExt as _},
     net::UnixListener,
 };
 
-use crate::qos::{Report, Reports};
-
-#[derive(Debug, Deserialize, Serialize)]
-#[serde(rename_all = "snake_case", deny_unknown_fields)]
-pub enum Request {
-    Report(Report),
-    Status {},
-    Groups { service: String },
-    Drain { instance: String },
-    Undrain { instance: String },
-}
-
-/// A drain or undrain for the control loop to carry out.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Command {
-    Drain(String),
-    Undrain(String),
-}
-
-/// One group in a `groups` answer.
-#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
-pub struct GroupLine {
-    pub group: String,
-    pub owner: String,
-    pub version: u64,
-}
-
-/// One instance in a status answer.
-#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
-pub struct InstanceLine {
-    pub service: String,
-    pub name: String,
-    pub utilisation: f64,
-    pub rate_pps: f64,
-    pub drops_ps: f64,
-    pub groups: Vec<String>,
-    #[serde(default)]
-    pub drained: bool,
-}
-
-#[derive(Debug, Default, Deserialize, Serialize)]
-pub struct Response {
-    pub ok: bool,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub instances: Option<Vec<InstanceLine>>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub groups: Option<Vec<GroupLine>>,
-}
+use super::{Command, GroupLine, InstanceLine, Request, Response};
+use crate::control::qos::Reports;
 
 /// What the API serves from.
 #[derive(Clone)]
@@ -201,57 +141,15 @@ pub fn serve(path: &Path, shared: Shared) -> std::io::Result<tokio::task::JoinHa
     }))
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum ClientError {
-    #[error(
-        "no agent answers on {path} (is `sluice run` running? use --api-socket to point elsewhere)"
-    )]
-    NoAgent {
-        path: String,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("talking to the agent on {path}")]
-    Io {
-        path: String,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("the agent said: {0}")]
-    Refused(String),
-}
-
-/// Sends one request and returns the answer.
-pub fn call(path: &Path, req: &Request) -> Result<Response, ClientError> {
-    let p = path.display().to_string();
-    let mut s = UnixStream::connect(path).map_err(|source| ClientError::NoAgent {
-        path: p.clone(),
-        source,
-    })?;
-    let io = |source| ClientError::Io {
-        path: p.clone(),
-        source,
-    };
-    s.set_read_timeout(Some(Duration::from_secs(5)))
-        .map_err(io)?;
-    let mut line = serde_json::to_vec(req).expect("serialises");
-    line.push(b'\n');
-    s.write_all(&line).map_err(io)?;
-    let mut answer = String::new();
-    BufReader::new(&s).read_line(&mut answer).map_err(io)?;
-    let r: Response = serde_json::from_str(&answer).map_err(|e| ClientError::Io {
-        path: p.clone(),
-        source: std::io::Error::other(e),
-    })?;
-    if !r.ok {
-        return Err(ClientError::Refused(r.error.unwrap_or_default()));
-    }
-    Ok(r)
-}
-
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
+    use crate::{
+        api::{ClientError, call},
+        control::qos::Report,
+    };
 
     fn shared() -> Shared {
         Shared {

@@ -2,16 +2,14 @@
 //! (status, groups, drain with progress, undrain, clear errors) and the
 //! Prometheus endpoint (every metric the Grafana dashboard uses exists).
 
-mod common;
-
 use std::{
     collections::BTreeSet,
-    fs::File,
     io::{Read as _, Write as _},
     net::TcpStream,
-    os::fd::AsRawFd as _,
     time::Duration,
 };
+
+use sluice_tests::{netns, process};
 
 fn text(o: &std::process::Output) -> String {
     format!(
@@ -23,7 +21,7 @@ fn text(o: &std::process::Output) -> String {
 
 #[test]
 fn status_groups_drain_undrain() {
-    let missing = common::sluice(&["status", "--api-socket", "/nonexistent/agent.sock"]);
+    let missing = process::sluice(&["status", "--api-socket", "/nonexistent/agent.sock"]);
     assert!(!missing.status.success());
     assert!(
         text(&missing).contains("no agent answers on /nonexistent/agent.sock"),
@@ -31,18 +29,18 @@ fn status_groups_drain_undrain() {
         text(&missing)
     );
 
-    let ns = common::netns("cli", 2);
+    let ns = process::netns("cli", 2);
     let config = format!(
         "[agent]\ninterval_ms = 200\nmax_moves_per_sec = 20\n\n[[service]]\nname = \"kv\"\nvip = \"198.18.1.1\"\nport = 7000\nprotocol = \"udp\"\n\
          # Idle instances would otherwise merge their groups while the test looks.\n\
          wlm = {{ underload = 0.0 }}\n{}",
-        common::instances_toml("kv", 2)
+        process::instances_toml("kv", 2)
     );
-    let pins = common::PinDir::new("cli");
+    let pins = process::PinDir::new("cli");
     let state = tempfile::tempdir().expect("tempdir");
-    let agent = common::start(
+    let agent = process::start(
         &ns,
-        &common::Start {
+        &process::Start {
             config: &config,
             pin_dir: &pins.0,
             state: &state.path().join("state.json"),
@@ -53,7 +51,7 @@ fn status_groups_drain_undrain() {
     let sock = agent.socket.to_str().expect("utf-8 path").to_owned();
     std::thread::sleep(Duration::from_millis(500));
 
-    let status = common::sluice(&["status", "--api-socket", &sock]);
+    let status = process::sluice(&["status", "--api-socket", &sock]);
     let out = text(&status);
     assert!(status.status.success(), "{out}");
     assert!(
@@ -64,7 +62,7 @@ fn status_groups_drain_undrain() {
         "{out}"
     );
 
-    let groups = common::sluice(&["groups", "kv", "--api-socket", &sock]);
+    let groups = process::sluice(&["groups", "kv", "--api-socket", &sock]);
     let out = text(&groups);
     assert!(
         out.lines()
@@ -72,7 +70,7 @@ fn status_groups_drain_undrain() {
         "{out}"
     );
 
-    let drain = common::sluice(&["drain", "kv-0", "--timeout", "30", "--api-socket", &sock]);
+    let drain = process::sluice(&["drain", "kv-0", "--timeout", "30", "--api-socket", &sock]);
     let out = text(&drain);
     assert!(drain.status.success(), "{out}");
     assert!(
@@ -80,26 +78,26 @@ fn status_groups_drain_undrain() {
         "{out}"
     );
 
-    let groups = common::sluice(&["groups", "kv", "--api-socket", &sock]);
+    let groups = process::sluice(&["groups", "kv", "--api-socket", &sock]);
     let out = text(&groups);
     assert!(
         out.lines().skip(1).all(|l| l.contains("kv-1")),
         "everything is kv-1's now: {out}"
     );
-    let out = text(&common::sluice(&["status", "--api-socket", &sock]));
+    let out = text(&process::sluice(&["status", "--api-socket", &sock]));
     assert!(
         out.lines()
             .any(|l| l.contains("kv-0") && l.contains("(drained)")),
         "{out}"
     );
 
-    let undrain = common::sluice(&["undrain", "kv-0", "--api-socket", &sock]);
+    let undrain = process::sluice(&["undrain", "kv-0", "--api-socket", &sock]);
     assert!(undrain.status.success(), "{}", text(&undrain));
     std::thread::sleep(Duration::from_millis(500));
-    let out = text(&common::sluice(&["status", "--api-socket", &sock]));
+    let out = text(&process::sluice(&["status", "--api-socket", &sock]));
     assert!(!out.contains("(drained)"), "{out}");
 
-    let bad = common::sluice(&["drain", "nope", "--api-socket", &sock]);
+    let bad = process::sluice(&["drain", "nope", "--api-socket", &sock]);
     assert!(!bad.status.success());
     assert!(
         text(&bad).contains("unknown instance `nope`"),
@@ -111,23 +109,13 @@ fn status_groups_drain_undrain() {
 
 /// GET /metrics from inside the namespace.
 fn scrape(ns: &str, port: u16) -> std::io::Result<String> {
-    let ns = format!("/run/netns/{ns}");
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            let f = File::open(&ns)?;
-            // SAFETY: an open namespace file; only this thread moves.
-            if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            let mut c = TcpStream::connect(("127.0.0.1", port))?;
-            c.set_read_timeout(Some(Duration::from_secs(5)))?;
-            c.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
-            let mut body = String::new();
-            c.read_to_string(&mut body)?;
-            Ok(body)
-        })
-        .join()
-        .expect("scrape thread")
+    netns::run_in(ns, || {
+        let mut c = TcpStream::connect(("127.0.0.1", port))?;
+        c.set_read_timeout(Some(Duration::from_secs(5)))?;
+        c.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
+        let mut body = String::new();
+        c.read_to_string(&mut body)?;
+        Ok(body)
     })
 }
 
@@ -161,16 +149,16 @@ fn names_in_dashboard(json: &str) -> BTreeSet<String> {
 
 #[test]
 fn dashboard_uses_only_exported_metrics() {
-    let ns = common::netns("met", 1);
+    let ns = process::netns("met", 1);
     let config = format!(
         "[agent]\ninterval_ms = 200\n\n[[service]]\nname = \"kv\"\nvip = \"198.18.1.1\"\nport = 7000\nprotocol = \"udp\"\n{}",
-        common::instances_toml("kv", 1)
+        process::instances_toml("kv", 1)
     );
-    let pins = common::PinDir::new("met");
+    let pins = process::PinDir::new("met");
     let state = tempfile::tempdir().expect("tempdir");
-    let agent = common::start(
+    let agent = process::start(
         &ns,
-        &common::Start {
+        &process::Start {
             config: &config,
             pin_dir: &pins.0,
             state: &state.path().join("state.json"),
@@ -209,7 +197,7 @@ fn dashboard_uses_only_exported_metrics() {
 
 /// Packets `dev` received, inside the namespace.
 fn rx_packets(ns: &str, dev: &str) -> u64 {
-    common::in_netns(ns, || {
+    netns::run_in(ns, || {
         let text = std::fs::read_to_string("/proc/thread-self/net/dev").expect("net/dev");
         text.lines()
             .find_map(|l| {
@@ -239,7 +227,7 @@ fn xdp_attached(ns: &str) -> bool {
     reason = "one scenario: start, send, restart, count, detach"
 )]
 fn restart_loses_nothing_and_detach_cleans_up() {
-    let ns = common::netns("rst", 1);
+    let ns = process::netns("rst", 1);
     // The "client" is the namespace itself, sending out of wire0 into nic0.
     let nic_mac = {
         let out = std::process::Command::new("ip")
@@ -252,8 +240,8 @@ fn restart_loses_nothing_and_detach_cleans_up() {
             .expect("mac")
             .to_owned()
     };
-    common::ip(&["-n", &ns.0, "addr", "add", "198.18.0.2/24", "dev", "wire0"]);
-    common::ip(&[
+    process::ip(&["-n", &ns.0, "addr", "add", "198.18.0.2/24", "dev", "wire0"]);
+    process::ip(&[
         "-n",
         &ns.0,
         "route",
@@ -264,7 +252,7 @@ fn restart_loses_nothing_and_detach_cleans_up() {
         "dev",
         "wire0",
     ]);
-    common::ip(&[
+    process::ip(&[
         "-n",
         &ns.0,
         "neigh",
@@ -276,21 +264,21 @@ fn restart_loses_nothing_and_detach_cleans_up() {
         "wire0",
     ]);
     // The instance side needs NAPI to take redirected frames.
-    common::in_netns(&ns.0, || {
-        sluice::netdev::set_offload("p0", sluice::netdev::Offload::Gro, true)
+    netns::run_in(&ns.0, || {
+        netns::set_offload("p0", netns::Offload::Gro, true)
     })
     .expect("gro on p0");
     let config = format!(
         "[[service]]\nname = \"kv\"\nvip = \"198.18.1.1\"\nport = 7000\nprotocol = \"udp\"\n{}",
-        common::instances_toml("kv", 1)
+        process::instances_toml("kv", 1)
     );
-    let pins = common::PinDir::new("rst");
+    let pins = process::PinDir::new("rst");
     let state_dir = tempfile::tempdir().expect("tempdir");
     let state = state_dir.path().join("state.json");
     let start = |cleanup| {
-        common::start(
+        process::start(
             &ns,
-            &common::Start {
+            &process::Start {
                 config: &config,
                 pin_dir: &pins.0,
                 state: &state,
@@ -301,8 +289,8 @@ fn restart_loses_nothing_and_detach_cleans_up() {
     };
     let first = start(false);
     let before = rx_packets(&ns.0, "p0");
-    let sock = common::in_netns(&ns.0, || std::net::UdpSocket::bind("198.18.0.2:0"))
-        .expect("client socket");
+    let sock =
+        netns::run_in(&ns.0, || std::net::UdpSocket::bind("198.18.0.2:0")).expect("client socket");
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let sender = {
         let stop = stop.clone();
@@ -342,7 +330,7 @@ fn restart_loses_nothing_and_detach_cleans_up() {
 
     assert!(second.stop().success());
     assert!(xdp_attached(&ns.0));
-    let out = common::sluice(&["detach", "--pin-dir", pins.0.to_str().expect("utf-8")]);
+    let out = process::sluice(&["detach", "--pin-dir", pins.0.to_str().expect("utf-8")]);
     assert!(out.status.success(), "{}", text(&out));
     assert!(
         text(&out).contains("detached and removed"),
@@ -357,19 +345,19 @@ fn restart_loses_nothing_and_detach_cleans_up() {
 /// without effect; `check-config` names the line.
 #[test]
 fn sighup_reload_is_all_or_nothing() {
-    let ns = common::netns("hup", 2);
+    let ns = process::netns("hup", 2);
     let config = |name: &str, vip: &str| {
         format!(
             "[agent]\ninterval_ms = 200\n\n[[service]]\nname = \"{name}\"\nvip = \"{vip}\"\nport = 7000\nprotocol = \"udp\"\nwlm = {{ underload = 0.0 }}\n{}",
-            common::instances_toml(name, 2)
+            process::instances_toml(name, 2)
         )
     };
-    let pins = common::PinDir::new("hup");
+    let pins = process::PinDir::new("hup");
     let state = tempfile::tempdir().expect("tempdir");
     let first = config("kv", "198.18.1.1");
-    let mut agent = common::start(
+    let mut agent = process::start(
         &ns,
-        &common::Start {
+        &process::Start {
             config: &first,
             pin_dir: &pins.0,
             state: &state.path().join("state.json"),
@@ -379,7 +367,7 @@ fn sighup_reload_is_all_or_nothing() {
     );
     let sock = agent.socket.to_str().expect("utf-8").to_owned();
     let services = |sock: &str| {
-        let out = text(&common::sluice(&["status", "--api-socket", sock]));
+        let out = text(&process::sluice(&["status", "--api-socket", sock]));
         out.lines()
             .skip(1)
             .filter_map(|l| l.split_whitespace().next().map(str::to_owned))
@@ -391,7 +379,7 @@ fn sighup_reload_is_all_or_nothing() {
     // An invalid config: refused, the running one stays.
     let bad = config("kv2", "not-an-address");
     std::fs::write(agent.config_path(), &bad).expect("write");
-    let check = common::sluice(&["check-config", agent.config_path().to_str().expect("utf-8")]);
+    let check = process::sluice(&["check-config", agent.config_path().to_str().expect("utf-8")]);
     assert!(!check.status.success());
     assert!(
         text(&check).contains("sluice.toml:6: `service[0].vip`"),

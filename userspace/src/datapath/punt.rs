@@ -1,6 +1,7 @@
 //! The punt path: packets of units with no live owner reach the agent over
-//! an `AF_XDP` socket (copy mode), the agent claims the unit for an
-//! instance and sends the packet on to it, once.
+//! an `AF_XDP` socket (zero-copy where the driver allows, else copy mode),
+//! the agent claims the unit for an instance and sends the packet on to
+//! it, once.
 //!
 //! A receiver thread copies frames off the socket into a bounded queue
 //! (overflow counted, never silent); the control loop drains the queue,
@@ -297,5 +298,78 @@ impl Reinjector {
             return Err(io::Error::last_os_error());
         }
         Ok(())
+    }
+}
+
+/// The agent's end of the punt path: a socket per receive queue of the
+/// interface, all feeding one bounded queue, and the re-injecting socket.
+pub struct Punt {
+    pub queue: Arc<PuntQueue>,
+    /// One socket per receive queue of the interface.
+    pub receivers: Vec<PuntReceiver>,
+    reinject: Reinjector,
+    /// Punted frames sent on to their (new) owner.
+    pub delivered: u64,
+    /// Punted frames that could not be: not a service packet, no instance
+    /// to claim for, or the send failed.
+    pub failed: u64,
+}
+
+impl Punt {
+    /// Binds a socket on every receive queue of `iface` (in the calling
+    /// thread's namespace) and registers each in the data path's `PUNT`
+    /// map: the socket must exist before the program can punt to it.
+    pub fn open(
+        dp: &mut super::xdp::XdpDatapath,
+        iface: &str,
+        ifindex: u32,
+        cap: usize,
+    ) -> Result<Self, Box<dyn std::error::Error>> {
+        let queue = PuntQueue::new(cap);
+        let mut receivers = Vec::new();
+        // Queues past the `PUNT` map's slots are not served (see README).
+        let queues = crate::sys::ethtool::rx_queues(iface).min(sluice_common::MAX_PUNT_QUEUES);
+        for q in 0..queues {
+            let r = PuntReceiver::start(ifindex, q, queue.clone())?;
+            dp.set_punt_socket(q, r.fd)?;
+            tracing::info!(
+                iface,
+                queue = q,
+                zero_copy = r.zero_copy,
+                "AF_XDP punt socket bound"
+            );
+            receivers.push(r);
+        }
+        Ok(Self {
+            queue,
+            receivers,
+            reinject: Reinjector::new()?,
+            delivered: 0,
+            failed: 0,
+        })
+    }
+
+    /// Sends `frame` on instance interface `ifindex`, counting the outcome.
+    pub fn reinject(&mut self, ifindex: u32, frame: &[u8]) {
+        match self.reinject.send(ifindex, frame) {
+            Ok(()) => self.delivered += 1,
+            Err(e) => {
+                tracing::debug!(error = %e, "re-injecting a punted frame failed");
+                self.failed += 1;
+            }
+        }
+    }
+
+    /// The punt path's counts, for metrics.
+    #[must_use]
+    pub fn counts(&self) -> crate::telemetry::PuntCounts {
+        crate::telemetry::PuntCounts {
+            depth: self.queue.depth(),
+            received: self.queue.received.load(Ordering::Relaxed),
+            overflow: self.queue.overflow.load(Ordering::Relaxed),
+            reinjected: self.delivered,
+            failed: self.failed,
+            kernel_dropped: self.queue.kernel_dropped.load(Ordering::Relaxed),
+        }
     }
 }

@@ -1,5 +1,6 @@
-//! Interface facts the agent needs: a host-side veth's ifindex, and the MAC
-//! of its peer inside the instance's network namespace.
+//! Interface facts over rtnetlink: a host-side veth's ifindex, the MAC of
+//! its peer inside the instance's network namespace, and whether an
+//! interface still exists.
 
 use std::{
     collections::HashSet,
@@ -13,7 +14,7 @@ use std::{
 };
 
 #[derive(Debug, thiserror::Error)]
-pub enum NetdevError {
+pub enum LinkError {
     #[error("interface `{name}` does not exist in the agent's network namespace")]
     NoSuchInterface { name: String },
     #[error("interface `{name}` is not a veth (it has no peer)")]
@@ -43,8 +44,8 @@ pub enum NetdevError {
 }
 
 /// Ifindex of `name` in the agent's namespace.
-pub fn ifindex(name: &str) -> Result<u32, NetdevError> {
-    let missing = || NetdevError::NoSuchInterface {
+pub fn ifindex(name: &str) -> Result<u32, LinkError> {
+    let missing = || LinkError::NoSuchInterface {
         name: name.to_owned(),
     };
     let c = CString::new(name).map_err(|_| missing())?;
@@ -56,16 +57,16 @@ pub fn ifindex(name: &str) -> Result<u32, NetdevError> {
 /// Ifindex of the peer of veth `name` (its `iflink`), in the calling
 /// thread's namespace (asked over rtnetlink: /sys shows the namespace it was
 /// mounted in, not the thread's).
-pub fn veth_peer_ifindex(name: &str) -> Result<u32, NetdevError> {
+pub fn veth_peer_ifindex(name: &str) -> Result<u32, LinkError> {
     let own = ifindex(name)?;
     let link = query_link(own)
-        .ok_or_else(|| NetdevError::NoSuchInterface {
+        .ok_or_else(|| LinkError::NoSuchInterface {
             name: name.to_owned(),
         })?
         .link;
     match link {
         Some(peer) if peer != own && peer != 0 => Ok(peer),
-        _ => Err(NetdevError::NotVeth {
+        _ => Err(LinkError::NotVeth {
             name: name.to_owned(),
         }),
     }
@@ -75,14 +76,11 @@ pub fn veth_peer_ifindex(name: &str) -> Result<u32, NetdevError> {
 /// when given, else in every namespace under /run/netns and of every
 /// process. The peer is the interface there whose ifindex is our veth's
 /// `iflink` and whose own link is our veth; it must be unique.
-pub fn discover_peer_mac(
-    veth: &str,
-    netns: Option<&str>,
-) -> Result<([u8; 6], PathBuf), NetdevError> {
+pub fn discover_peer_mac(veth: &str, netns: Option<&str>) -> Result<([u8; 6], PathBuf), LinkError> {
     let own = ifindex(veth)?;
     let peer = veth_peer_ifindex(veth)?;
     let candidates: Vec<PathBuf> = match netns {
-        Some(name) => vec![Path::new("/run/netns").join(name)],
+        Some(name) => vec![super::netns::named(name)],
         None => namespace_files(),
     };
     let mut found = Vec::new();
@@ -97,7 +95,7 @@ pub fn discover_peer_mac(
     }
     match found.as_slice() {
         [(path, mac)] => Ok((*mac, path.clone())),
-        [] => Err(NetdevError::PeerNotFound {
+        [] => Err(LinkError::PeerNotFound {
             veth: veth.to_owned(),
             peer,
             searched: netns.map_or_else(
@@ -105,7 +103,7 @@ pub fn discover_peer_mac(
                 |n| format!("netns `{n}`"),
             ),
         }),
-        many => Err(NetdevError::PeerAmbiguous {
+        many => Err(LinkError::PeerAmbiguous {
             veth: veth.to_owned(),
             peer,
             candidates: many
@@ -146,26 +144,15 @@ fn namespace_files() -> Vec<PathBuf> {
 
 /// In the namespace at `path`: the MAC of interface `ifindex` if it is the
 /// peer of our interface `link`.
-fn veth_mac_in(path: &Path, ifindex: u32, link: u32) -> Result<Option<[u8; 6]>, NetdevError> {
-    let ns_err = |source| NetdevError::Netns {
+fn veth_mac_in(path: &Path, ifindex: u32, link: u32) -> Result<Option<[u8; 6]>, LinkError> {
+    super::netns::run_in(path, || {
+        query_link(ifindex)
+            .filter(|l| l.link == Some(link))
+            .and_then(|l| l.mac)
+    })
+    .map_err(|source| LinkError::Netns {
         path: path.to_owned(),
         source,
-    };
-    let ns = fs::File::open(path).map_err(ns_err)?;
-    // setns changes only the calling thread: do it on a thread of our own
-    // that ends right after, so the agent's threads stay where they are.
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            // SAFETY: `ns` is an open namespace file.
-            if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                return Err(ns_err(io::Error::last_os_error()));
-            }
-            Ok(query_link(ifindex)
-                .filter(|l| l.link == Some(link))
-                .and_then(|l| l.mac))
-        })
-        .join()
-        .expect("netns thread does not panic")
     })
 }
 
@@ -273,94 +260,6 @@ fn query_link_on(sock: &OwnedFd, ifindex: u32) -> Option<LinkInfo> {
     })
 }
 
-/// Sets a boolean offload of `dev` (in the current thread's namespace)
-/// through the legacy ethtool ioctls, so tests need no `ethtool` binary.
-pub fn set_offload(dev: &str, cmd: Offload, on: bool) -> io::Result<()> {
-    #[repr(C)]
-    struct EthtoolValue {
-        cmd: u32,
-        data: u32,
-    }
-    // SAFETY: plain socket creation.
-    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: `fd` is a fresh fd we own.
-    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
-    let mut val = EthtoolValue {
-        cmd: cmd as u32,
-        data: u32::from(on),
-    };
-    let mut ifr = ifreq_named(dev)
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "interface name too long"))?;
-    ifr.ifr_ifru.ifru_data = (&raw mut val).cast();
-    // SAFETY: SIOCETHTOOL with a set-value command reads `val`.
-    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCETHTOOL, &raw mut ifr) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
-
-/// An `ifreq` naming `dev`, or `None` if the name is too long for one.
-fn ifreq_named(dev: &str) -> Option<libc::ifreq> {
-    // SAFETY: ifreq is plain data; all-zero is valid.
-    let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
-    if dev.len() >= ifr.ifr_name.len() {
-        return None;
-    }
-    for (d, s) in ifr.ifr_name.iter_mut().zip(dev.bytes()) {
-        *d = libc::c_char::from_ne_bytes([s]);
-    }
-    Some(ifr)
-}
-
-/// Receive queues of `dev` in the calling thread's namespace (ethtool
-/// channels; 1 when the driver does not say).
-#[must_use]
-pub fn rx_queues(dev: &str) -> u32 {
-    #[repr(C)]
-    #[derive(Default)]
-    struct Channels {
-        cmd: u32,
-        max_rx: u32,
-        max_tx: u32,
-        max_other: u32,
-        max_combined: u32,
-        rx_count: u32,
-        tx_count: u32,
-        other_count: u32,
-        combined_count: u32,
-    }
-    const ETHTOOL_GCHANNELS: u32 = 0x3c;
-    let Ok(sock) = std::net::UdpSocket::bind("0.0.0.0:0") else {
-        return 1;
-    };
-    let mut ch = Channels {
-        cmd: ETHTOOL_GCHANNELS,
-        ..Channels::default()
-    };
-    let Some(mut ifr) = ifreq_named(dev) else {
-        return 1;
-    };
-    ifr.ifr_ifru.ifru_data = (&raw mut ch).cast();
-    // SAFETY: SIOCETHTOOL with GCHANNELS writes into `ch`.
-    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCETHTOOL, &raw mut ifr) } != 0 {
-        return 1;
-    }
-    ch.rx_count.max(ch.combined_count).clamp(1, 64)
-}
-
-/// Legacy ethtool set commands.
-#[derive(Clone, Copy)]
-#[repr(u32)]
-pub enum Offload {
-    /// Transmit checksum offload (`ethtool -K DEV tx`).
-    TxChecksum = 0x17,
-    /// Generic receive offload (`ethtool -K DEV gro`).
-    Gro = 0x2c,
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -370,11 +269,11 @@ mod tests {
         assert!(ifindex("lo").unwrap() > 0);
         assert!(matches!(
             veth_peer_ifindex("lo"),
-            Err(NetdevError::NotVeth { .. })
+            Err(LinkError::NotVeth { .. })
         ));
         assert!(matches!(
             ifindex("no-such-if0"),
-            Err(NetdevError::NoSuchInterface { .. })
+            Err(LinkError::NoSuchInterface { .. })
         ));
     }
 }

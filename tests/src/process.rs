@@ -1,5 +1,9 @@
-//! What the tests of the `sluice` binary share: a network namespace of the
-//! test's own with veths in it, and the real agent started there.
+//! The real `sluice` binary as a process: a network namespace of the
+//! test's own with veths in it, the agent started there (stopped by its pid
+//! on drop), and the CLI run against it.
+//!
+//! The binary is `target/<profile>/sluice` next to the test's own
+//! directory (`cargo xtask test` builds it first), or `$SLUICE_BIN`.
 
 use std::{
     fmt::Write as _,
@@ -131,7 +135,7 @@ impl PinDir {
 
 impl Drop for PinDir {
     fn drop(&mut self) {
-        let _ = sluice::dataplane::Dataplane::remove_pins(&self.0);
+        let _ = sluice::datapath::xdp::XdpDatapath::remove_pins(&self.0);
     }
 }
 
@@ -145,7 +149,7 @@ pub fn start(ns: &Netns, s: &Start<'_>) -> Agent {
     let mut cmd = Command::new("nsenter");
     cmd.arg(format!("--net=/run/netns/{}", ns.0))
         .args([
-            env!("CARGO_BIN_EXE_sluice"),
+            sluice_bin().to_str().expect("utf-8 path"),
             "run",
             "--iface",
             "nic0",
@@ -214,28 +218,29 @@ impl Agent {
     }
 }
 
-/// Runs `f` on a thread inside namespace `ns`.
-pub fn in_netns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> T {
-    use std::os::fd::AsRawFd as _;
-    let file = std::fs::File::open(format!("/run/netns/{ns}")).expect("netns");
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            // SAFETY: an open namespace file; only this thread moves.
-            assert_eq!(
-                unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) },
-                0,
-                "setns"
-            );
-            f()
-        })
-        .join()
-        .expect("netns thread")
-    })
+/// The `sluice` binary under test.
+#[must_use]
+pub fn sluice_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("SLUICE_BIN") {
+        return PathBuf::from(p);
+    }
+    // Test binaries live in target/<profile>/deps.
+    let bin = std::env::current_exe()
+        .ok()
+        .and_then(|e| Some(e.parent()?.parent()?.join("sluice")))
+        .expect("the test binary has a target directory");
+    assert!(
+        bin.exists(),
+        "{} not found: build it first (`cargo build -p sluice`; `cargo xtask test` does) or set SLUICE_BIN",
+        bin.display()
+    );
+    bin
 }
 
 /// Runs a `sluice` CLI command.
+#[must_use]
 pub fn sluice(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_sluice"))
+    Command::new(sluice_bin())
         .args(args)
         .output()
         .expect("run sluice")

@@ -20,13 +20,13 @@
 use std::{
     collections::HashMap,
     fs, io,
-    path::{Path, PathBuf},
+    path::Path,
     time::{Duration, Instant},
 };
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::WlmConfig;
+use crate::{config::WlmConfig, sys::link::LinkProbe};
 
 /// QoS an application reports about itself over the agent's local API.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -92,29 +92,19 @@ pub struct NetnsStats {
 /// Reads [`NetnsStats`] in the namespace at `netns` (a thread of our own
 /// enters it; `/proc/thread-self/net` then shows that namespace).
 pub fn netns_stats(netns: &Path, ports: &[u16]) -> io::Result<NetnsStats> {
-    let f = fs::File::open(netns)?;
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            // SAFETY: `f` is an open namespace file; only this thread moves.
-            if unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&f), libc::CLONE_NEWNET) } != 0
-            {
-                return Err(io::Error::last_os_error());
-            }
-            let snmp = fs::read_to_string("/proc/thread-self/net/snmp")?;
-            let snmp6 = fs::read_to_string("/proc/thread-self/net/snmp6").unwrap_or_default();
-            let mut queue = 0;
-            for file in ["/proc/thread-self/net/udp", "/proc/thread-self/net/udp6"] {
-                queue += udp_queue_bytes(&fs::read_to_string(file).unwrap_or_default(), ports);
-            }
-            Ok(NetnsStats {
-                rcvbuf_errors: snmp_field(&snmp, "Udp:", "RcvbufErrors").unwrap_or(0)
-                    + snmp6_field(&snmp6, "Udp6RcvbufErrors").unwrap_or(0),
-                queue_bytes: queue,
-            })
+    crate::sys::netns::run_in(netns, || {
+        let snmp = fs::read_to_string("/proc/thread-self/net/snmp")?;
+        let snmp6 = fs::read_to_string("/proc/thread-self/net/snmp6").unwrap_or_default();
+        let mut queue = 0;
+        for file in ["/proc/thread-self/net/udp", "/proc/thread-self/net/udp6"] {
+            queue += udp_queue_bytes(&fs::read_to_string(file).unwrap_or_default(), ports);
+        }
+        Ok(NetnsStats {
+            rcvbuf_errors: snmp_field(&snmp, "Udp:", "RcvbufErrors").unwrap_or(0)
+                + snmp6_field(&snmp6, "Udp6RcvbufErrors").unwrap_or(0),
+            queue_bytes: queue,
         })
-        .join()
-        .unwrap_or_else(|p| std::panic::resume_unwind(p))
-    })
+    })?
 }
 
 /// A field of a `/proc/net/snmp` table: a header line names the fields, the
@@ -207,11 +197,56 @@ impl Rate {
     }
 }
 
-/// Where to read an instance's namespace-side inputs.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Sources {
-    pub netns: Option<PathBuf>,
-    pub cgroup: Option<PathBuf>,
+/// What the control loop reads of the host about an instance: whether its
+/// veth still exists, and its namespace and cgroup QoS sources. The agent
+/// uses [`HostProbe`]; unit tests hand in their own.
+pub trait Probe: Send {
+    /// Whether interface `ifindex` exists in the agent's namespace.
+    fn link_exists(&self, ifindex: u32) -> bool;
+    /// Socket statistics inside the instance's namespace.
+    fn netns_stats(&self, netns: &Path, ports: &[u16]) -> io::Result<NetnsStats>;
+    /// CPU time of the instance's cgroup, in microseconds.
+    fn cgroup_usage_usec(&self, cgroup: &Path) -> io::Result<u64>;
+}
+
+/// The host as it is, seen from the namespace the probe was made in.
+pub struct HostProbe {
+    /// `None` when no netlink socket could be opened: every link then
+    /// counts as present (failures are found by reports only).
+    links: Option<LinkProbe>,
+}
+
+impl HostProbe {
+    /// A probe of the calling thread's network namespace.
+    #[must_use]
+    pub fn new() -> Self {
+        let links = LinkProbe::new()
+            .inspect_err(|e| {
+                tracing::warn!(error = %e, "no netlink socket: a vanished veth will not be noticed");
+            })
+            .ok();
+        Self { links }
+    }
+}
+
+impl Default for HostProbe {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Probe for HostProbe {
+    fn link_exists(&self, ifindex: u32) -> bool {
+        self.links.as_ref().is_none_or(|l| l.exists(ifindex))
+    }
+
+    fn netns_stats(&self, netns: &Path, ports: &[u16]) -> io::Result<NetnsStats> {
+        netns_stats(netns, ports)
+    }
+
+    fn cgroup_usage_usec(&self, cgroup: &Path) -> io::Result<u64> {
+        cgroup_usage_usec(cgroup)
+    }
 }
 
 #[cfg(test)]

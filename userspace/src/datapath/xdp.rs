@@ -1,24 +1,32 @@
-//! Loads the XDP program, sizes and writes its maps, attaches it, and reads
-//! its counters.
+//! The real data path: loads the XDP program, sizes and writes its maps,
+//! attaches it (native, or generic as a fallback), pins it in bpffs so it
+//! outlives the agent, adopts what a previous agent pinned, and reads its
+//! counters.
+
+use std::{
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, DevMap, HashMap, MapData, MapError, PerCpuArray},
     programs::{
-        ProgramError, Xdp,
+        Xdp,
         xdp::{XdpLinkId, XdpMode},
     },
 };
 use sluice_common::{
     HIT_BUCKETS_PER_SERVICE, counters,
     maps::{
-        INSTANCE_LIVE, InstanceCounters, InstanceEntry, PROGRAM_NAME, ServiceCounters,
+        INSTANCE_LIVE, InstanceCounters, InstanceEntry, PROGRAM_NAME, Pin, PinKey, ServiceCounters,
         ServiceEntry, ServiceKey, names,
     },
     owner_index,
 };
 
-use crate::{assign::Group, plan::Plan};
+use super::{AttachMode, Datapath, DatapathError, GlobalCounters, owners::OwnerTable};
+use crate::plan::{Group, Plan};
 
 /// The XDP programs, built by build.rs (or empty stand-ins without
 /// bpf-linker).
@@ -38,71 +46,8 @@ pub mod objects {
 
 use objects::SLUICE_XDP as OBJECT;
 
-#[derive(Debug, thiserror::Error)]
-pub enum DataplaneError {
-    #[error(
-        "this build carries no XDP program (it was built without bpf-linker); run `cargo xtask setup`, then rebuild"
-    )]
-    ObjectMissing,
-    #[error("loading the XDP object failed")]
-    Load(#[source] aya::EbpfError),
-    #[error("the XDP object has no {what} `{name}`")]
-    Missing {
-        what: &'static str,
-        name: &'static str,
-    },
-    #[error("map `{name}`")]
-    Map {
-        name: &'static str,
-        #[source]
-        source: MapError,
-    },
-    #[error("bpffs directory {dir}")]
-    PinDir {
-        dir: std::path::PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error(
-        "map `{map}` pinned in {dir} has {pinned} entries, this config needs {wanted}; run `sluice detach --pin-dir {dir}` (it drops pinned flows) and start again"
-    )]
-    PinMismatch {
-        dir: std::path::PathBuf,
-        map: &'static str,
-        pinned: u32,
-        wanted: u32,
-    },
-    #[error("adopting the data path pinned in {dir}: {problem}")]
-    Adopt {
-        dir: std::path::PathBuf,
-        problem: String,
-    },
-    #[error("mapping the owner array into memory")]
-    Mmap {
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("program `{PROGRAM_NAME}`")]
-    Program(#[source] ProgramError),
-    #[error("attaching to `{iface}` failed")]
-    Attach {
-        iface: String,
-        #[source]
-        source: ProgramError,
-    },
-}
-
-/// How the program is attached.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum AttachMode {
-    /// In the driver (native XDP).
-    Native,
-    /// In the generic kernel path (slower; for drivers without XDP).
-    Generic,
-}
-
 /// The loaded program and its maps.
-pub struct Dataplane {
+pub struct XdpDatapath {
     ebpf: Ebpf,
     link: Option<XdpLinkId>,
     owners: OwnerTable,
@@ -117,91 +62,12 @@ pub struct Dataplane {
 /// agent adopts the maps (owners, counters, pinned flows) and swaps its
 /// program in atomically.
 struct Pins {
-    dir: std::path::PathBuf,
+    dir: PathBuf,
     link: Option<aya::programs::links::PinnedLink>,
 }
 
-/// The owner array, mapped into our memory (`BPF_F_MMAPABLE`): a group's
-/// owners are rewritten with plain atomic stores, which the data path sees
-/// at once, instead of one syscall per unit.
-struct OwnerTable {
-    /// Elements are 8 bytes apart (value size rounded up to 8).
-    ptr: std::ptr::NonNull<u64>,
-    len: usize,
-    entries: u32,
-}
-
-// SAFETY: the mapping is owned by this value and only accessed through
-// atomics.
-unsafe impl Send for OwnerTable {}
-
-/// An array map's elements are `value_size` rounded up to 8 bytes apart.
-const OWNER_STRIDE: usize = size_of::<u64>();
-
-impl OwnerTable {
-    fn map(data: &MapData, entries: u32) -> Result<Self, DataplaneError> {
-        use std::os::fd::{AsFd as _, AsRawFd as _};
-        let len = (entries as usize * OWNER_STRIDE).next_multiple_of(4096);
-        // SAFETY: mapping a BPF_F_MMAPABLE array map of `entries` elements,
-        // shared, for reading and writing; the length covers the elements.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                data.fd().as_fd().as_raw_fd(),
-                0,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(DataplaneError::Mmap {
-                source: std::io::Error::last_os_error(),
-            });
-        }
-        Ok(Self {
-            ptr: std::ptr::NonNull::new(ptr.cast()).expect("mmap succeeded"),
-            len,
-            entries,
-        })
-    }
-
-    fn slot(&self, index: u32) -> &std::sync::atomic::AtomicU32 {
-        assert!(
-            index < self.entries,
-            "owner index {index} out of {}",
-            self.entries
-        );
-        // SAFETY: in bounds (checked); each element starts 8-byte aligned
-        // and its first 4 bytes are the u32 value; only accessed atomically.
-        unsafe {
-            &*self
-                .ptr
-                .as_ptr()
-                .add(index as usize)
-                .cast::<std::sync::atomic::AtomicU32>()
-        }
-    }
-
-    fn set(&self, index: u32, owner: u32) {
-        self.slot(index)
-            .store(owner, std::sync::atomic::Ordering::Release);
-    }
-
-    fn get(&self, index: u32) -> u32 {
-        self.slot(index).load(std::sync::atomic::Ordering::Acquire)
-    }
-}
-
-impl Drop for OwnerTable {
-    fn drop(&mut self) {
-        // SAFETY: unmapping exactly what `map` mapped.
-        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
-    }
-}
-
 /// The value of a `key=value` directory under `dir`.
-fn pin_tag(dir: &std::path::Path, key: &str) -> Option<String> {
+fn pin_tag(dir: &Path, key: &str) -> Option<String> {
     std::fs::read_dir(dir).ok()?.flatten().find_map(|e| {
         e.file_name()
             .to_str()?
@@ -210,14 +76,14 @@ fn pin_tag(dir: &std::path::Path, key: &str) -> Option<String> {
     })
 }
 
-fn map_err(name: &'static str) -> impl Fn(MapError) -> DataplaneError {
-    move |source| DataplaneError::Map { name, source }
+fn map_err(name: &'static str) -> impl Fn(MapError) -> DatapathError {
+    move |source| DatapathError::Map { name, source }
 }
 
-impl Dataplane {
+impl XdpDatapath {
     /// Loads the program with every map sized for `plan`. Nothing is
     /// attached and no entry written yet.
-    pub fn load(plan: &Plan) -> Result<Self, DataplaneError> {
+    pub fn load(plan: &Plan) -> Result<Self, DatapathError> {
         Self::load_with(plan, None)
     }
 
@@ -243,23 +109,20 @@ impl Dataplane {
 
     /// Loads as [`Self::load`]; with `pin_dir`, every map is pinned there,
     /// or, if a previous agent left them pinned, adopted (sizes must match).
-    pub fn load_with(
-        plan: &Plan,
-        pin_dir: Option<&std::path::Path>,
-    ) -> Result<Self, DataplaneError> {
+    pub fn load_with(plan: &Plan, pin_dir: Option<&Path>) -> Result<Self, DatapathError> {
         if OBJECT.is_empty() {
-            return Err(DataplaneError::ObjectMissing);
+            return Err(DatapathError::ObjectMissing);
         }
         let sizes = Self::sizes(plan);
         let mut loader = EbpfLoader::new();
         for (name, n) in sizes {
             loader.map_max_entries(name, n);
         }
-        let paths: Vec<(&str, std::path::PathBuf)> = pin_dir
+        let paths: Vec<(&str, PathBuf)> = pin_dir
             .map(|d| names::ALL.iter().map(|n| (*n, d.join(n))).collect())
             .unwrap_or_default();
         if let Some(dir) = pin_dir {
-            std::fs::create_dir_all(dir).map_err(|source| DataplaneError::PinDir {
+            std::fs::create_dir_all(dir).map_err(|source| DatapathError::PinDir {
                 dir: dir.to_owned(),
                 source,
             })?;
@@ -269,7 +132,7 @@ impl Dataplane {
                 if let Ok(info) = aya::maps::MapInfo::from_pin(dir.join(name))
                     && info.max_entries() != n
                 {
-                    return Err(DataplaneError::PinMismatch {
+                    return Err(DatapathError::PinMismatch {
                         dir: dir.to_owned(),
                         map: name,
                         pinned: info.max_entries(),
@@ -281,20 +144,20 @@ impl Dataplane {
                 loader.map_pin_path(name, path.as_path());
             }
         }
-        let mut ebpf = loader.load(OBJECT).map_err(DataplaneError::Load)?;
+        let mut ebpf = loader.load(OBJECT).map_err(DatapathError::Load)?;
         let prog: &mut Xdp = ebpf
             .program_mut(PROGRAM_NAME)
-            .ok_or(DataplaneError::Missing {
+            .ok_or(DatapathError::Missing {
                 what: "program",
                 name: PROGRAM_NAME,
             })?
             .try_into()
-            .map_err(DataplaneError::Program)?;
-        prog.load().map_err(DataplaneError::Program)?;
+            .map_err(DatapathError::Program)?;
+        prog.load().map_err(DatapathError::Program)?;
         let owners = match ebpf.map(names::OWNERS) {
             Some(aya::maps::Map::Array(data)) => OwnerTable::map(data, plan.owner_entries())?,
             _ => {
-                return Err(DataplaneError::Missing {
+                return Err(DatapathError::Missing {
                     what: "array map",
                     name: names::OWNERS,
                 });
@@ -314,7 +177,7 @@ impl Dataplane {
     /// Writes the whole plan: instances and their veths first, then owners,
     /// and the services last, so no packet matches a service whose owners
     /// are not in place yet.
-    pub fn program(&mut self, plan: &Plan) -> Result<(), DataplaneError> {
+    pub fn program(&mut self, plan: &Plan) -> Result<(), DatapathError> {
         {
             let mut instances: Array<&mut MapData, InstanceEntry> =
                 self.map_mut(names::INSTANCES)?;
@@ -334,7 +197,7 @@ impl Dataplane {
             let mut deliver: DevMap<&mut MapData> = self.map_mut(names::DELIVER)?;
             for i in &plan.instances {
                 deliver.set(i.id, i.ifindex, None, 0).map_err(|e| match e {
-                    aya::maps::xdp::XdpMapError::MapError(source) => DataplaneError::Map {
+                    aya::maps::xdp::XdpMapError::MapError(source) => DatapathError::Map {
                         name: names::DELIVER,
                         source,
                     },
@@ -370,35 +233,13 @@ impl Dataplane {
         Ok(())
     }
 
-    /// Points every unit of `group` of service `service_id` at `owner`
-    /// (`NO_OWNER` leaves the group unowned).
-    pub fn set_group_owner(
-        &mut self,
-        service_id: u32,
-        group: Group,
-        owner: u32,
-    ) -> Result<(), DataplaneError> {
-        let t = std::time::Instant::now();
-        for unit in group.units() {
-            self.owners.set(owner_index(service_id, unit), owner);
-        }
-        crate::telemetry::map_write(t.elapsed().as_secs_f64());
-        Ok(())
-    }
-
-    /// The owner the data path has for `unit` of service `service_id`.
-    #[must_use]
-    pub fn owner_of_unit(&self, service_id: u32, unit: u32) -> u32 {
-        self.owners.get(owner_index(service_id, unit))
-    }
-
     /// Attaches to `iface`: native XDP, or generic mode when the driver
     /// refuses (with a warning, since generic mode is much slower).
     pub fn attach(
         &mut self,
         iface: &str,
         force_generic: bool,
-    ) -> Result<AttachMode, DataplaneError> {
+    ) -> Result<AttachMode, DatapathError> {
         if let Some(dir) = self.pins.as_ref().map(|p| p.dir.clone())
             && dir.join("link").exists()
         {
@@ -413,8 +254,8 @@ impl Dataplane {
 
     /// Takes over the link a previous agent pinned, swapping this program in
     /// (one `bpf_link_update`: no packet sees no program).
-    fn adopt(&mut self, dir: &std::path::Path, iface: &str) -> Result<AttachMode, DataplaneError> {
-        let pin_err = |what: &str| DataplaneError::Adopt {
+    fn adopt(&mut self, dir: &Path, iface: &str) -> Result<AttachMode, DatapathError> {
+        let pin_err = |what: &str| DatapathError::Adopt {
             dir: dir.to_owned(),
             problem: what.to_owned(),
         };
@@ -437,26 +278,21 @@ impl Dataplane {
         let id = self
             .program_mut()?
             .attach_to_link(xdp_link)
-            .map_err(DataplaneError::Program)?;
+            .map_err(DatapathError::Program)?;
         self.link = Some(id);
         self.pin_link(dir, iface, mode)?;
         Ok(mode)
     }
 
     /// Pins the link, so the program stays attached when this agent exits.
-    fn pin_link(
-        &mut self,
-        dir: &std::path::Path,
-        iface: &str,
-        mode: AttachMode,
-    ) -> Result<(), DataplaneError> {
+    fn pin_link(&mut self, dir: &Path, iface: &str, mode: AttachMode) -> Result<(), DatapathError> {
         let Some(id) = self.link.take() else {
             return Ok(());
         };
         let xdp_link = self
             .program_mut()?
             .take_link(id)
-            .map_err(DataplaneError::Program)?;
+            .map_err(DatapathError::Program)?;
         let fd_link = match aya::programs::links::FdLink::try_from(xdp_link) {
             Ok(l) => l,
             Err(e) => {
@@ -466,26 +302,17 @@ impl Dataplane {
         };
         let pinned = fd_link
             .pin(dir.join("link"))
-            .map_err(|e| DataplaneError::Adopt {
+            .map_err(|e| DatapathError::Adopt {
                 dir: dir.to_owned(),
                 problem: format!("pinning the link: {e}"),
             })?;
-        let io = |source| DataplaneError::PinDir {
+        let io = |source| DatapathError::PinDir {
             dir: dir.to_owned(),
             source,
         };
         // bpffs holds only pinned objects and directories: the facts the
         // next agent needs are directory names.
-        for (key, value) in [
-            ("iface", iface),
-            (
-                "mode",
-                match mode {
-                    AttachMode::Native => "native",
-                    AttachMode::Generic => "generic",
-                },
-            ),
-        ] {
+        for (key, value) in [("iface", iface), ("mode", mode.name())] {
             if pin_tag(dir, key).is_none() {
                 std::fs::create_dir(dir.join(format!("{key}={value}"))).map_err(io)?;
             }
@@ -500,7 +327,7 @@ impl Dataplane {
         &mut self,
         iface: &str,
         force_generic: bool,
-    ) -> Result<AttachMode, DataplaneError> {
+    ) -> Result<AttachMode, DatapathError> {
         let prog = self.program_mut()?;
         let native_err = if force_generic {
             None
@@ -521,24 +348,11 @@ impl Dataplane {
                 self.link = Some(link);
                 Ok(AttachMode::Generic)
             }
-            Err(source) => Err(DataplaneError::Attach {
+            Err(source) => Err(DatapathError::Attach {
                 iface: iface.to_owned(),
                 source: native_err.unwrap_or(source),
             }),
         }
-    }
-
-    /// Marks instance `id` live or not, keeping its MAC and service: the
-    /// packets of a dead instance are unowned and its pins no longer hold.
-    pub fn set_instance_live(&mut self, id: u32, live: bool) -> Result<(), DataplaneError> {
-        let mut instances: Array<&mut MapData, InstanceEntry> = self.map_mut(names::INSTANCES)?;
-        let mut e = instances.get(&id, 0).map_err(map_err(names::INSTANCES))?;
-        if live {
-            e.flags |= INSTANCE_LIVE;
-        } else {
-            e.flags &= !INSTANCE_LIVE;
-        }
-        instances.set(id, e, 0).map_err(map_err(names::INSTANCES))
     }
 
     /// Registers the agent's `AF_XDP` socket `fd` for receive queue `queue`:
@@ -547,7 +361,7 @@ impl Dataplane {
         &mut self,
         queue: u32,
         fd: std::os::fd::RawFd,
-    ) -> Result<(), DataplaneError> {
+    ) -> Result<(), DatapathError> {
         let mut map: aya::maps::XskMap<&mut MapData> = self.map_mut(names::PUNT)?;
         map.set(queue, fd, 0).map_err(map_err(names::PUNT))
     }
@@ -560,7 +374,7 @@ impl Dataplane {
 
     /// Removes everything pinned under `dir`: the link (the program is
     /// detached when no one else holds it) and every map.
-    pub fn remove_pins(dir: &std::path::Path) -> Result<bool, DataplaneError> {
+    pub fn remove_pins(dir: &Path) -> Result<bool, DatapathError> {
         if !dir.exists() {
             return Ok(false);
         }
@@ -577,7 +391,7 @@ impl Dataplane {
                 let _ = std::fs::remove_dir(e.path());
             }
         }
-        std::fs::remove_dir(dir).map_err(|source| DataplaneError::PinDir {
+        std::fs::remove_dir(dir).map_err(|source| DatapathError::PinDir {
             dir: dir.to_owned(),
             source,
         })?;
@@ -587,11 +401,11 @@ impl Dataplane {
     /// Detaches from the interface (dropping the dataplane does it too).
     /// A pinned data path is left attached for the next agent; use
     /// [`Self::remove_pins`] to take it down.
-    pub fn detach(&mut self) -> Result<(), DataplaneError> {
+    pub fn detach(&mut self) -> Result<(), DatapathError> {
         if let Some(link) = self.link.take() {
             self.program_mut()?
                 .detach(link)
-                .map_err(DataplaneError::Program)?;
+                .map_err(DatapathError::Program)?;
         }
         Ok(())
     }
@@ -603,53 +417,96 @@ impl Dataplane {
     }
 
     /// The loaded program, e.g. for `BPF_PROG_TEST_RUN`.
-    pub fn program_ref(&self) -> Result<&Xdp, DataplaneError> {
+    pub fn program_ref(&self) -> Result<&Xdp, DatapathError> {
         self.ebpf
             .program(PROGRAM_NAME)
-            .ok_or(DataplaneError::Missing {
+            .ok_or(DatapathError::Missing {
                 what: "program",
                 name: PROGRAM_NAME,
             })?
             .try_into()
-            .map_err(DataplaneError::Program)
+            .map_err(DatapathError::Program)
     }
 
-    fn program_mut(&mut self) -> Result<&mut Xdp, DataplaneError> {
+    fn program_mut(&mut self) -> Result<&mut Xdp, DatapathError> {
         self.ebpf
             .program_mut(PROGRAM_NAME)
-            .ok_or(DataplaneError::Missing {
+            .ok_or(DatapathError::Missing {
                 what: "program",
                 name: PROGRAM_NAME,
             })?
             .try_into()
-            .map_err(DataplaneError::Program)
+            .map_err(DatapathError::Program)
     }
 
-    fn map_mut<'a, T>(&'a mut self, name: &'static str) -> Result<T, DataplaneError>
+    fn map_mut<'a, T>(&'a mut self, name: &'static str) -> Result<T, DatapathError>
     where
         T: TryFrom<&'a mut aya::maps::Map, Error = MapError>,
     {
         self.ebpf
             .map_mut(name)
-            .ok_or(DataplaneError::Missing { what: "map", name })?
+            .ok_or(DatapathError::Missing { what: "map", name })?
             .try_into()
             .map_err(map_err(name))
     }
 
-    fn map<'a, T>(&'a self, name: &'static str) -> Result<T, DataplaneError>
+    fn map<'a, T>(&'a self, name: &'static str) -> Result<T, DatapathError>
     where
         T: TryFrom<&'a aya::maps::Map, Error = MapError>,
     {
         self.ebpf
             .map(name)
-            .ok_or(DataplaneError::Missing { what: "map", name })?
+            .ok_or(DatapathError::Missing { what: "map", name })?
             .try_into()
             .map_err(map_err(name))
     }
 
-    /// Global counters summed over CPUs, indexed as in
-    /// [`sluice_common::counters`].
-    pub fn global_counters(&self) -> Result<[u64; counters::COUNT as usize], DataplaneError> {
+    /// Entry `id` of per-CPU map `name`, summed over CPUs.
+    fn per_cpu_sum<T>(&self, name: &'static str, id: u32) -> Result<T, DatapathError>
+    where
+        T: aya::Pod + Default + std::ops::AddAssign,
+    {
+        let map: PerCpuArray<&MapData, T> = self.map(name)?;
+        let mut sum = T::default();
+        for c in map.get(&id, 0).map_err(map_err(name))?.iter() {
+            sum += *c;
+        }
+        Ok(sum)
+    }
+}
+
+impl Datapath for XdpDatapath {
+    fn set_group_owner(
+        &mut self,
+        service_id: u32,
+        group: Group,
+        owner: u32,
+    ) -> Result<(), DatapathError> {
+        // Plain stores into the mapped array: no syscall a unit.
+        let t = std::time::Instant::now();
+        for unit in group.units() {
+            self.owners.set(owner_index(service_id, unit), owner);
+        }
+        crate::telemetry::map_write(t.elapsed().as_secs_f64());
+        Ok(())
+    }
+
+    fn owner_of_unit(&self, service_id: u32, unit: u32) -> u32 {
+        self.owners.get(owner_index(service_id, unit))
+    }
+
+    fn set_instance_live(&mut self, id: u32, live: bool) -> Result<(), DatapathError> {
+        let mut instances: Array<&mut MapData, InstanceEntry> = self.map_mut(names::INSTANCES)?;
+        let mut e = instances.get(&id, 0).map_err(map_err(names::INSTANCES))?;
+        if live {
+            e.flags |= INSTANCE_LIVE;
+        } else {
+            e.flags &= !INSTANCE_LIVE;
+        }
+        instances.set(id, e, 0).map_err(map_err(names::INSTANCES))
+    }
+
+    fn global_counters(&self) -> Result<GlobalCounters, DatapathError> {
         let map: PerCpuArray<&MapData, u64> = self.map(names::GLOBAL_COUNTERS)?;
         let mut out = [0u64; counters::COUNT as usize];
         for (i, slot) in (0u32..).zip(out.iter_mut()) {
@@ -662,31 +519,15 @@ impl Dataplane {
         Ok(out)
     }
 
-    /// Entry `id` of per-CPU map `name`, summed over CPUs.
-    fn per_cpu_sum<T>(&self, name: &'static str, id: u32) -> Result<T, DataplaneError>
-    where
-        T: aya::Pod + Default + std::ops::AddAssign,
-    {
-        let map: PerCpuArray<&MapData, T> = self.map(name)?;
-        let mut sum = T::default();
-        for c in map.get(&id, 0).map_err(map_err(name))?.iter() {
-            sum += *c;
-        }
-        Ok(sum)
-    }
-
-    /// Counters of service `id`, summed over CPUs.
-    pub fn service_counters(&self, id: u32) -> Result<ServiceCounters, DataplaneError> {
+    fn service_counters(&self, id: u32) -> Result<ServiceCounters, DatapathError> {
         self.per_cpu_sum(names::SERVICE_COUNTERS, id)
     }
 
-    /// Counters of instance `id`, summed over CPUs.
-    pub fn instance_counters(&self, id: u32) -> Result<InstanceCounters, DataplaneError> {
+    fn instance_counters(&self, id: u32) -> Result<InstanceCounters, DatapathError> {
         self.per_cpu_sum(names::INSTANCE_COUNTERS, id)
     }
 
-    /// Hit counts of service `id`'s unit buckets, summed over CPUs.
-    pub fn unit_hits(&self, id: u32) -> Result<Vec<u64>, DataplaneError> {
+    fn unit_hits(&self, id: u32) -> Result<Vec<u64>, DatapathError> {
         let map: PerCpuArray<&MapData, u64> = self.map(names::UNIT_HITS)?;
         (0..HIT_BUCKETS_PER_SERVICE)
             .map(|b| {
@@ -695,5 +536,40 @@ impl Dataplane {
                     .map_err(map_err(names::UNIT_HITS))
             })
             .collect()
+    }
+}
+
+/// Where `sluice run` pins the data path of `iface` unless told otherwise.
+#[must_use]
+pub fn default_pin_dir(iface: &str) -> PathBuf {
+    Path::new("/sys/fs/bpf/sluice").join(iface)
+}
+
+/// Counts the pinned-flow map pinned at `path` every `every`, on a thread
+/// of its own, into `sluice_pinned_flows`: a walk of a full map is a
+/// million `bpf()` calls, which the control loop should not wait for.
+pub fn count_pinned_flows(path: PathBuf, every: Duration) {
+    let spawned = std::thread::Builder::new()
+        .name("sluice-pin-count".into())
+        .spawn(move || {
+            loop {
+                match MapData::from_pin(&path) {
+                    Ok(data) => {
+                        let map: Result<HashMap<_, PinKey, Pin>, _> =
+                            HashMap::try_from(aya::maps::Map::LruHashMap(data));
+                        if let Ok(map) = map {
+                            let n = map.keys().map_while(Result::ok).count();
+                            crate::telemetry::pinned_flows(n as u64);
+                        }
+                    }
+                    Err(e) => {
+                        tracing::debug!(error = %e, path = %path.display(), "pinned-flow map not readable");
+                    }
+                }
+                std::thread::sleep(every);
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "no thread to count pinned flows");
     }
 }

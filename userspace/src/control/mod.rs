@@ -2,6 +2,17 @@
 //! publish it, let each instance's WLM element decide, and carry the moves
 //! out — in the coordination store first (compare-and-swap), then in the
 //! data path.
+//!
+//! - [`wlm`]: the element policy (pure: samples in, a move out);
+//! - [`qos`]: the utilisation formula, its sources, application reports.
+//!
+//! The loop reaches the data path only through the [`Datapath`] trait and
+//! the host only through [`Probe`], so claim, drain, failover and error
+//! paths are unit-tested with in-memory fakes. May import `config`,
+//! `plan`, `coord`, `datapath` (the trait), `sys` and `telemetry`.
+
+pub mod qos;
+pub mod wlm;
 
 use std::{
     collections::HashMap,
@@ -12,25 +23,26 @@ use std::{
 
 use sluice_common::{HIT_BUCKETS_PER_SERVICE, maps::NO_OWNER, unit_of};
 
-/// Owner name of a group nobody owns (on-demand services, failed instances).
-pub const UNOWNED: &str = "";
-
+use self::{
+    qos::{HostProbe, Inputs, Probe, Rate, Report, Reports},
+    wlm::{Action, ElementState, MoveLimiter, Peer, Sample, View},
+};
 use crate::{
-    assign::Group,
     config::{Config, WlmConfig},
     coord::{CoordError, CoordStore, GroupEntry, Load, check_partition},
-    dataplane::{Dataplane, DataplaneError},
-    plan::Plan,
-    qos::{self, Inputs, Rate, Reports},
-    wlm::{self, Action, ElementState, MoveLimiter, Peer, Sample, View},
+    datapath::{Datapath, DatapathError},
+    plan::{Group, Plan},
 };
+
+/// Owner name of a group nobody owns (on-demand services, failed instances).
+pub const UNOWNED: &str = "";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
     #[error(transparent)]
     Coord(#[from] CoordError),
     #[error(transparent)]
-    Dataplane(#[from] DataplaneError),
+    Datapath(#[from] DatapathError),
     #[error("service `{service}` has no instance `{instance}`")]
     UnknownInstance { service: String, instance: String },
     #[error("no service `{service}`")]
@@ -105,9 +117,11 @@ pub struct Controller {
     /// Instances found failed (their veth is gone): out of the data path,
     /// their groups unowned, claimed again by the survivors.
     failed: std::collections::HashSet<String>,
-    /// Interface checks in the agent's namespace (the loop may run on any
-    /// thread).
-    links: Option<crate::netdev::LinkProbe>,
+    /// What the host says of instances (veths, namespaces, cgroups).
+    probe: Box<dyn Probe>,
+    /// A data path write failed: the data path may disagree with the store
+    /// until every group is written again (next interval).
+    resync: bool,
     /// Whose turn it is among equally loaded claimants.
     claim_turn: usize,
     /// When this controller started (reports get a grace period).
@@ -123,7 +137,7 @@ impl Controller {
     /// configured instances (a restarted agent resumes it), else the plan's
     /// even one, stored. `plan`'s groups are replaced by what was settled,
     /// so the data path starts with it.
-    pub fn new(
+    pub async fn new(
         config: &Config,
         plan: &mut Plan,
         store: Arc<dyn CoordStore>,
@@ -144,19 +158,20 @@ impl Controller {
                 .iter()
                 .map(|(g, o)| (*g, names[o].to_owned()))
                 .collect();
-            if !store.init(&sp.name, &wanted)? {
-                let stored = store.groups(&sp.name)?;
+            if !store.init(&sp.name, &wanted).await? {
+                let stored = store.groups(&sp.name).await?;
                 let fits = stored.iter().all(|e| ids.contains_key(e.owner.as_str()))
                     && check_partition(stored.iter().map(|e| &e.group)).is_ok();
                 if fits {
                     tracing::info!(service = %sp.name, groups = stored.len(), "resuming the stored assignment");
                 } else {
                     tracing::warn!(service = %sp.name, "stored assignment names instances no longer configured; starting from an even one");
-                    store.reset(&sp.name, &wanted)?;
+                    store.reset(&sp.name, &wanted).await?;
                 }
             }
             sp.groups = store
-                .groups(&sp.name)?
+                .groups(&sp.name)
+                .await?
                 .iter()
                 .map(|e| (e.group, ids[e.owner.as_str()]))
                 .collect();
@@ -200,10 +215,18 @@ impl Controller {
             history: Vec::new(),
             drained: std::collections::HashSet::new(),
             failed: std::collections::HashSet::new(),
-            links: crate::netdev::LinkProbe::new().ok(),
+            probe: Box::new(HostProbe::new()),
+            resync: false,
             claim_turn: 0,
             started: Instant::now(),
         })
+    }
+
+    /// Reads the host through `probe` (unit tests hand in their own).
+    #[must_use]
+    pub fn with_probe(mut self, probe: Box<dyn Probe>) -> Self {
+        self.probe = probe;
+        self
     }
 
     #[must_use]
@@ -227,9 +250,10 @@ impl Controller {
     }
 
     /// Measures every instance over the interval that just ended.
-    fn measure(&mut self, dp: &Dataplane, now: Instant) -> Result<(), ControlError> {
+    async fn measure(&mut self, dp: &dyn Datapath, now: Instant) -> Result<(), ControlError> {
         let max_age = self.interval * 3;
-        let reports = self.reports.lock().expect("reports lock");
+        let reports = self.fresh_reports(now, max_age);
+        let mut loads = Vec::new();
         for s in &mut self.services {
             let hits = dp.unit_hits(s.id)?;
             for ((rate, h), b) in s.hits.iter_mut().zip(hits).zip(s.buckets.iter_mut()) {
@@ -240,12 +264,12 @@ impl Controller {
                 let mut inputs = Inputs {
                     rate_pps: i.packets.update(c.packets, now),
                     bytes_ps: i.bytes.update(c.bytes, now),
-                    report: reports.fresh(&i.name, now, max_age),
+                    report: reports.get(&i.name).cloned(),
                     cpu_limit: i.cpu_limit,
                     ..Inputs::default()
                 };
                 if let Some(ns) = &i.netns {
-                    match qos::netns_stats(ns, &s.ports) {
+                    match self.probe.netns_stats(ns, &s.ports) {
                         Ok(st) => {
                             inputs.drops_ps = i.drops.update(st.rcvbuf_errors, now);
                             #[expect(clippy::cast_precision_loss, reason = "an estimate")]
@@ -258,7 +282,7 @@ impl Controller {
                     }
                 }
                 if let Some(cg) = &i.cgroup {
-                    match qos::cgroup_usage_usec(cg) {
+                    match self.probe.cgroup_usage_usec(cg) {
                         Ok(usec) => inputs.cpu_cores = Some(i.cpu.update(usec, now) / 1e6),
                         Err(e) => {
                             tracing::debug!(instance = %i.name, error = %e, "cgroup CPU unavailable");
@@ -271,16 +295,30 @@ impl Controller {
                     utilisation: qos::utilisation(&inputs, &s.cfg),
                 };
                 i.inputs = inputs;
-                self.store.publish_load(
-                    &i.name,
+                loads.push((
+                    i.name.clone(),
                     Load {
                         utilisation: i.sample.utilisation,
                         rate_pps: i.sample.rate_pps,
                     },
-                )?;
+                ));
             }
         }
+        for (name, load) in loads {
+            self.store.publish_load(&name, load).await?;
+        }
         Ok(())
+    }
+
+    /// Every instance's report younger than `max_age`, taken out from under
+    /// the API's lock at once.
+    fn fresh_reports(&self, now: Instant, max_age: Duration) -> HashMap<String, Report> {
+        let reports = self.reports.lock().expect("reports lock");
+        self.services
+            .iter()
+            .flat_map(|s| &s.instances)
+            .filter_map(|i| Some((i.name.clone(), reports.fresh(&i.name, now, max_age)?)))
+            .collect()
     }
 
     /// Marks `instance` drained (it gives all its groups away and takes
@@ -310,25 +348,20 @@ impl Controller {
     }
 
     /// Finds instances whose veth is gone (or came back with another
-    /// ifindex: a new container). Each is taken out of the data path at
-    /// once (its packets are punted, its pinned flows no longer hold) and
-    /// its groups become unowned in the store, to be claimed by the
-    /// survivors as their packets arrive.
-    fn fail_step(
+    /// ifindex: a new container), or whose application stopped reporting
+    /// (`health = "reports"`). Each is taken out of the data path at once
+    /// (its packets are punted, its pinned flows no longer hold) and its
+    /// groups become unowned in the store, to be claimed by the survivors
+    /// as their packets arrive.
+    async fn fail_step(
         &mut self,
-        dp: &mut Dataplane,
+        dp: &mut dyn Datapath,
         now: Instant,
     ) -> Result<Vec<MoveEvent>, ControlError> {
         let mut made = Vec::new();
-        let Some(links) = &self.links else {
-            return Ok(made);
-        };
         let silence = self.interval * 3;
-        let reports = self.reports.lock().expect("reports lock");
-        let silent = |name: &str| {
-            now.saturating_duration_since(self.started) > silence
-                && reports.fresh(name, now, silence).is_none()
-        };
+        let reporting = self.fresh_reports(now, silence);
+        let grace_over = now.saturating_duration_since(self.started) > silence;
         let gone: Vec<(usize, String, u32)> = self
             .services
             .iter()
@@ -336,11 +369,11 @@ impl Controller {
             .flat_map(|(si, s)| s.instances.iter().map(move |i| (si, i)))
             .filter(|(_, i)| {
                 !self.failed.contains(&i.name)
-                    && (!links.exists(i.ifindex) || (i.health_reports && silent(&i.name)))
+                    && (!self.probe.link_exists(i.ifindex)
+                        || (i.health_reports && grace_over && !reporting.contains_key(&i.name)))
             })
             .map(|(si, i)| (si, i.name.clone(), i.id))
             .collect();
-        drop(reports);
         for (si, name, id) in gone {
             tracing::warn!(instance = %name, "instance failed (veth gone or reports stopped); its groups are unowned until claimed");
             self.failed.insert(name.clone());
@@ -348,12 +381,14 @@ impl Controller {
             let service = self.services[si].name.clone();
             for e in self
                 .store
-                .groups(&service)?
+                .groups(&service)
+                .await?
                 .into_iter()
                 .filter(|e| e.owner == name)
             {
                 self.store
-                    .move_group(&service, e.group, e.version, UNOWNED)?;
+                    .move_group(&service, e.group, e.version, UNOWNED)
+                    .await?;
                 self.write(dp, si, e.group, UNOWNED)?;
                 let ev = MoveEvent {
                     at: now,
@@ -378,15 +413,15 @@ impl Controller {
     /// One move of each drained instance that still owns groups, within the
     /// move limit: its largest group goes to the least-utilised peer that is
     /// not drained.
-    fn drain_step(
+    async fn drain_step(
         &mut self,
-        dp: &mut Dataplane,
+        dp: &mut dyn Datapath,
         now: Instant,
     ) -> Result<Vec<MoveEvent>, ControlError> {
         let mut made = Vec::new();
         for si in 0..self.services.len() {
             let name = self.services[si].name.clone();
-            let assignment = self.store.groups(&name)?;
+            let assignment = self.store.groups(&name).await?;
             let draining: Vec<String> = self.services[si]
                 .instances
                 .iter()
@@ -413,7 +448,7 @@ impl Controller {
                 if !self.limiter.try_take(now) {
                     return Ok(made);
                 }
-                made.extend(self.move_group_as(dp, &name, e.group, &to, "drain")?);
+                made.extend(self.move_group_as(dp, &name, e.group, &to, "drain").await?);
             }
         }
         Ok(made)
@@ -421,14 +456,17 @@ impl Controller {
 
     /// One interval: measure, move drained instances' groups, then let
     /// every element decide. Returns the moves made.
-    pub fn tick(
+    pub async fn tick(
         &mut self,
-        dp: &mut Dataplane,
+        dp: &mut dyn Datapath,
         now: Instant,
     ) -> Result<Vec<MoveEvent>, ControlError> {
-        self.measure(dp, now)?;
-        let mut made = self.fail_step(dp, now)?;
-        made.extend(self.drain_step(dp, now)?);
+        if self.resync {
+            self.resync(dp).await?;
+        }
+        self.measure(dp, now).await?;
+        let mut made = self.fail_step(dp, now).await?;
+        made.extend(self.drain_step(dp, now).await?);
         for si in 0..self.services.len() {
             // Most loaded elements act first.
             let mut order: Vec<usize> = (0..self.services[si].instances.len()).collect();
@@ -443,7 +481,7 @@ impl Controller {
                 {
                     continue;
                 }
-                let assignment = self.store.groups(&svc.name)?;
+                let assignment = self.store.groups(&svc.name).await?;
                 let peers: Vec<Peer> = svc
                     .instances
                     .iter()
@@ -480,7 +518,7 @@ impl Controller {
                     self.services[si].name.clone(),
                     self.services[si].instances[ii].name.clone(),
                 );
-                match wlm::apply(&*self.store, &name, &me_name, &action) {
+                match wlm::apply(&*self.store, &name, &me_name, &action).await {
                     Ok(applied) => {
                         if let Some((g, from, to)) = &applied.moved {
                             self.write(dp, si, *g, to)?;
@@ -516,29 +554,48 @@ impl Controller {
         Ok(made)
     }
 
-    /// Points `group` of service index `si` at instance `to` in the data path.
+    /// Points `group` of service index `si` at instance `to` in the data
+    /// path. A failed write leaves the data path behind the store: every
+    /// group is written again at the next interval.
     fn write(
-        &self,
-        dp: &mut Dataplane,
+        &mut self,
+        dp: &mut dyn Datapath,
         si: usize,
         group: Group,
         to: &str,
     ) -> Result<(), ControlError> {
         let svc = &self.services[si];
-        if to == UNOWNED {
-            dp.set_group_owner(svc.id, group, NO_OWNER)?;
-            return Ok(());
+        let id = if to == UNOWNED {
+            NO_OWNER
+        } else {
+            svc.instances
+                .iter()
+                .find(|i| i.name == to)
+                .ok_or_else(|| ControlError::UnknownInstance {
+                    service: svc.name.clone(),
+                    instance: to.to_owned(),
+                })?
+                .id
+        };
+        if let Err(e) = dp.set_group_owner(svc.id, group, id) {
+            tracing::warn!(service = %svc.name, group = %group, error = %e, "data path write failed; the next interval writes every group again");
+            self.resync = true;
+            return Err(e.into());
         }
-        let id = svc
-            .instances
-            .iter()
-            .find(|i| i.name == to)
-            .ok_or_else(|| ControlError::UnknownInstance {
-                service: svc.name.clone(),
-                instance: to.to_owned(),
-            })?
-            .id;
-        dp.set_group_owner(svc.id, group, id)?;
+        Ok(())
+    }
+
+    /// After a failed write: every group of every service written again
+    /// from the store, so the data path converges to it.
+    async fn resync(&mut self, dp: &mut dyn Datapath) -> Result<(), ControlError> {
+        for si in 0..self.services.len() {
+            let name = self.services[si].name.clone();
+            for e in self.store.groups(&name).await? {
+                self.write(dp, si, e.group, &e.owner)?;
+            }
+        }
+        self.resync = false;
+        tracing::info!("data path written again from the store");
         Ok(())
     }
 
@@ -546,19 +603,19 @@ impl Controller {
     /// the store and then the data path, as the elements do: a larger group
     /// holding it is split down to it first; smaller groups inside it move
     /// one by one.
-    pub fn move_group(
+    pub async fn move_group(
         &mut self,
-        dp: &mut Dataplane,
+        dp: &mut dyn Datapath,
         service: &str,
         group: Group,
         to: &str,
     ) -> Result<Vec<MoveEvent>, ControlError> {
-        self.move_group_as(dp, service, group, to, "manual")
+        self.move_group_as(dp, service, group, to, "manual").await
     }
 
-    fn move_group_as(
+    async fn move_group_as(
         &mut self,
-        dp: &mut Dataplane,
+        dp: &mut dyn Datapath,
         service: &str,
         group: Group,
         to: &str,
@@ -568,24 +625,28 @@ impl Controller {
         loop {
             let e: GroupEntry = self
                 .store
-                .groups(service)?
+                .groups(service)
+                .await?
                 .into_iter()
                 .find(|e| e.group.contains(group.base()))
                 .expect("the groups partition the units");
             if e.group.size() <= group.size() {
                 break;
             }
-            self.store.split(service, e.group, e.version)?;
+            self.store.split(service, e.group, e.version).await?;
         }
         let inside: Vec<GroupEntry> = self
             .store
-            .groups(service)?
+            .groups(service)
+            .await?
             .into_iter()
             .filter(|e| group.contains(e.group.base()) && e.owner != to)
             .collect();
         let mut events = Vec::with_capacity(inside.len());
         for e in inside {
-            self.store.move_group(service, e.group, e.version, to)?;
+            self.store
+                .move_group(service, e.group, e.version, to)
+                .await?;
             self.write(dp, si, e.group, to)?;
             let ev = MoveEvent {
                 at: Instant::now(),
@@ -629,9 +690,9 @@ impl Controller {
     /// concurrent claim is settled by the store's compare-and-swap (the
     /// loser takes the winner's answer). Returns the owner's instance id,
     /// or `None` if the service has no instance to give it to.
-    pub fn claim(
+    pub async fn claim(
         &mut self,
-        dp: &mut Dataplane,
+        dp: &mut dyn Datapath,
         service_id: u32,
         unit: u32,
         now: Instant,
@@ -649,12 +710,12 @@ impl Controller {
                 .map(|i| i.id)
         };
         loop {
-            let e = self.store.group_of(&name, unit)?;
+            let e = self.store.group_of(&name, unit).await?;
             if e.owner != UNOWNED {
                 return Ok(id_of(self, &e.owner));
             }
             if e.group.size() > size {
-                match self.store.split(&name, e.group, e.version) {
+                match self.store.split(&name, e.group, e.version).await {
                     Ok(_) | Err(CoordError::Conflict { .. }) => continue,
                     Err(err) => return Err(err.into()),
                 }
@@ -685,7 +746,7 @@ impl Controller {
                 .collect();
             self.claim_turn = self.claim_turn.wrapping_add(1);
             let to = equals[self.claim_turn % equals.len()].to_owned();
-            match self.store.move_group(&name, e.group, e.version, &to) {
+            match self.store.move_group(&name, e.group, e.version, &to).await {
                 Ok(_) => {
                     self.write(dp, si, e.group, &to)?;
                     self.record(MoveEvent {
@@ -705,18 +766,19 @@ impl Controller {
     }
 
     /// Every service's assignment, from the store.
-    pub fn assignments(&self) -> Result<Vec<(String, Vec<GroupEntry>)>, ControlError> {
-        self.services
-            .iter()
-            .map(|s| Ok((s.name.clone(), self.store.groups(&s.name)?)))
-            .collect()
+    pub async fn assignments(&self) -> Result<Vec<(String, Vec<GroupEntry>)>, ControlError> {
+        let mut out = Vec::with_capacity(self.services.len());
+        for s in &self.services {
+            out.push((s.name.clone(), self.store.groups(&s.name).await?));
+        }
+        Ok(out)
     }
 
     /// Current state of every instance.
-    pub fn status(&self) -> Result<Vec<InstanceStatus>, ControlError> {
+    pub async fn status(&self) -> Result<Vec<InstanceStatus>, ControlError> {
         let mut out = Vec::new();
         for s in &self.services {
-            let groups = self.store.groups(&s.name)?;
+            let groups = self.store.groups(&s.name).await?;
             for i in &s.instances {
                 out.push(InstanceStatus {
                     service: s.name.clone(),
@@ -736,11 +798,12 @@ impl Controller {
     }
 
     /// The owner the store gives `key` of `service` (for tests and tools).
-    pub fn owner_of_key(&self, service: &str, key: u32) -> Result<String, ControlError> {
+    pub async fn owner_of_key(&self, service: &str, key: u32) -> Result<String, ControlError> {
         let unit = unit_of(key);
         Ok(self
             .store
-            .groups(service)?
+            .groups(service)
+            .await?
             .into_iter()
             .find(|e| e.group.contains(unit))
             .expect("the groups partition the units")

@@ -1,0 +1,198 @@
+//! The agent: start-up (config -> plan -> starting assignment from the
+//! coordination store -> loaded, programmed and attached data path), the
+//! punt path's resolution, metrics, and ([`run`]) the event loop with its
+//! signals and reload.
+//!
+//! Every step that can fail on bad input runs before the kernel is touched,
+//! so a failed start leaves nothing behind. The top of the crate: it may
+//! import every other module.
+
+pub mod run;
+
+use std::{path::Path, sync::Arc, time::Instant};
+
+use crate::{
+    config::Config,
+    control::{ControlError, Controller, MoveEvent},
+    coord::CoordStore,
+    datapath::{AttachMode, Datapath as _, DatapathError, punt::Punt, xdp::XdpDatapath},
+    plan::{Plan, ResolveError, resolve_instance},
+    sys::link::{self, LinkError},
+    telemetry,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("--iface {iface}")]
+    Iface {
+        iface: String,
+        #[source]
+        source: LinkError,
+    },
+    #[error(transparent)]
+    Resolve(#[from] ResolveError),
+    #[error(transparent)]
+    Control(#[from] ControlError),
+    #[error(transparent)]
+    Datapath(#[from] DatapathError),
+}
+
+/// A running data path, the plan it was programmed with, and the control
+/// loop that moves work between its instances.
+pub struct Agent {
+    pub datapath: XdpDatapath,
+    pub plan: Plan,
+    pub control: Controller,
+    pub iface: String,
+    pub mode: AttachMode,
+    /// The punt path, when its sockets could be opened.
+    pub punt: Option<Punt>,
+}
+
+impl Agent {
+    /// Resolves the config's instances on this host, settles the starting
+    /// assignment with `store`, loads and programs the XDP program, and
+    /// attaches it to `iface`.
+    pub async fn start(
+        config: &Config,
+        iface: &str,
+        force_generic: bool,
+        store: Arc<dyn CoordStore>,
+    ) -> Result<Self, StartError> {
+        Self::start_pinned(config, iface, force_generic, store, None).await
+    }
+
+    /// As [`Self::start`]; with `pin_dir`, the data path is pinned there and
+    /// outlives this agent (or, left by a previous one, is adopted: counters,
+    /// pinned flows and owners carry over, and the new program is swapped
+    /// in atomically).
+    pub async fn start_pinned(
+        config: &Config,
+        iface: &str,
+        force_generic: bool,
+        store: Arc<dyn CoordStore>,
+        pin_dir: Option<&Path>,
+    ) -> Result<Self, StartError> {
+        let iface_err = |source| StartError::Iface {
+            iface: iface.to_owned(),
+            source,
+        };
+        link::ifindex(iface).map_err(iface_err)?;
+        let mut plan = Plan::build(config, resolve_instance)?;
+        let control = Controller::new(config, &mut plan, store).await?;
+        let mut datapath = XdpDatapath::load_with(&plan, pin_dir)?;
+        datapath.program(&plan)?;
+        let ifindex = link::ifindex(iface).map_err(iface_err)?;
+        let punt = match Punt::open(
+            &mut datapath,
+            iface,
+            ifindex,
+            config.agent.punt_queue as usize,
+        ) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                tracing::warn!(iface, error = %e, "no AF_XDP socket: packets of unowned units pass to the kernel");
+                None
+            }
+        };
+        let mode = datapath.attach(iface, force_generic)?;
+        Ok(Self {
+            datapath,
+            plan,
+            control,
+            iface: iface.to_owned(),
+            mode,
+            punt,
+        })
+    }
+
+    /// Resolves every punted frame waiting: claims its unit if nobody owns
+    /// it, and sends it to the owner with the owner's MAC. Returns how many
+    /// frames it handled.
+    pub async fn process_punts(&mut self) -> Result<usize, ControlError> {
+        let Some(punt) = self.punt.as_mut() else {
+            return Ok(0);
+        };
+        let frames = punt.queue.drain();
+        let now = Instant::now();
+        for mut frame in frames.iter().cloned() {
+            let target = (|| {
+                let flow = sluice_common::parse::parse(frame.as_slice()).ok()?;
+                let key = flow.service_key();
+                let svc = self.plan.services.iter().find(|s| s.keys.contains(&key))?;
+                let keyed = sluice_common::parse::key_for(frame.as_slice(), &flow, &svc.entry);
+                Some((svc.id, sluice_common::unit_of(keyed.key)))
+            })();
+            let Some((service_id, unit)) = target else {
+                punt.failed += 1;
+                continue;
+            };
+            let owner = self
+                .control
+                .claim(&mut self.datapath, service_id, unit, now)
+                .await?;
+            let Some(inst) = owner.and_then(|o| self.plan.instance(o)) else {
+                punt.failed += 1;
+                continue;
+            };
+            frame[..6].copy_from_slice(&inst.mac);
+            punt.reinject(inst.ifindex, &frame);
+        }
+        Ok(frames.len())
+    }
+
+    /// One control interval: measure, decide, move.
+    pub async fn tick(&mut self) -> Result<Vec<MoveEvent>, ControlError> {
+        self.control.tick(&mut self.datapath, Instant::now()).await
+    }
+
+    /// Publishes everything the agent knows as metrics.
+    pub async fn publish(&self) {
+        let dp = &self.datapath;
+        if let Ok(g) = dp.global_counters() {
+            telemetry::datapath(&g);
+        }
+        for s in &self.plan.services {
+            if let Ok(c) = dp.service_counters(s.id) {
+                telemetry::service(&s.name, &c);
+            }
+        }
+        for i in &self.plan.instances {
+            if let Ok(c) = dp.instance_counters(i.id) {
+                let service = &self.plan.services[i.service_id as usize].name;
+                telemetry::instance_delivered(service, &i.name, &c);
+            }
+        }
+        if let Ok(status) = self.control.status().await {
+            for st in status {
+                let r = st.inputs.report.clone().unwrap_or_default();
+                telemetry::instance(
+                    &st.service,
+                    &st.name,
+                    &telemetry::InstanceGauges {
+                        utilisation: st.sample.utilisation,
+                        rate_pps: st.inputs.rate_pps,
+                        drops_ps: st.inputs.drops_ps,
+                        queue_bytes: st.inputs.queue_bytes,
+                        cpu_cores: st.inputs.cpu_cores.unwrap_or(0.0),
+                        reported_latency_p99_ms: r.latency_p99_ms.unwrap_or(0.0),
+                        reported_queue_depth: r.queue_depth.unwrap_or(0.0),
+                        reported_in_flight: r.in_flight.unwrap_or(0.0),
+                        groups: u32::try_from(st.groups.len()).unwrap_or(u32::MAX),
+                        units: st.groups.iter().map(|g| g.size()).sum(),
+                    },
+                );
+            }
+        }
+        if let Some(p) = &self.punt {
+            telemetry::punt(&p.counts());
+        }
+        telemetry::attached(&self.iface, self.mode.name());
+    }
+
+    /// Detaches the program from the interface, unless it is pinned: then
+    /// it stays attached for the next agent.
+    pub fn stop(mut self) -> Result<(), DatapathError> {
+        self.datapath.detach()
+    }
+}

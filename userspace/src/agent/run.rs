@@ -1,0 +1,272 @@
+//! `sluice run`: start the agent, then its event loop — the control
+//! interval, the punt path, the local API's commands, periodic stats — until
+//! SIGINT or SIGTERM; SIGHUP reloads the config, whole or not at all.
+
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use sluice_common::counters;
+use tokio::signal::unix::{SignalKind, signal};
+
+use super::Agent;
+use crate::{
+    api::{self, InstanceLine},
+    config::{Config, format_mac},
+    coord::EmbeddedStore,
+    datapath::{AttachMode, Datapath as _, xdp},
+    telemetry,
+};
+
+/// How `sluice run` was asked to run.
+#[derive(Clone, Debug)]
+pub struct RunOptions {
+    /// Interface traffic arrives on.
+    pub iface: String,
+    pub config: PathBuf,
+    /// Attach in generic mode even where native XDP works.
+    pub generic: bool,
+    /// Seconds between per-instance counter lines in the log (0: none).
+    pub stats_interval: u64,
+    /// File the embedded coordination store persists in.
+    pub state: PathBuf,
+    pub api_socket: PathBuf,
+    pub metrics_addr: SocketAddr,
+    /// bpffs directory the data path is pinned in.
+    pub pin_dir: PathBuf,
+    /// Detach and remove the pins on exit.
+    pub cleanup: bool,
+}
+
+/// Runs the agent until SIGINT or SIGTERM.
+pub fn run(a: &RunOptions) -> anyhow::Result<()> {
+    let config = Config::load(&a.config)?;
+    let store = Arc::new(EmbeddedStore::open(&a.state)?);
+    // Before start-up, so the first map writes are measured too. Without a
+    // runtime yet, the exporter serves from a thread of its own.
+    telemetry::install(a.metrics_addr)
+        .map_err(|e| anyhow::anyhow!("--metrics-addr {}: {e}", a.metrics_addr))?;
+    tracing::info!(addr = %a.metrics_addr, "serving /metrics");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let agent = rt.block_on(Agent::start_pinned(
+        &config,
+        &a.iface,
+        a.generic,
+        store.clone(),
+        Some(&a.pin_dir),
+    ))?;
+    if agent.datapath.is_pinned() {
+        tracing::info!(dir = %a.pin_dir.display(), "data path pinned: it keeps running across agent restarts");
+    }
+    xdp::count_pinned_flows(
+        a.pin_dir.join(sluice_common::maps::names::PINNED),
+        Duration::from_secs(30),
+    );
+    for i in &agent.plan.instances {
+        tracing::info!(instance = %i.name, id = i.id, ifindex = i.ifindex, mac = %format_mac(&i.mac), "instance resolved");
+    }
+    for s in &agent.plan.services {
+        let groups: Vec<String> = s.groups.iter().map(|(g, o)| format!("{g}->{o}")).collect();
+        tracing::info!(service = %s.name, groups = %groups.join(" "), "assignment");
+    }
+    tracing::info!(iface = %a.iface, mode = agent.mode.name(), "attached");
+    if agent.mode == AttachMode::Generic && !a.generic {
+        tracing::warn!("generic mode: expect a fraction of native throughput");
+    }
+    let agent = rt.block_on(event_loop(a, agent, &store))?;
+    let _ = std::fs::remove_file(&a.api_socket);
+    report(&agent, true);
+    let pinned = agent.datapath.is_pinned();
+    agent.stop()?;
+    let iface = &a.iface;
+    if a.cleanup {
+        xdp::XdpDatapath::remove_pins(&a.pin_dir)?;
+        tracing::info!(iface, "detached and removed the pins");
+    } else if pinned {
+        tracing::info!(iface, dir = %a.pin_dir.display(), "left attached for the next agent; `sluice detach` takes it down");
+    } else {
+        tracing::info!(iface, "detached");
+    }
+    Ok(())
+}
+
+/// Serves the agent until SIGINT or SIGTERM; returns it for shutdown.
+async fn event_loop(
+    a: &RunOptions,
+    mut agent: Agent,
+    store: &Arc<EmbeddedStore>,
+) -> anyhow::Result<Agent> {
+    let shared = api::Shared {
+        reports: agent.control.reports.clone(),
+        instances: Arc::new(Mutex::new(instance_names(&agent))),
+        status: Arc::new(Mutex::new(Vec::new())),
+        groups: Arc::default(),
+        commands: Arc::default(),
+    };
+    let _api = api::serve(&a.api_socket, shared.clone())?;
+    agent.publish().await;
+    let mut term = signal(SignalKind::terminate())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    let mut control = tokio::time::interval(agent.control.interval());
+    // Punted frames wait for a claim: serve them every 2 ms.
+    let mut punts = tokio::time::interval(Duration::from_millis(2));
+    punts.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut stats = tokio::time::interval(Duration::from_secs(a.stats_interval.max(1)));
+    stats.tick().await;
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => break,
+            _ = term.recv() => break,
+            _ = hup.recv() => {
+                match reload(a, store).await {
+                    Ok(mut new) => {
+                        new.control.reports = shared.reports.clone();
+                        *shared.instances.lock().expect("instances lock") = instance_names(&new);
+                        control = tokio::time::interval(new.control.interval());
+                        // The old agent's program is already swapped out
+                        // of the pinned link; dropping it closes its fds.
+                        drop(std::mem::replace(&mut agent, new));
+                        tracing::info!(config = %a.config.display(), "config reloaded");
+                    }
+                    Err(e) => tracing::error!(
+                        error = %format!("{e:#}"),
+                        "config reload refused; the running config stays in force"
+                    ),
+                }
+            }
+            _ = control.tick() => {
+                apply_commands(&mut agent, &shared);
+                if let Err(e) = agent.tick().await {
+                    tracing::warn!(error = %e, "control interval failed");
+                }
+                publish_status(&agent, &shared).await;
+                agent.publish().await;
+            }
+            _ = punts.tick(), if agent.punt.is_some() => {
+                if let Err(e) = agent.process_punts().await {
+                    tracing::warn!(error = %e, "resolving punted packets failed");
+                }
+            }
+            _ = stats.tick(), if a.stats_interval > 0 => report(&agent, false),
+        }
+    }
+    Ok(agent)
+}
+
+/// Drains and undrains the API queued for the control loop.
+fn apply_commands(agent: &mut Agent, shared: &api::Shared) {
+    for c in std::mem::take(&mut *shared.commands.lock().expect("commands lock")) {
+        let (name, drained) = match &c {
+            api::Command::Drain(n) => (n, true),
+            api::Command::Undrain(n) => (n, false),
+        };
+        match agent.control.set_drained(name, drained) {
+            Ok(()) => tracing::info!(instance = %name, drained, "drain state changed"),
+            Err(e) => tracing::warn!(error = %e, "drain request refused"),
+        }
+    }
+}
+
+fn instance_names(agent: &Agent) -> Vec<String> {
+    agent
+        .plan
+        .instances
+        .iter()
+        .map(|i| i.name.clone())
+        .collect()
+}
+
+/// SIGHUP: the config file again, applied whole or not at all. Everything
+/// that can fail on bad input fails before a map is written; the new
+/// program adopts the pinned maps and takes the link over atomically.
+async fn reload(a: &RunOptions, store: &Arc<EmbeddedStore>) -> anyhow::Result<Agent> {
+    let config = Config::load(&a.config)?;
+    let agent = Agent::start_pinned(
+        &config,
+        &a.iface,
+        a.generic,
+        store.clone(),
+        Some(&a.pin_dir),
+    )
+    .await?;
+    if !agent.datapath.is_pinned() {
+        anyhow::bail!(
+            "the data path is not pinned, so it cannot be swapped in place; restart the agent"
+        );
+    }
+    Ok(agent)
+}
+
+/// Refreshes what the API answers `status` and `groups` with.
+async fn publish_status(agent: &Agent, shared: &api::Shared) {
+    if let Ok(groups) = agent.control.assignments().await {
+        *shared.groups.lock().expect("groups lock") = groups
+            .into_iter()
+            .map(|(service, entries)| {
+                let lines = entries
+                    .into_iter()
+                    .map(|e| api::GroupLine {
+                        group: e.group.to_string(),
+                        owner: e.owner,
+                        version: e.version,
+                    })
+                    .collect();
+                (service, lines)
+            })
+            .collect();
+    }
+    let Ok(status) = agent.control.status().await else {
+        return;
+    };
+    *shared.status.lock().expect("status lock") = status
+        .into_iter()
+        .map(|s| InstanceLine {
+            drained: agent.control.is_drained(&s.name),
+            service: s.service,
+            name: s.name,
+            utilisation: s.sample.utilisation,
+            rate_pps: s.sample.rate_pps,
+            drops_ps: s.sample.drops_ps,
+            groups: s.groups.iter().map(ToString::to_string).collect(),
+        })
+        .collect();
+}
+
+/// Per-instance delivery counts: to the log, or as a table on stdout at exit.
+fn report(agent: &Agent, table: bool) {
+    let dp = &agent.datapath;
+    let global = match dp.global_counters() {
+        Ok(g) => g,
+        Err(e) => {
+            tracing::warn!(error = %e, "reading counters failed");
+            return;
+        }
+    };
+    if table {
+        println!("{:<20} {:>12} {:>14}", "instance", "packets", "bytes");
+    }
+    for i in &agent.plan.instances {
+        let c = dp.instance_counters(i.id).unwrap_or_default();
+        if table {
+            println!("{:<20} {:>12} {:>14}", i.name, c.packets, c.bytes);
+        } else {
+            tracing::info!(instance = %i.name, packets = c.packets, bytes = c.bytes, "delivered");
+        }
+    }
+    let summary: Vec<String> = counters::NAMES
+        .iter()
+        .zip(global)
+        .filter(|(_, v)| *v > 0)
+        .map(|(n, v)| format!("{n}={v}"))
+        .collect();
+    if table {
+        println!("totals: {}", summary.join(" "));
+    } else {
+        tracing::info!(totals = %summary.join(" "), "data path");
+    }
+}

@@ -1,0 +1,58 @@
+//! The client side of the local API: one request, one answer.
+
+use std::{
+    io::{BufRead as _, BufReader, Write as _},
+    os::unix::net::UnixStream,
+    path::Path,
+    time::Duration,
+};
+
+use super::{Request, Response};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error(
+        "no agent answers on {path} (is `sluice run` running? use --api-socket to point elsewhere)"
+    )]
+    NoAgent {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("talking to the agent on {path}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the agent said: {0}")]
+    Refused(String),
+}
+
+/// Sends one request and returns the answer.
+pub fn call(path: &Path, req: &Request) -> Result<Response, ClientError> {
+    let p = path.display().to_string();
+    let mut s = UnixStream::connect(path).map_err(|source| ClientError::NoAgent {
+        path: p.clone(),
+        source,
+    })?;
+    let io = |source| ClientError::Io {
+        path: p.clone(),
+        source,
+    };
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .map_err(io)?;
+    let mut line = serde_json::to_vec(req).expect("serialises");
+    line.push(b'\n');
+    s.write_all(&line).map_err(io)?;
+    let mut answer = String::new();
+    BufReader::new(&s).read_line(&mut answer).map_err(io)?;
+    let r: Response = serde_json::from_str(&answer).map_err(|e| ClientError::Io {
+        path: p.clone(),
+        source: std::io::Error::other(e),
+    })?;
+    if !r.ok {
+        return Err(ClientError::Refused(r.error.unwrap_or_default()));
+    }
+    Ok(r)
+}

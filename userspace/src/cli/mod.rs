@@ -1,0 +1,147 @@
+//! The commands that are not the agent itself: checking a config, taking
+//! down a pinned data path, and the local API's clients (`status`,
+//! `groups`, `drain`, `undrain`, `report`) with their tables.
+//!
+//! May import `api` (the client), `config`, `control` (the report type)
+//! and `datapath` (pins).
+
+use std::{
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use crate::{
+    api::{self, InstanceLine, Request},
+    config::Config,
+    control::qos::Report,
+    datapath::xdp::{XdpDatapath, default_pin_dir},
+};
+
+/// `sluice check-config`: checks a file and prints what it would program.
+pub fn check_config(path: &Path) -> anyhow::Result<()> {
+    let config = Config::load(path)?;
+    for s in &config.services {
+        let ports: Vec<String> = s.ports.iter().map(ToString::to_string).collect();
+        println!(
+            "service {}: {} {} port {} tag {:?} pin {:?}, {} instance(s)",
+            s.name,
+            s.protocol,
+            s.vip,
+            ports.join(","),
+            s.tag,
+            s.pin,
+            s.instances.len()
+        );
+    }
+    println!("{}: ok", path.display());
+    Ok(())
+}
+
+fn instances(api_socket: &Path) -> anyhow::Result<Vec<InstanceLine>> {
+    Ok(api::call(api_socket, &Request::Status {})?
+        .instances
+        .unwrap_or_default())
+}
+
+/// `sluice status`: one line per instance.
+pub fn status(api_socket: &Path) -> anyhow::Result<()> {
+    println!(
+        "{:<16} {:<16} {:>6} {:>10} {:>8}  groups",
+        "service", "instance", "util", "pps", "drops/s"
+    );
+    for i in instances(api_socket)? {
+        println!(
+            "{:<16} {:<16} {:>6.2} {:>10.0} {:>8.0}  {}{}",
+            i.service,
+            i.name,
+            i.utilisation,
+            i.rate_pps,
+            i.drops_ps,
+            i.groups.join(" "),
+            if i.drained { "  (drained)" } else { "" }
+        );
+    }
+    Ok(())
+}
+
+/// `sluice groups SERVICE`: the service's groups and owners.
+pub fn groups(api_socket: &Path, service: String) -> anyhow::Result<()> {
+    let answer = api::call(api_socket, &Request::Groups { service })?;
+    println!("{:<12} {:<16} {:>8}", "group", "owner", "version");
+    for g in answer.groups.unwrap_or_default() {
+        println!("{:<12} {:<16} {:>8}", g.group, g.owner, g.version);
+    }
+    Ok(())
+}
+
+/// `sluice drain INSTANCE`: asks the agent to drain, then shows progress
+/// until no group is left or `timeout` seconds passed.
+pub fn drain(api_socket: &Path, instance: &str, timeout: u64) -> anyhow::Result<()> {
+    let left = |list: &[InstanceLine]| {
+        list.iter()
+            .find(|i| i.name == instance)
+            .map_or(0, |i| i.groups.len())
+    };
+    let total = left(&instances(api_socket)?);
+    api::call(
+        api_socket,
+        &Request::Drain {
+            instance: instance.to_owned(),
+        },
+    )?;
+    let start = Instant::now();
+    let mut last = usize::MAX;
+    loop {
+        let now = left(&instances(api_socket)?);
+        if now != last {
+            println!(
+                "{instance}: {}/{total} groups moved",
+                total.saturating_sub(now)
+            );
+            last = now;
+        }
+        if now == 0 {
+            println!("{instance}: drained");
+            return Ok(());
+        }
+        if start.elapsed() > Duration::from_secs(timeout) {
+            anyhow::bail!(
+                "{instance}: {now} groups left after {timeout} s; the drain goes on in the agent"
+            );
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+/// `sluice undrain INSTANCE`.
+pub fn undrain(api_socket: &Path, instance: String) -> anyhow::Result<()> {
+    api::call(
+        api_socket,
+        &Request::Undrain {
+            instance: instance.clone(),
+        },
+    )?;
+    println!("{instance}: undrained; it may take work again");
+    Ok(())
+}
+
+/// `sluice report`: an instance's own QoS, to the agent.
+pub fn report(api_socket: &Path, report: Report) -> anyhow::Result<()> {
+    api::call(api_socket, &Request::Report(report))?;
+    Ok(())
+}
+
+/// `sluice detach`: takes down a data path a stopped agent left pinned.
+pub fn detach(iface: Option<&str>, pin_dir: Option<PathBuf>) -> anyhow::Result<()> {
+    let dir = match (pin_dir, iface) {
+        (Some(d), _) => d,
+        (None, Some(i)) => default_pin_dir(i),
+        (None, None) => anyhow::bail!("say which data path: --iface IFACE or --pin-dir DIR"),
+    };
+    if XdpDatapath::remove_pins(&dir)? {
+        println!("{}: detached and removed", dir.display());
+    } else {
+        println!("{}: nothing pinned there", dir.display());
+    }
+    Ok(())
+}

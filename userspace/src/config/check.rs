@@ -1,0 +1,958 @@
+//! From the config as written ([`super::raw`]) to the checked types: every
+//! semantic check, each failure recorded with its line, field path,
+//! problem and fix, and checking goes on so a file's errors are all
+//! reported at once.
+
+use std::{
+    collections::{HashMap, HashSet},
+    net::IpAddr,
+    ops::Range,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use sluice_common::{MAX_PINNED_FLOWS, MAX_SERVICES, MAX_TAG_LEN, UNITS_PER_SERVICE};
+use toml::{
+    Spanned,
+    de::{DeTable, DeValue},
+};
+
+use super::{
+    AgentConfig, Config, ConfigError, FieldError, Instance, MAX_INSTANCES, PinMode, Protocol,
+    Service, TagSpec, WlmConfig,
+    raw::{
+        Field, RawAgent, RawAssign, RawConfig, RawHealth, RawInstance, RawPin, RawProtocol,
+        RawService, RawTag, RawTagKind, RawWlm, shown,
+    },
+};
+
+/// Parses and checks `text`; `path` labels the errors.
+pub(super) fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+    let syntax = |e: toml::de::Error| ConfigError::Syntax {
+        path: path.to_owned(),
+        line: e.span().map_or(1, |s| line_of(text, s.start)),
+        message: e.message().trim_end().to_owned(),
+    };
+    let table = DeTable::parse(text).map_err(syntax)?;
+    let mut unknown = Vec::new();
+    let raw: RawConfig = serde_ignored::deserialize(
+        toml::de::Deserializer::from(table.clone()),
+        |p: serde_ignored::Path<'_>| unknown.push(segments(&p)),
+    )
+    .map_err(syntax)?;
+    let mut c = Checker {
+        text,
+        errors: Vec::new(),
+    };
+    for keys in unknown {
+        c.unknown(table.get_ref(), &keys);
+    }
+    let config = c.config(raw);
+    match config {
+        Some(config) if c.errors.is_empty() => Ok(config),
+        _ => {
+            // File order; errors without a line (nothing to point at) first.
+            c.errors.sort_by_key(|e| e.line);
+            Err(ConfigError::Invalid {
+                path: PathBuf::from(path),
+                errors: c.errors,
+            })
+        }
+    }
+}
+
+/// 1-based line of byte `at` in `text`.
+fn line_of(text: &str, at: usize) -> usize {
+    text.get(..at).map_or(0, |t| t.matches('\n').count()) + 1
+}
+
+/// A key path as segments (`Some(n)`: index `n` of an array), without the
+/// wrapper that `Spanned` puts around each value.
+fn segments(p: &serde_ignored::Path<'_>) -> Vec<(String, Option<usize>)> {
+    use serde_ignored::Path;
+    let mut out: Vec<(String, Option<usize>)> = Vec::new();
+    let mut walk = vec![p];
+    let mut at = p;
+    loop {
+        match at {
+            Path::Root => break,
+            Path::Seq { parent, .. }
+            | Path::Map { parent, .. }
+            | Path::Some { parent }
+            | Path::NewtypeStruct { parent }
+            | Path::NewtypeVariant { parent } => {
+                at = parent;
+                walk.push(at);
+            }
+        }
+    }
+    for p in walk.into_iter().rev() {
+        match p {
+            Path::Map { key, .. } if !key.starts_with("$__") => out.push((key.clone(), None)),
+            Path::Seq { index, .. } => {
+                if let Some(last) = out.last_mut() {
+                    last.1 = Some(*index);
+                }
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+/// A field path as the errors write it: `service[1].instance[0].veth`.
+fn field_path(segs: &[(String, Option<usize>)]) -> String {
+    segs.iter()
+        .map(|(k, i)| i.map_or_else(|| k.clone(), |i| format!("{k}[{i}]")))
+        .collect::<Vec<_>>()
+        .join(".")
+}
+
+/// What a field held.
+enum Got<T> {
+    Absent,
+    Value(T, Range<usize>),
+    /// Present but wrong; already reported.
+    Bad,
+}
+
+struct Checker<'a> {
+    text: &'a str,
+    errors: Vec<FieldError>,
+}
+
+/// Where the uniqueness checks point.
+struct ServiceSpans {
+    name: Range<usize>,
+    ports: Vec<Range<usize>>,
+    ports_field: String,
+    instances: Vec<(Range<usize>, Range<usize>)>,
+}
+
+impl Checker<'_> {
+    fn report(
+        &mut self,
+        at: Option<&Range<usize>>,
+        field: impl Into<String>,
+        problem: impl Into<String>,
+        fix: impl Into<String>,
+    ) {
+        self.errors.push(FieldError {
+            line: at.map(|r| line_of(self.text, r.start)),
+            field: field.into(),
+            problem: problem.into(),
+            fix: fix.into(),
+        });
+    }
+
+    /// An unknown key, reported at its own line.
+    fn unknown(&mut self, root: &DeTable<'_>, segs: &[(String, Option<usize>)]) {
+        let span = key_span(root, segs);
+        let (key, parent) = segs
+            .split_last()
+            .map_or((String::new(), &[][..]), |(k, p)| (k.0.clone(), p));
+        let within = if parent.is_empty() {
+            "the top level".to_owned()
+        } else {
+            format!("`{}`", field_path(parent))
+        };
+        self.report(
+            span.as_ref(),
+            field_path(segs),
+            format!("unknown key `{key}` in {within}"),
+            "remove it, or check its spelling against the config reference in the README",
+        );
+    }
+
+    /// A field's typed value; a wrong one is reported with `bad(as
+    /// written)` giving the problem and the fix.
+    fn typed<T>(
+        &mut self,
+        f: Option<Field<T>>,
+        field: &str,
+        bad: impl FnOnce(&str) -> (String, String),
+    ) -> Got<T> {
+        match f {
+            None => Got::Absent,
+            Some(Field { span, value: Ok(v) }) => Got::Value(v, span),
+            Some(Field {
+                span,
+                value: Err(raw),
+            }) => {
+                let (problem, fix) = bad(&shown(&raw));
+                self.report(Some(&span), field, problem, fix);
+                Got::Bad
+            }
+        }
+    }
+
+    /// A required field: reported as missing at its table when absent.
+    fn required<T>(
+        &mut self,
+        f: Option<Field<T>>,
+        table: &Range<usize>,
+        field: &str,
+        missing_fix: &str,
+        bad: impl FnOnce(&str) -> (String, String),
+    ) -> Option<(T, Range<usize>)> {
+        match self.typed(f, field, bad) {
+            Got::Value(v, span) => Some((v, span)),
+            Got::Absent => {
+                self.report(Some(table), field, "missing", missing_fix);
+                None
+            }
+            Got::Bad => None,
+        }
+    }
+
+    /// An optional whole number in `lo..=hi`, or `default`.
+    fn int(
+        &mut self,
+        f: Option<Field<u32>>,
+        field: &str,
+        default: u32,
+        lo: u32,
+        hi: u32,
+    ) -> Option<u32> {
+        let fix = format!("use a whole number from {lo} to {hi}");
+        match self.typed(f, field, |v| (format!("{v} is out of range"), fix.clone())) {
+            Got::Absent => Some(default),
+            Got::Value(v, _) if (lo..=hi).contains(&v) => Some(v),
+            Got::Value(v, span) => {
+                self.report(Some(&span), field, format!("{v} is out of range"), fix);
+                None
+            }
+            Got::Bad => None,
+        }
+    }
+
+    /// An optional number in `lo..=hi`, or `default`.
+    fn num(
+        &mut self,
+        f: Option<Field<f64>>,
+        field: &str,
+        default: f64,
+        lo: f64,
+        hi: f64,
+    ) -> Option<f64> {
+        let fix = format!("use a number from {lo} to {hi}");
+        match self.typed(f, field, |v| (format!("{v} is not a number"), fix.clone())) {
+            Got::Absent => Some(default),
+            Got::Value(v, _) if v.is_finite() && (lo..=hi).contains(&v) => Some(v),
+            Got::Value(v, span) => {
+                self.report(Some(&span), field, format!("{v} is out of range"), fix);
+                None
+            }
+            Got::Bad => None,
+        }
+    }
+
+    fn config(&mut self, raw: RawConfig) -> Option<Config> {
+        let agent = self.agent(raw.agent);
+        if raw.service.is_empty() {
+            self.report(
+                None,
+                "service",
+                "no service is configured",
+                "add at least one [[service]] table with name, vip, ports, protocol and [[service.instance]] entries",
+            );
+        }
+        if let Some(extra) = raw.service.get(MAX_SERVICES as usize) {
+            let span = extra.span();
+            self.report(
+                Some(&span),
+                "service",
+                format!(
+                    "{} services configured, at most {MAX_SERVICES} are supported",
+                    raw.service.len()
+                ),
+                "split the services over several hosts",
+            );
+        }
+        let checked: Vec<Option<(Service, ServiceSpans)>> = raw
+            .service
+            .into_iter()
+            .enumerate()
+            .map(|(i, s)| self.service(i, s))
+            .collect();
+        let count: usize = checked
+            .iter()
+            .flatten()
+            .map(|(s, _)| s.instances.len())
+            .sum();
+        if count > MAX_INSTANCES {
+            self.report(
+                None,
+                "service[].instance",
+                format!("{count} instances configured, at most {MAX_INSTANCES} are supported"),
+                "spread the instances over several hosts",
+            );
+        }
+        let (services, spans): (Vec<_>, Vec<_>) = checked.into_iter().flatten().unzip();
+        self.unique(&services, &spans);
+        Some(Config {
+            agent: agent?,
+            services,
+        })
+    }
+
+    fn agent(&mut self, raw: Option<Spanned<RawAgent>>) -> Option<AgentConfig> {
+        let d = AgentConfig::default();
+        let Some(raw) = raw.map(Spanned::into_inner) else {
+            return Some(d);
+        };
+        let interval_ms = self.int(raw.interval_ms, "agent.interval_ms", 1000, 50, 60_000);
+        let max_moves_per_sec = self.num(
+            raw.max_moves_per_sec,
+            "agent.max_moves_per_sec",
+            d.max_moves_per_sec,
+            0.01,
+            1000.0,
+        );
+        let pinned_flows = self.int(
+            raw.pinned_flows,
+            "agent.pinned_flows",
+            d.pinned_flows,
+            1024,
+            MAX_PINNED_FLOWS,
+        );
+        let punt_queue = self.int(
+            raw.punt_queue,
+            "agent.punt_queue",
+            d.punt_queue,
+            16,
+            1 << 24,
+        );
+        Some(AgentConfig {
+            interval: Duration::from_millis(interval_ms?.into()),
+            max_moves_per_sec: max_moves_per_sec?,
+            pinned_flows: pinned_flows?,
+            punt_queue: punt_queue?,
+        })
+    }
+
+    #[expect(
+        clippy::too_many_lines,
+        reason = "one field after another, in the order of the config reference"
+    )]
+    fn service(
+        &mut self,
+        index: usize,
+        raw: Spanned<RawService>,
+    ) -> Option<(Service, ServiceSpans)> {
+        let at = format!("service[{index}]");
+        let table = raw.span();
+        let raw = raw.into_inner();
+        let name = self.required(
+            raw.name,
+            &table,
+            &format!("{at}.name"),
+            "add name = \"my-service\"",
+            |v| {
+                (
+                    format!("`{v}` is not a name"),
+                    "write the name as a string".into(),
+                )
+            },
+        );
+        let name = match name {
+            Some((n, span)) if n.is_empty() => {
+                self.report(
+                    Some(&span),
+                    format!("{at}.name"),
+                    "empty",
+                    "give the service a name",
+                );
+                None
+            }
+            other => other,
+        };
+        let vip = self.required(
+            raw.vip,
+            &table,
+            &format!("{at}.vip"),
+            "add vip = \"198.18.0.100\" (IPv4 or IPv6)",
+            |v| {
+                (
+                    format!("`{v}` is not an IP address"),
+                    "write an IPv4 (198.18.0.100) or IPv6 (fd00:5100::100) address, without port or prefix length".into(),
+                )
+            },
+        );
+        let ports = self.ports(&at, &table, raw.port, raw.ports);
+        let protocol = self
+            .required(
+                raw.protocol,
+                &table,
+                &format!("{at}.protocol"),
+                "add protocol = \"udp\" or \"tcp\"",
+                |v| {
+                    (
+                        format!("unknown protocol `{v}`"),
+                        "use \"udp\" or \"tcp\"".into(),
+                    )
+                },
+            )
+            .map(|(p, _)| match p {
+                RawProtocol::Udp => Protocol::Udp,
+                RawProtocol::Tcp => Protocol::Tcp,
+            });
+        let tag = match (raw.tag, protocol, &vip) {
+            (None, ..) => Some(TagSpec::None),
+            (Some(tag), Some(protocol), Some((vip, _))) => self.tag(&at, tag, protocol, *vip),
+            // Without a protocol or vip the tag cannot be judged; its own
+            // errors still show once those are fixed.
+            (Some(_), ..) => None,
+        };
+        if raw.instance.is_empty() {
+            self.report(
+                Some(&table),
+                format!("{at}.instance"),
+                format!(
+                    "service `{}` has no instance",
+                    name.as_ref().map_or("", |n| n.0.as_str())
+                ),
+                "add a [[service.instance]] table with name and veth",
+            );
+        }
+        let instances: Vec<Option<(Instance, (Range<usize>, Range<usize>))>> = raw
+            .instance
+            .into_iter()
+            .enumerate()
+            .map(|(j, inst)| self.instance(&format!("{at}.instance[{j}]"), inst))
+            .collect();
+        let pin = match self.typed(raw.pin, &format!("{at}.pin"), |v| {
+            (
+                format!("unknown pin mode `{v}`"),
+                "use \"none\", \"tcp\" or \"tcp+udp\"".into(),
+            )
+        }) {
+            Got::Absent if protocol == Some(Protocol::Tcp) => Some(PinMode::Tcp),
+            Got::Absent | Got::Value(RawPin::None, _) => Some(PinMode::None),
+            Got::Value(RawPin::Tcp, _) => Some(PinMode::Tcp),
+            Got::Value(RawPin::TcpUdp, _) => Some(PinMode::TcpUdp),
+            Got::Bad => None,
+        };
+        let pin_idle_secs = self.int(
+            raw.pin_idle_secs,
+            &format!("{at}.pin_idle_secs"),
+            300,
+            1,
+            86_400,
+        );
+        let wlm = self.wlm(&format!("{at}.wlm"), raw.wlm);
+        let on_demand = match self.typed(raw.assign, &format!("{at}.assign"), |v| {
+            (
+                format!("unknown assignment `{v}`"),
+                "use \"even\" (units split over the instances at start) or \"on-demand\" (claimed by first packets)".into(),
+            )
+        }) {
+            Got::Absent | Got::Value(RawAssign::Even, _) => Some(false),
+            Got::Value(RawAssign::OnDemand, _) => Some(true),
+            Got::Bad => None,
+        };
+        let (ports, port_spans, ports_field) = ports?;
+        let (name, name_span) = name?;
+        let (instances, instance_spans): (Vec<_>, Vec<_>) = instances
+            .into_iter()
+            .collect::<Option<Vec<_>>>()?
+            .into_iter()
+            .unzip();
+        Some((
+            Service {
+                name,
+                vip: vip?.0,
+                ports,
+                protocol: protocol?,
+                tag: tag?,
+                pin: pin?,
+                pin_idle_secs: pin_idle_secs?,
+                on_demand: on_demand?,
+                wlm: wlm?,
+                instances,
+            },
+            ServiceSpans {
+                name: name_span,
+                ports: port_spans,
+                ports_field,
+                instances: instance_spans,
+            },
+        ))
+    }
+
+    /// `port` or `ports`: the list, each port's span, and the field used.
+    fn ports(
+        &mut self,
+        at: &str,
+        table: &Range<usize>,
+        port: Option<Field<u16>>,
+        ports: Option<Spanned<Vec<Field<u16>>>>,
+    ) -> Option<(Vec<u16>, Vec<Range<usize>>, String)> {
+        let (field, list, list_span) = match (port, ports) {
+            (Some(p), Some(_)) => {
+                self.report(
+                    Some(&p.span),
+                    format!("{at}.port"),
+                    "both `port` and `ports` are set",
+                    "keep one: port = 7000 or ports = [7000, 7001]",
+                );
+                return None;
+            }
+            (Some(p), None) => {
+                let span = p.span.clone();
+                (format!("{at}.port"), vec![p], span)
+            }
+            (None, Some(ps)) => {
+                let span = ps.span();
+                (format!("{at}.ports"), ps.into_inner(), span)
+            }
+            (None, None) => {
+                self.report(
+                    Some(table),
+                    format!("{at}.ports"),
+                    "missing",
+                    "add port = 7000 or ports = [7000, 7001]",
+                );
+                return None;
+            }
+        };
+        if list.is_empty() {
+            self.report(
+                Some(&list_span),
+                &field,
+                "empty list",
+                "list at least one port",
+            );
+            return None;
+        }
+        let mut out = Vec::with_capacity(list.len());
+        let mut spans = Vec::with_capacity(list.len());
+        let mut ok = true;
+        for p in list {
+            let bad = |v: &str| {
+                (
+                    format!("{v} is not a port"),
+                    "use a number from 1 to 65535".into(),
+                )
+            };
+            match self.typed(Some(p), &field, bad) {
+                Got::Value(0, span) => {
+                    let (problem, fix) = bad("0");
+                    self.report(Some(&span), &field, problem, fix);
+                    ok = false;
+                }
+                Got::Value(port, span) if out.contains(&port) => {
+                    self.report(
+                        Some(&span),
+                        &field,
+                        format!("port {port} is listed twice"),
+                        "list each port once",
+                    );
+                    ok = false;
+                }
+                Got::Value(port, span) => {
+                    out.push(port);
+                    spans.push(span);
+                }
+                Got::Absent | Got::Bad => ok = false,
+            }
+        }
+        ok.then_some((out, spans, field))
+    }
+
+    fn tag(
+        &mut self,
+        at: &str,
+        raw: Spanned<RawTag>,
+        protocol: Protocol,
+        vip: IpAddr,
+    ) -> Option<TagSpec> {
+        let table = raw.span();
+        let raw = raw.into_inner();
+        let field = format!("{at}.tag.kind");
+        let (kind, kind_span) = self.required(
+            raw.kind,
+            &table,
+            &field,
+            "set kind = \"none\", \"udp-payload\" or \"ipv6-flow-label\"",
+            |v| {
+                (
+                    format!("unknown tag kind `{v}`"),
+                    "use \"none\", \"udp-payload\" or \"ipv6-flow-label\"".into(),
+                )
+            },
+        )?;
+        let extra = raw.offset.is_some() || raw.length.is_some();
+        let name = match kind {
+            RawTagKind::None => "none",
+            RawTagKind::Ipv6FlowLabel => "ipv6-flow-label",
+            RawTagKind::UdpPayload => "udp-payload",
+        };
+        if extra && kind != RawTagKind::UdpPayload {
+            self.report(
+                Some(&table),
+                format!("{at}.tag"),
+                format!("offset and length do not apply to tag kind `{name}`"),
+                "remove them, or use kind = \"udp-payload\"",
+            );
+            return None;
+        }
+        match kind {
+            RawTagKind::None => Some(TagSpec::None),
+            RawTagKind::Ipv6FlowLabel if vip.is_ipv4() => {
+                self.report(
+                    Some(&kind_span),
+                    &field,
+                    format!("the flow label is an IPv6 field but vip {vip} is IPv4"),
+                    "use an IPv6 vip, or kind = \"none\" / \"udp-payload\"",
+                );
+                None
+            }
+            RawTagKind::Ipv6FlowLabel => Some(TagSpec::Ipv6FlowLabel),
+            RawTagKind::UdpPayload if protocol != Protocol::Udp => {
+                self.report(
+                    Some(&kind_span),
+                    &field,
+                    "a udp-payload tag needs protocol = \"udp\"",
+                    "set protocol = \"udp\", or use kind = \"none\"",
+                );
+                None
+            }
+            RawTagKind::UdpPayload => {
+                let length_fix = format!(
+                    "use 1 to {MAX_TAG_LEN}; longer tags can be shortened to a prefix that still names the unit of work"
+                );
+                let length = match self.required(
+                    raw.length,
+                    &table,
+                    &format!("{at}.tag.length"),
+                    &format!("set length = 1..{MAX_TAG_LEN} (tag bytes)"),
+                    |v| {
+                        (
+                            format!("{v} bytes is not a supported tag length"),
+                            length_fix.clone(),
+                        )
+                    },
+                ) {
+                    Some((l, _)) if l >= 1 && u32::from(l) <= MAX_TAG_LEN => Some(l),
+                    Some((l, span)) => {
+                        self.report(
+                            Some(&span),
+                            format!("{at}.tag.length"),
+                            format!("{l} bytes is not a supported tag length"),
+                            length_fix,
+                        );
+                        None
+                    }
+                    None => None,
+                };
+                let offset_err = |v: &str| {
+                    (
+                        format!("offset {v} is outside any datagram"),
+                        "use a byte offset from 0 to 9000 into the UDP payload".to_owned(),
+                    )
+                };
+                let offset = match self.typed(raw.offset, &format!("{at}.tag.offset"), offset_err) {
+                    Got::Absent => Some(0),
+                    Got::Value(o, _) if o <= 9000 => Some(o),
+                    Got::Value(o, span) => {
+                        let (problem, fix) = offset_err(&o.to_string());
+                        self.report(Some(&span), format!("{at}.tag.offset"), problem, fix);
+                        None
+                    }
+                    Got::Bad => None,
+                };
+                Some(TagSpec::UdpPayload {
+                    offset: offset?,
+                    length: length?,
+                })
+            }
+        }
+    }
+
+    fn wlm(&mut self, at: &str, raw: Option<Spanned<RawWlm>>) -> Option<WlmConfig> {
+        let d = WlmConfig::default();
+        let Some(raw) = raw else { return Some(d) };
+        let raw = raw.into_inner();
+        let underload_span = raw.underload.as_ref().map(|f| f.span.clone());
+        let overload = self.num(
+            raw.overload,
+            &format!("{at}.overload"),
+            d.overload,
+            0.05,
+            10.0,
+        );
+        let underload = self.num(
+            raw.underload,
+            &format!("{at}.underload"),
+            d.underload,
+            0.0,
+            10.0,
+        );
+        if let (Some(o), Some(u)) = (overload, underload)
+            && u >= o
+        {
+            self.report(
+                underload_span.as_ref(),
+                format!("{at}.underload"),
+                format!("underload {u} is not below overload {o}"),
+                "keep a gap between the two (e.g. underload = 0.3, overload = 0.8), or the loop would move groups back and forth",
+            );
+        }
+        let mut target = |name: &str, v: Option<Field<f64>>| match v {
+            None => Some(None),
+            v => self
+                .num(v, &format!("{at}.{name}"), 0.0, 1e-6, 1e12)
+                .map(Some),
+        };
+        let latency_target_ms = target("latency_target_ms", raw.latency_target_ms);
+        let queue_target = target("queue_target", raw.queue_target);
+        let in_flight_target = target("in_flight_target", raw.in_flight_target);
+        let min_span = raw.min_group_units.as_ref().map(|f| f.span.clone());
+        let min_group_units = self.int(
+            raw.min_group_units,
+            &format!("{at}.min_group_units"),
+            d.min_group_units,
+            1,
+            UNITS_PER_SERVICE,
+        );
+        let min_group_units = match min_group_units {
+            Some(m) if !m.is_power_of_two() => {
+                self.report(
+                    min_span.as_ref(),
+                    format!("{at}.min_group_units"),
+                    format!("{m} is not a power of two"),
+                    "groups are aligned powers of two: use 1, 2, 4, ... 65536",
+                );
+                None
+            }
+            m => m,
+        };
+        let capacity_pps = self.num(
+            raw.capacity_pps,
+            &format!("{at}.capacity_pps"),
+            d.capacity_pps,
+            1.0,
+            1e10,
+        );
+        let sustain = self.int(raw.sustain, &format!("{at}.sustain"), d.sustain, 1, 1000);
+        let cooldown_ms = self.int(
+            raw.cooldown_ms,
+            &format!("{at}.cooldown_ms"),
+            5000,
+            0,
+            3_600_000,
+        );
+        Some(WlmConfig {
+            capacity_pps: capacity_pps?,
+            overload: overload?,
+            underload: underload.filter(|u| overload.is_some_and(|o| *u < o))?,
+            sustain: sustain?,
+            cooldown: Duration::from_millis(cooldown_ms?.into()),
+            min_group_units: min_group_units?,
+            latency_target_ms: latency_target_ms?,
+            queue_target: queue_target?,
+            in_flight_target: in_flight_target?,
+        })
+    }
+
+    /// An instance, with the spans of its name and veth.
+    fn instance(
+        &mut self,
+        at: &str,
+        raw: Spanned<RawInstance>,
+    ) -> Option<(Instance, (Range<usize>, Range<usize>))> {
+        let table = raw.span();
+        let raw = raw.into_inner();
+        let name = self.required(
+            raw.name,
+            &table,
+            &format!("{at}.name"),
+            "add name = \"my-instance\"",
+            |v| {
+                (
+                    format!("`{v}` is not a name"),
+                    "write the name as a string".into(),
+                )
+            },
+        );
+        let name = match name {
+            Some((n, span)) if n.is_empty() => {
+                self.report(
+                    Some(&span),
+                    format!("{at}.name"),
+                    "empty",
+                    "give the instance a name",
+                );
+                None
+            }
+            other => other,
+        };
+        let veth_fix = "use the host-side interface name as `ip link` shows it (1 to 15 characters, no '/' or spaces)";
+        let veth = self.required(
+            raw.veth,
+            &table,
+            &format!("{at}.veth"),
+            "add veth = \"<host-side veth of the instance's container>\"",
+            |v| {
+                (
+                    format!("`{v}` is not a valid interface name"),
+                    veth_fix.into(),
+                )
+            },
+        );
+        let veth = match veth {
+            Some((v, span)) if v.is_empty() || v.len() > 15 || v.contains(['/', ' ']) => {
+                self.report(
+                    Some(&span),
+                    format!("{at}.veth"),
+                    format!("`{v}` is not a valid interface name"),
+                    veth_fix,
+                );
+                None
+            }
+            other => other,
+        };
+        let mac = match self.typed(raw.mac, &format!("{at}.mac"), |v| {
+            (
+                format!("`{v}` is not a unicast MAC address"),
+                "write six hex bytes like 02:00:5e:10:00:01, or leave mac out to discover it"
+                    .into(),
+            )
+        }) {
+            Got::Absent => Some(None),
+            Got::Value(m, _) => Some(Some(m.0)),
+            Got::Bad => None,
+        };
+        let string = |c: &mut Self, f: Option<Field<String>>, key: &str| match c.typed(
+            f,
+            &format!("{at}.{key}"),
+            |v| {
+                (
+                    format!("`{v}` is not a string"),
+                    "write it in quotes".into(),
+                )
+            },
+        ) {
+            Got::Absent => Some(None),
+            Got::Value(s, _) => Some(Some(s)),
+            Got::Bad => None,
+        };
+        let netns = string(self, raw.netns, "netns");
+        let cgroup_given = raw.cgroup.is_some();
+        let cgroup = string(self, raw.cgroup, "cgroup");
+        let cpu_span = raw.cpu_limit.as_ref().map(|f| f.span.clone());
+        let cpu_limit = match raw.cpu_limit {
+            None => Some(None),
+            v => self
+                .num(v, &format!("{at}.cpu_limit"), 0.0, 0.01, 4096.0)
+                .map(Some),
+        };
+        if cpu_span.is_some() && !cgroup_given {
+            self.report(
+                cpu_span.as_ref(),
+                format!("{at}.cpu_limit"),
+                "cpu_limit without cgroup",
+                "add cgroup = \"/sys/fs/cgroup/<container>\" so CPU usage can be read",
+            );
+        }
+        let health_reports = match self.typed(raw.health, &format!("{at}.health"), |v| {
+            (
+                format!("unknown health check `{v}`"),
+                "use \"veth\" (failed when its veth disappears) or \"reports\" (also when its QoS reports stop)".into(),
+            )
+        }) {
+            Got::Absent | Got::Value(RawHealth::Veth, _) => Some(false),
+            Got::Value(RawHealth::Reports, _) => Some(true),
+            Got::Bad => None,
+        };
+        let (name, name_span) = name?;
+        let (veth, veth_span) = veth?;
+        if cpu_span.is_some() && !cgroup_given {
+            return None;
+        }
+        Some((
+            Instance {
+                name,
+                veth,
+                mac: mac?,
+                netns: netns?,
+                cgroup: cgroup?.map(PathBuf::from),
+                cpu_limit: cpu_limit?,
+                health_reports: health_reports?,
+            },
+            (name_span, veth_span),
+        ))
+    }
+
+    /// Names, endpoints, instance names and veths are each used once.
+    fn unique(&mut self, services: &[Service], spans: &[ServiceSpans]) {
+        let mut names = HashSet::new();
+        let mut endpoints = HashMap::new();
+        let mut instances = HashSet::new();
+        let mut veths = HashMap::new();
+        for (i, (s, sp)) in services.iter().zip(spans).enumerate() {
+            if !names.insert(&s.name) {
+                self.report(
+                    Some(&sp.name),
+                    format!("service[{i}].name"),
+                    format!("service name `{}` is used twice", s.name),
+                    "give every service its own name",
+                );
+            }
+            for (p, span) in s.ports.iter().zip(&sp.ports) {
+                if let Some(other) = endpoints.insert((s.vip, *p, s.protocol), &s.name) {
+                    self.report(
+                        Some(span),
+                        sp.ports_field.clone(),
+                        format!(
+                            "{} {}:{p} already belongs to service `{other}`",
+                            s.protocol, s.vip
+                        ),
+                        "use a different vip or port for one of the two services",
+                    );
+                }
+            }
+            for (j, (inst, (name_span, veth_span))) in
+                s.instances.iter().zip(&sp.instances).enumerate()
+            {
+                if !instances.insert(&inst.name) {
+                    self.report(
+                        Some(name_span),
+                        format!("service[{i}].instance[{j}].name"),
+                        format!("instance name `{}` is used twice", inst.name),
+                        "give every instance its own name",
+                    );
+                }
+                if let Some(other) = veths.insert(&inst.veth, &inst.name) {
+                    self.report(
+                        Some(veth_span),
+                        format!("service[{i}].instance[{j}].veth"),
+                        format!("veth `{}` is already the veth of instance `{other}`", inst.veth),
+                        "each instance has its own veth pair; name the host side of this instance's pair",
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// Span of the key at `segs` in the parsed file, if it is there.
+fn key_span(root: &DeTable<'_>, segs: &[(String, Option<usize>)]) -> Option<Range<usize>> {
+    let mut table = root;
+    for (n, (key, index)) in segs.iter().enumerate() {
+        let (k, v) = table.iter().find(|(k, _)| k.get_ref() == key)?;
+        if n + 1 == segs.len() {
+            return Some(k.span());
+        }
+        let mut value = v.get_ref();
+        if let (Some(i), DeValue::Array(items)) = (index, value) {
+            value = items.get(*i)?.get_ref();
+        }
+        match value {
+            DeValue::Table(t) => table = t,
+            _ => return None,
+        }
+    }
+    None
+}

@@ -1,0 +1,540 @@
+//! The agent's TOML config: services, their tag specs and their instances.
+//!
+//! - [`raw`]: the file as written, deserialized into typed values with
+//!   their positions (`toml::Spanned`);
+//! - [`check`]: the semantic checks that turn it into the types below.
+//!
+//! Every check runs before anything touches the kernel, so a bad config
+//! changes nothing; all errors of a file are reported at once, each naming
+//! the line, the field as a path (`service[1].instance[0].veth`), the
+//! problem and the fix. Unknown keys are errors too.
+//!
+//! A leaf apart from `sluice_common`: it imports nothing from the crate.
+
+mod check;
+mod raw;
+
+use std::{
+    fmt,
+    net::IpAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+/// Most instances, over all services (instance ids are `1..=MAX_INSTANCES`).
+pub const MAX_INSTANCES: usize = sluice_common::MAX_INSTANCES as usize;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{}:{line}: {message}", path.display())]
+    Syntax {
+        path: PathBuf,
+        line: usize,
+        message: String,
+    },
+    #[error("{}", errors.iter().map(|e| format!("{}:{e}", path.display())).collect::<Vec<_>>().join("\n"))]
+    Invalid {
+        path: PathBuf,
+        /// Every problem found, in file order.
+        errors: Vec<FieldError>,
+    },
+}
+
+/// One problem with one field.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{}: `{field}`: {problem}; fix: {fix}", line.map_or_else(|| "?".to_owned(), |l| l.to_string()))]
+pub struct FieldError {
+    /// 1-based line of the value (or of its table when it is missing).
+    pub line: Option<usize>,
+    /// Path of the field, e.g. `service[1].instance[0].veth`.
+    pub field: String,
+    pub problem: String,
+    pub fix: String,
+}
+
+impl ConfigError {
+    /// The field errors, if this is a check failure.
+    #[must_use]
+    pub fn fields(&self) -> &[FieldError] {
+        match self {
+            Self::Invalid { errors, .. } => errors,
+            _ => &[],
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Protocol {
+    Udp,
+    Tcp,
+}
+
+impl Protocol {
+    #[must_use]
+    pub const fn number(self) -> u8 {
+        match self {
+            Self::Udp => sluice_common::maps::PROTO_UDP,
+            Self::Tcp => sluice_common::maps::PROTO_TCP,
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Udp => "udp",
+            Self::Tcp => "tcp",
+        })
+    }
+}
+
+/// Where a service's packets carry their workload tag.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TagSpec {
+    /// No tag: the flow hash of the 5-tuple.
+    None,
+    /// `length` bytes at `offset` into the UDP payload.
+    UdpPayload { offset: u16, length: u16 },
+    /// The IPv6 flow label (a zero label counts as missing).
+    Ipv6FlowLabel,
+}
+
+/// Which flows of a service are pinned to their owner while units move.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PinMode {
+    None,
+    Tcp,
+    TcpUdp,
+}
+
+/// WLM settings of a service: capacity, thresholds and pacing.
+#[derive(Clone, Debug, PartialEq)]
+pub struct WlmConfig {
+    /// Packets per second one instance is sized for.
+    pub capacity_pps: f64,
+    /// Utilisation above which an instance sheds work.
+    pub overload: f64,
+    /// Utilisation below which an instance takes work back.
+    pub underload: f64,
+    /// Intervals a threshold must be crossed for before acting.
+    pub sustain: u32,
+    /// Least time between two moves of one element.
+    pub cooldown: Duration,
+    /// Groups of this many units or fewer are not split.
+    pub min_group_units: u32,
+    /// Application QoS targets: a report at the target is utilisation 1.
+    pub latency_target_ms: Option<f64>,
+    pub queue_target: Option<f64>,
+    pub in_flight_target: Option<f64>,
+}
+
+impl Default for WlmConfig {
+    fn default() -> Self {
+        Self {
+            capacity_pps: 100_000.0,
+            overload: 0.8,
+            underload: 0.3,
+            sustain: 3,
+            cooldown: Duration::from_secs(5),
+            min_group_units: 256,
+            latency_target_ms: None,
+            queue_target: None,
+            in_flight_target: None,
+        }
+    }
+}
+
+/// Agent-wide settings.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AgentConfig {
+    /// QoS sampling and WLM decision interval.
+    pub interval: Duration,
+    /// Most group moves per second, over all elements.
+    pub max_moves_per_sec: f64,
+    /// Capacity of the pinned-flow LRU map.
+    pub pinned_flows: u32,
+    /// Punted frames waiting for a claim, at most; more are dropped and
+    /// counted.
+    pub punt_queue: u32,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        Self {
+            interval: Duration::from_secs(1),
+            max_moves_per_sec: 2.0,
+            pinned_flows: sluice_common::DEFAULT_PINNED_FLOWS,
+            punt_queue: 65_536,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Instance {
+    pub name: String,
+    /// Host-side veth of the instance's container.
+    pub veth: String,
+    /// MAC of the container-side interface; discovered when absent.
+    pub mac: Option<[u8; 6]>,
+    /// Named network namespace (`ip netns`) to look the MAC up in, and to
+    /// read the instance's socket statistics from.
+    pub netns: Option<String>,
+    /// cgroup v2 directory of the container, for CPU usage.
+    pub cgroup: Option<PathBuf>,
+    /// CPUs the container may use; with `cgroup`, CPU utilisation is
+    /// usage / limit.
+    pub cpu_limit: Option<f64>,
+    /// `health = "reports"`: the instance has failed when its application
+    /// stops reporting QoS (3 intervals); its veth disappearing always
+    /// counts.
+    pub health_reports: bool,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Service {
+    pub name: String,
+    pub vip: IpAddr,
+    pub ports: Vec<u16>,
+    pub protocol: Protocol,
+    pub tag: TagSpec,
+    pub pin: PinMode,
+    /// A pinned flow idle this long loses its pin.
+    pub pin_idle_secs: u32,
+    /// `assign = "on-demand"`: no unit is owned at start; units are claimed
+    /// by their first packets (punted to the agent).
+    pub on_demand: bool,
+    pub wlm: WlmConfig,
+    pub instances: Vec<Instance>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Config {
+    pub agent: AgentConfig,
+    pub services: Vec<Service>,
+}
+
+impl Config {
+    /// Reads and checks a config file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// Parses and checks config text; `path` only labels the errors.
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        check::parse(text, path)
+    }
+
+    /// Total number of instances over all services.
+    #[must_use]
+    pub fn instance_count(&self) -> usize {
+        self.services.iter().map(|s| s.instances.len()).sum()
+    }
+}
+
+/// Parses `aa:bb:cc:dd:ee:ff`; rejects multicast/broadcast and all-zero.
+#[must_use]
+pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let mut parts = s.split(':');
+    for b in &mut mac {
+        let p = parts.next()?;
+        if p.len() != 2 {
+            return None;
+        }
+        *b = u8::from_str_radix(p, 16).ok()?;
+    }
+    if parts.next().is_some() || mac[0] & 1 != 0 || mac == [0; 6] {
+        return None;
+    }
+    Some(mac)
+}
+
+/// `aa:bb:cc:dd:ee:ff`.
+#[must_use]
+pub fn format_mac(mac: &[u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[[service]]
+name = "kv"
+vip = "198.18.0.100"
+ports = [7000, 7001]
+protocol = "udp"
+tag = { kind = "udp-payload", offset = 2, length = 8 }
+
+[[service.instance]]
+name = "kv-0"
+veth = "slc-kv0"
+mac = "02:00:5e:10:00:01"
+
+[[service.instance]]
+name = "kv-1"
+veth = "slc-kv1"
+netns = "kv1"
+
+[[service]]
+name = "web"
+vip = "fd00:5100::100"
+port = 443
+protocol = "tcp"
+
+[[service.instance]]
+name = "web-0"
+veth = "slc-web0"
+"#;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Path::new("test.toml"))
+    }
+
+    /// The one field error of `text`.
+    fn only_error(text: &str) -> FieldError {
+        match parse(text) {
+            Err(ConfigError::Invalid { errors, .. }) if errors.len() == 1 => errors[0].clone(),
+            other => panic!("expected one field error, got {other:?}"),
+        }
+    }
+
+    fn field_of(text: &str) -> String {
+        only_error(text).field
+    }
+
+    #[test]
+    fn good_config_parses() {
+        let c = parse(GOOD).unwrap();
+        assert_eq!(c.services.len(), 2);
+        assert_eq!(c.services[0].ports, vec![7000, 7001]);
+        assert_eq!(
+            c.services[0].tag,
+            TagSpec::UdpPayload {
+                offset: 2,
+                length: 8
+            }
+        );
+        assert_eq!(
+            c.services[0].instances[0].mac,
+            Some([2, 0, 0x5e, 0x10, 0, 1])
+        );
+        assert_eq!(c.services[0].instances[1].netns.as_deref(), Some("kv1"));
+        assert_eq!(c.services[1].tag, TagSpec::None);
+        assert_eq!(c.services[1].protocol, Protocol::Tcp);
+        assert_eq!(c.instance_count(), 3);
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let cases = [
+            (
+                GOOD.replace("198.18.0.100", "198.18.0.300"),
+                "service[0].vip",
+            ),
+            (
+                GOOD.replace("[7000, 7001]", "[7000, 70000]"),
+                "service[0].ports",
+            ),
+            (
+                GOOD.replace("[7000, 7001]", "[7000, 7000]"),
+                "service[0].ports",
+            ),
+            (GOOD.replace("\"tcp\"", "\"sctp\""), "service[1].protocol"),
+            (
+                GOOD.replace("length = 8", "length = 17"),
+                "service[0].tag.length",
+            ),
+            (GOOD.replace("udp-payload", "quic"), "service[0].tag.kind"),
+            (
+                GOOD.replace("02:00:5e:10:00:01", "01:00:5e:10:00:01"),
+                "service[0].instance[0].mac",
+            ),
+            (
+                GOOD.replace("slc-kv1", "slc-kv0"),
+                "service[0].instance[1].veth",
+            ),
+            (
+                GOOD.replace("slc-web0", "a-name-longer-than-15"),
+                "service[1].instance[0].veth",
+            ),
+            (
+                GOOD.replace("name = \"web\"", "name = \"kv\""),
+                "service[1].name",
+            ),
+            (
+                GOOD.replace("name = \"web-0\"", "name = \"kv-0\""),
+                "service[1].instance[0].name",
+            ),
+            (
+                GOOD.replace("port = 443", "port = 443\nports = [1]"),
+                "service[1].port",
+            ),
+            (
+                GOOD.replace(
+                    "\"tcp\"",
+                    "\"tcp\"\ntag = { kind = \"udp-payload\", length = 4 }",
+                ),
+                "service[1].tag.kind",
+            ),
+            (
+                GOOD.replace(
+                    "kind = \"udp-payload\", offset = 2, length = 8",
+                    "kind = \"ipv6-flow-label\"",
+                ),
+                "service[0].tag.kind",
+            ),
+            (
+                GOOD.replace("\"fd00:5100::100\"", "\"fd00:5100::100\"\nvip2 = 1"),
+                "service[1].vip2",
+            ),
+            (
+                GOOD.replace("ports = [7000, 7001]", "ports = [7000, \"x\"]"),
+                "service[0].ports",
+            ),
+            (
+                GOOD.replace("length = 8", "length = -1"),
+                "service[0].tag.length",
+            ),
+        ];
+        for (text, want) in cases {
+            assert_eq!(field_of(&text), want, "{text}");
+        }
+    }
+
+    #[test]
+    fn errors_carry_the_line() {
+        let line_of = |text: &str| only_error(text).line;
+        // GOOD starts with an empty line: `vip` of service 0 is line 4.
+        assert_eq!(line_of(&GOOD.replace("198.18.0.100", "nope")), Some(4));
+        assert_eq!(line_of(&GOOD.replace("slc-kv1", "slc-kv0")), Some(16));
+        assert_eq!(line_of(&GOOD.replace("length = 8", "length = 99")), Some(7));
+        assert_eq!(
+            line_of(&GOOD.replace("name = \"web-0\"", "name = \"kv-0\"")),
+            Some(26)
+        );
+        let e = parse(&GOOD.replace("\"tcp\"", "\"sctp\""))
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("test.toml:23: `service[1].protocol`"), "{e}");
+    }
+
+    #[test]
+    fn error_message_says_how_to_fix() {
+        let e = parse(&GOOD.replace("198.18.0.100", "nope"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("test.toml:4: `service[0].vip`"), "{e}");
+        assert!(e.contains("fix: write an IPv4"), "{e}");
+    }
+
+    #[test]
+    fn same_port_on_two_services_is_rejected() {
+        let text = GOOD
+            .replace("fd00:5100::100", "198.18.0.100")
+            .replace("port = 443", "port = 7001")
+            .replace("\"tcp\"", "\"udp\"");
+        let e = only_error(&text);
+        assert_eq!((e.field.as_str(), e.line), ("service[1].port", Some(22)));
+    }
+
+    #[test]
+    fn every_error_of_a_file_is_reported_at_once() {
+        let text = format!(
+            "[agent]\ninterval_ms = 10\nspeed = 3\n{}",
+            GOOD.replace("198.18.0.100", "nope")
+                .replace("\"tcp\"", "\"sctp\"")
+                .replace("02:00:5e:10:00:01", "zz:00:5e:10:00:01")
+        );
+        let e = parse(&text).unwrap_err();
+        let got: Vec<(Option<usize>, &str)> = e
+            .fields()
+            .iter()
+            .map(|f| (f.line, f.field.as_str()))
+            .collect();
+        // Three agent lines come before GOOD (which starts with an empty
+        // line), in file order.
+        assert_eq!(
+            got,
+            vec![
+                (Some(2), "agent.interval_ms"),
+                (Some(3), "agent.speed"),
+                (Some(7), "service[0].vip"),
+                (Some(15), "service[0].instance[0].mac"),
+                (Some(26), "service[1].protocol"),
+            ],
+            "{e}"
+        );
+        let shown = e.to_string();
+        assert_eq!(shown.lines().count(), 5, "{shown}");
+        assert!(
+            shown.lines().all(|l| l.starts_with("test.toml:")),
+            "{shown}"
+        );
+        assert!(
+            shown.contains("test.toml:3: `agent.speed`: unknown key `speed` in `agent`"),
+            "{shown}"
+        );
+    }
+
+    #[test]
+    fn unknown_keys_point_at_their_own_line() {
+        let text = GOOD.replace("veth = \"slc-kv1\"", "veth = \"slc-kv1\"\nnetnss = \"kv1\"");
+        let e = only_error(&text);
+        assert_eq!(
+            (e.field.as_str(), e.line),
+            ("service[0].instance[1].netnss", Some(17))
+        );
+    }
+
+    #[test]
+    fn syntax_errors_name_the_line() {
+        let e = parse(&GOOD.replace("port = 443", "port = = 443")).unwrap_err();
+        assert!(matches!(e, ConfigError::Syntax { line: 22, .. }), "{e:?}");
+        assert!(e.to_string().starts_with("test.toml:22: "), "{e}");
+    }
+
+    #[test]
+    fn values_are_typed_and_defaults_apply() {
+        let c = parse(GOOD).unwrap();
+        assert_eq!(
+            c.services[1].vip,
+            "fd00:5100::100".parse::<IpAddr>().unwrap()
+        );
+        assert_eq!(c.services[1].pin, PinMode::Tcp, "TCP services pin TCP");
+        assert_eq!(c.services[0].pin, PinMode::None);
+        assert_eq!(c.agent, AgentConfig::default());
+        assert_eq!(c.services[0].wlm, WlmConfig::default());
+    }
+
+    #[test]
+    fn empty_config_is_rejected() {
+        assert_eq!(field_of(""), "service");
+    }
+
+    #[test]
+    fn mac_parsing() {
+        assert_eq!(
+            parse_mac("02:00:5e:10:00:01"),
+            Some([2, 0, 0x5e, 0x10, 0, 1])
+        );
+        assert_eq!(parse_mac("02:00:5e:10:00"), None);
+        assert_eq!(parse_mac("02:00:5e:10:00:01:02"), None);
+        assert_eq!(parse_mac("ff:ff:ff:ff:ff:ff"), None);
+        assert_eq!(format_mac(&[2, 0, 0x5e, 0x10, 0, 1]), "02:00:5e:10:00:01");
+    }
+}

@@ -1,0 +1,158 @@
+//! The config as written: serde types with the position of every value.
+//!
+//! Scalars are [`Field`]s: typed (`IpAddr`, `u16`, the enums below) when
+//! the value deserializes as that type, else the value as written, so one
+//! wrong value is reported with its field's own fix while the rest of the
+//! file is still checked. Unknown keys are collected, not fatal, for the
+//! same reason (see [`super::parse`]).
+
+use std::{net::IpAddr, ops::Range};
+
+use serde::{Deserialize, Deserializer, de::DeserializeOwned};
+use toml::Spanned;
+
+/// A scalar value with its byte range in the file.
+#[derive(Debug)]
+pub(super) struct Field<T> {
+    pub(super) span: Range<usize>,
+    /// The typed value, or the value as written when it is not a `T`.
+    pub(super) value: Result<T, toml::Value>,
+}
+
+impl<'de, T: DeserializeOwned> Deserialize<'de> for Field<T> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let written = Spanned::<toml::Value>::deserialize(d)?;
+        let span = written.span();
+        let raw = written.into_inner();
+        let value = T::deserialize(raw.clone()).map_err(|_: toml::de::Error| raw);
+        Ok(Self { span, value })
+    }
+}
+
+/// A value as a user would recognise it in their file: strings without
+/// quotes, anything else as TOML.
+pub(super) fn shown(v: &toml::Value) -> String {
+    match v {
+        toml::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+pub(super) struct RawConfig {
+    pub(super) agent: Option<Spanned<RawAgent>>,
+    #[serde(default)]
+    pub(super) service: Vec<Spanned<RawService>>,
+}
+
+#[derive(Debug, Deserialize)]
+pub(super) struct RawAgent {
+    pub(super) interval_ms: Option<Field<u32>>,
+    pub(super) max_moves_per_sec: Option<Field<f64>>,
+    pub(super) pinned_flows: Option<Field<u32>>,
+    pub(super) punt_queue: Option<Field<u32>>,
+}
+
+#[derive(Debug, Deserialize)]
+pub(super) struct RawWlm {
+    pub(super) capacity_pps: Option<Field<f64>>,
+    pub(super) overload: Option<Field<f64>>,
+    pub(super) underload: Option<Field<f64>>,
+    pub(super) sustain: Option<Field<u32>>,
+    pub(super) cooldown_ms: Option<Field<u32>>,
+    pub(super) min_group_units: Option<Field<u32>>,
+    pub(super) latency_target_ms: Option<Field<f64>>,
+    pub(super) queue_target: Option<Field<f64>>,
+    pub(super) in_flight_target: Option<Field<f64>>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+pub(super) enum RawProtocol {
+    #[serde(rename = "udp")]
+    Udp,
+    #[serde(rename = "tcp")]
+    Tcp,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+pub(super) enum RawPin {
+    #[serde(rename = "none")]
+    None,
+    #[serde(rename = "tcp")]
+    Tcp,
+    #[serde(rename = "tcp+udp")]
+    TcpUdp,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+pub(super) enum RawAssign {
+    #[serde(rename = "even")]
+    Even,
+    #[serde(rename = "on-demand")]
+    OnDemand,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+pub(super) enum RawTagKind {
+    #[serde(rename = "none")]
+    None,
+    #[serde(rename = "udp-payload")]
+    UdpPayload,
+    #[serde(rename = "ipv6-flow-label")]
+    Ipv6FlowLabel,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+pub(super) enum RawHealth {
+    #[serde(rename = "veth")]
+    Veth,
+    #[serde(rename = "reports")]
+    Reports,
+}
+
+/// A MAC address written `aa:bb:cc:dd:ee:ff`, unicast and not all zeros.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct Mac(pub(super) [u8; 6]);
+
+impl<'de> Deserialize<'de> for Mac {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        super::parse_mac(&text)
+            .map(Self)
+            .ok_or_else(|| serde::de::Error::custom("not a unicast MAC address"))
+    }
+}
+
+#[derive(Debug, Deserialize)]
+pub(super) struct RawService {
+    pub(super) name: Option<Field<String>>,
+    pub(super) vip: Option<Field<IpAddr>>,
+    pub(super) port: Option<Field<u16>>,
+    pub(super) ports: Option<Spanned<Vec<Field<u16>>>>,
+    pub(super) protocol: Option<Field<RawProtocol>>,
+    pub(super) tag: Option<Spanned<RawTag>>,
+    pub(super) pin: Option<Field<RawPin>>,
+    pub(super) pin_idle_secs: Option<Field<u32>>,
+    pub(super) assign: Option<Field<RawAssign>>,
+    pub(super) wlm: Option<Spanned<RawWlm>>,
+    #[serde(default)]
+    pub(super) instance: Vec<Spanned<RawInstance>>,
+}
+
+#[derive(Debug, Deserialize)]
+pub(super) struct RawTag {
+    pub(super) kind: Option<Field<RawTagKind>>,
+    pub(super) offset: Option<Field<u16>>,
+    pub(super) length: Option<Field<u16>>,
+}
+
+#[derive(Debug, Deserialize)]
+pub(super) struct RawInstance {
+    pub(super) name: Option<Field<String>>,
+    pub(super) veth: Option<Field<String>>,
+    pub(super) mac: Option<Field<Mac>>,
+    pub(super) netns: Option<Field<String>>,
+    pub(super) cgroup: Option<Field<String>>,
+    pub(super) cpu_limit: Option<Field<f64>>,
+    pub(super) health: Option<Field<RawHealth>>,
+}

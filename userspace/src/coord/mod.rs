@@ -1,0 +1,187 @@
+//! The coordination store: where the assignment (group -> owner, with a
+//! version) lives and where elements publish their load.
+//!
+//! Every change is a compare-and-swap on the versions of the groups it
+//! touches, so two elements can never move the same group at once: the
+//! second finds the version changed and gets [`CoordError::Conflict`].
+//! Owners are instance *names*, stable across restarts and hosts.
+//!
+//! The trait is async, so that a networked backend (etcd) fits it as well
+//! as [`EmbeddedStore`], which serves one host and persists the assignment
+//! to a JSON file (write to a temporary file, fsync, rename), so a
+//! restarted agent resumes it. Changes are announced on a stream
+//! ([`CoordStore::watch`]).
+//!
+//! May import `plan` (for [`Group`]); nothing above it.
+
+mod embedded;
+#[cfg(test)]
+pub(crate) mod fake;
+
+use std::{collections::HashMap, path::PathBuf, pin::Pin};
+
+pub use embedded::EmbeddedStore;
+use serde::{Deserialize, Serialize};
+use sluice_common::UNITS_PER_SERVICE;
+use tokio_stream::Stream;
+
+use crate::plan::Group;
+
+/// Version of a group entry: unique over the store's life, so a stale
+/// version never matches a newer entry (no ABA).
+pub type Version = u64;
+
+/// One group of a service's assignment.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupEntry {
+    #[serde(with = "group_text")]
+    pub group: Group,
+    /// Instance name.
+    pub owner: String,
+    pub version: Version,
+}
+
+/// What an element publishes each interval.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Load {
+    pub utilisation: f64,
+    pub rate_pps: f64,
+}
+
+/// A change others may want to react to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Event {
+    /// The assignment of this service changed.
+    Assignment { service: String },
+    /// The watcher fell behind and missed changes: read everything again.
+    Lagged,
+}
+
+/// Changes of the store, as they happen.
+pub type Events = Pin<Box<dyn Stream<Item = Event> + Send>>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CoordError {
+    #[error("service `{service}` has no assignment in the store")]
+    UnknownService { service: String },
+    #[error(
+        "group {group} of `{service}` changed under us (expected version {expected}, found {found:?})"
+    )]
+    Conflict {
+        service: String,
+        group: Group,
+        expected: Version,
+        /// Current version, or `None` when the group no longer exists
+        /// (it was split or merged).
+        found: Option<Version>,
+    },
+    #[error("{a} and {b} are not buddies and cannot merge")]
+    NotBuddies { a: Group, b: Group },
+    #[error("{a} and {b} have different owners; move one first")]
+    DifferentOwners { a: Group, b: Group },
+    #[error("group {group} is a single unit and cannot split")]
+    Indivisible { group: Group },
+    #[error("initial assignment of `{service}` is not a partition of the units: {reason}")]
+    NotAPartition { service: String, reason: String },
+    #[error("store file {path}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "store file {path} is corrupt: {reason}; move it away to start from a fresh assignment"
+    )]
+    Corrupt { path: PathBuf, reason: String },
+}
+
+/// The coordination store, as the WLM elements use it. Every write is a
+/// compare-and-swap on group versions.
+#[async_trait::async_trait]
+pub trait CoordStore: Send + Sync {
+    /// Groups of `service`, sorted by base.
+    async fn groups(&self, service: &str) -> Result<Vec<GroupEntry>, CoordError>;
+    /// The group of `service` that holds `unit`.
+    async fn group_of(&self, service: &str, unit: u32) -> Result<GroupEntry, CoordError> {
+        Ok(self
+            .groups(service)
+            .await?
+            .into_iter()
+            .find(|e| e.group.contains(unit))
+            .expect("the groups partition the units"))
+    }
+    /// Stores `groups` as the assignment of `service` unless it has one;
+    /// returns whether it did. The groups must partition the units.
+    async fn init(&self, service: &str, groups: &[(Group, String)]) -> Result<bool, CoordError>;
+    /// Replaces the assignment of `service` whole (after a config change
+    /// made the stored one invalid).
+    async fn reset(&self, service: &str, groups: &[(Group, String)]) -> Result<(), CoordError>;
+    /// Gives `group` to `to`, if it is still at `version`.
+    async fn move_group(
+        &self,
+        service: &str,
+        group: Group,
+        version: Version,
+        to: &str,
+    ) -> Result<Version, CoordError>;
+    /// Splits `group` into its halves, same owner, if it is at `version`.
+    async fn split(
+        &self,
+        service: &str,
+        group: Group,
+        version: Version,
+    ) -> Result<[GroupEntry; 2], CoordError>;
+    /// Merges two buddies with one owner, if both are at their versions.
+    async fn merge(
+        &self,
+        service: &str,
+        a: (Group, Version),
+        b: (Group, Version),
+    ) -> Result<GroupEntry, CoordError>;
+    /// Publishes an instance's load.
+    async fn publish_load(&self, instance: &str, load: Load) -> Result<(), CoordError>;
+    /// Every instance's last published load.
+    async fn loads(&self) -> Result<HashMap<String, Load>, CoordError>;
+    /// Changes from now on.
+    fn watch(&self) -> Events;
+}
+
+/// Checks that `groups` (any order) cover every unit exactly once.
+pub fn check_partition<'a>(groups: impl IntoIterator<Item = &'a Group>) -> Result<(), String> {
+    let mut sorted: Vec<&Group> = groups.into_iter().collect();
+    sorted.sort_by_key(|g| g.base());
+    let mut at = 0;
+    for g in sorted {
+        if g.base() != at {
+            return Err(if g.base() < at {
+                format!("{g} overlaps the group before it")
+            } else {
+                format!("units {at:#06x}..{:#06x} have no group", g.base())
+            });
+        }
+        at += g.size();
+    }
+    if at != UNITS_PER_SERVICE {
+        return Err(format!("units {at:#06x}.. have no group"));
+    }
+    Ok(())
+}
+
+mod group_text {
+    use serde::{Deserialize as _, Deserializer, Serializer, de::Error as _};
+
+    use crate::plan::Group;
+
+    #[expect(
+        clippy::trivially_copy_pass_by_ref,
+        reason = "serde's `with` hands a reference"
+    )]
+    pub fn serialize<S: Serializer>(g: &Group, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(g)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Group, D::Error> {
+        let text = String::deserialize(d)?;
+        text.parse().map_err(D::Error::custom)
+    }
+}

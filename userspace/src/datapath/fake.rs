@@ -1,0 +1,212 @@
+//! Data paths for unit tests of the control loop, without a kernel:
+//! [`MemDatapath`] keeps the owner table and the counters in memory (tests
+//! drive traffic into it with [`MemDatapath::deliver`]), and [`Faulty`]
+//! wraps any data path and makes one chosen kind of write fail once.
+
+use std::{collections::HashMap, io};
+
+use aya::{maps::MapError, sys::SyscallError};
+use sluice_common::{
+    HIT_BUCKETS_PER_SERVICE, UNITS_PER_SERVICE, hit_index,
+    maps::{InstanceCounters, NO_OWNER, ServiceCounters, names},
+    owner_index,
+};
+
+use super::{Datapath, DatapathError, GlobalCounters};
+use crate::plan::Group;
+
+/// An in-memory data path: what the XDP program would hold, and what it
+/// would count if packets of the given units arrived.
+#[derive(Debug, Default)]
+pub(crate) struct MemDatapath {
+    /// `owner_index(service, unit)` -> owner; absent: `NO_OWNER`.
+    owners: HashMap<u32, u32>,
+    /// Instances marked not live.
+    dead: std::collections::HashSet<u32>,
+    global: GlobalCounters,
+    services: HashMap<u32, ServiceCounters>,
+    instances: HashMap<u32, InstanceCounters>,
+    hits: HashMap<u32, u64>,
+    /// Owner-table writes so far, one per group.
+    pub(crate) group_writes: usize,
+}
+
+impl MemDatapath {
+    /// As if `n` packets of `unit` of service `service_id` arrived: counted
+    /// against the unit, and delivered to its owner if it has a live one.
+    pub(crate) fn deliver(&mut self, service_id: u32, unit: u32, n: u64) {
+        let owner = self.owner_of_unit(service_id, unit);
+        *self.hits.entry(hit_index(service_id, unit)).or_default() += n;
+        let s = self.services.entry(service_id).or_default();
+        s.packets += n;
+        if owner != NO_OWNER && !self.dead.contains(&owner) {
+            s.delivered += n;
+            self.instances.entry(owner).or_default().packets += n;
+        } else {
+            s.unowned += n;
+        }
+    }
+
+    /// As [`Self::deliver`], spread evenly over every unit of `group`.
+    pub(crate) fn deliver_group(&mut self, service_id: u32, group: Group, n: u64) {
+        let per = (n / u64::from(group.size())).max(1);
+        for unit in group.units().step_by((group.size() as usize).div_ceil(256)) {
+            self.deliver(service_id, unit, per);
+        }
+    }
+
+    pub(crate) fn is_live(&self, id: u32) -> bool {
+        !self.dead.contains(&id)
+    }
+
+    /// Every unit of service `service_id` with its owner, as runs of
+    /// (first unit, owner).
+    pub(crate) fn owner_runs(&self, service_id: u32) -> Vec<(u32, u32)> {
+        let mut runs: Vec<(u32, u32)> = Vec::new();
+        for unit in 0..UNITS_PER_SERVICE {
+            let o = self.owner_of_unit(service_id, unit);
+            if runs.last().is_none_or(|r| r.1 != o) {
+                runs.push((unit, o));
+            }
+        }
+        runs
+    }
+}
+
+impl Datapath for MemDatapath {
+    fn set_group_owner(
+        &mut self,
+        service_id: u32,
+        group: Group,
+        owner: u32,
+    ) -> Result<(), DatapathError> {
+        for unit in group.units() {
+            self.owners.insert(owner_index(service_id, unit), owner);
+        }
+        self.group_writes += 1;
+        Ok(())
+    }
+
+    fn owner_of_unit(&self, service_id: u32, unit: u32) -> u32 {
+        self.owners
+            .get(&owner_index(service_id, unit))
+            .copied()
+            .unwrap_or(NO_OWNER)
+    }
+
+    fn set_instance_live(&mut self, id: u32, live: bool) -> Result<(), DatapathError> {
+        if live {
+            self.dead.remove(&id);
+        } else {
+            self.dead.insert(id);
+        }
+        Ok(())
+    }
+
+    fn global_counters(&self) -> Result<GlobalCounters, DatapathError> {
+        Ok(self.global)
+    }
+
+    fn service_counters(&self, id: u32) -> Result<ServiceCounters, DatapathError> {
+        Ok(self.services.get(&id).copied().unwrap_or_default())
+    }
+
+    fn instance_counters(&self, id: u32) -> Result<InstanceCounters, DatapathError> {
+        Ok(self.instances.get(&id).copied().unwrap_or_default())
+    }
+
+    fn unit_hits(&self, id: u32) -> Result<Vec<u64>, DatapathError> {
+        Ok((0..HIT_BUCKETS_PER_SERVICE)
+            .map(|b| {
+                self.hits
+                    .get(&(id * HIT_BUCKETS_PER_SERVICE + b))
+                    .copied()
+                    .unwrap_or(0)
+            })
+            .collect())
+    }
+}
+
+/// Which call of a [`Faulty`] data path fails.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Fault {
+    SetGroupOwner,
+    SetInstanceLive,
+}
+
+/// A data path whose next call of one kind fails, once, the way a map
+/// update fails in the kernel (`ENOMEM`), writing nothing.
+#[derive(Debug, Default)]
+pub(crate) struct Faulty<D> {
+    pub(crate) inner: D,
+    armed: Option<Fault>,
+    /// Faults delivered so far.
+    pub(crate) fired: usize,
+}
+
+impl<D> Faulty<D> {
+    pub(crate) fn new(inner: D) -> Self {
+        Self {
+            inner,
+            armed: None,
+            fired: 0,
+        }
+    }
+
+    /// The next call of kind `f` fails.
+    pub(crate) fn fail_once(&mut self, f: Fault) {
+        self.armed = Some(f);
+    }
+
+    fn trip(&mut self, f: Fault, map: &'static str) -> Result<(), DatapathError> {
+        if self.armed != Some(f) {
+            return Ok(());
+        }
+        self.armed = None;
+        self.fired += 1;
+        Err(DatapathError::Map {
+            name: map,
+            source: MapError::SyscallError(SyscallError {
+                call: "bpf_map_update_elem",
+                io_error: io::Error::from_raw_os_error(libc::ENOMEM),
+            }),
+        })
+    }
+}
+
+impl<D: Datapath> Datapath for Faulty<D> {
+    fn set_group_owner(
+        &mut self,
+        service_id: u32,
+        group: Group,
+        owner: u32,
+    ) -> Result<(), DatapathError> {
+        self.trip(Fault::SetGroupOwner, names::OWNERS)?;
+        self.inner.set_group_owner(service_id, group, owner)
+    }
+
+    fn owner_of_unit(&self, service_id: u32, unit: u32) -> u32 {
+        self.inner.owner_of_unit(service_id, unit)
+    }
+
+    fn set_instance_live(&mut self, id: u32, live: bool) -> Result<(), DatapathError> {
+        self.trip(Fault::SetInstanceLive, names::INSTANCES)?;
+        self.inner.set_instance_live(id, live)
+    }
+
+    fn global_counters(&self) -> Result<GlobalCounters, DatapathError> {
+        self.inner.global_counters()
+    }
+
+    fn service_counters(&self, id: u32) -> Result<ServiceCounters, DatapathError> {
+        self.inner.service_counters(id)
+    }
+
+    fn instance_counters(&self, id: u32) -> Result<InstanceCounters, DatapathError> {
+        self.inner.instance_counters(id)
+    }
+
+    fn unit_hits(&self, id: u32) -> Result<Vec<u64>, DatapathError> {
+        self.inner.unit_hits(id)
+    }
+}

@@ -1,0 +1,128 @@
+//! The data path as the control loop sees it: the [`Datapath`] trait (write
+//! owners, set an instance live, read counters), and its implementations.
+//!
+//! - [`xdp`]: the real one: loads the XDP program, sizes and writes its maps,
+//!   attaches, pins and adopts across agent restarts;
+//! - [`punt`]: the agent's end of the punt path (`AF_XDP` sockets, re-injection);
+//! - `fake` (tests only): an in-memory data path, and a wrapper that makes
+//!   a chosen write fail once.
+//!
+//! May import `plan` (what to program), `sys` and `telemetry`; nothing
+//! above it (`control`, `agent`) is known here.
+
+#[cfg(test)]
+pub(crate) mod fake;
+mod owners;
+pub mod punt;
+pub mod xdp;
+
+use std::path::PathBuf;
+
+use ::aya::{maps::MapError, programs::ProgramError};
+use sluice_common::{
+    counters,
+    maps::{InstanceCounters, PROGRAM_NAME, ServiceCounters},
+};
+
+use crate::plan::Group;
+
+/// Global counters, indexed as in [`sluice_common::counters`].
+pub type GlobalCounters = [u64; counters::COUNT as usize];
+
+/// What the control loop needs of a data path. Ids are the plan's: services
+/// from 0, instances from 1 (`NO_OWNER` is 0).
+pub trait Datapath {
+    /// Points every unit of `group` of service `service_id` at instance
+    /// `owner` (`NO_OWNER`: the group is unowned and its packets are punted).
+    fn set_group_owner(
+        &mut self,
+        service_id: u32,
+        group: Group,
+        owner: u32,
+    ) -> Result<(), DatapathError>;
+    /// The owner the data path has for `unit` of service `service_id`.
+    fn owner_of_unit(&self, service_id: u32, unit: u32) -> u32;
+    /// Marks instance `id` live or not: the packets of a dead instance are
+    /// unowned and its pinned flows no longer hold.
+    fn set_instance_live(&mut self, id: u32, live: bool) -> Result<(), DatapathError>;
+    /// Global counters summed over CPUs.
+    fn global_counters(&self) -> Result<GlobalCounters, DatapathError>;
+    /// Counters of service `id`, summed over CPUs.
+    fn service_counters(&self, id: u32) -> Result<ServiceCounters, DatapathError>;
+    /// What was delivered to instance `id`, summed over CPUs.
+    fn instance_counters(&self, id: u32) -> Result<InstanceCounters, DatapathError>;
+    /// Hit counts of service `id`'s unit buckets
+    /// (`HIT_BUCKETS_PER_SERVICE` of them), summed over CPUs.
+    fn unit_hits(&self, id: u32) -> Result<Vec<u64>, DatapathError>;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DatapathError {
+    #[error(
+        "this build carries no XDP program (it was built without bpf-linker); run `cargo xtask setup`, then rebuild"
+    )]
+    ObjectMissing,
+    #[error("loading the XDP object failed")]
+    Load(#[source] aya::EbpfError),
+    #[error("the XDP object has no {what} `{name}`")]
+    Missing {
+        what: &'static str,
+        name: &'static str,
+    },
+    #[error("map `{name}`")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: MapError,
+    },
+    #[error("bpffs directory {dir}")]
+    PinDir {
+        dir: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "map `{map}` pinned in {dir} has {pinned} entries, this config needs {wanted}; run `sluice detach --pin-dir {dir}` (it drops pinned flows) and start again"
+    )]
+    PinMismatch {
+        dir: PathBuf,
+        map: &'static str,
+        pinned: u32,
+        wanted: u32,
+    },
+    #[error("adopting the data path pinned in {dir}: {problem}")]
+    Adopt { dir: PathBuf, problem: String },
+    #[error("mapping the owner array into memory")]
+    Mmap {
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("program `{PROGRAM_NAME}`")]
+    Program(#[source] ProgramError),
+    #[error("attaching to `{iface}` failed")]
+    Attach {
+        iface: String,
+        #[source]
+        source: ProgramError,
+    },
+}
+
+/// How the program is attached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttachMode {
+    /// In the driver (native XDP).
+    Native,
+    /// In the generic kernel path (slower; for drivers without XDP).
+    Generic,
+}
+
+impl AttachMode {
+    /// `native` or `generic`, as logs and metrics say it.
+    #[must_use]
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Native => "native",
+            Self::Generic => "generic",
+        }
+    }
+}
