@@ -19,26 +19,26 @@ use sluice_tests::{
 };
 
 #[derive(Serialize)]
-pub struct Figures {
-    pub interval_ms: u64,
-    pub sustain: u32,
+pub(crate) struct Figures {
+    pub(crate) interval_ms: u64,
+    pub(crate) sustain: u32,
     /// Step change to the first interval that sees the overload.
-    pub detect_s: f64,
+    pub(crate) detect_s: f64,
     /// Overload seen to the first split written to the owner map.
-    pub decide_s: f64,
+    pub(crate) decide_s: f64,
     /// Step change to balanced (nobody over 0.8, no drops, then 2 s calm).
-    pub balance_s: f64,
-    pub moves: usize,
-    pub drain_groups: usize,
-    pub drain_rate: f64,
-    pub drain_s: f64,
+    pub(crate) balance_s: f64,
+    pub(crate) moves: usize,
+    pub(crate) drain_groups: usize,
+    pub(crate) drain_rate: f64,
+    pub(crate) drain_s: f64,
 }
 
 const INTERVAL_MS: u64 = 250;
 const SUSTAIN: u32 = 2;
 const MOVES_PER_SEC: f64 = 4.0;
 
-pub fn run() -> anyhow::Result<Figures> {
+pub(crate) fn run() -> anyhow::Result<Figures> {
     let tb = Testbed::new("bench", 3)?;
     let toml = format!(
         "[agent]\ninterval_ms = {INTERVAL_MS}\nmax_moves_per_sec = {MOVES_PER_SEC}\n\n\

@@ -36,13 +36,13 @@ use sluice_tests::{
 };
 
 #[derive(Serialize)]
-pub struct Row {
-    pub path: String,
-    pub generator: String,
-    pub generated_pps: f64,
-    pub delivered_pps: f64,
-    pub cores_busy: f64,
-    pub pps_per_core: f64,
+pub(crate) struct Row {
+    pub(crate) path: String,
+    pub(crate) generator: String,
+    pub(crate) generated_pps: f64,
+    pub(crate) delivered_pps: f64,
+    pub(crate) cores_busy: f64,
+    pub(crate) pps_per_core: f64,
 }
 
 const INSTANCES: usize = 4;
@@ -239,7 +239,7 @@ fn measure(
     })
 }
 
-pub fn run(secs: f64) -> anyhow::Result<Vec<Row>> {
+pub(crate) fn run(secs: f64) -> anyhow::Result<Vec<Row>> {
     if Command::new("nft").arg("--version").output().is_err() {
         bail!("`nft` not found: the nftables baseline needs it (`cargo xtask bench` installs it)");
     }

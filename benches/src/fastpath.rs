@@ -29,20 +29,20 @@ use sluice_tests::{
 };
 
 #[derive(Serialize)]
-pub struct Row {
-    pub scale: String,
-    pub frame: String,
-    pub repeat_ns: f64,
-    pub empty_repeat_ns: f64,
-    pub fresh_ns: f64,
-    pub empty_fresh_ns: f64,
+pub(crate) struct Row {
+    pub(crate) scale: String,
+    pub(crate) frame: String,
+    pub(crate) repeat_ns: f64,
+    pub(crate) empty_repeat_ns: f64,
+    pub(crate) fresh_ns: f64,
+    pub(crate) empty_fresh_ns: f64,
 }
 
 #[derive(Serialize)]
-pub struct WriteRow {
-    pub units: u32,
-    pub mmap_us: f64,
-    pub syscall_us: f64,
+pub(crate) struct WriteRow {
+    pub(crate) units: u32,
+    pub(crate) mmap_us: f64,
+    pub(crate) syscall_us: f64,
 }
 
 struct Scale {
@@ -246,7 +246,7 @@ fn prefill_pins(h: &mut Harness, n: u32) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub fn run(repeat: u32, fresh: u32) -> anyhow::Result<(Vec<Row>, Vec<WriteRow>)> {
+pub(crate) fn run(repeat: u32, fresh: u32) -> anyhow::Result<(Vec<Row>, Vec<WriteRow>)> {
     let mut empty_obj = Ebpf::load(objects::EMPTY_XDP).context("loading the empty program")?;
     let empty = empty_program(&mut empty_obj)?;
     let frames = frames();

@@ -17,9 +17,9 @@ use sluice::config::Config;
 use sluice_tests::{harness::Harness, testbed::Testbed};
 
 #[derive(Serialize)]
-pub struct Figures {
-    pub per_service_bytes: u64,
-    pub per_pinned_flow_bytes: f64,
+pub(crate) struct Figures {
+    pub(crate) per_service_bytes: u64,
+    pub(crate) per_pinned_flow_bytes: f64,
     pub maps_1_service_bytes: u64,
     /// Resident memory of the agent: (all, anonymous). "All" counts the
     /// owner array's pages, which the agent maps and which are the kernel
@@ -171,7 +171,7 @@ fn agent_rss(sluice: &Path, tb: &Testbed, toml: &str) -> anyhow::Result<(u64, u6
     Ok((field("VmRSS:")?, field("RssAnon:")?))
 }
 
-pub fn run(sluice: &Path) -> anyhow::Result<Figures> {
+pub(crate) fn run(sluice: &Path) -> anyhow::Result<Figures> {
     let veths_for = |n: usize| -> Vec<(String, [u8; 6])> {
         (0..n)
             .map(|i| {

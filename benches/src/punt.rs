@@ -20,12 +20,12 @@ use sluice_tests::{
 };
 
 #[derive(Serialize)]
-pub struct Row {
-    pub case: String,
-    pub frames: u64,
-    pub claims: usize,
-    pub seconds: f64,
-    pub frames_per_second: f64,
+pub(crate) struct Row {
+    pub(crate) case: String,
+    pub(crate) frames: u64,
+    pub(crate) claims: usize,
+    pub(crate) seconds: f64,
+    pub(crate) frames_per_second: f64,
 }
 
 fn case(name: &str, min_group_units: u32) -> anyhow::Result<Row> {
@@ -90,7 +90,7 @@ fn case(name: &str, min_group_units: u32) -> anyhow::Result<Row> {
     })
 }
 
-pub fn run() -> anyhow::Result<Vec<Row>> {
+pub(crate) fn run() -> anyhow::Result<Vec<Row>> {
     Ok(vec![
         case("a claim per frame (groups of 1 unit)", 1)?,
         case(

@@ -175,14 +175,22 @@ const _: () = assert!(size_of::<InstanceCounters>() == 32);
 
 #[cfg(feature = "user")]
 mod pod {
-    // SAFETY: all of these are repr(C), made of integers and byte arrays,
-    // with every padding byte written out as a named field.
+    // SAFETY (each): repr(C), made only of integers and integer arrays,
+    // with every padding byte written out as a named field and the size
+    // asserted above, so any bytes the kernel hands back are a valid value.
+    // SAFETY: as above.
     unsafe impl aya::Pod for super::ServiceKey {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for super::ServiceEntry {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for super::InstanceEntry {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for super::ServiceCounters {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for super::InstanceCounters {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for super::PinKey {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for super::Pin {}
 }
 

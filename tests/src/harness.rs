@@ -69,9 +69,8 @@ impl Harness {
 
     #[must_use]
     pub fn from_config(config: &Config) -> Self {
-        // SAFETY: geteuid has no preconditions.
         assert!(
-            unsafe { libc::geteuid() } == 0,
+            crate::is_root(),
             "the kernel tests load an XDP program: run them as root (or with CAP_BPF and CAP_NET_ADMIN)"
         );
         let mut next = 0u32;

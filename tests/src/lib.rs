@@ -9,6 +9,14 @@ pub mod process;
 pub mod testbed;
 pub mod traffic;
 
+/// Whether this process runs as root (the kernel and namespace tests need
+/// it).
+#[must_use]
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
 /// Runs `f` to completion on this thread's own runtime: the tests drive the
 /// agent's async control loop from plain threads, as `sluice run` drives it
 /// from its event loop.

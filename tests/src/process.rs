@@ -44,13 +44,9 @@ pub fn ip(args: &[&str]) {
 
 /// A namespace with the "NIC" veth `nic0` and `n` instance veths `v<i>`
 /// (peers `p<i>` with MAC `02:5c:00:00:00:<i+1>`), all up.
+#[must_use]
 pub fn netns(tag: &str, n: usize) -> Netns {
-    // SAFETY: geteuid has no preconditions.
-    assert_eq!(
-        unsafe { libc::geteuid() },
-        0,
-        "run as root: the agent attaches XDP"
-    );
+    assert!(crate::is_root(), "run as root: the agent attaches XDP");
     let ns = Netns(format!("sl-{tag}-{}", std::process::id()));
     ip(&["netns", "add", &ns.0]);
     // No IPv6 autoconfiguration chatter: tests count the frames on links.
@@ -140,6 +136,7 @@ impl Drop for PinDir {
 }
 
 /// Starts `sluice run` in `ns` and waits until its API answers.
+#[must_use]
 pub fn start(ns: &Netns, s: &Start<'_>) -> Agent {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("sluice.toml");
@@ -211,6 +208,7 @@ impl Agent {
     }
 
     /// Sends SIGTERM and waits for the agent to exit.
+    #[must_use]
     pub fn stop(mut self) -> std::process::ExitStatus {
         // SAFETY: signalling the child this test started.
         unsafe { libc::kill(i32::try_from(self.child.id()).expect("pid"), libc::SIGTERM) };

@@ -100,8 +100,7 @@ impl Testbed {
     /// Builds a testbed with `n` instances. `tag` names the test in the
     /// namespace names (`sl-<tag>-<pid>-<n>-...`).
     pub fn new(tag: &str, n: usize) -> Result<Self, TestbedError> {
-        // SAFETY: geteuid has no preconditions.
-        if unsafe { libc::geteuid() } != 0 {
+        if !crate::is_root() {
             return Err(TestbedError::NotRoot);
         }
         let id = NEXT.fetch_add(1, Ordering::Relaxed);

@@ -175,7 +175,7 @@ fn main() -> ExitCode {
         Command::Undrain {
             instance,
             api_socket,
-        } => cli::undrain(&api_socket, instance),
+        } => cli::undrain(&api_socket, &instance),
         Command::Report {
             instance,
             latency_p99_ms,

@@ -42,7 +42,7 @@ const UDP_SPORT: usize = 14 + 20;
     clippy::needless_pass_by_value,
     reason = "the #[xdp] macro hands over the context by value"
 )]
-pub fn generate(ctx: XdpContext) -> u32 {
+fn generate(ctx: XdpContext) -> u32 {
     let (data, end) = (ctx.data(), ctx.data_end());
     if data + TEMPLATE_LEN > end {
         return XDP_PASS;
@@ -68,7 +68,7 @@ pub fn generate(ctx: XdpContext) -> u32 {
     clippy::needless_pass_by_value,
     reason = "the #[xdp] macro hands over the context by value"
 )]
-pub fn sink(ctx: XdpContext) -> u32 {
+fn sink(ctx: XdpContext) -> u32 {
     let (data, end) = (ctx.data(), ctx.data_end());
     if data + UDP_SPORT > end {
         return XDP_PASS;

@@ -6,7 +6,7 @@
 use aya_ebpf::{bindings::xdp_action::XDP_PASS, macros::xdp, programs::XdpContext};
 
 #[xdp]
-pub fn empty(_ctx: XdpContext) -> u32 {
+fn empty(_ctx: XdpContext) -> u32 {
     XDP_PASS
 }
 

@@ -81,7 +81,7 @@ static UNIT_HITS: PerCpuArray<u64> =
     clippy::needless_pass_by_value,
     reason = "the #[xdp] macro hands over the context by value"
 )]
-pub fn sluice_xdp(ctx: XdpContext) -> u32 {
+fn sluice_xdp(ctx: XdpContext) -> u32 {
     let frame = XdpFrame::new(&ctx);
     let (action, counter) = match try_sluice_xdp(&frame) {
         Ok(outcome) => outcome,

@@ -201,7 +201,11 @@ fn test(env: &setup::Env, args: &[String]) -> anyhow::Result<()> {
     if !setup::is_root() {
         eprintln!("[test] not root: running the tests that need no privileges");
         let a = extra(vec!["test", "--no-fail-fast"]);
-        cargo(env, &a.iter().map(String::as_str).collect::<Vec<_>>(), false)?;
+        cargo(
+            env,
+            &a.iter().map(String::as_str).collect::<Vec<_>>(),
+            false,
+        )?;
         bail!(
             "ran only the unprivileged tests; the kernel and end-to-end tests (package {ROOT_TESTS}: \
              BPF_PROG_TEST_RUN, network namespaces, XDP on veths, the agent as a process) need root: \
@@ -217,7 +221,11 @@ fn test(env: &setup::Env, args: &[String]) -> anyhow::Result<()> {
         "sluice-ebpf",
         "--no-fail-fast",
     ]);
-    cargo(env, &a.iter().map(String::as_str).collect::<Vec<_>>(), false)
+    cargo(
+        env,
+        &a.iter().map(String::as_str).collect::<Vec<_>>(),
+        false,
+    )
 }
 
 fn workspace_root() -> PathBuf {

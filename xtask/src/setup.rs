@@ -30,24 +30,24 @@ const DEBIAN_PACKAGES: [&str; 4] = [
 ];
 
 /// What the build needs to know about the eBPF toolchain.
-pub struct Env {
+pub(crate) struct Env {
     /// Toolchain that builds the eBPF crate (`nightly` or `stable`).
-    pub toolchain: String,
+    pub(crate) toolchain: String,
     /// Stable toolchain: unlock `-Z build-std` with `RUSTC_BOOTSTRAP=1`.
-    pub bootstrap: bool,
+    pub(crate) bootstrap: bool,
     /// Where `cargo install` puts binaries (bpf-linker).
-    pub cargo_bin: PathBuf,
+    pub(crate) cargo_bin: PathBuf,
     /// Pieces found missing in `--check` mode.
-    pub missing: Vec<String>,
+    pub(crate) missing: Vec<String>,
 }
 
 impl Env {
-    pub fn complete(&self) -> bool {
+    pub(crate) fn complete(&self) -> bool {
         self.missing.is_empty()
     }
 
     /// Sets the variables the userspace build script reads.
-    pub fn apply(&self, cmd: &mut Command) {
+    pub(crate) fn apply(&self, cmd: &mut Command) {
         cmd.env("SLUICE_EBPF_TOOLCHAIN", &self.toolchain);
         if self.bootstrap {
             cmd.env("RUSTC_BOOTSTRAP", "1");
@@ -56,14 +56,14 @@ impl Env {
     }
 
     /// `cargo` of the eBPF toolchain.
-    pub fn toolchain_cargo(&self) -> Command {
+    pub(crate) fn toolchain_cargo(&self) -> Command {
         let mut c = Command::new("rustup");
         c.args(["run", &self.toolchain, "cargo"]);
         c
     }
 }
 
-pub fn is_root() -> bool {
+pub(crate) fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
     unsafe { libc::geteuid() == 0 }
 }
@@ -95,7 +95,7 @@ fn step(what: &str, state: &str) {
 
 /// Ensures every piece is there, installing what is missing (unless
 /// `check_only`, which only records it).
-pub fn ensure(check_only: bool) -> anyhow::Result<Env> {
+pub(crate) fn ensure(check_only: bool) -> anyhow::Result<Env> {
     let mut env = Env {
         toolchain: String::new(),
         bootstrap: false,
@@ -231,7 +231,7 @@ fn debian_packages(env: &mut Env, check_only: bool) -> anyhow::Result<()> {
 }
 
 /// Installs the Debian packages among `pkgs` that are missing.
-pub fn debian(
+pub(crate) fn debian(
     env: &mut Env,
     pkgs: &[&str],
     what: &str,

@@ -114,11 +114,11 @@ pub fn drain(api_socket: &Path, instance: &str, timeout: u64) -> anyhow::Result<
 }
 
 /// `sluice undrain INSTANCE`.
-pub fn undrain(api_socket: &Path, instance: String) -> anyhow::Result<()> {
+pub fn undrain(api_socket: &Path, instance: &str) -> anyhow::Result<()> {
     api::call(
         api_socket,
         &Request::Undrain {
-            instance: instance.clone(),
+            instance: instance.to_owned(),
         },
     )?;
     println!("{instance}: undrained; it may take work again");

@@ -121,12 +121,15 @@ struct Checker<'a> {
     errors: Vec<FieldError>,
 }
 
+/// Where an instance's name and veth are written.
+type InstanceSpans = (Range<usize>, Range<usize>);
+
 /// Where the uniqueness checks point.
 struct ServiceSpans {
     name: Range<usize>,
     ports: Vec<Range<usize>>,
     ports_field: String,
-    instances: Vec<(Range<usize>, Range<usize>)>,
+    instances: Vec<InstanceSpans>,
 }
 
 impl Checker<'_> {
@@ -415,7 +418,7 @@ impl Checker<'_> {
                 "add a [[service.instance]] table with name and veth",
             );
         }
-        let instances: Vec<Option<(Instance, (Range<usize>, Range<usize>))>> = raw
+        let instances: Vec<Option<(Instance, InstanceSpans)>> = raw
             .instance
             .into_iter()
             .enumerate()
@@ -618,56 +621,65 @@ impl Checker<'_> {
                 );
                 None
             }
-            RawTagKind::UdpPayload => {
-                let length_fix = format!(
-                    "use 1 to {MAX_TAG_LEN}; longer tags can be shortened to a prefix that still names the unit of work"
-                );
-                let length = match self.required(
-                    raw.length,
-                    &table,
-                    &format!("{at}.tag.length"),
-                    &format!("set length = 1..{MAX_TAG_LEN} (tag bytes)"),
-                    |v| {
-                        (
-                            format!("{v} bytes is not a supported tag length"),
-                            length_fix.clone(),
-                        )
-                    },
-                ) {
-                    Some((l, _)) if l >= 1 && u32::from(l) <= MAX_TAG_LEN => Some(l),
-                    Some((l, span)) => {
-                        self.report(
-                            Some(&span),
-                            format!("{at}.tag.length"),
-                            format!("{l} bytes is not a supported tag length"),
-                            length_fix,
-                        );
-                        None
-                    }
-                    None => None,
-                };
-                let offset_err = |v: &str| {
-                    (
-                        format!("offset {v} is outside any datagram"),
-                        "use a byte offset from 0 to 9000 into the UDP payload".to_owned(),
-                    )
-                };
-                let offset = match self.typed(raw.offset, &format!("{at}.tag.offset"), offset_err) {
-                    Got::Absent => Some(0),
-                    Got::Value(o, _) if o <= 9000 => Some(o),
-                    Got::Value(o, span) => {
-                        let (problem, fix) = offset_err(&o.to_string());
-                        self.report(Some(&span), format!("{at}.tag.offset"), problem, fix);
-                        None
-                    }
-                    Got::Bad => None,
-                };
-                Some(TagSpec::UdpPayload {
-                    offset: offset?,
-                    length: length?,
-                })
-            }
+            RawTagKind::UdpPayload => self.udp_payload_tag(at, &table, raw.length, raw.offset),
         }
+    }
+
+    /// `length` (required) and `offset` of a `udp-payload` tag.
+    fn udp_payload_tag(
+        &mut self,
+        at: &str,
+        table: &Range<usize>,
+        length: Option<Field<u16>>,
+        offset: Option<Field<u16>>,
+    ) -> Option<TagSpec> {
+        let length_fix = format!(
+            "use 1 to {MAX_TAG_LEN}; longer tags can be shortened to a prefix that still names the unit of work"
+        );
+        let length = match self.required(
+            length,
+            table,
+            &format!("{at}.tag.length"),
+            &format!("set length = 1..{MAX_TAG_LEN} (tag bytes)"),
+            |v| {
+                (
+                    format!("{v} bytes is not a supported tag length"),
+                    length_fix.clone(),
+                )
+            },
+        ) {
+            Some((l, _)) if l >= 1 && u32::from(l) <= MAX_TAG_LEN => Some(l),
+            Some((l, span)) => {
+                self.report(
+                    Some(&span),
+                    format!("{at}.tag.length"),
+                    format!("{l} bytes is not a supported tag length"),
+                    length_fix,
+                );
+                None
+            }
+            None => None,
+        };
+        let offset_err = |v: &str| {
+            (
+                format!("offset {v} is outside any datagram"),
+                "use a byte offset from 0 to 9000 into the UDP payload".to_owned(),
+            )
+        };
+        let offset = match self.typed(offset, &format!("{at}.tag.offset"), offset_err) {
+            Got::Absent => Some(0),
+            Got::Value(o, _) if o <= 9000 => Some(o),
+            Got::Value(o, span) => {
+                let (problem, fix) = offset_err(&o.to_string());
+                self.report(Some(&span), format!("{at}.tag.offset"), problem, fix);
+                None
+            }
+            Got::Bad => None,
+        };
+        Some(TagSpec::UdpPayload {
+            offset: offset?,
+            length: length?,
+        })
     }
 
     fn wlm(&mut self, at: &str, raw: Option<Spanned<RawWlm>>) -> Option<WlmConfig> {
@@ -761,11 +773,11 @@ impl Checker<'_> {
         &mut self,
         at: &str,
         raw: Spanned<RawInstance>,
-    ) -> Option<(Instance, (Range<usize>, Range<usize>))> {
+    ) -> Option<(Instance, InstanceSpans)> {
         let table = raw.span();
-        let raw = raw.into_inner();
+        let mut raw = raw.into_inner();
         let name = self.required(
-            raw.name,
+            raw.name.take(),
             &table,
             &format!("{at}.name"),
             "add name = \"my-instance\"",
@@ -790,7 +802,7 @@ impl Checker<'_> {
         };
         let veth_fix = "use the host-side interface name as `ip link` shows it (1 to 15 characters, no '/' or spaces)";
         let veth = self.required(
-            raw.veth,
+            raw.veth.take(),
             &table,
             &format!("{at}.veth"),
             "add veth = \"<host-side veth of the instance's container>\"",
@@ -813,7 +825,39 @@ impl Checker<'_> {
             }
             other => other,
         };
-        let mac = match self.typed(raw.mac, &format!("{at}.mac"), |v| {
+        let extras = self.instance_extras(at, &mut raw);
+        let (name, name_span) = name?;
+        let (veth, veth_span) = veth?;
+        let (mac, netns, cgroup, cpu_limit, health_reports) = extras?;
+        Some((
+            Instance {
+                name,
+                veth,
+                mac,
+                netns,
+                cgroup: cgroup.map(PathBuf::from),
+                cpu_limit,
+                health_reports,
+            },
+            (name_span, veth_span),
+        ))
+    }
+
+    /// An instance's optional fields: MAC, netns, cgroup, CPU limit and
+    /// health check.
+    #[expect(clippy::type_complexity, reason = "the fields, in config order")]
+    fn instance_extras(
+        &mut self,
+        at: &str,
+        raw: &mut RawInstance,
+    ) -> Option<(
+        Option<[u8; 6]>,
+        Option<String>,
+        Option<String>,
+        Option<f64>,
+        bool,
+    )> {
+        let mac = match self.typed(raw.mac.take(), &format!("{at}.mac"), |v| {
             (
                 format!("`{v}` is not a unicast MAC address"),
                 "write six hex bytes like 02:00:5e:10:00:01, or leave mac out to discover it"
@@ -838,11 +882,11 @@ impl Checker<'_> {
             Got::Value(s, _) => Some(Some(s)),
             Got::Bad => None,
         };
-        let netns = string(self, raw.netns, "netns");
+        let netns = string(self, raw.netns.take(), "netns");
         let cgroup_given = raw.cgroup.is_some();
-        let cgroup = string(self, raw.cgroup, "cgroup");
+        let cgroup = string(self, raw.cgroup.take(), "cgroup");
         let cpu_span = raw.cpu_limit.as_ref().map(|f| f.span.clone());
-        let cpu_limit = match raw.cpu_limit {
+        let cpu_limit = match raw.cpu_limit.take() {
             None => Some(None),
             v => self
                 .num(v, &format!("{at}.cpu_limit"), 0.0, 0.01, 4096.0)
@@ -856,7 +900,7 @@ impl Checker<'_> {
                 "add cgroup = \"/sys/fs/cgroup/<container>\" so CPU usage can be read",
             );
         }
-        let health_reports = match self.typed(raw.health, &format!("{at}.health"), |v| {
+        let health_reports = match self.typed(raw.health.take(), &format!("{at}.health"), |v| {
             (
                 format!("unknown health check `{v}`"),
                 "use \"veth\" (failed when its veth disappears) or \"reports\" (also when its QoS reports stop)".into(),
@@ -866,23 +910,10 @@ impl Checker<'_> {
             Got::Value(RawHealth::Reports, _) => Some(true),
             Got::Bad => None,
         };
-        let (name, name_span) = name?;
-        let (veth, veth_span) = veth?;
         if cpu_span.is_some() && !cgroup_given {
             return None;
         }
-        Some((
-            Instance {
-                name,
-                veth,
-                mac: mac?,
-                netns: netns?,
-                cgroup: cgroup?.map(PathBuf::from),
-                cpu_limit: cpu_limit?,
-                health_reports: health_reports?,
-            },
-            (name_span, veth_span),
-        ))
+        Some((mac?, netns?, cgroup?, cpu_limit?, health_reports?))
     }
 
     /// Names, endpoints, instance names and veths are each used once.

@@ -117,6 +117,9 @@ pub struct Controller {
     /// Instances found failed (their veth is gone): out of the data path,
     /// their groups unowned, claimed again by the survivors.
     failed: std::collections::HashSet<String>,
+    /// Failed instances not yet wholly out (a write failed half-way): taken
+    /// out again each interval until it all lands.
+    failing: std::collections::HashSet<String>,
     /// What the host says of instances (veths, namespaces, cgroups).
     probe: Box<dyn Probe>,
     /// A data path write failed: the data path may disagree with the store
@@ -215,6 +218,7 @@ impl Controller {
             history: Vec::new(),
             drained: std::collections::HashSet::new(),
             failed: std::collections::HashSet::new(),
+            failing: std::collections::HashSet::new(),
             probe: Box::new(HostProbe::new()),
             resync: false,
             claim_turn: 0,
@@ -362,21 +366,37 @@ impl Controller {
         let silence = self.interval * 3;
         let reporting = self.fresh_reports(now, silence);
         let grace_over = now.saturating_duration_since(self.started) > silence;
-        let gone: Vec<(usize, String, u32)> = self
+        let gone: Vec<String> = self
             .services
             .iter()
-            .enumerate()
-            .flat_map(|(si, s)| s.instances.iter().map(move |i| (si, i)))
-            .filter(|(_, i)| {
+            .flat_map(|s| &s.instances)
+            .filter(|i| {
                 !self.failed.contains(&i.name)
                     && (!self.probe.link_exists(i.ifindex)
                         || (i.health_reports && grace_over && !reporting.contains_key(&i.name)))
             })
-            .map(|(si, i)| (si, i.name.clone(), i.id))
+            .map(|i| i.name.clone())
             .collect();
-        for (si, name, id) in gone {
+        for name in gone {
             tracing::warn!(instance = %name, "instance failed (veth gone or reports stopped); its groups are unowned until claimed");
+            // Failed at once: no claim gives it work from here on.
             self.failed.insert(name.clone());
+            self.failing.insert(name);
+        }
+        let mut failing: Vec<String> = self.failing.iter().cloned().collect();
+        failing.sort();
+        for name in failing {
+            let (si, id) = self
+                .services
+                .iter()
+                .enumerate()
+                .find_map(|(si, s)| {
+                    s.instances
+                        .iter()
+                        .find(|i| i.name == name)
+                        .map(|i| (si, i.id))
+                })
+                .expect("a configured instance");
             dp.set_instance_live(id, false)?;
             let service = self.services[si].name.clone();
             for e in self
@@ -401,6 +421,7 @@ impl Controller {
                 self.record(ev.clone());
                 made.push(ev);
             }
+            self.failing.remove(&name);
         }
         Ok(made)
     }
@@ -810,3 +831,6 @@ impl Controller {
             .owner)
     }
 }
+
+#[cfg(test)]
+mod tests;

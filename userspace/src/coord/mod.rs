@@ -176,11 +176,11 @@ mod group_text {
         clippy::trivially_copy_pass_by_ref,
         reason = "serde's `with` hands a reference"
     )]
-    pub fn serialize<S: Serializer>(g: &Group, s: S) -> Result<S::Ok, S::Error> {
+    pub(super) fn serialize<S: Serializer>(g: &Group, s: S) -> Result<S::Ok, S::Error> {
         s.collect_str(g)
     }
 
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Group, D::Error> {
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Group, D::Error> {
         let text = String::deserialize(d)?;
         text.parse().map_err(D::Error::custom)
     }

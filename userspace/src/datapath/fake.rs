@@ -7,7 +7,7 @@ use std::{collections::HashMap, io};
 
 use aya::{maps::MapError, sys::SyscallError};
 use sluice_common::{
-    HIT_BUCKETS_PER_SERVICE, UNITS_PER_SERVICE, hit_index,
+    HIT_BUCKETS_PER_SERVICE, hit_index,
     maps::{InstanceCounters, NO_OWNER, ServiceCounters, names},
     owner_index,
 };
@@ -47,29 +47,8 @@ impl MemDatapath {
         }
     }
 
-    /// As [`Self::deliver`], spread evenly over every unit of `group`.
-    pub(crate) fn deliver_group(&mut self, service_id: u32, group: Group, n: u64) {
-        let per = (n / u64::from(group.size())).max(1);
-        for unit in group.units().step_by((group.size() as usize).div_ceil(256)) {
-            self.deliver(service_id, unit, per);
-        }
-    }
-
     pub(crate) fn is_live(&self, id: u32) -> bool {
         !self.dead.contains(&id)
-    }
-
-    /// Every unit of service `service_id` with its owner, as runs of
-    /// (first unit, owner).
-    pub(crate) fn owner_runs(&self, service_id: u32) -> Vec<(u32, u32)> {
-        let mut runs: Vec<(u32, u32)> = Vec::new();
-        for unit in 0..UNITS_PER_SERVICE {
-            let o = self.owner_of_unit(service_id, unit);
-            if runs.last().is_none_or(|r| r.1 != o) {
-                runs.push((unit, o));
-            }
-        }
-        runs
     }
 }
 

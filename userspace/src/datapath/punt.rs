@@ -269,8 +269,8 @@ impl Reinjector {
         if fd < 0 {
             return Err(io::Error::last_os_error());
         }
-        // SAFETY: a fresh fd we own.
         Ok(Self {
+            // SAFETY: a fresh fd we own.
             fd: unsafe { OwnedFd::from_raw_fd(fd) },
         })
     }
