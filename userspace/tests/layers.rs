@@ -1,0 +1,167 @@
+//! The module layering of ARCHITECTURE.md, checked: each module of the
+//! agent imports only the modules below it (test code aside), so there is no
+//! import cycle and the leaves stay leaves.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fs,
+    path::{Path, PathBuf},
+};
+
+/// Module -> the modules of the crate it may import.
+const ALLOWED: &[(&str, &[&str])] = &[
+    ("sys", &[]),
+    ("telemetry", &[]),
+    ("config", &[]),
+    ("plan", &["config", "sys"]),
+    ("coord", &["plan"]),
+    ("datapath", &["plan", "sys", "telemetry"]),
+    (
+        "control",
+        &["config", "plan", "coord", "datapath", "sys", "telemetry"],
+    ),
+    ("api", &["control"]),
+    ("cli", &["api", "config", "control", "datapath"]),
+    (
+        "agent",
+        &[
+            "api",
+            "config",
+            "control",
+            "coord",
+            "datapath",
+            "plan",
+            "sys",
+            "telemetry",
+        ],
+    ),
+];
+
+fn sources(module: &str) -> Vec<PathBuf> {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let file = src.join(format!("{module}.rs"));
+    if file.exists() {
+        return vec![file];
+    }
+    let mut out = Vec::new();
+    let mut dirs = vec![src.join(module)];
+    while let Some(d) = dirs.pop() {
+        for e in fs::read_dir(&d).expect("module directory").flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                dirs.push(p);
+            } else if p.extension().is_some_and(|x| x == "rs") {
+                out.push(p);
+            }
+        }
+    }
+    assert!(!out.is_empty(), "module `{module}` has no sources");
+    out
+}
+
+/// The text of a source file without its test-only parts: a
+/// `#[cfg(test)]` module declared with `;` is one line, one written inline
+/// (the unit tests, last in a file) runs to the end.
+fn non_test(text: &str) -> String {
+    let mut out = String::new();
+    let mut lines = text.lines().peekable();
+    while let Some(l) = lines.next() {
+        if l.trim() == "#[cfg(test)]" {
+            while lines
+                .peek()
+                .is_some_and(|n| n.trim_start().starts_with("#["))
+            {
+                lines.next();
+            }
+            match lines.next() {
+                Some(item) if item.trim_end().ends_with(';') => continue,
+                _ => break,
+            }
+        }
+        out.push_str(l);
+        out.push('\n');
+    }
+    out
+}
+
+/// The crate's top-level modules that `text` names as `crate::<module>`.
+fn imports(text: &str) -> BTreeSet<String> {
+    let mut found = BTreeSet::new();
+    let mut rest = text;
+    while let Some(at) = rest.find("crate::") {
+        rest = &rest[at + "crate::".len()..];
+        if let Some(body) = rest.strip_prefix('{') {
+            // `use crate::{a::b, c, d::{e, f}};`: the names at depth 0.
+            let mut depth = 0;
+            let mut name = String::new();
+            let mut taking = true;
+            for ch in body.chars() {
+                match ch {
+                    '{' => depth += 1,
+                    '}' if depth == 0 => break,
+                    '}' => depth -= 1,
+                    ',' if depth == 0 => {
+                        found.insert(std::mem::take(&mut name));
+                        taking = true;
+                        continue;
+                    }
+                    _ => {}
+                }
+                if depth == 0 && taking {
+                    if ch.is_alphanumeric() || ch == '_' {
+                        name.push(ch);
+                    } else if !name.is_empty() {
+                        taking = false;
+                    }
+                }
+            }
+            found.insert(name);
+        } else {
+            let name: String = rest
+                .chars()
+                .take_while(|c| c.is_alphanumeric() || *c == '_')
+                .collect();
+            found.insert(name);
+        }
+    }
+    found.remove("");
+    found
+}
+
+#[test]
+fn modules_import_only_the_layers_below() {
+    let mut wrong = BTreeMap::new();
+    for (module, allowed) in ALLOWED {
+        for file in sources(module) {
+            let name = file.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            // Test-only files: the fakes and the unit tests.
+            if name == "tests.rs" || name == "fake.rs" {
+                continue;
+            }
+            let text = fs::read_to_string(&file).expect("source");
+            for import in imports(&non_test(&text)) {
+                if import != *module && !allowed.contains(&import.as_str()) {
+                    wrong
+                        .entry(format!("{module} -> {import}"))
+                        .or_insert_with(Vec::new)
+                        .push(file.display().to_string());
+                }
+            }
+        }
+    }
+    assert!(
+        wrong.is_empty(),
+        "imports against the layering of ARCHITECTURE.md: {wrong:#?}"
+    );
+}
+
+#[test]
+fn the_import_reader_sees_nested_and_single_paths() {
+    let text = "use crate::{\n    config::Config,\n    plan::{Group, Plan},\n    sys,\n};\nfn f() { crate::telemetry::x(); }\n#[cfg(test)]\nmod tests { use crate::agent; }\n";
+    assert_eq!(
+        imports(&non_test(text)),
+        ["config", "plan", "sys", "telemetry"]
+            .map(String::from)
+            .into()
+    );
+}
