@@ -208,6 +208,34 @@ impl Checker<'_> {
         }
     }
 
+    /// A required, non-empty name of a `what` (`service`, `instance`).
+    fn name(
+        &mut self,
+        f: Option<Field<String>>,
+        table: &Range<usize>,
+        field: &str,
+        what: &str,
+    ) -> Option<(String, Range<usize>)> {
+        let bad = |v: &str| {
+            (
+                format!("`{v}` is not a name"),
+                "write the name as a string".to_owned(),
+            )
+        };
+        match self.required(f, table, field, &format!("add name = \"my-{what}\""), bad) {
+            Some((n, span)) if n.is_empty() => {
+                self.report(
+                    Some(&span),
+                    field,
+                    "empty",
+                    format!("give the {what} a name"),
+                );
+                None
+            }
+            other => other,
+        }
+    }
+
     /// An optional whole number in `lo..=hi`, or `default`.
     fn int(
         &mut self,
@@ -346,30 +374,7 @@ impl Checker<'_> {
         let at = format!("service[{index}]");
         let table = raw.span();
         let raw = raw.into_inner();
-        let name = self.required(
-            raw.name,
-            &table,
-            &format!("{at}.name"),
-            "add name = \"my-service\"",
-            |v| {
-                (
-                    format!("`{v}` is not a name"),
-                    "write the name as a string".into(),
-                )
-            },
-        );
-        let name = match name {
-            Some((n, span)) if n.is_empty() => {
-                self.report(
-                    Some(&span),
-                    format!("{at}.name"),
-                    "empty",
-                    "give the service a name",
-                );
-                None
-            }
-            other => other,
-        };
+        let name = self.name(raw.name, &table, &format!("{at}.name"), "service");
         let vip = self.required(
             raw.vip,
             &table,
@@ -776,30 +781,7 @@ impl Checker<'_> {
     ) -> Option<(Instance, InstanceSpans)> {
         let table = raw.span();
         let mut raw = raw.into_inner();
-        let name = self.required(
-            raw.name.take(),
-            &table,
-            &format!("{at}.name"),
-            "add name = \"my-instance\"",
-            |v| {
-                (
-                    format!("`{v}` is not a name"),
-                    "write the name as a string".into(),
-                )
-            },
-        );
-        let name = match name {
-            Some((n, span)) if n.is_empty() => {
-                self.report(
-                    Some(&span),
-                    format!("{at}.name"),
-                    "empty",
-                    "give the instance a name",
-                );
-                None
-            }
-            other => other,
-        };
+        let name = self.name(raw.name.take(), &table, &format!("{at}.name"), "instance");
         let veth_fix = "use the host-side interface name as `ip link` shows it (1 to 15 characters, no '/' or spaces)";
         let veth = self.required(
             raw.veth.take(),

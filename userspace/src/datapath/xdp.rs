@@ -76,6 +76,17 @@ fn pin_tag(dir: &Path, key: &str) -> Option<String> {
     })
 }
 
+/// Sluice's XDP program in a loaded object.
+fn program_in(ebpf: &mut Ebpf) -> Result<&mut Xdp, DatapathError> {
+    ebpf.program_mut(PROGRAM_NAME)
+        .ok_or(DatapathError::Missing {
+            what: "program",
+            name: PROGRAM_NAME,
+        })?
+        .try_into()
+        .map_err(DatapathError::Program)
+}
+
 fn map_err(name: &'static str) -> impl Fn(MapError) -> DatapathError {
     move |source| DatapathError::Map { name, source }
 }
@@ -145,15 +156,9 @@ impl XdpDatapath {
             }
         }
         let mut ebpf = loader.load(OBJECT).map_err(DatapathError::Load)?;
-        let prog: &mut Xdp = ebpf
-            .program_mut(PROGRAM_NAME)
-            .ok_or(DatapathError::Missing {
-                what: "program",
-                name: PROGRAM_NAME,
-            })?
-            .try_into()
+        program_in(&mut ebpf)?
+            .load()
             .map_err(DatapathError::Program)?;
-        prog.load().map_err(DatapathError::Program)?;
         let owners = match ebpf.map(names::OWNERS) {
             Some(aya::maps::Map::Array(data)) => OwnerTable::map(data, plan.owner_entries())?,
             _ => {
@@ -429,14 +434,7 @@ impl XdpDatapath {
     }
 
     fn program_mut(&mut self) -> Result<&mut Xdp, DatapathError> {
-        self.ebpf
-            .program_mut(PROGRAM_NAME)
-            .ok_or(DatapathError::Missing {
-                what: "program",
-                name: PROGRAM_NAME,
-            })?
-            .try_into()
-            .map_err(DatapathError::Program)
+        program_in(&mut self.ebpf)
     }
 
     fn map_mut<'a, T>(&'a mut self, name: &'static str) -> Result<T, DatapathError>
