@@ -246,7 +246,13 @@ impl Checker<'_> {
         hi: u32,
     ) -> Option<u32> {
         let fix = format!("use a whole number from {lo} to {hi}");
-        match self.typed(f, field, |v| (format!("{v} is out of range"), fix.clone())) {
+        let bad = |v: &str| {
+            (
+                format!("{v} is not a whole number from {lo} to {hi}"),
+                fix.clone(),
+            )
+        };
+        match self.typed(f, field, bad) {
             Got::Absent => Some(default),
             Got::Value(v, _) if (lo..=hi).contains(&v) => Some(v),
             Got::Value(v, span) => {
