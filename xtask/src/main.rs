@@ -190,22 +190,18 @@ const ROOT_TESTS: &str = "sluice-tests";
 /// Every test as root; as another user, the unprivileged ones, then an
 /// error naming what was left out and why.
 fn test(env: &setup::Env, args: &[String]) -> anyhow::Result<()> {
-    let extra = |mut a: Vec<&'static str>| -> Vec<String> {
-        let mut a: Vec<String> = a.drain(..).map(str::to_owned).collect();
+    // `cargo test <base> [-- <args>]`.
+    let run_tests = |base: &[&str]| {
+        let mut a = base.to_vec();
         if !args.is_empty() {
-            a.push("--".into());
-            a.extend(args.iter().cloned());
+            a.push("--");
+            a.extend(args.iter().map(String::as_str));
         }
-        a
+        cargo(env, &a, false)
     };
     if !setup::is_root() {
         eprintln!("[test] not root: running the tests that need no privileges");
-        let a = extra(vec!["test", "--no-fail-fast"]);
-        cargo(
-            env,
-            &a.iter().map(String::as_str).collect::<Vec<_>>(),
-            false,
-        )?;
+        run_tests(&["test", "--no-fail-fast"])?;
         bail!(
             "ran only the unprivileged tests; the kernel and end-to-end tests (package {ROOT_TESTS}: \
              BPF_PROG_TEST_RUN, network namespaces, XDP on veths, the agent as a process) need root: \
@@ -214,18 +210,13 @@ fn test(env: &setup::Env, args: &[String]) -> anyhow::Result<()> {
     }
     // The process tests run the `sluice` binary itself.
     cargo(env, &["build", "--package", "sluice", "--bins"], false)?;
-    let a = extra(vec![
+    run_tests(&[
         "test",
         "--workspace",
         "--exclude",
         "sluice-ebpf",
         "--no-fail-fast",
-    ]);
-    cargo(
-        env,
-        &a.iter().map(String::as_str).collect::<Vec<_>>(),
-        false,
-    )
+    ])
 }
 
 fn workspace_root() -> PathBuf {

@@ -13,7 +13,7 @@ use std::{path::Path, sync::Arc, time::Instant};
 
 use crate::{
     config::Config,
-    control::{ControlError, Controller, MoveEvent},
+    control::{ControlError, Controller, InstanceStatus, MoveEvent},
     coord::CoordStore,
     datapath::{AttachMode, Datapath as _, DatapathError, punt::Punt, xdp::XdpDatapath},
     plan::{Plan, ResolveError, resolve_instance},
@@ -146,8 +146,9 @@ impl Agent {
         self.control.tick(&mut self.datapath, Instant::now()).await
     }
 
-    /// Publishes everything the agent knows as metrics.
-    pub async fn publish(&self) {
+    /// Publishes everything the agent knows as metrics; `status` is the
+    /// control loop's latest (see [`Controller::status`]).
+    pub fn publish(&self, status: &[InstanceStatus]) {
         let dp = &self.datapath;
         if let Ok(g) = dp.global_counters() {
             telemetry::datapath(&g);
@@ -163,26 +164,24 @@ impl Agent {
                 telemetry::instance_delivered(service, &i.name, &c);
             }
         }
-        if let Ok(status) = self.control.status().await {
-            for st in status {
-                let r = st.inputs.report.clone().unwrap_or_default();
-                telemetry::instance(
-                    &st.service,
-                    &st.name,
-                    &telemetry::InstanceGauges {
-                        utilisation: st.sample.utilisation,
-                        rate_pps: st.inputs.rate_pps,
-                        drops_ps: st.inputs.drops_ps,
-                        queue_bytes: st.inputs.queue_bytes,
-                        cpu_cores: st.inputs.cpu_cores.unwrap_or(0.0),
-                        reported_latency_p99_ms: r.latency_p99_ms.unwrap_or(0.0),
-                        reported_queue_depth: r.queue_depth.unwrap_or(0.0),
-                        reported_in_flight: r.in_flight.unwrap_or(0.0),
-                        groups: u32::try_from(st.groups.len()).unwrap_or(u32::MAX),
-                        units: st.groups.iter().map(|g| g.size()).sum(),
-                    },
-                );
-            }
+        for st in status {
+            let r = st.inputs.report.clone().unwrap_or_default();
+            telemetry::instance(
+                &st.service,
+                &st.name,
+                &telemetry::InstanceGauges {
+                    utilisation: st.sample.utilisation,
+                    rate_pps: st.inputs.rate_pps,
+                    drops_ps: st.inputs.drops_ps,
+                    queue_bytes: st.inputs.queue_bytes,
+                    cpu_cores: st.inputs.cpu_cores.unwrap_or(0.0),
+                    reported_latency_p99_ms: r.latency_p99_ms.unwrap_or(0.0),
+                    reported_queue_depth: r.queue_depth.unwrap_or(0.0),
+                    reported_in_flight: r.in_flight.unwrap_or(0.0),
+                    groups: u32::try_from(st.groups.len()).unwrap_or(u32::MAX),
+                    units: st.groups.iter().map(|g| g.size()).sum(),
+                },
+            );
         }
         if let Some(p) = &self.punt {
             telemetry::punt(&p.counts());

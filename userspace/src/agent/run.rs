@@ -16,6 +16,7 @@ use super::Agent;
 use crate::{
     api::{self, InstanceLine},
     config::{Config, format_mac},
+    control::InstanceStatus,
     coord::EmbeddedStore,
     datapath::{AttachMode, Datapath as _, xdp},
     telemetry,
@@ -109,7 +110,7 @@ async fn event_loop(
         commands: Arc::default(),
     };
     let _api = api::serve(&a.api_socket, shared.clone())?;
-    agent.publish().await;
+    agent.publish(&agent.control.status().await.unwrap_or_default());
     let mut term = signal(SignalKind::terminate())?;
     let mut hup = signal(SignalKind::hangup())?;
     let mut control = tokio::time::interval(agent.control.interval());
@@ -144,8 +145,10 @@ async fn event_loop(
                 if let Err(e) = agent.tick().await {
                     tracing::warn!(error = %e, "control interval failed");
                 }
-                publish_status(&agent, &shared).await;
-                agent.publish().await;
+                // One status a tick serves both the API and the metrics.
+                let instances = agent.control.status().await.ok();
+                publish_status(&agent, instances.as_deref(), &shared).await;
+                agent.publish(instances.as_deref().unwrap_or_default());
             }
             _ = punts.tick(), if agent.punt.is_some() => {
                 if let Err(e) = agent.process_punts().await {
@@ -202,8 +205,9 @@ async fn reload(a: &RunOptions, store: &Arc<EmbeddedStore>) -> anyhow::Result<Ag
     Ok(agent)
 }
 
-/// Refreshes what the API answers `status` and `groups` with.
-async fn publish_status(agent: &Agent, shared: &api::Shared) {
+/// Refreshes what the API answers `status` (when the control loop could
+/// say it) and `groups` with.
+async fn publish_status(agent: &Agent, status: Option<&[InstanceStatus]>, shared: &api::Shared) {
     if let Ok(groups) = agent.control.assignments().await {
         *shared.groups.lock().expect("groups lock") = groups
             .into_iter()
@@ -220,15 +224,15 @@ async fn publish_status(agent: &Agent, shared: &api::Shared) {
             })
             .collect();
     }
-    let Ok(status) = agent.control.status().await else {
+    let Some(status) = status else {
         return;
     };
     *shared.status.lock().expect("status lock") = status
-        .into_iter()
+        .iter()
         .map(|s| InstanceLine {
             drained: agent.control.is_drained(&s.name),
-            service: s.service,
-            name: s.name,
+            service: s.service.clone(),
+            name: s.name.clone(),
             utilisation: s.sample.utilisation,
             rate_pps: s.sample.rate_pps,
             drops_ps: s.sample.drops_ps,

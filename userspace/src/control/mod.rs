@@ -254,9 +254,12 @@ impl Controller {
     }
 
     /// Measures every instance over the interval that just ended.
-    async fn measure(&mut self, dp: &dyn Datapath, now: Instant) -> Result<(), ControlError> {
-        let max_age = self.interval * 3;
-        let reports = self.fresh_reports(now, max_age);
+    async fn measure(
+        &mut self,
+        dp: &dyn Datapath,
+        reports: &HashMap<String, Report>,
+        now: Instant,
+    ) -> Result<(), ControlError> {
         let mut loads = Vec::new();
         for s in &mut self.services {
             let hits = dp.unit_hits(s.id)?;
@@ -314,9 +317,17 @@ impl Controller {
         Ok(())
     }
 
-    /// Every instance's report younger than `max_age`, taken out from under
-    /// the API's lock at once.
-    fn fresh_reports(&self, now: Instant, max_age: Duration) -> HashMap<String, Report> {
+    /// How long an application report counts: three intervals. Older ones
+    /// are ignored, and an instance with `health = "reports"` whose last
+    /// report is older has failed.
+    fn report_life(&self) -> Duration {
+        self.interval * 3
+    }
+
+    /// Every instance's fresh report (see [`Self::report_life`]), taken out
+    /// from under the API's lock at once.
+    fn fresh_reports(&self, now: Instant) -> HashMap<String, Report> {
+        let max_age = self.report_life();
         let reports = self.reports.lock().expect("reports lock");
         self.services
             .iter()
@@ -360,12 +371,11 @@ impl Controller {
     async fn fail_step(
         &mut self,
         dp: &mut dyn Datapath,
+        reporting: &HashMap<String, Report>,
         now: Instant,
     ) -> Result<Vec<MoveEvent>, ControlError> {
         let mut made = Vec::new();
-        let silence = self.interval * 3;
-        let reporting = self.fresh_reports(now, silence);
-        let grace_over = now.saturating_duration_since(self.started) > silence;
+        let grace_over = now.saturating_duration_since(self.started) > self.report_life();
         let gone: Vec<String> = self
             .services
             .iter()
@@ -485,8 +495,9 @@ impl Controller {
         if self.resync {
             self.resync(dp).await?;
         }
-        self.measure(dp, now).await?;
-        let mut made = self.fail_step(dp, now).await?;
+        let reports = self.fresh_reports(now);
+        self.measure(dp, &reports, now).await?;
+        let mut made = self.fail_step(dp, &reports, now).await?;
         made.extend(self.drain_step(dp, now).await?);
         for si in 0..self.services.len() {
             // Most loaded elements act first.

@@ -24,7 +24,7 @@ pub(crate) enum StoreFault {
 
 /// An in-memory [`EmbeddedStore`] with one armed fault.
 pub(crate) struct FaultyStore {
-    pub(crate) inner: EmbeddedStore,
+    inner: EmbeddedStore,
     armed: AtomicU8,
 }
 

@@ -27,8 +27,6 @@ pub(crate) struct MemDatapath {
     services: HashMap<u32, ServiceCounters>,
     instances: HashMap<u32, InstanceCounters>,
     hits: HashMap<u32, u64>,
-    /// Owner-table writes so far, one per group.
-    pub(crate) group_writes: usize,
 }
 
 impl MemDatapath {
@@ -62,7 +60,6 @@ impl Datapath for MemDatapath {
         for unit in group.units() {
             self.owners.insert(owner_index(service_id, unit), owner);
         }
-        self.group_writes += 1;
         Ok(())
     }
 
