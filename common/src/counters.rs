@@ -1,8 +1,10 @@
 //! Indices of the global per-CPU counters: one per action or pass reason.
-//! Every packet the program sees lands in exactly one of the `PASS_*`,
-//! `DELIVERED`, `UNOWNED` or `REDIRECT_FAILED` counters.
+//! Every packet the program sees lands in exactly one of the [`OUTCOMES`]
+//! (the `PASS_*` reasons, `DELIVERED`, `PUNTED`, `UNOWNED`,
+//! `REDIRECT_FAILED`): they partition the traffic. `TAG_MISSING` is not an
+//! outcome but an attribute, counted beside one.
 
-/// Not IPv4 or IPv6 (ARP, LLDP, ...), or more VLAN tags than we parse.
+/// Not IPv4 or IPv6 (ARP, LLDP, ...).
 pub const PASS_NOT_IP: u32 = 0;
 /// The frame ends inside a header it claims to carry.
 pub const PASS_TRUNCATED: u32 = 1;
@@ -30,8 +32,24 @@ pub const TAG_MISSING: u32 = 9;
 /// packet (the punt); without a socket it is `UNOWNED`.
 pub const PUNTED: u32 = 10;
 
+/// More than one VLAN tag: stacked tags are not steered.
+pub const PASS_STACKED_VLAN: u32 = 11;
+/// A service packet whose destination MAC is not one of the host's
+/// (broadcast, multicast, or a frame for another host seen in promiscuous
+/// mode): not steered.
+pub const PASS_NOT_FOR_HOST: u32 = 12;
+// A packet on a VLAN its service is not on is `PASS_NO_SERVICE`: the VLAN
+// id is part of the service key.
+
 /// Number of global counters.
-pub const COUNT: u32 = 11;
+pub const COUNT: u32 = 13;
+
+/// Whether counter `index` is an outcome (one per packet) rather than an
+/// attribute counted beside one.
+#[must_use]
+pub const fn is_outcome(index: u32) -> bool {
+    index != TAG_MISSING && index < COUNT
+}
 
 /// Names for display and metrics, indexed like the counters.
 pub const NAMES: [&str; COUNT as usize] = [
@@ -46,4 +64,6 @@ pub const NAMES: [&str; COUNT as usize] = [
     "redirect_failed",
     "tag_missing",
     "punted",
+    "pass_stacked_vlan",
+    "pass_not_for_host",
 ];

@@ -42,8 +42,9 @@ pub const HIT_BITS: u32 = 8;
 pub const HIT_BUCKETS_PER_SERVICE: u32 = 1 << HIT_BITS;
 /// Longest workload tag carried in a UDP payload.
 pub const MAX_TAG_LEN: u32 = 16;
-/// Most VLAN tags parsed in front of the IP header (802.1ad + 802.1Q).
-pub const MAX_VLAN_TAGS: usize = 2;
+/// Host MACs the data path accepts frames for (the interface's own, plus
+/// configured ones such as a VRRP virtual MAC).
+pub const MAX_HOST_MACS: usize = 4;
 /// Most IPv6 extension headers walked before the transport header.
 pub const MAX_IPV6_EXT_HEADERS: usize = 6;
 

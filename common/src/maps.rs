@@ -14,10 +14,12 @@ pub mod names {
     pub const UNIT_HITS: &str = "UNIT_HITS";
     pub const PINNED: &str = "PINNED";
     pub const PUNT: &str = "PUNT";
+    pub const HOST: &str = "HOST";
 
     /// Every map of the program, for pinning them all.
-    pub const ALL: [&str; 10] = [
+    pub const ALL: [&str; 11] = [
         PUNT,
+        HOST,
         SERVICES,
         OWNERS,
         INSTANCES,
@@ -38,7 +40,7 @@ pub const FAMILY_V6: u8 = 6;
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
 
-/// Key of the service map: (VIP, port, protocol).
+/// Key of the service map: (VIP, port, protocol, VLAN).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct ServiceKey {
@@ -48,8 +50,29 @@ pub struct ServiceKey {
     pub port_be: u16,
     pub proto: u8,
     pub family: u8,
+    /// VLAN id the packet arrived on; 0 for untagged (or priority-tagged).
+    pub vlan: u16,
+    pub pad: u16,
 }
-const _: () = assert!(size_of::<ServiceKey>() == 20);
+const _: () = assert!(size_of::<ServiceKey>() == 24);
+
+/// The host's own MACs: only frames addressed to one of them are steered.
+/// One entry (index 0).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct HostMacs {
+    /// Each MAC as [`mac_word`] packs it; 0 marks an unused slot.
+    pub macs: [u64; crate::MAX_HOST_MACS],
+}
+const _: () = assert!(size_of::<HostMacs>() == 32);
+
+/// A MAC as the low 48 bits of a word, byte 0 lowest: the form the XDP
+/// program compares destination MACs in.
+#[inline(always)]
+#[must_use]
+pub const fn mac_word(mac: [u8; 6]) -> u64 {
+    u64::from_le_bytes([mac[0], mac[1], mac[2], mac[3], mac[4], mac[5], 0, 0])
+}
 
 /// No tag: the key is the flow hash of the 5-tuple.
 pub const TAG_NONE: u32 = 0;
@@ -182,6 +205,8 @@ mod pod {
     unsafe impl aya::Pod for super::ServiceKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::ServiceEntry {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::HostMacs {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::InstanceEntry {}
     // SAFETY: as above.

@@ -1,10 +1,10 @@
 //! The packet parser of the data path, written once over a [`Frame`] so the
 //! XDP program (direct packet access) and the host (a byte slice) run the
-//! same code. Every step is bounded: at most [`MAX_VLAN_TAGS`] VLAN tags and
+//! same code. Every step is bounded: one VLAN tag and at most
 //! [`MAX_IPV6_EXT_HEADERS`] extension headers.
 
 use crate::{
-    MAX_IPV6_EXT_HEADERS, MAX_TAG_LEN, MAX_VLAN_TAGS, counters, key,
+    MAX_IPV6_EXT_HEADERS, MAX_TAG_LEN, counters, key,
     maps::{
         FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP, PinKey, ServiceEntry, ServiceKey,
         TAG_IPV6_FLOW_LABEL, TAG_UDP_PAYLOAD,
@@ -74,6 +74,9 @@ impl Frame for [u8] {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Pass {
     NotIp,
+    /// More than one VLAN tag (802.1ad stacking): not steered, since a
+    /// service names one VLAN and the instance's veth carries none.
+    StackedVlan,
     Truncated,
     Malformed,
     Fragment,
@@ -88,6 +91,7 @@ impl Pass {
     pub const fn counter(self) -> u32 {
         match self {
             Self::NotIp => counters::PASS_NOT_IP,
+            Self::StackedVlan => counters::PASS_STACKED_VLAN,
             Self::Truncated => counters::PASS_TRUNCATED,
             Self::Malformed => counters::PASS_MALFORMED,
             Self::Fragment => counters::PASS_FRAGMENT,
@@ -113,6 +117,10 @@ pub struct Flow {
     pub tcp_flags: u8,
     /// First word of the IPv6 header (version, class, flow label); 0 for v4.
     pub ip6_word0: u32,
+    /// The frame carries one VLAN tag (to pop before delivery).
+    pub vlan_tagged: bool,
+    /// Its VLAN id; 0 when untagged or priority-tagged.
+    pub vlan: u16,
 }
 
 impl Flow {
@@ -125,6 +133,8 @@ impl Flow {
             port_be: (self.ports >> 16) as u16,
             proto: self.proto,
             family: self.family,
+            vlan: self.vlan,
+            pad: 0,
         }
     }
 
@@ -160,25 +170,43 @@ const ETH_P_8021Q: u16 = 0x8100;
 const ETH_P_8021AD: u16 = 0x88a8;
 const ETH_HLEN: usize = 14;
 
-/// Parses Ethernet, up to two VLAN tags, IPv4 or IPv6, and UDP or TCP.
+/// Parses Ethernet, one VLAN tag, IPv4 or IPv6, and UDP or TCP.
 #[inline(always)]
 pub fn parse<F: Frame + ?Sized>(f: &F) -> Result<Flow, Pass> {
     let mut ethertype = u16::from_be(f.load::<u16>(12).ok_or(Pass::Truncated)?);
     let mut l3 = ETH_HLEN;
-    for _ in 0..MAX_VLAN_TAGS {
-        if ethertype != ETH_P_8021Q && ethertype != ETH_P_8021AD {
-            break;
-        }
+    let mut vlan = None;
+    if is_vlan(ethertype) {
         // A tag is 2 bytes of TCI, then the inner ethertype.
-        ethertype = u16::from_be(f.load::<u16>(l3 + 2).ok_or(Pass::Truncated)?);
+        let tag = f.load::<[u16; 2]>(ETH_HLEN).ok_or(Pass::Truncated)?;
+        vlan = Some(u16::from_be(tag[0]) & 0x0fff);
+        ethertype = u16::from_be(tag[1]);
         l3 += 4;
+        if is_vlan(ethertype) {
+            return Err(Pass::StackedVlan);
+        }
     }
-    match ethertype {
+    let mut flow = match ethertype {
         ETH_P_IP => parse_v4(f, l3),
         ETH_P_IPV6 => parse_v6(f, l3),
         _ => Err(Pass::NotIp),
+    }?;
+    if let Some(vid) = vlan {
+        flow.vlan_tagged = true;
+        flow.vlan = vid;
     }
+    Ok(flow)
 }
+
+#[inline(always)]
+const fn is_vlan(ethertype: u16) -> bool {
+    ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD
+}
+
+/// Bytes of a VLAN tag, which the data path pops before delivery: the
+/// instance's veth carries untagged frames only. The tag sits at
+/// `12..12 + VLAN_TAG_LEN`.
+pub const VLAN_TAG_LEN: usize = 4;
 
 #[inline(always)]
 fn parse_v4<F: Frame + ?Sized>(f: &F, l3: usize) -> Result<Flow, Pass> {
@@ -220,6 +248,8 @@ fn parse_v4<F: Frame + ?Sized>(f: &F, l3: usize) -> Result<Flow, Pass> {
         l4_off,
         tcp_flags,
         ip6_word0: 0,
+        vlan_tagged: false,
+        vlan: 0,
     })
 }
 
@@ -291,6 +321,8 @@ fn parse_v6<F: Frame + ?Sized>(f: &F, l3: usize) -> Result<Flow, Pass> {
         l4_off: off,
         tcp_flags,
         ip6_word0: word0,
+        vlan_tagged: false,
+        vlan: 0,
     })
 }
 

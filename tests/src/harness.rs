@@ -74,7 +74,7 @@ impl Harness {
             "the kernel tests load an XDP program: run them as root (or with CAP_BPF and CAP_NET_ADMIN)"
         );
         let mut next = 0u32;
-        let plan = Plan::build(config, |_, _| {
+        let mut plan = Plan::build(config, |_, _| {
             next += 1;
             Ok::<_, std::convert::Infallible>(Resolved {
                 ifindex: 1,
@@ -83,6 +83,8 @@ impl Harness {
             })
         })
         .expect("infallible");
+        // The frames the tests build are addressed to the NIC's MAC.
+        plan.add_host_mac(crate::packet::NIC_MAC);
         let mut dp = XdpDatapath::load(&plan)
             .unwrap_or_else(|e| panic!("loading the XDP program: {}", error_chain(&e)));
         dp.program(&plan)

@@ -98,6 +98,12 @@ impl Packet {
     }
 
     #[must_use]
+    pub const fn dst_mac(mut self, mac: [u8; 6]) -> Self {
+        self.dst_mac = mac;
+        self
+    }
+
+    #[must_use]
     pub fn vlan(mut self, tpid: u16, vid: u16) -> Self {
         self.vlans.push((tpid, vid));
         self

@@ -15,6 +15,7 @@ use sluice::{
 use sluice_common::key;
 use sluice_tests::{
     netns,
+    packet::Packet,
     testbed::{self, Testbed},
     traffic::{self, TcpServers, UdpLoad, UdpServers},
 };
@@ -373,4 +374,86 @@ fn missing_veth_fails_cleanly() {
     assert!(xdp_attached(&tb));
     agent.stop().expect("detach");
     assert!(!xdp_attached(&tb), "stop detaches");
+}
+
+/// Sends `frames` out of the client's `eth0` as they are (this kernel may
+/// have no VLAN interfaces: the tagged frames are built by hand).
+fn send_raw(tb: &Testbed, frames: &[Vec<u8>]) {
+    netns::run_in(&tb.client, || {
+        let out = sluice::datapath::punt::Reinjector::new().expect("AF_PACKET socket");
+        let eth0 = sluice::sys::link::ifindex("eth0").expect("client eth0");
+        for f in frames {
+            out.send(eth0, f).expect("send a raw frame");
+        }
+    });
+}
+
+/// `n` UDP datagrams from the client to `dst` on VLAN `vid`, from `n`
+/// source ports, addressed to the host's NIC MAC.
+fn vlan_frames(tb: &Testbed, vid: u16, dst: SocketAddr, n: u16) -> Vec<Vec<u8>> {
+    let nic_mac = netns::run_in(&tb.host, || sluice::sys::link::mac(testbed::NIC))
+        .expect("NIC veth")
+        .expect("NIC MAC");
+    let client_mac = netns::run_in(&tb.client, || sluice::sys::link::mac("eth0"))
+        .expect("client eth0")
+        .expect("client MAC");
+    (0..n)
+        .map(|i| {
+            let src = SocketAddr::new(testbed::CLIENT_V4.into(), 20_000 + i);
+            let mut p = Packet::udp(src, dst)
+                .vlan(0x8100, vid)
+                .dst_mac(nic_mac)
+                .payload(format!("vlan {vid} #{i}").into_bytes());
+            p.src_mac = client_mac;
+            p.build()
+        })
+        .collect()
+}
+
+/// Defect: VLAN-tagged frames were redirected with their tag on, so the
+/// instance's veth dropped them, and the VLAN was not part of the service.
+/// Now a service names its VLAN, the tag is popped before delivery, and a
+/// frame on another VLAN is not the service's.
+#[test]
+fn tagged_frames_reach_the_vlans_service_untagged() {
+    let tb = testbed("vl", 2);
+    let vip: IpAddr = "198.18.1.42".parse().unwrap();
+    let dst = SocketAddr::new(vip, 7000);
+    let agent = start_agent(
+        &tb,
+        &service_toml(&tb, "on-vlan-42", vip, 7000, "udp", "vlan = 42"),
+    );
+    let servers = UdpServers::start(&namespaces(&tb), dst);
+    send_raw(&tb, &vlan_frames(&tb, 42, dst, 100));
+    servers.wait_for(100, Duration::from_secs(3));
+    let g0 = agent.datapath.global_counters().expect("counters");
+
+    // The same VIP on VLAN 43: not the service's, passed to the host.
+    send_raw(&tb, &vlan_frames(&tb, 43, dst, 100));
+    std::thread::sleep(Duration::from_millis(300));
+    let g1 = agent.datapath.global_counters().expect("counters");
+    let got = servers.finish();
+    let counts: Vec<usize> = got.iter().map(Vec::len).collect();
+    assert_eq!(
+        counts.iter().sum::<usize>(),
+        100,
+        "every datagram on VLAN 42 reached an instance's socket, none on VLAN 43: {counts:?}"
+    );
+    assert!(
+        got.iter()
+            .flatten()
+            .all(|d| d.payload.starts_with(b"vlan 42 ")),
+        "only VLAN 42's datagrams were delivered"
+    );
+    assert!(
+        counts.iter().all(|&n| n > 0),
+        "both instances served: {counts:?}"
+    );
+    let no_service = sluice_common::counters::PASS_NO_SERVICE as usize;
+    assert_eq!(
+        g1[no_service] - g0[no_service],
+        100,
+        "the VLAN 43 datagrams passed as no service"
+    );
+    agent.stop().expect("detach");
 }

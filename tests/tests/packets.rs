@@ -124,6 +124,19 @@ protocol = "udp"
 [[service.instance]]
 name = "orphan-a"
 veth = "t-orph-a"
+
+[[service]]
+name = "udp4-vlan42"
+vip = "198.18.1.1"
+port = 7000
+protocol = "udp"
+vlan = 42
+[[service.instance]]
+name = "vlan42-a"
+veth = "t-v42a"
+[[service.instance]]
+name = "vlan42-b"
+veth = "t-v42b"
 "#;
 
 /// Service ids, in config order.
@@ -135,6 +148,7 @@ const TAGGED4: u32 = 4;
 const LABEL6: u32 = 5;
 const TAGGED6: u32 = 6;
 const ORPHAN: u32 = 7;
+const VLAN42: u32 = 8;
 
 const SYN: u8 = 0x02;
 
@@ -211,10 +225,14 @@ fn check_frame(h: &Harness, name: &str, frame: &[u8], p: &Packet, expect: &Expec
             let mac = h.plan.instance(owner).expect("owner is planned").mac;
             assert_eq!(run.action, XDP_REDIRECT, "{name}: action");
             let mut want = frame.to_vec();
+            if p.vlans.len() == 1 {
+                // The instance's veth is untagged: the tag is popped.
+                want.drain(12..16);
+            }
             want[..6].copy_from_slice(&mac);
             assert_eq!(
                 run.frame, want,
-                "{name}: output must be the input with the destination MAC of instance {owner}"
+                "{name}: output must be the input, untagged, with the destination MAC of instance {owner}"
             );
             want_global[counters::DELIVERED as usize] = 1;
             want_global[counters::TAG_MISSING as usize] = u64::from(*tag_missing);
@@ -325,24 +343,54 @@ fn cases() -> Vec<(&'static str, Packet, Expect)> {
         ("ipv6 udp", udp6(), deliver(UDP6, Key::Flow)),
         ("ipv6 tcp", tcp6(), deliver(TCP6, Key::Flow)),
         (
-            "802.1Q vlan",
+            "802.1Q vlan 42: the vlan's own service, tag popped",
             udp4().vlan(0x8100, 42),
-            deliver(UDP4, Key::Flow),
+            deliver(VLAN42, Key::Flow),
         ),
         (
-            "802.1ad+802.1Q qinq",
-            udp4().vlan(0x88a8, 7).vlan(0x8100, 42),
-            deliver(UDP4, Key::Flow),
+            "802.1ad single tag, vlan 42",
+            udp4().vlan(0x88a8, 42),
+            deliver(VLAN42, Key::Flow),
         ),
         (
-            "qinq ipv6 tcp",
-            tcp6().vlan(0x88a8, 7).vlan(0x8100, 42),
+            "priority tag (vlan 0): the untagged service, tag popped",
+            tcp6().vlan(0x8100, 0),
             deliver(TCP6, Key::Flow),
+        ),
+        (
+            "vlan 43: no service on that vlan",
+            udp4().vlan(0x8100, 43),
+            pass(counters::PASS_NO_SERVICE),
+        ),
+        (
+            "untagged service seen on vlan 42 only where configured",
+            tcp6().vlan(0x8100, 42),
+            pass(counters::PASS_NO_SERVICE),
+        ),
+        (
+            "802.1ad+802.1Q qinq: stacked tags pass",
+            udp4().vlan(0x88a8, 7).vlan(0x8100, 42),
+            pass(counters::PASS_STACKED_VLAN),
         ),
         (
             "three vlan tags",
             udp4().vlan(0x88a8, 1).vlan(0x8100, 2).vlan(0x8100, 3),
-            pass(counters::PASS_NOT_IP),
+            pass(counters::PASS_STACKED_VLAN),
+        ),
+        (
+            "broadcast destination MAC",
+            udp4().dst_mac([0xff; 6]),
+            pass(counters::PASS_NOT_FOR_HOST),
+        ),
+        (
+            "multicast destination MAC",
+            tcp4().dst_mac([0x01, 0x00, 0x5e, 0, 0, 1]),
+            pass(counters::PASS_NOT_FOR_HOST),
+        ),
+        (
+            "another host's MAC (promiscuous)",
+            udp6().dst_mac([0x02, 0x51, 0, 0, 0, 0x99]),
+            pass(counters::PASS_NOT_FOR_HOST),
         ),
         (
             "ipv4 options",
@@ -585,12 +633,11 @@ fn truncated_at_every_byte() {
     let h = harness();
     let frames = [
         Packet::udp(sa("198.18.0.10:40000"), sa("198.18.1.1:7000"))
-            .vlan(0x88a8, 7)
             .vlan(0x8100, 42)
             .ipv4_options([1, 1, 1, 1])
             .payload(b"x".to_vec()),
         Packet::tcp(sa("[fd00:5100::10]:40001"), sa("[fd00:5100::1]:8000"), SYN)
-            .vlan(0x8100, 42)
+            .vlan(0x8100, 0)
             .ext(Ext::HopByHop { len: 0 })
             .ext(Ext::Fragment {
                 offset: 0,
@@ -614,7 +661,7 @@ fn truncated_at_every_byte() {
         }
         // And the whole frame is delivered.
         let service = if p.dst.is_ipv4() && p.dst.port() == 7000 {
-            UDP4
+            VLAN42
         } else if p.dst.port() == 7100 {
             TAGGED4
         } else {
@@ -768,7 +815,7 @@ fn data_path_agrees_with_agent_on_random_flows() {
     }
     // Every instance of every service exercised got some of the flows.
     for i in &h.plan.instances {
-        if i.service_id == TAGGED6 || i.service_id == ORPHAN {
+        if [TAGGED6, ORPHAN, VLAN42].contains(&i.service_id) {
             continue;
         }
         assert!(
@@ -908,6 +955,89 @@ fn pinned_tcp_flow_stays_while_its_unit_moves() {
         target(&h, &established),
         other,
         "re-pinned to the new owner"
+    );
+}
+
+/// Defect: a SYN on a reused 5-tuple followed the stale pin of an earlier
+/// connection, so after a move (or a drain) new connections kept landing on
+/// the old owner.
+#[test]
+fn a_syn_follows_the_units_owner_and_replaces_the_pin() {
+    let mut h = Harness::new(PIN_CONFIG);
+    let src = sa("198.18.0.23:41000");
+    let dst = sa("198.18.1.1:443");
+    let syn = Packet::tcp(src, dst, SYN);
+    let ack = Packet::tcp(src, dst, ACK);
+    let first = target(&h, &syn);
+    let other = if first == 1 { 2 } else { 1 };
+    let unit = sluice_common::unit_of(agent_key(&syn, &Key::Flow));
+    h.dp.set_group_owner(
+        0,
+        Group::new(unit, sluice_common::UNIT_BITS).unwrap(),
+        other,
+    )
+    .expect("move");
+    assert_eq!(target(&h, &ack), first, "the established connection stays");
+    // The client closes and opens a new connection from the same port.
+    assert_eq!(
+        target(&h, &syn),
+        other,
+        "a new connection follows the unit's owner, not the old pin"
+    );
+    assert_eq!(
+        target(&h, &ack),
+        other,
+        "and the rest of the new connection follows its SYN"
+    );
+    // A SYN-ACK (simultaneous open) is not a new connection.
+    h.dp.set_group_owner(
+        0,
+        Group::new(unit, sluice_common::UNIT_BITS).unwrap(),
+        first,
+    )
+    .expect("move back");
+    assert_eq!(target(&h, &Packet::tcp(src, dst, SYN | ACK)), other);
+}
+
+/// Defect: pinned packets were counted in their unit's hits, so after a
+/// move the old owner's pinned load was charged to the unit's new owner.
+#[test]
+fn pinned_packets_are_not_charged_to_the_unit() {
+    let mut h = Harness::new(PIN_CONFIG);
+    let src = sa("198.18.0.24:42000");
+    let dst = sa("198.18.1.1:443");
+    let syn = Packet::tcp(src, dst, SYN);
+    let ack = Packet::tcp(src, dst, ACK);
+    let first = target(&h, &syn);
+    let other = if first == 1 { 2 } else { 1 };
+    let unit = sluice_common::unit_of(agent_key(&syn, &Key::Flow));
+    let bucket = (unit >> (sluice_common::UNIT_BITS - sluice_common::HIT_BITS)) as usize;
+    let hits = |h: &Harness| h.dp.unit_hits(0).expect("unit hits")[bucket];
+    let i0 = h.instance(first).packets;
+    let h0 = hits(&h);
+    for _ in 0..5 {
+        assert_eq!(target(&h, &ack), first);
+    }
+    assert_eq!(hits(&h) - h0, 5, "packets to the unit's owner are its hits");
+    h.dp.set_group_owner(
+        0,
+        Group::new(unit, sluice_common::UNIT_BITS).unwrap(),
+        other,
+    )
+    .expect("move");
+    let h1 = hits(&h);
+    for _ in 0..7 {
+        assert_eq!(target(&h, &ack), first);
+    }
+    assert_eq!(
+        hits(&h) - h1,
+        0,
+        "pinned packets to the old owner are not the unit's load"
+    );
+    assert_eq!(
+        h.instance(first).packets - i0,
+        12,
+        "they are the old owner's"
     );
 }
 

@@ -37,13 +37,21 @@ pub fn install(addr: SocketAddr) -> Result<(), BuildError> {
 fn describe() {
     describe_counter!(
         "sluice_datapath_packets_total",
-        "Packets the XDP program handled, by action or pass reason"
+        "Packets the XDP program handled, by action or pass reason: each packet under exactly one label, so the sum over labels is every packet"
+    );
+    describe_counter!(
+        "sluice_datapath_tag_missing_total",
+        "Packets of tagged services that lacked the tag and were keyed by flow hash (also counted under their action)"
+    );
+    describe_counter!(
+        "sluice_service_keys_total",
+        "Packets of a service by how they were keyed: tag, or flow hash because the tag was missing"
     );
     describe_counter!("sluice_service_packets_total", "Packets of a service");
     describe_counter!("sluice_service_bytes_total", "Bytes of a service");
     describe_counter!(
         "sluice_service_actions_total",
-        "Packets of a service by outcome (delivered, unowned, redirect_failed, tagged, tag_missing)"
+        "Packets of a service by outcome (delivered, unowned, redirect_failed)"
     );
     describe_counter!(
         "sluice_pinned_flows_total",
@@ -148,9 +156,12 @@ pub fn moved(service: &str, kind: &'static str) {
 
 /// The data path's global counters, indexed as in [`counters`].
 pub fn datapath(global: &[u64; counters::COUNT as usize]) {
-    for (name, v) in counters::NAMES.iter().zip(global) {
-        counter!("sluice_datapath_packets_total", "action" => *name).absolute(*v);
+    for ((i, name), v) in (0u32..).zip(counters::NAMES).zip(global) {
+        if counters::is_outcome(i) {
+            counter!("sluice_datapath_packets_total", "action" => name).absolute(*v);
+        }
     }
+    counter!("sluice_datapath_tag_missing_total").absolute(global[counters::TAG_MISSING as usize]);
 }
 
 /// A service's data path counters; also registers every move kind of the
@@ -163,11 +174,12 @@ pub fn service(name: &str, c: &ServiceCounters) {
         ("delivered", c.delivered),
         ("unowned", c.unowned),
         ("redirect_failed", c.redirect_failed),
-        ("tagged", c.tagged),
-        ("tag_missing", c.tag_missing),
     ] {
         counter!("sluice_service_actions_total", "service" => name.clone(), "action" => action)
             .absolute(v);
+    }
+    for (key, v) in [("tag", c.tagged), ("tag_missing", c.tag_missing)] {
+        counter!("sluice_service_keys_total", "service" => name.clone(), "key" => key).absolute(v);
     }
     for (event, v) in [
         ("hit", c.pin_hits),

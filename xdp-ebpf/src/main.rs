@@ -12,7 +12,7 @@
 
 use aya_ebpf::{
     bindings::{BPF_F_MMAPABLE, xdp_action::XDP_PASS},
-    helpers::generated::{bpf_ktime_get_coarse_ns, bpf_xdp_load_bytes},
+    helpers::generated::{bpf_ktime_get_coarse_ns, bpf_xdp_adjust_head, bpf_xdp_load_bytes},
     macros::{map, xdp},
     maps::{Array, DevMap, HashMap, LruHashMap, PerCpuArray, XskMap},
     programs::XdpContext,
@@ -21,18 +21,18 @@ use sluice_common::{
     DEFAULT_PINNED_FLOWS, HIT_BUCKETS_PER_SERVICE, INSTANCE_SLOTS, MAX_PUNT_QUEUES, MAX_SERVICES,
     UNITS_PER_SERVICE, counters, hit_index,
     maps::{
-        INSTANCE_LIVE, InstanceCounters, InstanceEntry, NO_OWNER, PIN_TCP, PIN_UDP, PROTO_TCP, Pin,
-        PinKey, ServiceCounters, ServiceEntry, ServiceKey,
+        HostMacs, INSTANCE_LIVE, InstanceCounters, InstanceEntry, NO_OWNER, PIN_TCP, PIN_UDP,
+        PROTO_TCP, Pin, PinKey, ServiceCounters, ServiceEntry, ServiceKey, mac_word,
     },
     owner_index,
-    parse::{self, Flow, Frame, FromBytes, Pass},
+    parse::{self, Flow, Frame, FromBytes, Pass, VLAN_TAG_LEN},
     unit_of,
 };
 
 // Sizes here are upper bounds for the object file; the agent sets the real
 // ones at load time from its config, so a small deployment stays small.
 
-/// (VIP, port, protocol) -> service.
+/// (VIP, port, protocol, VLAN) -> service.
 #[map]
 static SERVICES: HashMap<ServiceKey, ServiceEntry> = HashMap::with_max_entries(MAX_SERVICES, 0);
 
@@ -41,6 +41,10 @@ static SERVICES: HashMap<ServiceKey, ServiceEntry> = HashMap::with_max_entries(M
 #[map]
 static OWNERS: Array<u32> =
     Array::with_max_entries(MAX_SERVICES * UNITS_PER_SERVICE, BPF_F_MMAPABLE);
+
+/// The host's MACs (entry 0): frames for any other MAC are not steered.
+#[map]
+static HOST: Array<HostMacs> = Array::with_max_entries(1, 0);
 
 /// Instance id -> MAC and liveness.
 #[map]
@@ -82,8 +86,8 @@ static UNIT_HITS: PerCpuArray<u64> =
     reason = "the #[xdp] macro hands over the context by value"
 )]
 fn sluice_xdp(ctx: XdpContext) -> u32 {
-    let frame = XdpFrame::new(&ctx);
-    let (action, counter) = match try_sluice_xdp(&frame) {
+    let mut frame = XdpFrame::new(&ctx);
+    let (action, counter) = match try_sluice_xdp(&mut frame) {
         Ok(outcome) => outcome,
         Err(pass) => (XDP_PASS, pass.counter()),
     };
@@ -93,11 +97,14 @@ fn sluice_xdp(ctx: XdpContext) -> u32 {
 
 /// Returns the action and the global counter it is counted under.
 #[inline(always)]
-fn try_sluice_xdp(frame: &XdpFrame) -> Result<(u32, u32), Pass> {
-    let flow = parse::parse(frame)?;
+fn try_sluice_xdp(frame: &mut XdpFrame) -> Result<(u32, u32), Pass> {
+    let flow = parse::parse(&*frame)?;
     // SAFETY: the value is only read, and the agent replaces entries whole.
     let svc = unsafe { SERVICES.get(flow.service_key()) }.ok_or(Pass::NoService)?;
-    let keyed = parse::key_for(frame, &flow, svc);
+    if !frame.for_host() {
+        return Ok((XDP_PASS, counters::PASS_NOT_FOR_HOST));
+    }
+    let keyed = parse::key_for(&*frame, &flow, svc);
     let unit = unit_of(keyed.key);
     let bytes = frame.size() as u64;
 
@@ -111,19 +118,23 @@ fn try_sluice_xdp(frame: &XdpFrame) -> Result<(u32, u32), Pass> {
     if keyed.tag_missing {
         bump(&GLOBAL_COUNTERS, counters::TAG_MISSING);
     }
-    bump(&UNIT_HITS, hit_index(svc.id, unit));
 
     let pin_kind = if flow.proto == PROTO_TCP {
         PIN_TCP
     } else {
         PIN_UDP
     };
-    let (owner, instance) = if svc.flags & pin_kind != 0 {
+    let (owner, instance, of_unit) = if svc.flags & pin_kind != 0 {
         pinned_owner(&flow, svc, unit, sc)
     } else {
         let owner = unit_owner(svc.id, unit);
-        (owner, live_instance(owner, svc.id))
+        (owner, live_instance(owner, svc.id), true)
     };
+    // A unit's hits are the load that moves with it: a packet held by a pin
+    // to another instance is that instance's load, not the unit's.
+    if of_unit {
+        bump(&UNIT_HITS, hit_index(svc.id, unit));
+    }
     let Some(instance) = instance else {
         // No live owner: to the agent, which claims the unit and re-injects
         // the packet. With no socket on this queue, to the kernel.
@@ -142,6 +153,10 @@ fn try_sluice_xdp(frame: &XdpFrame) -> Result<(u32, u32), Pass> {
         return Ok((XDP_PASS, counters::REDIRECT_FAILED));
     };
     // The redirect happens after we return, so the frame may still change.
+    // The instance's veth carries untagged frames only.
+    if flow.vlan_tagged && !frame.pop_vlan() {
+        return Ok((XDP_PASS, counters::PASS_TRUNCATED));
+    }
     if !frame.set_dst_mac(&instance.mac) {
         return Ok((XDP_PASS, counters::PASS_TRUNCATED));
     }
@@ -172,22 +187,29 @@ fn live_instance(owner: u32, service_id: u32) -> Option<&'static InstanceEntry> 
         .filter(|i| i.flags & INSTANCE_LIVE != 0 && i.service_id == service_id)
 }
 
-/// Owner of a flow of a pinning service, with its entry if live: the pin's
-/// owner while the pin is fresh and its owner live, else the unit's owner,
-/// pinned from now on.
+/// Owner of a flow of a pinning service, with its entry if live, and
+/// whether it is the unit's owner: the pin's owner while the pin is fresh
+/// and its owner live, else the unit's owner, pinned from now on. A TCP SYN
+/// starts a new connection: it follows the unit's owner and replaces any pin
+/// an earlier connection on the same 5-tuple left (clients reuse ports).
 #[inline(always)]
 fn pinned_owner(
     flow: &Flow,
     svc: &ServiceEntry,
     unit: u32,
     sc: Option<*mut ServiceCounters>,
-) -> (u32, Option<&'static InstanceEntry>) {
+) -> (u32, Option<&'static InstanceEntry>, bool) {
     const TCP_SYN: u8 = 0x02;
+    const TCP_ACK: u8 = 0x10;
     let key = flow.pin_key();
     // SAFETY: helper without arguments.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
     let idle_ns = u64::from(svc.pin_idle_secs) * 1_000_000_000;
-    if let Some(pin) = PINNED.get_ptr_mut(key) {
+    let tcp = flow.proto == PROTO_TCP;
+    let new_connection = tcp && flow.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+    if new_connection {
+        // Not looked up: whatever pin is there is replaced below.
+    } else if let Some(pin) = PINNED.get_ptr_mut(key) {
         // SAFETY: the value stays valid for this run; a racing update of
         // `last_seen_ns` from another CPU is benign.
         let pin = unsafe { &mut *pin };
@@ -196,10 +218,11 @@ fn pinned_owner(
         {
             pin.last_seen_ns = now;
             count(sc, |c| c.pin_hits += 1);
-            return (pin.owner, Some(instance));
+            let of_unit = pin.owner == unit_owner(svc.id, unit);
+            return (pin.owner, Some(instance), of_unit);
         }
         count(sc, |c| c.pins_expired += 1);
-    } else if flow.proto == PROTO_TCP && flow.tcp_flags & TCP_SYN == 0 {
+    } else if tcp && flow.tcp_flags & TCP_SYN == 0 {
         count(sc, |c| c.pins_lost += 1);
     }
     let owner = unit_owner(svc.id, unit);
@@ -214,7 +237,7 @@ fn pinned_owner(
             count(sc, |c| c.pins_created += 1);
         }
     }
-    (owner, instance)
+    (owner, instance, true)
 }
 
 /// Updates a per-CPU counter slot, if the lookup found one.
@@ -234,6 +257,14 @@ fn bump(map: &PerCpuArray<u64>, index: u32) {
     }
 }
 
+/// `VLAN_TAG_LEN` as the head adjustment that drops a tag.
+#[expect(
+    clippy::cast_possible_truncation,
+    clippy::cast_possible_wrap,
+    reason = "4 fits in an i32"
+)]
+const VLAN_POP: i32 = VLAN_TAG_LEN as i32;
+
 /// The frame under direct packet access.
 struct XdpFrame {
     ctx: *mut aya_ebpf::bindings::xdp_md,
@@ -251,6 +282,47 @@ impl XdpFrame {
             end: ctx.data_end(),
             rx_queue: ctx.rx_queue_index(),
         }
+    }
+
+    /// Whether the destination MAC is one of the host's.
+    #[inline(always)]
+    fn for_host(&self) -> bool {
+        let Some(dst) = self.load::<[u8; 6]>(0) else {
+            return false;
+        };
+        let dst = mac_word(dst);
+        let Some(host) = HOST.get(0) else {
+            return false;
+        };
+        // Zero marks an unused slot, and no frame is for MAC 0.
+        dst != 0 && host.macs.contains(&dst)
+    }
+
+    /// Removes the frame's one VLAN tag: the frame starts `VLAN_TAG_LEN`
+    /// bytes later, with the source MAC written back in front of the inner
+    /// ethertype (the caller writes the destination MAC). On failure the
+    /// frame is unchanged.
+    #[inline(always)]
+    fn pop_vlan(&mut self) -> bool {
+        let Some(src) = self.load::<[u8; 6]>(6) else {
+            return false;
+        };
+        // SAFETY: `ctx` is this run's context.
+        if unsafe { bpf_xdp_adjust_head(self.ctx, VLAN_POP) } != 0 {
+            return false;
+        }
+        // The helper invalidates every packet pointer: reload them.
+        // SAFETY: `ctx` is this run's context.
+        unsafe {
+            self.data = (*self.ctx).data as usize;
+            self.end = (*self.ctx).data_end as usize;
+        }
+        if self.data + 12 > self.end {
+            return false;
+        }
+        // SAFETY: the 12 bytes at `data` were just checked to be in the frame.
+        unsafe { ((self.data + 6) as *mut [u8; 6]).write_unaligned(src) };
+        true
     }
 
     #[inline(always)]

@@ -79,6 +79,9 @@ impl Agent {
         };
         link::ifindex(iface).map_err(iface_err)?;
         let mut plan = Plan::build(config, resolve_instance)?;
+        if let Some(mac) = link::mac(iface).map_err(iface_err)? {
+            plan.add_host_mac(mac);
+        }
         let control = Controller::new(config, &mut plan, store).await?;
         let mut datapath = XdpDatapath::load_with(&plan, pin_dir)?;
         datapath.program(&plan)?;
@@ -121,12 +124,16 @@ impl Agent {
                 let key = flow.service_key();
                 let svc = self.plan.services.iter().find(|s| s.keys.contains(&key))?;
                 let keyed = sluice_common::parse::key_for(frame.as_slice(), &flow, &svc.entry);
-                Some((svc.id, sluice_common::unit_of(keyed.key)))
+                Some((svc.id, sluice_common::unit_of(keyed.key), flow.vlan_tagged))
             })();
-            let Some((service_id, unit)) = target else {
+            let Some((service_id, unit, vlan_tagged)) = target else {
                 punt.failed += 1;
                 continue;
             };
+            // As the data path does: the instance's veth is untagged.
+            if vlan_tagged {
+                frame.drain(12..12 + sluice_common::parse::VLAN_TAG_LEN);
+            }
             let owner = self
                 .control
                 .claim(&mut self.datapath, service_id, unit, now)

@@ -21,7 +21,7 @@ use super::{
     AgentConfig, Config, ConfigError, FieldError, Instance, MAX_INSTANCES, PinMode, Protocol,
     Service, TagSpec, WlmConfig,
     raw::{
-        Field, RawAgent, RawAssign, RawConfig, RawHealth, RawInstance, RawPin, RawProtocol,
+        Field, Mac, RawAgent, RawAssign, RawConfig, RawHealth, RawInstance, RawPin, RawProtocol,
         RawService, RawTag, RawTagKind, RawWlm, shown,
     },
 };
@@ -360,12 +360,53 @@ impl Checker<'_> {
             16,
             1 << 24,
         );
+        let host_macs = self.host_macs(raw.host_macs);
         Some(AgentConfig {
             interval: Duration::from_millis(interval_ms?.into()),
             max_moves_per_sec: max_moves_per_sec?,
             pinned_flows: pinned_flows?,
             punt_queue: punt_queue?,
+            host_macs: host_macs?,
         })
+    }
+
+    /// `agent.host_macs`: unicast MACs, at most `MAX_HOST_MACS - 1` (the
+    /// interface's own MAC takes one slot).
+    fn host_macs(&mut self, raw: Option<Spanned<Vec<Field<Mac>>>>) -> Option<Vec<[u8; 6]>> {
+        let Some(raw) = raw else {
+            return Some(Vec::new());
+        };
+        let most = sluice_common::MAX_HOST_MACS - 1;
+        let list_span = raw.span();
+        let items = raw.into_inner();
+        if items.len() > most {
+            self.report(
+                Some(&list_span),
+                "agent.host_macs",
+                format!("{} MACs given, at most {most} are supported", items.len()),
+                "list only the MACs this host receives service traffic on besides the interface's own",
+            );
+            return None;
+        }
+        let mut out = Some(Vec::new());
+        for (i, f) in items.into_iter().enumerate() {
+            let got = self.typed(Some(f), &format!("agent.host_macs[{i}]"), |v| {
+                (
+                    format!("`{v}` is not a unicast MAC address"),
+                    "write it as aa:bb:cc:dd:ee:ff, with the multicast bit clear".into(),
+                )
+            });
+            match got {
+                Got::Value(Mac(m), _) => {
+                    if let Some(v) = &mut out {
+                        v.push(m);
+                    }
+                }
+                Got::Bad => out = None,
+                Got::Absent => {}
+            }
+        }
+        out
     }
 
     #[expect(
@@ -394,6 +435,7 @@ impl Checker<'_> {
             },
         );
         let ports = self.ports(&at, &table, raw.port, raw.ports);
+        let vlan = self.int(raw.vlan, &format!("{at}.vlan"), 0, 0, 4094);
         let protocol = self
             .required(
                 raw.protocol,
@@ -478,6 +520,7 @@ impl Checker<'_> {
                 vip: vip?.0,
                 ports,
                 protocol: protocol?,
+                vlan: u16::try_from(vlan?).expect("checked to be at most 4094"),
                 tag: tag?,
                 pin: pin?,
                 pin_idle_secs: pin_idle_secs?,
@@ -920,7 +963,7 @@ impl Checker<'_> {
                 );
             }
             for (p, span) in s.ports.iter().zip(&sp.ports) {
-                if let Some(other) = endpoints.insert((s.vip, *p, s.protocol), &s.name) {
+                if let Some(other) = endpoints.insert((s.vip, *p, s.protocol, s.vlan), &s.name) {
                     self.report(
                         Some(span),
                         sp.ports_field.clone(),

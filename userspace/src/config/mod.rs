@@ -162,6 +162,9 @@ pub struct AgentConfig {
     /// Punted frames waiting for a claim, at most; more are dropped and
     /// counted.
     pub punt_queue: u32,
+    /// MACs besides the interface's own whose frames are steered (e.g. a
+    /// VRRP virtual MAC); frames for any other MAC pass.
+    pub host_macs: Vec<[u8; 6]>,
 }
 
 impl Default for AgentConfig {
@@ -171,6 +174,7 @@ impl Default for AgentConfig {
             max_moves_per_sec: 2.0,
             pinned_flows: sluice_common::DEFAULT_PINNED_FLOWS,
             punt_queue: 65_536,
+            host_macs: Vec::new(),
         }
     }
 }
@@ -202,6 +206,8 @@ pub struct Service {
     pub vip: IpAddr,
     pub ports: Vec<u16>,
     pub protocol: Protocol,
+    /// VLAN id the service's packets arrive on; 0 for untagged.
+    pub vlan: u16,
     pub tag: TagSpec,
     pub pin: PinMode,
     /// A pinned flow idle this long loses its pin.
@@ -414,6 +420,32 @@ veth = "slc-web0"
         for (text, want) in cases {
             assert_eq!(field_of(&text), want, "{text}");
         }
+    }
+
+    #[test]
+    fn vlan_and_host_macs() {
+        let text = format!(
+            "[agent]\nhost_macs = [\"02:00:5e:00:01:01\"]\n{}",
+            GOOD.replace("protocol = \"tcp\"", "protocol = \"tcp\"\nvlan = 42")
+        );
+        let c = parse(&text).unwrap();
+        assert_eq!(c.agent.host_macs, vec![[2, 0, 0x5e, 0, 1, 1]]);
+        assert_eq!((c.services[0].vlan, c.services[1].vlan), (0, 42));
+
+        let bad = GOOD.replace("protocol = \"tcp\"", "protocol = \"tcp\"\nvlan = 4095");
+        assert_eq!(field_of(&bad), "service[1].vlan");
+        let bad = format!("[agent]\nhost_macs = [\"01:00:5e:00:00:01\"]\n{GOOD}");
+        assert_eq!(field_of(&bad), "agent.host_macs[0]");
+        let bad = format!(
+            "[agent]\nhost_macs = [\"02:00:00:00:00:01\", \"02:00:00:00:00:02\", \"02:00:00:00:00:03\", \"02:00:00:00:00:04\"]\n{GOOD}"
+        );
+        assert_eq!(field_of(&bad), "agent.host_macs");
+        // The same endpoint on two VLANs is two services.
+        let two = GOOD.replace("fd00:5100::100", "198.18.0.100").replace(
+            "port = 443\nprotocol = \"tcp\"",
+            "port = 7000\nprotocol = \"udp\"\nvlan = 7",
+        );
+        assert!(parse(&two).is_ok());
     }
 
     #[test]

@@ -51,6 +51,7 @@ pub(super) struct RawAgent {
     pub(super) max_moves_per_sec: Option<Field<f64>>,
     pub(super) pinned_flows: Option<Field<u32>>,
     pub(super) punt_queue: Option<Field<u32>>,
+    pub(super) host_macs: Option<Spanned<Vec<Field<Mac>>>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -130,6 +131,7 @@ pub(super) struct RawService {
     pub(super) port: Option<Field<u16>>,
     pub(super) ports: Option<Spanned<Vec<Field<u16>>>>,
     pub(super) protocol: Option<Field<RawProtocol>>,
+    pub(super) vlan: Option<Field<u32>>,
     pub(super) tag: Option<Spanned<RawTag>>,
     pub(super) pin: Option<Field<RawPin>>,
     pub(super) pin_idle_secs: Option<Field<u32>>,

@@ -17,10 +17,10 @@ use aya::{
     },
 };
 use sluice_common::{
-    HIT_BUCKETS_PER_SERVICE, counters,
+    HIT_BUCKETS_PER_SERVICE, MAX_HOST_MACS, counters,
     maps::{
-        INSTANCE_LIVE, InstanceCounters, InstanceEntry, PROGRAM_NAME, Pin, PinKey, ServiceCounters,
-        ServiceEntry, ServiceKey, names,
+        HostMacs, INSTANCE_LIVE, InstanceCounters, InstanceEntry, PROGRAM_NAME, Pin, PinKey,
+        ServiceCounters, ServiceEntry, ServiceKey, mac_word, names,
     },
     owner_index,
 };
@@ -217,6 +217,7 @@ impl XdpDatapath {
                 self.set_group_owner(s.id, *g, *owner)?;
             }
         }
+        self.set_host_macs(&plan.host_macs)?;
         let mut services: HashMap<&mut MapData, ServiceKey, ServiceEntry> =
             self.map_mut(names::SERVICES)?;
         // An adopted map may hold services this plan no longer has.
@@ -236,6 +237,16 @@ impl XdpDatapath {
             }
         }
         Ok(())
+    }
+
+    /// The MACs frames must be addressed to for the program to steer them.
+    pub fn set_host_macs(&mut self, macs: &[[u8; 6]]) -> Result<(), DatapathError> {
+        let mut entry = HostMacs::default();
+        for (slot, mac) in entry.macs.iter_mut().zip(macs.iter().take(MAX_HOST_MACS)) {
+            *slot = mac_word(*mac);
+        }
+        let mut host: Array<&mut MapData, HostMacs> = self.map_mut(names::HOST)?;
+        host.set(0, entry, 0).map_err(map_err(names::HOST))
     }
 
     /// Attaches to `iface`: native XDP, or generic mode when the driver

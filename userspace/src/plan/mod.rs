@@ -65,6 +65,9 @@ pub struct Plan {
     pub instances: Vec<InstancePlan>,
     /// Capacity of the pinned-flow map.
     pub pinned_flows: u32,
+    /// MACs the data path steers frames for: the configured ones here; the
+    /// agent adds its interface's own ([`Self::add_host_mac`]).
+    pub host_macs: Vec<[u8; 6]>,
 }
 
 /// Failure to resolve an instance's interface.
@@ -103,9 +106,9 @@ pub fn resolve_instance(inst: &Instance, field: &str) -> Result<Resolved, Resolv
     })
 }
 
-/// Service-map key for a VIP, port and protocol number.
+/// Service-map key for a VIP, port, protocol number and VLAN (0: none).
 #[must_use]
-pub fn service_key(vip: IpAddr, port: u16, proto: u8) -> ServiceKey {
+pub fn service_key(vip: IpAddr, port: u16, proto: u8, vlan: u16) -> ServiceKey {
     let (addr, family) = match vip {
         IpAddr::V4(a) => ([key::host::v4(a.octets()), 0, 0, 0], FAMILY_V4),
         IpAddr::V6(a) => (key::host::v6(a.octets()), FAMILY_V6),
@@ -115,6 +118,8 @@ pub fn service_key(vip: IpAddr, port: u16, proto: u8) -> ServiceKey {
         port_be: port.to_be(),
         proto,
         family,
+        vlan,
+        pad: 0,
     }
 }
 
@@ -127,6 +132,7 @@ impl Plan {
     ) -> Result<Self, E> {
         let mut plan = Self {
             pinned_flows: config.agent.pinned_flows,
+            host_macs: config.agent.host_macs.clone(),
             ..Self::default()
         };
         let mut next_instance = 1u32;
@@ -165,7 +171,7 @@ impl Plan {
                 keys: svc
                     .ports
                     .iter()
-                    .map(|&p| service_key(svc.vip, p, svc.protocol.number()))
+                    .map(|&p| service_key(svc.vip, p, svc.protocol.number(), svc.vlan))
                     .collect(),
                 entry: ServiceEntry {
                     id,
@@ -207,6 +213,14 @@ impl Plan {
             .iter()
             .find(|(g, _)| g.contains(unit))
             .map_or(sluice_common::maps::NO_OWNER, |(_, o)| *o)
+    }
+
+    /// Steers frames for `mac` too (first, so it is never the one dropped
+    /// for want of a slot; the config allows one fewer than the slots).
+    pub fn add_host_mac(&mut self, mac: [u8; 6]) {
+        if !self.host_macs.contains(&mac) {
+            self.host_macs.insert(0, mac);
+        }
     }
 
     #[must_use]

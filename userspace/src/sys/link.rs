@@ -54,6 +54,16 @@ pub fn ifindex(name: &str) -> Result<u32, LinkError> {
     if idx == 0 { Err(missing()) } else { Ok(idx) }
 }
 
+/// MAC of interface `name` in the calling thread's namespace (asked over
+/// rtnetlink); `None` for an interface without one (loopback, tun).
+pub fn mac(name: &str) -> Result<Option<[u8; 6]>, LinkError> {
+    let own = ifindex(name)?;
+    let info = query_link(own).ok_or_else(|| LinkError::NoSuchInterface {
+        name: name.to_owned(),
+    })?;
+    Ok(info.mac.filter(|m| *m != [0; 6]))
+}
+
 /// Ifindex of the peer of veth `name` (its `iflink`), in the calling
 /// thread's namespace (asked over rtnetlink: /sys shows the namespace it was
 /// mounted in, not the thread's).
