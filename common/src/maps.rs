@@ -32,6 +32,38 @@ pub mod names {
     ];
 }
 
+/// Fingerprint of every map's layout: key and value sizes, the counter
+/// count, and an epoch bumped by hand when a layout changes at equal size.
+/// Written into the pin directory; an agent adopts only pins of its own
+/// layout.
+pub const LAYOUT: u64 = {
+    const EPOCH: u64 = 2;
+    let parts = [
+        EPOCH,
+        size_of::<ServiceKey>() as u64,
+        size_of::<ServiceEntry>() as u64,
+        size_of::<HostMacs>() as u64,
+        size_of::<InstanceEntry>() as u64,
+        size_of::<ServiceCounters>() as u64,
+        size_of::<InstanceCounters>() as u64,
+        size_of::<PinKey>() as u64,
+        size_of::<Pin>() as u64,
+        crate::counters::COUNT as u64,
+        names::ALL.len() as u64,
+        crate::UNIT_BITS as u64,
+        crate::HIT_BITS as u64,
+    ];
+    // FNV-1a over the parts.
+    let mut h = 0xcbf2_9ce4_8422_2325_u64;
+    let mut i = 0;
+    while i < parts.len() {
+        h ^= parts[i];
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        i += 1;
+    }
+    h
+};
+
 /// Name of the XDP program in the object file.
 pub const PROGRAM_NAME: &str = "sluice_xdp";
 

@@ -135,13 +135,11 @@ impl Drop for PinDir {
     }
 }
 
-/// Starts `sluice run` in `ns` and waits until its API answers.
-#[must_use]
-pub fn start(ns: &Netns, s: &Start<'_>) -> Agent {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let path = dir.path().join("sluice.toml");
+/// The `sluice run` command for `s` in `ns`, its files in `dir`.
+fn run_command(ns: &Netns, s: &Start<'_>, dir: &Path) -> Command {
+    let path = dir.join("sluice.toml");
     std::fs::write(&path, s.config).expect("config");
-    let socket = dir.path().join("agent.sock");
+    let socket = dir.join("agent.sock");
     // nsenter, not `ip netns exec`: that remounts /sys, hiding bpffs.
     let mut cmd = Command::new("nsenter");
     cmd.arg(format!("--net=/run/netns/{}", ns.0))
@@ -167,7 +165,17 @@ pub fn start(ns: &Netns, s: &Start<'_>) -> Agent {
     if s.cleanup {
         cmd.arg("--cleanup");
     }
-    let child = cmd.spawn().expect("start sluice");
+    cmd
+}
+
+/// Starts `sluice run` in `ns` and waits until its API answers.
+#[must_use]
+pub fn start(ns: &Netns, s: &Start<'_>) -> Agent {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let socket = dir.path().join("agent.sock");
+    let child = run_command(ns, s, dir.path())
+        .spawn()
+        .expect("start sluice");
     let mut agent = Agent { child, socket, dir };
     let t = Instant::now();
     while sluice::api::call(&agent.socket, &sluice::api::Request::Status {}).is_err() {
@@ -189,7 +197,39 @@ pub fn start(ns: &Netns, s: &Start<'_>) -> Agent {
     agent
 }
 
+/// Runs `sluice run` in `ns` expecting it to fail at start: returns its
+/// exit status and what it wrote to stderr. Panics if it is still running
+/// after 30 s (and ends it).
+#[must_use]
+pub fn start_failing(ns: &Netns, s: &Start<'_>) -> (std::process::ExitStatus, String) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut child = run_command(ns, s, dir.path())
+        .spawn()
+        .expect("start sluice");
+    let t = Instant::now();
+    let status = loop {
+        if let Some(st) = child.try_wait().expect("wait") {
+            break st;
+        }
+        if t.elapsed() > Duration::from_secs(30) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the agent was expected to fail at start, but it runs");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut err = String::new();
+    let _ = child.stderr.take().map(|mut e| e.read_to_string(&mut err));
+    (status, err)
+}
+
 impl Agent {
+    /// The agent's process id.
+    #[must_use]
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// The config file the agent was started with.
     #[must_use]
     pub fn config_path(&self) -> PathBuf {

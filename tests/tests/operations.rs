@@ -412,3 +412,128 @@ fn sighup_reload_is_all_or_nothing() {
     assert!(xdp_attached(&ns.0), "still attached after the swap");
     drop(agent);
 }
+
+/// Id of the XDP program on `nic0` in `ns`, if one is attached.
+fn xdp_prog_id(ns: &str) -> Option<u32> {
+    netns::run_in(ns, || sluice::sys::link::xdp_program("nic0")).expect("nic0")
+}
+
+/// Defects: a second `sluice run` on the same interface adopted the link
+/// and rewrote the maps before anything refused it; one on another pin
+/// directory failed with a bare EBUSY and left every map pinned (the 1M
+/// pinned-flow map alone ~126 MB of locked memory).
+#[test]
+fn a_second_agent_touches_nothing_and_leaves_nothing() {
+    let ns = process::netns("two", 1);
+    let config = format!(
+        "[[service]]\nname = \"kv\"\nvip = \"198.18.1.1\"\nport = 7000\nprotocol = \"udp\"\n{}",
+        process::instances_toml("kv", 1)
+    );
+    let pins = process::PinDir::new("two");
+    let other_pins = process::PinDir::new("two-other");
+    let state_dir = tempfile::tempdir().expect("tempdir");
+    let state = state_dir.path().join("state.json");
+    let other_state = state_dir.path().join("other.json");
+    let first = process::start(
+        &ns,
+        &process::Start {
+            config: &config,
+            pin_dir: &pins.0,
+            state: &state,
+            cleanup: true,
+            metrics_port: 9481,
+        },
+    );
+    let prog = xdp_prog_id(&ns.0).expect("the first agent attached");
+
+    // Same interface, same pin directory and state: refused up front.
+    let (status, err) = process::start_failing(
+        &ns,
+        &process::Start {
+            config: &config,
+            pin_dir: &pins.0,
+            state: &state,
+            cleanup: false,
+            metrics_port: 9482,
+        },
+    );
+    assert!(!status.success());
+    assert!(
+        err.contains(&format!("another agent (PID {})", first.pid())),
+        "the error names the running agent's PID: {err}"
+    );
+    assert_eq!(
+        xdp_prog_id(&ns.0),
+        Some(prog),
+        "the running program was not swapped out"
+    );
+
+    // Same interface, a pin directory of its own: the attach fails, the
+    // error says what holds the interface, and nothing stays pinned.
+    let (status, err) = process::start_failing(
+        &ns,
+        &process::Start {
+            config: &config,
+            pin_dir: &other_pins.0,
+            state: &other_state,
+            cleanup: false,
+            metrics_port: 9483,
+        },
+    );
+    assert!(!status.success());
+    assert!(
+        err.contains(&format!("already has an XDP program attached (id {prog}")),
+        "the error says what holds the interface: {err}"
+    );
+    assert!(
+        !other_pins.0.exists(),
+        "a failed start removes what it pinned"
+    );
+    assert_eq!(xdp_prog_id(&ns.0), Some(prog));
+    assert!(first.stop().success());
+}
+
+/// Defect: adopted maps were checked by size only, so an agent whose map
+/// layout differed (a counter array grown, a key widened) adopted them and
+/// misread them. Now the pin directory records its layout and every map's
+/// type, key and value size are checked before adoption.
+#[test]
+fn pins_of_another_layout_are_refused() {
+    assert!(sluice_tests::is_root(), "loads XDP programs: run as root");
+    let config = sluice::config::Config::parse(
+        "[[service]]\nname = \"kv\"\nvip = \"198.18.1.1\"\nport = 7000\nprotocol = \"udp\"\n[[service.instance]]\nname = \"a\"\nveth = \"x\"\nmac = \"02:00:00:00:00:01\"\n",
+        std::path::Path::new("layout.toml"),
+    )
+    .expect("config");
+    let plan = sluice::plan::Plan::build(&config, |_, _| {
+        Ok::<_, std::convert::Infallible>(sluice::plan::Resolved {
+            ifindex: 1,
+            mac: [2, 0, 0, 0, 0, 1],
+            netns: None,
+        })
+    })
+    .expect("plan");
+    let pins = process::PinDir::new("layout");
+    let load = || sluice::datapath::xdp::XdpDatapath::load_with(&plan, Some(&pins.0));
+    drop(load().expect("a fresh pin"));
+    // Its own pins, read back with the real maps' types and sizes: adopted.
+    drop(load().expect("adopting pins of the same layout"));
+    // Another layout recorded: refused, naming the fix.
+    let tag = std::fs::read_dir(&pins.0)
+        .expect("pin dir")
+        .flatten()
+        .find(|e| e.file_name().to_string_lossy().starts_with("layout="))
+        .expect("a layout tag")
+        .path();
+    std::fs::remove_dir(&tag).expect("remove the tag");
+    std::fs::create_dir(pins.0.join("layout=0000000000000001")).expect("another layout");
+    let err = load().err().expect("another layout is refused");
+    let text = err.to_string();
+    assert!(
+        text.contains("another Sluice version") && text.contains("sluice detach --pin-dir"),
+        "{text}"
+    );
+    // No layout recorded (pins made before layout checks): refused too.
+    std::fs::remove_dir(pins.0.join("layout=0000000000000001")).expect("remove");
+    assert!(load().is_err(), "unrecorded layout is refused");
+}

@@ -30,8 +30,10 @@ enum LogFormat {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Load the XDP program on an interface, program it from the config, run
-    /// the workload manager until SIGINT/SIGTERM, then detach.
+    /// Load the XDP program on an interface, program it from the config, and
+    /// run the workload manager until SIGINT/SIGTERM. The data path stays
+    /// attached and pinned on exit, so traffic keeps flowing while the
+    /// agent restarts; `--cleanup` or `sluice detach` takes it down.
     Run {
         /// Interface to attach to: the NIC (or the veth) traffic arrives on.
         #[arg(long, short)]

@@ -248,7 +248,15 @@ pub struct PuntCounts {
     pub received: u64,
     pub overflow: u64,
     pub reinjected: u64,
-    pub failed: u64,
+    /// Not a packet of a configured service (e.g. the config changed).
+    pub not_service: u64,
+    /// No live instance to claim for (all drained or failed, or the unit's
+    /// owner has failed and its failover is pending).
+    pub no_owner: u64,
+    /// The claim's store write failed (retried with the next frame).
+    pub claim_failed: u64,
+    /// Sending to the owner's veth failed.
+    pub send_failed: u64,
     /// Dropped by the kernel before the agent saw them (socket ring full).
     pub kernel_dropped: u64,
 }
@@ -261,7 +269,10 @@ pub fn punt(p: &PuntCounts) {
         ("received", p.received),
         ("overflow", p.overflow),
         ("reinjected", p.reinjected),
-        ("failed", p.failed),
+        ("not_service", p.not_service),
+        ("no_owner", p.no_owner),
+        ("claim_failed", p.claim_failed),
+        ("send_failed", p.send_failed),
         ("kernel_dropped", p.kernel_dropped),
     ] {
         counter!("sluice_punt_frames_total", "outcome" => outcome).absolute(v);

@@ -33,6 +33,17 @@ pub enum StartError {
     Resolve(#[from] ResolveError),
     #[error(transparent)]
     Control(#[from] ControlError),
+    #[error(
+        "`{iface}` already has an XDP program attached (id {id}{}): Sluice attaches only to an interface without one. If it is a Sluice data path left pinned, adopt it by starting with its --pin-dir, or take it down with `sluice detach --pin-dir <dir>`; otherwise see whose it is with `bpftool net show dev {iface}`",
+        name.as_ref().map(|n| format!(", `{n}`")).unwrap_or_default()
+    )]
+    Occupied {
+        iface: String,
+        id: u32,
+        name: Option<String>,
+        #[source]
+        source: Box<DatapathError>,
+    },
     #[error(transparent)]
     Datapath(#[from] DatapathError),
 }
@@ -91,6 +102,7 @@ impl Agent {
             iface,
             ifindex,
             config.agent.punt_queue as usize,
+            config.agent.punt_zero_copy,
         ) {
             Ok(p) => Some(p),
             Err(e) => {
@@ -98,7 +110,18 @@ impl Agent {
                 None
             }
         };
-        let mode = datapath.attach(iface, force_generic)?;
+        let mode = datapath.attach(iface, force_generic).map_err(|e| {
+            // Say what holds the interface, when something does.
+            match (&e, link::xdp_program(iface)) {
+                (DatapathError::Attach { .. }, Ok(Some(id))) => StartError::Occupied {
+                    iface: iface.to_owned(),
+                    id,
+                    name: crate::datapath::xdp::program_name(id),
+                    source: Box::new(e),
+                },
+                _ => StartError::Datapath(e),
+            }
+        })?;
         Ok(Self {
             datapath,
             plan,
@@ -110,14 +133,17 @@ impl Agent {
     }
 
     /// Resolves every punted frame waiting: claims its unit if nobody owns
-    /// it, and sends it to the owner with the owner's MAC. Returns how many
-    /// frames it handled.
-    pub async fn process_punts(&mut self) -> Result<usize, ControlError> {
+    /// it, and sends it to the owner with the owner's MAC. Every frame is
+    /// reinjected or counted by reason; a failed claim (the store refused
+    /// the write) is logged and retried by the next frame of the unit.
+    /// Returns how many frames it handled.
+    pub async fn process_punts(&mut self) -> usize {
         let Some(punt) = self.punt.as_mut() else {
-            return Ok(0);
+            return 0;
         };
         let frames = punt.queue.drain();
         let now = Instant::now();
+        let mut claim_error = None;
         for mut frame in frames.iter().cloned() {
             let target = (|| {
                 let flow = sluice_common::parse::parse(frame.as_slice()).ok()?;
@@ -127,25 +153,37 @@ impl Agent {
                 Some((svc.id, sluice_common::unit_of(keyed.key), flow.vlan_tagged))
             })();
             let Some((service_id, unit, vlan_tagged)) = target else {
-                punt.failed += 1;
+                punt.not_service += 1;
                 continue;
             };
             // As the data path does: the instance's veth is untagged.
             if vlan_tagged {
                 frame.drain(12..12 + sluice_common::parse::VLAN_TAG_LEN);
             }
-            let owner = self
+            let owner = match self
                 .control
                 .claim(&mut self.datapath, service_id, unit, now)
-                .await?;
+                .await
+            {
+                Ok(owner) => owner,
+                Err(e) => {
+                    punt.claim_failed += 1;
+                    claim_error.get_or_insert(e);
+                    continue;
+                }
+            };
             let Some(inst) = owner.and_then(|o| self.plan.instance(o)) else {
-                punt.failed += 1;
+                punt.no_owner += 1;
                 continue;
             };
             frame[..6].copy_from_slice(&inst.mac);
             punt.reinject(inst.ifindex, &frame);
         }
-        Ok(frames.len())
+        if let Some(e) = claim_error {
+            // Once a batch: a store that refuses writes would flood the log.
+            tracing::warn!(error = %e, claim_failed = punt.claim_failed, "claiming units for punted packets failed; their frames are counted as claim_failed");
+        }
+        frames.len()
     }
 
     /// One control interval: measure, decide, move.

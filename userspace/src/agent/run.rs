@@ -19,6 +19,7 @@ use crate::{
     control::InstanceStatus,
     coord::EmbeddedStore,
     datapath::{AttachMode, Datapath as _, xdp},
+    sys::lock::AgentLock,
     telemetry,
 };
 
@@ -45,7 +46,24 @@ pub struct RunOptions {
 /// Runs the agent until SIGINT or SIGTERM.
 pub fn run(a: &RunOptions) -> anyhow::Result<()> {
     let config = Config::load(&a.config)?;
-    let store = Arc::new(EmbeddedStore::open(&a.state)?);
+    // Before anything of the running data path or the store is read or
+    // written: a second agent started by mistake touches nothing.
+    let lock = AgentLock::acquire(&a.pin_dir, &a.state)?;
+    // A data path already pinned belongs to a previous agent: a failed
+    // start must leave it be. Anything else it creates, it removes.
+    let adopting = a.pin_dir.join("link").exists();
+    let remove_created = || {
+        if !adopting && let Err(e) = xdp::XdpDatapath::remove_pins(&a.pin_dir) {
+            tracing::warn!(error = %e, dir = %a.pin_dir.display(), "removing what the failed start pinned");
+        }
+    };
+    let store = match EmbeddedStore::open(&a.state) {
+        Ok(s) => Arc::new(s),
+        Err(e) => {
+            remove_created();
+            return Err(e.into());
+        }
+    };
     // Before start-up, so the first map writes are measured too. Without a
     // runtime yet, the exporter serves from a thread of its own.
     telemetry::install(a.metrics_addr)
@@ -54,13 +72,19 @@ pub fn run(a: &RunOptions) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let agent = rt.block_on(Agent::start_pinned(
+    let agent = match rt.block_on(Agent::start_pinned(
         &config,
         &a.iface,
         a.generic,
         store.clone(),
         Some(&a.pin_dir),
-    ))?;
+    )) {
+        Ok(agent) => agent,
+        Err(e) => {
+            remove_created();
+            return Err(e.into());
+        }
+    };
     if agent.datapath.is_pinned() {
         tracing::info!(dir = %a.pin_dir.display(), "data path pinned: it keeps running across agent restarts");
     }
@@ -93,6 +117,7 @@ pub fn run(a: &RunOptions) -> anyhow::Result<()> {
     } else {
         tracing::info!(iface, "detached");
     }
+    drop(lock);
     Ok(())
 }
 
@@ -151,9 +176,7 @@ async fn event_loop(
                 agent.publish(instances.as_deref().unwrap_or_default());
             }
             _ = punts.tick(), if agent.punt.is_some() => {
-                if let Err(e) = agent.process_punts().await {
-                    tracing::warn!(error = %e, "resolving punted packets failed");
-                }
+                agent.process_punts().await;
             }
             _ = stats.tick(), if a.stats_interval > 0 => report(&agent, false),
         }

@@ -45,11 +45,13 @@ fn instances(api_socket: &Path) -> anyhow::Result<Vec<InstanceLine>> {
 
 /// `sluice status`: one line per instance.
 pub fn status(api_socket: &Path) -> anyhow::Result<()> {
+    // Ask first: no table header above an error.
+    let instances = instances(api_socket)?;
     println!(
         "{:<16} {:<16} {:>6} {:>10} {:>8}  groups",
         "service", "instance", "util", "pps", "drops/s"
     );
-    for i in instances(api_socket)? {
+    for i in instances {
         println!(
             "{:<16} {:<16} {:>6.2} {:>10.0} {:>8.0}  {}{}",
             i.service,

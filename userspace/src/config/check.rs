@@ -361,12 +361,23 @@ impl Checker<'_> {
             1 << 24,
         );
         let host_macs = self.host_macs(raw.host_macs);
+        let punt_zero_copy = match self.typed(raw.punt_zero_copy, "agent.punt_zero_copy", |v| {
+            (
+                format!("`{v}` is not true or false"),
+                "write punt_zero_copy = true or false (without quotes)".into(),
+            )
+        }) {
+            Got::Absent => Some(false),
+            Got::Value(v, _) => Some(v),
+            Got::Bad => None,
+        };
         Some(AgentConfig {
             interval: Duration::from_millis(interval_ms?.into()),
             max_moves_per_sec: max_moves_per_sec?,
             pinned_flows: pinned_flows?,
             punt_queue: punt_queue?,
             host_macs: host_macs?,
+            punt_zero_copy: punt_zero_copy?,
         })
     }
 

@@ -165,6 +165,10 @@ pub struct AgentConfig {
     /// MACs besides the interface's own whose frames are steered (e.g. a
     /// VRRP virtual MAC); frames for any other MAC pass.
     pub host_macs: Vec<[u8; 6]>,
+    /// Bind the punt sockets zero-copy where the driver can: on such
+    /// drivers all traffic of a queue then lands in the agent's UMEM and
+    /// every frame not punted is copied out of it. Off by default.
+    pub punt_zero_copy: bool,
 }
 
 impl Default for AgentConfig {
@@ -175,6 +179,7 @@ impl Default for AgentConfig {
             pinned_flows: sluice_common::DEFAULT_PINNED_FLOWS,
             punt_queue: 65_536,
             host_macs: Vec::new(),
+            punt_zero_copy: false,
         }
     }
 }

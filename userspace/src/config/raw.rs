@@ -52,6 +52,7 @@ pub(super) struct RawAgent {
     pub(super) pinned_flows: Option<Field<u32>>,
     pub(super) punt_queue: Option<Field<u32>>,
     pub(super) host_macs: Option<Spanned<Vec<Field<Mac>>>>,
+    pub(super) punt_zero_copy: Option<Field<bool>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -744,6 +744,11 @@ impl Controller {
         loop {
             let e = self.store.group_of(&name, unit).await?;
             if e.owner != UNOWNED {
+                // A failed owner's failover is pending (its store write
+                // failed): frames for it would go into a dead veth.
+                if self.failed.contains(&e.owner) {
+                    return Ok(None);
+                }
                 return Ok(id_of(self, &e.owner));
             }
             if e.group.size() > size {

@@ -266,6 +266,39 @@ fn failover_unowns_a_vanished_instance_and_survivors_claim_its_units() {
     r.assert_agree();
 }
 
+/// Defect: a store error in the middle of a failover left the failed
+/// instance's groups owned by it in the store, and `claim` returned the dead
+/// owner, so punted frames went into a dead veth until the failover was
+/// finished.
+#[test]
+fn claim_never_returns_a_failed_owner_while_its_failover_is_pending() {
+    let mut r = Rig::new(&text("even", 1000.0), FaultyStore::new(), mem());
+    let lost = r.owned_by("kv-1");
+    r.tick().unwrap();
+    r.host.gone.lock().unwrap().insert(102);
+    // The failover's first store write fails (disk full).
+    r.store.fail_once(StoreFault::Move);
+    assert!(r.tick().is_err(), "the failed write is reported");
+    assert!(r.ctl.is_failed("kv-1"));
+    assert!(!r.dp.is_live(2), "out of the data path at once");
+    let pending: Vec<Group> = r.owned_by("kv-1");
+    assert!(!pending.is_empty(), "the store still names the dead owner");
+    for g in &pending {
+        assert_eq!(
+            r.claim(g.base()),
+            None,
+            "no frame for {g} to the dead owner"
+        );
+    }
+    // The next interval finishes the failover; then its units are claimed
+    // by survivors.
+    r.tick().unwrap();
+    assert!(r.owned_by("kv-1").is_empty());
+    let owner = r.claim(lost[0].base()).expect("a survivor");
+    assert!(owner == 1 || owner == 3, "claimed by {owner}");
+    r.assert_agree();
+}
+
 #[test]
 fn a_store_write_failing_mid_move_changes_neither_owner() {
     let mut r = Rig::new(&text("even", 1000.0), FaultyStore::new(), mem());

@@ -117,7 +117,14 @@ fn persist(path: &Path, state: &State) -> Result<(), CoordError> {
     f.write_all(&serde_json::to_vec_pretty(state).expect("state serialises"))
         .map_err(io)?;
     f.sync_all().map_err(io)?;
-    fs::rename(&tmp, path).map_err(io)
+    fs::rename(&tmp, path).map_err(io)?;
+    // The rename is durable only once the directory is: without this, a
+    // power cut can bring back the previous file.
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io)
 }
 
 fn entries<'a>(state: &'a mut State, service: &str) -> Result<&'a mut Vec<GroupEntry>, CoordError> {

@@ -75,7 +75,9 @@ pub enum DatapathError {
         #[source]
         source: MapError,
     },
-    #[error("bpffs directory {dir}")]
+    #[error(
+        "bpffs directory {dir} (is bpffs mounted at /sys/fs/bpf? `ip netns exec` remounts /sys and hides it: enter the namespace with `nsenter --net=/run/netns/NAME` instead, or give --pin-dir on a mounted bpffs)"
+    )]
     PinDir {
         dir: PathBuf,
         #[source]
@@ -90,6 +92,10 @@ pub enum DatapathError {
         pinned: u32,
         wanted: u32,
     },
+    #[error(
+        "the data path pinned in {dir} was made by another Sluice version: {problem}. This agent cannot adopt it without misreading it; run `sluice detach --pin-dir {dir}` (traffic passes to the kernel until this agent attaches; pinned flows are dropped) and start again"
+    )]
+    PinLayout { dir: PathBuf, problem: String },
     #[error("adopting the data path pinned in {dir}: {problem}")]
     Adopt { dir: PathBuf, problem: String },
     #[error("mapping the owner array into memory")]

@@ -1,12 +1,18 @@
 //! The punt path: packets of units with no live owner reach the agent over
-//! an `AF_XDP` socket (zero-copy where the driver allows, else copy mode),
-//! the agent claims the unit for an instance and sends the packet on to
+//! an `AF_XDP` socket, the agent claims the unit for an instance and sends the packet on to
 //! it, once.
 //!
 //! A receiver thread copies frames off the socket into a bounded queue
 //! (overflow counted, never silent); the control loop drains the queue,
 //! claims through the coordination store and re-injects each frame on the
 //! owner's host-side veth with an `AF_PACKET` socket.
+//!
+//! Sockets bind in copy mode unless `agent.punt_zero_copy` is set. A
+//! zero-copy socket makes the driver receive every frame of its queue into
+//! the socket's UMEM — the fast path's too — so each frame the program
+//! redirects to an instance or passes to the kernel is then copied out of
+//! it: the punt path, which carries a packet or so per new unit, would tax
+//! every packet. Copy mode touches only the punted frames.
 
 use std::{
     collections::VecDeque,
@@ -86,7 +92,8 @@ pub struct PuntReceiver {
     thread: Option<std::thread::JoinHandle<()>>,
     /// The socket, for the XSKMAP (kept open by the thread).
     pub fd: RawFd,
-    /// Bound in zero-copy mode (the driver supports it), else copy mode.
+    /// Bound in zero-copy mode (asked for, and the driver supports it),
+    /// else copy mode.
     pub zero_copy: bool,
 }
 
@@ -122,8 +129,8 @@ fn bind_socket(ifindex: u32, queue: u32, zero_copy: bool, mem: NonNull<[u8]>) ->
         headroom: 0,
         flags: 0,
     };
-    // SAFETY: `mem` is a leaked, page-aligned allocation used by this
-    // socket only, for the life of the process.
+    // SAFETY: `mem` is a page-aligned allocation used by this socket only,
+    // which the receiver thread frees only after the socket is closed.
     let umem = unsafe { Umem::new(config, mem) }.map_err(errno)?;
     let mut info = IfInfo::invalid();
     info.from_ifindex(ifindex).map_err(errno)?;
@@ -150,11 +157,24 @@ fn bind_socket(ifindex: u32, queue: u32, zero_copy: bool, mem: NonNull<[u8]>) ->
     Ok((umem, device, user, rx_ring, mem))
 }
 
+/// The bind modes to try, in order (`true`: zero-copy): copy mode only
+/// unless zero-copy is asked for, and then copy mode as the fallback.
+#[must_use]
+pub fn bind_modes(zero_copy: bool) -> &'static [bool] {
+    if zero_copy { &[true, false] } else { &[false] }
+}
+
 impl PuntReceiver {
     /// Opens the socket on `ifindex`, queue `queue`, in the calling
-    /// thread's network namespace — zero-copy where the driver can, copy
-    /// mode otherwise — and starts receiving into `queue_out`.
-    pub fn start(ifindex: u32, queue: u32, queue_out: Arc<PuntQueue>) -> io::Result<Self> {
+    /// thread's network namespace — in copy mode, or zero-copy first when
+    /// `zero_copy` (see the module doc for its cost) — and starts receiving
+    /// into `queue_out`.
+    pub fn start(
+        ifindex: u32,
+        queue: u32,
+        zero_copy: bool,
+        queue_out: Arc<PuntQueue>,
+    ) -> io::Result<Self> {
         let stop = Arc::new(AtomicBool::new(false));
         let (tx, rx) = std::sync::mpsc::channel::<io::Result<(RawFd, bool)>>();
         let stop2 = stop.clone();
@@ -162,27 +182,31 @@ impl PuntReceiver {
         let thread = std::thread::Builder::new()
             .name("sluice-punt".into())
             .spawn(move || {
-                // The frames' memory: the kernel writes into it for as long as the
-                // socket lives, so it lives as long as the process (one per socket,
-                // shared by the zero-copy attempt and the copy-mode fallback).
-                let area: Box<[Page]> = (0..FRAMES)
+                // The frames' memory: the kernel writes into it for as long
+                // as the socket lives, so it is dropped last, when this
+                // thread ends (shared by every bind attempt).
+                let mut area: Box<[Page]> = (0..FRAMES)
                     .map(|_| Page([0; FRAME_SIZE as usize]))
                     .collect();
-                let area = Box::leak(area);
                 let len = area.len() * FRAME_SIZE as usize;
                 let mem = NonNull::slice_from_raw_parts(
                     NonNull::new(area.as_mut_ptr().cast::<u8>()).expect("heap"),
                     len,
                 );
-                let (bound, zero_copy) = match bind_socket(ifindex, queue, true, mem) {
-                    Ok(b) => (b, true),
-                    Err(_) => match bind_socket(ifindex, queue, false, mem) {
-                        Ok(b) => (b, false),
-                        Err(e) => {
-                            let _ = tx.send(Err(e));
-                            return;
+                let mut last = io::Error::other("no bind mode to try");
+                let mut bound = None;
+                for &zc in bind_modes(zero_copy) {
+                    match bind_socket(ifindex, queue, zc, mem) {
+                        Ok(b) => {
+                            bound = Some((b, zc));
+                            break;
                         }
-                    },
+                        Err(e) => last = e,
+                    }
+                }
+                let Some((bound, zero_copy)) = bound else {
+                    let _ = tx.send(Err(last));
+                    return;
                 };
                 let (umem, mut device, user, mut rx_ring, mem) = bound;
                 // Give every frame to the kernel to fill.
@@ -242,7 +266,9 @@ impl PuntReceiver {
                         dropped = now;
                     }
                 }
-                drop(user);
+                // The socket and its rings before the memory they point into.
+                drop((user, rx_ring, device, umem));
+                drop(area);
             })?;
         let (fd, zero_copy) = rx
             .recv_timeout(Duration::from_secs(5))
@@ -310,9 +336,12 @@ pub struct Punt {
     reinject: Reinjector,
     /// Punted frames sent on to their (new) owner.
     pub delivered: u64,
-    /// Punted frames that could not be: not a service packet, no instance
-    /// to claim for, or the send failed.
-    pub failed: u64,
+    /// Punted frames that could not be, by reason: every frame taken off
+    /// the sockets is reinjected or counted in one of these.
+    pub not_service: u64,
+    pub no_owner: u64,
+    pub claim_failed: u64,
+    pub send_failed: u64,
 }
 
 impl Punt {
@@ -324,13 +353,14 @@ impl Punt {
         iface: &str,
         ifindex: u32,
         cap: usize,
+        zero_copy: bool,
     ) -> Result<Self, Box<dyn std::error::Error>> {
         let queue = PuntQueue::new(cap);
         let mut receivers = Vec::new();
         // Queues past the `PUNT` map's slots are not served (see README).
         let queues = crate::sys::ethtool::rx_queues(iface).min(sluice_common::MAX_PUNT_QUEUES);
         for q in 0..queues {
-            let r = PuntReceiver::start(ifindex, q, queue.clone())?;
+            let r = PuntReceiver::start(ifindex, q, zero_copy, queue.clone())?;
             dp.set_punt_socket(q, r.fd)?;
             tracing::info!(
                 iface,
@@ -345,7 +375,10 @@ impl Punt {
             receivers,
             reinject: Reinjector::new()?,
             delivered: 0,
-            failed: 0,
+            not_service: 0,
+            no_owner: 0,
+            claim_failed: 0,
+            send_failed: 0,
         })
     }
 
@@ -355,7 +388,7 @@ impl Punt {
             Ok(()) => self.delivered += 1,
             Err(e) => {
                 tracing::debug!(error = %e, "re-injecting a punted frame failed");
-                self.failed += 1;
+                self.send_failed += 1;
             }
         }
     }
@@ -368,8 +401,22 @@ impl Punt {
             received: self.queue.received.load(Ordering::Relaxed),
             overflow: self.queue.overflow.load(Ordering::Relaxed),
             reinjected: self.delivered,
-            failed: self.failed,
+            not_service: self.not_service,
+            no_owner: self.no_owner,
+            claim_failed: self.claim_failed,
+            send_failed: self.send_failed,
             kernel_dropped: self.queue.kernel_dropped.load(Ordering::Relaxed),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn copy_mode_unless_zero_copy_is_asked_for() {
+        // Defect: every queue was bound zero-copy first, which on such
+        // drivers moves all fast-path traffic through the agent's UMEM.
+        assert_eq!(super::bind_modes(false), &[false]);
+        assert_eq!(super::bind_modes(true), &[true, false]);
     }
 }

@@ -76,6 +76,80 @@ fn pin_tag(dir: &Path, key: &str) -> Option<String> {
     })
 }
 
+/// This agent's map layout as the pin directory records it.
+fn layout_tag() -> String {
+    format!("{:016x}", sluice_common::maps::LAYOUT)
+}
+
+/// Refuses pins this agent would misread: a layout other than its own, or
+/// a map whose type, key or value size differs from the program's, or
+/// whose size differs from what `sizes` (the plan) needs.
+fn check_pins(dir: &Path, sizes: &[(&'static str, u32)]) -> Result<(), DatapathError> {
+    let pinned: Vec<&'static str> = names::ALL
+        .iter()
+        .copied()
+        .filter(|n| dir.join(n).exists())
+        .collect();
+    if pinned.is_empty() {
+        return Ok(());
+    }
+    let layout = |problem: String| DatapathError::PinLayout {
+        dir: dir.to_owned(),
+        problem,
+    };
+    let ours = layout_tag();
+    match pin_tag(dir, "layout") {
+        Some(t) if t == ours => {}
+        Some(t) => {
+            return Err(layout(format!(
+                "its map layout is {t}, this agent's is {ours}"
+            )));
+        }
+        None => {
+            return Err(layout(
+                "it records no map layout (it predates layout checks)".into(),
+            ));
+        }
+    }
+    let object = aya_obj::Object::parse(OBJECT)
+        .map_err(|e| layout(format!("parsing this agent's own program: {e}")))?;
+    for name in pinned {
+        let info = aya::maps::MapInfo::from_pin(dir.join(name))
+            .map_err(|e| layout(format!("map `{name}` cannot be read: {e}")))?;
+        let Some(want) = object.maps.get(name) else {
+            return Err(layout(format!(
+                "map `{name}` is not in this agent's program"
+            )));
+        };
+        let kind = info.map_type().map_or(u32::MAX, |t| t as u32);
+        if (kind, info.key_size(), info.value_size())
+            != (want.map_type(), want.key_size(), want.value_size())
+        {
+            return Err(layout(format!(
+                "map `{name}` is of type {kind} with {}-byte keys and {}-byte values, this agent's of type {} with {} and {}",
+                info.key_size(),
+                info.value_size(),
+                want.map_type(),
+                want.key_size(),
+                want.value_size()
+            )));
+        }
+        let entries = sizes
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map_or(want.max_entries(), |(_, n)| *n);
+        if info.max_entries() != entries {
+            return Err(DatapathError::PinMismatch {
+                dir: dir.to_owned(),
+                map: name,
+                pinned: info.max_entries(),
+                wanted: entries,
+            });
+        }
+    }
+    Ok(())
+}
+
 /// Sluice's XDP program in a loaded object.
 fn program_in(ebpf: &mut Ebpf) -> Result<&mut Xdp, DatapathError> {
     ebpf.program_mut(PROGRAM_NAME)
@@ -137,25 +211,22 @@ impl XdpDatapath {
                 dir: dir.to_owned(),
                 source,
             })?;
-            // A pinned map is reused as it is: refuse one of another size
-            // rather than index past its end.
-            for (name, n) in sizes {
-                if let Ok(info) = aya::maps::MapInfo::from_pin(dir.join(name))
-                    && info.max_entries() != n
-                {
-                    return Err(DatapathError::PinMismatch {
-                        dir: dir.to_owned(),
-                        map: name,
-                        pinned: info.max_entries(),
-                        wanted: n,
-                    });
-                }
-            }
+            check_pins(dir, &sizes)?;
             for (name, path) in &paths {
                 loader.map_pin_path(name, path.as_path());
             }
         }
         let mut ebpf = loader.load(OBJECT).map_err(DatapathError::Load)?;
+        if let Some(dir) = pin_dir
+            && pin_tag(dir, "layout").is_none()
+        {
+            std::fs::create_dir(dir.join(format!("layout={}", layout_tag()))).map_err(
+                |source| DatapathError::PinDir {
+                    dir: dir.to_owned(),
+                    source,
+                },
+            )?;
+        }
         program_in(&mut ebpf)?
             .load()
             .map_err(DatapathError::Program)?;
@@ -285,18 +356,29 @@ impl XdpDatapath {
             Some("generic") => AttachMode::Generic,
             _ => AttachMode::Native,
         };
-        let fd_link = aya::programs::links::PinnedLink::from_pin(dir.join("link"))
-            .map_err(|e| pin_err(&format!("reading the pinned link: {e}")))?
-            .unpin()
-            .map_err(|e| pin_err(&format!("unpinning the link: {e}")))?;
-        let xdp_link = aya::programs::xdp::XdpLink::try_from(fd_link)
-            .map_err(|e| pin_err(&format!("the pinned link is not an XDP link: {e}")))?;
+        // Swap the program in through the pinned link without unpinning it
+        // first: if the update fails, the link and the running program stay
+        // as they were.
+        let pinned = aya::programs::links::PinnedLink::from_pin(dir.join("link"))
+            .map_err(|e| pin_err(&format!("reading the pinned link: {e}")))?;
+        let xdp_link =
+            aya::programs::xdp::XdpLink::try_from(aya::programs::links::FdLink::from(pinned))
+                .map_err(|e| pin_err(&format!("the pinned link is not an XDP link: {e}")))?;
         let id = self
             .program_mut()?
             .attach_to_link(xdp_link)
             .map_err(DatapathError::Program)?;
-        self.link = Some(id);
-        self.pin_link(dir, iface, mode)?;
+        // The pin holds the link from now on; this fd is not needed.
+        drop(
+            self.program_mut()?
+                .take_link(id)
+                .map_err(DatapathError::Program)?,
+        );
+        let link = aya::programs::links::PinnedLink::from_pin(dir.join("link"))
+            .map_err(|e| pin_err(&format!("reading the pinned link: {e}")))?;
+        if let Some(p) = &mut self.pins {
+            p.link = Some(link);
+        }
         Ok(mode)
     }
 
@@ -546,6 +628,15 @@ impl Datapath for XdpDatapath {
             })
             .collect()
     }
+}
+
+/// Name of loaded BPF program `id`, if it is still loaded.
+#[must_use]
+pub fn program_name(id: u32) -> Option<String> {
+    aya::programs::loaded_programs()
+        .flatten()
+        .find(|p| p.id() == id)
+        .and_then(|p| p.name_as_str().map(str::to_owned))
 }
 
 /// Where `sluice run` pins the data path of `iface` unless told otherwise.

@@ -95,8 +95,17 @@ pub fn resolve_instance(inst: &Instance, field: &str) -> Result<Resolved, Resolv
     let (mac, netns) = if let Some(mac) = inst.mac {
         (mac, named)
     } else {
-        let (mac, path) = link::discover_peer_mac(&inst.veth, inst.netns.as_deref())
-            .map_err(wrap(format!("{field}.mac")))?;
+        let (mac, path) =
+            link::discover_peer_mac(&inst.veth, inst.netns.as_deref()).map_err(|e| {
+                // A namespace that cannot be entered is the `netns` field's
+                // fault; a peer not found is fixed by giving `mac`.
+                let which = if matches!(e, LinkError::Netns { .. }) {
+                    "netns"
+                } else {
+                    "mac"
+                };
+                wrap(format!("{field}.{which}"))(e)
+            })?;
         (mac, Some(path))
     };
     Ok(Resolved {
@@ -232,5 +241,30 @@ impl Plan {
     #[must_use]
     pub fn owner_entries(&self) -> u32 {
         owner_index(u32::try_from(self.services.len()).expect("bounded"), 0).max(1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_netns_is_blamed_on_the_netns_field() {
+        // Defect: it was reported against `mac`.
+        let inst = Instance {
+            name: "a".into(),
+            veth: "lo".into(),
+            mac: None,
+            netns: Some("sluice-no-such-netns".into()),
+            cgroup: None,
+            cpu_limit: None,
+            health_reports: false,
+        };
+        let e = resolve_instance(&inst, "service[0].instance[2]").unwrap_err();
+        assert_eq!(e.field, "service[0].instance[2].netns");
+        assert!(
+            format!("{:?}", e.source).contains("sluice-no-such-netns"),
+            "{e:?}"
+        );
     }
 }

@@ -64,6 +64,15 @@ pub fn mac(name: &str) -> Result<Option<[u8; 6]>, LinkError> {
     Ok(info.mac.filter(|m| *m != [0; 6]))
 }
 
+/// Id of the XDP program attached to interface `name`, if any.
+pub fn xdp_program(name: &str) -> Result<Option<u32>, LinkError> {
+    let own = ifindex(name)?;
+    let info = query_link(own).ok_or_else(|| LinkError::NoSuchInterface {
+        name: name.to_owned(),
+    })?;
+    Ok(info.xdp_prog.filter(|id| *id != 0))
+}
+
 /// Ifindex of the peer of veth `name` (its `iflink`), in the calling
 /// thread's namespace (asked over rtnetlink: /sys shows the namespace it was
 /// mounted in, not the thread's).
@@ -87,6 +96,18 @@ pub fn veth_peer_ifindex(name: &str) -> Result<u32, LinkError> {
 /// process. The peer is the interface there whose ifindex is our veth's
 /// `iflink` and whose own link is our veth; it must be unique.
 pub fn discover_peer_mac(veth: &str, netns: Option<&str>) -> Result<([u8; 6], PathBuf), LinkError> {
+    if let Some(name) = netns {
+        let path = super::netns::named(name);
+        if !path.exists() {
+            return Err(LinkError::Netns {
+                path,
+                source: io::Error::new(
+                    io::ErrorKind::NotFound,
+                    format!("no network namespace `{name}` (see `ip netns list`)"),
+                ),
+            });
+        }
+    }
     let own = ifindex(veth)?;
     let peer = veth_peer_ifindex(veth)?;
     let candidates: Vec<PathBuf> = match netns {
@@ -169,6 +190,8 @@ fn veth_mac_in(path: &Path, ifindex: u32, link: u32) -> Result<Option<[u8; 6]>, 
 /// What rtnetlink says of an interface.
 struct LinkInfo {
     mac: Option<[u8; 6]>,
+    /// Id of the XDP program attached, if any (`IFLA_XDP_PROG_ID`).
+    xdp_prog: Option<u32>,
     /// `IFLA_LINK`: for a veth, the peer's ifindex.
     link: Option<u32>,
 }
@@ -214,9 +237,28 @@ impl LinkProbe {
     }
 }
 
+/// The `u32` attribute `want` among the nested attributes in `body`.
+fn nested_u32(body: &[u8], want: u16) -> Option<u32> {
+    let mut at = 0;
+    while at + 4 <= body.len() {
+        let len = usize::from(u16::from_ne_bytes([body[at], body[at + 1]]));
+        let kind = u16::from_ne_bytes([body[at + 2], body[at + 3]]) & 0x3fff;
+        if len < 4 || at + len > body.len() {
+            return None;
+        }
+        if kind == want && len == 8 {
+            return Some(u32::from_ne_bytes(body[at + 4..at + 8].try_into().ok()?));
+        }
+        at += (len + 3) & !3;
+    }
+    None
+}
+
 fn query_link_on(sock: &OwnedFd, ifindex: u32) -> Option<LinkInfo> {
     const IFLA_ADDRESS: u16 = 1;
     const IFLA_LINK: u16 = 5;
+    const IFLA_XDP: u16 = 43;
+    const IFLA_XDP_PROG_ID: u16 = 4;
     const NLMSG_HDR: usize = 16;
     const IFINFO: usize = 16;
     // nlmsghdr + ifinfomsg, RTM_GETLINK for one ifindex.
@@ -247,6 +289,7 @@ fn query_link_on(sock: &OwnedFd, ifindex: u32) -> Option<LinkInfo> {
     }
     let mut mac = None;
     let mut peer_link = None;
+    let mut xdp_prog = None;
     let mut at = NLMSG_HDR + IFINFO;
     while at + 4 <= msg.len() {
         let alen = usize::from(u16::from_ne_bytes([msg[at], msg[at + 1]]));
@@ -260,12 +303,14 @@ fn query_link_on(sock: &OwnedFd, ifindex: u32) -> Option<LinkInfo> {
             IFLA_LINK if body.len() == 4 => {
                 peer_link = Some(u32::from_ne_bytes(body.try_into().ok()?));
             }
+            IFLA_XDP => xdp_prog = nested_u32(body, IFLA_XDP_PROG_ID),
             _ => {}
         }
         at += (alen + 3) & !3;
     }
     Some(LinkInfo {
         mac,
+        xdp_prog,
         link: peer_link,
     })
 }
