@@ -883,6 +883,28 @@ veth = "t-d"
 
 const ACK: u8 = 0x10;
 
+/// Moves one unit of service `service` to instance `to`.
+fn move_unit(h: &mut Harness, service: u32, unit: u32, to: u32) {
+    h.dp.set_group_owner(
+        service,
+        Group::new(unit, sluice_common::UNIT_BITS).expect("a unit is a group"),
+        to,
+    )
+    .expect("move");
+}
+
+/// A pinned TCP connection from `src` to the `PIN_CONFIG` service: its SYN
+/// and ACK, the instance its SYN reached, the other instance, and its unit.
+fn connection(h: &Harness, src: &str) -> (Packet, Packet, u32, u32, u32) {
+    let (src, dst) = (sa(src), sa("198.18.1.1:443"));
+    let syn = Packet::tcp(src, dst, SYN);
+    let ack = Packet::tcp(src, dst, ACK);
+    let first = target(h, &syn);
+    let other = if first == 1 { 2 } else { 1 };
+    let unit = sluice_common::unit_of(agent_key(&syn, &Key::Flow));
+    (syn, ack, first, other, unit)
+}
+
 /// Instance id a frame was redirected to.
 fn target(h: &Harness, p: &Packet) -> u32 {
     let run = h.run(&p.build());
@@ -918,12 +940,7 @@ fn pinned_tcp_flow_stays_while_its_unit_moves() {
     let s0 = h.service(0);
 
     // Move the flow's unit to the other instance.
-    h.dp.set_group_owner(
-        0,
-        Group::new(unit, sluice_common::UNIT_BITS).unwrap(),
-        other,
-    )
-    .expect("move");
+    move_unit(&mut h, 0, unit, other);
     let established = Packet::tcp(SocketAddr::new(client, 50000), dst, ACK);
     for _ in 0..3 {
         assert_eq!(
@@ -964,19 +981,8 @@ fn pinned_tcp_flow_stays_while_its_unit_moves() {
 #[test]
 fn a_syn_follows_the_units_owner_and_replaces_the_pin() {
     let mut h = Harness::new(PIN_CONFIG);
-    let src = sa("198.18.0.23:41000");
-    let dst = sa("198.18.1.1:443");
-    let syn = Packet::tcp(src, dst, SYN);
-    let ack = Packet::tcp(src, dst, ACK);
-    let first = target(&h, &syn);
-    let other = if first == 1 { 2 } else { 1 };
-    let unit = sluice_common::unit_of(agent_key(&syn, &Key::Flow));
-    h.dp.set_group_owner(
-        0,
-        Group::new(unit, sluice_common::UNIT_BITS).unwrap(),
-        other,
-    )
-    .expect("move");
+    let (syn, ack, first, other, unit) = connection(&h, "198.18.0.23:41000");
+    move_unit(&mut h, 0, unit, other);
     assert_eq!(target(&h, &ack), first, "the established connection stays");
     // The client closes and opens a new connection from the same port.
     assert_eq!(
@@ -990,13 +996,10 @@ fn a_syn_follows_the_units_owner_and_replaces_the_pin() {
         "and the rest of the new connection follows its SYN"
     );
     // A SYN-ACK (simultaneous open) is not a new connection.
-    h.dp.set_group_owner(
-        0,
-        Group::new(unit, sluice_common::UNIT_BITS).unwrap(),
-        first,
-    )
-    .expect("move back");
-    assert_eq!(target(&h, &Packet::tcp(src, dst, SYN | ACK)), other);
+    move_unit(&mut h, 0, unit, first);
+    let mut syn_ack = syn;
+    syn_ack.l4 = L4::Tcp(SYN | ACK);
+    assert_eq!(target(&h, &syn_ack), other);
 }
 
 /// Defect: pinned packets were counted in their unit's hits, so after a
@@ -1004,13 +1007,7 @@ fn a_syn_follows_the_units_owner_and_replaces_the_pin() {
 #[test]
 fn pinned_packets_are_not_charged_to_the_unit() {
     let mut h = Harness::new(PIN_CONFIG);
-    let src = sa("198.18.0.24:42000");
-    let dst = sa("198.18.1.1:443");
-    let syn = Packet::tcp(src, dst, SYN);
-    let ack = Packet::tcp(src, dst, ACK);
-    let first = target(&h, &syn);
-    let other = if first == 1 { 2 } else { 1 };
-    let unit = sluice_common::unit_of(agent_key(&syn, &Key::Flow));
+    let (_, ack, first, other, unit) = connection(&h, "198.18.0.24:42000");
     let bucket = (unit >> (sluice_common::UNIT_BITS - sluice_common::HIT_BITS)) as usize;
     let hits = |h: &Harness| h.dp.unit_hits(0).expect("unit hits")[bucket];
     let i0 = h.instance(first).packets;
@@ -1019,12 +1016,7 @@ fn pinned_packets_are_not_charged_to_the_unit() {
         assert_eq!(target(&h, &ack), first);
     }
     assert_eq!(hits(&h) - h0, 5, "packets to the unit's owner are its hits");
-    h.dp.set_group_owner(
-        0,
-        Group::new(unit, sluice_common::UNIT_BITS).unwrap(),
-        other,
-    )
-    .expect("move");
+    move_unit(&mut h, 0, unit, other);
     let h1 = hits(&h);
     for _ in 0..7 {
         assert_eq!(target(&h, &ack), first);
@@ -1050,12 +1042,7 @@ fn idle_pin_expires() {
     let first = target(&h, &p);
     let other = if first == 1 { 2 } else { 1 };
     let unit = sluice_common::unit_of(agent_key(&p, &Key::Flow));
-    h.dp.set_group_owner(
-        0,
-        Group::new(unit, sluice_common::UNIT_BITS).unwrap(),
-        other,
-    )
-    .expect("move");
+    move_unit(&mut h, 0, unit, other);
     let ack = Packet::tcp(SocketAddr::new(client, 40000), dst, ACK);
     assert_eq!(target(&h, &ack), first);
     // pin_idle_secs = 1; the coarse clock ticks every few ms.
@@ -1079,12 +1066,7 @@ fn udp_pinned_only_where_configured() {
     let first = target(&h, &p);
     let other = if first == 3 { 4 } else { 3 };
     let unit = sluice_common::unit_of(agent_key(&p, &Key::Flow));
-    h.dp.set_group_owner(
-        1,
-        Group::new(unit, sluice_common::UNIT_BITS).unwrap(),
-        other,
-    )
-    .expect("move");
+    move_unit(&mut h, 1, unit, other);
     assert_eq!(target(&h, &p), first);
     // Unpinned UDP (the default): the flow follows its unit at once.
     let h2 = harness();
@@ -1093,13 +1075,7 @@ fn udp_pinned_only_where_configured() {
     let unit = sluice_common::unit_of(agent_key(&p, &Key::Flow));
     let other = if first == 1 { 2 } else { 1 };
     let mut h2 = h2;
-    h2.dp
-        .set_group_owner(
-            UDP4,
-            Group::new(unit, sluice_common::UNIT_BITS).unwrap(),
-            other,
-        )
-        .expect("move");
+    move_unit(&mut h2, UDP4, unit, other);
     assert_eq!(target(&h2, &p), other);
     assert_eq!(h2.service(UDP4).pin_hits, 0);
 }
