@@ -49,9 +49,6 @@ pub struct AgentLock {
     _pin_dir: File,
     _state: File,
     pid_tag: PathBuf,
-    /// Whether acquiring created the pin directory (a start that fails
-    /// removes it again).
-    pub created_pin_dir: bool,
 }
 
 /// `flock(LOCK_EX | LOCK_NB)`: `Ok(false)` when someone else holds it.
@@ -138,7 +135,6 @@ impl AgentLock {
             _pin_dir: dir,
             _state: file,
             pid_tag,
-            created_pin_dir,
         })
     }
 }
@@ -160,7 +156,6 @@ mod tests {
         let pins = tmp.path().join("pins");
         let state = tmp.path().join("state.json");
         let first = AgentLock::acquire(&pins, &state).unwrap();
-        assert!(first.created_pin_dir);
         // flock is per open file: a second open in this process conflicts
         // just as another process's would.
         match AgentLock::acquire(&pins, &state) {
@@ -175,8 +170,11 @@ mod tests {
             Err(LockError::Held { what, .. }) => assert_eq!(what, "state file"),
             other => panic!("expected the state lock to be held, got {other:?}"),
         }
+        assert!(
+            !tmp.path().join("other").exists(),
+            "a refused lock removes the pin directory it created"
+        );
         drop(first);
-        let again = AgentLock::acquire(&pins, &state).unwrap();
-        assert!(!again.created_pin_dir);
+        assert!(AgentLock::acquire(&pins, &state).is_ok());
     }
 }
