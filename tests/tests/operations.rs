@@ -211,11 +211,7 @@ fn rx_packets(ns: &str, dev: &str) -> u64 {
 }
 
 fn xdp_attached(ns: &str) -> bool {
-    let out = std::process::Command::new("ip")
-        .args(["-n", ns, "-d", "link", "show", "nic0"])
-        .output()
-        .expect("ip");
-    String::from_utf8_lossy(&out.stdout).contains("prog/xdp")
+    xdp_prog_id(ns).is_some()
 }
 
 /// Traffic flows through an agent restart with zero loss: the program and

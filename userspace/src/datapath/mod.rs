@@ -75,9 +75,7 @@ pub enum DatapathError {
         #[source]
         source: MapError,
     },
-    #[error(
-        "bpffs directory {dir} (is bpffs mounted at /sys/fs/bpf? `ip netns exec` remounts /sys and hides it: enter the namespace with `nsenter --net=/run/netns/NAME` instead, or give --pin-dir on a mounted bpffs)"
-    )]
+    #[error("bpffs directory {dir} ({})", crate::sys::BPFFS_HINT)]
     PinDir {
         dir: PathBuf,
         #[source]

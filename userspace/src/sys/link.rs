@@ -54,36 +54,33 @@ pub fn ifindex(name: &str) -> Result<u32, LinkError> {
     if idx == 0 { Err(missing()) } else { Ok(idx) }
 }
 
-/// MAC of interface `name` in the calling thread's namespace (asked over
-/// rtnetlink); `None` for an interface without one (loopback, tun).
-pub fn mac(name: &str) -> Result<Option<[u8; 6]>, LinkError> {
+/// What rtnetlink says of interface `name` in the calling thread's
+/// namespace, with its ifindex.
+fn link_info(name: &str) -> Result<(u32, LinkInfo), LinkError> {
     let own = ifindex(name)?;
     let info = query_link(own).ok_or_else(|| LinkError::NoSuchInterface {
         name: name.to_owned(),
     })?;
-    Ok(info.mac.filter(|m| *m != [0; 6]))
+    Ok((own, info))
+}
+
+/// MAC of interface `name` in the calling thread's namespace (asked over
+/// rtnetlink); `None` for an interface without one (loopback, tun).
+pub fn mac(name: &str) -> Result<Option<[u8; 6]>, LinkError> {
+    Ok(link_info(name)?.1.mac.filter(|m| *m != [0; 6]))
 }
 
 /// Id of the XDP program attached to interface `name`, if any.
 pub fn xdp_program(name: &str) -> Result<Option<u32>, LinkError> {
-    let own = ifindex(name)?;
-    let info = query_link(own).ok_or_else(|| LinkError::NoSuchInterface {
-        name: name.to_owned(),
-    })?;
-    Ok(info.xdp_prog.filter(|id| *id != 0))
+    Ok(link_info(name)?.1.xdp_prog.filter(|id| *id != 0))
 }
 
 /// Ifindex of the peer of veth `name` (its `iflink`), in the calling
 /// thread's namespace (asked over rtnetlink: /sys shows the namespace it was
 /// mounted in, not the thread's).
 pub fn veth_peer_ifindex(name: &str) -> Result<u32, LinkError> {
-    let own = ifindex(name)?;
-    let link = query_link(own)
-        .ok_or_else(|| LinkError::NoSuchInterface {
-            name: name.to_owned(),
-        })?
-        .link;
-    match link {
+    let (own, info) = link_info(name)?;
+    match info.link {
         Some(peer) if peer != own && peer != 0 => Ok(peer),
         _ => Err(LinkError::NotVeth {
             name: name.to_owned(),

@@ -27,8 +27,9 @@ pub enum LockError {
         pid: String,
     },
     #[error(
-        "cannot create the pin directory {} (is bpffs mounted at /sys/fs/bpf? `ip netns exec` remounts /sys and hides it: enter the namespace with `nsenter --net=/run/netns/NAME` instead, or give --pin-dir on a mounted bpffs)",
-        path.display()
+        "cannot create the pin directory {} ({})",
+        path.display(),
+        super::BPFFS_HINT
     )]
     PinDir {
         path: PathBuf,
