@@ -237,6 +237,7 @@ fn prefill_pins(h: &mut Harness, n: u32) -> anyhow::Result<()> {
             key,
             Pin {
                 owner: 1,
+                generation: 0,
                 pad: 0,
                 last_seen_ns: u64::MAX / 2,
             },

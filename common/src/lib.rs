@@ -28,6 +28,8 @@ pub const MAX_INSTANCES: u32 = 4096;
 /// Slots of the maps indexed by instance id: one more than the instances,
 /// since id 0 stays empty.
 pub const INSTANCE_SLOTS: u32 = MAX_INSTANCES + 1;
+/// Longest instance name, in bytes (the pinned id registry holds names).
+pub const MAX_NAME_LEN: usize = 64;
 /// Receive queues the punt path serves (slots of the `PUNT` XSKMAP).
 pub const MAX_PUNT_QUEUES: u32 = 64;
 /// Capacity of the pinned-flow map unless the config says otherwise.

@@ -15,11 +15,13 @@ pub mod names {
     pub const PINNED: &str = "PINNED";
     pub const PUNT: &str = "PUNT";
     pub const HOST: &str = "HOST";
+    pub const INSTANCE_NAMES: &str = "INSTANCE_NAMES";
 
     /// Every map of the program, for pinning them all.
-    pub const ALL: [&str; 11] = [
+    pub const ALL: [&str; 12] = [
         PUNT,
         HOST,
+        INSTANCE_NAMES,
         SERVICES,
         OWNERS,
         INSTANCES,
@@ -37,13 +39,14 @@ pub mod names {
 /// Written into the pin directory; an agent adopts only pins of its own
 /// layout.
 pub const LAYOUT: u64 = {
-    const EPOCH: u64 = 2;
+    const EPOCH: u64 = 3;
     let parts = [
         EPOCH,
         size_of::<ServiceKey>() as u64,
         size_of::<ServiceEntry>() as u64,
         size_of::<HostMacs>() as u64,
         size_of::<InstanceEntry>() as u64,
+        size_of::<InstanceName>() as u64,
         size_of::<ServiceCounters>() as u64,
         size_of::<InstanceCounters>() as u64,
         size_of::<PinKey>() as u64,
@@ -159,7 +162,11 @@ const _: () = assert!(size_of::<PinKey>() == 40);
 pub struct Pin {
     /// Instance the flow stays with.
     pub owner: u32,
-    pub pad: u32,
+    /// The owner's [`InstanceEntry::generation`] when the pin was made: the
+    /// pin holds only while it is the same, so an id handed to a newcomer
+    /// does not inherit the flows of the instance that had it before.
+    pub generation: u16,
+    pub pad: u16,
     /// Last packet seen, `bpf_ktime_get_coarse_ns`.
     pub last_seen_ns: u64,
 }
@@ -179,13 +186,34 @@ pub const INSTANCE_LIVE: u32 = 1;
 pub struct InstanceEntry {
     /// MAC of the instance's own (container-side) interface.
     pub mac: [u8; 6],
-    pub pad: u16,
+    /// Bumped each time the id is given to another instance (see
+    /// [`Pin::generation`]).
+    pub generation: u16,
     /// `INSTANCE_LIVE` or 0.
     pub flags: u32,
     /// Service id the instance serves (to catch a stale owner entry).
     pub service_id: u32,
 }
 const _: () = assert!(size_of::<InstanceEntry>() == 16);
+
+/// Value of the `INSTANCE_NAMES` array, indexed by instance id: the name of
+/// the instance holding the id, NUL-padded (all zero: the id is free).
+/// Read and written by the agent only; pinned with the rest, so ids stay
+/// with their names across reloads and restarts.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct InstanceName {
+    pub name: [u8; crate::MAX_NAME_LEN],
+}
+const _: () = assert!(size_of::<InstanceName>() == 64);
+
+impl Default for InstanceName {
+    fn default() -> Self {
+        Self {
+            name: [0; crate::MAX_NAME_LEN],
+        }
+    }
+}
 
 /// Per-CPU counters of one service.
 #[repr(C)]
@@ -241,6 +269,8 @@ mod pod {
     unsafe impl aya::Pod for super::HostMacs {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::InstanceEntry {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::InstanceName {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::ServiceCounters {}
     // SAFETY: as above.

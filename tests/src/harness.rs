@@ -92,6 +92,30 @@ impl Harness {
         Self { dp, plan }
     }
 
+    /// Programs the loaded data path again for `config`, as a reload does:
+    /// ids from the data path's registry (a name keeps its id, a newcomer
+    /// takes the lowest free one); MACs by config order as in [`Self::new`].
+    pub fn reprogram(&mut self, config: &str) {
+        let config =
+            Config::parse(config, Path::new("test-config.toml")).expect("test config is valid");
+        let registered = self.dp.registered().expect("registry");
+        let mut next = 0u32;
+        let mut plan = Plan::build_with_ids(&config, &registered, |_, _| {
+            next += 1;
+            Ok::<_, std::convert::Infallible>(Resolved {
+                ifindex: 1,
+                mac: instance_mac(next),
+                netns: None,
+            })
+        })
+        .expect("infallible");
+        plan.add_host_mac(crate::packet::NIC_MAC);
+        self.dp
+            .program(&plan)
+            .unwrap_or_else(|e| panic!("programming the maps: {}", error_chain(&e)));
+        self.plan = plan;
+    }
+
     /// Runs the program once on `frame`.
     #[must_use]
     pub fn run(&self, frame: &[u8]) -> Run {

@@ -320,6 +320,39 @@ impl Testbed {
         })
     }
 
+    /// Starts the agent as [`Self::start_agent`], its data path pinned in
+    /// `pin_dir` (adopted if one is pinned there): it stays attached when
+    /// the agent stops.
+    pub fn start_pinned_agent(
+        &self,
+        config: &sluice::config::Config,
+        store: std::sync::Arc<dyn sluice::coord::CoordStore>,
+        pin_dir: &std::path::Path,
+    ) -> Result<sluice::agent::Agent, sluice::agent::StartError> {
+        netns::run_in(&self.host, || {
+            crate::block_on(sluice::agent::Agent::start_pinned(
+                config,
+                NIC,
+                false,
+                store,
+                Some(pin_dir),
+            ))
+        })
+    }
+
+    /// Reloads a pinned agent with `config`, as SIGHUP does.
+    pub fn reload_agent(
+        &self,
+        agent: &mut sluice::agent::Agent,
+        config: &sluice::config::Config,
+        store: std::sync::Arc<dyn sluice::coord::CoordStore>,
+        pin_dir: &std::path::Path,
+    ) -> Result<(), sluice::agent::StartError> {
+        netns::run_in(&self.host, || {
+            crate::block_on(agent.reload(config, store, pin_dir, false))
+        })
+    }
+
     /// Source address of the client for `vip`'s family.
     #[must_use]
     pub fn client_addr(vip: IpAddr) -> IpAddr {

@@ -1002,6 +1002,44 @@ fn a_syn_follows_the_units_owner_and_replaces_the_pin() {
     assert_eq!(target(&h, &syn_ack), other);
 }
 
+/// Defect: ids followed the config's order and a pin held whatever
+/// instance had its id now, so the id of a removed instance given to a
+/// newcomer took the removed one's established flows along.
+#[test]
+fn a_removed_instances_pins_are_not_inherited_by_the_newcomer_on_its_id() {
+    let mut h = Harness::new(PIN_CONFIG);
+    let (syn, ack, _, _, unit) = connection(&h, "198.18.0.25:43000");
+    // Make it b's connection: the unit is b's when the SYN comes.
+    move_unit(&mut h, 0, unit, 2);
+    assert_eq!(target(&h, &syn), 2);
+    move_unit(&mut h, 0, unit, 1);
+    assert_eq!(target(&h, &ack), 2, "b's connection stays with b");
+    // b is removed and e added: e takes b's id, a keeps its own.
+    h.reprogram(&PIN_CONFIG.replacen(
+        "name = \"b\"\nveth = \"t-b\"",
+        "name = \"e\"\nveth = \"t-e\"",
+        1,
+    ));
+    let id = |n: &str| h.plan.instances.iter().find(|i| i.name == n).map(|i| i.id);
+    assert_eq!((id("a"), id("e")), (Some(1), Some(2)), "e on b's old id");
+    let expired = h.service(0).pins_expired;
+    assert_eq!(
+        target(&h, &ack),
+        1,
+        "b's connection goes where its unit goes, not to e"
+    );
+    assert_eq!(
+        h.service(0).pins_expired,
+        expired + 1,
+        "b's pin no longer holds"
+    );
+    // e's own connections pin to it as usual.
+    move_unit(&mut h, 0, unit, 2);
+    assert_eq!(target(&h, &syn), 2);
+    move_unit(&mut h, 0, unit, 1);
+    assert_eq!(target(&h, &ack), 2, "a pin to e holds");
+}
+
 /// Defect: pinned packets were counted in their unit's hits, so after a
 /// move the old owner's pinned load was charged to the unit's new owner.
 #[test]

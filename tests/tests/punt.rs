@@ -405,3 +405,90 @@ fn silent_reports_fail_an_instance() {
     );
     agent.stop().expect("detach");
 }
+
+/// Sends one datagram from each of `sockets` new client sockets while
+/// serving the punt path; returns how many were sent.
+fn new_flows_served(tb: &Testbed, agent: &mut sluice::agent::Agent, sockets: usize) -> u64 {
+    let dst = SocketAddr::new(testbed::VIP_V4.into(), 7000);
+    let client = tb.client.clone();
+    let sender = std::thread::spawn(move || {
+        // One datagram a socket, all in the window: no pacing needed.
+        let load = UdpLoad {
+            client_ns: &client,
+            dst,
+            sockets,
+            per_socket: 1,
+            window: sockets as u64 + 1,
+            deadline: Duration::from_secs(30),
+        };
+        traffic::send_udp(&load, &std::sync::atomic::AtomicU64::new(0), |_| Vec::new()).0
+    });
+    let t = Instant::now();
+    while !sender.is_finished() {
+        block_on(agent.process_punts());
+        assert!(
+            t.elapsed() < Duration::from_secs(40),
+            "sending did not finish"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let sent = sender.join().expect("sender");
+    let end = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < end && agent.punt.as_ref().is_some_and(|p| p.queue.depth() > 0) {
+        block_on(agent.process_punts());
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    sent
+}
+
+/// Defect: after SIGHUP the new agent bound its own AF_XDP sockets while
+/// the old ones still held the queues (EBUSY) and ran without a punt
+/// path: of 200 new flows, 84 passed to the kernel unowned. A reload hands
+/// the running punt sockets over.
+#[test]
+fn a_reload_keeps_the_punt_path() {
+    let tb = Testbed::new("phup", 2).unwrap_or_else(|e| panic!("building the testbed: {e}"));
+    let toml = format!(
+        "[[service]]\nname = \"kv\"\nvip = \"{}\"\nport = 7000\nprotocol = \"udp\"\nassign = \"on-demand\"\n\
+         wlm = {{ min_group_units = 16, underload = 0.0 }}\n\n{}",
+        testbed::VIP_V4,
+        tb.instances_toml(0, 2)
+    );
+    let config = Config::parse(&toml, Path::new("punt.toml")).expect("config");
+    let pins = sluice_tests::process::PinDir::new("phup");
+    let store: Arc<dyn sluice::coord::CoordStore> = Arc::new(EmbeddedStore::in_memory());
+    let mut agent = tb
+        .start_pinned_agent(&config, store.clone(), &pins.0)
+        .unwrap_or_else(|e| panic!("starting the agent: {e:?}"));
+    assert!(agent.punt.is_some(), "the AF_XDP punt socket opened");
+    let dst = SocketAddr::new(testbed::VIP_V4.into(), 7000);
+    let ns: Vec<String> = tb.instances.iter().map(|i| i.netns.clone()).collect();
+    let servers = UdpServers::start(&ns, dst);
+    let before = new_flows_served(&tb, &mut agent, 200);
+    servers.wait_for(before, Duration::from_secs(3));
+    let punted = agent.datapath.global_counters().expect("counters")[counters::PUNTED as usize];
+
+    tb.reload_agent(&mut agent, &config, store, &pins.0)
+        .unwrap_or_else(|e| panic!("reload: {e:?}"));
+    assert!(agent.punt.is_some(), "the reloaded agent has a punt path");
+    let after = new_flows_served(&tb, &mut agent, 200);
+    servers.wait_for(before + after, Duration::from_secs(3));
+    let g = agent.datapath.global_counters().expect("counters");
+    let punted_after = g[counters::PUNTED as usize] - punted;
+    let received = servers.total.load(Ordering::Relaxed);
+    let punt = agent.punt.as_ref().expect("punt").counts();
+    eprintln!(
+        "before the reload {before} flows, after {after}; punted after {punted_after}; received {received}; unowned {}",
+        g[counters::UNOWNED as usize]
+    );
+    assert!(punted_after > 100, "new flows after the reload were punted");
+    assert_eq!(
+        g[counters::UNOWNED as usize],
+        0,
+        "nothing passed to the kernel unowned"
+    );
+    assert_eq!(not_reinjected(&punt), [0; 4]);
+    assert_eq!(received, before + after, "every datagram arrived");
+    drop(servers.finish());
+    drop(agent);
+}

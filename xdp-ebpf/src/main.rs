@@ -21,8 +21,8 @@ use sluice_common::{
     DEFAULT_PINNED_FLOWS, HIT_BUCKETS_PER_SERVICE, INSTANCE_SLOTS, MAX_PUNT_QUEUES, MAX_SERVICES,
     UNITS_PER_SERVICE, counters, hit_index,
     maps::{
-        HostMacs, INSTANCE_LIVE, InstanceCounters, InstanceEntry, NO_OWNER, PIN_TCP, PIN_UDP,
-        PROTO_TCP, Pin, PinKey, ServiceCounters, ServiceEntry, ServiceKey, mac_word,
+        HostMacs, INSTANCE_LIVE, InstanceCounters, InstanceEntry, InstanceName, NO_OWNER, PIN_TCP,
+        PIN_UDP, PROTO_TCP, Pin, PinKey, ServiceCounters, ServiceEntry, ServiceKey, mac_word,
     },
     owner_index,
     parse::{self, Flow, Frame, FromBytes, Pass, VLAN_TAG_LEN},
@@ -49,6 +49,11 @@ static HOST: Array<HostMacs> = Array::with_max_entries(1, 0);
 /// Instance id -> MAC and liveness.
 #[map]
 static INSTANCES: Array<InstanceEntry> = Array::with_max_entries(INSTANCE_SLOTS, 0);
+
+/// Instance id -> the instance's name. Never read here: the agent keeps ids
+/// with their names in it, pinned with the rest.
+#[map]
+static INSTANCE_NAMES: Array<InstanceName> = Array::with_max_entries(INSTANCE_SLOTS, 0);
 
 /// Instance id -> host-side veth of the instance.
 #[map]
@@ -215,6 +220,7 @@ fn pinned_owner(
         let pin = unsafe { &mut *pin };
         if now.wrapping_sub(pin.last_seen_ns) <= idle_ns
             && let Some(instance) = live_instance(pin.owner, svc.id)
+            && instance.generation == pin.generation
         {
             pin.last_seen_ns = now;
             count(sc, |c| c.pin_hits += 1);
@@ -227,9 +233,10 @@ fn pinned_owner(
     }
     let owner = unit_owner(svc.id, unit);
     let instance = live_instance(owner, svc.id);
-    if instance.is_some() {
+    if let Some(i) = instance {
         let pin = Pin {
             owner,
+            generation: i.generation,
             pad: 0,
             last_seen_ns: now,
         };

@@ -13,10 +13,10 @@ use std::{path::Path, sync::Arc, time::Instant};
 
 use crate::{
     config::Config,
-    control::{ControlError, Controller, InstanceStatus, MoveEvent},
-    coord::CoordStore,
+    control::{ControlError, Controller, InstanceStatus, MoveEvent, Settled},
+    coord::{CoordStore, GroupEntry},
     datapath::{AttachMode, Datapath as _, DatapathError, punt::Punt, xdp::XdpDatapath},
-    plan::{Plan, ResolveError, resolve_instance},
+    plan::{Group, Plan, ResolveError, Resolved, resolve_instance},
     sys::link::{self, LinkError},
     telemetry,
 };
@@ -46,6 +46,73 @@ pub enum StartError {
     },
     #[error(transparent)]
     Datapath(#[from] DatapathError),
+    #[error("{0}")]
+    Reload(String),
+}
+
+/// What every start and reload checks and loads before it changes anything.
+struct Prepared {
+    plan: Plan,
+    settled: Settled,
+    datapath: XdpDatapath,
+}
+
+/// Builds the plan (ids from the pinned registry, owners from the pinned
+/// data path where the store has none), settles the starting assignment
+/// and loads the program against the pins — writing nothing.
+async fn prepare(
+    config: &Config,
+    iface: &str,
+    store: &dyn CoordStore,
+    pin_dir: Option<&Path>,
+    resolve: impl FnMut(&crate::config::Instance, &str) -> Result<Resolved, ResolveError>,
+) -> Result<Prepared, StartError> {
+    let iface_err = |source| StartError::Iface {
+        iface: iface.to_owned(),
+        source,
+    };
+    link::ifindex(iface).map_err(iface_err)?;
+    let registered = match pin_dir {
+        Some(d) => XdpDatapath::registered_instances(d)?,
+        None => Vec::new(),
+    };
+    let mut plan = Plan::build_with_ids(config, &registered, resolve)?;
+    if let Some(mac) = link::mac(iface).map_err(iface_err)? {
+        plan.add_host_mac(mac);
+    }
+    if let Some(d) = pin_dir {
+        let services = u32::try_from(plan.services.len()).expect("bounded");
+        for (sid, owners) in (0..).zip(XdpDatapath::pinned_owners(d, services)?) {
+            plan.take_pinned_owners(sid, &owners);
+        }
+    }
+    let settled = Controller::settle(config, &mut plan, store).await?;
+    let datapath = XdpDatapath::load_with(&plan, pin_dir)?;
+    datapath.check_adoptable(iface)?;
+    Ok(Prepared {
+        plan,
+        settled,
+        datapath,
+    })
+}
+
+/// Attaches, saying what holds the interface when something does.
+fn attach(
+    datapath: &mut XdpDatapath,
+    iface: &str,
+    force_generic: bool,
+) -> Result<AttachMode, StartError> {
+    datapath
+        .attach(iface, force_generic)
+        .map_err(|e| match (&e, link::xdp_program(iface)) {
+            (DatapathError::Attach { .. }, Ok(Some(id))) => StartError::Occupied {
+                iface: iface.to_owned(),
+                id,
+                name: crate::datapath::xdp::program_name(id),
+                source: Box::new(e),
+            },
+            _ => StartError::Datapath(e),
+        })
 }
 
 /// A running data path, the plan it was programmed with, and the control
@@ -84,21 +151,30 @@ impl Agent {
         store: Arc<dyn CoordStore>,
         pin_dir: Option<&Path>,
     ) -> Result<Self, StartError> {
-        let iface_err = |source| StartError::Iface {
-            iface: iface.to_owned(),
-            source,
-        };
-        link::ifindex(iface).map_err(iface_err)?;
-        let mut plan = Plan::build(config, resolve_instance)?;
-        if let Some(mac) = link::mac(iface).map_err(iface_err)? {
-            plan.add_host_mac(mac);
-        }
-        let control = Controller::new(config, &mut plan, store).await?;
-        let mut datapath = XdpDatapath::load_with(&plan, pin_dir)?;
+        let prepared = prepare(config, iface, &*store, pin_dir, resolve_instance).await?;
+        let Prepared {
+            plan,
+            settled,
+            mut datapath,
+        } = prepared;
+        let control = Controller::commit(settled, config, &plan, store).await?;
         datapath.program(&plan)?;
-        let ifindex = link::ifindex(iface).map_err(iface_err)?;
-        let punt = match Punt::open(
-            &mut datapath,
+        let punt = Self::open_punt(&mut datapath, config, iface);
+        let mode = attach(&mut datapath, iface, force_generic)?;
+        Ok(Self {
+            datapath,
+            plan,
+            control,
+            iface: iface.to_owned(),
+            mode,
+            punt,
+        })
+    }
+
+    fn open_punt(datapath: &mut XdpDatapath, config: &Config, iface: &str) -> Option<Punt> {
+        let ifindex = link::ifindex(iface).ok()?;
+        match Punt::open(
+            datapath,
             iface,
             ifindex,
             config.agent.punt_queue as usize,
@@ -109,27 +185,110 @@ impl Agent {
                 tracing::warn!(iface, error = %e, "no AF_XDP socket: packets of unowned units pass to the kernel");
                 None
             }
+        }
+    }
+
+    /// Applies `config` to the running agent, whole or not at all (SIGHUP).
+    /// Everything that can refuse runs first, with nothing written: the
+    /// config, the instances' interfaces, the starting assignment, the
+    /// pinned maps' layout and sizes, loading the new program. Then the
+    /// switch: the store, the maps, the new program swapped into the
+    /// pinned link; if any of it fails, the store and the maps get the
+    /// running assignment back and the running program stays.
+    ///
+    /// What the running agent holds carries over: the punt sockets (they
+    /// keep their queues: binding new ones would find the queues busy),
+    /// drained and failed instances, the elements' measurements.
+    pub async fn reload(
+        &mut self,
+        config: &Config,
+        store: Arc<dyn CoordStore>,
+        pin_dir: &Path,
+        force_generic: bool,
+    ) -> Result<(), StartError> {
+        if !self.datapath.is_pinned() {
+            return Err(StartError::Reload(
+                "the data path is not pinned, so it cannot be swapped in place; restart the agent"
+                    .into(),
+            ));
+        }
+        let wanted = (
+            config.agent.punt_queue as usize,
+            config.agent.punt_zero_copy,
+        );
+        if let Some(p) = &self.punt
+            && p.settings != wanted
+        {
+            return Err(StartError::Reload(format!(
+                "`agent.punt_queue` or `agent.punt_zero_copy` changed ({:?} -> {wanted:?}): a reload hands the running punt sockets over as they are; restart the agent to change them (a restart keeps the data path running)",
+                p.settings
+            )));
+        }
+        // A failed instance whose veth is gone keeps its last interface:
+        // it stays out of the data path until it recovers.
+        let old = &self.plan;
+        let failed = |name: &str| self.control.is_failed(name);
+        let resolve =
+            |inst: &crate::config::Instance, field: &str| match resolve_instance(inst, field) {
+                Ok(r) => Ok(r),
+                Err(e) => old
+                    .instances
+                    .iter()
+                    .find(|i| i.name == inst.name && failed(&i.name))
+                    .map(|i| Resolved {
+                        ifindex: i.ifindex,
+                        mac: i.mac,
+                        netns: i.netns.clone(),
+                    })
+                    .ok_or(e),
+            };
+        let Prepared {
+            mut plan,
+            settled,
+            mut datapath,
+        } = prepare(config, &self.iface, &*store, Some(pin_dir), resolve).await?;
+        for i in &mut plan.instances {
+            i.live = !self.control.is_failed(&i.name);
+        }
+        // The switch. What to go back to if it fails half-way.
+        let before = self.control.assignments().await?;
+        let control = Controller::commit(settled, config, &plan, store.clone()).await?;
+        let switched = match datapath.program(&plan) {
+            Ok(()) => attach(&mut datapath, &self.iface, force_generic),
+            Err(e) => Err(e.into()),
         };
-        let mode = datapath.attach(iface, force_generic).map_err(|e| {
-            // Say what holds the interface, when something does.
-            match (&e, link::xdp_program(iface)) {
-                (DatapathError::Attach { .. }, Ok(Some(id))) => StartError::Occupied {
-                    iface: iface.to_owned(),
-                    id,
-                    name: crate::datapath::xdp::program_name(id),
-                    source: Box::new(e),
-                },
-                _ => StartError::Datapath(e),
+        if let Err(e) = switched {
+            self.roll_back(&before, &*store).await;
+            return Err(e);
+        }
+        let old_control = std::mem::replace(&mut self.control, control);
+        self.control.carry_over(old_control);
+        if self.punt.is_none() {
+            self.punt = Self::open_punt(&mut datapath, config, &self.iface);
+        }
+        // The old program is already swapped out of the pinned link;
+        // dropping it closes its fds.
+        drop(std::mem::replace(&mut self.datapath, datapath));
+        self.plan = plan;
+        Ok(())
+    }
+
+    /// After a failed switch: the store and the maps as they were.
+    async fn roll_back(&mut self, before: &[(String, Vec<GroupEntry>)], store: &dyn CoordStore) {
+        for (service, groups) in before {
+            let groups: Vec<(Group, String)> =
+                groups.iter().map(|e| (e.group, e.owner.clone())).collect();
+            if let Err(e) = store.reset(service, &groups).await {
+                tracing::error!(service, error = %e, "rolling back: restoring the assignment failed");
             }
-        })?;
-        Ok(Self {
-            datapath,
-            plan,
-            control,
-            iface: iface.to_owned(),
-            mode,
-            punt,
-        })
+        }
+        if let Err(e) = self.datapath.program(&self.plan) {
+            tracing::error!(error = %e, "rolling back: rewriting the maps failed");
+        }
+        // The owners as the store has them now (the plan's may be older).
+        if let Err(e) = self.control.resync_now(&mut self.datapath).await {
+            tracing::error!(error = %e, "rolling back: rewriting the owners failed");
+        }
     }
 
     /// Resolves every punted frame waiting: claims its unit if nobody owns

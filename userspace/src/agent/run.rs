@@ -57,8 +57,10 @@ pub fn run(a: &RunOptions) -> anyhow::Result<()> {
             tracing::warn!(error = %e, dir = %a.pin_dir.display(), "removing what the failed start pinned");
         }
     };
-    let store = match EmbeddedStore::open(&a.state) {
-        Ok(s) => Arc::new(s),
+    // A corrupt state file is moved aside: the pinned data path's owners
+    // are the better record of where flows go.
+    let store = match EmbeddedStore::open_or_recover(&a.state) {
+        Ok((s, _)) => Arc::new(s),
         Err(e) => {
             remove_created();
             return Err(e.into());
@@ -149,14 +151,10 @@ async fn event_loop(
             _ = tokio::signal::ctrl_c() => break,
             _ = term.recv() => break,
             _ = hup.recv() => {
-                match reload(a, store).await {
-                    Ok(mut new) => {
-                        new.control.reports = shared.reports.clone();
-                        *shared.instances.lock().expect("instances lock") = instance_names(&new);
-                        control = tokio::time::interval(new.control.interval());
-                        // The old agent's program is already swapped out
-                        // of the pinned link; dropping it closes its fds.
-                        drop(std::mem::replace(&mut agent, new));
+                match reload(a, &mut agent, store).await {
+                    Ok(()) => {
+                        *shared.instances.lock().expect("instances lock") = instance_names(&agent);
+                        control = tokio::time::interval(agent.control.interval());
                         tracing::info!(config = %a.config.display(), "config reloaded");
                     }
                     Err(e) => tracing::error!(
@@ -207,25 +205,18 @@ fn instance_names(agent: &Agent) -> Vec<String> {
         .collect()
 }
 
-/// SIGHUP: the config file again, applied whole or not at all. Everything
-/// that can fail on bad input fails before a map is written; the new
-/// program adopts the pinned maps and takes the link over atomically.
-async fn reload(a: &RunOptions, store: &Arc<EmbeddedStore>) -> anyhow::Result<Agent> {
+/// SIGHUP: the config file again, applied whole or not at all (see
+/// [`Agent::reload`]).
+async fn reload(
+    a: &RunOptions,
+    agent: &mut Agent,
+    store: &Arc<EmbeddedStore>,
+) -> anyhow::Result<()> {
     let config = Config::load(&a.config)?;
-    let agent = Agent::start_pinned(
-        &config,
-        &a.iface,
-        a.generic,
-        store.clone(),
-        Some(&a.pin_dir),
-    )
-    .await?;
-    if !agent.datapath.is_pinned() {
-        anyhow::bail!(
-            "the data path is not pinned, so it cannot be swapped in place; restart the agent"
-        );
-    }
-    Ok(agent)
+    agent
+        .reload(&config, store.clone(), &a.pin_dir, a.generic)
+        .await?;
+    Ok(())
 }
 
 /// Refreshes what the API answers `status` (when the control loop could

@@ -232,6 +232,19 @@ impl Checker<'_> {
                 );
                 None
             }
+            // The pinned id registry keeps names of this length.
+            Some((n, span)) if n.len() > sluice_common::MAX_NAME_LEN => {
+                self.report(
+                    Some(&span),
+                    field,
+                    format!("{} bytes long", n.len()),
+                    format!(
+                        "shorten the {what}'s name to at most {} bytes",
+                        sluice_common::MAX_NAME_LEN
+                    ),
+                );
+                None
+            }
             other => other,
         }
     }
@@ -361,6 +374,13 @@ impl Checker<'_> {
             1 << 24,
         );
         let host_macs = self.host_macs(raw.host_macs);
+        let hold_down_ms = self.int(
+            raw.recovery_hold_down_ms,
+            "agent.recovery_hold_down_ms",
+            u32::try_from(d.recovery_hold_down.as_millis()).expect("small"),
+            0,
+            600_000,
+        );
         let punt_zero_copy = match self.typed(raw.punt_zero_copy, "agent.punt_zero_copy", |v| {
             (
                 format!("`{v}` is not true or false"),
@@ -378,6 +398,7 @@ impl Checker<'_> {
             punt_queue: punt_queue?,
             host_macs: host_macs?,
             punt_zero_copy: punt_zero_copy?,
+            recovery_hold_down: Duration::from_millis(hold_down_ms?.into()),
         })
     }
 

@@ -169,6 +169,9 @@ pub struct AgentConfig {
     /// drivers all traffic of a queue then lands in the agent's UMEM and
     /// every frame not punted is copied out of it. Off by default.
     pub punt_zero_copy: bool,
+    /// How long a failed instance must look healthy again (veth back,
+    /// reports resumed) before it takes work again.
+    pub recovery_hold_down: Duration,
 }
 
 impl Default for AgentConfig {
@@ -180,6 +183,7 @@ impl Default for AgentConfig {
             punt_queue: 65_536,
             host_macs: Vec::new(),
             punt_zero_copy: false,
+            recovery_hold_down: Duration::from_secs(5),
         }
     }
 }
@@ -420,6 +424,13 @@ veth = "slc-web0"
             (
                 GOOD.replace("length = 8", "length = -1"),
                 "service[0].tag.length",
+            ),
+            (
+                GOOD.replace(
+                    "name = \"web-0\"",
+                    &format!("name = \"{}\"", "w".repeat(65)),
+                ),
+                "service[1].instance[0].name",
             ),
         ];
         for (text, want) in cases {

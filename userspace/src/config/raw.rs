@@ -53,6 +53,7 @@ pub(super) struct RawAgent {
     pub(super) punt_queue: Option<Field<u32>>,
     pub(super) host_macs: Option<Spanned<Vec<Field<Mac>>>>,
     pub(super) punt_zero_copy: Option<Field<bool>>,
+    pub(super) recovery_hold_down_ms: Option<Field<u32>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -68,6 +68,11 @@ struct InstCtl {
     id: u32,
     /// Host-side veth: the instance has failed when it disappears.
     ifindex: u32,
+    /// As configured: how to find its veth and MAC again after a failure.
+    config: crate::config::Instance,
+    /// A failed instance found back (veth there, reports coming): since
+    /// when, for the hold-down.
+    recovering_since: Option<Instant>,
     /// Also failed when its application's QoS reports stop.
     health_reports: bool,
     netns: Option<PathBuf>,
@@ -110,6 +115,9 @@ pub struct Controller {
     /// Application QoS reports, filled by the local API.
     pub reports: Arc<Mutex<Reports>>,
     interval: Duration,
+    /// How long a failed instance must look healthy again before it is
+    /// taken back.
+    hold_down: Duration,
     history: Vec<MoveEvent>,
     /// Instances being drained: they give their groups away, one move at a
     /// time within the move limit, and take none.
@@ -131,21 +139,116 @@ pub struct Controller {
     started: Instant,
 }
 
+/// What [`Controller::settle`] decided for each service, to be stored by
+/// [`Controller::commit`].
+pub struct Settled {
+    steps: Vec<(String, StoreStep)>,
+}
+
+/// How a service's starting assignment gets into the store.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StoreStep {
+    /// The store's, as it is.
+    Resume(Vec<(Group, String)>),
+    /// The store has none: this one.
+    Init(Vec<(Group, String)>),
+    /// The store's no longer fits: this one replaces it, for the reason
+    /// given.
+    Reset(Vec<(Group, String)>, String),
+}
+
+impl StoreStep {
+    /// The assignment the service starts with.
+    #[must_use]
+    pub fn groups(&self) -> &[(Group, String)] {
+        match self {
+            Self::Resume(g) | Self::Init(g) | Self::Reset(g, _) => g,
+        }
+    }
+}
+
+/// Settles one service's starting assignment from what the store holds
+/// (`None`: nothing), the configured instance names and the plan's
+/// assignment (`wanted`). A stored assignment is kept as far as it can be:
+/// only the groups of instances no longer configured change hands — round
+/// robin over the configured ones, or unowned (claimed by the next packet)
+/// for an on-demand service — so every other flow stays where it is.
+#[must_use]
+pub fn settle_service(
+    stored: Option<&[GroupEntry]>,
+    configured: &[&str],
+    wanted: Vec<(Group, String)>,
+    on_demand: bool,
+) -> StoreStep {
+    let Some(stored) = stored else {
+        return StoreStep::Init(wanted);
+    };
+    if let Err(why) = check_partition(stored.iter().map(|e| &e.group)) {
+        return StoreStep::Reset(
+            wanted,
+            format!("the stored groups are not a partition: {why}"),
+        );
+    }
+    let known = |o: &str| o == UNOWNED || configured.contains(&o);
+    if stored.iter().all(|e| known(&e.owner)) {
+        return StoreStep::Resume(stored.iter().map(|e| (e.group, e.owner.clone())).collect());
+    }
+    let mut gone: Vec<&str> = stored
+        .iter()
+        .filter(|e| !known(&e.owner))
+        .map(|e| e.owner.as_str())
+        .collect();
+    gone.dedup();
+    let mut next = configured.iter().cycle();
+    let groups = stored
+        .iter()
+        .map(|e| {
+            let owner = if known(&e.owner) {
+                e.owner.clone()
+            } else if on_demand {
+                UNOWNED.to_owned()
+            } else {
+                (*next.next().unwrap_or(&UNOWNED)).to_owned()
+            };
+            (e.group, owner)
+        })
+        .collect();
+    StoreStep::Reset(
+        groups,
+        format!(
+            "it names instances no longer configured ({}); their groups go to the others",
+            gone.join(", ")
+        ),
+    )
+}
+
 /// Most move events kept for `history`.
 const HISTORY: usize = 4096;
 
 impl Controller {
-    /// Builds the controller and settles the starting assignment: the
-    /// store's, if it has one for each service that still fits the
-    /// configured instances (a restarted agent resumes it), else the plan's
-    /// even one, stored. `plan`'s groups are replaced by what was settled,
-    /// so the data path starts with it.
+    /// Builds the controller and settles the starting assignment (see
+    /// [`Self::settle`]), storing it at once.
     pub async fn new(
         config: &Config,
         plan: &mut Plan,
         store: Arc<dyn CoordStore>,
     ) -> Result<Self, ControlError> {
-        let mut services = Vec::with_capacity(plan.services.len());
+        let settled = Self::settle(config, plan, &*store).await?;
+        Self::commit(settled, config, plan, store).await
+    }
+
+    /// Decides the starting assignment of every service without writing
+    /// anything: the store's, if it has one that partitions the units (a
+    /// restarted agent resumes it; groups of instances no longer configured
+    /// go to the others, or unowned for on-demand services), else the
+    /// plan's (even, or what the pinned data path held). `plan`'s groups
+    /// are replaced by it, so the data path is programmed with it.
+    pub async fn settle(
+        config: &Config,
+        plan: &mut Plan,
+        store: &dyn CoordStore,
+    ) -> Result<Settled, ControlError> {
+        let mut steps = Vec::with_capacity(plan.services.len());
         for (sp, sc) in plan.services.iter_mut().zip(&config.services) {
             // An unowned group has the empty owner name.
             let mut names: HashMap<u32, &str> = plan
@@ -156,29 +259,84 @@ impl Controller {
                 .collect();
             names.insert(NO_OWNER, UNOWNED);
             let ids: HashMap<&str, u32> = names.iter().map(|(id, n)| (*n, *id)).collect();
+            let configured: Vec<&str> = sc.instances.iter().map(|i| i.name.as_str()).collect();
             let wanted: Vec<(Group, String)> = sp
                 .groups
                 .iter()
                 .map(|(g, o)| (*g, names[o].to_owned()))
                 .collect();
-            if !store.init(&sp.name, &wanted).await? {
-                let stored = store.groups(&sp.name).await?;
-                let fits = stored.iter().all(|e| ids.contains_key(e.owner.as_str()))
-                    && check_partition(stored.iter().map(|e| &e.group)).is_ok();
-                if fits {
-                    tracing::info!(service = %sp.name, groups = stored.len(), "resuming the stored assignment");
-                } else {
-                    tracing::warn!(service = %sp.name, "stored assignment names instances no longer configured; starting from an even one");
-                    store.reset(&sp.name, &wanted).await?;
+            let stored = match store.groups(&sp.name).await {
+                Ok(stored) => Some(stored),
+                Err(CoordError::UnknownService { .. }) => None,
+                Err(e) => return Err(e.into()),
+            };
+            let step = settle_service(stored.as_deref(), &configured, wanted, sc.on_demand);
+            match &step {
+                StoreStep::Resume(_) => {
+                    tracing::info!(service = %sp.name, "resuming the stored assignment");
+                }
+                StoreStep::Init(_) if sp.groups_from_pins => {
+                    tracing::warn!(service = %sp.name, "no stored assignment: rebuilt from the owners the pinned data path holds");
+                }
+                StoreStep::Init(_) => {}
+                StoreStep::Reset(_, why) => {
+                    tracing::warn!(service = %sp.name, reason = %why, "the stored assignment is replaced");
                 }
             }
-            sp.groups = store
-                .groups(&sp.name)
-                .await?
+            sp.groups = step
+                .groups()
                 .iter()
-                .map(|e| (e.group, ids[e.owner.as_str()]))
+                .map(|(g, o)| (*g, ids[o.as_str()]))
                 .collect();
-            services.push(ServiceCtl {
+            steps.push((sp.name.clone(), step));
+        }
+        Ok(Settled { steps })
+    }
+
+    /// Stores what [`Self::settle`] decided and builds the controller. If a
+    /// write fails, the services already written get their previous
+    /// assignment back, and the error is returned.
+    pub async fn commit(
+        settled: Settled,
+        config: &Config,
+        plan: &Plan,
+        store: Arc<dyn CoordStore>,
+    ) -> Result<Self, ControlError> {
+        let mut undo: Vec<(String, Vec<(Group, String)>)> = Vec::new();
+        for (service, step) in &settled.steps {
+            let written = match step {
+                StoreStep::Resume(_) => Ok(()),
+                StoreStep::Init(groups) => store.init(service, groups).await.map(|_| ()),
+                StoreStep::Reset(groups, _) => {
+                    let before = store.groups(service).await?;
+                    let r = store.reset(service, groups).await;
+                    if r.is_ok() {
+                        undo.push((
+                            service.clone(),
+                            before.into_iter().map(|e| (e.group, e.owner)).collect(),
+                        ));
+                    }
+                    r
+                }
+            };
+            if let Err(e) = written {
+                for (s, groups) in &undo {
+                    if let Err(e) = store.reset(s, groups).await {
+                        tracing::error!(service = %s, error = %e, "restoring the previous assignment failed");
+                    }
+                }
+                return Err(e.into());
+            }
+        }
+        Ok(Self::build(config, plan, store))
+    }
+
+    fn build(config: &Config, plan: &Plan, store: Arc<dyn CoordStore>) -> Self {
+        let services = plan
+            .services
+            .iter()
+            .zip(&config.services)
+            .map(|(sp, sc)| ServiceCtl {
                 name: sp.name.clone(),
                 id: sp.id,
                 cfg: sc.wlm.clone(),
@@ -194,6 +352,7 @@ impl Controller {
                         name: ip.name.clone(),
                         id: ip.id,
                         ifindex: ip.ifindex,
+                        config: ic.clone(),
                         health_reports: ic.health_reports,
                         netns: ip.netns.clone(),
                         cgroup: ic.cgroup.clone(),
@@ -205,16 +364,18 @@ impl Controller {
                         state: ElementState::default(),
                         sample: Sample::default(),
                         inputs: Inputs::default(),
+                        recovering_since: None,
                     })
                     .collect(),
-            });
-        }
-        Ok(Self {
+            })
+            .collect();
+        Self {
             store,
             services,
             limiter: MoveLimiter::new(config.agent.max_moves_per_sec, Instant::now()),
             reports: Arc::new(Mutex::new(Reports::default())),
             interval: config.agent.interval,
+            hold_down: config.agent.recovery_hold_down,
             history: Vec::new(),
             drained: std::collections::HashSet::new(),
             failed: std::collections::HashSet::new(),
@@ -223,7 +384,55 @@ impl Controller {
             resync: false,
             claim_turn: 0,
             started: Instant::now(),
-        })
+        }
+    }
+
+    /// Takes over what the running controller `old` knows and a reload
+    /// must not lose: drained and failed instances (those still
+    /// configured), each element's measurements and cooldowns, the move
+    /// history and limit, and the application reports.
+    pub fn carry_over(&mut self, old: Self) {
+        let configured = |name: &String| {
+            self.services
+                .iter()
+                .any(|s| s.instances.iter().any(|i| &i.name == name))
+        };
+        let drained = old.drained.into_iter().filter(configured).collect();
+        let failed = old.failed.into_iter().filter(configured).collect();
+        let failing = old.failing.into_iter().filter(configured).collect();
+        self.drained = drained;
+        self.failed = failed;
+        self.failing = failing;
+        let mut before: HashMap<(String, String), InstCtl> = old
+            .services
+            .into_iter()
+            .flat_map(|s| {
+                let name = s.name;
+                s.instances
+                    .into_iter()
+                    .map(move |i| ((name.clone(), i.name.clone()), i))
+            })
+            .collect();
+        for s in &mut self.services {
+            for i in &mut s.instances {
+                if let Some(o) = before.remove(&(s.name.clone(), i.name.clone())) {
+                    i.packets = o.packets;
+                    i.bytes = o.bytes;
+                    i.drops = o.drops;
+                    i.cpu = o.cpu;
+                    i.state = o.state;
+                    i.sample = o.sample;
+                    i.inputs = o.inputs;
+                    i.recovering_since = o.recovering_since;
+                }
+            }
+        }
+        self.reports = old.reports;
+        self.history = old.history;
+        self.limiter = old.limiter;
+        self.started = old.started;
+        self.claim_turn = old.claim_turn;
+        self.probe = old.probe;
     }
 
     /// Reads the host through `probe` (unit tests hand in their own).
@@ -436,6 +645,49 @@ impl Controller {
         Ok(made)
     }
 
+    /// Takes failed instances back: one is back when its veth resolves
+    /// again (the interface may be a new one, with a new ifindex and MAC:
+    /// the data path is pointed at it) and, with `health = "reports"`, its
+    /// reports are fresh — continuously for the hold-down. It then takes
+    /// work the way any element does.
+    fn recover_step(
+        &mut self,
+        dp: &mut dyn Datapath,
+        reporting: &HashMap<String, Report>,
+        now: Instant,
+    ) -> Result<(), ControlError> {
+        for s in &mut self.services {
+            for i in &mut s.instances {
+                if !self.failed.contains(&i.name) || self.failing.contains(&i.name) {
+                    continue;
+                }
+                let back = self
+                    .probe
+                    .resolve(&i.config)
+                    .filter(|_| !i.health_reports || reporting.contains_key(&i.name));
+                let Some(r) = back else {
+                    i.recovering_since = None;
+                    continue;
+                };
+                let since = *i.recovering_since.get_or_insert(now);
+                if now.saturating_duration_since(since) < self.hold_down {
+                    continue;
+                }
+                dp.set_instance_target(i.id, r.ifindex, r.mac)?;
+                dp.set_instance_live(i.id, true)?;
+                i.ifindex = r.ifindex;
+                if r.netns.is_some() {
+                    i.netns = r.netns;
+                }
+                i.recovering_since = None;
+                i.state = ElementState::default();
+                self.failed.remove(&i.name);
+                tracing::info!(instance = %i.name, ifindex = r.ifindex, hold_down = ?self.hold_down, "instance recovered; it takes work as its element decides");
+            }
+        }
+        Ok(())
+    }
+
     #[must_use]
     pub fn is_failed(&self, instance: &str) -> bool {
         self.failed.contains(instance)
@@ -498,6 +750,7 @@ impl Controller {
         let reports = self.fresh_reports(now);
         self.measure(dp, &reports, now).await?;
         let mut made = self.fail_step(dp, &reports, now).await?;
+        self.recover_step(dp, &reports, now)?;
         made.extend(self.drain_step(dp, now).await?);
         for si in 0..self.services.len() {
             // Most loaded elements act first.
@@ -615,6 +868,11 @@ impl Controller {
             return Err(e.into());
         }
         Ok(())
+    }
+
+    /// Every group of every service written into `dp` again from the store.
+    pub async fn resync_now(&mut self, dp: &mut dyn Datapath) -> Result<(), ControlError> {
+        self.resync(dp).await
     }
 
     /// After a failed write: every group of every service written again

@@ -207,6 +207,9 @@ pub trait Probe: Send {
     fn netns_stats(&self, netns: &Path, ports: &[u16]) -> io::Result<NetnsStats>;
     /// CPU time of the instance's cgroup, in microseconds.
     fn cgroup_usage_usec(&self, cgroup: &Path) -> io::Result<u64>;
+    /// The instance's veth and MAC as the host has them now, if it can be
+    /// found (a failed instance is looked for each interval).
+    fn resolve(&self, instance: &crate::config::Instance) -> Option<crate::plan::Resolved>;
 }
 
 /// The host as it is, seen from the namespace the probe was made in.
@@ -246,6 +249,10 @@ impl Probe for HostProbe {
 
     fn cgroup_usage_usec(&self, cgroup: &Path) -> io::Result<u64> {
         cgroup_usage_usec(cgroup)
+    }
+
+    fn resolve(&self, instance: &crate::config::Instance) -> Option<crate::plan::Resolved> {
+        crate::plan::resolve_instance(instance, &instance.name).ok()
     }
 }
 

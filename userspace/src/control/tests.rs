@@ -43,10 +43,12 @@ fn text(assign: &str, moves_per_sec: f64) -> String {
     t
 }
 
-/// A host whose veths exist until a test removes them.
+/// A host whose veths exist until a test removes them (by ifindex), and
+/// come back when a test re-creates them (veth name -> new ifindex).
 #[derive(Clone, Default)]
 struct FakeHost {
     gone: Arc<Mutex<HashSet<u32>>>,
+    recreated: Arc<Mutex<std::collections::HashMap<String, u32>>>,
 }
 
 impl super::qos::Probe for FakeHost {
@@ -60,6 +62,19 @@ impl super::qos::Probe for FakeHost {
 
     fn cgroup_usage_usec(&self, _: &std::path::Path) -> std::io::Result<u64> {
         Err(std::io::ErrorKind::Unsupported.into())
+    }
+
+    fn resolve(&self, inst: &crate::config::Instance) -> Option<crate::plan::Resolved> {
+        let ifindex = match self.recreated.lock().unwrap().get(&inst.veth) {
+            Some(&ix) => ix,
+            // `v<k>` was made on ifindex 101 + k (see `testing::plan`).
+            None => 101 + inst.veth[1..].parse::<u32>().ok()?,
+        };
+        (!self.gone.lock().unwrap().contains(&ifindex)).then(|| crate::plan::Resolved {
+            ifindex,
+            mac: [2, 0, 0, 0, 1, u8::try_from(ifindex & 0xff).unwrap()],
+            netns: None,
+        })
     }
 }
 
@@ -394,7 +409,8 @@ fn reload_resumes_the_stored_assignment_unless_it_names_a_removed_instance() {
         .collect();
     assert_eq!(again.services[0].groups, resumed);
 
-    // kv-2 removed: the stored assignment names it, so it starts even.
+    // kv-2 removed: only the groups the store gave it change hands (to
+    // kv-0 and kv-1 in turn); every other group stays where it was.
     let text2 = text3.replace(
         "\n[[service.instance]]\nname = \"kv-2\"\nveth = \"v2\"\n",
         "",
@@ -402,13 +418,61 @@ fn reload_resumes_the_stored_assignment_unless_it_names_a_removed_instance() {
     let cfg2 = config(&text2);
     let mut two = plan(&cfg2);
     ready(Controller::new(&cfg2, &mut two, store.clone())).unwrap();
+    let after = ready(store.groups("kv")).unwrap();
+    assert_eq!(after.len(), stored.len(), "no group split or merged");
+    let mut given = HashSet::new();
+    for (b, a) in stored.iter().zip(&after) {
+        assert_eq!(b.group, a.group);
+        if b.owner == "kv-2" {
+            given.insert(a.owner.clone());
+        } else {
+            assert_eq!(a.owner, b.owner, "{} stays with its owner", b.group);
+        }
+    }
+    assert_eq!(
+        given,
+        HashSet::from(["kv-0".to_owned(), "kv-1".to_owned()]),
+        "kv-2's groups went to both survivors"
+    );
     let owners: HashSet<u32> = two.services[0].groups.iter().map(|g| g.1).collect();
     assert_eq!(owners, HashSet::from([1, 2]));
-    let sizes: u32 = two.services[0]
-        .groups
-        .iter()
-        .filter(|g| g.1 == 1)
-        .map(|g| g.0.size())
-        .sum();
-    assert_eq!(sizes, UNITS_PER_SERVICE / 2, "even over two");
+}
+
+/// Defect: `failed` was never cleared, so a container re-created (its veth
+/// on a new ifindex) stayed out until the agent restarted.
+#[test]
+fn a_failed_instance_comes_back_after_the_hold_down_and_takes_work() {
+    let text = text("even", 1000.0).replace("[agent]\n", "[agent]\nrecovery_hold_down_ms = 3000\n");
+    let mut r = Rig::new(&text, EmbeddedStore::in_memory(), mem());
+    let lost = r.owned_by("kv-1");
+    r.tick().unwrap();
+    r.host.gone.lock().unwrap().insert(102);
+    r.tick().unwrap();
+    assert!(r.ctl.is_failed("kv-1"));
+    // Re-created on ifindex 202; it flaps once during the hold-down, which
+    // starts the hold-down again.
+    r.host.recreated.lock().unwrap().insert("v1".into(), 202);
+    r.tick().unwrap(); // seen back: the hold-down starts (t0)
+    r.tick().unwrap(); // t0 + 1 s
+    r.host.gone.lock().unwrap().insert(202);
+    r.tick().unwrap(); // gone again
+    r.host.gone.lock().unwrap().remove(&202);
+    for k in 0..3 {
+        r.tick().unwrap(); // back at t1, t1 + 1 s, t1 + 2 s
+        assert!(r.ctl.is_failed("kv-1"), "still held down after {k} s");
+        assert!(!r.dp.is_live(2));
+    }
+    r.tick().unwrap(); // t1 + 3 s: the hold-down is over
+    assert!(!r.ctl.is_failed("kv-1"), "recovered");
+    assert!(r.dp.is_live(2));
+    assert_eq!(r.dp.targets.get(&2), Some(&(202, [2, 0, 0, 0, 1, 202])));
+    // It takes work again: claims of its old, still unowned units reach it
+    // in turn with the others.
+    let claimed: HashSet<u32> = lost.iter().filter_map(|g| r.claim(g.base())).collect();
+    assert!(claimed.contains(&2), "claims went to {claimed:?}");
+    r.assert_agree();
+    // And a failure after recovery is found on the new ifindex.
+    r.host.gone.lock().unwrap().insert(202);
+    r.tick().unwrap();
+    assert!(r.ctl.is_failed("kv-1"));
 }

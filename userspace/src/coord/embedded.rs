@@ -67,6 +67,29 @@ impl EmbeddedStore {
         Ok(Self::with_state(Some(path.to_owned()), state))
     }
 
+    /// As [`Self::open`], but a corrupt file is moved aside (to
+    /// `<path>.corrupt`, kept for a post-mortem) and the store starts empty:
+    /// the agent then rebuilds the assignment from the pinned data path's
+    /// owners rather than reshuffle every flow. Returns where the corrupt
+    /// file went, if it was.
+    pub fn open_or_recover(path: &Path) -> Result<(Self, Option<PathBuf>), CoordError> {
+        match Self::open(path) {
+            Ok(s) => Ok((s, None)),
+            Err(CoordError::Corrupt { reason, .. }) => {
+                let mut aside = path.as_os_str().to_owned();
+                aside.push(".corrupt");
+                let aside = PathBuf::from(aside);
+                fs::rename(path, &aside).map_err(|source| CoordError::Io {
+                    path: path.to_owned(),
+                    source,
+                })?;
+                tracing::error!(path = %path.display(), moved_to = %aside.display(), %reason, "the state file is corrupt: moved aside; the assignment is rebuilt from the pinned data path where there is one");
+                Ok((Self::open(path)?, Some(aside)))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
     fn with_state(path: Option<PathBuf>, state: State) -> Self {
         Self {
             path,
@@ -410,6 +433,29 @@ mod tests {
         assert!(
             e.to_string().contains("have no group") && e.to_string().contains("move it away"),
             "{e}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_corrupt_file_is_moved_aside_and_the_store_starts_empty() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.json");
+        fs::write(&path, b"{\"next_version\": 3, \"serv").unwrap();
+        let (s, aside) = EmbeddedStore::open_or_recover(&path).unwrap();
+        let aside = aside.expect("moved aside");
+        assert_eq!(aside, dir.path().join("state.json.corrupt"));
+        assert_eq!(fs::read(&aside).unwrap(), b"{\"next_version\": 3, \"serv");
+        assert!(matches!(
+            s.groups("kv").await,
+            Err(CoordError::UnknownService { .. })
+        ));
+        // The fresh store persists where the corrupt one was.
+        s.init("kv", &even(2)).await.unwrap();
+        let (again, none) = EmbeddedStore::open_or_recover(&path).unwrap();
+        assert!(none.is_none());
+        assert_eq!(
+            again.groups("kv").await.unwrap().len(),
+            s.groups("kv").await.unwrap().len()
         );
     }
 

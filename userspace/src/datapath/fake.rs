@@ -23,6 +23,8 @@ pub(crate) struct MemDatapath {
     owners: HashMap<u32, u32>,
     /// Instances marked not live.
     dead: std::collections::HashSet<u32>,
+    /// Where each re-pointed instance now goes: (ifindex, MAC).
+    pub(crate) targets: HashMap<u32, (u32, [u8; 6])>,
     global: GlobalCounters,
     services: HashMap<u32, ServiceCounters>,
     instances: HashMap<u32, InstanceCounters>,
@@ -76,6 +78,16 @@ impl Datapath for MemDatapath {
         } else {
             self.dead.insert(id);
         }
+        Ok(())
+    }
+
+    fn set_instance_target(
+        &mut self,
+        id: u32,
+        ifindex: u32,
+        mac: [u8; 6],
+    ) -> Result<(), DatapathError> {
+        self.targets.insert(id, (ifindex, mac));
         Ok(())
     }
 
@@ -168,6 +180,16 @@ impl<D: Datapath> Datapath for Faulty<D> {
     fn set_instance_live(&mut self, id: u32, live: bool) -> Result<(), DatapathError> {
         self.trip(Fault::SetInstanceLive, names::INSTANCES)?;
         self.inner.set_instance_live(id, live)
+    }
+
+    fn set_instance_target(
+        &mut self,
+        id: u32,
+        ifindex: u32,
+        mac: [u8; 6],
+    ) -> Result<(), DatapathError> {
+        self.trip(Fault::SetInstanceLive, names::INSTANCES)?;
+        self.inner.set_instance_target(id, ifindex, mac)
     }
 
     fn global_counters(&self) -> Result<GlobalCounters, DatapathError> {

@@ -45,6 +45,14 @@ pub trait Datapath {
     /// Marks instance `id` live or not: the packets of a dead instance are
     /// unowned and its pinned flows no longer hold.
     fn set_instance_live(&mut self, id: u32, live: bool) -> Result<(), DatapathError>;
+    /// Points instance `id` at host-side veth `ifindex` and container MAC
+    /// `mac` (its container was re-created).
+    fn set_instance_target(
+        &mut self,
+        id: u32,
+        ifindex: u32,
+        mac: [u8; 6],
+    ) -> Result<(), DatapathError>;
     /// Global counters summed over CPUs.
     fn global_counters(&self) -> Result<GlobalCounters, DatapathError>;
     /// Counters of service `id`, summed over CPUs.

@@ -334,6 +334,9 @@ pub struct Punt {
     /// One socket per receive queue of the interface.
     pub receivers: Vec<PuntReceiver>,
     reinject: Reinjector,
+    /// What it was opened with (`agent.punt_queue`, `agent.punt_zero_copy`):
+    /// a reload hands the sockets over only to the same settings.
+    pub settings: (usize, bool),
     /// Punted frames sent on to their (new) owner.
     pub delivered: u64,
     /// Punted frames that could not be, by reason: every frame taken off
@@ -374,6 +377,7 @@ impl Punt {
             queue,
             receivers,
             reinject: Reinjector::new()?,
+            settings: (cap, zero_copy),
             delivered: 0,
             not_service: 0,
             no_owner: 0,

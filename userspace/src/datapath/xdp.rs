@@ -19,8 +19,8 @@ use aya::{
 use sluice_common::{
     HIT_BUCKETS_PER_SERVICE, MAX_HOST_MACS, counters,
     maps::{
-        HostMacs, INSTANCE_LIVE, InstanceCounters, InstanceEntry, PROGRAM_NAME, Pin, PinKey,
-        ServiceCounters, ServiceEntry, ServiceKey, mac_word, names,
+        HostMacs, INSTANCE_LIVE, InstanceCounters, InstanceEntry, InstanceName, PROGRAM_NAME, Pin,
+        PinKey, ServiceCounters, ServiceEntry, ServiceKey, mac_word, names,
     },
     owner_index,
 };
@@ -150,6 +150,21 @@ fn check_pins(dir: &Path, sizes: &[(&'static str, u32)]) -> Result<(), DatapathE
     Ok(())
 }
 
+/// (id, name) of every id in use in an `INSTANCE_NAMES` map.
+fn registry_of<T: std::borrow::Borrow<MapData>>(
+    map: &Array<T, InstanceName>,
+) -> Result<Vec<(u32, String)>, DatapathError> {
+    let mut out = Vec::new();
+    for id in 1..map.len() {
+        let e = map.get(&id, 0).map_err(map_err(names::INSTANCE_NAMES))?;
+        let len = e.name.iter().position(|b| *b == 0).unwrap_or(e.name.len());
+        if len > 0 {
+            out.push((id, String::from_utf8_lossy(&e.name[..len]).into_owned()));
+        }
+    }
+    Ok(out)
+}
+
 /// Sluice's XDP program in a loaded object.
 fn program_in(ebpf: &mut Ebpf) -> Result<&mut Xdp, DatapathError> {
     ebpf.program_mut(PROGRAM_NAME)
@@ -172,20 +187,17 @@ impl XdpDatapath {
         Self::load_with(plan, None)
     }
 
-    /// Sizes of every map for `plan`.
-    fn sizes(plan: &Plan) -> [(&'static str, u32); 8] {
+    /// Sizes of the maps sized for `plan`. The maps indexed by instance id
+    /// keep the program's size (`INSTANCE_SLOTS`): ids are stable and may be
+    /// sparse, and instances come and go without a resize.
+    fn sizes(plan: &Plan) -> [(&'static str, u32); 5] {
         let services = u32::try_from(plan.services.len()).expect("bounded").max(1);
         let keys = u32::try_from(plan.services.iter().map(|s| s.keys.len()).sum::<usize>())
             .expect("bounded")
             .max(1);
-        // Instance ids start at 1: slot 0 stays empty.
-        let instances = u32::try_from(plan.instances.len()).expect("bounded") + 1;
         [
             (names::SERVICES, keys),
             (names::OWNERS, plan.owner_entries()),
-            (names::INSTANCES, instances),
-            (names::DELIVER, instances),
-            (names::INSTANCE_COUNTERS, instances),
             (names::SERVICE_COUNTERS, services),
             (names::UNIT_HITS, services * HIT_BUCKETS_PER_SERVICE),
             (names::PINNED, plan.pinned_flows.max(1)),
@@ -250,39 +262,141 @@ impl XdpDatapath {
         })
     }
 
-    /// Writes the whole plan: instances and their veths first, then owners,
-    /// and the services last, so no packet matches a service whose owners
-    /// are not in place yet.
-    pub fn program(&mut self, plan: &Plan) -> Result<(), DatapathError> {
+    /// The id registry of the data path pinned in `pin_dir`: (id, name) of
+    /// every id in use; empty when nothing is pinned there.
+    pub fn registered_instances(pin_dir: &Path) -> Result<Vec<(u32, String)>, DatapathError> {
+        let path = pin_dir.join(names::INSTANCE_NAMES);
+        if !path.exists() {
+            return Ok(Vec::new());
+        }
+        let data = MapData::from_pin(&path).map_err(map_err(names::INSTANCE_NAMES))?;
+        let map: Array<MapData, InstanceName> =
+            Array::try_from(aya::maps::Map::Array(data)).map_err(map_err(names::INSTANCE_NAMES))?;
+        registry_of(&map)
+    }
+
+    /// This data path's id registry: (id, name) of every id in use.
+    pub fn registered(&self) -> Result<Vec<(u32, String)>, DatapathError> {
+        let map: Array<&MapData, InstanceName> = self.map(names::INSTANCE_NAMES)?;
+        registry_of(&map)
+    }
+
+    /// The owner of every unit of services `0..services` in the data path
+    /// pinned in `pin_dir` (a row per service; rows the pinned array does
+    /// not have are missing); empty when nothing is pinned there.
+    pub fn pinned_owners(pin_dir: &Path, services: u32) -> Result<Vec<Vec<u32>>, DatapathError> {
+        let path = pin_dir.join(names::OWNERS);
+        if !path.exists() {
+            return Ok(Vec::new());
+        }
+        let data = MapData::from_pin(&path).map_err(map_err(names::OWNERS))?;
+        let entries = data.info().map_err(map_err(names::OWNERS))?.max_entries();
+        let table = OwnerTable::map(&data, entries)?;
+        Ok((0..services)
+            .take_while(|s| owner_index(*s + 1, 0) <= entries)
+            .map(|s| {
+                (0..sluice_common::UNITS_PER_SERVICE)
+                    .map(|u| table.get(owner_index(s, u)))
+                    .collect()
+            })
+            .collect())
+    }
+
+    /// The instance maps and the id registry, for `plan` (see
+    /// [`Self::program`]).
+    fn program_instances(&mut self, plan: &Plan) -> Result<(), DatapathError> {
+        let registered = self.registered()?;
+        let held_by = |id: u32, name: &str| registered.iter().any(|(r, n)| *r == id && n == name);
+        let retired: Vec<u32> = registered
+            .iter()
+            .map(|(id, _)| *id)
+            .filter(|id| !plan.instances.iter().any(|i| i.id == *id))
+            .collect();
+        let newcomers: Vec<u32> = plan
+            .instances
+            .iter()
+            .filter(|i| !held_by(i.id, &i.name))
+            .map(|i| i.id)
+            .collect();
+        {
+            let mut counters: PerCpuArray<&mut MapData, InstanceCounters> =
+                self.map_mut(names::INSTANCE_COUNTERS)?;
+            let syscall = |call, io_error| DatapathError::Map {
+                name: names::INSTANCE_COUNTERS,
+                source: MapError::SyscallError(aya::sys::SyscallError { call, io_error }),
+            };
+            let cpus = aya::util::nr_cpus().map_err(|(_, e)| syscall("nr_cpus", e))?;
+            for id in &newcomers {
+                let zero =
+                    aya::maps::PerCpuValues::try_from(vec![InstanceCounters::default(); cpus])
+                        .map_err(|e| syscall("zeroing per-CPU values", e))?;
+                counters
+                    .set(*id, zero, 0)
+                    .map_err(map_err(names::INSTANCE_COUNTERS))?;
+            }
+        }
         {
             let mut instances: Array<&mut MapData, InstanceEntry> =
                 self.map_mut(names::INSTANCES)?;
             for i in &plan.instances {
+                let old = instances.get(&i.id, 0).map_err(map_err(names::INSTANCES))?;
+                let generation = if newcomers.contains(&i.id) {
+                    old.generation.wrapping_add(1)
+                } else {
+                    old.generation
+                };
                 let entry = InstanceEntry {
                     mac: i.mac,
-                    pad: 0,
-                    flags: INSTANCE_LIVE,
+                    generation,
+                    flags: if i.live { INSTANCE_LIVE } else { 0 },
                     service_id: i.service_id,
                 };
                 instances
                     .set(i.id, entry, 0)
                     .map_err(map_err(names::INSTANCES))?;
             }
-        }
-        {
-            let mut deliver: DevMap<&mut MapData> = self.map_mut(names::DELIVER)?;
-            for i in &plan.instances {
-                deliver.set(i.id, i.ifindex, None, 0).map_err(|e| match e {
-                    aya::maps::xdp::XdpMapError::MapError(source) => DatapathError::Map {
-                        name: names::DELIVER,
-                        source,
-                    },
-                    aya::maps::xdp::XdpMapError::ChainedProgramNotSupported => {
-                        unreachable!("no chained program is given")
-                    }
-                })?;
+            for id in &retired {
+                let mut e = instances.get(id, 0).map_err(map_err(names::INSTANCES))?;
+                e.flags = 0;
+                instances
+                    .set(*id, e, 0)
+                    .map_err(map_err(names::INSTANCES))?;
             }
         }
+        // A failed instance's veth may be gone: it is pointed at its new
+        // one when it recovers.
+        for i in plan.instances.iter().filter(|i| i.live) {
+            self.set_deliver(i.id, i.ifindex)?;
+        }
+        {
+            let mut registry: Array<&mut MapData, InstanceName> =
+                self.map_mut(names::INSTANCE_NAMES)?;
+            for i in &plan.instances {
+                let mut entry = InstanceName::default();
+                entry.name[..i.name.len()].copy_from_slice(i.name.as_bytes());
+                registry
+                    .set(i.id, entry, 0)
+                    .map_err(map_err(names::INSTANCE_NAMES))?;
+            }
+            for id in &retired {
+                registry
+                    .set(*id, InstanceName::default(), 0)
+                    .map_err(map_err(names::INSTANCE_NAMES))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes the whole plan: instances and their veths first, then owners,
+    /// and the services last, so no packet matches a service whose owners
+    /// are not in place yet.
+    ///
+    /// Ids come from the registry ([`crate::plan::ids`]): an id now held by
+    /// another name than before gets a new generation, so the pins its
+    /// previous instance left do not hold, and its counters start from
+    /// zero; ids no longer configured are taken out of the data path.
+    pub fn program(&mut self, plan: &Plan) -> Result<(), DatapathError> {
+        self.program_instances(plan)?;
         for s in &plan.services {
             for (g, owner) in &s.groups {
                 self.set_group_owner(s.id, *g, *owner)?;
@@ -308,6 +422,20 @@ impl XdpDatapath {
             }
         }
         Ok(())
+    }
+
+    /// Points id `id` of the `DELIVER` map at interface `ifindex`.
+    fn set_deliver(&mut self, id: u32, ifindex: u32) -> Result<(), DatapathError> {
+        let mut deliver: DevMap<&mut MapData> = self.map_mut(names::DELIVER)?;
+        deliver.set(id, ifindex, None, 0).map_err(|e| match e {
+            aya::maps::xdp::XdpMapError::MapError(source) => DatapathError::Map {
+                name: names::DELIVER,
+                source,
+            },
+            aya::maps::xdp::XdpMapError::ChainedProgramNotSupported => {
+                unreachable!("no chained program is given")
+            }
+        })
     }
 
     /// The MACs frames must be addressed to for the program to steer them.
@@ -339,6 +467,25 @@ impl XdpDatapath {
         Ok(mode)
     }
 
+    /// Refuses, before anything is written, a pinned link on another
+    /// interface than `iface`.
+    pub fn check_adoptable(&self, iface: &str) -> Result<(), DatapathError> {
+        let Some(dir) = self.pins.as_ref().map(|p| &p.dir) else {
+            return Ok(());
+        };
+        if !dir.join("link").exists() {
+            return Ok(());
+        }
+        let pinned_iface = pin_tag(dir, "iface").unwrap_or_default();
+        if pinned_iface != iface {
+            return Err(DatapathError::Adopt {
+                dir: dir.clone(),
+                problem: format!("it holds a link on `{pinned_iface}`, not `{iface}`"),
+            });
+        }
+        Ok(())
+    }
+
     /// Takes over the link a previous agent pinned, swapping this program in
     /// (one `bpf_link_update`: no packet sees no program).
     fn adopt(&mut self, dir: &Path, iface: &str) -> Result<AttachMode, DatapathError> {
@@ -346,12 +493,7 @@ impl XdpDatapath {
             dir: dir.to_owned(),
             problem: what.to_owned(),
         };
-        let pinned_iface = pin_tag(dir, "iface").unwrap_or_default();
-        if pinned_iface != iface {
-            return Err(pin_err(&format!(
-                "it holds a link on `{pinned_iface}`, not `{iface}`"
-            )));
-        }
+        self.check_adoptable(iface)?;
         let mode = match pin_tag(dir, "mode").as_deref() {
             Some("generic") => AttachMode::Generic,
             _ => AttachMode::Native,
@@ -594,6 +736,19 @@ impl Datapath for XdpDatapath {
         } else {
             e.flags &= !INSTANCE_LIVE;
         }
+        instances.set(id, e, 0).map_err(map_err(names::INSTANCES))
+    }
+
+    fn set_instance_target(
+        &mut self,
+        id: u32,
+        ifindex: u32,
+        mac: [u8; 6],
+    ) -> Result<(), DatapathError> {
+        self.set_deliver(id, ifindex)?;
+        let mut instances: Array<&mut MapData, InstanceEntry> = self.map_mut(names::INSTANCES)?;
+        let mut e = instances.get(&id, 0).map_err(map_err(names::INSTANCES))?;
+        e.mac = mac;
         instances.set(id, e, 0).map_err(map_err(names::INSTANCES))
     }
 

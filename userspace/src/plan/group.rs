@@ -119,6 +119,31 @@ impl Group {
     }
 }
 
+/// The fewest groups whose units share an owner: `owners[u]` is unit `u`'s
+/// owner, for every unit of a service. Groups are as large as the owners
+/// allow, so a table written from groups comes back as those groups (or
+/// larger ones, where buddies had one owner).
+///
+/// # Panics
+/// If `owners` does not hold exactly one owner per unit.
+#[must_use]
+pub fn coalesce(owners: &[u32]) -> Vec<(Group, u32)> {
+    assert_eq!(owners.len(), UNITS_PER_SERVICE as usize, "one owner a unit");
+    let mut out = Vec::new();
+    let mut todo = vec![Group::ALL];
+    while let Some(g) = todo.pop() {
+        let first = owners[g.base as usize];
+        if g.units().all(|u| owners[u as usize] == first) {
+            out.push((g, first));
+        } else if let Some((lo, hi)) = g.split() {
+            // Upper half first, so the lower comes out first.
+            todo.push(hi);
+            todo.push(lo);
+        }
+    }
+    out
+}
+
 impl fmt::Display for Group {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{:#06x}/{}", self.base, self.prefix_len)
@@ -210,6 +235,45 @@ impl UnitTable {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn coalesce_gives_back_the_groups_a_table_was_written_from() {
+        let groups: Vec<(Group, u32)> = vec![
+            ("0x0000/2".parse().unwrap(), 1),
+            ("0x4000/3".parse().unwrap(), 2),
+            ("0x6000/3".parse().unwrap(), 2),
+            ("0x8000/16".parse().unwrap(), 3),
+            ("0x8001/16".parse().unwrap(), 1),
+            ("0x8002/15".parse().unwrap(), 2),
+            ("0x8004/14".parse().unwrap(), 2),
+        ];
+        let mut rest = cover(0x8008, UNITS_PER_SERVICE)
+            .into_iter()
+            .map(|g| (g, 3))
+            .collect();
+        let mut all = groups.clone();
+        all.append(&mut rest);
+        let table = UnitTable::from_groups(all.iter().map(|(g, o)| (g, *o)));
+        let back = coalesce(table.owners());
+        // Same owner of every unit, and buddies of one owner joined.
+        assert_eq!(
+            UnitTable::from_groups(back.iter().map(|(g, o)| (g, *o))).owners(),
+            table.owners()
+        );
+        assert!(back.contains(&("0x4000/2".parse().unwrap(), 2)));
+        assert!(back.contains(&("0x8002/15".parse().unwrap(), 2)));
+        assert!(back.contains(&("0x8004/14".parse().unwrap(), 2)));
+        assert!(back.contains(&("0x0000/2".parse().unwrap(), 1)));
+        // A partition: sizes add up to the units (and the table matched).
+        assert_eq!(
+            back.iter().map(|(g, _)| g.size()).sum::<u32>(),
+            UNITS_PER_SERVICE
+        );
+        assert_eq!(
+            coalesce(&vec![7; UNITS_PER_SERVICE as usize]),
+            vec![(Group::ALL, 7)]
+        );
+    }
 
     #[test]
     fn display_and_parse_round_trip() {

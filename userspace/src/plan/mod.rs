@@ -5,6 +5,7 @@
 //! May import `config` and `sys`; nothing above it.
 
 pub mod group;
+pub mod ids;
 
 use std::{net::IpAddr, path::PathBuf};
 
@@ -37,6 +38,9 @@ pub struct InstancePlan {
     /// The instance's network namespace, where its socket statistics are
     /// read; unknown when the config gives `mac` without `netns`.
     pub netns: Option<PathBuf>,
+    /// Whether the data path may deliver to it (a reload keeps a failed
+    /// instance out until it recovers).
+    pub live: bool,
 }
 
 /// What the host says of an instance.
@@ -57,6 +61,9 @@ pub struct ServicePlan {
     pub entry: ServiceEntry,
     /// Each group of the service and the instance id that owns it.
     pub groups: Vec<(Group, u32)>,
+    /// `groups` were read back from a pinned data path's owner array
+    /// (the store had lost them), not made even.
+    pub groups_from_pins: bool,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -133,18 +140,35 @@ pub fn service_key(vip: IpAddr, port: u16, proto: u8, vlan: u16) -> ServiceKey {
 }
 
 impl Plan {
-    /// Builds the plan; `resolve` gives each instance's ifindex and MAC
-    /// (the agent asks the host, tests hand in their own).
+    /// Builds the plan with ids in config order; `resolve` gives each
+    /// instance's ifindex and MAC (the agent asks the host, tests hand in
+    /// their own).
     pub fn build<E>(
         config: &Config,
+        resolve: impl FnMut(&Instance, &str) -> Result<Resolved, E>,
+    ) -> Result<Self, E> {
+        Self::build_with_ids(config, &[], resolve)
+    }
+
+    /// As [`Self::build`], each instance keeping the id `registered`
+    /// (id, name) gives its name ([`ids::assign`]).
+    pub fn build_with_ids<E>(
+        config: &Config,
+        registered: &[(u32, String)],
         mut resolve: impl FnMut(&Instance, &str) -> Result<Resolved, E>,
     ) -> Result<Self, E> {
+        let names: Vec<&str> = config
+            .services
+            .iter()
+            .flat_map(|s| &s.instances)
+            .map(|i| i.name.as_str())
+            .collect();
+        let mut ids = ids::assign(registered, &names).into_iter();
         let mut plan = Self {
             pinned_flows: config.agent.pinned_flows,
             host_macs: config.agent.host_macs.clone(),
             ..Self::default()
         };
-        let mut next_instance = 1u32;
         for (sid, svc) in config.services.iter().enumerate() {
             let id = u32::try_from(sid).expect("at most MAX_SERVICES services");
             let (tag_kind, tag_offset, tag_len) = match svc.tag {
@@ -152,25 +176,27 @@ impl Plan {
                 TagSpec::UdpPayload { offset, length } => (TAG_UDP_PAYLOAD, offset, length),
                 TagSpec::Ipv6FlowLabel => (TAG_IPV6_FLOW_LABEL, 0, 0),
             };
-            let first = next_instance;
+            let mut service_ids = Vec::with_capacity(svc.instances.len());
             for (j, inst) in svc.instances.iter().enumerate() {
                 let r = resolve(inst, &format!("service[{sid}].instance[{j}]"))?;
+                let instance_id = ids.next().expect("one id a name");
+                service_ids.push(instance_id);
                 plan.instances.push(InstancePlan {
-                    id: next_instance,
+                    id: instance_id,
                     name: inst.name.clone(),
                     service_id: id,
                     ifindex: r.ifindex,
                     mac: r.mac,
                     netns: r.netns,
+                    live: true,
                 });
-                next_instance += 1;
             }
             let groups = if svc.on_demand {
                 vec![(Group::ALL, sluice_common::maps::NO_OWNER)]
             } else {
                 group::even(svc.instances.len())
                     .into_iter()
-                    .zip(first..)
+                    .zip(service_ids)
                     .flat_map(|(gs, owner)| gs.into_iter().map(move |g| (g, owner)))
                     .collect()
             };
@@ -196,6 +222,7 @@ impl Plan {
                     reserved: 0,
                 },
                 groups,
+                groups_from_pins: false,
             });
         }
         Ok(plan)
@@ -222,6 +249,30 @@ impl Plan {
             .iter()
             .find(|(g, _)| g.contains(unit))
             .map_or(sluice_common::maps::NO_OWNER, |(_, o)| *o)
+    }
+
+    /// Starts service `service_id` from the owners a pinned data path holds
+    /// (`owners[u]`: unit `u`'s owner id), when they make sense for it:
+    /// each is unowned or an instance of this service, and some unit has
+    /// one. Returns whether it did.
+    pub fn take_pinned_owners(&mut self, service_id: u32, owners: &[u32]) -> bool {
+        let ours = |o: u32| {
+            o == sluice_common::maps::NO_OWNER
+                || self
+                    .instances
+                    .iter()
+                    .any(|i| i.id == o && i.service_id == service_id)
+        };
+        if owners.len() != sluice_common::UNITS_PER_SERVICE as usize
+            || !owners.iter().all(|&o| ours(o))
+            || owners.iter().all(|&o| o == sluice_common::maps::NO_OWNER)
+        {
+            return false;
+        }
+        let s = &mut self.services[service_id as usize];
+        s.groups = group::coalesce(owners);
+        s.groups_from_pins = true;
+        true
     }
 
     /// Steers frames for `mac` too (first, so it is never the one dropped
