@@ -57,6 +57,25 @@ pub struct Run {
     pub duration_ns: u128,
 }
 
+/// The plan of `config` with ids from `registered`: instance `k` (config
+/// order, from 1) has MAC [`instance_mac`]`(k)`; frames for the NIC's MAC
+/// are steered.
+fn test_plan(config: &Config, registered: &[(u32, String)]) -> Plan {
+    let mut next = 0u32;
+    let mut plan = Plan::build_with_ids(config, registered, |_, _| {
+        next += 1;
+        Ok::<_, std::convert::Infallible>(Resolved {
+            ifindex: 1,
+            mac: instance_mac(next),
+            netns: None,
+        })
+    })
+    .expect("infallible");
+    // The frames the tests build are addressed to the NIC's MAC.
+    plan.add_host_mac(crate::packet::NIC_MAC);
+    plan
+}
+
 impl Harness {
     /// Panics with the reason if the config is bad or the program does not
     /// load: a test that cannot load the program must fail, not skip.
@@ -73,18 +92,7 @@ impl Harness {
             crate::is_root(),
             "the kernel tests load an XDP program: run them as root (or with CAP_BPF and CAP_NET_ADMIN)"
         );
-        let mut next = 0u32;
-        let mut plan = Plan::build(config, |_, _| {
-            next += 1;
-            Ok::<_, std::convert::Infallible>(Resolved {
-                ifindex: 1,
-                mac: instance_mac(next),
-                netns: None,
-            })
-        })
-        .expect("infallible");
-        // The frames the tests build are addressed to the NIC's MAC.
-        plan.add_host_mac(crate::packet::NIC_MAC);
+        let plan = test_plan(config, &[]);
         let mut dp = XdpDatapath::load(&plan)
             .unwrap_or_else(|e| panic!("loading the XDP program: {}", error_chain(&e)));
         dp.program(&plan)
@@ -98,18 +106,7 @@ impl Harness {
     pub fn reprogram(&mut self, config: &str) {
         let config =
             Config::parse(config, Path::new("test-config.toml")).expect("test config is valid");
-        let registered = self.dp.registered().expect("registry");
-        let mut next = 0u32;
-        let mut plan = Plan::build_with_ids(&config, &registered, |_, _| {
-            next += 1;
-            Ok::<_, std::convert::Infallible>(Resolved {
-                ifindex: 1,
-                mac: instance_mac(next),
-                netns: None,
-            })
-        })
-        .expect("infallible");
-        plan.add_host_mac(crate::packet::NIC_MAC);
+        let plan = test_plan(&config, &self.dp.registered().expect("registry"));
         self.dp
             .program(&plan)
             .unwrap_or_else(|e| panic!("programming the maps: {}", error_chain(&e)));

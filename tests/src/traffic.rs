@@ -376,6 +376,27 @@ fn echo(mut s: TcpStream, name: &str) -> std::io::Result<()> {
     }
 }
 
+/// Sends `msg` on an open connection to a [`TcpServers`] server and reads
+/// the echo; returns the serving instance's name.
+pub fn tcp_echo(s: &mut TcpStream, msg: &str) -> std::io::Result<String> {
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.write_all(msg.as_bytes())?;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 256];
+    while !got.ends_with(msg.as_bytes()) {
+        let n = s.read(&mut buf)?;
+        if n == 0 {
+            return Err(std::io::Error::other("connection closed"));
+        }
+        got.extend_from_slice(&buf[..n]);
+    }
+    let text = String::from_utf8_lossy(&got).into_owned();
+    Ok(text
+        .split_once('|')
+        .map(|(n, _)| n.to_owned())
+        .unwrap_or_default())
+}
+
 /// Opens a connection from the client namespace, sends `msg`, reads the
 /// reply and closes (FIN). Returns (local address, server name, echoed
 /// bytes).

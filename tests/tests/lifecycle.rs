@@ -6,7 +6,6 @@
 
 use std::{
     collections::HashMap,
-    io::{Read as _, Write as _},
     net::{SocketAddr, TcpStream},
     path::Path,
     sync::Arc,
@@ -25,7 +24,7 @@ use sluice_tests::{
     block_on, netns,
     process::PinDir,
     testbed::{self, Testbed},
-    traffic::TcpServers,
+    traffic::{TcpServers, tcp_echo},
 };
 
 fn testbed(tag: &str, n: usize) -> Testbed {
@@ -53,30 +52,10 @@ fn ids(agent: &Agent) -> HashMap<String, u32> {
         .collect()
 }
 
-/// Sends `msg` on `s`, reads the echo; returns the serving instance's name.
-fn exchange(s: &mut TcpStream, msg: &str) -> std::io::Result<String> {
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    s.write_all(msg.as_bytes())?;
-    let mut got = Vec::new();
-    let mut buf = [0u8; 256];
-    while !got.ends_with(msg.as_bytes()) {
-        let n = s.read(&mut buf)?;
-        if n == 0 {
-            return Err(std::io::Error::other("connection closed"));
-        }
-        got.extend_from_slice(&buf[..n]);
-    }
-    let text = String::from_utf8_lossy(&got).into_owned();
-    Ok(text
-        .split_once('|')
-        .map(|(n, _)| n.to_owned())
-        .unwrap_or_default())
-}
-
 /// Every connection answers from the instance it answered from first.
 fn all_answer_from_their_instance(conns: &mut [(TcpStream, String)], when: &str) {
     for (c, (s, who)) in conns.iter_mut().enumerate() {
-        let now = exchange(s, &format!("{when} {c}"))
+        let now = tcp_echo(s, &format!("{when} {c}"))
             .unwrap_or_else(|e| panic!("connection {c} ({who}) broke {when}: {e}"));
         assert_eq!(&now, who, "connection {c} changed instance {when}");
     }
@@ -106,7 +85,7 @@ fn tcp_connections_keep_their_instance_through_reorders() {
                 TcpStream::connect_timeout(&dst, Duration::from_secs(5))
             })
             .unwrap_or_else(|e| panic!("connection {c}: {e}"));
-            let who = exchange(&mut s, &format!("hello {c}")).expect("first exchange");
+            let who = tcp_echo(&mut s, &format!("hello {c}")).expect("first exchange");
             (s, who)
         })
         .collect();

@@ -2,7 +2,6 @@
 //! real sockets, the real control loop.
 
 use std::{
-    io::{Read as _, Write as _},
     net::{SocketAddr, TcpStream},
     path::Path,
     sync::{Arc, atomic::Ordering},
@@ -21,7 +20,7 @@ use sluice_common::{key, unit_of};
 use sluice_tests::{
     block_on, netns,
     testbed::{self, Testbed},
-    traffic::{PacedSender, TcpServers, UdpServers},
+    traffic::{PacedSender, TcpServers, UdpServers, tcp_echo},
 };
 
 fn testbed(tag: &str, n: usize) -> Testbed {
@@ -226,26 +225,6 @@ fn connect_from(tb: &Testbed, port: u16, dst: SocketAddr) -> std::io::Result<Tcp
     })
 }
 
-/// Sends `msg`, reads the echo; returns the serving instance's name.
-fn exchange(s: &mut TcpStream, msg: &str) -> std::io::Result<String> {
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    s.write_all(msg.as_bytes())?;
-    let mut got = Vec::new();
-    let mut buf = [0u8; 256];
-    while !got.ends_with(msg.as_bytes()) {
-        let n = s.read(&mut buf)?;
-        if n == 0 {
-            return Err(std::io::Error::other("connection closed"));
-        }
-        got.extend_from_slice(&buf[..n]);
-    }
-    let text = String::from_utf8_lossy(&got).into_owned();
-    Ok(text
-        .split_once('|')
-        .map(|(n, _)| n.to_owned())
-        .unwrap_or_default())
-}
-
 /// Long-lived TCP connections whose unit moves keep exchanging data with
 /// their old instance, without a reset; new connections of that unit reach
 /// the new owner.
@@ -265,7 +244,7 @@ fn tcp_connections_survive_a_move() {
     let mut conns: Vec<(TcpStream, String)> = (0..16)
         .map(|c| {
             let mut s = connect_from(&tb, 0, dst).unwrap_or_else(|e| panic!("connection {c}: {e}"));
-            let who = exchange(&mut s, &format!("hello {c}")).expect("first exchange");
+            let who = tcp_echo(&mut s, &format!("hello {c}")).expect("first exchange");
             (s, who)
         })
         .collect();
@@ -296,7 +275,7 @@ fn tcp_connections_survive_a_move() {
 
     for round in 0..3 {
         for (c, (s, who)) in conns.iter_mut().enumerate() {
-            let now = exchange(s, &format!("round {round} of {c}")).unwrap_or_else(|e| {
+            let now = tcp_echo(s, &format!("round {round} of {c}")).unwrap_or_else(|e| {
                 panic!(
                     "connection {c} broke after the move (moved: {}): {e}",
                     moved.contains(&c)
@@ -316,7 +295,7 @@ fn tcp_connections_survive_a_move() {
             continue;
         };
         assert_eq!(
-            exchange(&mut s, "new").expect("new connection"),
+            tcp_echo(&mut s, "new").expect("new connection"),
             to,
             "a new flow of the moved group"
         );
