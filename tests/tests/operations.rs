@@ -324,6 +324,15 @@ fn restart_loses_nothing_and_detach_cleans_up() {
     assert!(sent > 5000, "sent only {sent}");
     assert_eq!(delivered, sent, "datagrams lost across the restart");
 
+    // Not under a running agent: it would be left steering with nothing.
+    let refused = process::sluice(&["detach", "--pin-dir", pins.0.to_str().expect("utf-8")]);
+    assert!(!refused.status.success(), "{}", text(&refused));
+    assert!(
+        text(&refused).contains(&format!("another agent (PID {})", second.pid())),
+        "{}",
+        text(&refused)
+    );
+    assert!(xdp_attached(&ns.0), "a refused detach leaves it attached");
     assert!(second.stop().success());
     assert!(xdp_attached(&ns.0));
     let out = process::sluice(&["detach", "--pin-dir", pins.0.to_str().expect("utf-8")]);

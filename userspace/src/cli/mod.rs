@@ -140,7 +140,7 @@ pub fn detach(iface: Option<&str>, pin_dir: Option<PathBuf>) -> anyhow::Result<(
         (None, Some(i)) => default_pin_dir(i),
         (None, None) => anyhow::bail!("say which data path: --iface IFACE or --pin-dir DIR"),
     };
-    if XdpDatapath::remove_pins(&dir)? {
+    if XdpDatapath::remove_unattended_pins(&dir)? {
         println!("{}: detached and removed", dir.display());
     } else {
         println!("{}: nothing pinned there", dir.display());

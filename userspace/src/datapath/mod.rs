@@ -102,6 +102,8 @@ pub enum DatapathError {
         "the data path pinned in {dir} was made by another Sluice version: {problem}. This agent cannot adopt it without misreading it; run `sluice detach --pin-dir {dir}` (traffic passes to the kernel until this agent attaches; pinned flows are dropped) and start again"
     )]
     PinLayout { dir: PathBuf, problem: String },
+    #[error(transparent)]
+    Locked(#[from] crate::sys::lock::LockError),
     #[error("adopting the data path pinned in {dir}: {problem}")]
     Adopt { dir: PathBuf, problem: String },
     #[error("mapping the owner array into memory")]

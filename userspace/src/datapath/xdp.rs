@@ -612,6 +612,13 @@ impl XdpDatapath {
         self.pins.as_ref().is_some_and(|p| p.link.is_some())
     }
 
+    /// As [`Self::remove_pins`], for a data path no agent runs: refused,
+    /// touching nothing, while an agent holds `dir` (`sluice detach`).
+    pub fn remove_unattended_pins(dir: &Path) -> Result<bool, DatapathError> {
+        let _lock = crate::sys::lock::lock_pin_dir(dir)?;
+        Self::remove_pins(dir)
+    }
+
     /// Removes everything pinned under `dir`: the link (the program is
     /// detached when no one else holds it) and every map.
     pub fn remove_pins(dir: &Path) -> Result<bool, DatapathError> {

@@ -140,6 +140,34 @@ impl AgentLock {
     }
 }
 
+/// The pin directory's lock alone, for `sluice detach`: taking a data path
+/// down under a running agent would leave it steering with no program.
+/// `Ok(None)` when the directory does not exist.
+pub fn lock_pin_dir(pin_dir: &Path) -> Result<Option<File>, LockError> {
+    let dir = match File::open(pin_dir) {
+        Ok(d) => d,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => {
+            return Err(LockError::Io {
+                path: pin_dir.to_owned(),
+                source,
+            });
+        }
+    };
+    match try_lock(&dir) {
+        Ok(true) => Ok(Some(dir)),
+        Ok(false) => Err(LockError::Held {
+            what: "pin directory",
+            path: pin_dir.to_owned(),
+            pid: pid_tag_in(pin_dir).unwrap_or_else(|| "unknown".into()),
+        }),
+        Err(source) => Err(LockError::Io {
+            path: pin_dir.to_owned(),
+            source,
+        }),
+    }
+}
+
 impl Drop for AgentLock {
     fn drop(&mut self) {
         // Gone already when the pins were removed.
@@ -175,7 +203,12 @@ mod tests {
             !tmp.path().join("other").exists(),
             "a refused lock removes the pin directory it created"
         );
+        // `sluice detach`'s lock is refused while an agent holds the
+        // directory, and granted once it is gone.
+        assert!(matches!(lock_pin_dir(&pins), Err(LockError::Held { .. })));
         drop(first);
+        assert!(lock_pin_dir(&pins).unwrap().is_some());
+        assert!(lock_pin_dir(&tmp.path().join("none")).unwrap().is_none());
         assert!(AgentLock::acquire(&pins, &state).is_ok());
     }
 }
