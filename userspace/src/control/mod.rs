@@ -68,16 +68,13 @@ struct InstCtl {
     id: u32,
     /// Host-side veth: the instance has failed when it disappears.
     ifindex: u32,
-    /// As configured: how to find its veth and MAC again after a failure.
+    /// As configured: its cgroup, CPU limit and health source, and how to
+    /// find its veth and MAC again after a failure.
     config: crate::config::Instance,
     /// A failed instance found back (veth there, reports coming): since
     /// when, for the hold-down.
     recovering_since: Option<Instant>,
-    /// Also failed when its application's QoS reports stop.
-    health_reports: bool,
     netns: Option<PathBuf>,
-    cgroup: Option<PathBuf>,
-    cpu_limit: Option<f64>,
     packets: Rate,
     bytes: Rate,
     drops: Rate,
@@ -353,10 +350,7 @@ impl Controller {
                         id: ip.id,
                         ifindex: ip.ifindex,
                         config: ic.clone(),
-                        health_reports: ic.health_reports,
                         netns: ip.netns.clone(),
-                        cgroup: ic.cgroup.clone(),
-                        cpu_limit: ic.cpu_limit,
                         packets: Rate::default(),
                         bytes: Rate::default(),
                         drops: Rate::default(),
@@ -481,7 +475,7 @@ impl Controller {
                     rate_pps: i.packets.update(c.packets, now),
                     bytes_ps: i.bytes.update(c.bytes, now),
                     report: reports.get(&i.name).cloned(),
-                    cpu_limit: i.cpu_limit,
+                    cpu_limit: i.config.cpu_limit,
                     ..Inputs::default()
                 };
                 if let Some(ns) = &i.netns {
@@ -497,7 +491,7 @@ impl Controller {
                         }
                     }
                 }
-                if let Some(cg) = &i.cgroup {
+                if let Some(cg) = &i.config.cgroup {
                     match self.probe.cgroup_usage_usec(cg) {
                         Ok(usec) => inputs.cpu_cores = Some(i.cpu.update(usec, now) / 1e6),
                         Err(e) => {
@@ -592,7 +586,9 @@ impl Controller {
             .filter(|i| {
                 !self.failed.contains(&i.name)
                     && (!self.probe.link_exists(i.ifindex)
-                        || (i.health_reports && grace_over && !reporting.contains_key(&i.name)))
+                        || (i.config.health_reports
+                            && grace_over
+                            && !reporting.contains_key(&i.name)))
             })
             .map(|i| i.name.clone())
             .collect();
@@ -664,7 +660,7 @@ impl Controller {
                 let back = self
                     .probe
                     .resolve(&i.config)
-                    .filter(|_| !i.health_reports || reporting.contains_key(&i.name));
+                    .filter(|_| !i.config.health_reports || reporting.contains_key(&i.name));
                 let Some(r) = back else {
                     i.recovering_since = None;
                     continue;

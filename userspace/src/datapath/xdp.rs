@@ -355,13 +355,10 @@ impl XdpDatapath {
                     .set(i.id, entry, 0)
                     .map_err(map_err(names::INSTANCES))?;
             }
-            for id in &retired {
-                let mut e = instances.get(id, 0).map_err(map_err(names::INSTANCES))?;
-                e.flags = 0;
-                instances
-                    .set(*id, e, 0)
-                    .map_err(map_err(names::INSTANCES))?;
-            }
+        }
+        // Out of the data path; the generation stays, for the next holder.
+        for id in &retired {
+            self.update_instance(*id, |e| e.flags = 0)?;
         }
         // A failed instance's veth may be gone: it is pointed at its new
         // one when it recovers.
@@ -422,6 +419,18 @@ impl XdpDatapath {
             }
         }
         Ok(())
+    }
+
+    /// Rewrites entry `id` of the `INSTANCES` map with `f`.
+    fn update_instance(
+        &mut self,
+        id: u32,
+        f: impl FnOnce(&mut InstanceEntry),
+    ) -> Result<(), DatapathError> {
+        let mut instances: Array<&mut MapData, InstanceEntry> = self.map_mut(names::INSTANCES)?;
+        let mut e = instances.get(&id, 0).map_err(map_err(names::INSTANCES))?;
+        f(&mut e);
+        instances.set(id, e, 0).map_err(map_err(names::INSTANCES))
     }
 
     /// Points id `id` of the `DELIVER` map at interface `ifindex`.
@@ -736,14 +745,13 @@ impl Datapath for XdpDatapath {
     }
 
     fn set_instance_live(&mut self, id: u32, live: bool) -> Result<(), DatapathError> {
-        let mut instances: Array<&mut MapData, InstanceEntry> = self.map_mut(names::INSTANCES)?;
-        let mut e = instances.get(&id, 0).map_err(map_err(names::INSTANCES))?;
-        if live {
-            e.flags |= INSTANCE_LIVE;
-        } else {
-            e.flags &= !INSTANCE_LIVE;
-        }
-        instances.set(id, e, 0).map_err(map_err(names::INSTANCES))
+        self.update_instance(id, |e| {
+            if live {
+                e.flags |= INSTANCE_LIVE;
+            } else {
+                e.flags &= !INSTANCE_LIVE;
+            }
+        })
     }
 
     fn set_instance_target(
@@ -753,10 +761,7 @@ impl Datapath for XdpDatapath {
         mac: [u8; 6],
     ) -> Result<(), DatapathError> {
         self.set_deliver(id, ifindex)?;
-        let mut instances: Array<&mut MapData, InstanceEntry> = self.map_mut(names::INSTANCES)?;
-        let mut e = instances.get(&id, 0).map_err(map_err(names::INSTANCES))?;
-        e.mac = mac;
-        instances.set(id, e, 0).map_err(map_err(names::INSTANCES))
+        self.update_instance(id, |e| e.mac = mac)
     }
 
     fn global_counters(&self) -> Result<GlobalCounters, DatapathError> {
