@@ -78,7 +78,7 @@ pub(crate) fn run() -> anyhow::Result<Figures> {
         if seen.is_none() && st[1].sample.utilisation > 0.8 {
             seen = Some(now);
         }
-        // The slow instance's own first move (others may reclaim buddies
+        // The slow instance's own first move (others may take work
         // among themselves meanwhile).
         if first_move.is_none()
             && let Some(e) = made.iter().find(|e| e.from == "inst-1")

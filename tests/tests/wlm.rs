@@ -51,7 +51,8 @@ fn drops(tb: &Testbed, k: usize) -> u64 {
 /// One instance made slow under steady load: its group is split and part
 /// moved until nobody is overloaded and it stops dropping; nothing is lost
 /// beyond what the slow server dropped; when the load falls, groups merge
-/// back.
+/// back. The service packs (`policy = "pack"`): merging work back onto few
+/// instances is what that policy is for.
 #[test]
 #[expect(clippy::too_many_lines, reason = "one scenario, phase after phase")]
 fn slow_instance_sheds_then_groups_merge_back() {
@@ -59,7 +60,7 @@ fn slow_instance_sheds_then_groups_merge_back() {
     let toml = format!(
         "[agent]\ninterval_ms = 250\nmax_moves_per_sec = 4\n\n\
          [[service]]\nname = \"kv\"\nvip = \"{}\"\nport = 7000\nprotocol = \"udp\"\n\
-         wlm = {{ capacity_pps = 3000, overload = 0.8, underload = 0.3, sustain = 2, cooldown_ms = 1000, min_group_units = 64 }}\n\n{}",
+         wlm = {{ policy = \"pack\", capacity_pps = 3000, overload = 0.8, underload = 0.3, sustain = 2, cooldown_ms = 1000, min_group_units = 64 }}\n\n{}",
         testbed::VIP_V4,
         tb.instances_toml(0, 3)
     );
@@ -211,6 +212,81 @@ fn slow_instance_sheds_then_groups_merge_back() {
         sent,
         "datagrams lost beyond the slow server's own drops"
     );
+    agent.stop().expect("detach");
+}
+
+/// Spread, the default policy: an instance with no work, beside two that
+/// carry the whole service, takes work from them until the three are
+/// within the balance band, and then the loop rests; nothing is lost.
+#[test]
+fn an_instance_without_work_takes_a_share() {
+    let tb = testbed("spread", 3);
+    let toml = format!(
+        "[agent]\ninterval_ms = 250\nmax_moves_per_sec = 4\n\n\
+         [[service]]\nname = \"kv\"\nvip = \"{}\"\nport = 7000\nprotocol = \"udp\"\n\
+         wlm = {{ capacity_pps = 3000, sustain = 2, cooldown_ms = 1000, min_group_units = 64 }}\n\n{}",
+        testbed::VIP_V4,
+        tb.instances_toml(0, 3)
+    );
+    // The store starts with every unit on inst-0 and inst-1.
+    let store = Arc::new(EmbeddedStore::in_memory());
+    let (lo, hi) = Group::ALL.split().unwrap();
+    block_on(store.init("kv", &[(lo, "inst-0".into()), (hi, "inst-1".into())])).unwrap();
+    let mut agent = start(&tb, &toml, store);
+    let dst = SocketAddr::new(testbed::VIP_V4.into(), 7000);
+    let ns: Vec<String> = tb.instances.iter().map(|i| i.netns.clone()).collect();
+    let servers = UdpServers::start(&ns, dst);
+    let sender = PacedSender::spawn(
+        &tb.client,
+        dst,
+        600,
+        1500,
+        Duration::from_mins(2),
+        |_, seq| seq.to_be_bytes().to_vec(),
+    );
+    let t0 = Instant::now();
+    let mut rest_since: Option<Instant> = None;
+    let rested = loop {
+        std::thread::sleep(agent.control.interval());
+        let made = block_on(agent.tick()).expect("tick");
+        let st = block_on(agent.control.status()).expect("status");
+        let working = st.iter().all(|s| s.sample.rate_pps > 0.0);
+        rest_since = if working && made.is_empty() {
+            rest_since.or(Some(Instant::now()))
+        } else {
+            None
+        };
+        if rest_since.is_some_and(|t| t.elapsed() >= Duration::from_secs(3)) {
+            break st;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_mins(1),
+            "not at rest after 60 s: {st:#?}\nmoves: {:#?}",
+            agent.control.history()
+        );
+    };
+    let u: Vec<f64> = rested.iter().map(|s| s.sample.utilisation).collect();
+    let takes = agent
+        .control
+        .history()
+        .iter()
+        .filter(|e| e.kind == "take")
+        .count();
+    eprintln!(
+        "at rest after {:.1} s and {takes} takes: utilisation {u:.3?}",
+        t0.elapsed().as_secs_f64() - 3.0
+    );
+    let (min, max) = (
+        u.iter().copied().fold(f64::MAX, f64::min),
+        u.iter().copied().fold(0.0, f64::max),
+    );
+    // The band (0.1) plus the measurement noise of 600 flows at 1,500 pps.
+    assert!(max - min <= 0.15, "not spread: {u:.3?}");
+    let sent = sender.finish().expect("sender");
+    std::thread::sleep(Duration::from_millis(500));
+    let received: usize = servers.finish().iter().map(Vec::len).sum();
+    eprintln!("sent {sent}, received {received}");
+    assert_eq!(u64::try_from(received).unwrap(), sent, "datagrams lost");
     agent.stop().expect("detach");
 }
 

@@ -17,8 +17,8 @@ use sluice_common::{
 };
 
 /// Kinds of move, as `sluice_moves_total{kind}` counts them.
-pub const MOVE_KINDS: [&str; 8] = [
-    "split", "give", "reclaim", "merge", "drain", "manual", "claim", "failover",
+pub const MOVE_KINDS: [&str; 9] = [
+    "split", "give", "take", "reclaim", "merge", "drain", "manual", "claim", "failover",
 ];
 
 /// Serves `/metrics` on `addr` (from the current tokio runtime).
@@ -140,7 +140,7 @@ pub fn map_write(seconds: f64) {
 const fn reason(kind: &str) -> &'static str {
     match kind.as_bytes() {
         b"split" | b"give" => "overload",
-        b"reclaim" => "underload",
+        b"take" | b"reclaim" => "underload",
         b"merge" => "defragment",
         b"drain" => "drain",
         b"claim" => "punt",

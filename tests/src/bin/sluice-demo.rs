@@ -136,6 +136,12 @@ fn run(args: &Args) -> anyhow::Result<()> {
         .iter()
         .filter(|e| e.kind == "split")
         .count();
+    let takes = agent
+        .control
+        .history()
+        .iter()
+        .filter(|e| e.kind == "take")
+        .count();
     let merges = agent
         .control
         .history()
@@ -143,7 +149,7 @@ fn run(args: &Args) -> anyhow::Result<()> {
         .filter(|e| e.kind == "merge" || e.kind == "reclaim")
         .count();
     println!(
-        "sent {sent}, received by the servers {received}; {splits} splits, {merges} merges and reclaims"
+        "sent {sent}, received by the servers {received}; {splits} splits, {takes} takes, {merges} merges and reclaims"
     );
     agent.stop()?;
     drop(tb);

@@ -19,10 +19,10 @@ use toml::{
 
 use super::{
     AgentConfig, Config, ConfigError, FieldError, Instance, MAX_INSTANCES, PinMode, Protocol,
-    Service, TagSpec, WlmConfig,
+    Service, TagSpec, WlmConfig, WlmPolicy,
     raw::{
         Field, Mac, RawAgent, RawAssign, RawConfig, RawHealth, RawInstance, RawPin, RawProtocol,
-        RawService, RawTag, RawTagKind, RawWlm, shown,
+        RawService, RawTag, RawTagKind, RawWlm, RawWlmPolicy, shown,
     },
 };
 
@@ -768,6 +768,21 @@ impl Checker<'_> {
         })
     }
 
+    fn wlm_policy(&mut self, at: &str, raw: Option<Field<RawWlmPolicy>>) -> Option<WlmPolicy> {
+        let bad = |v: &str| {
+            (
+                format!("unknown policy `{v}`"),
+                "use \"spread\" (take work only from more loaded peers) or \"pack\" (gather work onto few instances)".into(),
+            )
+        };
+        match self.typed(raw, &format!("{at}.policy"), bad) {
+            Got::Absent => Some(WlmConfig::default().policy),
+            Got::Value(RawWlmPolicy::Spread, _) => Some(WlmPolicy::Spread),
+            Got::Value(RawWlmPolicy::Pack, _) => Some(WlmPolicy::Pack),
+            Got::Bad => None,
+        }
+    }
+
     fn wlm(&mut self, at: &str, raw: Option<Spanned<RawWlm>>) -> Option<WlmConfig> {
         let d = WlmConfig::default();
         let Some(raw) = raw else { return Some(d) };
@@ -834,6 +849,14 @@ impl Checker<'_> {
             1e10,
         );
         let sustain = self.int(raw.sustain, &format!("{at}.sustain"), d.sustain, 1, 1000);
+        let policy = self.wlm_policy(at, raw.policy);
+        let balance_band = self.num(
+            raw.balance_band,
+            &format!("{at}.balance_band"),
+            d.balance_band,
+            0.01,
+            1.0,
+        );
         let cooldown_ms = self.int(
             raw.cooldown_ms,
             &format!("{at}.cooldown_ms"),
@@ -842,6 +865,8 @@ impl Checker<'_> {
             3_600_000,
         );
         Some(WlmConfig {
+            policy: policy?,
+            balance_band: balance_band?,
             capacity_pps: capacity_pps?,
             overload: overload?,
             underload: underload.filter(|u| overload.is_some_and(|o| *u < o))?,

@@ -113,9 +113,27 @@ pub enum PinMode {
     TcpUdp,
 }
 
+/// How an under-loaded WLM element takes work.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WlmPolicy {
+    /// Take work only from a peer more loaded than itself, and only so much
+    /// that it stays no more loaded than that peer: the service stays spread
+    /// over all its instances.
+    Spread,
+    /// Take back buddy groups from other under-loaded peers: work packs onto
+    /// as few instances as stay under the thresholds' midpoint, leaving the
+    /// rest idle (for scale-in).
+    Pack,
+}
+
 /// WLM settings of a service: capacity, thresholds and pacing.
 #[derive(Clone, Debug, PartialEq)]
 pub struct WlmConfig {
+    /// How under-loaded elements take work.
+    pub policy: WlmPolicy,
+    /// Spread: an under-loaded element takes work only from a peer whose
+    /// utilisation is more than this above its own.
+    pub balance_band: f64,
     /// Packets per second one instance is sized for.
     pub capacity_pps: f64,
     /// Utilisation above which an instance sheds work.
@@ -137,6 +155,8 @@ pub struct WlmConfig {
 impl Default for WlmConfig {
     fn default() -> Self {
         Self {
+            policy: WlmPolicy::Spread,
+            balance_band: 0.1,
             capacity_pps: 100_000.0,
             overload: 0.8,
             underload: 0.3,
@@ -436,6 +456,35 @@ veth = "slc-web0"
         for (text, want) in cases {
             assert_eq!(field_of(&text), want, "{text}");
         }
+    }
+
+    #[test]
+    fn wlm_policy_and_band() {
+        for (text, want) in [
+            (
+                GOOD.replace(
+                    "name = \"web\"",
+                    "name = \"web\"\nwlm = { policy = \"even\" }",
+                ),
+                "service[1].wlm.policy",
+            ),
+            (
+                GOOD.replace(
+                    "name = \"web\"",
+                    "name = \"web\"\nwlm = { balance_band = 0 }",
+                ),
+                "service[1].wlm.balance_band",
+            ),
+        ] {
+            assert_eq!(field_of(&text), want, "{text}");
+        }
+        let packed = parse(&GOOD.replace(
+            "name = \"web\"",
+            "name = \"web\"\nwlm = { policy = \"pack\", balance_band = 0.2 }",
+        ))
+        .unwrap();
+        assert_eq!(packed.services[1].wlm.policy, WlmPolicy::Pack);
+        assert!((packed.services[1].wlm.balance_band - 0.2).abs() < 1e-12);
     }
 
     #[test]

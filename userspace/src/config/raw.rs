@@ -58,6 +58,8 @@ pub(super) struct RawAgent {
 
 #[derive(Debug, Deserialize)]
 pub(super) struct RawWlm {
+    pub(super) policy: Option<Field<RawWlmPolicy>>,
+    pub(super) balance_band: Option<Field<f64>>,
     pub(super) capacity_pps: Option<Field<f64>>,
     pub(super) overload: Option<Field<f64>>,
     pub(super) underload: Option<Field<f64>>,
@@ -67,6 +69,14 @@ pub(super) struct RawWlm {
     pub(super) latency_target_ms: Option<Field<f64>>,
     pub(super) queue_target: Option<Field<f64>>,
     pub(super) in_flight_target: Option<Field<f64>>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+pub(super) enum RawWlmPolicy {
+    #[serde(rename = "spread")]
+    Spread,
+    #[serde(rename = "pack")]
+    Pack,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]

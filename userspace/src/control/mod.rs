@@ -94,6 +94,21 @@ struct ServiceCtl {
     instances: Vec<InstCtl>,
 }
 
+impl ServiceCtl {
+    /// Counts a move of `group` from `from` to `to` in `samples` (one per
+    /// instance), as the next measurement will show it.
+    fn account(&self, samples: &mut [Sample], group: Group, from: &str, to: &str) {
+        let pps = wlm::group_rate(group, &self.buckets);
+        for (sample, i) in samples.iter_mut().zip(&self.instances) {
+            if i.name == from {
+                *sample = sample.shifted(-pps, self.cfg.capacity_pps);
+            } else if i.name == to {
+                *sample = sample.shifted(pps, self.cfg.capacity_pps);
+            }
+        }
+    }
+}
+
 /// What `status` shows of an instance.
 #[derive(Clone, Debug, PartialEq)]
 pub struct InstanceStatus {
@@ -755,6 +770,14 @@ impl Controller {
                 let s = &self.services[si].instances;
                 s[b].sample.utilisation.total_cmp(&s[a].sample.utilisation)
             });
+            // The samples as later elements of this interval see them: a
+            // move made earlier in the interval is counted at once, so two
+            // elements do not both act on the same imbalance.
+            let mut samples: Vec<Sample> = self.services[si]
+                .instances
+                .iter()
+                .map(|i| i.sample)
+                .collect();
             for ii in order {
                 let svc = &self.services[si];
                 if self.drained.contains(&svc.instances[ii].name)
@@ -772,9 +795,9 @@ impl Controller {
                             && !self.drained.contains(&p.name)
                             && !self.failed.contains(&p.name)
                     })
-                    .map(|(_, p)| Peer {
+                    .map(|(j, p)| Peer {
                         name: p.name.clone(),
-                        sample: p.sample,
+                        sample: samples[j],
                         ceiling_pps: p.state.ceiling_pps(),
                     })
                     .collect();
@@ -783,7 +806,7 @@ impl Controller {
                     me: &me.name,
                     cfg: &svc.cfg,
                     now,
-                    sample: me.sample,
+                    sample: samples[ii],
                     assignment: &assignment,
                     buckets: &svc.buckets,
                     peers: &peers,
@@ -802,6 +825,7 @@ impl Controller {
                 match wlm::apply(&*self.store, &name, &me_name, &action).await {
                     Ok(applied) => {
                         if let Some((g, from, to)) = &applied.moved {
+                            self.services[si].account(&mut samples, *g, from, to);
                             self.write(dp, si, *g, to)?;
                             self.services[si].instances[ii].state.moved(now);
                             let e = MoveEvent {
