@@ -140,6 +140,10 @@ fn run_command(ns: &Netns, s: &Start<'_>, dir: &Path) -> Command {
     let path = dir.join("sluice.toml");
     std::fs::write(&path, s.config).expect("config");
     let socket = dir.join("agent.sock");
+    // Instances' reporters run as other users: they must reach the report
+    // sockets inside (the control socket's own mode keeps them out of it).
+    std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .expect("chmod");
     // nsenter, not `ip netns exec`: that remounts /sys, hiding bpffs.
     let mut cmd = Command::new("nsenter");
     cmd.arg(format!("--net=/run/netns/{}", ns.0))
@@ -157,6 +161,8 @@ fn run_command(ns: &Netns, s: &Start<'_>, dir: &Path) -> Command {
         .arg(s.state)
         .arg("--api-socket")
         .arg(&socket)
+        .arg("--report-dir")
+        .arg(dir.join("report"))
         .arg("--pin-dir")
         .arg(s.pin_dir)
         .args(["--metrics-addr", &format!("127.0.0.1:{}", s.metrics_port)])
@@ -230,6 +236,15 @@ impl Agent {
         self.child.id()
     }
 
+    /// The report socket of `instance`.
+    #[must_use]
+    pub fn report_socket(&self, instance: &str) -> PathBuf {
+        self.dir
+            .path()
+            .join("report")
+            .join(format!("{instance}.sock"))
+    }
+
     /// The config file the agent was started with.
     #[must_use]
     pub fn config_path(&self) -> PathBuf {
@@ -279,6 +294,21 @@ pub fn sluice_bin() -> PathBuf {
 #[must_use]
 pub fn sluice(args: &[&str]) -> Output {
     Command::new(sluice_bin())
+        .args(args)
+        .output()
+        .expect("run sluice")
+}
+
+/// The `sluice` CLI as user and group `uid` (e.g. 65534, nobody), in the
+/// network namespace `netns` when given (else this process's).
+#[must_use]
+pub fn sluice_as(uid: u32, netns: Option<&str>, args: &[&str]) -> Output {
+    let mut cmd = Command::new("nsenter");
+    if let Some(ns) = netns {
+        cmd.arg(format!("--net=/run/netns/{ns}"));
+    }
+    cmd.args(["--setuid", &uid.to_string(), "--setgid", &uid.to_string()])
+        .arg(sluice_bin())
         .args(args)
         .output()
         .expect("run sluice")

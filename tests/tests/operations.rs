@@ -4,6 +4,7 @@
 
 use std::{
     collections::BTreeSet,
+    fmt::Write as _,
     io::{Read as _, Write as _},
     net::TcpStream,
     time::Duration,
@@ -541,4 +542,126 @@ fn pins_of_another_layout_are_refused() {
     // No layout recorded (pins made before layout checks): refused too.
     std::fs::remove_dir(pins.0.join("layout=0000000000000001")).expect("remove");
     assert!(load().is_err(), "unrecorded layout is refused");
+}
+
+/// Moves each instance veth's peer of `ns` into a namespace of its own (an
+/// instance's container); returns those and a config that names them.
+fn instance_homes(ns: &process::Netns, n: usize) -> (Vec<process::Netns>, String) {
+    let mut config = String::from(
+        "[[service]]\nname = \"kv\"\nvip = \"198.18.1.1\"\nport = 7000\nprotocol = \"udp\"\n",
+    );
+    let homes = (0..n)
+        .map(|i| {
+            let home = process::Netns(format!("{}-i{i}", ns.0));
+            process::ip(&["netns", "add", &home.0]);
+            process::ip(&[
+                "-n",
+                &ns.0,
+                "link",
+                "set",
+                &format!("p{i}"),
+                "netns",
+                &home.0,
+            ]);
+            process::ip(&["-n", &home.0, "link", "set", &format!("p{i}"), "up"]);
+            let _ = write!(
+                config,
+                "[[service.instance]]\nname = \"kv-{i}\"\nveth = \"v{i}\"\nnetns = \"{}\"\n",
+                home.0
+            );
+            home
+        })
+        .collect();
+    (homes, config)
+}
+
+/// Access: the control socket is root's alone, and each instance reports
+/// through a socket of its own, for itself only, from its own network
+/// namespace. The reporters run as `nobody` (65534), as an unprivileged
+/// container's would.
+#[test]
+fn only_root_controls_and_an_instance_reports_for_itself_only() {
+    const NOBODY: u32 = 65534;
+    let ns = process::netns("acl", 2);
+    let (homes, config) = instance_homes(&ns, 2);
+    let pins = process::PinDir::new("acl");
+    let state = tempfile::tempdir().expect("tempdir");
+    let agent = process::start(
+        &ns,
+        &process::Start {
+            config: &config,
+            pin_dir: &pins.0,
+            state: &state.path().join("state.json"),
+            cleanup: true,
+            metrics_port: 9482,
+        },
+    );
+    let sock = agent.socket.to_str().expect("utf-8 path").to_owned();
+    let mode = |p: &std::path::Path| {
+        std::os::unix::fs::PermissionsExt::mode(
+            &std::fs::metadata(p).expect("socket").permissions(),
+        ) & 0o777
+    };
+    assert_eq!(mode(&agent.socket), 0o600, "control socket mode");
+    let (r0, r1) = (agent.report_socket("kv-0"), agent.report_socket("kv-1"));
+    assert_eq!(mode(&r0), 0o666, "report socket mode");
+    let (r0, r1) = (r0.to_str().unwrap(), r1.to_str().unwrap());
+
+    // A user that is not root can neither drain nor read the status.
+    for args in [
+        vec!["drain", "kv-0", "--timeout", "5", "--api-socket", &sock],
+        vec!["status", "--api-socket", &sock],
+    ] {
+        let out = process::sluice_as(NOBODY, None, &args);
+        assert!(!out.status.success(), "{args:?} as nobody: {}", text(&out));
+        assert!(
+            text(&out).contains("is not for this user"),
+            "{args:?}: {}",
+            text(&out)
+        );
+    }
+    let status = text(&process::sluice(&["status", "--api-socket", &sock]));
+    assert!(!status.contains("(drained)"), "nothing drained: {status}");
+
+    let report = |uid: u32, home: Option<&str>, instance: &str, socket: &str| {
+        let args = [
+            "report",
+            "--instance",
+            instance,
+            "--queue-depth",
+            "5",
+            "--socket",
+            socket,
+        ];
+        process::sluice_as(uid, home, &args)
+    };
+    // kv-0's reporter, unprivileged in kv-0's namespace, on its socket.
+    let own = report(NOBODY, Some(&homes[0].0), "kv-0", r0);
+    assert!(own.status.success(), "{}", text(&own));
+    // ... cannot report for kv-1, neither on its own socket ...
+    let lie = report(NOBODY, Some(&homes[0].0), "kv-1", r0);
+    assert!(
+        text(&lie).contains("takes reports for `kv-0` only, not `kv-1`"),
+        "{}",
+        text(&lie)
+    );
+    // ... nor on kv-1's (bind-mounted there by mistake, say), even as root
+    // inside its container.
+    for uid in [NOBODY, 0] {
+        let lie = report(uid, Some(&homes[0].0), "kv-1", r1);
+        assert!(
+            text(&lie).contains("from its own network namespace only"),
+            "uid {uid}: {}",
+            text(&lie)
+        );
+    }
+    // A host user that is not root cannot report for an instance either.
+    let host = report(NOBODY, None, "kv-0", r0);
+    assert!(
+        text(&host).contains("from its own network namespace only"),
+        "{}",
+        text(&host)
+    );
+    drop(agent);
+    drop(homes);
 }

@@ -1,12 +1,16 @@
 //! `sluice`: the agent (`sluice run`) and its CLI. Arguments and dispatch
 //! only; the work is in the library's `agent` and `cli` modules.
 
-use std::{path::PathBuf, process::ExitCode};
+use std::{
+    path::{Path, PathBuf},
+    process::ExitCode,
+};
 
 use clap::{Parser, Subcommand, ValueEnum};
 use sluice::{agent::run::RunOptions, cli, control::qos::Report, datapath::xdp::default_pin_dir};
 
 const DEFAULT_API_SOCKET: &str = "/run/sluice/agent.sock";
+const DEFAULT_REPORT_DIR: &str = "/run/sluice/report";
 const DEFAULT_STATE: &str = "/var/lib/sluice/state.json";
 
 /// Sluice: steer each packet of a service to the container instance that owns
@@ -51,9 +55,15 @@ enum Command {
         /// restarted agent resumes it.
         #[arg(long, default_value = DEFAULT_STATE)]
         state: PathBuf,
-        /// Unix socket of the local API (QoS reports, status).
+        /// Unix socket of the local control API (status, groups, drain),
+        /// mode 0600: root only.
         #[arg(long, default_value = DEFAULT_API_SOCKET)]
         api_socket: PathBuf,
+        /// Directory of the per-instance report sockets, INSTANCE.sock, mode
+        /// 0666: bind-mount an instance's socket into its container; it
+        /// takes that instance's reports only, from its network namespace.
+        #[arg(long, default_value = DEFAULT_REPORT_DIR)]
+        report_dir: PathBuf,
         /// Where Prometheus scrapes `/metrics`.
         #[arg(long, default_value = "127.0.0.1:9477")]
         metrics_addr: std::net::SocketAddr,
@@ -131,9 +141,11 @@ enum Command {
         /// Requests being worked on.
         #[arg(long)]
         in_flight: Option<f64>,
-        /// Unix socket of the agent's local API.
-        #[arg(long, default_value = DEFAULT_API_SOCKET)]
-        api_socket: PathBuf,
+        /// The instance's report socket (default
+        /// /run/sluice/report/INSTANCE.sock); root may also use the control
+        /// socket.
+        #[arg(long, alias = "api-socket")]
+        socket: Option<PathBuf>,
     },
 }
 
@@ -148,6 +160,7 @@ fn main() -> ExitCode {
             stats_interval,
             state,
             api_socket,
+            report_dir,
             metrics_addr,
             pin_dir,
             cleanup,
@@ -160,6 +173,7 @@ fn main() -> ExitCode {
             stats_interval,
             state,
             api_socket,
+            report_dir,
             metrics_addr,
         }),
         Command::CheckConfig { config } => cli::check_config(&config),
@@ -183,9 +197,10 @@ fn main() -> ExitCode {
             latency_p99_ms,
             queue_depth,
             in_flight,
-            api_socket,
+            socket,
         } => cli::report(
-            &api_socket,
+            &socket
+                .unwrap_or_else(|| Path::new(DEFAULT_REPORT_DIR).join(format!("{instance}.sock"))),
             Report {
                 instance,
                 latency_p99_ms,

@@ -2,13 +2,9 @@
 //! interval, the punt path, the local API's commands, periodic stats — until
 //! SIGINT or SIGTERM; SIGHUP reloads the config, whole or not at all.
 
-use std::{
-    net::SocketAddr,
-    path::PathBuf,
-    sync::{Arc, Mutex},
-    time::Duration,
-};
+use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
+use anyhow::Context as _;
 use sluice_common::counters;
 use tokio::signal::unix::{SignalKind, signal};
 
@@ -35,7 +31,10 @@ pub struct RunOptions {
     pub stats_interval: u64,
     /// File the embedded coordination store persists in.
     pub state: PathBuf,
+    /// The control socket (root only).
     pub api_socket: PathBuf,
+    /// Directory of the per-instance report sockets.
+    pub report_dir: PathBuf,
     pub metrics_addr: SocketAddr,
     /// bpffs directory the data path is pinned in.
     pub pin_dir: PathBuf,
@@ -129,14 +128,15 @@ async fn event_loop(
     mut agent: Agent,
     store: &Arc<EmbeddedStore>,
 ) -> anyhow::Result<Agent> {
-    let shared = api::Shared {
-        reports: agent.control.reports.clone(),
-        instances: Arc::new(Mutex::new(instance_names(&agent))),
-        status: Arc::new(Mutex::new(Vec::new())),
-        groups: Arc::default(),
-        commands: Arc::default(),
-    };
-    let _api = api::serve(&a.api_socket, shared.clone())?;
+    let shared = api::Shared::new(agent.control.reports.clone(), instance_names(&agent));
+    let _api = api::serve(&a.api_socket, shared.clone())
+        .with_context(|| format!("--api-socket {}", a.api_socket.display()))?;
+    let mut report_sockets = api::ReportSockets::new(&a.report_dir, shared.clone())
+        .with_context(|| format!("--report-dir {}", a.report_dir.display()))?;
+    report_sockets
+        .sync(&report_targets(&agent))
+        .with_context(|| format!("--report-dir {}", a.report_dir.display()))?;
+    tracing::info!(control = %a.api_socket.display(), reports = %a.report_dir.display(), "local API: control socket root only; one report socket per instance");
     agent.publish(&agent.control.status().await.unwrap_or_default());
     let mut term = signal(SignalKind::terminate())?;
     let mut hup = signal(SignalKind::hangup())?;
@@ -154,6 +154,9 @@ async fn event_loop(
                 match reload(a, &mut agent, store).await {
                     Ok(()) => {
                         *shared.instances.lock().expect("instances lock") = instance_names(&agent);
+                        if let Err(e) = report_sockets.sync(&report_targets(&agent)) {
+                            tracing::error!(error = %e, dir = %a.report_dir.display(), "report sockets not all open after the reload");
+                        }
                         control = tokio::time::interval(agent.control.interval());
                         tracing::info!(config = %a.config.display(), "config reloaded");
                     }
@@ -202,6 +205,16 @@ fn instance_names(agent: &Agent) -> Vec<String> {
         .instances
         .iter()
         .map(|i| i.name.clone())
+        .collect()
+}
+
+/// Each instance's name and network namespace, for its report socket.
+fn report_targets(agent: &Agent) -> Vec<(String, Option<PathBuf>)> {
+    agent
+        .plan
+        .instances
+        .iter()
+        .map(|i| (i.name.clone(), i.netns.clone()))
         .collect()
 }
 

@@ -19,6 +19,10 @@ pub enum ClientError {
         #[source]
         source: std::io::Error,
     },
+    #[error(
+        "{path} is not for this user: the control socket is root's (run as root); an instance reports through its own socket (sluice report --instance NAME)"
+    )]
+    Denied { path: String },
     #[error("talking to the agent on {path}")]
     Io {
         path: String,
@@ -32,9 +36,15 @@ pub enum ClientError {
 /// Sends one request and returns the answer.
 pub fn call(path: &Path, req: &Request) -> Result<Response, ClientError> {
     let p = path.display().to_string();
-    let mut s = UnixStream::connect(path).map_err(|source| ClientError::NoAgent {
-        path: p.clone(),
-        source,
+    let mut s = UnixStream::connect(path).map_err(|source| {
+        if source.kind() == std::io::ErrorKind::PermissionDenied {
+            ClientError::Denied { path: p.clone() }
+        } else {
+            ClientError::NoAgent {
+                path: p.clone(),
+                source,
+            }
+        }
     })?;
     let io = |source| ClientError::Io {
         path: p.clone(),

@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 
 pub use self::{
     client::{ClientError, call},
-    server::{Shared, serve},
+    server::{MAX_LINE, ReportSockets, Shared, serve},
 };
 use crate::control::qos::Report;
 

@@ -232,6 +232,24 @@ impl Checker<'_> {
                 );
                 None
             }
+            // An instance's name is its report socket's file name, and
+            // every name is a metric label.
+            Some((n, span))
+                if n.starts_with(['.', '-'])
+                    || !n
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b)) =>
+            {
+                self.report(
+                    Some(&span),
+                    field,
+                    format!("`{n}` is not a plain name"),
+                    format!(
+                        "name the {what} with letters, digits, `.`, `_` and `-`, not starting with `.` or `-`"
+                    ),
+                );
+                None
+            }
             // The pinned id registry keeps names of this length.
             Some((n, span)) if n.len() > sluice_common::MAX_NAME_LEN => {
                 self.report(

@@ -459,7 +459,7 @@ veth = "slc-web0"
     }
 
     #[test]
-    fn wlm_policy_and_band() {
+    fn wlm_policy_band_and_plain_names() {
         for (text, want) in [
             (
                 GOOD.replace(
@@ -474,6 +474,10 @@ veth = "slc-web0"
                     "name = \"web\"\nwlm = { balance_band = 0 }",
                 ),
                 "service[1].wlm.balance_band",
+            ),
+            (
+                GOOD.replace("name = \"web-0\"", "name = \"../web-0\""),
+                "service[1].instance[0].name",
             ),
         ] {
             assert_eq!(field_of(&text), want, "{text}");
