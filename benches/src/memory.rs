@@ -137,6 +137,8 @@ fn agent_rss(sluice: &Path, tb: &Testbed, toml: &str) -> anyhow::Result<(u64, u6
         .arg(dir.path().join("state.json"))
         .arg("--api-socket")
         .arg(&sock)
+        .arg("--report-dir")
+        .arg(dir.path().join("report"))
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
