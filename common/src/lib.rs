@@ -12,6 +12,8 @@
 )]
 
 pub mod counters;
+#[cfg(any(test, feature = "fuzz"))]
+pub mod fuzz;
 pub mod key;
 pub mod maps;
 pub mod parse;
@@ -71,7 +73,7 @@ pub const fn hit_index(service_id: u32, unit: u32) -> u32 {
     (service_id << HIT_BITS) | (unit >> (UNIT_BITS - HIT_BITS))
 }
 
-#[cfg(test)]
+#[cfg(any(test, feature = "fuzz"))]
 extern crate std;
 
 #[cfg(test)]

@@ -342,7 +342,10 @@ fn parse_l4<F: Frame + ?Sized>(
                 return Err(Pass::Truncated);
             }
             let b = h[1].to_le_bytes();
-            if u16::from_be_bytes([b[0], b[1]]) < 8 {
+            // A datagram longer than its IP packet is malformed (the kernel
+            // drops it too); a key read by its length would reach padding.
+            let udp_len = usize::from(u16::from_be_bytes([b[0], b[1]]));
+            if udp_len < 8 || udp_len > end - off {
                 return Err(Pass::Malformed);
             }
             Ok((h[0], 0))
@@ -353,7 +356,8 @@ fn parse_l4<F: Frame + ?Sized>(
                 return Err(Pass::Truncated);
             }
             let w3 = h[3].to_le_bytes();
-            if w3[0] >> 4 < 5 {
+            let doff = usize::from(w3[0] >> 4) * 4;
+            if doff < 20 || doff > end - off {
                 return Err(Pass::Malformed);
             }
             Ok((h[0], w3[1]))
@@ -490,5 +494,135 @@ mod tests {
         let k = key_for(short.as_slice(), &flow, &svc);
         assert!(k.tag_missing && !k.tagged);
         assert_eq!(k.key, flow.flow_key());
+    }
+
+    /// IPv6 with one 8-byte Hop-by-Hop header, then UDP and `payload`.
+    fn udp6_hop(payload: &[u8]) -> std::vec::Vec<u8> {
+        let mut v = std::vec![0u8; 12];
+        v.extend_from_slice(&[0x86, 0xdd]);
+        let plen = u16::try_from(8 + 8 + payload.len()).unwrap().to_be_bytes();
+        v.extend_from_slice(&[0x60, 0, 0, 0, plen[0], plen[1], IPPROTO_HOPOPTS, 64]);
+        for last in [1, 2] {
+            v.extend_from_slice(&[0xfd, 0, 0x51, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, last]);
+        }
+        // Next header UDP, length 0 (8 bytes), a PadN option filling it.
+        v.extend_from_slice(&[PROTO_UDP, 0, 1, 4, 0, 0, 0, 0]);
+        let ul = u16::try_from(8 + payload.len()).unwrap().to_be_bytes();
+        v.extend_from_slice(&[0x30, 0x39, 0x1b, 0x58, ul[0], ul[1], 0, 0]);
+        v.extend_from_slice(payload);
+        v
+    }
+
+    /// IPv4 and a 20-byte TCP header (SYN), no payload.
+    fn tcp4() -> std::vec::Vec<u8> {
+        let mut v = std::vec![0u8; 12];
+        v.extend_from_slice(&[0x08, 0x00]);
+        v.extend_from_slice(&[0x45, 0, 0, 40, 0, 1, 0x40, 0, 64, PROTO_TCP, 0, 0]);
+        v.extend_from_slice(&[198, 18, 0, 1, 198, 18, 1, 1]);
+        v.extend_from_slice(&[0x30, 0x39, 0x1b, 0x58, 0, 0, 0, 1, 0, 0, 0, 0, 0x50, 0x02]);
+        v.extend_from_slice(&[0xff, 0xff, 0, 0, 0, 0]);
+        v
+    }
+
+    fn with_len(frame: &[u8], at: usize, len: usize) -> std::vec::Vec<u8> {
+        let mut f = frame.to_vec();
+        f[at..at + 2].copy_from_slice(&u16::try_from(len).unwrap().to_be_bytes());
+        f
+    }
+
+    #[test]
+    fn a_length_ending_inside_an_extension_header_is_truncated() {
+        let f = udp6_hop(b"hi");
+        assert!(parse(f.as_slice()).is_ok());
+        // The whole frame is there; the IPv6 payload length ends inside the
+        // Hop-by-Hop header.
+        for plen in 0..8 {
+            assert_eq!(
+                parse(with_len(&f, 18, plen).as_slice()),
+                Err(Pass::Truncated),
+                "payload length {plen}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_length_ending_inside_the_l4_header_is_truncated() {
+        let v6 = udp6_hop(b"hi");
+        for plen in 8..16 {
+            assert_eq!(
+                parse(with_len(&v6, 18, plen).as_slice()),
+                Err(Pass::Truncated),
+                "IPv6 payload length {plen}"
+            );
+        }
+        let udp = udp4(b"hi");
+        for tot in 20..28 {
+            assert_eq!(
+                parse(with_len(&udp, 16, tot).as_slice()),
+                Err(Pass::Truncated),
+                "IPv4 total length {tot}, UDP"
+            );
+        }
+        let tcp = tcp4();
+        assert_eq!(parse(tcp.as_slice()).map(|f| f.tcp_flags), Ok(0x02));
+        for tot in 20..40 {
+            assert_eq!(
+                parse(with_len(&tcp, 16, tot).as_slice()),
+                Err(Pass::Truncated),
+                "IPv4 total length {tot}, TCP"
+            );
+        }
+    }
+
+    #[test]
+    fn l4_lengths_past_the_packet_are_malformed() {
+        // UDP length 9 + 2 bytes of payload claims a byte past the packet.
+        let udp = udp4(b"hi");
+        assert_eq!(
+            parse(with_len(&udp, 38, 11).as_slice()),
+            Err(Pass::Malformed)
+        );
+        let v6 = udp6_hop(b"hi");
+        assert_eq!(
+            parse(with_len(&v6, 66, 11).as_slice()),
+            Err(Pass::Malformed)
+        );
+        // TCP data offset 6 (24 bytes) in a 20-byte segment.
+        let mut tcp = tcp4();
+        tcp[46] = 0x60;
+        assert_eq!(parse(tcp.as_slice()), Err(Pass::Malformed));
+    }
+
+    /// The fuzz target's checks, on every seed frame under every tag kind,
+    /// and on every single-byte change of those frames: what `cargo xtask
+    /// fuzz` explores at length, run on each `cargo test`.
+    #[test]
+    fn the_fuzz_checks_hold_on_seeds_and_their_one_byte_mutations() {
+        let mut vlan = udp4(b"abcdefgh");
+        vlan.splice(12..12, [0x81, 0x00, 0x00, 0x07]);
+        let seeds = [udp4(b"abcdefgh"), tcp4(), udp6_hop(b"abcdefgh"), vlan];
+        let mut runs = 0;
+        for seed in &seeds {
+            for spec in [
+                [0, 0, 0, 0],
+                [1, 1, 0, 4],
+                [1, 0, 0, 16],
+                [2, 0, 0, 0],
+                [3, 9, 9, 9],
+            ] {
+                let mut input = spec.to_vec();
+                input.extend_from_slice(seed);
+                crate::fuzz::check(&input);
+                for at in 4..input.len() {
+                    for value in [0x00, 0x01, 0x06, 0x11, 0x2c, 0x3c, 0x45, 0x60, 0x81, 0xff] {
+                        let mut m = input.clone();
+                        m[at] = value;
+                        crate::fuzz::check(&m);
+                        runs += 1;
+                    }
+                }
+            }
+        }
+        assert!(runs > 10_000, "{runs}");
     }
 }

@@ -3,6 +3,7 @@
 //! Every command that builds first runs `setup`, which installs what a fresh
 //! machine lacks and is quick when everything is already there.
 
+mod fuzz;
 mod setup;
 
 use std::{
@@ -71,6 +72,17 @@ enum Cmd {
         /// Arguments for `sluice-bench` (e.g. `--repeat 1000000`).
         #[arg(last = true)]
         args: Vec<String>,
+    },
+    /// Fuzz the packet parser and key path (`common/fuzz`) with libFuzzer,
+    /// one job a core, checking the parser's invariants on every input;
+    /// prints executions and crashes, and fails on a crash.
+    Fuzz {
+        /// How long each job runs, in seconds.
+        #[arg(long, default_value_t = 60)]
+        secs: u64,
+        /// Parallel jobs (default: one a core).
+        #[arg(long)]
+        jobs: Option<usize>,
     },
     /// Build and run the agent: `cargo xtask run -- run --iface IF --config FILE`.
     Run {
@@ -172,6 +184,12 @@ fn real_main() -> anyhow::Result<()> {
                 true,
             )?;
             run(Command::new(root.join("target/release/sluice-bench")).args(&args))
+        }
+        Cmd::Fuzz { secs, jobs } => {
+            let jobs = jobs.unwrap_or_else(|| {
+                std::thread::available_parallelism().map_or(1, std::num::NonZero::get)
+            });
+            fuzz::fuzz(&root, secs, jobs.max(1))
         }
         Cmd::Run { release, args } => {
             let env = setup::ensure(false)?;

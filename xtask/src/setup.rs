@@ -42,6 +42,17 @@ pub(crate) struct Env {
 }
 
 impl Env {
+    /// For tasks that build no eBPF (the fuzz target): the default
+    /// toolchain, nothing checked yet.
+    pub(crate) fn host_only() -> Self {
+        Self {
+            toolchain: String::new(),
+            bootstrap: false,
+            cargo_bin: cargo_bin(),
+            missing: Vec::new(),
+        }
+    }
+
     pub(crate) fn complete(&self) -> bool {
         self.missing.is_empty()
     }
