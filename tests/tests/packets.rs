@@ -556,7 +556,15 @@ fn malformed_headers() {
     let udp4 =
         Packet::udp(sa("198.18.0.10:40000"), sa("198.18.1.1:7000")).payload(b"hello".to_vec());
     let tcp6 = Packet::tcp(sa("[fd00:5100::10]:40001"), sa("[fd00:5100::1]:8000"), SYN);
+    let hop6 = Packet::tcp(sa("[fd00:5100::10]:40001"), sa("[fd00:5100::1]:8000"), SYN)
+        .ext(Ext::HopByHop { len: 0 });
     let cases: Vec<(&str, &Packet, Mangle, u32)> = vec![
+        (
+            "ipv6 payload length ends inside an extension header",
+            &hop6,
+            Box::new(|f: &mut Vec<u8>| f[18..20].copy_from_slice(&[0, 4])),
+            counters::PASS_TRUNCATED,
+        ),
         (
             "ipv4 ihl 4",
             &udp4,
@@ -612,6 +620,31 @@ fn malformed_headers() {
             "ipv6 payload length > frame",
             &tcp6,
             Box::new(|f: &mut Vec<u8>| f[18..20].copy_from_slice(&[0x05, 0xdc])),
+            counters::PASS_TRUNCATED,
+        ),
+        (
+            "udp length past the ip packet",
+            &udp4,
+            Box::new(|f: &mut Vec<u8>| f[38..40].copy_from_slice(&[0, 14])),
+            counters::PASS_MALFORMED,
+        ),
+        (
+            "tcp data offset past the ip packet",
+            &tcp6,
+            Box::new(|f: &mut Vec<u8>| f[54 + 12] = 0x60),
+            counters::PASS_MALFORMED,
+        ),
+        (
+            // The frame holds everything; the IP length ends mid-header.
+            "ipv4 total length ends inside the udp header",
+            &udp4,
+            Box::new(|f: &mut Vec<u8>| f[16..18].copy_from_slice(&[0, 24])),
+            counters::PASS_TRUNCATED,
+        ),
+        (
+            "ipv6 payload length ends inside the tcp header",
+            &tcp6,
+            Box::new(|f: &mut Vec<u8>| f[18..20].copy_from_slice(&[0, 12])),
             counters::PASS_TRUNCATED,
         ),
         (
