@@ -551,6 +551,7 @@ fn packet_table() {
 type Mangle = Box<dyn Fn(&mut Vec<u8>)>;
 
 #[test]
+#[expect(clippy::too_many_lines, reason = "a table of cases")]
 fn malformed_headers() {
     let h = harness();
     let udp4 =
