@@ -3,6 +3,7 @@
 
 use std::{
     collections::{HashMap, HashSet},
+    fmt::Write as _,
     net::{IpAddr, SocketAddr, UdpSocket},
     path::Path,
     sync::Arc,
@@ -455,5 +456,102 @@ fn tagged_frames_reach_the_vlans_service_untagged() {
         100,
         "the VLAN 43 datagrams passed as no service"
     );
+    agent.stop().expect("detach");
+}
+
+/// One container serving several services behind one veth: `dns` (UDP
+/// 5300) and `web` (TCP and UDP 8000), each on an IPv4 and an IPv6 VIP,
+/// with an instance of each in each of two containers. Every datagram and
+/// connection reaches the container of the instance that owns its unit in
+/// its own service, and nothing is lost.
+#[test]
+fn one_container_serves_several_services_and_vips_behind_one_veth() {
+    let tb = testbed("multi", 2);
+    let mut toml = String::new();
+    for (name, port, protocols) in [
+        ("dns", 5300, "[\"udp\"]"),
+        ("web", 8000, "[\"tcp\", \"udp\"]"),
+    ] {
+        let _ = write!(
+            toml,
+            "[[service]]\nname = \"{name}\"\nvips = [\"{}\", \"{}\"]\nport = {port}\nprotocols = {protocols}\n\n",
+            testbed::VIP_V4,
+            testbed::VIP_V6
+        );
+        for (k, i) in tb.instances.iter().enumerate() {
+            let _ = write!(
+                toml,
+                "[[service.instance]]\nname = \"{name}-{k}\"\nveth = \"{}\"\nnetns = \"{}\"\n\n",
+                i.veth, i.netns
+            );
+        }
+    }
+    let agent = start_agent(&tb, &toml);
+    // The container (testbed instance) of each plan instance: `<svc>-<k>`.
+    let container: HashMap<u32, usize> = agent
+        .plan
+        .instances
+        .iter()
+        .map(|i| (i.id, i.name.rsplit('-').next().unwrap().parse().unwrap()))
+        .collect();
+    let ns = namespaces(&tb);
+    let vips: [IpAddr; 2] = [testbed::VIP_V4.into(), testbed::VIP_V6.into()];
+    let mut per_container = vec![0u64; 2];
+    for (service, port) in [(0u32, 5300), (1, 8000)] {
+        assert_eq!(
+            agent.plan.services[service as usize].keys.len(),
+            2 * (service as usize + 1)
+        );
+        for vip in vips {
+            let dst = SocketAddr::new(vip, port);
+            let servers = UdpServers::start(&ns, dst);
+            let load = UdpLoad {
+                client_ns: &tb.client,
+                dst,
+                sockets: 200,
+                per_socket: 10,
+                window: 256,
+                deadline: Duration::from_secs(30),
+            };
+            let (sent, _) = traffic::send_udp(&load, &servers.total, |_| Vec::new());
+            servers.wait_for(sent, Duration::from_secs(2));
+            let mut received = 0;
+            for (k, datagrams) in servers.finish().iter().enumerate() {
+                for d in datagrams {
+                    let owner = agent
+                        .plan
+                        .owner_of_key(service, key::host::flow(d.from, dst, 17));
+                    assert_eq!(
+                        k, container[&owner],
+                        "udp {dst} from {} reached container {k}",
+                        d.from
+                    );
+                    per_container[k] += 1;
+                }
+                received += datagrams.len() as u64;
+            }
+            assert_eq!(received, sent, "udp {dst}: datagrams lost");
+        }
+    }
+    for vip in vips {
+        let dst = SocketAddr::new(vip, 8000);
+        let names = ["c0".to_owned(), "c1".to_owned()];
+        let servers = TcpServers::start(&ns, dst, &names);
+        for c in 0..40 {
+            let msg = format!("hello {c}");
+            let (local, name, echoed) = traffic::tcp_exchange(&tb.client, dst, msg.as_bytes())
+                .unwrap_or_else(|e| panic!("connection {c} to {dst}: {e}"));
+            assert_eq!(echoed, msg.as_bytes());
+            let owner = agent.plan.owner_of_key(1, key::host::flow(local, dst, 6));
+            assert_eq!(
+                name, names[container[&owner]],
+                "tcp {dst} from {local}: wrong container"
+            );
+        }
+        let errors = servers.finish();
+        assert!(errors.is_empty(), "{errors:?}");
+    }
+    eprintln!("datagrams per container over both services and VIPs: {per_container:?}");
+    assert!(per_container.iter().all(|&n| n > 1000), "{per_container:?}");
     agent.stop().expect("detach");
 }

@@ -21,13 +21,13 @@ use crate::{
 pub fn check_config(path: &Path) -> anyhow::Result<()> {
     let config = Config::load(path)?;
     for s in &config.services {
-        let ports: Vec<String> = s.ports.iter().map(ToString::to_string).collect();
+        let list = |items: Vec<String>| items.join(",");
         println!(
             "service {}: {} {} port {} tag {:?} pin {:?}, {} instance(s)",
             s.name,
-            s.protocol,
-            s.vip,
-            ports.join(","),
+            list(s.protocols.iter().map(ToString::to_string).collect()),
+            list(s.vips.iter().map(ToString::to_string).collect()),
+            list(s.ports.iter().map(ToString::to_string).collect()),
             s.tag,
             s.pin,
             s.instances.len()

@@ -472,26 +472,32 @@ impl Checker<'_> {
         let table = raw.span();
         let raw = raw.into_inner();
         let name = self.name(raw.name, &table, &format!("{at}.name"), "service");
-        let vip = self.required(
-            raw.vip,
-            &table,
-            &format!("{at}.vip"),
-            "add vip = \"198.18.0.100\" (IPv4 or IPv6)",
-            |v| {
-                (
-                    format!("`{v}` is not an IP address"),
-                    "write an IPv4 (198.18.0.100) or IPv6 (fd00:5100::100) address, without port or prefix length".into(),
-                )
-            },
-        );
+        let vips = self
+            .one_or_many(
+                &at,
+                &table,
+                ("vip", "vips"),
+                raw.vip,
+                raw.vips,
+                "vip = \"198.18.0.100\" or vips = [\"198.18.0.100\", \"fd00:5100::100\"]",
+                |v| {
+                    (
+                        format!("`{v}` is not an IP address"),
+                        "write an IPv4 (198.18.0.100) or IPv6 (fd00:5100::100) address, without port or prefix length".into(),
+                    )
+                },
+            )
+            .map(|(v, ..)| v);
         let ports = self.ports(&at, &table, raw.port, raw.ports);
         let vlan = self.int(raw.vlan, &format!("{at}.vlan"), 0, 0, 4094);
-        let protocol = self
-            .required(
-                raw.protocol,
+        let protocols = self
+            .one_or_many(
+                &at,
                 &table,
-                &format!("{at}.protocol"),
-                "add protocol = \"udp\" or \"tcp\"",
+                ("protocol", "protocols"),
+                raw.protocol,
+                raw.protocols,
+                "protocol = \"udp\" or protocols = [\"udp\", \"tcp\"]",
                 |v| {
                     (
                         format!("unknown protocol `{v}`"),
@@ -499,14 +505,18 @@ impl Checker<'_> {
                     )
                 },
             )
-            .map(|(p, _)| match p {
-                RawProtocol::Udp => Protocol::Udp,
-                RawProtocol::Tcp => Protocol::Tcp,
+            .map(|(ps, ..)| {
+                ps.into_iter()
+                    .map(|p| match p {
+                        RawProtocol::Udp => Protocol::Udp,
+                        RawProtocol::Tcp => Protocol::Tcp,
+                    })
+                    .collect::<Vec<_>>()
             });
-        let tag = match (raw.tag, protocol, &vip) {
+        let tag = match (raw.tag, &protocols, &vips) {
             (None, ..) => Some(TagSpec::None),
-            (Some(tag), Some(protocol), Some((vip, _))) => self.tag(&at, tag, protocol, *vip),
-            // Without a protocol or vip the tag cannot be judged; its own
+            (Some(tag), Some(protocols), Some(vips)) => self.tag(&at, tag, protocols, vips),
+            // Without protocols or vips the tag cannot be judged; its own
             // errors still show once those are fixed.
             (Some(_), ..) => None,
         };
@@ -533,7 +543,13 @@ impl Checker<'_> {
                 "use \"none\", \"tcp\" or \"tcp+udp\"".into(),
             )
         }) {
-            Got::Absent if protocol == Some(Protocol::Tcp) => Some(PinMode::Tcp),
+            Got::Absent
+                if protocols
+                    .as_ref()
+                    .is_some_and(|ps| ps.contains(&Protocol::Tcp)) =>
+            {
+                Some(PinMode::Tcp)
+            }
             Got::Absent | Got::Value(RawPin::None, _) => Some(PinMode::None),
             Got::Value(RawPin::Tcp, _) => Some(PinMode::Tcp),
             Got::Value(RawPin::TcpUdp, _) => Some(PinMode::TcpUdp),
@@ -567,9 +583,9 @@ impl Checker<'_> {
         Some((
             Service {
                 name,
-                vip: vip?.0,
+                vips: vips?,
                 ports,
-                protocol: protocol?,
+                protocols: protocols?,
                 vlan: u16::try_from(vlan?).expect("checked to be at most 4094"),
                 tag: tag?,
                 pin: pin?,
@@ -587,38 +603,47 @@ impl Checker<'_> {
         ))
     }
 
-    /// `port` or `ports`: the list, each port's span, and the field used.
-    fn ports(
+    /// A value given as `one = x` or `many = [x, y]`: the list, each
+    /// item's span, and the field used. Missing, empty, both given, or an
+    /// item twice are errors; `bad` says what is wrong with an item.
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "the two spellings and their wording"
+    )]
+    fn one_or_many<T: PartialEq + std::fmt::Display>(
         &mut self,
         at: &str,
         table: &Range<usize>,
-        port: Option<Field<u16>>,
-        ports: Option<Spanned<Vec<Field<u16>>>>,
-    ) -> Option<(Vec<u16>, Vec<Range<usize>>, String)> {
-        let (field, list, list_span) = match (port, ports) {
+        (one_key, many_key): (&str, &str),
+        one: Option<Field<T>>,
+        many: Option<Spanned<Vec<Field<T>>>>,
+        example: &str,
+        bad: impl Fn(&str) -> (String, String),
+    ) -> Option<(Vec<T>, Vec<Range<usize>>, String)> {
+        let (field, list, list_span) = match (one, many) {
             (Some(p), Some(_)) => {
                 self.report(
                     Some(&p.span),
-                    format!("{at}.port"),
-                    "both `port` and `ports` are set",
-                    "keep one: port = 7000 or ports = [7000, 7001]",
+                    format!("{at}.{one_key}"),
+                    format!("both `{one_key}` and `{many_key}` are set"),
+                    format!("keep one: {example}"),
                 );
                 return None;
             }
             (Some(p), None) => {
                 let span = p.span.clone();
-                (format!("{at}.port"), vec![p], span)
+                (format!("{at}.{one_key}"), vec![p], span)
             }
             (None, Some(ps)) => {
                 let span = ps.span();
-                (format!("{at}.ports"), ps.into_inner(), span)
+                (format!("{at}.{many_key}"), ps.into_inner(), span)
             }
             (None, None) => {
                 self.report(
                     Some(table),
-                    format!("{at}.ports"),
+                    format!("{at}.{many_key}"),
                     "missing",
-                    "add port = 7000 or ports = [7000, 7001]",
+                    format!("add {example}"),
                 );
                 return None;
             }
@@ -628,37 +653,26 @@ impl Checker<'_> {
                 Some(&list_span),
                 &field,
                 "empty list",
-                "list at least one port",
+                format!("list at least one ({example})"),
             );
             return None;
         }
         let mut out = Vec::with_capacity(list.len());
         let mut spans = Vec::with_capacity(list.len());
         let mut ok = true;
-        for p in list {
-            let bad = |v: &str| {
-                (
-                    format!("{v} is not a port"),
-                    "use a number from 1 to 65535".into(),
-                )
-            };
-            match self.typed(Some(p), &field, bad) {
-                Got::Value(0, span) => {
-                    let (problem, fix) = bad("0");
-                    self.report(Some(&span), &field, problem, fix);
-                    ok = false;
-                }
-                Got::Value(port, span) if out.contains(&port) => {
+        for item in list {
+            match self.typed(Some(item), &field, &bad) {
+                Got::Value(v, span) if out.contains(&v) => {
                     self.report(
                         Some(&span),
                         &field,
-                        format!("port {port} is listed twice"),
-                        "list each port once",
+                        format!("{v} is listed twice"),
+                        "list each once",
                     );
                     ok = false;
                 }
-                Got::Value(port, span) => {
-                    out.push(port);
+                Got::Value(v, span) => {
+                    out.push(v);
                     spans.push(span);
                 }
                 Got::Absent | Got::Bad => ok = false,
@@ -667,12 +681,43 @@ impl Checker<'_> {
         ok.then_some((out, spans, field))
     }
 
+    /// `port` or `ports`: the list, each port's span, and the field used.
+    fn ports(
+        &mut self,
+        at: &str,
+        table: &Range<usize>,
+        port: Option<Field<u16>>,
+        ports: Option<Spanned<Vec<Field<u16>>>>,
+    ) -> Option<(Vec<u16>, Vec<Range<usize>>, String)> {
+        let bad = |v: &str| {
+            (
+                format!("{v} is not a port"),
+                "use a number from 1 to 65535".to_owned(),
+            )
+        };
+        let (ports, spans, field) = self.one_or_many(
+            at,
+            table,
+            ("port", "ports"),
+            port,
+            ports,
+            "port = 7000 or ports = [7000, 7001]",
+            bad,
+        )?;
+        if let Some(i) = ports.iter().position(|&p| p == 0) {
+            let (problem, fix) = bad("0");
+            self.report(Some(&spans[i]), &field, problem, fix);
+            return None;
+        }
+        Some((ports, spans, field))
+    }
+
     fn tag(
         &mut self,
         at: &str,
         raw: Spanned<RawTag>,
-        protocol: Protocol,
-        vip: IpAddr,
+        protocols: &[Protocol],
+        vips: &[IpAddr],
     ) -> Option<TagSpec> {
         let table = raw.span();
         let raw = raw.into_inner();
@@ -706,22 +751,23 @@ impl Checker<'_> {
         }
         match kind {
             RawTagKind::None => Some(TagSpec::None),
-            RawTagKind::Ipv6FlowLabel if vip.is_ipv4() => {
+            RawTagKind::Ipv6FlowLabel if vips.iter().any(IpAddr::is_ipv4) => {
+                let v4 = vips.iter().find(|v| v.is_ipv4()).expect("found");
                 self.report(
                     Some(&kind_span),
                     &field,
-                    format!("the flow label is an IPv6 field but vip {vip} is IPv4"),
-                    "use an IPv6 vip, or kind = \"none\" / \"udp-payload\"",
+                    format!("the flow label is an IPv6 field but vip {v4} is IPv4"),
+                    "use IPv6 vips only, or kind = \"none\" / \"udp-payload\"",
                 );
                 None
             }
             RawTagKind::Ipv6FlowLabel => Some(TagSpec::Ipv6FlowLabel),
-            RawTagKind::UdpPayload if protocol != Protocol::Udp => {
+            RawTagKind::UdpPayload if protocols != [Protocol::Udp] => {
                 self.report(
                     Some(&kind_span),
                     &field,
-                    "a udp-payload tag needs protocol = \"udp\"",
-                    "set protocol = \"udp\", or use kind = \"none\"",
+                    "a udp-payload tag needs the service to be UDP only",
+                    "set protocol = \"udp\" (a TCP side goes in a service of its own), or use kind = \"none\"",
                 );
                 None
             }
@@ -1037,15 +1083,18 @@ impl Checker<'_> {
                     "give every service its own name",
                 );
             }
-            for (p, span) in s.ports.iter().zip(&sp.ports) {
-                if let Some(other) = endpoints.insert((s.vip, *p, s.protocol, s.vlan), &s.name) {
+            for (vip, port, proto) in s.endpoints() {
+                if let Some(other) = endpoints.insert((vip, port, proto, s.vlan), &s.name) {
+                    let at = s.ports.iter().position(|p| *p == port).expect("a port");
+                    let shown = if vip.is_ipv6() {
+                        format!("[{vip}]:{port}")
+                    } else {
+                        format!("{vip}:{port}")
+                    };
                     self.report(
-                        Some(span),
+                        Some(&sp.ports[at]),
                         sp.ports_field.clone(),
-                        format!(
-                            "{} {}:{p} already belongs to service `{other}`",
-                            s.protocol, s.vip
-                        ),
+                        format!("{proto} {shown} already belongs to service `{other}`"),
                         "use a different vip or port for one of the two services",
                     );
                 }
@@ -1061,12 +1110,31 @@ impl Checker<'_> {
                         "give every instance its own name",
                     );
                 }
-                if let Some(other) = veths.insert(&inst.veth, &inst.name) {
+                // One container (one veth) may hold instances of several
+                // services, one of each, seen alike (MAC, namespace).
+                let Some((other, other_service)) = veths.insert(&inst.veth, (inst, i)) else {
+                    continue;
+                };
+                let field = format!("service[{i}].instance[{j}].veth");
+                if other_service == i {
                     self.report(
                         Some(veth_span),
-                        format!("service[{i}].instance[{j}].veth"),
-                        format!("veth `{}` is already the veth of instance `{other}`", inst.veth),
-                        "each instance has its own veth pair; name the host side of this instance's pair",
+                        field,
+                        format!(
+                            "veth `{}` is already the veth of instance `{}` of this service",
+                            inst.veth, other.name
+                        ),
+                        "give each instance of a service its own container and veth pair (instances of different services may share one)",
+                    );
+                } else if other.mac != inst.mac || other.netns != inst.netns {
+                    self.report(
+                        Some(veth_span),
+                        field,
+                        format!(
+                            "veth `{}` is shared with instance `{}`, but their `mac` or `netns` differ",
+                            inst.veth, other.name
+                        ),
+                        "instances behind one veth live in one container: give them the same mac and netns (or leave both out)",
                     );
                 }
             }

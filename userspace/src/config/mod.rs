@@ -232,9 +232,10 @@ pub struct Instance {
 #[derive(Clone, Debug, PartialEq)]
 pub struct Service {
     pub name: String,
-    pub vip: IpAddr,
+    /// Addresses the service answers on (IPv4 and IPv6 may mix).
+    pub vips: Vec<IpAddr>,
     pub ports: Vec<u16>,
-    pub protocol: Protocol,
+    pub protocols: Vec<Protocol>,
     /// VLAN id the service's packets arrive on; 0 for untagged.
     pub vlan: u16,
     pub tag: TagSpec,
@@ -246,6 +247,17 @@ pub struct Service {
     pub on_demand: bool,
     pub wlm: WlmConfig,
     pub instances: Vec<Instance>,
+}
+
+impl Service {
+    /// Every (vip, port, protocol) the service answers on.
+    pub fn endpoints(&self) -> impl Iterator<Item = (IpAddr, u16, Protocol)> + '_ {
+        self.vips.iter().flat_map(move |&vip| {
+            self.protocols
+                .iter()
+                .flat_map(move |&proto| self.ports.iter().map(move |&port| (vip, port, proto)))
+        })
+    }
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -370,7 +382,7 @@ veth = "slc-web0"
         );
         assert_eq!(c.services[0].instances[1].netns.as_deref(), Some("kv1"));
         assert_eq!(c.services[1].tag, TagSpec::None);
-        assert_eq!(c.services[1].protocol, Protocol::Tcp);
+        assert_eq!(c.services[1].protocols, vec![Protocol::Tcp]);
         assert_eq!(c.instance_count(), 3);
     }
 
@@ -489,6 +501,92 @@ veth = "slc-web0"
         .unwrap();
         assert_eq!(packed.services[1].wlm.policy, WlmPolicy::Pack);
         assert!((packed.services[1].wlm.balance_band - 0.2).abs() < 1e-12);
+    }
+
+    /// One container serving several services: a service with several
+    /// VIPs (v4 and v6) and protocols, and instances of different services
+    /// behind one veth.
+    #[test]
+    fn several_vips_protocols_and_a_shared_container() {
+        let web = GOOD
+            .replace(
+                "vip = \"fd00:5100::100\"",
+                "vips = [\"198.18.0.101\", \"fd00:5100::100\"]",
+            )
+            .replace("protocol = \"tcp\"", "protocols = [\"tcp\", \"udp\"]");
+        let c = parse(&web).unwrap();
+        assert_eq!(c.services[1].vips.len(), 2);
+        assert_eq!(c.services[1].protocols, vec![Protocol::Tcp, Protocol::Udp]);
+        assert_eq!(c.services[1].pin, PinMode::Tcp, "TCP among them: pin TCP");
+        assert_eq!(c.services[1].endpoints().count(), 4);
+        // web-0 in kv-0's container.
+        let shared = web.replace(
+            "veth = \"slc-web0\"",
+            "veth = \"slc-kv0\"\nmac = \"02:00:5e:10:00:01\"",
+        );
+        assert!(parse(&shared).is_ok(), "{:?}", parse(&shared).err());
+        for (text, want, says) in [
+            (
+                web.replace(
+                    "veth = \"slc-web0\"",
+                    "veth = \"slc-kv0\"\nmac = \"02:00:5e:10:00:09\"",
+                ),
+                "service[1].instance[0].veth",
+                "differ",
+            ),
+            (
+                GOOD.replace("slc-kv1", "slc-kv0"),
+                "service[0].instance[1].veth",
+                "of this service",
+            ),
+            (
+                web.replace("198.18.0.101", "198.18.0.100")
+                    .replace("port = 443", "port = 7001"),
+                "service[1].port",
+                "udp 198.18.0.100:7001 already belongs to service `kv`",
+            ),
+            (
+                web.replace("\"tcp\", \"udp\"", "\"tcp\", \"tcp\""),
+                "service[1].protocols",
+                "listed twice",
+            ),
+            (
+                web.replace("protocols = [\"tcp\", \"udp\"]", "protocols = []"),
+                "service[1].protocols",
+                "empty list",
+            ),
+            (
+                GOOD.replace("protocol = \"udp\"", "protocols = [\"udp\", \"tcp\"]"),
+                "service[0].tag.kind",
+                "UDP only",
+            ),
+            (
+                web.replace(
+                    "protocols = [\"tcp\", \"udp\"]",
+                    "protocols = [\"tcp\", \"udp\"]\ntag = { kind = \"ipv6-flow-label\" }",
+                ),
+                "service[1].tag.kind",
+                "vip 198.18.0.101 is IPv4",
+            ),
+            (
+                GOOD.replace("port = 443", "port = 443\nvip2 = 1").replace(
+                    "vip = \"fd00:5100::100\"",
+                    "vip = \"fd00:5100::100\"\nvips = [\"fd00:5100::101\"]",
+                ),
+                "service[1].vip",
+                "both `vip` and `vips`",
+            ),
+        ] {
+            let e = match parse(&text) {
+                Err(ConfigError::Invalid { errors, .. }) => errors[0].clone(),
+                other => panic!("expected an error for {want}, got {other:?}"),
+            };
+            assert_eq!(e.field, want, "{text}");
+            assert!(
+                e.to_string().contains(says),
+                "{want}: `{e}` does not say `{says}`"
+            );
+        }
     }
 
     #[test]
@@ -613,8 +711,8 @@ veth = "slc-web0"
     fn values_are_typed_and_defaults_apply() {
         let c = parse(GOOD).unwrap();
         assert_eq!(
-            c.services[1].vip,
-            "fd00:5100::100".parse::<IpAddr>().unwrap()
+            c.services[1].vips,
+            vec!["fd00:5100::100".parse::<IpAddr>().unwrap()]
         );
         assert_eq!(c.services[1].pin, PinMode::Tcp, "TCP services pin TCP");
         assert_eq!(c.services[0].pin, PinMode::None);

@@ -87,6 +87,15 @@ pub(super) enum RawProtocol {
     Tcp,
 }
 
+impl std::fmt::Display for RawProtocol {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Udp => "udp",
+            Self::Tcp => "tcp",
+        })
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
 pub(super) enum RawPin {
     #[serde(rename = "none")]
@@ -140,9 +149,11 @@ impl<'de> Deserialize<'de> for Mac {
 pub(super) struct RawService {
     pub(super) name: Option<Field<String>>,
     pub(super) vip: Option<Field<IpAddr>>,
+    pub(super) vips: Option<Spanned<Vec<Field<IpAddr>>>>,
     pub(super) port: Option<Field<u16>>,
     pub(super) ports: Option<Spanned<Vec<Field<u16>>>>,
     pub(super) protocol: Option<Field<RawProtocol>>,
+    pub(super) protocols: Option<Spanned<Vec<Field<RawProtocol>>>>,
     pub(super) vlan: Option<Field<u32>>,
     pub(super) tag: Option<Spanned<RawTag>>,
     pub(super) pin: Option<Field<RawPin>>,

@@ -95,13 +95,23 @@ pub fn netns_stats(netns: &Path, ports: &[u16]) -> io::Result<NetnsStats> {
     crate::sys::netns::run_in(netns, || {
         let snmp = fs::read_to_string("/proc/thread-self/net/snmp")?;
         let snmp6 = fs::read_to_string("/proc/thread-self/net/snmp6").unwrap_or_default();
-        let mut queue = 0;
+        let (mut queue, mut drops) = (0, 0);
         for file in ["/proc/thread-self/net/udp", "/proc/thread-self/net/udp6"] {
-            queue += udp_queue_bytes(&fs::read_to_string(file).unwrap_or_default(), ports);
+            let table = fs::read_to_string(file).unwrap_or_default();
+            queue += udp_queue_bytes(&table, ports);
+            drops += udp_socket_drops(&table, ports);
         }
+        // With the service's ports known, count its own sockets' drops: a
+        // container may serve several services (instances), and the
+        // namespace-wide counter would charge each with all of them.
+        let rcvbuf_errors = if ports.is_empty() {
+            snmp_field(&snmp, "Udp:", "RcvbufErrors").unwrap_or(0)
+                + snmp6_field(&snmp6, "Udp6RcvbufErrors").unwrap_or(0)
+        } else {
+            drops
+        };
         Ok(NetnsStats {
-            rcvbuf_errors: snmp_field(&snmp, "Udp:", "RcvbufErrors").unwrap_or(0)
-                + snmp6_field(&snmp6, "Udp6RcvbufErrors").unwrap_or(0),
+            rcvbuf_errors,
             queue_bytes: queue,
         })
     })?
@@ -124,6 +134,22 @@ fn snmp6_field(text: &str, field: &str) -> Option<u64> {
             .then(|| it.next()?.parse().ok())
             .flatten()
     })
+}
+
+/// Sum of the `drops` (the last column) of the sockets in a
+/// `/proc/net/udp` table whose local port is one of `ports`.
+fn udp_socket_drops(table: &str, ports: &[u16]) -> u64 {
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let mut cols = l.split_whitespace();
+            let local = cols.nth(1)?;
+            let port = u16::from_str_radix(local.rsplit(':').next()?, 16).ok()?;
+            let drops = cols.last()?.parse::<u64>().ok()?;
+            ports.contains(&port).then_some(drops)
+        })
+        .sum()
 }
 
 /// Sum of `rx_queue` of the sockets in a `/proc/net/udp` table whose local
@@ -310,9 +336,13 @@ mod tests {
             Some(2)
         );
         let udp = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode ref pointer drops\n\
-                   0: 0101A8C6:1B58 00000000:0000 07 00000000:00000400 00:00000000 00000000     0        0 1 2 0 0\n\
-                   1: 0101A8C6:1B59 00000000:0000 07 00000000:00000100 00:00000000 00000000     0        0 1 2 0 0\n";
+                   0: 0101A8C6:1B58 00000000:0000 07 00000000:00000400 00:00000000 00000000     0        0 1 2 0 17\n\
+                   1: 0101A8C6:1B59 00000000:0000 07 00000000:00000100 00:00000000 00000000     0        0 1 2 0 5\n";
         assert_eq!(udp_queue_bytes(udp, &[7000]), 0x400);
+        // Drops are the sockets' own: another service's socket in the same
+        // container (port 7001) is not charged to port 7000's.
+        assert_eq!(udp_socket_drops(udp, &[7000]), 17);
+        assert_eq!(udp_socket_drops(udp, &[7000, 7001]), 22);
     }
 
     #[test]

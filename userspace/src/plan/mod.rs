@@ -204,9 +204,8 @@ impl Plan {
                 id,
                 name: svc.name.clone(),
                 keys: svc
-                    .ports
-                    .iter()
-                    .map(|&p| service_key(svc.vip, p, svc.protocol.number(), svc.vlan))
+                    .endpoints()
+                    .map(|(vip, port, proto)| service_key(vip, port, proto.number(), svc.vlan))
                     .collect(),
                 entry: ServiceEntry {
                     id,
