@@ -33,17 +33,19 @@ pub(super) fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         line: e.span().map_or(1, |s| line_of(text, s.start)),
         message: e.message().trim_end().to_owned(),
     };
-    let table = DeTable::parse(text).map_err(syntax)?;
+    let mut table = DeTable::parse(text).map_err(syntax)?;
+    let mut c = Checker {
+        text,
+        errors: Vec::new(),
+        shaped: HashSet::new(),
+    };
+    c.shapes(table.get_mut());
     let mut unknown = Vec::new();
     let raw: RawConfig = serde_ignored::deserialize(
         toml::de::Deserializer::from(table.clone()),
         |p: serde_ignored::Path<'_>| unknown.push(segments(&p)),
     )
     .map_err(syntax)?;
-    let mut c = Checker {
-        text,
-        errors: Vec::new(),
-    };
     for keys in unknown {
         c.unknown(table.get_ref(), &keys);
     }
@@ -119,6 +121,80 @@ enum Got<T> {
 struct Checker<'a> {
     text: &'a str,
     errors: Vec<FieldError>,
+    /// Fields taken out for their shape (see [`Checker::shapes`]): their
+    /// one error is said; "missing" and the like are not said again.
+    shaped: HashSet<String>,
+}
+
+/// The shape a compound value must have.
+#[derive(Clone, Copy)]
+enum Shape {
+    Table,
+    List,
+    /// A list of tables (`[[service]]`).
+    Tables,
+}
+
+impl Shape {
+    fn fits(self, v: &DeValue<'_>) -> bool {
+        match (self, v) {
+            (Self::Table, DeValue::Table(_)) | (Self::List, DeValue::Array(_)) => true,
+            (Self::Tables, DeValue::Array(items)) => items
+                .iter()
+                .all(|i| matches!(i.get_ref(), DeValue::Table(_))),
+            _ => false,
+        }
+    }
+
+    const fn name(self) -> &'static str {
+        match self {
+            Self::Table => "a table",
+            Self::List => "a list",
+            Self::Tables => "a list of tables",
+        }
+    }
+}
+
+/// The compound keys of a service, their shapes and how to write them.
+const SERVICE_SHAPES: [(&str, Shape, &str); 6] = [
+    (
+        "ports",
+        Shape::List,
+        "write ports = [7000, 7001], or port = 7000 for one",
+    ),
+    (
+        "vips",
+        Shape::List,
+        "write vips = [\"198.18.0.100\", \"fd00:5100::100\"], or vip = \"198.18.0.100\" for one",
+    ),
+    (
+        "protocols",
+        Shape::List,
+        "write protocols = [\"udp\", \"tcp\"], or protocol = \"udp\" for one",
+    ),
+    (
+        "tag",
+        Shape::Table,
+        "write tag = { kind = \"udp-payload\", offset = 0, length = 8 }",
+    ),
+    (
+        "wlm",
+        Shape::Table,
+        "write wlm = { capacity_pps = 100000 }, or a [service.wlm] table",
+    ),
+    (
+        "instance",
+        Shape::Tables,
+        "write each instance as a [[service.instance]] table with name and veth",
+    ),
+];
+
+/// The value of `key` in `table`, to change.
+fn value_mut<'t, 'i>(table: &'t mut DeTable<'i>, key: &str) -> Option<&'t mut DeValue<'i>> {
+    table
+        .iter_mut()
+        .find(|(k, _)| k.get_ref() == key)
+        .map(|(_, v)| v.get_mut())
 }
 
 /// Where an instance's name and veth are written.
@@ -140,12 +216,82 @@ impl Checker<'_> {
         problem: impl Into<String>,
         fix: impl Into<String>,
     ) {
+        let field = field.into();
+        if self.shaped.contains(&field) {
+            return;
+        }
         self.errors.push(FieldError {
             line: at.map(|r| line_of(self.text, r.start)),
-            field: field.into(),
+            field,
             problem: problem.into(),
             fix: fix.into(),
         });
+    }
+
+    /// Compound values of the wrong shape (a number where a list belongs, a
+    /// string where a table does) are reported with their field and fix,
+    /// and taken out, so the rest of the file is still read and checked.
+    fn shapes(&mut self, root: &mut DeTable<'_>) {
+        self.shape(
+            root,
+            "agent",
+            Shape::Table,
+            "agent",
+            "write the agent's settings in an [agent] table",
+        );
+        if let Some(DeValue::Table(agent)) = value_mut(root, "agent") {
+            self.shape(
+                agent,
+                "host_macs",
+                Shape::List,
+                "agent.host_macs",
+                "write host_macs = [\"02:00:5e:00:01:01\"]",
+            );
+        }
+        self.shape(
+            root,
+            "service",
+            Shape::Tables,
+            "service",
+            "write each service as a [[service]] table",
+        );
+        if let Some(DeValue::Array(services)) = value_mut(root, "service") {
+            for (i, svc) in services.iter_mut().enumerate() {
+                if let DeValue::Table(svc) = svc.get_mut() {
+                    for (key, shape, fix) in SERVICE_SHAPES {
+                        self.shape(svc, key, shape, &format!("service[{i}].{key}"), fix);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Checks that `table[key]`, if there, has `shape`; if not, reports it
+    /// as `field` and takes it out.
+    fn shape(&mut self, table: &mut DeTable<'_>, key: &str, shape: Shape, field: &str, fix: &str) {
+        let Some((k, v)) = table.iter().find(|(k, _)| k.get_ref() == key) else {
+            return;
+        };
+        if shape.fits(v.get_ref()) {
+            return;
+        }
+        let span = v.span();
+        let written: String = self
+            .text
+            .get(span.clone())
+            .unwrap_or("")
+            .chars()
+            .take(40)
+            .collect();
+        let k = k.clone();
+        self.report(
+            Some(&span),
+            field,
+            format!("`{written}` is not {}", shape.name()),
+            fix,
+        );
+        self.shaped.insert(field.to_owned());
+        table.remove(&k);
     }
 
     /// An unknown key, reported at its own line.

@@ -589,6 +589,40 @@ veth = "slc-web0"
         }
     }
 
+    /// A scalar where a list or table belongs is an error of its field,
+    /// not a syntax error that hides the rest of the file.
+    #[test]
+    fn wrong_shapes_are_errors_of_their_field_and_the_rest_is_still_checked() {
+        let text = GOOD
+            .replace("ports = [7000, 7001]", "ports = 7000")
+            .replace(
+                "tag = { kind = \"udp-payload\", offset = 2, length = 8 }",
+                "tag = \"udp-payload\"",
+            )
+            .replace("port = 443", "port = 443\nwlm = 0.8")
+            .replace("02:00:5e:10:00:01", "not-a-mac");
+        let Err(ConfigError::Invalid { errors, .. }) = parse(&text) else {
+            panic!("expected field errors");
+        };
+        let fields: Vec<&str> = errors.iter().map(|e| e.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            [
+                "service[0].ports",
+                "service[0].tag",
+                "service[0].instance[0].mac",
+                "service[1].wlm"
+            ],
+            "{errors:#?}"
+        );
+        assert!(
+            errors[0].problem.contains("`7000` is not a list"),
+            "{}",
+            errors[0]
+        );
+        assert!(errors[0].fix.contains("port = 7000"), "{}", errors[0]);
+    }
+
     #[test]
     fn vlan_and_host_macs() {
         let text = format!(
