@@ -215,12 +215,6 @@ impl Testbed {
         self.add_netns(&ns)?;
         let veth = format!("i{k}");
         let net = 16 + u8::try_from(k).expect("at most 200 instances");
-        self.pair(
-            &veth,
-            &ns,
-            &format!("198.18.{net}"),
-            &format!("fd00:5100:0:{net:x}"),
-        )?;
         // VIPs on loopback (direct server return). IPv4 loopback answers for
         // a whole prefix; IPv6 needs the address itself (to bind) and a
         // local route (to receive the rest).
@@ -246,9 +240,39 @@ impl Testbed {
             "dev",
             "lo",
         ])?;
+        self.wire(&ns, &veth, net)?;
+        self.instances.push(TestInstance {
+            netns: ns,
+            veth,
+            addr_v4: Ipv4Addr::new(198, 18, net, 2),
+            addr_v6: Ipv6Addr::new(0xfd00, 0x5100, 0, u16::from(net), 0, 0, 0, 2),
+        });
+        Ok(())
+    }
+
+    /// Plugs instance `k` in again: a new veth pair under the old name (so a
+    /// new ifindex, and a new MAC on the instance side), addressed and
+    /// routed as before. Its namespace, VIPs and sockets stay.
+    pub fn replug(&self, k: usize) -> Result<(), TestbedError> {
+        let i = &self.instances[k];
+        let net = 16 + u8::try_from(k).expect("at most 200 instances");
+        // Gone already if the test deleted it; that is the point.
+        let _ = ip(&["-n", &self.host, "link", "del", &i.veth]);
+        self.wire(&i.netns, &i.veth, net)
+    }
+
+    /// The veth pair of an instance, its addresses, routes back to the
+    /// client, and GRO.
+    fn wire(&self, ns: &str, veth: &str, net: u8) -> Result<(), TestbedError> {
+        self.pair(
+            veth,
+            ns,
+            &format!("198.18.{net}"),
+            &format!("fd00:5100:0:{net:x}"),
+        )?;
         ip(&[
             "-n",
-            &ns,
+            ns,
             "route",
             "add",
             "198.18.0.0/24",
@@ -257,7 +281,7 @@ impl Testbed {
         ])?;
         ip(&[
             "-n",
-            &ns,
+            ns,
             "-6",
             "route",
             "add",
@@ -267,19 +291,12 @@ impl Testbed {
         ])?;
         // A frame redirected into a veth is dropped unless the receiving
         // side runs NAPI: GRO on gives it one.
-        netns::run_in(&ns, || netns::set_offload("eth0", Offload::Gro, true)).map_err(
-            |source| TestbedError::Io {
+        netns::run_in(ns, || netns::set_offload("eth0", Offload::Gro, true)).map_err(|source| {
+            TestbedError::Io {
                 what: format!("turning GRO on in {ns}"),
                 source,
-            },
-        )?;
-        self.instances.push(TestInstance {
-            netns: ns,
-            veth,
-            addr_v4: Ipv4Addr::new(198, 18, net, 2),
-            addr_v6: Ipv6Addr::new(0xfd00, 0x5100, 0, u16::from(net), 0, 0, 0, 2),
-        });
-        Ok(())
+            }
+        })
     }
 
     /// Adds `n` veth pairs with both ends in the host namespace (`lv<i>`,
@@ -338,6 +355,16 @@ impl Testbed {
                 Some(pin_dir),
             ))
         })
+    }
+
+    /// One control interval of `agent`, run in the host namespace as the
+    /// agent's own loop is: a map write naming an interface (a recovered
+    /// instance's new veth) resolves it there.
+    pub fn tick(
+        &self,
+        agent: &mut sluice::agent::Agent,
+    ) -> Result<Vec<sluice::control::MoveEvent>, sluice::control::ControlError> {
+        netns::run_in(&self.host, || crate::block_on(agent.tick()))
     }
 
     /// Reloads a pinned agent with `config`, as SIGHUP does.

@@ -243,6 +243,8 @@ pub struct HostProbe {
     /// `None` when no netlink socket could be opened: every link then
     /// counts as present (failures are found by reports only).
     links: Option<LinkProbe>,
+    /// That namespace, for looking veths up by name from any thread.
+    netns: Option<fs::File>,
 }
 
 impl HostProbe {
@@ -254,7 +256,8 @@ impl HostProbe {
                 tracing::warn!(error = %e, "no netlink socket: a vanished veth will not be noticed");
             })
             .ok();
-        Self { links }
+        let netns = fs::File::open("/proc/thread-self/ns/net").ok();
+        Self { links, netns }
     }
 }
 
@@ -278,7 +281,18 @@ impl Probe for HostProbe {
     }
 
     fn resolve(&self, instance: &crate::config::Instance) -> Option<crate::plan::Resolved> {
-        crate::plan::resolve_instance(instance, &instance.name).ok()
+        let resolve = || crate::plan::resolve_instance(instance, &instance.name).ok();
+        // Interface names mean something in the probe's namespace only (the
+        // agent's), whichever thread asks.
+        match &self.netns {
+            Some(ns) => {
+                let path = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(ns));
+                crate::sys::netns::run_in(Path::new(&path), resolve)
+                    .ok()
+                    .flatten()
+            }
+            None => resolve(),
+        }
     }
 }
 
