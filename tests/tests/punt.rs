@@ -135,34 +135,62 @@ fn on_demand_units_are_claimed_and_every_datagram_arrives_once() {
 /// Datagrams a second in the failover test.
 const RATE: u64 = 3000;
 
-#[test]
-#[expect(
-    clippy::too_many_lines,
-    reason = "one scenario: traffic, failure, accounting"
-)]
-fn a_deleted_instance_fails_over_to_the_survivors() {
-    let tb = Testbed::new("fail", 3).unwrap_or_else(|e| panic!("building the testbed: {e}"));
+/// A UDP service `kv` on three instances under a paced load.
+struct Loaded {
+    tb: Testbed,
+    agent: sluice::agent::Agent,
+    servers: UdpServers,
+    /// Datagrams numbered from 0, `rate` a second.
+    sender: PacedSender,
+    /// When the sender started.
+    t0: Instant,
+}
+
+/// Starts [`Loaded`]: `agent` and `wlm` are settings of the `[agent]`
+/// table and of the service's `wlm`; 300 client sockets send `rate`
+/// datagrams a second for `run`.
+fn three_under_load(tag: &str, agent: &str, wlm: &str, rate: u64, run: Duration) -> Loaded {
+    let tb = Testbed::new(tag, 3).unwrap_or_else(|e| panic!("building the testbed: {e}"));
     let toml = format!(
-        "[agent]\ninterval_ms = 100\n\n[[service]]\nname = \"kv\"\nvip = \"{}\"\nport = 7000\nprotocol = \"udp\"\n\
-         wlm = {{ min_group_units = 256, underload = 0.0 }}\n\n{}",
+        "[agent]\ninterval_ms = 100\n{agent}\n\n[[service]]\nname = \"kv\"\nvip = \"{}\"\nport = 7000\nprotocol = \"udp\"\n\
+         wlm = {{ {wlm} }}\n\n{}",
         testbed::VIP_V4,
         tb.instances_toml(0, 3)
     );
-    let config = Config::parse(&toml, Path::new("fail.toml")).expect("config");
-    let mut agent = tb
+    let config = Config::parse(&toml, Path::new("loaded.toml")).expect("config");
+    let agent = tb
         .start_agent(&config, Arc::new(EmbeddedStore::in_memory()))
         .unwrap_or_else(|e| panic!("starting the agent: {e:?}"));
     let dst = SocketAddr::new(testbed::VIP_V4.into(), 7000);
     let ns: Vec<String> = tb.instances.iter().map(|i| i.netns.clone()).collect();
     let servers = UdpServers::start(&ns, dst);
     let t0 = Instant::now();
-    let sender = PacedSender::spawn(
-        &tb.client,
-        dst,
-        300,
+    let sender = PacedSender::spawn(&tb.client, dst, 300, rate, run, |_, seq| {
+        seq.to_be_bytes().to_vec()
+    });
+    Loaded {
+        tb,
+        agent,
+        servers,
+        sender,
+        t0,
+    }
+}
+
+#[test]
+fn a_deleted_instance_fails_over_to_the_survivors() {
+    let Loaded {
+        tb,
+        mut agent,
+        servers,
+        sender,
+        t0,
+    } = three_under_load(
+        "fail",
+        "",
+        "min_group_units = 256, underload = 0.0",
         RATE,
         Duration::from_secs(3),
-        |_, seq| seq.to_be_bytes().to_vec(),
     );
     let mut deleted = None;
     let mut last_tick = Instant::now();
@@ -499,32 +527,20 @@ fn a_reload_keeps_the_punt_path() {
 /// work through the WLM (spread: it has none, its peers have all), and
 /// datagrams reach it again. Nothing is lost outside the failure window.
 #[test]
-#[expect(clippy::too_many_lines, reason = "one scenario: fail, replug, recover")]
 fn a_failed_instance_comes_back_when_its_veth_does_and_takes_work() {
     const RATE: u64 = 1000;
-    let tb = Testbed::new("recover", 3).unwrap_or_else(|e| panic!("building the testbed: {e}"));
-    let toml = format!(
-        "[agent]\ninterval_ms = 100\nrecovery_hold_down_ms = 500\nmax_moves_per_sec = 10\n\n\
-         [[service]]\nname = \"kv\"\nvip = \"{}\"\nport = 7000\nprotocol = \"udp\"\n\
-         wlm = {{ capacity_pps = 1000, sustain = 2, cooldown_ms = 300, min_group_units = 256 }}\n\n{}",
-        testbed::VIP_V4,
-        tb.instances_toml(0, 3)
-    );
-    let config = Config::parse(&toml, Path::new("recover.toml")).expect("config");
-    let mut agent = tb
-        .start_agent(&config, Arc::new(EmbeddedStore::in_memory()))
-        .unwrap_or_else(|e| panic!("starting the agent: {e:?}"));
-    let dst = SocketAddr::new(testbed::VIP_V4.into(), 7000);
-    let ns: Vec<String> = tb.instances.iter().map(|i| i.netns.clone()).collect();
-    let servers = UdpServers::start(&ns, dst);
-    let t0 = Instant::now();
-    let sender = PacedSender::spawn(
-        &tb.client,
-        dst,
-        300,
+    let Loaded {
+        tb,
+        mut agent,
+        servers,
+        sender,
+        t0,
+    } = three_under_load(
+        "recover",
+        "recovery_hold_down_ms = 500\nmax_moves_per_sec = 10",
+        "capacity_pps = 1000, sustain = 2, cooldown_ms = 300, min_group_units = 256",
         RATE,
         Duration::from_secs(12),
-        |_, seq| seq.to_be_bytes().to_vec(),
     );
     let (mut deleted, mut replugged, mut recovered) = (None, None, None);
     let mut last_tick = Instant::now();

@@ -97,9 +97,9 @@ pub fn netns_stats(netns: &Path, ports: &[u16]) -> io::Result<NetnsStats> {
         let snmp6 = fs::read_to_string("/proc/thread-self/net/snmp6").unwrap_or_default();
         let (mut queue, mut drops) = (0, 0);
         for file in ["/proc/thread-self/net/udp", "/proc/thread-self/net/udp6"] {
-            let table = fs::read_to_string(file).unwrap_or_default();
-            queue += udp_queue_bytes(&table, ports);
-            drops += udp_socket_drops(&table, ports);
+            let (q, d) = udp_sockets(&fs::read_to_string(file).unwrap_or_default(), ports);
+            queue += q;
+            drops += d;
         }
         // With the service's ports known, count its own sockets' drops: a
         // container may serve several services (instances), and the
@@ -136,25 +136,10 @@ fn snmp6_field(text: &str, field: &str) -> Option<u64> {
     })
 }
 
-/// Sum of the `drops` (the last column) of the sockets in a
-/// `/proc/net/udp` table whose local port is one of `ports`.
-fn udp_socket_drops(table: &str, ports: &[u16]) -> u64 {
-    table
-        .lines()
-        .skip(1)
-        .filter_map(|l| {
-            let mut cols = l.split_whitespace();
-            let local = cols.nth(1)?;
-            let port = u16::from_str_radix(local.rsplit(':').next()?, 16).ok()?;
-            let drops = cols.last()?.parse::<u64>().ok()?;
-            ports.contains(&port).then_some(drops)
-        })
-        .sum()
-}
-
-/// Sum of `rx_queue` of the sockets in a `/proc/net/udp` table whose local
-/// port is one of `ports`.
-fn udp_queue_bytes(table: &str, ports: &[u16]) -> u64 {
+/// Sums over the sockets of a `/proc/net/udp` table whose local port is
+/// one of `ports`: their `rx_queue` bytes and their `drops` (the last
+/// column).
+fn udp_sockets(table: &str, ports: &[u16]) -> (u64, u64) {
     table
         .lines()
         .skip(1)
@@ -164,9 +149,10 @@ fn udp_queue_bytes(table: &str, ports: &[u16]) -> u64 {
             let port = u16::from_str_radix(local.rsplit(':').next()?, 16).ok()?;
             let queues = cols.nth(2)?;
             let rx = u64::from_str_radix(queues.split(':').nth(1)?, 16).ok()?;
-            ports.contains(&port).then_some(rx)
+            let drops = cols.last()?.parse::<u64>().ok()?;
+            ports.contains(&port).then_some((rx, drops))
         })
-        .sum()
+        .fold((0, 0), |(q, d), (rx, drops)| (q + rx, d + drops))
 }
 
 /// CPU time used by a cgroup v2, in microseconds.
@@ -352,11 +338,10 @@ mod tests {
         let udp = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode ref pointer drops\n\
                    0: 0101A8C6:1B58 00000000:0000 07 00000000:00000400 00:00000000 00000000     0        0 1 2 0 17\n\
                    1: 0101A8C6:1B59 00000000:0000 07 00000000:00000100 00:00000000 00000000     0        0 1 2 0 5\n";
-        assert_eq!(udp_queue_bytes(udp, &[7000]), 0x400);
-        // Drops are the sockets' own: another service's socket in the same
-        // container (port 7001) is not charged to port 7000's.
-        assert_eq!(udp_socket_drops(udp, &[7000]), 17);
-        assert_eq!(udp_socket_drops(udp, &[7000, 7001]), 22);
+        // Queue and drops are the sockets' own: another service's socket in
+        // the same container (port 7001) is not charged to port 7000's.
+        assert_eq!(udp_sockets(udp, &[7000]), (0x400, 17));
+        assert_eq!(udp_sockets(udp, &[7000, 7001]), (0x500, 22));
     }
 
     #[test]
