@@ -54,9 +54,14 @@ pub fn call(path: &Path, req: &Request) -> Result<Response, ClientError> {
         .map_err(io)?;
     let mut line = serde_json::to_vec(req).expect("serialises");
     line.push(b'\n');
-    s.write_all(&line).map_err(io)?;
+    let sent = s.write_all(&line);
+    // Even when the write broke, the agent may have said why first.
     let mut answer = String::new();
-    BufReader::new(&s).read_line(&mut answer).map_err(io)?;
+    let read = BufReader::new(&s).read_line(&mut answer);
+    if answer.is_empty() {
+        sent.map_err(io)?;
+        read.map_err(io)?;
+    }
     let r: Response = serde_json::from_str(&answer).map_err(|e| ClientError::Io {
         path: p.clone(),
         source: std::io::Error::other(e),

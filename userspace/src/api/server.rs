@@ -257,10 +257,11 @@ async fn say(mut stream: UnixStream, r: &Response) -> std::io::Result<()> {
 
 /// Answers one connection's lines until it closes, idles or breaks a rule.
 async fn connection(stream: UnixStream, shared: &Shared, access: &Access) {
-    if let Err(why) = admit(access, stream.peer_cred().ok()) {
+    // A refused peer's first request is read and answered with the reason:
+    // closing at once could break its write before it reads why.
+    let refused = admit(access, stream.peer_cred().ok()).err();
+    if let Some(why) = &refused {
         tracing::warn!(?access, %why, "API connection refused");
-        let _ = say(stream, &refuse(why)).await;
-        return;
     }
     let (r, mut w) = stream.into_split();
     let mut r = BufReader::new(r);
@@ -275,7 +276,9 @@ async fn connection(stream: UnixStream, shared: &Shared, access: &Access) {
             break;
         }
         let whole = buf.last() == Some(&b'\n');
-        let response = if !whole && n > MAX_LINE {
+        let response = if let Some(why) = &refused {
+            refuse(why.clone())
+        } else if !whole && n > MAX_LINE {
             refuse(format!("request line longer than {MAX_LINE} bytes"))
         } else {
             let line = String::from_utf8_lossy(&buf);
@@ -286,7 +289,7 @@ async fn connection(stream: UnixStream, shared: &Shared, access: &Access) {
         };
         let mut out = serde_json::to_vec(&response).expect("serialises");
         out.push(b'\n');
-        if w.write_all(&out).await.is_err() || (!whole && n > MAX_LINE) {
+        if w.write_all(&out).await.is_err() || refused.is_some() || (!whole && n > MAX_LINE) {
             break;
         }
     }
