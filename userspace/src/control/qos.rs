@@ -93,8 +93,6 @@ pub struct NetnsStats {
 /// enters it; `/proc/thread-self/net` then shows that namespace).
 pub fn netns_stats(netns: &Path, ports: &[u16]) -> io::Result<NetnsStats> {
     crate::sys::netns::run_in(netns, || {
-        let snmp = fs::read_to_string("/proc/thread-self/net/snmp")?;
-        let snmp6 = fs::read_to_string("/proc/thread-self/net/snmp6").unwrap_or_default();
         let (mut queue, mut drops) = (0, 0);
         for file in ["/proc/thread-self/net/udp", "/proc/thread-self/net/udp6"] {
             let (q, d) = udp_sockets(&fs::read_to_string(file).unwrap_or_default(), ports);
@@ -105,6 +103,8 @@ pub fn netns_stats(netns: &Path, ports: &[u16]) -> io::Result<NetnsStats> {
         // container may serve several services (instances), and the
         // namespace-wide counter would charge each with all of them.
         let rcvbuf_errors = if ports.is_empty() {
+            let snmp = fs::read_to_string("/proc/thread-self/net/snmp")?;
+            let snmp6 = fs::read_to_string("/proc/thread-self/net/snmp6").unwrap_or_default();
             snmp_field(&snmp, "Udp:", "RcvbufErrors").unwrap_or(0)
                 + snmp6_field(&snmp6, "Udp6RcvbufErrors").unwrap_or(0)
         } else {

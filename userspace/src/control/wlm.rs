@@ -328,14 +328,15 @@ fn take(state: &ElementState, v: &View<'_>) -> Option<Action> {
         for e in v.assignment.iter().filter(|e| e.owner == peer.name) {
             let mut parts = vec![e.group];
             while let Some(part) = parts.pop() {
+                // An idle part has only idle parts: none would move load.
+                let rate = group_rate(part, v.buckets);
+                if rate <= 0.0 {
+                    continue;
+                }
                 if part.size() > v.cfg.min_group_units
                     && let Some((lo, hi)) = part.split()
                 {
                     parts.extend([lo, hi]);
-                }
-                let rate = group_rate(part, v.buckets);
-                if rate <= 0.0 {
-                    continue;
                 }
                 let me_after = v.projected(v.sample, state.ceiling_pps, rate);
                 let peer_after = v.projected(peer.sample, peer.ceiling_pps, -rate);
