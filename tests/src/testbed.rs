@@ -353,6 +353,7 @@ impl Testbed {
                 false,
                 store,
                 Some(pin_dir),
+                None,
             ))
         })
     }
@@ -376,7 +377,7 @@ impl Testbed {
         pin_dir: &std::path::Path,
     ) -> Result<(), sluice::agent::StartError> {
         netns::run_in(&self.host, || {
-            crate::block_on(agent.reload(config, store, pin_dir, false))
+            crate::block_on(agent.reload(config, store, pin_dir, false, None))
         })
     }
 

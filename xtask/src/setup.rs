@@ -8,7 +8,10 @@
 //! - the `rust-src` component of the toolchain that builds the program
 //!   (`-Z build-std=core`): nightly when installed, else stable with
 //!   `RUSTC_BOOTSTRAP=1`;
-//! - bpffs mounted at /sys/fs/bpf (for pinned maps).
+//! - bpffs mounted at /sys/fs/bpf (for pinned maps);
+//! - `protoc` with the well-known protobuf types (the etcd client's build
+//!   compiles etcd's API with it) and `etcd` (the cluster tests run a real
+//!   one): Debian's `protobuf-compiler`, `libprotobuf-dev`, `etcd-server`.
 
 use std::{
     env,
@@ -28,6 +31,11 @@ const DEBIAN_PACKAGES: [&str; 4] = [
     "zlib1g-dev",
     "libzstd-dev",
 ];
+
+/// The etcd client's build needs protoc and the well-known types; the
+/// cluster tests start etcd themselves (the package's own service is not
+/// used, and on hosts without an init system it does not start).
+const CLUSTER_PACKAGES: [&str; 3] = ["protobuf-compiler", "libprotobuf-dev", "etcd-server"];
 
 /// What the build needs to know about the eBPF toolchain.
 pub(crate) struct Env {
@@ -135,6 +143,13 @@ pub(crate) fn ensure(check_only: bool) -> anyhow::Result<Env> {
     rust_src(&mut env, check_only)?;
     bpf_linker(&mut env, check_only)?;
     bpffs(&mut env, check_only)?;
+    debian(
+        &mut env,
+        &CLUSTER_PACKAGES,
+        "protoc and etcd",
+        "protoc builds the etcd client; the cluster tests run etcd",
+        check_only,
+    )?;
     Ok(env)
 }
 

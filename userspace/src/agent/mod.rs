@@ -7,12 +7,13 @@
 //! so a failed start leaves nothing behind. The top of the crate: it may
 //! import every other module.
 
+pub mod cluster;
 pub mod run;
 
 use std::{path::Path, sync::Arc, time::Instant};
 
 use crate::{
-    config::Config,
+    config::{ClusterConfig, Config},
     control::{ControlError, Controller, InstanceStatus, MoveEvent, Settled},
     coord::{CoordStore, GroupEntry},
     datapath::{AttachMode, Datapath as _, DatapathError, punt::Punt, xdp::XdpDatapath},
@@ -57,7 +58,7 @@ struct Prepared {
     datapath: XdpDatapath,
 }
 
-/// Builds the plan (ids from the pinned registry, owners from the pinned
+/// Builds the plan (ids from the cluster's or the pinned registry, owners from the pinned
 /// data path where the store has none), settles the starting assignment
 /// and loads the program against the pins — writing nothing.
 async fn prepare(
@@ -65,6 +66,7 @@ async fn prepare(
     iface: &str,
     store: &dyn CoordStore,
     pin_dir: Option<&Path>,
+    registry: Option<&[(u32, String)]>,
     resolve: impl FnMut(&crate::config::Instance, &str) -> Result<Resolved, ResolveError>,
 ) -> Result<Prepared, StartError> {
     let iface_err = |source| StartError::Iface {
@@ -72,9 +74,12 @@ async fn prepare(
         source,
     };
     link::ifindex(iface).map_err(iface_err)?;
-    let registered = match pin_dir {
-        Some(d) => XdpDatapath::registered_instances(d)?,
-        None => Vec::new(),
+    // A cluster's ids are the cluster's (owner entries mean the same on
+    // every host); one host's are the pinned registry's.
+    let registered = match (registry, pin_dir) {
+        (Some(r), _) => r.to_vec(),
+        (None, Some(d)) => XdpDatapath::registered_instances(d)?,
+        (None, None) => Vec::new(),
     };
     let mut plan = Plan::build_with_ids(config, &registered, resolve)?;
     if let Some(mac) = link::mac(iface).map_err(iface_err)? {
@@ -125,6 +130,8 @@ pub struct Agent {
     pub mode: AttachMode,
     /// The punt path, when its sockets could be opened.
     pub punt: Option<Punt>,
+    /// The store and cluster settings it started with (a reload keeps them).
+    pub cluster: ClusterConfig,
 }
 
 impl Agent {
@@ -137,21 +144,23 @@ impl Agent {
         force_generic: bool,
         store: Arc<dyn CoordStore>,
     ) -> Result<Self, StartError> {
-        Self::start_pinned(config, iface, force_generic, store, None).await
+        Self::start_pinned(config, iface, force_generic, store, None, None).await
     }
 
     /// As [`Self::start`]; with `pin_dir`, the data path is pinned there and
     /// outlives this agent (or, left by a previous one, is adopted: counters,
     /// pinned flows and owners carry over, and the new program is swapped
-    /// in atomically).
+    /// in atomically). `registry` gives the instances' ids (a cluster's);
+    /// without it, the pinned registry does.
     pub async fn start_pinned(
         config: &Config,
         iface: &str,
         force_generic: bool,
         store: Arc<dyn CoordStore>,
         pin_dir: Option<&Path>,
+        registry: Option<&[(u32, String)]>,
     ) -> Result<Self, StartError> {
-        let prepared = prepare(config, iface, &*store, pin_dir, resolve_instance).await?;
+        let prepared = prepare(config, iface, &*store, pin_dir, registry, resolve_instance).await?;
         let Prepared {
             plan,
             settled,
@@ -168,6 +177,7 @@ impl Agent {
             iface: iface.to_owned(),
             mode,
             punt,
+            cluster: config.cluster.clone(),
         })
     }
 
@@ -205,6 +215,7 @@ impl Agent {
         store: Arc<dyn CoordStore>,
         pin_dir: &Path,
         force_generic: bool,
+        registry: Option<&[(u32, String)]>,
     ) -> Result<(), StartError> {
         if !self.datapath.is_pinned() {
             return Err(StartError::Reload(
@@ -246,7 +257,15 @@ impl Agent {
             mut plan,
             settled,
             mut datapath,
-        } = prepare(config, &self.iface, &*store, Some(pin_dir), resolve).await?;
+        } = prepare(
+            config,
+            &self.iface,
+            &*store,
+            Some(pin_dir),
+            registry,
+            resolve,
+        )
+        .await?;
         for i in &mut plan.instances {
             i.live = !self.control.is_failed(&i.name);
         }

@@ -8,12 +8,12 @@ use anyhow::Context as _;
 use sluice_common::counters;
 use tokio::signal::unix::{SignalKind, signal};
 
-use super::Agent;
+use super::{Agent, cluster::Cluster};
 use crate::{
     api::{self, InstanceLine},
-    config::{Config, format_mac},
+    config::{Config, StoreKind, format_mac},
     control::InstanceStatus,
-    coord::EmbeddedStore,
+    coord::{CoordStore, EmbeddedStore},
     datapath::{AttachMode, Datapath as _, xdp},
     sys::lock::AgentLock,
     telemetry,
@@ -56,29 +56,28 @@ pub fn run(a: &RunOptions) -> anyhow::Result<()> {
             tracing::warn!(error = %e, dir = %a.pin_dir.display(), "removing what the failed start pinned");
         }
     };
-    // A corrupt state file is moved aside: the pinned data path's owners
-    // are the better record of where flows go.
-    let store = match EmbeddedStore::open_or_recover(&a.state) {
-        Ok((s, _)) => Arc::new(s),
-        Err(e) => {
-            remove_created();
-            return Err(e.into());
-        }
-    };
-    // Before start-up, so the first map writes are measured too. Without a
-    // runtime yet, the exporter serves from a thread of its own.
-    telemetry::install(a.metrics_addr)
-        .map_err(|e| anyhow::anyhow!("--metrics-addr {}: {e}", a.metrics_addr))?;
-    tracing::info!(addr = %a.metrics_addr, "serving /metrics");
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
+    let (store, cluster, registry) = match rt.block_on(open_store(a, &config)) {
+        Ok(s) => s,
+        Err(e) => {
+            remove_created();
+            return Err(e);
+        }
+    };
+    // Before start-up, so the first map writes are measured too. Without a
+    // runtime serving yet, the exporter serves from a thread of its own.
+    telemetry::install(a.metrics_addr)
+        .map_err(|e| anyhow::anyhow!("--metrics-addr {}: {e}", a.metrics_addr))?;
+    tracing::info!(addr = %a.metrics_addr, "serving /metrics");
     let agent = match rt.block_on(Agent::start_pinned(
         &config,
         &a.iface,
         a.generic,
         store.clone(),
         Some(&a.pin_dir),
+        registry.as_deref(),
     )) {
         Ok(agent) => agent,
         Err(e) => {
@@ -104,13 +103,20 @@ pub fn run(a: &RunOptions) -> anyhow::Result<()> {
     if agent.mode == AttachMode::Generic && !a.generic {
         tracing::warn!("generic mode: expect a fraction of native throughput");
     }
-    let agent = rt.block_on(event_loop(a, agent, &store))?;
+    let agent = rt.block_on(event_loop(a, agent, &store, cluster.as_ref()))?;
     let _ = std::fs::remove_file(&a.api_socket);
     report(&agent, true);
     let pinned = agent.datapath.is_pinned();
     agent.stop()?;
     let iface = &a.iface;
     if a.cleanup {
+        // Leaving for good: the other hosts take this one's groups now,
+        // not when its lease runs out.
+        if let Some(c) = &cluster
+            && let Err(e) = rt.block_on(c.store.leave())
+        {
+            tracing::warn!(error = %e, "leaving the cluster failed: the other hosts take over when this host's lease expires");
+        }
         xdp::XdpDatapath::remove_pins(&a.pin_dir)?;
         tracing::info!(iface, "detached and removed the pins");
     } else if pinned {
@@ -122,11 +128,38 @@ pub fn run(a: &RunOptions) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The store, and with etcd this host's membership and its instances'
+/// cluster-wide ids.
+type Opened = (
+    Arc<dyn CoordStore>,
+    Option<Cluster>,
+    Option<Vec<(u32, String)>>,
+);
+
+/// Opens the coordination store the config names. The embedded one: a
+/// corrupt state file is moved aside (the pinned data path's owners are
+/// the better record of where flows go). etcd: joins the cluster.
+async fn open_store(a: &RunOptions, config: &Config) -> anyhow::Result<Opened> {
+    match config.cluster.store {
+        StoreKind::Embedded => {
+            let (s, _) = EmbeddedStore::open_or_recover(&a.state)?;
+            Ok((Arc::new(s), None, None))
+        }
+        StoreKind::Etcd => {
+            let c = Cluster::join(config, &a.state).await?;
+            let registry = c.registry(config).await?;
+            tracing::info!(host = %c.host, endpoints = %config.cluster.etcd_endpoints.join(","), cluster = %config.cluster.name, "joined the cluster");
+            Ok((c.store.clone(), Some(c), Some(registry)))
+        }
+    }
+}
+
 /// Serves the agent until SIGINT or SIGTERM; returns it for shutdown.
 async fn event_loop(
     a: &RunOptions,
     mut agent: Agent,
-    store: &Arc<EmbeddedStore>,
+    store: &Arc<dyn CoordStore>,
+    cluster: Option<&Cluster>,
 ) -> anyhow::Result<Agent> {
     let shared = api::Shared::new(agent.control.reports.clone(), instance_names(&agent));
     let _api = api::serve(&a.api_socket, shared.clone())
@@ -151,7 +184,7 @@ async fn event_loop(
             _ = tokio::signal::ctrl_c() => break,
             _ = term.recv() => break,
             _ = hup.recv() => {
-                match reload(a, &mut agent, store).await {
+                match reload(a, &mut agent, store, cluster).await {
                     Ok(()) => {
                         *shared.instances.lock().expect("instances lock") = instance_names(&agent);
                         if let Err(e) = report_sockets.sync(&report_targets(&agent)) {
@@ -223,11 +256,30 @@ fn report_targets(agent: &Agent) -> Vec<(String, Option<PathBuf>)> {
 async fn reload(
     a: &RunOptions,
     agent: &mut Agent,
-    store: &Arc<EmbeddedStore>,
+    store: &Arc<dyn CoordStore>,
+    cluster: Option<&Cluster>,
 ) -> anyhow::Result<()> {
     let config = Config::load(&a.config)?;
+    if config.cluster != agent.cluster {
+        anyhow::bail!(
+            "the [cluster] table changed: a reload keeps the store and the cluster membership it started with; restart the agent to change them (a restart keeps the data path running)"
+        );
+    }
+    let registry = match cluster {
+        Some(c) => {
+            c.check(&config).await?;
+            Some(c.registry(&config).await?)
+        }
+        None => None,
+    };
     agent
-        .reload(&config, store.clone(), &a.pin_dir, a.generic)
+        .reload(
+            &config,
+            store.clone(),
+            &a.pin_dir,
+            a.generic,
+            registry.as_deref(),
+        )
         .await?;
     Ok(())
 }

@@ -26,6 +26,8 @@ use super::{
     },
 };
 
+mod cluster;
+
 /// Parses and checks `text`; `path` labels the errors.
 pub(super) fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
     let syntax = |e: toml::de::Error| ConfigError::Syntax {
@@ -250,6 +252,22 @@ impl Checker<'_> {
         }
         self.shape(
             root,
+            "cluster",
+            Shape::Table,
+            "cluster",
+            "write the cluster's settings in a [cluster] table",
+        );
+        if let Some(DeValue::Table(cluster)) = value_mut(root, "cluster") {
+            self.shape(
+                cluster,
+                "etcd_endpoints",
+                Shape::List,
+                "cluster.etcd_endpoints",
+                "write etcd_endpoints = [\"http://198.18.0.1:2379\"]",
+            );
+        }
+        self.shape(
+            root,
             "service",
             Shape::Tables,
             "service",
@@ -463,6 +481,7 @@ impl Checker<'_> {
 
     fn config(&mut self, raw: RawConfig) -> Option<Config> {
         let agent = self.agent(raw.agent);
+        let cluster = self.cluster(raw.cluster);
         if raw.service.is_empty() {
             self.report(
                 None,
@@ -506,6 +525,7 @@ impl Checker<'_> {
         self.unique(&services, &spans);
         Some(Config {
             agent: agent?,
+            cluster: cluster?,
             services,
         })
     }

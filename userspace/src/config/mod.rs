@@ -260,9 +260,54 @@ impl Service {
     }
 }
 
+/// Where the coordination store lives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum StoreKind {
+    /// In the agent, persisted to its state file: one host.
+    #[default]
+    Embedded,
+    /// In etcd, shared by every host of the cluster.
+    Etcd,
+}
+
+/// This host's place in a cluster (`[cluster]`); without the table, one
+/// host with the embedded store.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ClusterConfig {
+    pub store: StoreKind,
+    /// This host's name, unique in the cluster.
+    pub host: String,
+    /// Where the other hosts send the packets of this host's instances.
+    pub underlay: Option<IpAddr>,
+    /// `http://address:port` of each etcd member.
+    pub etcd_endpoints: Vec<String>,
+    /// Keys live under `/sluice/<name>/`: clusters may share one etcd.
+    pub name: String,
+    /// A host whose agent stops renewing its lease this long counts as
+    /// failed, and its instances' groups are claimed by the others.
+    pub lease_ttl: Duration,
+    /// Longest wait for one etcd request.
+    pub etcd_timeout: Duration,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        Self {
+            store: StoreKind::Embedded,
+            host: String::new(),
+            underlay: None,
+            etcd_endpoints: Vec::new(),
+            name: "default".into(),
+            lease_ttl: Duration::from_secs(5),
+            etcd_timeout: Duration::from_secs(1),
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub struct Config {
     pub agent: AgentConfig,
+    pub cluster: ClusterConfig,
     pub services: Vec<Service>,
 }
 
@@ -384,6 +429,99 @@ veth = "slc-web0"
         assert_eq!(c.services[1].tag, TagSpec::None);
         assert_eq!(c.services[1].protocols, vec![Protocol::Tcp]);
         assert_eq!(c.instance_count(), 3);
+    }
+
+    const CLUSTER: &str = r#"
+[cluster]
+store = "etcd"
+host = "host-a"
+underlay = "198.18.1.1"
+etcd_endpoints = ["http://198.18.0.1:2379"]
+"#;
+
+    #[test]
+    fn a_cluster_table_parses_and_its_absence_means_one_host() {
+        assert_eq!(parse(GOOD).unwrap().cluster, ClusterConfig::default());
+        let c = parse(&format!("{CLUSTER}{GOOD}")).unwrap().cluster;
+        assert_eq!(c.store, StoreKind::Etcd);
+        assert_eq!(c.host, "host-a");
+        assert_eq!(c.underlay, Some("198.18.1.1".parse().unwrap()));
+        assert_eq!(c.etcd_endpoints, ["http://198.18.0.1:2379"]);
+        assert_eq!(c.name, "default");
+        assert_eq!(c.lease_ttl, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn cluster_errors_name_the_field_and_the_fix() {
+        let with = |a: &str, b: &str| format!("{}{GOOD}", CLUSTER.replace(a, b));
+        let cases = [
+            (
+                with("\"etcd\"", "\"zookeeper\""),
+                "cluster.store",
+                "embedded",
+            ),
+            (
+                with("host = \"host-a\"\n", ""),
+                "cluster.host",
+                "name this host",
+            ),
+            (with("host-a", "host a"), "cluster.host", "letters, digits"),
+            (
+                with("underlay = \"198.18.1.1\"\n", ""),
+                "cluster.underlay",
+                "underlay =",
+            ),
+            (
+                with("198.18.1.1", "127.0.0.1"),
+                "cluster.underlay",
+                "unicast",
+            ),
+            (
+                with("198.18.1.1", "198.18.1"),
+                "cluster.underlay",
+                "unicast",
+            ),
+            (
+                with("[\"http://198.18.0.1:2379\"]", "[]"),
+                "cluster.etcd_endpoints",
+                "list the etcd members",
+            ),
+            (
+                with("http://", "https://"),
+                "cluster.etcd_endpoints[0]",
+                "http://address:port",
+            ),
+            (
+                with(":2379", ""),
+                "cluster.etcd_endpoints[0]",
+                "http://address:port",
+            ),
+            (
+                with("[\"http://198.18.0.1:2379\"]", "\"http://198.18.0.1:2379\""),
+                "cluster.etcd_endpoints",
+                "etcd_endpoints = [",
+            ),
+            (
+                with("\"etcd\"", "\"embedded\""),
+                "cluster.etcd_endpoints",
+                "store = \"etcd\"",
+            ),
+            (
+                format!("{CLUSTER}lease_ttl_secs = 0\n{GOOD}"),
+                "cluster.lease_ttl_secs",
+                "from 1 to 600",
+            ),
+            (
+                format!("{CLUSTER}hots = \"x\"\n{GOOD}"),
+                "cluster.hots",
+                "spelling",
+            ),
+        ];
+        for (text, field, fix) in cases {
+            let e = only_error(&text);
+            assert_eq!(e.field, field, "{e:?}");
+            assert!(e.fix.contains(fix), "{field}: {e:?}");
+        }
     }
 
     #[test]

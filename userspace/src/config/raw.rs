@@ -41,6 +41,7 @@ pub(super) fn shown(v: &toml::Value) -> String {
 #[derive(Debug, Deserialize)]
 pub(super) struct RawConfig {
     pub(super) agent: Option<Spanned<RawAgent>>,
+    pub(super) cluster: Option<Spanned<RawCluster>>,
     #[serde(default)]
     pub(super) service: Vec<Spanned<RawService>>,
 }
@@ -54,6 +55,25 @@ pub(super) struct RawAgent {
     pub(super) host_macs: Option<Spanned<Vec<Field<Mac>>>>,
     pub(super) punt_zero_copy: Option<Field<bool>>,
     pub(super) recovery_hold_down_ms: Option<Field<u32>>,
+}
+
+#[derive(Debug, Deserialize)]
+pub(super) struct RawCluster {
+    pub(super) store: Option<Field<RawStore>>,
+    pub(super) host: Option<Field<String>>,
+    pub(super) underlay: Option<Field<IpAddr>>,
+    pub(super) etcd_endpoints: Option<Spanned<Vec<Field<String>>>>,
+    pub(super) name: Option<Field<String>>,
+    pub(super) lease_ttl_secs: Option<Field<u32>>,
+    pub(super) etcd_timeout_ms: Option<Field<u32>>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+pub(super) enum RawStore {
+    #[serde(rename = "embedded")]
+    Embedded,
+    #[serde(rename = "etcd")]
+    Etcd,
 }
 
 #[derive(Debug, Deserialize)]

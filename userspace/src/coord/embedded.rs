@@ -13,7 +13,9 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 use tokio_stream::{StreamExt as _, wrappers::BroadcastStream};
 
-use super::{CoordError, CoordStore, Event, Events, GroupEntry, Load, Version, check_partition};
+use super::{
+    CoordError, CoordStore, Event, Events, GroupEntry, Load, Version, check_partition, ops,
+};
 use crate::plan::Group;
 
 #[derive(Default, Serialize, Deserialize)]
@@ -150,57 +152,21 @@ fn persist(path: &Path, state: &State) -> Result<(), CoordError> {
     fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io)
 }
 
-fn entries<'a>(state: &'a mut State, service: &str) -> Result<&'a mut Vec<GroupEntry>, CoordError> {
-    state
-        .services
+/// The service's groups and the version counter, borrowed apart.
+fn parts<'a>(
+    state: &'a mut State,
+    service: &str,
+) -> Result<(&'a mut Vec<GroupEntry>, &'a mut Version), CoordError> {
+    let State {
+        next_version,
+        services,
+    } = state;
+    let entries = services
         .get_mut(service)
         .ok_or_else(|| CoordError::UnknownService {
             service: service.to_owned(),
-        })
-}
-
-/// Index of `group` at `version`, or the conflict.
-fn find(
-    entries: &[GroupEntry],
-    service: &str,
-    group: Group,
-    version: Version,
-) -> Result<usize, CoordError> {
-    match entries.iter().position(|e| e.group == group) {
-        Some(i) if entries[i].version == version => Ok(i),
-        found => Err(CoordError::Conflict {
-            service: service.to_owned(),
-            group,
-            expected: version,
-            found: found.map(|i| entries[i].version),
-        }),
-    }
-}
-
-fn fresh(state: &mut State) -> Version {
-    state.next_version += 1;
-    state.next_version
-}
-
-fn build(
-    state: &mut State,
-    service: &str,
-    groups: &[(Group, String)],
-) -> Result<Vec<GroupEntry>, CoordError> {
-    check_partition(groups.iter().map(|(g, _)| g)).map_err(|reason| CoordError::NotAPartition {
-        service: service.to_owned(),
-        reason,
-    })?;
-    let mut out: Vec<GroupEntry> = groups
-        .iter()
-        .map(|(g, o)| GroupEntry {
-            group: *g,
-            owner: o.clone(),
-            version: fresh(state),
-        })
-        .collect();
-    out.sort_by_key(|e| e.group.base());
-    Ok(out)
+        })?;
+    Ok((entries, next_version))
 }
 
 #[async_trait::async_trait]
@@ -224,10 +190,7 @@ impl CoordStore for EmbeddedStore {
             .ok_or_else(|| CoordError::UnknownService {
                 service: service.to_owned(),
             })?;
-        // Sorted by base and a partition: the last group starting at or
-        // below the unit holds it.
-        let i = entries.partition_point(|e| e.group.base() <= unit);
-        Ok(entries[i.checked_sub(1).expect("the first group starts at 0")].clone())
+        Ok(ops::group_of(entries, unit).clone())
     }
 
     async fn init(&self, service: &str, groups: &[(Group, String)]) -> Result<bool, CoordError> {
@@ -241,7 +204,7 @@ impl CoordStore for EmbeddedStore {
             return Ok(false);
         }
         self.change(service, |state| {
-            let entries = build(state, service, groups)?;
+            let entries = ops::build(&mut state.next_version, service, groups)?;
             state.services.insert(service.to_owned(), entries);
             Ok(true)
         })
@@ -249,7 +212,7 @@ impl CoordStore for EmbeddedStore {
 
     async fn reset(&self, service: &str, groups: &[(Group, String)]) -> Result<(), CoordError> {
         self.change(service, |state| {
-            let entries = build(state, service, groups)?;
+            let entries = ops::build(&mut state.next_version, service, groups)?;
             state.services.insert(service.to_owned(), entries);
             Ok(())
         })
@@ -263,12 +226,8 @@ impl CoordStore for EmbeddedStore {
         to: &str,
     ) -> Result<Version, CoordError> {
         self.change(service, |state| {
-            let v = fresh(state);
-            let entries = entries(state, service)?;
-            let i = find(entries, service, group, version)?;
-            to.clone_into(&mut entries[i].owner);
-            entries[i].version = v;
-            Ok(v)
+            let (entries, next) = parts(state, service)?;
+            ops::move_group(entries, next, service, group, version, to)
         })
     }
 
@@ -279,25 +238,8 @@ impl CoordStore for EmbeddedStore {
         version: Version,
     ) -> Result<[GroupEntry; 2], CoordError> {
         self.change(service, |state| {
-            let (v1, v2) = (fresh(state), fresh(state));
-            let entries = entries(state, service)?;
-            let i = find(entries, service, group, version)?;
-            let (lo, hi) = group.split().ok_or(CoordError::Indivisible { group })?;
-            let owner = entries[i].owner.clone();
-            let halves = [
-                GroupEntry {
-                    group: lo,
-                    owner: owner.clone(),
-                    version: v1,
-                },
-                GroupEntry {
-                    group: hi,
-                    owner,
-                    version: v2,
-                },
-            ];
-            entries.splice(i..=i, halves.clone());
-            Ok(halves)
+            let (entries, next) = parts(state, service)?;
+            ops::split(entries, next, service, group, version)
         })
     }
 
@@ -308,25 +250,8 @@ impl CoordStore for EmbeddedStore {
         b: (Group, Version),
     ) -> Result<GroupEntry, CoordError> {
         self.change(service, |state| {
-            let v = fresh(state);
-            let entries = entries(state, service)?;
-            let merged =
-                a.0.merge(b.0)
-                    .ok_or(CoordError::NotBuddies { a: a.0, b: b.0 })?;
-            let ia = find(entries, service, a.0, a.1)?;
-            let ib = find(entries, service, b.0, b.1)?;
-            if entries[ia].owner != entries[ib].owner {
-                return Err(CoordError::DifferentOwners { a: a.0, b: b.0 });
-            }
-            let entry = GroupEntry {
-                group: merged,
-                owner: entries[ia].owner.clone(),
-                version: v,
-            };
-            let (first, second) = (ia.min(ib), ia.max(ib));
-            entries.remove(second);
-            entries[first] = entry.clone();
-            Ok(entry)
+            let (entries, next) = parts(state, service)?;
+            ops::merge(entries, next, service, a, b)
         })
     }
 

@@ -15,12 +15,15 @@
 //! May import `plan` (for [`Group`]); nothing above it.
 
 mod embedded;
+mod etcd;
 #[cfg(test)]
 pub(crate) mod fake;
+mod ops;
 
 use std::{collections::HashMap, path::PathBuf, pin::Pin};
 
 pub use embedded::EmbeddedStore;
+pub use etcd::{EtcdOptions, EtcdStore, HostRecord, InstanceRecord};
 use serde::{Deserialize, Serialize};
 use sluice_common::UNITS_PER_SERVICE;
 use tokio_stream::Stream;
@@ -93,6 +96,40 @@ pub enum CoordError {
         "store file {path} is corrupt: {reason}; move it away to start from a fresh assignment"
     )]
     Corrupt { path: PathBuf, reason: String },
+    #[error(
+        "etcd at {endpoints}: {op} failed: {reason}; check that etcd runs there and `cluster.etcd_endpoints` names it"
+    )]
+    Etcd {
+        endpoints: String,
+        op: &'static str,
+        reason: String,
+    },
+    #[error(
+        "the assignment of `{service}` kept changing under us ({tries} tries); the change is left for the next interval"
+    )]
+    Contended { service: String, tries: u32 },
+    #[error(
+        "host `{host}` is already live in the cluster: another agent runs with this `cluster.host`. Give each host its own name, or stop the other agent (its lease ends {ttl:?} after it stops)"
+    )]
+    HostTaken {
+        host: String,
+        ttl: std::time::Duration,
+    },
+    #[error(
+        "other hosts are live in the cluster ({others}): this build delivers only to instances on the host it runs on, so one host per cluster; give this host a cluster of its own (`cluster.name`) for now"
+    )]
+    OneHostOnly { others: String },
+    #[error("all {max} instance ids of the cluster are taken")]
+    NoInstanceIds { max: u32 },
+    #[error(
+        "service `{service}` is configured differently on this host than in the cluster (first stored by host `{host}`): {}. Services must be the same on every host: make this host's config match, or change the service everywhere and remove its key from etcd",
+        fields.join("; ")
+    )]
+    ServiceMismatch {
+        service: String,
+        fields: Vec<String>,
+        host: String,
+    },
 }
 
 /// The coordination store, as the WLM elements use it. Every write is a

@@ -1,0 +1,547 @@
+//! The coordination store's backends against a real etcd server: the same
+//! contract as the embedded store, contention between clients, host leases,
+//! cluster-wide instance ids, service definitions that must match, and an
+//! etcd outage.
+//!
+//! Each test makes a namespace of its own with one address on its
+//! loopback, runs etcd there, and runs its clients on a thread inside it.
+
+use std::{
+    collections::HashMap,
+    net::IpAddr,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use sluice::{
+    coord::{
+        CoordError, CoordStore, EmbeddedStore, EtcdOptions, EtcdStore, Event, HostRecord, Load,
+        check_partition,
+    },
+    plan::Group,
+};
+use sluice_tests::{etcd::Etcd, netns};
+use tokio_stream::StreamExt as _;
+
+/// A namespace with etcd in it; `run` runs a test body inside it.
+struct Site {
+    etcd: Etcd,
+    ns: sluice_tests::process::Netns,
+}
+
+fn site(tag: &str, last_octet: u8) -> Site {
+    let addr: IpAddr = format!("198.18.250.{last_octet}").parse().unwrap();
+    let ns = sluice_tests::etcd::netns_with(tag, addr);
+    let etcd = Etcd::start(&ns.0, addr);
+    Site { etcd, ns }
+}
+
+impl Site {
+    fn options(&self, cluster: &str) -> EtcdOptions {
+        EtcdOptions {
+            endpoints: vec![self.etcd.endpoint()],
+            cluster: cluster.to_owned(),
+            timeout: Duration::from_secs(1),
+        }
+    }
+
+    /// Runs `f` on a runtime of its own on a thread inside the namespace:
+    /// every connection the clients make (also reconnections) is made there.
+    fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        netns::spawn_in(&self.ns.0, f)
+            .join()
+            .unwrap_or_else(|p| std::panic::resume_unwind(p))
+    }
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// `n` instances' share of the units, as a config's start gives them.
+fn even(n: usize) -> Vec<(Group, String)> {
+    sluice::plan::group::even(n)
+        .into_iter()
+        .enumerate()
+        .flat_map(|(i, gs)| gs.into_iter().map(move |g| (g, format!("i{i}"))))
+        .collect()
+}
+
+/// What every backend must do: the embedded store's behaviour is the
+/// reference.
+async fn contract(s: &dyn CoordStore) {
+    let mut events = s.watch();
+    assert!(matches!(
+        s.groups("kv").await,
+        Err(CoordError::UnknownService { .. })
+    ));
+    assert!(s.init("kv", &even(2)).await.unwrap());
+    assert!(
+        !s.init("kv", &even(3)).await.unwrap(),
+        "init keeps an existing assignment"
+    );
+    let heard = tokio::time::timeout(Duration::from_secs(5), events.next())
+        .await
+        .expect("an event within 5 s");
+    assert_eq!(
+        heard,
+        Some(Event::Assignment {
+            service: "kv".into()
+        })
+    );
+
+    let gs = s.groups("kv").await.unwrap();
+    assert_eq!(gs.len(), 2);
+    assert!(gs.windows(2).all(|w| w[0].group.base() < w[1].group.base()));
+    let g = gs[0].clone();
+    let v = s.move_group("kv", g.group, g.version, "i1").await.unwrap();
+    let stale = s.move_group("kv", g.group, g.version, "i0").await;
+    assert!(
+        matches!(stale, Err(CoordError::Conflict { found: Some(f), .. }) if f == v),
+        "{stale:?}"
+    );
+    assert_eq!(s.group_of("kv", 5).await.unwrap().owner, "i1");
+
+    let [lo, hi] = s.split("kv", g.group, v).await.unwrap();
+    assert!(matches!(
+        s.split("kv", g.group, v).await,
+        Err(CoordError::Conflict { found: None, .. })
+    ));
+    check_partition(s.groups("kv").await.unwrap().iter().map(|e| &e.group)).unwrap();
+    let hi_v = s
+        .move_group("kv", hi.group, hi.version, "i0")
+        .await
+        .unwrap();
+    assert!(matches!(
+        s.merge("kv", (lo.group, lo.version), (hi.group, hi_v))
+            .await,
+        Err(CoordError::DifferentOwners { .. })
+    ));
+    let far = s.groups("kv").await.unwrap()[2].clone();
+    assert!(matches!(
+        s.merge("kv", (lo.group, lo.version), (far.group, far.version))
+            .await,
+        Err(CoordError::NotBuddies { .. })
+    ));
+    let hi_v = s.move_group("kv", hi.group, hi_v, "i1").await.unwrap();
+    let m = s
+        .merge("kv", (lo.group, lo.version), (hi.group, hi_v))
+        .await
+        .unwrap();
+    assert_eq!(m.group, g.group);
+    assert_eq!(m.owner, "i1");
+    // Every version handed out is new: none of the earlier ones matches.
+    assert!(
+        [g.version, v, lo.version, hi.version, hi_v]
+            .iter()
+            .all(|&old| old < m.version)
+    );
+
+    contract_limits(s, m.version).await;
+}
+
+/// The contract's edges: a single unit, a non-partition, a reset, loads.
+async fn contract_limits(s: &dyn CoordStore, last_version: u64) {
+    let unit: Group = "0x0000/16".parse().unwrap();
+    let mut at = s.groups("kv").await.unwrap()[0].clone();
+    while at.group.prefix_len() < 16 {
+        at = s.split("kv", at.group, at.version).await.unwrap()[0].clone();
+    }
+    assert_eq!(at.group, unit);
+    assert!(matches!(
+        s.split("kv", at.group, at.version).await,
+        Err(CoordError::Indivisible { .. })
+    ));
+
+    let half: Group = "0x8000/1".parse().unwrap();
+    assert!(matches!(
+        s.init("other", &[(half, "a".into())]).await,
+        Err(CoordError::NotAPartition { .. })
+    ));
+    s.reset("kv", &even(4)).await.unwrap();
+    let after = s.groups("kv").await.unwrap();
+    assert_eq!(after.len(), 4);
+    assert!(
+        after.iter().all(|e| e.version > last_version),
+        "a reset does not reuse versions"
+    );
+
+    s.publish_load(
+        "i0",
+        Load {
+            utilisation: 0.5,
+            rate_pps: 10.0,
+        },
+    )
+    .await
+    .unwrap();
+    s.publish_load(
+        "i1",
+        Load {
+            utilisation: 0.25,
+            rate_pps: 5.0,
+        },
+    )
+    .await
+    .unwrap();
+    let loads = s.loads().await.unwrap();
+    assert_eq!(loads.len(), 2);
+    assert!((loads["i0"].utilisation - 0.5).abs() < f64::EPSILON);
+}
+
+#[test]
+fn both_backends_keep_the_store_contract() {
+    rt().block_on(contract(&EmbeddedStore::in_memory()));
+    let site = site("coord-contract", 1);
+    let opts = site.options("contract");
+    site.run(move || {
+        rt().block_on(async {
+            let s = EtcdStore::connect(&opts).await.unwrap();
+            contract(&s).await;
+        });
+    });
+}
+
+/// Three clients (as three hosts' agents), each with four tasks moving,
+/// splitting and merging random groups of one service at once. Every
+/// change either lands whole or is refused; afterwards the groups still
+/// partition the units, and each client reads the same assignment.
+#[test]
+fn concurrent_changes_from_three_hosts_keep_one_owner_per_unit() {
+    let site = site("coord-contend", 2);
+    let opts = site.options("contend");
+    let (landed, refused) = site.run(move || {
+        rt().block_on(async {
+            let first = EtcdStore::connect(&opts).await.unwrap();
+            first.init("kv", &even(4)).await.unwrap();
+            let mut clients = vec![Arc::new(first)];
+            for _ in 0..2 {
+                clients.push(Arc::new(EtcdStore::connect(&opts).await.unwrap()));
+            }
+            let deadline = Instant::now() + Duration::from_secs(4);
+            let mut tasks = Vec::new();
+            for (c, client) in clients.iter().enumerate() {
+                for t in 0..4u64 {
+                    let s = client.clone();
+                    tasks.push(tokio::spawn(async move {
+                        let mut seed = (c as u64 + 1) * 1000 + t;
+                        let mut rand = move || {
+                            seed ^= seed << 13;
+                            seed ^= seed >> 7;
+                            seed ^= seed << 17;
+                            usize::try_from(seed % 1_000_003).expect("small")
+                        };
+                        let (mut landed, mut refused) = (0u32, 0u32);
+                        while Instant::now() < deadline {
+                            let gs = s.groups("kv").await.unwrap();
+                            let e = &gs[rand() % gs.len()];
+                            let r = match rand() % 3 {
+                                0 if e.group.prefix_len() < 6 => {
+                                    s.split("kv", e.group, e.version).await.map(|_| ())
+                                }
+                                1 => {
+                                    let buddy = e
+                                        .group
+                                        .buddy()
+                                        .and_then(|b| gs.iter().find(|x| x.group == b));
+                                    match buddy {
+                                        Some(b) if b.owner == e.owner => s
+                                            .merge("kv", (e.group, e.version), (b.group, b.version))
+                                            .await
+                                            .map(|_| ()),
+                                        _ => continue,
+                                    }
+                                }
+                                _ => {
+                                    let to = format!("i{}", rand() % 4);
+                                    s.move_group("kv", e.group, e.version, &to)
+                                        .await
+                                        .map(|_| ())
+                                }
+                            };
+                            match r {
+                                Ok(()) => landed += 1,
+                                Err(CoordError::Conflict { .. } | CoordError::Contended { .. }) => {
+                                    refused += 1;
+                                }
+                                Err(e) => panic!("{e}"),
+                            }
+                        }
+                        (landed, refused)
+                    }));
+                }
+            }
+            let (mut landed, mut refused) = (0, 0);
+            for t in tasks {
+                let (l, r) = t.await.unwrap();
+                landed += l;
+                refused += r;
+            }
+            let seen: Vec<_> = futures_all(&clients).await;
+            check_partition(seen[0].iter().map(|e| &e.group)).unwrap();
+            assert!(
+                seen.iter().all(|s| *s == seen[0]),
+                "every client reads the same assignment"
+            );
+            (landed, refused)
+        })
+    });
+    eprintln!("concurrent changes: {landed} landed, {refused} refused as stale");
+    assert!(landed > 20, "the clients made progress: {landed}");
+    assert!(refused > 0, "the clients contended: nothing was refused");
+}
+
+async fn futures_all(clients: &[Arc<EtcdStore>]) -> Vec<Vec<sluice::coord::GroupEntry>> {
+    let mut out = Vec::new();
+    for c in clients {
+        out.push(c.groups("kv").await.unwrap());
+    }
+    out
+}
+
+fn host(name: &str, last: u8) -> HostRecord {
+    HostRecord {
+        name: name.to_owned(),
+        underlay: format!("198.18.1.{last}").parse().unwrap(),
+        instances: vec![format!("{name}-a")],
+    }
+}
+
+/// A host is live while its agent renews its lease: a second agent with the
+/// same host name is refused, a restarted one takes the lease over, and a
+/// host whose agent stopped renewing vanishes (with its loads) after the
+/// lease's time.
+#[test]
+fn a_host_lives_by_its_lease() {
+    let site = site("coord-lease", 3);
+    let opts = site.options("lease");
+    let dir = tempfile::tempdir().unwrap();
+    let lease_file = dir.path().join("a.lease");
+    let other_file = dir.path().join("other.lease");
+    let gone_after = site.run(move || {
+        rt().block_on(async {
+            let ttl = Duration::from_secs(2);
+            let a = EtcdStore::connect(&opts).await.unwrap();
+            a.join(&host("a", 1), ttl, &lease_file).await.unwrap();
+            a.publish_load(
+                "a-a",
+                Load {
+                    utilisation: 0.1,
+                    rate_pps: 1.0,
+                },
+            )
+            .await
+            .unwrap();
+            let b = EtcdStore::connect(&opts).await.unwrap();
+            b.join(&host("b", 2), ttl, &dir.path().join("b.lease"))
+                .await
+                .unwrap();
+
+            // Another agent calling itself `a` is refused.
+            let twin = EtcdStore::connect(&opts).await.unwrap();
+            let e = twin
+                .join(&host("a", 9), ttl, &other_file)
+                .await
+                .unwrap_err();
+            assert!(matches!(e, CoordError::HostTaken { .. }), "{e}");
+            assert!(e.to_string().contains("cluster.host"), "{e}");
+
+            // Held alive past its time by the renewals.
+            tokio::time::sleep(ttl * 2).await;
+            let hosts = b.hosts().await.unwrap();
+            assert_eq!(hosts.keys().collect::<Vec<_>>(), ["a", "b"]);
+            assert_eq!(hosts["a"], host("a", 1));
+
+            // A restart: the new agent of `a` takes the lease over.
+            drop(a);
+            let a = EtcdStore::connect(&opts).await.unwrap();
+            a.join(&host("a", 1), ttl, &lease_file).await.unwrap();
+            tokio::time::sleep(ttl * 2).await;
+            assert!(
+                b.hosts().await.unwrap().contains_key("a"),
+                "the restarted agent kept `a` live"
+            );
+
+            // `a` stops renewing: gone within the lease's time (and etcd's
+            // expiry sweep), its load with it.
+            drop(a);
+            let t = Instant::now();
+            while b.hosts().await.unwrap().contains_key("a") {
+                assert!(t.elapsed() < Duration::from_secs(10), "`a` never expired");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            let gone_after = t.elapsed();
+            assert!(!b.loads().await.unwrap().contains_key("a-a"));
+            assert!(b.hosts().await.unwrap().contains_key("b"));
+
+            // Leaving revokes at once.
+            b.leave().await.unwrap();
+            assert!(!twin.hosts().await.unwrap().contains_key("b"));
+            gone_after
+        })
+    });
+    eprintln!("a host whose agent stopped was gone after {gone_after:?} (lease 2 s)");
+}
+
+/// Ids are the cluster's: two hosts registering at once never share one,
+/// and a name keeps its id when it registers again (also from another host).
+#[test]
+fn instance_ids_are_cluster_wide_and_stable() {
+    let site = site("coord-ids", 4);
+    let opts = site.options("ids");
+    site.run(move || {
+        rt().block_on(async {
+            let a = Arc::new(EtcdStore::connect(&opts).await.unwrap());
+            let b = Arc::new(EtcdStore::connect(&opts).await.unwrap());
+            let names_a: Vec<String> = (0..20).map(|i| format!("a{i}")).collect();
+            let names_b: Vec<String> = (0..20).map(|i| format!("b{i}")).collect();
+            let (ra, rb) = tokio::join!(
+                {
+                    let a = a.clone();
+                    let n = names_a.clone();
+                    async move {
+                        let refs: Vec<&str> = n.iter().map(String::as_str).collect();
+                        a.register_instances("ha", &refs).await.unwrap()
+                    }
+                },
+                {
+                    let b = b.clone();
+                    let n = names_b.clone();
+                    async move {
+                        let refs: Vec<&str> = n.iter().map(String::as_str).collect();
+                        b.register_instances("hb", &refs).await.unwrap()
+                    }
+                }
+            );
+            let mut all: Vec<u32> = ra.iter().chain(&rb).copied().collect();
+            all.sort_unstable();
+            all.dedup();
+            assert_eq!(
+                all,
+                (1..=40).collect::<Vec<_>>(),
+                "40 distinct ids, the lowest free"
+            );
+            let again = b.register_instances("hb", &["a3", "b7"]).await.unwrap();
+            assert_eq!(again, vec![ra[3], rb[7]]);
+            let reg = a.instances().await.unwrap();
+            assert_eq!(reg["a3"].host, "hb", "a3 now runs on hb");
+            assert_eq!(reg["a3"].id, ra[3]);
+        });
+    });
+}
+
+/// The first host stores a service's definition; a host that defines it
+/// differently is refused, with the fields that differ.
+#[test]
+fn a_service_defined_differently_on_another_host_is_refused() {
+    let site = site("coord-spec", 5);
+    let opts = site.options("spec");
+    site.run(move || {
+        rt().block_on(async {
+            let s = EtcdStore::connect(&opts).await.unwrap();
+            let spec = |port: u16| {
+                serde_json::json!({"vips": ["198.18.0.1"], "ports": [port], "protocols": ["udp"]})
+            };
+            s.check_services("a", &[("kv".into(), spec(7000))]).await.unwrap();
+            s.check_services("b", &[("kv".into(), spec(7000))]).await.unwrap();
+            let e = s
+                .check_services("c", &[("kv".into(), spec(7001))])
+                .await
+                .unwrap_err();
+            let text = e.to_string();
+            assert!(matches!(e, CoordError::ServiceMismatch { .. }), "{text}");
+            assert!(
+                text.contains("ports: cluster has [7000], this host [7001]") && text.contains("host `a`"),
+                "{text}"
+            );
+        });
+    });
+}
+
+/// etcd out of reach: every call fails within the timeout with an error
+/// that names etcd (the control loop then skips the interval), and the
+/// watch says changes may have been missed; etcd back: calls work again
+/// and the watch hears changes.
+#[test]
+fn an_etcd_outage_fails_calls_quickly_and_the_store_recovers() {
+    let mut site = site("coord-outage", 6);
+    let opts = site.options("outage");
+    let rt_thread = {
+        let (to_test, from_store) = std::sync::mpsc::channel::<&'static str>();
+        let (to_store, from_test) = std::sync::mpsc::channel::<()>();
+        let handle = netns::spawn_in(&site.ns.0, move || {
+            rt().block_on(async {
+                let s = EtcdStore::connect(&opts).await.unwrap();
+                s.init("kv", &even(2)).await.unwrap();
+                let mut events = s.watch();
+                to_test.send("ready").unwrap();
+                from_test.recv().unwrap(); // etcd is down now
+                let t = Instant::now();
+                let e = s.groups("kv").await.unwrap_err();
+                let took = t.elapsed();
+                assert!(matches!(e, CoordError::Etcd { .. }), "{e}");
+                assert!(e.to_string().contains("cluster.etcd_endpoints"), "{e}");
+                assert!(
+                    took < Duration::from_secs(3),
+                    "a call took {took:?} to fail"
+                );
+                to_test.send("failed").unwrap();
+                from_test.recv().unwrap(); // etcd is back
+                let t = Instant::now();
+                let gs = loop {
+                    match s.groups("kv").await {
+                        Ok(gs) => break gs,
+                        Err(_) if t.elapsed() < Duration::from_secs(15) => {
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                        }
+                        Err(e) => panic!("etcd back, but: {e}"),
+                    }
+                };
+                let mut heard = HashMap::new();
+                s.move_group("kv", gs[0].group, gs[0].version, "i1")
+                    .await
+                    .unwrap();
+                let t = Instant::now();
+                while !heard.contains_key("assignment") {
+                    assert!(
+                        t.elapsed() < Duration::from_secs(10),
+                        "the watch never came back: {heard:?}"
+                    );
+                    if let Ok(Some(ev)) =
+                        tokio::time::timeout(Duration::from_secs(1), events.next()).await
+                    {
+                        let k = match ev {
+                            Event::Lagged => "lagged",
+                            Event::Assignment { .. } => "assignment",
+                        };
+                        *heard.entry(k).or_insert(0) += 1;
+                    } else if !heard.contains_key("assignment") {
+                        // The watch may be re-established after the move:
+                        // move again so it has something to hear.
+                        let gs = s.groups("kv").await.unwrap();
+                        s.move_group("kv", gs[0].group, gs[0].version, "i0")
+                            .await
+                            .unwrap();
+                    }
+                }
+                assert!(
+                    heard.contains_key("lagged"),
+                    "watchers were told to read again: {heard:?}"
+                );
+            });
+        });
+        assert_eq!(from_store.recv().unwrap(), "ready");
+        site.etcd.stop();
+        to_store.send(()).unwrap();
+        assert_eq!(from_store.recv().unwrap(), "failed");
+        site.etcd.restart();
+        to_store.send(()).unwrap();
+        handle
+    };
+    rt_thread
+        .join()
+        .unwrap_or_else(|p| std::panic::resume_unwind(p));
+}

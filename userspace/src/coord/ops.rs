@@ -1,0 +1,127 @@
+//! The changes every backend makes, on one service's groups (sorted by
+//! base): each checks the versions it was given first and changes nothing
+//! when one is stale. `next` is the backend's version counter.
+
+use super::{CoordError, GroupEntry, Version, check_partition};
+use crate::plan::Group;
+
+fn fresh(next: &mut Version) -> Version {
+    *next += 1;
+    *next
+}
+
+/// Index of `group` at `version`, or the conflict.
+fn find(
+    entries: &[GroupEntry],
+    service: &str,
+    group: Group,
+    version: Version,
+) -> Result<usize, CoordError> {
+    match entries.iter().position(|e| e.group == group) {
+        Some(i) if entries[i].version == version => Ok(i),
+        found => Err(CoordError::Conflict {
+            service: service.to_owned(),
+            group,
+            expected: version,
+            found: found.map(|i| entries[i].version),
+        }),
+    }
+}
+
+/// A fresh assignment from `groups` (any order), which must partition the
+/// units.
+pub(super) fn build(
+    next: &mut Version,
+    service: &str,
+    groups: &[(Group, String)],
+) -> Result<Vec<GroupEntry>, CoordError> {
+    check_partition(groups.iter().map(|(g, _)| g)).map_err(|reason| CoordError::NotAPartition {
+        service: service.to_owned(),
+        reason,
+    })?;
+    let mut out: Vec<GroupEntry> = groups
+        .iter()
+        .map(|(g, o)| GroupEntry {
+            group: *g,
+            owner: o.clone(),
+            version: fresh(next),
+        })
+        .collect();
+    out.sort_by_key(|e| e.group.base());
+    Ok(out)
+}
+
+pub(super) fn move_group(
+    entries: &mut [GroupEntry],
+    next: &mut Version,
+    service: &str,
+    group: Group,
+    version: Version,
+    to: &str,
+) -> Result<Version, CoordError> {
+    let i = find(entries, service, group, version)?;
+    let v = fresh(next);
+    to.clone_into(&mut entries[i].owner);
+    entries[i].version = v;
+    Ok(v)
+}
+
+pub(super) fn split(
+    entries: &mut Vec<GroupEntry>,
+    next: &mut Version,
+    service: &str,
+    group: Group,
+    version: Version,
+) -> Result<[GroupEntry; 2], CoordError> {
+    let i = find(entries, service, group, version)?;
+    let (lo, hi) = group.split().ok_or(CoordError::Indivisible { group })?;
+    let owner = entries[i].owner.clone();
+    let halves = [
+        GroupEntry {
+            group: lo,
+            owner: owner.clone(),
+            version: fresh(next),
+        },
+        GroupEntry {
+            group: hi,
+            owner,
+            version: fresh(next),
+        },
+    ];
+    entries.splice(i..=i, halves.clone());
+    Ok(halves)
+}
+
+pub(super) fn merge(
+    entries: &mut Vec<GroupEntry>,
+    next: &mut Version,
+    service: &str,
+    a: (Group, Version),
+    b: (Group, Version),
+) -> Result<GroupEntry, CoordError> {
+    let merged =
+        a.0.merge(b.0)
+            .ok_or(CoordError::NotBuddies { a: a.0, b: b.0 })?;
+    let ia = find(entries, service, a.0, a.1)?;
+    let ib = find(entries, service, b.0, b.1)?;
+    if entries[ia].owner != entries[ib].owner {
+        return Err(CoordError::DifferentOwners { a: a.0, b: b.0 });
+    }
+    let entry = GroupEntry {
+        group: merged,
+        owner: entries[ia].owner.clone(),
+        version: fresh(next),
+    };
+    let (first, second) = (ia.min(ib), ia.max(ib));
+    entries.remove(second);
+    entries[first] = entry.clone();
+    Ok(entry)
+}
+
+/// The group of sorted, partitioning `entries` that holds `unit`.
+pub(super) fn group_of(entries: &[GroupEntry], unit: u32) -> &GroupEntry {
+    // A partition sorted by base: the last group starting at or below the
+    // unit holds it.
+    let i = entries.partition_point(|e| e.group.base() <= unit);
+    &entries[i.checked_sub(1).expect("the first group starts at 0")]
+}
