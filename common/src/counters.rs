@@ -41,8 +41,29 @@ pub const PASS_NOT_FOR_HOST: u32 = 12;
 // A packet on a VLAN its service is not on is `PASS_NO_SERVICE`: the VLAN
 // id is part of the service key.
 
+/// The owner runs on another host: encapsulated and sent there.
+pub const ENCAPSULATED: u32 = 13;
+/// The owner runs on another host, but the packet would exceed the
+/// underlay's MTU once encapsulated: dropped.
+pub const ENCAP_TOO_BIG: u32 = 14;
+/// The owner runs on another host whose next hop is not resolved yet:
+/// dropped.
+pub const ENCAP_NO_ROUTE: u32 = 15;
+/// Encapsulated by a cluster member and delivered here.
+pub const DECAP_DELIVERED: u32 = 16;
+/// To our encapsulation port, but not from a cluster member: dropped.
+pub const DECAP_REFUSED: u32 = 17;
+/// From a member, but not a packet we encapsulate (bad GUE header, inner
+/// packet malformed): dropped.
+pub const DECAP_MALFORMED: u32 = 18;
+/// From a member for an instance that is not a live one of this host, and
+/// this host's owner of the unit is not one either (the hosts' tables
+/// disagree during a move): dropped rather than sent on, so a packet never
+/// loops between hosts.
+pub const DECAP_STALE: u32 = 19;
+
 /// Number of global counters.
-pub const COUNT: u32 = 13;
+pub const COUNT: u32 = 20;
 
 /// Whether counter `index` is an outcome (one per packet) rather than an
 /// attribute counted beside one.
@@ -66,4 +87,11 @@ pub const NAMES: [&str; COUNT as usize] = [
     "punted",
     "pass_stacked_vlan",
     "pass_not_for_host",
+    "encapsulated",
+    "encap_too_big",
+    "encap_no_route",
+    "decap_delivered",
+    "decap_refused",
+    "decap_malformed",
+    "decap_stale",
 ];

@@ -12,6 +12,7 @@
 )]
 
 pub mod counters;
+pub mod encap;
 #[cfg(any(test, feature = "fuzz"))]
 pub mod fuzz;
 pub mod key;
@@ -49,6 +50,9 @@ pub const MAX_TAG_LEN: u32 = 16;
 /// Host MACs the data path accepts frames for (the interface's own, plus
 /// configured ones such as a VRRP virtual MAC).
 pub const MAX_HOST_MACS: usize = 4;
+/// Other hosts of a cluster the data path can send to (`REMOTE_HOSTS`
+/// slots, from 1).
+pub const MAX_HOSTS: u32 = 256;
 /// Most IPv6 extension headers walked before the transport header.
 pub const MAX_IPV6_EXT_HEADERS: usize = 6;
 

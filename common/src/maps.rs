@@ -16,9 +16,15 @@ pub mod names {
     pub const PUNT: &str = "PUNT";
     pub const HOST: &str = "HOST";
     pub const INSTANCE_NAMES: &str = "INSTANCE_NAMES";
+    pub const CLUSTER: &str = "CLUSTER";
+    pub const REMOTE_HOSTS: &str = "REMOTE_HOSTS";
+    pub const MEMBERS: &str = "MEMBERS";
 
     /// Every map of the program, for pinning them all.
-    pub const ALL: [&str; 12] = [
+    pub const ALL: [&str; 15] = [
+        CLUSTER,
+        REMOTE_HOSTS,
+        MEMBERS,
         PUNT,
         HOST,
         INSTANCE_NAMES,
@@ -39,9 +45,12 @@ pub mod names {
 /// Written into the pin directory; an agent adopts only pins of its own
 /// layout.
 pub const LAYOUT: u64 = {
-    const EPOCH: u64 = 3;
+    const EPOCH: u64 = 4;
     let parts = [
         EPOCH,
+        size_of::<ClusterEntry>() as u64,
+        size_of::<RemoteHost>() as u64,
+        size_of::<MemberKey>() as u64,
         size_of::<ServiceKey>() as u64,
         size_of::<ServiceEntry>() as u64,
         size_of::<HostMacs>() as u64,
@@ -177,6 +186,9 @@ pub const NO_OWNER: u32 = 0;
 
 /// Instance is live: its packets may be delivered.
 pub const INSTANCE_LIVE: u32 = 1;
+/// Instance runs on another host ([`InstanceEntry::host`]): its packets are
+/// encapsulated and sent there.
+pub const INSTANCE_REMOTE: u32 = 2;
 
 /// Value of the instance array, indexed by instance id (ids start at 1; 0 is
 /// [`NO_OWNER`]). The DEVMAP `DELIVER` holds the matching host-side veth at
@@ -193,8 +205,56 @@ pub struct InstanceEntry {
     pub flags: u32,
     /// Service id the instance serves (to catch a stale owner entry).
     pub service_id: u32,
+    /// With `INSTANCE_REMOTE`: the host it runs on, an index into
+    /// `REMOTE_HOSTS` (from 1).
+    pub host: u32,
+    pub pad: u32,
 }
-const _: () = assert!(size_of::<InstanceEntry>() == 16);
+const _: () = assert!(size_of::<InstanceEntry>() == 24);
+
+/// This host in the cluster (entry 0 of `CLUSTER`): where encapsulated
+/// packets leave from and arrive at. All zero on a host without a cluster:
+/// nothing is encapsulated or decapsulated.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct ClusterEntry {
+    /// This host's underlay address, as words ([`crate::key`]).
+    pub underlay: [u32; 4],
+    /// The NIC's MAC: the source of encapsulated frames.
+    pub mac: [u8; 6],
+    /// Family of the underlay (`FAMILY_V4`/`FAMILY_V6`); 0: no cluster.
+    pub family: u8,
+    pub pad: u8,
+    /// The encapsulation's UDP port, in wire order (as `Flow::ports` has it).
+    pub port_be: u16,
+    /// The NIC's MTU: an encapsulated packet longer than this is not sent.
+    pub mtu: u16,
+    pub reserved: u32,
+}
+const _: () = assert!(size_of::<ClusterEntry>() == 32);
+
+/// Another host of the cluster (`REMOTE_HOSTS`, indexed from 1).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct RemoteHost {
+    /// Its underlay address, as words; the same family as ours.
+    pub underlay: [u32; 4],
+    /// The next hop's MAC towards it (the neighbour table's); all zero
+    /// while unresolved: its packets are not sent.
+    pub next_hop: [u8; 6],
+    pub pad: u16,
+}
+const _: () = assert!(size_of::<RemoteHost>() == 24);
+
+/// Key of `MEMBERS`: an underlay address packets are decapsulated from.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct MemberKey {
+    pub addr: [u32; 4],
+    pub family: u8,
+    pub pad: [u8; 3],
+}
+const _: () = assert!(size_of::<MemberKey>() == 20);
 
 /// Value of the `INSTANCE_NAMES` array, indexed by instance id: the name of
 /// the instance holding the id, NUL-padded (all zero: the id is free).
@@ -279,6 +339,12 @@ mod pod {
     unsafe impl aya::Pod for super::PinKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::Pin {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::ClusterEntry {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::RemoteHost {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::MemberKey {}
 }
 
 #[cfg(feature = "user")]

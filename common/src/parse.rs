@@ -168,7 +168,7 @@ const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
 const ETH_P_8021Q: u16 = 0x8100;
 const ETH_P_8021AD: u16 = 0x88a8;
-const ETH_HLEN: usize = 14;
+pub const ETH_HLEN: usize = 14;
 
 /// Parses Ethernet, one VLAN tag, IPv4 or IPv6, and UDP or TCP.
 #[inline(always)]

@@ -11,21 +11,28 @@
 )]
 
 use aya_ebpf::{
-    bindings::{BPF_F_MMAPABLE, xdp_action::XDP_PASS},
+    bindings::{
+        BPF_F_MMAPABLE,
+        xdp_action::{XDP_DROP, XDP_PASS, XDP_TX},
+    },
     helpers::generated::{bpf_ktime_get_coarse_ns, bpf_xdp_adjust_head, bpf_xdp_load_bytes},
     macros::{map, xdp},
     maps::{Array, DevMap, HashMap, LruHashMap, PerCpuArray, XskMap},
     programs::XdpContext,
 };
 use sluice_common::{
-    DEFAULT_PINNED_FLOWS, HIT_BUCKETS_PER_SERVICE, INSTANCE_SLOTS, MAX_PUNT_QUEUES, MAX_SERVICES,
-    UNITS_PER_SERVICE, counters, hit_index,
+    DEFAULT_PINNED_FLOWS, HIT_BUCKETS_PER_SERVICE, INSTANCE_SLOTS, MAX_HOSTS, MAX_PUNT_QUEUES,
+    MAX_SERVICES, UNITS_PER_SERVICE, counters,
+    encap::{self, GUE_LEN, Gue, Tunnel},
+    hit_index,
     maps::{
-        HostMacs, INSTANCE_LIVE, InstanceCounters, InstanceEntry, InstanceName, NO_OWNER, PIN_TCP,
-        PIN_UDP, PROTO_TCP, Pin, PinKey, ServiceCounters, ServiceEntry, ServiceKey, mac_word,
+        ClusterEntry, FAMILY_V4, FAMILY_V6, HostMacs, INSTANCE_LIVE, INSTANCE_REMOTE,
+        InstanceCounters, InstanceEntry, InstanceName, MemberKey, NO_OWNER, PIN_TCP, PIN_UDP,
+        PROTO_TCP, PROTO_UDP, Pin, PinKey, RemoteHost, ServiceCounters, ServiceEntry, ServiceKey,
+        mac_word,
     },
     owner_index,
-    parse::{self, Flow, Frame, FromBytes, Pass, VLAN_TAG_LEN},
+    parse::{self, ETH_HLEN, Flow, Frame, FromBytes, Pass, VLAN_TAG_LEN},
     unit_of,
 };
 
@@ -80,6 +87,19 @@ static PINNED: LruHashMap<PinKey, Pin> = LruHashMap::with_max_entries(DEFAULT_PI
 #[map]
 static PUNT: XskMap = XskMap::with_max_entries(MAX_PUNT_QUEUES, 0);
 
+/// This host in its cluster (entry 0); all zero without a cluster.
+#[map]
+static CLUSTER: Array<ClusterEntry> = Array::with_max_entries(1, 0);
+
+/// Host index -> another host's underlay address and next hop.
+#[map]
+static REMOTE_HOSTS: Array<RemoteHost> = Array::with_max_entries(MAX_HOSTS + 1, 0);
+
+/// Underlay addresses of the cluster's hosts: the only sources whose
+/// encapsulated packets are taken.
+#[map]
+static MEMBERS: HashMap<MemberKey, u32> = HashMap::with_max_entries(MAX_HOSTS + 1, 0);
+
 /// Per-unit hit counts, `HIT_BUCKETS_PER_SERVICE` coarse buckets a service.
 #[map]
 static UNIT_HITS: PerCpuArray<u64> =
@@ -105,23 +125,36 @@ fn sluice_xdp(ctx: XdpContext) -> u32 {
 fn try_sluice_xdp(frame: &mut XdpFrame) -> Result<(u32, u32), Pass> {
     let flow = parse::parse(&*frame)?;
     // SAFETY: the value is only read, and the agent replaces entries whole.
-    let svc = unsafe { SERVICES.get(flow.service_key()) }.ok_or(Pass::NoService)?;
+    let Some(svc) = (unsafe { SERVICES.get(flow.service_key()) }) else {
+        // Not a service's: perhaps a cluster member's encapsulated packet.
+        return from_peer(frame, &flow);
+    };
     if !frame.for_host() {
         return Ok((XDP_PASS, counters::PASS_NOT_FOR_HOST));
     }
-    let keyed = parse::key_for(&*frame, &flow, svc);
+    Ok(steer(frame, &flow, svc, None))
+}
+
+/// A packet of a service, arrived from a client (`peer` none) or
+/// decapsulated from a cluster member (`peer`: what its GUE header said).
+#[inline(always)]
+fn steer(frame: &mut XdpFrame, flow: &Flow, svc: &ServiceEntry, peer: Option<Gue>) -> (u32, u32) {
+    let keyed = parse::key_for(&*frame, flow, svc);
     let unit = unit_of(keyed.key);
     let bytes = frame.size() as u64;
 
     let sc = SERVICE_COUNTERS.get_ptr_mut(svc.id);
-    count(sc, |c| {
-        c.packets += 1;
-        c.bytes += bytes;
-        c.tagged += u64::from(keyed.tagged);
-        c.tag_missing += u64::from(keyed.tag_missing);
-    });
-    if keyed.tag_missing {
-        bump(&GLOBAL_COUNTERS, counters::TAG_MISSING);
+    // Counted where the packet entered the cluster, once.
+    if peer.is_none() {
+        count(sc, |c| {
+            c.packets += 1;
+            c.bytes += bytes;
+            c.tagged += u64::from(keyed.tagged);
+            c.tag_missing += u64::from(keyed.tag_missing);
+        });
+        if keyed.tag_missing {
+            bump(&GLOBAL_COUNTERS, counters::TAG_MISSING);
+        }
     }
 
     let pin_kind = if flow.proto == PROTO_TCP {
@@ -129,48 +162,202 @@ fn try_sluice_xdp(frame: &mut XdpFrame) -> Result<(u32, u32), Pass> {
     } else {
         PIN_UDP
     };
-    let (owner, instance, of_unit) = if svc.flags & pin_kind != 0 {
-        pinned_owner(&flow, svc, unit, sc)
+    let (owner, instance, of_unit) = if let Some(g) = peer {
+        // The sender's choice, if it is a live instance of this host;
+        // else this host's owner of the unit, if that is one. Never sent
+        // on: a packet does not loop between hosts whose tables disagree.
+        let target = u32::from(g.target);
+        if let Some(i) = local_live(target, svc.id) {
+            (target, Some(i), target == unit_owner(svc.id, unit))
+        } else {
+            let owner = unit_owner(svc.id, unit);
+            let Some(i) = local_live(owner, svc.id) else {
+                return (XDP_DROP, counters::DECAP_STALE);
+            };
+            (owner, Some(i), true)
+        }
+    } else if svc.flags & pin_kind != 0 {
+        pinned_owner(flow, svc, unit, sc)
     } else {
         let owner = unit_owner(svc.id, unit);
         (owner, live_instance(owner, svc.id), true)
     };
+    let Some(instance) = instance else {
+        // No live owner: to the agent, which claims the unit and re-injects
+        // the packet. With no socket on this queue, to the kernel.
+        if of_unit {
+            bump(&UNIT_HITS, hit_index(svc.id, unit));
+        }
+        count(sc, |c| c.unowned += 1);
+        return match PUNT.redirect(frame.rx_queue, u64::from(XDP_PASS)) {
+            Ok(action) => (action, counters::PUNTED),
+            Err(_) => (XDP_PASS, counters::UNOWNED),
+        };
+    };
+    if instance.flags & INSTANCE_REMOTE != 0 {
+        // Its hits are counted where it is delivered.
+        return to_host(frame, flow, instance, owner, keyed.key);
+    }
     // A unit's hits are the load that moves with it: a packet held by a pin
     // to another instance is that instance's load, not the unit's.
     if of_unit {
         bump(&UNIT_HITS, hit_index(svc.id, unit));
     }
-    let Some(instance) = instance else {
-        // No live owner: to the agent, which claims the unit and re-injects
-        // the packet. With no socket on this queue, to the kernel.
-        count(sc, |c| c.unowned += 1);
-        return Ok(match PUNT.redirect(frame.rx_queue, u64::from(XDP_PASS)) {
-            Ok(action) => (action, counters::PUNTED),
-            Err(_) => (XDP_PASS, counters::UNOWNED),
-        });
-    };
 
     let ic = INSTANCE_COUNTERS.get_ptr_mut(owner);
     // Lookup failure returns the low bits of the flags: XDP_PASS.
     let Ok(action) = DELIVER.redirect(owner, u64::from(XDP_PASS)) else {
         count(sc, |c| c.redirect_failed += 1);
         count(ic, |c| c.redirect_failed += 1);
-        return Ok((XDP_PASS, counters::REDIRECT_FAILED));
+        return (XDP_PASS, counters::REDIRECT_FAILED);
     };
     // The redirect happens after we return, so the frame may still change.
     // The instance's veth carries untagged frames only.
     if flow.vlan_tagged && !frame.pop_vlan() {
-        return Ok((XDP_PASS, counters::PASS_TRUNCATED));
+        return (XDP_PASS, counters::PASS_TRUNCATED);
     }
     if !frame.set_dst_mac(&instance.mac) {
-        return Ok((XDP_PASS, counters::PASS_TRUNCATED));
+        return (XDP_PASS, counters::PASS_TRUNCATED);
     }
-    count(sc, |c| c.delivered += 1);
     count(ic, |c| {
         c.packets += 1;
         c.bytes += bytes;
     });
-    Ok((action, counters::DELIVERED))
+    if peer.is_some() {
+        return (action, counters::DECAP_DELIVERED);
+    }
+    count(sc, |c| c.delivered += 1);
+    (action, counters::DELIVERED)
+}
+
+/// A packet that is not a service's: a cluster member's encapsulated
+/// packet (to our underlay address and encapsulation port) is taken out of
+/// its outer headers and steered like a client's; anything else passes.
+#[inline(always)]
+fn from_peer(frame: &mut XdpFrame, outer: &Flow) -> Result<(u32, u32), Pass> {
+    let Some(cl) = CLUSTER.get(0) else {
+        return Err(Pass::NoService);
+    };
+    if cl.family == 0
+        || outer.proto != PROTO_UDP
+        || outer.family != cl.family
+        || (outer.ports >> 16) as u16 != cl.port_be
+        || outer.dst != cl.underlay
+    {
+        return Err(Pass::NoService);
+    }
+    if !frame.for_host() {
+        return Ok((XDP_PASS, counters::PASS_NOT_FOR_HOST));
+    }
+    let member = MemberKey {
+        addr: outer.src,
+        family: outer.family,
+        pad: [0; 3],
+    };
+    // SAFETY: only read.
+    if unsafe { MEMBERS.get(member) }.is_none() {
+        return Ok((XDP_DROP, counters::DECAP_REFUSED));
+    }
+    let gue_at = outer.l4_off + 8;
+    let Some(g) = frame
+        .load::<[u8; GUE_LEN]>(gue_at)
+        .and_then(|b| encap::parse_gue(&b))
+    else {
+        return Ok((XDP_DROP, counters::DECAP_MALFORMED));
+    };
+    let Some(src_mac) = frame.load::<[u8; 6]>(6) else {
+        return Ok((XDP_DROP, counters::DECAP_MALFORMED));
+    };
+    // The inner packet gets an Ethernet header in place of the outer
+    // headers' last bytes: the frame then starts ETH_HLEN before it.
+    if !frame.strip(gue_at + GUE_LEN - ETH_HLEN) {
+        return Ok((XDP_DROP, counters::DECAP_MALFORMED));
+    }
+    let ethertype: u16 = if g.inner_family == FAMILY_V6 {
+        0x86DD
+    } else {
+        0x0800
+    };
+    if !frame.write_eth([0; 6], src_mac, ethertype) {
+        return Ok((XDP_DROP, counters::DECAP_MALFORMED));
+    }
+    let Ok(inner) = parse::parse(&*frame) else {
+        return Ok((XDP_DROP, counters::DECAP_MALFORMED));
+    };
+    // The inner packet travels untagged; its service's VLAN came along.
+    let mut key = inner.service_key();
+    key.vlan = g.vlan;
+    // SAFETY: as above.
+    let Some(svc) = (unsafe { SERVICES.get(key) }) else {
+        return Ok((XDP_DROP, counters::DECAP_STALE));
+    };
+    Ok(steer(frame, &inner, svc, Some(g)))
+}
+
+/// Encapsulates the packet for `owner`, an instance on another host, and
+/// sends it back out of the NIC towards that host's next hop.
+#[inline(always)]
+fn to_host(
+    frame: &mut XdpFrame,
+    flow: &Flow,
+    instance: &InstanceEntry,
+    owner: u32,
+    key: u32,
+) -> (u32, u32) {
+    let (Some(cl), Some(host)) = (CLUSTER.get(0), REMOTE_HOSTS.get(instance.host)) else {
+        return (XDP_DROP, counters::ENCAP_NO_ROUTE);
+    };
+    if cl.family == 0 || host.next_hop == [0; 6] {
+        return (XDP_DROP, counters::ENCAP_NO_ROUTE);
+    }
+    if flow.vlan_tagged && !frame.pop_vlan() {
+        return (XDP_PASS, counters::PASS_TRUNCATED);
+    }
+    let inner_len = frame.size() - ETH_HLEN;
+    let outer_len = encap::outer_len(cl.family);
+    // Not fragmented: production balancers (Katran, GLB) run their
+    // underlay with room for the overhead, and count what does not fit.
+    if inner_len + outer_len > usize::from(cl.mtu) {
+        return (XDP_DROP, counters::ENCAP_TOO_BIG);
+    }
+    if !frame.grow(outer_len) {
+        return (XDP_DROP, counters::ENCAP_TOO_BIG);
+    }
+    let (ethertype, ok) = {
+        let t = Tunnel {
+            src: cl.underlay,
+            dst: host.underlay,
+            sport: encap::source_port(key),
+            dport: u16::from_be(cl.port_be),
+        };
+        #[expect(
+            clippy::cast_possible_truncation,
+            reason = "ids are below MAX_INSTANCES"
+        )]
+        let g = Gue {
+            inner_family: flow.family,
+            target: owner as u16,
+            vlan: flow.vlan,
+            previous: 0,
+        };
+        #[expect(clippy::cast_possible_truncation, reason = "below the MTU, a u16")]
+        let len = inner_len as u16;
+        if cl.family == FAMILY_V4 {
+            (
+                0x0800,
+                frame.write_at(ETH_HLEN, &encap::outer_v4(&t, len, &g)),
+            )
+        } else {
+            (
+                0x86DD,
+                frame.write_at(ETH_HLEN, &encap::outer_v6(&t, len, &g)),
+            )
+        }
+    };
+    if !ok || !frame.write_eth(host.next_hop, cl.mac, ethertype) {
+        return (XDP_DROP, counters::ENCAP_TOO_BIG);
+    }
+    (XDP_TX, counters::ENCAPSULATED)
 }
 
 #[inline(always)]
@@ -190,6 +377,12 @@ fn live_instance(owner: u32, service_id: u32) -> Option<&'static InstanceEntry> 
     INSTANCES
         .get(owner)
         .filter(|i| i.flags & INSTANCE_LIVE != 0 && i.service_id == service_id)
+}
+
+/// As [`live_instance`], and on this host.
+#[inline(always)]
+fn local_live(id: u32, service_id: u32) -> Option<&'static InstanceEntry> {
+    live_instance(id, service_id).filter(|i| i.flags & INSTANCE_REMOTE == 0)
 }
 
 /// Owner of a flow of a pinning service, with its entry if live, and
@@ -314,8 +507,23 @@ impl XdpFrame {
         let Some(src) = self.load::<[u8; 6]>(6) else {
             return false;
         };
+        if !self.adjust(VLAN_POP) {
+            return false;
+        }
+        if self.data + 12 > self.end {
+            return false;
+        }
+        // SAFETY: the 12 bytes at `data` were just checked to be in the frame.
+        unsafe { ((self.data + 6) as *mut [u8; 6]).write_unaligned(src) };
+        true
+    }
+
+    /// Moves the frame's start by `delta` bytes (positive: drops bytes at
+    /// the front) and reloads the packet pointers.
+    #[inline(always)]
+    fn adjust(&mut self, delta: i32) -> bool {
         // SAFETY: `ctx` is this run's context.
-        if unsafe { bpf_xdp_adjust_head(self.ctx, VLAN_POP) } != 0 {
+        if unsafe { bpf_xdp_adjust_head(self.ctx, delta) } != 0 {
             return false;
         }
         // The helper invalidates every packet pointer: reload them.
@@ -324,12 +532,52 @@ impl XdpFrame {
             self.data = (*self.ctx).data as usize;
             self.end = (*self.ctx).data_end as usize;
         }
-        if self.data + 12 > self.end {
+        true
+    }
+
+    /// Drops `n` bytes (< 256) at the front.
+    #[inline(always)]
+    #[expect(
+        clippy::cast_possible_truncation,
+        clippy::cast_possible_wrap,
+        reason = "n < 256"
+    )]
+    fn strip(&mut self, n: usize) -> bool {
+        n < 256 && self.adjust(n as i32)
+    }
+
+    /// Makes room for `n` bytes (< 256) at the front.
+    #[inline(always)]
+    #[expect(
+        clippy::cast_possible_truncation,
+        clippy::cast_possible_wrap,
+        reason = "n < 256"
+    )]
+    fn grow(&mut self, n: usize) -> bool {
+        n < 256 && self.adjust(-(n as i32))
+    }
+
+    /// Writes `bytes` at `off`, if the frame holds them.
+    #[inline(always)]
+    fn write_at<const N: usize>(&self, off: usize, bytes: &[u8; N]) -> bool {
+        let start = self.data + off;
+        if start + N > self.end {
             return false;
         }
-        // SAFETY: the 12 bytes at `data` were just checked to be in the frame.
-        unsafe { ((self.data + 6) as *mut [u8; 6]).write_unaligned(src) };
+        // SAFETY: the N bytes at `start` were just checked to be in the frame.
+        unsafe { (start as *mut [u8; N]).write_unaligned(*bytes) };
         true
+    }
+
+    /// Writes an Ethernet header at the front.
+    #[inline(always)]
+    fn write_eth(&self, dst: [u8; 6], src: [u8; 6], ethertype: u16) -> bool {
+        let t = ethertype.to_be_bytes();
+        let h = [
+            dst[0], dst[1], dst[2], dst[3], dst[4], dst[5], src[0], src[1], src[2], src[3], src[4],
+            src[5], t[0], t[1],
+        ];
+        self.write_at(0, &h)
     }
 
     #[inline(always)]

@@ -19,8 +19,9 @@ use aya::{
 use sluice_common::{
     HIT_BUCKETS_PER_SERVICE, MAX_HOST_MACS, counters,
     maps::{
-        HostMacs, INSTANCE_LIVE, InstanceCounters, InstanceEntry, InstanceName, PROGRAM_NAME, Pin,
-        PinKey, ServiceCounters, ServiceEntry, ServiceKey, mac_word, names,
+        ClusterEntry, HostMacs, INSTANCE_LIVE, INSTANCE_REMOTE, InstanceCounters, InstanceEntry,
+        InstanceName, MemberKey, PROGRAM_NAME, Pin, PinKey, RemoteHost, ServiceCounters,
+        ServiceEntry, ServiceKey, mac_word, names,
     },
     owner_index,
 };
@@ -350,6 +351,8 @@ impl XdpDatapath {
                     generation,
                     flags: if i.live { INSTANCE_LIVE } else { 0 },
                     service_id: i.service_id,
+                    host: 0,
+                    pad: 0,
                 };
                 instances
                     .set(i.id, entry, 0)
@@ -455,6 +458,56 @@ impl XdpDatapath {
         }
         let mut host: Array<&mut MapData, HostMacs> = self.map_mut(names::HOST)?;
         host.set(0, entry, 0).map_err(map_err(names::HOST))
+    }
+
+    /// This host's place in its cluster: where encapsulated packets leave
+    /// from and arrive at (all zero: no cluster).
+    pub fn set_cluster(&mut self, entry: ClusterEntry) -> Result<(), DatapathError> {
+        let mut map: Array<&mut MapData, ClusterEntry> = self.map_mut(names::CLUSTER)?;
+        map.set(0, entry, 0).map_err(map_err(names::CLUSTER))
+    }
+
+    /// Another host of the cluster, at `index` (`1..=MAX_HOSTS`).
+    pub fn set_remote_host(&mut self, index: u32, host: RemoteHost) -> Result<(), DatapathError> {
+        let mut map: Array<&mut MapData, RemoteHost> = self.map_mut(names::REMOTE_HOSTS)?;
+        map.set(index, host, 0)
+            .map_err(map_err(names::REMOTE_HOSTS))
+    }
+
+    /// The underlay addresses encapsulated packets are taken from: exactly
+    /// `members` from now on.
+    pub fn set_members(&mut self, members: &[MemberKey]) -> Result<(), DatapathError> {
+        let mut map: HashMap<&mut MapData, MemberKey, u32> = self.map_mut(names::MEMBERS)?;
+        let stale: Vec<MemberKey> = map
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !members.contains(k))
+            .collect();
+        for k in &stale {
+            map.remove(k).map_err(map_err(names::MEMBERS))?;
+        }
+        for (i, k) in (1..).zip(members) {
+            map.insert(k, i, 0).map_err(map_err(names::MEMBERS))?;
+        }
+        Ok(())
+    }
+
+    /// Instance `id` of service `service_id` runs on remote host `host`
+    /// (an index of [`Self::set_remote_host`]): its packets are
+    /// encapsulated and sent there while `live`.
+    pub fn set_remote_instance(
+        &mut self,
+        id: u32,
+        service_id: u32,
+        host: u32,
+        live: bool,
+    ) -> Result<(), DatapathError> {
+        self.update_instance(id, |e| {
+            e.service_id = service_id;
+            e.host = host;
+            e.mac = [0; 6];
+            e.flags = INSTANCE_REMOTE | if live { INSTANCE_LIVE } else { 0 };
+        })
     }
 
     /// Attaches to `iface`: native XDP, or generic mode when the driver
