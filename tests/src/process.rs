@@ -31,7 +31,11 @@ pub struct Agent {
 
 impl Drop for Agent {
     fn drop(&mut self) {
-        // SAFETY: signalling the child this test started.
+        // Only while it runs: a reaped child's pid may be someone else's.
+        if !matches!(self.child.try_wait(), Ok(None)) {
+            return;
+        }
+        // SAFETY: signalling the child this test started, still running.
         unsafe { libc::kill(i32::try_from(self.child.id()).expect("pid"), libc::SIGTERM) };
         let _ = self.child.wait();
     }
@@ -167,7 +171,9 @@ fn run_command(ns: &Netns, s: &Start<'_>, dir: &Path) -> Command {
         .arg(s.pin_dir)
         .args(["--metrics-addr", &format!("127.0.0.1:{}", s.metrics_port)])
         .stdout(Stdio::null())
-        .stderr(Stdio::piped());
+        // To a file: a pipe nobody reads would fill and stall the agent,
+        // and the log tells what went wrong when a test fails.
+        .stderr(std::fs::File::create(dir.join("agent.log")).expect("agent log"));
     if s.cleanup {
         cmd.arg("--cleanup");
     }
@@ -186,12 +192,7 @@ pub fn start(ns: &Netns, s: &Start<'_>) -> Agent {
     let t = Instant::now();
     while sluice::api::call(&agent.socket, &sluice::api::Request::Status {}).is_err() {
         if let Some(status) = agent.child.try_wait().expect("wait") {
-            let mut err = String::new();
-            let _ = agent
-                .child
-                .stderr
-                .take()
-                .map(|mut e| e.read_to_string(&mut err));
+            let err = agent.log();
             panic!("the agent exited ({status}): {err}");
         }
         assert!(
@@ -224,12 +225,17 @@ pub fn start_failing(ns: &Netns, s: &Start<'_>) -> (std::process::ExitStatus, St
         }
         std::thread::sleep(Duration::from_millis(50));
     };
-    let mut err = String::new();
-    let _ = child.stderr.take().map(|mut e| e.read_to_string(&mut err));
+    let err = std::fs::read_to_string(dir.path().join("agent.log")).unwrap_or_default();
     (status, err)
 }
 
 impl Agent {
+    /// What the agent has logged so far.
+    #[must_use]
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("agent.log")).unwrap_or_default()
+    }
+
     /// The agent's process id.
     #[must_use]
     pub fn pid(&self) -> u32 {
@@ -260,6 +266,12 @@ impl Agent {
     /// Whether the agent still runs.
     pub fn running(&mut self) -> bool {
         self.child.try_wait().expect("wait").is_none()
+    }
+
+    /// Kills the agent (SIGKILL: it cleans nothing up) and waits for it.
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 
     /// Sends SIGTERM and waits for the agent to exit.
@@ -312,4 +324,27 @@ pub fn sluice_as(uid: u32, netns: Option<&str>, args: &[&str]) -> Output {
         .args(args)
         .output()
         .expect("run sluice")
+}
+
+/// GET /metrics of an agent, from inside its namespace `ns`.
+pub fn scrape(ns: &str, port: u16) -> std::io::Result<String> {
+    use std::io::Write as _;
+    crate::netns::run_in(ns, || {
+        let mut c = std::net::TcpStream::connect(("127.0.0.1", port))?;
+        c.set_read_timeout(Some(Duration::from_secs(5)))?;
+        c.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
+        let mut body = String::new();
+        c.read_to_string(&mut body)?;
+        Ok(body)
+    })
+}
+
+/// The value of the sample `name{labels}` (labels as written in the
+/// exposition, e.g. `action="delivered"`) in a scrape, or 0.
+#[must_use]
+pub fn metric(text: &str, name: &str, labels: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(name) && l.contains(labels))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }

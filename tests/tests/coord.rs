@@ -403,7 +403,8 @@ fn instance_ids_are_cluster_wide_and_stable() {
                     let a = a.clone();
                     let n = names_a.clone();
                     async move {
-                        let refs: Vec<&str> = n.iter().map(String::as_str).collect();
+                        let refs: Vec<(&str, &str)> =
+                            n.iter().map(|n| (n.as_str(), "kv")).collect();
                         a.register_instances("ha", &refs).await.unwrap()
                     }
                 },
@@ -411,7 +412,8 @@ fn instance_ids_are_cluster_wide_and_stable() {
                     let b = b.clone();
                     let n = names_b.clone();
                     async move {
-                        let refs: Vec<&str> = n.iter().map(String::as_str).collect();
+                        let refs: Vec<(&str, &str)> =
+                            n.iter().map(|n| (n.as_str(), "kv")).collect();
                         b.register_instances("hb", &refs).await.unwrap()
                     }
                 }
@@ -424,7 +426,10 @@ fn instance_ids_are_cluster_wide_and_stable() {
                 (1..=40).collect::<Vec<_>>(),
                 "40 distinct ids, the lowest free"
             );
-            let again = b.register_instances("hb", &["a3", "b7"]).await.unwrap();
+            let again = b
+                .register_instances("hb", &[("a3", "kv"), ("b7", "kv")])
+                .await
+                .unwrap();
             assert_eq!(again, vec![ra[3], rb[7]]);
             let reg = a.instances().await.unwrap();
             assert_eq!(reg["a3"].host, "hb", "a3 now runs on hb");

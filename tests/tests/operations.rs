@@ -2,13 +2,7 @@
 //! (status, groups, drain with progress, undrain, clear errors) and the
 //! Prometheus endpoint (every metric the Grafana dashboard uses exists).
 
-use std::{
-    collections::BTreeSet,
-    fmt::Write as _,
-    io::{Read as _, Write as _},
-    net::TcpStream,
-    time::Duration,
-};
+use std::{collections::BTreeSet, fmt::Write as _, time::Duration};
 
 use sluice_tests::{netns, process};
 
@@ -108,18 +102,6 @@ fn status_groups_drain_undrain() {
     drop(agent);
 }
 
-/// GET /metrics from inside the namespace.
-fn scrape(ns: &str, port: u16) -> std::io::Result<String> {
-    netns::run_in(ns, || {
-        let mut c = TcpStream::connect(("127.0.0.1", port))?;
-        c.set_read_timeout(Some(Duration::from_secs(5)))?;
-        c.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
-        let mut body = String::new();
-        c.read_to_string(&mut body)?;
-        Ok(body)
-    })
-}
-
 fn names_in_exposition(text: &str) -> BTreeSet<String> {
     text.lines()
         .filter(|l| l.starts_with("sluice_"))
@@ -169,7 +151,7 @@ fn dashboard_uses_only_exported_metrics() {
     );
     // A few control intervals, so every gauge has been set.
     std::thread::sleep(Duration::from_millis(700));
-    let body = scrape(&ns.0, 9477).expect("scrape /metrics");
+    let body = process::scrape(&ns.0, 9477).expect("scrape /metrics");
     assert!(
         body.starts_with("HTTP/1."),
         "not an HTTP answer: {body:.200}"

@@ -2,18 +2,58 @@
 //! against the cluster's, the instances given cluster-wide ids, the host's
 //! lease taken and kept.
 
-use std::{path::Path, sync::Arc};
+use std::{
+    collections::{HashMap, HashSet},
+    net::IpAddr,
+    path::Path,
+    sync::Arc,
+};
 
+use sluice_common::{
+    MAX_HOSTS, key,
+    maps::{ClusterEntry, FAMILY_V4, FAMILY_V6, MemberKey, RemoteHost},
+};
+
+use super::Agent;
 use crate::{
     config::{Config, Service},
-    coord::{CoordError, EtcdOptions, EtcdStore, HostRecord},
+    coord::{CoordError, CoordStore as _, EtcdOptions, EtcdStore, HostRecord, InstanceRecord},
+    datapath::xdp::XdpDatapath,
+    plan::RemotePlan,
+    sys::{ethtool, link, neigh},
 };
+
+/// The cluster's instances as a start or reload sees them.
+#[derive(Clone, Debug, Default)]
+pub struct Registry {
+    /// This host's instances: (id, name).
+    pub local: Vec<(u32, String)>,
+    /// Every other host's instances, by name.
+    pub remote: Vec<(String, InstanceRecord)>,
+}
 
 /// This host's membership of the cluster.
 pub struct Cluster {
     pub store: Arc<EtcdStore>,
     /// This host's name (`cluster.host`).
     pub host: String,
+    /// This host's underlay address.
+    underlay: IpAddr,
+    /// Other hosts' slots in the data path's `REMOTE_HOSTS`, by name;
+    /// kept while the agent runs, so a host's slot never changes under
+    /// its instances.
+    slots: HashMap<String, u32>,
+    /// Next hops already resolved, by host.
+    next_hops: HashMap<String, [u8; 6]>,
+}
+
+/// What one interval's look at the cluster found.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Seen {
+    /// Other live hosts.
+    pub hosts: usize,
+    /// Of them, those whose next hop is not resolved yet.
+    pub unresolved: Vec<String>,
 }
 
 /// What every host must configure alike for `s`: how its packets are
@@ -47,14 +87,17 @@ impl Cluster {
             timeout: c.etcd_timeout,
         })
         .await?;
-        let me = Self {
-            store: Arc::new(store),
-            host: c.host.clone(),
-        };
-        me.check(config).await?;
         let underlay = c
             .underlay
             .expect("the config check requires an underlay with etcd");
+        let me = Self {
+            store: Arc::new(store),
+            host: c.host.clone(),
+            underlay,
+            slots: HashMap::new(),
+            next_hops: HashMap::new(),
+        };
+        me.check(config).await?;
         me.store
             .join(
                 &HostRecord {
@@ -69,9 +112,7 @@ impl Cluster {
         Ok(me)
     }
 
-    /// Checks `config`'s services against the cluster's, and that no other
-    /// host is live: delivering to instances on other hosts is not built
-    /// yet, so a second host would have its groups taken.
+    /// Checks `config`'s services against the cluster's.
     pub async fn check(&self, config: &Config) -> Result<(), CoordError> {
         let specs: Vec<(String, serde_json::Value)> = config
             .services
@@ -79,28 +120,177 @@ impl Cluster {
             .map(|s| (s.name.clone(), service_spec(s)))
             .collect();
         self.store.check_services(&self.host, &specs).await?;
-        let others: Vec<String> = self
-            .store
-            .hosts()
-            .await?
-            .into_keys()
-            .filter(|h| *h != self.host)
-            .collect();
-        if !others.is_empty() {
-            return Err(CoordError::OneHostOnly {
-                others: others.join(", "),
-            });
-        }
         Ok(())
     }
 
     /// The cluster-wide ids of `config`'s instances, as (id, name), for the
-    /// plan to keep; new instances are registered.
-    pub async fn registry(&self, config: &Config) -> Result<Vec<(u32, String)>, CoordError> {
-        let names = instance_names(config);
-        let refs: Vec<&str> = names.iter().map(String::as_str).collect();
-        let ids = self.store.register_instances(&self.host, &refs).await?;
-        Ok(ids.into_iter().zip(names).collect())
+    /// plan to keep (new instances are registered), and the other hosts'
+    /// instances.
+    pub async fn registry(&self, config: &Config) -> Result<Registry, CoordError> {
+        let pairs: Vec<(&str, &str)> = config
+            .services
+            .iter()
+            .flat_map(|s| {
+                s.instances
+                    .iter()
+                    .map(|i| (i.name.as_str(), s.name.as_str()))
+            })
+            .collect();
+        let ids = self.store.register_instances(&self.host, &pairs).await?;
+        let local = ids
+            .into_iter()
+            .zip(pairs)
+            .map(|(id, (n, _))| (id, n.to_owned()))
+            .collect();
+        let remote = self
+            .store
+            .instances()
+            .await?
+            .into_iter()
+            .filter(|(_, r)| r.host != self.host)
+            .collect();
+        Ok(Registry { local, remote })
+    }
+}
+
+impl Cluster {
+    /// Points the data path at this host's place in the cluster: where
+    /// encapsulated packets leave from (the underlay address, the NIC's
+    /// MAC) and arrive at (the encapsulation port), and the NIC's MTU.
+    pub fn program_local(
+        &self,
+        dp: &mut XdpDatapath,
+        config: &Config,
+        iface: &str,
+    ) -> anyhow::Result<()> {
+        let mac = link::mac(iface)?.unwrap_or_default();
+        let mtu = ethtool::mtu(iface)?;
+        let (underlay, family) = words(self.underlay);
+        dp.set_cluster(ClusterEntry {
+            underlay,
+            mac,
+            family,
+            pad: 0,
+            port_be: config.cluster.encap_port.to_be(),
+            mtu,
+            reserved: 0,
+        })?;
+        Ok(())
+    }
+
+    /// After the agent started: the data path learns this host's place,
+    /// then the other hosts; their next hops are given a moment to
+    /// resolve (up to a second), so the first packets for them go out.
+    pub async fn start(&mut self, agent: &mut Agent, config: &Config) -> anyhow::Result<()> {
+        self.program_local(&mut agent.datapath, config, &agent.iface)?;
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(1);
+        loop {
+            let seen = self.sync(agent).await?;
+            if seen.unresolved.is_empty() || std::time::Instant::now() > until {
+                tracing::info!(hosts = seen.hosts, unresolved = ?seen.unresolved, "the data path knows the other hosts");
+                return Ok(());
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+
+    /// One interval's look at the cluster: the live hosts, every
+    /// instance, their loads. The data path learns where each other
+    /// host's instances are (their host's underlay and next hop), whose
+    /// encapsulated packets to take, and which instances are live; the
+    /// control loop learns its remote peers and their loads.
+    pub async fn sync(&mut self, agent: &mut Agent) -> anyhow::Result<Seen> {
+        let hosts = self.store.hosts().await?;
+        let instances = self.store.instances().await?;
+        let loads = self.store.loads().await?;
+        let live: HashSet<String> = hosts.keys().cloned().collect();
+        let mut seen = Seen::default();
+        let (_, family) = words(self.underlay);
+        let mut members = Vec::new();
+        for (name, h) in &hosts {
+            if *name == self.host {
+                continue;
+            }
+            let (underlay, fam) = words(h.underlay);
+            if fam != family {
+                tracing::warn!(host = %name, underlay = %h.underlay, "a host of the other address family: its instances are out of reach");
+                continue;
+            }
+            seen.hosts += 1;
+            members.push(MemberKey {
+                addr: underlay,
+                family,
+                pad: [0; 3],
+            });
+            let slot = self.slot(name)?;
+            if !self.next_hops.contains_key(name) {
+                match neigh::next_hop_mac(h.underlay) {
+                    Ok(Some(mac)) => {
+                        self.next_hops.insert(name.clone(), mac);
+                    }
+                    Ok(None) => seen.unresolved.push(name.clone()),
+                    Err(e) => {
+                        tracing::warn!(host = %name, error = %e, "no next hop towards the host");
+                        seen.unresolved.push(name.clone());
+                    }
+                }
+            }
+            agent.datapath.set_remote_host(
+                slot,
+                RemoteHost {
+                    underlay,
+                    next_hop: self.next_hops.get(name).copied().unwrap_or_default(),
+                    pad: 0,
+                },
+            )?;
+        }
+        agent.datapath.set_members(&members)?;
+        let mut remote = Vec::new();
+        for (name, rec) in &instances {
+            if rec.host == self.host {
+                continue;
+            }
+            let Some(service_id) = agent.plan.service_id(&rec.service) else {
+                continue;
+            };
+            let slot = self.slot(&rec.host)?;
+            agent.datapath.set_remote_instance(
+                rec.id,
+                service_id,
+                slot,
+                live.contains(&rec.host),
+            )?;
+            remote.push(RemotePlan {
+                id: rec.id,
+                name: name.clone(),
+                service_id,
+                host: rec.host.clone(),
+            });
+        }
+        agent.control.set_remote(&remote, &live, &loads);
+        agent.plan.remote = remote;
+        Ok(seen)
+    }
+
+    /// The `REMOTE_HOSTS` slot of host `name`, given on first sight.
+    fn slot(&mut self, name: &str) -> anyhow::Result<u32> {
+        if let Some(s) = self.slots.get(name) {
+            return Ok(*s);
+        }
+        let next = u32::try_from(self.slots.len()).expect("bounded") + 1;
+        if next > MAX_HOSTS {
+            anyhow::bail!("more than {MAX_HOSTS} other hosts in the cluster");
+        }
+        self.slots.insert(name.to_owned(), next);
+        Ok(next)
+    }
+}
+
+/// An address as the data path's words, with its family.
+fn words(a: IpAddr) -> ([u32; 4], u8) {
+    match a {
+        IpAddr::V4(a) => ([key::host::v4(a.octets()), 0, 0, 0], FAMILY_V4),
+        IpAddr::V6(a) => (key::host::v6(a.octets()), FAMILY_V6),
     }
 }
 

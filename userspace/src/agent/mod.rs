@@ -12,12 +12,14 @@ pub mod run;
 
 use std::{path::Path, sync::Arc, time::Instant};
 
+use cluster::Registry;
+
 use crate::{
     config::{ClusterConfig, Config},
     control::{ControlError, Controller, InstanceStatus, MoveEvent, Settled},
     coord::{CoordStore, GroupEntry},
     datapath::{AttachMode, Datapath as _, DatapathError, punt::Punt, xdp::XdpDatapath},
-    plan::{Group, Plan, ResolveError, Resolved, resolve_instance},
+    plan::{Group, Plan, RemotePlan, ResolveError, Resolved, resolve_instance},
     sys::link::{self, LinkError},
     telemetry,
 };
@@ -66,7 +68,7 @@ async fn prepare(
     iface: &str,
     store: &dyn CoordStore,
     pin_dir: Option<&Path>,
-    registry: Option<&[(u32, String)]>,
+    registry: Option<&Registry>,
     resolve: impl FnMut(&crate::config::Instance, &str) -> Result<Resolved, ResolveError>,
 ) -> Result<Prepared, StartError> {
     let iface_err = |source| StartError::Iface {
@@ -77,11 +79,25 @@ async fn prepare(
     // A cluster's ids are the cluster's (owner entries mean the same on
     // every host); one host's are the pinned registry's.
     let registered = match (registry, pin_dir) {
-        (Some(r), _) => r.to_vec(),
+        (Some(r), _) => r.local.clone(),
         (None, Some(d)) => XdpDatapath::registered_instances(d)?,
         (None, None) => Vec::new(),
     };
     let mut plan = Plan::build_with_ids(config, &registered, resolve)?;
+    if let Some(r) = registry {
+        plan.remote = r
+            .remote
+            .iter()
+            .filter_map(|(name, rec)| {
+                Some(RemotePlan {
+                    id: rec.id,
+                    name: name.clone(),
+                    service_id: plan.service_id(&rec.service)?,
+                    host: rec.host.clone(),
+                })
+            })
+            .collect();
+    }
     if let Some(mac) = link::mac(iface).map_err(iface_err)? {
         plan.add_host_mac(mac);
     }
@@ -158,7 +174,7 @@ impl Agent {
         force_generic: bool,
         store: Arc<dyn CoordStore>,
         pin_dir: Option<&Path>,
-        registry: Option<&[(u32, String)]>,
+        registry: Option<&Registry>,
     ) -> Result<Self, StartError> {
         let prepared = prepare(config, iface, &*store, pin_dir, registry, resolve_instance).await?;
         let Prepared {
@@ -215,7 +231,7 @@ impl Agent {
         store: Arc<dyn CoordStore>,
         pin_dir: &Path,
         force_generic: bool,
-        registry: Option<&[(u32, String)]>,
+        registry: Option<&Registry>,
     ) -> Result<(), StartError> {
         if !self.datapath.is_pinned() {
             return Err(StartError::Reload(

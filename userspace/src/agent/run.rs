@@ -7,8 +7,12 @@ use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 use anyhow::Context as _;
 use sluice_common::counters;
 use tokio::signal::unix::{SignalKind, signal};
+use tokio_stream::StreamExt as _;
 
-use super::{Agent, cluster::Cluster};
+use super::{
+    Agent,
+    cluster::{Cluster, Registry},
+};
 use crate::{
     api::{self, InstanceLine},
     config::{Config, StoreKind, format_mac},
@@ -77,7 +81,7 @@ pub fn run(a: &RunOptions) -> anyhow::Result<()> {
         a.generic,
         store.clone(),
         Some(&a.pin_dir),
-        registry.as_deref(),
+        registry.as_ref(),
     )) {
         Ok(agent) => agent,
         Err(e) => {
@@ -103,7 +107,12 @@ pub fn run(a: &RunOptions) -> anyhow::Result<()> {
     if agent.mode == AttachMode::Generic && !a.generic {
         tracing::warn!("generic mode: expect a fraction of native throughput");
     }
-    let agent = rt.block_on(event_loop(a, agent, &store, cluster.as_ref()))?;
+    let mut cluster = cluster;
+    let mut agent = agent;
+    if let Some(c) = &mut cluster {
+        rt.block_on(c.start(&mut agent, &config))?;
+    }
+    let agent = rt.block_on(event_loop(a, agent, &store, cluster.as_mut()))?;
     let _ = std::fs::remove_file(&a.api_socket);
     report(&agent, true);
     let pinned = agent.datapath.is_pinned();
@@ -130,11 +139,7 @@ pub fn run(a: &RunOptions) -> anyhow::Result<()> {
 
 /// The store, and with etcd this host's membership and its instances'
 /// cluster-wide ids.
-type Opened = (
-    Arc<dyn CoordStore>,
-    Option<Cluster>,
-    Option<Vec<(u32, String)>>,
-);
+type Opened = (Arc<dyn CoordStore>, Option<Cluster>, Option<Registry>);
 
 /// Opens the coordination store the config names. The embedded one: a
 /// corrupt state file is moved aside (the pinned data path's owners are
@@ -159,7 +164,7 @@ async fn event_loop(
     a: &RunOptions,
     mut agent: Agent,
     store: &Arc<dyn CoordStore>,
-    cluster: Option<&Cluster>,
+    mut cluster: Option<&mut Cluster>,
 ) -> anyhow::Result<Agent> {
     let shared = api::Shared::new(agent.control.reports.clone(), instance_names(&agent));
     let _api = api::serve(&a.api_socket, shared.clone())
@@ -179,12 +184,20 @@ async fn event_loop(
     punts.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut stats = tokio::time::interval(Duration::from_secs(a.stats_interval.max(1)));
     stats.tick().await;
+    // Other writers (hosts of a cluster, the CLI) change the assignment
+    // too: the data path follows the store.
+    let mut changes = store.watch();
     loop {
         tokio::select! {
+            Some(_) = changes.next() => {
+                if let Err(e) = agent.control.resync_now(&mut agent.datapath).await {
+                    tracing::warn!(error = %e, "following the store's change failed; the next interval tries again");
+                }
+            }
             _ = tokio::signal::ctrl_c() => break,
             _ = term.recv() => break,
             _ = hup.recv() => {
-                match reload(a, &mut agent, store, cluster).await {
+                match reload(a, &mut agent, store, cluster.as_deref()).await {
                     Ok(()) => {
                         *shared.instances.lock().expect("instances lock") = instance_names(&agent);
                         if let Err(e) = report_sockets.sync(&report_targets(&agent)) {
@@ -200,6 +213,11 @@ async fn event_loop(
                 }
             }
             _ = control.tick() => {
+                if let Some(c) = cluster.as_deref_mut()
+                    && let Err(e) = c.sync(&mut agent).await
+                {
+                    tracing::warn!(error = %format!("{e:#}"), "reading the cluster failed; the data path keeps the last assignment");
+                }
                 apply_commands(&mut agent, &shared);
                 if let Err(e) = agent.tick().await {
                     tracing::warn!(error = %e, "control interval failed");
@@ -278,7 +296,7 @@ async fn reload(
             store.clone(),
             &a.pin_dir,
             a.generic,
-            registry.as_deref(),
+            registry.as_ref(),
         )
         .await?;
     Ok(())

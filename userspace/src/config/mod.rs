@@ -288,6 +288,8 @@ pub struct ClusterConfig {
     pub lease_ttl: Duration,
     /// Longest wait for one etcd request.
     pub etcd_timeout: Duration,
+    /// UDP port packets between hosts are encapsulated to (GUE).
+    pub encap_port: u16,
 }
 
 impl Default for ClusterConfig {
@@ -300,6 +302,7 @@ impl Default for ClusterConfig {
             name: "default".into(),
             lease_ttl: Duration::from_secs(5),
             etcd_timeout: Duration::from_secs(1),
+            encap_port: sluice_common::encap::DEFAULT_ENCAP_PORT,
         }
     }
 }

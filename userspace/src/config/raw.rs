@@ -66,6 +66,7 @@ pub(super) struct RawCluster {
     pub(super) name: Option<Field<String>>,
     pub(super) lease_ttl_secs: Option<Field<u32>>,
     pub(super) etcd_timeout_ms: Option<Field<u32>>,
+    pub(super) encap_port: Option<Field<u32>>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]

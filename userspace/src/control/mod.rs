@@ -84,6 +84,18 @@ struct InstCtl {
     inputs: Inputs,
 }
 
+/// An instance on another host: a peer of this host's elements, measured
+/// by its own host (the load it publishes in the store).
+#[derive(Clone, Debug)]
+struct RemoteCtl {
+    name: String,
+    id: u32,
+    host: String,
+    /// Its host holds its lease.
+    live: bool,
+    sample: Sample,
+}
+
 struct ServiceCtl {
     name: String,
     id: u32,
@@ -92,20 +104,69 @@ struct ServiceCtl {
     hits: Vec<Rate>,
     buckets: Vec<f64>,
     instances: Vec<InstCtl>,
+    /// The same service's instances on other hosts (a cluster's).
+    remote: Vec<RemoteCtl>,
 }
 
 impl ServiceCtl {
     /// Counts a move of `group` from `from` to `to` in `samples` (one per
-    /// instance), as the next measurement will show it.
+    /// instance, local ones first, then remote ones), as the next
+    /// measurement will show it.
     fn account(&self, samples: &mut [Sample], group: Group, from: &str, to: &str) {
         let pps = wlm::group_rate(group, &self.buckets);
-        for (sample, i) in samples.iter_mut().zip(&self.instances) {
-            if i.name == from {
+        for (sample, name) in samples.iter_mut().zip(self.names()) {
+            if name == from {
                 *sample = sample.shifted(-pps, self.cfg.capacity_pps);
-            } else if i.name == to {
+            } else if name == to {
                 *sample = sample.shifted(pps, self.cfg.capacity_pps);
             }
         }
+    }
+
+    /// The peers local instance `ii`'s element weighs itself against:
+    /// the other local instances not `out` (drained, failed) and the live
+    /// remote ones, each with its sample in `samples` (local ones first).
+    fn peers(&self, ii: usize, samples: &[Sample], out: impl Fn(&str) -> bool) -> Vec<Peer> {
+        let local = self.instances.len();
+        self.instances
+            .iter()
+            .enumerate()
+            .filter(|(j, p)| *j != ii && !out(&p.name))
+            .map(|(j, p)| Peer {
+                name: p.name.clone(),
+                sample: samples[j],
+                ceiling_pps: p.state.ceiling_pps(),
+            })
+            // Other hosts' instances, as their hosts measure them.
+            .chain(
+                self.remote
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, r)| r.live)
+                    .map(|(j, r)| Peer {
+                        name: r.name.clone(),
+                        sample: samples[local + j],
+                        ceiling_pps: None,
+                    }),
+            )
+            .collect()
+    }
+
+    /// Every instance's name: local ones, then remote ones.
+    fn names(&self) -> impl Iterator<Item = &str> {
+        self.instances
+            .iter()
+            .map(|i| i.name.as_str())
+            .chain(self.remote.iter().map(|r| r.name.as_str()))
+    }
+
+    /// The data path id of instance `name`, local or remote.
+    fn id_of(&self, name: &str) -> Option<u32> {
+        self.instances
+            .iter()
+            .find(|i| i.name == name)
+            .map(|i| i.id)
+            .or_else(|| self.remote.iter().find(|r| r.name == name).map(|r| r.id))
     }
 }
 
@@ -269,9 +330,26 @@ impl Controller {
                 .filter(|i| i.service_id == sp.id)
                 .map(|i| (i.id, i.name.as_str()))
                 .collect();
+            // A cluster's other hosts' instances own groups too.
+            names.extend(
+                plan.remote
+                    .iter()
+                    .filter(|r| r.service_id == sp.id)
+                    .map(|r| (r.id, r.name.as_str())),
+            );
             names.insert(NO_OWNER, UNOWNED);
             let ids: HashMap<&str, u32> = names.iter().map(|(id, n)| (*n, *id)).collect();
-            let configured: Vec<&str> = sc.instances.iter().map(|i| i.name.as_str()).collect();
+            let configured: Vec<&str> = sc
+                .instances
+                .iter()
+                .map(|i| i.name.as_str())
+                .chain(
+                    plan.remote
+                        .iter()
+                        .filter(|r| r.service_id == sp.id)
+                        .map(|r| r.name.as_str()),
+                )
+                .collect();
             let wanted: Vec<(Group, String)> = sp
                 .groups
                 .iter()
@@ -376,6 +454,18 @@ impl Controller {
                         recovering_since: None,
                     })
                     .collect(),
+                remote: plan
+                    .remote
+                    .iter()
+                    .filter(|r| r.service_id == sp.id)
+                    .map(|r| RemoteCtl {
+                        name: r.name.clone(),
+                        id: r.id,
+                        host: r.host.clone(),
+                        live: true,
+                        sample: Sample::default(),
+                    })
+                    .collect(),
             })
             .collect();
         Self {
@@ -412,6 +502,21 @@ impl Controller {
         self.drained = drained;
         self.failed = failed;
         self.failing = failing;
+        let remote_before: HashMap<String, Vec<RemoteCtl>> = old
+            .services
+            .iter()
+            .map(|s| (s.name.clone(), s.remote.clone()))
+            .collect();
+        for s in &mut self.services {
+            if let Some(old) = remote_before.get(&s.name) {
+                for r in &mut s.remote {
+                    if let Some(o) = old.iter().find(|o| o.name == r.name) {
+                        r.live = o.live;
+                        r.sample = o.sample;
+                    }
+                }
+            }
+        }
         let mut before: HashMap<(String, String), InstCtl> = old
             .services
             .into_iter()
@@ -699,6 +804,121 @@ impl Controller {
         Ok(())
     }
 
+    /// The cluster as this host last read it: the other hosts' instances
+    /// (`remote`, for every service), which hosts are live, and every
+    /// instance's published load. Instances registered since the start
+    /// join; an instance whose host is not live is failed, and this host's
+    /// elements take its groups ([`Self::remote_fail_step`]).
+    pub fn set_remote(
+        &mut self,
+        remote: &[crate::plan::RemotePlan],
+        live_hosts: &std::collections::HashSet<String>,
+        loads: &HashMap<String, Load>,
+    ) {
+        for s in &mut self.services {
+            let list: Vec<RemoteCtl> = remote
+                .iter()
+                .filter(|r| r.service_id == s.id)
+                .map(|r| {
+                    let sample = loads.get(&r.name).map_or(Sample::default(), |l| Sample {
+                        rate_pps: l.rate_pps,
+                        drops_ps: 0.0,
+                        utilisation: l.utilisation,
+                    });
+                    RemoteCtl {
+                        name: r.name.clone(),
+                        id: r.id,
+                        host: r.host.clone(),
+                        live: live_hosts.contains(&r.host),
+                        sample,
+                    }
+                })
+                .collect();
+            s.remote = list;
+        }
+    }
+
+    /// Groups owned by instances of hosts that are gone (their lease
+    /// expired) go to this host's least utilised live instance. Every live
+    /// host tries; the store's compare-and-swap lets one win each group,
+    /// and the elements spread the load again from there.
+    async fn remote_fail_step(
+        &mut self,
+        dp: &mut dyn Datapath,
+        now: Instant,
+    ) -> Result<Vec<MoveEvent>, ControlError> {
+        let mut made = Vec::new();
+        for si in 0..self.services.len() {
+            let svc = &self.services[si];
+            let dead: Vec<&str> = svc
+                .remote
+                .iter()
+                .filter(|r| !r.live)
+                .map(|r| r.name.as_str())
+                .collect();
+            if dead.is_empty() {
+                continue;
+            }
+            let Some(to) = svc
+                .instances
+                .iter()
+                .filter(|i| !self.drained.contains(&i.name) && !self.failed.contains(&i.name))
+                .min_by(|a, b| a.sample.utilisation.total_cmp(&b.sample.utilisation))
+                .map(|i| i.name.clone())
+            else {
+                continue;
+            };
+            let name = svc.name.clone();
+            let orphans: Vec<GroupEntry> = self
+                .store
+                .groups(&name)
+                .await?
+                .into_iter()
+                .filter(|e| dead.contains(&e.owner.as_str()))
+                .collect();
+            for e in orphans {
+                match self.store.move_group(&name, e.group, e.version, &to).await {
+                    Ok(_) => {}
+                    // Another host took it first.
+                    Err(CoordError::Conflict { .. }) => continue,
+                    Err(err) => return Err(err.into()),
+                }
+                self.write(dp, si, e.group, &to)?;
+                let ev = MoveEvent {
+                    at: now,
+                    service: name.clone(),
+                    kind: "failover",
+                    group: Some(e.group),
+                    from: e.owner,
+                    to: to.clone(),
+                };
+                self.record(ev.clone());
+                made.push(ev);
+            }
+        }
+        Ok(made)
+    }
+
+    /// Every service's instances on other hosts, as (service, name, host,
+    /// live, sample).
+    #[must_use]
+    pub fn remote_status(&self) -> Vec<(String, String, String, bool, Sample)> {
+        self.services
+            .iter()
+            .flat_map(|s| {
+                s.remote.iter().map(|r| {
+                    (
+                        s.name.clone(),
+                        r.name.clone(),
+                        r.host.clone(),
+                        r.live,
+                        r.sample,
+                    )
+                })
+            })
+            .collect()
+    }
+
     #[must_use]
     pub fn is_failed(&self, instance: &str) -> bool {
         self.failed.contains(instance)
@@ -730,12 +950,20 @@ impl Controller {
                 else {
                     continue;
                 };
-                let Some(to) = self.services[si]
+                let svc = &self.services[si];
+                let Some(to) = svc
                     .instances
                     .iter()
                     .filter(|i| !self.drained.contains(&i.name) && !self.failed.contains(&i.name))
-                    .min_by(|a, b| a.sample.utilisation.total_cmp(&b.sample.utilisation))
-                    .map(|i| i.name.clone())
+                    .map(|i| (i.sample.utilisation, &i.name))
+                    .chain(
+                        svc.remote
+                            .iter()
+                            .filter(|r| r.live)
+                            .map(|r| (r.sample.utilisation, &r.name)),
+                    )
+                    .min_by(|a, b| a.0.total_cmp(&b.0))
+                    .map(|(_, n)| n.clone())
                 else {
                     continue;
                 };
@@ -761,6 +989,7 @@ impl Controller {
         let reports = self.fresh_reports(now);
         self.measure(dp, &reports, now).await?;
         let mut made = self.fail_step(dp, &reports, now).await?;
+        made.extend(self.remote_fail_step(dp, now).await?);
         self.recover_step(dp, &reports, now)?;
         made.extend(self.drain_step(dp, now).await?);
         for si in 0..self.services.len() {
@@ -777,6 +1006,7 @@ impl Controller {
                 .instances
                 .iter()
                 .map(|i| i.sample)
+                .chain(self.services[si].remote.iter().map(|r| r.sample))
                 .collect();
             for ii in order {
                 let svc = &self.services[si];
@@ -786,21 +1016,9 @@ impl Controller {
                     continue;
                 }
                 let assignment = self.store.groups(&svc.name).await?;
-                let peers: Vec<Peer> = svc
-                    .instances
-                    .iter()
-                    .enumerate()
-                    .filter(|(j, p)| {
-                        *j != ii
-                            && !self.drained.contains(&p.name)
-                            && !self.failed.contains(&p.name)
-                    })
-                    .map(|(j, p)| Peer {
-                        name: p.name.clone(),
-                        sample: samples[j],
-                        ceiling_pps: p.state.ceiling_pps(),
-                    })
-                    .collect();
+                let peers = svc.peers(ii, &samples, |n| {
+                    self.drained.contains(n) || self.failed.contains(n)
+                });
                 let me = &svc.instances[ii];
                 let view = View {
                     me: &me.name,
@@ -873,14 +1091,10 @@ impl Controller {
         let id = if to == UNOWNED {
             NO_OWNER
         } else {
-            svc.instances
-                .iter()
-                .find(|i| i.name == to)
-                .ok_or_else(|| ControlError::UnknownInstance {
-                    service: svc.name.clone(),
-                    instance: to.to_owned(),
-                })?
-                .id
+            svc.id_of(to).ok_or_else(|| ControlError::UnknownInstance {
+                service: svc.name.clone(),
+                instance: to.to_owned(),
+            })?
         };
         if let Err(e) = dp.set_group_owner(svc.id, group, id) {
             tracing::warn!(service = %svc.name, group = %group, error = %e, "data path write failed; the next interval writes every group again");
@@ -898,14 +1112,26 @@ impl Controller {
     /// After a failed write: every group of every service written again
     /// from the store, so the data path converges to it.
     async fn resync(&mut self, dp: &mut dyn Datapath) -> Result<(), ControlError> {
+        let mut unknown = None;
         for si in 0..self.services.len() {
             let name = self.services[si].name.clone();
             for e in self.store.groups(&name).await? {
-                self.write(dp, si, e.group, &e.owner)?;
+                match self.write(dp, si, e.group, &e.owner) {
+                    Ok(()) => {}
+                    // An instance another host registered since this one
+                    // last read the cluster: its groups wait for the next
+                    // look, the rest is written.
+                    Err(err @ ControlError::UnknownInstance { .. }) => unknown = Some(err),
+                    Err(err) => return Err(err),
+                }
             }
         }
+        if let Some(err) = unknown {
+            self.resync = true;
+            return Err(err);
+        }
         self.resync = false;
-        tracing::info!("data path written again from the store");
+        tracing::debug!("data path written again from the store");
         Ok(())
     }
 
@@ -981,11 +1207,7 @@ impl Controller {
             .ok_or_else(|| ControlError::UnknownService {
                 service: service.to_owned(),
             })?;
-        if !self.services[si]
-            .instances
-            .iter()
-            .any(|i| i.name == instance)
-        {
+        if self.services[si].id_of(instance).is_none() {
             return Err(ControlError::UnknownInstance {
                 service: service.to_owned(),
                 instance: instance.to_owned(),

@@ -70,11 +70,13 @@ pub struct HostRecord {
     pub instances: Vec<String>,
 }
 
-/// A registered instance: its cluster-wide id and the host it runs on.
+/// A registered instance: its cluster-wide id, the host it runs on and
+/// the service it serves.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InstanceRecord {
     pub id: u32,
     pub host: String,
+    pub service: String,
 }
 
 /// A service as stored: the assignment and the version counter.
@@ -423,31 +425,38 @@ impl EtcdStore {
             .collect()
     }
 
-    /// Cluster-wide ids for this host's instances (same order): a
-    /// registered instance keeps its id (and now runs on `host`); a new one
-    /// takes the lowest id nobody holds, claimed in one transaction with
-    /// its name so two hosts never take the same id.
+    /// Cluster-wide ids for this host's instances, given as (name,
+    /// service), in the same order: a registered instance keeps its id
+    /// (and now runs on `host`); a new one takes the lowest id nobody
+    /// holds, claimed in one transaction with its name so two hosts never
+    /// take the same id.
     pub async fn register_instances(
         &self,
         host: &str,
-        names: &[&str],
+        instances: &[(&str, &str)],
     ) -> Result<Vec<u32>, CoordError> {
-        let mut ids = Vec::with_capacity(names.len());
-        for name in names {
-            ids.push(self.register_instance(host, name).await?);
+        let mut ids = Vec::with_capacity(instances.len());
+        for (name, service) in instances {
+            ids.push(self.register_instance(host, name, service).await?);
         }
         Ok(ids)
     }
 
-    async fn register_instance(&self, host: &str, name: &str) -> Result<u32, CoordError> {
+    async fn register_instance(
+        &self,
+        host: &str,
+        name: &str,
+        service: &str,
+    ) -> Result<u32, CoordError> {
         let key = self.key(&format!("instances/{name}"));
         for _ in 0..CHANGE_TRIES {
             let known = self.instances().await?;
             if let Some(rec) = known.get(name) {
-                if rec.host != host {
+                if rec.host != host || rec.service != service {
                     let value = serde_json::to_vec(&InstanceRecord {
                         id: rec.id,
                         host: host.to_owned(),
+                        service: service.to_owned(),
                     })
                     .expect("instance record serialises");
                     self.client
@@ -468,6 +477,7 @@ impl EtcdStore {
             let value = serde_json::to_vec(&InstanceRecord {
                 id,
                 host: host.to_owned(),
+                service: service.to_owned(),
             })
             .expect("instance record serialises");
             let txn = Txn::new()

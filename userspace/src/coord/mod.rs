@@ -115,10 +115,6 @@ pub enum CoordError {
         host: String,
         ttl: std::time::Duration,
     },
-    #[error(
-        "other hosts are live in the cluster ({others}): this build delivers only to instances on the host it runs on, so one host per cluster; give this host a cluster of its own (`cluster.name`) for now"
-    )]
-    OneHostOnly { others: String },
     #[error("all {max} instance ids of the cluster are taken")]
     NoInstanceIds { max: u32 },
     #[error(

@@ -43,6 +43,18 @@ pub struct InstancePlan {
     pub live: bool,
 }
 
+/// An instance on another host of the cluster: its packets are
+/// encapsulated and sent there.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RemotePlan {
+    /// Cluster-wide id.
+    pub id: u32,
+    pub name: String,
+    pub service_id: u32,
+    /// The host it runs on.
+    pub host: String,
+}
+
 /// What the host says of an instance.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Resolved {
@@ -70,6 +82,8 @@ pub struct ServicePlan {
 pub struct Plan {
     pub services: Vec<ServicePlan>,
     pub instances: Vec<InstancePlan>,
+    /// Instances of the same services on other hosts (a cluster's).
+    pub remote: Vec<RemotePlan>,
     /// Capacity of the pinned-flow map.
     pub pinned_flows: u32,
     /// MACs the data path steers frames for: the configured ones here; the
@@ -225,6 +239,12 @@ impl Plan {
             });
         }
         Ok(plan)
+    }
+
+    /// The id of service `name`.
+    #[must_use]
+    pub fn service_id(&self, name: &str) -> Option<u32> {
+        self.services.iter().find(|s| s.name == name).map(|s| s.id)
     }
 
     /// Owner of every unit of service `service_id`.

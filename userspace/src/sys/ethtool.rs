@@ -84,6 +84,22 @@ pub fn rx_queues(dev: &str) -> u32 {
     ch.rx_count.max(ch.combined_count).max(1)
 }
 
+/// The MTU of `dev` in the calling thread's namespace (`SIOCGIFMTU`: sysfs
+/// shows the namespace it was mounted in, which under `nsenter --net` is
+/// not this one).
+pub fn mtu(dev: &str) -> io::Result<u16> {
+    let sock = std::net::UdpSocket::bind("0.0.0.0:0")?;
+    let mut ifr = ifreq_named(dev)
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "interface name too long"))?;
+    // SAFETY: SIOCGIFMTU writes the MTU into `ifr`.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFMTU, &raw mut ifr) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: SIOCGIFMTU filled the `ifru_mtu` member.
+    let mtu = unsafe { ifr.ifr_ifru.ifru_mtu };
+    Ok(u16::try_from(mtu.max(0)).unwrap_or(u16::MAX))
+}
+
 /// Legacy ethtool set commands.
 #[derive(Clone, Copy)]
 #[repr(u32)]

@@ -7,6 +7,7 @@
 pub mod ethtool;
 pub mod link;
 pub mod lock;
+pub mod neigh;
 pub mod netns;
 
 /// What to check when a bpffs path cannot be made or read.

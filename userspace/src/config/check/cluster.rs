@@ -41,6 +41,13 @@ impl Checker<'_> {
             100,
             60_000,
         );
+        let encap_port = self.int(
+            raw.encap_port,
+            "cluster.encap_port",
+            u32::from(d.encap_port),
+            1,
+            65_535,
+        );
         let no_endpoints = matches!(&endpoints, Some(e) if e.is_empty());
         if etcd {
             for (missing, field, fix) in [
@@ -84,6 +91,7 @@ impl Checker<'_> {
             name: name.unwrap_or(d.name),
             lease_ttl: Duration::from_secs(lease_secs?.into()),
             etcd_timeout: Duration::from_millis(timeout_ms?.into()),
+            encap_port: u16::try_from(encap_port?).expect("checked to fit"),
         })
     }
 

@@ -1,0 +1,223 @@
+//! Sluice as a cluster, end to end: a router spreads the VIPs over three
+//! hosts (ECMP, L4 hash), each running the real `sluice run` with the etcd
+//! store, two instances each, and a real etcd on the router. A packet
+//! entering a host that does not own its unit is encapsulated to the
+//! owner's host; every datagram must arrive exactly once, at the instance
+//! the cluster's assignment (read from etcd) names, wherever it entered.
+
+use std::{
+    collections::{HashMap, HashSet},
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use sluice::coord::{CoordStore as _, EtcdOptions, EtcdStore, GroupEntry};
+use sluice_common::key;
+use sluice_tests::{
+    cluster::{ClusterBed, VIP_V4, VIP_V6},
+    netns, process,
+    traffic::{self, UdpLoad, UdpServers},
+};
+
+const HOSTS: usize = 3;
+const PER_HOST: usize = 2;
+
+fn config(bed: &ClusterBed, k: usize) -> String {
+    format!(
+        "{}[[service]]\nname = \"kv\"\nvips = [\"{VIP_V4}\", \"{VIP_V6}\"]\nport = 7000\n\
+         protocols = [\"udp\", \"tcp\"]\n{}",
+        bed.cluster_toml(k, "interval_ms = 200\nmax_moves_per_sec = 20"),
+        bed.instances_toml("kv", k)
+    )
+}
+
+/// Runs `f` with an etcd client on a thread inside the router namespace.
+fn with_etcd<T: Send + 'static>(
+    bed: &ClusterBed,
+    f: impl FnOnce(Arc<EtcdStore>) -> std::pin::Pin<Box<dyn Future<Output = T>>> + Send + 'static,
+) -> T {
+    let opts = EtcdOptions {
+        endpoints: vec![bed.etcd_endpoint()],
+        cluster: bed.prefix.clone(),
+        timeout: Duration::from_secs(2),
+    };
+    netns::spawn_in(&bed.router.0, move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(async move {
+                let s = Arc::new(EtcdStore::connect(&opts).await.expect("etcd client"));
+                f(s).await
+            })
+    })
+    .join()
+    .unwrap_or_else(|p| std::panic::resume_unwind(p))
+}
+
+fn groups(bed: &ClusterBed) -> Vec<GroupEntry> {
+    with_etcd(bed, |s| {
+        Box::pin(async move { s.groups("kv").await.expect("kv") })
+    })
+}
+
+/// Starts every host's agent, then spreads the service over every
+/// instance of the cluster by writing the assignment into etcd, as
+/// another writer would: the agents follow it through their watches.
+/// (Idle instances never trade groups on their own.)
+fn start_cluster(bed: &mut ClusterBed) -> Vec<GroupEntry> {
+    for k in 0..HOSTS {
+        let c = config(bed, k);
+        bed.start_agent(k, &c);
+    }
+    let names: Vec<String> = (0..HOSTS)
+        .flat_map(|k| (0..PER_HOST).map(move |j| format!("kv-h{k}-{j}")))
+        .collect();
+    let spread: Vec<(sluice::plan::Group, String)> = sluice::plan::group::even(names.len())
+        .into_iter()
+        .zip(&names)
+        .flat_map(|(gs, n)| gs.into_iter().map(move |g| (g, n.clone())))
+        .collect();
+    with_etcd(bed, move |s| {
+        Box::pin(async move {
+            let t = Instant::now();
+            while s.hosts().await.expect("hosts").len() < HOSTS {
+                assert!(
+                    t.elapsed() < Duration::from_secs(20),
+                    "not every host joined"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            s.reset("kv", &spread).await.expect("reset");
+        })
+    });
+    // The watches fire at once; a second is ample.
+    std::thread::sleep(Duration::from_secs(1));
+    groups(bed)
+}
+
+/// Instance index (host-major, as `bed.all_instances()`) of owner `name`.
+fn index_of(name: &str) -> usize {
+    let (k, j) = name
+        .strip_prefix("kv-h")
+        .and_then(|r| r.split_once('-'))
+        .expect("kv-h<k>-<j>");
+    k.parse::<usize>().unwrap() * PER_HOST + j.parse::<usize>().unwrap()
+}
+
+fn owner_of(groups: &[GroupEntry], key: u32) -> &str {
+    let unit = sluice_common::unit_of(key);
+    &groups
+        .iter()
+        .find(|e| e.group.contains(unit))
+        .expect("a partition")
+        .owner
+}
+
+fn outcome(bed: &ClusterBed, k: usize, action: &str) -> f64 {
+    let text =
+        process::scrape(&bed.hosts[k].ns.0, 9600 + u16::try_from(k).unwrap()).expect("scrape");
+    process::metric(
+        &text,
+        "sluice_datapath_packets_total",
+        &format!("action=\"{action}\""),
+    )
+}
+
+#[test]
+fn every_datagram_arrives_once_at_its_owner_wherever_it_entered() {
+    let mut bed = ClusterBed::new("mh-udp", HOSTS, PER_HOST);
+    let assignment = start_cluster(&mut bed);
+    // The assignment stays put while the datagrams fly: the instances are
+    // idle until now and the load is light.
+    for vip in [IpAddr::V4(VIP_V4), IpAddr::V6(VIP_V6)] {
+        let dst = SocketAddr::new(vip, 7000);
+        let servers = UdpServers::start(&bed.all_instances(), dst);
+        let load = UdpLoad {
+            client_ns: &bed.client.0,
+            dst,
+            sockets: 300,
+            per_socket: 10,
+            window: 256,
+            deadline: Duration::from_mins(1),
+        };
+        let (sent, _) = traffic::send_udp(&load, &servers.total, |_| Vec::new());
+        servers.wait_for(sent, Duration::from_secs(3));
+        let got = servers.finish();
+        let now = groups(&bed);
+        assert_eq!(now, assignment, "the assignment moved during the test");
+        let mut seen = HashSet::new();
+        let mut per_instance = vec![0u64; HOSTS * PER_HOST];
+        for (i, datagrams) in got.iter().enumerate() {
+            for d in datagrams {
+                let owner = owner_of(&now, key::host::flow(d.from, dst, 17));
+                assert_eq!(
+                    i,
+                    index_of(owner),
+                    "a datagram from {} reached instance {i}, its unit is {owner}'s",
+                    d.from
+                );
+                assert!(
+                    seen.insert((d.from, d.payload.clone())),
+                    "duplicate from {}",
+                    d.from
+                );
+                per_instance[i] += 1;
+            }
+        }
+        let received: u64 = per_instance.iter().sum();
+        eprintln!("{vip}: sent {sent}, received {received}, per instance {per_instance:?}");
+        assert_eq!(received, sent, "every datagram arrives ({vip})");
+    }
+    // Packets entered hosts that did not own them, and were carried over.
+    // (The agents publish their counters each interval.)
+    std::thread::sleep(Duration::from_millis(600));
+    let encapsulated: f64 = (0..HOSTS).map(|k| outcome(&bed, k, "encapsulated")).sum();
+    let taken: f64 = (0..HOSTS)
+        .map(|k| outcome(&bed, k, "decap_delivered"))
+        .sum();
+    eprintln!("encapsulated {encapsulated}, delivered after decapsulation {taken}");
+    assert!(
+        encapsulated > 0.0 && (encapsulated - taken).abs() < 1.0,
+        "{encapsulated} vs {taken}"
+    );
+    for bad in [
+        "decap_refused",
+        "decap_malformed",
+        "decap_stale",
+        "encap_too_big",
+        "encap_no_route",
+    ] {
+        let n: f64 = (0..HOSTS).map(|k| outcome(&bed, k, bad)).sum();
+        assert!(n == 0.0, "{bad}: {n}");
+    }
+}
+
+#[test]
+fn tcp_connections_work_through_any_host() {
+    let mut bed = ClusterBed::new("mh-tcp", HOSTS, PER_HOST);
+    let assignment = start_cluster(&mut bed);
+    let names: Vec<String> = (0..HOSTS)
+        .flat_map(|k| (0..PER_HOST).map(move |j| format!("kv-h{k}-{j}")))
+        .collect();
+    for vip in [IpAddr::V4(VIP_V4), IpAddr::V6(VIP_V6)] {
+        let dst = SocketAddr::new(vip, 7000);
+        let servers = traffic::TcpServers::start(&bed.all_instances(), dst, &names);
+        let mut by_owner: HashMap<String, usize> = HashMap::new();
+        for n in 0..60 {
+            let msg = format!("hello {n}");
+            let (local, name, echoed) = traffic::tcp_exchange(&bed.client.0, dst, msg.as_bytes())
+                .unwrap_or_else(|e| panic!("connection {n} to {dst}: {e}"));
+            assert_eq!(echoed, msg.as_bytes());
+            let owner = owner_of(&assignment, key::host::flow(local, dst, 6));
+            assert_eq!(
+                name, owner,
+                "connection from {local} served by its unit's owner"
+            );
+            *by_owner.entry(name).or_default() += 1;
+        }
+        assert!(servers.finish().is_empty());
+        eprintln!("{vip}: 60 connections, by owner {by_owner:?}");
+    }
+}
