@@ -376,6 +376,12 @@ impl ClusterBed {
         }
     }
 
+    /// Takes host `k` off the network, as when the machine dies: its NIC
+    /// goes down.
+    pub fn host_down(&self, k: usize) {
+        ip(&["-n", &self.hosts[k].ns.0, "link", "set", "nic0", "down"]);
+    }
+
     /// Host `k`'s control socket.
     #[must_use]
     pub fn socket(&self, k: usize) -> PathBuf {

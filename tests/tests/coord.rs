@@ -365,6 +365,33 @@ fn a_host_lives_by_its_lease() {
                 "the restarted agent kept `a` live"
             );
 
+            // The lease ends under a running agent (as when etcd lost it
+            // for longer than its time): the agent joins again, anew.
+            let id: i64 = std::fs::read_to_string(&lease_file)
+                .unwrap()
+                .trim()
+                .parse()
+                .unwrap();
+            let mut raw = etcd_client::Client::connect(&opts.endpoints, None)
+                .await
+                .unwrap();
+            raw.lease_revoke(id).await.unwrap();
+            assert!(!b.hosts().await.unwrap().contains_key("a"), "revoked: gone");
+            let t = Instant::now();
+            while !b.hosts().await.unwrap().contains_key("a") {
+                assert!(
+                    t.elapsed() < Duration::from_secs(10),
+                    "`a` never joined again"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            let new_id: i64 = std::fs::read_to_string(&lease_file)
+                .unwrap()
+                .trim()
+                .parse()
+                .unwrap();
+            assert_ne!(new_id, id, "under a new lease");
+
             // `a` stops renewing: gone within the lease's time (and etcd's
             // expiry sweep), its load with it.
             drop(a);

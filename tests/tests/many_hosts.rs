@@ -221,3 +221,154 @@ fn tcp_connections_work_through_any_host() {
         eprintln!("{vip}: 60 connections, by owner {by_owner:?}");
     }
 }
+
+/// Sequence numbers the servers received (the paced sender's payload is
+/// its global sequence number), and whether any came twice.
+fn received_seqs(got: &[Vec<traffic::Received>]) -> (HashSet<u64>, bool) {
+    let mut seen = HashSet::new();
+    let mut dup = false;
+    for d in got.iter().flatten() {
+        let seq = u64::from_be_bytes(d.payload[..8].try_into().expect("8 bytes"));
+        dup |= !seen.insert(seq);
+    }
+    (seen, dup)
+}
+
+/// A host dies (its agent killed, its NIC down; the router takes it out of
+/// the multipath route, as its health check would): its lease runs out,
+/// the other hosts take its instances' groups, and traffic flows again.
+/// What was lost in between is measured and reported.
+#[test]
+fn a_dead_hosts_groups_are_taken_over_and_the_loss_window_is_measured() {
+    const RATE: u64 = 2000;
+    let mut bed = ClusterBed::new("mh-fail", HOSTS, PER_HOST);
+    let _ = start_cluster(&mut bed);
+    let dst = SocketAddr::new(IpAddr::V4(VIP_V4), 7000);
+    let servers = UdpServers::start(&bed.all_instances(), dst);
+    let sender = traffic::PacedSender::spawn(
+        &bed.client.0,
+        dst,
+        300,
+        RATE,
+        Duration::from_secs(20),
+        |_, seq| seq.to_be_bytes().to_vec(),
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    let dead = ["kv-h2-0", "kv-h2-1"];
+    bed.kill_agent(2);
+    bed.host_down(2);
+    bed.set_ecmp_hosts(2);
+    let failed_at = Instant::now();
+    let taken_after = loop {
+        let g = groups(&bed);
+        if g.iter().all(|e| !dead.contains(&e.owner.as_str())) {
+            break failed_at.elapsed();
+        }
+        assert!(
+            failed_at.elapsed() < Duration::from_secs(20),
+            "the dead host's groups were never taken\n{}",
+            bed.logs()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    std::thread::sleep(Duration::from_secs(3));
+    let sent = sender.finish().expect("sender");
+    servers.wait_for(sent, Duration::from_secs(2));
+    let got = servers.finish();
+    let (seqs, dup) = received_seqs(&got);
+    assert!(!dup, "a datagram arrived twice");
+    let lost: Vec<u64> = (0..sent).filter(|s| !seqs.contains(s)).collect();
+    #[expect(clippy::cast_precision_loss, reason = "a report")]
+    let window_ms = lost.len() as f64 * 1000.0 / RATE as f64;
+    eprintln!(
+        "host failure: groups taken over {taken_after:?} after it died (lease 2 s); \
+         {} of {sent} datagrams lost, {window_ms:.0} ms of traffic",
+        lost.len()
+    );
+    // Once the groups are taken over, nothing more is lost: the last
+    // second and a half of traffic arrived whole.
+    let tail = sent.saturating_sub(RATE * 3 / 2);
+    assert!(
+        lost.iter().all(|&s| s < tail),
+        "datagrams lost after the takeover: {:?}",
+        lost.iter()
+            .filter(|&&s| s >= tail)
+            .take(10)
+            .collect::<Vec<_>>()
+    );
+    assert!(
+        taken_after < Duration::from_secs(8),
+        "takeover took {taken_after:?}"
+    );
+}
+
+/// etcd stops for 10 s under traffic: every data path keeps the last
+/// assignment, nothing is lost and nothing moves; etcd back, moves resume
+/// (a drain goes through).
+#[test]
+fn an_etcd_outage_loses_nothing_and_moves_resume_after() {
+    const RATE: u64 = 1500;
+    let mut bed = ClusterBed::new("mh-etcd", HOSTS, PER_HOST);
+    let before = start_cluster(&mut bed);
+    let dst = SocketAddr::new(IpAddr::V4(VIP_V4), 7000);
+    let servers = UdpServers::start(&bed.all_instances(), dst);
+    let sender = traffic::PacedSender::spawn(
+        &bed.client.0,
+        dst,
+        300,
+        RATE,
+        Duration::from_secs(30),
+        |_, seq| seq.to_be_bytes().to_vec(),
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    let moves = |bed: &ClusterBed| -> f64 {
+        (0..HOSTS)
+            .map(|k| {
+                let text = process::scrape(&bed.hosts[k].ns.0, 9600 + u16::try_from(k).unwrap())
+                    .expect("scrape");
+                process::metric(&text, "sluice_moves_total", "")
+            })
+            .sum()
+    };
+    let moves_before = moves(&bed);
+    bed.etcd.stop();
+    // A drain asked for while etcd is away: nothing can move until it is
+    // back.
+    let sock = bed.socket(0).to_str().expect("utf-8").to_owned();
+    let drain = std::thread::spawn(move || {
+        process::sluice(&["drain", "kv-h0-0", "--timeout", "40", "--api-socket", &sock])
+    });
+    std::thread::sleep(Duration::from_secs(10));
+    let moves_during = moves(&bed);
+    bed.etcd.restart();
+    let at_return = groups(&bed);
+    std::thread::sleep(Duration::from_secs(2));
+    let sent = sender.finish().expect("sender");
+    servers.wait_for(sent, Duration::from_secs(2));
+    let got = servers.finish();
+    let (seqs, dup) = received_seqs(&got);
+    assert!(!dup, "a datagram arrived twice");
+    eprintln!(
+        "etcd outage of 10 s: {} of {sent} datagrams received; moves {moves_before} -> {moves_during}",
+        seqs.len()
+    );
+    assert_eq!(u64::try_from(seqs.len()).unwrap(), sent, "nothing lost");
+    assert!((moves_during - moves_before).abs() < 0.5, "nothing moved");
+    assert_eq!(at_return, before, "the assignment is as it was");
+    assert_eq!(
+        with_etcd(&bed, |s| Box::pin(async move {
+            s.hosts().await.expect("hosts").len()
+        })),
+        HOSTS,
+        "every host is still in the cluster"
+    );
+    // Moves resume: the drain goes through.
+    let drain = drain.join().expect("drain thread");
+    assert!(
+        drain.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&drain.stdout),
+        String::from_utf8_lossy(&drain.stderr)
+    );
+    assert!(groups(&bed).iter().all(|e| e.owner != "kv-h0-0"));
+}

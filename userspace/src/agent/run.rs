@@ -167,6 +167,10 @@ async fn event_loop(
     mut cluster: Option<&mut Cluster>,
 ) -> anyhow::Result<Agent> {
     let shared = api::Shared::new(agent.control.reports.clone(), instance_names(&agent));
+    // The API answers from its first request on, not from the first tick.
+    let first = agent.control.status().await.ok();
+    publish_status(&agent, first.as_deref(), &shared).await;
+    agent.publish(first.as_deref().unwrap_or_default());
     let _api = api::serve(&a.api_socket, shared.clone())
         .with_context(|| format!("--api-socket {}", a.api_socket.display()))?;
     let mut report_sockets = api::ReportSockets::new(&a.report_dir, shared.clone())
@@ -175,7 +179,6 @@ async fn event_loop(
         .sync(&report_targets(&agent))
         .with_context(|| format!("--report-dir {}", a.report_dir.display()))?;
     tracing::info!(control = %a.api_socket.display(), reports = %a.report_dir.display(), "local API: control socket root only; one report socket per instance");
-    agent.publish(&agent.control.status().await.unwrap_or_default());
     let mut term = signal(SignalKind::terminate())?;
     let mut hup = signal(SignalKind::hangup())?;
     let mut control = tokio::time::interval(agent.control.interval());

@@ -30,7 +30,7 @@ use std::{
     collections::{BTreeMap, HashMap},
     net::IpAddr,
     path::{Path, PathBuf},
-    sync::Mutex,
+    sync::{Arc, Mutex},
     time::Duration,
 };
 
@@ -116,7 +116,8 @@ pub struct EtcdStore {
     client: Client,
     prefix: String,
     endpoints: String,
-    lease: Mutex<Option<i64>>,
+    /// This host's lease, once joined (replaced if it ever expires).
+    lease: Arc<Mutex<Option<i64>>>,
     events: broadcast::Sender<Event>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
 }
@@ -156,7 +157,7 @@ impl EtcdStore {
             client,
             prefix: format!("/sluice/{}/", opts.cluster),
             endpoints,
-            lease: Mutex::new(None),
+            lease: Arc::new(Mutex::new(None)),
             events: broadcast::channel(1024).0,
             tasks: Mutex::new(Vec::new()),
         };
@@ -373,7 +374,17 @@ impl EtcdStore {
             source,
         })?;
         *self.lease.lock().expect("lease lock") = Some(id);
-        let keeper = tokio::spawn(keep_alive(self.client.clone(), id, ttl));
+        let keeper = tokio::spawn(keep_alive(
+            self.client.clone(),
+            Rejoin {
+                key,
+                value: serde_json::to_vec(host).expect("host record serialises"),
+                lease: self.lease.clone(),
+                lease_file: lease_file.to_owned(),
+            },
+            id,
+            ttl,
+        ));
         self.tasks.lock().expect("tasks lock").push(keeper);
         Ok(())
     }
@@ -620,10 +631,19 @@ async fn watch_assignments(client: Client, prefix: String, events: broadcast::Se
     }
 }
 
+/// What it takes to join again after the lease expired.
+struct Rejoin {
+    key: String,
+    value: Vec<u8>,
+    lease: Arc<Mutex<Option<i64>>>,
+    lease_file: PathBuf,
+}
+
 /// Renews the lease a third of its time apart. A lease that expired anyway
-/// (etcd out of reach for longer than its time) is logged: the other hosts
-/// have claimed this host's groups by then.
-async fn keep_alive(client: Client, id: i64, ttl: Duration) {
+/// (this host out of etcd's reach for longer than its time: the other
+/// hosts have taken its groups) is replaced: the host joins again under a
+/// new lease and its elements take work from there.
+async fn keep_alive(client: Client, rejoin: Rejoin, mut id: i64, ttl: Duration) {
     let every = (ttl / 3).max(Duration::from_millis(200));
     loop {
         match client.lease_client().keep_alive(id).await {
@@ -636,9 +656,14 @@ async fn keep_alive(client: Client, id: i64, ttl: Duration) {
                     Ok(Some(_)) => {
                         tracing::error!(
                             lease = id,
-                            "this host's lease expired: the cluster counts its instances as failed"
+                            "this host's lease expired: the cluster counted its instances as failed; joining again"
                         );
-                        return;
+                        match join_again(&client, &rejoin, ttl).await {
+                            Ok(Some(new)) => id = new,
+                            Ok(None) => return,
+                            Err(e) => tracing::warn!(error = %e, "joining again failed; retrying"),
+                        }
+                        break;
                     }
                     _ => break,
                 }
@@ -650,6 +675,38 @@ async fn keep_alive(client: Client, id: i64, ttl: Duration) {
         }
         tokio::time::sleep(every).await;
     }
+}
+
+/// A new lease and the host record under it, if nobody took the host's
+/// name meanwhile (`None`: somebody did, and this host stays out).
+async fn join_again(
+    client: &Client,
+    rejoin: &Rejoin,
+    ttl: Duration,
+) -> Result<Option<i64>, etcd_client::Error> {
+    let secs = i64::try_from(ttl.as_secs().max(1)).unwrap_or(i64::MAX);
+    let id = client.lease_client().grant(secs, None).await?.id();
+    let txn = Txn::new()
+        .when([Compare::create_revision(
+            rejoin.key.as_str(),
+            CompareOp::Equal,
+            0,
+        )])
+        .and_then([TxnOp::put(
+            rejoin.key.as_str(),
+            rejoin.value.clone(),
+            Some(PutOptions::new().with_lease(id)),
+        )]);
+    if !client.kv_client().txn(txn).await?.succeeded() {
+        tracing::error!(key = %rejoin.key, "another agent holds this host's name now; this one stays out of the cluster");
+        return Ok(None);
+    }
+    *rejoin.lease.lock().expect("lease lock") = Some(id);
+    if let Err(e) = std::fs::write(&rejoin.lease_file, id.to_string()) {
+        tracing::warn!(error = %e, file = %rejoin.lease_file.display(), "keeping the new lease id failed");
+    }
+    tracing::info!(lease = id, "joined the cluster again");
+    Ok(Some(id))
 }
 
 #[async_trait::async_trait]
