@@ -23,10 +23,11 @@ use sluice_tests::{
 const HOSTS: usize = 3;
 const PER_HOST: usize = 2;
 
-fn config(bed: &ClusterBed, k: usize) -> String {
+/// The service on every host, with `extra` lines in its table.
+fn config_with(bed: &ClusterBed, k: usize, extra: &str) -> String {
     format!(
         "{}[[service]]\nname = \"kv\"\nvips = [\"{VIP_V4}\", \"{VIP_V6}\"]\nport = 7000\n\
-         protocols = [\"udp\", \"tcp\"]\n{}",
+         protocols = [\"udp\", \"tcp\"]\n{extra}\n{}",
         bed.cluster_toml(k, "interval_ms = 200\nmax_moves_per_sec = 20"),
         bed.instances_toml("kv", k)
     )
@@ -67,8 +68,12 @@ fn groups(bed: &ClusterBed) -> Vec<GroupEntry> {
 /// another writer would: the agents follow it through their watches.
 /// (Idle instances never trade groups on their own.)
 fn start_cluster(bed: &mut ClusterBed) -> Vec<GroupEntry> {
+    start_cluster_with(bed, "")
+}
+
+fn start_cluster_with(bed: &mut ClusterBed, extra: &str) -> Vec<GroupEntry> {
     for k in 0..HOSTS {
-        let c = config(bed, k);
+        let c = config_with(bed, k, extra);
         bed.start_agent(k, &c);
     }
     let names: Vec<String> = (0..HOSTS)
@@ -371,4 +376,97 @@ fn an_etcd_outage_loses_nothing_and_moves_resume_after() {
         String::from_utf8_lossy(&drain.stderr)
     );
     assert!(groups(&bed).iter().all(|e| e.owner != "kv-h0-0"));
+}
+
+/// One instance on host 0 is slow (its server reads 150 datagrams a
+/// second): its groups go to instances on every other host (and its local
+/// peer), which see its overload in the store and the units' rates summed
+/// over the hosts; at rest nobody is over the overload threshold.
+#[test]
+fn a_slow_instance_sheds_to_instances_on_other_hosts() {
+    const SLOW: usize = 0; // kv-h0-0
+    let mut bed = ClusterBed::new("mh-slow", HOSTS, PER_HOST);
+    let before = start_cluster_with(
+        &mut bed,
+        "wlm = { capacity_pps = 3000, overload = 0.8, underload = 0.3, sustain = 2, cooldown_ms = 1000, min_group_units = 64 }",
+    );
+    let slow_units: Vec<u32> = before
+        .iter()
+        .filter(|e| e.owner == "kv-h0-0")
+        .flat_map(|e| e.group.units())
+        .collect();
+    let dst = SocketAddr::new(IpAddr::V4(VIP_V4), 7000);
+    // Small buffers: a slow server drops within a fraction of a second.
+    let servers = UdpServers::start_with(&bed.all_instances(), dst, 64 << 10);
+    servers.throttle[SLOW].store(150, std::sync::atomic::Ordering::Relaxed);
+    let sender = traffic::PacedSender::spawn(
+        &bed.client.0,
+        dst,
+        600,
+        1500,
+        Duration::from_mins(2),
+        |_, seq| seq.to_be_bytes().to_vec(),
+    );
+    let t0 = Instant::now();
+    let mut calm_since: Option<Instant> = None;
+    let (loads, after) = loop {
+        std::thread::sleep(Duration::from_millis(250));
+        let (loads, g) = with_etcd(&bed, |s| {
+            Box::pin(async move {
+                (
+                    s.loads().await.expect("loads"),
+                    s.groups("kv").await.expect("kv"),
+                )
+            })
+        });
+        let moved_away = slow_units.iter().any(|&u| {
+            let o = &g
+                .iter()
+                .find(|e| e.group.contains(u))
+                .expect("partition")
+                .owner;
+            !o.starts_with("kv-h0-")
+        });
+        let calm = loads.values().all(|l| l.utilisation <= 0.8);
+        calm_since = if calm && moved_away {
+            calm_since.or(Some(Instant::now()))
+        } else {
+            None
+        };
+        if calm_since.is_some_and(|t| t.elapsed() >= Duration::from_secs(2)) {
+            break (loads, g);
+        }
+        assert!(
+            t0.elapsed() < Duration::from_mins(1),
+            "not balanced across hosts: {loads:?}\n{g:?}\n{}",
+            bed.logs()
+        );
+    };
+    let sent = sender.finish().expect("sender");
+    let _ = servers.finish();
+    let taken_by: HashMap<String, usize> = slow_units.iter().fold(HashMap::new(), |mut m, &u| {
+        let o = after
+            .iter()
+            .find(|e| e.group.contains(u))
+            .expect("partition")
+            .owner
+            .clone();
+        *m.entry(o).or_default() += 1;
+        m
+    });
+    let mut utils: Vec<(String, f64)> = loads
+        .iter()
+        .map(|(n, l)| (n.clone(), l.utilisation))
+        .collect();
+    utils.sort_by(|a, b| a.0.cmp(&b.0));
+    eprintln!(
+        "slow instance: balanced after {:?} ({sent} datagrams sent); its units now with {taken_by:?}; utilisation {utils:?}",
+        t0.elapsed()
+    );
+    for other in ["kv-h1-", "kv-h2-"] {
+        assert!(
+            taken_by.keys().any(|o| o.starts_with(other)),
+            "instances of {other}* took none of the slow instance's units: {taken_by:?}"
+        );
+    }
 }

@@ -589,6 +589,14 @@ impl Controller {
             for ((rate, h), b) in s.hits.iter_mut().zip(hits).zip(s.buckets.iter_mut()) {
                 *b = rate.update(h, now);
             }
+            // In a cluster, this host sees only what it delivers: the other
+            // hosts' deliveries complete the service's per-unit rates.
+            self.store.publish_hits(&s.name, &s.buckets).await?;
+            if let Some(others) = self.store.others_hits(&s.name).await? {
+                for (b, o) in s.buckets.iter_mut().zip(others) {
+                    *b += o;
+                }
+            }
             for i in &mut s.instances {
                 let c = dp.instance_counters(i.id)?;
                 let mut inputs = Inputs {

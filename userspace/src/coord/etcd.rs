@@ -10,6 +10,7 @@
 //! | `instances/<instance>` | `{"id", "host"}`: the instance's cluster-wide id | permanent |
 //! | `ids/<id>` | the instance holding that id | permanent |
 //! | `load/<instance>` | the instance's last published load | the host's lease |
+//! | `hits/<service>/<host>` | the per-unit hit rates of the service the host delivered | the host's lease |
 //!
 //! A service's assignment is one key, so every change of it is one etcd
 //! transaction comparing that key's revision: read, check the versions of
@@ -118,6 +119,8 @@ pub struct EtcdStore {
     endpoints: String,
     /// This host's lease, once joined (replaced if it ever expires).
     lease: Arc<Mutex<Option<i64>>>,
+    /// This host's name, once joined.
+    host: Mutex<Option<String>>,
     events: broadcast::Sender<Event>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
 }
@@ -158,6 +161,7 @@ impl EtcdStore {
             prefix: format!("/sluice/{}/", opts.cluster),
             endpoints,
             lease: Arc::new(Mutex::new(None)),
+            host: Mutex::new(None),
             events: broadcast::channel(1024).0,
             tasks: Mutex::new(Vec::new()),
         };
@@ -374,6 +378,7 @@ impl EtcdStore {
             source,
         })?;
         *self.lease.lock().expect("lease lock") = Some(id);
+        *self.host.lock().expect("host lock") = Some(host.name.clone());
         let keeper = tokio::spawn(keep_alive(
             self.client.clone(),
             Rejoin {
@@ -778,6 +783,50 @@ impl CoordStore for EtcdStore {
     async fn loads(&self) -> Result<HashMap<String, Load>, CoordError> {
         let prefix = self.key("load/");
         Ok(self.list::<Load>(&prefix).await?.into_iter().collect())
+    }
+
+    async fn publish_hits(&self, service: &str, rates: &[f64]) -> Result<(), CoordError> {
+        let Some(host) = self.host.lock().expect("host lock").clone() else {
+            return Ok(());
+        };
+        let lease = *self.lease.lock().expect("lease lock");
+        // Whole packets a second are precise enough, and short.
+        #[expect(
+            clippy::cast_possible_truncation,
+            clippy::cast_sign_loss,
+            reason = "rates, rounded"
+        )]
+        let rounded: Vec<u64> = rates.iter().map(|r| r.max(0.0).round() as u64).collect();
+        self.client
+            .kv_client()
+            .put(
+                self.key(&format!("hits/{service}/{host}")),
+                serde_json::to_vec(&rounded).expect("rates serialise"),
+                lease.map(|id| PutOptions::new().with_lease(id)),
+            )
+            .await
+            .map_err(|e| self.err("publish hits", &e))?;
+        Ok(())
+    }
+
+    async fn others_hits(&self, service: &str) -> Result<Option<Vec<f64>>, CoordError> {
+        let me = self.host.lock().expect("host lock").clone();
+        let prefix = self.key(&format!("hits/{service}/"));
+        let mut sum: Vec<f64> = Vec::new();
+        for (host, rates) in self.list::<Vec<u64>>(&prefix).await? {
+            if Some(&host) == me.as_ref() {
+                continue;
+            }
+            if sum.len() < rates.len() {
+                sum.resize(rates.len(), 0.0);
+            }
+            for (s, r) in sum.iter_mut().zip(rates) {
+                #[expect(clippy::cast_precision_loss, reason = "rates")]
+                let r = r as f64;
+                *s += r;
+            }
+        }
+        Ok(Some(sum))
     }
 
     fn watch(&self) -> Events {

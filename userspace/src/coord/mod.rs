@@ -175,6 +175,17 @@ pub trait CoordStore: Send + Sync {
     async fn publish_load(&self, instance: &str, load: Load) -> Result<(), CoordError>;
     /// Every instance's last published load.
     async fn loads(&self) -> Result<HashMap<String, Load>, CoordError>;
+    /// Publishes the per-unit hit rates (`HIT_BUCKETS_PER_SERVICE` buckets)
+    /// of `service` this host delivered. One host alone: nothing to share.
+    async fn publish_hits(&self, _service: &str, _rates: &[f64]) -> Result<(), CoordError> {
+        Ok(())
+    }
+    /// The per-unit hit rates of `service` the other hosts delivered,
+    /// summed (every packet is delivered by exactly one host, its owner's,
+    /// so the sum with this host's own is the cluster's); `None` on one host.
+    async fn others_hits(&self, _service: &str) -> Result<Option<Vec<f64>>, CoordError> {
+        Ok(None)
+    }
     /// Changes from now on.
     fn watch(&self) -> Events;
 }
