@@ -62,14 +62,19 @@ pub const DECAP_MALFORMED: u32 = 18;
 /// loops between hosts.
 pub const DECAP_STALE: u32 = 19;
 
+/// Not an outcome: a TCP packet the unit's owner has no connection for,
+/// sent to the unit's previous owner, which may (the "second chance").
+/// Counted beside the outcome (`delivered`, `encapsulated`).
+pub const SECOND_CHANCE: u32 = 20;
+
 /// Number of global counters.
-pub const COUNT: u32 = 20;
+pub const COUNT: u32 = 21;
 
 /// Whether counter `index` is an outcome (one per packet) rather than an
 /// attribute counted beside one.
 #[must_use]
 pub const fn is_outcome(index: u32) -> bool {
-    index != TAG_MISSING && index < COUNT
+    index != TAG_MISSING && index != SECOND_CHANCE && index < COUNT
 }
 
 /// Names for display and metrics, indexed like the counters.
@@ -94,4 +99,5 @@ pub const NAMES: [&str; COUNT as usize] = [
     "decap_refused",
     "decap_malformed",
     "decap_stale",
+    "second_chance",
 ];

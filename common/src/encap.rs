@@ -27,6 +27,9 @@ use crate::maps::{FAMILY_V4, FAMILY_V6, PROTO_UDP};
 
 /// GUE's port (IANA); `cluster.encap_port` may choose another.
 pub const DEFAULT_ENCAP_PORT: u16 = 6080;
+/// `Gue::previous` of a packet sent to a unit's previous owner (its second
+/// chance): delivered to the target as it is, never passed on again.
+pub const SECOND_CHANCE: u16 = 0xFFFF;
 /// Bytes of GUE private data: target instance, the service's VLAN,
 /// previous owner, reserved (16 bits each, big-endian).
 pub const GUE_PRIVATE_LEN: usize = 8;

@@ -19,9 +19,11 @@ pub mod names {
     pub const CLUSTER: &str = "CLUSTER";
     pub const REMOTE_HOSTS: &str = "REMOTE_HOSTS";
     pub const MEMBERS: &str = "MEMBERS";
+    pub const PREVIOUS: &str = "PREVIOUS";
 
     /// Every map of the program, for pinning them all.
-    pub const ALL: [&str; 15] = [
+    pub const ALL: [&str; 16] = [
+        PREVIOUS,
         CLUSTER,
         REMOTE_HOSTS,
         MEMBERS,
@@ -45,7 +47,7 @@ pub mod names {
 /// Written into the pin directory; an agent adopts only pins of its own
 /// layout.
 pub const LAYOUT: u64 = {
-    const EPOCH: u64 = 4;
+    const EPOCH: u64 = 5;
     let parts = [
         EPOCH,
         size_of::<ClusterEntry>() as u64,
@@ -189,6 +191,28 @@ pub const INSTANCE_LIVE: u32 = 1;
 /// Instance runs on another host ([`InstanceEntry::host`]): its packets are
 /// encapsulated and sent there.
 pub const INSTANCE_REMOTE: u32 = 2;
+/// The instance's sockets can be looked up ([`InstanceEntry::netns_id`]):
+/// a connection its unit's previous owner still holds gets its second
+/// chance there.
+pub const INSTANCE_LOOKUP: u32 = 4;
+
+/// An entry of `PREVIOUS` (indexed like `OWNERS`): the unit's owner before
+/// its last move, and when that was, so a packet of a connection the new
+/// owner has no socket for can go to the old one ("second chance") for a
+/// while. 0: none.
+#[inline(always)]
+#[must_use]
+pub const fn previous_entry(owner: u32, moved_at_secs: u32) -> u32 {
+    (owner & 0xFFFF) | (moved_at_secs << 16)
+}
+
+/// The owner and the move's time (seconds, modulo 2^16) of a `PREVIOUS`
+/// entry.
+#[inline(always)]
+#[must_use]
+pub const fn previous_parts(entry: u32) -> (u32, u32) {
+    (entry & 0xFFFF, entry >> 16)
+}
 
 /// Value of the instance array, indexed by instance id (ids start at 1; 0 is
 /// [`NO_OWNER`]). The DEVMAP `DELIVER` holds the matching host-side veth at
@@ -208,7 +232,10 @@ pub struct InstanceEntry {
     /// With `INSTANCE_REMOTE`: the host it runs on, an index into
     /// `REMOTE_HOSTS` (from 1).
     pub host: u32,
-    pub pad: u32,
+    /// With `INSTANCE_LOOKUP`: the id of its network namespace relative to
+    /// the NIC's (`u32::MAX`: the NIC's own), where its sockets are looked
+    /// up.
+    pub netns_id: u32,
 }
 const _: () = assert!(size_of::<InstanceEntry>() == 24);
 

@@ -68,6 +68,7 @@ fn test_plan(config: &Config, registered: &[(u32, String)]) -> Plan {
             ifindex: 1,
             mac: instance_mac(next),
             netns: None,
+            netns_id: None,
         })
     })
     .expect("infallible");

@@ -498,6 +498,7 @@ fn pins_of_another_layout_are_refused() {
             ifindex: 1,
             mac: [2, 0, 0, 0, 0, 1],
             netns: None,
+            netns_id: None,
         })
     })
     .expect("plan");

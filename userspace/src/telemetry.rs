@@ -162,6 +162,8 @@ pub fn datapath(global: &[u64; counters::COUNT as usize]) {
         }
     }
     counter!("sluice_datapath_tag_missing_total").absolute(global[counters::TAG_MISSING as usize]);
+    counter!("sluice_datapath_second_chance_total")
+        .absolute(global[counters::SECOND_CHANCE as usize]);
 }
 
 /// A service's data path counters; also registers every move kind of the

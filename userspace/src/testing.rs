@@ -36,6 +36,7 @@ pub(crate) fn plan(config: &Config) -> Plan {
             ifindex: 100 + u32::from(k),
             mac: [2, 0, 0, 0, 0, k],
             netns: None,
+            netns_id: None,
         })
     })
     .unwrap_or_else(|e| match e {})

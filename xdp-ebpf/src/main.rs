@@ -12,10 +12,13 @@
 
 use aya_ebpf::{
     bindings::{
-        BPF_F_MMAPABLE,
+        BPF_F_MMAPABLE, bpf_sock_tuple,
         xdp_action::{XDP_DROP, XDP_PASS, XDP_TX},
     },
-    helpers::generated::{bpf_ktime_get_coarse_ns, bpf_xdp_adjust_head, bpf_xdp_load_bytes},
+    helpers::generated::{
+        bpf_ktime_get_coarse_ns, bpf_sk_release, bpf_skc_lookup_tcp, bpf_xdp_adjust_head,
+        bpf_xdp_load_bytes,
+    },
     macros::{map, xdp},
     maps::{Array, DevMap, HashMap, LruHashMap, PerCpuArray, XskMap},
     programs::XdpContext,
@@ -26,10 +29,10 @@ use sluice_common::{
     encap::{self, GUE_LEN, Gue, Tunnel},
     hit_index,
     maps::{
-        ClusterEntry, FAMILY_V4, FAMILY_V6, HostMacs, INSTANCE_LIVE, INSTANCE_REMOTE,
-        InstanceCounters, InstanceEntry, InstanceName, MemberKey, NO_OWNER, PIN_TCP, PIN_UDP,
-        PROTO_TCP, PROTO_UDP, Pin, PinKey, RemoteHost, ServiceCounters, ServiceEntry, ServiceKey,
-        mac_word,
+        ClusterEntry, FAMILY_V4, FAMILY_V6, HostMacs, INSTANCE_LIVE, INSTANCE_LOOKUP,
+        INSTANCE_REMOTE, InstanceCounters, InstanceEntry, InstanceName, MemberKey, NO_OWNER,
+        PIN_TCP, PIN_UDP, PROTO_TCP, PROTO_UDP, Pin, PinKey, RemoteHost, ServiceCounters,
+        ServiceEntry, ServiceKey, mac_word, previous_parts,
     },
     owner_index,
     parse::{self, ETH_HLEN, Flow, Frame, FromBytes, Pass, VLAN_TAG_LEN},
@@ -48,6 +51,18 @@ static SERVICES: HashMap<ServiceKey, ServiceEntry> = HashMap::with_max_entries(M
 #[map]
 static OWNERS: Array<u32> =
     Array::with_max_entries(MAX_SERVICES * UNITS_PER_SERVICE, BPF_F_MMAPABLE);
+
+/// (service, unit) -> the owner before the unit's last move and when (see
+/// `maps::previous_entry`): a connection the new owner has no socket for
+/// gets its second chance there.
+#[map]
+static PREVIOUS: Array<u32> =
+    Array::with_max_entries(MAX_SERVICES * UNITS_PER_SERVICE, BPF_F_MMAPABLE);
+
+/// Room for the socket lookup's tuple: the program's stack (512 bytes) is
+/// spoken for by the parsed headers.
+#[map]
+static SCRATCH: PerCpuArray<bpf_sock_tuple> = PerCpuArray::with_max_entries(1, 0);
 
 /// The host's MACs (entry 0): frames for any other MAC are not steered.
 #[map]
@@ -123,16 +138,37 @@ fn sluice_xdp(ctx: XdpContext) -> u32 {
 /// Returns the action and the global counter it is counted under.
 #[inline(always)]
 fn try_sluice_xdp(frame: &mut XdpFrame) -> Result<(u32, u32), Pass> {
-    let flow = parse::parse(&*frame)?;
+    let mut flow = parse::parse(&*frame)?;
+    let mut peer = None;
     // SAFETY: the value is only read, and the agent replaces entries whole.
-    let Some(svc) = (unsafe { SERVICES.get(flow.service_key()) }) else {
+    let svc = if let Some(svc) = unsafe { SERVICES.get(flow.service_key()) } {
+        if !frame.for_host() {
+            return Ok((XDP_PASS, counters::PASS_NOT_FOR_HOST));
+        }
+        svc
+    } else {
         // Not a service's: perhaps a cluster member's encapsulated packet.
-        return from_peer(frame, &flow);
+        let g = match decapsulate(frame, &flow)? {
+            Ok(g) => g,
+            Err(outcome) => return Ok(outcome),
+        };
+        // The inner packet's headers take the outer's place (one steer, one
+        // set of parsed headers on the 512-byte stack).
+        let Ok(inner) = parse::parse(&*frame) else {
+            return Ok((XDP_DROP, counters::DECAP_MALFORMED));
+        };
+        flow = inner;
+        peer = Some(g);
+        // The inner packet travels untagged; its service's VLAN came along.
+        let mut key = flow.service_key();
+        key.vlan = g.vlan;
+        // SAFETY: as above.
+        let Some(svc) = (unsafe { SERVICES.get(key) }) else {
+            return Ok((XDP_DROP, counters::DECAP_STALE));
+        };
+        svc
     };
-    if !frame.for_host() {
-        return Ok((XDP_PASS, counters::PASS_NOT_FOR_HOST));
-    }
-    Ok(steer(frame, &flow, svc, None))
+    Ok(steer(frame, &flow, svc, peer))
 }
 
 /// A packet of a service, arrived from a client (`peer` none) or
@@ -196,8 +232,18 @@ fn steer(frame: &mut XdpFrame, flow: &Flow, svc: &ServiceEntry, peer: Option<Gue
     };
     if instance.flags & INSTANCE_REMOTE != 0 {
         // Its hits are counted where it is delivered.
-        return to_host(frame, flow, instance, owner, keyed.key);
+        return to_host(frame, flow, instance, owner, keyed.key, 0);
     }
+    // A connection the unit's owner has no socket for, whose unit moved
+    // here lately: its second chance is the previous owner (it may have
+    // entered by another host than before, one without its pin).
+    let (owner, instance) = match second_chance(frame, flow, svc, unit, owner, instance, peer) {
+        SecondChance::Here => (owner, instance),
+        SecondChance::Local(prev, p) => (prev, p),
+        SecondChance::Remote(prev, p) => {
+            return to_host(frame, flow, p, prev, keyed.key, encap::SECOND_CHANCE);
+        }
+    };
     // A unit's hits are the load that moves with it: a packet held by a pin
     // to another instance is that instance's load, not the unit's.
     if of_unit {
@@ -230,11 +276,67 @@ fn steer(frame: &mut XdpFrame, flow: &Flow, svc: &ServiceEntry, peer: Option<Gue
     (action, counters::DELIVERED)
 }
 
+/// Where a packet for a local `owner` goes: there, or, for a TCP packet of
+/// a connection the owner has no socket for while the unit's previous
+/// owner (moved away less than the service's pin idle time ago) is live,
+/// to the previous owner.
+enum SecondChance {
+    Here,
+    Local(u32, &'static InstanceEntry),
+    Remote(u32, &'static InstanceEntry),
+}
+
+#[inline(always)]
+fn second_chance(
+    frame: &XdpFrame,
+    flow: &Flow,
+    svc: &ServiceEntry,
+    unit: u32,
+    owner: u32,
+    instance: &InstanceEntry,
+    peer: Option<Gue>,
+) -> SecondChance {
+    const TCP_SYN: u8 = 0x02;
+    if flow.proto != PROTO_TCP
+        || flow.tcp_flags & TCP_SYN != 0
+        || instance.flags & INSTANCE_LOOKUP == 0
+        || peer.is_some_and(|g| g.previous == encap::SECOND_CHANCE)
+    {
+        return SecondChance::Here;
+    }
+    let Some(&entry) = PREVIOUS.get(owner_index(svc.id, unit)) else {
+        return SecondChance::Here;
+    };
+    let (prev, moved_at) = previous_parts(entry);
+    if prev == NO_OWNER || prev == owner {
+        return SecondChance::Here;
+    }
+    // SAFETY: helper without arguments.
+    let now_secs = (unsafe { bpf_ktime_get_coarse_ns() } / 1_000_000_000) as u32;
+    if now_secs.wrapping_sub(moved_at) & 0xFFFF > svc.pin_idle_secs {
+        return SecondChance::Here;
+    }
+    if frame.has_connection(flow, instance.netns_id) {
+        return SecondChance::Here;
+    }
+    let Some(p) = live_instance(prev, svc.id) else {
+        return SecondChance::Here;
+    };
+    bump(&GLOBAL_COUNTERS, counters::SECOND_CHANCE);
+    if p.flags & INSTANCE_REMOTE != 0 {
+        SecondChance::Remote(prev, p)
+    } else {
+        SecondChance::Local(prev, p)
+    }
+}
+
 /// A packet that is not a service's: a cluster member's encapsulated
 /// packet (to our underlay address and encapsulation port) is taken out of
-/// its outer headers and steered like a client's; anything else passes.
+/// its outer headers, leaving the inner packet behind a fresh Ethernet
+/// header, and its GUE header is returned; `Err(outcome)`: taken, but
+/// dropped; `Err(Pass)` outside: not one, it passes.
 #[inline(always)]
-fn from_peer(frame: &mut XdpFrame, outer: &Flow) -> Result<(u32, u32), Pass> {
+fn decapsulate(frame: &mut XdpFrame, outer: &Flow) -> Result<Result<Gue, (u32, u32)>, Pass> {
     let Some(cl) = CLUSTER.get(0) else {
         return Err(Pass::NoService);
     };
@@ -247,7 +349,7 @@ fn from_peer(frame: &mut XdpFrame, outer: &Flow) -> Result<(u32, u32), Pass> {
         return Err(Pass::NoService);
     }
     if !frame.for_host() {
-        return Ok((XDP_PASS, counters::PASS_NOT_FOR_HOST));
+        return Ok(Err((XDP_PASS, counters::PASS_NOT_FOR_HOST)));
     }
     let member = MemberKey {
         addr: outer.src,
@@ -256,22 +358,23 @@ fn from_peer(frame: &mut XdpFrame, outer: &Flow) -> Result<(u32, u32), Pass> {
     };
     // SAFETY: only read.
     if unsafe { MEMBERS.get(member) }.is_none() {
-        return Ok((XDP_DROP, counters::DECAP_REFUSED));
+        return Ok(Err((XDP_DROP, counters::DECAP_REFUSED)));
     }
+    let malformed = Ok(Err((XDP_DROP, counters::DECAP_MALFORMED)));
     let gue_at = outer.l4_off + 8;
     let Some(g) = frame
         .load::<[u8; GUE_LEN]>(gue_at)
         .and_then(|b| encap::parse_gue(&b))
     else {
-        return Ok((XDP_DROP, counters::DECAP_MALFORMED));
+        return malformed;
     };
     let Some(src_mac) = frame.load::<[u8; 6]>(6) else {
-        return Ok((XDP_DROP, counters::DECAP_MALFORMED));
+        return malformed;
     };
     // The inner packet gets an Ethernet header in place of the outer
     // headers' last bytes: the frame then starts ETH_HLEN before it.
     if !frame.strip(gue_at + GUE_LEN - ETH_HLEN) {
-        return Ok((XDP_DROP, counters::DECAP_MALFORMED));
+        return malformed;
     }
     let ethertype: u16 = if g.inner_family == FAMILY_V6 {
         0x86DD
@@ -279,19 +382,9 @@ fn from_peer(frame: &mut XdpFrame, outer: &Flow) -> Result<(u32, u32), Pass> {
         0x0800
     };
     if !frame.write_eth([0; 6], src_mac, ethertype) {
-        return Ok((XDP_DROP, counters::DECAP_MALFORMED));
+        return malformed;
     }
-    let Ok(inner) = parse::parse(&*frame) else {
-        return Ok((XDP_DROP, counters::DECAP_MALFORMED));
-    };
-    // The inner packet travels untagged; its service's VLAN came along.
-    let mut key = inner.service_key();
-    key.vlan = g.vlan;
-    // SAFETY: as above.
-    let Some(svc) = (unsafe { SERVICES.get(key) }) else {
-        return Ok((XDP_DROP, counters::DECAP_STALE));
-    };
-    Ok(steer(frame, &inner, svc, Some(g)))
+    Ok(Ok(g))
 }
 
 /// Encapsulates the packet for `owner`, an instance on another host, and
@@ -303,6 +396,7 @@ fn to_host(
     instance: &InstanceEntry,
     owner: u32,
     key: u32,
+    previous: u16,
 ) -> (u32, u32) {
     let (Some(cl), Some(host)) = (CLUSTER.get(0), REMOTE_HOSTS.get(instance.host)) else {
         return (XDP_DROP, counters::ENCAP_NO_ROUTE);
@@ -338,7 +432,7 @@ fn to_host(
             inner_family: flow.family,
             target: owner as u16,
             vlan: flow.vlan,
-            previous: 0,
+            previous,
         };
         #[expect(clippy::cast_possible_truncation, reason = "below the MTU, a u16")]
         let len = inner_len as u16;
@@ -567,6 +661,60 @@ impl XdpFrame {
         // SAFETY: the N bytes at `start` were just checked to be in the frame.
         unsafe { (start as *mut [u8; N]).write_unaligned(*bytes) };
         true
+    }
+
+    /// Whether a socket other than a listener, in network namespace
+    /// `netns_id` (relative to the NIC's; `u32::MAX`: the NIC's own),
+    /// would take this TCP packet: an established connection, or one being
+    /// set up or closed.
+    #[inline(always)]
+    fn has_connection(&self, flow: &Flow, netns_id: u32) -> bool {
+        const TCP_LISTEN: u32 = 10;
+        let Some(tuple) = SCRATCH.get_ptr_mut(0) else {
+            // Cannot look: assume the owner has it, as without a cluster.
+            return true;
+        };
+        #[expect(clippy::cast_possible_truncation, reason = "the port halves")]
+        let (sport, dport) = (flow.ports as u16, (flow.ports >> 16) as u16);
+        let size = if flow.family == FAMILY_V4 {
+            // SAFETY: this CPU's scratch slot; writing the union's IPv4
+            // member whole.
+            unsafe {
+                (*tuple).__bindgen_anon_1.ipv4 =
+                    aya_ebpf::bindings::bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1 {
+                        saddr: flow.src[0],
+                        daddr: flow.dst[0],
+                        sport,
+                        dport,
+                    };
+            }
+            12
+        } else {
+            // SAFETY: as above, the IPv6 member.
+            unsafe {
+                (*tuple).__bindgen_anon_1.ipv6 =
+                    aya_ebpf::bindings::bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2 {
+                        saddr: flow.src,
+                        daddr: flow.dst,
+                        sport,
+                        dport,
+                    };
+            }
+            36
+        };
+        // A negative id (as i32) means the context's own namespace.
+        let netns = u64::from(netns_id) | if netns_id == u32::MAX { !0u64 << 32 } else { 0 };
+        // SAFETY: `ctx` is this run's context and `tuple` holds `size`
+        // bytes of the tuple's member for the family.
+        let sk = unsafe { bpf_skc_lookup_tcp(self.ctx.cast(), tuple, size, netns, 0) };
+        if sk.is_null() {
+            return false;
+        }
+        // SAFETY: a socket the helper returned, read then released.
+        let state = unsafe { (*sk).state };
+        // SAFETY: releasing the reference the lookup took.
+        unsafe { bpf_sk_release(sk.cast()) };
+        state != TCP_LISTEN
     }
 
     /// Writes an Ethernet header at the front.

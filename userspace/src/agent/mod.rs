@@ -266,6 +266,7 @@ impl Agent {
                         ifindex: i.ifindex,
                         mac: i.mac,
                         netns: i.netns.clone(),
+                        netns_id: i.netns_id,
                     })
                     .ok_or(e),
             };

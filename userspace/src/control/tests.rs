@@ -74,6 +74,7 @@ impl super::qos::Probe for FakeHost {
             ifindex,
             mac: [2, 0, 0, 0, 1, u8::try_from(ifindex & 0xff).unwrap()],
             netns: None,
+            netns_id: None,
         })
     }
 }

@@ -19,9 +19,9 @@ use aya::{
 use sluice_common::{
     HIT_BUCKETS_PER_SERVICE, MAX_HOST_MACS, counters,
     maps::{
-        ClusterEntry, HostMacs, INSTANCE_LIVE, INSTANCE_REMOTE, InstanceCounters, InstanceEntry,
-        InstanceName, MemberKey, PROGRAM_NAME, Pin, PinKey, RemoteHost, ServiceCounters,
-        ServiceEntry, ServiceKey, mac_word, names,
+        ClusterEntry, HostMacs, INSTANCE_LIVE, INSTANCE_LOOKUP, INSTANCE_REMOTE, InstanceCounters,
+        InstanceEntry, InstanceName, MemberKey, NO_OWNER, PROGRAM_NAME, Pin, PinKey, RemoteHost,
+        ServiceCounters, ServiceEntry, ServiceKey, mac_word, names, previous_entry,
     },
     owner_index,
 };
@@ -47,11 +47,25 @@ pub mod objects {
 
 use objects::SLUICE_XDP as OBJECT;
 
+/// Seconds of the clock the XDP program reads (`bpf_ktime_get_coarse_ns`:
+/// `CLOCK_MONOTONIC_COARSE`), modulo 2^16 as `PREVIOUS` keeps them.
+fn coarse_secs() -> u32 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes the timespec it is given.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &raw mut ts) };
+    u32::try_from(ts.tv_sec & 0xFFFF).expect("masked")
+}
+
 /// The loaded program and its maps.
 pub struct XdpDatapath {
     ebpf: Ebpf,
     link: Option<XdpLinkId>,
     owners: OwnerTable,
+    /// `PREVIOUS`, mapped like `OWNERS`.
+    previous: OwnerTable,
     /// Set when the data path lives on in bpffs across agent restarts.
     pins: Option<Pins>,
 }
@@ -191,7 +205,7 @@ impl XdpDatapath {
     /// Sizes of the maps sized for `plan`. The maps indexed by instance id
     /// keep the program's size (`INSTANCE_SLOTS`): ids are stable and may be
     /// sparse, and instances come and go without a resize.
-    fn sizes(plan: &Plan) -> [(&'static str, u32); 5] {
+    fn sizes(plan: &Plan) -> [(&'static str, u32); 6] {
         let services = u32::try_from(plan.services.len()).expect("bounded").max(1);
         let keys = u32::try_from(plan.services.iter().map(|s| s.keys.len()).sum::<usize>())
             .expect("bounded")
@@ -199,6 +213,7 @@ impl XdpDatapath {
         [
             (names::SERVICES, keys),
             (names::OWNERS, plan.owner_entries()),
+            (names::PREVIOUS, plan.owner_entries()),
             (names::SERVICE_COUNTERS, services),
             (names::UNIT_HITS, services * HIT_BUCKETS_PER_SERVICE),
             (names::PINNED, plan.pinned_flows.max(1)),
@@ -243,19 +258,20 @@ impl XdpDatapath {
         program_in(&mut ebpf)?
             .load()
             .map_err(DatapathError::Program)?;
-        let owners = match ebpf.map(names::OWNERS) {
-            Some(aya::maps::Map::Array(data)) => OwnerTable::map(data, plan.owner_entries())?,
-            _ => {
-                return Err(DatapathError::Missing {
-                    what: "array map",
-                    name: names::OWNERS,
-                });
-            }
+        let table = |name: &'static str| match ebpf.map(name) {
+            Some(aya::maps::Map::Array(data)) => OwnerTable::map(data, plan.owner_entries()),
+            _ => Err(DatapathError::Missing {
+                what: "array map",
+                name,
+            }),
         };
+        let owners = table(names::OWNERS)?;
+        let previous = table(names::PREVIOUS)?;
         Ok(Self {
             ebpf,
             link: None,
             owners,
+            previous,
             pins: pin_dir.map(|d| Pins {
                 dir: d.to_owned(),
                 link: None,
@@ -349,10 +365,15 @@ impl XdpDatapath {
                 let entry = InstanceEntry {
                     mac: i.mac,
                     generation,
-                    flags: if i.live { INSTANCE_LIVE } else { 0 },
+                    flags: if i.live { INSTANCE_LIVE } else { 0 }
+                        | if i.netns_id.is_some() {
+                            INSTANCE_LOOKUP
+                        } else {
+                            0
+                        },
                     service_id: i.service_id,
                     host: 0,
-                    pad: 0,
+                    netns_id: i.netns_id.unwrap_or(u32::MAX),
                 };
                 instances
                     .set(i.id, entry, 0)
@@ -490,6 +511,24 @@ impl XdpDatapath {
             map.insert(k, i, 0).map_err(map_err(names::MEMBERS))?;
         }
         Ok(())
+    }
+
+    /// Where instance `id`'s sockets are looked up for the second chance:
+    /// the id of its network namespace relative to the NIC's (`u32::MAX`:
+    /// the NIC's own); `None`: nowhere.
+    pub fn set_instance_netns(
+        &mut self,
+        id: u32,
+        netns_id: Option<u32>,
+    ) -> Result<(), DatapathError> {
+        self.update_instance(id, |e| {
+            e.netns_id = netns_id.unwrap_or(u32::MAX);
+            if netns_id.is_some() {
+                e.flags |= INSTANCE_LOOKUP;
+            } else {
+                e.flags &= !INSTANCE_LOOKUP;
+            }
+        })
     }
 
     /// Instance `id` of service `service_id` runs on remote host `host`
@@ -784,10 +823,18 @@ impl Datapath for XdpDatapath {
         group: Group,
         owner: u32,
     ) -> Result<(), DatapathError> {
-        // Plain stores into the mapped array: no syscall a unit.
+        // Plain stores into the mapped arrays: no syscall a unit. A unit
+        // that changes hands remembers its previous owner, for the second
+        // chance of the connections still there.
         let t = std::time::Instant::now();
+        let moved_at = coarse_secs();
         for unit in group.units() {
-            self.owners.set(owner_index(service_id, unit), owner);
+            let i = owner_index(service_id, unit);
+            let old = self.owners.get(i);
+            if old != owner && old != NO_OWNER {
+                self.previous.set(i, previous_entry(old, moved_at));
+            }
+            self.owners.set(i, owner);
         }
         crate::telemetry::map_write(t.elapsed().as_secs_f64());
         Ok(())

@@ -41,6 +41,10 @@ pub struct InstancePlan {
     /// Whether the data path may deliver to it (a reload keeps a failed
     /// instance out until it recovers).
     pub live: bool,
+    /// Id of its network namespace relative to the NIC's (`u32::MAX`: the
+    /// NIC's own), where the data path looks its sockets up; `None`:
+    /// unknown, no lookup.
+    pub netns_id: Option<u32>,
 }
 
 /// An instance on another host of the cluster: its packets are
@@ -61,6 +65,8 @@ pub struct Resolved {
     pub ifindex: u32,
     pub mac: [u8; 6],
     pub netns: Option<PathBuf>,
+    /// See [`InstancePlan::netns_id`].
+    pub netns_id: Option<u32>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -129,10 +135,16 @@ pub fn resolve_instance(inst: &Instance, field: &str) -> Result<Resolved, Resolv
             })?;
         (mac, Some(path))
     };
+    // The peer's namespace, as the NIC's namespace numbers it; the peer in
+    // this one (`None` from rtnetlink): the NIC's own.
+    let netns_id = link::peer_netns_id(&inst.veth)
+        .ok()
+        .map(|id| id.unwrap_or(u32::MAX));
     Ok(Resolved {
         ifindex,
         mac,
         netns,
+        netns_id,
     })
 }
 
@@ -203,6 +215,7 @@ impl Plan {
                     mac: r.mac,
                     netns: r.netns,
                     live: true,
+                    netns_id: r.netns_id,
                 });
             }
             let groups = if svc.on_demand {

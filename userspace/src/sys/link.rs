@@ -64,6 +64,15 @@ fn link_info(name: &str) -> Result<(u32, LinkInfo), LinkError> {
     Ok((own, info))
 }
 
+/// For veth `name`: the id, relative to the calling thread's namespace, of
+/// the namespace its peer is in; `None` when the peer is in this one.
+pub fn peer_netns_id(name: &str) -> Result<Option<u32>, LinkError> {
+    Ok(link_info(name)?
+        .1
+        .link_netnsid
+        .and_then(|id| u32::try_from(id).ok()))
+}
+
 /// MAC of interface `name` in the calling thread's namespace (asked over
 /// rtnetlink); `None` for an interface without one (loopback, tun).
 pub fn mac(name: &str) -> Result<Option<[u8; 6]>, LinkError> {
@@ -191,6 +200,9 @@ struct LinkInfo {
     xdp_prog: Option<u32>,
     /// `IFLA_LINK`: for a veth, the peer's ifindex.
     link: Option<u32>,
+    /// `IFLA_LINK_NETNSID`: for a veth whose peer is in another network
+    /// namespace, that namespace's id relative to this one.
+    link_netnsid: Option<i32>,
 }
 
 /// Asks rtnetlink, in the current thread's namespace, about `ifindex`.
@@ -256,6 +268,7 @@ fn query_link_on(sock: &OwnedFd, ifindex: u32) -> Option<LinkInfo> {
     const IFLA_LINK: u16 = 5;
     const IFLA_XDP: u16 = 43;
     const IFLA_XDP_PROG_ID: u16 = 4;
+    const IFLA_LINK_NETNSID: u16 = 37;
     const NLMSG_HDR: usize = 16;
     const IFINFO: usize = 16;
     // nlmsghdr + ifinfomsg, RTM_GETLINK for one ifindex.
@@ -287,6 +300,7 @@ fn query_link_on(sock: &OwnedFd, ifindex: u32) -> Option<LinkInfo> {
     let mut mac = None;
     let mut peer_link = None;
     let mut xdp_prog = None;
+    let mut link_netnsid = None;
     let mut at = NLMSG_HDR + IFINFO;
     while at + 4 <= msg.len() {
         let alen = usize::from(u16::from_ne_bytes([msg[at], msg[at + 1]]));
@@ -301,6 +315,9 @@ fn query_link_on(sock: &OwnedFd, ifindex: u32) -> Option<LinkInfo> {
                 peer_link = Some(u32::from_ne_bytes(body.try_into().ok()?));
             }
             IFLA_XDP => xdp_prog = nested_u32(body, IFLA_XDP_PROG_ID),
+            IFLA_LINK_NETNSID if body.len() == 4 => {
+                link_netnsid = Some(i32::from_ne_bytes(body.try_into().ok()?));
+            }
             _ => {}
         }
         at += (alen + 3) & !3;
@@ -309,6 +326,7 @@ fn query_link_on(sock: &OwnedFd, ifindex: u32) -> Option<LinkInfo> {
         mac,
         xdp_prog,
         link: peer_link,
+        link_netnsid,
     })
 }
 
