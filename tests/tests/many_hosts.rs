@@ -225,6 +225,37 @@ fn tcp_connections_work_through_any_host() {
         assert!(servers.finish().is_empty());
         eprintln!("{vip}: 60 connections, by owner {by_owner:?}");
     }
+    // Any host's CLI shows the whole cluster: every instance with its
+    // host, every group with its owner's host.
+    std::thread::sleep(Duration::from_millis(600));
+    let sock = bed.socket(1);
+    let sock = sock.to_str().expect("utf-8");
+    let out = process::sluice(&["status", "--api-socket", sock]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    for k in 0..HOSTS {
+        for j in 0..PER_HOST {
+            assert!(
+                text.lines().any(
+                    |l| l.starts_with(&format!("h{k} ")) && l.contains(&format!("kv-h{k}-{j}"))
+                ),
+                "status lacks kv-h{k}-{j} on h{k}:\n{text}"
+            );
+        }
+    }
+    let out = process::sluice(&["groups", "kv", "--api-socket", sock]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    for e in &assignment {
+        let host = &e.owner[3..5];
+        assert!(
+            text.lines().any(|l| l.starts_with(&e.group.to_string())
+                && l.contains(&e.owner)
+                && l.contains(host)),
+            "groups lacks {} of {} on {host}:\n{text}",
+            e.group,
+            e.owner
+        );
+    }
 }
 
 /// Sequence numbers the servers received (the paced sender's payload is

@@ -22,9 +22,11 @@ pub const MOVE_KINDS: [&str; 9] = [
 ];
 
 /// Serves `/metrics` on `addr` (from the current tokio runtime).
-pub fn install(addr: SocketAddr) -> Result<(), BuildError> {
+pub fn install(addr: SocketAddr, host: &str) -> Result<(), BuildError> {
     PrometheusBuilder::new()
         .with_http_listener(addr)
+        // Dashboards over a cluster tell the hosts apart by it.
+        .add_global_label("host", host)
         .set_buckets_for_metric(
             Matcher::Full("sluice_map_write_seconds".into()),
             &[1e-6, 4e-6, 16e-6, 64e-6, 256e-6, 1e-3, 4e-3, 16e-3, 64e-3],

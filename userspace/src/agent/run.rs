@@ -72,7 +72,7 @@ pub fn run(a: &RunOptions) -> anyhow::Result<()> {
     };
     // Before start-up, so the first map writes are measured too. Without a
     // runtime serving yet, the exporter serves from a thread of its own.
-    telemetry::install(a.metrics_addr)
+    telemetry::install(a.metrics_addr, &host_label(&config))
         .map_err(|e| anyhow::anyhow!("--metrics-addr {}: {e}", a.metrics_addr))?;
     tracing::info!(addr = %a.metrics_addr, "serving /metrics");
     let agent = match rt.block_on(Agent::start_pinned(
@@ -135,6 +135,23 @@ pub fn run(a: &RunOptions) -> anyhow::Result<()> {
     }
     drop(lock);
     Ok(())
+}
+
+/// The `host` label of every metric: the cluster's name for this host, or
+/// the machine's host name.
+fn host_label(config: &Config) -> String {
+    if !config.cluster.host.is_empty() {
+        return config.cluster.host.clone();
+    }
+    let mut buf = [0u8; 256];
+    // SAFETY: gethostname writes at most `buf.len()` bytes into `buf`.
+    let ok = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) } == 0;
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    if ok {
+        String::from_utf8_lossy(&buf[..end]).into_owned()
+    } else {
+        String::new()
+    }
 }
 
 /// The store, and with etcd this host's membership and its instances'
@@ -308,6 +325,21 @@ async fn reload(
 /// Refreshes what the API answers `status` (when the control loop could
 /// say it) and `groups` with.
 async fn publish_status(agent: &Agent, status: Option<&[InstanceStatus]>, shared: &api::Shared) {
+    // In a cluster, every instance's host: this one's, and the others'.
+    let me = &agent.cluster.host;
+    let remote = agent.control.remote_status();
+    let host_of = |owner: &str| -> String {
+        remote.iter().find(|r| r.1 == owner).map_or_else(
+            || {
+                if owner.is_empty() {
+                    String::new()
+                } else {
+                    me.clone()
+                }
+            },
+            |r| r.2.clone(),
+        )
+    };
     if let Ok(groups) = agent.control.assignments().await {
         *shared.groups.lock().expect("groups lock") = groups
             .into_iter()
@@ -315,6 +347,7 @@ async fn publish_status(agent: &Agent, status: Option<&[InstanceStatus]>, shared
                 let lines = entries
                     .into_iter()
                     .map(|e| api::GroupLine {
+                        host: host_of(&e.owner),
                         group: e.group.to_string(),
                         owner: e.owner,
                         version: e.version,
@@ -327,7 +360,8 @@ async fn publish_status(agent: &Agent, status: Option<&[InstanceStatus]>, shared
     let Some(status) = status else {
         return;
     };
-    *shared.status.lock().expect("status lock") = status
+    let groups = shared.groups.lock().expect("groups lock").clone();
+    let mut lines: Vec<InstanceLine> = status
         .iter()
         .map(|s| InstanceLine {
             drained: agent.control.is_drained(&s.name),
@@ -337,8 +371,37 @@ async fn publish_status(agent: &Agent, status: Option<&[InstanceStatus]>, shared
             rate_pps: s.sample.rate_pps,
             drops_ps: s.sample.drops_ps,
             groups: s.groups.iter().map(ToString::to_string).collect(),
+            host: me.clone(),
+            live: true,
         })
         .collect();
+    lines.extend(
+        remote
+            .into_iter()
+            .map(|(service, name, host, live, sample)| {
+                let owned = groups
+                    .get(&service)
+                    .map(|gs| {
+                        gs.iter()
+                            .filter(|g| g.owner == name)
+                            .map(|g| g.group.clone())
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                InstanceLine {
+                    drained: false,
+                    service,
+                    name,
+                    utilisation: sample.utilisation,
+                    rate_pps: sample.rate_pps,
+                    drops_ps: sample.drops_ps,
+                    groups: owned,
+                    host,
+                    live,
+                }
+            }),
+    );
+    *shared.status.lock().expect("status lock") = lines;
 }
 
 /// Per-instance delivery counts: to the log, or as a table on stdout at exit.

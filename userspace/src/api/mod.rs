@@ -49,6 +49,9 @@ pub struct GroupLine {
     pub group: String,
     pub owner: String,
     pub version: u64,
+    /// The owner's host (a cluster's; empty on one host).
+    #[serde(default)]
+    pub host: String,
 }
 
 /// One instance in a status answer.
@@ -62,6 +65,16 @@ pub struct InstanceLine {
     pub groups: Vec<String>,
     #[serde(default)]
     pub drained: bool,
+    /// The host it runs on (a cluster's; empty on one host).
+    #[serde(default)]
+    pub host: String,
+    /// Its host holds its lease (always, for this host's own).
+    #[serde(default = "yes")]
+    pub live: bool,
+}
+
+const fn yes() -> bool {
+    true
 }
 
 #[derive(Debug, Default, Deserialize, Serialize)]

@@ -47,13 +47,38 @@ fn instances(api_socket: &Path) -> anyhow::Result<Vec<InstanceLine>> {
 pub fn status(api_socket: &Path) -> anyhow::Result<()> {
     // Ask first: no table header above an error.
     let instances = instances(api_socket)?;
+    let cluster = instances.iter().any(|i| !i.host.is_empty());
+    let host = |i: &InstanceLine| {
+        if cluster {
+            format!(
+                "{:<12} ",
+                if i.live {
+                    i.host.clone()
+                } else {
+                    format!("{} (gone)", i.host)
+                }
+            )
+        } else {
+            String::new()
+        }
+    };
     println!(
-        "{:<16} {:<16} {:>6} {:>10} {:>8}  groups",
-        "service", "instance", "util", "pps", "drops/s"
+        "{}{:<16} {:<16} {:>6} {:>10} {:>8}  groups",
+        if cluster {
+            format!("{:<12} ", "host")
+        } else {
+            String::new()
+        },
+        "service",
+        "instance",
+        "util",
+        "pps",
+        "drops/s"
     );
     for i in instances {
         println!(
-            "{:<16} {:<16} {:>6.2} {:>10.0} {:>8.0}  {}{}",
+            "{}{:<16} {:<16} {:>6.2} {:>10.0} {:>8.0}  {}{}",
+            host(&i),
             i.service,
             i.name,
             i.utilisation,
@@ -69,9 +94,23 @@ pub fn status(api_socket: &Path) -> anyhow::Result<()> {
 /// `sluice groups SERVICE`: the service's groups and owners.
 pub fn groups(api_socket: &Path, service: String) -> anyhow::Result<()> {
     let answer = api::call(api_socket, &Request::Groups { service })?;
-    println!("{:<12} {:<16} {:>8}", "group", "owner", "version");
-    for g in answer.groups.unwrap_or_default() {
-        println!("{:<12} {:<16} {:>8}", g.group, g.owner, g.version);
+    let groups = answer.groups.unwrap_or_default();
+    if groups.iter().any(|g| !g.host.is_empty()) {
+        println!(
+            "{:<12} {:<16} {:<12} {:>8}",
+            "group", "owner", "host", "version"
+        );
+        for g in groups {
+            println!(
+                "{:<12} {:<16} {:<12} {:>8}",
+                g.group, g.owner, g.host, g.version
+            );
+        }
+    } else {
+        println!("{:<12} {:<16} {:>8}", "group", "owner", "version");
+        for g in groups {
+            println!("{:<12} {:<16} {:>8}", g.group, g.owner, g.version);
+        }
     }
     Ok(())
 }
