@@ -357,7 +357,9 @@ impl ClusterBed {
                 config,
                 pin_dir: &h.pins.0,
                 state: &h.state.path().join("state.json"),
-                cleanup: true,
+                // Stopped agents leave their data path running (a restart
+                // adopts it); the pin directory is removed on drop.
+                cleanup: false,
                 metrics_port: 9600 + u16::try_from(k).expect("few hosts"),
             },
         );
@@ -374,6 +376,12 @@ impl ClusterBed {
         if let Some(a) = self.hosts[k].agent.take() {
             a.kill();
         }
+    }
+
+    /// Host `k`'s pin directory (its data path's maps).
+    #[must_use]
+    pub fn pin_dir(&self, k: usize) -> &std::path::Path {
+        &self.hosts[k].pins.0
     }
 
     /// Takes host `k` off the network, as when the machine dies: its NIC

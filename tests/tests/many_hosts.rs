@@ -598,3 +598,111 @@ fn connections_survive_moves_between_hosts_and_an_ecmp_change() {
         "no flow needed a second chance: the test did not test it"
     );
 }
+
+/// The owner of every unit as host `k`'s data path holds it, by name.
+fn host_table(bed: &ClusterBed, k: usize, names: &HashMap<u32, String>) -> Vec<String> {
+    let owners = sluice::datapath::xdp::XdpDatapath::pinned_owners(bed.pin_dir(k), 1)
+        .expect("pinned owners");
+    owners[0]
+        .iter()
+        .map(|id| names.get(id).cloned().unwrap_or_default())
+        .collect()
+}
+
+/// The store's owner of every unit.
+fn store_table(groups: &[GroupEntry]) -> Vec<String> {
+    let mut t = vec![String::new(); sluice_common::UNITS_PER_SERVICE as usize];
+    for e in groups {
+        for u in e.group.units() {
+            t[u as usize].clone_from(&e.owner);
+        }
+    }
+    t
+}
+
+/// Elements of three hosts move groups all the time (a different instance
+/// is made slow every few seconds) while agents are restarted at random,
+/// for 60 s. Sampled throughout, the store's groups partition the units
+/// (every unit one owner); afterwards every host's data path holds exactly
+/// the store's owners.
+#[test]
+fn concurrent_moves_and_restarts_keep_one_owner_per_unit_everywhere() {
+    let mut bed = ClusterBed::new("mh-churn", HOSTS, PER_HOST);
+    let wlm = "wlm = { capacity_pps = 600, overload = 0.8, underload = 0.3, sustain = 2, cooldown_ms = 600, min_group_units = 256 }";
+    start_cluster_with(&mut bed, wlm);
+    let dst = SocketAddr::new(IpAddr::V4(VIP_V4), 7000);
+    let servers = UdpServers::start_with(&bed.all_instances(), dst, 64 << 10);
+    let sender = traffic::PacedSender::spawn(
+        &bed.client.0,
+        dst,
+        600,
+        1500,
+        Duration::from_secs(90),
+        |_, seq| seq.to_be_bytes().to_vec(),
+    );
+    let mut seed = 0x5eed_u64;
+    let mut rand = move |n: usize| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        usize::try_from(seed % n as u64).expect("small")
+    };
+    let t0 = Instant::now();
+    let (mut samples, mut restarts, mut slow) = (0, 0, 0usize);
+    let mut versions = HashSet::new();
+    while t0.elapsed() < Duration::from_mins(1) {
+        // A different slow instance every 4 s.
+        if samples % 8 == 0 {
+            servers.throttle[slow].store(0, std::sync::atomic::Ordering::Relaxed);
+            slow = rand(HOSTS * PER_HOST);
+            servers.throttle[slow].store(80, std::sync::atomic::Ordering::Relaxed);
+        }
+        // An agent restarted every 5 s or so.
+        if samples % 10 == 5 {
+            let k = rand(HOSTS);
+            bed.stop_agent(k);
+            let c = config_with(&bed, k, wlm);
+            bed.start_agent(k, &c);
+            restarts += 1;
+        }
+        let g = groups(&bed);
+        sluice::coord::check_partition(g.iter().map(|e| &e.group))
+            .unwrap_or_else(|e| panic!("sample {samples}: {e}"));
+        versions.extend(g.iter().map(|e| e.version));
+        samples += 1;
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let sent = sender.finish().expect("sender");
+    servers.wait_for(sent, Duration::from_secs(2));
+    let got = servers.finish();
+    let (seqs, _) = received_seqs(&got);
+    // At rest: every host's owner table is the store's.
+    std::thread::sleep(Duration::from_secs(2));
+    let g = groups(&bed);
+    let want = store_table(&g);
+    let names: HashMap<u32, String> = with_etcd(&bed, |s| {
+        Box::pin(async move {
+            s.instances()
+                .await
+                .expect("instances")
+                .into_iter()
+                .map(|(n, r)| (r.id, n))
+                .collect()
+        })
+    });
+    for k in 0..HOSTS {
+        let have = host_table(&bed, k, &names);
+        let wrong = have.iter().zip(&want).filter(|(a, b)| a != b).count();
+        assert_eq!(wrong, 0, "host {k}: {wrong} units disagree with the store");
+    }
+    eprintln!(
+        "60 s of churn: {samples} samples, all partitions; {restarts} agent restarts; {} group versions seen; \
+         {} of {sent} datagrams received; every host's 65,536 owners equal the store's",
+        versions.len(),
+        seqs.len()
+    );
+    assert!(
+        versions.len() > g.len() + 20,
+        "the elements hardly moved anything"
+    );
+}
