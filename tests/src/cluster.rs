@@ -310,6 +310,39 @@ impl ClusterBed {
         self.route_vips(hosts);
     }
 
+    /// Runs `f` with an etcd client of the cluster's keys, on a thread of
+    /// its own inside the router's namespace (where etcd listens).
+    pub fn with_store<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(
+            std::sync::Arc<sluice::coord::EtcdStore>,
+        ) -> std::pin::Pin<Box<dyn Future<Output = T>>>
+        + Send
+        + 'static,
+    ) -> T {
+        let opts = sluice::coord::EtcdOptions {
+            endpoints: vec![self.etcd_endpoint()],
+            cluster: self.prefix.clone(),
+            timeout: std::time::Duration::from_secs(2),
+        };
+        netns::spawn_in(&self.router.0, move || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("a runtime")
+                .block_on(async move {
+                    let s = std::sync::Arc::new(
+                        sluice::coord::EtcdStore::connect(&opts)
+                            .await
+                            .expect("etcd client"),
+                    );
+                    f(s).await
+                })
+        })
+        .join()
+        .unwrap_or_else(|p| std::panic::resume_unwind(p))
+    }
+
     /// `http://198.18.250.1:2379`.
     #[must_use]
     pub fn etcd_endpoint(&self) -> String {

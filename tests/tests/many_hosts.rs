@@ -12,7 +12,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use sluice::coord::{CoordStore as _, EtcdOptions, EtcdStore, GroupEntry};
+use sluice::coord::{CoordStore as _, EtcdStore, GroupEntry};
 use sluice_common::key;
 use sluice_tests::{
     cluster::{ClusterBed, VIP_V4, VIP_V6},
@@ -33,28 +33,11 @@ fn config_with(bed: &ClusterBed, k: usize, extra: &str) -> String {
     )
 }
 
-/// Runs `f` with an etcd client on a thread inside the router namespace.
 fn with_etcd<T: Send + 'static>(
     bed: &ClusterBed,
     f: impl FnOnce(Arc<EtcdStore>) -> std::pin::Pin<Box<dyn Future<Output = T>>> + Send + 'static,
 ) -> T {
-    let opts = EtcdOptions {
-        endpoints: vec![bed.etcd_endpoint()],
-        cluster: bed.prefix.clone(),
-        timeout: Duration::from_secs(2),
-    };
-    netns::spawn_in(&bed.router.0, move || {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap()
-            .block_on(async move {
-                let s = Arc::new(EtcdStore::connect(&opts).await.expect("etcd client"));
-                f(s).await
-            })
-    })
-    .join()
-    .unwrap_or_else(|p| std::panic::resume_unwind(p))
+    bed.with_store(f)
 }
 
 fn groups(bed: &ClusterBed) -> Vec<GroupEntry> {

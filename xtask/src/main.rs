@@ -56,14 +56,21 @@ enum Cmd {
     /// Run Sluice on a built-in testbed (namespaces, 4 instances, tagged and
     /// untagged flows) with a live per-instance table: one instance is
     /// throttled and sheds work, then recovers as the load falls and groups
-    /// merge back. Needs root, no NIC or config; leaves nothing behind.
+    /// merge back. With `--hosts N`: a cluster of N hosts behind an ECMP
+    /// router with etcd, load spreading across hosts. Needs root, no NIC or
+    /// config; leaves nothing behind.
     Demo {
         /// How long to run, in seconds.
         #[arg(long, default_value_t = 40)]
         seconds: u64,
-        /// Datagrams per second the traffic generator sends at high load.
-        #[arg(long, default_value_t = 8000)]
-        rate: u64,
+        /// Datagrams per second the traffic generator sends at high load
+        /// (default: 8000 on one host, 6000 for a cluster).
+        #[arg(long)]
+        rate: Option<u64>,
+        /// Hosts: 1 (one host, in-process agent) or 2..=6 (a cluster of
+        /// real `sluice run` agents and etcd).
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=6))]
+        hosts: u64,
     },
     /// Benchmarks against their baselines in one run (fast path vs the empty
     /// program, owner-map writes, control loop, memory); writes
@@ -136,30 +143,11 @@ fn real_main() -> anyhow::Result<()> {
             }
             test(&env, &args)
         }
-        Cmd::Demo { seconds, rate } => {
-            let env = setup::ensure(false)?;
-            require_root("the demo creates network namespaces and attaches an XDP program")?;
-            eprintln!("[demo] building");
-            cargo(
-                &env,
-                &[
-                    "build",
-                    "--quiet",
-                    "--package",
-                    "sluice-tests",
-                    "--bin",
-                    "sluice-demo",
-                ],
-                false,
-            )?;
-            let bin = root.join("target/debug/sluice-demo");
-            run(Command::new(bin).args([
-                "--seconds",
-                &seconds.to_string(),
-                "--rate",
-                &rate.to_string(),
-            ]))
-        }
+        Cmd::Demo {
+            seconds,
+            rate,
+            hosts,
+        } => demo(&root, seconds, rate, hosts),
         Cmd::Bench { args } => {
             let mut env = setup::ensure(false)?;
             setup::debian(
@@ -262,6 +250,44 @@ fn cargo(env: &setup::Env, args: &[&str], release: bool) -> anyhow::Result<()> {
         cmd.args(&args[..at]).arg("--release").args(&args[at..]);
     }
     env.apply(&mut cmd);
+    run(&mut cmd)
+}
+
+/// `cargo xtask demo`: one host (in-process agent) or a cluster.
+fn demo(root: &Path, seconds: u64, rate: Option<u64>, hosts: u64) -> anyhow::Result<()> {
+    let env = setup::ensure(false)?;
+    require_root("the demo creates network namespaces and attaches an XDP program")?;
+    eprintln!("[demo] building");
+    let (bin, default_rate) = if hosts == 1 {
+        ("sluice-demo", 8000)
+    } else {
+        ("sluice-cluster-demo", 6000)
+    };
+    cargo(
+        &env,
+        &[
+            "build",
+            "--quiet",
+            "--package",
+            "sluice-tests",
+            "--bin",
+            bin,
+            "--package",
+            "sluice",
+        ],
+        false,
+    )?;
+    let mut cmd = Command::new(root.join("target/debug").join(bin));
+    cmd.args([
+        "--seconds",
+        &seconds.to_string(),
+        "--rate",
+        &rate.unwrap_or(default_rate).to_string(),
+    ]);
+    if hosts > 1 {
+        cmd.args(["--hosts", &hosts.to_string()])
+            .env("SLUICE_BIN", root.join("target/debug/sluice"));
+    }
     run(&mut cmd)
 }
 
