@@ -38,6 +38,16 @@ pub(crate) struct Row {
     pub(crate) empty_fresh_ns: f64,
 }
 
+/// One packet's way through a cluster host, fresh frames only: the
+/// encapsulation rewrites the frame, so repeated runs would measure another
+/// path from the second on.
+#[derive(Serialize)]
+pub(crate) struct ClusterRow {
+    pub(crate) path: String,
+    pub(crate) fresh_ns: f64,
+    pub(crate) empty_fresh_ns: f64,
+}
+
 #[derive(Serialize)]
 pub(crate) struct WriteRow {
     pub(crate) units: u32,
@@ -260,7 +270,92 @@ fn prefill_pins(h: &mut Harness, n: u32) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub(crate) fn run(repeat: u32, fresh: u32) -> anyhow::Result<(Vec<Row>, Vec<WriteRow>)> {
+/// Local delivery, encapsulation to another host, and decapsulation at the
+/// owner's host, beside the empty program: an untagged IPv4 UDP packet of
+/// `kv`, whose owner is `kv-1` (id 2) — here, or on the other host.
+fn cluster_rows(fresh: u32, empty: &Xdp) -> anyhow::Result<Vec<ClusterRow>> {
+    use sluice_common::{
+        encap::DEFAULT_ENCAP_PORT,
+        key,
+        maps::{ClusterEntry, FAMILY_V4, MemberKey, RemoteHost},
+    };
+    let cfg = Config::parse(&config(2, 0), std::path::Path::new("bench.toml"))?;
+    let v4 = |a: [u8; 4]| [key::host::v4(a), 0, 0, 0];
+    let (a_ip, b_ip) = ([198, 18, 10, 1], [198, 18, 10, 2]);
+    let a_mac = [0x02, 0x51, 0, 0, 0, 0x11];
+    let cluster = |ip: [u8; 4], mac| ClusterEntry {
+        underlay: v4(ip),
+        mac,
+        family: FAMILY_V4,
+        pad: 0,
+        port_be: DEFAULT_ENCAP_PORT.to_be(),
+        mtu: 1500,
+        reserved: 0,
+    };
+    let member = |ip| MemberKey {
+        addr: v4(ip),
+        family: FAMILY_V4,
+        pad: [0; 3],
+    };
+    let frame = Packet::udp(sa("198.18.0.9:40000"), sa("198.18.1.1:7000"))
+        .payload(b"some payload".to_vec())
+        .build();
+    // Host B: kv-1 here, every unit its.
+    let mut b = Harness::from_config(&cfg);
+    b.dp.set_cluster(cluster(b_ip, NIC_MAC))?;
+    b.dp.set_members(&[member(a_ip)])?;
+    b.dp.set_group_owner(0, Group::ALL, 2)?;
+    // Host A: kv-1 is on B, whose next hop is B's NIC.
+    let mut a = Harness::from_config(&cfg);
+    a.dp.set_cluster(cluster(a_ip, a_mac))?;
+    a.dp.set_remote_host(
+        1,
+        RemoteHost {
+            underlay: v4(b_ip),
+            next_hop: NIC_MAC,
+            pad: 0,
+        },
+    )?;
+    a.dp.set_members(&[member(b_ip)])?;
+    a.dp.set_remote_instance(2, 0, 1, true)?;
+    a.dp.set_group_owner(0, Group::ALL, 2)?;
+    let sent = a.run(&frame);
+    if sent.action != sluice_tests::harness::XDP_TX {
+        bail!("host A did not encapsulate (action {})", sent.action);
+    }
+    let floor = fresh_mode(empty, &frame, fresh, XDP_PASS)?;
+    let encapsulated_floor = fresh_mode(empty, &sent.frame, fresh, XDP_PASS)?;
+    let local = fresh_mode(b.dp.program_ref()?, &frame, fresh, XDP_REDIRECT)?;
+    let encap = fresh_mode(
+        a.dp.program_ref()?,
+        &frame,
+        fresh,
+        sluice_tests::harness::XDP_TX,
+    )?;
+    let decap = fresh_mode(b.dp.program_ref()?, &sent.frame, fresh, XDP_REDIRECT)?;
+    Ok(vec![
+        ClusterRow {
+            path: "owner here: delivered".into(),
+            fresh_ns: local,
+            empty_fresh_ns: floor,
+        },
+        ClusterRow {
+            path: "owner on another host: encapsulated (GUE), XDP_TX".into(),
+            fresh_ns: encap,
+            empty_fresh_ns: floor,
+        },
+        ClusterRow {
+            path: "from another host: decapsulated, delivered".into(),
+            fresh_ns: decap,
+            empty_fresh_ns: encapsulated_floor,
+        },
+    ])
+}
+
+pub(crate) fn run(
+    repeat: u32,
+    fresh: u32,
+) -> anyhow::Result<(Vec<Row>, Vec<WriteRow>, Vec<ClusterRow>)> {
     let mut empty_obj = Ebpf::load(objects::EMPTY_XDP).context("loading the empty program")?;
     let empty = empty_program(&mut empty_obj)?;
     let frames = frames();
@@ -316,7 +411,9 @@ pub(crate) fn run(repeat: u32, fresh: u32) -> anyhow::Result<(Vec<Row>, Vec<Writ
             writes = map_writes(&mut h)?;
         }
     }
-    Ok((rows, writes))
+    eprintln!("[bench]   cluster paths");
+    let cluster = cluster_rows(fresh, empty)?;
+    Ok((rows, writes, cluster))
 }
 
 /// Writes groups of several sizes both ways and times them (median of 5).

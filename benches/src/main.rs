@@ -15,6 +15,7 @@
 //!
 //! Benchmarks are not tests: nothing here passes or fails on a number.
 
+mod cluster;
 mod control;
 mod e2e;
 mod fastpath;
@@ -42,8 +43,8 @@ struct Args {
     /// Seconds each end-to-end path is driven.
     #[arg(long, default_value_t = 3.0)]
     e2e_seconds: f64,
-    /// Run only these parts (default: all): fast-path, e2e, punt, control,
-    /// memory.
+    /// Run only these parts (default: all): fast-path, e2e, cluster, punt,
+    /// control, memory.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// The `sluice` binary whose resident memory is measured (default: next
@@ -64,7 +65,9 @@ struct Report {
     machine: Machine,
     fast_path: Vec<fastpath::Row>,
     map_write: Vec<fastpath::WriteRow>,
+    cluster_path: Vec<fastpath::ClusterRow>,
     e2e: Vec<e2e::Row>,
+    cross_host: Vec<cluster::Row>,
     punt: Vec<punt::Row>,
     control: Option<control::Figures>,
     memory: Option<memory::Figures>,
@@ -104,18 +107,24 @@ fn run(args: &Args) -> anyhow::Result<()> {
     let m = machine();
     eprintln!("[bench] {} — {} cores — Linux {}", m.cpu, m.cores, m.kernel);
     let want = |part: &str| args.only.is_empty() || args.only.iter().any(|o| o == part);
-    let (fast_path, map_write) = if want("fast-path") {
+    let (fast_path, map_write, cluster_path) = if want("fast-path") {
         eprintln!(
             "[bench] fast path ({} runs a call; {} fresh frames)",
             args.repeat, args.fresh
         );
         fastpath::run(args.repeat, args.fresh)?
     } else {
-        (Vec::new(), Vec::new())
+        (Vec::new(), Vec::new(), Vec::new())
     };
     let e2e = if want("e2e") {
         eprintln!("[bench] end to end: Sluice against nftables on the namespace testbed");
         e2e::run(args.e2e_seconds)?
+    } else {
+        Vec::new()
+    };
+    let cross_host = if want("cluster") {
+        eprintln!("[bench] cross-host delivery on the namespace cluster");
+        cluster::run(args.e2e_seconds)?
     } else {
         Vec::new()
     };
@@ -147,7 +156,9 @@ fn run(args: &Args) -> anyhow::Result<()> {
         machine: m,
         fast_path,
         map_write,
+        cluster_path,
         e2e,
+        cross_host,
         punt,
         control,
         memory,
@@ -198,6 +209,7 @@ fn markdown(r: &Report) -> String {
             f.fresh_ns / f.empty_fresh_ns
         );
     }
+    cluster_table(&mut s, &r.cluster_path);
     let _ = writeln!(s, "\n#### Owner-map writes (one group, µs)\n");
     let _ = writeln!(
         s,
@@ -230,6 +242,7 @@ fn markdown(r: &Report) -> String {
             e.path, e.generator, e.generated_pps, e.delivered_pps, e.cores_busy, e.pps_per_core
         );
     }
+    cross_host_table(&mut s, &r.cross_host);
     if !r.punt.is_empty() {
         let _ = writeln!(
             s,
@@ -313,6 +326,52 @@ fn memory_table(s: &mut String, mm: &memory::Figures, cores: usize) {
         let _ = writeln!(
             s,
             "| agent resident memory, {n} service(s): all (with the mapped owner array) / anonymous | {all} / {anon} |"
+        );
+    }
+}
+
+/// The cluster paths beside the empty program.
+fn cluster_table(s: &mut String, rows: &[fastpath::ClusterRow]) {
+    if !rows.is_empty() {
+        let _ = writeln!(
+            s,
+            "\n#### Cluster paths (ns per packet, fresh frames, `BPF_PROG_TEST_RUN`; IPv4 UDP, untagged)\n"
+        );
+        let _ = writeln!(
+            s,
+            "| path | sluice | empty program, same frame | own work | ratio |"
+        );
+        let _ = writeln!(s, "| --- | ---: | ---: | ---: | ---: |");
+        for c in rows {
+            let _ = writeln!(
+                s,
+                "| {} | {:.1} | {:.1} | {:.1} | {:.2}× |",
+                c.path,
+                c.fresh_ns,
+                c.empty_fresh_ns,
+                c.fresh_ns - c.empty_fresh_ns,
+                c.fresh_ns / c.empty_fresh_ns
+            );
+        }
+    }
+}
+
+/// Cross-host delivery beside local delivery.
+fn cross_host_table(s: &mut String, rows: &[cluster::Row]) {
+    if rows.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        s,
+        "\n#### Cross-host delivery (namespace cluster: router, 2 hosts, the VIP routed to host 0; UDP from 128 sockets)\n"
+    );
+    let _ = writeln!(s, "| path | generated pps | delivered pps |");
+    let _ = writeln!(s, "| --- | ---: | ---: |");
+    for c in rows {
+        let _ = writeln!(
+            s,
+            "| {} | {:.0} | {:.0} |",
+            c.path, c.generated_pps, c.delivered_pps
         );
     }
 }

@@ -171,7 +171,10 @@ fn real_main() -> anyhow::Result<()> {
                 ],
                 true,
             )?;
-            run(Command::new(root.join("target/release/sluice-bench")).args(&args))
+            // The cluster benchmark starts real agents: this build's.
+            run(Command::new(root.join("target/release/sluice-bench"))
+                .args(&args)
+                .env("SLUICE_BIN", root.join("target/release/sluice")))
         }
         Cmd::Fuzz { secs, jobs } => {
             let jobs = jobs.unwrap_or_else(|| {
