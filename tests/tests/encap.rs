@@ -301,3 +301,72 @@ fn a_target_that_is_not_ours_goes_to_our_owner_or_nowhere() {
     assert_eq!(b.global()[counters::DECAP_STALE as usize], 1);
     assert_eq!(b.global()[counters::ENCAPSULATED as usize], 0);
 }
+
+/// The same round trip over an IPv6 underlay: 60 bytes of outer headers,
+/// and what fits the MTU with them.
+#[test]
+fn an_ipv6_underlay_carries_the_packets_too() {
+    let (a6, b6) = (
+        key::host::v6(
+            "fd00:5100:10::1"
+                .parse::<std::net::Ipv6Addr>()
+                .unwrap()
+                .octets(),
+        ),
+        key::host::v6(
+            "fd00:5100:10::2"
+                .parse::<std::net::Ipv6Addr>()
+                .unwrap()
+                .octets(),
+        ),
+    );
+    let entry = |underlay, mac| ClusterEntry {
+        underlay,
+        mac,
+        family: FAMILY_V6,
+        pad: 0,
+        port_be: PORT.to_be(),
+        mtu: 1500,
+        reserved: 0,
+    };
+    let member6 = |addr| MemberKey {
+        addr,
+        family: FAMILY_V6,
+        pad: [0; 3],
+    };
+    let mut a = Harness::new(CONFIG);
+    a.dp.set_cluster(entry(a6, NIC_MAC)).unwrap();
+    a.dp.set_remote_host(
+        1,
+        RemoteHost {
+            underlay: b6,
+            next_hop: B_MAC,
+            pad: 0,
+        },
+    )
+    .unwrap();
+    a.dp.set_members(&[member6(b6)]).unwrap();
+    a.dp.set_remote_instance(3, KV, 1, true).unwrap();
+    a.dp.set_group_owner(KV, Group::ALL, 3).unwrap();
+    let mut b = host_b();
+    b.dp.set_cluster(entry(b6, B_MAC)).unwrap();
+    b.dp.set_members(&[member6(a6)]).unwrap();
+
+    let p = Packet::udp(client(40030), kv4()).payload(vec![5u8; 64]);
+    let sent = a.run(&p.build());
+    assert_eq!(sent.action, XDP_TX);
+    assert_eq!(&sent.frame[12..14], &0x86DDu16.to_be_bytes());
+    assert_eq!(sent.frame.len(), p.build().len() + encap::OUTER_V6_LEN);
+    let got = b.run(&sent.frame);
+    assert_eq!(got.action, XDP_REDIRECT);
+    let mut want = p.build();
+    want[..6].copy_from_slice(&instance_mac(3));
+    want[6..12].copy_from_slice(&NIC_MAC);
+    assert_eq!(got.frame, want);
+
+    // 1,440 bytes of inner IP + 60 = 1,500: fits; one more does not.
+    let sized = |ip_len: usize| Packet::udp(client(40031), kv4()).payload(vec![0u8; ip_len - 28]);
+    assert_eq!(a.run(&sized(1440).build()).action, XDP_TX);
+    assert_eq!(a.run(&sized(1441).build()).action, XDP_DROP);
+    assert_eq!(a.global()[counters::ENCAP_TOO_BIG as usize], 1);
+}
