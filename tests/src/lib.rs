@@ -3,6 +3,7 @@
 //! `BPF_PROG_TEST_RUN`.
 
 pub mod cluster;
+pub mod demo;
 pub mod etcd;
 pub mod harness;
 pub mod netns;

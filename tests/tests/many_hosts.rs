@@ -241,6 +241,28 @@ fn tcp_connections_work_through_any_host() {
     }
 }
 
+/// Servers on every instance (`rcvbuf` bytes of buffer each) and a paced
+/// sender of `rate` datagrams a second for at most `secs`, each datagram
+/// carrying its sequence number.
+fn sequenced_load(
+    bed: &ClusterBed,
+    rate: u64,
+    secs: u64,
+    rcvbuf: i32,
+) -> (UdpServers, traffic::PacedSender) {
+    let dst = SocketAddr::new(IpAddr::V4(VIP_V4), 7000);
+    let servers = UdpServers::start_with(&bed.all_instances(), dst, rcvbuf);
+    let sender = traffic::PacedSender::spawn(
+        &bed.client.0,
+        dst,
+        600,
+        rate,
+        Duration::from_secs(secs),
+        |_, seq| seq.to_be_bytes().to_vec(),
+    );
+    (servers, sender)
+}
+
 /// Sequence numbers the servers received (the paced sender's payload is
 /// its global sequence number), and whether any came twice.
 fn received_seqs(got: &[Vec<traffic::Received>]) -> (HashSet<u64>, bool) {
@@ -262,16 +284,7 @@ fn a_dead_hosts_groups_are_taken_over_and_the_loss_window_is_measured() {
     const RATE: u64 = 2000;
     let mut bed = ClusterBed::new("mh-fail", HOSTS, PER_HOST);
     let _ = start_cluster(&mut bed);
-    let dst = SocketAddr::new(IpAddr::V4(VIP_V4), 7000);
-    let servers = UdpServers::start(&bed.all_instances(), dst);
-    let sender = traffic::PacedSender::spawn(
-        &bed.client.0,
-        dst,
-        300,
-        RATE,
-        Duration::from_secs(20),
-        |_, seq| seq.to_be_bytes().to_vec(),
-    );
+    let (servers, sender) = sequenced_load(&bed, RATE, 20, 16 << 20);
     std::thread::sleep(Duration::from_secs(2));
     let dead = ["kv-h2-0", "kv-h2-1"];
     bed.kill_agent(2);
@@ -329,16 +342,7 @@ fn an_etcd_outage_loses_nothing_and_moves_resume_after() {
     const RATE: u64 = 1500;
     let mut bed = ClusterBed::new("mh-etcd", HOSTS, PER_HOST);
     let before = start_cluster(&mut bed);
-    let dst = SocketAddr::new(IpAddr::V4(VIP_V4), 7000);
-    let servers = UdpServers::start(&bed.all_instances(), dst);
-    let sender = traffic::PacedSender::spawn(
-        &bed.client.0,
-        dst,
-        300,
-        RATE,
-        Duration::from_secs(30),
-        |_, seq| seq.to_be_bytes().to_vec(),
-    );
+    let (servers, sender) = sequenced_load(&bed, RATE, 30, 16 << 20);
     std::thread::sleep(Duration::from_secs(1));
     let moves = |bed: &ClusterBed| -> f64 {
         (0..HOSTS)
@@ -409,18 +413,9 @@ fn a_slow_instance_sheds_to_instances_on_other_hosts() {
         .filter(|e| e.owner == "kv-h0-0")
         .flat_map(|e| e.group.units())
         .collect();
-    let dst = SocketAddr::new(IpAddr::V4(VIP_V4), 7000);
     // Small buffers: a slow server drops within a fraction of a second.
-    let servers = UdpServers::start_with(&bed.all_instances(), dst, 64 << 10);
+    let (servers, sender) = sequenced_load(&bed, 1500, 120, 64 << 10);
     servers.throttle[SLOW].store(150, std::sync::atomic::Ordering::Relaxed);
-    let sender = traffic::PacedSender::spawn(
-        &bed.client.0,
-        dst,
-        600,
-        1500,
-        Duration::from_mins(2),
-        |_, seq| seq.to_be_bytes().to_vec(),
-    );
     let t0 = Instant::now();
     let mut calm_since: Option<Instant> = None;
     let (loads, after) = loop {
@@ -613,16 +608,7 @@ fn concurrent_moves_and_restarts_keep_one_owner_per_unit_everywhere() {
     let mut bed = ClusterBed::new("mh-churn", HOSTS, PER_HOST);
     let wlm = "wlm = { capacity_pps = 600, overload = 0.8, underload = 0.3, sustain = 2, cooldown_ms = 600, min_group_units = 256 }";
     start_cluster_with(&mut bed, wlm);
-    let dst = SocketAddr::new(IpAddr::V4(VIP_V4), 7000);
-    let servers = UdpServers::start_with(&bed.all_instances(), dst, 64 << 10);
-    let sender = traffic::PacedSender::spawn(
-        &bed.client.0,
-        dst,
-        600,
-        1500,
-        Duration::from_secs(90),
-        |_, seq| seq.to_be_bytes().to_vec(),
-    );
+    let (servers, sender) = sequenced_load(&bed, 1500, 90, 64 << 10);
     let mut seed = 0x5eed_u64;
     let mut rand = move |n: usize| {
         seed ^= seed << 13;

@@ -16,7 +16,7 @@ use std::{
     fmt::Write as _,
     io::{IsTerminal as _, Write as _},
     net::{IpAddr, SocketAddr},
-    sync::atomic::{AtomicBool, AtomicU64, Ordering},
+    sync::atomic::{AtomicU64, Ordering},
     time::{Duration, Instant},
 };
 
@@ -24,7 +24,7 @@ use clap::Parser;
 use sluice::coord::CoordStore as _;
 use sluice_tests::{
     cluster::{ClusterBed, VIP_V4},
-    process,
+    demo, process,
     traffic::{self, UdpServers},
 };
 
@@ -44,24 +44,12 @@ struct Args {
     rate: u64,
 }
 
-static STOP: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn on_signal(_: libc::c_int) {
-    STOP.store(true, Ordering::Relaxed);
-}
-
 const PER_HOST: usize = 2;
 const PORT: u16 = 7000;
 
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
-    match run(&args) {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("sluice-cluster-demo: error: {e:#}");
-            std::process::ExitCode::FAILURE
-        }
-    }
+    demo::exit("sluice-cluster-demo", run(&args))
 }
 
 /// Host `k`'s config: the cluster table, the service, its two instances.
@@ -79,11 +67,7 @@ fn config(bed: &ClusterBed, k: usize, rate: u64) -> String {
 }
 
 fn run(args: &Args) -> anyhow::Result<()> {
-    // SAFETY: the handler only stores to an atomic.
-    unsafe {
-        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
-        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
-    }
+    demo::stop_on_signals();
     let hosts = usize::try_from(args.hosts)?;
     eprintln!("[demo] building the cluster: a router, etcd, {hosts} hosts of {PER_HOST} instances");
     let mut bed = ClusterBed::new("demo", hosts, PER_HOST);
@@ -103,7 +87,7 @@ fn run(args: &Args) -> anyhow::Result<()> {
                 dst,
                 512,
                 &rate,
-                &STOP,
+                &demo::STOP,
                 Duration::from_secs(seconds),
                 |_, seq| seq.to_be_bytes().to_vec(),
             )
@@ -116,7 +100,7 @@ fn run(args: &Args) -> anyhow::Result<()> {
     let mut phase =
         "host 0's instances take everything and are overloaded: they shed to the other hosts";
     let mut last_print = start;
-    while Instant::now() < end && !STOP.load(Ordering::Relaxed) {
+    while Instant::now() < end && !demo::stopping() {
         std::thread::sleep(Duration::from_millis(500));
         if start.elapsed() >= throttle_at && !phase.starts_with("kv-h1-0") {
             // kv-h1-0 is instance PER_HOST in host-major order.
@@ -128,7 +112,7 @@ fn run(args: &Args) -> anyhow::Result<()> {
             last_print = Instant::now();
         }
     }
-    STOP.store(true, Ordering::Relaxed);
+    demo::STOP.store(true, Ordering::Relaxed);
     let sent = generator
         .join()
         .map_err(|_| anyhow::anyhow!("generator thread panicked"))?;

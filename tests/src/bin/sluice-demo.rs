@@ -16,7 +16,7 @@ use std::{
     path::Path,
     sync::{
         Arc,
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        atomic::{AtomicU64, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -24,7 +24,7 @@ use std::{
 use clap::Parser;
 use sluice::{agent::Agent, config::Config, coord::EmbeddedStore, datapath::Datapath as _};
 use sluice_tests::{
-    block_on,
+    block_on, demo,
     testbed::{self, Testbed},
     traffic::{self, UdpServers},
 };
@@ -42,12 +42,6 @@ struct Args {
     rate: u64,
 }
 
-static STOP: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn on_signal(_: libc::c_int) {
-    STOP.store(true, Ordering::Relaxed);
-}
-
 const INSTANCES: usize = 4;
 const THROTTLED: usize = 2;
 const PORT: u16 = 7100;
@@ -62,21 +56,11 @@ const TAGS: [&[u8; 8]; 6] = [
 
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
-    match run(&args) {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("sluice-demo: error: {e:#}");
-            std::process::ExitCode::FAILURE
-        }
-    }
+    demo::exit("sluice-demo", run(&args))
 }
 
 fn run(args: &Args) -> anyhow::Result<()> {
-    // SAFETY: the handler only stores to an atomic.
-    unsafe {
-        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
-        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
-    }
+    demo::stop_on_signals();
     eprintln!("[demo] building the testbed: client, host, {INSTANCES} instance namespaces");
     let tb = Testbed::new("demo", INSTANCES)?;
     let toml = demo_config(&tb, args.rate);
@@ -99,7 +83,7 @@ fn run(args: &Args) -> anyhow::Result<()> {
     );
     let mut phase = "steady load";
     let mut last_print = start;
-    while Instant::now() < end && !STOP.load(Ordering::Relaxed) {
+    while Instant::now() < end && !demo::stopping() {
         std::thread::sleep(agent.control.interval());
         let t = start.elapsed();
         if t >= throttle_at && t < release_at && phase == "steady load" {
@@ -123,7 +107,7 @@ fn run(args: &Args) -> anyhow::Result<()> {
             last_print = Instant::now();
         }
     }
-    STOP.store(true, Ordering::Relaxed);
+    demo::STOP.store(true, Ordering::Relaxed);
     let sent = generator
         .join()
         .map_err(|_| anyhow::anyhow!("generator thread panicked"))?;
@@ -266,7 +250,7 @@ fn spawn_generator(
             dst,
             256,
             &rate,
-            &STOP,
+            &demo::STOP,
             Duration::from_secs(seconds),
             |i, _| {
                 if i % 2 == 0 {

@@ -185,6 +185,19 @@ impl EtcdStore {
         Ok(store)
     }
 
+    /// Runs `txn`; `op` names it in the error.
+    async fn txn(
+        &self,
+        op: &'static str,
+        txn: Txn,
+    ) -> Result<etcd_client::TxnResponse, CoordError> {
+        self.client
+            .kv_client()
+            .txn(txn)
+            .await
+            .map_err(|e| self.err(op, &e))
+    }
+
     fn key(&self, rest: &str) -> String {
         format!("{}{rest}", self.prefix)
     }
@@ -247,12 +260,7 @@ impl EtcdStore {
                     revision,
                 )])
                 .and_then([TxnOp::put(key.as_str(), value, None)]);
-            let resp = self
-                .client
-                .kv_client()
-                .txn(txn)
-                .await
-                .map_err(|e| self.err("write", &e))?;
+            let resp = self.txn("write", txn).await?;
             if resp.succeeded() {
                 return Ok(out);
             }
@@ -290,12 +298,7 @@ impl EtcdStore {
         } else {
             Txn::new().and_then([put])
         };
-        let resp = self
-            .client
-            .kv_client()
-            .txn(txn)
-            .await
-            .map_err(|e| self.err("write", &e))?;
+        let resp = self.txn("write", txn).await?;
         Ok(resp.succeeded())
     }
 
@@ -351,12 +354,7 @@ impl EtcdStore {
                         Some(PutOptions::new().with_lease(id)),
                     )]),
             )]);
-        let resp = self
-            .client
-            .kv_client()
-            .txn(txn)
-            .await
-            .map_err(|e| self.err("join", &e))?;
+        let resp = self.txn("join", txn).await?;
         let nested_ok = resp.op_responses().into_iter().any(|r| match r {
             etcd_client::TxnOpResponse::Txn(t) => t.succeeded(),
             _ => false,
@@ -505,12 +503,7 @@ impl EtcdStore {
                     TxnOp::put(key.as_str(), value, None),
                     TxnOp::put(id_key.as_str(), name, None),
                 ]);
-            let resp = self
-                .client
-                .kv_client()
-                .txn(txn)
-                .await
-                .map_err(|e| self.err("register", &e))?;
+            let resp = self.txn("register", txn).await?;
             if resp.succeeded() {
                 return Ok(id);
             }
@@ -545,12 +538,7 @@ impl EtcdStore {
                     None,
                 )])
                 .or_else([TxnOp::get(key.as_str(), None)]);
-            let resp = self
-                .client
-                .kv_client()
-                .txn(txn)
-                .await
-                .map_err(|e| self.err("service check", &e))?;
+            let resp = self.txn("service check", txn).await?;
             if resp.succeeded() {
                 continue;
             }
