@@ -311,6 +311,10 @@ fn second_chance(
     if prev == NO_OWNER || prev == owner {
         return SecondChance::Here;
     }
+    #[expect(
+        clippy::cast_possible_truncation,
+        reason = "seconds; only their low 16 bits are compared"
+    )]
     // SAFETY: helper without arguments.
     let now_secs = (unsafe { bpf_ktime_get_coarse_ns() } / 1_000_000_000) as u32;
     if now_secs.wrapping_sub(moved_at) & 0xFFFF > svc.pin_idle_secs {
