@@ -323,7 +323,8 @@ impl ClusterBed {
         let opts = sluice::coord::EtcdOptions {
             endpoints: vec![self.etcd_endpoint()],
             cluster: self.prefix.clone(),
-            timeout: std::time::Duration::from_secs(2),
+            // Generous: a loaded CI machine's etcd can be slow to answer.
+            timeout: std::time::Duration::from_secs(5),
         };
         netns::spawn_in(&self.router.0, move || {
             tokio::runtime::Builder::new_current_thread()

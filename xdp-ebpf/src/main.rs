@@ -413,8 +413,8 @@ fn to_host(
     }
     let inner_len = frame.size() - ETH_HLEN;
     let outer_len = encap::outer_len(cl.family);
-    // Not fragmented: production balancers (Katran, GLB) run their
-    // underlay with room for the overhead, and count what does not fit.
+    // Not fragmented: dropped and counted, as Katran does by default with
+    // packets over its maximum size; the underlay is to have room.
     if inner_len + outer_len > usize::from(cl.mtu) {
         return (XDP_DROP, counters::ENCAP_TOO_BIG);
     }

@@ -198,7 +198,7 @@ async fn event_loop(
     tracing::info!(control = %a.api_socket.display(), reports = %a.report_dir.display(), "local API: control socket root only; one report socket per instance");
     let mut term = signal(SignalKind::terminate())?;
     let mut hup = signal(SignalKind::hangup())?;
-    let mut control = tokio::time::interval(agent.control.interval());
+    let mut control = control_interval(&agent);
     // Punted frames wait for a claim: serve them every 2 ms.
     let mut punts = tokio::time::interval(Duration::from_millis(2));
     punts.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
@@ -223,7 +223,7 @@ async fn event_loop(
                         if let Err(e) = report_sockets.sync(&report_targets(&agent)) {
                             tracing::error!(error = %e, dir = %a.report_dir.display(), "report sockets not all open after the reload");
                         }
-                        control = tokio::time::interval(agent.control.interval());
+                        control = control_interval(&agent);
                         tracing::info!(config = %a.config.display(), "config reloaded");
                     }
                     Err(e) => tracing::error!(
@@ -254,6 +254,15 @@ async fn event_loop(
         }
     }
     Ok(agent)
+}
+
+/// The control loop's clock. An interval that overran (an unreachable
+/// store makes one wait its timeout) is not made up for with a burst:
+/// the punt path and the API are served in between.
+fn control_interval(agent: &Agent) -> tokio::time::Interval {
+    let mut i = tokio::time::interval(agent.control.interval());
+    i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    i
 }
 
 /// Drains and undrains the API queued for the control loop.
