@@ -44,8 +44,14 @@ pub struct Cluster {
     /// its instances.
     slots: HashMap<String, u32>,
     /// Next hops already resolved, by host.
-    next_hops: HashMap<String, [u8; 6]>,
+    /// Next hops resolved, by host, and when: asked again after
+    /// [`NEXT_HOP_REFRESH`] (a gateway may fail over to another MAC).
+    next_hops: HashMap<String, ([u8; 6], std::time::Instant)>,
 }
+
+/// How long a resolved next hop is used before the neighbour table is
+/// asked again.
+const NEXT_HOP_REFRESH: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// What one interval's look at the cluster found.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -223,11 +229,18 @@ impl Cluster {
                 pad: [0; 3],
             });
             let slot = self.slot(name)?;
-            if !self.next_hops.contains_key(name) {
+            let stale = self
+                .next_hops
+                .get(name)
+                .is_none_or(|(_, at)| at.elapsed() > NEXT_HOP_REFRESH);
+            if stale {
                 match neigh::next_hop_mac(h.underlay) {
                     Ok(Some(mac)) => {
-                        self.next_hops.insert(name.clone(), mac);
+                        self.next_hops
+                            .insert(name.clone(), (mac, std::time::Instant::now()));
                     }
+                    // A known one stays in use until the table says otherwise.
+                    Ok(None) if self.next_hops.contains_key(name) => {}
                     Ok(None) => seen.unresolved.push(name.clone()),
                     Err(e) => {
                         tracing::warn!(host = %name, error = %e, "no next hop towards the host");
@@ -239,7 +252,7 @@ impl Cluster {
                 slot,
                 RemoteHost {
                     underlay,
-                    next_hop: self.next_hops.get(name).copied().unwrap_or_default(),
+                    next_hop: self.next_hops.get(name).map(|n| n.0).unwrap_or_default(),
                     pad: 0,
                 },
             )?;
