@@ -10,8 +10,8 @@ use std::{
 };
 
 use sluice_common::{
-    MAX_HOSTS, key,
-    maps::{ClusterEntry, FAMILY_V4, FAMILY_V6, MemberKey, RemoteHost},
+    MAX_HOSTS,
+    maps::{ClusterEntry, MemberKey, RemoteHost},
 };
 
 use super::Agent;
@@ -19,7 +19,7 @@ use crate::{
     config::{Config, Service},
     coord::{CoordError, CoordStore as _, EtcdOptions, EtcdStore, HostRecord, InstanceRecord},
     datapath::xdp::XdpDatapath,
-    plan::RemotePlan,
+    plan::{RemotePlan, addr_words},
     sys::{ethtool, link, neigh},
 };
 
@@ -43,7 +43,6 @@ pub struct Cluster {
     /// kept while the agent runs, so a host's slot never changes under
     /// its instances.
     slots: HashMap<String, u32>,
-    /// Next hops already resolved, by host.
     /// Next hops resolved, by host, and when: asked again after
     /// [`NEXT_HOP_REFRESH`] (a gateway may fail over to another MAC).
     next_hops: HashMap<String, ([u8; 6], std::time::Instant)>,
@@ -157,9 +156,7 @@ impl Cluster {
             .collect();
         Ok(Registry { local, remote })
     }
-}
 
-impl Cluster {
     /// Points the data path at this host's place in the cluster: where
     /// encapsulated packets leave from (the underlay address, the NIC's
     /// MAC) and arrive at (the encapsulation port), and the NIC's MTU.
@@ -171,7 +168,7 @@ impl Cluster {
     ) -> anyhow::Result<()> {
         let mac = link::mac(iface)?.unwrap_or_default();
         let mtu = ethtool::mtu(iface)?;
-        let (underlay, family) = words(self.underlay);
+        let (underlay, family) = addr_words(self.underlay);
         dp.set_cluster(ClusterEntry {
             underlay,
             mac,
@@ -211,13 +208,13 @@ impl Cluster {
         let loads = self.store.loads().await?;
         let live: HashSet<String> = hosts.keys().cloned().collect();
         let mut seen = Seen::default();
-        let (_, family) = words(self.underlay);
+        let (_, family) = addr_words(self.underlay);
         let mut members = Vec::new();
         for (name, h) in &hosts {
             if *name == self.host {
                 continue;
             }
-            let (underlay, fam) = words(h.underlay);
+            let (underlay, fam) = addr_words(h.underlay);
             if fam != family {
                 tracing::warn!(host = %name, underlay = %h.underlay, "a host of the other address family: its instances are out of reach");
                 continue;
@@ -296,14 +293,6 @@ impl Cluster {
         }
         self.slots.insert(name.to_owned(), next);
         Ok(next)
-    }
-}
-
-/// An address as the data path's words, with its family.
-fn words(a: IpAddr) -> ([u32; 4], u8) {
-    match a {
-        IpAddr::V4(a) => ([key::host::v4(a.octets()), 0, 0, 0], FAMILY_V4),
-        IpAddr::V6(a) => (key::host::v6(a.octets()), FAMILY_V6),
     }
 }
 

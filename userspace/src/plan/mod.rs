@@ -148,13 +148,20 @@ pub fn resolve_instance(inst: &Instance, field: &str) -> Result<Resolved, Resolv
     })
 }
 
+/// An address as the data path's words (IPv4: word 0 only), with its
+/// family (`FAMILY_V4`/`FAMILY_V6`).
+#[must_use]
+pub fn addr_words(a: IpAddr) -> ([u32; 4], u8) {
+    match a {
+        IpAddr::V4(a) => ([key::host::v4(a.octets()), 0, 0, 0], FAMILY_V4),
+        IpAddr::V6(a) => (key::host::v6(a.octets()), FAMILY_V6),
+    }
+}
+
 /// Service-map key for a VIP, port, protocol number and VLAN (0: none).
 #[must_use]
 pub fn service_key(vip: IpAddr, port: u16, proto: u8, vlan: u16) -> ServiceKey {
-    let (addr, family) = match vip {
-        IpAddr::V4(a) => ([key::host::v4(a.octets()), 0, 0, 0], FAMILY_V4),
-        IpAddr::V6(a) => (key::host::v6(a.octets()), FAMILY_V6),
-    };
+    let (addr, family) = addr_words(vip);
     ServiceKey {
         addr,
         port_be: port.to_be(),
