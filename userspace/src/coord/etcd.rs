@@ -449,37 +449,47 @@ impl EtcdStore {
         host: &str,
         instances: &[(&str, &str)],
     ) -> Result<Vec<u32>, CoordError> {
+        // Read once; again only after losing a race for an id.
+        let mut known = self.instances().await?;
         let mut ids = Vec::with_capacity(instances.len());
         for (name, service) in instances {
-            ids.push(self.register_instance(host, name, service).await?);
+            ids.push(
+                self.register_instance(host, name, service, &mut known)
+                    .await?,
+            );
         }
         Ok(ids)
     }
 
+    /// Registers `name` against `known` (the registry as last read, kept up
+    /// to date with what this call writes).
     async fn register_instance(
         &self,
         host: &str,
         name: &str,
         service: &str,
+        known: &mut BTreeMap<String, InstanceRecord>,
     ) -> Result<u32, CoordError> {
         let key = self.key(&format!("instances/{name}"));
         for _ in 0..CHANGE_TRIES {
-            let known = self.instances().await?;
+            let record = |id| InstanceRecord {
+                id,
+                host: host.to_owned(),
+                service: service.to_owned(),
+            };
             if let Some(rec) = known.get(name) {
-                if rec.host != host || rec.service != service {
-                    let value = serde_json::to_vec(&InstanceRecord {
-                        id: rec.id,
-                        host: host.to_owned(),
-                        service: service.to_owned(),
-                    })
-                    .expect("instance record serialises");
+                let id = rec.id;
+                if *rec != record(id) {
+                    let value =
+                        serde_json::to_vec(&record(id)).expect("instance record serialises");
                     self.client
                         .kv_client()
                         .put(key.as_str(), value, None)
                         .await
                         .map_err(|e| self.err("register", &e))?;
+                    known.insert(name.to_owned(), record(id));
                 }
-                return Ok(rec.id);
+                return Ok(id);
             }
             let held: std::collections::HashSet<u32> = known.values().map(|r| r.id).collect();
             let Some(id) = (1..=sluice_common::MAX_INSTANCES).find(|i| !held.contains(i)) else {
@@ -488,12 +498,7 @@ impl EtcdStore {
                 });
             };
             let id_key = self.key(&format!("ids/{id}"));
-            let value = serde_json::to_vec(&InstanceRecord {
-                id,
-                host: host.to_owned(),
-                service: service.to_owned(),
-            })
-            .expect("instance record serialises");
+            let value = serde_json::to_vec(&record(id)).expect("instance record serialises");
             let txn = Txn::new()
                 .when([
                     Compare::create_revision(key.as_str(), CompareOp::Equal, 0),
@@ -503,10 +508,12 @@ impl EtcdStore {
                     TxnOp::put(key.as_str(), value, None),
                     TxnOp::put(id_key.as_str(), name, None),
                 ]);
-            let resp = self.txn("register", txn).await?;
-            if resp.succeeded() {
+            if self.txn("register", txn).await?.succeeded() {
+                known.insert(name.to_owned(), record(id));
                 return Ok(id);
             }
+            // Another host took the name or the id meanwhile.
+            *known = self.instances().await?;
         }
         Err(CoordError::Contended {
             service: format!("instance registry ({name})"),
