@@ -17,7 +17,7 @@ use crate::{
     api::{self, InstanceLine},
     config::{Config, StoreKind, format_mac},
     control::InstanceStatus,
-    coord::{CoordStore, EmbeddedStore},
+    coord::{CoordStore, EmbeddedStore, Event},
     datapath::{AttachMode, Datapath as _, xdp},
     sys::lock::AgentLock,
     telemetry,
@@ -209,8 +209,12 @@ async fn event_loop(
     let mut changes = store.watch();
     loop {
         tokio::select! {
-            Some(_) = changes.next() => {
-                if let Err(e) = agent.control.resync_now(&mut agent.datapath).await {
+            Some(change) = changes.next() => {
+                let service = match &change {
+                    Event::Assignment { service } => Some(service.as_str()),
+                    Event::Lagged => None,
+                };
+                if let Err(e) = agent.control.follow(&mut agent.datapath, service).await {
                     tracing::warn!(error = %e, "following the store's change failed; the next interval tries again");
                 }
             }

@@ -1117,21 +1117,55 @@ impl Controller {
         self.resync(dp).await
     }
 
+    /// Another writer changed the store (`service`'s assignment, or, with
+    /// `None`, maybe anything): the data path follows. If that fails, the
+    /// next interval writes every group again.
+    pub async fn follow(
+        &mut self,
+        dp: &mut dyn Datapath,
+        service: Option<&str>,
+    ) -> Result<(), ControlError> {
+        let r = match service {
+            None => self.resync(dp).await,
+            Some(name) => match self.services.iter().position(|s| s.name == name) {
+                Some(si) => self.rewrite(dp, si).await,
+                // Not one of ours (another cluster's service shares etcd).
+                None => Ok(()),
+            },
+        };
+        if r.is_err() {
+            self.resync = true;
+        }
+        r
+    }
+
+    /// Service index `si`'s groups written into `dp` again from the store.
+    /// An owner this host does not know yet (an instance another host
+    /// registered since this one last read the cluster) is reported after
+    /// the rest is written.
+    async fn rewrite(&mut self, dp: &mut dyn Datapath, si: usize) -> Result<(), ControlError> {
+        let name = self.services[si].name.clone();
+        let mut unknown = None;
+        for e in self.store.groups(&name).await? {
+            match self.write(dp, si, e.group, &e.owner) {
+                Ok(()) => {}
+                Err(err @ ControlError::UnknownInstance { .. }) => unknown = Some(err),
+                Err(err) => return Err(err),
+            }
+        }
+        unknown.map_or(Ok(()), Err)
+    }
+
     /// After a failed write: every group of every service written again
     /// from the store, so the data path converges to it.
     async fn resync(&mut self, dp: &mut dyn Datapath) -> Result<(), ControlError> {
         let mut unknown = None;
         for si in 0..self.services.len() {
-            let name = self.services[si].name.clone();
-            for e in self.store.groups(&name).await? {
-                match self.write(dp, si, e.group, &e.owner) {
-                    Ok(()) => {}
-                    // An instance another host registered since this one
-                    // last read the cluster: its groups wait for the next
-                    // look, the rest is written.
-                    Err(err @ ControlError::UnknownInstance { .. }) => unknown = Some(err),
-                    Err(err) => return Err(err),
-                }
+            match self.rewrite(dp, si).await {
+                Ok(()) => {}
+                // Its groups wait for the next look at the cluster.
+                Err(err @ ControlError::UnknownInstance { .. }) => unknown = Some(err),
+                Err(err) => return Err(err),
             }
         }
         if let Some(err) = unknown {
