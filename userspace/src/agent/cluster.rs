@@ -46,6 +46,17 @@ pub struct Cluster {
     /// Next hops resolved, by host, and when: asked again after
     /// [`NEXT_HOP_REFRESH`] (a gateway may fail over to another MAC).
     next_hops: HashMap<String, ([u8; 6], std::time::Instant)>,
+    /// What the data path was last given, so an interval writes only what
+    /// changed: each slot's host, the members, each remote instance's
+    /// (service, slot, live).
+    written: Written,
+}
+
+#[derive(Default)]
+struct Written {
+    hosts: HashMap<u32, RemoteHost>,
+    members: Vec<MemberKey>,
+    instances: HashMap<u32, (u32, u32, bool)>,
 }
 
 /// How long a resolved next hop is used before the neighbour table is
@@ -101,6 +112,7 @@ impl Cluster {
             underlay,
             slots: HashMap::new(),
             next_hops: HashMap::new(),
+            written: Written::default(),
         };
         me.check(config).await?;
         me.store
@@ -245,16 +257,20 @@ impl Cluster {
                     }
                 }
             }
-            agent.datapath.set_remote_host(
-                slot,
-                RemoteHost {
-                    underlay,
-                    next_hop: self.next_hops.get(name).map(|n| n.0).unwrap_or_default(),
-                    pad: 0,
-                },
-            )?;
+            let host = RemoteHost {
+                underlay,
+                next_hop: self.next_hops.get(name).map(|n| n.0).unwrap_or_default(),
+                pad: 0,
+            };
+            if self.written.hosts.get(&slot) != Some(&host) {
+                agent.datapath.set_remote_host(slot, host)?;
+                self.written.hosts.insert(slot, host);
+            }
         }
-        agent.datapath.set_members(&members)?;
+        if members != self.written.members {
+            agent.datapath.set_members(&members)?;
+            self.written.members = members;
+        }
         let mut remote = Vec::new();
         for (name, rec) in &instances {
             if rec.host == self.host {
@@ -264,12 +280,13 @@ impl Cluster {
                 continue;
             };
             let slot = self.slot(&rec.host)?;
-            agent.datapath.set_remote_instance(
-                rec.id,
-                service_id,
-                slot,
-                live.contains(&rec.host),
-            )?;
+            let entry = (service_id, slot, live.contains(&rec.host));
+            if self.written.instances.get(&rec.id) != Some(&entry) {
+                agent
+                    .datapath
+                    .set_remote_instance(rec.id, entry.0, entry.1, entry.2)?;
+                self.written.instances.insert(rec.id, entry);
+            }
             remote.push(RemotePlan {
                 id: rec.id,
                 name: name.clone(),
@@ -280,6 +297,12 @@ impl Cluster {
         agent.control.set_remote(&remote, &live, &loads);
         agent.plan.remote = remote;
         Ok(seen)
+    }
+
+    /// After a reload, whose programming may have rewritten instance
+    /// entries: the next look writes everything again.
+    pub fn forget_written(&mut self) {
+        self.written = Written::default();
     }
 
     /// The `REMOTE_HOSTS` slot of host `name`, given on first sight.

@@ -223,6 +223,9 @@ async fn event_loop(
             _ = hup.recv() => {
                 match reload(a, &mut agent, store, cluster.as_deref()).await {
                     Ok(()) => {
+                        if let Some(c) = cluster.as_deref_mut() {
+                            c.forget_written();
+                        }
                         *shared.instances.lock().expect("instances lock") = instance_names(&agent);
                         if let Err(e) = report_sockets.sync(&report_targets(&agent)) {
                             tracing::error!(error = %e, dir = %a.report_dir.display(), "report sockets not all open after the reload");
