@@ -345,7 +345,7 @@ async fn publish_status(agent: &Agent, status: Option<&[InstanceStatus]>, shared
     let me = &agent.cluster.host;
     let remote = agent.control.remote_status();
     let host_of = |owner: &str| -> String {
-        remote.iter().find(|r| r.1 == owner).map_or_else(
+        remote.iter().find(|r| r.name == owner).map_or_else(
             || {
                 if owner.is_empty() {
                     String::new()
@@ -353,7 +353,7 @@ async fn publish_status(agent: &Agent, status: Option<&[InstanceStatus]>, shared
                     me.clone()
                 }
             },
-            |r| r.2.clone(),
+            |r| r.host.clone(),
         )
     };
     if let Ok(groups) = agent.control.assignments().await {
@@ -391,32 +391,28 @@ async fn publish_status(agent: &Agent, status: Option<&[InstanceStatus]>, shared
             live: true,
         })
         .collect();
-    lines.extend(
-        remote
-            .into_iter()
-            .map(|(service, name, host, live, sample)| {
-                let owned = groups
-                    .get(&service)
-                    .map(|gs| {
-                        gs.iter()
-                            .filter(|g| g.owner == name)
-                            .map(|g| g.group.clone())
-                            .collect()
-                    })
-                    .unwrap_or_default();
-                InstanceLine {
-                    drained: false,
-                    service,
-                    name,
-                    utilisation: sample.utilisation,
-                    rate_pps: sample.rate_pps,
-                    drops_ps: sample.drops_ps,
-                    groups: owned,
-                    host,
-                    live,
-                }
-            }),
-    );
+    lines.extend(remote.into_iter().map(|r| {
+        let owned = groups
+            .get(&r.service)
+            .map(|gs| {
+                gs.iter()
+                    .filter(|g| g.owner == r.name)
+                    .map(|g| g.group.clone())
+                    .collect()
+            })
+            .unwrap_or_default();
+        InstanceLine {
+            drained: false,
+            service: r.service,
+            name: r.name,
+            utilisation: r.sample.utilisation,
+            rate_pps: r.sample.rate_pps,
+            drops_ps: r.sample.drops_ps,
+            groups: owned,
+            host: r.host,
+            live: r.live,
+        }
+    }));
     *shared.status.lock().expect("status lock") = lines;
 }
 

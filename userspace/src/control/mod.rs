@@ -170,6 +170,18 @@ impl ServiceCtl {
     }
 }
 
+/// What `status` shows of an instance on another host: its host's view.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RemoteStatus {
+    pub service: String,
+    pub name: String,
+    pub host: String,
+    /// Its host holds its lease.
+    pub live: bool,
+    /// As its host published it.
+    pub sample: Sample,
+}
+
 /// What `status` shows of an instance.
 #[derive(Clone, Debug, PartialEq)]
 pub struct InstanceStatus {
@@ -454,21 +466,10 @@ impl Controller {
                         recovering_since: None,
                     })
                     .collect(),
-                remote: plan
-                    .remote
-                    .iter()
-                    .filter(|r| r.service_id == sp.id)
-                    .map(|r| RemoteCtl {
-                        name: r.name.clone(),
-                        id: r.id,
-                        host: r.host.clone(),
-                        live: true,
-                        sample: Sample::default(),
-                    })
-                    .collect(),
+                remote: Vec::new(),
             })
             .collect();
-        Self {
+        let mut ctl = Self {
             store,
             services,
             limiter: MoveLimiter::new(config.agent.max_moves_per_sec, Instant::now()),
@@ -483,7 +484,11 @@ impl Controller {
             resync: false,
             claim_turn: 0,
             started: Instant::now(),
-        }
+        };
+        // Other hosts' instances as the start saw them: live, no load yet.
+        let hosts = plan.remote.iter().map(|r| r.host.clone()).collect();
+        ctl.set_remote(&plan.remote, &hosts, &HashMap::new());
+        ctl
     }
 
     /// Takes over what the running controller `old` knows and a reload
@@ -907,21 +912,18 @@ impl Controller {
         Ok(made)
     }
 
-    /// Every service's instances on other hosts, as (service, name, host,
-    /// live, sample).
+    /// Every service's instances on other hosts.
     #[must_use]
-    pub fn remote_status(&self) -> Vec<(String, String, String, bool, Sample)> {
+    pub fn remote_status(&self) -> Vec<RemoteStatus> {
         self.services
             .iter()
             .flat_map(|s| {
-                s.remote.iter().map(|r| {
-                    (
-                        s.name.clone(),
-                        r.name.clone(),
-                        r.host.clone(),
-                        r.live,
-                        r.sample,
-                    )
+                s.remote.iter().map(|r| RemoteStatus {
+                    service: s.name.clone(),
+                    name: r.name.clone(),
+                    host: r.host.clone(),
+                    live: r.live,
+                    sample: r.sample,
                 })
             })
             .collect()
