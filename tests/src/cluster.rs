@@ -314,9 +314,7 @@ impl ClusterBed {
     /// its own inside the router's namespace (where etcd listens).
     pub fn with_store<T: Send + 'static>(
         &self,
-        f: impl FnOnce(
-            std::sync::Arc<sluice::coord::EtcdStore>,
-        ) -> std::pin::Pin<Box<dyn Future<Output = T>>>
+        f: impl FnOnce(std::sync::Arc<sluice::coord::EtcdStore>) -> crate::etcd::ClientFuture<T>
         + Send
         + 'static,
     ) -> T {
@@ -326,22 +324,7 @@ impl ClusterBed {
             // Generous: a loaded CI machine's etcd can be slow to answer.
             timeout: std::time::Duration::from_secs(5),
         };
-        netns::spawn_in(&self.router.0, move || {
-            tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("a runtime")
-                .block_on(async move {
-                    let s = std::sync::Arc::new(
-                        sluice::coord::EtcdStore::connect(&opts)
-                            .await
-                            .expect("etcd client"),
-                    );
-                    f(s).await
-                })
-        })
-        .join()
-        .unwrap_or_else(|p| std::panic::resume_unwind(p))
+        crate::etcd::with_client(&self.router.0, opts, f)
     }
 
     /// `http://198.18.250.1:2379`.

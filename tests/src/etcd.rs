@@ -42,6 +42,35 @@ fn etcd_bin() -> PathBuf {
     })
 }
 
+/// A future an etcd client's user returns (see [`with_client`]).
+pub type ClientFuture<T> = std::pin::Pin<Box<dyn Future<Output = T>>>;
+
+/// Runs `f` with an etcd client made with `opts`, on a runtime of its own
+/// on a thread inside namespace `ns`: every connection the client makes
+/// (reconnections too) is made there.
+pub fn with_client<T: Send + 'static>(
+    ns: &str,
+    opts: sluice::coord::EtcdOptions,
+    f: impl FnOnce(std::sync::Arc<sluice::coord::EtcdStore>) -> ClientFuture<T> + Send + 'static,
+) -> T {
+    crate::netns::spawn_in(ns, move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a runtime")
+            .block_on(async move {
+                let s = std::sync::Arc::new(
+                    sluice::coord::EtcdStore::connect(&opts)
+                        .await
+                        .expect("etcd client"),
+                );
+                f(s).await
+            })
+    })
+    .join()
+    .unwrap_or_else(|p| std::panic::resume_unwind(p))
+}
+
 /// A namespace of its own with `addr` on its loopback, for tests that need
 /// only the store.
 #[must_use]

@@ -8,7 +8,10 @@
 use std::{net::IpAddr, sync::Arc, time::Duration};
 
 use sluice::coord::{CoordStore as _, EtcdOptions, EtcdStore};
-use sluice_tests::{etcd::Etcd, netns, process};
+use sluice_tests::{
+    etcd::{ClientFuture, Etcd},
+    process,
+};
 
 const ETCD_ADDR: &str = "198.18.250.20";
 
@@ -35,25 +38,15 @@ fn config(endpoint: &str, port: u16) -> String {
 fn with_store<T: Send + 'static>(
     ns: &str,
     endpoint: &str,
-    f: impl FnOnce(Arc<EtcdStore>) -> std::pin::Pin<Box<dyn Future<Output = T>>> + Send + 'static,
+    f: impl FnOnce(Arc<EtcdStore>) -> ClientFuture<T> + Send + 'static,
 ) -> T {
     let opts = EtcdOptions {
         endpoints: vec![endpoint.to_owned()],
         cluster: "t".into(),
-        timeout: Duration::from_secs(1),
+        // Generous: a loaded CI machine's etcd can be slow to answer.
+        timeout: Duration::from_secs(5),
     };
-    netns::spawn_in(ns, move || {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap()
-            .block_on(async move {
-                let s = Arc::new(EtcdStore::connect(&opts).await.expect("etcd client"));
-                f(s).await
-            })
-    })
-    .join()
-    .unwrap_or_else(|p| std::panic::resume_unwind(p))
+    sluice_tests::etcd::with_client(ns, opts, f)
 }
 
 /// (group, owner) lines of `sluice groups kv`.

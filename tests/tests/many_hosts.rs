@@ -8,11 +8,10 @@
 use std::{
     collections::{HashMap, HashSet},
     net::{IpAddr, SocketAddr},
-    sync::Arc,
     time::{Duration, Instant},
 };
 
-use sluice::coord::{CoordStore as _, EtcdStore, GroupEntry};
+use sluice::coord::{CoordStore as _, GroupEntry};
 use sluice_common::key;
 use sluice_tests::{
     cluster::{ClusterBed, VIP_V4, VIP_V6},
@@ -33,17 +32,8 @@ fn config_with(bed: &ClusterBed, k: usize, extra: &str) -> String {
     )
 }
 
-fn with_etcd<T: Send + 'static>(
-    bed: &ClusterBed,
-    f: impl FnOnce(Arc<EtcdStore>) -> std::pin::Pin<Box<dyn Future<Output = T>>> + Send + 'static,
-) -> T {
-    bed.with_store(f)
-}
-
 fn groups(bed: &ClusterBed) -> Vec<GroupEntry> {
-    with_etcd(bed, |s| {
-        Box::pin(async move { s.groups("kv").await.expect("kv") })
-    })
+    bed.with_store(|s| Box::pin(async move { s.groups("kv").await.expect("kv") }))
 }
 
 /// Starts every host's agent, then spreads the service over every
@@ -67,7 +57,7 @@ fn start_cluster_with(bed: &mut ClusterBed, extra: &str) -> Vec<GroupEntry> {
         .zip(&names)
         .flat_map(|(gs, n)| gs.into_iter().map(move |g| (g, n.clone())))
         .collect();
-    with_etcd(bed, move |s| {
+    bed.with_store(move |s| {
         Box::pin(async move {
             let t = Instant::now();
             while s.hosts().await.expect("hosts").len() < HOSTS {
@@ -379,9 +369,7 @@ fn an_etcd_outage_loses_nothing_and_moves_resume_after() {
     assert!((moves_during - moves_before).abs() < 0.5, "nothing moved");
     assert_eq!(at_return, before, "the assignment is as it was");
     assert_eq!(
-        with_etcd(&bed, |s| Box::pin(async move {
-            s.hosts().await.expect("hosts").len()
-        })),
+        bed.with_store(|s| Box::pin(async move { s.hosts().await.expect("hosts").len() })),
         HOSTS,
         "every host is still in the cluster"
     );
@@ -420,7 +408,7 @@ fn a_slow_instance_sheds_to_instances_on_other_hosts() {
     let mut calm_since: Option<Instant> = None;
     let (loads, after) = loop {
         std::thread::sleep(Duration::from_millis(250));
-        let (loads, g) = with_etcd(&bed, |s| {
+        let (loads, g) = bed.with_store(|s| {
             Box::pin(async move {
                 (
                     s.loads().await.expect("loads"),
@@ -508,7 +496,7 @@ fn connections_survive_moves_between_hosts_and_an_ecmp_change() {
             .collect()
     };
     let first = on(&[0, 1, 2]);
-    with_etcd(&bed, move |s| {
+    bed.with_store(move |s| {
         Box::pin(async move {
             let t = Instant::now();
             while s.hosts().await.expect("hosts").len() < 4 {
@@ -544,9 +532,7 @@ fn connections_survive_moves_between_hosts_and_an_ecmp_change() {
     round(&mut conns, 0);
     // Every group to an instance of the next host (host 3 among them).
     let second = on(&[1, 2, 3]);
-    with_etcd(&bed, move |s| {
-        Box::pin(async move { s.reset("kv", &second).await.expect("move") })
-    });
+    bed.with_store(move |s| Box::pin(async move { s.reset("kv", &second).await.expect("move") }));
     for r in 1..10 {
         std::thread::sleep(Duration::from_millis(100));
         round(&mut conns, r);
@@ -649,7 +635,7 @@ fn concurrent_moves_and_restarts_keep_one_owner_per_unit_everywhere() {
     std::thread::sleep(Duration::from_secs(2));
     let g = groups(&bed);
     let want = store_table(&g);
-    let names: HashMap<u32, String> = with_etcd(&bed, |s| {
+    let names: HashMap<u32, String> = bed.with_store(|s| {
         Box::pin(async move {
             s.instances()
                 .await
