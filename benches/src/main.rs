@@ -35,7 +35,7 @@ struct Args {
     #[arg(long, default_value = "target/bench")]
     out: PathBuf,
     /// Runs per call in the repeat mode.
-    #[arg(long, default_value_t = 10_000_000)]
+    #[arg(long, default_value_t = 1_000_000)]
     repeat: u32,
     /// Calls (one run each, on a fresh copy of the frame) in the fresh-frame mode.
     #[arg(long, default_value_t = 100_000)]
@@ -47,6 +47,15 @@ struct Args {
     /// control, memory.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
+    /// Experiment builds of the XDP program (`<feature>.o`), measured
+    /// beside the full one: `cargo xtask bench --experiments` builds them
+    /// and passes this.
+    #[arg(long)]
+    experiments: Option<PathBuf>,
+    /// With `--experiments`: measure the experiments only, not the rest of
+    /// the fast-path tables.
+    #[arg(long)]
+    experiments_only: bool,
     /// The `sluice` binary whose resident memory is measured (default: next
     /// to this one).
     #[arg(long)]
@@ -63,9 +72,7 @@ struct Machine {
 #[derive(Serialize)]
 struct Report {
     machine: Machine,
-    fast_path: Vec<fastpath::Row>,
-    map_write: Vec<fastpath::WriteRow>,
-    cluster_path: Vec<fastpath::ClusterRow>,
+    fast_path: Option<fastpath::Figures>,
     e2e: Vec<e2e::Row>,
     cross_host: Vec<cluster::Row>,
     punt: Vec<punt::Row>,
@@ -107,14 +114,19 @@ fn run(args: &Args) -> anyhow::Result<()> {
     let m = machine();
     eprintln!("[bench] {} — {} cores — Linux {}", m.cpu, m.cores, m.kernel);
     let want = |part: &str| args.only.is_empty() || args.only.iter().any(|o| o == part);
-    let (fast_path, map_write, cluster_path) = if want("fast-path") {
+    let fast_path = if want("fast-path") {
         eprintln!(
-            "[bench] fast path ({} runs a call; {} fresh frames)",
+            "[bench] fast path ({} runs a call in the repeat mode; {} fresh frames a row)",
             args.repeat, args.fresh
         );
-        fastpath::run(args.repeat, args.fresh)?
+        Some(fastpath::run(
+            args.repeat,
+            args.fresh,
+            args.experiments.as_deref(),
+            args.experiments_only,
+        )?)
     } else {
-        (Vec::new(), Vec::new(), Vec::new())
+        None
     };
     let e2e = if want("e2e") {
         eprintln!("[bench] end to end: Sluice against nftables on the namespace testbed");
@@ -155,8 +167,6 @@ fn run(args: &Args) -> anyhow::Result<()> {
     let report = Report {
         machine: m,
         fast_path,
-        map_write,
-        cluster_path,
         e2e,
         cross_host,
         punt,
@@ -185,46 +195,8 @@ fn markdown(r: &Report) -> String {
         "Machine: {}, {} cores, Linux {}. Command: `cargo xtask bench`.\n",
         r.machine.cpu, r.machine.cores, r.machine.kernel
     );
-    let _ = writeln!(s, "#### Fast path (ns per packet, `BPF_PROG_TEST_RUN`)\n");
-    let _ = writeln!(
-        s,
-        "| scale | frame | sluice, repeat | empty, repeat | own work | sluice, fresh frame | empty, fresh frame | own work | ratio (fresh) |"
-    );
-    let _ = writeln!(
-        s,
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
-    );
-    for f in &r.fast_path {
-        let _ = writeln!(
-            s,
-            "| {} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.2}× |",
-            f.scale,
-            f.frame,
-            f.repeat_ns,
-            f.empty_repeat_ns,
-            f.repeat_ns - f.empty_repeat_ns,
-            f.fresh_ns,
-            f.empty_fresh_ns,
-            f.fresh_ns - f.empty_fresh_ns,
-            f.fresh_ns / f.empty_fresh_ns
-        );
-    }
-    cluster_table(&mut s, &r.cluster_path);
-    let _ = writeln!(s, "\n#### Owner-map writes (one group, µs)\n");
-    let _ = writeln!(
-        s,
-        "| units | mmapped array | one `bpf()` syscall a unit | speed-up |"
-    );
-    let _ = writeln!(s, "| ---: | ---: | ---: | ---: |");
-    for w in &r.map_write {
-        let _ = writeln!(
-            s,
-            "| {} | {:.2} | {:.1} | {:.0}× |",
-            w.units,
-            w.mmap_us,
-            w.syscall_us,
-            w.syscall_us / w.mmap_us.max(1e-3)
-        );
+    if let Some(f) = &r.fast_path {
+        fastpath::markdown(&mut s, f);
     }
     let _ = writeln!(
         s,
@@ -327,32 +299,6 @@ fn memory_table(s: &mut String, mm: &memory::Figures, cores: usize) {
             s,
             "| agent resident memory, {n} service(s): all (with the mapped owner array) / anonymous | {all} / {anon} |"
         );
-    }
-}
-
-/// The cluster paths beside the empty program.
-fn cluster_table(s: &mut String, rows: &[fastpath::ClusterRow]) {
-    if !rows.is_empty() {
-        let _ = writeln!(
-            s,
-            "\n#### Cluster paths (ns per packet, fresh frames, `BPF_PROG_TEST_RUN`; IPv4 UDP, untagged)\n"
-        );
-        let _ = writeln!(
-            s,
-            "| path | sluice | empty program, same frame | own work | ratio |"
-        );
-        let _ = writeln!(s, "| --- | ---: | ---: | ---: | ---: |");
-        for c in rows {
-            let _ = writeln!(
-                s,
-                "| {} | {:.1} | {:.1} | {:.1} | {:.2}× |",
-                c.path,
-                c.fresh_ns,
-                c.empty_fresh_ns,
-                c.fresh_ns - c.empty_fresh_ns,
-                c.fresh_ns / c.empty_fresh_ns
-            );
-        }
     }
 }
 

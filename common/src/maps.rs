@@ -4,7 +4,7 @@
 
 /// Map names, as the XDP program declares them.
 pub mod names {
-    pub const SERVICES: &str = "SERVICES";
+    pub const SERVICE_TABLE: &str = "SERVICE_TABLE";
     pub const OWNERS: &str = "OWNERS";
     pub const INSTANCES: &str = "INSTANCES";
     pub const DELIVER: &str = "DELIVER";
@@ -30,7 +30,7 @@ pub mod names {
         PUNT,
         HOST,
         INSTANCE_NAMES,
-        SERVICES,
+        SERVICE_TABLE,
         OWNERS,
         INSTANCES,
         DELIVER,
@@ -47,7 +47,7 @@ pub mod names {
 /// Written into the pin directory; an agent adopts only pins of its own
 /// layout.
 pub const LAYOUT: u64 = {
-    const EPOCH: u64 = 5;
+    const EPOCH: u64 = 6;
     let parts = [
         EPOCH,
         size_of::<ClusterEntry>() as u64,
@@ -55,7 +55,8 @@ pub const LAYOUT: u64 = {
         size_of::<MemberKey>() as u64,
         size_of::<ServiceKey>() as u64,
         size_of::<ServiceEntry>() as u64,
-        size_of::<HostMacs>() as u64,
+        size_of::<HostEntry>() as u64,
+        size_of::<ServiceSlot>() as u64,
         size_of::<InstanceEntry>() as u64,
         size_of::<InstanceName>() as u64,
         size_of::<ServiceCounters>() as u64,
@@ -86,7 +87,7 @@ pub const FAMILY_V6: u8 = 6;
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
 
-/// Key of the service map: (VIP, port, protocol, VLAN).
+/// What a service is found by: (VIP, port, protocol, VLAN).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct ServiceKey {
@@ -102,15 +103,70 @@ pub struct ServiceKey {
 }
 const _: () = assert!(size_of::<ServiceKey>() == 24);
 
-/// The host's own MACs: only frames addressed to one of them are steered.
-/// One entry (index 0).
+impl ServiceKey {
+    /// The key as three words, for a comparison in three steps.
+    #[inline(always)]
+    #[must_use]
+    pub const fn words(&self) -> [u64; 3] {
+        [
+            (self.addr[0] as u64) | ((self.addr[1] as u64) << 32),
+            (self.addr[2] as u64) | ((self.addr[3] as u64) << 32),
+            (self.port_be as u64)
+                | ((self.proto as u64) << 16)
+                | ((self.family as u64) << 24)
+                | ((self.vlan as u64) << 32)
+                | ((self.pad as u64) << 48),
+        ]
+    }
+
+    /// The key's two candidate slots in a service table half of `mask + 1`
+    /// slots (a power of two, at most 65,536): two-choice cuckoo hashing,
+    /// so a lookup is two array loads at most, and the agent places every
+    /// key in one of its two slots.
+    #[inline(always)]
+    #[must_use]
+    pub const fn slots(&self, mask: u32) -> (u32, u32) {
+        let w = self.words();
+        // Multiply-xorshift over the words: cheap in the data path, and
+        // mixes every bit of the key into both halves of the result.
+        let mut h: u64 = 0x9E37_79B9_7F4A_7C15;
+        let mut i = 0;
+        while i < 3 {
+            h = (h ^ w[i]).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            h ^= h >> 31;
+            i += 1;
+        }
+        #[expect(clippy::cast_possible_truncation, reason = "the two 32-bit halves")]
+        let (lo, hi) = (h as u32, (h >> 32) as u32);
+        (lo & mask, hi & mask)
+    }
+}
+
+/// A slot of the service table: a key and its service. A slot whose key's
+/// `family` is 0 is empty (no packet has family 0).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub struct HostMacs {
+pub struct ServiceSlot {
+    pub key: ServiceKey,
+    pub entry: ServiceEntry,
+}
+const _: () = assert!(size_of::<ServiceSlot>() == 48);
+
+/// This host (one entry, index 0): its MACs — only frames addressed to one
+/// of them are steered — and which half of the service table is live.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct HostEntry {
     /// Each MAC as [`mac_word`] packs it; 0 marks an unused slot.
     pub macs: [u64; crate::MAX_HOST_MACS],
+    /// Slots in each half of the service table, minus one.
+    pub service_mask: u32,
+    /// The half of the service table the data path reads (0 or 1). The
+    /// agent writes the other half whole, then flips this: a packet sees
+    /// one table or the other, never one half-written.
+    pub service_half: u32,
 }
-const _: () = assert!(size_of::<HostMacs>() == 32);
+const _: () = assert!(size_of::<HostEntry>() == 40);
 
 /// A MAC as the low 48 bits of a word, byte 0 lowest: the form the XDP
 /// program compares destination MACs in.
@@ -127,7 +183,7 @@ pub const TAG_UDP_PAYLOAD: u32 = 1;
 /// Tag is the IPv6 flow label (a zero label counts as missing).
 pub const TAG_IPV6_FLOW_LABEL: u32 = 2;
 
-/// Value of the service map.
+/// A service, as the data path needs it.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct ServiceEntry {
@@ -353,7 +409,9 @@ mod pod {
     // SAFETY: as above.
     unsafe impl aya::Pod for super::ServiceEntry {}
     // SAFETY: as above.
-    unsafe impl aya::Pod for super::HostMacs {}
+    unsafe impl aya::Pod for super::HostEntry {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::ServiceSlot {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::InstanceEntry {}
     // SAFETY: as above.

@@ -42,9 +42,11 @@ pub trait Frame {
     fn size(&self) -> usize;
     /// `size_of::<T>()` bytes at `off`, if the frame holds them all.
     fn load<T: FromBytes>(&self, off: usize) -> Option<T>;
-    /// Copies `len` bytes (`1..=16`) at `off` into the front of `out`;
-    /// `false` if the frame does not hold them.
-    fn load_tag(&self, off: usize, len: usize, out: &mut [u8; 16]) -> bool;
+    /// The `len` bytes (`1..=16`) at `off`, zero-padded to 16 and read as
+    /// four little-endian words ([`key::words16`]); `None` if the frame
+    /// does not hold them. Words, not a byte buffer: in the data path a
+    /// byte buffer costs a byte-wise zeroing loop.
+    fn load_tag(&self, off: usize, len: usize) -> Option<[u32; 4]>;
 }
 
 impl Frame for [u8] {
@@ -59,13 +61,14 @@ impl Frame for [u8] {
         Some(unsafe { bytes.as_ptr().cast::<T>().read_unaligned() })
     }
 
-    fn load_tag(&self, off: usize, len: usize, out: &mut [u8; 16]) -> bool {
-        match (self.get(off..off.saturating_add(len)), out.get_mut(..len)) {
+    fn load_tag(&self, off: usize, len: usize) -> Option<[u32; 4]> {
+        let mut buf = [0u8; 16];
+        match (self.get(off..off.saturating_add(len)), buf.get_mut(..len)) {
             (Some(src), Some(dst)) if len > 0 => {
                 dst.copy_from_slice(src);
-                true
+                Some(key::words16(&buf))
             }
-            _ => false,
+            _ => None,
         }
     }
 }
@@ -425,11 +428,7 @@ fn udp_payload_tag<F: Frame + ?Sized>(f: &F, flow: &Flow, svc: &ServiceEntry) ->
     if off + len as usize > flow.l4_off + udp_len {
         return None;
     }
-    let mut buf = [0u8; 16];
-    if !f.load_tag(off, len as usize, &mut buf) {
-        return None;
-    }
-    Some(key::tag(&key::words16(&buf), len))
+    Some(key::tag(&f.load_tag(off, len as usize)?, len))
 }
 
 #[cfg(test)]

@@ -89,12 +89,19 @@ impl Harness {
 
     #[must_use]
     pub fn from_config(config: &Config) -> Self {
+        Self::with_object(config, sluice::datapath::xdp::objects::SLUICE_XDP)
+    }
+
+    /// As [`Self::from_config`], with another build of the program (the
+    /// benchmark's experiment builds).
+    #[must_use]
+    pub fn with_object(config: &Config, object: &[u8]) -> Self {
         assert!(
             crate::is_root(),
             "the kernel tests load an XDP program: run them as root (or with CAP_BPF and CAP_NET_ADMIN)"
         );
         let plan = test_plan(config, &[]);
-        let mut dp = XdpDatapath::load(&plan)
+        let mut dp = XdpDatapath::load_object(&plan, None, object)
             .unwrap_or_else(|e| panic!("loading the XDP program: {}", error_chain(&e)));
         dp.program(&plan)
             .unwrap_or_else(|e| panic!("programming the maps: {}", error_chain(&e)));

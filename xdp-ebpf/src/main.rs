@@ -29,10 +29,10 @@ use sluice_common::{
     encap::{self, GUE_LEN, Gue, Tunnel},
     hit_index,
     maps::{
-        ClusterEntry, FAMILY_V4, FAMILY_V6, HostMacs, INSTANCE_LIVE, INSTANCE_LOOKUP,
+        ClusterEntry, FAMILY_V4, FAMILY_V6, HostEntry, INSTANCE_LIVE, INSTANCE_LOOKUP,
         INSTANCE_REMOTE, InstanceCounters, InstanceEntry, InstanceName, MemberKey, NO_OWNER,
         PIN_TCP, PIN_UDP, PROTO_TCP, PROTO_UDP, Pin, PinKey, RemoteHost, ServiceCounters,
-        ServiceEntry, ServiceKey, mac_word, previous_parts,
+        ServiceEntry, ServiceKey, ServiceSlot, mac_word, previous_parts,
     },
     owner_index,
     parse::{self, ETH_HLEN, Flow, Frame, FromBytes, Pass, VLAN_TAG_LEN},
@@ -42,9 +42,12 @@ use sluice_common::{
 // Sizes here are upper bounds for the object file; the agent sets the real
 // ones at load time from its config, so a small deployment stays small.
 
-/// (VIP, port, protocol, VLAN) -> service.
+/// (VIP, port, protocol, VLAN) -> service: two halves of `mask + 1`
+/// slots each (`HOST` says which half is live and the mask), a key in one
+/// of its two slots (`ServiceKey::slots`). Two array loads at most, where
+/// a hash map would hash the whole key and walk a bucket.
 #[map]
-static SERVICES: HashMap<ServiceKey, ServiceEntry> = HashMap::with_max_entries(MAX_SERVICES, 0);
+static SERVICE_TABLE: Array<ServiceSlot> = Array::with_max_entries(2 * MAX_SERVICES * 4, 0);
 
 /// (service, unit) -> owning instance id, or `NO_OWNER`. Mmapable: the
 /// agent rewrites a group's owners with plain stores, not a syscall a unit.
@@ -64,9 +67,10 @@ static PREVIOUS: Array<u32> =
 #[map]
 static SCRATCH: PerCpuArray<bpf_sock_tuple> = PerCpuArray::with_max_entries(1, 0);
 
-/// The host's MACs (entry 0): frames for any other MAC are not steered.
+/// This host (entry 0): its MACs — frames for any other MAC are not
+/// steered — and the live half of the service table.
 #[map]
-static HOST: Array<HostMacs> = Array::with_max_entries(1, 0);
+static HOST: Array<HostEntry> = Array::with_max_entries(1, 0);
 
 /// Instance id -> MAC and liveness.
 #[map]
@@ -139,16 +143,27 @@ fn sluice_xdp(ctx: XdpContext) -> u32 {
 #[inline(always)]
 fn try_sluice_xdp(frame: &mut XdpFrame) -> Result<(u32, u32), Pass> {
     let mut flow = parse::parse(&*frame)?;
+    if cfg!(feature = "exp-parse-only") {
+        return Ok((XDP_REDIRECT_ACTION, counters::DELIVERED));
+    }
+    let Some(host) = HOST.get(0) else {
+        return Err(Pass::NoService);
+    };
     let mut peer = None;
-    // SAFETY: the value is only read, and the agent replaces entries whole.
-    let svc = if let Some(svc) = unsafe { SERVICES.get(flow.service_key()) } {
-        if !frame.for_host() {
+    if cfg!(feature = "exp-service-twice") {
+        core::hint::black_box(find_service(
+            host,
+            &core::hint::black_box(flow.service_key()),
+        ));
+    }
+    let svc = if let Some(svc) = find_service(host, &flow.service_key()) {
+        if !cfg!(feature = "exp-no-mac-check") && !frame.for_host(host) {
             return Ok((XDP_PASS, counters::PASS_NOT_FOR_HOST));
         }
         svc
     } else {
         // Not a service's: perhaps a cluster member's encapsulated packet.
-        let g = match decapsulate(frame, &flow)? {
+        let g = match decapsulate(frame, &flow, host)? {
             Ok(g) => g,
             Err(outcome) => return Ok(outcome),
         };
@@ -162,8 +177,7 @@ fn try_sluice_xdp(frame: &mut XdpFrame) -> Result<(u32, u32), Pass> {
         // The inner packet travels untagged; its service's VLAN came along.
         let mut key = flow.service_key();
         key.vlan = g.vlan;
-        // SAFETY: as above.
-        let Some(svc) = (unsafe { SERVICES.get(key) }) else {
+        let Some(svc) = find_service(host, &key) else {
             return Ok((XDP_DROP, counters::DECAP_STALE));
         };
         svc
@@ -175,11 +189,23 @@ fn try_sluice_xdp(frame: &mut XdpFrame) -> Result<(u32, u32), Pass> {
 /// decapsulated from a cluster member (`peer`: what its GUE header said).
 #[inline(always)]
 fn steer(frame: &mut XdpFrame, flow: &Flow, svc: &ServiceEntry, peer: Option<Gue>) -> (u32, u32) {
-    let keyed = parse::key_for(&*frame, flow, svc);
+    let keyed = if cfg!(feature = "exp-no-key-hash") {
+        parse::Keyed {
+            key: flow.ports,
+            tagged: false,
+            tag_missing: false,
+        }
+    } else {
+        parse::key_for(&*frame, flow, svc)
+    };
     let unit = unit_of(keyed.key);
     let bytes = frame.size() as u64;
 
-    let sc = SERVICE_COUNTERS.get_ptr_mut(svc.id);
+    let sc = if cfg!(feature = "exp-no-counters") {
+        None
+    } else {
+        SERVICE_COUNTERS.get_ptr_mut(svc.id)
+    };
     // Counted where the packet entered the cluster, once.
     if peer.is_none() {
         count(sc, |c| {
@@ -212,7 +238,7 @@ fn steer(frame: &mut XdpFrame, flow: &Flow, svc: &ServiceEntry, peer: Option<Gue
             };
             (owner, Some(i), true)
         }
-    } else if svc.flags & pin_kind != 0 {
+    } else if svc.flags & pin_kind != 0 && !cfg!(feature = "exp-no-pins") {
         pinned_owner(flow, svc, unit, sc)
     } else {
         let owner = unit_owner(svc.id, unit);
@@ -250,9 +276,18 @@ fn steer(frame: &mut XdpFrame, flow: &Flow, svc: &ServiceEntry, peer: Option<Gue
         bump(&UNIT_HITS, hit_index(svc.id, unit));
     }
 
-    let ic = INSTANCE_COUNTERS.get_ptr_mut(owner);
+    let ic = if cfg!(feature = "exp-no-counters") {
+        None
+    } else {
+        INSTANCE_COUNTERS.get_ptr_mut(owner)
+    };
     // Lookup failure returns the low bits of the flags: XDP_PASS.
-    let Ok(action) = DELIVER.redirect(owner, u64::from(XDP_PASS)) else {
+    let redirect = if cfg!(feature = "exp-no-redirect") {
+        Ok(XDP_REDIRECT_ACTION)
+    } else {
+        DELIVER.redirect(owner, u64::from(XDP_PASS))
+    };
+    let Ok(action) = redirect else {
         count(sc, |c| c.redirect_failed += 1);
         count(ic, |c| c.redirect_failed += 1);
         return (XDP_PASS, counters::REDIRECT_FAILED);
@@ -340,7 +375,11 @@ fn second_chance(
 /// header, and its GUE header is returned; `Err(outcome)`: taken, but
 /// dropped; `Err(Pass)` outside: not one, it passes.
 #[inline(always)]
-fn decapsulate(frame: &mut XdpFrame, outer: &Flow) -> Result<Result<Gue, (u32, u32)>, Pass> {
+fn decapsulate(
+    frame: &mut XdpFrame,
+    outer: &Flow,
+    host: &HostEntry,
+) -> Result<Result<Gue, (u32, u32)>, Pass> {
     let Some(cl) = CLUSTER.get(0) else {
         return Err(Pass::NoService);
     };
@@ -352,14 +391,12 @@ fn decapsulate(frame: &mut XdpFrame, outer: &Flow) -> Result<Result<Gue, (u32, u
     {
         return Err(Pass::NoService);
     }
-    if !frame.for_host() {
+    if !frame.for_host(host) {
         return Ok(Err((XDP_PASS, counters::PASS_NOT_FOR_HOST)));
     }
-    let member = MemberKey {
-        addr: outer.src,
-        family: outer.family,
-        pad: [0; 3],
-    };
+    let mut member = MemberKey::default();
+    member.addr = outer.src;
+    member.family = outer.family;
     // SAFETY: only read.
     if unsafe { MEMBERS.get(member) }.is_none() {
         return Ok(Err((XDP_DROP, counters::DECAP_REFUSED)));
@@ -458,6 +495,24 @@ fn to_host(
     (XDP_TX, counters::ENCAPSULATED)
 }
 
+/// The service `key` names, from the live half of the service table.
+#[inline(always)]
+fn find_service(host: &HostEntry, key: &ServiceKey) -> Option<&'static ServiceEntry> {
+    let (a, b) = key.slots(host.service_mask);
+    let base = (host.service_half & 1) * (host.service_mask + 1);
+    let want = key.words();
+    // Word by word: comparing the arrays would call a byte-wise memcmp.
+    let same = |w: [u64; 3]| w[0] == want[0] && w[1] == want[1] && w[2] == want[2];
+    for slot in [a, b] {
+        if let Some(s) = SERVICE_TABLE.get(base + slot)
+            && same(s.key.words())
+        {
+            return Some(&s.entry);
+        }
+    }
+    None
+}
+
 #[inline(always)]
 fn unit_owner(service_id: u32, unit: u32) -> u32 {
     OWNERS
@@ -541,6 +596,9 @@ fn pinned_owner(
 /// Updates a per-CPU counter slot, if the lookup found one.
 #[inline(always)]
 fn count<T>(slot: Option<*mut T>, f: impl FnOnce(&mut T)) {
+    if cfg!(feature = "exp-no-counters") {
+        return;
+    }
     if let Some(p) = slot {
         // SAFETY: per-CPU slot; XDP runs with preemption disabled.
         f(unsafe { &mut *p });
@@ -549,11 +607,17 @@ fn count<T>(slot: Option<*mut T>, f: impl FnOnce(&mut T)) {
 
 #[inline(always)]
 fn bump(map: &PerCpuArray<u64>, index: u32) {
+    if cfg!(feature = "exp-no-counters") {
+        return;
+    }
     if let Some(c) = map.get_ptr_mut(index) {
         // SAFETY: per-CPU slot; XDP runs with preemption disabled.
         unsafe { *c += 1 };
     }
 }
+
+/// What an experiment build returns where it skips the redirect.
+const XDP_REDIRECT_ACTION: u32 = aya_ebpf::bindings::xdp_action::XDP_REDIRECT;
 
 /// `VLAN_TAG_LEN` as the head adjustment that drops a tag.
 #[expect(
@@ -584,14 +648,11 @@ impl XdpFrame {
 
     /// Whether the destination MAC is one of the host's.
     #[inline(always)]
-    fn for_host(&self) -> bool {
+    fn for_host(&self, host: &HostEntry) -> bool {
         let Some(dst) = self.load::<[u8; 6]>(0) else {
             return false;
         };
         let dst = mac_word(dst);
-        let Some(host) = HOST.get(0) else {
-            return false;
-        };
         // Zero marks an unused slot, and no frame is for MAC 0.
         dst != 0 && host.macs.contains(&dst)
     }
@@ -612,7 +673,7 @@ impl XdpFrame {
             return false;
         }
         // SAFETY: the 12 bytes at `data` were just checked to be in the frame.
-        unsafe { ((self.data + 6) as *mut [u8; 6]).write_unaligned(src) };
+        unsafe { write_mac(self.data + 6, src) };
         true
     }
 
@@ -724,12 +785,16 @@ impl XdpFrame {
     /// Writes an Ethernet header at the front.
     #[inline(always)]
     fn write_eth(&self, dst: [u8; 6], src: [u8; 6], ethertype: u16) -> bool {
-        let t = ethertype.to_be_bytes();
-        let h = [
-            dst[0], dst[1], dst[2], dst[3], dst[4], dst[5], src[0], src[1], src[2], src[3], src[4],
-            src[5], t[0], t[1],
-        ];
-        self.write_at(0, &h)
+        if self.data + ETH_HLEN > self.end {
+            return false;
+        }
+        // SAFETY: the 14 bytes at `data` were just checked to be in the frame.
+        unsafe {
+            write_mac(self.data, dst);
+            write_mac(self.data + 6, src);
+            ((self.data + 12) as *mut u16).write_unaligned(ethertype.to_be());
+        }
+        true
     }
 
     #[inline(always)]
@@ -738,8 +803,23 @@ impl XdpFrame {
             return false;
         }
         // SAFETY: the 6 bytes at `data` were just checked to be in the frame.
-        unsafe { (self.data as *mut [u8; 6]).write_unaligned(*mac) };
+        unsafe { write_mac(self.data, *mac) };
         true
+    }
+}
+
+/// Writes a MAC at `at` as a word and a half-word: a 6-byte array copy
+/// would be a call to a byte-wise `memmove` in BPF.
+///
+/// # Safety
+///
+/// The 6 bytes at `at` must be in the frame.
+#[inline(always)]
+unsafe fn write_mac(at: usize, mac: [u8; 6]) {
+    // SAFETY: the caller's promise.
+    unsafe {
+        (at as *mut u32).write_unaligned(u32::from_ne_bytes([mac[0], mac[1], mac[2], mac[3]]));
+        ((at + 4) as *mut u16).write_unaligned(u16::from_ne_bytes([mac[4], mac[5]]));
     }
 }
 
@@ -765,9 +845,9 @@ impl Frame for XdpFrame {
         clippy::cast_possible_truncation,
         reason = "offsets are within a frame (< 64 KiB) and len <= 16"
     )]
-    fn load_tag(&self, off: usize, len: usize, out: &mut [u8; 16]) -> bool {
-        if len == 0 || len > out.len() {
-            return false;
+    fn load_tag(&self, off: usize, len: usize) -> Option<[u32; 4]> {
+        if len == 0 || len > 16 {
+            return None;
         }
         // Fast case: 16 bytes readable in the linear frame. Read them all
         // and keep the first `len`: two loads and two masks, no helper call.
@@ -795,18 +875,18 @@ impl Frame for XdpFrame {
                 } else {
                     (1u64 << (bits - 64)) - 1
                 };
-                out[..8].copy_from_slice(&(lo & lo_mask).to_ne_bytes());
-                out[8..].copy_from_slice(&(hi & hi_mask).to_ne_bytes());
-                return true;
+                let (lo, hi) = (lo & lo_mask, hi & hi_mask);
+                return Some([lo as u32, (lo >> 32) as u32, hi as u32, (hi >> 32) as u32]);
             }
         }
         // Near the end of the frame, or in a fragment of a multi-buffer
         // frame: the helper copies exactly `len` bytes.
-        // SAFETY: `out` holds at least `len` bytes.
+        let mut words = [0u32; 4];
+        // SAFETY: `words` holds 16 >= `len` bytes.
         let ret = unsafe {
-            bpf_xdp_load_bytes(self.ctx, off as u32, out.as_mut_ptr().cast(), len as u32)
+            bpf_xdp_load_bytes(self.ctx, off as u32, words.as_mut_ptr().cast(), len as u32)
         };
-        ret == 0
+        (ret == 0).then_some(words)
     }
 }
 

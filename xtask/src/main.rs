@@ -76,6 +76,11 @@ enum Cmd {
     /// program, owner-map writes, control loop, memory); writes
     /// target/bench/bench.md and bench.json. Needs root.
     Bench {
+        /// Also build the experiment variants of the XDP program (the
+        /// `exp-*` features of `xdp-ebpf`, each taking one part of the
+        /// per-packet work out) and measure what each part costs.
+        #[arg(long)]
+        experiments: bool,
         /// Arguments for `sluice-bench` (e.g. `--repeat 1000000`).
         #[arg(last = true)]
         args: Vec<String>,
@@ -148,7 +153,7 @@ fn real_main() -> anyhow::Result<()> {
             rate,
             hosts,
         } => demo(&root, seconds, rate, hosts),
-        Cmd::Bench { args } => {
+        Cmd::Bench { experiments, args } => {
             let mut env = setup::ensure(false)?;
             setup::debian(
                 &mut env,
@@ -171,8 +176,13 @@ fn real_main() -> anyhow::Result<()> {
                 ],
                 true,
             )?;
+            let mut bench = Command::new(root.join("target/release/sluice-bench"));
+            if experiments {
+                let dir = build_experiments(&env, &root)?;
+                bench.arg("--experiments").arg(dir);
+            }
             // The cluster benchmark starts real agents: this build's.
-            run(Command::new(root.join("target/release/sluice-bench"))
+            run(bench
                 .args(&args)
                 .env("SLUICE_BIN", root.join("target/release/sluice")))
         }
@@ -292,6 +302,63 @@ fn demo(root: &Path, seconds: u64, rate: Option<u64>, hosts: u64) -> anyhow::Res
             .env("SLUICE_BIN", root.join("target/debug/sluice"));
     }
     run(&mut cmd)
+}
+
+/// Builds the XDP program once per `exp-*` feature of `xdp-ebpf` (as
+/// aya-build builds the real one: release, BTF, `build-std=core`) into
+/// `target/experiments/<feature>.o`; returns that directory.
+fn build_experiments(env: &setup::Env, root: &Path) -> anyhow::Result<PathBuf> {
+    let manifest = std::fs::read_to_string(root.join("xdp-ebpf/Cargo.toml"))
+        .context("reading xdp-ebpf/Cargo.toml")?;
+    let features: Vec<&str> = manifest
+        .lines()
+        .filter_map(|l| l.split_once(" = []").map(|(name, _)| name.trim()))
+        .filter(|name| name.starts_with("exp-"))
+        .collect();
+    let dir = root.join("target/experiments");
+    let build_dir = dir.join("build");
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    for (k, feature) in features.iter().enumerate() {
+        eprintln!(
+            "[bench] experiment build {}/{}: {feature}",
+            k + 1,
+            features.len()
+        );
+        let mut c = env.toolchain_cargo();
+        c.args([
+            "build",
+            "--quiet",
+            "--package",
+            "sluice-ebpf",
+            "--bin",
+            "sluice-xdp",
+            "--release",
+            "--target",
+            "bpfel-unknown-none",
+            "-Z",
+            "build-std=core",
+            "--features",
+            feature,
+        ])
+        .arg("--target-dir")
+        .arg(&build_dir)
+        .env(
+            "CARGO_ENCODED_RUSTFLAGS",
+            format!(
+                "--cfg=bpf_target_arch=\"{}\"\x1f-Cdebuginfo=2\x1f-Clink-arg=--btf",
+                std::env::consts::ARCH
+            ),
+        )
+        .env_remove("RUSTC")
+        .env_remove("RUSTC_WORKSPACE_WRAPPER");
+        env.apply(&mut c);
+        run(&mut c)?;
+        let built = build_dir.join("bpfel-unknown-none/release/sluice-xdp");
+        let to = dir.join(format!("{feature}.o"));
+        std::fs::copy(&built, &to)
+            .with_context(|| format!("copying {} to {}", built.display(), to.display()))?;
+    }
+    Ok(dir)
 }
 
 fn run(cmd: &mut Command) -> anyhow::Result<()> {

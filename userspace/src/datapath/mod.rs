@@ -14,6 +14,7 @@
 pub(crate) mod fake;
 mod owners;
 pub mod punt;
+pub mod service_table;
 pub mod xdp;
 
 use std::path::PathBuf;
@@ -113,6 +114,8 @@ pub enum DatapathError {
     },
     #[error("program `{PROGRAM_NAME}`")]
     Program(#[source] ProgramError),
+    #[error(transparent)]
+    ServiceTable(#[from] service_table::TableFull),
     #[error("attaching to `{iface}` failed")]
     Attach {
         iface: String,

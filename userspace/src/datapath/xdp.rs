@@ -19,14 +19,16 @@ use aya::{
 use sluice_common::{
     HIT_BUCKETS_PER_SERVICE, MAX_HOST_MACS, counters,
     maps::{
-        ClusterEntry, HostMacs, INSTANCE_LIVE, INSTANCE_LOOKUP, INSTANCE_REMOTE, InstanceCounters,
+        ClusterEntry, HostEntry, INSTANCE_LIVE, INSTANCE_LOOKUP, INSTANCE_REMOTE, InstanceCounters,
         InstanceEntry, InstanceName, MemberKey, NO_OWNER, PROGRAM_NAME, Pin, PinKey, RemoteHost,
-        ServiceCounters, ServiceEntry, ServiceKey, mac_word, names, previous_entry,
+        ServiceCounters, ServiceEntry, ServiceKey, ServiceSlot, mac_word, names, previous_entry,
     },
     owner_index,
 };
 
-use super::{AttachMode, Datapath, DatapathError, GlobalCounters, owners::OwnerTable};
+use super::{
+    AttachMode, Datapath, DatapathError, GlobalCounters, owners::OwnerTable, service_table,
+};
 use crate::plan::{Group, Plan};
 
 /// The XDP programs, built by build.rs (or empty stand-ins without
@@ -207,11 +209,9 @@ impl XdpDatapath {
     /// sparse, and instances come and go without a resize.
     fn sizes(plan: &Plan) -> [(&'static str, u32); 6] {
         let services = u32::try_from(plan.services.len()).expect("bounded").max(1);
-        let keys = u32::try_from(plan.services.iter().map(|s| s.keys.len()).sum::<usize>())
-            .expect("bounded")
-            .max(1);
+        let keys = plan.services.iter().map(|s| s.keys.len()).sum::<usize>();
         [
-            (names::SERVICES, keys),
+            (names::SERVICE_TABLE, 2 * service_table::slots_for(keys)),
             (names::OWNERS, plan.owner_entries()),
             (names::PREVIOUS, plan.owner_entries()),
             (names::SERVICE_COUNTERS, services),
@@ -223,7 +223,18 @@ impl XdpDatapath {
     /// Loads as [`Self::load`]; with `pin_dir`, every map is pinned there,
     /// or, if a previous agent left them pinned, adopted (sizes must match).
     pub fn load_with(plan: &Plan, pin_dir: Option<&Path>) -> Result<Self, DatapathError> {
-        if OBJECT.is_empty() {
+        Self::load_object(plan, pin_dir, OBJECT)
+    }
+
+    /// As [`Self::load_with`], with another build of the program: the
+    /// benchmark's experiment builds (`cargo xtask bench --experiments`),
+    /// which share this one's maps.
+    pub fn load_object(
+        plan: &Plan,
+        pin_dir: Option<&Path>,
+        object: &[u8],
+    ) -> Result<Self, DatapathError> {
+        if object.is_empty() {
             return Err(DatapathError::ObjectMissing);
         }
         let sizes = Self::sizes(plan);
@@ -244,7 +255,7 @@ impl XdpDatapath {
                 loader.map_pin_path(name, path.as_path());
             }
         }
-        let mut ebpf = loader.load(OBJECT).map_err(DatapathError::Load)?;
+        let mut ebpf = loader.load(object).map_err(DatapathError::Load)?;
         if let Some(dir) = pin_dir
             && pin_tag(dir, "layout").is_none()
         {
@@ -423,26 +434,43 @@ impl XdpDatapath {
                 self.set_group_owner(s.id, *g, *owner)?;
             }
         }
-        self.set_host_macs(&plan.host_macs)?;
-        let mut services: HashMap<&mut MapData, ServiceKey, ServiceEntry> =
-            self.map_mut(names::SERVICES)?;
-        // An adopted map may hold services this plan no longer has.
-        let stale: Vec<ServiceKey> = services
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| !plan.services.iter().any(|s| s.keys.contains(k)))
+        self.set_services(plan)?;
+        self.set_host_macs(&plan.host_macs)
+    }
+
+    /// Writes the plan's services into the half of the service table the
+    /// data path does not read, then makes that half the live one.
+    fn set_services(&mut self, plan: &Plan) -> Result<(), DatapathError> {
+        let services: Vec<(ServiceKey, ServiceEntry)> = plan
+            .services
+            .iter()
+            .flat_map(|s| s.keys.iter().map(|k| (*k, s.entry)))
             .collect();
-        for k in &stale {
-            services.remove(k).map_err(map_err(names::SERVICES))?;
+        let mut host = self.host_entry()?;
+        let table: Array<&MapData, ServiceSlot> = self.map(names::SERVICE_TABLE)?;
+        let slots = table.len() / 2;
+        let layout = service_table::place(&services, slots)?;
+        let half = if host.service_mask + 1 == slots {
+            (host.service_half + 1) & 1
+        } else {
+            // Fresh maps: both halves are empty, either will do.
+            0
+        };
+        let mut table: Array<&mut MapData, ServiceSlot> = self.map_mut(names::SERVICE_TABLE)?;
+        for (i, slot) in (0..).zip(layout) {
+            table
+                .set(half * slots + i, slot, 0)
+                .map_err(map_err(names::SERVICE_TABLE))?;
         }
-        for s in &plan.services {
-            for k in &s.keys {
-                services
-                    .insert(k, s.entry, 0)
-                    .map_err(map_err(names::SERVICES))?;
-            }
-        }
-        Ok(())
+        host.service_mask = slots - 1;
+        host.service_half = half;
+        let mut map: Array<&mut MapData, HostEntry> = self.map_mut(names::HOST)?;
+        map.set(0, host, 0).map_err(map_err(names::HOST))
+    }
+
+    fn host_entry(&self) -> Result<HostEntry, DatapathError> {
+        let map: Array<&MapData, HostEntry> = self.map(names::HOST)?;
+        map.get(&0, 0).map_err(map_err(names::HOST))
     }
 
     /// Rewrites entry `id` of the `INSTANCES` map with `f`.
@@ -473,11 +501,12 @@ impl XdpDatapath {
 
     /// The MACs frames must be addressed to for the program to steer them.
     pub fn set_host_macs(&mut self, macs: &[[u8; 6]]) -> Result<(), DatapathError> {
-        let mut entry = HostMacs::default();
+        let mut entry = self.host_entry()?;
+        entry.macs = [0; MAX_HOST_MACS];
         for (slot, mac) in entry.macs.iter_mut().zip(macs.iter().take(MAX_HOST_MACS)) {
             *slot = mac_word(*mac);
         }
-        let mut host: Array<&mut MapData, HostMacs> = self.map_mut(names::HOST)?;
+        let mut host: Array<&mut MapData, HostEntry> = self.map_mut(names::HOST)?;
         host.set(0, entry, 0).map_err(map_err(names::HOST))
     }
 
@@ -762,6 +791,12 @@ impl XdpDatapath {
     /// program this type does not wrap.
     pub fn ebpf_mut(&mut self) -> &mut Ebpf {
         &mut self.ebpf
+    }
+
+    /// As [`Self::ebpf_mut`], shared.
+    #[must_use]
+    pub fn ebpf(&self) -> &Ebpf {
+        &self.ebpf
     }
 
     /// The loaded program, e.g. for `BPF_PROG_TEST_RUN`.
