@@ -200,6 +200,13 @@ fn config(per_service: usize, extra: usize) -> String {
         ),
         ("web", "198.18.1.1", 443, "tcp", ""),
         ("kv6", "fd00:5100:1::1", 7000, "udp", ""),
+        (
+            "quic",
+            "198.18.1.3",
+            443,
+            "udp",
+            "tag = { kind = \"quic-cid\", cid_length = 8, offset = 0, length = 8 }\n",
+        ),
     ];
     for (k, (name, vip, port, proto, tag)) in services.into_iter().enumerate() {
         let _ = write!(
@@ -291,6 +298,13 @@ fn kinds() -> Vec<Kind> {
             "IPv6 UDP",
             Packet::udp(sa("[fd00:5100::9]:40000"), sa("[fd00:5100:1::1]:7000"))
                 .payload(b"some payload".to_vec())
+                .build(),
+            None,
+        ),
+        (
+            "IPv4 UDP, QUIC short header (quic-cid)",
+            Packet::udp(sa("198.18.0.9:40000"), sa("198.18.1.3:443"))
+                .payload(b"\x41cid-0007 and a protected payload".to_vec())
                 .build(),
             None,
         ),
@@ -457,6 +471,17 @@ fn kind_rows(
         });
     }
     h.dp.set_host_macs(&[NIC_MAC])?;
+    // The tagged kinds were keyed by their tags, not the flow hash.
+    for (id, name) in [(1, "sessions"), (4, "quic")] {
+        let c = h.dp.service_counters(id)?;
+        if c.tagged == 0 || c.tag_missing != 0 {
+            bail!(
+                "{name}: {} packets tagged, {} without their tag",
+                c.tagged,
+                c.tag_missing
+            );
+        }
+    }
     Ok(rows)
 }
 

@@ -191,6 +191,16 @@ mod tests {
         assert_eq!(tag_bytes(b"tenant-7"), tag_bytes(b"tenant-7"));
     }
 
+    /// Servers outside Rust compute tag keys themselves (to choose QUIC
+    /// connection ids in their own units): these values are the contract
+    /// the README quotes, and a key space that must not move.
+    #[test]
+    fn tag_keys_are_the_documented_values() {
+        assert_eq!(tag_bytes(&[1, 2, 3, 4, 5, 6, 7, 8]), 0x5d8f_5c51);
+        assert_eq!(tag_bytes(b"tenant-7"), 0xe880_4820);
+        assert_eq!(unit_of(tag_bytes(b"tenant-7")), 0xe880);
+    }
+
     #[test]
     fn flow_label_tag_masks_traffic_class() {
         // Header bytes: version 6, traffic class 0xab, label 0x12345.

@@ -47,6 +47,8 @@ pub const HIT_BITS: u32 = 8;
 pub const HIT_BUCKETS_PER_SERVICE: u32 = 1 << HIT_BITS;
 /// Longest workload tag carried in a UDP payload.
 pub const MAX_TAG_LEN: u32 = 16;
+/// Longest QUIC connection id (RFC 9000, 17.2).
+pub const MAX_QUIC_CID_LEN: u32 = 20;
 /// Host MACs the data path accepts frames for (the interface's own, plus
 /// configured ones such as a VRRP virtual MAC).
 pub const MAX_HOST_MACS: usize = 4;

@@ -182,6 +182,9 @@ pub const TAG_NONE: u32 = 0;
 pub const TAG_UDP_PAYLOAD: u32 = 1;
 /// Tag is the IPv6 flow label (a zero label counts as missing).
 pub const TAG_IPV6_FLOW_LABEL: u32 = 2;
+/// Tag bytes at a fixed offset into a QUIC packet's destination connection
+/// id, which the server chose: it survives the client's address changes.
+pub const TAG_QUIC_CID: u32 = 3;
 
 /// A service, as the data path needs it.
 #[repr(C)]
@@ -192,15 +195,20 @@ pub struct ServiceEntry {
     pub id: u32,
     /// One of the `TAG_*` kinds.
     pub tag_kind: u32,
-    /// Offset of the tag from the start of the UDP payload.
+    /// Offset of the tag from the start of the UDP payload
+    /// (`TAG_UDP_PAYLOAD`) or of the connection id (`TAG_QUIC_CID`).
     pub tag_offset: u16,
-    /// Tag length in bytes, `1..=MAX_TAG_LEN` for `TAG_UDP_PAYLOAD`.
+    /// Tag length in bytes, `1..=MAX_TAG_LEN` for `TAG_UDP_PAYLOAD` and
+    /// `TAG_QUIC_CID`.
     pub tag_len: u16,
     /// `PIN_TCP` and/or `PIN_UDP`: which flows are pinned to their owner.
     pub flags: u32,
     /// A pinned flow idle this long (seconds) is no longer pinned.
     pub pin_idle_secs: u32,
-    pub reserved: u32,
+    /// `TAG_QUIC_CID`: length of the connection ids the servers issue,
+    /// `1..=MAX_QUIC_CID_LEN` (a short header does not carry it); else 0.
+    pub quic_cid_len: u16,
+    pub reserved: u16,
 }
 const _: () = assert!(size_of::<ServiceEntry>() == 24);
 

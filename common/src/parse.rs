@@ -4,10 +4,10 @@
 //! [`MAX_IPV6_EXT_HEADERS`] extension headers.
 
 use crate::{
-    MAX_IPV6_EXT_HEADERS, MAX_TAG_LEN, counters, key,
+    MAX_IPV6_EXT_HEADERS, MAX_QUIC_CID_LEN, MAX_TAG_LEN, counters, key,
     maps::{
         FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP, PinKey, ServiceEntry, ServiceKey,
-        TAG_IPV6_FLOW_LABEL, TAG_UDP_PAYLOAD,
+        TAG_IPV6_FLOW_LABEL, TAG_QUIC_CID, TAG_UDP_PAYLOAD,
     },
 };
 
@@ -384,7 +384,7 @@ pub struct Keyed {
 #[inline(always)]
 pub fn key_for<F: Frame + ?Sized>(f: &F, flow: &Flow, svc: &ServiceEntry) -> Keyed {
     let tag = match svc.tag_kind {
-        TAG_UDP_PAYLOAD => udp_payload_tag(f, flow, svc),
+        TAG_UDP_PAYLOAD | TAG_QUIC_CID => datagram_tag(f, flow, svc),
         TAG_IPV6_FLOW_LABEL if flow.family == FAMILY_V6 => {
             let words = key::flow_label_tag(flow.ip6_word0);
             (words[0] != 0).then(|| key::tag(&words, key::FLOW_LABEL_TAG_LEN))
@@ -412,23 +412,60 @@ pub fn key_for<F: Frame + ?Sized>(f: &F, flow: &Flow, svc: &ServiceEntry) -> Key
     }
 }
 
+/// The key of a tag read from the datagram: at a fixed offset into the
+/// payload (`TAG_UDP_PAYLOAD`) or into the QUIC destination connection id
+/// (`TAG_QUIC_CID`). Both kinds share this one read.
 #[inline(always)]
-fn udp_payload_tag<F: Frame + ?Sized>(f: &F, flow: &Flow, svc: &ServiceEntry) -> Option<u32> {
-    if flow.proto != PROTO_UDP {
+fn datagram_tag<F: Frame + ?Sized>(f: &F, flow: &Flow, svc: &ServiceEntry) -> Option<u32> {
+    if flow.proto != PROTO_UDP || svc.tag_len == 0 || u32::from(svc.tag_len) > MAX_TAG_LEN {
         return None;
     }
-    let len = u32::from(svc.tag_len);
-    if len == 0 || len > MAX_TAG_LEN {
-        return None;
-    }
+    let len = usize::from(svc.tag_len);
     // The tag must lie inside the datagram, not just inside the frame
     // (Ethernet pads short frames).
     let udp_len = usize::from(u16::from_be(f.load::<u16>(flow.l4_off + 4)?));
-    let off = flow.l4_off + 8 + usize::from(svc.tag_offset);
-    if off + len as usize > flow.l4_off + udp_len {
+    let payload = flow.l4_off + 8;
+    let end = flow.l4_off + udp_len;
+    let start = if svc.tag_kind == TAG_QUIC_CID {
+        quic_dcid(f, payload, end, svc)?
+    } else {
+        payload
+    };
+    let off = start + usize::from(svc.tag_offset);
+    if off + len > end {
         return None;
     }
-    Some(key::tag(&f.load_tag(off, len as usize)?, len))
+    Some(key::tag(&f.load_tag(off, len)?, u32::from(svc.tag_len)))
+}
+
+/// Where the destination connection id of the QUIC packet at `at` starts,
+/// if its header parses, the id is long enough to hold `svc`'s tag, and all
+/// of it lies before `end` (the datagram's end). The layout is QUIC's
+/// version-independent one (RFC 8999), the 20-byte limit v1's and v2's: a
+/// long header is flags, a 4-byte version, the id's length and the id; a
+/// short header is flags and the id, whose length only the servers know
+/// (`svc.quic_cid_len`). Coalesced packets after the first are not read:
+/// the first one names the connection.
+#[inline(always)]
+fn quic_dcid<F: Frame + ?Sized>(f: &F, at: usize, end: usize, svc: &ServiceEntry) -> Option<usize> {
+    // Two-byte loads: a header with a non-empty id has them, and the
+    // verifier does not take a one-byte packet load's bounds check as
+    // LLVM rewrites it (`p + 1 > end` becomes `p >= end`).
+    let first = f.load::<[u8; 2]>(at)?[0];
+    let (dcid, dcid_len) = if first & 0x80 != 0 {
+        (at + 6, usize::from(f.load::<[u8; 2]>(at + 4)?[1]))
+    } else if first & 0x40 != 0 {
+        (at + 1, usize::from(svc.quic_cid_len))
+    } else {
+        // A short header with the fixed bit clear is not QUIC v1 (or the
+        // bit was greased, RFC 9287, which the servers must not allow).
+        return None;
+    };
+    let need = usize::from(svc.tag_offset) + usize::from(svc.tag_len);
+    if dcid_len > MAX_QUIC_CID_LEN as usize || dcid_len < need || dcid + dcid_len > end {
+        return None;
+    }
+    Some(dcid)
 }
 
 #[cfg(test)]
@@ -493,6 +530,212 @@ mod tests {
         let k = key_for(short.as_slice(), &flow, &svc);
         assert!(k.tag_missing && !k.tagged);
         assert_eq!(k.key, flow.flow_key());
+    }
+
+    fn quic_svc(cid_len: u16, offset: u16, len: u16) -> ServiceEntry {
+        ServiceEntry {
+            tag_kind: TAG_QUIC_CID,
+            tag_offset: offset,
+            tag_len: len,
+            quic_cid_len: cid_len,
+            ..ServiceEntry::default()
+        }
+    }
+
+    /// The key of a UDP/IPv4 datagram carrying `payload` under `svc`.
+    fn keyed(payload: &[u8], svc: &ServiceEntry) -> Keyed {
+        let f = udp4(payload);
+        let flow = parse(f.as_slice()).unwrap();
+        key_for(f.as_slice(), &flow, svc)
+    }
+
+    fn assert_tag(payload: &[u8], svc: &ServiceEntry, tag: &[u8], what: &str) {
+        let k = keyed(payload, svc);
+        assert!(k.tagged && !k.tag_missing, "{what}: {k:?}");
+        assert_eq!(k.key, key::tag_bytes(tag), "{what}: key of {tag:02x?}");
+    }
+
+    fn assert_missing(payload: &[u8], svc: &ServiceEntry, what: &str) {
+        let f = udp4(payload);
+        let flow = parse(f.as_slice()).unwrap();
+        let k = key_for(f.as_slice(), &flow, svc);
+        assert!(k.tag_missing && !k.tagged, "{what}: {k:?}");
+        assert_eq!(
+            k.key,
+            flow.flow_key(),
+            "{what}: falls back to the flow hash"
+        );
+    }
+
+    /// A QUIC v1 long header (Initial, type bits 00): flags, version,
+    /// DCID length and DCID, a 0-byte SCID, then `rest`.
+    fn quic_long(dcid: &[u8], rest: &[u8]) -> std::vec::Vec<u8> {
+        let mut v = std::vec![0xc3, 0, 0, 0, 1, u8::try_from(dcid.len()).unwrap()];
+        v.extend_from_slice(dcid);
+        v.push(0);
+        v.extend_from_slice(rest);
+        v
+    }
+
+    /// A QUIC short header: flags (fixed bit set), DCID, then `rest`.
+    fn quic_short(dcid: &[u8], rest: &[u8]) -> std::vec::Vec<u8> {
+        let mut v = std::vec![0x43];
+        v.extend_from_slice(dcid);
+        v.extend_from_slice(rest);
+        v
+    }
+
+    const CID: [u8; 20] = *b"0123456789abcdefghij";
+
+    #[test]
+    fn quic_long_and_short_headers_key_by_the_dcid_bytes() {
+        let svc = quic_svc(8, 2, 4);
+        let dcid = &CID[..8];
+        assert_tag(&quic_long(dcid, b"pnpayload"), &svc, b"2345", "long header");
+        assert_tag(
+            &quic_short(dcid, b"pnpayload"),
+            &svc,
+            b"2345",
+            "short header",
+        );
+        // Handshake (type 10) and 0-RTT (01) are long headers alike; a
+        // long header's DCID may differ in length from the servers' ids
+        // (the client's first Initial chooses its own).
+        let mut handshake = quic_long(&CID[..12], b"x");
+        handshake[0] = 0xe0;
+        assert_tag(&handshake, &svc, b"2345", "handshake, 12-byte DCID");
+        // The flags' other bits (spin, key phase, packet number length)
+        // change nothing.
+        let mut short = quic_short(dcid, b"pn");
+        short[0] = 0x7f;
+        assert_tag(&short, &svc, b"2345", "short header, every flag bit set");
+        // A different id in the tag's bytes: a different key.
+        let other = quic_short(b"01ZZZZ67", b"pn");
+        assert_tag(&other, &svc, b"ZZZZ", "another id");
+        // Bytes of the id outside the tag do not matter.
+        assert_tag(&quic_short(b"xx2345yy", b"pn"), &svc, b"2345", "outside");
+    }
+
+    #[test]
+    fn quic_odd_lengths() {
+        let cid = &CID[..];
+        for (offset, len) in [(0, 1), (19, 1), (0, 3), (17, 3), (0, 16), (4, 16)] {
+            let svc = quic_svc(20, offset, len);
+            let tag = &cid[usize::from(offset)..usize::from(offset + len)];
+            let what = std::format!("cid_length 20, offset {offset}, length {len}");
+            assert_tag(
+                &quic_long(cid, b""),
+                &svc,
+                tag,
+                &std::format!("long, {what}"),
+            );
+            assert_tag(
+                &quic_short(cid, b""),
+                &svc,
+                tag,
+                &std::format!("short, {what}"),
+            );
+        }
+        // cid_length 1: the whole id is the tag.
+        assert_tag(
+            &quic_short(b"Q", b"pn"),
+            &quic_svc(1, 0, 1),
+            b"Q",
+            "1-byte ids",
+        );
+    }
+
+    #[test]
+    fn quic_truncated_headers_fall_back_to_the_flow_hash() {
+        let svc = quic_svc(8, 2, 4);
+        let long = quic_long(&CID[..8], b"");
+        let short = quic_short(&CID[..8], b"");
+        // The whole DCID must be in the datagram: every shorter prefix of
+        // its header is missing the tag, including the empty payload.
+        // Flags, version, id length: 6 bytes; then the 8-byte id.
+        for cut in 0..14 {
+            assert_missing(
+                &long[..cut],
+                &svc,
+                &std::format!("long header cut at {cut}"),
+            );
+        }
+        assert_tag(
+            &long[..14],
+            &svc,
+            b"2345",
+            "long header ending with its DCID",
+        );
+        // Flags, then the 8-byte id.
+        for cut in 0..9 {
+            assert_missing(
+                &short[..cut],
+                &svc,
+                &std::format!("short header cut at {cut}"),
+            );
+        }
+        assert_tag(
+            &short[..9],
+            &svc,
+            b"2345",
+            "short header ending with its DCID",
+        );
+        // The same bytes as Ethernet padding, after the datagram's end,
+        // do not count.
+        let mut padded = udp4(&short[..5]);
+        padded.extend_from_slice(&short[5..]);
+        let flow = parse(padded.as_slice()).unwrap();
+        assert!(
+            key_for(padded.as_slice(), &flow, &svc).tag_missing,
+            "padding"
+        );
+    }
+
+    #[test]
+    fn quic_bad_dcid_lengths_and_flags_fall_back_to_the_flow_hash() {
+        let svc = quic_svc(8, 2, 4);
+        // A DCID length byte over 20 is no QUIC v1 header, however many
+        // bytes follow.
+        for len in [21, 32, 255] {
+            let mut p = quic_long(&CID, &[0u8; 300]);
+            p[5] = len;
+            assert_missing(&p, &svc, &std::format!("DCID length {len}"));
+        }
+        let mut p = quic_long(&CID, &[0u8; 300]);
+        p[5] = 20;
+        assert_tag(&p, &svc, b"2345", "DCID length 20");
+        // A DCID too short to hold offset + length (6 bytes).
+        for len in 0..6u8 {
+            let p = quic_long(&CID[..usize::from(len)], b"rest of the packet");
+            assert_missing(&p, &svc, &std::format!("{len}-byte DCID"));
+        }
+        assert_tag(&quic_long(&CID[..6], b"rest"), &svc, b"2345", "6-byte DCID");
+        // A short header without the fixed bit.
+        for flags in [0x00, 0x03, 0x3f] {
+            let mut p = quic_short(&CID[..8], b"pn");
+            p[0] = flags;
+            assert_missing(&p, &svc, &std::format!("flags {flags:#04x}"));
+        }
+        // Service entries the agent would never write: no id length, one
+        // too short for the tag, one over 20, a tag of 0 or 17 bytes.
+        let short = quic_short(&CID, b"pn");
+        for bad in [
+            quic_svc(0, 0, 1),
+            quic_svc(5, 2, 4),
+            quic_svc(21, 2, 4),
+            quic_svc(8, 2, 0),
+            quic_svc(20, 0, 17),
+        ] {
+            assert_missing(&short, &bad, &std::format!("{bad:?}"));
+        }
+    }
+
+    #[test]
+    fn quic_cid_tags_need_udp() {
+        let f = tcp4();
+        let flow = parse(f.as_slice()).unwrap();
+        let k = key_for(f.as_slice(), &flow, &quic_svc(8, 0, 4));
+        assert!(k.tag_missing && !k.tagged, "{k:?}");
     }
 
     /// IPv6 with one 8-byte Hop-by-Hop header, then UDP and `payload`.
@@ -599,7 +842,14 @@ mod tests {
     fn the_fuzz_checks_hold_on_seeds_and_their_one_byte_mutations() {
         let mut vlan = udp4(b"abcdefgh");
         vlan.splice(12..12, [0x81, 0x00, 0x00, 0x07]);
-        let seeds = [udp4(b"abcdefgh"), tcp4(), udp6_hop(b"abcdefgh"), vlan];
+        let seeds = [
+            udp4(b"abcdefgh"),
+            tcp4(),
+            udp6_hop(b"abcdefgh"),
+            vlan,
+            udp4(&quic_short(&CID[..8], b"pn")),
+            udp6_hop(&quic_long(&CID, b"")),
+        ];
         let mut runs = 0;
         for seed in &seeds {
             for spec in [
@@ -607,7 +857,10 @@ mod tests {
                 [1, 1, 0, 4],
                 [1, 0, 0, 16],
                 [2, 0, 0, 0],
-                [3, 9, 9, 9],
+                // quic-cid: ids of 8 bytes, the tag 4 at 2; 20 and 16 at 4.
+                [3, 2, 8 << 3, 4],
+                [3, 4, 20 << 3, 16],
+                [4, 9, 9, 9],
             ] {
                 let mut input = spec.to_vec();
                 input.extend_from_slice(seed);
@@ -622,6 +875,16 @@ mod tests {
                 }
             }
         }
-        assert!(runs > 10_000, "{runs}");
+        assert!(runs > 25_000, "{runs}");
+        // The QUIC seeds are tagged under their specs: the reference
+        // comparison runs on found tags, not only on missing ones.
+        for (seed, spec) in [
+            (&seeds[4], [3, 2, 8 << 3, 4]),
+            (&seeds[5], [3, 4, 20 << 3, 16]),
+        ] {
+            let flow = parse(seed.as_slice()).unwrap();
+            let k = key_for(seed.as_slice(), &flow, &crate::fuzz::spec(spec));
+            assert!(k.tagged, "{spec:?}: {k:?}");
+        }
     }
 }

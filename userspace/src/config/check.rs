@@ -11,7 +11,9 @@ use std::{
     time::Duration,
 };
 
-use sluice_common::{MAX_PINNED_FLOWS, MAX_SERVICES, MAX_TAG_LEN, UNITS_PER_SERVICE};
+use sluice_common::{
+    MAX_PINNED_FLOWS, MAX_QUIC_CID_LEN, MAX_SERVICES, MAX_TAG_LEN, UNITS_PER_SERVICE,
+};
 use toml::{
     Spanned,
     de::{DeTable, DeValue},
@@ -888,30 +890,38 @@ impl Checker<'_> {
         let table = raw.span();
         let raw = raw.into_inner();
         let field = format!("{at}.tag.kind");
+        let kinds = "\"none\", \"udp-payload\", \"quic-cid\" or \"ipv6-flow-label\"";
         let (kind, kind_span) = self.required(
             raw.kind,
             &table,
             &field,
-            "set kind = \"none\", \"udp-payload\" or \"ipv6-flow-label\"",
-            |v| {
-                (
-                    format!("unknown tag kind `{v}`"),
-                    "use \"none\", \"udp-payload\" or \"ipv6-flow-label\"".into(),
-                )
-            },
+            &format!("set kind = {kinds}"),
+            |v| (format!("unknown tag kind `{v}`"), format!("use {kinds}")),
         )?;
-        let extra = raw.offset.is_some() || raw.length.is_some();
         let name = match kind {
             RawTagKind::None => "none",
             RawTagKind::Ipv6FlowLabel => "ipv6-flow-label",
             RawTagKind::UdpPayload => "udp-payload",
+            RawTagKind::QuicCid => "quic-cid",
         };
-        if extra && kind != RawTagKind::UdpPayload {
+        let reads_bytes = matches!(kind, RawTagKind::UdpPayload | RawTagKind::QuicCid);
+        if (raw.offset.is_some() || raw.length.is_some()) && !reads_bytes {
             self.report(
                 Some(&table),
                 format!("{at}.tag"),
                 format!("offset and length do not apply to tag kind `{name}`"),
-                "remove them, or use kind = \"udp-payload\"",
+                "remove them, or use kind = \"udp-payload\" or \"quic-cid\"",
+            );
+            return None;
+        }
+        if let Some(cid) = &raw.cid_length
+            && kind != RawTagKind::QuicCid
+        {
+            self.report(
+                Some(&cid.span),
+                format!("{at}.tag.cid_length"),
+                format!("cid_length does not apply to tag kind `{name}`"),
+                "remove it, or use kind = \"quic-cid\"",
             );
             return None;
         }
@@ -928,31 +938,41 @@ impl Checker<'_> {
                 None
             }
             RawTagKind::Ipv6FlowLabel => Some(TagSpec::Ipv6FlowLabel),
-            RawTagKind::UdpPayload if protocols != [Protocol::Udp] => {
+            RawTagKind::UdpPayload | RawTagKind::QuicCid if protocols != [Protocol::Udp] => {
                 self.report(
                     Some(&kind_span),
                     &field,
-                    "a udp-payload tag needs the service to be UDP only",
+                    format!("a {name} tag needs the service to be UDP only"),
                     "set protocol = \"udp\" (a TCP side goes in a service of its own), or use kind = \"none\"",
                 );
                 None
             }
-            RawTagKind::UdpPayload => self.udp_payload_tag(at, &table, raw.length, raw.offset),
+            RawTagKind::UdpPayload => {
+                let length = self.tag_length(at, &table, raw.length);
+                let offset =
+                    self.tag_offset(at, raw.offset, 9000, "any datagram", "the UDP payload");
+                Some(TagSpec::UdpPayload {
+                    offset: offset?,
+                    length: length?,
+                })
+            }
+            RawTagKind::QuicCid => {
+                self.quic_cid_tag(at, &table, raw.cid_length, raw.offset, raw.length)
+            }
         }
     }
 
-    /// `length` (required) and `offset` of a `udp-payload` tag.
-    fn udp_payload_tag(
+    /// The required `length` of a tag read from the datagram.
+    fn tag_length(
         &mut self,
         at: &str,
         table: &Range<usize>,
         length: Option<Field<u16>>,
-        offset: Option<Field<u16>>,
-    ) -> Option<TagSpec> {
+    ) -> Option<u16> {
         let length_fix = format!(
             "use 1 to {MAX_TAG_LEN}; longer tags can be shortened to a prefix that still names the unit of work"
         );
-        let length = match self.required(
+        match self.required(
             length,
             table,
             &format!("{at}.tag.length"),
@@ -975,26 +995,104 @@ impl Checker<'_> {
                 None
             }
             None => None,
-        };
+        }
+    }
+
+    /// The `offset` of a tag read from the datagram, `0..=max` bytes into
+    /// `within`; 0 when absent.
+    fn tag_offset(
+        &mut self,
+        at: &str,
+        offset: Option<Field<u16>>,
+        max: u16,
+        outside: &str,
+        within: &str,
+    ) -> Option<u16> {
         let offset_err = |v: &str| {
             (
-                format!("offset {v} is outside any datagram"),
-                "use a byte offset from 0 to 9000 into the UDP payload".to_owned(),
+                format!("offset {v} is outside {outside}"),
+                format!("use a byte offset from 0 to {max} into {within}"),
             )
         };
-        let offset = match self.typed(offset, &format!("{at}.tag.offset"), offset_err) {
+        match self.typed(offset, &format!("{at}.tag.offset"), offset_err) {
             Got::Absent => Some(0),
-            Got::Value(o, _) if o <= 9000 => Some(o),
+            Got::Value(o, _) if o <= max => Some(o),
             Got::Value(o, span) => {
                 let (problem, fix) = offset_err(&o.to_string());
                 self.report(Some(&span), format!("{at}.tag.offset"), problem, fix);
                 None
             }
             Got::Bad => None,
+        }
+    }
+
+    /// `cid_length` and `length` (required) and `offset` of a `quic-cid`
+    /// tag: the tag must lie inside the connection id.
+    fn quic_cid_tag(
+        &mut self,
+        at: &str,
+        table: &Range<usize>,
+        cid_length: Option<Field<u16>>,
+        offset: Option<Field<u16>>,
+        length: Option<Field<u16>>,
+    ) -> Option<TagSpec> {
+        let max = u16::try_from(MAX_QUIC_CID_LEN).expect("20");
+        let field = format!("{at}.tag.cid_length");
+        let fix = format!(
+            "use 1 to {max}: the length of the connection ids your servers issue (QUIC allows at most {max} bytes)"
+        );
+        let cid_length = match self.required(
+            cid_length,
+            table,
+            &field,
+            &format!(
+                "set cid_length = 1..{max}, the length of the connection ids your servers issue (a short header does not carry it)"
+            ),
+            |v| {
+                (
+                    format!("{v} bytes is not a QUIC connection id length"),
+                    fix.clone(),
+                )
+            },
+        ) {
+            Some((l, _)) if (1..=max).contains(&l) => Some(l),
+            Some((l, span)) => {
+                self.report(
+                    Some(&span),
+                    &field,
+                    format!("{l} bytes is not a QUIC connection id length"),
+                    fix,
+                );
+                None
+            }
+            None => None,
         };
-        Some(TagSpec::UdpPayload {
-            offset: offset?,
-            length: length?,
+        let length = self.tag_length(at, table, length);
+        let offset = self.tag_offset(
+            at,
+            offset,
+            max - 1,
+            "any QUIC connection id",
+            "the destination connection id",
+        );
+        let (cid_length, offset, length) = (cid_length?, offset?, length?);
+        if offset + length > cid_length {
+            self.report(
+                Some(table),
+                format!("{at}.tag.length"),
+                format!(
+                    "offset {offset} + length {length} reaches past the {cid_length}-byte connection id"
+                ),
+                format!(
+                    "make offset + length at most cid_length ({cid_length}): a shorter tag, a smaller offset, or longer connection ids"
+                ),
+            );
+            return None;
+        }
+        Some(TagSpec::QuicCid {
+            cid_length,
+            offset,
+            length,
         })
     }
 

@@ -103,6 +103,14 @@ pub enum TagSpec {
     UdpPayload { offset: u16, length: u16 },
     /// The IPv6 flow label (a zero label counts as missing).
     Ipv6FlowLabel,
+    /// `length` bytes at `offset` into a QUIC packet's destination
+    /// connection id; the servers issue ids of `cid_length` bytes (a short
+    /// header does not say).
+    QuicCid {
+        cid_length: u16,
+        offset: u16,
+        length: u16,
+    },
 }
 
 /// Which flows of a service are pinned to their owner while units move.
@@ -608,6 +616,120 @@ etcd_endpoints = ["http://198.18.0.1:2379"]
         ];
         for (text, want) in cases {
             assert_eq!(field_of(&text), want, "{text}");
+        }
+    }
+
+    #[test]
+    #[expect(clippy::too_many_lines, reason = "a table of cases")]
+    fn a_quic_cid_tag_parses_and_its_errors_name_the_field_and_the_fix() {
+        let udp_payload = "kind = \"udp-payload\", offset = 2, length = 8";
+        let quic = |spec: &str| GOOD.replace(udp_payload, spec);
+        let c = parse(&quic(
+            "kind = \"quic-cid\", cid_length = 8, offset = 2, length = 4",
+        ))
+        .unwrap();
+        assert_eq!(
+            c.services[0].tag,
+            TagSpec::QuicCid {
+                cid_length: 8,
+                offset: 2,
+                length: 4
+            }
+        );
+        let c = parse(&quic("kind = \"quic-cid\", cid_length = 20, length = 16")).unwrap();
+        assert_eq!(
+            c.services[0].tag,
+            TagSpec::QuicCid {
+                cid_length: 20,
+                offset: 0,
+                length: 16
+            },
+            "offset defaults to 0"
+        );
+        let cases = [
+            (
+                quic("kind = \"quic-cid\", length = 4"),
+                "service[0].tag.cid_length",
+                "missing",
+                "set cid_length = 1..20",
+            ),
+            (
+                quic("kind = \"quic-cid\", cid_length = 0, length = 4"),
+                "service[0].tag.cid_length",
+                "0 bytes is not a QUIC connection id length",
+                "use 1 to 20",
+            ),
+            (
+                quic("kind = \"quic-cid\", cid_length = 21, length = 4"),
+                "service[0].tag.cid_length",
+                "21 bytes",
+                "at most 20",
+            ),
+            (
+                quic("kind = \"quic-cid\", cid_length = \"8\", length = 4"),
+                "service[0].tag.cid_length",
+                "8 bytes",
+                "use 1 to 20",
+            ),
+            (
+                quic("kind = \"quic-cid\", cid_length = 8"),
+                "service[0].tag.length",
+                "missing",
+                "set length = 1..16",
+            ),
+            (
+                quic("kind = \"quic-cid\", cid_length = 20, length = 17"),
+                "service[0].tag.length",
+                "17 bytes is not a supported tag length",
+                "use 1 to 16",
+            ),
+            (
+                quic("kind = \"quic-cid\", cid_length = 20, offset = 20, length = 1"),
+                "service[0].tag.offset",
+                "offset 20 is outside any QUIC connection id",
+                "from 0 to 19",
+            ),
+            (
+                quic("kind = \"quic-cid\", cid_length = 8, offset = 2, length = 8"),
+                "service[0].tag.length",
+                "offset 2 + length 8 reaches past the 8-byte connection id",
+                "at most cid_length (8)",
+            ),
+            (
+                GOOD.replace(
+                    udp_payload,
+                    "kind = \"quic-cid\", cid_length = 8, length = 4",
+                )
+                .replace("protocol = \"udp\"", "protocols = [\"udp\", \"tcp\"]"),
+                "service[0].tag.kind",
+                "a quic-cid tag needs the service to be UDP only",
+                "protocol = \"udp\"",
+            ),
+            (
+                quic("kind = \"udp-payload\", cid_length = 8, length = 4"),
+                "service[0].tag.cid_length",
+                "does not apply to tag kind `udp-payload`",
+                "kind = \"quic-cid\"",
+            ),
+            (
+                quic("kind = \"none\", cid_length = 8"),
+                "service[0].tag.cid_length",
+                "does not apply to tag kind `none`",
+                "remove it",
+            ),
+            (
+                quic("kind = \"quic\", cid_length = 8, length = 4"),
+                "service[0].tag.kind",
+                "unknown tag kind `quic`",
+                "\"quic-cid\"",
+            ),
+        ];
+        for (text, field, problem, fix) in cases {
+            let e = only_error(&text);
+            assert_eq!(e.field, field, "{text}: {e:?}");
+            assert!(e.problem.contains(problem), "{field}: {e:?}");
+            assert!(e.fix.contains(fix), "{field}: {e:?}");
+            assert_eq!(e.line, Some(7), "{field}: the tag's line: {e:?}");
         }
     }
 

@@ -143,6 +143,8 @@ pub(super) enum RawTagKind {
     UdpPayload,
     #[serde(rename = "ipv6-flow-label")]
     Ipv6FlowLabel,
+    #[serde(rename = "quic-cid")]
+    QuicCid,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
@@ -190,6 +192,7 @@ pub(super) struct RawTag {
     pub(super) kind: Option<Field<RawTagKind>>,
     pub(super) offset: Option<Field<u16>>,
     pub(super) length: Option<Field<u16>>,
+    pub(super) cid_length: Option<Field<u16>>,
 }
 
 #[derive(Debug, Deserialize)]

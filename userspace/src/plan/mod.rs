@@ -13,7 +13,7 @@ use sluice_common::{
     key,
     maps::{
         FAMILY_V4, FAMILY_V6, PIN_TCP, PIN_UDP, ServiceEntry, ServiceKey, TAG_IPV6_FLOW_LABEL,
-        TAG_NONE, TAG_UDP_PAYLOAD,
+        TAG_NONE, TAG_QUIC_CID, TAG_UDP_PAYLOAD,
     },
     owner_index, unit_of,
 };
@@ -204,10 +204,15 @@ impl Plan {
         };
         for (sid, svc) in config.services.iter().enumerate() {
             let id = u32::try_from(sid).expect("at most MAX_SERVICES services");
-            let (tag_kind, tag_offset, tag_len) = match svc.tag {
-                TagSpec::None => (TAG_NONE, 0, 0),
-                TagSpec::UdpPayload { offset, length } => (TAG_UDP_PAYLOAD, offset, length),
-                TagSpec::Ipv6FlowLabel => (TAG_IPV6_FLOW_LABEL, 0, 0),
+            let (tag_kind, tag_offset, tag_len, quic_cid_len) = match svc.tag {
+                TagSpec::None => (TAG_NONE, 0, 0, 0),
+                TagSpec::UdpPayload { offset, length } => (TAG_UDP_PAYLOAD, offset, length, 0),
+                TagSpec::Ipv6FlowLabel => (TAG_IPV6_FLOW_LABEL, 0, 0, 0),
+                TagSpec::QuicCid {
+                    cid_length,
+                    offset,
+                    length,
+                } => (TAG_QUIC_CID, offset, length, cid_length),
             };
             let mut service_ids = Vec::with_capacity(svc.instances.len());
             for (j, inst) in svc.instances.iter().enumerate() {
@@ -252,6 +257,7 @@ impl Plan {
                         PinMode::TcpUdp => PIN_TCP | PIN_UDP,
                     },
                     pin_idle_secs: svc.pin_idle_secs,
+                    quic_cid_len,
                     reserved: 0,
                 },
                 groups,
