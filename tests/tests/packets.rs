@@ -1151,3 +1151,84 @@ fn udp_pinned_only_where_configured() {
     assert_eq!(target(&h2, &p), other);
     assert_eq!(h2.service(UDP4).pin_hits, 0);
 }
+
+/// A reload writes the whole service table into the half the data path
+/// does not read, then flips to it: the new services are all there at
+/// once, the removed ones gone, and the old half is what the next reload
+/// overwrites.
+#[test]
+fn a_reload_swaps_the_whole_service_table() {
+    const ONE: &str = r#"
+[[service]]
+name = "a"
+vip = "198.18.1.1"
+port = 7000
+protocol = "udp"
+[[service.instance]]
+name = "a-0"
+veth = "t-a0"
+
+[[service]]
+name = "d"
+vip = "198.18.1.4"
+port = 7000
+protocol = "udp"
+[[service.instance]]
+name = "d-0"
+veth = "t-d0"
+"#;
+    // Services `a` and `d` gone, `b` on another VIP and two ports, `c`
+    // tagged on `a`'s old endpoint. (As many services: the harness keeps
+    // the maps, sized by the first config.)
+    const TWO: &str = r#"
+[[service]]
+name = "b"
+vip = "198.18.1.2"
+ports = [7000, 7001]
+protocol = "udp"
+[[service.instance]]
+name = "b-0"
+veth = "t-b0"
+
+[[service]]
+name = "c"
+vip = "198.18.1.1"
+port = 7000
+protocol = "udp"
+tag = { kind = "udp-payload", offset = 0, length = 4 }
+[[service.instance]]
+name = "c-0"
+veth = "t-c0"
+"#;
+    let mut h = Harness::new(ONE);
+    let client = sa("198.18.0.5:4000");
+    let to = |dst: &str| Packet::udp(client, sa(dst)).payload(b"abcd-payload".to_vec());
+    assert_eq!(h.run(&to("198.18.1.1:7000").build()).action, XDP_REDIRECT);
+    assert_eq!(h.run(&to("198.18.1.2:7000").build()).action, XDP_PASS);
+    for round in 0..3 {
+        h.reprogram(TWO);
+        for dst in ["198.18.1.2:7000", "198.18.1.2:7001", "198.18.1.1:7000"] {
+            assert_eq!(
+                h.run(&to(dst).build()).action,
+                XDP_REDIRECT,
+                "round {round}: {dst} is a service after the reload"
+            );
+        }
+        assert_eq!(
+            h.run(&to("198.18.1.4:7000").build()).action,
+            XDP_PASS,
+            "round {round}: `d` is gone after the reload"
+        );
+        // `c` took `a`'s endpoint with its own tag spec: keyed by the tag.
+        let c = h.dp.service_counters(1).expect("counters of c");
+        assert!(c.tagged > 0, "round {round}: `c`'s packets were not tagged");
+        h.reprogram(ONE);
+        assert_eq!(
+            h.run(&to("198.18.1.2:7001").build()).action,
+            XDP_PASS,
+            "round {round}: `b` is gone after the reload back"
+        );
+        assert_eq!(h.run(&to("198.18.1.1:7000").build()).action, XDP_REDIRECT);
+        assert_eq!(h.run(&to("198.18.1.4:7000").build()).action, XDP_REDIRECT);
+    }
+}
