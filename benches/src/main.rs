@@ -301,6 +301,45 @@ fn memory_table(s: &mut String, mm: &memory::Figures, cores: usize) {
             "| agent resident memory, {n} service(s): all (with the mapped owner array) / anonymous | {all} / {anon} |"
         );
     }
+    let p = &mm.syn_pins;
+    let _ = writeln!(
+        s,
+        "\n#### Pins made by SYNs (`BPF_PROG_TEST_RUN`, one SYN of a new 5-tuple a run, pinning TCP service, LRU of {} flows)\n",
+        p.capacity
+    );
+    let _ = writeln!(s, "| what | figure |");
+    let _ = writeln!(s, "| --- | ---: |");
+    let _ = writeln!(
+        s,
+        "| SYNs run / redirected (pinned) | {} / {} |",
+        p.syns, p.redirected
+    );
+    let _ = writeln!(
+        s,
+        "| the program's time a SYN (pin created) | {:.0} ns: {:.2} million pins a second on one core |",
+        p.program_ns_per_syn,
+        1e3 / p.program_ns_per_syn.max(1e-3)
+    );
+    let _ = writeln!(
+        s,
+        "| SYNs a second through the whole loop (frame built, syscall, program) | {:.0} |",
+        p.wall_syns_per_sec
+    );
+    let _ = writeln!(
+        s,
+        "| the program's time a SYN, by tenth of the run (ns) | {} |",
+        p.tenths_ns
+            .iter()
+            .map(|t| format!("{t:.0}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let _ = writeln!(
+        s,
+        "| pins in the map after the run (fewer than the SYNs: the LRU evicted early) | {} ({} evicted) |",
+        p.entries_after,
+        p.redirected.saturating_sub(p.entries_after)
+    );
 }
 
 /// The cluster paths beside the empty program.
