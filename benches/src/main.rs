@@ -74,6 +74,9 @@ struct Report {
     machine: Machine,
     fast_path: Option<fastpath::Figures>,
     e2e: Vec<e2e::Row>,
+    /// The e2e generators' own CPU per frame (ns), as subtracted.
+    e2e_generator_alone_ns: e2e::Calibration,
+    e2e_seconds: f64,
     cross_host: Vec<cluster::Row>,
     punt: Vec<punt::Row>,
     control: Option<control::Figures>,
@@ -128,11 +131,11 @@ fn run(args: &Args) -> anyhow::Result<()> {
     } else {
         None
     };
-    let e2e = if want("e2e") {
-        eprintln!("[bench] end to end: Sluice against nftables on the namespace testbed");
-        e2e::run(args.e2e_seconds)?
+    let (e2e, e2e_generator_alone_ns) = if want("e2e") {
+        eprintln!("[bench] end to end: Sluice against IPVS and nftables on the namespace testbed");
+        e2e::run_all(args.e2e_seconds)?
     } else {
-        Vec::new()
+        (Vec::new(), Vec::new())
     };
     let cross_host = if want("cluster") {
         eprintln!("[bench] cross-host delivery on the namespace cluster");
@@ -168,6 +171,8 @@ fn run(args: &Args) -> anyhow::Result<()> {
         machine: m,
         fast_path,
         e2e,
+        e2e_generator_alone_ns,
+        e2e_seconds: args.e2e_seconds,
         cross_host,
         punt,
         control,
@@ -198,41 +203,9 @@ fn markdown(r: &Report) -> String {
     if let Some(f) = &r.fast_path {
         fastpath::markdown(&mut s, f);
     }
-    let _ = writeln!(
-        s,
-        "\n#### End to end (namespace testbed, 4 instances, UDP)\n"
-    );
-    let _ = writeln!(
-        s,
-        "| path | generator | generated pps | delivered pps | CPU cores busy | delivered pps per core |"
-    );
-    let _ = writeln!(s, "| --- | --- | ---: | ---: | ---: | ---: |");
-    for e in &r.e2e {
-        let _ = writeln!(
-            s,
-            "| {} | {} | {:.0} | {:.0} | {:.2} | {:.0} |",
-            e.path, e.generator, e.generated_pps, e.delivered_pps, e.cores_busy, e.pps_per_core
-        );
-    }
+    e2e::table(&mut s, &r.e2e, &r.e2e_generator_alone_ns, r.e2e_seconds);
     cross_host_table(&mut s, &r.cross_host);
-    if !r.punt.is_empty() {
-        let _ = writeln!(
-            s,
-            "\n#### Punt path (a backlog of punted frames: off the AF_XDP socket, claimed, re-injected)\n"
-        );
-        let _ = writeln!(
-            s,
-            "| case | frames | claims | seconds | frames per second |"
-        );
-        let _ = writeln!(s, "| --- | ---: | ---: | ---: | ---: |");
-        for p in &r.punt {
-            let _ = writeln!(
-                s,
-                "| {} | {} | {} | {:.3} | {:.0} |",
-                p.case, p.frames, p.claims, p.seconds, p.frames_per_second
-            );
-        }
-    }
+    punt_table(&mut s, &r.punt);
     if let Some(c) = &r.control {
         control_table(&mut s, c);
     }
@@ -300,6 +273,45 @@ fn memory_table(s: &mut String, mm: &memory::Figures, cores: usize) {
             "| agent resident memory, {n} service(s): all (with the mapped owner array) / anonymous | {all} / {anon} |"
         );
     }
+    let p = &mm.syn_pins;
+    let _ = writeln!(
+        s,
+        "\n#### Pins made by SYNs (`BPF_PROG_TEST_RUN`, one SYN of a new 5-tuple a run, pinning TCP service, LRU of {} flows)\n",
+        p.capacity
+    );
+    let _ = writeln!(s, "| what | figure |");
+    let _ = writeln!(s, "| --- | ---: |");
+    let _ = writeln!(
+        s,
+        "| SYNs run / redirected (pinned) | {} / {} |",
+        p.syns, p.redirected
+    );
+    let _ = writeln!(
+        s,
+        "| the program's time a SYN (pin created) | {:.0} ns: {:.2} million pins a second on one core |",
+        p.program_ns_per_syn,
+        1e3 / p.program_ns_per_syn.max(1e-3)
+    );
+    let _ = writeln!(
+        s,
+        "| SYNs a second through the whole loop (frame built, syscall, program) | {:.0} |",
+        p.wall_syns_per_sec
+    );
+    let _ = writeln!(
+        s,
+        "| the program's time a SYN, by tenth of the run (ns) | {} |",
+        p.tenths_ns
+            .iter()
+            .map(|t| format!("{t:.0}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let _ = writeln!(
+        s,
+        "| pins in the map after the run (fewer than the SYNs: the LRU evicted early) | {} ({} evicted) |",
+        p.entries_after,
+        p.redirected.saturating_sub(p.entries_after)
+    );
 }
 
 /// Cross-host delivery beside local delivery.
@@ -318,6 +330,36 @@ fn cross_host_table(s: &mut String, rows: &[cluster::Row]) {
             s,
             "| {} | {:.0} | {:.0} |",
             c.path, c.generated_pps, c.delivered_pps
+        );
+    }
+}
+
+/// The punt path, one row per case and store.
+fn punt_table(s: &mut String, rows: &[punt::Row]) {
+    if rows.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        s,
+        "\n#### Punt path (a backlog of punted frames: off the AF_XDP socket, claimed, re-injected, in one `process_punts` call; the agent's loop serves nothing else meanwhile)\n"
+    );
+    let _ = writeln!(
+        s,
+        "| case | store | frames | claims | store writes | seconds (loop blocked) | frames per second | ms per claim |"
+    );
+    let _ = writeln!(s, "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |");
+    for p in rows {
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {} | {} | {:.3} | {:.0} | {:.3} |",
+            p.case,
+            p.store,
+            p.frames,
+            p.claims,
+            p.store_writes,
+            p.seconds,
+            p.frames_per_second,
+            p.ms_per_claim
         );
     }
 }

@@ -26,6 +26,91 @@ pub(crate) struct Figures {
     /// map's own memory, not a copy.
     pub agent_rss_1_service: (u64, u64),
     pub agent_rss_256_services: (u64, u64),
+    pub syn_pins: SynPins,
+}
+
+/// Pins made by SYNs of new TCP flows, as fast as the fast path makes
+/// them: `BPF_PROG_TEST_RUN`, one SYN of a distinct 5-tuple a run, into
+/// the default-sized LRU map.
+#[derive(Serialize)]
+pub(crate) struct SynPins {
+    pub syns: u32,
+    pub capacity: u32,
+    /// Runs that redirected (pinned and delivered) the SYN.
+    pub redirected: u32,
+    /// The program's own time a SYN (the kernel's durations, summed).
+    pub program_ns_per_syn: f64,
+    /// SYNs a second through the whole loop (frame, syscall, program).
+    pub wall_syns_per_sec: f64,
+    /// The program's time a SYN, per tenth of the run: whether a filling
+    /// map slows the inserts.
+    pub tenths_ns: Vec<f64>,
+    /// Entries in the map after the run: fewer than `syns` means the LRU
+    /// evicted before it was full.
+    pub entries_after: u32,
+}
+
+/// Drives `syns` SYNs of distinct 5-tuples at a pinning TCP service.
+fn syn_pins(syns: u32) -> anyhow::Result<SynPins> {
+    const SYN: u8 = 0x02;
+    let toml = "[[service]]\nname = \"web\"\nvip = \"198.18.1.1\"\nport = 443\nprotocol = \"tcp\"\n\
+                [[service.instance]]\nname = \"web-0\"\nveth = \"v0\"\n\
+                [[service.instance]]\nname = \"web-1\"\nveth = \"v1\"\n";
+    let cfg = Config::parse(toml, Path::new("bench.toml"))?;
+    let mut h = Harness::from_config(&cfg);
+    let (mut redirected, mut kernel_ns) = (0u32, 0u128);
+    let mut tenths = Vec::new();
+    let mut tenth_ns = 0u128;
+    let tenth = (syns / 10).max(1);
+    let t = Instant::now();
+    for i in 0..syns {
+        // Distinct 5-tuples: source addresses over 198.18.0.0/15 and
+        // ports from 1024.
+        let b = i.to_be_bytes();
+        let src = std::net::SocketAddr::from((
+            [198, 0x12 | (b[0] & 1), b[1], b[2]],
+            1024 + u16::from(b[3]),
+        ));
+        let frame = sluice_tests::packet::Packet::tcp(
+            src,
+            std::net::SocketAddr::from(([198, 18, 1, 1], 443)),
+            SYN,
+        )
+        .build();
+        let r = h.run(&frame);
+        if r.action == sluice_tests::harness::XDP_REDIRECT {
+            redirected += 1;
+        }
+        kernel_ns += r.duration_ns;
+        tenth_ns += r.duration_ns;
+        if (i + 1) % tenth == 0 {
+            #[expect(clippy::cast_precision_loss, reason = "a mean")]
+            tenths.push(tenth_ns as f64 / f64::from(tenth));
+            tenth_ns = 0;
+        }
+    }
+    let wall = t.elapsed().as_secs_f64();
+    let capacity = h.plan.pinned_flows;
+    let map =
+        h.dp.ebpf_mut()
+            .map_mut(sluice_common::maps::names::PINNED)
+            .context("PINNED map")?;
+    let pins: aya::maps::HashMap<
+        &mut aya::maps::MapData,
+        sluice_common::maps::PinKey,
+        sluice_common::maps::Pin,
+    > = aya::maps::HashMap::try_from(map)?;
+    let entries_after = u32::try_from(pins.keys().flatten().count())?;
+    #[expect(clippy::cast_precision_loss, reason = "means")]
+    Ok(SynPins {
+        syns,
+        capacity,
+        redirected,
+        program_ns_per_syn: kernel_ns as f64 / f64::from(syns.max(1)),
+        wall_syns_per_sec: f64::from(syns) / wall,
+        tenths_ns: tenths,
+        entries_after,
+    })
 }
 
 fn memlock(info: &MapInfo) -> anyhow::Result<u64> {
@@ -188,6 +273,8 @@ pub(crate) fn run(sluice: &Path) -> anyhow::Result<Figures> {
     let veths = tb.local_veths(256)?;
     let rss1 = agent_rss(sluice, &tb, &services_toml(1, &veths))?;
     let rss256 = agent_rss(sluice, &tb, &services_toml(256, &veths))?;
+    drop(tb);
+    let syn_pins = syn_pins(1_000_000)?;
     Ok(Figures {
         per_service_bytes: (many - one) / 255,
         #[expect(clippy::cast_precision_loss, reason = "bytes")]
@@ -195,5 +282,6 @@ pub(crate) fn run(sluice: &Path) -> anyhow::Result<Figures> {
         maps_1_service_bytes: one,
         agent_rss_1_service: rss1,
         agent_rss_256_services: rss256,
+        syn_pins,
     })
 }

@@ -159,9 +159,24 @@ fn real_main() -> anyhow::Result<()> {
                 &mut env,
                 &["nftables"],
                 "nftables",
-                "for the end-to-end baseline",
+                "for the end-to-end baselines",
                 false,
             )?;
+            // IPVS is the closest kernel baseline; where the kernel lacks
+            // it (CONFIG_IP_VS), the bench says so instead of measuring.
+            if setup::kernel_has_ipvs() {
+                setup::debian(
+                    &mut env,
+                    &["ipvsadm"],
+                    "ipvsadm",
+                    "for the IPVS end-to-end baseline",
+                    false,
+                )?;
+            } else {
+                eprintln!(
+                    "[setup] ipvsadm                            not needed: this kernel lacks IPVS"
+                );
+            }
             require_root("the benchmarks load XDP programs and create network namespaces")?;
             eprintln!("[bench] building (release)");
             cargo(

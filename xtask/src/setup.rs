@@ -315,6 +315,19 @@ pub(crate) fn debian(
     apt(&args)
 }
 
+/// Whether the kernel has IPVS: built in or loaded (`/proc/net/ip_vs`), or
+/// a module that loads.
+pub(crate) fn kernel_has_ipvs() -> bool {
+    let present = || Path::new("/proc/net/ip_vs").exists();
+    if !present() && is_root() {
+        let _ = Command::new("modprobe")
+            .args(["-q", "ip_vs"])
+            .stderr(Stdio::null())
+            .status();
+    }
+    present()
+}
+
 fn bpffs(env: &mut Env, check_only: bool) -> anyhow::Result<()> {
     let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
     if mounts.lines().any(|l| {

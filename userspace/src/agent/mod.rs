@@ -16,7 +16,7 @@ use cluster::Registry;
 
 use crate::{
     config::{ClusterConfig, Config},
-    control::{ControlError, Controller, InstanceStatus, MoveEvent, Settled},
+    control::{Claimed, ControlError, Controller, InstanceStatus, MoveEvent, Settled},
     coord::{CoordStore, GroupEntry},
     datapath::{AttachMode, Datapath as _, DatapathError, punt::Punt, xdp::XdpDatapath},
     plan::{Group, Plan, RemotePlan, ResolveError, Resolved, resolve_instance},
@@ -328,18 +328,25 @@ impl Agent {
     }
 
     /// Resolves every punted frame waiting: claims its unit if nobody owns
-    /// it, and sends it to the owner with the owner's MAC. Every frame is
-    /// reinjected or counted by reason; a failed claim (the store refused
-    /// the write) is logged and retried by the next frame of the unit.
-    /// Returns how many frames it handled.
+    /// it, and sends it to the owner with the owner's MAC. The claims of
+    /// the whole batch are one store write a service (the embedded store
+    /// rewrites and fsyncs its file per write, etcd makes a round trip):
+    /// claimed one by one, a backlog of new units held the agent's loop
+    /// for seconds. Every frame is reinjected once or counted by reason; a
+    /// failed claim (the store refused the write) is logged and retried by
+    /// the next frame of the unit. Returns how many frames it handled.
     pub async fn process_punts(&mut self) -> usize {
         let Some(punt) = self.punt.as_mut() else {
             return 0;
         };
-        let frames = punt.queue.drain();
+        let mut frames = punt.queue.drain();
         let now = Instant::now();
-        let mut claim_error = None;
-        for mut frame in frames.iter().cloned() {
+        // Each frame's (service, unit), and each service's units in the
+        // order they first appear.
+        let mut targets = Vec::with_capacity(frames.len());
+        let mut units: Vec<(u32, Vec<u32>)> = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        for frame in &mut frames {
             let target = (|| {
                 let flow = sluice_common::parse::parse(frame.as_slice()).ok()?;
                 let key = flow.service_key();
@@ -348,31 +355,52 @@ impl Agent {
                 Some((svc.id, sluice_common::unit_of(keyed.key), flow.vlan_tagged))
             })();
             let Some((service_id, unit, vlan_tagged)) = target else {
-                punt.not_service += 1;
+                targets.push(None);
                 continue;
             };
             // As the data path does: the instance's veth is untagged.
             if vlan_tagged {
                 frame.drain(12..12 + sluice_common::parse::VLAN_TAG_LEN);
             }
-            let owner = match self
+            targets.push(Some((service_id, unit)));
+            if seen.insert((service_id, unit)) {
+                match units.iter_mut().find(|(s, _)| *s == service_id) {
+                    Some((_, u)) => u.push(unit),
+                    None => units.push((service_id, vec![unit])),
+                }
+            }
+        }
+        let mut outcome = std::collections::HashMap::with_capacity(seen.len());
+        let mut claim_error = None;
+        for (service_id, units) in units {
+            let (claimed, error) = self
                 .control
-                .claim(&mut self.datapath, service_id, unit, now)
-                .await
-            {
-                Ok(owner) => owner,
-                Err(e) => {
+                .claim_batch(&mut self.datapath, service_id, &units, now)
+                .await;
+            if let Some(e) = error {
+                claim_error.get_or_insert(e);
+            }
+            outcome.extend(units.into_iter().map(|u| (service_id, u)).zip(claimed));
+        }
+        for (frame, target) in frames.iter_mut().zip(&targets) {
+            let Some(target) = target else {
+                punt.not_service += 1;
+                continue;
+            };
+            let inst = match outcome.get(target) {
+                Some(Claimed::Owner(id)) => self.plan.instance(*id),
+                Some(Claimed::Failed) | None => {
                     punt.claim_failed += 1;
-                    claim_error.get_or_insert(e);
                     continue;
                 }
+                Some(Claimed::NoOwner) => None,
             };
-            let Some(inst) = owner.and_then(|o| self.plan.instance(o)) else {
+            let Some(inst) = inst else {
                 punt.no_owner += 1;
                 continue;
             };
             frame[..6].copy_from_slice(&inst.mac);
-            punt.reinject(inst.ifindex, &frame);
+            punt.reinject(inst.ifindex, frame);
         }
         if let Some(e) = claim_error {
             // Once a batch: a store that refuses writes would flood the log.

@@ -49,6 +49,18 @@ pub enum ControlError {
     UnknownService { service: String },
 }
 
+/// What a claim for a punted frame's unit came to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Claimed {
+    /// The unit's owner, by instance id.
+    Owner(u32),
+    /// Nobody to give it to (every instance drained or failed, or its
+    /// owner failed and its failover is pending).
+    NoOwner,
+    /// The store failed before the unit was resolved.
+    Failed,
+}
+
 /// One move, as it happened.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct MoveEvent {
@@ -1301,32 +1313,12 @@ impl Controller {
                     Err(err) => return Err(err.into()),
                 }
             }
-            // The least utilised instance (to a twentieth), claims taking
-            // turns among equals so a burst spreads evenly.
-            let candidates: Vec<(u64, &str)> = self.services[si]
-                .instances
-                .iter()
-                .filter(|i| !self.drained.contains(&i.name) && !self.failed.contains(&i.name))
-                .map(|i| {
-                    #[expect(
-                        clippy::cast_possible_truncation,
-                        clippy::cast_sign_loss,
-                        reason = "a coarse bucket"
-                    )]
-                    let bucket = (i.sample.utilisation.max(0.0) * 20.0) as u64;
-                    (bucket, i.name.as_str())
-                })
-                .collect();
-            let Some(least) = candidates.iter().map(|c| c.0).min() else {
+            let equals = self.claim_candidates(si);
+            if equals.is_empty() {
                 return Ok(None);
-            };
-            let equals: Vec<&str> = candidates
-                .iter()
-                .filter(|c| c.0 == least)
-                .map(|c| c.1)
-                .collect();
+            }
             self.claim_turn = self.claim_turn.wrapping_add(1);
-            let to = equals[self.claim_turn % equals.len()].to_owned();
+            let to = equals[self.claim_turn % equals.len()].clone();
             match self.store.move_group(&name, e.group, e.version, &to).await {
                 Ok(_) => {
                     self.write(dp, si, e.group, &to)?;
@@ -1344,6 +1336,97 @@ impl Controller {
                 Err(err) => return Err(err.into()),
             }
         }
+    }
+
+    /// Who a claim of service index `si` may go to: the least utilised
+    /// instances (to a twentieth), not drained or failed, which take turns
+    /// so that a burst of claims spreads evenly.
+    fn claim_candidates(&self, si: usize) -> Vec<String> {
+        let candidates: Vec<(u64, &str)> = self.services[si]
+            .instances
+            .iter()
+            .filter(|i| !self.drained.contains(&i.name) && !self.failed.contains(&i.name))
+            .map(|i| {
+                #[expect(
+                    clippy::cast_possible_truncation,
+                    clippy::cast_sign_loss,
+                    reason = "a coarse bucket"
+                )]
+                let bucket = (i.sample.utilisation.max(0.0) * 20.0) as u64;
+                (bucket, i.name.as_str())
+            })
+            .collect();
+        let Some(least) = candidates.iter().map(|c| c.0).min() else {
+            return Vec::new();
+        };
+        candidates
+            .iter()
+            .filter(|c| c.0 == least)
+            .map(|c| c.1.to_owned())
+            .collect()
+    }
+
+    /// The owners of `units` of service `service_id`, as [`Self::claim`]
+    /// gives them, for a batch of punted frames: every unowned unit's
+    /// group is claimed in one store write for the whole batch
+    /// ([`CoordStore::claim_units`]), then written into the data path.
+    /// Returns each unit's outcome, in order, and the first failure (the
+    /// store's, which leaves the units it did not reach `Failed`, or a data
+    /// path write's, which the next interval repairs from the store).
+    pub async fn claim_batch(
+        &mut self,
+        dp: &mut dyn Datapath,
+        service_id: u32,
+        units: &[u32],
+        now: Instant,
+    ) -> (Vec<Claimed>, Option<ControlError>) {
+        let Some(si) = self.services.iter().position(|s| s.id == service_id) else {
+            return (vec![Claimed::NoOwner; units.len()], None);
+        };
+        let name = self.services[si].name.clone();
+        let size = self.services[si].cfg.min_group_units;
+        let equals = self.claim_candidates(si);
+        let turn = self.claim_turn.wrapping_add(1);
+        let batch = match self
+            .store
+            .claim_units(&name, units, size, &equals, turn)
+            .await
+        {
+            Ok(b) => b,
+            Err(e) => return (vec![Claimed::Failed; units.len()], Some(e.into())),
+        };
+        self.claim_turn = self.claim_turn.wrapping_add(batch.claimed.len());
+        let mut error = batch.error.map(ControlError::from);
+        for (group, to) in batch.claimed {
+            if let Err(e) = self.write(dp, si, group, &to) {
+                error.get_or_insert(e);
+            }
+            self.record(MoveEvent {
+                at: now,
+                service: name.clone(),
+                kind: "claim",
+                group: Some(group),
+                from: UNOWNED.to_owned(),
+                to,
+            });
+        }
+        let svc = &self.services[si];
+        let outcomes = batch
+            .owners
+            .iter()
+            .map(|o| match o {
+                None => Claimed::Failed,
+                // A failed owner's failover is pending (its store write
+                // failed): frames for it would go into a dead veth.
+                Some(o) if o == UNOWNED || self.failed.contains(o) => Claimed::NoOwner,
+                Some(o) => svc
+                    .instances
+                    .iter()
+                    .find(|i| &i.name == o)
+                    .map_or(Claimed::NoOwner, |i| Claimed::Owner(i.id)),
+            })
+            .collect();
+        (outcomes, error)
     }
 
     /// Every service's assignment, from the store.

@@ -14,7 +14,8 @@ use tokio::sync::broadcast;
 use tokio_stream::{StreamExt as _, wrappers::BroadcastStream};
 
 use super::{
-    CoordError, CoordStore, Event, Events, GroupEntry, Load, Version, check_partition, ops,
+    ClaimBatch, CoordError, CoordStore, Event, Events, GroupEntry, Load, Version, check_partition,
+    ops,
 };
 use crate::plan::Group;
 
@@ -255,6 +256,35 @@ impl CoordStore for EmbeddedStore {
         })
     }
 
+    /// The whole batch in one change: one write of the file (and one
+    /// fsync), not one per split and claim; none when nothing is claimed.
+    async fn claim_units(
+        &self,
+        service: &str,
+        units: &[u32],
+        size: u32,
+        owners: &[String],
+        turn: usize,
+    ) -> Result<ClaimBatch, CoordError> {
+        {
+            let state = self.state.lock().expect("store lock");
+            let entries =
+                state
+                    .services
+                    .get(service)
+                    .ok_or_else(|| CoordError::UnknownService {
+                        service: service.to_owned(),
+                    })?;
+            if ops::nothing_to_claim(entries, units, owners) {
+                return Ok(ops::owners_of(entries, units));
+            }
+        }
+        self.change(service, |state| {
+            let (entries, next) = parts(state, service)?;
+            ops::claim_units(entries, next, service, units, size, owners, turn)
+        })
+    }
+
     async fn publish_load(&self, instance: &str, load: Load) -> Result<(), CoordError> {
         self.loads
             .lock()
@@ -382,6 +412,55 @@ mod tests {
             again.groups("kv").await.unwrap().len(),
             s.groups("kv").await.unwrap().len()
         );
+    }
+
+    #[tokio::test]
+    async fn a_claim_batch_is_one_write_and_claims_as_one_by_one_would() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.json");
+        let s = EmbeddedStore::open(&path).unwrap();
+        s.init("kv", &[(Group::ALL, String::new())]).await.unwrap();
+        let mut rx = s.watch();
+        let owners = ["a".to_owned(), "b".to_owned()];
+        // Two units of one 256-unit group, one of another, one of a third.
+        let units = [0x0010, 0x0020, 0x8000, 0xff00];
+        let b = s.claim_units("kv", &units, 256, &owners, 1).await.unwrap();
+        assert!(b.error.is_none());
+        let got: Vec<String> = b.claimed.iter().map(|(g, o)| format!("{g}->{o}")).collect();
+        assert_eq!(
+            got,
+            ["0x0000/8->b", "0x8000/8->a", "0xff00/8->b"],
+            "one claim a group, owners in turn from `turn`"
+        );
+        let o: Vec<Option<String>> = ["b", "b", "a", "b"]
+            .iter()
+            .map(|x| Some((*x).to_owned()))
+            .collect();
+        assert_eq!(b.owners, o);
+        check_partition(s.groups("kv").await.unwrap().iter().map(|e| &e.group)).unwrap();
+        // One change announced (and persisted) for the whole batch.
+        assert!(rx.next().await.is_some());
+        let none = tokio::time::timeout(std::time::Duration::from_millis(50), rx.next()).await;
+        assert!(none.is_err(), "a second write: {none:?}");
+        // Persisted.
+        let again = EmbeddedStore::open(&path).unwrap();
+        assert_eq!(
+            again.groups("kv").await.unwrap(),
+            s.groups("kv").await.unwrap()
+        );
+        // Owned units: nothing written, owners as they are.
+        let b = s
+            .claim_units("kv", &[0x0030, 0x8001], 256, &owners, 0)
+            .await
+            .unwrap();
+        assert!(b.claimed.is_empty());
+        assert_eq!(b.owners, vec![Some("b".to_owned()), Some("a".to_owned())]);
+        let none = tokio::time::timeout(std::time::Duration::from_millis(50), rx.next()).await;
+        assert!(none.is_err(), "nothing claimed, yet written: {none:?}");
+        // No owner to give to: nothing claimed, the unit stays unowned.
+        let b = s.claim_units("kv", &[0x4000], 256, &[], 0).await.unwrap();
+        assert!(b.claimed.is_empty());
+        assert_eq!(b.owners, vec![Some(String::new())]);
     }
 
     #[tokio::test]

@@ -43,7 +43,7 @@ use serde::{Deserialize, Serialize};
 use tokio::{sync::broadcast, task::JoinHandle};
 use tokio_stream::{StreamExt as _, wrappers::BroadcastStream};
 
-use super::{CoordError, CoordStore, Event, Events, GroupEntry, Load, Version, ops};
+use super::{ClaimBatch, CoordError, CoordStore, Event, Events, GroupEntry, Load, Version, ops};
 use crate::plan::Group;
 
 /// How many times a change is tried when other writers keep changing the
@@ -756,6 +756,27 @@ impl CoordStore for EtcdStore {
     ) -> Result<GroupEntry, CoordError> {
         self.change(service, |entries, next| {
             ops::merge(entries, next, service, a, b)
+        })
+        .await
+    }
+
+    /// The whole batch in one transaction (a compare-and-swap on the
+    /// service's key, read again and redone if another writer got in
+    /// first), not one per split and claim; none when nothing is claimed.
+    async fn claim_units(
+        &self,
+        service: &str,
+        units: &[u32],
+        size: u32,
+        owners: &[String],
+        turn: usize,
+    ) -> Result<ClaimBatch, CoordError> {
+        let (_, entries, _) = self.read(service).await?;
+        if ops::nothing_to_claim(&entries, units, owners) {
+            return Ok(ops::owners_of(&entries, units));
+        }
+        self.change(service, |entries, next| {
+            ops::claim_units(entries, next, service, units, size, owners, turn)
         })
         .await
     }

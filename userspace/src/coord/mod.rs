@@ -60,6 +60,20 @@ pub enum Event {
     Lagged,
 }
 
+/// What [`CoordStore::claim_units`] did.
+#[derive(Debug, Default)]
+pub struct ClaimBatch {
+    /// Each unit's owner after the batch, in the order asked (`""`: nobody,
+    /// when no owner was offered); `None` for units not reached because
+    /// the store failed first (`error`).
+    pub owners: Vec<Option<String>>,
+    /// The groups the batch gave away, and to whom, in order.
+    pub claimed: Vec<(Group, String)>,
+    /// The store's failure that stopped the batch part-way, if one did:
+    /// what was claimed before it stands.
+    pub error: Option<CoordError>,
+}
+
 /// Changes of the store, as they happen.
 pub type Events = Pin<Box<dyn Stream<Item = Event> + Send>>;
 
@@ -171,6 +185,60 @@ pub trait CoordStore: Send + Sync {
         a: (Group, Version),
         b: (Group, Version),
     ) -> Result<GroupEntry, CoordError>;
+    /// Claims, for the punt path, the units among `units` that nobody
+    /// owns: splits each such unit's group down to `size` units around it
+    /// and gives that part to the next of `owners` in turn (the batch's
+    /// k-th claim goes to `owners[(turn + k) % owners.len()]`). Units of
+    /// owned groups keep their owners; with no `owners`, nothing is
+    /// claimed. Backends override this to make the whole batch one write
+    /// (all or nothing); this default makes one write per split and per
+    /// claim, each a compare-and-swap, and stops at the first failure.
+    async fn claim_units(
+        &self,
+        service: &str,
+        units: &[u32],
+        size: u32,
+        owners: &[String],
+        turn: usize,
+    ) -> Result<ClaimBatch, CoordError> {
+        let mut out = ClaimBatch::default();
+        for &unit in units {
+            let owner = loop {
+                let e = match self.group_of(service, unit).await {
+                    Ok(e) => e,
+                    Err(err) => break Err(err),
+                };
+                if !e.owner.is_empty() || owners.is_empty() {
+                    break Ok(e.owner);
+                }
+                if e.group.size() > size {
+                    match self.split(service, e.group, e.version).await {
+                        Ok(_) | Err(CoordError::Conflict { .. }) => continue,
+                        Err(err) => break Err(err),
+                    }
+                }
+                let to = &owners[(turn + out.claimed.len()) % owners.len()];
+                match self.move_group(service, e.group, e.version, to).await {
+                    Ok(_) => {
+                        out.claimed.push((e.group, to.clone()));
+                        break Ok(to.clone());
+                    }
+                    // Somebody else claimed or split it: read again.
+                    Err(CoordError::Conflict { .. }) => {}
+                    Err(err) => break Err(err),
+                }
+            };
+            match owner {
+                Ok(o) => out.owners.push(Some(o)),
+                Err(err) => {
+                    out.error = Some(err);
+                    break;
+                }
+            }
+        }
+        out.owners.resize(units.len(), None);
+        Ok(out)
+    }
     /// Publishes an instance's load.
     async fn publish_load(&self, instance: &str, load: Load) -> Result<(), CoordError>;
     /// Every instance's last published load.

@@ -2,7 +2,7 @@
 //! base): each checks the versions it was given first and changes nothing
 //! when one is stale. `next` is the backend's version counter.
 
-use super::{CoordError, GroupEntry, Version, check_partition};
+use super::{ClaimBatch, CoordError, GroupEntry, Version, check_partition};
 use crate::plan::Group;
 
 fn fresh(next: &mut Version) -> Version {
@@ -116,6 +116,62 @@ pub(super) fn merge(
     entries.remove(second);
     entries[first] = entry.clone();
     Ok(entry)
+}
+
+/// The punt path's claims of a batch, as one change (see
+/// `CoordStore::claim_units`): each unit of an unowned group splits that
+/// group down to `size` units around it and gives the part to the next of
+/// `owners` in turn. Cannot conflict: it works on the entries as they are.
+pub(super) fn claim_units(
+    entries: &mut Vec<GroupEntry>,
+    next: &mut Version,
+    service: &str,
+    units: &[u32],
+    size: u32,
+    owners: &[String],
+    turn: usize,
+) -> Result<ClaimBatch, CoordError> {
+    let mut out = ClaimBatch::default();
+    for &unit in units {
+        // At most 16 splits: each halves the group.
+        loop {
+            let e = group_of(entries, unit).clone();
+            if !e.owner.is_empty() || owners.is_empty() {
+                out.owners.push(Some(e.owner));
+                break;
+            }
+            if e.group.size() > size.max(1) {
+                split(entries, next, service, e.group, e.version)?;
+                continue;
+            }
+            let to = &owners[(turn + out.claimed.len()) % owners.len()];
+            move_group(entries, next, service, e.group, e.version, to)?;
+            out.claimed.push((e.group, to.clone()));
+            out.owners.push(Some(to.clone()));
+            break;
+        }
+    }
+    Ok(out)
+}
+
+/// Whether a claim batch would change nothing: every unit owned, or no
+/// owner to give one to.
+pub(super) fn nothing_to_claim(entries: &[GroupEntry], units: &[u32], owners: &[String]) -> bool {
+    owners.is_empty()
+        || units
+            .iter()
+            .all(|&u| !group_of(entries, u).owner.is_empty())
+}
+
+/// Each unit's owner as `entries` have it.
+pub(super) fn owners_of(entries: &[GroupEntry], units: &[u32]) -> ClaimBatch {
+    ClaimBatch {
+        owners: units
+            .iter()
+            .map(|&u| Some(group_of(entries, u).owner.clone()))
+            .collect(),
+        ..ClaimBatch::default()
+    }
 }
 
 /// The group of sorted, partitioning `entries` that holds `unit`.
