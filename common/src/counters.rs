@@ -18,7 +18,9 @@ pub const PASS_FRAGMENT: u32 = 3;
 pub const PASS_NOT_L4: u32 = 4;
 /// UDP/TCP not addressed to a configured (VIP, port, protocol).
 pub const PASS_NO_SERVICE: u32 = 5;
-/// Redirected to the owner of the unit.
+/// Redirected to the owner of the unit. The data path counts these in the
+/// service counters only (`ServiceCounters::delivered`); the agent sums
+/// them into this slot when it reads the global counters.
 pub const DELIVERED: u32 = 6;
 /// The unit has no live owner and no agent socket took it: passed to the
 /// kernel.

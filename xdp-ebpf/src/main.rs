@@ -135,7 +135,11 @@ fn sluice_xdp(ctx: XdpContext) -> u32 {
         Ok(outcome) => outcome,
         Err(pass) => (XDP_PASS, pass.counter()),
     };
-    bump(&GLOBAL_COUNTERS, counter);
+    // A delivered packet is counted once, in its service's `delivered`:
+    // the agent sums those into the global figure.
+    if counter != counters::DELIVERED {
+        bump(&GLOBAL_COUNTERS, counter);
+    }
     action
 }
 
@@ -211,8 +215,12 @@ fn steer(frame: &mut XdpFrame, flow: &Flow, svc: &ServiceEntry, peer: Option<Gue
         count(sc, |c| {
             c.packets += 1;
             c.bytes += bytes;
-            c.tagged += u64::from(keyed.tagged);
-            c.tag_missing += u64::from(keyed.tag_missing);
+            if keyed.tagged {
+                c.tagged += 1;
+            }
+            if keyed.tag_missing {
+                c.tag_missing += 1;
+            }
         });
         if keyed.tag_missing {
             bump(&GLOBAL_COUNTERS, counters::TAG_MISSING);

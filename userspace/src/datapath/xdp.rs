@@ -909,6 +909,12 @@ impl Datapath for XdpDatapath {
                 .iter()
                 .sum();
         }
+        // The data path counts a delivered packet in its service only.
+        let services: PerCpuArray<&MapData, ServiceCounters> =
+            self.map(names::SERVICE_COUNTERS)?;
+        for id in 0..services.len() {
+            out[counters::DELIVERED as usize] += self.service_counters(id)?.delivered;
+        }
         Ok(out)
     }
 
