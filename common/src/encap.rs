@@ -188,36 +188,29 @@ pub const fn outer_v6(tun: &Tunnel, inner_len: u16, gue: &Gue) -> [u8; OUTER_V6_
     let sport = tun.sport.to_be_bytes();
     let dport = tun.dport.to_be_bytes();
     let gb = gue_bytes(gue);
-    let mut out = [0u8; OUTER_V6_LEN];
-    out[0] = 0x60;
-    out[4] = payload[0];
-    out[5] = payload[1];
-    out[6] = PROTO_UDP;
-    out[7] = OUTER_TTL;
-    let mut word = 0;
-    while word < 4 {
-        let src = tun.src[word].to_le_bytes();
-        let dst = tun.dst[word].to_le_bytes();
-        let mut byte = 0;
-        while byte < 4 {
-            out[8 + word * 4 + byte] = src[byte];
-            out[24 + word * 4 + byte] = dst[byte];
-            byte += 1;
-        }
-        word += 1;
-    }
-    out[40] = sport[0];
-    out[41] = sport[1];
-    out[42] = dport[0];
-    out[43] = dport[1];
-    out[44] = payload[0];
-    out[45] = payload[1];
-    let mut at = 0;
-    while at < GUE_LEN {
-        out[48 + at] = gb[at];
-        at += 1;
-    }
-    out
+    let [s0, s1, s2, s3] = [
+        tun.src[0].to_le_bytes(),
+        tun.src[1].to_le_bytes(),
+        tun.src[2].to_le_bytes(),
+        tun.src[3].to_le_bytes(),
+    ];
+    let [d0, d1, d2, d3] = [
+        tun.dst[0].to_le_bytes(),
+        tun.dst[1].to_le_bytes(),
+        tun.dst[2].to_le_bytes(),
+        tun.dst[3].to_le_bytes(),
+    ];
+    // Written out whole: a zeroed array filled in place would cost the
+    // data path a byte-wise memset.
+    [
+        0x60, 0, 0, 0, payload[0], payload[1], PROTO_UDP, OUTER_TTL, //
+        s0[0], s0[1], s0[2], s0[3], s1[0], s1[1], s1[2], s1[3], //
+        s2[0], s2[1], s2[2], s2[3], s3[0], s3[1], s3[2], s3[3], //
+        d0[0], d0[1], d0[2], d0[3], d1[0], d1[1], d1[2], d1[3], //
+        d2[0], d2[1], d2[2], d2[3], d3[0], d3[1], d3[2], d3[3], //
+        sport[0], sport[1], dport[0], dport[1], payload[0], payload[1], 0, 0, //
+        gb[0], gb[1], gb[2], gb[3], gb[4], gb[5], gb[6], gb[7], gb[8], gb[9], gb[10], gb[11],
+    ]
 }
 
 /// Outer header length for an underlay of `family`.

@@ -724,15 +724,24 @@ impl XdpFrame {
         n < 256 && self.adjust(-(n as i32))
     }
 
-    /// Writes `bytes` at `off`, if the frame holds them.
+    /// Writes `bytes` (a multiple of 4 bytes long) at `off`, if the frame
+    /// holds them: in 4-byte stores, as a copy of the array would be a call
+    /// to a byte-wise `memmove` in BPF.
     #[inline(always)]
     fn write_at<const N: usize>(&self, off: usize, bytes: &[u8; N]) -> bool {
+        const { assert!(N % 4 == 0) };
         let start = self.data + off;
         if start + N > self.end {
             return false;
         }
-        // SAFETY: the N bytes at `start` were just checked to be in the frame.
-        unsafe { (start as *mut [u8; N]).write_unaligned(*bytes) };
+        let mut at = 0;
+        while at < N {
+            let w = u32::from_ne_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]]);
+            // SAFETY: the N bytes at `start` were just checked to be in the
+            // frame, and `at + 4 <= N`.
+            unsafe { ((start + at) as *mut u32).write_unaligned(w) };
+            at += 4;
+        }
         true
     }
 

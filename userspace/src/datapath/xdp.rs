@@ -910,8 +910,7 @@ impl Datapath for XdpDatapath {
                 .sum();
         }
         // The data path counts a delivered packet in its service only.
-        let services: PerCpuArray<&MapData, ServiceCounters> =
-            self.map(names::SERVICE_COUNTERS)?;
+        let services: PerCpuArray<&MapData, ServiceCounters> = self.map(names::SERVICE_COUNTERS)?;
         for id in 0..services.len() {
             out[counters::DELIVERED as usize] += self.service_counters(id)?.delivered;
         }
