@@ -193,15 +193,7 @@ fn try_sluice_xdp(frame: &mut XdpFrame) -> Result<(u32, u32), Pass> {
 /// decapsulated from a cluster member (`peer`: what its GUE header said).
 #[inline(always)]
 fn steer(frame: &mut XdpFrame, flow: &Flow, svc: &ServiceEntry, peer: Option<Gue>) -> (u32, u32) {
-    let keyed = if cfg!(feature = "exp-no-key-hash") {
-        parse::Keyed {
-            key: flow.ports,
-            tagged: false,
-            tag_missing: false,
-        }
-    } else {
-        parse::key_for(&*frame, flow, svc)
-    };
+    let keyed = key_for(frame, flow, svc);
     let unit = unit_of(keyed.key);
     let bytes = frame.size() as u64;
 
@@ -305,7 +297,7 @@ fn steer(frame: &mut XdpFrame, flow: &Flow, svc: &ServiceEntry, peer: Option<Gue
     if flow.vlan_tagged && !frame.pop_vlan() {
         return (XDP_PASS, counters::PASS_TRUNCATED);
     }
-    if !frame.set_dst_mac(&instance.mac) {
+    if !frame.set_dst_mac(instance.mac) {
         return (XDP_PASS, counters::PASS_TRUNCATED);
     }
     count(ic, |c| {
@@ -317,6 +309,20 @@ fn steer(frame: &mut XdpFrame, flow: &Flow, svc: &ServiceEntry, peer: Option<Gue
     }
     count(sc, |c| c.delivered += 1);
     (action, counters::DELIVERED)
+}
+
+/// The packet's key (the experiment `exp-no-key-hash` takes the ports
+/// word as it is).
+#[inline(always)]
+fn key_for(frame: &XdpFrame, flow: &Flow, svc: &ServiceEntry) -> parse::Keyed {
+    if cfg!(feature = "exp-no-key-hash") {
+        return parse::Keyed {
+            key: flow.ports,
+            tagged: false,
+            tag_missing: false,
+        };
+    }
+    parse::key_for(frame, flow, svc)
 }
 
 /// Where a packet for a local `owner` goes: there, or, for a TCP packet of
@@ -402,9 +408,11 @@ fn decapsulate(
     if !frame.for_host(host) {
         return Ok(Err((XDP_PASS, counters::PASS_NOT_FOR_HOST)));
     }
-    let mut member = MemberKey::default();
-    member.addr = outer.src;
-    member.family = outer.family;
+    let member = MemberKey {
+        addr: outer.src,
+        family: outer.family,
+        pad: [0; 3],
+    };
     // SAFETY: only read.
     if unsafe { MEMBERS.get(member) }.is_none() {
         return Ok(Err((XDP_DROP, counters::DECAP_REFUSED)));
@@ -729,7 +737,7 @@ impl XdpFrame {
     /// to a byte-wise `memmove` in BPF.
     #[inline(always)]
     fn write_at<const N: usize>(&self, off: usize, bytes: &[u8; N]) -> bool {
-        const { assert!(N % 4 == 0) };
+        const { assert!(N.is_multiple_of(4)) };
         let start = self.data + off;
         if start + N > self.end {
             return false;
@@ -815,12 +823,12 @@ impl XdpFrame {
     }
 
     #[inline(always)]
-    fn set_dst_mac(&self, mac: &[u8; 6]) -> bool {
+    fn set_dst_mac(&self, mac: [u8; 6]) -> bool {
         if self.data + 6 > self.end {
             return false;
         }
         // SAFETY: the 6 bytes at `data` were just checked to be in the frame.
-        unsafe { write_mac(self.data, *mac) };
+        unsafe { write_mac(self.data, mac) };
         true
     }
 }
