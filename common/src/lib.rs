@@ -25,6 +25,9 @@ pub const UNIT_BITS: u32 = 16;
 pub const UNITS_PER_SERVICE: u32 = 1 << UNIT_BITS;
 /// Upper bound on configured services; service ids are `0..MAX_SERVICES`.
 pub const MAX_SERVICES: u32 = 256;
+/// Upper bound on a host's service endpoints (VIP, port, protocol): the
+/// service table keeps at least four slots per endpoint, at most 65,536.
+pub const MAX_ENDPOINTS: usize = 1 << 14;
 /// Upper bound on instances, over all services; instance ids are
 /// `1..=MAX_INSTANCES` (0 is `maps::NO_OWNER`).
 pub const MAX_INSTANCES: u32 = 4096;

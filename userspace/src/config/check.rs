@@ -12,7 +12,7 @@ use std::{
 };
 
 use sluice_common::{
-    MAX_PINNED_FLOWS, MAX_QUIC_CID_LEN, MAX_SERVICES, MAX_TAG_LEN, UNITS_PER_SERVICE,
+    MAX_ENDPOINTS, MAX_PINNED_FLOWS, MAX_QUIC_CID_LEN, MAX_SERVICES, MAX_TAG_LEN, UNITS_PER_SERVICE,
 };
 use toml::{
     Spanned,
@@ -521,6 +521,21 @@ impl Checker<'_> {
                 "service[].instance",
                 format!("{count} instances configured, at most {MAX_INSTANCES} are supported"),
                 "spread the instances over several hosts",
+            );
+        }
+        let endpoints: usize = checked
+            .iter()
+            .flatten()
+            .map(|(s, _)| s.endpoints().count())
+            .sum();
+        if endpoints > MAX_ENDPOINTS {
+            self.report(
+                None,
+                "service[].ports",
+                format!(
+                    "{endpoints} endpoints (VIP × port × protocol) configured, at most {MAX_ENDPOINTS} are supported"
+                ),
+                "use fewer VIPs or ports per service, or spread the services over several hosts",
             );
         }
         let (services, spans): (Vec<_>, Vec<_>) = checked.into_iter().flatten().unzip();

@@ -939,6 +939,33 @@ etcd_endpoints = ["http://198.18.0.1:2379"]
     }
 
     #[test]
+    fn too_many_endpoints_are_refused_naming_the_limit() {
+        // 2 VIPs × 4,097 ports × 2 protocols = 16,388 endpoints, and `web`.
+        let ports: Vec<String> = (10_000..14_097).map(|p| p.to_string()).collect();
+        let text = GOOD
+            .replace(
+                "vip = \"198.18.0.100\"",
+                "vips = [\"198.18.0.100\", \"198.18.0.101\"]",
+            )
+            .replace(
+                "ports = [7000, 7001]",
+                &format!("ports = [{}]", ports.join(", ")),
+            )
+            .replace(
+                "protocol = \"udp\"\ntag",
+                "protocols = [\"udp\", \"tcp\"]\n#tag",
+            );
+        let e = only_error(&text);
+        assert_eq!(e.field, "service[].ports", "{e:?}");
+        assert!(e.to_string().contains("16389 endpoints"), "{e}");
+        assert!(e.to_string().contains("at most 16384"), "{e}");
+        // At the limit it is accepted.
+        let ok: Vec<String> = (10_000..14_095).map(|p| p.to_string()).collect();
+        let text = text.replace(&ports.join(", "), &ok.join(", "));
+        assert!(parse(&text).is_ok(), "{:?}", parse(&text).err());
+    }
+
+    #[test]
     fn same_port_on_two_services_is_rejected() {
         let text = GOOD
             .replace("fd00:5100::100", "198.18.0.100")

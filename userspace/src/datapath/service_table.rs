@@ -12,6 +12,7 @@ use sluice_common::maps::{ServiceEntry, ServiceKey, ServiceSlot};
 
 /// Largest half: `ServiceKey::slots` draws each slot from 16 bits.
 pub const MAX_SLOTS: u32 = 1 << 16;
+const _: () = assert!(sluice_common::MAX_ENDPOINTS as u32 * 4 <= MAX_SLOTS);
 
 /// Evictions tried before a key is declared unplaceable. With the table at
 /// most a quarter full, cuckoo insertion needs a handful; this only stops
@@ -34,7 +35,7 @@ pub fn slots_for(keys: usize) -> u32 {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error(
     "{keys} service endpoints (VIP, port, protocol, VLAN) do not fit the data path's service table of {slots} slots; configure fewer endpoints (at most {} per host)",
-    MAX_SLOTS / 4
+    sluice_common::MAX_ENDPOINTS
 )]
 pub struct TableFull {
     pub keys: usize,
