@@ -12,7 +12,7 @@ use sluice_common::maps::{ServiceEntry, ServiceKey, ServiceSlot};
 
 /// Largest half: `ServiceKey::slots` draws each slot from 16 bits.
 pub const MAX_SLOTS: u32 = 1 << 16;
-const _: () = assert!(sluice_common::MAX_ENDPOINTS as u32 * 4 <= MAX_SLOTS);
+const _: () = assert!(sluice_common::MAX_ENDPOINTS * 4 <= MAX_SLOTS as usize);
 
 /// Evictions tried before a key is declared unplaceable. With the table at
 /// most a quarter full, cuckoo insertion needs a handful; this only stops
