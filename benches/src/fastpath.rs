@@ -647,32 +647,30 @@ fn key_of(f: &[u8]) -> anyhow::Result<PinKey> {
 /// with a copy of the first one's pin.
 fn pin_all(h: &mut Harness, flows: &[SocketAddr], vip: SocketAddr) -> anyhow::Result<()> {
     let ack = |c: SocketAddr| Packet::tcp(c, vip, TCP_ACK).build();
-    {
-        let template = {
-            let map = h.dp.ebpf().map(names::PINNED).context("PINNED map")?;
-            let pins: HashMap<&MapData, PinKey, Pin> = HashMap::try_from(map)?;
-            pins.get(&key_of(&ack(flows[0]))?, 0)?
+    let template = {
+        let map = h.dp.ebpf().map(names::PINNED).context("PINNED map")?;
+        let pins: HashMap<&MapData, PinKey, Pin> = HashMap::try_from(map)?;
+        pins.get(&key_of(&ack(flows[0]))?, 0)?
+    };
+    let map =
+        h.dp.ebpf_mut()
+            .map_mut(names::PINNED)
+            .context("PINNED map")?;
+    let mut pins: HashMap<&mut MapData, PinKey, Pin> = HashMap::try_from(map)?;
+    eprintln!("[bench]     pinning {} flows", flows.len());
+    let mut key = key_of(&ack(flows[0]))?;
+    for c in &flows[1..] {
+        let SocketAddr::V4(v4) = c else {
+            unreachable!("IPv4 clients")
         };
-        let map =
-            h.dp.ebpf_mut()
-                .map_mut(names::PINNED)
-                .context("PINNED map")?;
-        let mut pins: HashMap<&mut MapData, PinKey, Pin> = HashMap::try_from(map)?;
-        eprintln!("[bench]     pinning {} flows", flows.len());
-        let mut key = key_of(&ack(flows[0]))?;
-        for c in &flows[1..] {
-            let SocketAddr::V4(v4) = c else {
-                unreachable!("IPv4 clients")
-            };
-            key.src[0] = sluice_common::key::host::v4(v4.ip().octets());
-            key.ports = sluice_common::key::host::ports(v4.port(), vip.port());
-            pins.insert(key, template, 0)?;
-        }
-        // The keys written by hand are the parser's, checked on a sample.
-        for c in flows.iter().step_by(flows.len() / 64) {
-            if pins.get(&key_of(&ack(*c))?, 0).is_err() {
-                bail!("the pin of {c} is not under the parser's key");
-            }
+        key.src[0] = sluice_common::key::host::v4(v4.ip().octets());
+        key.ports = sluice_common::key::host::ports(v4.port(), vip.port());
+        pins.insert(key, template, 0)?;
+    }
+    // The keys written by hand are the parser's, checked on a sample.
+    for c in flows.iter().step_by(flows.len() / 64) {
+        if pins.get(&key_of(&ack(*c))?, 0).is_err() {
+            bail!("the pin of {c} is not under the parser's key");
         }
     }
     Ok(())
