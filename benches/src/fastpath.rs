@@ -345,9 +345,9 @@ fn rewritten_dst(prog: &Xdp, frame: &[u8]) -> anyhow::Result<[u8; 6]> {
     Ok(out[..6].try_into().expect("six bytes"))
 }
 
-/// `calls` calls of one run each, on fresh copies of the ring's frames in
-/// turn, Sluice's and the empty program's alternating (which goes first
-/// alternates too). Every action is checked, unless `want` is `None`.
+/// Sluice's program beside the empty one, taking turns (see
+/// [`interleave`]): `calls` calls of one run each on fresh copies of the
+/// ring's frames. Sluice's action is checked, unless `want` is `None`.
 fn fresh_pair(
     prog: &Xdp,
     empty: &Xdp,
@@ -355,30 +355,28 @@ fn fresh_pair(
     calls: usize,
     want: Option<u32>,
 ) -> anyhow::Result<Pair> {
-    let mut s = Vec::with_capacity(calls);
-    let mut e = Vec::with_capacity(calls);
-    for i in 0..calls {
-        let f = &ring[i % ring.len()];
-        let sluice = |s: &mut Vec<u32>| -> anyhow::Result<()> {
-            let (action, ns) = run_once(prog, f, 1)?;
-            if want.is_some_and(|w| w != action) {
-                bail!("action {action}, expected {want:?} (call {i})");
-            }
-            s.push(ns);
-            Ok(())
-        };
-        if i % 2 == 0 {
-            sluice(&mut s)?;
-            e.push(run_once(empty, f, 1)?.1);
-        } else {
-            e.push(run_once(empty, f, 1)?.1);
-            sluice(&mut s)?;
-        }
-    }
-    Ok(Pair {
-        sluice: Stats::of(s),
-        empty: Stats::of(e),
-    })
+    pair(prog, empty, ring, calls, 1, want)
+}
+
+/// As [`fresh_pair`], `repeat` runs a call: the statistics are over the
+/// calls' means.
+fn pair(
+    prog: &Xdp,
+    empty: &Xdp,
+    ring: &[Vec<u8>],
+    calls: usize,
+    repeat: u32,
+    want: Option<u32>,
+) -> anyhow::Result<Pair> {
+    let [sluice, empty] = interleave(
+        &[(prog, want), (empty, Some(XDP_PASS))],
+        ring,
+        calls,
+        repeat,
+    )?
+    .try_into()
+    .map_err(|_| anyhow::anyhow!("two programs, two statistics"))?;
+    Ok(Pair { sluice, empty })
 }
 
 /// `calls` turns of each program (`repeat` runs a call, on the ring's
@@ -404,32 +402,6 @@ fn interleave(
         }
     }
     Ok(times.into_iter().map(Stats::of).collect())
-}
-
-/// `rounds` rounds of one call of `repeat` runs of each program on one
-/// frame, alternating; the statistics are over the rounds' means.
-fn repeat_pair(
-    prog: &Xdp,
-    empty: &Xdp,
-    frame: &[u8],
-    repeat: u32,
-    rounds: usize,
-    want: Option<u32>,
-) -> anyhow::Result<Pair> {
-    let mut s = Vec::with_capacity(rounds);
-    let mut e = Vec::with_capacity(rounds);
-    for _ in 0..rounds {
-        let (action, ns) = run_once(prog, frame, repeat)?;
-        if want.is_some_and(|w| w != action) {
-            bail!("action {action}, expected {want:?}");
-        }
-        s.push(ns);
-        e.push(run_once(empty, frame, repeat)?.1);
-    }
-    Ok(Pair {
-        sluice: Stats::of(s),
-        empty: Stats::of(e),
-    })
 }
 
 fn empty_program(ebpf: &mut Ebpf) -> anyhow::Result<&Xdp> {
@@ -494,7 +466,7 @@ fn kind_rows(
         let ring = [f];
         let fresh_p = fresh_pair(prog, empty, &ring, fresh, Some(XDP_REDIRECT))
             .with_context(|| format!("{name}, fresh frames"))?;
-        let repeat_p = repeat_pair(prog, empty, &ring[0], repeat, 21, Some(XDP_REDIRECT))
+        let repeat_p = pair(prog, empty, &ring, 21, repeat, Some(XDP_REDIRECT))
             .with_context(|| format!("{name}, repeat"))?;
         rows.push(KindRow {
             frame: name.to_owned(),
