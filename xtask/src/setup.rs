@@ -37,6 +37,10 @@ const DEBIAN_PACKAGES: [&str; 4] = [
 /// used, and on hosts without an init system it does not start).
 const CLUSTER_PACKAGES: [&str; 3] = ["protobuf-compiler", "libprotobuf-dev", "etcd-server"];
 
+/// The L7 tests' real client and real server: curl, and Python's
+/// `http.server` in an instance.
+const HTTP_TEST_PACKAGES: [&str; 2] = ["curl", "python3"];
+
 /// What the build needs to know about the eBPF toolchain.
 pub(crate) struct Env {
     /// Toolchain that builds the eBPF crate (`nightly` or `stable`).
@@ -148,6 +152,13 @@ pub(crate) fn ensure(check_only: bool) -> anyhow::Result<Env> {
         &CLUSTER_PACKAGES,
         "protoc and etcd",
         "protoc builds the etcd client; the cluster tests run etcd",
+        check_only,
+    )?;
+    debian(
+        &mut env,
+        &HTTP_TEST_PACKAGES,
+        "curl and python3",
+        "the L7 tests run them as a real client and a real server",
         check_only,
     )?;
     Ok(env)
