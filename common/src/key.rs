@@ -85,6 +85,27 @@ pub fn tag_bytes(bytes: &[u8]) -> u32 {
     tag(&words16(&padded), u32::try_from(n).unwrap_or(16))
 }
 
+/// Key of an application-layer key of any length (an HTTP request's user
+/// id): up to 16 bytes it is the tag key of the same bytes, so a user keyed
+/// by a packet tag and by a request header lands on the same unit; longer
+/// ones are hashed whole, 4 bytes a round.
+#[must_use]
+pub fn request(bytes: &[u8]) -> u32 {
+    if bytes.len() <= 16 {
+        return tag_bytes(bytes);
+    }
+    let mut h = SEED ^ 0x7a6;
+    let mut words = bytes.chunks_exact(4);
+    for w in &mut words {
+        h = mix(h, u32::from_le_bytes([w[0], w[1], w[2], w[3]]));
+    }
+    let mut tail = [0u8; 4];
+    tail[..words.remainder().len()].copy_from_slice(words.remainder());
+    h = mix(h, u32::from_le_bytes(tail));
+    #[expect(clippy::cast_possible_truncation, reason = "folded in mod 2^32")]
+    finish(h, bytes.len() as u32)
+}
+
 /// The 16 tag bytes as the four words [`tag`] hashes.
 #[inline(always)]
 #[must_use]
@@ -178,6 +199,21 @@ mod tests {
 
     use super::*;
     use crate::unit_of;
+
+    #[test]
+    fn request_keys_match_tags_up_to_16_bytes_and_spread_beyond() {
+        assert_eq!(request(b"alice"), tag_bytes(b"alice"));
+        assert_eq!(request(&[7; 16]), tag_bytes(&[7; 16]));
+        // Past 16 bytes every byte counts (tag_bytes would ignore the tail).
+        let a = request(b"user-0000000000000000001");
+        let b = request(b"user-0000000000000000002");
+        assert_ne!(a, b);
+        assert_ne!(request(&[1; 17]), request(&[1; 18]));
+        let units: HashSet<u32> = (0..1000)
+            .map(|i| unit_of(request(std::format!("a-long-user-name-{i:08}").as_bytes())))
+            .collect();
+        assert!(units.len() > 980, "1000 long keys fell on {} units", units.len());
+    }
 
     #[test]
     fn ports_word_round_trips_destination_port() {

@@ -140,7 +140,7 @@ impl Drop for PinDir {
 }
 
 /// The `sluice run` command for `s` in `ns`, its files in `dir`.
-fn run_command(ns: &Netns, s: &Start<'_>, dir: &Path) -> Command {
+fn run_command(ns: &str, iface: &str, s: &Start<'_>, dir: &Path) -> Command {
     let path = dir.join("sluice.toml");
     std::fs::write(&path, s.config).expect("config");
     let socket = dir.join("agent.sock");
@@ -150,12 +150,12 @@ fn run_command(ns: &Netns, s: &Start<'_>, dir: &Path) -> Command {
         .expect("chmod");
     // nsenter, not `ip netns exec`: that remounts /sys, hiding bpffs.
     let mut cmd = Command::new("nsenter");
-    cmd.arg(format!("--net=/run/netns/{}", ns.0))
+    cmd.arg(format!("--net=/run/netns/{ns}"))
         .args([
             sluice_bin().to_str().expect("utf-8 path"),
             "run",
             "--iface",
-            "nic0",
+            iface,
             "--stats-interval",
             "0",
         ])
@@ -180,12 +180,20 @@ fn run_command(ns: &Netns, s: &Start<'_>, dir: &Path) -> Command {
     cmd
 }
 
-/// Starts `sluice run` in `ns` and waits until its API answers.
+/// Starts `sluice run` in `ns` on `nic0` and waits until its API answers.
 #[must_use]
 pub fn start(ns: &Netns, s: &Start<'_>) -> Agent {
+    start_on(&ns.0, "nic0", s)
+}
+
+/// Starts `sluice run` in namespace `ns` on interface `iface` (a
+/// [`crate::testbed::Testbed`]'s host and `nic`) and waits until its API
+/// answers.
+#[must_use]
+pub fn start_on(ns: &str, iface: &str, s: &Start<'_>) -> Agent {
     let dir = tempfile::tempdir().expect("tempdir");
     let socket = dir.path().join("agent.sock");
-    let child = run_command(ns, s, dir.path())
+    let child = run_command(ns, iface, s, dir.path())
         .spawn()
         .expect("start sluice");
     let mut agent = Agent { child, socket, dir };
@@ -210,7 +218,7 @@ pub fn start(ns: &Netns, s: &Start<'_>) -> Agent {
 #[must_use]
 pub fn start_failing(ns: &Netns, s: &Start<'_>) -> (std::process::ExitStatus, String) {
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut child = run_command(ns, s, dir.path())
+    let mut child = run_command(&ns.0, "nic0", s, dir.path())
         .spawn()
         .expect("start sluice");
     let t = Instant::now();

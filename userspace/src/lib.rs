@@ -29,6 +29,7 @@ pub mod config;
 pub mod control;
 pub mod coord;
 pub mod datapath;
+pub mod l7;
 pub mod plan;
 pub mod sys;
 pub mod telemetry;

@@ -125,6 +125,38 @@ fn describe() {
         "sluice_pinned_flows",
         "Flows in the pinned-flow map (counted by a walk every 30 s)"
     );
+    describe_counter!(
+        "sluice_http_requests_total",
+        "HTTP requests the L7 distributor sent an instance, by status class of the answer (failed: none came)"
+    );
+    describe_counter!(
+        "sluice_http_request_duration_seconds_bucket",
+        "HTTP requests by time to the instance's response head (a histogram: le is the bucket bound)"
+    );
+    describe_gauge!(
+        "sluice_http_in_flight",
+        "HTTP requests sent to an instance and not answered whole yet"
+    );
+    describe_gauge!(
+        "sluice_http_pool_connections",
+        "Kept-alive connections to an instance, idle or busy"
+    );
+    describe_counter!(
+        "sluice_http_pool_opened_total",
+        "Connections the L7 distributor opened to an instance"
+    );
+    describe_counter!(
+        "sluice_http_refused_total",
+        "HTTP requests the L7 distributor refused or failed itself, by reason"
+    );
+    describe_counter!(
+        "sluice_http_routed_total",
+        "HTTP requests by how their instance was chosen (key, flow, priority, fallback)"
+    );
+    describe_counter!(
+        "sluice_http_retries_total",
+        "HTTP requests sent again to another instance after the first failed"
+    );
 }
 
 /// Sets the number of flows in the pinned-flow map.
@@ -281,6 +313,74 @@ pub fn punt(p: &PuntCounts) {
     ] {
         counter!("sluice_punt_frames_total", "outcome" => outcome).absolute(v);
     }
+}
+
+/// One instance of an http service, as the L7 distributor measured it
+/// (counts since the agent started).
+#[derive(Clone, Debug, PartialEq)]
+pub struct HttpInstance<'a> {
+    /// Requests by status class (`2xx`, ..., `failed`).
+    pub by_class: &'a [(&'a str, u64)],
+    pub in_flight: u64,
+    /// Pooled connections open (busy or idle), and idle.
+    pub pool_open: u32,
+    pub pool_idle: u32,
+    /// Connections ever opened to the instance.
+    pub pool_opened: u64,
+    /// Latency histogram: bucket upper bounds (seconds), per-bucket counts
+    /// (one more than bounds: the open last bucket), and the sum.
+    pub latency_bounds: &'a [f64],
+    pub latency_buckets: &'a [u64],
+    pub latency_sum: f64,
+}
+
+/// Sets an http instance's metrics. The latency histogram is written as
+/// Prometheus' `_bucket{le}`, `_sum` and `_count` series, from the
+/// distributor's own lock-free buckets.
+pub fn http_instance(service: &str, instance: &str, h: &HttpInstance<'_>) {
+    let labels = [
+        ("service", service.to_owned()),
+        ("instance", instance.to_owned()),
+    ];
+    for (class, n) in h.by_class {
+        counter!("sluice_http_requests_total", "service" => service.to_owned(), "instance" => instance.to_owned(), "class" => (*class).to_owned()).absolute(*n);
+    }
+    #[expect(clippy::cast_precision_loss, reason = "gauges")]
+    {
+        gauge!("sluice_http_in_flight", &labels).set(h.in_flight as f64);
+        gauge!("sluice_http_pool_connections", "service" => service.to_owned(), "instance" => instance.to_owned(), "state" => "idle").set(f64::from(h.pool_idle));
+        gauge!("sluice_http_pool_connections", "service" => service.to_owned(), "instance" => instance.to_owned(), "state" => "busy").set(f64::from(h.pool_open - h.pool_idle.min(h.pool_open)));
+        gauge!("sluice_http_request_duration_seconds_sum", &labels).set(h.latency_sum);
+    }
+    counter!("sluice_http_pool_opened_total", &labels).absolute(h.pool_opened);
+    let mut cumulative = 0;
+    for (i, n) in h.latency_buckets.iter().enumerate() {
+        cumulative += n;
+        let le = h
+            .latency_bounds
+            .get(i)
+            .map_or_else(|| "+Inf".to_owned(), ToString::to_string);
+        counter!("sluice_http_request_duration_seconds_bucket", "service" => service.to_owned(), "instance" => instance.to_owned(), "le" => le).absolute(cumulative);
+    }
+    counter!("sluice_http_request_duration_seconds_count", &labels).absolute(cumulative);
+}
+
+/// Requests the distributor refused or failed itself, by reason.
+pub fn http_refused(service: &str, reason: &'static str, n: u64) {
+    counter!("sluice_http_refused_total", "service" => service.to_owned(), "reason" => reason)
+        .absolute(n);
+}
+
+/// Requests by how they were routed (`key`, `flow`, `priority`,
+/// `fallback`).
+pub fn http_routed(service: &str, how: &'static str, n: u64) {
+    counter!("sluice_http_routed_total", "service" => service.to_owned(), "how" => how)
+        .absolute(n);
+}
+
+/// Requests sent again to another instance.
+pub fn http_retries(service: &str, n: u64) {
+    counter!("sluice_http_retries_total", "service" => service.to_owned()).absolute(n);
 }
 
 /// How the program is attached to `iface` (`native` or `generic`).

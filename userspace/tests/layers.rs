@@ -20,6 +20,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
         "control",
         &["config", "plan", "coord", "datapath", "sys", "telemetry"],
     ),
+    ("l7", &["config", "sys", "telemetry"]),
     ("api", &["control"]),
     ("cli", &["api", "config", "control", "datapath"]),
     (
@@ -30,6 +31,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "control",
             "coord",
             "datapath",
+            "l7",
             "plan",
             "sys",
             "telemetry",

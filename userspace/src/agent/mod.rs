@@ -8,6 +8,7 @@
 //! import every other module.
 
 pub mod cluster;
+mod http;
 pub mod run;
 
 use std::{path::Path, sync::Arc, time::Instant};
@@ -19,6 +20,7 @@ use crate::{
     control::{Claimed, ControlError, Controller, InstanceStatus, MoveEvent, Settled},
     coord::{CoordStore, GroupEntry},
     datapath::{AttachMode, Datapath as _, DatapathError, punt::Punt, xdp::XdpDatapath},
+    l7::{Distributor, L7Error},
     plan::{Group, Plan, RemotePlan, ResolveError, Resolved, resolve_instance},
     sys::link::{self, LinkError},
     telemetry,
@@ -49,6 +51,8 @@ pub enum StartError {
     },
     #[error(transparent)]
     Datapath(#[from] DatapathError),
+    #[error(transparent)]
+    L7(#[from] L7Error),
     #[error("{0}")]
     Reload(String),
 }
@@ -148,6 +152,8 @@ pub struct Agent {
     pub punt: Option<Punt>,
     /// The store and cluster settings it started with (a reload keeps them).
     pub cluster: ClusterConfig,
+    /// The L7 distributor of the `layer = "http"` services.
+    pub l7: Distributor,
 }
 
 impl Agent {
@@ -182,10 +188,18 @@ impl Agent {
             settled,
             mut datapath,
         } = prepared;
+        let mut l7 = Distributor::new(http::owners(datapath.owner_view()));
+        let staged = l7.stage(config)?;
         let control = Controller::commit(settled, config, &plan, store).await?;
         datapath.program(&plan)?;
         let punt = Self::open_punt(&mut datapath, config, iface);
         let mode = attach(&mut datapath, iface, force_generic)?;
+        l7.commit(
+            staged,
+            config,
+            &http::ids(&plan),
+            http::owners(datapath.owner_view()),
+        );
         Ok(Self {
             datapath,
             plan,
@@ -194,6 +208,7 @@ impl Agent {
             mode,
             punt,
             cluster: config.cluster.clone(),
+            l7,
         })
     }
 
@@ -286,6 +301,9 @@ impl Agent {
         for i in &mut plan.instances {
             i.live = !self.control.is_failed(&i.name);
         }
+        // New listeners bound before the switch; dropped (closed) if it
+        // fails.
+        let staged = self.l7.stage(config)?;
         // The switch. What to go back to if it fails half-way.
         let before = self.control.assignments().await?;
         let control = Controller::commit(settled, config, &plan, store.clone()).await?;
@@ -302,6 +320,12 @@ impl Agent {
         if self.punt.is_none() {
             self.punt = Self::open_punt(&mut datapath, config, &self.iface);
         }
+        self.l7.commit(
+            staged,
+            config,
+            &http::ids(&plan),
+            http::owners(datapath.owner_view()),
+        );
         // The old program is already swapped out of the pinned link;
         // dropping it closes its fds.
         drop(std::mem::replace(&mut self.datapath, datapath));
@@ -409,9 +433,17 @@ impl Agent {
         frames.len()
     }
 
-    /// One control interval: measure, decide, move.
+    /// One control interval: measure (packets, and the L7 distributor's
+    /// requests), decide, move.
     pub async fn tick(&mut self) -> Result<Vec<MoveEvent>, ControlError> {
-        self.control.tick(&mut self.datapath, Instant::now()).await
+        let now = Instant::now();
+        http::feed(&self.l7, &self.control, now);
+        self.l7.sweep();
+        let mut dp = http::WithRequests {
+            dp: &mut self.datapath,
+            l7: &self.l7,
+        };
+        self.control.tick(&mut dp, now).await
     }
 
     /// Publishes everything the agent knows as metrics; `status` is the
@@ -454,6 +486,7 @@ impl Agent {
         if let Some(p) = &self.punt {
             telemetry::punt(&p.counts());
         }
+        self.l7.publish();
         telemetry::attached(&self.iface, self.mode.name());
     }
 

@@ -29,6 +29,7 @@ use super::{
 };
 
 mod cluster;
+mod http;
 
 /// Parses and checks `text`; `path` labels the errors.
 pub(super) fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
@@ -160,7 +161,12 @@ impl Shape {
 }
 
 /// The compound keys of a service, their shapes and how to write them.
-const SERVICE_SHAPES: [(&str, Shape, &str); 6] = [
+const SERVICE_SHAPES: [(&str, Shape, &str); 7] = [
+    (
+        "http",
+        Shape::Table,
+        "write the L7 settings in a [service.http] table",
+    ),
     (
         "ports",
         Shape::List,
@@ -280,6 +286,22 @@ impl Checker<'_> {
                 if let DeValue::Table(svc) = svc.get_mut() {
                     for (key, shape, fix) in SERVICE_SHAPES {
                         self.shape(svc, key, shape, &format!("service[{i}].{key}"), fix);
+                    }
+                    if let Some(DeValue::Table(http)) = value_mut(svc, "http") {
+                        self.shape(
+                            http,
+                            "key",
+                            Shape::Table,
+                            &format!("service[{i}].http.key"),
+                            "write key = { header = \"X-User\" }",
+                        );
+                        self.shape(
+                            http,
+                            "priority",
+                            Shape::Tables,
+                            &format!("service[{i}].http.priority"),
+                            "write each rule as a [[service.http.priority]] table",
+                        );
                     }
                 }
             }
@@ -696,6 +718,7 @@ impl Checker<'_> {
                     })
                     .collect::<Vec<_>>()
             });
+        let tag_span = raw.tag.as_ref().map(Spanned::span);
         let tag = match (raw.tag, &protocols, &vips) {
             (None, ..) => Some(TagSpec::None),
             (Some(tag), Some(protocols), Some(vips)) => self.tag(&at, tag, protocols, vips),
@@ -720,6 +743,20 @@ impl Checker<'_> {
             .enumerate()
             .map(|(j, inst)| self.instance(&format!("{at}.instance[{j}]"), inst))
             .collect();
+        let http = self.http(
+            &at,
+            http::HttpInputs {
+                table: &table,
+                layer: raw.layer,
+                http: raw.http,
+                protocols: protocols.as_deref(),
+                tag: tag_span,
+                instances: &instances
+                    .iter()
+                    .map(|i| i.as_ref().map(|(i, _)| i.clone()))
+                    .collect::<Vec<_>>(),
+            },
+        );
         let pin = match self.typed(raw.pin, &format!("{at}.pin"), |v| {
             (
                 format!("unknown pin mode `{v}`"),
@@ -776,6 +813,7 @@ impl Checker<'_> {
                 on_demand: on_demand?,
                 wlm: wlm?,
                 instances,
+                http: http?,
             },
             ServiceSpans {
                 name: name_span,
@@ -1257,6 +1295,16 @@ impl Checker<'_> {
             other => other,
         };
         let extras = self.instance_extras(at, &mut raw);
+        let addr = match self.typed(raw.addr.take(), &format!("{at}.addr"), |v| {
+            (
+                format!("`{v}` is not an address and port"),
+                "write addr = \"198.18.16.2:8080\" or \"[fd00:5100::2]:8080\"".into(),
+            )
+        }) {
+            Got::Absent => Some(None),
+            Got::Value(a, _) => Some(Some(a)),
+            Got::Bad => None,
+        };
         let (name, name_span) = name?;
         let (veth, veth_span) = veth?;
         let (mac, netns, cgroup, cpu_limit, health_reports) = extras?;
@@ -1269,6 +1317,7 @@ impl Checker<'_> {
                 cgroup: cgroup.map(PathBuf::from),
                 cpu_limit,
                 health_reports,
+                addr: addr?,
             },
             (name_span, veth_span),
         ))

@@ -16,7 +16,7 @@ mod raw;
 
 use std::{
     fmt,
-    net::IpAddr,
+    net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -235,6 +235,113 @@ pub struct Instance {
     /// stops reporting QoS (3 intervals); its veth disappearing always
     /// counts.
     pub health_reports: bool,
+    /// Where the L7 distributor reaches the instance (`layer = "http"`
+    /// services: a proxy, not direct server return).
+    pub addr: Option<SocketAddr>,
+}
+
+/// Where a request's key is found (`[service.http] key`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RequestKey {
+    /// The value of a header (case-insensitive name).
+    Header(String),
+    /// The value of a cookie.
+    Cookie(String),
+    /// The n-th segment of the path, from 1 (`/users/alice/cart`: 2 is
+    /// `alice`).
+    PathSegment(u32),
+    /// The value of a query parameter.
+    Query(String),
+}
+
+/// What a request must carry to match a priority rule.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RequestMatch {
+    /// A header with this value (name case-insensitive, value exact).
+    Header { name: String, value: String },
+    /// A cookie with this value.
+    Cookie { name: String, value: String },
+    /// A path starting with this prefix.
+    PathPrefix(String),
+}
+
+/// `[[service.http.priority]]`: matching requests go to the least-loaded
+/// instance of a reserved subset.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PriorityRule {
+    pub name: String,
+    pub when: RequestMatch,
+    /// Names of the subset's instances (of the same service).
+    pub instances: Vec<String>,
+}
+
+/// Limits on what a client may send the L7 distributor.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HttpLimits {
+    /// Request line and headers together, in bytes (431 beyond).
+    pub max_header_bytes: u32,
+    /// Headers in one request (431 beyond).
+    pub max_headers: u32,
+    /// Length of the request target, in bytes (414 beyond).
+    pub max_request_line: u32,
+    /// A request head must arrive whole within this (slowloris: 408 and
+    /// closed).
+    pub header_timeout: Duration,
+    /// A kept-alive client connection idle this long is closed.
+    pub idle_timeout: Duration,
+}
+
+/// `[service.http]`: how a `layer = "http"` service's requests are routed
+/// and proxied.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HttpConfig {
+    /// Where a request's key is; without one (or when a request lacks it),
+    /// the client connection's flow hash keeps its requests together.
+    pub key: Option<RequestKey>,
+    pub priority: Vec<PriorityRule>,
+    /// Requests matching no rule may go to reserved instances when no
+    /// other instance can take them.
+    pub spill: bool,
+    /// Most kept-alive connections to one instance.
+    pub pool_size: u32,
+    /// An idle pooled connection is closed after this.
+    pub pool_idle: Duration,
+    pub limits: HttpLimits,
+    pub connect_timeout: Duration,
+    /// Longest wait for a response's head from an instance.
+    pub response_timeout: Duration,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            key: None,
+            priority: Vec::new(),
+            spill: false,
+            pool_size: 64,
+            pool_idle: Duration::from_secs(30),
+            limits: HttpLimits {
+                max_header_bytes: 16 * 1024,
+                max_headers: 100,
+                max_request_line: 8192,
+                header_timeout: Duration::from_secs(10),
+                idle_timeout: Duration::from_secs(60),
+            },
+            connect_timeout: Duration::from_secs(1),
+            response_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+impl HttpConfig {
+    /// Whether instance `name` is in a priority subset (it owns no work
+    /// units: it takes only the requests its rules send it).
+    #[must_use]
+    pub fn is_reserved(&self, name: &str) -> bool {
+        self.priority
+            .iter()
+            .any(|r| r.instances.iter().any(|i| i == name))
+    }
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -255,9 +362,19 @@ pub struct Service {
     pub on_demand: bool,
     pub wlm: WlmConfig,
     pub instances: Vec<Instance>,
+    /// `layer = "http"`: requests are distributed one by one by the L7
+    /// distributor; `None` for L4 services.
+    pub http: Option<HttpConfig>,
 }
 
 impl Service {
+    /// Whether instance `name` takes only priority requests (see
+    /// [`HttpConfig::is_reserved`]).
+    #[must_use]
+    pub fn is_reserved(&self, name: &str) -> bool {
+        self.http.as_ref().is_some_and(|h| h.is_reserved(name))
+    }
+
     /// Every (vip, port, protocol) the service answers on.
     pub fn endpoints(&self) -> impl Iterator<Item = (IpAddr, u16, Protocol)> + '_ {
         self.vips.iter().flat_map(move |&vip| {

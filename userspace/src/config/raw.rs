@@ -6,7 +6,10 @@
 //! file is still checked. Unknown keys are collected, not fatal, for the
 //! same reason (see [`super::parse`]).
 
-use std::{net::IpAddr, ops::Range};
+use std::{
+    net::{IpAddr, SocketAddr},
+    ops::Range,
+};
 
 use serde::{Deserialize, Deserializer, de::DeserializeOwned};
 use toml::Spanned;
@@ -183,8 +186,57 @@ pub(super) struct RawService {
     pub(super) pin_idle_secs: Option<Field<u32>>,
     pub(super) assign: Option<Field<RawAssign>>,
     pub(super) wlm: Option<Spanned<RawWlm>>,
+    pub(super) layer: Option<Field<RawLayer>>,
+    pub(super) http: Option<Spanned<RawHttp>>,
     #[serde(default)]
     pub(super) instance: Vec<Spanned<RawInstance>>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+pub(super) enum RawLayer {
+    #[serde(rename = "l4")]
+    L4,
+    #[serde(rename = "http")]
+    Http,
+}
+
+/// `[service.http]`: how the L7 distributor routes and proxies requests.
+#[derive(Debug, Deserialize)]
+pub(super) struct RawHttp {
+    pub(super) key: Option<Spanned<RawRequestKey>>,
+    pub(super) spill: Option<Field<bool>>,
+    pub(super) pool_size: Option<Field<u32>>,
+    pub(super) pool_idle_secs: Option<Field<u32>>,
+    pub(super) max_header_bytes: Option<Field<u32>>,
+    pub(super) max_headers: Option<Field<u32>>,
+    pub(super) max_request_line: Option<Field<u32>>,
+    pub(super) header_timeout_ms: Option<Field<u32>>,
+    pub(super) idle_timeout_secs: Option<Field<u32>>,
+    pub(super) connect_timeout_ms: Option<Field<u32>>,
+    pub(super) response_timeout_ms: Option<Field<u32>>,
+    #[serde(default)]
+    pub(super) priority: Vec<Spanned<RawPriority>>,
+}
+
+/// Where a request's key is: exactly one of these.
+#[derive(Debug, Deserialize)]
+pub(super) struct RawRequestKey {
+    pub(super) header: Option<Field<String>>,
+    pub(super) cookie: Option<Field<String>>,
+    pub(super) path_segment: Option<Field<u32>>,
+    pub(super) query: Option<Field<String>>,
+}
+
+/// `[[service.http.priority]]`: requests that match go to a reserved
+/// subset of the instances.
+#[derive(Debug, Deserialize)]
+pub(super) struct RawPriority {
+    pub(super) name: Option<Field<String>>,
+    pub(super) header: Option<Field<String>>,
+    pub(super) cookie: Option<Field<String>>,
+    pub(super) value: Option<Field<String>>,
+    pub(super) path_prefix: Option<Field<String>>,
+    pub(super) instances: Option<Spanned<Vec<Field<String>>>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -204,4 +256,5 @@ pub(super) struct RawInstance {
     pub(super) cgroup: Option<Field<String>>,
     pub(super) cpu_limit: Option<Field<f64>>,
     pub(super) health: Option<Field<RawHealth>>,
+    pub(super) addr: Option<Field<SocketAddr>>,
 }

@@ -219,6 +219,9 @@ pub struct Controller {
     /// Instances being drained: they give their groups away, one move at a
     /// time within the move limit, and take none.
     drained: std::collections::HashSet<String>,
+    /// Instances in an http service's priority subset: like drained ones,
+    /// they own no units (they take only the requests their rules send).
+    reserved: std::collections::HashSet<String>,
     /// Instances found failed (their veth is gone): out of the data path,
     /// their groups unowned, claimed again by the survivors.
     failed: std::collections::HashSet<String>,
@@ -490,6 +493,12 @@ impl Controller {
             hold_down: config.agent.recovery_hold_down,
             history: Vec::new(),
             drained: std::collections::HashSet::new(),
+            reserved: config
+                .services
+                .iter()
+                .flat_map(|s| s.instances.iter().filter(|i| s.is_reserved(&i.name)))
+                .map(|i| i.name.clone())
+                .collect(),
             failed: std::collections::HashSet::new(),
             failing: std::collections::HashSet::new(),
             probe: Box::new(HostProbe::new()),
@@ -887,7 +896,7 @@ impl Controller {
             let Some(to) = svc
                 .instances
                 .iter()
-                .filter(|i| !self.drained.contains(&i.name) && !self.failed.contains(&i.name))
+                .filter(|i| !self.out(&i.name))
                 .min_by(|a, b| a.sample.utilisation.total_cmp(&b.sample.utilisation))
                 .map(|i| i.name.clone())
             else {
@@ -946,6 +955,13 @@ impl Controller {
         self.failed.contains(instance)
     }
 
+    /// Whether `instance` may own no units: drained, failed or reserved.
+    fn out(&self, instance: &str) -> bool {
+        self.drained.contains(instance)
+            || self.failed.contains(instance)
+            || self.reserved.contains(instance)
+    }
+
     /// One move of each drained instance that still owns groups, within the
     /// move limit: its largest group goes to the least-utilised peer that is
     /// not drained.
@@ -961,7 +977,7 @@ impl Controller {
             let draining: Vec<String> = self.services[si]
                 .instances
                 .iter()
-                .filter(|i| self.drained.contains(&i.name))
+                .filter(|i| self.drained.contains(&i.name) || self.reserved.contains(&i.name))
                 .map(|i| i.name.clone())
                 .collect();
             for d in draining {
@@ -976,7 +992,7 @@ impl Controller {
                 let Some(to) = svc
                     .instances
                     .iter()
-                    .filter(|i| !self.drained.contains(&i.name) && !self.failed.contains(&i.name))
+                    .filter(|i| !self.out(&i.name))
                     .map(|i| (i.sample.utilisation, &i.name))
                     .chain(
                         svc.remote
@@ -1032,15 +1048,11 @@ impl Controller {
                 .collect();
             for ii in order {
                 let svc = &self.services[si];
-                if self.drained.contains(&svc.instances[ii].name)
-                    || self.failed.contains(&svc.instances[ii].name)
-                {
+                if self.out(&svc.instances[ii].name) {
                     continue;
                 }
                 let assignment = self.store.groups(&svc.name).await?;
-                let peers = svc.peers(ii, &samples, |n| {
-                    self.drained.contains(n) || self.failed.contains(n)
-                });
+                let peers = svc.peers(ii, &samples, |n| self.out(n));
                 let me = &svc.instances[ii];
                 let view = View {
                     me: &me.name,
@@ -1345,7 +1357,7 @@ impl Controller {
         let candidates: Vec<(u64, &str)> = self.services[si]
             .instances
             .iter()
-            .filter(|i| !self.drained.contains(&i.name) && !self.failed.contains(&i.name))
+            .filter(|i| !self.out(&i.name))
             .map(|i| {
                 #[expect(
                     clippy::cast_possible_truncation,

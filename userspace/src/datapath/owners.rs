@@ -22,6 +22,8 @@ pub(super) struct OwnerTable {
 // SAFETY: the mapping is owned by this value and only accessed through
 // atomics.
 unsafe impl Send for OwnerTable {}
+// SAFETY: as above: shared access is only ever through atomics.
+unsafe impl Sync for OwnerTable {}
 
 /// An array map's elements are `value_size` rounded up to 8 bytes apart.
 const OWNER_STRIDE: usize = size_of::<u64>();

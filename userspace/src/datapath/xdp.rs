@@ -5,6 +5,7 @@
 
 use std::{
     path::{Path, PathBuf},
+    sync::Arc,
     time::Duration,
 };
 
@@ -61,11 +62,24 @@ fn coarse_secs() -> u32 {
     u32::try_from(ts.tv_sec & 0xFFFF).expect("masked")
 }
 
+/// The owner of every unit, as the data path reads it (see
+/// [`XdpDatapath::owner_view`]).
+#[derive(Clone)]
+pub struct OwnerView(Arc<OwnerTable>);
+
+impl OwnerView {
+    #[must_use]
+    pub fn owner(&self, service_id: u32, unit: u32) -> u32 {
+        self.0.get(owner_index(service_id, unit))
+    }
+}
+
 /// The loaded program and its maps.
 pub struct XdpDatapath {
     ebpf: Ebpf,
     link: Option<XdpLinkId>,
-    owners: OwnerTable,
+    /// Shared with [`OwnerView`]s (the L7 distributor reads it too).
+    owners: Arc<OwnerTable>,
     /// `PREVIOUS`, mapped like `OWNERS`.
     previous: OwnerTable,
     /// Set when the data path lives on in bpffs across agent restarts.
@@ -276,7 +290,7 @@ impl XdpDatapath {
                 name,
             }),
         };
-        let owners = table(names::OWNERS)?;
+        let owners = Arc::new(table(names::OWNERS)?);
         let previous = table(names::PREVIOUS)?;
         Ok(Self {
             ebpf,
@@ -736,6 +750,13 @@ impl XdpDatapath {
         map.set(queue, fd, 0).map_err(map_err(names::PUNT))
     }
 
+    /// A read-only handle on the owner array, for readers outside the
+    /// control loop (the L7 distributor, on its own threads).
+    #[must_use]
+    pub fn owner_view(&self) -> OwnerView {
+        OwnerView(self.owners.clone())
+    }
+
     /// Whether the data path is pinned (it outlives this agent).
     #[must_use]
     pub fn is_pinned(&self) -> bool {
@@ -878,6 +899,7 @@ impl Datapath for XdpDatapath {
     fn owner_of_unit(&self, service_id: u32, unit: u32) -> u32 {
         self.owners.get(owner_index(service_id, unit))
     }
+
 
     fn set_instance_live(&mut self, id: u32, live: bool) -> Result<(), DatapathError> {
         self.update_instance(id, |e| {

@@ -230,22 +230,36 @@ impl Plan {
                     netns_id: r.netns_id,
                 });
             }
-            let groups = if svc.on_demand {
+            // Instances reserved for priority requests own no units.
+            let owners: Vec<u32> = svc
+                .instances
+                .iter()
+                .zip(service_ids)
+                .filter(|(i, _)| !svc.is_reserved(&i.name))
+                .map(|(_, id)| id)
+                .collect();
+            let groups = if svc.on_demand || owners.is_empty() {
                 vec![(Group::ALL, sluice_common::maps::NO_OWNER)]
             } else {
-                group::even(svc.instances.len())
+                group::even(owners.len())
                     .into_iter()
-                    .zip(service_ids)
+                    .zip(owners)
                     .flat_map(|(gs, owner)| gs.into_iter().map(move |g| (g, owner)))
                     .collect()
             };
             plan.services.push(ServicePlan {
                 id,
                 name: svc.name.clone(),
-                keys: svc
-                    .endpoints()
-                    .map(|(vip, port, proto)| service_key(vip, port, proto.number(), svc.vlan))
-                    .collect(),
+                // An http service's packets are not the XDP program's: they
+                // pass to the host's TCP stack, where the L7 distributor
+                // listens.
+                keys: if svc.http.is_some() {
+                    Vec::new()
+                } else {
+                    svc.endpoints()
+                        .map(|(vip, port, proto)| service_key(vip, port, proto.number(), svc.vlan))
+                        .collect()
+                },
                 entry: ServiceEntry {
                     id,
                     tag_kind,
@@ -355,6 +369,7 @@ mod tests {
             cgroup: None,
             cpu_limit: None,
             health_reports: false,
+            addr: None,
         };
         let e = resolve_instance(&inst, "service[0].instance[2]").unwrap_err();
         assert_eq!(e.field, "service[0].instance[2].netns");

@@ -9,6 +9,7 @@ pub mod link;
 pub mod lock;
 pub mod neigh;
 pub mod netns;
+pub mod route;
 
 /// What to check when a bpffs path cannot be made or read.
 pub const BPFFS_HINT: &str = "is bpffs mounted at /sys/fs/bpf? `ip netns exec` remounts /sys and hides it: enter the namespace with `nsenter --net=/run/netns/NAME` instead, or give --pin-dir on a mounted bpffs";

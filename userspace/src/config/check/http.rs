@@ -1,0 +1,642 @@
+//! `layer = "http"` and `[service.http]`: the L7 distributor's routing
+//! (request key, priority subsets) and limits.
+
+use std::{ops::Range, time::Duration};
+
+use toml::Spanned;
+
+use super::{Checker, Got};
+use crate::config::{
+    HttpConfig, HttpLimits, Instance, Protocol, RequestKey, RequestMatch, PriorityRule,
+    raw::{Field, RawHttp, RawLayer, RawPriority, RawRequestKey},
+};
+
+/// Header and cookie names are HTTP tokens (RFC 9110, 5.6.2).
+fn is_token(s: &str) -> bool {
+    !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
+/// What the service's `layer`, `protocol`, `tag` and instances' `addr`
+/// need of each other, given in one place.
+pub(super) struct HttpInputs<'a> {
+    pub(super) table: &'a Range<usize>,
+    pub(super) layer: Option<Field<RawLayer>>,
+    pub(super) http: Option<Spanned<RawHttp>>,
+    pub(super) protocols: Option<&'a [Protocol]>,
+    /// Span of `tag`, when one is written.
+    pub(super) tag: Option<Range<usize>>,
+    pub(super) instances: &'a [Option<Instance>],
+}
+
+impl Checker<'_> {
+    /// The service's L7 settings: `Some(None)` for an L4 service, `None`
+    /// when something is wrong (reported).
+    pub(super) fn http(&mut self, at: &str, i: HttpInputs<'_>) -> Option<Option<HttpConfig>> {
+        let layer = match self.typed(i.layer, &format!("{at}.layer"), |v| {
+            (
+                format!("unknown layer `{v}`"),
+                "use \"l4\" (each packet to its unit's owner) or \"http\" (each request to its key's owner, through the L7 distributor)".into(),
+            )
+        }) {
+            Got::Absent | Got::Value(RawLayer::L4, _) => false,
+            Got::Value(RawLayer::Http, _) => true,
+            Got::Bad => return None,
+        };
+        if !layer {
+            return self.l4_has_no_http(at, i.http.as_ref(), i.instances);
+        }
+        let mut ok = true;
+        if i.protocols.is_some_and(|ps| ps != [Protocol::Tcp]) {
+            self.report(
+                Some(i.table),
+                format!("{at}.protocol"),
+                "an http service runs over TCP only",
+                "write protocol = \"tcp\"",
+            );
+            ok = false;
+        }
+        if let Some(span) = &i.tag {
+            self.report(
+                Some(span),
+                format!("{at}.tag"),
+                "a packet tag has no meaning for an http service: its connections end at the distributor",
+                "remove tag; to route by request, set key in [service.http] (a header, cookie, path segment or query parameter)",
+            );
+            ok = false;
+        }
+        for (j, inst) in i.instances.iter().enumerate() {
+            if inst.as_ref().is_some_and(|x| x.addr.is_none()) {
+                self.report(
+                    Some(i.table),
+                    format!("{at}.instance[{j}].addr"),
+                    "missing: the L7 distributor is a proxy and needs the address it reaches the instance at",
+                    "add addr = \"198.18.16.2:8080\" (the instance's own address and port)",
+                );
+                ok = false;
+            }
+        }
+        let http = match i.http {
+            Some(raw) => self.http_table(&format!("{at}.http"), raw, i.instances),
+            None => Some(HttpConfig::default()),
+        };
+        let http = http?;
+        let reserved = i
+            .instances
+            .iter()
+            .flatten()
+            .filter(|x| http.is_reserved(&x.name))
+            .count();
+        if reserved > 0 && reserved == i.instances.len() && !http.spill {
+            self.report(
+                Some(i.table),
+                format!("{at}.http.priority"),
+                "every instance is in a priority subset, so requests matching no rule have nowhere to go",
+                "leave at least one instance out of the priority subsets, or set spill = true in [service.http]",
+            );
+            ok = false;
+        }
+        ok.then_some(Some(http))
+    }
+
+    fn l4_has_no_http(
+        &mut self,
+        at: &str,
+        http: Option<&Spanned<RawHttp>>,
+        instances: &[Option<Instance>],
+    ) -> Option<Option<HttpConfig>> {
+        let mut ok = true;
+        if let Some(h) = http {
+            self.report(
+                Some(&h.span()),
+                format!("{at}.http"),
+                "[service.http] on an L4 service",
+                "add layer = \"http\" to the service, or remove the table",
+            );
+            ok = false;
+        }
+        for (j, inst) in instances.iter().enumerate() {
+            if inst.as_ref().is_some_and(|x| x.addr.is_some()) {
+                self.report(
+                    None,
+                    format!("{at}.instance[{j}].addr"),
+                    "addr is used only by layer = \"http\" services (L4 packets go to the veth)",
+                    "remove addr, or add layer = \"http\" to the service",
+                );
+                ok = false;
+            }
+        }
+        ok.then_some(None)
+    }
+
+    fn http_table(
+        &mut self,
+        at: &str,
+        raw: Spanned<RawHttp>,
+        instances: &[Option<Instance>],
+    ) -> Option<HttpConfig> {
+        let raw = raw.into_inner();
+        let d = HttpConfig::default();
+        let key = match raw.key {
+            None => Some(None),
+            Some(k) => self.request_key(&format!("{at}.key"), k).map(Some),
+        };
+        let spill = match self.typed(raw.spill, &format!("{at}.spill"), |v| {
+            (
+                format!("`{v}` is not true or false"),
+                "write spill = true or spill = false".into(),
+            )
+        }) {
+            Got::Absent => Some(d.spill),
+            Got::Value(v, _) => Some(v),
+            Got::Bad => None,
+        };
+        let ms = |c: &mut Self, f, key: &str, def: Duration, lo, hi| {
+            let def = u32::try_from(def.as_millis()).expect("small");
+            c.int(f, &format!("{at}.{key}"), def, lo, hi)
+                .map(|v| Duration::from_millis(v.into()))
+        };
+        let secs = |c: &mut Self, f, key: &str, def: Duration, lo, hi| {
+            let def = u32::try_from(def.as_secs()).expect("small");
+            c.int(f, &format!("{at}.{key}"), def, lo, hi)
+                .map(|v| Duration::from_secs(v.into()))
+        };
+        let l = &d.limits;
+        let pool_size = self.int(raw.pool_size, &format!("{at}.pool_size"), d.pool_size, 1, 4096);
+        let pool_idle = secs(self, raw.pool_idle_secs, "pool_idle_secs", d.pool_idle, 1, 3600);
+        // hyper's read buffer is at least 8 KiB; the head must fit in it.
+        let max_header_bytes = self.int(
+            raw.max_header_bytes,
+            &format!("{at}.max_header_bytes"),
+            l.max_header_bytes,
+            8192,
+            1 << 20,
+        );
+        let max_headers = self.int(
+            raw.max_headers,
+            &format!("{at}.max_headers"),
+            l.max_headers,
+            8,
+            1024,
+        );
+        let max_request_line = self.int(
+            raw.max_request_line,
+            &format!("{at}.max_request_line"),
+            l.max_request_line,
+            64,
+            65_536,
+        );
+        let header_timeout = ms(
+            self,
+            raw.header_timeout_ms,
+            "header_timeout_ms",
+            l.header_timeout,
+            100,
+            600_000,
+        );
+        let idle_timeout = secs(
+            self,
+            raw.idle_timeout_secs,
+            "idle_timeout_secs",
+            l.idle_timeout,
+            1,
+            86_400,
+        );
+        let connect_timeout = ms(
+            self,
+            raw.connect_timeout_ms,
+            "connect_timeout_ms",
+            d.connect_timeout,
+            10,
+            60_000,
+        );
+        let response_timeout = ms(
+            self,
+            raw.response_timeout_ms,
+            "response_timeout_ms",
+            d.response_timeout,
+            100,
+            3_600_000,
+        );
+        let names: Vec<&str> = instances.iter().flatten().map(|i| i.name.as_str()).collect();
+        let priority: Vec<Option<PriorityRule>> = raw
+            .priority
+            .into_iter()
+            .enumerate()
+            .map(|(k, r)| self.priority(&format!("{at}.priority[{k}]"), r, &names))
+            .collect();
+        Some(HttpConfig {
+            key: key?,
+            priority: priority.into_iter().collect::<Option<_>>()?,
+            spill: spill?,
+            pool_size: pool_size?,
+            pool_idle: pool_idle?,
+            limits: HttpLimits {
+                max_header_bytes: max_header_bytes?,
+                max_headers: max_headers?,
+                max_request_line: max_request_line?,
+                header_timeout: header_timeout?,
+                idle_timeout: idle_timeout?,
+            },
+            connect_timeout: connect_timeout?,
+            response_timeout: response_timeout?,
+        })
+    }
+
+    /// A token-valued field (header or cookie name), if given.
+    fn token(&mut self, f: Option<Field<String>>, field: &str) -> Got<String> {
+        let bad = |v: &str| {
+            (
+                format!("`{v}` is not a string"),
+                "write the name in quotes".to_owned(),
+            )
+        };
+        match self.typed(f, field, bad) {
+            Got::Value(v, span) if !is_token(&v) => {
+                self.report(
+                    Some(&span),
+                    field,
+                    format!("`{v}` is not a header or cookie name"),
+                    "use letters, digits and !#$%&'*+-.^_`|~ only, e.g. \"X-User\"",
+                );
+                Got::Bad
+            }
+            other => other,
+        }
+    }
+
+    fn request_key(&mut self, at: &str, raw: Spanned<RawRequestKey>) -> Option<RequestKey> {
+        let span = raw.span();
+        let raw = raw.into_inner();
+        let fix = "write one of key = { header = \"X-User\" }, { cookie = \"user\" }, { path_segment = 2 }, { query = \"user\" }";
+        let given = [
+            raw.header.is_some(),
+            raw.cookie.is_some(),
+            raw.path_segment.is_some(),
+            raw.query.is_some(),
+        ]
+        .iter()
+        .filter(|g| **g)
+        .count();
+        if given != 1 {
+            self.report(
+                Some(&span),
+                at,
+                format!("{given} places given for the key, one is needed"),
+                fix,
+            );
+            return None;
+        }
+        if raw.path_segment.is_some() {
+            return self
+                .int(raw.path_segment, &format!("{at}.path_segment"), 1, 1, 64)
+                .map(RequestKey::PathSegment);
+        }
+        if let Got::Value(h, _) = self.token(raw.header, &format!("{at}.header")) {
+            return Some(RequestKey::Header(h.to_ascii_lowercase()));
+        }
+        if let Got::Value(c, _) = self.token(raw.cookie, &format!("{at}.cookie")) {
+            return Some(RequestKey::Cookie(c));
+        }
+        if let Got::Value(q, _) = self.token(raw.query, &format!("{at}.query")) {
+            return Some(RequestKey::Query(q));
+        }
+        None
+    }
+
+    fn priority(
+        &mut self,
+        at: &str,
+        raw: Spanned<RawPriority>,
+        names: &[&str],
+    ) -> Option<PriorityRule> {
+        let table = raw.span();
+        let raw = raw.into_inner();
+        let name = self.name(raw.name, &table, &format!("{at}.name"), "priority rule");
+        let when = self.request_match(at, &table, raw.header, raw.cookie, raw.value, raw.path_prefix);
+        let instances = match raw.instances {
+            None => {
+                self.report(
+                    Some(&table),
+                    format!("{at}.instances"),
+                    "missing",
+                    "add instances = [\"<instance of this service>\", ...]: the subset this rule reserves",
+                );
+                None
+            }
+            Some(list) if list.get_ref().is_empty() => {
+                self.report(
+                    Some(&list.span()),
+                    format!("{at}.instances"),
+                    "empty list",
+                    "list at least one instance of this service",
+                );
+                None
+            }
+            Some(list) => {
+                let mut out = Vec::new();
+                let mut ok = true;
+                for item in list.into_inner() {
+                    match self.typed(Some(item), &format!("{at}.instances"), |v| {
+                        (
+                            format!("`{v}` is not an instance name"),
+                            "write instance names in quotes".into(),
+                        )
+                    }) {
+                        Got::Value(n, span) if !names.contains(&n.as_str()) => {
+                            self.report(
+                                Some(&span),
+                                format!("{at}.instances"),
+                                format!("`{n}` is not an instance of this service"),
+                                format!("use one of: {}", names.join(", ")),
+                            );
+                            ok = false;
+                        }
+                        Got::Value(n, _) => out.push(n),
+                        Got::Absent | Got::Bad => ok = false,
+                    }
+                }
+                ok.then_some(out)
+            }
+        };
+        Some(PriorityRule {
+            name: name?.0,
+            when: when?,
+            instances: instances?,
+        })
+    }
+
+    fn request_match(
+        &mut self,
+        at: &str,
+        table: &Range<usize>,
+        header: Option<Field<String>>,
+        cookie: Option<Field<String>>,
+        value: Option<Field<String>>,
+        path_prefix: Option<Field<String>>,
+    ) -> Option<RequestMatch> {
+        let fix = "write header = \"X-Tier\" with value = \"gold\", or cookie = \"plan\" with value = \"pro\", or path_prefix = \"/checkout\"";
+        let given = [header.is_some(), cookie.is_some(), path_prefix.is_some()]
+            .iter()
+            .filter(|g| **g)
+            .count();
+        if given != 1 {
+            self.report(
+                Some(table),
+                at,
+                format!("{given} things to match given, one is needed"),
+                fix,
+            );
+            return None;
+        }
+        let string = |c: &mut Self, f, field: &str| {
+            c.typed(f, field, |v| {
+                (format!("`{v}` is not a string"), "write it in quotes".into())
+            })
+        };
+        if let Some(p) = path_prefix {
+            if value.is_some() {
+                self.report(
+                    Some(table),
+                    format!("{at}.value"),
+                    "value has no meaning with path_prefix",
+                    "remove value",
+                );
+                return None;
+            }
+            return match string(self, Some(p), &format!("{at}.path_prefix")) {
+                Got::Value(p, _) if p.starts_with('/') => Some(RequestMatch::PathPrefix(p)),
+                Got::Value(p, span) => {
+                    self.report(
+                        Some(&span),
+                        format!("{at}.path_prefix"),
+                        format!("`{p}` does not start with `/`"),
+                        "write the path as requested, e.g. \"/checkout\"",
+                    );
+                    None
+                }
+                Got::Absent | Got::Bad => None,
+            };
+        }
+        let is_header = header.is_some();
+        let key = if is_header { "header" } else { "cookie" };
+        let name = self.token(header.or(cookie), &format!("{at}.{key}"));
+        let value = match string(self, value, &format!("{at}.value")) {
+            Got::Value(v, _) => Some(v),
+            Got::Absent => {
+                self.report(
+                    Some(table),
+                    format!("{at}.value"),
+                    "missing",
+                    format!("add value = \"...\": the {key}'s value that matches"),
+                );
+                None
+            }
+            Got::Bad => None,
+        };
+        let Got::Value(name, _) = name else {
+            return None;
+        };
+        let value = value?;
+        Some(if is_header {
+            RequestMatch::Header {
+                name: name.to_ascii_lowercase(),
+                value,
+            }
+        } else {
+            RequestMatch::Cookie { name, value }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use crate::config::{Config, ConfigError, FieldError, RequestKey, RequestMatch};
+
+    const WEB: &str = r#"
+[[service]]
+name = "web"
+vip = "198.18.1.1"
+port = 80
+protocol = "tcp"
+layer = "http"
+
+[service.http]
+key = { header = "X-User" }
+pool_size = 8
+header_timeout_ms = 2000
+
+[[service.http.priority]]
+name = "gold"
+header = "X-Tier"
+value = "gold"
+instances = ["web-2"]
+
+[[service.http.priority]]
+name = "checkout"
+path_prefix = "/checkout"
+instances = ["web-2"]
+
+[[service.instance]]
+name = "web-0"
+veth = "i0"
+addr = "198.18.16.2:8080"
+
+[[service.instance]]
+name = "web-1"
+veth = "i1"
+addr = "198.18.17.2:8080"
+
+[[service.instance]]
+name = "web-2"
+veth = "i2"
+addr = "[fd00:5100:0:18::2]:8080"
+"#;
+
+    fn errors(text: &str) -> Vec<FieldError> {
+        match Config::parse(text, Path::new("t.toml")) {
+            Err(ConfigError::Invalid { errors, .. }) => errors,
+            other => panic!("expected field errors, got {other:?}"),
+        }
+    }
+
+    /// `WEB` with `from` replaced by `to`: its one error.
+    fn one_error(from: &str, to: &str) -> FieldError {
+        assert!(WEB.contains(from), "{from}");
+        let e = errors(&WEB.replacen(from, to, 1));
+        assert_eq!(e.len(), 1, "{e:#?}");
+        e[0].clone()
+    }
+
+    #[test]
+    fn an_http_service_parses_with_its_rules_and_limits() {
+        let c = Config::parse(WEB, Path::new("t.toml")).unwrap();
+        let s = &c.services[0];
+        let h = s.http.as_ref().unwrap();
+        assert_eq!(h.key, Some(RequestKey::Header("x-user".into())));
+        assert_eq!(h.pool_size, 8);
+        assert_eq!(h.limits.header_timeout.as_millis(), 2000);
+        assert_eq!(h.limits.max_header_bytes, 16 * 1024, "default");
+        assert_eq!(
+            h.priority[0].when,
+            RequestMatch::Header {
+                name: "x-tier".into(),
+                value: "gold".into()
+            }
+        );
+        assert_eq!(
+            h.priority[1].when,
+            RequestMatch::PathPrefix("/checkout".into())
+        );
+        assert!(s.is_reserved("web-2") && !s.is_reserved("web-0"));
+        assert_eq!(s.instances[2].addr.unwrap().port(), 8080);
+    }
+
+    #[test]
+    fn http_errors_name_the_field_and_the_fix() {
+        for (from, to, field, says) in [
+            (
+                "layer = \"http\"",
+                "layer = \"http2\"",
+                "service[0].layer",
+                "unknown layer",
+            ),
+            (
+                "protocol = \"tcp\"",
+                "protocol = \"udp\"",
+                "service[0].protocol",
+                "TCP only",
+            ),
+            (
+                "addr = \"198.18.16.2:8080\"",
+                "",
+                "service[0].instance[0].addr",
+                "missing",
+            ),
+            (
+                "addr = \"198.18.16.2:8080\"",
+                "addr = \"198.18.16.2\"",
+                "service[0].instance[0].addr",
+                "not an address and port",
+            ),
+            (
+                "key = { header = \"X-User\" }",
+                "key = { header = \"X User\" }",
+                "service[0].http.key.header",
+                "not a header or cookie name",
+            ),
+            (
+                "key = { header = \"X-User\" }",
+                "key = { header = \"X-User\", cookie = \"u\" }",
+                "service[0].http.key",
+                "one is needed",
+            ),
+            (
+                "key = { header = \"X-User\" }",
+                "key = { path_segment = 0 }",
+                "service[0].http.key.path_segment",
+                "out of range",
+            ),
+            (
+                "pool_size = 8",
+                "pool_size = 0",
+                "service[0].http.pool_size",
+                "out of range",
+            ),
+            (
+                "instances = [\"web-2\"]",
+                "instances = [\"web-9\"]",
+                "service[0].http.priority[0].instances",
+                "not an instance of this service",
+            ),
+            (
+                "value = \"gold\"\n",
+                "",
+                "service[0].http.priority[0].value",
+                "missing",
+            ),
+            (
+                "path_prefix = \"/checkout\"",
+                "path_prefix = \"checkout\"",
+                "service[0].http.priority[1].path_prefix",
+                "does not start with `/`",
+            ),
+            (
+                "layer = \"http\"",
+                "layer = \"http\"\ntag = { kind = \"none\" }",
+                "service[0].tag",
+                "no meaning for an http service",
+            ),
+        ] {
+            let e = one_error(from, to);
+            assert_eq!(e.field, field, "{e}");
+            assert!(e.problem.contains(says), "{e}");
+            assert!(!e.fix.is_empty(), "{e}");
+        }
+    }
+
+    #[test]
+    fn every_instance_reserved_needs_spill() {
+        let all = WEB.replace("instances = [\"web-2\"]", "instances = [\"web-0\", \"web-1\", \"web-2\"]");
+        let e = errors(&all);
+        assert!(
+            e.iter()
+                .any(|e| e.field == "service[0].http.priority" && e.fix.contains("spill")),
+            "{e:#?}"
+        );
+        let spill = all.replace("pool_size = 8", "pool_size = 8\nspill = true");
+        assert!(Config::parse(&spill, Path::new("t.toml")).is_ok());
+    }
+
+    #[test]
+    fn an_l4_service_takes_no_http_settings() {
+        let l4 = WEB.replace("layer = \"http\"\n", "");
+        let e = errors(&l4);
+        let fields: Vec<&str> = e.iter().map(|e| e.field.as_str()).collect();
+        assert!(fields.contains(&"service[0].http"), "{fields:?}");
+        assert!(fields.contains(&"service[0].instance[0].addr"), "{fields:?}");
+    }
+}

@@ -1,0 +1,574 @@
+//! The L7 distributor: `layer = "http"` services' connections end here,
+//! and each HTTP/1.1 request goes to an instance on its own.
+//!
+//! The XDP program has no service-table entry for these services, so their
+//! packets pass to the host's TCP stack (a userspace TCP stack behind
+//! AF_XDP would be a second TCP to trust, for no gain: the request must be
+//! parsed in userspace anyway). The distributor listens on each VIP and
+//! port; where a VIP is not a local address, it adds a `local` route for
+//! it (and removes it when it stops).
+//!
+//! A request's key (a header, cookie, path segment or query parameter;
+//! else the client connection's flow hash) is hashed as the data path
+//! hashes tags, its unit's owner read from the same owner array the XDP
+//! program reads, so a group moved by a WLM element moves its requests
+//! too, on connections already open. Priority requests go to the
+//! least-loaded instance of their rule's subset. Requests are forwarded over
+//! [`pool`]ed kept-alive connections; what the distributor measures of each
+//! instance ([`stats`]) is what its WLM element hears.
+//!
+//! May import `config`, `sys` and `telemetry`.
+
+mod pool;
+mod proxy;
+pub mod route;
+pub mod stats;
+
+use std::{
+    collections::HashMap,
+    net::{IpAddr, SocketAddr},
+    sync::{
+        Arc, RwLock,
+        atomic::{AtomicBool, AtomicU64, Ordering::Relaxed},
+    },
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use http_body_util::combinators::BoxBody;
+use sluice_common::HIT_BUCKETS_PER_SERVICE;
+use tokio::{net::TcpListener, task::JoinHandle};
+
+use crate::{
+    config::{Config, HttpConfig, Service},
+    sys::route::LocalRoute,
+};
+
+/// Bodies as the distributor relays them.
+pub type Body = BoxBody<Bytes, hyper::Error>;
+
+/// The owner of a unit, as the data path has it (instance id, or
+/// `NO_OWNER`).
+pub trait Owners: Send + Sync {
+    fn owner(&self, service_id: u32, unit: u32) -> u32;
+}
+
+/// Why the distributor refused or failed a request, as
+/// `sluice_http_refused_total{reason}` counts them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// Malformed request (400, from the parser).
+    BadRequest,
+    /// Head over `max_header_bytes` or `max_headers` (431).
+    HeaderTooLarge,
+    /// Request target over `max_request_line` (414).
+    UriTooLong,
+    /// The head did not arrive within `header_timeout_ms` (closed).
+    HeaderTimeout,
+    /// No bytes either way for `idle_timeout_secs` (closed).
+    Idle,
+    /// No instance could take it (503).
+    NoInstance,
+    /// The instance failed, and the request could not be retried (502).
+    InstanceFailed,
+    /// No response head within `response_timeout_ms` (504).
+    InstanceTimeout,
+}
+
+impl Refusal {
+    pub const ALL: [Self; 8] = [
+        Self::BadRequest,
+        Self::HeaderTooLarge,
+        Self::UriTooLong,
+        Self::HeaderTimeout,
+        Self::Idle,
+        Self::NoInstance,
+        Self::InstanceFailed,
+        Self::InstanceTimeout,
+    ];
+
+    #[must_use]
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::BadRequest => "bad_request",
+            Self::HeaderTooLarge => "header_too_large",
+            Self::UriTooLong => "uri_too_long",
+            Self::HeaderTimeout => "header_timeout",
+            Self::Idle => "idle",
+            Self::NoInstance => "no_instance",
+            Self::InstanceFailed => "instance_failed",
+            Self::InstanceTimeout => "instance_timeout",
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum L7Error {
+    #[error(
+        "service `{service}`: cannot listen on {addr} for its HTTP requests; is another server listening there? (`ss -ltnp 'sport = :{}'`)",
+        addr.port()
+    )]
+    Listen {
+        service: String,
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("service `{service}`: making {vip} a local address (`ip route add local {vip} dev lo`)")]
+    Route {
+        service: String,
+        vip: IpAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// An instance as the distributor sees it.
+pub struct Backend {
+    pub name: String,
+    pub id: u32,
+    /// In a priority subset: only its rules' requests (or spill-over).
+    pub reserved: bool,
+    pool: pool::Pool,
+    pub stats: stats::InstanceStats,
+    /// Failed, as the control loop says (veth gone, reports stopped).
+    failed: AtomicBool,
+    /// Until when (ms on the distributor's clock) it is skipped after a
+    /// failed connection: requests go straight elsewhere meanwhile.
+    down_until: AtomicU64,
+}
+
+/// How long an instance that refused a connection is skipped.
+const EJECT: Duration = Duration::from_secs(1);
+
+/// One http service, as one configuration of it is applied.
+pub struct ServiceL7 {
+    pub id: u32,
+    pub name: String,
+    pub cfg: HttpConfig,
+    pub backends: Vec<Arc<Backend>>,
+    by_id: HashMap<u32, usize>,
+    /// Each priority rule's instances (indices into `backends`).
+    subsets: Vec<Vec<usize>>,
+    /// Instances in no subset.
+    ordinary: Vec<usize>,
+    /// Instances in some subset (spill-over targets).
+    reserved: Vec<usize>,
+    counts: Arc<ServiceCounts>,
+    owners: Arc<dyn Owners>,
+    clock: Instant,
+}
+
+/// What a service's requests add up to; kept across reloads.
+pub struct ServiceCounts {
+    /// Requests per unit hit bucket (as the data path's `UNIT_HITS`).
+    pub hits: Vec<AtomicU64>,
+    pub refused: [AtomicU64; Refusal::ALL.len()],
+    pub retries: AtomicU64,
+    /// Requests routed by their key, by flow hash (no key), to a priority
+    /// subset, or elsewhere than their unit's owner (it was down, failed,
+    /// reserved or on another host).
+    pub routed: [AtomicU64; 4],
+}
+
+impl Default for ServiceCounts {
+    fn default() -> Self {
+        Self {
+            hits: (0..HIT_BUCKETS_PER_SERVICE).map(|_| AtomicU64::new(0)).collect(),
+            refused: Default::default(),
+            retries: AtomicU64::new(0),
+            routed: Default::default(),
+        }
+    }
+}
+
+/// How a request was routed, as `ServiceCounts::routed` counts them.
+pub const ROUTED: [&str; 4] = ["key", "flow", "priority", "fallback"];
+
+impl ServiceCounts {
+    pub fn refuse(&self, r: Refusal) {
+        let i = Refusal::ALL.iter().position(|x| *x == r).expect("listed");
+        self.refused[i].fetch_add(1, Relaxed);
+    }
+}
+
+impl ServiceL7 {
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.clock.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// Whether instance `i` may be sent a request now.
+    fn available(&self, i: usize) -> bool {
+        let b = &self.backends[i];
+        !b.failed.load(Relaxed) && b.down_until.load(Relaxed) <= self.now_ms()
+    }
+
+    /// A connection to it failed: skip it for a while.
+    fn eject(&self, i: usize) {
+        let until = self.now_ms() + u64::try_from(EJECT.as_millis()).expect("small");
+        self.backends[i].down_until.store(until, Relaxed);
+    }
+
+    /// The least-loaded available instance of `set` other than `not`.
+    fn least_loaded(&self, set: &[usize], not: Option<usize>) -> Option<usize> {
+        route::least_loaded(
+            set.iter()
+                .copied()
+                .filter(|i| Some(*i) != not && self.available(*i))
+                .map(|i| (i, self.backends[i].stats.load())),
+        )
+    }
+
+    /// Where a request that matched no rule goes when its owner cannot
+    /// take it: the least-loaded ordinary instance, or with `spill` a
+    /// reserved one.
+    fn fallback(&self, not: Option<usize>) -> Option<usize> {
+        self.least_loaded(&self.ordinary, not).or_else(|| {
+            self.cfg
+                .spill
+                .then(|| self.least_loaded(&self.reserved, not))
+                .flatten()
+        })
+    }
+}
+
+/// The service a listener serves, swapped whole on reload.
+pub(crate) struct Slot(RwLock<Arc<ServiceL7>>);
+
+impl Slot {
+    fn current(&self) -> Arc<ServiceL7> {
+        self.0.read().expect("slot lock").clone()
+    }
+}
+
+struct Listening {
+    addrs: Vec<SocketAddr>,
+    slot: Arc<Slot>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Drop for Listening {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+/// Listeners bound for a configuration, not serving yet: see
+/// [`Distributor::stage`].
+pub struct Staged {
+    new: Vec<(String, Vec<(SocketAddr, TcpListener)>)>,
+    /// Local routes added for VIPs new to the distributor.
+    routes: Vec<(IpAddr, LocalRoute)>,
+}
+
+/// Ids the plan gave services and instances.
+#[derive(Clone, Debug, Default)]
+pub struct Ids {
+    pub services: HashMap<String, u32>,
+    pub instances: HashMap<String, u32>,
+}
+
+/// Every http service's listeners and state.
+pub struct Distributor {
+    owners: Arc<dyn Owners>,
+    services: HashMap<String, Listening>,
+    counts: HashMap<String, Arc<ServiceCounts>>,
+    /// Local routes the distributor added, by VIP (removed on drop).
+    routes: HashMap<IpAddr, LocalRoute>,
+    clock: Instant,
+}
+
+fn endpoints(s: &Service) -> Vec<SocketAddr> {
+    s.vips
+        .iter()
+        .flat_map(|v| s.ports.iter().map(|p| SocketAddr::new(*v, *p)))
+        .collect()
+}
+
+/// A listening socket on `addr`, with `SO_REUSEADDR` (a restarted agent
+/// binds while old connections linger) and freebind (a VIP whose local
+/// route is not there yet).
+fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    s.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        s.set_only_v6(true)?;
+        s.set_freebind_v6(true)?;
+    } else {
+        s.set_freebind_v4(true)?;
+    }
+    s.set_nonblocking(true)?;
+    s.set_tcp_nodelay(true)?;
+    s.bind(&addr.into())?;
+    s.listen(1024)?;
+    TcpListener::from_std(s.into())
+}
+
+impl Distributor {
+    #[must_use]
+    pub fn new(owners: Arc<dyn Owners>) -> Self {
+        Self {
+            owners,
+            services: HashMap::new(),
+            counts: HashMap::new(),
+            routes: HashMap::new(),
+            clock: Instant::now(),
+        }
+    }
+
+    /// Binds what `config` needs and is not bound yet, changing nothing
+    /// that serves: a failure leaves the running services as they are.
+    /// Must run in a tokio runtime.
+    pub fn stage(&self, config: &Config) -> Result<Staged, L7Error> {
+        let mut new = Vec::new();
+        let mut routes: Vec<(IpAddr, LocalRoute)> = Vec::new();
+        for s in config.services.iter().filter(|s| s.http.is_some()) {
+            for vip in &s.vips {
+                if self.routes.contains_key(vip) || routes.iter().any(|(v, _)| v == vip) {
+                    continue;
+                }
+                let added = LocalRoute::ensure(*vip).map_err(|source| L7Error::Route {
+                    service: s.name.clone(),
+                    vip: *vip,
+                    source,
+                })?;
+                routes.extend(added.map(|r| (*vip, r)));
+            }
+            let addrs = endpoints(s);
+            if self
+                .services
+                .get(&s.name)
+                .is_some_and(|l| l.addrs == addrs)
+            {
+                continue;
+            }
+            let mut bound = Vec::new();
+            for addr in addrs {
+                let l = listen(addr).map_err(|source| L7Error::Listen {
+                    service: s.name.clone(),
+                    addr,
+                    source,
+                })?;
+                bound.push((addr, l));
+            }
+            new.push((s.name.clone(), bound));
+        }
+        Ok(Staged { new, routes })
+    }
+
+    /// Serves `config`'s http services with what [`Self::stage`] bound:
+    /// services still configured keep their listeners, pools and counts
+    /// and take the new settings at their next request; the others stop
+    /// listening (their open connections finish as they are).
+    pub fn commit(
+        &mut self,
+        staged: Staged,
+        config: &Config,
+        ids: &Ids,
+        owners: Arc<dyn Owners>,
+    ) {
+        self.owners = owners;
+        let mut built: HashMap<String, Arc<ServiceL7>> = config
+            .services
+            .iter()
+            .filter(|s| s.http.is_some())
+            .filter_map(|s| Some((s.name.clone(), Arc::new(self.build(s, ids)?))))
+            .collect();
+        self.services.retain(|name, _| built.contains_key(name));
+        for (name, l) in &self.services {
+            if let Some(svc) = built.get(name) {
+                *l.slot.0.write().expect("slot lock") = svc.clone();
+            }
+        }
+        for (name, bound) in staged.new {
+            let Some(svc) = built.remove(&name) else {
+                continue;
+            };
+            let slot = Arc::new(Slot(RwLock::new(svc)));
+            let addrs = bound.iter().map(|(a, _)| *a).collect();
+            let tasks = bound
+                .into_iter()
+                .map(|(addr, l)| {
+                    tracing::info!(service = %name, %addr, "listening for HTTP requests");
+                    tokio::spawn(proxy::accept(l, slot.clone()))
+                })
+                .collect();
+            // Replaces (and so stops) the old listeners if the endpoints
+            // changed.
+            self.services.insert(
+                name,
+                Listening {
+                    addrs,
+                    slot,
+                    tasks,
+                },
+            );
+        }
+        self.counts.retain(|name, _| self.services.contains_key(name));
+        self.routes.extend(staged.routes);
+        let vips: std::collections::HashSet<IpAddr> = config
+            .services
+            .iter()
+            .filter(|s| s.http.is_some())
+            .flat_map(|s| s.vips.iter().copied())
+            .collect();
+        self.routes.retain(|vip, _| vips.contains(vip));
+    }
+
+    /// `s` as configured now; instances keep their pools and measurements
+    /// while their address stays.
+    fn build(&mut self, s: &Service, ids: &Ids) -> Option<ServiceL7> {
+        let cfg = s.http.clone()?;
+        let id = *ids.services.get(&s.name)?;
+        let old: HashMap<String, Arc<Backend>> = self
+            .services
+            .get(&s.name)
+            .map(|l| {
+                l.slot
+                    .current()
+                    .backends
+                    .iter()
+                    .map(|b| (b.name.clone(), b.clone()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let backends: Vec<Arc<Backend>> = s
+            .instances
+            .iter()
+            .filter_map(|i| {
+                let addr = i.addr?;
+                let inst_id = *ids.instances.get(&i.name)?;
+                let reserved = cfg.is_reserved(&i.name);
+                match old.get(&i.name) {
+                    Some(b) if b.pool.addr() == addr && b.id == inst_id && b.reserved == reserved => {
+                        Some(b.clone())
+                    }
+                    _ => Some(Arc::new(Backend {
+                        name: i.name.clone(),
+                        id: inst_id,
+                        reserved,
+                        pool: pool::Pool::new(addr, cfg.pool_size, cfg.pool_idle, cfg.connect_timeout),
+                        stats: stats::InstanceStats::default(),
+                        failed: AtomicBool::new(false),
+                        down_until: AtomicU64::new(0),
+                    })),
+                }
+            })
+            .collect();
+        let index = |name: &String| backends.iter().position(|b| &b.name == name);
+        let subsets = cfg
+            .priority
+            .iter()
+            .map(|r| r.instances.iter().filter_map(index).collect())
+            .collect();
+        let (reserved, ordinary): (Vec<usize>, Vec<usize>) =
+            (0..backends.len()).partition(|i| backends[*i].reserved);
+        let counts = self.counts.entry(s.name.clone()).or_default().clone();
+        Some(ServiceL7 {
+            id,
+            name: s.name.clone(),
+            by_id: backends.iter().enumerate().map(|(i, b)| (b.id, i)).collect(),
+            backends,
+            subsets,
+            ordinary,
+            reserved,
+            counts,
+            owners: self.owners.clone(),
+            clock: self.clock,
+            cfg,
+        })
+    }
+
+    fn each_backend(&self) -> impl Iterator<Item = (Arc<ServiceL7>, Arc<Backend>)> + '_ {
+        self.services.values().flat_map(|l| {
+            let svc = l.slot.current();
+            svc.backends
+                .clone()
+                .into_iter()
+                .map(move |b| (svc.clone(), b))
+        })
+    }
+
+    /// Marks instance `name` failed or not (the control loop's verdict).
+    pub fn set_failed(&self, name: &str, failed: bool) {
+        for (_, b) in self.each_backend().filter(|(_, b)| b.name == name) {
+            b.failed.store(failed, Relaxed);
+        }
+    }
+
+    /// Every instance's measurements since the last call, by instance name.
+    #[must_use]
+    pub fn intervals(&self) -> Vec<(String, stats::Interval)> {
+        self.each_backend()
+            .map(|(_, b)| (b.name.clone(), b.stats.interval()))
+            .collect()
+    }
+
+    /// Requests of service `service_id` per hit bucket, ever (as the data
+    /// path's `UNIT_HITS`), if it is an http service.
+    #[must_use]
+    pub fn unit_hits(&self, service_id: u32) -> Option<Vec<u64>> {
+        self.services
+            .values()
+            .map(|l| l.slot.current())
+            .find(|s| s.id == service_id)
+            .map(|s| s.counts.hits.iter().map(|h| h.load(Relaxed)).collect())
+    }
+
+    /// Requests and bytes relayed for instance `id`, ever.
+    #[must_use]
+    pub fn instance_counts(&self, id: u32) -> Option<(u64, u64)> {
+        self.each_backend()
+            .find(|(_, b)| b.id == id)
+            .map(|(_, b)| (b.stats.requests(), b.stats.bytes.load(Relaxed)))
+    }
+
+    /// Closes idle connections past their time.
+    pub fn sweep(&self) {
+        for (_, b) in self.each_backend() {
+            b.pool.sweep();
+        }
+    }
+
+    /// Publishes the `sluice_http_*` metrics.
+    pub fn publish(&self) {
+        for l in self.services.values() {
+            let svc = l.slot.current();
+            let c = &svc.counts;
+            for (r, n) in Refusal::ALL.iter().zip(&c.refused) {
+                crate::telemetry::http_refused(&svc.name, r.name(), n.load(Relaxed));
+            }
+            for (how, n) in ROUTED.iter().zip(&c.routed) {
+                crate::telemetry::http_routed(&svc.name, how, n.load(Relaxed));
+            }
+            crate::telemetry::http_retries(&svc.name, c.retries.load(Relaxed));
+            for b in &svc.backends {
+                let s = &b.stats;
+                let classes: Vec<(&str, u64)> = stats::CLASSES
+                    .iter()
+                    .zip(&s.by_class)
+                    .map(|(k, n)| (*k, n.load(Relaxed)))
+                    .collect();
+                let (open, idle) = b.pool.connections();
+                let (buckets, sum) = s.latency.snapshot();
+                crate::telemetry::http_instance(
+                    &svc.name,
+                    &b.name,
+                    &crate::telemetry::HttpInstance {
+                        by_class: &classes,
+                        in_flight: s.in_flight.load(Relaxed),
+                        pool_open: open,
+                        pool_idle: idle,
+                        pool_opened: b.pool.opened.load(Relaxed),
+                        latency_bounds: &stats::BUCKETS,
+                        latency_buckets: &buckets,
+                        latency_sum: sum,
+                    },
+                );
+            }
+        }
+    }
+}

@@ -1,0 +1,590 @@
+//! One client connection: hyper parses and frames every request (limits,
+//! pipelining in order, `Expect: 100-continue`, chunked bodies streamed),
+//! each is routed on its own and relayed over a pooled connection to its
+//! instance; an `Upgrade` (WebSocket) is tunnelled to one instance for the
+//! rest of the connection.
+
+use std::{
+    net::SocketAddr,
+    pin::Pin,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering::Relaxed},
+    },
+    task::{Context, Poll},
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt as _, Empty, Full};
+use hyper::body::Body as _;
+use hyper::{
+    HeaderMap, Method, Request, Response, StatusCode, Uri, Version,
+    body::{Frame, Incoming, SizeHint},
+    header::{self, HeaderName, HeaderValue},
+    service::service_fn,
+};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use sluice_common::{HIT_BITS, UNIT_BITS, key, unit_of};
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    net::{TcpListener, TcpStream},
+};
+
+use super::{Backend, Body, Refusal, ServiceL7, Slot, pool};
+
+
+/// Accepts connections until the task is aborted.
+pub(super) async fn accept(listener: TcpListener, slot: Arc<Slot>) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                let _ = stream.set_nodelay(true);
+                tokio::spawn(serve(stream, peer, slot.clone()));
+            }
+            Err(e) => {
+                // Out of file descriptors and the like: back off, go on.
+                tracing::warn!(error = %e, "accepting an HTTP connection");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// A stream that notes when bytes last moved either way.
+struct Watched {
+    inner: TcpStream,
+    last: Arc<AtomicU64>,
+    clock: Instant,
+}
+
+impl Watched {
+    fn touch(&self) {
+        let ms = u64::try_from(self.clock.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last.store(ms, Relaxed);
+    }
+}
+
+impl AsyncRead for Watched {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.touch();
+        }
+        r
+    }
+}
+
+impl AsyncWrite for Watched {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            self.touch();
+        }
+        r
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// Resolves when nothing has moved for `idle`.
+async fn idle_for(last: &AtomicU64, clock: Instant, idle: Duration) {
+    let idle_ms = u64::try_from(idle.as_millis()).unwrap_or(u64::MAX);
+    loop {
+        let now = u64::try_from(clock.elapsed().as_millis()).unwrap_or(u64::MAX);
+        let quiet = now.saturating_sub(last.load(Relaxed));
+        if quiet >= idle_ms {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(idle_ms - quiet)).await;
+    }
+}
+
+async fn serve(stream: TcpStream, peer: SocketAddr, slot: Arc<Slot>) {
+    let svc = slot.current();
+    let limits = svc.cfg.limits.clone();
+    let local = stream.local_addr().ok();
+    let clock = Instant::now();
+    let last = Arc::new(AtomicU64::new(0));
+    let io = Watched {
+        inner: stream,
+        last: last.clone(),
+        clock,
+    };
+    let client = Arc::new(Client {
+        peer,
+        local,
+        last: last.clone(),
+        clock,
+    });
+    let handler = service_fn(move |req| {
+        let (slot, client) = (slot.clone(), client.clone());
+        async move { Ok::<_, std::convert::Infallible>(handle(req, &client, &slot).await) }
+    });
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_timeout)
+        .max_header_size(limits.max_header_bytes as usize)
+        .max_headers(limits.max_headers as usize)
+        .keep_alive(true);
+    let conn = builder
+        .serve_connection(TokioIo::new(io), handler)
+        .with_upgrades();
+    let result = tokio::select! {
+        r = conn => r,
+        () = idle_for(&last, clock, limits.idle_timeout) => {
+            svc.counts.refuse(Refusal::Idle);
+            return;
+        }
+    };
+    if let Err(e) = result {
+        let why = if e.is_parse_too_large() {
+            Some(Refusal::HeaderTooLarge)
+        } else if e.is_parse() || e.is_parse_status() {
+            Some(Refusal::BadRequest)
+        } else if e.is_timeout() {
+            Some(Refusal::HeaderTimeout)
+        } else {
+            // The client went away: not a refusal.
+            None
+        };
+        if let Some(r) = why {
+            svc.counts.refuse(r);
+        }
+        tracing::debug!(%peer, error = %e, "HTTP connection ended");
+    }
+}
+
+/// A response of the distributor's own.
+fn answer(status: StatusCode, why: &str) -> Response<Body> {
+    let mut r = Response::new(
+        Full::new(Bytes::from(format!("{why}\n")))
+            .map_err(|never| match never {})
+            .boxed(),
+    );
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    r
+}
+
+fn refuse(svc: &ServiceL7, r: Refusal, status: StatusCode, why: &str) -> Response<Body> {
+    svc.counts.refuse(r);
+    answer(status, why)
+}
+
+/// Headers meaningful for one hop only (RFC 9110, 7.6.1), and those the
+/// `Connection` header names.
+fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
+    let named: Vec<HeaderName> = h
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .filter(|n| !(keep_upgrade && n == header::UPGRADE))
+        .collect();
+    for n in named {
+        h.remove(n);
+    }
+    for n in [
+        header::TE,
+        header::TRAILER,
+        header::TRANSFER_ENCODING,
+        header::PROXY_AUTHORIZATION,
+        HeaderName::from_static("keep-alive"),
+        HeaderName::from_static("proxy-connection"),
+    ] {
+        h.remove(n);
+    }
+    if keep_upgrade {
+        h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    } else {
+        h.remove(header::CONNECTION);
+        h.remove(header::UPGRADE);
+    }
+}
+
+/// `X-Forwarded-For`, `X-Forwarded-Proto` and `Forwarded` (RFC 7239),
+/// appended to what earlier proxies wrote.
+fn add_forwarded(h: &mut HeaderMap, peer: SocketAddr, local: Option<SocketAddr>) {
+    let ip = peer.ip();
+    let xff = match h.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+        Some(prev) => format!("{prev}, {ip}"),
+        None => ip.to_string(),
+    };
+    let node = |a: std::net::IpAddr| {
+        if a.is_ipv6() {
+            format!("\"[{a}]\"")
+        } else {
+            a.to_string()
+        }
+    };
+    let mut fwd = format!("for={};proto=http", node(ip));
+    if let Some(l) = local {
+        fwd = format!("{fwd};by={}", node(l.ip()));
+    }
+    if let Some(host) = h.get(header::HOST).and_then(|v| v.to_str().ok()) {
+        fwd = format!("{fwd};host=\"{host}\"");
+    }
+    let fwd = match h.get(header::FORWARDED).and_then(|v| v.to_str().ok()) {
+        Some(prev) => format!("{prev}, {fwd}"),
+        None => fwd,
+    };
+    for (name, value) in [("x-forwarded-for", xff), ("forwarded", fwd)] {
+        if let Ok(v) = HeaderValue::from_str(&value) {
+            h.insert(name, v);
+        }
+    }
+    h.insert("x-forwarded-proto", HeaderValue::from_static("http"));
+}
+
+fn is_upgrade(req: &Request<Incoming>) -> bool {
+    req.version() == Version::HTTP_11
+        && req.headers().contains_key(header::UPGRADE)
+        && req
+            .headers()
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .any(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade")))
+}
+
+/// Safe to send twice (RFC 9110, 9.2.2).
+fn idempotent(m: &Method) -> bool {
+    matches!(
+        *m,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    )
+}
+
+/// Where a request goes first, and how it was chosen.
+struct Route {
+    first: Option<usize>,
+    /// Index of the priority rule it matched.
+    rule: Option<usize>,
+}
+
+fn route(svc: &ServiceL7, uri: &Uri, headers: &HeaderMap, flow: u32) -> Route {
+    if let Some(rule) = super::route::priority(&svc.cfg.priority, uri, headers) {
+        svc.counts.routed[2].fetch_add(1, Relaxed);
+        let first = svc.least_loaded(&svc.subsets[rule], None);
+        return Route {
+            first,
+            rule: Some(rule),
+        };
+    }
+    let keyed = svc
+        .cfg
+        .key
+        .as_ref()
+        .and_then(|k| super::route::request_key(k, uri, headers))
+        .map(key::request);
+    svc.counts.routed[usize::from(keyed.is_none())].fetch_add(1, Relaxed);
+    let unit = unit_of(keyed.unwrap_or(flow));
+    svc.counts.hits[(unit >> (UNIT_BITS - HIT_BITS)) as usize].fetch_add(1, Relaxed);
+    let owner = svc.owners.owner(svc.id, unit);
+    let first = match svc.by_id.get(&owner) {
+        Some(&i) if !svc.backends[i].reserved && svc.available(i) => Some(i),
+        _ => {
+            svc.counts.routed[3].fetch_add(1, Relaxed);
+            svc.fallback(None)
+        }
+    };
+    Route { first, rule: None }
+}
+
+/// The instance to try when `failed` could not take a request.
+fn retry_target(svc: &ServiceL7, r: &Route, failed: usize) -> Option<usize> {
+    match r.rule {
+        Some(rule) => svc.least_loaded(&svc.subsets[rule], Some(failed)),
+        None => svc.fallback(Some(failed)),
+    }
+}
+
+/// The client connection a request came on.
+struct Client {
+    peer: SocketAddr,
+    local: Option<SocketAddr>,
+    /// When bytes last moved on it (see [`Watched`]).
+    last: Arc<AtomicU64>,
+    clock: Instant,
+}
+
+impl Client {
+    /// The flow key of the connection, as the XDP program would hash it:
+    /// a client's requests without a key stay on one instance.
+    fn flow_key(&self) -> u32 {
+        self.local.map_or(0, |l| {
+            key::host::flow(self.peer, l, sluice_common::maps::PROTO_TCP)
+        })
+    }
+
+    fn watch(&self) -> (Arc<AtomicU64>, Instant) {
+        (self.last.clone(), self.clock)
+    }
+}
+
+/// Why a request got no response from an instance.
+enum Failure {
+    /// It never reached the instance (handed back to send elsewhere).
+    Unsent(Request<Body>),
+    /// It may have reached it.
+    Sent,
+    /// No response head in time.
+    Timeout,
+}
+
+fn empty() -> Body {
+    Empty::new().map_err(|never| match never {}).boxed()
+}
+
+/// Counts a request in flight at an instance until dropped (with the
+/// response body it relays).
+struct InFlight(Arc<Backend>);
+
+impl InFlight {
+    fn new(b: &Arc<Backend>) -> Self {
+        b.stats.in_flight.fetch_add(1, Relaxed);
+        Self(b.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.stats.in_flight.fetch_sub(1, Relaxed);
+    }
+}
+
+/// Sends `req` to instance `i` and waits for the response head.
+async fn send(svc: &ServiceL7, i: usize, req: Request<Body>) -> Result<Response<Body>, Failure> {
+    let b = &svc.backends[i];
+    let start = Instant::now();
+    let wait = svc.cfg.response_timeout;
+    let mut conn = match b.pool.get(wait).await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::debug!(instance = %b.name, error = %e, "no connection");
+            b.stats.answered(None, 0.0);
+            return Err(Failure::Unsent(req));
+        }
+    };
+    let in_flight = InFlight::new(b);
+    let exchange = async {
+        if conn.sender.ready().await.is_err() {
+            return Err(Failure::Unsent(req));
+        }
+        conn.sender.try_send_request(req).await.map_err(|mut e| {
+            tracing::debug!(instance = %b.name, error = %e.error(), "request failed");
+            e.take_message().map_or(Failure::Sent, Failure::Unsent)
+        })
+    };
+    let resp = match tokio::time::timeout(wait.saturating_sub(start.elapsed()), exchange).await {
+        Ok(Ok(resp)) => resp,
+        Ok(Err(f)) => {
+            b.stats.answered(None, 0.0);
+            return Err(f);
+        }
+        Err(_) => {
+            b.stats.answered(None, 0.0);
+            return Err(Failure::Timeout);
+        }
+    };
+    b.stats
+        .answered(Some(resp.status().as_u16()), start.elapsed().as_secs_f64());
+    let (mut parts, body) = resp.into_parts();
+    let upgraded = parts.status == StatusCode::SWITCHING_PROTOCOLS;
+    strip_hop_by_hop(&mut parts.headers, upgraded);
+    let relay = Relay {
+        inner: body,
+        // An upgraded connection is the tunnel's now, not the pool's.
+        conn: (!upgraded).then_some(conn),
+        backend: b.clone(),
+        _in_flight: in_flight,
+    };
+    Ok(Response::from_parts(parts, relay.boxed()))
+}
+
+/// A response body relayed from an instance: its connection goes back to
+/// the pool once the body has been read whole, and is closed if not.
+struct Relay {
+    inner: Incoming,
+    conn: Option<pool::Conn>,
+    backend: Arc<Backend>,
+    _in_flight: InFlight,
+}
+
+impl Relay {
+    fn give_back(&mut self) {
+        if let Some(c) = self.conn.take() {
+            self.backend.pool.put(c);
+        }
+    }
+}
+
+impl hyper::body::Body for Relay {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let r = Pin::new(&mut self.inner).poll_frame(cx);
+        match &r {
+            Poll::Ready(Some(Ok(f))) => {
+                if let Some(d) = f.data_ref() {
+                    self.backend.stats.bytes.fetch_add(d.len() as u64, Relaxed);
+                }
+            }
+            Poll::Ready(None) => self.give_back(),
+            Poll::Ready(Some(Err(_))) => self.conn = None,
+            Poll::Pending => {}
+        }
+        r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        // An empty body (HEAD, 204, 304) may never be polled.
+        if self.inner.is_end_stream() {
+            self.give_back();
+        }
+    }
+}
+
+/// Joins an upgraded client connection to its instance until either side
+/// closes or nothing moves for `idle`.
+async fn tunnel(
+    client: hyper::upgrade::OnUpgrade,
+    instance: hyper::upgrade::OnUpgrade,
+    (last, clock): (Arc<AtomicU64>, Instant),
+    idle: Duration,
+) {
+    let (Ok(c), Ok(i)) = tokio::join!(client, instance) else {
+        return;
+    };
+    let (mut c, mut i) = (TokioIo::new(c), TokioIo::new(i));
+    tokio::select! {
+        r = tokio::io::copy_bidirectional(&mut c, &mut i) => {
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "upgraded connection ended");
+            }
+        }
+        () = idle_for(&last, clock, idle) => {}
+    }
+}
+
+async fn handle(mut req: Request<Incoming>, client: &Client, slot: &Slot) -> Response<Body> {
+    let svc = slot.current();
+    let target_len = req.uri().path_and_query().map_or(1, |p| p.as_str().len());
+    if target_len > svc.cfg.limits.max_request_line as usize {
+        return refuse(
+            &svc,
+            Refusal::UriTooLong,
+            StatusCode::URI_TOO_LONG,
+            "request target too long",
+        );
+    }
+    let r = route(&svc, req.uri(), req.headers(), client.flow_key());
+    let Some(first) = r.first else {
+        return refuse(
+            &svc,
+            Refusal::NoInstance,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no instance can take this request",
+        );
+    };
+    let upgrade = is_upgrade(&req);
+    let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+    let (mut parts, body) = req.into_parts();
+    strip_hop_by_hop(&mut parts.headers, upgrade);
+    // hyper answers `Expect: 100-continue` itself when the body is read
+    // (as it is sent on); the instance must not wait for one of its own.
+    parts.headers.remove(header::EXPECT);
+    add_forwarded(&mut parts.headers, client.peer, client.local);
+    parts.uri = parts
+        .uri
+        .path_and_query()
+        .map_or_else(|| Uri::from_static("/"), |p| Uri::from(p.clone()));
+    parts.version = Version::HTTP_11;
+    // What to send again if the instance fails after it got the request:
+    // only an idempotent request without a body can be.
+    let again = (idempotent(&parts.method) && body.is_end_stream() && !upgrade).then(|| {
+        let mut p = Request::new(empty());
+        *p.method_mut() = parts.method.clone();
+        *p.uri_mut() = parts.uri.clone();
+        *p.headers_mut() = parts.headers.clone();
+        p
+    });
+    let req = Request::from_parts(parts, body.boxed());
+    let outcome = match send(&svc, first, req).await {
+        Ok(resp) => Ok(resp),
+        Err(failure) => {
+            svc.eject(first);
+            let timed_out = matches!(failure, Failure::Timeout);
+            let retry = match failure {
+                // The instance never saw it: any request may go elsewhere.
+                Failure::Unsent(req) => Some(req),
+                Failure::Sent => again,
+                Failure::Timeout => None,
+            };
+            match (retry, retry_target(&svc, &r, first)) {
+                (Some(req), Some(next)) => {
+                    svc.counts.retries.fetch_add(1, Relaxed);
+                    send(&svc, next, req).await
+                }
+                _ if timed_out => Err(Failure::Timeout),
+                _ => Err(Failure::Sent),
+            }
+        }
+    };
+    match outcome {
+        Ok(mut resp) => {
+            if let Some(from_client) = client_upgrade
+                && resp.status() == StatusCode::SWITCHING_PROTOCOLS
+            {
+                let to_instance = hyper::upgrade::on(&mut resp);
+                tokio::spawn(tunnel(from_client, to_instance, client.watch(), svc.cfg.limits.idle_timeout));
+            }
+            resp
+        }
+        Err(Failure::Timeout) => refuse(
+            &svc,
+            Refusal::InstanceTimeout,
+            StatusCode::GATEWAY_TIMEOUT,
+            "the instance did not answer in time",
+        ),
+        Err(_) => refuse(
+            &svc,
+            Refusal::InstanceFailed,
+            StatusCode::BAD_GATEWAY,
+            "the instance failed",
+        ),
+    }
+}
