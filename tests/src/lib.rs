@@ -6,6 +6,7 @@ pub mod cluster;
 pub mod demo;
 pub mod etcd;
 pub mod harness;
+pub mod http;
 pub mod netns;
 pub mod packet;
 pub mod process;
