@@ -1,21 +1,32 @@
 //! The L7 distributor end to end: the real `sluice run` in a testbed's host
-//! namespace, real HTTP servers in the instances, real clients in the
-//! client namespace, requests to the VIP.
+//! namespace, real HTTP servers in the instances (the tests' own, and
+//! Python's `http.server`), real clients in the client namespace (hyper,
+//! curl, raw bytes), every request to the VIP.
 
 use std::{
     collections::{HashMap, HashSet},
     fmt::Write as _,
-    process::Command,
+    net::SocketAddr,
+    sync::Arc,
     time::{Duration, Instant},
 };
 
+use bytes::Bytes;
+use sluice::{api, plan::Group};
 use sluice_tests::{
+    http::{self, Backend, KeptAlive, PyServer},
+    netns,
     process::{self, Agent, PinDir},
     testbed::{NIC, Testbed},
 };
 
 /// Port the instances' servers listen on.
 const PORT: u16 = 8080;
+const METRICS: u16 = 9480;
+
+fn vip() -> SocketAddr {
+    "198.18.1.1:80".parse().expect("addr")
+}
 
 struct Running {
     agent: Agent,
@@ -29,7 +40,7 @@ fn testbed(tag: &str, n: usize) -> Testbed {
 
 /// An http service `web` on 198.18.1.1:80 over the testbed's instances
 /// (`web-<k>`), `http` being the body of its `[service.http]` table and
-/// `extra` more TOML at the end (priority rules).
+/// `extra` more TOML after it (priority rules).
 fn config(tb: &Testbed, http: &str, extra: &str) -> String {
     let mut c = format!(
         "[agent]\ninterval_ms = 200\n\n[[service]]\nname = \"web\"\nvip = \"198.18.1.1\"\nport = 80\nprotocol = \"tcp\"\nlayer = \"http\"\n\
@@ -57,7 +68,7 @@ fn start(tb: &Testbed, tag: &str, config: &str) -> Running {
             pin_dir: &pins.0,
             state: &state.path().join("state.json"),
             cleanup: true,
-            metrics_port: 9480,
+            metrics_port: METRICS,
         },
     );
     Running {
@@ -67,79 +78,445 @@ fn start(tb: &Testbed, tag: &str, config: &str) -> Running {
     }
 }
 
-/// Python's `http.server` in an instance, serving `whoami` (its name);
-/// stopped by its pid on drop.
-struct PyServer(std::process::Child, tempfile::TempDir);
-
-impl PyServer {
-    fn start(netns: &str, addr: std::net::Ipv4Addr, name: &str) -> Self {
-        let dir = tempfile::tempdir().expect("tempdir");
-        std::fs::write(dir.path().join("whoami"), name).expect("whoami");
-        let child = Command::new("nsenter")
-            .arg(format!("--net=/run/netns/{netns}"))
-            .args(["python3", "-m", "http.server", &PORT.to_string(), "--bind"])
-            .arg(addr.to_string())
-            .arg("--directory")
-            .arg(dir.path())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("python3");
-        let s = Self(child, dir);
-        let t = Instant::now();
-        while sluice_tests::netns::run_in(netns, || {
-            std::net::TcpStream::connect((addr, PORT)).is_err()
-        }) {
-            assert!(t.elapsed() < Duration::from_secs(10), "python http.server did not start");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        s
-    }
+/// The tests' own server in every instance, named `web-<k>`.
+fn backends(tb: &Testbed) -> Vec<Backend> {
+    tb.instances
+        .iter()
+        .enumerate()
+        .map(|(k, i)| {
+            Backend::start(
+                &i.netns,
+                SocketAddr::new(i.addr_v4.into(), PORT),
+                &format!("web-{k}"),
+            )
+        })
+        .collect()
 }
 
-impl Drop for PyServer {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+fn connect(tb: &Testbed) -> KeptAlive {
+    netns::run_in(&tb.client, || KeptAlive::connect(vip(), Duration::from_secs(5)))
+        .expect("connecting to the VIP")
 }
 
-/// `curl` in the client namespace: (status, body).
-fn curl(tb: &Testbed, args: &[&str]) -> (u16, String) {
-    let out = Command::new("nsenter")
-        .arg(format!("--net=/run/netns/{}", tb.client))
-        .args(["curl", "-sS", "--max-time", "10", "-w", "\n%{http_code}"])
-        .args(args)
-        .output()
-        .expect("curl");
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
-    (code.trim().parse().unwrap_or(0), body.to_owned())
+fn get_as(c: &mut KeptAlive, path: &str, headers: &[(&str, &str)]) -> http::Reply {
+    let mut b = hyper::Request::get(path);
+    for (k, v) in headers {
+        b = b.header(*k, *v);
+    }
+    c.send(b.body(Bytes::new()).expect("request"))
+        .unwrap_or_else(|e| panic!("GET {path} {headers:?}: {e}"))
+}
+
+/// The service's groups and owners as the agent's API says.
+fn groups(agent: &Agent) -> Vec<(Group, String)> {
+    let r = api::call(
+        &agent.socket,
+        &api::Request::Groups {
+            service: "web".into(),
+        },
+    )
+    .expect("groups");
+    r.groups
+        .expect("groups in the answer")
+        .into_iter()
+        .map(|g| (g.group.parse().expect("a group"), g.owner))
+        .collect()
+}
+
+/// Who owns user `user`'s unit.
+fn owner_of(groups: &[(Group, String)], user: &str) -> String {
+    let unit = sluice_common::unit_of(sluice_common::key::request(user.as_bytes()));
+    groups
+        .iter()
+        .find(|(g, _)| g.contains(unit))
+        .map_or_else(|| "(nobody)".into(), |(_, o)| o.clone())
+}
+
+/// The agent's Prometheus text, once the control loop has published what
+/// came before (it does every interval, 200 ms).
+fn metrics(tb: &Testbed) -> String {
+    std::thread::sleep(Duration::from_millis(500));
+    http::curl(&tb.host, &[&format!("http://127.0.0.1:{METRICS}/metrics")])
+        .expect("metrics")
+        .1
+}
+
+/// The value of the series `name{labels...}` that has every label given.
+fn metric(text: &str, name: &str, labels: &[&str]) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(name) && labels.iter().all(|x| l.contains(x)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }
 
 #[test]
-fn curl_through_python_servers_keeps_each_user_on_one_instance() {
+fn each_request_of_kept_alive_connections_goes_to_its_keys_owner_and_follows_a_move() {
+    let tb = testbed("l7key", 3);
+    let servers = backends(&tb);
+    let run = start(&tb, "l7key", &config(&tb, "key = { header = \"X-User\" }", ""));
+    let users: Vec<String> = (0..100).map(|u| format!("user-{u}")).collect();
+    let mut conns: Vec<KeptAlive> = (0..10).map(|_| connect(&tb)).collect();
+    let before = groups(&run.agent);
+    let mut on: HashMap<String, HashSet<String>> = HashMap::new();
+    // 1,000 requests, 100 users, 10 connections; user u's requests spread
+    // over every connection.
+    for n in 0..1000 {
+        let user = &users[n % 100];
+        let r = get_as(&mut conns[n % 10], "/", &[("x-user", user)]);
+        assert_eq!(r.status, 200);
+        let at = r.instance().expect("x-instance").to_owned();
+        assert_eq!(at, owner_of(&before, user), "request {n} of {user}");
+        on.entry(user.clone()).or_default().insert(at);
+    }
+    let used: HashSet<&String> = on.values().flatten().collect();
+    assert_eq!(used.len(), 3, "100 users over 3 instances used only {used:?}");
+    let total: usize = servers.iter().map(Backend::requests).sum();
+    assert_eq!(total, 1000, "every request reached exactly one instance");
+    // Every forwarded request says who sent it.
+    let seen = servers[0].seen();
+    let fwd = seen.first().expect("web-0 saw requests");
+    assert_eq!(fwd.header("x-forwarded-for"), Some("198.18.0.2"));
+    assert!(
+        fwd.header("forwarded")
+            .is_some_and(|f| f.contains("for=198.18.0.2")),
+        "{fwd:?}"
+    );
+
+    // web-0's groups move away (a drain: one group a move); the same open
+    // connections' next requests go to the new owners.
+    let drained = process::sluice(&[
+        "drain",
+        "web-0",
+        "--api-socket",
+        run.agent.socket.to_str().expect("utf-8"),
+    ]);
+    assert!(drained.status.success(), "{drained:?}");
+    let t = Instant::now();
+    let after = loop {
+        let g = groups(&run.agent);
+        if g.iter().all(|(_, o)| o != "web-0") {
+            break g;
+        }
+        assert!(t.elapsed() < Duration::from_secs(20), "web-0 kept {g:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let moved: Vec<&String> = users
+        .iter()
+        .filter(|u| owner_of(&before, u) == "web-0")
+        .collect();
+    assert!(!moved.is_empty());
+    let from_web0 = servers[0].requests();
+    for (n, user) in users.iter().enumerate() {
+        let r = get_as(&mut conns[n % 10], "/", &[("x-user", user)]);
+        assert_eq!(
+            r.instance(),
+            Some(owner_of(&after, user).as_str()),
+            "{user} after the move"
+        );
+    }
+    assert_eq!(servers[0].requests(), from_web0, "web-0 got requests after its drain");
+    assert!(conns.iter().all(|c| !c.is_closed()), "the client connections stayed open");
+    let m = metrics(&tb);
+    assert!(metric(&m, "sluice_http_routed_total", &["how=\"key\""]) >= 1100.0, "{m}");
+    assert!(
+        metric(&m, "sluice_http_requests_total", &["instance=\"web-1\"", "class=\"2xx\""]) > 0.0
+    );
+}
+
+#[test]
+fn priority_requests_use_the_reserved_subset_least_loaded_first() {
+    let tb = testbed("l7prio", 4);
+    let servers = backends(&tb);
+    let rules = "[[service.http.priority]]\nname = \"gold\"\nheader = \"X-Tier\"\nvalue = \"gold\"\ninstances = [\"web-2\", \"web-3\"]\n";
+    let run = start(&tb, "l7prio", &config(&tb, "key = { header = \"X-User\" }", rules));
+    // The reserved instances own no units.
+    let g = groups(&run.agent);
+    assert!(
+        g.iter().all(|(_, o)| o == "web-0" || o == "web-1"),
+        "reserved instances own groups: {g:?}"
+    );
+    servers[3].set_delay(Duration::from_millis(40));
+    // Gold requests from 4 clients at once, so that in-flight counts and
+    // latency both tell.
+    let handles: Vec<_> = (0..4)
+        .map(|t| {
+            let client = tb.client.clone();
+            std::thread::spawn(move || {
+                let mut c = netns::run_in(&client, || {
+                    KeptAlive::connect(vip(), Duration::from_secs(5))
+                })
+                .expect("connect");
+                let mut at = Vec::new();
+                for n in 0..50 {
+                    let user = format!("gold-{t}-{n}");
+                    let r = get_as(&mut c, "/", &[("x-tier", "gold"), ("x-user", &user)]);
+                    assert_eq!(r.status, 200);
+                    at.push(r.instance().expect("x-instance").to_owned());
+                }
+                at
+            })
+        })
+        .collect();
+    let gold: Vec<String> = handles
+        .into_iter()
+        .flat_map(|h| h.join().expect("client thread"))
+        .collect();
+    let count = |name: &str| gold.iter().filter(|i| *i == name).count();
+    assert_eq!(
+        count("web-2") + count("web-3"),
+        200,
+        "gold requests outside the subset: {gold:?}"
+    );
+    assert!(
+        count("web-3") > 0 && count("web-3") * 3 < count("web-2"),
+        "the slow reserved instance should get fewer: web-2 {}, web-3 {}",
+        count("web-2"),
+        count("web-3")
+    );
+    // Others never reach the subset.
+    let mut c = connect(&tb);
+    for n in 0..100 {
+        let r = get_as(&mut c, "/", &[("x-user", &format!("plain-{n}")), ("x-tier", "silver")]);
+        let at = r.instance().expect("x-instance");
+        assert!(at == "web-0" || at == "web-1", "plain request on {at}");
+    }
+}
+
+#[test]
+fn pipelining_streaming_continue_and_websocket() {
+    let tb = testbed("l7stream", 2);
+    let _servers = backends(&tb);
+    let run = start(&tb, "l7stream", &config(&tb, "", ""));
+    let c = &tb.client;
+
+    // Three pipelined requests in one write: answered in order.
+    let raw = b"GET /status?code=201 HTTP/1.1\r\nHost: a\r\n\r\nGET /status?code=202 HTTP/1.1\r\nHost: a\r\n\r\nGET /status?code=203 HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n";
+    let out = netns::run_in(c, || http::raw_exchange(vip(), raw, Duration::from_secs(5)))
+        .expect("pipelined");
+    let codes: Vec<u16> = http::parse_responses(&out).iter().map(|r| r.status).collect();
+    assert_eq!(codes, [201, 202, 203]);
+
+    // Expect: 100-continue: the interim answer, then the upload's.
+    let raw = b"POST /upload HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nExpect: 100-continue\r\nConnection: close\r\n\r\nhello";
+    let out = netns::run_in(c, || http::raw_exchange(vip(), raw, Duration::from_secs(5)))
+        .expect("100-continue");
+    let replies = http::parse_responses(&out);
+    let codes: Vec<u16> = replies.iter().map(|r| r.status).collect();
+    assert_eq!(codes, [100, 200], "{}", String::from_utf8_lossy(&out));
+    let mut sum = http::Fnv1a::default();
+    sum.update(b"hello");
+    assert_eq!(replies[1].text(), format!("5 {}", sum.finish()));
+
+    // 50 MB each way, chunked and with a length, never held whole.
+    let pid = run.agent.pid();
+    let rss_before = rss_kib(pid);
+    let down = netns::run_in(c, || http::stream_download(vip(), "/download?bytes=52428800"))
+        .expect("download");
+    assert!(
+        down.status == 200 && down.complete && down.pattern_ok && down.bytes == 52_428_800,
+        "{down:?}"
+    );
+    for chunked in [true, false] {
+        let up = netns::run_in(c, || http::stream_upload(vip(), "/upload", 52_428_800, chunked))
+            .expect("upload");
+        assert_eq!(up.status, 200);
+        assert_eq!(up.text(), http::upload_reply(52_428_800), "chunked {chunked}");
+    }
+    let grew = rss_kib(pid).saturating_sub(rss_before);
+    assert!(
+        grew < 24 * 1024,
+        "the agent's RSS grew {grew} KiB relaying 150 MB: bodies are being buffered"
+    );
+
+    // WebSocket through Upgrade, held to one instance.
+    let echoed = netns::run_in(c, || {
+        http::ws_echo(vip(), "/ws", &["one", "two", "three"], Duration::from_secs(5))
+    })
+    .expect("websocket");
+    assert_eq!(echoed, ["one", "two", "three"]);
+}
+
+/// Resident set of process `pid`, KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS")
+}
+
+#[test]
+fn hostile_input_is_refused_counted_and_others_are_still_served() {
+    let tb = testbed("l7bad", 2);
+    let servers = backends(&tb);
+    let run = start(
+        &tb,
+        "l7bad",
+        &config(&tb, "header_timeout_ms = 1000\nmax_header_bytes = 16384", ""),
+    );
+    let c = &tb.client;
+    let exchange = |bytes: &[u8]| {
+        let out = netns::run_in(c, || http::raw_exchange(vip(), bytes, Duration::from_secs(5)))
+            .expect("exchange");
+        http::parse_responses(&out)
+    };
+    // A kept-alive client of good manners, served throughout.
+    let mut good = connect(&tb);
+    assert_eq!(get_as(&mut good, "/", &[]).status, 200);
+
+    let bad_line = exchange(b"GET / HTTP/9.9 nonsense\r\n\r\n");
+    assert_eq!(bad_line.first().map(|r| r.status), Some(400));
+    let huge = format!("GET / HTTP/1.1\r\nHost: a\r\nX-Big: {}\r\n\r\n", "a".repeat(40_000));
+    assert_eq!(exchange(huge.as_bytes()).first().map(|r| r.status), Some(431));
+    let long_uri = format!("GET /{} HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n", "u".repeat(8200));
+    assert_eq!(exchange(long_uri.as_bytes()).first().map(|r| r.status), Some(414));
+
+    // Content-Length and Transfer-Encoding together, a request smuggled
+    // behind: the chunked framing wins (RFC 9112, 6.3), the connection is
+    // closed after it, and the smuggled request reaches nobody.
+    let before: usize = servers.iter().map(Backend::requests).sum();
+    let smuggle = b"POST /upload HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: a\r\n\r\n";
+    let replies = exchange(smuggle);
+    assert!(replies.len() <= 1, "more than one answer: {replies:?}");
+    let after: usize = servers.iter().map(Backend::requests).sum();
+    assert!(after - before <= 1);
+    assert!(
+        servers
+            .iter()
+            .flat_map(Backend::seen)
+            .all(|s| !s.path.contains("smuggled")),
+        "the smuggled request reached an instance"
+    );
+
+    // Slowloris: a head one byte every 200 ms is cut at the header timeout,
+    // while a client of good manners is served all along (its requests
+    // 100 ms apart keep its own connection within that timeout).
+    let client = tb.client.clone();
+    let slow = std::thread::spawn(move || {
+        netns::run_in(&client, || {
+            http::slowloris(vip(), Duration::from_millis(200), Duration::from_secs(6))
+        })
+    });
+    for _ in 0..20 {
+        assert_eq!(get_as(&mut good, "/", &[]).status, 200, "the good client");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let slow = slow.join().expect("slowloris thread").expect("slowloris");
+    assert!(
+        !matches!(slow.end, http::SlowlorisEnd::Open) && slow.after < Duration::from_secs(3),
+        "{slow:?}"
+    );
+    let m = metrics(&tb);
+    for reason in ["bad_request", "header_too_large", "uri_too_long", "header_timeout"] {
+        assert!(
+            metric(&m, "sluice_http_refused_total", &[&format!("reason=\"{reason}\"")]) >= 1.0,
+            "{reason} not counted:\n{}",
+            m.lines()
+                .filter(|l| l.contains("refused"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+    }
+    drop(run);
+}
+
+#[test]
+fn a_killed_instance_mid_load_retries_idempotent_requests_and_fails_the_rest_fast() {
+    let tb = testbed("l7kill", 3);
+    let mut servers = backends(&tb);
+    for s in &servers {
+        s.set_delay(Duration::from_millis(20));
+    }
+    let run = start(&tb, "l7kill", &config(&tb, "key = { header = \"X-User\" }\nresponse_timeout_ms = 5000", ""));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let clients: Vec<_> = (0..4)
+        .map(|t| {
+            let (client, stop) = (tb.client.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut c = netns::run_in(&client, || {
+                    KeptAlive::connect(vip(), Duration::from_secs(5))
+                })
+                .expect("connect");
+                let mut out = Vec::new();
+                for n in 0..400 {
+                    if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        break;
+                    }
+                    let user = format!("u-{t}-{}", n % 30);
+                    let post = n % 4 == 0;
+                    let req = if post {
+                        hyper::Request::post("/upload").body(Bytes::from_static(b"data"))
+                    } else {
+                        hyper::Request::get("/").body(Bytes::new())
+                    }
+                    .map(|mut r| {
+                        r.headers_mut()
+                            .insert("x-user", user.parse().expect("header"));
+                        r
+                    })
+                    .expect("request");
+                    let t0 = Instant::now();
+                    let status = c.send(req).map_or(0, |r| r.status);
+                    out.push((post, status, t0.elapsed()));
+                }
+                out
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(800));
+    servers[0].kill();
+    std::thread::sleep(Duration::from_millis(1500));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let results: Vec<(bool, u16, Duration)> = clients
+        .into_iter()
+        .flat_map(|h| h.join().expect("client"))
+        .collect();
+    let gets: Vec<u16> = results.iter().filter(|r| !r.0).map(|r| r.1).collect();
+    let posts: Vec<u16> = results.iter().filter(|r| r.0).map(|r| r.1).collect();
+    assert!(
+        gets.iter().all(|s| *s == 200),
+        "a GET failed: {:?}",
+        gets.iter().filter(|s| **s != 200).collect::<Vec<_>>()
+    );
+    assert!(
+        posts.iter().all(|s| *s == 200 || *s == 502),
+        "POSTs answered {posts:?}"
+    );
+    let slowest = results.iter().map(|r| r.2).max().unwrap_or_default();
+    assert!(slowest < Duration::from_secs(3), "a request hung for {slowest:?}");
+    let m = metrics(&tb);
+    assert!(metric(&m, "sluice_http_retries_total", &[]) >= 1.0, "no retry counted");
+    drop(run);
+}
+
+#[test]
+fn curl_and_python_http_server_through_the_distributor() {
     let tb = testbed("l7py", 2);
     let _servers: Vec<PyServer> = tb
         .instances
         .iter()
         .enumerate()
-        .map(|(k, i)| PyServer::start(&i.netns, i.addr_v4, &format!("web-{k}")))
+        .map(|(k, i)| {
+            PyServer::start(
+                &i.netns,
+                SocketAddr::new(i.addr_v4.into(), PORT),
+                &format!("web-{k}"),
+            )
+        })
         .collect();
-    let c = config(&tb, "key = { header = \"X-User\" }", "");
-    let run = start(&tb, "l7py", &c);
+    let run = start(&tb, "l7py", &config(&tb, "key = { cookie = \"user\" }", ""));
     let mut seen: HashMap<String, HashSet<String>> = HashMap::new();
-    for round in 0..2 {
+    for _ in 0..2 {
         for u in 0..20 {
-            let user = format!("X-User: user-{u}");
-            let (code, body) = curl(&tb, &["-H", &user, "http://198.18.1.1/whoami"]);
-            assert_eq!(code, 200, "round {round} {user}: {body}\n{}", run.agent.log());
-            seen.entry(user).or_default().insert(body);
+            let cookie = format!("user=u{u}; theme=dark");
+            let (code, body) = http::curl(&tb.client, &["-b", &cookie, "http://198.18.1.1/whoami"])
+                .unwrap_or_else(|e| panic!("curl: {e}\n{}", run.agent.log()));
+            assert_eq!(code, 200, "{body}");
+            seen.entry(cookie).or_default().insert(body);
         }
     }
-    for (user, on) in &seen {
-        assert_eq!(on.len(), 1, "{user} went to {on:?}");
-    }
+    assert!(seen.values().all(|on| on.len() == 1), "{seen:?}");
     let used: HashSet<&String> = seen.values().flatten().collect();
     assert_eq!(used.len(), 2, "20 users all on {used:?}");
 }
