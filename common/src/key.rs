@@ -212,7 +212,11 @@ mod tests {
         let units: HashSet<u32> = (0..1000)
             .map(|i| unit_of(request(std::format!("a-long-user-name-{i:08}").as_bytes())))
             .collect();
-        assert!(units.len() > 980, "1000 long keys fell on {} units", units.len());
+        assert!(
+            units.len() > 980,
+            "1000 long keys fell on {} units",
+            units.len()
+        );
     }
 
     #[test]

@@ -94,8 +94,10 @@ fn backends(tb: &Testbed) -> Vec<Backend> {
 }
 
 fn connect(tb: &Testbed) -> KeptAlive {
-    netns::run_in(&tb.client, || KeptAlive::connect(vip(), Duration::from_secs(5)))
-        .expect("connecting to the VIP")
+    netns::run_in(&tb.client, || {
+        KeptAlive::connect(vip(), Duration::from_secs(5))
+    })
+    .expect("connecting to the VIP")
 }
 
 fn get_as(c: &mut KeptAlive, path: &str, headers: &[(&str, &str)]) -> http::Reply {
@@ -153,7 +155,11 @@ fn metric(text: &str, name: &str, labels: &[&str]) -> f64 {
 fn each_request_of_kept_alive_connections_goes_to_its_keys_owner_and_follows_a_move() {
     let tb = testbed("l7key", 3);
     let servers = backends(&tb);
-    let run = start(&tb, "l7key", &config(&tb, "key = { header = \"X-User\" }", ""));
+    let run = start(
+        &tb,
+        "l7key",
+        &config(&tb, "key = { header = \"X-User\" }", ""),
+    );
     let users: Vec<String> = (0..100).map(|u| format!("user-{u}")).collect();
     let mut conns: Vec<KeptAlive> = (0..10).map(|_| connect(&tb)).collect();
     let before = groups(&run.agent);
@@ -169,7 +175,11 @@ fn each_request_of_kept_alive_connections_goes_to_its_keys_owner_and_follows_a_m
         on.entry(user.clone()).or_default().insert(at);
     }
     let used: HashSet<&String> = on.values().flatten().collect();
-    assert_eq!(used.len(), 3, "100 users over 3 instances used only {used:?}");
+    assert_eq!(
+        used.len(),
+        3,
+        "100 users over 3 instances used only {used:?}"
+    );
     let total: usize = servers.iter().map(Backend::requests).sum();
     assert_eq!(total, 1000, "every request reached exactly one instance");
     // Every forwarded request says who sent it.
@@ -214,12 +224,26 @@ fn each_request_of_kept_alive_connections_goes_to_its_keys_owner_and_follows_a_m
             "{user} after the move"
         );
     }
-    assert_eq!(servers[0].requests(), from_web0, "web-0 got requests after its drain");
-    assert!(conns.iter().all(|c| !c.is_closed()), "the client connections stayed open");
-    let m = metrics(&tb);
-    assert!(metric(&m, "sluice_http_routed_total", &["how=\"key\""]) >= 1100.0, "{m}");
+    assert_eq!(
+        servers[0].requests(),
+        from_web0,
+        "web-0 got requests after its drain"
+    );
     assert!(
-        metric(&m, "sluice_http_requests_total", &["instance=\"web-1\"", "class=\"2xx\""]) > 0.0
+        conns.iter().all(|c| !c.is_closed()),
+        "the client connections stayed open"
+    );
+    let m = metrics(&tb);
+    assert!(
+        metric(&m, "sluice_http_routed_total", &["how=\"key\""]) >= 1100.0,
+        "{m}"
+    );
+    assert!(
+        metric(
+            &m,
+            "sluice_http_requests_total",
+            &["instance=\"web-1\"", "class=\"2xx\""]
+        ) > 0.0
     );
 }
 
@@ -228,7 +252,11 @@ fn priority_requests_use_the_reserved_subset_least_loaded_first() {
     let tb = testbed("l7prio", 4);
     let servers = backends(&tb);
     let rules = "[[service.http.priority]]\nname = \"gold\"\nheader = \"X-Tier\"\nvalue = \"gold\"\ninstances = [\"web-2\", \"web-3\"]\n";
-    let run = start(&tb, "l7prio", &config(&tb, "key = { header = \"X-User\" }", rules));
+    let run = start(
+        &tb,
+        "l7prio",
+        &config(&tb, "key = { header = \"X-User\" }", rules),
+    );
     // The reserved instances own no units.
     let g = groups(&run.agent);
     assert!(
@@ -276,7 +304,11 @@ fn priority_requests_use_the_reserved_subset_least_loaded_first() {
     // Others never reach the subset.
     let mut c = connect(&tb);
     for n in 0..100 {
-        let r = get_as(&mut c, "/", &[("x-user", &format!("plain-{n}")), ("x-tier", "silver")]);
+        let r = get_as(
+            &mut c,
+            "/",
+            &[("x-user", &format!("plain-{n}")), ("x-tier", "silver")],
+        );
         let at = r.instance().expect("x-instance");
         assert!(at == "web-0" || at == "web-1", "plain request on {at}");
     }
@@ -293,7 +325,10 @@ fn pipelining_streaming_continue_and_websocket() {
     let raw = b"GET /status?code=201 HTTP/1.1\r\nHost: a\r\n\r\nGET /status?code=202 HTTP/1.1\r\nHost: a\r\n\r\nGET /status?code=203 HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n";
     let out = netns::run_in(c, || http::raw_exchange(vip(), raw, Duration::from_secs(5)))
         .expect("pipelined");
-    let codes: Vec<u16> = http::parse_responses(&out).iter().map(|r| r.status).collect();
+    let codes: Vec<u16> = http::parse_responses(&out)
+        .iter()
+        .map(|r| r.status)
+        .collect();
     assert_eq!(codes, [201, 202, 203]);
 
     // Expect: 100-continue: the interim answer, then the upload's.
@@ -310,17 +345,25 @@ fn pipelining_streaming_continue_and_websocket() {
     // 50 MB each way, chunked and with a length, never held whole.
     let pid = run.agent.pid();
     let rss_before = rss_kib(pid);
-    let down = netns::run_in(c, || http::stream_download(vip(), "/download?bytes=52428800"))
-        .expect("download");
+    let down = netns::run_in(c, || {
+        http::stream_download(vip(), "/download?bytes=52428800")
+    })
+    .expect("download");
     assert!(
         down.status == 200 && down.complete && down.pattern_ok && down.bytes == 52_428_800,
         "{down:?}"
     );
     for chunked in [true, false] {
-        let up = netns::run_in(c, || http::stream_upload(vip(), "/upload", 52_428_800, chunked))
-            .expect("upload");
+        let up = netns::run_in(c, || {
+            http::stream_upload(vip(), "/upload", 52_428_800, chunked)
+        })
+        .expect("upload");
         assert_eq!(up.status, 200);
-        assert_eq!(up.text(), http::upload_reply(52_428_800), "chunked {chunked}");
+        assert_eq!(
+            up.text(),
+            http::upload_reply(52_428_800),
+            "chunked {chunked}"
+        );
     }
     let grew = rss_kib(pid).saturating_sub(rss_before);
     assert!(
@@ -330,7 +373,12 @@ fn pipelining_streaming_continue_and_websocket() {
 
     // WebSocket through Upgrade, held to one instance.
     let echoed = netns::run_in(c, || {
-        http::ws_echo(vip(), "/ws", &["one", "two", "three"], Duration::from_secs(5))
+        http::ws_echo(
+            vip(),
+            "/ws",
+            &["one", "two", "three"],
+            Duration::from_secs(5),
+        )
     })
     .expect("websocket");
     assert_eq!(echoed, ["one", "two", "three"]);
@@ -353,12 +401,18 @@ fn hostile_input_is_refused_counted_and_others_are_still_served() {
     let run = start(
         &tb,
         "l7bad",
-        &config(&tb, "header_timeout_ms = 1000\nmax_header_bytes = 16384", ""),
+        &config(
+            &tb,
+            "header_timeout_ms = 1000\nmax_header_bytes = 16384",
+            "",
+        ),
     );
     let c = &tb.client;
     let exchange = |bytes: &[u8]| {
-        let out = netns::run_in(c, || http::raw_exchange(vip(), bytes, Duration::from_secs(5)))
-            .expect("exchange");
+        let out = netns::run_in(c, || {
+            http::raw_exchange(vip(), bytes, Duration::from_secs(5))
+        })
+        .expect("exchange");
         http::parse_responses(&out)
     };
     // A kept-alive client of good manners, served throughout.
@@ -367,10 +421,22 @@ fn hostile_input_is_refused_counted_and_others_are_still_served() {
 
     let bad_line = exchange(b"GET / HTTP/9.9 nonsense\r\n\r\n");
     assert_eq!(bad_line.first().map(|r| r.status), Some(400));
-    let huge = format!("GET / HTTP/1.1\r\nHost: a\r\nX-Big: {}\r\n\r\n", "a".repeat(40_000));
-    assert_eq!(exchange(huge.as_bytes()).first().map(|r| r.status), Some(431));
-    let long_uri = format!("GET /{} HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n", "u".repeat(8200));
-    assert_eq!(exchange(long_uri.as_bytes()).first().map(|r| r.status), Some(414));
+    let huge = format!(
+        "GET / HTTP/1.1\r\nHost: a\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(40_000)
+    );
+    assert_eq!(
+        exchange(huge.as_bytes()).first().map(|r| r.status),
+        Some(431)
+    );
+    let long_uri = format!(
+        "GET /{} HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+        "u".repeat(8200)
+    );
+    assert_eq!(
+        exchange(long_uri.as_bytes()).first().map(|r| r.status),
+        Some(414)
+    );
 
     // Content-Length and Transfer-Encoding together, a request smuggled
     // behind: the chunked framing wins (RFC 9112, 6.3), the connection is
@@ -408,9 +474,18 @@ fn hostile_input_is_refused_counted_and_others_are_still_served() {
         "{slow:?}"
     );
     let m = metrics(&tb);
-    for reason in ["bad_request", "header_too_large", "uri_too_long", "header_timeout"] {
+    for reason in [
+        "bad_request",
+        "header_too_large",
+        "uri_too_long",
+        "header_timeout",
+    ] {
         assert!(
-            metric(&m, "sluice_http_refused_total", &[&format!("reason=\"{reason}\"")]) >= 1.0,
+            metric(
+                &m,
+                "sluice_http_refused_total",
+                &[&format!("reason=\"{reason}\"")]
+            ) >= 1.0,
             "{reason} not counted:\n{}",
             m.lines()
                 .filter(|l| l.contains("refused"))
@@ -428,7 +503,15 @@ fn a_killed_instance_mid_load_retries_idempotent_requests_and_fails_the_rest_fas
     for s in &servers {
         s.set_delay(Duration::from_millis(20));
     }
-    let run = start(&tb, "l7kill", &config(&tb, "key = { header = \"X-User\" }\nresponse_timeout_ms = 5000", ""));
+    let run = start(
+        &tb,
+        "l7kill",
+        &config(
+            &tb,
+            "key = { header = \"X-User\" }\nresponse_timeout_ms = 5000",
+            "",
+        ),
+    );
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let clients: Vec<_> = (0..4)
         .map(|t| {
@@ -484,9 +567,15 @@ fn a_killed_instance_mid_load_retries_idempotent_requests_and_fails_the_rest_fas
         "POSTs answered {posts:?}"
     );
     let slowest = results.iter().map(|r| r.2).max().unwrap_or_default();
-    assert!(slowest < Duration::from_secs(3), "a request hung for {slowest:?}");
+    assert!(
+        slowest < Duration::from_secs(3),
+        "a request hung for {slowest:?}"
+    );
     let m = metrics(&tb);
-    assert!(metric(&m, "sluice_http_retries_total", &[]) >= 1.0, "no retry counted");
+    assert!(
+        metric(&m, "sluice_http_retries_total", &[]) >= 1.0,
+        "no retry counted"
+    );
     drop(run);
 }
 

@@ -125,6 +125,10 @@ fn describe() {
         "sluice_pinned_flows",
         "Flows in the pinned-flow map (counted by a walk every 30 s)"
     );
+    describe_http();
+}
+
+fn describe_http() {
     describe_counter!(
         "sluice_http_requests_total",
         "HTTP requests the L7 distributor sent an instance, by status class of the answer (failed: none came)"
@@ -374,8 +378,7 @@ pub fn http_refused(service: &str, reason: &'static str, n: u64) {
 /// Requests by how they were routed (`key`, `flow`, `priority`,
 /// `fallback`).
 pub fn http_routed(service: &str, how: &'static str, n: u64) {
-    counter!("sluice_http_routed_total", "service" => service.to_owned(), "how" => how)
-        .absolute(n);
+    counter!("sluice_http_routed_total", "service" => service.to_owned(), "how" => how).absolute(n);
 }
 
 /// Requests sent again to another instance.

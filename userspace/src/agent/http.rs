@@ -23,7 +23,11 @@ impl Owners for OwnerView {
 /// The plan's ids, by name.
 pub(super) fn ids(plan: &Plan) -> Ids {
     Ids {
-        services: plan.services.iter().map(|s| (s.name.clone(), s.id)).collect(),
+        services: plan
+            .services
+            .iter()
+            .map(|s| (s.name.clone(), s.id))
+            .collect(),
         instances: plan
             .instances
             .iter()

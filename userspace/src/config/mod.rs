@@ -325,7 +325,7 @@ impl Default for HttpConfig {
                 max_headers: 100,
                 max_request_line: 8192,
                 header_timeout: Duration::from_secs(10),
-                idle_timeout: Duration::from_secs(60),
+                idle_timeout: Duration::from_mins(1),
             },
             connect_timeout: Duration::from_secs(1),
             response_timeout: Duration::from_secs(30),

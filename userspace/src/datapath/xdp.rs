@@ -900,7 +900,6 @@ impl Datapath for XdpDatapath {
         self.owners.get(owner_index(service_id, unit))
     }
 
-
     fn set_instance_live(&mut self, id: u32, live: bool) -> Result<(), DatapathError> {
         self.update_instance(id, |e| {
             if live {

@@ -114,7 +114,9 @@ pub enum L7Error {
         #[source]
         source: std::io::Error,
     },
-    #[error("service `{service}`: making {vip} a local address (`ip route add local {vip} dev lo`)")]
+    #[error(
+        "service `{service}`: making {vip} a local address (`ip route add local {vip} dev lo`)"
+    )]
     Route {
         service: String,
         vip: IpAddr,
@@ -174,7 +176,9 @@ pub struct ServiceCounts {
 impl Default for ServiceCounts {
     fn default() -> Self {
         Self {
-            hits: (0..HIT_BUCKETS_PER_SERVICE).map(|_| AtomicU64::new(0)).collect(),
+            hits: (0..HIT_BUCKETS_PER_SERVICE)
+                .map(|_| AtomicU64::new(0))
+                .collect(),
             refused: Default::default(),
             retries: AtomicU64::new(0),
             routed: Default::default(),
@@ -338,11 +342,7 @@ impl Distributor {
                 routes.extend(added.map(|r| (*vip, r)));
             }
             let addrs = endpoints(s);
-            if self
-                .services
-                .get(&s.name)
-                .is_some_and(|l| l.addrs == addrs)
-            {
+            if self.services.get(&s.name).is_some_and(|l| l.addrs == addrs) {
                 continue;
             }
             let mut bound = Vec::new();
@@ -363,13 +363,7 @@ impl Distributor {
     /// services still configured keep their listeners, pools and counts
     /// and take the new settings at their next request; the others stop
     /// listening (their open connections finish as they are).
-    pub fn commit(
-        &mut self,
-        staged: Staged,
-        config: &Config,
-        ids: &Ids,
-        owners: Arc<dyn Owners>,
-    ) {
+    pub fn commit(&mut self, staged: Staged, config: &Config, ids: &Ids, owners: Arc<dyn Owners>) {
         self.owners = owners;
         let mut built: HashMap<String, Arc<ServiceL7>> = config
             .services
@@ -398,16 +392,10 @@ impl Distributor {
                 .collect();
             // Replaces (and so stops) the old listeners if the endpoints
             // changed.
-            self.services.insert(
-                name,
-                Listening {
-                    addrs,
-                    slot,
-                    tasks,
-                },
-            );
+            self.services.insert(name, Listening { addrs, slot, tasks });
         }
-        self.counts.retain(|name, _| self.services.contains_key(name));
+        self.counts
+            .retain(|name, _| self.services.contains_key(name));
         self.routes.extend(staged.routes);
         let vips: std::collections::HashSet<IpAddr> = config
             .services
@@ -443,14 +431,21 @@ impl Distributor {
                 let inst_id = *ids.instances.get(&i.name)?;
                 let reserved = cfg.is_reserved(&i.name);
                 match old.get(&i.name) {
-                    Some(b) if b.pool.addr() == addr && b.id == inst_id && b.reserved == reserved => {
+                    Some(b)
+                        if b.pool.addr() == addr && b.id == inst_id && b.reserved == reserved =>
+                    {
                         Some(b.clone())
                     }
                     _ => Some(Arc::new(Backend {
                         name: i.name.clone(),
                         id: inst_id,
                         reserved,
-                        pool: pool::Pool::new(addr, cfg.pool_size, cfg.pool_idle, cfg.connect_timeout),
+                        pool: pool::Pool::new(
+                            addr,
+                            cfg.pool_size,
+                            cfg.pool_idle,
+                            cfg.connect_timeout,
+                        ),
                         stats: stats::InstanceStats::default(),
                         failed: AtomicBool::new(false),
                         down_until: AtomicU64::new(0),
@@ -470,7 +465,11 @@ impl Distributor {
         Some(ServiceL7 {
             id,
             name: s.name.clone(),
-            by_id: backends.iter().enumerate().map(|(i, b)| (b.id, i)).collect(),
+            by_id: backends
+                .iter()
+                .enumerate()
+                .map(|(i, b)| (b.id, i))
+                .collect(),
             backends,
             subsets,
             ordinary,

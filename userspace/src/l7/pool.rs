@@ -67,7 +67,12 @@ pub(super) struct Pool {
 
 impl Pool {
     #[must_use]
-    pub(super) fn new(addr: SocketAddr, size: u32, idle_for: Duration, connect_timeout: Duration) -> Self {
+    pub(super) fn new(
+        addr: SocketAddr,
+        size: u32,
+        idle_for: Duration,
+        connect_timeout: Duration,
+    ) -> Self {
         Self {
             addr,
             size,
@@ -112,16 +117,15 @@ impl Pool {
             if let Some(c) = self.pop_idle() {
                 return Ok(c);
             }
-            let permit = match self.open.clone().try_acquire_owned() {
-                Ok(p) => p,
-                Err(_) => {
-                    let returned = self.returned.notified();
-                    tokio::select! {
-                        p = self.open.clone().acquire_owned() => p.expect("never closed"),
-                        () = returned => continue,
-                        () = tokio::time::sleep_until(deadline) => {
-                            return Err(PoolError::Busy { addr: self.addr, size: self.size, timeout: wait });
-                        }
+            let permit = if let Ok(p) = self.open.clone().try_acquire_owned() {
+                p
+            } else {
+                let returned = self.returned.notified();
+                tokio::select! {
+                    p = self.open.clone().acquire_owned() => p.expect("never closed"),
+                    () = returned => continue,
+                    () = tokio::time::sleep_until(deadline) => {
+                        return Err(PoolError::Busy { addr: self.addr, size: self.size, timeout: wait });
                     }
                 }
             };

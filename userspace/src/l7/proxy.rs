@@ -17,10 +17,9 @@ use std::{
 
 use bytes::Bytes;
 use http_body_util::{BodyExt as _, Empty, Full};
-use hyper::body::Body as _;
 use hyper::{
     HeaderMap, Method, Request, Response, StatusCode, Uri, Version,
-    body::{Frame, Incoming, SizeHint},
+    body::{Body as _, Frame, Incoming, SizeHint},
     header::{self, HeaderName, HeaderValue},
     service::service_fn,
 };
@@ -32,7 +31,6 @@ use tokio::{
 };
 
 use super::{Backend, Body, Refusal, ServiceL7, Slot, pool};
-
 
 /// Accepts connections until the task is aborted.
 pub(super) async fn accept(listener: TcpListener, slot: Arc<Slot>) {
@@ -263,7 +261,10 @@ fn is_upgrade(req: &Request<Incoming>) -> bool {
             .get_all(header::CONNECTION)
             .iter()
             .filter_map(|v| v.to_str().ok())
-            .any(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade")))
+            .any(|v| {
+                v.split(',')
+                    .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+            })
 }
 
 /// Safe to send twice (RFC 9110, 9.2.2).
@@ -344,7 +345,7 @@ impl Client {
 /// Why a request got no response from an instance.
 enum Failure {
     /// It never reached the instance (handed back to send elsewhere).
-    Unsent(Request<Body>),
+    Unsent(Box<Request<Body>>),
     /// It may have reached it.
     Sent,
     /// No response head in time.
@@ -382,17 +383,18 @@ async fn send(svc: &ServiceL7, i: usize, req: Request<Body>) -> Result<Response<
         Err(e) => {
             tracing::debug!(instance = %b.name, error = %e, "no connection");
             b.stats.answered(None, 0.0);
-            return Err(Failure::Unsent(req));
+            return Err(Failure::Unsent(Box::new(req)));
         }
     };
     let in_flight = InFlight::new(b);
     let exchange = async {
         if conn.sender.ready().await.is_err() {
-            return Err(Failure::Unsent(req));
+            return Err(Failure::Unsent(Box::new(req)));
         }
         conn.sender.try_send_request(req).await.map_err(|mut e| {
             tracing::debug!(instance = %b.name, error = %e.error(), "request failed");
-            e.take_message().map_or(Failure::Sent, Failure::Unsent)
+            e.take_message()
+                .map_or(Failure::Sent, |r| Failure::Unsent(Box::new(r)))
         })
     };
     let resp = match tokio::time::timeout(wait.saturating_sub(start.elapsed()), exchange).await {
@@ -550,7 +552,7 @@ async fn handle(mut req: Request<Incoming>, client: &Client, slot: &Slot) -> Res
             let timed_out = matches!(failure, Failure::Timeout);
             let retry = match failure {
                 // The instance never saw it: any request may go elsewhere.
-                Failure::Unsent(req) => Some(req),
+                Failure::Unsent(req) => Some(*req),
                 Failure::Sent => again,
                 Failure::Timeout => None,
             };
@@ -570,7 +572,12 @@ async fn handle(mut req: Request<Incoming>, client: &Client, slot: &Slot) -> Res
                 && resp.status() == StatusCode::SWITCHING_PROTOCOLS
             {
                 let to_instance = hyper::upgrade::on(&mut resp);
-                tokio::spawn(tunnel(from_client, to_instance, client.watch(), svc.cfg.limits.idle_timeout));
+                tokio::spawn(tunnel(
+                    from_client,
+                    to_instance,
+                    client.watch(),
+                    svc.cfg.limits.idle_timeout,
+                ));
             }
             resp
         }

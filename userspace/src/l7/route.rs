@@ -2,7 +2,10 @@
 //! head: its key (header, cookie, path segment, query parameter), the
 //! priority rule it matches, and the least-loaded of a set of instances.
 
-use hyper::{HeaderMap, Uri, header::COOKIE};
+use hyper::{
+    HeaderMap, Uri,
+    header::{COOKIE, HeaderValue},
+};
 
 use crate::config::{PriorityRule, RequestKey, RequestMatch};
 
@@ -42,7 +45,7 @@ fn path_segment(uri: &Uri, n: u32) -> Option<&[u8]> {
 #[must_use]
 pub fn request_key<'r>(key: &RequestKey, uri: &'r Uri, headers: &'r HeaderMap) -> Option<&'r [u8]> {
     match key {
-        RequestKey::Header(name) => headers.get(name.as_str()).map(|v| v.as_bytes()),
+        RequestKey::Header(name) => headers.get(name.as_str()).map(HeaderValue::as_bytes),
         RequestKey::Cookie(name) => cookie(headers, name),
         RequestKey::PathSegment(n) => path_segment(uri, *n),
         RequestKey::Query(name) => query(uri, name),
@@ -100,8 +103,6 @@ pub fn least_loaded(candidates: impl IntoIterator<Item = (usize, Load)>) -> Opti
 
 #[cfg(test)]
 mod tests {
-    use hyper::header::HeaderValue;
-
     use super::*;
 
     fn head(uri: &str, headers: &[(&'static str, &str)]) -> (Uri, HeaderMap) {
@@ -119,12 +120,21 @@ mod tests {
             &[("x-user", "carol"), ("cookie", "a=1; user=dave; b=2")],
         );
         let key = |k| request_key(&k, &u, &h).map(|v| String::from_utf8(v.to_vec()).unwrap());
-        assert_eq!(key(RequestKey::Header("x-user".into())).as_deref(), Some("carol"));
-        assert_eq!(key(RequestKey::Cookie("user".into())).as_deref(), Some("dave"));
+        assert_eq!(
+            key(RequestKey::Header("x-user".into())).as_deref(),
+            Some("carol")
+        );
+        assert_eq!(
+            key(RequestKey::Cookie("user".into())).as_deref(),
+            Some("dave")
+        );
         assert_eq!(key(RequestKey::PathSegment(2)).as_deref(), Some("alice"));
         assert_eq!(key(RequestKey::PathSegment(1)).as_deref(), Some("users"));
         assert_eq!(key(RequestKey::PathSegment(4)), None);
-        assert_eq!(key(RequestKey::Query("user".into())).as_deref(), Some("bob"));
+        assert_eq!(
+            key(RequestKey::Query("user".into())).as_deref(),
+            Some("bob")
+        );
         assert_eq!(key(RequestKey::Query("nope".into())), None);
         assert_eq!(key(RequestKey::Header("x-none".into())), None);
         assert_eq!(key(RequestKey::Cookie("us".into())), None);

@@ -111,7 +111,11 @@ impl InstanceStats {
         // EWMA, weight 1/8: a slow instance shows within a few requests. A
         // lost update under contention only delays that a little.
         let old = f64::from_bits(self.ewma_ms.load(Relaxed));
-        let new = if old == 0.0 { ms } else { old + (ms - old) / 8.0 };
+        let new = if old == 0.0 {
+            ms
+        } else {
+            old + (ms - old) / 8.0
+        };
         self.ewma_ms.store(new.to_bits(), Relaxed);
     }
 

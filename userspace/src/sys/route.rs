@@ -21,7 +21,9 @@ fn ip_route(verb: &str, vip: IpAddr) -> io::Result<()> {
         format!("{vip}/128")
     };
     let out = Command::new("ip")
-        .args(["route", verb, "local", &prefix, "dev", "lo", "table", "local"])
+        .args([
+            "route", verb, "local", &prefix, "dev", "lo", "table", "local",
+        ])
         .output()?;
     if out.status.success() {
         Ok(())

@@ -7,7 +7,7 @@ use toml::Spanned;
 
 use super::{Checker, Got};
 use crate::config::{
-    HttpConfig, HttpLimits, Instance, Protocol, RequestKey, RequestMatch, PriorityRule,
+    HttpConfig, HttpLimits, Instance, PriorityRule, Protocol, RequestKey, RequestMatch,
     raw::{Field, RawHttp, RawLayer, RawPriority, RawRequestKey},
 };
 
@@ -33,6 +33,10 @@ pub(super) struct HttpInputs<'a> {
 impl Checker<'_> {
     /// The service's L7 settings: `Some(None)` for an L4 service, `None`
     /// when something is wrong (reported).
+    #[expect(
+        clippy::option_option,
+        reason = "None: reported; Some(None): an L4 service"
+    )]
     pub(super) fn http(&mut self, at: &str, i: HttpInputs<'_>) -> Option<Option<HttpConfig>> {
         let layer = match self.typed(i.layer, &format!("{at}.layer"), |v| {
             (
@@ -100,6 +104,7 @@ impl Checker<'_> {
         ok.then_some(Some(http))
     }
 
+    #[expect(clippy::option_option, reason = "as for `http`")]
     fn l4_has_no_http(
         &mut self,
         at: &str,
@@ -136,90 +141,27 @@ impl Checker<'_> {
         raw: Spanned<RawHttp>,
         instances: &[Option<Instance>],
     ) -> Option<HttpConfig> {
-        let raw = raw.into_inner();
-        let d = HttpConfig::default();
-        let key = match raw.key {
+        let mut raw = raw.into_inner();
+        let key = match raw.key.take() {
             None => Some(None),
             Some(k) => self.request_key(&format!("{at}.key"), k).map(Some),
         };
-        let spill = match self.typed(raw.spill, &format!("{at}.spill"), |v| {
+        let spill = match self.typed(raw.spill.take(), &format!("{at}.spill"), |v| {
             (
                 format!("`{v}` is not true or false"),
                 "write spill = true or spill = false".into(),
             )
         }) {
-            Got::Absent => Some(d.spill),
+            Got::Absent => Some(false),
             Got::Value(v, _) => Some(v),
             Got::Bad => None,
         };
-        let ms = |c: &mut Self, f, key: &str, def: Duration, lo, hi| {
-            let def = u32::try_from(def.as_millis()).expect("small");
-            c.int(f, &format!("{at}.{key}"), def, lo, hi)
-                .map(|v| Duration::from_millis(v.into()))
-        };
-        let secs = |c: &mut Self, f, key: &str, def: Duration, lo, hi| {
-            let def = u32::try_from(def.as_secs()).expect("small");
-            c.int(f, &format!("{at}.{key}"), def, lo, hi)
-                .map(|v| Duration::from_secs(v.into()))
-        };
-        let l = &d.limits;
-        let pool_size = self.int(raw.pool_size, &format!("{at}.pool_size"), d.pool_size, 1, 4096);
-        let pool_idle = secs(self, raw.pool_idle_secs, "pool_idle_secs", d.pool_idle, 1, 3600);
-        // hyper's read buffer is at least 8 KiB; the head must fit in it.
-        let max_header_bytes = self.int(
-            raw.max_header_bytes,
-            &format!("{at}.max_header_bytes"),
-            l.max_header_bytes,
-            8192,
-            1 << 20,
-        );
-        let max_headers = self.int(
-            raw.max_headers,
-            &format!("{at}.max_headers"),
-            l.max_headers,
-            8,
-            1024,
-        );
-        let max_request_line = self.int(
-            raw.max_request_line,
-            &format!("{at}.max_request_line"),
-            l.max_request_line,
-            64,
-            65_536,
-        );
-        let header_timeout = ms(
-            self,
-            raw.header_timeout_ms,
-            "header_timeout_ms",
-            l.header_timeout,
-            100,
-            600_000,
-        );
-        let idle_timeout = secs(
-            self,
-            raw.idle_timeout_secs,
-            "idle_timeout_secs",
-            l.idle_timeout,
-            1,
-            86_400,
-        );
-        let connect_timeout = ms(
-            self,
-            raw.connect_timeout_ms,
-            "connect_timeout_ms",
-            d.connect_timeout,
-            10,
-            60_000,
-        );
-        let response_timeout = ms(
-            self,
-            raw.response_timeout_ms,
-            "response_timeout_ms",
-            d.response_timeout,
-            100,
-            3_600_000,
-        );
-        let names: Vec<&str> = instances.iter().flatten().map(|i| i.name.as_str()).collect();
+        let numbers = self.http_numbers(at, &mut raw);
+        let names: Vec<&str> = instances
+            .iter()
+            .flatten()
+            .map(|i| i.name.as_str())
+            .collect();
         let priority: Vec<Option<PriorityRule>> = raw
             .priority
             .into_iter()
@@ -230,6 +172,100 @@ impl Checker<'_> {
             key: key?,
             priority: priority.into_iter().collect::<Option<_>>()?,
             spill: spill?,
+            ..numbers?
+        })
+    }
+
+    /// The pool's, the limits' and the timeouts' numbers (the rest left
+    /// at their defaults).
+    fn http_numbers(&mut self, at: &str, raw: &mut RawHttp) -> Option<HttpConfig> {
+        let d = HttpConfig::default();
+        let l = &d.limits;
+        let ms = |c: &mut Self, f, key: &str, def: Duration, lo, hi| {
+            let def = u32::try_from(def.as_millis()).expect("small");
+            c.int(f, &format!("{at}.{key}"), def, lo, hi)
+                .map(|v| Duration::from_millis(v.into()))
+        };
+        let secs = |c: &mut Self, f, key: &str, def: Duration, lo, hi| {
+            let def = u32::try_from(def.as_secs()).expect("small");
+            c.int(f, &format!("{at}.{key}"), def, lo, hi)
+                .map(|v| Duration::from_secs(v.into()))
+        };
+        let int =
+            |c: &mut Self, f, key: &str, def, lo, hi| c.int(f, &format!("{at}.{key}"), def, lo, hi);
+        let pool_size = int(
+            self,
+            raw.pool_size.take(),
+            "pool_size",
+            d.pool_size,
+            1,
+            4096,
+        );
+        let pool_idle = secs(
+            self,
+            raw.pool_idle_secs.take(),
+            "pool_idle_secs",
+            d.pool_idle,
+            1,
+            3600,
+        );
+        let max_header_bytes = int(
+            self,
+            raw.max_header_bytes.take(),
+            "max_header_bytes",
+            l.max_header_bytes,
+            1024,
+            1 << 20,
+        );
+        let max_headers = int(
+            self,
+            raw.max_headers.take(),
+            "max_headers",
+            l.max_headers,
+            8,
+            1024,
+        );
+        let max_request_line = int(
+            self,
+            raw.max_request_line.take(),
+            "max_request_line",
+            l.max_request_line,
+            64,
+            65_536,
+        );
+        let header_timeout = ms(
+            self,
+            raw.header_timeout_ms.take(),
+            "header_timeout_ms",
+            l.header_timeout,
+            100,
+            600_000,
+        );
+        let idle_timeout = secs(
+            self,
+            raw.idle_timeout_secs.take(),
+            "idle_timeout_secs",
+            l.idle_timeout,
+            1,
+            86_400,
+        );
+        let connect_timeout = ms(
+            self,
+            raw.connect_timeout_ms.take(),
+            "connect_timeout_ms",
+            d.connect_timeout,
+            10,
+            60_000,
+        );
+        let response_timeout = ms(
+            self,
+            raw.response_timeout_ms.take(),
+            "response_timeout_ms",
+            d.response_timeout,
+            100,
+            3_600_000,
+        );
+        Some(HttpConfig {
             pool_size: pool_size?,
             pool_idle: pool_idle?,
             limits: HttpLimits {
@@ -241,6 +277,7 @@ impl Checker<'_> {
             },
             connect_timeout: connect_timeout?,
             response_timeout: response_timeout?,
+            ..d
         })
     }
 
@@ -314,7 +351,14 @@ impl Checker<'_> {
         let table = raw.span();
         let raw = raw.into_inner();
         let name = self.name(raw.name, &table, &format!("{at}.name"), "priority rule");
-        let when = self.request_match(at, &table, raw.header, raw.cookie, raw.value, raw.path_prefix);
+        let when = self.request_match(
+            at,
+            &table,
+            raw.header,
+            raw.cookie,
+            raw.value,
+            raw.path_prefix,
+        );
         let instances = match raw.instances {
             None => {
                 self.report(
@@ -392,7 +436,10 @@ impl Checker<'_> {
         }
         let string = |c: &mut Self, f, field: &str| {
             c.typed(f, field, |v| {
-                (format!("`{v}` is not a string"), "write it in quotes".into())
+                (
+                    format!("`{v}` is not a string"),
+                    "write it in quotes".into(),
+                )
             })
         };
         if let Some(p) = path_prefix {
@@ -620,7 +667,10 @@ addr = "[fd00:5100:0:18::2]:8080"
 
     #[test]
     fn every_instance_reserved_needs_spill() {
-        let all = WEB.replace("instances = [\"web-2\"]", "instances = [\"web-0\", \"web-1\", \"web-2\"]");
+        let all = WEB.replace(
+            "instances = [\"web-2\"]",
+            "instances = [\"web-0\", \"web-1\", \"web-2\"]",
+        );
         let e = errors(&all);
         assert!(
             e.iter()
@@ -637,6 +687,9 @@ addr = "[fd00:5100:0:18::2]:8080"
         let e = errors(&l4);
         let fields: Vec<&str> = e.iter().map(|e| e.field.as_str()).collect();
         assert!(fields.contains(&"service[0].http"), "{fields:?}");
-        assert!(fields.contains(&"service[0].instance[0].addr"), "{fields:?}");
+        assert!(
+            fields.contains(&"service[0].instance[0].addr"),
+            "{fields:?}"
+        );
     }
 }
