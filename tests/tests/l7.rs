@@ -42,10 +42,15 @@ fn testbed(tag: &str, n: usize) -> Testbed {
 /// (`web-<k>`), `http` being the body of its `[service.http]` table and
 /// `extra` more TOML after it (priority rules).
 fn config(tb: &Testbed, http: &str, extra: &str) -> String {
+    // Idle instances would merge their groups while the test looks.
+    config_wlm(tb, "underload = 0.0", http, extra)
+}
+
+/// As [`config`], with the service's `wlm` table given.
+fn config_wlm(tb: &Testbed, wlm: &str, http: &str, extra: &str) -> String {
     let mut c = format!(
         "[agent]\ninterval_ms = 200\n\n[[service]]\nname = \"web\"\nvip = \"198.18.1.1\"\nport = 80\nprotocol = \"tcp\"\nlayer = \"http\"\n\
-         # Idle instances would merge their groups while the test looks.\n\
-         wlm = {{ underload = 0.0 }}\n\n[service.http]\n{http}\n\n{extra}\n"
+         wlm = {{ {wlm} }}\n\n[service.http]\n{http}\n\n{extra}\n"
     );
     for (k, i) in tb.instances.iter().enumerate() {
         let _ = write!(
@@ -608,4 +613,85 @@ fn curl_and_python_http_server_through_the_distributor() {
     assert!(seen.values().all(|on| on.len() == 1), "{seen:?}");
     let used: HashSet<&String> = seen.values().flatten().collect();
     assert_eq!(used.len(), 2, "20 users all on {used:?}");
+}
+
+#[test]
+fn a_slow_instance_sheds_requests_by_its_measured_latency() {
+    let tb = testbed("l7wlm", 2);
+    let servers = backends(&tb);
+    servers[0].set_delay(Duration::from_millis(60));
+    // No application reports anything: the distributor's own p99 against
+    // latency_target_ms is what overloads web-0.
+    let c = config_wlm(
+        &tb,
+        "underload = 0.0, latency_target_ms = 20, sustain = 2, cooldown_ms = 200",
+        "key = { header = \"X-User\" }",
+        "",
+    );
+    let run = start(&tb, "l7wlm", &c);
+    let units = |g: &[(Group, String)], who: &str| -> u32 {
+        g.iter()
+            .filter(|(_, o)| o == who)
+            .map(|(g, _)| g.size())
+            .sum()
+    };
+    let at_start = units(&groups(&run.agent), "web-0");
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let clients: Vec<_> = (0..4)
+        .map(|t| {
+            let (client, stop) = (tb.client.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut c = netns::run_in(&client, || {
+                    KeptAlive::connect(vip(), Duration::from_secs(5))
+                })
+                .expect("connect");
+                for n in 0..2000 {
+                    if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        break;
+                    }
+                    let user = format!("u-{t}-{}", n % 50);
+                    assert_eq!(get_as(&mut c, "/", &[("x-user", &user)]).status, 200);
+                }
+            })
+        })
+        .collect();
+    let t = Instant::now();
+    let shed = loop {
+        let now = units(&groups(&run.agent), "web-0");
+        if now * 2 <= at_start {
+            break now;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "web-0 (60 ms a request, target 20 ms) still owns {now} of its {at_start} units\n{}",
+            run.agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    // Scraped under load: an interval without requests reports no latency.
+    let m = metrics(&tb);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for c in clients {
+        c.join().expect("client");
+    }
+    assert!(
+        metric(
+            &m,
+            "sluice_moves_total",
+            &["service=\"web\"", "reason=\"overload\""]
+        ) >= 1.0,
+        "{m}"
+    );
+    assert!(
+        metric(
+            &m,
+            "sluice_instance_reported_latency_p99_seconds",
+            &["instance=\"web-0\""]
+        ) >= 0.02,
+        "the distributor's latency did not reach the element"
+    );
+    eprintln!(
+        "web-0 owned {at_start} units at start, {shed} after {:?}",
+        t.elapsed()
+    );
 }
