@@ -17,6 +17,8 @@
 //! - [`datapath`]: the `Datapath` trait and the XDP implementation, the
 //!   punt sockets;
 //! - [`control`]: the control loop, the WLM element policy, QoS;
+//! - [`l7`]: the L7 distributor of `layer = "http"` services (beside
+//!   `datapath`: it imports `config`, `sys` and `telemetry`);
 //! - [`api`]: the local API's protocol, server and client;
 //! - [`agent`]: start-up, the event loop, signals and reload;
 //! - [`cli`]: the client-side commands and their tables;

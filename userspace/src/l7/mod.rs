@@ -114,6 +114,8 @@ pub enum L7Error {
         #[source]
         source: std::io::Error,
     },
+    #[error("starting the L7 distributor's threads")]
+    Runtime(#[source] std::io::Error),
     #[error(
         "service `{service}`: making {vip} a local address (`ip route add local {vip} dev lo`)"
     )]
@@ -276,6 +278,10 @@ pub struct Ids {
 
 /// Every http service's listeners and state.
 pub struct Distributor {
+    /// The distributor's own threads (one a CPU), made with the first http
+    /// service: requests never wait behind the control loop, and the
+    /// control loop never behind requests.
+    rt: Option<tokio::runtime::Runtime>,
     owners: Arc<dyn Owners>,
     services: HashMap<String, Listening>,
     counts: HashMap<String, Arc<ServiceCounts>>,
@@ -315,6 +321,7 @@ impl Distributor {
     #[must_use]
     pub fn new(owners: Arc<dyn Owners>) -> Self {
         Self {
+            rt: None,
             owners,
             services: HashMap::new(),
             counts: HashMap::new(),
@@ -325,9 +332,18 @@ impl Distributor {
 
     /// Binds what `config` needs and is not bound yet, changing nothing
     /// that serves: a failure leaves the running services as they are.
-    /// Must run in a tokio runtime.
-    pub fn stage(&self, config: &Config) -> Result<Staged, L7Error> {
+    pub fn stage(&mut self, config: &Config) -> Result<Staged, L7Error> {
         let mut new = Vec::new();
+        if self.rt.is_none() && config.services.iter().any(|s| s.http.is_some()) {
+            self.rt = Some(
+                tokio::runtime::Builder::new_multi_thread()
+                    .thread_name("sluice-l7")
+                    .enable_all()
+                    .build()
+                    .map_err(L7Error::Runtime)?,
+            );
+        }
+        let _context = self.rt.as_ref().map(tokio::runtime::Runtime::enter);
         let mut routes: Vec<(IpAddr, LocalRoute)> = Vec::new();
         for s in config.services.iter().filter(|s| s.http.is_some()) {
             for vip in &s.vips {
@@ -387,7 +403,10 @@ impl Distributor {
                 .into_iter()
                 .map(|(addr, l)| {
                     tracing::info!(service = %name, %addr, "listening for HTTP requests");
-                    tokio::spawn(proxy::accept(l, slot.clone()))
+                    self.rt
+                        .as_ref()
+                        .expect("made by stage")
+                        .spawn(proxy::accept(l, slot.clone()))
                 })
                 .collect();
             // Replaces (and so stops) the old listeners if the endpoints
@@ -568,6 +587,17 @@ impl Distributor {
                     },
                 );
             }
+        }
+    }
+}
+
+impl Drop for Distributor {
+    fn drop(&mut self) {
+        self.services.clear();
+        // Without waiting for the connections' tasks: an agent may stop
+        // from inside its own runtime, where a blocking shutdown panics.
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
         }
     }
 }
