@@ -695,3 +695,81 @@ fn a_slow_instance_sheds_requests_by_its_measured_latency() {
         t.elapsed()
     );
 }
+
+/// Waits until the agent's log has said `what` `n` times (a reload is
+/// applied or refused asynchronously, on SIGHUP).
+fn wait_log(agent: &Agent, what: &str, n: usize) {
+    let t = Instant::now();
+    while agent.log().matches(what).count() < n {
+        assert!(
+            t.elapsed() < Duration::from_secs(15),
+            "the agent never said `{what}`:\n{}",
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_reload_reroutes_open_connections_and_a_refused_one_changes_nothing() {
+    let tb = testbed("l7reload", 2);
+    let _servers = backends(&tb);
+    let plain = config(&tb, "key = { header = \"X-User\" }", "");
+    let run = start(&tb, "l7reload", &plain);
+    let mut c = connect(&tb);
+    let at = |c: &mut KeptAlive, tier: &str| -> HashSet<String> {
+        (0..40)
+            .map(|n| {
+                let user = format!("u{n}");
+                let r = get_as(c, "/", &[("x-user", &user), ("x-tier", tier)]);
+                r.instance().expect("x-instance").to_owned()
+            })
+            .collect()
+    };
+    assert_eq!(
+        at(&mut c, "gold").len(),
+        2,
+        "before the rule, gold spreads by key"
+    );
+
+    // A rule reserving web-1 for gold: on the connection already open, gold
+    // goes to web-1 only, the rest (once web-1's groups have moved) to web-0.
+    let rule = "[[service.http.priority]]\nname = \"gold\"\nheader = \"X-Tier\"\nvalue = \"gold\"\ninstances = [\"web-1\"]\n";
+    std::fs::write(
+        run.agent.config_path(),
+        config(&tb, "key = { header = \"X-User\" }", rule),
+    )
+    .expect("config");
+    run.agent.hup();
+    wait_log(&run.agent, "config reloaded", 1);
+    let t = Instant::now();
+    while groups(&run.agent).iter().any(|(_, o)| o == "web-1") {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "web-1 kept its groups"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(at(&mut c, "gold"), HashSet::from(["web-1".to_owned()]));
+    assert_eq!(at(&mut c, "plain"), HashSet::from(["web-0".to_owned()]));
+
+    // Port 81 is taken on the VIP: a reload moving the service there is
+    // refused whole, and port 80 goes on serving as configured.
+    let taken = netns::run_in(&tb.host, || std::net::TcpListener::bind("198.18.1.1:81"))
+        .expect("taking port 81");
+    std::fs::write(
+        run.agent.config_path(),
+        config(&tb, "key = { header = \"X-User\" }", rule).replace("port = 80\n", "port = 81\n"),
+    )
+    .expect("config");
+    run.agent.hup();
+    wait_log(&run.agent, "config reload refused", 1);
+    assert!(
+        run.agent.log().contains("198.18.1.1:81"),
+        "the refusal names the address:\n{}",
+        run.agent.log()
+    );
+    assert_eq!(at(&mut c, "gold"), HashSet::from(["web-1".to_owned()]));
+    assert_eq!(at(&mut c, "plain"), HashSet::from(["web-0".to_owned()]));
+    drop(taken);
+}
