@@ -92,7 +92,7 @@ const ROUNDS: usize = 3;
 
 /// CPU time of the whole system from /proc/stat, in ns: (busy, softirq).
 /// Busy is user + nice + system + irq + softirq; steal is the hypervisor's.
-fn system_cpu() -> (f64, f64) {
+pub(crate) fn system_cpu() -> (f64, f64) {
     let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
     let v: Vec<u64> = stat
         .lines()
@@ -164,7 +164,7 @@ fn ksoftirqd_pids() -> Vec<u32> {
 }
 
 /// utime + stime of `pids`, in ns.
-fn pids_ns(pids: &[u32]) -> f64 {
+pub(crate) fn pids_ns(pids: &[u32]) -> f64 {
     let ticks: u64 = pids
         .iter()
         .filter_map(|pid| {
@@ -669,7 +669,7 @@ impl Bed {
     }
 }
 
-fn run(cmd: &mut Command) -> anyhow::Result<()> {
+pub(crate) fn run(cmd: &mut Command) -> anyhow::Result<()> {
     let out = cmd.output()?;
     if !out.status.success() {
         bail!("{cmd:?}: {}", String::from_utf8_lossy(&out.stderr).trim());
@@ -696,7 +696,7 @@ fn ipvs_unavailable() -> Option<String> {
     None
 }
 
-fn median(v: &mut [f64]) -> f64 {
+pub(crate) fn median(v: &mut [f64]) -> f64 {
     v.sort_by(f64::total_cmp);
     match v.len() {
         0 => 0.0,

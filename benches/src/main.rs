@@ -11,7 +11,10 @@
 //! - the control loop on the namespace testbed: a step change (one instance
 //!   throttled) to detection, first move and balance; and a drain;
 //! - memory: BPF map memory per service and per pinned flow, and the
-//!   agent's resident memory at 1 and 256 services.
+//!   agent's resident memory at 1 and 256 services;
+//! - L7: HTTP/1.1 requests a second, proxy CPU and latency through Sluice's
+//!   HTTP distributor beside `HAProxy` and nginx as reverse proxies, with the
+//!   same nginx backends and `wrk` as the client.
 //!
 //! Benchmarks are not tests: nothing here passes or fails on a number.
 
@@ -19,6 +22,7 @@ mod cluster;
 mod control;
 mod e2e;
 mod fastpath;
+mod l7;
 mod memory;
 mod punt;
 
@@ -43,8 +47,11 @@ struct Args {
     /// Seconds each end-to-end path is driven.
     #[arg(long, default_value_t = 3.0)]
     e2e_seconds: f64,
+    /// Seconds of each measured L7 run (`wrk -d`).
+    #[arg(long, default_value_t = 10)]
+    l7_seconds: u32,
     /// Run only these parts (default: all): fast-path, e2e, cluster, punt,
-    /// control, memory.
+    /// control, memory, l7.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Experiment builds of the XDP program (`<feature>.o`), measured
@@ -56,8 +63,8 @@ struct Args {
     /// the fast-path tables.
     #[arg(long)]
     experiments_only: bool,
-    /// The `sluice` binary whose resident memory is measured (default: next
-    /// to this one).
+    /// The `sluice` binary whose resident memory and HTTP distributor are
+    /// measured (default: `$SLUICE_BIN`, else next to this one).
     #[arg(long)]
     sluice: Option<PathBuf>,
 }
@@ -81,6 +88,8 @@ struct Report {
     punt: Vec<punt::Row>,
     control: Option<control::Figures>,
     memory: Option<memory::Figures>,
+    l7: Vec<l7::Row>,
+    l7_seconds: u32,
 }
 
 fn machine() -> Machine {
@@ -111,6 +120,20 @@ fn main() -> std::process::ExitCode {
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+/// The `sluice` binary to measure: `--sluice`, else `$SLUICE_BIN` (as
+/// `cargo xtask bench` sets it), else next to this one.
+fn sluice_bin(args: &Args) -> PathBuf {
+    args.sluice
+        .clone()
+        .or_else(|| std::env::var_os("SLUICE_BIN").map(PathBuf::from))
+        .unwrap_or_else(|| {
+            std::env::current_exe()
+                .ok()
+                .and_then(|p| p.parent().map(|d| d.join("sluice")))
+                .unwrap_or_else(|| PathBuf::from("sluice"))
+        })
 }
 
 fn run(args: &Args) -> anyhow::Result<()> {
@@ -157,15 +180,17 @@ fn run(args: &Args) -> anyhow::Result<()> {
     };
     let memory = if want("memory") {
         eprintln!("[bench] memory");
-        let sluice = args.sluice.clone().unwrap_or_else(|| {
-            std::env::current_exe()
-                .ok()
-                .and_then(|p| p.parent().map(|d| d.join("sluice")))
-                .unwrap_or_else(|| PathBuf::from("sluice"))
-        });
-        Some(memory::run(&sluice)?)
+        Some(memory::run(&sluice_bin(args))?)
     } else {
         None
+    };
+    let l7 = if want("l7") {
+        eprintln!(
+            "[bench] L7: HTTP/1.1 through Sluice, HAProxy and nginx on the namespace testbed"
+        );
+        l7::run(&sluice_bin(args), args.l7_seconds)?
+    } else {
+        Vec::new()
     };
     let report = Report {
         machine: m,
@@ -177,6 +202,8 @@ fn run(args: &Args) -> anyhow::Result<()> {
         punt,
         control,
         memory,
+        l7,
+        l7_seconds: args.l7_seconds,
     };
     let md = markdown(&report);
     std::fs::create_dir_all(&args.out)?;
@@ -212,6 +239,7 @@ fn markdown(r: &Report) -> String {
     if let Some(mm) = &r.memory {
         memory_table(&mut s, mm, r.machine.cores);
     }
+    l7::table(&mut s, &r.l7, r.l7_seconds);
     s
 }
 

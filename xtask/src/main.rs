@@ -177,6 +177,15 @@ fn real_main() -> anyhow::Result<()> {
                     "[setup] ipvsadm                            not needed: this kernel lacks IPVS"
                 );
             }
+            // The L7 bench starts its own HAProxy and nginx processes with
+            // configs of its own; the packages' services are not used.
+            setup::debian(
+                &mut env,
+                &["haproxy", "nginx", "wrk"],
+                "haproxy, nginx and wrk",
+                "for the L7 baselines (HAProxy and nginx as reverse proxies, nginx as the backends, wrk as the client)",
+                false,
+            )?;
             require_root("the benchmarks load XDP programs and create network namespaces")?;
             eprintln!("[bench] building (release)");
             cargo(
