@@ -23,6 +23,7 @@ mod pool;
 mod proxy;
 pub mod route;
 pub mod stats;
+mod workers;
 
 use std::{
     collections::HashMap,
@@ -133,13 +134,30 @@ pub struct Backend {
     pub id: u32,
     /// In a priority subset: only its rules' requests (or spill-over).
     pub reserved: bool,
-    pool: pool::Pool,
+    /// One pool a worker thread.
+    pools: Vec<pool::Pool>,
     pub stats: stats::InstanceStats,
     /// Failed, as the control loop says (veth gone, reports stopped).
     failed: AtomicBool,
     /// Until when (ms on the distributor's clock) it is skipped after a
     /// failed connection: requests go straight elsewhere meanwhile.
     down_until: AtomicU64,
+}
+
+impl Backend {
+    /// The calling worker's pool.
+    fn pool(&self) -> &pool::Pool {
+        &self.pools[workers::current() % self.pools.len()]
+    }
+
+    /// Open connections and idle ones, over every worker's pool; and how
+    /// many were ever opened.
+    fn connections(&self) -> (u32, u32, u64) {
+        self.pools.iter().fold((0, 0, 0), |(o, i, n), p| {
+            let (po, pi) = p.connections();
+            (o + po, i + pi, n + p.opened.load(Relaxed))
+        })
+    }
 }
 
 /// How long an instance that refused a connection is skipped.
@@ -261,10 +279,14 @@ impl Drop for Listening {
     }
 }
 
+/// A service's endpoints and each one's listeners, one a worker.
+type Bound = Vec<(SocketAddr, Vec<TcpListener>)>;
+
 /// Listeners bound for a configuration, not serving yet: see
 /// [`Distributor::stage`].
 pub struct Staged {
-    new: Vec<(String, Vec<(SocketAddr, TcpListener)>)>,
+    /// Each new service's endpoints, one listener a worker on each.
+    new: Vec<(String, Bound)>,
     /// Local routes added for VIPs new to the distributor.
     routes: Vec<(IpAddr, LocalRoute)>,
 }
@@ -281,7 +303,7 @@ pub struct Distributor {
     /// The distributor's own threads (one a CPU), made with the first http
     /// service: requests never wait behind the control loop, and the
     /// control loop never behind requests.
-    rt: Option<tokio::runtime::Runtime>,
+    workers: Option<workers::Workers>,
     owners: Arc<dyn Owners>,
     services: HashMap<String, Listening>,
     counts: HashMap<String, Arc<ServiceCounts>>,
@@ -298,12 +320,14 @@ fn endpoints(s: &Service) -> Vec<SocketAddr> {
 }
 
 /// A listening socket on `addr`, with `SO_REUSEADDR` (a restarted agent
-/// binds while old connections linger) and freebind (a VIP whose local
-/// route is not there yet).
+/// binds while old connections linger), `SO_REUSEPORT` (one a worker) and
+/// freebind (a VIP whose local route is not there yet).
 fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
     use socket2::{Domain, Protocol, Socket, Type};
     let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     s.set_reuse_address(true)?;
+    // One socket a worker on the same endpoint.
+    s.set_reuse_port(true)?;
     if addr.is_ipv6() {
         s.set_only_v6(true)?;
         s.set_freebind_v6(true)?;
@@ -321,7 +345,7 @@ impl Distributor {
     #[must_use]
     pub fn new(owners: Arc<dyn Owners>) -> Self {
         Self {
-            rt: None,
+            workers: None,
             owners,
             services: HashMap::new(),
             counts: HashMap::new(),
@@ -334,16 +358,9 @@ impl Distributor {
     /// that serves: a failure leaves the running services as they are.
     pub fn stage(&mut self, config: &Config) -> Result<Staged, L7Error> {
         let mut new = Vec::new();
-        if self.rt.is_none() && config.services.iter().any(|s| s.http.is_some()) {
-            self.rt = Some(
-                tokio::runtime::Builder::new_multi_thread()
-                    .thread_name("sluice-l7")
-                    .enable_all()
-                    .build()
-                    .map_err(L7Error::Runtime)?,
-            );
+        if self.workers.is_none() && config.services.iter().any(|s| s.http.is_some()) {
+            self.workers = Some(workers::Workers::start().map_err(L7Error::Runtime)?);
         }
-        let _context = self.rt.as_ref().map(tokio::runtime::Runtime::enter);
         let mut routes: Vec<(IpAddr, LocalRoute)> = Vec::new();
         for s in config.services.iter().filter(|s| s.http.is_some()) {
             for vip in &s.vips {
@@ -361,14 +378,21 @@ impl Distributor {
             if self.services.get(&s.name).is_some_and(|l| l.addrs == addrs) {
                 continue;
             }
+            let workers = self.workers.as_ref().expect("started above");
             let mut bound = Vec::new();
             for addr in addrs {
-                let l = listen(addr).map_err(|source| L7Error::Listen {
-                    service: s.name.clone(),
-                    addr,
-                    source,
-                })?;
-                bound.push((addr, l));
+                let listeners = (0..workers.len())
+                    .map(|k| {
+                        let _context = workers.handle(k).enter();
+                        listen(addr)
+                    })
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|source| L7Error::Listen {
+                        service: s.name.clone(),
+                        addr,
+                        source,
+                    })?;
+                bound.push((addr, listeners));
             }
             new.push((s.name.clone(), bound));
         }
@@ -399,14 +423,14 @@ impl Distributor {
             };
             let slot = Arc::new(Slot(RwLock::new(svc)));
             let addrs = bound.iter().map(|(a, _)| *a).collect();
+            let workers = self.workers.as_ref().expect("made by stage");
             let tasks = bound
                 .into_iter()
-                .map(|(addr, l)| {
-                    tracing::info!(service = %name, %addr, "listening for HTTP requests");
-                    self.rt
-                        .as_ref()
-                        .expect("made by stage")
-                        .spawn(proxy::accept(l, slot.clone()))
+                .flat_map(|(addr, listeners)| {
+                    tracing::info!(service = %name, %addr, workers = listeners.len(), "listening for HTTP requests");
+                    listeners.into_iter().enumerate().map(|(k, l)| {
+                        workers.handle(k).spawn(proxy::accept(l, slot.clone()))
+                    })
                 })
                 .collect();
             // Replaces (and so stops) the old listeners if the endpoints
@@ -429,6 +453,7 @@ impl Distributor {
     /// while their address stays.
     fn build(&mut self, s: &Service, ids: &Ids) -> Option<ServiceL7> {
         let cfg = s.http.clone()?;
+        let workers = self.workers.as_ref().map_or(1, workers::Workers::len);
         let id = *ids.services.get(&s.name)?;
         let old: HashMap<String, Arc<Backend>> = self
             .services
@@ -451,7 +476,9 @@ impl Distributor {
                 let reserved = cfg.is_reserved(&i.name);
                 match old.get(&i.name) {
                     Some(b)
-                        if b.pool.addr() == addr && b.id == inst_id && b.reserved == reserved =>
+                        if b.pools[0].addr() == addr
+                            && b.id == inst_id
+                            && b.reserved == reserved =>
                     {
                         Some(b.clone())
                     }
@@ -459,12 +486,16 @@ impl Distributor {
                         name: i.name.clone(),
                         id: inst_id,
                         reserved,
-                        pool: pool::Pool::new(
-                            addr,
-                            cfg.pool_size,
-                            cfg.pool_idle,
-                            cfg.connect_timeout,
-                        ),
+                        pools: (0..workers)
+                            .map(|_| {
+                                pool::Pool::new(
+                                    addr,
+                                    cfg.pool_size,
+                                    cfg.pool_idle,
+                                    cfg.connect_timeout,
+                                )
+                            })
+                            .collect(),
                         stats: stats::InstanceStats::default(),
                         failed: AtomicBool::new(false),
                         down_until: AtomicU64::new(0),
@@ -547,7 +578,9 @@ impl Distributor {
     /// Closes idle connections past their time.
     pub fn sweep(&self) {
         for (_, b) in self.each_backend() {
-            b.pool.sweep();
+            for p in &b.pools {
+                p.sweep();
+            }
         }
     }
 
@@ -570,7 +603,7 @@ impl Distributor {
                     .zip(&s.by_class)
                     .map(|(k, n)| (*k, n.load(Relaxed)))
                     .collect();
-                let (open, idle) = b.pool.connections();
+                let (open, idle, opened) = b.connections();
                 let (buckets, sum) = s.latency.snapshot();
                 crate::telemetry::http_instance(
                     &svc.name,
@@ -580,7 +613,7 @@ impl Distributor {
                         in_flight: s.in_flight.load(Relaxed),
                         pool_open: open,
                         pool_idle: idle,
-                        pool_opened: b.pool.opened.load(Relaxed),
+                        pool_opened: opened,
                         latency_bounds: &stats::BUCKETS,
                         latency_buckets: &buckets,
                         latency_sum: sum,
@@ -593,11 +626,9 @@ impl Distributor {
 
 impl Drop for Distributor {
     fn drop(&mut self) {
+        // Listeners first; then the workers end, their connections with
+        // them (without waiting: an agent may stop from inside a runtime).
         self.services.clear();
-        // Without waiting for the connections' tasks: an agent may stop
-        // from inside its own runtime, where a blocking shutdown panics.
-        if let Some(rt) = self.rt.take() {
-            rt.shutdown_background();
-        }
+        self.workers = None;
     }
 }

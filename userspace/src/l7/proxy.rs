@@ -378,7 +378,7 @@ async fn send(svc: &ServiceL7, i: usize, req: Request<Body>) -> Result<Response<
     let b = &svc.backends[i];
     let start = Instant::now();
     let wait = svc.cfg.response_timeout;
-    let mut conn = match b.pool.get(wait).await {
+    let mut conn = match b.pool().get(wait).await {
         Ok(c) => c,
         Err(e) => {
             tracing::debug!(instance = %b.name, error = %e, "no connection");
@@ -435,7 +435,7 @@ struct Relay {
 impl Relay {
     fn give_back(&mut self) {
         if let Some(c) = self.conn.take() {
-            self.backend.pool.put(c);
+            self.backend.pool().put(c);
         }
     }
 }
