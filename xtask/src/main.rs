@@ -73,7 +73,8 @@ enum Cmd {
         hosts: u64,
     },
     /// Benchmarks against their baselines in one run (fast path vs the empty
-    /// program, owner-map writes, control loop, memory); writes
+    /// program, owner-map writes, control loop, memory, the L7 distributor
+    /// vs HAProxy and nginx); writes
     /// target/bench/bench.md and bench.json. Needs root.
     Bench {
         /// Also build the experiment variants of the XDP program (the
