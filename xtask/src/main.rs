@@ -74,7 +74,7 @@ enum Cmd {
     },
     /// Benchmarks against their baselines in one run (fast path vs the empty
     /// program, owner-map writes, control loop, memory, the L7 distributor
-    /// vs HAProxy and nginx); writes
+    /// vs `HAProxy` and nginx); writes
     /// target/bench/bench.md and bench.json. Needs root.
     Bench {
         /// Also build the experiment variants of the XDP program (the
