@@ -7,7 +7,10 @@ use std::{
     collections::{HashMap, HashSet},
     fmt::Write as _,
     net::SocketAddr,
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -156,6 +159,54 @@ fn metric(text: &str, name: &str, labels: &[&str]) -> f64 {
         .sum()
 }
 
+/// `threads` clients in the client namespace, each on a kept-alive
+/// connection of its own, calling `each(thread, n, connection)` for `n` in
+/// `0..max` (or until stopped).
+struct Load<T> {
+    stop: Arc<AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<Vec<T>>>,
+}
+
+fn load<T, F>(tb: &Testbed, threads: usize, max: usize, each: F) -> Load<T>
+where
+    T: Send + 'static,
+    F: Fn(usize, usize, &mut KeptAlive) -> T + Clone + Send + 'static,
+{
+    let stop = Arc::new(AtomicBool::new(false));
+    let threads = (0..threads)
+        .map(|t| {
+            let (client, stop, each) = (tb.client.clone(), stop.clone(), each.clone());
+            std::thread::spawn(move || {
+                let mut c = netns::run_in(&client, || {
+                    KeptAlive::connect(vip(), Duration::from_secs(5))
+                })
+                .expect("connect");
+                (0..max)
+                    .take_while(|_| !stop.load(Ordering::Relaxed))
+                    .map(|n| each(t, n, &mut c))
+                    .collect()
+            })
+        })
+        .collect();
+    Load { stop, threads }
+}
+
+impl<T> Load<T> {
+    /// Every client's results, once each has made all its calls.
+    fn join(self) -> Vec<T> {
+        self.threads
+            .into_iter()
+            .flat_map(|h| h.join().expect("client thread"))
+            .collect()
+    }
+
+    /// Stops the clients after their call under way; their results.
+    fn stop(self) -> Vec<T> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.join()
+    }
+}
+
 #[test]
 fn each_request_of_kept_alive_connections_goes_to_its_keys_owner_and_follows_a_move() {
     let tb = testbed("l7key", 3);
@@ -271,29 +322,13 @@ fn priority_requests_use_the_reserved_subset_least_loaded_first() {
     servers[3].set_delay(Duration::from_millis(40));
     // Gold requests from 4 clients at once, so that in-flight counts and
     // latency both tell.
-    let handles: Vec<_> = (0..4)
-        .map(|t| {
-            let client = tb.client.clone();
-            std::thread::spawn(move || {
-                let mut c = netns::run_in(&client, || {
-                    KeptAlive::connect(vip(), Duration::from_secs(5))
-                })
-                .expect("connect");
-                let mut at = Vec::new();
-                for n in 0..50 {
-                    let user = format!("gold-{t}-{n}");
-                    let r = get_as(&mut c, "/", &[("x-tier", "gold"), ("x-user", &user)]);
-                    assert_eq!(r.status, 200);
-                    at.push(r.instance().expect("x-instance").to_owned());
-                }
-                at
-            })
-        })
-        .collect();
-    let gold: Vec<String> = handles
-        .into_iter()
-        .flat_map(|h| h.join().expect("client thread"))
-        .collect();
+    let gold: Vec<String> = load(&tb, 4, 50, |t, n, c| {
+        let user = format!("gold-{t}-{n}");
+        let r = get_as(c, "/", &[("x-tier", "gold"), ("x-user", &user)]);
+        assert_eq!(r.status, 200);
+        r.instance().expect("x-instance").to_owned()
+    })
+    .join();
     let count = |name: &str| gold.iter().filter(|i| *i == name).count();
     assert_eq!(
         count("web-2") + count("web-3"),
@@ -517,49 +552,28 @@ fn a_killed_instance_mid_load_retries_idempotent_requests_and_fails_the_rest_fas
             "",
         ),
     );
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let clients: Vec<_> = (0..4)
-        .map(|t| {
-            let (client, stop) = (tb.client.clone(), stop.clone());
-            std::thread::spawn(move || {
-                let mut c = netns::run_in(&client, || {
-                    KeptAlive::connect(vip(), Duration::from_secs(5))
-                })
-                .expect("connect");
-                let mut out = Vec::new();
-                for n in 0..400 {
-                    if stop.load(std::sync::atomic::Ordering::Relaxed) {
-                        break;
-                    }
-                    let user = format!("u-{t}-{}", n % 30);
-                    let post = n % 4 == 0;
-                    let req = if post {
-                        hyper::Request::post("/upload").body(Bytes::from_static(b"data"))
-                    } else {
-                        hyper::Request::get("/").body(Bytes::new())
-                    }
-                    .map(|mut r| {
-                        r.headers_mut()
-                            .insert("x-user", user.parse().expect("header"));
-                        r
-                    })
-                    .expect("request");
-                    let t0 = Instant::now();
-                    let status = c.send(req).map_or(0, |r| r.status);
-                    out.push((post, status, t0.elapsed()));
-                }
-                out
-            })
+    let clients = load(&tb, 4, 400, |t, n, c| {
+        let post = n % 4 == 0;
+        let req = if post {
+            hyper::Request::post("/upload").body(Bytes::from_static(b"data"))
+        } else {
+            hyper::Request::get("/").body(Bytes::new())
+        }
+        .map(|mut r| {
+            let user = format!("u-{t}-{}", n % 30);
+            r.headers_mut()
+                .insert("x-user", user.parse().expect("header"));
+            r
         })
-        .collect();
+        .expect("request");
+        let t0 = Instant::now();
+        let status = c.send(req).map_or(0, |r| r.status);
+        (post, status, t0.elapsed())
+    });
     std::thread::sleep(Duration::from_millis(800));
     servers[0].kill();
     std::thread::sleep(Duration::from_millis(1500));
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let results: Vec<(bool, u16, Duration)> = clients
-        .into_iter()
-        .flat_map(|h| h.join().expect("client"))
-        .collect();
+    let results = clients.stop();
     let gets: Vec<u16> = results.iter().filter(|r| !r.0).map(|r| r.1).collect();
     let posts: Vec<u16> = results.iter().filter(|r| r.0).map(|r| r.1).collect();
     assert!(
@@ -636,25 +650,10 @@ fn a_slow_instance_sheds_requests_by_its_measured_latency() {
             .sum()
     };
     let at_start = units(&groups(&run.agent), "web-0");
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let clients: Vec<_> = (0..4)
-        .map(|t| {
-            let (client, stop) = (tb.client.clone(), stop.clone());
-            std::thread::spawn(move || {
-                let mut c = netns::run_in(&client, || {
-                    KeptAlive::connect(vip(), Duration::from_secs(5))
-                })
-                .expect("connect");
-                for n in 0..2000 {
-                    if stop.load(std::sync::atomic::Ordering::Relaxed) {
-                        break;
-                    }
-                    let user = format!("u-{t}-{}", n % 50);
-                    assert_eq!(get_as(&mut c, "/", &[("x-user", &user)]).status, 200);
-                }
-            })
-        })
-        .collect();
+    let clients = load(&tb, 4, 2000, |t, n, c| {
+        let user = format!("u-{t}-{}", n % 50);
+        assert_eq!(get_as(c, "/", &[("x-user", &user)]).status, 200);
+    });
     let t = Instant::now();
     let shed = loop {
         let now = units(&groups(&run.agent), "web-0");
@@ -670,10 +669,7 @@ fn a_slow_instance_sheds_requests_by_its_measured_latency() {
     };
     // Scraped under load: an interval without requests reports no latency.
     let m = metrics(&tb);
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    for c in clients {
-        c.join().expect("client");
-    }
+    clients.stop();
     assert!(
         metric(
             &m,
