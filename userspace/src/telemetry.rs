@@ -353,7 +353,7 @@ pub fn http_instance(service: &str, instance: &str, h: &HttpInstance<'_>) {
     {
         gauge!("sluice_http_in_flight", &labels).set(h.in_flight as f64);
         gauge!("sluice_http_pool_connections", "service" => service.to_owned(), "instance" => instance.to_owned(), "state" => "idle").set(f64::from(h.pool_idle));
-        gauge!("sluice_http_pool_connections", "service" => service.to_owned(), "instance" => instance.to_owned(), "state" => "busy").set(f64::from(h.pool_open - h.pool_idle.min(h.pool_open)));
+        gauge!("sluice_http_pool_connections", "service" => service.to_owned(), "instance" => instance.to_owned(), "state" => "busy").set(f64::from(h.pool_open.saturating_sub(h.pool_idle)));
         gauge!("sluice_http_request_duration_seconds_sum", &labels).set(h.latency_sum);
     }
     counter!("sluice_http_pool_opened_total", &labels).absolute(h.pool_opened);

@@ -3,7 +3,7 @@
 //! counts in what the WLM elements measure, and its latency and in-flight
 //! figures reach them as application reports.
 
-use std::{sync::Arc, time::Instant};
+use std::{collections::HashMap, sync::Arc, time::Instant};
 
 use sluice_common::maps::{InstanceCounters, ServiceCounters};
 
@@ -40,9 +40,9 @@ pub(super) fn ids(plan: &Plan) -> Ids {
 /// instance's latency p99 and requests in flight (as an application
 /// would report them), and which instances the control loop has failed.
 pub(super) fn feed(l7: &Distributor, control: &Controller, now: Instant) {
+    l7.mark_failed(|name| control.is_failed(name));
     let mut reports = control.reports.lock().expect("reports lock");
     for (instance, i) in l7.intervals() {
-        l7.set_failed(&instance, control.is_failed(&instance));
         #[expect(clippy::cast_precision_loss, reason = "a count as a load figure")]
         let in_flight = Some(i.in_flight as f64);
         reports.put(
@@ -60,8 +60,20 @@ pub(super) fn feed(l7: &Distributor, control: &Controller, now: Instant) {
 /// The data path as the control loop measures it: an http service's
 /// requests count as its instances' packets and its units' hits.
 pub(super) struct WithRequests<'a> {
-    pub(super) dp: &'a mut dyn Datapath,
-    pub(super) l7: &'a Distributor,
+    dp: &'a mut dyn Datapath,
+    l7: &'a Distributor,
+    /// Requests and bytes by instance id, read once for the interval.
+    requests: HashMap<u32, (u64, u64)>,
+}
+
+impl<'a> WithRequests<'a> {
+    pub(super) fn new(dp: &'a mut dyn Datapath, l7: &'a Distributor) -> Self {
+        Self {
+            dp,
+            l7,
+            requests: l7.instance_counts(),
+        }
+    }
 }
 
 impl Datapath for WithRequests<'_> {
@@ -101,7 +113,7 @@ impl Datapath for WithRequests<'_> {
 
     fn instance_counters(&self, id: u32) -> Result<InstanceCounters, DatapathError> {
         let mut c = self.dp.instance_counters(id)?;
-        if let Some((requests, bytes)) = self.l7.instance_counts(id) {
+        if let Some((requests, bytes)) = self.requests.get(&id) {
             c.packets += requests;
             c.bytes += bytes;
         }

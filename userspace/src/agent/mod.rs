@@ -439,10 +439,7 @@ impl Agent {
         let now = Instant::now();
         http::feed(&self.l7, &self.control, now);
         self.l7.sweep();
-        let mut dp = http::WithRequests {
-            dp: &mut self.datapath,
-            l7: &self.l7,
-        };
+        let mut dp = http::WithRequests::new(&mut self.datapath, &self.l7);
         self.control.tick(&mut dp, now).await
     }
 

@@ -531,20 +531,17 @@ impl Distributor {
         })
     }
 
-    fn each_backend(&self) -> impl Iterator<Item = (Arc<ServiceL7>, Arc<Backend>)> + '_ {
-        self.services.values().flat_map(|l| {
-            let svc = l.slot.current();
-            svc.backends
-                .clone()
-                .into_iter()
-                .map(move |b| (svc.clone(), b))
-        })
+    fn each_backend(&self) -> impl Iterator<Item = Arc<Backend>> + '_ {
+        self.services
+            .values()
+            .flat_map(|l| l.slot.current().backends.clone())
     }
 
-    /// Marks instance `name` failed or not (the control loop's verdict).
-    pub fn set_failed(&self, name: &str, failed: bool) {
-        for (_, b) in self.each_backend().filter(|(_, b)| b.name == name) {
-            b.failed.store(failed, Relaxed);
+    /// Marks each instance failed or not, as `failed` (the control loop)
+    /// says.
+    pub fn mark_failed(&self, failed: impl Fn(&str) -> bool) {
+        for b in self.each_backend() {
+            b.failed.store(failed(&b.name), Relaxed);
         }
     }
 
@@ -552,7 +549,7 @@ impl Distributor {
     #[must_use]
     pub fn intervals(&self) -> Vec<(String, stats::Interval)> {
         self.each_backend()
-            .map(|(_, b)| (b.name.clone(), b.stats.interval()))
+            .map(|b| (b.name.clone(), b.stats.interval()))
             .collect()
     }
 
@@ -567,17 +564,17 @@ impl Distributor {
             .map(|s| s.counts.hits.iter().map(|h| h.load(Relaxed)).collect())
     }
 
-    /// Requests and bytes relayed for instance `id`, ever.
+    /// Requests and bytes relayed, ever, by instance id.
     #[must_use]
-    pub fn instance_counts(&self, id: u32) -> Option<(u64, u64)> {
+    pub fn instance_counts(&self) -> HashMap<u32, (u64, u64)> {
         self.each_backend()
-            .find(|(_, b)| b.id == id)
-            .map(|(_, b)| (b.stats.requests(), b.stats.bytes.load(Relaxed)))
+            .map(|b| (b.id, (b.stats.requests(), b.stats.bytes.load(Relaxed))))
+            .collect()
     }
 
     /// Closes idle connections past their time.
     pub fn sweep(&self) {
-        for (_, b) in self.each_backend() {
+        for b in self.each_backend() {
             for p in &b.pools {
                 p.sweep();
             }

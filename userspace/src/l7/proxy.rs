@@ -24,7 +24,7 @@ use hyper::{
     service::service_fn,
 };
 use hyper_util::rt::{TokioIo, TokioTimer};
-use sluice_common::{HIT_BITS, UNIT_BITS, key, unit_of};
+use sluice_common::{hit_index, key, unit_of};
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
     net::{TcpListener, TcpStream},
@@ -299,7 +299,8 @@ fn route(svc: &ServiceL7, uri: &Uri, headers: &HeaderMap, flow: u32) -> Route {
         .map(key::request);
     svc.counts.routed[usize::from(keyed.is_none())].fetch_add(1, Relaxed);
     let unit = unit_of(keyed.unwrap_or(flow));
-    svc.counts.hits[(unit >> (UNIT_BITS - HIT_BITS)) as usize].fetch_add(1, Relaxed);
+    // The service's own row of buckets: index as service 0's.
+    svc.counts.hits[hit_index(0, unit) as usize].fetch_add(1, Relaxed);
     let owner = svc.owners.owner(svc.id, unit);
     let first = match svc.by_id.get(&owner) {
         Some(&i) if !svc.backends[i].reserved && svc.available(i) => Some(i),
