@@ -489,7 +489,7 @@ pub fn format_mac(mac: &[u8; 6]) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     const GOOD: &str = r#"
@@ -521,12 +521,12 @@ name = "web-0"
 veth = "slc-web0"
 "#;
 
-    fn parse(text: &str) -> Result<Config, ConfigError> {
+    pub(crate) fn parse(text: &str) -> Result<Config, ConfigError> {
         Config::parse(text, Path::new("test.toml"))
     }
 
     /// The one field error of `text`.
-    fn only_error(text: &str) -> FieldError {
+    pub(crate) fn only_error(text: &str) -> FieldError {
         match parse(text) {
             Err(ConfigError::Invalid { errors, .. }) if errors.len() == 1 => errors[0].clone(),
             other => panic!("expected one field error, got {other:?}"),

@@ -499,9 +499,10 @@ impl Checker<'_> {
 
 #[cfg(test)]
 mod tests {
-    use std::path::Path;
-
-    use crate::config::{Config, ConfigError, FieldError, RequestKey, RequestMatch};
+    use crate::config::{
+        ConfigError, FieldError, RequestKey, RequestMatch,
+        tests::{only_error, parse},
+    };
 
     const WEB: &str = r#"
 [[service]]
@@ -544,7 +545,7 @@ addr = "[fd00:5100:0:18::2]:8080"
 "#;
 
     fn errors(text: &str) -> Vec<FieldError> {
-        match Config::parse(text, Path::new("t.toml")) {
+        match parse(text) {
             Err(ConfigError::Invalid { errors, .. }) => errors,
             other => panic!("expected field errors, got {other:?}"),
         }
@@ -553,14 +554,12 @@ addr = "[fd00:5100:0:18::2]:8080"
     /// `WEB` with `from` replaced by `to`: its one error.
     fn one_error(from: &str, to: &str) -> FieldError {
         assert!(WEB.contains(from), "{from}");
-        let e = errors(&WEB.replacen(from, to, 1));
-        assert_eq!(e.len(), 1, "{e:#?}");
-        e[0].clone()
+        only_error(&WEB.replacen(from, to, 1))
     }
 
     #[test]
     fn an_http_service_parses_with_its_rules_and_limits() {
-        let c = Config::parse(WEB, Path::new("t.toml")).unwrap();
+        let c = parse(WEB).unwrap();
         let s = &c.services[0];
         let h = s.http.as_ref().unwrap();
         assert_eq!(h.key, Some(RequestKey::Header("x-user".into())));
@@ -678,7 +677,7 @@ addr = "[fd00:5100:0:18::2]:8080"
             "{e:#?}"
         );
         let spill = all.replace("pool_size = 8", "pool_size = 8\nspill = true");
-        assert!(Config::parse(&spill, Path::new("t.toml")).is_ok());
+        assert!(parse(&spill).is_ok());
     }
 
     #[test]
