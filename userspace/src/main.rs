@@ -7,7 +7,10 @@ use std::{
 };
 
 use clap::{Parser, Subcommand, ValueEnum};
-use sluice::{agent::run::RunOptions, cli, control::qos::Report, datapath::xdp::default_pin_dir};
+use sluice::{
+    agent::run::RunOptions, api::InstanceSpec, cli, control::qos::Report,
+    datapath::xdp::default_pin_dir,
+};
 
 const DEFAULT_API_SOCKET: &str = "/run/sluice/agent.sock";
 const DEFAULT_REPORT_DIR: &str = "/run/sluice/report";
@@ -127,6 +130,15 @@ enum Command {
         #[arg(long, default_value = DEFAULT_API_SOCKET)]
         api_socket: PathBuf,
     },
+    /// Add or remove instances of the running agent (no restart, no
+    /// reload), and list the ones registered this way or by a launcher.
+    Instance {
+        #[command(subcommand)]
+        command: InstanceCommand,
+        /// Unix socket of the agent's local API.
+        #[arg(long, default_value = DEFAULT_API_SOCKET, global = true)]
+        api_socket: PathBuf,
+    },
     /// Report an instance's own QoS to the running agent.
     Report {
         /// Instance name, as in the config.
@@ -147,6 +159,62 @@ enum Command {
         #[arg(long, alias = "api-socket")]
         socket: Option<PathBuf>,
     },
+}
+
+#[derive(Subcommand)]
+enum InstanceCommand {
+    /// Register an instance: it joins the data path at once with no groups
+    /// and takes work as its WLM element decides (or by on-demand claims).
+    /// Kept across agent restarts.
+    Add {
+        /// Service it is an instance of, as in the config.
+        #[arg(long)]
+        service: String,
+        /// Its name (letters, digits, `.`, `_`, `-`), unique on the host.
+        #[arg(long)]
+        name: String,
+        /// Host-side veth of its container.
+        #[arg(long)]
+        veth: String,
+        /// Named network namespace (`ip netns`) of its container.
+        #[arg(long)]
+        netns: Option<String>,
+        /// MAC of the container-side interface (discovered when absent).
+        #[arg(long)]
+        mac: Option<String>,
+        /// `layer = "http"` services: the address and port the L7
+        /// distributor reaches it at.
+        #[arg(long)]
+        addr: Option<String>,
+        /// cgroup v2 directory of its container, for CPU usage.
+        #[arg(long)]
+        cgroup: Option<String>,
+        /// CPUs the container may use (with --cgroup).
+        #[arg(long)]
+        cpu_limit: Option<f64>,
+        /// `veth` (failed when its veth disappears) or `reports` (also when
+        /// its QoS reports stop).
+        #[arg(long)]
+        health: Option<String>,
+    },
+    /// Remove a registered instance: drained first, its pinned flows given
+    /// until they go quiet or the deadline passes, then out of the data
+    /// path. Shows progress until it is gone.
+    Remove {
+        /// Instance name.
+        instance: String,
+        /// Seconds its flows get before what still flows to it is moved
+        /// to the units' owners (default 30).
+        #[arg(long)]
+        deadline: Option<f64>,
+        /// Stop showing progress after this many seconds (the removal goes
+        /// on).
+        #[arg(long, default_value_t = 300)]
+        timeout: u64,
+    },
+    /// Show the registered instances, and each scaled service's instance
+    /// count, target and last decisions.
+    List,
 }
 
 fn main() -> ExitCode {
@@ -192,6 +260,10 @@ fn main() -> ExitCode {
             instance,
             api_socket,
         } => cli::undrain(&api_socket, &instance),
+        Command::Instance {
+            command,
+            api_socket,
+        } => instance(command, &api_socket),
         Command::Report {
             instance,
             latency_p99_ms,
@@ -215,6 +287,41 @@ fn main() -> ExitCode {
             eprintln!("sluice: error: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+fn instance(command: InstanceCommand, api_socket: &Path) -> anyhow::Result<()> {
+    match command {
+        InstanceCommand::Add {
+            service,
+            name,
+            veth,
+            netns,
+            mac,
+            addr,
+            cgroup,
+            cpu_limit,
+            health,
+        } => cli::instance_add(
+            api_socket,
+            InstanceSpec {
+                service,
+                name,
+                veth,
+                netns,
+                mac,
+                addr,
+                cgroup,
+                cpu_limit,
+                health,
+            },
+        ),
+        InstanceCommand::Remove {
+            instance,
+            deadline,
+            timeout,
+        } => cli::instance_remove(api_socket, &instance, deadline, timeout),
+        InstanceCommand::List => cli::instance_list(api_socket),
     }
 }
 

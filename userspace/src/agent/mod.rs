@@ -9,6 +9,7 @@
 
 pub mod cluster;
 mod http;
+pub mod lifecycle;
 pub mod run;
 
 use std::{path::Path, sync::Arc, time::Instant};

@@ -2,7 +2,13 @@
 //! interval, the punt path, the local API's commands, periodic stats — until
 //! SIGINT or SIGTERM; SIGHUP reloads the config, whole or not at all.
 
-use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    path::PathBuf,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use anyhow::Context as _;
 use sluice_common::counters;
@@ -12,9 +18,10 @@ use tokio_stream::StreamExt as _;
 use super::{
     Agent,
     cluster::{Cluster, Registry},
+    lifecycle::{self, Lifecycle, Registered, Removal, RemovalStep, Source},
 };
 use crate::{
-    api::{self, InstanceLine},
+    api::{self, InstanceLine, InstanceSpec},
     config::{Config, StoreKind, format_mac},
     control::InstanceStatus,
     coord::{CoordStore, EmbeddedStore, Event},
@@ -48,10 +55,12 @@ pub struct RunOptions {
 
 /// Runs the agent until SIGINT or SIGTERM.
 pub fn run(a: &RunOptions) -> anyhow::Result<()> {
-    let config = Config::load(&a.config)?;
+    let base = Config::load(&a.config)?;
     // Before anything of the running data path or the store is read or
     // written: a second agent started by mistake touches nothing.
     let lock = AgentLock::acquire(&a.pin_dir, &a.state)?;
+    let life = Lifecycle::open(&a.state)?;
+    let config = effective(&life, &base);
     // A data path already pinned belongs to a previous agent: a failed
     // start must leave it be. Anything else it creates, it removes.
     let adopting = a.pin_dir.join("link").exists();
@@ -112,7 +121,13 @@ pub fn run(a: &RunOptions) -> anyhow::Result<()> {
     if let Some(c) = &mut cluster {
         rt.block_on(c.start(&mut agent, &config))?;
     }
-    let agent = rt.block_on(event_loop(a, agent, &store, cluster.as_mut()))?;
+    let agent = rt.block_on(event_loop(
+        a,
+        agent,
+        &store,
+        cluster.as_mut(),
+        (base, config, life),
+    ))?;
     let _ = std::fs::remove_file(&a.api_socket);
     report(&agent, true);
     let pinned = agent.datapath.is_pinned();
@@ -176,14 +191,32 @@ async fn open_store(a: &RunOptions, config: &Config) -> anyhow::Result<Opened> {
     }
 }
 
+/// The running agent and what its event loop keeps beside it.
+struct Serving<'a> {
+    a: &'a RunOptions,
+    agent: Agent,
+    store: &'a Arc<dyn CoordStore>,
+    cluster: Option<&'a mut Cluster>,
+    shared: api::Shared,
+    report_sockets: api::ReportSockets,
+    control: tokio::time::Interval,
+    /// The config file as last loaded.
+    base: Config,
+    /// What runs: `base` with the registered instances whose veth is there.
+    running: Config,
+    life: Lifecycle,
+}
+
 /// Serves the agent until SIGINT or SIGTERM; returns it for shutdown.
 async fn event_loop(
     a: &RunOptions,
-    mut agent: Agent,
+    agent: Agent,
     store: &Arc<dyn CoordStore>,
-    mut cluster: Option<&mut Cluster>,
+    cluster: Option<&mut Cluster>,
+    (base, running, life): (Config, Config, Lifecycle),
 ) -> anyhow::Result<Agent> {
     let shared = api::Shared::new(agent.control.reports.clone(), instance_names(&agent));
+    let mut jobs = shared.take_jobs().expect("a new API's job queue");
     // The API answers from its first request on, not from the first tick.
     let first = agent.control.status().await.ok();
     publish_status(&agent, first.as_deref(), &shared).await;
@@ -198,7 +231,7 @@ async fn event_loop(
     tracing::info!(control = %a.api_socket.display(), reports = %a.report_dir.display(), "local API: control socket root only; one report socket per instance");
     let mut term = signal(SignalKind::terminate())?;
     let mut hup = signal(SignalKind::hangup())?;
-    let mut control = control_interval(&agent);
+    let control = control_interval(&agent);
     // Punted frames wait for a claim: serve them every 2 ms.
     let mut punts = tokio::time::interval(Duration::from_millis(2));
     punts.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
@@ -207,6 +240,19 @@ async fn event_loop(
     // Other writers (hosts of a cluster, the CLI) change the assignment
     // too: the data path follows the store.
     let mut changes = store.watch();
+    let mut r = Serving {
+        a,
+        agent,
+        store,
+        cluster,
+        shared,
+        report_sockets,
+        control,
+        base,
+        running,
+        life,
+    };
+    r.publish_lifecycle().await;
     loop {
         tokio::select! {
             Some(change) = changes.next() => {
@@ -214,53 +260,289 @@ async fn event_loop(
                     Event::Assignment { service } => Some(service.as_str()),
                     Event::Lagged => None,
                 };
-                if let Err(e) = agent.control.follow(&mut agent.datapath, service).await {
+                if let Err(e) = r.agent.control.follow(&mut r.agent.datapath, service).await {
                     tracing::warn!(error = %e, "following the store's change failed; the next interval tries again");
                 }
             }
             _ = tokio::signal::ctrl_c() => break,
             _ = term.recv() => break,
-            _ = hup.recv() => {
-                match reload(a, &mut agent, store, cluster.as_deref()).await {
-                    Ok(()) => {
-                        if let Some(c) = cluster.as_deref_mut() {
-                            c.forget_written();
-                        }
-                        *shared.instances.lock().expect("instances lock") = instance_names(&agent);
-                        if let Err(e) = report_sockets.sync(&report_targets(&agent)) {
-                            tracing::error!(error = %e, dir = %a.report_dir.display(), "report sockets not all open after the reload");
-                        }
-                        control = control_interval(&agent);
-                        tracing::info!(config = %a.config.display(), "config reloaded");
-                    }
-                    Err(e) => tracing::error!(
-                        error = %format!("{e:#}"),
-                        "config reload refused; the running config stays in force"
-                    ),
-                }
-            }
-            _ = control.tick() => {
-                if let Some(c) = cluster.as_deref_mut()
-                    && let Err(e) = c.sync(&mut agent).await
+            _ = hup.recv() => match r.reload_file().await {
+                Ok(()) => tracing::info!(config = %a.config.display(), "config reloaded"),
+                Err(e) => tracing::error!(
+                    error = %format!("{e:#}"),
+                    "config reload refused; the running config stays in force"
+                ),
+            },
+            Some(job) = jobs.recv() => r.job(job).await,
+            _ = r.control.tick() => {
+                if let Some(c) = r.cluster.as_deref_mut()
+                    && let Err(e) = c.sync(&mut r.agent).await
                 {
                     tracing::warn!(error = %format!("{e:#}"), "reading the cluster failed; the data path keeps the last assignment");
                 }
-                apply_commands(&mut agent, &shared);
-                if let Err(e) = agent.tick().await {
+                apply_commands(&mut r.agent, &r.shared);
+                if let Err(e) = r.agent.tick().await {
                     tracing::warn!(error = %e, "control interval failed");
                 }
+                r.lifecycle_step().await;
                 // One status a tick serves both the API and the metrics.
-                let instances = agent.control.status().await.ok();
-                publish_status(&agent, instances.as_deref(), &shared).await;
-                agent.publish(instances.as_deref().unwrap_or_default());
+                let instances = r.agent.control.status().await.ok();
+                publish_status(&r.agent, instances.as_deref(), &r.shared).await;
+                r.agent.publish(instances.as_deref().unwrap_or_default());
+                r.publish_lifecycle().await;
             }
-            _ = punts.tick(), if agent.punt.is_some() => {
-                agent.process_punts().await;
+            _ = punts.tick(), if r.agent.punt.is_some() => {
+                r.agent.process_punts().await;
             }
-            _ = stats.tick(), if a.stats_interval > 0 => report(&agent, false),
+            _ = stats.tick(), if a.stats_interval > 0 => report(&r.agent, false),
         }
     }
-    Ok(agent)
+    Ok(r.agent)
+}
+
+impl Serving<'_> {
+    /// Applies `config` through the agent's whole-or-nothing reload; on
+    /// success it is the running config, and the API's instances, the
+    /// report sockets and the control interval follow it.
+    async fn apply(&mut self, config: Config) -> anyhow::Result<()> {
+        if config.cluster != self.agent.cluster {
+            anyhow::bail!(
+                "the [cluster] table changed: a reload keeps the store and the cluster membership it started with; restart the agent to change them (a restart keeps the data path running)"
+            );
+        }
+        let registry = match self.cluster.as_deref() {
+            Some(c) => {
+                c.check(&config).await?;
+                Some(c.registry(&config).await?)
+            }
+            None => None,
+        };
+        self.agent
+            .reload(
+                &config,
+                self.store.clone(),
+                &self.a.pin_dir,
+                self.a.generic,
+                registry.as_ref(),
+            )
+            .await?;
+        if let Some(c) = self.cluster.as_deref_mut() {
+            c.forget_written();
+        }
+        *self.shared.instances.lock().expect("instances lock") = instance_names(&self.agent);
+        if let Err(e) = self.report_sockets.sync(&report_targets(&self.agent)) {
+            tracing::error!(error = %e, dir = %self.a.report_dir.display(), "report sockets not all open after the reload");
+        }
+        self.control = control_interval(&self.agent);
+        self.running = config;
+        Ok(())
+    }
+
+    /// SIGHUP: the config file again, with the registrations, applied whole
+    /// or not at all (see [`Agent::reload`]).
+    async fn reload_file(&mut self) -> anyhow::Result<()> {
+        let base = Config::load(&self.a.config)?;
+        let config = effective(&self.life, &base);
+        self.apply(config).await?;
+        self.base = base;
+        Ok(())
+    }
+
+    /// Carries out a lifecycle request and answers it.
+    async fn job(&mut self, job: api::Job) {
+        match job {
+            api::Job::Add { spec, reply } => {
+                let answer = match self.add(spec, Source::Api).await {
+                    Ok(done) => api::Response {
+                        ok: true,
+                        done: Some(done),
+                        ..api::Response::default()
+                    },
+                    Err(e) => refused(format!("{e:#}")),
+                };
+                let _ = reply.send(answer);
+            }
+            api::Job::Remove {
+                instance,
+                deadline,
+                reply,
+            } => {
+                let answer = match self.remove(&instance, deadline) {
+                    Ok(done) => api::Response {
+                        ok: true,
+                        done: Some(done),
+                        ..api::Response::default()
+                    },
+                    Err(e) => refused(e),
+                };
+                let _ = reply.send(answer);
+            }
+        }
+    }
+
+    /// Registers `spec`: the running config with it, applied; then saved.
+    async fn add(&mut self, spec: InstanceSpec, source: Source) -> anyhow::Result<String> {
+        if self.life.get(&spec.name).is_some() {
+            anyhow::bail!(
+                "`{}` is registered already (see `sluice instance list`)",
+                spec.name
+            );
+        }
+        let mut config = self.running.clone();
+        lifecycle::add(&mut config, &spec).map_err(|e| anyhow::anyhow!("{e}"))?;
+        self.apply(config)
+            .await
+            .with_context(|| format!("`{}` not added; nothing changed", spec.name))?;
+        let name = spec.name.clone();
+        let id = self
+            .agent
+            .plan
+            .instances
+            .iter()
+            .find(|i| i.name == name)
+            .map_or(0, |i| i.id);
+        tracing::info!(instance = %name, service = %spec.service, veth = %spec.veth, id, source = source.name(), "instance registered; it takes work as its element decides");
+        if let Err(e) = self.life.insert(Registered { spec, source }) {
+            tracing::error!(instance = %name, error = %e, "the registration is not saved: a restarted agent will not have it");
+            return Ok(format!(
+                "{name} added (id {id}), but not saved ({e}): a restarted agent will not have it"
+            ));
+        }
+        Ok(format!("{name} added (id {id})"))
+    }
+
+    /// Starts removing registered instance `name`: drained now, taken out
+    /// once its flows are done (see [`lifecycle::Removal`]).
+    fn remove(&mut self, name: &str, deadline: Option<Duration>) -> Result<String, String> {
+        if self.life.get(name).is_none() {
+            return Err(if self.base.has_instance(name) {
+                format!(
+                    "`{name}` is in the config file: remove it there and reload (SIGHUP), or `sluice drain` it"
+                )
+            } else {
+                format!("no registered instance `{name}` (see `sluice instance list`)")
+            });
+        }
+        let deadline = deadline.unwrap_or(DEFAULT_REMOVAL_DEADLINE);
+        if self.running.has_instance(name) {
+            self.agent
+                .control
+                .set_drained(name, true)
+                .map_err(|e| e.to_string())?;
+        }
+        self.life
+            .removing
+            .insert(name.to_owned(), Removal::new(Instant::now(), deadline));
+        tracing::info!(instance = %name, deadline = ?deadline, "removing: draining first");
+        Ok(format!(
+            "{name}: draining; it is taken out once its flows are done, at most {} s from now",
+            deadline.as_secs()
+        ))
+    }
+
+    /// One look at the removals under way and at the registrations waiting
+    /// for their veth.
+    async fn lifecycle_step(&mut self) {
+        let now = Instant::now();
+        let owned = self.owned_groups().await;
+        let mut done = Vec::new();
+        let names: Vec<String> = self.life.removing.keys().cloned().collect();
+        for name in names {
+            let Some(inst) = self.agent.plan.instances.iter().find(|i| i.name == name) else {
+                // Not running (its veth never came): nothing to drain.
+                done.push((name, RemovalStep::Done));
+                continue;
+            };
+            let packets = self
+                .agent
+                .datapath
+                .instance_counters(inst.id)
+                .map_or(0, |c| c.packets);
+            let groups = owned.get(&name).copied().unwrap_or(0);
+            let removal = self.life.removing.get_mut(&name).expect("listed");
+            match removal.step(groups, packets, now) {
+                RemovalStep::Wait => {}
+                step => done.push((name, step)),
+            }
+        }
+        for (name, step) in done {
+            let mut config = self.running.clone();
+            config.remove_instance(&name);
+            if self.running.has_instance(&name)
+                && let Err(e) = self.apply(config).await
+            {
+                let why = format!("{e:#}");
+                tracing::error!(instance = %name, error = %why, "taking the instance out failed; trying again next interval");
+                if let Some(r) = self.life.removing.get_mut(&name) {
+                    r.detail = format!("taking it out failed: {why}");
+                }
+                continue;
+            }
+            if let Err(e) = self.life.forget(&name) {
+                tracing::error!(instance = %name, error = %e, "the registrations file is not updated: a restarted agent will register it again");
+            }
+            if step == RemovalStep::Deadline {
+                tracing::warn!(instance = %name, "removed at its deadline: what still flowed to it goes to its units' owners");
+            } else {
+                tracing::info!(instance = %name, "removed: drained and quiet");
+            }
+        }
+        if self
+            .life
+            .waiting(&self.running)
+            .any(|r| lifecycle::veth_present(&r.spec))
+        {
+            let config = effective(&self.life, &self.base);
+            if let Err(e) = self.apply(config).await {
+                tracing::warn!(error = %format!("{e:#}"), "registered instances whose veth appeared could not join; trying again next interval");
+            }
+        }
+    }
+
+    /// Groups each local instance owns, from the store.
+    async fn owned_groups(&self) -> HashMap<String, usize> {
+        let mut owned = HashMap::new();
+        if let Ok(all) = self.agent.control.assignments().await {
+            for (_, groups) in all {
+                for g in groups {
+                    *owned.entry(g.owner).or_insert(0) += 1;
+                }
+            }
+        }
+        owned
+    }
+
+    /// Refreshes what `instances` answers.
+    async fn publish_lifecycle(&self) {
+        let owned = self.owned_groups().await;
+        let lines = self.life.lines(
+            &self.running,
+            |n| owned.get(n).copied().unwrap_or(0),
+            |n| self.agent.control.is_failed(n),
+        );
+        *self.shared.registered.lock().expect("registered lock") = lines;
+    }
+}
+
+/// How long a removed instance's flows get by default.
+const DEFAULT_REMOVAL_DEADLINE: Duration = Duration::from_secs(30);
+
+fn refused(error: String) -> api::Response {
+    api::Response {
+        ok: false,
+        error: Some(error),
+        ..api::Response::default()
+    }
+}
+
+/// The file's config with the registrations whose veth is there; the ones
+/// it refuses now are logged and left out.
+fn effective(life: &Lifecycle, base: &Config) -> Config {
+    let (config, refused) = life.effective(base, lifecycle::veth_present);
+    for (name, e) in refused {
+        tracing::error!(instance = %name, error = %e, "a registered instance is refused by the running config and left out; `sluice instance remove` it, or fix the config");
+    }
+    config
 }
 
 /// The control loop's clock. An interval that overran (an unreachable
@@ -303,39 +585,6 @@ fn report_targets(agent: &Agent) -> Vec<(String, Option<PathBuf>)> {
         .iter()
         .map(|i| (i.name.clone(), i.netns.clone()))
         .collect()
-}
-
-/// SIGHUP: the config file again, applied whole or not at all (see
-/// [`Agent::reload`]).
-async fn reload(
-    a: &RunOptions,
-    agent: &mut Agent,
-    store: &Arc<dyn CoordStore>,
-    cluster: Option<&Cluster>,
-) -> anyhow::Result<()> {
-    let config = Config::load(&a.config)?;
-    if config.cluster != agent.cluster {
-        anyhow::bail!(
-            "the [cluster] table changed: a reload keeps the store and the cluster membership it started with; restart the agent to change them (a restart keeps the data path running)"
-        );
-    }
-    let registry = match cluster {
-        Some(c) => {
-            c.check(&config).await?;
-            Some(c.registry(&config).await?)
-        }
-        None => None,
-    };
-    agent
-        .reload(
-            &config,
-            store.clone(),
-            &a.pin_dir,
-            a.generic,
-            registry.as_ref(),
-        )
-        .await?;
-    Ok(())
 }
 
 /// Refreshes what the API answers `status` (when the control loop could

@@ -35,6 +35,16 @@ pub enum ClientError {
 
 /// Sends one request and returns the answer.
 pub fn call(path: &Path, req: &Request) -> Result<Response, ClientError> {
+    call_within(path, req, Duration::from_secs(5))
+}
+
+/// As [`call`], for a request the agent answers after carrying it out (an
+/// instance registration reloads the data path).
+pub fn call_waiting(path: &Path, req: &Request) -> Result<Response, ClientError> {
+    call_within(path, req, Duration::from_secs(75))
+}
+
+fn call_within(path: &Path, req: &Request, wait: Duration) -> Result<Response, ClientError> {
     let p = path.display().to_string();
     let mut s = UnixStream::connect(path).map_err(|source| {
         if source.kind() == std::io::ErrorKind::PermissionDenied {
@@ -50,8 +60,7 @@ pub fn call(path: &Path, req: &Request) -> Result<Response, ClientError> {
         path: p.clone(),
         source,
     };
-    s.set_read_timeout(Some(Duration::from_secs(5)))
-        .map_err(io)?;
+    s.set_read_timeout(Some(wait)).map_err(io)?;
     let mut line = serde_json::to_vec(req).expect("serialises");
     line.push(b'\n');
     let sent = s.write_all(&line);

@@ -21,8 +21,8 @@ mod server;
 use serde::{Deserialize, Serialize};
 
 pub use self::{
-    client::{ClientError, call},
-    server::{MAX_LINE, ReportSockets, Shared, serve},
+    client::{ClientError, call, call_waiting},
+    server::{Job, MAX_LINE, ReportSockets, Shared, serve},
 };
 use crate::control::qos::Report;
 
@@ -31,9 +31,94 @@ use crate::control::qos::Report;
 pub enum Request {
     Report(Report),
     Status {},
-    Groups { service: String },
-    Drain { instance: String },
-    Undrain { instance: String },
+    Groups {
+        service: String,
+    },
+    Drain {
+        instance: String,
+    },
+    Undrain {
+        instance: String,
+    },
+    /// Registers an instance with the running agent (answered once it is
+    /// in the data path, or refused with the reason).
+    InstanceAdd(InstanceSpec),
+    /// Drains a registered instance, lets its pinned flows finish (up to
+    /// `deadline_secs`), then takes it out; answered at once, progress in
+    /// `instances`.
+    InstanceRemove {
+        instance: String,
+        #[serde(default)]
+        deadline_secs: Option<f64>,
+    },
+    /// The registered instances and each scaled service's state.
+    Instances {},
+}
+
+/// An instance as `sluice instance add` (or a launcher) registers it: the
+/// fields of a `[[service.instance]]` table, and its service.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct InstanceSpec {
+    pub service: String,
+    pub name: String,
+    pub veth: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub netns: Option<String>,
+    /// `aa:bb:cc:dd:ee:ff`; discovered when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
+    /// `layer = "http"` services: where the L7 distributor reaches it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub addr: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cgroup: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_limit: Option<f64>,
+    /// `reports`: failed when its QoS reports stop too.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<String>,
+}
+
+/// One registered instance in an `instances` answer.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+pub struct RegisteredLine {
+    pub service: String,
+    pub name: String,
+    pub veth: String,
+    #[serde(default)]
+    pub netns: Option<String>,
+    /// `api` (`sluice instance add`) or `launcher`.
+    pub source: String,
+    /// `running`, `waiting` (its veth is not there yet), `removing`,
+    /// `failed`.
+    pub state: String,
+    /// What a removal waits for, or why it is failed.
+    #[serde(default)]
+    pub detail: String,
+    /// Groups it owns now.
+    #[serde(default)]
+    pub groups: usize,
+}
+
+/// One scaled service in an `instances` (and `status`) answer.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+pub struct ScaleLine {
+    pub service: String,
+    /// Instances in the data path, and of those live (not failed, drained
+    /// or being removed).
+    pub instances: u32,
+    pub live: u32,
+    /// Where the scaler is heading: live + launches under way - removals.
+    pub target: u32,
+    pub min: u32,
+    pub max: u32,
+    /// The SLA window in force, if any (its index in the config).
+    #[serde(default)]
+    pub window: Option<usize>,
+    /// The latest scaling decisions, newest last (`launch kv-3: saturated`).
+    #[serde(default)]
+    pub last: Vec<String>,
 }
 
 /// A drain or undrain for the control loop to carry out.
@@ -86,4 +171,11 @@ pub struct Response {
     pub instances: Option<Vec<InstanceLine>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub groups: Option<Vec<GroupLine>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub registered: Option<Vec<RegisteredLine>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scale: Option<Vec<ScaleLine>>,
+    /// What a lifecycle request did (`kv-3 added, id 4`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub done: Option<String>,
 }

@@ -12,11 +12,13 @@ use std::{
 use tokio::{
     io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader},
     net::{UnixListener, UnixStream, unix::UCred},
-    sync::Semaphore,
+    sync::{Semaphore, mpsc, oneshot},
     task::JoinHandle,
 };
 
-use super::{Command, GroupLine, InstanceLine, Request, Response};
+use super::{
+    Command, GroupLine, InstanceLine, InstanceSpec, RegisteredLine, Request, Response, ScaleLine,
+};
 use crate::control::qos::Reports;
 
 /// What the API serves from.
@@ -33,13 +35,56 @@ pub struct Shared {
     pub commands: Arc<Mutex<Vec<Command>>>,
     /// Connection slots over every socket (see [`MAX_CONNECTIONS`]).
     pub slots: Arc<Semaphore>,
+    /// Registered instances, refreshed by the control loop.
+    pub registered: Arc<Mutex<Vec<RegisteredLine>>>,
+    /// Scaled services, refreshed by the control loop.
+    pub scale: Arc<Mutex<Vec<ScaleLine>>>,
+    /// Lifecycle requests for the event loop, each with its answer to come.
+    jobs: mpsc::UnboundedSender<Job>,
+    /// The event loop's end of `jobs`, until it takes it.
+    job_queue: Arc<Mutex<Option<mpsc::UnboundedReceiver<Job>>>>,
 }
+
+/// A lifecycle request the event loop carries out and answers.
+#[derive(Debug)]
+pub enum Job {
+    Add {
+        spec: InstanceSpec,
+        reply: oneshot::Sender<Response>,
+    },
+    Remove {
+        instance: String,
+        deadline: Option<Duration>,
+        reply: oneshot::Sender<Response>,
+    },
+}
+
+/// An answer now, or one the event loop gives later.
+enum Answer {
+    Now(Response),
+    Later(oneshot::Receiver<Response>),
+}
+
+impl From<Response> for Answer {
+    fn from(r: Response) -> Self {
+        Self::Now(r)
+    }
+}
+
+/// Longest wait for the event loop to answer a lifecycle request (a
+/// registration reloads the data path).
+const JOB_WAIT: Duration = Duration::from_mins(1);
 
 impl Shared {
     /// What an agent starts with: no status yet, no commands.
     #[must_use]
     pub fn new(reports: Arc<Mutex<Reports>>, instances: Vec<String>) -> Self {
+        let (jobs, queue) = mpsc::unbounded_channel();
         Self {
+            registered: Arc::default(),
+            scale: Arc::default(),
+            jobs,
+            job_queue: Arc::new(Mutex::new(Some(queue))),
             reports,
             instances: Arc::new(Mutex::new(instances)),
             status: Arc::default(),
@@ -48,10 +93,62 @@ impl Shared {
             slots: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
         }
     }
+
+    /// The lifecycle requests, for the event loop (once: `None` after).
+    #[must_use]
+    pub fn take_jobs(&self) -> Option<mpsc::UnboundedReceiver<Job>> {
+        self.job_queue.lock().expect("jobs lock").take()
+    }
+
+    /// Hands `make(reply)` to the event loop.
+    fn job(&self, make: impl FnOnce(oneshot::Sender<Response>) -> Job) -> Answer {
+        let (tx, rx) = oneshot::channel();
+        if self.jobs.send(make(tx)).is_err() {
+            return refuse("the agent is shutting down".into()).into();
+        }
+        Answer::Later(rx)
+    }
 }
 
-fn answer(shared: &Shared, line: &str) -> Response {
-    match serde_json::from_str::<Request>(line) {
+fn answer(shared: &Shared, line: &str) -> Answer {
+    let request = serde_json::from_str::<Request>(line);
+    match request {
+        Ok(Request::InstanceAdd(spec)) => shared.job(|reply| Job::Add { spec, reply }),
+        Ok(Request::InstanceRemove {
+            instance,
+            deadline_secs,
+        }) => {
+            let deadline = match deadline_secs {
+                None => None,
+                Some(s) if s.is_finite() && (0.0..=86_400.0).contains(&s) => {
+                    Some(Duration::from_secs_f64(s))
+                }
+                Some(s) => {
+                    return refuse(format!(
+                        "deadline_secs {s} is out of range; give 0 to 86400 seconds"
+                    ))
+                    .into();
+                }
+            };
+            shared.job(|reply| Job::Remove {
+                instance,
+                deadline,
+                reply,
+            })
+        }
+        Ok(Request::Instances {}) => Response {
+            ok: true,
+            registered: Some(shared.registered.lock().expect("registered lock").clone()),
+            scale: Some(shared.scale.lock().expect("scale lock").clone()),
+            ..Response::default()
+        }
+        .into(),
+        other => answer_now(shared, other).into(),
+    }
+}
+
+fn answer_now(shared: &Shared, request: Result<Request, serde_json::Error>) -> Response {
+    match request {
         Ok(Request::Report(r)) => {
             if !shared
                 .instances
@@ -101,6 +198,9 @@ fn answer(shared: &Shared, line: &str) -> Response {
         }
         Ok(Request::Drain { instance }) => queue(shared, Command::Drain(instance)),
         Ok(Request::Undrain { instance }) => queue(shared, Command::Undrain(instance)),
+        Ok(Request::InstanceAdd(_) | Request::InstanceRemove { .. } | Request::Instances {}) => {
+            unreachable!("answered by `answer`")
+        }
         Err(e) => Response {
             ok: false,
             error: Some(format!("bad request: {e}")),
@@ -195,8 +295,11 @@ fn admit(access: &Access, cred: Option<UCred>) -> Result<(), String> {
 
 /// A report on `instance`'s own socket: nothing else is answered there.
 fn answer_report(shared: &Shared, instance: &str, line: &str) -> Response {
-    match serde_json::from_str::<Request>(line) {
-        Ok(Request::Report(r)) if r.instance == instance => answer(shared, line),
+    let request = serde_json::from_str::<Request>(line);
+    match request {
+        Ok(Request::Report(r)) if r.instance == instance => {
+            answer_now(shared, Ok(Request::Report(r)))
+        }
         Ok(Request::Report(r)) => refuse(format!(
             "this socket takes reports for `{instance}` only, not `{}`",
             r.instance
@@ -283,7 +386,17 @@ async fn connection(stream: UnixStream, shared: &Shared, access: &Access) {
         } else {
             let line = String::from_utf8_lossy(&buf);
             match access {
-                Access::Control => answer(shared, line.trim_end()),
+                Access::Control => match answer(shared, line.trim_end()) {
+                    Answer::Now(r) => r,
+                    Answer::Later(rx) => match tokio::time::timeout(JOB_WAIT, rx).await {
+                        Ok(Ok(r)) => r,
+                        Ok(Err(_)) => refuse("the agent dropped the request".into()),
+                        Err(_) => refuse(format!(
+                            "no answer within {} s; see `sluice instance list` and the agent's log",
+                            JOB_WAIT.as_secs()
+                        )),
+                    },
+                },
                 Access::Report { instance, .. } => answer_report(shared, instance, line.trim_end()),
             }
         };
@@ -401,18 +514,63 @@ mod tests {
         Shared::new(Arc::default(), vec!["a".into()])
     }
 
+    /// The answer to `line`, which must be one given at once.
+    fn now(s: &Shared, line: &str) -> Response {
+        match answer(s, line) {
+            Answer::Now(r) => r,
+            Answer::Later(_) => panic!("`{line}` was handed to the event loop"),
+        }
+    }
+
+    #[tokio::test]
+    async fn lifecycle_requests_wait_for_the_event_loop() {
+        let s = shared();
+        let mut jobs = s.take_jobs().expect("the queue, once");
+        assert!(s.take_jobs().is_none());
+        let Answer::Later(rx) = answer(
+            &s,
+            r#"{"instance_add": {"service": "kv", "name": "kv-9", "veth": "v9"}}"#,
+        ) else {
+            panic!("an add is answered by the event loop");
+        };
+        let Some(Job::Add { spec, reply }) = jobs.recv().await else {
+            panic!("the add is queued");
+        };
+        assert_eq!((spec.name.as_str(), spec.veth.as_str()), ("kv-9", "v9"));
+        reply
+            .send(Response {
+                ok: true,
+                done: Some("added".into()),
+                ..Response::default()
+            })
+            .unwrap();
+        assert_eq!(rx.await.unwrap().done.as_deref(), Some("added"));
+        let bad = now(
+            &s,
+            r#"{"instance_remove": {"instance": "kv-9", "deadline_secs": -1}}"#,
+        );
+        assert!(bad.error.unwrap().contains("out of range"));
+        let unknown_field = now(
+            &s,
+            r#"{"instance_add": {"service": "kv", "name": "x", "veth": "v", "vet": 1}}"#,
+        );
+        assert!(unknown_field.error.unwrap().contains("bad request"));
+        let listed = now(&s, r#"{"instances": {}}"#);
+        assert!(listed.registered.is_some() && listed.scale.is_some());
+    }
+
     #[test]
     fn drains_are_queued_for_known_instances() {
         let s = shared();
-        assert!(answer(&s, r#"{"drain": {"instance": "a"}}"#).ok);
-        assert!(answer(&s, r#"{"undrain": {"instance": "a"}}"#).ok);
+        assert!(now(&s, r#"{"drain": {"instance": "a"}}"#).ok);
+        assert!(now(&s, r#"{"undrain": {"instance": "a"}}"#).ok);
         assert_eq!(
             *s.commands.lock().unwrap(),
             vec![Command::Drain("a".into()), Command::Undrain("a".into())]
         );
-        assert!(!answer(&s, r#"{"drain": {"instance": "zz"}}"#).ok);
+        assert!(!now(&s, r#"{"drain": {"instance": "zz"}}"#).ok);
         assert_eq!(
-            answer(&s, r#"{"groups": {"service": "nope"}}"#)
+            now(&s, r#"{"groups": {"service": "nope"}}"#)
                 .error
                 .as_deref(),
             Some("unknown service `nope`")
@@ -422,7 +580,7 @@ mod tests {
     #[test]
     fn reports_for_known_instances_only() {
         let s = shared();
-        let ok = answer(&s, r#"{"report": {"instance": "a", "queue_depth": 4}}"#);
+        let ok = now(&s, r#"{"report": {"instance": "a", "queue_depth": 4}}"#);
         assert!(ok.ok, "{ok:?}");
         assert!(
             s.reports
@@ -431,9 +589,9 @@ mod tests {
                 .fresh("a", Instant::now(), Duration::from_secs(1))
                 .is_some()
         );
-        let no = answer(&s, r#"{"report": {"instance": "b"}}"#);
+        let no = now(&s, r#"{"report": {"instance": "b"}}"#);
         assert_eq!(no.error.as_deref(), Some("unknown instance `b`"));
-        let bad = answer(&s, r#"{"reprot": {}}"#);
+        let bad = now(&s, r#"{"reprot": {}}"#);
         assert!(bad.error.unwrap().starts_with("bad request"));
     }
 

@@ -11,7 +11,7 @@ use std::{
 };
 
 use crate::{
-    api::{self, InstanceLine, Request},
+    api::{self, InstanceLine, InstanceSpec, RegisteredLine, Request, ScaleLine},
     config::Config,
     control::qos::Report,
     datapath::xdp::{XdpDatapath, default_pin_dir},
@@ -88,6 +88,10 @@ pub fn status(api_socket: &Path) -> anyhow::Result<()> {
             if i.drained { "  (drained)" } else { "" }
         );
     }
+    // An older agent has no `instances` request: the table above is all.
+    if let Ok((_, scale)) = registered(api_socket) {
+        print_scale(&scale);
+    }
     Ok(())
 }
 
@@ -151,6 +155,105 @@ pub fn drain(api_socket: &Path, instance: &str, timeout: u64) -> anyhow::Result<
             );
         }
         std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+fn registered(api_socket: &Path) -> anyhow::Result<(Vec<RegisteredLine>, Vec<ScaleLine>)> {
+    let r = api::call(api_socket, &Request::Instances {})?;
+    Ok((
+        r.registered.unwrap_or_default(),
+        r.scale.unwrap_or_default(),
+    ))
+}
+
+/// `sluice instance add`: registers an instance with the running agent;
+/// returns once it is in the data path (or says why not).
+pub fn instance_add(api_socket: &Path, spec: InstanceSpec) -> anyhow::Result<()> {
+    let r = api::call_waiting(api_socket, &Request::InstanceAdd(spec))?;
+    println!("{}", r.done.unwrap_or_default());
+    Ok(())
+}
+
+/// `sluice instance remove`: asks the agent to remove a registered
+/// instance, then shows progress (drain, then its flows) until it is gone
+/// or `timeout` seconds passed.
+pub fn instance_remove(
+    api_socket: &Path,
+    instance: &str,
+    deadline: Option<f64>,
+    timeout: u64,
+) -> anyhow::Result<()> {
+    let r = api::call(
+        api_socket,
+        &Request::InstanceRemove {
+            instance: instance.to_owned(),
+            deadline_secs: deadline,
+        },
+    )?;
+    println!("{}", r.done.unwrap_or_default());
+    let start = Instant::now();
+    let mut shown = String::new();
+    loop {
+        let (list, _) = registered(api_socket)?;
+        let Some(line) = list.iter().find(|l| l.name == instance) else {
+            println!("{instance}: removed");
+            return Ok(());
+        };
+        if line.detail != shown {
+            println!("{instance}: {}", line.detail);
+            shown.clone_from(&line.detail);
+        }
+        if start.elapsed() > Duration::from_secs(timeout) {
+            anyhow::bail!(
+                "{instance}: still {} after {timeout} s ({}); the removal goes on in the agent",
+                line.state,
+                line.detail
+            );
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+/// `sluice instance list`: the registered instances and the scaled
+/// services.
+pub fn instance_list(api_socket: &Path) -> anyhow::Result<()> {
+    let (list, scale) = registered(api_socket)?;
+    println!(
+        "{:<16} {:<16} {:<16} {:<9} {:<9} {:>6}  detail",
+        "service", "instance", "veth", "source", "state", "groups"
+    );
+    for l in list {
+        println!(
+            "{:<16} {:<16} {:<16} {:<9} {:<9} {:>6}  {}",
+            l.service, l.name, l.veth, l.source, l.state, l.groups, l.detail
+        );
+    }
+    print_scale(&scale);
+    Ok(())
+}
+
+/// The scaled services' lines, under the instance tables.
+fn print_scale(scale: &[ScaleLine]) {
+    if scale.is_empty() {
+        return;
+    }
+    println!();
+    println!(
+        "{:<16} {:>9} {:>5} {:>6} {:>4} {:>4} {:>7}  last decisions",
+        "service", "instances", "live", "target", "min", "max", "window"
+    );
+    for s in scale {
+        println!(
+            "{:<16} {:>9} {:>5} {:>6} {:>4} {:>4} {:>7}  {}",
+            s.service,
+            s.instances,
+            s.live,
+            s.target,
+            s.min,
+            s.max,
+            s.window.map_or_else(|| "-".to_owned(), |w| w.to_string()),
+            s.last.join("; ")
+        );
     }
 }
 

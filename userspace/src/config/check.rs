@@ -123,6 +123,45 @@ enum Got<T> {
     Bad,
 }
 
+/// What is wrong with `n` as the name of a `what`, and the fix; `None`
+/// when it is a good name.
+pub(super) fn name_problem(n: &str, what: &str) -> Option<(String, String)> {
+    // An instance's name is its report socket's file name, and every name
+    // is a metric label.
+    if n.starts_with(['.', '-'])
+        || !n
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+    {
+        return Some((
+            format!("`{n}` is not a plain name"),
+            format!(
+                "name the {what} with letters, digits, `.`, `_` and `-`, not starting with `.` or `-`"
+            ),
+        ));
+    }
+    // The pinned id registry keeps names of this length.
+    if n.len() > sluice_common::MAX_NAME_LEN {
+        return Some((
+            format!("{} bytes long", n.len()),
+            format!(
+                "shorten the {what}'s name to at most {} bytes",
+                sluice_common::MAX_NAME_LEN
+            ),
+        ));
+    }
+    None
+}
+
+/// Whether `v` can be an interface name (what `ip link` accepts).
+pub(super) fn is_ifname(v: &str) -> bool {
+    !v.is_empty() && v.len() <= 15 && !v.contains(['/', ' '])
+}
+
+/// The fix for a bad interface name.
+pub(super) const VETH_FIX: &str =
+    "use the host-side interface name as `ip link` shows it (1 to 15 characters, no '/' or spaces)";
+
 struct Checker<'a> {
     text: &'a str,
     errors: Vec<FieldError>,
@@ -420,38 +459,14 @@ impl Checker<'_> {
                 );
                 None
             }
-            // An instance's name is its report socket's file name, and
-            // every name is a metric label.
-            Some((n, span))
-                if n.starts_with(['.', '-'])
-                    || !n
-                        .bytes()
-                        .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b)) =>
-            {
-                self.report(
-                    Some(&span),
-                    field,
-                    format!("`{n}` is not a plain name"),
-                    format!(
-                        "name the {what} with letters, digits, `.`, `_` and `-`, not starting with `.` or `-`"
-                    ),
-                );
-                None
-            }
-            // The pinned id registry keeps names of this length.
-            Some((n, span)) if n.len() > sluice_common::MAX_NAME_LEN => {
-                self.report(
-                    Some(&span),
-                    field,
-                    format!("{} bytes long", n.len()),
-                    format!(
-                        "shorten the {what}'s name to at most {} bytes",
-                        sluice_common::MAX_NAME_LEN
-                    ),
-                );
-                None
-            }
-            other => other,
+            Some((n, span)) => match name_problem(&n, what) {
+                Some((problem, fix)) => {
+                    self.report(Some(&span), field, problem, fix);
+                    None
+                }
+                None => Some((n, span)),
+            },
+            None => None,
         }
     }
 
@@ -1269,7 +1284,7 @@ impl Checker<'_> {
         let table = raw.span();
         let mut raw = raw.into_inner();
         let name = self.name(raw.name.take(), &table, &format!("{at}.name"), "instance");
-        let veth_fix = "use the host-side interface name as `ip link` shows it (1 to 15 characters, no '/' or spaces)";
+        let veth_fix = VETH_FIX;
         let veth = self.required(
             raw.veth.take(),
             &table,
@@ -1283,7 +1298,7 @@ impl Checker<'_> {
             },
         );
         let veth = match veth {
-            Some((v, span)) if v.is_empty() || v.len() > 15 || v.contains(['/', ' ']) => {
+            Some((v, span)) if !is_ifname(&v) => {
                 self.report(
                     Some(&span),
                     format!("{at}.veth"),

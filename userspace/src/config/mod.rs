@@ -12,6 +12,7 @@
 //! A leaf apart from `sluice_common`: it imports nothing from the crate.
 
 mod check;
+mod live;
 mod raw;
 
 use std::{
