@@ -30,6 +30,7 @@ use super::{
 
 mod cluster;
 mod http;
+mod scale;
 
 /// Parses and checks `text`; `path` labels the errors.
 pub(super) fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
@@ -326,6 +327,7 @@ impl Checker<'_> {
                     for (key, shape, fix) in SERVICE_SHAPES {
                         self.shape(svc, key, shape, &format!("service[{i}].{key}"), fix);
                     }
+                    self.scale_shapes(svc, i);
                     if let Some(DeValue::Table(http)) = value_mut(svc, "http") {
                         self.shape(
                             http,
@@ -798,6 +800,12 @@ impl Checker<'_> {
             86_400,
         );
         let wlm = self.wlm(&format!("{at}.wlm"), raw.wlm);
+        let scale = self.scale(
+            &format!("{at}.scale"),
+            raw.scale,
+            instances.len(),
+            wlm.as_ref().map(|w| w.underload),
+        );
         let on_demand = match self.typed(raw.assign, &format!("{at}.assign"), |v| {
             (
                 format!("unknown assignment `{v}`"),
@@ -829,6 +837,7 @@ impl Checker<'_> {
                 wlm: wlm?,
                 instances,
                 http: http?,
+                scale: scale?,
             },
             ServiceSpans {
                 name: name_span,

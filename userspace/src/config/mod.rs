@@ -345,6 +345,165 @@ impl HttpConfig {
     }
 }
 
+/// `[service.scale]`: how many instances the service runs, and when the
+/// agent starts or stops one (see `control::scale` for the rules).
+///
+/// `min_instances` and `max_instances` count all the service's instances,
+/// the configured ones too. Without a `launcher` the table is still
+/// accepted: the agent then only detects failures and reports the bounds
+/// and what it would do, it starts and stops nothing.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ScaleConfig {
+    pub min_instances: u32,
+    pub max_instances: u32,
+    /// Control intervals the service must stay saturated before one
+    /// launch.
+    pub out_intervals: u32,
+    /// Control intervals of idleness before one stop.
+    pub in_intervals: u32,
+    /// Least time between two scaling changes of the service.
+    pub cooldown: Duration,
+    /// A stopped instance's pinned flows get this long to finish.
+    pub drain_deadline: Duration,
+    pub launcher: Option<Launcher>,
+    pub failure: FailureRule,
+    /// SLA windows, in config order: the first matching one applies.
+    pub windows: Vec<SlaWindow>,
+}
+
+/// How the agent starts and stops a service's instances.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Launcher {
+    /// argv templates; placeholders `{service}` `{name}` `{vip}` `{port}`
+    /// `{index}` (see [`expand`]).
+    Command {
+        start: Vec<String>,
+        stop: Vec<String>,
+        start_timeout: Duration,
+    },
+    /// Built in: the server command run in a fresh network namespace, its
+    /// addresses from `subnet`, `routes` reached through the host.
+    Netns {
+        command: Vec<String>,
+        subnet: (std::net::Ipv4Addr, u8),
+        routes: Vec<(IpAddr, u8)>,
+        start_timeout: Duration,
+    },
+}
+
+/// `[service.scale.failure]`: a failed launched instance is restarted at
+/// most `restarts` times within any `window`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FailureRule {
+    pub restarts: u32,
+    pub window: Duration,
+}
+
+impl Default for FailureRule {
+    fn default() -> Self {
+        Self {
+            restarts: 3,
+            window: Duration::from_mins(10),
+        }
+    }
+}
+
+/// `[[service.scale.window]]`: an SLA time window, in local time.
+///
+/// It covers the minutes `from..to` of each of its days; when `to < from`
+/// it crosses midnight, covering `from..24:00` of a day and `00:00..to` of
+/// the next. `to` may be 1440 (written `24:00`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct SlaWindow {
+    /// Index 0 is Monday.
+    pub days: [bool; 7],
+    /// Minute of the day, inclusive.
+    pub from: u16,
+    /// Minute of the day, exclusive.
+    pub to: u16,
+    /// `min_instances` while the window holds.
+    pub min_instances: Option<u32>,
+    /// The WLM overload threshold while the window holds.
+    pub overload: Option<f64>,
+}
+
+/// The placeholders a launcher's templates may use.
+pub const PLACEHOLDERS: [&str; 5] = ["service", "name", "vip", "port", "index"];
+
+/// What a launcher's placeholders stand for, for one instance.
+#[derive(Clone, Copy, Debug)]
+pub struct TemplateVars<'a> {
+    pub service: &'a str,
+    pub name: &'a str,
+    pub vip: IpAddr,
+    pub port: u16,
+    pub index: u32,
+}
+
+/// A template's pieces: literal text and placeholder names. `{{` and `}}`
+/// are literal braces (container tools' own templates use them).
+fn template_parts(t: &str) -> Result<Vec<TemplatePart<'_>>, String> {
+    let mut out = Vec::new();
+    let mut rest = t;
+    while !rest.is_empty() {
+        let Some(at) = rest.find(['{', '}']) else {
+            out.push(TemplatePart::Text(rest));
+            break;
+        };
+        if at > 0 {
+            out.push(TemplatePart::Text(&rest[..at]));
+        }
+        let tail = &rest[at..];
+        if let Some(after) = tail.strip_prefix("{{") {
+            out.push(TemplatePart::Text("{"));
+            rest = after;
+        } else if let Some(after) = tail.strip_prefix("}}") {
+            out.push(TemplatePart::Text("}"));
+            rest = after;
+        } else if tail.starts_with('}') {
+            return Err("a `}` that closes nothing".into());
+        } else {
+            let Some(end) = tail.find('}') else {
+                return Err("a `{` that is never closed".into());
+            };
+            out.push(TemplatePart::Placeholder(&tail[1..end]));
+            rest = &tail[end + 1..];
+        }
+    }
+    Ok(out)
+}
+
+enum TemplatePart<'a> {
+    Text(&'a str),
+    Placeholder(&'a str),
+}
+
+/// A checked template (a launcher argument) with its placeholders filled
+/// in; an unknown placeholder (the check refuses them) is kept as written.
+#[must_use]
+pub fn expand(template: &str, vars: &TemplateVars<'_>) -> String {
+    let Ok(parts) = template_parts(template) else {
+        return template.to_owned();
+    };
+    let mut out = String::with_capacity(template.len());
+    for p in parts {
+        match p {
+            TemplatePart::Text(t) => out.push_str(t),
+            TemplatePart::Placeholder("service") => out.push_str(vars.service),
+            TemplatePart::Placeholder("name") => out.push_str(vars.name),
+            TemplatePart::Placeholder("vip") => out.push_str(&vars.vip.to_string()),
+            TemplatePart::Placeholder("port") => out.push_str(&vars.port.to_string()),
+            TemplatePart::Placeholder("index") => out.push_str(&vars.index.to_string()),
+            TemplatePart::Placeholder(other) => {
+                out.push('{');
+                out.push_str(other);
+                out.push('}');
+            }
+        }
+    }
+    out
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub struct Service {
     pub name: String,
@@ -366,6 +525,9 @@ pub struct Service {
     /// `layer = "http"`: requests are distributed one by one by the L7
     /// distributor; `None` for L4 services.
     pub http: Option<HttpConfig>,
+    /// `[service.scale]`: scale-out and scale-in; `None`: the configured
+    /// instances only.
+    pub scale: Option<ScaleConfig>,
 }
 
 impl Service {

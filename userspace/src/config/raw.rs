@@ -188,6 +188,7 @@ pub(super) struct RawService {
     pub(super) wlm: Option<Spanned<RawWlm>>,
     pub(super) layer: Option<Field<RawLayer>>,
     pub(super) http: Option<Spanned<RawHttp>>,
+    pub(super) scale: Option<Spanned<RawScale>>,
     #[serde(default)]
     pub(super) instance: Vec<Spanned<RawInstance>>,
 }
@@ -257,4 +258,57 @@ pub(super) struct RawInstance {
     pub(super) cpu_limit: Option<Field<f64>>,
     pub(super) health: Option<Field<RawHealth>>,
     pub(super) addr: Option<Field<SocketAddr>>,
+}
+
+/// `[service.scale]`: instance bounds, pacing, launcher, failure rule and
+/// SLA windows.
+#[derive(Debug, Deserialize)]
+pub(super) struct RawScale {
+    pub(super) min_instances: Option<Field<u32>>,
+    pub(super) max_instances: Option<Field<u32>>,
+    pub(super) out_intervals: Option<Field<u32>>,
+    pub(super) in_intervals: Option<Field<u32>>,
+    pub(super) cooldown_secs: Option<Field<f64>>,
+    pub(super) drain_deadline_secs: Option<Field<f64>>,
+    pub(super) launcher: Option<Spanned<RawLauncher>>,
+    pub(super) failure: Option<Spanned<RawFailure>>,
+    #[serde(default)]
+    pub(super) window: Vec<Spanned<RawWindow>>,
+}
+
+/// Every launcher kind's keys in one table: a key of the other kind is
+/// reported as not applying (as the tag's are).
+#[derive(Debug, Deserialize)]
+pub(super) struct RawLauncher {
+    pub(super) kind: Option<Field<RawLauncherKind>>,
+    pub(super) start: Option<Spanned<Vec<Field<String>>>>,
+    pub(super) stop: Option<Spanned<Vec<Field<String>>>>,
+    pub(super) command: Option<Spanned<Vec<Field<String>>>>,
+    pub(super) subnet: Option<Field<String>>,
+    pub(super) routes: Option<Spanned<Vec<Field<String>>>>,
+    pub(super) start_timeout_secs: Option<Field<f64>>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+pub(super) enum RawLauncherKind {
+    #[serde(rename = "command")]
+    Command,
+    #[serde(rename = "netns")]
+    Netns,
+}
+
+#[derive(Debug, Deserialize)]
+pub(super) struct RawFailure {
+    pub(super) restarts: Option<Field<u32>>,
+    pub(super) window_secs: Option<Field<f64>>,
+}
+
+/// `[[service.scale.window]]`: days, times of day and overrides.
+#[derive(Debug, Deserialize)]
+pub(super) struct RawWindow {
+    pub(super) days: Option<Spanned<Vec<Field<String>>>>,
+    pub(super) from: Option<Field<String>>,
+    pub(super) to: Option<Field<String>>,
+    pub(super) min_instances: Option<Field<u32>>,
+    pub(super) overload: Option<Field<f64>>,
 }

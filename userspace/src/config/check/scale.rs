@@ -1,0 +1,1261 @@
+//! `[service.scale]`: instance bounds, pacing, the launcher, the failure
+//! rule and the SLA windows.
+
+use std::{
+    net::{IpAddr, Ipv4Addr},
+    ops::Range,
+    time::Duration,
+};
+
+use toml::{
+    Spanned,
+    de::{DeTable, DeValue},
+};
+
+use super::{Checker, Got, Shape, value_mut};
+use crate::config::{
+    FailureRule, Launcher, MAX_INSTANCES, PLACEHOLDERS, ScaleConfig, SlaWindow, TemplatePart,
+    raw::{Field, RawFailure, RawLauncher, RawLauncherKind, RawScale, RawWindow},
+    template_parts,
+};
+
+/// A list of strings as written, with its span.
+type RawList = Spanned<Vec<Field<String>>>;
+
+const DAYS: [&str; 7] = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"];
+
+/// `mon`, or a range `mon-fri` (a range may wrap: `fri-mon`): the days it
+/// names, 0 being Monday.
+fn parse_days(s: &str) -> Option<Vec<usize>> {
+    let day = |d: &str| DAYS.iter().position(|n| n.eq_ignore_ascii_case(d.trim()));
+    match s.split_once('-') {
+        None => Some(vec![day(s)?]),
+        Some((a, b)) => {
+            let (a, b) = (day(a)?, day(b)?);
+            let len = (b + 7 - a) % 7 + 1;
+            Some((0..len).map(|k| (a + k) % 7).collect())
+        }
+    }
+}
+
+/// `HH:MM` (or `H:MM`) as a minute of the day; `24:00` (1440) only when
+/// `end` (a window's exclusive end).
+fn parse_time(s: &str, end: bool) -> Option<u16> {
+    let (h, m) = s.split_once(':')?;
+    if h.is_empty() || h.len() > 2 || m.len() != 2 {
+        return None;
+    }
+    if !h.bytes().chain(m.bytes()).all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let (h, m): (u16, u16) = (h.parse().ok()?, m.parse().ok()?);
+    match (h, m) {
+        (24, 0) if end => Some(1440),
+        (0..24, 0..60) => Some(h * 60 + m),
+        _ => None,
+    }
+}
+
+/// `address/length`, or a bare address (a host prefix).
+fn parse_prefix(s: &str) -> Option<(IpAddr, u8)> {
+    let (addr, len) = if let Some((a, l)) = s.split_once('/') {
+        (a.parse::<IpAddr>().ok()?, l.parse::<u8>().ok()?)
+    } else {
+        let a: IpAddr = s.parse().ok()?;
+        (a, if a.is_ipv4() { 32 } else { 128 })
+    };
+    let most = if addr.is_ipv4() { 32 } else { 128 };
+    (len <= most).then_some((addr, len))
+}
+
+/// `addr` with the bits past `len` cleared.
+fn network(addr: IpAddr, len: u8) -> IpAddr {
+    match addr {
+        IpAddr::V4(a) => {
+            let mask = u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0);
+            IpAddr::V4(Ipv4Addr::from(u32::from(a) & mask))
+        }
+        IpAddr::V6(a) => {
+            let mask = u128::MAX.checked_shl(128 - u32::from(len)).unwrap_or(0);
+            IpAddr::V6((u128::from(a) & mask).into())
+        }
+    }
+}
+
+impl Checker<'_> {
+    /// Takes out wrong-shaped compound values of service `i`'s scale
+    /// table (see [`Checker::shapes`]).
+    pub(super) fn scale_shapes(&mut self, svc: &mut DeTable<'_>, i: usize) {
+        let at = format!("service[{i}].scale");
+        self.shape(
+            svc,
+            "scale",
+            Shape::Table,
+            &at,
+            "write the scaling settings in a [service.scale] table",
+        );
+        let Some(DeValue::Table(scale)) = value_mut(svc, "scale") else {
+            return;
+        };
+        for (key, shape, fix) in [
+            (
+                "launcher",
+                Shape::Table,
+                "write launcher = { kind = \"command\", start = [...], stop = [...] }",
+            ),
+            (
+                "failure",
+                Shape::Table,
+                "write the failure rule in a [service.scale.failure] table",
+            ),
+            (
+                "window",
+                Shape::Tables,
+                "write each SLA window as a [[service.scale.window]] table",
+            ),
+        ] {
+            self.shape(scale, key, shape, &format!("{at}.{key}"), fix);
+        }
+        if let Some(DeValue::Table(launcher)) = value_mut(scale, "launcher") {
+            for key in ["start", "stop", "command", "routes"] {
+                self.shape(
+                    launcher,
+                    key,
+                    Shape::List,
+                    &format!("{at}.launcher.{key}"),
+                    "write a list of strings, e.g. [\"podman\", \"rm\", \"-f\", \"{name}\"]",
+                );
+            }
+        }
+        if let Some(DeValue::Array(windows)) = value_mut(scale, "window") {
+            for (k, w) in windows.iter_mut().enumerate() {
+                if let DeValue::Table(w) = w.get_mut() {
+                    self.shape(
+                        w,
+                        "days",
+                        Shape::List,
+                        &format!("{at}.window[{k}].days"),
+                        "write days = [\"mon-fri\"] or [\"sat\", \"sun\"]",
+                    );
+                }
+            }
+        }
+    }
+
+    /// A service's scaling settings: `Some(None)` without a scale table,
+    /// `None` when something is wrong (reported). `configured` is the
+    /// number of instances the file gives the service; `underload` the
+    /// service's WLM under-load threshold, when it is valid.
+    #[expect(
+        clippy::option_option,
+        reason = "None: reported; Some(None): no scale table"
+    )]
+    pub(super) fn scale(
+        &mut self,
+        at: &str,
+        raw: Option<Spanned<RawScale>>,
+        configured: usize,
+        underload: Option<f64>,
+    ) -> Option<Option<ScaleConfig>> {
+        let Some(raw) = raw else {
+            return Some(None);
+        };
+        let table = raw.span();
+        let mut raw = raw.into_inner();
+        let (min, max) = self.bounds(at, &table, &mut raw, configured);
+        let out_intervals = self.int(
+            raw.out_intervals,
+            &format!("{at}.out_intervals"),
+            5,
+            1,
+            100_000,
+        );
+        let in_intervals = self.int(
+            raw.in_intervals,
+            &format!("{at}.in_intervals"),
+            30,
+            1,
+            1_000_000,
+        );
+        let cooldown = self.num(
+            raw.cooldown_secs,
+            &format!("{at}.cooldown_secs"),
+            30.0,
+            0.001,
+            86_400.0,
+        );
+        let drain_deadline = self.num(
+            raw.drain_deadline_secs,
+            &format!("{at}.drain_deadline_secs"),
+            30.0,
+            0.0,
+            86_400.0,
+        );
+        let launcher = match raw.launcher {
+            None => Some(None),
+            Some(l) => self.launcher(&format!("{at}.launcher"), l).map(Some),
+        };
+        let failure = match raw.failure {
+            None => Some(FailureRule::default()),
+            Some(f) => self.failure(&format!("{at}.failure"), f),
+        };
+        let windows: Vec<Option<SlaWindow>> = raw
+            .window
+            .into_iter()
+            .enumerate()
+            .map(|(k, w)| self.window(&format!("{at}.window[{k}]"), w, max, underload))
+            .collect();
+        Some(Some(ScaleConfig {
+            min_instances: min?,
+            max_instances: max?,
+            out_intervals: out_intervals?,
+            in_intervals: in_intervals?,
+            cooldown: Duration::from_secs_f64(cooldown?),
+            drain_deadline: Duration::from_secs_f64(drain_deadline?),
+            launcher: launcher?,
+            failure: failure?,
+            windows: windows.into_iter().collect::<Option<_>>()?,
+        }))
+    }
+
+    /// `min_instances` and `max_instances`, against each other, the
+    /// agent's limit and the instances already configured.
+    fn bounds(
+        &mut self,
+        at: &str,
+        table: &Range<usize>,
+        raw: &mut RawScale,
+        configured: usize,
+    ) -> (Option<u32>, Option<u32>) {
+        let limit = u32::try_from(MAX_INSTANCES).expect("a small limit");
+        let whole = |field: &'static str| {
+            move |v: &str| {
+                (
+                    format!("{v} is not a whole number"),
+                    format!("write {field} as a whole number from 1 to {limit}"),
+                )
+            }
+        };
+        let min_field = format!("{at}.min_instances");
+        let min = match self.typed(raw.min_instances.take(), &min_field, whole("min_instances")) {
+            Got::Absent => Some(1),
+            Got::Value(0, span) => {
+                self.report(
+                    Some(&span),
+                    &min_field,
+                    "0 instances: the service would have nobody to serve it",
+                    "use min_instances = 1 or more",
+                );
+                None
+            }
+            Got::Value(v, span) if v > limit => {
+                self.report(
+                    Some(&span),
+                    &min_field,
+                    format!("{v} is above the agent's limit of {limit} instances"),
+                    format!("use at most {limit}"),
+                );
+                None
+            }
+            Got::Value(v, _) => Some(v),
+            Got::Bad => None,
+        };
+        let max_field = format!("{at}.max_instances");
+        let max = match self.required(
+            raw.max_instances.take(),
+            table,
+            &max_field,
+            "add max_instances = N: the most instances the agent may run for the service",
+            whole("max_instances"),
+        ) {
+            Some((v, span)) if v > limit => {
+                self.report(
+                    Some(&span),
+                    &max_field,
+                    format!("{v} is above the agent's limit of {limit} instances"),
+                    format!("use at most {limit}"),
+                );
+                None
+            }
+            Some((v, span)) if min.is_some_and(|m| v < m) => {
+                let m = min.expect("checked");
+                self.report(
+                    Some(&span),
+                    &max_field,
+                    format!("max_instances {v} is below min_instances {m}"),
+                    format!("raise max_instances to at least {m}, or lower min_instances"),
+                );
+                None
+            }
+            Some((v, span)) if usize::try_from(v).is_ok_and(|v| configured > v) => {
+                self.report(
+                    Some(&span),
+                    &max_field,
+                    format!(
+                        "{configured} instances are configured, more than max_instances {v} (the bounds count configured instances too)"
+                    ),
+                    format!(
+                        "raise max_instances to at least {configured}, or configure fewer [[service.instance]] tables"
+                    ),
+                );
+                None
+            }
+            Some((v, _)) => Some(v),
+            None => None,
+        };
+        (min, max)
+    }
+
+    fn launcher(&mut self, at: &str, raw: Spanned<RawLauncher>) -> Option<Launcher> {
+        let table = raw.span();
+        let raw = raw.into_inner();
+        let kinds = "\"command\" (your start and stop commands) or \"netns\" (the agent runs the server command in a network namespace of its own)";
+        let (kind, _) = self.required(
+            raw.kind,
+            &table,
+            &format!("{at}.kind"),
+            &format!("set kind = {kinds}"),
+            |v| {
+                (
+                    format!("unknown launcher kind `{v}`"),
+                    format!("use {kinds}"),
+                )
+            },
+        )?;
+        let (name, other, foreign) = match kind {
+            RawLauncherKind::Command => (
+                "command",
+                "netns",
+                [
+                    ("command", raw.command.as_ref().map(Spanned::span)),
+                    ("subnet", raw.subnet.as_ref().map(|f| f.span.clone())),
+                    ("routes", raw.routes.as_ref().map(Spanned::span)),
+                ],
+            ),
+            RawLauncherKind::Netns => (
+                "netns",
+                "command",
+                [
+                    ("start", raw.start.as_ref().map(Spanned::span)),
+                    ("stop", raw.stop.as_ref().map(Spanned::span)),
+                    ("", None),
+                ],
+            ),
+        };
+        let mut ok = true;
+        for (key, span) in foreign {
+            if let Some(span) = span {
+                self.report(
+                    Some(&span),
+                    format!("{at}.{key}"),
+                    format!("`{key}` does not apply to launcher kind `{name}`"),
+                    format!("remove it, or use kind = \"{other}\""),
+                );
+                ok = false;
+            }
+        }
+        let start_timeout = self
+            .num(
+                raw.start_timeout_secs,
+                &format!("{at}.start_timeout_secs"),
+                30.0,
+                0.1,
+                3600.0,
+            )
+            .map(Duration::from_secs_f64);
+        let launcher = match kind {
+            RawLauncherKind::Command => {
+                let start = self.argv(
+                    &format!("{at}.start"),
+                    &table,
+                    raw.start,
+                    "add start = [\"podman\", \"run\", \"-d\", \"--name\", \"{name}\", \"<image>\"]: the command that starts one instance",
+                );
+                let stop = self.argv(
+                    &format!("{at}.stop"),
+                    &table,
+                    raw.stop,
+                    "add stop = [\"podman\", \"rm\", \"-f\", \"{name}\"]: the command that stops one instance",
+                );
+                Launcher::Command {
+                    start: start?,
+                    stop: stop?,
+                    start_timeout: start_timeout?,
+                }
+            }
+            RawLauncherKind::Netns => {
+                let command = self.argv(
+                    &format!("{at}.command"),
+                    &table,
+                    raw.command,
+                    "add command = [\"python3\", \"-m\", \"http.server\", \"{port}\"]: the server each instance runs",
+                );
+                let subnet = self.subnet(&format!("{at}.subnet"), &table, raw.subnet);
+                let routes = self.routes(&format!("{at}.routes"), raw.routes);
+                Launcher::Netns {
+                    command: command?,
+                    subnet: subnet?,
+                    routes: routes?,
+                    start_timeout: start_timeout?,
+                }
+            }
+        };
+        ok.then_some(launcher)
+    }
+
+    /// A command line: a non-empty list of strings, the program not empty,
+    /// every placeholder a known one.
+    fn argv(
+        &mut self,
+        field: &str,
+        table: &Range<usize>,
+        raw: Option<RawList>,
+        missing_fix: &str,
+    ) -> Option<Vec<String>> {
+        let Some(raw) = raw else {
+            self.report(Some(table), field, "missing", missing_fix);
+            return None;
+        };
+        let span = raw.span();
+        let items = raw.into_inner();
+        if items.is_empty() {
+            self.report(
+                Some(&span),
+                field,
+                "empty list: there is no program to run",
+                "give the program and its arguments, one string each",
+            );
+            return None;
+        }
+        let known = PLACEHOLDERS.map(|p| format!("{{{p}}}")).join(", ");
+        let mut out = Some(Vec::with_capacity(items.len()));
+        for (k, item) in items.into_iter().enumerate() {
+            let at = format!("{field}[{k}]");
+            let got = self.typed(Some(item), &at, |v| {
+                (
+                    format!("`{v}` is not a string"),
+                    "write each argument in quotes".into(),
+                )
+            });
+            let Got::Value(arg, span) = got else {
+                out = None;
+                continue;
+            };
+            let problem = if k == 0 && arg.is_empty() {
+                Some((
+                    "the program is an empty string".to_owned(),
+                    "name the program to run first, e.g. \"podman\"".to_owned(),
+                ))
+            } else {
+                match template_parts(&arg) {
+                    Err(e) => Some((
+                        format!("`{arg}` has {e}"),
+                        "write {{ and }} for a literal brace".to_owned(),
+                    )),
+                    Ok(parts) => parts.iter().find_map(|p| match p {
+                        TemplatePart::Placeholder(name) if !PLACEHOLDERS.contains(name) => Some((
+                            format!("unknown placeholder `{{{name}}}` in `{arg}`"),
+                            format!("use {known} (write {{{{ and }}}} for a literal brace)"),
+                        )),
+                        _ => None,
+                    }),
+                }
+            };
+            match problem {
+                Some((problem, fix)) => {
+                    self.report(Some(&span), &at, problem, fix);
+                    out = None;
+                }
+                None => {
+                    if let Some(v) = &mut out {
+                        v.push(arg);
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// The netns launcher's subnet: an IPv4 prefix from /16 to /30, its
+    /// host bits clear.
+    fn subnet(
+        &mut self,
+        field: &str,
+        table: &Range<usize>,
+        raw: Option<Field<String>>,
+    ) -> Option<(Ipv4Addr, u8)> {
+        let example = "subnet = \"198.18.96.0/20\"";
+        let (s, span) = self.required(
+            raw,
+            table,
+            field,
+            &format!("add {example}: the addresses the instances' namespaces get"),
+            |v| (format!("`{v}` is not a string"), format!("write {example}")),
+        )?;
+        let bad = |c: &mut Self, problem: String, fix: String| {
+            c.report(Some(&span), field, problem, fix);
+            None
+        };
+        let Some((addr, len)) = parse_prefix(&s) else {
+            return bad(
+                self,
+                format!("`{s}` is not an address prefix"),
+                format!("write {example}"),
+            );
+        };
+        let IpAddr::V4(v4) = addr else {
+            return bad(
+                self,
+                format!("`{s}` is IPv6; the namespaces' subnet must be IPv4"),
+                format!("use an IPv4 prefix, e.g. {example}"),
+            );
+        };
+        if !(16..=30).contains(&len) {
+            let size = if len > 30 { "too small" } else { "too large" };
+            return bad(
+                self,
+                format!("/{len} is {size} for the instances' subnet"),
+                "use a prefix length from /16 to /30".into(),
+            );
+        }
+        let net = network(addr, len);
+        if net != addr {
+            return bad(
+                self,
+                format!("`{s}` has host bits set"),
+                format!("write the network address: \"{net}/{len}\""),
+            );
+        }
+        Some((v4, len))
+    }
+
+    /// The netns launcher's routes: prefixes (a bare address is a host
+    /// route), host bits clear.
+    fn routes(&mut self, field: &str, raw: Option<RawList>) -> Option<Vec<(IpAddr, u8)>> {
+        let Some(raw) = raw else {
+            return Some(Vec::new());
+        };
+        let mut out = Some(Vec::new());
+        for (k, item) in raw.into_inner().into_iter().enumerate() {
+            let at = format!("{field}[{k}]");
+            let fix = "write a prefix like \"198.18.0.0/24\" or \"fd00:5100::/64\", or an address";
+            let Got::Value(s, span) = self.typed(Some(item), &at, |v| {
+                (format!("`{v}` is not a string"), fix.into())
+            }) else {
+                out = None;
+                continue;
+            };
+            let problem = match parse_prefix(&s) {
+                None => Some((format!("`{s}` is not an address prefix"), fix.to_owned())),
+                Some((a, len)) if network(a, len) != a => Some((
+                    format!("`{s}` has host bits set"),
+                    format!("write the network address: \"{}/{len}\"", network(a, len)),
+                )),
+                Some(p) => {
+                    if let Some(v) = &mut out {
+                        v.push(p);
+                    }
+                    None
+                }
+            };
+            if let Some((problem, fix)) = problem {
+                self.report(Some(&span), &at, problem, fix);
+                out = None;
+            }
+        }
+        out
+    }
+
+    fn failure(&mut self, at: &str, raw: Spanned<RawFailure>) -> Option<FailureRule> {
+        let d = FailureRule::default();
+        let raw = raw.into_inner();
+        let restarts = self.int(raw.restarts, &format!("{at}.restarts"), d.restarts, 0, 1000);
+        let window = self.num(
+            raw.window_secs,
+            &format!("{at}.window_secs"),
+            d.window.as_secs_f64(),
+            1.0,
+            604_800.0,
+        );
+        Some(FailureRule {
+            restarts: restarts?,
+            window: Duration::from_secs_f64(window?),
+        })
+    }
+
+    fn window(
+        &mut self,
+        at: &str,
+        raw: Spanned<RawWindow>,
+        max: Option<u32>,
+        underload: Option<f64>,
+    ) -> Option<SlaWindow> {
+        let table = raw.span();
+        let raw = raw.into_inner();
+        let days = self.days(&format!("{at}.days"), raw.days);
+        let time = |c: &mut Self, f: Option<Field<String>>, key: &str, end: bool| {
+            let field = format!("{at}.{key}");
+            let fix = if end {
+                "write the local time as HH:MM, from 00:00 to 24:00"
+            } else {
+                "write the local time as HH:MM, from 00:00 to 23:59"
+            };
+            let bad = |v: &str| (format!("`{v}` is not a time of day"), fix.to_owned());
+            let (s, span) =
+                c.required(f, &table, &field, &format!("add {key} = \"08:00\""), bad)?;
+            let m = parse_time(&s, end);
+            if m.is_none() {
+                let (problem, fix) = bad(&s);
+                c.report(Some(&span), &field, problem, fix);
+            }
+            m.map(|m| (m, span))
+        };
+        let from = time(self, raw.from, "from", false);
+        let to = time(self, raw.to, "to", true);
+        let clash = match (&from, &to) {
+            (Some((f, _)), Some((t, span))) if f == t => Some(span.clone()),
+            _ => None,
+        };
+        if let Some(span) = &clash {
+            let shown = raw_time(from.as_ref().map_or(0, |f| f.0));
+            self.report(
+                Some(span),
+                format!("{at}.to"),
+                format!("from and to are both {shown}: the window is empty"),
+                "for the whole day write from = \"00:00\", to = \"24:00\"; a window crossing midnight has to before from (from = \"22:00\", to = \"06:00\")",
+            );
+        }
+        let min_field = format!("{at}.min_instances");
+        let min_instances = match self.typed(raw.min_instances, &min_field, |v| {
+            (
+                format!("{v} is not a whole number"),
+                "write min_instances as a whole number from 1 to the service's max_instances"
+                    .into(),
+            )
+        }) {
+            Got::Absent => Some(None),
+            Got::Value(m, span) if m == 0 || max.is_some_and(|x| m > x) => {
+                let most = max.map_or_else(|| "max_instances".to_owned(), |x| x.to_string());
+                self.report(
+                    Some(&span),
+                    &min_field,
+                    format!("{m} is outside 1 to max_instances ({most})"),
+                    format!("use a whole number from 1 to {most}"),
+                );
+                None
+            }
+            Got::Value(m, _) => Some(Some(m)),
+            Got::Bad => None,
+        };
+        let overload_span = raw.overload.as_ref().map(|f| f.span.clone());
+        let overload = match raw.overload {
+            None => Some(None),
+            f => match self.num(f, &format!("{at}.overload"), 0.0, 0.05, 10.0) {
+                Some(o) if underload.is_some_and(|u| o <= u) => {
+                    let u = underload.expect("checked");
+                    self.report(
+                        overload_span.as_ref(),
+                        format!("{at}.overload"),
+                        format!("overload {o} is not above the service's wlm.underload {u}"),
+                        format!("raise it above {u} (keep a gap), or lower wlm.underload"),
+                    );
+                    None
+                }
+                o => o.map(Some),
+            },
+        };
+        if clash.is_some() {
+            return None;
+        }
+        Some(SlaWindow {
+            days: days?,
+            from: from?.0,
+            to: to?.0,
+            min_instances: min_instances?,
+            overload: overload?,
+        })
+    }
+
+    /// A window's days: all seven when absent.
+    fn days(&mut self, field: &str, raw: Option<RawList>) -> Option<[bool; 7]> {
+        let Some(raw) = raw else {
+            return Some([true; 7]);
+        };
+        let span = raw.span();
+        let items = raw.into_inner();
+        let fix = "use mon, tue, wed, thu, fri, sat, sun, or a range like \"mon-fri\"";
+        if items.is_empty() {
+            self.report(
+                Some(&span),
+                field,
+                "empty list: the window would never hold",
+                format!("list its days ({fix}), or leave days out for every day"),
+            );
+            return None;
+        }
+        let mut days = Some([false; 7]);
+        for (k, item) in items.into_iter().enumerate() {
+            let at = format!("{field}[{k}]");
+            let bad = |v: &str| (format!("`{v}` is not a day"), fix.to_owned());
+            match self.typed(Some(item), &at, bad) {
+                Got::Value(s, span) => {
+                    if let Some(named) = parse_days(&s) {
+                        if let Some(d) = &mut days {
+                            for n in named {
+                                d[n] = true;
+                            }
+                        }
+                    } else {
+                        let (problem, fix) = bad(&s);
+                        self.report(Some(&span), &at, problem, fix);
+                        days = None;
+                    }
+                }
+                Got::Absent | Got::Bad => days = None,
+            }
+        }
+        days
+    }
+}
+
+/// A minute of the day as `HH:MM`.
+fn raw_time(m: u16) -> String {
+    format!("{:02}:{:02}", m / 60, m % 60)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{net::IpAddr, time::Duration};
+
+    use super::{parse_days, parse_time};
+    use crate::config::{
+        FailureRule, Launcher, MAX_INSTANCES, TemplateVars, expand,
+        tests::{only_error, parse},
+    };
+
+    const WEB: &str = r#"
+[[service]]
+name = "web"
+vip = "198.18.0.100"
+port = 80
+protocol = "tcp"
+wlm = { underload = 0.3 }
+
+[service.scale]
+min_instances = 2
+max_instances = 5
+out_intervals = 4
+in_intervals = 20
+cooldown_secs = 12.5
+drain_deadline_secs = 10
+launcher = { kind = "command", start = ["podman", "run", "-d", "--name", "{name}", "--label", "{{x}}", "img:{index}"], stop = ["podman", "rm", "-f", "{name}"], start_timeout_secs = 20 }
+
+[service.scale.failure]
+restarts = 2
+window_secs = 300
+
+[[service.scale.window]]
+days = ["mon-fri"]
+from = "08:00"
+to = "18:00"
+min_instances = 3
+overload = 0.6
+
+[[service.scale.window]]
+days = ["sat", "sun"]
+from = "22:00"
+to = "06:00"
+
+[[service.instance]]
+name = "web-0"
+veth = "w0"
+"#;
+
+    const COMMAND: &str = r#"launcher = { kind = "command", start = ["podman", "run", "-d", "--name", "{name}", "--label", "{{x}}", "img:{index}"], stop = ["podman", "rm", "-f", "{name}"], start_timeout_secs = 20 }"#;
+
+    const NETNS: &str = r#"launcher = { kind = "netns", command = ["python3", "-m", "http.server", "{port}"], subnet = "198.18.96.0/20", routes = ["198.18.0.0/24", "fd00:5100::/64", "198.18.1.1"] }"#;
+
+    /// `WEB` with `from` replaced by `to` (which must be there).
+    fn with(from: &str, to: &str) -> String {
+        assert!(WEB.contains(from), "{from}");
+        WEB.replacen(from, to, 1)
+    }
+
+    #[test]
+    fn a_full_scale_table_parses() {
+        let c = parse(WEB).unwrap();
+        let s = c.services[0].scale.as_ref().unwrap();
+        assert_eq!((s.min_instances, s.max_instances), (2, 5));
+        assert_eq!((s.out_intervals, s.in_intervals), (4, 20));
+        assert_eq!(s.cooldown, Duration::from_millis(12_500));
+        assert_eq!(s.drain_deadline, Duration::from_secs(10));
+        let Some(Launcher::Command {
+            start,
+            stop,
+            start_timeout,
+        }) = &s.launcher
+        else {
+            panic!("{:?}", s.launcher);
+        };
+        assert_eq!(start[4], "{name}");
+        assert_eq!(stop, &["podman", "rm", "-f", "{name}"]);
+        assert_eq!(*start_timeout, Duration::from_secs(20));
+        assert_eq!(
+            s.failure,
+            FailureRule {
+                restarts: 2,
+                window: Duration::from_mins(5)
+            }
+        );
+        let [day, night] = &s.windows[..] else {
+            panic!("{:?}", s.windows);
+        };
+        assert_eq!(day.days, [true, true, true, true, true, false, false]);
+        assert_eq!((day.from, day.to), (8 * 60, 18 * 60));
+        assert_eq!((day.min_instances, day.overload), (Some(3), Some(0.6)));
+        assert_eq!(night.days, [false, false, false, false, false, true, true]);
+        assert_eq!((night.from, night.to), (22 * 60, 6 * 60));
+        assert_eq!((night.min_instances, night.overload), (None, None));
+    }
+
+    #[test]
+    fn defaults_apply_and_no_table_means_no_scaling() {
+        let minimal = r#"
+[[service]]
+name = "web"
+vip = "198.18.0.100"
+port = 80
+protocol = "tcp"
+assign = "on-demand"
+
+[service.scale]
+max_instances = 3
+
+[[service.instance]]
+name = "web-0"
+veth = "w0"
+"#;
+        let c = parse(minimal).unwrap();
+        let s = c.services[0].scale.as_ref().unwrap();
+        assert_eq!((s.min_instances, s.max_instances), (1, 3));
+        assert_eq!((s.out_intervals, s.in_intervals), (5, 30));
+        assert_eq!(s.cooldown, Duration::from_secs(30));
+        assert_eq!(s.drain_deadline, Duration::from_secs(30));
+        assert_eq!(s.launcher, None, "no launcher: failure detection only");
+        assert_eq!(s.failure, FailureRule::default());
+        assert_eq!(s.failure.restarts, 3);
+        assert_eq!(s.failure.window, Duration::from_mins(10));
+        assert!(s.windows.is_empty());
+        assert!(c.services[0].on_demand, "on-demand services may scale");
+
+        let none = minimal.replace("[service.scale]\nmax_instances = 3\n", "");
+        assert_eq!(parse(&none).unwrap().services[0].scale, None);
+
+        // A window without days holds every day; 24:00 ends a day.
+        let every = minimal.replace(
+            "max_instances = 3\n",
+            "max_instances = 3\n[[service.scale.window]]\nfrom = \"18:00\"\nto = \"24:00\"\n",
+        );
+        let c = parse(&every).unwrap();
+        let w = &c.services[0].scale.as_ref().unwrap().windows[0];
+        assert_eq!((w.days, w.from, w.to), ([true; 7], 1080, 1440));
+    }
+
+    #[test]
+    fn a_netns_launcher_parses() {
+        let c = parse(&with(COMMAND, NETNS)).unwrap();
+        let Some(Launcher::Netns {
+            command,
+            subnet,
+            routes,
+            start_timeout,
+        }) = &c.services[0].scale.as_ref().unwrap().launcher
+        else {
+            panic!();
+        };
+        assert_eq!(command[3], "{port}");
+        assert_eq!(*subnet, ("198.18.96.0".parse().unwrap(), 20));
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert_eq!(
+            routes,
+            &[
+                (ip("198.18.0.0"), 24),
+                (ip("fd00:5100::"), 64),
+                (ip("198.18.1.1"), 32)
+            ]
+        );
+        assert_eq!(*start_timeout, Duration::from_secs(30), "default");
+    }
+
+    #[test]
+    #[expect(clippy::too_many_lines, reason = "a table of cases")]
+    fn scale_errors_name_the_field_the_problem_and_the_fix() {
+        let netns = |from: &str, to: &str| with(COMMAND, &NETNS.replacen(from, to, 1));
+        let limit = MAX_INSTANCES.to_string();
+        let too_many = (MAX_INSTANCES + 1).to_string();
+        let cases = [
+            (
+                with("max_instances = 5", "max_instances = 1"),
+                "scale.max_instances",
+                "below min_instances 2",
+                "at least 2",
+            ),
+            (
+                with("min_instances = 2", "min_instances = 0"),
+                "scale.min_instances",
+                "0 instances",
+                "min_instances = 1",
+            ),
+            (
+                with("max_instances = 5", &format!("max_instances = {too_many}")),
+                "scale.max_instances",
+                "above the agent's limit",
+                &limit,
+            ),
+            (
+                with("max_instances = 5\n", ""),
+                "scale.max_instances",
+                "missing",
+                "add max_instances",
+            ),
+            (
+                with("max_instances = 5", "max_instances = \"5\""),
+                "scale.max_instances",
+                "not a whole number",
+                "whole number",
+            ),
+            (
+                with("cooldown_secs = 12.5", "cooldown_secs = 0"),
+                "scale.cooldown_secs",
+                "out of range",
+                "from 0.001",
+            ),
+            (
+                with("in_intervals = 20", "in_intervals = 0"),
+                "scale.in_intervals",
+                "out of range",
+                "from 1",
+            ),
+            (
+                with(
+                    "stop = [\"podman\", \"rm\", \"-f\", \"{name}\"]",
+                    "stop = []",
+                ),
+                "scale.launcher.stop",
+                "empty list",
+                "the program",
+            ),
+            (
+                with("start = [\"podman\"", "start = [\"\""),
+                "scale.launcher.start[0]",
+                "program is an empty string",
+                "name the program",
+            ),
+            (
+                with("\"img:{index}\"", "\"img:{host}\""),
+                "scale.launcher.start[7]",
+                "unknown placeholder `{host}`",
+                "{service}, {name}, {vip}, {port}, {index}",
+            ),
+            (
+                with("\"rm\", \"-f\", \"{name}\"", "\"rm\", \"-f\", \"{name\""),
+                "scale.launcher.stop[3]",
+                "never closed",
+                "{{",
+            ),
+            (
+                with("\"{{x}}\"", "\"x}\""),
+                "scale.launcher.start[6]",
+                "closes nothing",
+                "}}",
+            ),
+            (
+                with(
+                    "start_timeout_secs = 20",
+                    "start_timeout_secs = 20, image = \"x\"",
+                ),
+                "scale.launcher.image",
+                "unknown key",
+                "spelling",
+            ),
+            (
+                with("kind = \"command\"", "kind = \"docker\""),
+                "scale.launcher.kind",
+                "unknown launcher kind `docker`",
+                "\"command\" (your start and stop commands) or \"netns\"",
+            ),
+            (
+                with("kind = \"command\", ", ""),
+                "scale.launcher.kind",
+                "missing",
+                "\"netns\"",
+            ),
+            (
+                with("start_timeout_secs = 20", "subnet = \"198.18.96.0/20\""),
+                "scale.launcher.subnet",
+                "does not apply to launcher kind `command`",
+                "kind = \"netns\"",
+            ),
+            (
+                netns("198.18.96.0/20", "fd00:5100::/64"),
+                "scale.launcher.subnet",
+                "must be IPv4",
+                "IPv4 prefix",
+            ),
+            (
+                netns("198.18.96.0/20", "198.18.96.0/31"),
+                "scale.launcher.subnet",
+                "/31 is too small",
+                "/16 to /30",
+            ),
+            (
+                netns("198.18.96.0/20", "198.0.0.0/8"),
+                "scale.launcher.subnet",
+                "/8 is too large",
+                "/16 to /30",
+            ),
+            (
+                netns("198.18.96.0/20", "198.18.96.1/20"),
+                "scale.launcher.subnet",
+                "host bits set",
+                "198.18.96.0/20",
+            ),
+            (
+                netns("198.18.96.0/20", "198.18.96.0/33"),
+                "scale.launcher.subnet",
+                "not an address prefix",
+                "198.18.96.0/20",
+            ),
+            (
+                netns("subnet = \"198.18.96.0/20\", ", ""),
+                "scale.launcher.subnet",
+                "missing",
+                "subnet =",
+            ),
+            (
+                netns("\"198.18.0.0/24\"", "\"198.18.0.1/24\""),
+                "scale.launcher.routes[0]",
+                "host bits set",
+                "198.18.0.0/24",
+            ),
+            (
+                netns("\"198.18.1.1\"", "\"somewhere\""),
+                "scale.launcher.routes[2]",
+                "not an address prefix",
+                "198.18.0.0/24",
+            ),
+            (
+                netns("command = [", "start = [\"x\"], command = ["),
+                "scale.launcher.start",
+                "does not apply to launcher kind `netns`",
+                "kind = \"command\"",
+            ),
+            (
+                netns("\"{port}\"", "\"{addr}\""),
+                "scale.launcher.command[3]",
+                "unknown placeholder `{addr}`",
+                "{port}",
+            ),
+            (
+                with("from = \"08:00\"", "from = \"8h\""),
+                "scale.window[0].from",
+                "not a time of day",
+                "HH:MM",
+            ),
+            (
+                with("to = \"18:00\"", "to = \"25:00\""),
+                "scale.window[0].to",
+                "not a time of day",
+                "24:00",
+            ),
+            (
+                with("from = \"08:00\"", "from = \"24:00\""),
+                "scale.window[0].from",
+                "not a time of day",
+                "23:59",
+            ),
+            (
+                with("from = \"08:00\"", "from = \"18:00\""),
+                "scale.window[0].to",
+                "both 18:00",
+                "to = \"24:00\"",
+            ),
+            (
+                with("from = \"08:00\"\n", ""),
+                "scale.window[0].from",
+                "missing",
+                "from = ",
+            ),
+            (
+                with("\"mon-fri\"", "\"mon-fry\""),
+                "scale.window[0].days[0]",
+                "`mon-fry` is not a day",
+                "mon, tue",
+            ),
+            (
+                with("\"sat\", \"sun\"", "\"sat\", \"sunday\""),
+                "scale.window[1].days[1]",
+                "not a day",
+                "\"mon-fri\"",
+            ),
+            (
+                with("days = [\"mon-fri\"]", "days = []"),
+                "scale.window[0].days",
+                "never hold",
+                "leave days out",
+            ),
+            (
+                with("min_instances = 3", "min_instances = 0"),
+                "scale.window[0].min_instances",
+                "outside 1 to max_instances (5)",
+                "from 1 to 5",
+            ),
+            (
+                with("min_instances = 3", "min_instances = 6"),
+                "scale.window[0].min_instances",
+                "outside 1 to max_instances (5)",
+                "from 1 to 5",
+            ),
+            (
+                with("overload = 0.6", "overload = 0.3"),
+                "scale.window[0].overload",
+                "not above the service's wlm.underload 0.3",
+                "lower wlm.underload",
+            ),
+            (
+                with("overload = 0.6", "overload = 11"),
+                "scale.window[0].overload",
+                "out of range",
+                "to 10",
+            ),
+            (
+                with("to = \"18:00\"", "to = \"18:00\"\nhours = 3"),
+                "scale.window[0].hours",
+                "unknown key",
+                "spelling",
+            ),
+            (
+                with("restarts = 2", "retries = 2"),
+                "scale.failure.retries",
+                "unknown key",
+                "spelling",
+            ),
+            (
+                with("window_secs = 300", "window_secs = 0"),
+                "scale.failure.window_secs",
+                "out of range",
+                "from 1",
+            ),
+            (
+                with("min_instances = 2", "min_instances = 2\nmin = 1"),
+                "scale.min",
+                "unknown key",
+                "spelling",
+            ),
+            // Wrong shapes are errors of their field, not syntax errors.
+            (
+                with(COMMAND, "launcher = \"podman\""),
+                "scale.launcher",
+                "is not a table",
+                "kind = \"command\"",
+            ),
+            (
+                with(
+                    "stop = [\"podman\", \"rm\", \"-f\", \"{name}\"]",
+                    "stop = \"podman rm\"",
+                ),
+                "scale.launcher.stop",
+                "is not a list",
+                "list of strings",
+            ),
+            (
+                with("days = [\"mon-fri\"]", "days = \"mon-fri\""),
+                "scale.window[0].days",
+                "is not a list",
+                "days = [",
+            ),
+        ];
+        for (text, field, problem, fix) in cases {
+            let e = only_error(&text);
+            assert_eq!(e.field, format!("service[0].{field}"), "{e}");
+            assert!(e.problem.contains(problem), "{field}: {e}");
+            assert!(e.fix.contains(fix), "{field}: {e}");
+            assert!(e.line.is_some(), "{field}: {e}");
+        }
+    }
+
+    #[test]
+    fn the_bounds_count_the_configured_instances() {
+        let two = with(
+            "[[service.instance]]",
+            "[[service.instance]]\nname = \"web-1\"\nveth = \"w1\"\n\n[[service.instance]]",
+        );
+        assert!(parse(&two).is_ok());
+        let over = two
+            .replace("min_instances = 2", "min_instances = 1")
+            .replace("max_instances = 5", "max_instances = 1")
+            .replace("min_instances = 3", "min_instances = 1");
+        let e = only_error(&over);
+        assert_eq!(e.field, "service[0].scale.max_instances", "{e}");
+        assert!(
+            e.problem.contains("2 instances are configured, more than"),
+            "{e}"
+        );
+        assert!(e.fix.contains("at least 2"), "{e}");
+        // Fewer configured than min_instances is fine: the agent launches.
+        let c = parse(&with("min_instances = 2", "min_instances = 4")).unwrap();
+        assert_eq!(c.services[0].instances.len(), 1);
+    }
+
+    #[test]
+    fn a_scale_table_of_the_wrong_shape_is_an_error_of_its_field() {
+        let text = WEB
+            .split("[service.scale]")
+            .next()
+            .unwrap()
+            .replace("protocol = \"tcp\"", "protocol = \"tcp\"\nscale = 5")
+            + "[[service.instance]]\nname = \"web-0\"\nveth = \"w0\"\n";
+        let e = only_error(&text);
+        assert_eq!(e.field, "service[0].scale", "{e}");
+        assert!(e.problem.contains("is not a table"), "{e}");
+    }
+
+    #[test]
+    fn days_and_times_parse() {
+        assert_eq!(parse_days("mon"), Some(vec![0]));
+        assert_eq!(parse_days("Sun"), Some(vec![6]));
+        assert_eq!(parse_days("mon-fri"), Some(vec![0, 1, 2, 3, 4]));
+        assert_eq!(parse_days("fri-mon"), Some(vec![4, 5, 6, 0]), "wraps");
+        assert_eq!(parse_days("wed-wed"), Some(vec![2]));
+        assert_eq!(parse_days("monday"), None);
+        assert_eq!(parse_days("mon-"), None);
+        assert_eq!(parse_time("00:00", false), Some(0));
+        assert_eq!(parse_time("8:05", false), Some(485));
+        assert_eq!(parse_time("23:59", false), Some(1439));
+        assert_eq!(parse_time("24:00", true), Some(1440));
+        for bad in [
+            "24:00", "12:60", "12", "12:5", "-1:00", "12:0a", "123:00", ":00",
+        ] {
+            assert_eq!(parse_time(bad, false), None, "{bad}");
+        }
+        assert_eq!(parse_time("24:01", true), None);
+    }
+
+    #[test]
+    fn templates_expand_their_placeholders() {
+        let vars = TemplateVars {
+            service: "web",
+            name: "web-3",
+            vip: "198.18.0.100".parse().unwrap(),
+            port: 80,
+            index: 3,
+        };
+        assert_eq!(
+            expand("{service}/{name}@{vip}:{port}#{index}", &vars),
+            "web/web-3@198.18.0.100:80#3"
+        );
+        assert_eq!(expand("{{.ID}}", &vars), "{.ID}");
+        assert_eq!(expand("plain", &vars), "plain");
+        assert_eq!(expand("", &vars), "");
+    }
+}
