@@ -12,6 +12,7 @@
 //! `plan`, `coord`, `datapath` (the trait), `sys` and `telemetry`.
 
 pub mod qos;
+pub mod scale;
 pub mod wlm;
 
 use std::{

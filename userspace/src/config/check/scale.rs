@@ -117,13 +117,27 @@ impl Checker<'_> {
             self.shape(scale, key, shape, &format!("{at}.{key}"), fix);
         }
         if let Some(DeValue::Table(launcher)) = value_mut(scale, "launcher") {
-            for key in ["start", "stop", "command", "routes"] {
+            for (key, fix) in [
+                (
+                    "start",
+                    "write start = [\"podman\", \"run\", \"-d\", \"--name\", \"{name}\", \"<image>\"]",
+                ),
+                (
+                    "stop",
+                    "write stop = [\"podman\", \"rm\", \"-f\", \"{name}\"]",
+                ),
+                (
+                    "command",
+                    "write command = [\"python3\", \"-m\", \"http.server\", \"{port}\"]",
+                ),
+                ("routes", "write routes = [\"198.18.0.0/24\"]"),
+            ] {
                 self.shape(
                     launcher,
                     key,
                     Shape::List,
                     &format!("{at}.launcher.{key}"),
-                    "write a list of strings, e.g. [\"podman\", \"rm\", \"-f\", \"{name}\"]",
+                    fix,
                 );
             }
         }
@@ -326,7 +340,7 @@ impl Checker<'_> {
             RawLauncherKind::Command => (
                 "command",
                 "netns",
-                [
+                vec![
                     ("command", raw.command.as_ref().map(Spanned::span)),
                     ("subnet", raw.subnet.as_ref().map(|f| f.span.clone())),
                     ("routes", raw.routes.as_ref().map(Spanned::span)),
@@ -335,10 +349,9 @@ impl Checker<'_> {
             RawLauncherKind::Netns => (
                 "netns",
                 "command",
-                [
+                vec![
                     ("start", raw.start.as_ref().map(Spanned::span)),
                     ("stop", raw.stop.as_ref().map(Spanned::span)),
-                    ("", None),
                 ],
             ),
         };
@@ -1166,7 +1179,7 @@ veth = "w0"
                 ),
                 "scale.launcher.stop",
                 "is not a list",
-                "list of strings",
+                "stop = [\"podman\"",
             ),
             (
                 with("days = [\"mon-fri\"]", "days = \"mon-fri\""),
