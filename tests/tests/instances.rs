@@ -247,3 +247,409 @@ fn instances_added_and_removed_under_traffic_lose_nothing() {
     assert!(errors.is_empty(), "{errors:?}");
     assert!(agent.stop().success());
 }
+
+/// A UDP sink for the netns launcher: counts what arrives on `vip:port`
+/// and keeps the count in a file (rewritten every 100 ms, and on SIGTERM).
+const SINK: &str = r"
+import os, signal, socket, sys
+vip, port, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind((vip, port))
+s.settimeout(0.1)
+n, stop = 0, False
+def term(*_):
+    global stop
+    stop = True
+signal.signal(signal.SIGTERM, term)
+def save():
+    with open(out + '.tmp', 'w') as f:
+        f.write(str(n))
+    os.rename(out + '.tmp', out)
+save()
+while not stop:
+    try:
+        while True:
+            s.recv(2048)
+            n += 1
+    except socket.timeout:
+        pass
+    save()
+save()
+";
+
+/// What the netns launcher makes for instances `names`, taken down on drop
+/// (even on panic): a stopped agent leaves its launched instances running
+/// for the next one.
+struct LaunchedGuard(Vec<String>);
+
+impl Drop for LaunchedGuard {
+    fn drop(&mut self) {
+        for n in &self.0 {
+            let ns = format!("sl-{n}");
+            if !std::path::Path::new("/run/netns").join(&ns).exists() {
+                continue;
+            }
+            if let Ok(o) = std::process::Command::new("ip")
+                .args(["netns", "pids", &ns])
+                .output()
+            {
+                for pid in String::from_utf8_lossy(&o.stdout).split_whitespace() {
+                    if let Ok(pid) = pid.parse::<i32>() {
+                        // SAFETY: a server this test's agent started in
+                        // the namespace made for this test's instance.
+                        unsafe { libc::kill(pid, libc::SIGKILL) };
+                    }
+                }
+            }
+            let _ = std::process::Command::new("ip")
+                .args(["netns", "del", &ns])
+                .status();
+        }
+    }
+}
+
+/// The count a [`SINK`] of instance `name` keeps in `dir`.
+fn sink_count(dir: &std::path::Path, name: &str) -> u64 {
+    std::fs::read_to_string(dir.join(name))
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// The launched instances `instance list` shows running.
+fn launched_running(sock: &str) -> Vec<String> {
+    let out = process::sluice(&["instance", "list", "--api-socket", sock]);
+    text(&out)
+        .lines()
+        .filter(|l| l.contains(" launcher ") && l.contains(" running "))
+        .filter_map(|l| l.split_whitespace().nth(1).map(str::to_owned))
+        .collect()
+}
+
+/// A scaled UDP service on the testbed's instance 0, with the netns
+/// launcher running [`SINK`]s that count into `dir`.
+fn scaled_config(dir: &std::path::Path, scale: &str, tb: &Testbed) -> String {
+    format!(
+        "[agent]\ninterval_ms = 200\nmax_moves_per_sec = 20\n\n[[service]]\nname = \"kv\"\nvip = \"{vip}\"\nport = 7000\nprotocol = \"udp\"\nwlm = {{ capacity_pps = 1000, sustain = 2, cooldown_ms = 400, min_group_units = 1024 }}\n\n[service.scale]\n{scale}\nlauncher = {{ kind = \"netns\", command = [\"python3\", \"-c\", {script:?}, \"{{vip}}\", \"{{port}}\", \"{dir}/{{name}}\"], subnet = \"198.18.96.0/24\", routes = [\"198.18.0.0/24\"] }}\n\n{inst}",
+        vip = testbed::VIP_V4,
+        script = SINK,
+        dir = dir.display(),
+        inst = tb.instances_toml(0, 1),
+    )
+}
+
+/// Load stepped up past what the instances absorb: the scaler launches
+/// instances one at a time, a cooldown apart, up to max; load gone, it
+/// stops them again down to min. The launcher's side effects (namespaces,
+/// servers receiving) are observed, and no datagram is lost.
+#[test]
+#[expect(clippy::too_many_lines, reason = "one scenario: out, then in")]
+fn the_scaler_launches_under_load_and_stops_when_idle() {
+    let tb = Testbed::new("scale", 1).unwrap_or_else(|e| panic!("building the testbed: {e}"));
+    let launched_guard = LaunchedGuard((0..4).map(|k| format!("kv-s{k}")).collect());
+    let vip = SocketAddr::new(testbed::VIP_V4.into(), 7000);
+    let udp = UdpServers::start(std::slice::from_ref(&tb.instances[0].netns), vip);
+    let counts = tempfile::tempdir().expect("tempdir");
+    let config = scaled_config(
+        counts.path(),
+        "min_instances = 2\nmax_instances = 4\nout_intervals = 3\nin_intervals = 5\ncooldown_secs = 2\ndrain_deadline_secs = 5",
+        &tb,
+    );
+    let pins = process::PinDir::new("scale");
+    let state_dir = tempfile::tempdir().expect("tempdir");
+    let agent = process::start_on(
+        &tb.host,
+        testbed::NIC,
+        &process::Start {
+            config: &config,
+            pin_dir: &pins.0,
+            state: &state_dir.path().join("state.json"),
+            cleanup: true,
+            metrics_port: 9485,
+        },
+    );
+    let sock = agent.socket.to_str().expect("utf-8").to_owned();
+    let wait_for = |what: &str, secs: u64, done: &dyn Fn() -> bool| {
+        let t = Instant::now();
+        while !done() {
+            assert!(
+                t.elapsed() < Duration::from_secs(secs),
+                "{what} within {secs} s\n{}",
+                agent.log()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        t.elapsed()
+    };
+    // Below min at the start: one instance launched.
+    wait_for("kv-s0 launched to reach min", 20, &|| {
+        launched_running(&sock) == ["kv-s0"]
+    });
+    assert!(std::path::Path::new("/run/netns/sl-kv-s0").exists());
+
+    // 3,000 pps on 1,000-pps instances: saturated until there are four.
+    let sender = PacedSender::spawn(
+        &tb.client,
+        vip,
+        128,
+        3000,
+        Duration::from_mins(2),
+        |i, s| format!("{i}:{s}").into_bytes(),
+    );
+    let mut seen = vec![(Instant::now(), 2usize)];
+    let t = Instant::now();
+    while seen.last().expect("one").1 < 4 {
+        assert!(
+            t.elapsed() < Duration::from_secs(40),
+            "scaled out to {} instances only\n{}",
+            seen.last().expect("one").1,
+            agent.log()
+        );
+        let n = 1 + launched_running(&sock).len();
+        if n != seen.last().expect("one").1 {
+            seen.push((Instant::now(), n));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let steps: Vec<usize> = seen.iter().map(|s| s.1).collect();
+    assert_eq!(steps, [2, 3, 4], "one launch at a time");
+    let gap = seen[2].0.duration_since(seen[1].0);
+    assert!(
+        gap >= Duration::from_millis(1800),
+        "launches {gap:?} apart, under the 2 s cooldown"
+    );
+    // Never above max, whatever the load.
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(1 + launched_running(&sock).len(), 4, "above max");
+    let list = text(&process::sluice(&[
+        "instance",
+        "list",
+        "--api-socket",
+        &sock,
+    ]));
+    assert!(
+        list.contains("launch kv-s1: saturated") && list.contains("launch kv-s0: below_min"),
+        "{list}"
+    );
+
+    // Load gone: back down to min, one stop at a time.
+    sender.rate.store(100, std::sync::atomic::Ordering::Relaxed);
+    wait_for("scaled back in to min", 60, &|| {
+        let out = text(&process::sluice(&[
+            "instance",
+            "list",
+            "--api-socket",
+            &sock,
+        ]));
+        launched_running(&sock).len() == 1
+            && out.lines().filter(|l| l.contains(" launcher ")).count() == 1
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(1 + launched_running(&sock).len(), 2, "below min");
+    let stopped: Vec<String> = ["kv-s0", "kv-s1", "kv-s2"]
+        .into_iter()
+        .filter(|n| !std::path::Path::new(&format!("/run/netns/sl-{n}")).exists())
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(stopped.len(), 2, "two namespaces deleted: {stopped:?}");
+
+    let sent = sender.finish().expect("sender");
+    std::thread::sleep(Duration::from_millis(500));
+    udp.wait_for(sent, Duration::from_secs(2));
+    let launched: u64 = ["kv-s0", "kv-s1", "kv-s2"]
+        .iter()
+        .map(|n| sink_count(counts.path(), n))
+        .sum();
+    let mine = udp.total.load(std::sync::atomic::Ordering::Relaxed);
+    eprintln!(
+        "sent {sent}; inst-0 {mine}; launched {:?}",
+        ["kv-s0", "kv-s1", "kv-s2"].map(|n| sink_count(counts.path(), n))
+    );
+    assert!(
+        ["kv-s0", "kv-s1", "kv-s2"]
+            .iter()
+            .all(|n| sink_count(counts.path(), n) > 0),
+        "the launched servers took work"
+    );
+    assert_eq!(mine + launched, sent, "datagrams lost while scaling");
+    let _ = udp.finish();
+    let metrics = process::scrape(&tb.host, 9485).expect("scrape");
+    assert!(
+        process::metric(
+            &metrics,
+            "sluice_scale_decisions_total",
+            "action=\"launch\""
+        ) >= 3.0,
+        "{metrics}"
+    );
+    let instances = process::metric(&metrics, "sluice_scale_instances", "service=\"kv\"");
+    assert!((instances - 2.0).abs() < 0.5, "{instances} instances");
+    drop(agent);
+    drop(launched_guard);
+}
+
+/// A start command that fails leaves nothing registered: its stop command
+/// cleans up after each attempt, and the attempts back off.
+#[test]
+fn a_failing_launch_is_retried_with_back_off_and_leaves_nothing() {
+    let tb = Testbed::new("lfail", 1).unwrap_or_else(|e| panic!("building the testbed: {e}"));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (starts, stops) = (dir.path().join("starts"), dir.path().join("stops"));
+    let config = format!(
+        "[agent]\ninterval_ms = 200\n\n[[service]]\nname = \"lf\"\nvip = \"{}\"\nport = 7000\nprotocol = \"udp\"\n\n[service.scale]\nmin_instances = 2\nmax_instances = 3\ncooldown_secs = 0.2\nlauncher = {{ kind = \"command\", start = [\"sh\", \"-c\", \"echo {{name}} >> {}; echo no image >&2; exit 125\"], stop = [\"sh\", \"-c\", \"echo {{name}} >> {}\"] }}\n\n{}",
+        testbed::VIP_V4,
+        starts.display(),
+        stops.display(),
+        tb.instances_toml(0, 1)
+    );
+    let pins = process::PinDir::new("lfail");
+    let state_dir = tempfile::tempdir().expect("tempdir");
+    let agent = process::start_on(
+        &tb.host,
+        testbed::NIC,
+        &process::Start {
+            config: &config,
+            pin_dir: &pins.0,
+            state: &state_dir.path().join("state.json"),
+            cleanup: true,
+            metrics_port: 9486,
+        },
+    );
+    let sock = agent.socket.to_str().expect("utf-8").to_owned();
+    let lines = |p: &std::path::Path| {
+        std::fs::read_to_string(p)
+            .unwrap_or_default()
+            .lines()
+            .count()
+    };
+    // Back-off 1 s, 2 s, 4 s: three attempts within ~4 s, not twenty.
+    let t = Instant::now();
+    while lines(&starts) < 3 {
+        assert!(
+            t.elapsed() < Duration::from_secs(15),
+            "{} attempts\n{}",
+            lines(&starts),
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let paced = t.elapsed();
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        paced >= Duration::from_secs(2),
+        "three attempts in {paced:?}: no back-off"
+    );
+    assert!(lines(&starts) <= 4, "{} attempts", lines(&starts));
+    assert_eq!(
+        lines(&stops),
+        lines(&starts),
+        "every failed start was cleaned up"
+    );
+    let list = text(&process::sluice(&[
+        "instance",
+        "list",
+        "--api-socket",
+        &sock,
+    ]));
+    assert!(
+        !list.contains(" launcher "),
+        "nothing half-registered: {list}"
+    );
+    assert!(
+        list.contains("launch lf-s0 failed") && list.contains("exit status: 125: no image"),
+        "{list}"
+    );
+    let metrics = process::scrape(&tb.host, 9486).expect("scrape");
+    assert!(
+        process::metric(
+            &metrics,
+            "sluice_scale_launch_failures_total",
+            "service=\"lf\""
+        ) >= 3.0,
+        "{metrics}"
+    );
+    drop(agent);
+}
+
+/// A launched instance whose server and veth die is restarted through the
+/// launcher; once its restarts ran out it stays failed with the alert
+/// raised, and another instance is launched in its place.
+#[test]
+fn a_failed_launched_instance_is_restarted_then_left_failed_with_an_alert() {
+    let tb = Testbed::new("frule", 1).unwrap_or_else(|e| panic!("building the testbed: {e}"));
+    let launched_guard = LaunchedGuard((0..3).map(|k| format!("fr-s{k}")).collect());
+    let counts = tempfile::tempdir().expect("tempdir");
+    let config = scaled_config(
+        counts.path(),
+        "min_instances = 2\nmax_instances = 3\ncooldown_secs = 0.5\nfailure = { restarts = 1, window_secs = 600 }",
+        &tb,
+    )
+    .replace("name = \"kv\"", "name = \"fr\"");
+    let pins = process::PinDir::new("frule");
+    let state_dir = tempfile::tempdir().expect("tempdir");
+    let agent = process::start_on(
+        &tb.host,
+        testbed::NIC,
+        &process::Start {
+            config: &config,
+            pin_dir: &pins.0,
+            state: &state_dir.path().join("state.json"),
+            cleanup: true,
+            metrics_port: 9487,
+        },
+    );
+    let sock = agent.socket.to_str().expect("utf-8").to_owned();
+    let wait_for = |what: &str, done: &dyn Fn() -> bool| {
+        let t = Instant::now();
+        while !done() {
+            assert!(
+                t.elapsed() < Duration::from_secs(30),
+                "{what}\n{}",
+                agent.log()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    // The server and the veth die together, as a crashed container's do:
+    // the namespace goes, and its veth pair with it.
+    let kill = || drop(LaunchedGuard(vec!["fr-s0".into()]));
+    wait_for("fr-s0 launched", &|| launched_running(&sock) == ["fr-s0"]);
+    kill();
+    wait_for("fr-s0 restarted", &|| {
+        launched_running(&sock) == ["fr-s0"]
+            && std::path::Path::new("/run/netns/sl-fr-s0").exists()
+            && text(&process::sluice(&[
+                "instance",
+                "list",
+                "--api-socket",
+                &sock,
+            ]))
+            .contains("restart fr-s0: failed")
+    });
+    kill();
+    wait_for("fr-s0 left failed, fr-s1 launched in its place", &|| {
+        let list = text(&process::sluice(&[
+            "instance",
+            "list",
+            "--api-socket",
+            &sock,
+        ]));
+        list.contains("left fr-s0 failed") && launched_running(&sock) == ["fr-s1"]
+    });
+    let metrics = process::scrape(&tb.host, 9487).expect("scrape");
+    let alert = process::metric(&metrics, "sluice_scale_failed_alert", "instance=\"fr-s0\"");
+    assert!((alert - 1.0).abs() < 0.5, "alert {alert}\n{metrics}");
+    let list = text(&process::sluice(&[
+        "instance",
+        "list",
+        "--api-socket",
+        &sock,
+    ]));
+    assert!(
+        list.lines()
+            .any(|l| l.contains("fr-s0") && l.contains(" failed ")),
+        "{list}"
+    );
+    drop(agent);
+    drop(launched_guard);
+}

@@ -161,6 +161,74 @@ fn describe_http() {
         "sluice_http_retries_total",
         "HTTP requests sent again to another instance after the first failed"
     );
+    describe_gauge!(
+        "sluice_scale_instances",
+        "Instances of a scaled service in the data path"
+    );
+    describe_gauge!(
+        "sluice_scale_live_instances",
+        "Instances of a scaled service that take work (not failed, drained or being removed)"
+    );
+    describe_gauge!(
+        "sluice_scale_target_instances",
+        "Where the scaler is heading: live instances, plus launches under way, less removals"
+    );
+    describe_gauge!(
+        "sluice_scale_min_instances",
+        "Least instances of a service now (its SLA window's, else its own)"
+    );
+    describe_gauge!(
+        "sluice_scale_max_instances",
+        "Most instances of a service now"
+    );
+    describe_counter!(
+        "sluice_scale_decisions_total",
+        "Scaling decisions by action (launch, stop, restart) and reason"
+    );
+    describe_counter!(
+        "sluice_scale_launch_failures_total",
+        "Launches that failed (the start command failed or never reported, or the instance could not join)"
+    );
+    describe_gauge!(
+        "sluice_scale_failed_alert",
+        "1 while a launched instance stays failed after its failure rule's restarts ran out"
+    );
+}
+
+/// What the scaler sees of a service this interval.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ScaleGauges {
+    pub instances: u32,
+    pub live: u32,
+    pub target: u32,
+    pub min: u32,
+    pub max: u32,
+}
+
+/// Sets a scaled service's gauges.
+pub fn scale(service: &str, g: &ScaleGauges) {
+    let s = || service.to_owned();
+    gauge!("sluice_scale_instances", "service" => s()).set(f64::from(g.instances));
+    gauge!("sluice_scale_live_instances", "service" => s()).set(f64::from(g.live));
+    gauge!("sluice_scale_target_instances", "service" => s()).set(f64::from(g.target));
+    gauge!("sluice_scale_min_instances", "service" => s()).set(f64::from(g.min));
+    gauge!("sluice_scale_max_instances", "service" => s()).set(f64::from(g.max));
+}
+
+/// Counts a scaling decision.
+pub fn scale_decision(service: &str, action: &'static str, reason: &'static str) {
+    counter!("sluice_scale_decisions_total", "service" => service.to_owned(), "action" => action, "reason" => reason).increment(1);
+}
+
+/// Counts a failed launch.
+pub fn scale_launch_failed(service: &str) {
+    counter!("sluice_scale_launch_failures_total", "service" => service.to_owned()).increment(1);
+}
+
+/// Raises (or clears) the alert of an instance left failed.
+pub fn scale_failed_alert(service: &str, instance: &str, on: bool) {
+    gauge!("sluice_scale_failed_alert", "service" => service.to_owned(), "instance" => instance.to_owned())
+        .set(if on { 1.0 } else { 0.0 });
 }
 
 /// Sets the number of flows in the pinned-flow map.

@@ -9,6 +9,7 @@
 
 pub mod cluster;
 mod http;
+pub mod launch;
 pub mod lifecycle;
 pub mod run;
 

@@ -15,6 +15,10 @@ use sluice_common::counters;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_stream::StreamExt as _;
 
+mod scaling;
+
+use scaling::Scaler;
+
 use super::{
     Agent,
     cluster::{Cluster, Registry},
@@ -205,6 +209,7 @@ struct Serving<'a> {
     /// What runs: `base` with the registered instances whose veth is there.
     running: Config,
     life: Lifecycle,
+    scaler: Scaler,
 }
 
 /// Serves the agent until SIGINT or SIGTERM; returns it for shutdown.
@@ -251,6 +256,12 @@ async fn event_loop(
         base,
         running,
         life,
+        scaler: Scaler::new(
+            a.state
+                .parent()
+                .unwrap_or_else(|| std::path::Path::new("."))
+                .join("launch"),
+        ),
     };
     r.publish_lifecycle().await;
     loop {
@@ -274,6 +285,7 @@ async fn event_loop(
                 ),
             },
             Some(job) = jobs.recv() => r.job(job).await,
+            Some(outcome) = r.scaler.outcomes.recv() => r.launched(outcome).await,
             _ = r.control.tick() => {
                 if let Some(c) = r.cluster.as_deref_mut()
                     && let Err(e) = c.sync(&mut r.agent).await
@@ -285,6 +297,7 @@ async fn event_loop(
                     tracing::warn!(error = %e, "control interval failed");
                 }
                 r.lifecycle_step().await;
+                r.scale_step().await;
                 // One status a tick serves both the API and the metrics.
                 let instances = r.agent.control.status().await.ok();
                 publish_status(&r.agent, instances.as_deref(), &r.shared).await;
@@ -478,8 +491,15 @@ impl Serving<'_> {
                 }
                 continue;
             }
+            let service = self
+                .life
+                .get(&name)
+                .map(|r| (r.spec.service.clone(), r.source));
             if let Err(e) = self.life.forget(&name) {
                 tracing::error!(instance = %name, error = %e, "the registrations file is not updated: a restarted agent will register it again");
+            }
+            if let Some((service, Source::Launcher)) = service {
+                self.removed(&name, &service);
             }
             if step == RemovalStep::Deadline {
                 tracing::warn!(instance = %name, "removed at its deadline: what still flowed to it goes to its units' owners");

@@ -694,6 +694,20 @@ impl Controller {
             .collect()
     }
 
+    /// Sets service `service`'s overload threshold (an SLA window's); the
+    /// service's own comes back with the next reload. Returns whether it
+    /// changed.
+    pub fn set_overload(&mut self, service: &str, overload: f64) -> bool {
+        match self.services.iter_mut().find(|s| s.name == service) {
+            #[expect(clippy::float_cmp, reason = "set from the same config values")]
+            Some(s) if s.cfg.overload != overload => {
+                s.cfg.overload = overload;
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// Marks `instance` drained (it gives all its groups away and takes
     /// none) or not.
     pub fn set_drained(&mut self, instance: &str, drained: bool) -> Result<(), ControlError> {
