@@ -359,6 +359,52 @@ mod tests {
     use super::*;
 
     #[test]
+    fn origin_subset_instances_own_no_units() {
+        let config = crate::config::tests::parse(
+            r#"
+[[service]]
+name = "kv"
+vip = "198.18.0.100"
+port = 7000
+protocol = "udp"
+
+[[service.origin]]
+name = "gold"
+prefixes = ["198.18.5.0/24"]
+instances = ["kv-2"]
+
+[[service.instance]]
+name = "kv-0"
+veth = "i0"
+mac = "02:00:00:00:00:01"
+
+[[service.instance]]
+name = "kv-1"
+veth = "i1"
+mac = "02:00:00:00:00:02"
+
+[[service.instance]]
+name = "kv-2"
+veth = "i2"
+mac = "02:00:00:00:00:03"
+"#,
+        )
+        .unwrap();
+        let plan = Plan::build(&config, |i, _| {
+            Ok::<_, std::convert::Infallible>(Resolved {
+                ifindex: 1,
+                mac: i.mac.unwrap(),
+                netns: None,
+                netns_id: None,
+            })
+        })
+        .unwrap();
+        let owners: std::collections::HashSet<u32> =
+            plan.services[0].groups.iter().map(|(_, o)| *o).collect();
+        assert_eq!(owners, [1, 2].into(), "kv-2 (id 3) is reserved");
+    }
+
+    #[test]
     fn a_missing_netns_is_blamed_on_the_netns_field() {
         // Defect: it was reported against `mac`.
         let inst = Instance {
