@@ -272,3 +272,108 @@ fn a_reload_replaces_the_rules_whole() {
     assert!(GOLD.contains(&target(&h, &q).unwrap()));
     assert_eq!(target(&h, &r), Ok(VIP_HOST));
 }
+
+/// End to end: the agent on the testbed's NIC, UDP servers in four
+/// instance namespaces, and two clients in the client namespace: one
+/// inside gold's prefixes (`198.18.0.5`, `fd00:5100::5`), one outside
+/// (`198.18.0.2`, `fd00:5100::2`). Gold's datagrams arrive only at its
+/// subset (`inst-2`, `inst-3`), the other client's never do, none is lost.
+#[test]
+fn end_to_end_a_reserved_prefixs_datagrams_arrive_only_at_its_subset() {
+    use std::{net::IpAddr, path::Path, sync::Arc, time::Duration};
+
+    use sluice::{config::Config, coord::EmbeddedStore};
+    use sluice_tests::{
+        netns,
+        testbed::{self, Testbed},
+        traffic::UdpServers,
+    };
+
+    let tb = Testbed::new("origin", 4).unwrap_or_else(|e| panic!("building the testbed: {e}"));
+    let gold: [IpAddr; 2] = [
+        "198.18.0.5".parse().unwrap(),
+        "fd00:5100::5".parse().unwrap(),
+    ];
+    for a in gold {
+        tb.add_client_addr(a)
+            .unwrap_or_else(|e| panic!("adding {a} to the client: {e}"));
+    }
+    let toml = format!(
+        "[[service]]\nname = \"kv\"\nvips = [\"{}\", \"{}\"]\nport = 7000\nprotocol = \"udp\"\n\n\
+         [[service.origin]]\nname = \"gold\"\nprefixes = [\"198.18.0.4/30\", \"fd00:5100::4/126\"]\n\
+         instances = [\"inst-2\", \"inst-3\"]\n\n{}",
+        testbed::VIP_V4,
+        testbed::VIP_V6,
+        tb.instances_toml(0, 4)
+    );
+    let config = Config::parse(&toml, Path::new("origin.toml")).unwrap_or_else(|e| panic!("{e}"));
+    let _agent = tb
+        .start_agent(&config, Arc::new(EmbeddedStore::in_memory()))
+        .unwrap_or_else(|e| {
+            panic!(
+                "starting the agent: {}",
+                sluice_tests::harness::error_chain(&e)
+            )
+        });
+    let namespaces: Vec<String> = tb.instances.iter().map(|i| i.netns.clone()).collect();
+    for (vip, gold, other) in [
+        (
+            IpAddr::from(testbed::VIP_V4),
+            gold[0],
+            IpAddr::from(testbed::CLIENT_V4),
+        ),
+        (
+            IpAddr::from(testbed::VIP_V6),
+            gold[1],
+            IpAddr::from(testbed::CLIENT_V6),
+        ),
+    ] {
+        let dst = SocketAddr::new(vip, 7000);
+        let servers = UdpServers::start(&namespaces, dst);
+        // 100 sockets (source ports) a client, 5 datagrams each: every
+        // subset instance and every other one gets some.
+        let mut sent = 0u64;
+        for src in [gold, other] {
+            let socks: Vec<std::net::UdpSocket> = (0..100)
+                .map(|_| {
+                    netns::run_in(&tb.client, || std::net::UdpSocket::bind((src, 0)))
+                        .unwrap_or_else(|e| panic!("binding {src} in the client: {e}"))
+                })
+                .collect();
+            for seq in 0..5u8 {
+                for s in &socks {
+                    s.send_to(&[seq], dst).expect("send");
+                    sent += 1;
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+        servers.wait_for(sent, Duration::from_secs(5));
+        let got = servers.finish();
+        let per: Vec<(usize, usize)> = got
+            .iter()
+            .map(|d| {
+                let g = d.iter().filter(|r| r.from.ip() == gold).count();
+                (g, d.len() - g)
+            })
+            .collect();
+        eprintln!("{vip}: sent {sent}; (gold, other) per instance {per:?}");
+        for (k, d) in got.iter().enumerate() {
+            for r in d {
+                let reserved = k >= 2;
+                assert_eq!(
+                    r.from.ip() == gold,
+                    reserved,
+                    "a datagram from {} reached inst-{k}: gold's go to inst-2 and inst-3 only, the others' never",
+                    r.from
+                );
+            }
+        }
+        let total: usize = got.iter().map(Vec::len).sum();
+        assert_eq!(total as u64, sent, "{vip}: datagrams lost");
+        assert!(
+            per.iter().all(|(g, o)| g + o > 0),
+            "{vip}: every instance takes part: {per:?}"
+        );
+    }
+}

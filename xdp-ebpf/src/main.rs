@@ -239,13 +239,8 @@ fn steer(frame: &mut XdpFrame, flow: &Flow, svc: &ServiceEntry, peer: Option<Gue
     } else {
         PIN_UDP
     };
-    // A client of an SLA origin rule: its tier's slot, not the unit's
-    // owner (a cluster member's packet carries its target already).
-    let tier = if svc.flags & ORIGIN_RULES != 0 && peer.is_none() {
-        tier_owner(flow, svc, unit)
-    } else {
-        None
-    };
+    // A client of an SLA origin rule: its tier's slot, not the unit's owner.
+    let tier = tier_owner(flow, svc, unit, peer);
     let (owner, instance, of_unit) = if let Some(g) = peer {
         // The sender's choice, if it is a live instance of this host;
         // else this host's owner of the unit, if that is one. Never sent
@@ -285,14 +280,10 @@ fn steer(frame: &mut XdpFrame, flow: &Flow, svc: &ServiceEntry, peer: Option<Gue
     // A connection the unit's owner has no socket for, whose unit moved
     // here lately: its second chance is the previous owner (it may have
     // entered by another host than before, one without its pin). Not for
-    // a tier's packet: it does not follow the unit, and stays in its
-    // subset.
-    let chance = if tier.is_some() {
-        SecondChance::Here
-    } else {
-        second_chance(frame, flow, svc, unit, owner, instance, peer)
-    };
-    let (owner, instance) = match chance {
+    // a tier's packet, which does not follow the unit: it stays in its
+    // subset; nor for one that had its second chance already.
+    let had = tier.is_some() || peer.is_some_and(|g| g.previous == encap::SECOND_CHANCE);
+    let (owner, instance) = match second_chance(frame, flow, svc, unit, owner, instance, had) {
         SecondChance::Here => (owner, instance),
         SecondChance::Local(prev, p) => (prev, p),
         SecondChance::Remote(prev, p) => {
@@ -364,6 +355,7 @@ enum SecondChance {
     Remote(u32, &'static InstanceEntry),
 }
 
+/// `settled`: the packet stays with `owner` whatever (see the caller).
 #[inline(always)]
 fn second_chance(
     frame: &XdpFrame,
@@ -372,13 +364,13 @@ fn second_chance(
     unit: u32,
     owner: u32,
     instance: &InstanceEntry,
-    peer: Option<Gue>,
+    settled: bool,
 ) -> SecondChance {
     const TCP_SYN: u8 = 0x02;
-    if flow.proto != PROTO_TCP
+    if settled
+        || flow.proto != PROTO_TCP
         || flow.tcp_flags & TCP_SYN != 0
         || instance.flags & INSTANCE_LOOKUP == 0
-        || peer.is_some_and(|g| g.previous == encap::SECOND_CHANCE)
     {
         return SecondChance::Here;
     }
@@ -558,11 +550,16 @@ fn find_service(host: &HostEntry, key: &ServiceKey) -> Option<&'static ServiceEn
     None
 }
 
-/// The owner an SLA origin rule gives a packet of `svc`: `None` when its
-/// source is in no rule's prefix, or its tier slot spills over (the unit's
-/// owner takes it); else the slot's instance, or `NO_OWNER` (punted).
+/// The owner an SLA origin rule gives a packet of `svc`: `None` when the
+/// service has no rules, the source is in no rule's prefix, or its tier
+/// slot spills over (the unit's owner takes it); else the slot's instance,
+/// or `NO_OWNER` (punted). A cluster member's packet (`peer`) carries its
+/// target already.
 #[inline(always)]
-fn tier_owner(flow: &Flow, svc: &ServiceEntry, unit: u32) -> Option<u32> {
+fn tier_owner(flow: &Flow, svc: &ServiceEntry, unit: u32, peer: Option<Gue>) -> Option<u32> {
+    if svc.flags & ORIGIN_RULES == 0 || peer.is_some() {
+        return None;
+    }
     // Every bit of the key: the longest prefix of the service's rules
     // holding the source matches.
     let key = LpmKey::new(
