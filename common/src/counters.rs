@@ -69,14 +69,22 @@ pub const DECAP_STALE: u32 = 19;
 /// Counted beside the outcome (`delivered`, `encapsulated`).
 pub const SECOND_CHANCE: u32 = 20;
 
+/// Not an outcome: a packet from a source prefix of one of its service's
+/// SLA origin rules, steered by the rule's tier (to a subset instance, or
+/// punted when the tier has none). Counted beside the outcome.
+pub const ORIGIN: u32 = 21;
+/// Not an outcome: a packet of an origin rule whose tier slot spilled
+/// over to the unit's own owner. Counted beside the outcome.
+pub const ORIGIN_SPILLED: u32 = 22;
+
 /// Number of global counters.
-pub const COUNT: u32 = 21;
+pub const COUNT: u32 = 23;
 
 /// Whether counter `index` is an outcome (one per packet) rather than an
 /// attribute counted beside one.
 #[must_use]
 pub const fn is_outcome(index: u32) -> bool {
-    index != TAG_MISSING && index != SECOND_CHANCE && index < COUNT
+    !matches!(index, TAG_MISSING | SECOND_CHANCE | ORIGIN | ORIGIN_SPILLED) && index < COUNT
 }
 
 /// Names for display and metrics, indexed like the counters.
@@ -102,4 +110,6 @@ pub const NAMES: [&str; COUNT as usize] = [
     "decap_malformed",
     "decap_stale",
     "second_chance",
+    "origin",
+    "origin_spilled",
 ];

@@ -58,6 +58,9 @@ pub const MAX_HOST_MACS: usize = 4;
 /// Other hosts of a cluster the data path can send to (`REMOTE_HOSTS`
 /// slots, from 1).
 pub const MAX_HOSTS: u32 = 256;
+/// Most source prefixes of SLA origin rules on one host, over all
+/// services (entries of the `ORIGIN` trie).
+pub const MAX_ORIGIN_PREFIXES: u32 = 1024;
 /// Most IPv6 extension headers walked before the transport header.
 pub const MAX_IPV6_EXT_HEADERS: usize = 6;
 

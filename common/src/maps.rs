@@ -20,9 +20,13 @@ pub mod names {
     pub const REMOTE_HOSTS: &str = "REMOTE_HOSTS";
     pub const MEMBERS: &str = "MEMBERS";
     pub const PREVIOUS: &str = "PREVIOUS";
+    pub const ORIGIN: &str = "ORIGIN";
+    pub const TIERS: &str = "TIERS";
 
     /// Every map of the program, for pinning them all.
-    pub const ALL: [&str; 16] = [
+    pub const ALL: [&str; 18] = [
+        ORIGIN,
+        TIERS,
         PREVIOUS,
         CLUSTER,
         REMOTE_HOSTS,
@@ -47,7 +51,7 @@ pub mod names {
 /// Written into the pin directory; an agent adopts only pins of its own
 /// layout.
 pub const LAYOUT: u64 = {
-    const EPOCH: u64 = 6;
+    const EPOCH: u64 = 7;
     let parts = [
         EPOCH,
         size_of::<ClusterEntry>() as u64,
@@ -63,6 +67,8 @@ pub const LAYOUT: u64 = {
         size_of::<InstanceCounters>() as u64,
         size_of::<PinKey>() as u64,
         size_of::<Pin>() as u64,
+        size_of::<OriginKey>() as u64,
+        size_of::<Tier>() as u64,
         crate::counters::COUNT as u64,
         names::ALL.len() as u64,
         crate::UNIT_BITS as u64,
@@ -217,6 +223,83 @@ const _: () = assert!(size_of::<ServiceEntry>() == 24);
 pub const PIN_TCP: u32 = 1;
 /// Pin UDP flows too (for services whose datagrams carry session state).
 pub const PIN_UDP: u32 = 2;
+/// The service has SLA origin rules: its packets' sources are looked up in
+/// `ORIGIN` (services without rules skip the lookup, and pay nothing).
+pub const ORIGIN_RULES: u32 = 4;
+
+/// The data of an `ORIGIN` trie key (after the trie's own `prefix_len`):
+/// the service, then the source address in wire order, IPv4 as
+/// IPv4-mapped IPv6. A rule's prefix length counts the service's 32 bits,
+/// so a packet matches only its own service's rules.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct OriginKey {
+    /// The service id, as a whole word (always matched in full).
+    pub service: u32,
+    /// Address as words ([`crate::key`]): the bytes in wire order.
+    pub addr: [u32; 4],
+}
+const _: () = assert!(size_of::<OriginKey>() == 20);
+
+/// Bits of [`OriginKey`] before the address.
+pub const ORIGIN_SERVICE_BITS: u32 = 32;
+
+/// Word 2 of an IPv4-mapped IPv6 address (`::ffff:0:0/96`), as words hold
+/// it: bytes `00 00 ff ff` in wire order.
+pub const V4_MAPPED_WORD: u32 = u32::from_le_bytes([0, 0, 0xff, 0xff]);
+
+/// The `ORIGIN` key data of source `src` (as [`crate::parse::Flow`] holds
+/// it) of family `family`, for service `service`.
+#[inline(always)]
+#[must_use]
+pub const fn origin_key(service: u32, family: u8, src: [u32; 4]) -> OriginKey {
+    let addr = if family == FAMILY_V4 {
+        [0, 0, V4_MAPPED_WORD, src[0]]
+    } else {
+        src
+    };
+    OriginKey { service, addr }
+}
+
+/// The `ORIGIN` key length of a source prefix `len` bits long, of family
+/// `family` (IPv4 prefixes sit under `::ffff:0:0/96`).
+#[inline(always)]
+#[must_use]
+pub const fn origin_prefix_len(family: u8, len: u32) -> u32 {
+    ORIGIN_SERVICE_BITS + if family == FAMILY_V4 { 96 + len } else { len }
+}
+
+/// Slots of a [`Tier`]: a packet takes slot `unit % TIER_SLOTS`.
+pub const TIER_SLOTS: u32 = 64;
+
+/// A tier slot that sends the packet to its unit's own owner (`OWNERS`),
+/// as if no rule matched: the subset spills over.
+pub const SPILL: u32 = u32::MAX;
+
+/// Value of `TIERS`, indexed by the tier `ORIGIN` gives: the subset's
+/// instance ids over [`TIER_SLOTS`] slots, one array load a packet. A slot
+/// is an instance id, [`SPILL`], or [`NO_OWNER`] (nobody: punted).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Tier {
+    pub slots: [u32; TIER_SLOTS as usize],
+}
+const _: () = assert!(size_of::<Tier>() == 256);
+
+impl Default for Tier {
+    fn default() -> Self {
+        Self {
+            slots: [NO_OWNER; TIER_SLOTS as usize],
+        }
+    }
+}
+
+/// The [`Tier`] slot a packet of `unit` takes.
+#[inline(always)]
+#[must_use]
+pub const fn tier_slot(unit: u32) -> u32 {
+    unit & (TIER_SLOTS - 1)
+}
 
 /// Key of the pinned-flow LRU map: the 5-tuple.
 #[repr(C)]
@@ -438,6 +521,10 @@ mod pod {
     unsafe impl aya::Pod for super::RemoteHost {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::MemberKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::OriginKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::Tier {}
 }
 
 #[cfg(feature = "user")]

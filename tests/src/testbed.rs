@@ -381,6 +381,21 @@ impl Testbed {
         })
     }
 
+    /// Gives the client's `eth0` one more address, `addr` (in the client
+    /// subnet, `198.18.0.0/24` or `fd00:5100::/64`, so the instances' routes
+    /// back reach it): a second client, for tests that tell clients apart
+    /// by source address. It goes with the namespace.
+    pub fn add_client_addr(&self, addr: IpAddr) -> Result<(), TestbedError> {
+        // IPv6: no duplicate address detection, so it is usable at once.
+        let (with_len, flag) = match addr {
+            IpAddr::V4(a) => (format!("{a}/24"), None),
+            IpAddr::V6(a) => (format!("{a}/64"), Some("nodad")),
+        };
+        let mut args = vec!["-n", &self.client, "addr", "add", &with_len, "dev", "eth0"];
+        args.extend(flag);
+        ip(&args)
+    }
+
     /// Source address of the client for `vip`'s family.
     #[must_use]
     pub fn client_addr(vip: IpAddr) -> IpAddr {

@@ -125,7 +125,27 @@ fn describe() {
         "sluice_pinned_flows",
         "Flows in the pinned-flow map (counted by a walk every 30 s)"
     );
+    describe_origin();
     describe_http();
+}
+
+fn describe_origin() {
+    describe_counter!(
+        "sluice_datapath_origin_total",
+        "Packets from an SLA origin rule's source prefixes, steered by its tier (also counted under their action)"
+    );
+    describe_counter!(
+        "sluice_datapath_origin_spilled_total",
+        "Packets of an origin rule sent to the unit's own owner by a spilled tier slot (also counted under their action)"
+    );
+    describe_gauge!(
+        "sluice_origin_spilled_slots",
+        "Slots of an origin rule's tier (of 64) that spill over to the service's other instances"
+    );
+    describe_counter!(
+        "sluice_origin_spill_changes_total",
+        "Changes to how many of an origin rule's tier slots spill over"
+    );
 }
 
 fn describe_http() {
@@ -270,6 +290,18 @@ pub fn datapath(global: &[u64; counters::COUNT as usize]) {
     counter!("sluice_datapath_tag_missing_total").absolute(global[counters::TAG_MISSING as usize]);
     counter!("sluice_datapath_second_chance_total")
         .absolute(global[counters::SECOND_CHANCE as usize]);
+    counter!("sluice_datapath_origin_total").absolute(global[counters::ORIGIN as usize]);
+    counter!("sluice_datapath_origin_spilled_total")
+        .absolute(global[counters::ORIGIN_SPILLED as usize]);
+}
+
+/// An origin rule's tier changed how many of its slots spill over to the
+/// service's other instances (`spilled` of `slots` now).
+pub fn origin_spill(service: &str, rule: &str, spilled: u32) {
+    gauge!("sluice_origin_spilled_slots", "service" => service.to_owned(), "rule" => rule.to_owned())
+        .set(f64::from(spilled));
+    counter!("sluice_origin_spill_changes_total", "service" => service.to_owned(), "rule" => rule.to_owned())
+        .increment(1);
 }
 
 /// A service's data path counters; also registers every move kind of the

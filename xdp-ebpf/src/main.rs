@@ -20,19 +20,22 @@ use aya_ebpf::{
         bpf_xdp_load_bytes,
     },
     macros::{map, xdp},
-    maps::{Array, DevMap, HashMap, LruHashMap, PerCpuArray, XskMap},
+    maps::{
+        Array, DevMap, HashMap, LpmTrie, LruHashMap, PerCpuArray, XskMap, lpm_trie::Key as LpmKey,
+    },
     programs::XdpContext,
 };
 use sluice_common::{
-    DEFAULT_PINNED_FLOWS, HIT_BUCKETS_PER_SERVICE, INSTANCE_SLOTS, MAX_HOSTS, MAX_PUNT_QUEUES,
-    MAX_SERVICES, UNITS_PER_SERVICE, counters,
+    DEFAULT_PINNED_FLOWS, HIT_BUCKETS_PER_SERVICE, INSTANCE_SLOTS, MAX_HOSTS, MAX_ORIGIN_PREFIXES,
+    MAX_PUNT_QUEUES, MAX_SERVICES, UNITS_PER_SERVICE, counters,
     encap::{self, GUE_LEN, Gue, Tunnel},
     hit_index,
     maps::{
         ClusterEntry, FAMILY_V4, FAMILY_V6, HostEntry, INSTANCE_LIVE, INSTANCE_LOOKUP,
         INSTANCE_REMOTE, InstanceCounters, InstanceEntry, InstanceName, MemberKey, NO_OWNER,
-        PIN_TCP, PIN_UDP, PROTO_TCP, PROTO_UDP, Pin, PinKey, RemoteHost, ServiceCounters,
-        ServiceEntry, ServiceKey, ServiceSlot, mac_word, previous_parts,
+        ORIGIN_RULES, OriginKey, PIN_TCP, PIN_UDP, PROTO_TCP, PROTO_UDP, Pin, PinKey, RemoteHost,
+        SPILL, ServiceCounters, ServiceEntry, ServiceKey, ServiceSlot, Tier, mac_word, origin_key,
+        previous_parts, tier_slot,
     },
     owner_index,
     parse::{self, ETH_HLEN, Flow, Frame, FromBytes, Pass, VLAN_TAG_LEN},
@@ -118,6 +121,18 @@ static REMOTE_HOSTS: Array<RemoteHost> = Array::with_max_entries(MAX_HOSTS + 1, 
 /// encapsulated packets are taken.
 #[map]
 static MEMBERS: HashMap<MemberKey, u32> = HashMap::with_max_entries(MAX_HOSTS + 1, 0);
+
+/// SLA origin rules: (service, source prefix) -> the rule's tier, an index
+/// into `TIERS`. Looked up only for services flagged `ORIGIN_RULES`.
+#[map]
+static ORIGIN: LpmTrie<OriginKey, u32> = LpmTrie::with_max_entries(MAX_ORIGIN_PREFIXES, 0);
+
+/// Tier -> its subset's instance ids over `TIER_SLOTS` slots (or `SPILL`,
+/// or `NO_OWNER`): a packet of a rule takes slot `unit % TIER_SLOTS`, one
+/// array load. Two halves, so a reload writes its tiers beside the live
+/// ones.
+#[map]
+static TIERS: Array<Tier> = Array::with_max_entries(2 * MAX_ORIGIN_PREFIXES, 0);
 
 /// Per-unit hit counts, `HIT_BUCKETS_PER_SERVICE` coarse buckets a service.
 #[map]
@@ -224,6 +239,8 @@ fn steer(frame: &mut XdpFrame, flow: &Flow, svc: &ServiceEntry, peer: Option<Gue
     } else {
         PIN_UDP
     };
+    // A client of an SLA origin rule: its tier's slot, not the unit's owner.
+    let tier = tier_owner(flow, svc, unit, peer);
     let (owner, instance, of_unit) = if let Some(g) = peer {
         // The sender's choice, if it is a live instance of this host;
         // else this host's owner of the unit, if that is one. Never sent
@@ -239,10 +256,10 @@ fn steer(frame: &mut XdpFrame, flow: &Flow, svc: &ServiceEntry, peer: Option<Gue
             (owner, Some(i), true)
         }
     } else if svc.flags & pin_kind != 0 && !cfg!(feature = "exp-no-pins") {
-        pinned_owner(flow, svc, unit, sc)
+        pinned_owner(flow, svc, unit, tier, sc)
     } else {
-        let owner = unit_owner(svc.id, unit);
-        (owner, live_instance(owner, svc.id), true)
+        let owner = tier.unwrap_or_else(|| unit_owner(svc.id, unit));
+        (owner, live_instance(owner, svc.id), tier.is_none())
     };
     let Some(instance) = instance else {
         // No live owner: to the agent, which claims the unit and re-injects
@@ -262,8 +279,11 @@ fn steer(frame: &mut XdpFrame, flow: &Flow, svc: &ServiceEntry, peer: Option<Gue
     }
     // A connection the unit's owner has no socket for, whose unit moved
     // here lately: its second chance is the previous owner (it may have
-    // entered by another host than before, one without its pin).
-    let (owner, instance) = match second_chance(frame, flow, svc, unit, owner, instance, peer) {
+    // entered by another host than before, one without its pin). Not for
+    // a tier's packet, which does not follow the unit: it stays in its
+    // subset; nor for one that had its second chance already.
+    let had = tier.is_some() || peer.is_some_and(|g| g.previous == encap::SECOND_CHANCE);
+    let (owner, instance) = match second_chance(frame, flow, svc, unit, owner, instance, had) {
         SecondChance::Here => (owner, instance),
         SecondChance::Local(prev, p) => (prev, p),
         SecondChance::Remote(prev, p) => {
@@ -335,6 +355,7 @@ enum SecondChance {
     Remote(u32, &'static InstanceEntry),
 }
 
+/// `settled`: the packet stays with `owner` whatever (see the caller).
 #[inline(always)]
 fn second_chance(
     frame: &XdpFrame,
@@ -343,13 +364,13 @@ fn second_chance(
     unit: u32,
     owner: u32,
     instance: &InstanceEntry,
-    peer: Option<Gue>,
+    settled: bool,
 ) -> SecondChance {
     const TCP_SYN: u8 = 0x02;
-    if flow.proto != PROTO_TCP
+    if settled
+        || flow.proto != PROTO_TCP
         || flow.tcp_flags & TCP_SYN != 0
         || instance.flags & INSTANCE_LOOKUP == 0
-        || peer.is_some_and(|g| g.previous == encap::SECOND_CHANCE)
     {
         return SecondChance::Here;
     }
@@ -529,6 +550,35 @@ fn find_service(host: &HostEntry, key: &ServiceKey) -> Option<&'static ServiceEn
     None
 }
 
+/// The owner an SLA origin rule gives a packet of `svc`: `None` when the
+/// service has no rules, the source is in no rule's prefix, or its tier
+/// slot spills over (the unit's owner takes it); else the slot's instance,
+/// or `NO_OWNER` (punted). A cluster member's packet (`peer`) carries its
+/// target already.
+#[inline(always)]
+fn tier_owner(flow: &Flow, svc: &ServiceEntry, unit: u32, peer: Option<Gue>) -> Option<u32> {
+    if svc.flags & ORIGIN_RULES == 0 || peer.is_some() {
+        return None;
+    }
+    // Every bit of the key: the longest prefix of the service's rules
+    // holding the source matches.
+    let key = LpmKey::new(
+        u32::try_from(size_of::<OriginKey>() * 8).unwrap_or(0),
+        origin_key(svc.id, flow.family, flow.src),
+    );
+    let tier = *ORIGIN.get(&key)?;
+    let slot = TIERS
+        .get(tier)
+        .and_then(|t| t.slots.get(tier_slot(unit) as usize).copied())
+        .unwrap_or(NO_OWNER);
+    if slot == SPILL {
+        bump(&GLOBAL_COUNTERS, counters::ORIGIN_SPILLED);
+        return None;
+    }
+    bump(&GLOBAL_COUNTERS, counters::ORIGIN);
+    Some(slot)
+}
+
 #[inline(always)]
 fn unit_owner(service_id: u32, unit: u32) -> u32 {
     OWNERS
@@ -556,14 +606,16 @@ fn local_live(id: u32, service_id: u32) -> Option<&'static InstanceEntry> {
 
 /// Owner of a flow of a pinning service, with its entry if live, and
 /// whether it is the unit's owner: the pin's owner while the pin is fresh
-/// and its owner live, else the unit's owner, pinned from now on. A TCP SYN
-/// starts a new connection: it follows the unit's owner and replaces any pin
-/// an earlier connection on the same 5-tuple left (clients reuse ports).
+/// and its owner live, else the unit's owner (or `tier`'s, an origin
+/// rule's choice), pinned from now on. A TCP SYN starts a new connection:
+/// it follows the unit's owner and replaces any pin an earlier connection
+/// on the same 5-tuple left (clients reuse ports).
 #[inline(always)]
 fn pinned_owner(
     flow: &Flow,
     svc: &ServiceEntry,
     unit: u32,
+    tier: Option<u32>,
     sc: Option<*mut ServiceCounters>,
 ) -> (u32, Option<&'static InstanceEntry>, bool) {
     const TCP_SYN: u8 = 0x02;
@@ -586,14 +638,14 @@ fn pinned_owner(
         {
             pin.last_seen_ns = now;
             count(sc, |c| c.pin_hits += 1);
-            let of_unit = pin.owner == unit_owner(svc.id, unit);
+            let of_unit = tier.is_none() && pin.owner == unit_owner(svc.id, unit);
             return (pin.owner, Some(instance), of_unit);
         }
         count(sc, |c| c.pins_expired += 1);
     } else if tcp && flow.tcp_flags & TCP_SYN == 0 {
         count(sc, |c| c.pins_lost += 1);
     }
-    let owner = unit_owner(svc.id, unit);
+    let owner = tier.unwrap_or_else(|| unit_owner(svc.id, unit));
     let instance = live_instance(owner, svc.id);
     if let Some(i) = instance {
         let pin = Pin {
@@ -606,7 +658,7 @@ fn pinned_owner(
             count(sc, |c| c.pins_created += 1);
         }
     }
-    (owner, instance, true)
+    (owner, instance, tier.is_none())
 }
 
 /// Updates a per-CPU counter slot, if the lookup found one.

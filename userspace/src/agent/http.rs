@@ -5,7 +5,7 @@
 
 use std::{collections::HashMap, sync::Arc, time::Instant};
 
-use sluice_common::maps::{InstanceCounters, ServiceCounters};
+use sluice_common::maps::{InstanceCounters, ServiceCounters, Tier};
 
 use crate::{
     control::{Controller, qos::Report},
@@ -118,6 +118,14 @@ impl Datapath for WithRequests<'_> {
             c.bytes += bytes;
         }
         Ok(c)
+    }
+
+    fn tier(&self, service_id: u32, rule: u32) -> Result<Tier, DatapathError> {
+        self.dp.tier(service_id, rule)
+    }
+
+    fn set_tier(&mut self, service_id: u32, rule: u32, tier: &Tier) -> Result<(), DatapathError> {
+        self.dp.set_tier(service_id, rule, tier)
     }
 
     fn unit_hits(&self, id: u32) -> Result<Vec<u64>, DatapathError> {

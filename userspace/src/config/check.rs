@@ -12,7 +12,8 @@ use std::{
 };
 
 use sluice_common::{
-    MAX_ENDPOINTS, MAX_PINNED_FLOWS, MAX_QUIC_CID_LEN, MAX_SERVICES, MAX_TAG_LEN, UNITS_PER_SERVICE,
+    MAX_ENDPOINTS, MAX_ORIGIN_PREFIXES, MAX_PINNED_FLOWS, MAX_QUIC_CID_LEN, MAX_SERVICES,
+    MAX_TAG_LEN, UNITS_PER_SERVICE,
 };
 use toml::{
     Spanned,
@@ -23,13 +24,14 @@ use super::{
     AgentConfig, Config, ConfigError, FieldError, Instance, MAX_INSTANCES, PinMode, Protocol,
     Service, TagSpec, WlmConfig, WlmPolicy,
     raw::{
-        Field, Mac, RawAgent, RawAssign, RawConfig, RawHealth, RawInstance, RawPin, RawProtocol,
-        RawService, RawTag, RawTagKind, RawWlm, RawWlmPolicy, shown,
+        Field, Mac, RawAgent, RawAssign, RawConfig, RawHealth, RawInstance, RawLayer, RawPin,
+        RawProtocol, RawService, RawTag, RawTagKind, RawWlm, RawWlmPolicy, shown,
     },
 };
 
 mod cluster;
 mod http;
+mod origin;
 mod scale;
 
 /// Parses and checks `text`; `path` labels the errors.
@@ -201,7 +203,7 @@ impl Shape {
 }
 
 /// The compound keys of a service, their shapes and how to write them.
-const SERVICE_SHAPES: [(&str, Shape, &str); 7] = [
+const SERVICE_SHAPES: [(&str, Shape, &str); 8] = [
     (
         "http",
         Shape::Table,
@@ -231,6 +233,11 @@ const SERVICE_SHAPES: [(&str, Shape, &str); 7] = [
         "wlm",
         Shape::Table,
         "write wlm = { capacity_pps = 100000 }, or a [service.wlm] table",
+    ),
+    (
+        "origin",
+        Shape::Tables,
+        "write each origin rule as a [[service.origin]] table with name, prefixes and instances",
     ),
     (
         "instance",
@@ -577,6 +584,22 @@ impl Checker<'_> {
                 "use fewer VIPs or ports per service, or spread the services over several hosts",
             );
         }
+        let prefixes: usize = checked
+            .iter()
+            .flatten()
+            .flat_map(|(s, _)| &s.origins)
+            .map(|r| r.prefixes.len())
+            .sum();
+        if prefixes > MAX_ORIGIN_PREFIXES as usize {
+            self.report(
+                None,
+                "service[].origin[].prefixes",
+                format!(
+                    "{prefixes} origin prefixes configured, at most {MAX_ORIGIN_PREFIXES} are supported on one host"
+                ),
+                "join neighbouring prefixes into shorter ones, or spread the services over several hosts",
+            );
+        }
         let (services, spans): (Vec<_>, Vec<_>) = checked.into_iter().flatten().unzip();
         self.unique(&services, &spans);
         Some(Config {
@@ -760,6 +783,24 @@ impl Checker<'_> {
             .enumerate()
             .map(|(j, inst)| self.instance(&format!("{at}.instance[{j}]"), inst))
             .collect();
+        let is_http = raw
+            .layer
+            .as_ref()
+            .is_some_and(|l| matches!(l.value, Ok(RawLayer::Http)));
+        let origins = {
+            let names: Vec<&str> = instances
+                .iter()
+                .flatten()
+                .map(|(i, _)| i.name.as_str())
+                .collect();
+            let inputs = origin::OriginInputs {
+                table: &table,
+                http: is_http,
+                names: &names,
+                instance_count: instances.len(),
+            };
+            self.origins(&at, raw.origin, &inputs)
+        };
         let http = self.http(
             &at,
             http::HttpInputs {
@@ -838,6 +879,7 @@ impl Checker<'_> {
                 instances,
                 http: http?,
                 scale: scale?,
+                origins: origins?,
             },
             ServiceSpans {
                 name: name_span,

@@ -103,6 +103,18 @@ impl Config {
             }
             _ => {}
         }
+        if let Some(scale) = &svc.scale
+            && svc.instances.len() >= scale.max_instances as usize
+        {
+            return Err(refuse(
+                "service",
+                format!(
+                    "service `{service}` runs {} instances, its scale.max_instances",
+                    svc.instances.len()
+                ),
+                "raise [service.scale] max_instances, or remove an instance first",
+            ));
+        }
         if self.instance_count() >= MAX_INSTANCES {
             return Err(refuse(
                 "name",

@@ -504,6 +504,20 @@ pub fn expand(template: &str, vars: &TemplateVars<'_>) -> String {
     out
 }
 
+/// `[[service.origin]]`: packets from `prefixes` go only to the
+/// `instances` subset (they own no units: other traffic never reaches
+/// them), spilling over to the service's other instances when the subset
+/// is saturated or gone only with `spill`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OriginRule {
+    pub name: String,
+    /// Source prefixes (network address, length), host bits clear.
+    pub prefixes: Vec<(IpAddr, u8)>,
+    /// Names of the subset's instances (of the same service).
+    pub instances: Vec<String>,
+    pub spill: bool,
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub struct Service {
     pub name: String,
@@ -528,14 +542,22 @@ pub struct Service {
     /// `[service.scale]`: scale-out and scale-in; `None`: the configured
     /// instances only.
     pub scale: Option<ScaleConfig>,
+    /// SLA origin rules (L4 services only): clients by source prefix to
+    /// reserved subsets.
+    pub origins: Vec<OriginRule>,
 }
 
 impl Service {
-    /// Whether instance `name` takes only priority requests (see
-    /// [`HttpConfig::is_reserved`]).
+    /// Whether instance `name` owns no units because it is reserved: in an
+    /// http priority subset (see [`HttpConfig::is_reserved`]) or an origin
+    /// rule's subset. It takes only what its rules send it.
     #[must_use]
     pub fn is_reserved(&self, name: &str) -> bool {
         self.http.as_ref().is_some_and(|h| h.is_reserved(name))
+            || self
+                .origins
+                .iter()
+                .any(|r| r.instances.iter().any(|i| i == name))
     }
 
     /// Every (vip, port, protocol) the service answers on.

@@ -190,7 +190,19 @@ pub(super) struct RawService {
     pub(super) http: Option<Spanned<RawHttp>>,
     pub(super) scale: Option<Spanned<RawScale>>,
     #[serde(default)]
+    pub(super) origin: Vec<Spanned<RawOrigin>>,
+    #[serde(default)]
     pub(super) instance: Vec<Spanned<RawInstance>>,
+}
+
+/// `[[service.origin]]`: packets from these source prefixes go to a
+/// reserved subset of the service's instances.
+#[derive(Debug, Deserialize)]
+pub(super) struct RawOrigin {
+    pub(super) name: Option<Field<String>>,
+    pub(super) prefixes: Option<Spanned<Vec<Field<String>>>>,
+    pub(super) instances: Option<Spanned<Vec<Field<String>>>>,
+    pub(super) spill: Option<Field<bool>>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]

@@ -4,13 +4,15 @@
 //! data path.
 //!
 //! - [`wlm`]: the element policy (pure: samples in, a move out);
-//! - [`qos`]: the utilisation formula, its sources, application reports.
+//! - [`qos`]: the utilisation formula, its sources, application reports;
+//! - [`origin`]: SLA origin rules' tiers (pure: subset in, slots out).
 //!
 //! The loop reaches the data path only through the [`Datapath`] trait and
 //! the host only through [`Probe`], so claim, drain, failover and error
 //! paths are unit-tested with in-memory fakes. May import `config`,
 //! `plan`, `coord`, `datapath` (the trait), `sys` and `telemetry`.
 
+pub mod origin;
 pub mod qos;
 pub mod scale;
 pub mod wlm;
@@ -119,6 +121,8 @@ struct ServiceCtl {
     instances: Vec<InstCtl>,
     /// The same service's instances on other hosts (a cluster's).
     remote: Vec<RemoteCtl>,
+    /// SLA origin rules, in config order.
+    origins: Vec<origin::RuleCtl>,
 }
 
 impl ServiceCtl {
@@ -483,6 +487,7 @@ impl Controller {
                     })
                     .collect(),
                 remote: Vec::new(),
+                origins: origin::rules(plan, sp.id),
             })
             .collect();
         let mut ctl = Self {
@@ -1044,6 +1049,7 @@ impl Controller {
         let mut made = self.fail_step(dp, &reports, now).await?;
         made.extend(self.remote_fail_step(dp, now).await?);
         self.recover_step(dp, &reports, now)?;
+        self.origin_step(dp)?;
         made.extend(self.drain_step(dp, now).await?);
         for si in 0..self.services.len() {
             // Most loaded elements act first.

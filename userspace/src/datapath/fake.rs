@@ -8,7 +8,7 @@ use std::{collections::HashMap, io};
 use aya::{maps::MapError, sys::SyscallError};
 use sluice_common::{
     HIT_BUCKETS_PER_SERVICE, hit_index,
-    maps::{InstanceCounters, NO_OWNER, ServiceCounters, names},
+    maps::{InstanceCounters, NO_OWNER, ServiceCounters, Tier, names},
     owner_index,
 };
 
@@ -29,6 +29,8 @@ pub(crate) struct MemDatapath {
     services: HashMap<u32, ServiceCounters>,
     instances: HashMap<u32, InstanceCounters>,
     hits: HashMap<u32, u64>,
+    /// (service, rule) -> its tier; absent: every slot `NO_OWNER`.
+    pub(crate) tiers: HashMap<(u32, u32), Tier>,
 }
 
 impl MemDatapath {
@@ -103,6 +105,19 @@ impl Datapath for MemDatapath {
         Ok(self.instances.get(&id).copied().unwrap_or_default())
     }
 
+    fn tier(&self, service_id: u32, rule: u32) -> Result<Tier, DatapathError> {
+        Ok(self
+            .tiers
+            .get(&(service_id, rule))
+            .copied()
+            .unwrap_or_default())
+    }
+
+    fn set_tier(&mut self, service_id: u32, rule: u32, tier: &Tier) -> Result<(), DatapathError> {
+        self.tiers.insert((service_id, rule), *tier);
+        Ok(())
+    }
+
     fn unit_hits(&self, id: u32) -> Result<Vec<u64>, DatapathError> {
         Ok((0..HIT_BUCKETS_PER_SERVICE)
             .map(|b| {
@@ -117,9 +132,14 @@ impl Datapath for MemDatapath {
 
 /// Which call of a [`Faulty`] data path fails.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[expect(
+    clippy::enum_variant_names,
+    reason = "each is named after the call that fails"
+)]
 pub(crate) enum Fault {
     SetGroupOwner,
     SetInstanceLive,
+    SetTier,
 }
 
 /// A data path whose next call of one kind fails, once, the way a map
@@ -206,5 +226,14 @@ impl<D: Datapath> Datapath for Faulty<D> {
 
     fn unit_hits(&self, id: u32) -> Result<Vec<u64>, DatapathError> {
         self.inner.unit_hits(id)
+    }
+
+    fn tier(&self, service_id: u32, rule: u32) -> Result<Tier, DatapathError> {
+        self.inner.tier(service_id, rule)
+    }
+
+    fn set_tier(&mut self, service_id: u32, rule: u32, tier: &Tier) -> Result<(), DatapathError> {
+        self.trip(Fault::SetTier, names::TIERS)?;
+        self.inner.set_tier(service_id, rule, tier)
     }
 }

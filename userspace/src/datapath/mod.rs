@@ -22,7 +22,7 @@ use std::path::PathBuf;
 use ::aya::{maps::MapError, programs::ProgramError};
 use sluice_common::{
     counters,
-    maps::{InstanceCounters, PROGRAM_NAME, ServiceCounters},
+    maps::{InstanceCounters, PROGRAM_NAME, ServiceCounters, Tier},
 };
 
 use crate::plan::Group;
@@ -63,6 +63,12 @@ pub trait Datapath {
     /// Hit counts of service `id`'s unit buckets
     /// (`HIT_BUCKETS_PER_SERVICE` of them), summed over CPUs.
     fn unit_hits(&self, id: u32) -> Result<Vec<u64>, DatapathError>;
+    /// The tier of origin rule `rule` (its index in the config) of service
+    /// `service_id`: which instance each slot sends the rule's packets to.
+    fn tier(&self, service_id: u32, rule: u32) -> Result<Tier, DatapathError>;
+    /// Rewrites that tier's slots (one map update: a packet sees the old
+    /// tier or the new one).
+    fn set_tier(&mut self, service_id: u32, rule: u32, tier: &Tier) -> Result<(), DatapathError>;
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -116,6 +122,8 @@ pub enum DatapathError {
     Program(#[source] ProgramError),
     #[error(transparent)]
     ServiceTable(#[from] service_table::TableFull),
+    #[error("service {service_id} has no origin rule {rule} in the programmed data path")]
+    UnknownTier { service_id: u32, rule: u32 },
     #[error("attaching to `{iface}` failed")]
     Attach {
         iface: String,

@@ -11,7 +11,10 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, DevMap, HashMap, MapData, MapError, PerCpuArray},
+    maps::{
+        Array, DevMap, HashMap, MapData, MapError, PerCpuArray,
+        lpm_trie::{Key as LpmKey, LpmTrie},
+    },
     programs::{
         Xdp,
         xdp::{XdpLinkId, XdpMode},
@@ -21,8 +24,9 @@ use sluice_common::{
     HIT_BUCKETS_PER_SERVICE, MAX_HOST_MACS, counters,
     maps::{
         ClusterEntry, HostEntry, INSTANCE_LIVE, INSTANCE_LOOKUP, INSTANCE_REMOTE, InstanceCounters,
-        InstanceEntry, InstanceName, MemberKey, NO_OWNER, PROGRAM_NAME, Pin, PinKey, RemoteHost,
-        ServiceCounters, ServiceEntry, ServiceKey, ServiceSlot, mac_word, names, previous_entry,
+        InstanceEntry, InstanceName, MemberKey, NO_OWNER, OriginKey, PROGRAM_NAME, Pin, PinKey,
+        RemoteHost, ServiceCounters, ServiceEntry, ServiceKey, ServiceSlot, Tier, mac_word, names,
+        origin_key, origin_prefix_len, previous_entry,
     },
     owner_index,
 };
@@ -84,6 +88,9 @@ pub struct XdpDatapath {
     previous: OwnerTable,
     /// Set when the data path lives on in bpffs across agent restarts.
     pins: Option<Pins>,
+    /// (service id, rule index) -> the rule's entry in `TIERS`, as
+    /// [`Self::program`] last wrote them.
+    tiers: std::collections::HashMap<(u32, u32), u32>,
 }
 
 /// A data path pinned under a bpffs directory: every map at `<dir>/<MAP>`,
@@ -221,10 +228,21 @@ impl XdpDatapath {
     /// Sizes of the maps sized for `plan`. The maps indexed by instance id
     /// keep the program's size (`INSTANCE_SLOTS`): ids are stable and may be
     /// sparse, and instances come and go without a resize.
-    fn sizes(plan: &Plan) -> [(&'static str, u32); 6] {
+    fn sizes(plan: &Plan) -> [(&'static str, u32); 8] {
         let services = u32::try_from(plan.services.len()).expect("bounded").max(1);
         let keys = plan.services.iter().map(|s| s.keys.len()).sum::<usize>();
+        // Rounded up, with a floor, so that a reload adding a rule or a
+        // prefix rarely meets pins of another size.
+        let rules = u32::try_from(plan.origin_rules().count()).expect("bounded");
+        let prefixes = plan
+            .origin_rules()
+            .map(|(.., r)| r.prefixes.len())
+            .sum::<usize>();
+        let prefixes = u32::try_from(prefixes).expect("bounded");
         [
+            (names::ORIGIN, prefixes.next_power_of_two().max(64)),
+            // Two halves: a reload writes its tiers beside the live ones.
+            (names::TIERS, 2 * rules.next_power_of_two().max(16)),
             (names::SERVICE_TABLE, 2 * service_table::slots_for(keys)),
             (names::OWNERS, plan.owner_entries()),
             (names::PREVIOUS, plan.owner_entries()),
@@ -301,6 +319,7 @@ impl XdpDatapath {
                 dir: d.to_owned(),
                 link: None,
             }),
+            tiers: std::collections::HashMap::new(),
         })
     }
 
@@ -448,8 +467,64 @@ impl XdpDatapath {
                 self.set_group_owner(s.id, *g, *owner)?;
             }
         }
+        self.set_origins(plan)?;
         self.set_services(plan)?;
         self.set_host_macs(&plan.host_macs)
+    }
+
+    /// Writes the plan's origin rules: their tiers into the half of `TIERS`
+    /// the live `ORIGIN` entries do not point into, then the `ORIGIN`
+    /// entries (each one update: a packet sees a rule's old tier or its
+    /// new one), then takes out the entries of prefixes no longer
+    /// configured. A failure half-way leaves the live tiers untouched; a
+    /// roll-back programs the running plan again.
+    fn set_origins(&mut self, plan: &Plan) -> Result<(), DatapathError> {
+        let live: Vec<(LpmKey<OriginKey>, u32)> = {
+            let trie: LpmTrie<&MapData, OriginKey, u32> = self.map(names::ORIGIN)?;
+            trie.iter()
+                .collect::<Result<_, _>>()
+                .map_err(map_err(names::ORIGIN))?
+        };
+        let half_len = {
+            let tiers: Array<&MapData, Tier> = self.map(names::TIERS)?;
+            tiers.len() / 2
+        };
+        let half = live.first().map_or(0, |(_, t)| (t / half_len + 1) & 1);
+        let mut tiers = std::collections::HashMap::new();
+        {
+            let mut map: Array<&mut MapData, Tier> = self.map_mut(names::TIERS)?;
+            for (at, (service, rule, r)) in (0..).zip(plan.origin_rules()) {
+                let t = half * half_len + at;
+                let tier = r.tier(|id| plan.instance(id).is_some_and(|i| i.live));
+                map.set(t, tier, 0).map_err(map_err(names::TIERS))?;
+                tiers.insert((service, rule), t);
+            }
+        }
+        let mut wanted = Vec::new();
+        for (service, rule, r) in plan.origin_rules() {
+            for &(addr, len) in &r.prefixes {
+                let (words, family) = crate::plan::addr_words(addr);
+                let key = LpmKey::new(
+                    origin_prefix_len(family, u32::from(len)),
+                    origin_key(service, family, words),
+                );
+                wanted.push((key, tiers[&(service, rule)]));
+            }
+        }
+        let mut trie: LpmTrie<&mut MapData, OriginKey, u32> = self.map_mut(names::ORIGIN)?;
+        for (key, t) in &wanted {
+            trie.insert(key, t, 0).map_err(map_err(names::ORIGIN))?;
+        }
+        let same = |a: &LpmKey<OriginKey>, b: &LpmKey<OriginKey>| {
+            a.prefix_len() == b.prefix_len() && a.data() == b.data()
+        };
+        for (key, _) in &live {
+            if !wanted.iter().any(|(w, _)| same(w, key)) {
+                trie.remove(key).map_err(map_err(names::ORIGIN))?;
+            }
+        }
+        self.tiers = tiers;
+        Ok(())
     }
 
     /// Writes the plan's services into the half of the service table the
@@ -858,6 +933,14 @@ impl XdpDatapath {
             .map_err(map_err(name))
     }
 
+    /// The `TIERS` entry of origin rule `rule` of service `service_id`.
+    fn tier_index(&self, service_id: u32, rule: u32) -> Result<u32, DatapathError> {
+        self.tiers
+            .get(&(service_id, rule))
+            .copied()
+            .ok_or(DatapathError::UnknownTier { service_id, rule })
+    }
+
     /// Entry `id` of per-CPU map `name`, summed over CPUs.
     fn per_cpu_sum<T>(&self, name: &'static str, id: u32) -> Result<T, DatapathError>
     where
@@ -944,6 +1027,18 @@ impl Datapath for XdpDatapath {
 
     fn instance_counters(&self, id: u32) -> Result<InstanceCounters, DatapathError> {
         self.per_cpu_sum(names::INSTANCE_COUNTERS, id)
+    }
+
+    fn tier(&self, service_id: u32, rule: u32) -> Result<Tier, DatapathError> {
+        let t = self.tier_index(service_id, rule)?;
+        let map: Array<&MapData, Tier> = self.map(names::TIERS)?;
+        map.get(&t, 0).map_err(map_err(names::TIERS))
+    }
+
+    fn set_tier(&mut self, service_id: u32, rule: u32, tier: &Tier) -> Result<(), DatapathError> {
+        let t = self.tier_index(service_id, rule)?;
+        let mut map: Array<&mut MapData, Tier> = self.map_mut(names::TIERS)?;
+        map.set(t, tier, 0).map_err(map_err(names::TIERS))
     }
 
     fn unit_hits(&self, id: u32) -> Result<Vec<u64>, DatapathError> {

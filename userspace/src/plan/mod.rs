@@ -12,15 +12,15 @@ use std::{net::IpAddr, path::PathBuf};
 use sluice_common::{
     key,
     maps::{
-        FAMILY_V4, FAMILY_V6, PIN_TCP, PIN_UDP, ServiceEntry, ServiceKey, TAG_IPV6_FLOW_LABEL,
-        TAG_NONE, TAG_QUIC_CID, TAG_UDP_PAYLOAD,
+        FAMILY_V4, FAMILY_V6, ORIGIN_RULES, PIN_TCP, PIN_UDP, SPILL, ServiceEntry, ServiceKey,
+        TAG_IPV6_FLOW_LABEL, TAG_NONE, TAG_QUIC_CID, TAG_UDP_PAYLOAD, Tier,
     },
     owner_index, unit_of,
 };
 
 pub use self::group::{Group, UnitTable};
 use crate::{
-    config::{Config, Instance, PinMode, TagSpec},
+    config::{Config, Instance, PinMode, Service, TagSpec},
     sys::link::{self, LinkError},
 };
 
@@ -69,6 +69,41 @@ pub struct Resolved {
     pub netns_id: Option<u32>,
 }
 
+/// An SLA origin rule as the data path needs it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OriginPlan {
+    pub name: String,
+    /// Source prefixes: (network, length).
+    pub prefixes: Vec<(IpAddr, u8)>,
+    /// The subset's instance ids, in config order.
+    pub instances: Vec<u32>,
+    pub spill: bool,
+}
+
+impl OriginPlan {
+    /// The rule's starting tier: its subset's instances for which `live`
+    /// holds, round robin over the slots; with none, every slot spills
+    /// over (with `spill`) or has nobody.
+    #[must_use]
+    pub fn tier(&self, live: impl Fn(u32) -> bool) -> Tier {
+        let live: Vec<u32> = self
+            .instances
+            .iter()
+            .copied()
+            .filter(|i| live(*i))
+            .collect();
+        let mut tier = Tier::default();
+        for (k, slot) in tier.slots.iter_mut().enumerate() {
+            *slot = match (live.get(k % live.len().max(1)), self.spill) {
+                (Some(id), _) => *id,
+                (None, true) => SPILL,
+                (None, false) => sluice_common::maps::NO_OWNER,
+            };
+        }
+        tier
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ServicePlan {
     /// Dense id, from 0.
@@ -82,6 +117,8 @@ pub struct ServicePlan {
     /// `groups` were read back from a pinned data path's owner array
     /// (the store had lost them), not made even.
     pub groups_from_pins: bool,
+    /// SLA origin rules, in config order (a rule's index names its tier).
+    pub origins: Vec<OriginPlan>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -172,6 +209,26 @@ pub fn service_key(vip: IpAddr, port: u16, proto: u8, vlan: u16) -> ServiceKey {
     }
 }
 
+/// The origin rules of `svc`, whose instances have `ids` (config order).
+fn origin_plans(svc: &Service, ids: &[u32]) -> Vec<OriginPlan> {
+    let id_of = |name: &String| {
+        svc.instances
+            .iter()
+            .zip(ids)
+            .find(|(i, _)| &i.name == name)
+            .map(|(_, id)| *id)
+    };
+    svc.origins
+        .iter()
+        .map(|r| OriginPlan {
+            name: r.name.clone(),
+            prefixes: r.prefixes.clone(),
+            instances: r.instances.iter().filter_map(id_of).collect(),
+            spill: r.spill,
+        })
+        .collect()
+}
+
 impl Plan {
     /// Builds the plan with ids in config order; `resolve` gives each
     /// instance's ifindex and MAC (the agent asks the host, tests hand in
@@ -214,7 +271,7 @@ impl Plan {
                     length,
                 } => (TAG_QUIC_CID, offset, length, cid_length),
             };
-            let mut service_ids = Vec::with_capacity(svc.instances.len());
+            let mut service_ids: Vec<u32> = Vec::with_capacity(svc.instances.len());
             for (j, inst) in svc.instances.iter().enumerate() {
                 let r = resolve(inst, &format!("service[{sid}].instance[{j}]"))?;
                 let instance_id = ids.next().expect("one id a name");
@@ -230,7 +287,9 @@ impl Plan {
                     netns_id: r.netns_id,
                 });
             }
-            // Instances reserved for priority requests own no units.
+            let origins = origin_plans(svc, &service_ids);
+            // Instances reserved for priority requests or origin rules own
+            // no units.
             let owners: Vec<u32> = svc
                 .instances
                 .iter()
@@ -269,13 +328,14 @@ impl Plan {
                         PinMode::None => 0,
                         PinMode::Tcp => PIN_TCP,
                         PinMode::TcpUdp => PIN_TCP | PIN_UDP,
-                    },
+                    } | if origins.is_empty() { 0 } else { ORIGIN_RULES },
                     pin_idle_secs: svc.pin_idle_secs,
                     quic_cid_len,
                     reserved: 0,
                 },
                 groups,
                 groups_from_pins: false,
+                origins,
             });
         }
         Ok(plan)
@@ -347,6 +407,13 @@ impl Plan {
         self.instances.iter().find(|i| i.id == id)
     }
 
+    /// Every origin rule's (service id, rule index) and the rule.
+    pub fn origin_rules(&self) -> impl Iterator<Item = (u32, u32, &OriginPlan)> {
+        self.services
+            .iter()
+            .flat_map(|s| (0..).zip(&s.origins).map(move |(k, r)| (s.id, k, r)))
+    }
+
     /// Entries the owner array needs.
     #[must_use]
     pub fn owner_entries(&self) -> u32 {
@@ -357,6 +424,52 @@ impl Plan {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn origin_subset_instances_own_no_units() {
+        let config = crate::config::tests::parse(
+            r#"
+[[service]]
+name = "kv"
+vip = "198.18.0.100"
+port = 7000
+protocol = "udp"
+
+[[service.origin]]
+name = "gold"
+prefixes = ["198.18.5.0/24"]
+instances = ["kv-2"]
+
+[[service.instance]]
+name = "kv-0"
+veth = "i0"
+mac = "02:00:00:00:00:01"
+
+[[service.instance]]
+name = "kv-1"
+veth = "i1"
+mac = "02:00:00:00:00:02"
+
+[[service.instance]]
+name = "kv-2"
+veth = "i2"
+mac = "02:00:00:00:00:03"
+"#,
+        )
+        .unwrap();
+        let plan = Plan::build(&config, |i, _| {
+            Ok::<_, std::convert::Infallible>(Resolved {
+                ifindex: 1,
+                mac: i.mac.unwrap(),
+                netns: None,
+                netns_id: None,
+            })
+        })
+        .unwrap();
+        let owners: std::collections::HashSet<u32> =
+            plan.services[0].groups.iter().map(|(_, o)| *o).collect();
+        assert_eq!(owners, [1, 2].into(), "kv-2 (id 3) is reserved");
+    }
 
     #[test]
     fn a_missing_netns_is_blamed_on_the_netns_field() {
