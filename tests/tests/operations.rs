@@ -136,7 +136,7 @@ fn dashboard_uses_only_exported_metrics() {
     // An http service too, for the L7 distributor's metrics (its instance
     // shares kv-0's container; no request is sent).
     let config = format!(
-        "[agent]\ninterval_ms = 200\n\n[[service]]\nname = \"kv\"\nvip = \"198.18.1.1\"\nport = 7000\nprotocol = \"udp\"\n{}\n\
+        "[agent]\ninterval_ms = 200\n\n[[service]]\nname = \"kv\"\nvip = \"198.18.1.1\"\nport = 7000\nprotocol = \"udp\"\nscale = {{ max_instances = 2 }}\n{}\n\
          [[service]]\nname = \"web\"\nvip = \"198.18.1.2\"\nport = 80\nprotocol = \"tcp\"\nlayer = \"http\"\n\
          [[service.instance]]\nname = \"web-0\"\nveth = \"v0\"\nmac = \"02:5c:00:00:00:01\"\naddr = \"198.18.9.9:8080\"\n",
         process::instances_toml("kv", 1)

@@ -233,7 +233,23 @@ pub fn scale(service: &str, g: &ScaleGauges) {
     gauge!("sluice_scale_target_instances", "service" => s()).set(f64::from(g.target));
     gauge!("sluice_scale_min_instances", "service" => s()).set(f64::from(g.min));
     gauge!("sluice_scale_max_instances", "service" => s()).set(f64::from(g.max));
+    // Every series a dashboard rates, there from the start at 0.
+    for (action, reason) in SCALE_DECISIONS {
+        counter!("sluice_scale_decisions_total", "service" => s(), "action" => action, "reason" => reason)
+            .increment(0);
+    }
+    counter!("sluice_scale_launch_failures_total", "service" => s()).increment(0);
 }
+
+/// The (action, reason) pairs of `sluice_scale_decisions_total`.
+pub const SCALE_DECISIONS: [(&str, &str); 6] = [
+    ("launch", "below_min"),
+    ("launch", "saturated"),
+    ("stop", "above_max"),
+    ("stop", "idle"),
+    ("stop", "underloaded"),
+    ("restart", "failed"),
+];
 
 /// Counts a scaling decision.
 pub fn scale_decision(service: &str, action: &'static str, reason: &'static str) {

@@ -204,6 +204,9 @@ impl Serving<'_> {
                     }
                 })
                 .collect();
+            for m in members.iter().filter(|m| launched(m.name)) {
+                telemetry::scale_failed_alert(&svc.name, m.name, ctl.alerted.contains(m.name));
+            }
             let live = u32::try_from(members.iter().filter(|m| m.live).count()).unwrap_or(0);
             let pending = u32::try_from(ctl.pending.len()).unwrap_or(0);
             let decision = ctl.state.decide(&ScaleView {
