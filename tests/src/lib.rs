@@ -10,6 +10,7 @@ pub mod http;
 pub mod netns;
 pub mod packet;
 pub mod process;
+pub mod scale;
 pub mod testbed;
 pub mod traffic;
 

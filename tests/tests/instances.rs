@@ -8,6 +8,7 @@ use std::{
 
 use sluice_tests::{
     netns, process,
+    scale::{LaunchedGuard, sink_count},
     testbed::{self, Testbed},
     traffic::{PacedSender, TcpServers, UdpServers, tcp_echo},
 };
@@ -248,74 +249,6 @@ fn instances_added_and_removed_under_traffic_lose_nothing() {
     assert!(agent.stop().success());
 }
 
-/// A UDP sink for the netns launcher: counts what arrives on `vip:port`
-/// and keeps the count in a file (rewritten every 100 ms, and on SIGTERM).
-const SINK: &str = r"
-import os, signal, socket, sys
-vip, port, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.bind((vip, port))
-s.settimeout(0.1)
-n, stop = 0, False
-def term(*_):
-    global stop
-    stop = True
-signal.signal(signal.SIGTERM, term)
-def save():
-    with open(out + '.tmp', 'w') as f:
-        f.write(str(n))
-    os.rename(out + '.tmp', out)
-save()
-while not stop:
-    try:
-        while True:
-            s.recv(2048)
-            n += 1
-    except socket.timeout:
-        pass
-    save()
-save()
-";
-
-/// What the netns launcher makes for instances `names`, taken down on drop
-/// (even on panic): a stopped agent leaves its launched instances running
-/// for the next one.
-struct LaunchedGuard(Vec<String>);
-
-impl Drop for LaunchedGuard {
-    fn drop(&mut self) {
-        for n in &self.0 {
-            let ns = format!("sl-{n}");
-            if !std::path::Path::new("/run/netns").join(&ns).exists() {
-                continue;
-            }
-            if let Ok(o) = std::process::Command::new("ip")
-                .args(["netns", "pids", &ns])
-                .output()
-            {
-                for pid in String::from_utf8_lossy(&o.stdout).split_whitespace() {
-                    if let Ok(pid) = pid.parse::<i32>() {
-                        // SAFETY: a server this test's agent started in
-                        // the namespace made for this test's instance.
-                        unsafe { libc::kill(pid, libc::SIGKILL) };
-                    }
-                }
-            }
-            let _ = std::process::Command::new("ip")
-                .args(["netns", "del", &ns])
-                .status();
-        }
-    }
-}
-
-/// The count a [`SINK`] of instance `name` keeps in `dir`.
-fn sink_count(dir: &std::path::Path, name: &str) -> u64 {
-    std::fs::read_to_string(dir.join(name))
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(0)
-}
-
 /// The launched instances `instance list` shows running.
 fn launched_running(sock: &str) -> Vec<String> {
     let out = process::sluice(&["instance", "list", "--api-socket", sock]);
@@ -324,18 +257,6 @@ fn launched_running(sock: &str) -> Vec<String> {
         .filter(|l| l.contains(" launcher ") && l.contains(" running "))
         .filter_map(|l| l.split_whitespace().nth(1).map(str::to_owned))
         .collect()
-}
-
-/// A scaled UDP service on the testbed's instance 0, with the netns
-/// launcher running [`SINK`]s that count into `dir`.
-fn scaled_config(dir: &std::path::Path, scale: &str, tb: &Testbed) -> String {
-    format!(
-        "[agent]\ninterval_ms = 200\nmax_moves_per_sec = 20\n\n[[service]]\nname = \"kv\"\nvip = \"{vip}\"\nport = 7000\nprotocol = \"udp\"\nwlm = {{ capacity_pps = 1000, sustain = 2, cooldown_ms = 400, min_group_units = 1024 }}\n\n[service.scale]\n{scale}\nlauncher = {{ kind = \"netns\", command = [\"python3\", \"-c\", {script:?}, \"{{vip}}\", \"{{port}}\", \"{dir}/{{name}}\"], subnet = \"198.18.96.0/24\", routes = [\"198.18.0.0/24\"] }}\n\n{inst}",
-        vip = testbed::VIP_V4,
-        script = SINK,
-        dir = dir.display(),
-        inst = tb.instances_toml(0, 1),
-    )
 }
 
 /// Load stepped up past what the instances absorb: the scaler launches
@@ -350,10 +271,12 @@ fn the_scaler_launches_under_load_and_stops_when_idle() {
     let vip = SocketAddr::new(testbed::VIP_V4.into(), 7000);
     let udp = UdpServers::start(std::slice::from_ref(&tb.instances[0].netns), vip);
     let counts = tempfile::tempdir().expect("tempdir");
-    let config = scaled_config(
+    let config = sluice_tests::scale::config(
+        "kv",
         counts.path(),
         "min_instances = 2\nmax_instances = 4\nout_intervals = 3\nin_intervals = 5\ncooldown_secs = 2\ndrain_deadline_secs = 5",
         &tb,
+        200,
     );
     let pins = process::PinDir::new("scale");
     let state_dir = tempfile::tempdir().expect("tempdir");
@@ -579,12 +502,13 @@ fn a_failed_launched_instance_is_restarted_then_left_failed_with_an_alert() {
     let tb = Testbed::new("frule", 1).unwrap_or_else(|e| panic!("building the testbed: {e}"));
     let launched_guard = LaunchedGuard((0..3).map(|k| format!("fr-s{k}")).collect());
     let counts = tempfile::tempdir().expect("tempdir");
-    let config = scaled_config(
+    let config = sluice_tests::scale::config(
+        "fr",
         counts.path(),
         "min_instances = 2\nmax_instances = 3\ncooldown_secs = 0.5\nfailure = { restarts = 1, window_secs = 600 }",
         &tb,
-    )
-    .replace("name = \"kv\"", "name = \"fr\"");
+        200,
+    );
     let pins = process::PinDir::new("frule");
     let state_dir = tempfile::tempdir().expect("tempdir");
     let agent = process::start_on(

@@ -210,6 +210,10 @@ fn describe_http() {
         "Launches that failed (the start command failed or never reported, or the instance could not join)"
     );
     describe_gauge!(
+        "sluice_scale_failed_instances",
+        "Launched instances of a service left failed after their restarts ran out (alert when above 0)"
+    );
+    describe_gauge!(
         "sluice_scale_failed_alert",
         "1 while a launched instance stays failed after its failure rule's restarts ran out"
     );
@@ -223,6 +227,8 @@ pub struct ScaleGauges {
     pub target: u32,
     pub min: u32,
     pub max: u32,
+    /// Launched instances left failed (their restarts ran out).
+    pub failed: u32,
 }
 
 /// Sets a scaled service's gauges.
@@ -233,6 +239,7 @@ pub fn scale(service: &str, g: &ScaleGauges) {
     gauge!("sluice_scale_target_instances", "service" => s()).set(f64::from(g.target));
     gauge!("sluice_scale_min_instances", "service" => s()).set(f64::from(g.min));
     gauge!("sluice_scale_max_instances", "service" => s()).set(f64::from(g.max));
+    gauge!("sluice_scale_failed_instances", "service" => s()).set(f64::from(g.failed));
     // Every series a dashboard rates, there from the start at 0.
     for (action, reason) in SCALE_DECISIONS {
         counter!("sluice_scale_decisions_total", "service" => s(), "action" => action, "reason" => reason)

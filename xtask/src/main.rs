@@ -57,7 +57,9 @@ enum Cmd {
     /// untagged flows) with a live per-instance table: one instance is
     /// throttled and sheds work, then recovers as the load falls and groups
     /// merge back. With `--hosts N`: a cluster of N hosts behind an ECMP
-    /// router with etcd, load spreading across hosts. Needs root, no NIC or
+    /// router with etcd, load spreading across hosts. With `--scenario
+    /// scale`: the application loader launching instances as the load
+    /// steps up and stopping them as it falls. Needs root, no NIC or
     /// config; leaves nothing behind.
     Demo {
         /// How long to run, in seconds.
@@ -71,6 +73,11 @@ enum Cmd {
         /// real `sluice run` agents and etcd).
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=6))]
         hosts: u64,
+        /// What the one-host demo shows: `shed` (a throttled instance sheds
+        /// work) or `scale` (instances launched and stopped with the load;
+        /// rate 3000 by default).
+        #[arg(long, value_enum, default_value_t = Scenario::Shed)]
+        scenario: Scenario,
     },
     /// Benchmarks against their baselines in one run (fast path vs the empty
     /// program, owner-map writes, control loop, memory, the L7 distributor
@@ -118,6 +125,7 @@ fn main() -> ExitCode {
     }
 }
 
+#[expect(clippy::too_many_lines, reason = "one match arm per command")]
 fn real_main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let root = workspace_root();
@@ -153,7 +161,8 @@ fn real_main() -> anyhow::Result<()> {
             seconds,
             rate,
             hosts,
-        } => demo(&root, seconds, rate, hosts),
+            scenario,
+        } => demo(&root, seconds, rate, hosts, scenario),
         Cmd::Bench { experiments, args } => {
             let mut env = setup::ensure(false)?;
             setup::debian(
@@ -292,14 +301,32 @@ fn cargo(env: &setup::Env, args: &[&str], release: bool) -> anyhow::Result<()> {
 }
 
 /// `cargo xtask demo`: one host (in-process agent) or a cluster.
-fn demo(root: &Path, seconds: u64, rate: Option<u64>, hosts: u64) -> anyhow::Result<()> {
+/// What the one-host demo shows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Scenario {
+    /// A throttled instance sheds work; groups merge back.
+    Shed,
+    /// Instances launched as the load steps up, stopped as it falls.
+    Scale,
+}
+
+fn demo(
+    root: &Path,
+    seconds: u64,
+    rate: Option<u64>,
+    hosts: u64,
+    scenario: Scenario,
+) -> anyhow::Result<()> {
+    if scenario == Scenario::Scale && hosts > 1 {
+        anyhow::bail!("--scenario scale runs on one host: leave out --hosts");
+    }
     let env = setup::ensure(false)?;
     require_root("the demo creates network namespaces and attaches an XDP program")?;
     eprintln!("[demo] building");
-    let (bin, default_rate) = if hosts == 1 {
-        ("sluice-demo", 8000)
-    } else {
-        ("sluice-cluster-demo", 6000)
+    let (bin, default_rate) = match (hosts, scenario) {
+        (1, Scenario::Shed) => ("sluice-demo", 8000),
+        (1, Scenario::Scale) => ("sluice-scale-demo", 3000),
+        _ => ("sluice-cluster-demo", 6000),
     };
     cargo(
         &env,
@@ -323,8 +350,10 @@ fn demo(root: &Path, seconds: u64, rate: Option<u64>, hosts: u64) -> anyhow::Res
         &rate.unwrap_or(default_rate).to_string(),
     ]);
     if hosts > 1 {
-        cmd.args(["--hosts", &hosts.to_string()])
-            .env("SLUICE_BIN", root.join("target/debug/sluice"));
+        cmd.args(["--hosts", &hosts.to_string()]);
+    }
+    if hosts > 1 || scenario == Scenario::Scale {
+        cmd.env("SLUICE_BIN", root.join("target/debug/sluice"));
     }
     run(&mut cmd)
 }

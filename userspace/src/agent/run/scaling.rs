@@ -236,6 +236,7 @@ impl Serving<'_> {
                     .saturating_sub(removing.min(live)),
                 min: eff.min_instances,
                 max: eff.max_instances,
+                failed: u32::try_from(ctl.alerted.len()).unwrap_or(u32::MAX),
             };
             telemetry::scale(&svc.name, &gauges);
             lines.push(ScaleLine {
