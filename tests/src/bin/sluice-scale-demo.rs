@@ -11,6 +11,7 @@
 //! removes every namespace and link it made.
 
 use std::{
+    fmt::Write as _,
     io::{IsTerminal as _, Write as _},
     net::SocketAddr,
     sync::atomic::Ordering,
@@ -41,6 +42,23 @@ struct Args {
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
     demo::exit("sluice-scale-demo", run(&args))
+}
+
+/// `sluice status` under a line saying where the demo is.
+fn show(sock: &str, t: Duration, vip: SocketAddr, rate: u64, phase: &str, redraw: bool) {
+    let status = process::sluice(&["status", "--api-socket", sock]);
+    let mut out = String::new();
+    if redraw {
+        out.push_str("\x1b[2J\x1b[H");
+    }
+    let _ = write!(
+        out,
+        "Sluice scale demo  {:>5.1}s  service `kv` udp {vip}, {rate} datagrams/s, 1,000 an instance\n{phase}\n\n{}",
+        t.as_secs_f64(),
+        String::from_utf8_lossy(&status.stdout)
+    );
+    print!("{out}");
+    let _ = std::io::stdout().flush();
 }
 
 fn run(args: &Args) -> anyhow::Result<()> {
@@ -113,18 +131,7 @@ fn run(args: &Args) -> anyhow::Result<()> {
         };
         sender.rate.store(rate, Ordering::Relaxed);
         if tty || last_print.elapsed() >= Duration::from_secs(5) {
-            let status = process::sluice(&["status", "--api-socket", &sock]);
-            let mut out = String::new();
-            if tty {
-                out.push_str("\x1b[2J\x1b[H");
-            }
-            out.push_str(&format!(
-                "Sluice scale demo  {:>5.1}s  service `kv` udp {vip}, {rate} datagrams/s, 1,000 an instance\n{phase}\n\n{}",
-                t.as_secs_f64(),
-                String::from_utf8_lossy(&status.stdout)
-            ));
-            print!("{out}");
-            let _ = std::io::stdout().flush();
+            show(&sock, t, vip, rate, phase, tty);
             last_print = Instant::now();
         }
         std::thread::sleep(Duration::from_millis(500));
