@@ -191,7 +191,7 @@ fn describe_http() {
     );
     describe_gauge!(
         "sluice_scale_target_instances",
-        "Where the scaler is heading: live instances, plus launches under way, less removals"
+        "Where the scaler is heading: live instances (removals are not) plus launches under way"
     );
     describe_gauge!(
         "sluice_scale_min_instances",

@@ -109,7 +109,8 @@ pub struct ScaleLine {
     /// or being removed).
     pub instances: u32,
     pub live: u32,
-    /// Where the scaler is heading: live + launches under way - removals.
+    /// Where the scaler is heading: live (removals are not) + launches
+    /// under way.
     pub target: u32,
     pub min: u32,
     pub max: u32,

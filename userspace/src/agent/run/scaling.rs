@@ -218,13 +218,6 @@ impl Serving<'_> {
                 now,
             });
             drop(members);
-            let removing = u32::try_from(
-                svc.instances
-                    .iter()
-                    .filter(|i| self.life.removing.contains_key(&i.name))
-                    .count(),
-            )
-            .unwrap_or(0);
             if let Some(d) = decision {
                 self.carry_out(&svc, d, now);
             }
@@ -232,8 +225,8 @@ impl Serving<'_> {
             let gauges = telemetry::ScaleGauges {
                 instances: u32::try_from(svc.instances.len()).unwrap_or(0),
                 live,
-                target: (live + u32::try_from(ctl.pending.len()).unwrap_or(0))
-                    .saturating_sub(removing.min(live)),
+                // Being removed is not live already.
+                target: live + u32::try_from(ctl.pending.len()).unwrap_or(0),
                 min: eff.min_instances,
                 max: eff.max_instances,
                 failed: u32::try_from(ctl.alerted.len()).unwrap_or(u32::MAX),
