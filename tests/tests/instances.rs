@@ -249,6 +249,30 @@ fn instances_added_and_removed_under_traffic_lose_nothing() {
     assert!(agent.stop().success());
 }
 
+/// Starts `sluice run` on `tb` with `config` (pins and state of its own,
+/// removed on exit); metrics on `port`.
+fn start_agent(
+    tb: &Testbed,
+    config: &str,
+    tag: &str,
+    port: u16,
+) -> (process::Agent, process::PinDir, tempfile::TempDir) {
+    let pins = process::PinDir::new(tag);
+    let state = tempfile::tempdir().expect("tempdir");
+    let agent = process::start_on(
+        &tb.host,
+        testbed::NIC,
+        &process::Start {
+            config,
+            pin_dir: &pins.0,
+            state: &state.path().join("state.json"),
+            cleanup: true,
+            metrics_port: port,
+        },
+    );
+    (agent, pins, state)
+}
+
 /// The launched instances `instance list` shows running.
 fn launched_running(sock: &str) -> Vec<String> {
     let out = process::sluice(&["instance", "list", "--api-socket", sock]);
@@ -278,19 +302,7 @@ fn the_scaler_launches_under_load_and_stops_when_idle() {
         &tb,
         200,
     );
-    let pins = process::PinDir::new("scale");
-    let state_dir = tempfile::tempdir().expect("tempdir");
-    let agent = process::start_on(
-        &tb.host,
-        testbed::NIC,
-        &process::Start {
-            config: &config,
-            pin_dir: &pins.0,
-            state: &state_dir.path().join("state.json"),
-            cleanup: true,
-            metrics_port: 9485,
-        },
-    );
+    let (agent, _pins, _state) = start_agent(&tb, &config, "scale", 9485);
     let sock = agent.socket.to_str().expect("utf-8").to_owned();
     let wait_for = |what: &str, secs: u64, done: &dyn Fn() -> bool| {
         let t = Instant::now();
@@ -425,19 +437,7 @@ fn a_failing_launch_is_retried_with_back_off_and_leaves_nothing() {
         stops.display(),
         tb.instances_toml(0, 1)
     );
-    let pins = process::PinDir::new("lfail");
-    let state_dir = tempfile::tempdir().expect("tempdir");
-    let agent = process::start_on(
-        &tb.host,
-        testbed::NIC,
-        &process::Start {
-            config: &config,
-            pin_dir: &pins.0,
-            state: &state_dir.path().join("state.json"),
-            cleanup: true,
-            metrics_port: 9486,
-        },
-    );
+    let (agent, _pins, _state) = start_agent(&tb, &config, "lfail", 9486);
     let sock = agent.socket.to_str().expect("utf-8").to_owned();
     let lines = |p: &std::path::Path| {
         std::fs::read_to_string(p)
@@ -509,19 +509,7 @@ fn a_failed_launched_instance_is_restarted_then_left_failed_with_an_alert() {
         &tb,
         200,
     );
-    let pins = process::PinDir::new("frule");
-    let state_dir = tempfile::tempdir().expect("tempdir");
-    let agent = process::start_on(
-        &tb.host,
-        testbed::NIC,
-        &process::Start {
-            config: &config,
-            pin_dir: &pins.0,
-            state: &state_dir.path().join("state.json"),
-            cleanup: true,
-            metrics_port: 9487,
-        },
-    );
+    let (agent, _pins, _state) = start_agent(&tb, &config, "frule", 9487);
     let sock = agent.socket.to_str().expect("utf-8").to_owned();
     let wait_for = |what: &str, done: &dyn Fn() -> bool| {
         let t = Instant::now();
