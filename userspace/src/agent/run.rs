@@ -263,7 +263,8 @@ async fn event_loop(
                 .join("launch"),
         ),
     };
-    r.publish_lifecycle().await;
+    let owned = r.owned_groups().await;
+    r.publish_lifecycle(&owned);
     loop {
         tokio::select! {
             Some(change) = changes.next() => {
@@ -296,13 +297,20 @@ async fn event_loop(
                 if let Err(e) = r.agent.tick().await {
                     tracing::warn!(error = %e, "control interval failed");
                 }
-                r.lifecycle_step().await;
-                r.scale_step().await;
-                // One status a tick serves both the API and the metrics.
-                let instances = r.agent.control.status().await.ok();
+                // The store's assignment and the status, read once for what
+                // follows (again only if a removal or a join rewrote them):
+                // one status a tick serves the scaler, the API and the
+                // metrics.
+                let mut owned = r.owned_groups().await;
+                let mut instances = r.agent.control.status().await.ok();
+                if r.lifecycle_step(&owned).await {
+                    owned = r.owned_groups().await;
+                    instances = r.agent.control.status().await.ok();
+                }
+                r.scale_step(&owned, instances.as_deref().unwrap_or_default());
                 publish_status(&r.agent, instances.as_deref(), &r.shared).await;
                 r.agent.publish(instances.as_deref().unwrap_or_default());
-                r.publish_lifecycle().await;
+                r.publish_lifecycle(&owned);
             }
             _ = punts.tick(), if r.agent.punt.is_some() => {
                 r.agent.process_punts().await;
@@ -454,10 +462,11 @@ impl Serving<'_> {
     }
 
     /// One look at the removals under way and at the registrations waiting
-    /// for their veth.
-    async fn lifecycle_step(&mut self) {
+    /// for their veth, with the groups each instance owns (`owned`).
+    /// Returns whether it applied a change (the assignment may differ).
+    async fn lifecycle_step(&mut self, owned: &HashMap<String, usize>) -> bool {
         let now = Instant::now();
-        let owned = self.owned_groups().await;
+        let mut applied = false;
         let mut done = Vec::new();
         let names: Vec<String> = self.life.removing.keys().cloned().collect();
         for name in names {
@@ -479,17 +488,18 @@ impl Serving<'_> {
             }
         }
         for (name, step) in done {
-            let mut config = self.running.clone();
-            config.remove_instance(&name);
-            if self.running.has_instance(&name)
-                && let Err(e) = self.apply(config).await
-            {
-                let why = format!("{e:#}");
-                tracing::error!(instance = %name, error = %why, "taking the instance out failed; trying again next interval");
-                if let Some(r) = self.life.removing.get_mut(&name) {
-                    r.detail = format!("taking it out failed: {why}");
+            if self.running.has_instance(&name) {
+                let mut config = self.running.clone();
+                config.remove_instance(&name);
+                if let Err(e) = self.apply(config).await {
+                    let why = format!("{e:#}");
+                    tracing::error!(instance = %name, error = %why, "taking the instance out failed; trying again next interval");
+                    if let Some(r) = self.life.removing.get_mut(&name) {
+                        r.detail = format!("taking it out failed: {why}");
+                    }
+                    continue;
                 }
-                continue;
+                applied = true;
             }
             let service = self
                 .life
@@ -513,10 +523,14 @@ impl Serving<'_> {
             .any(|r| lifecycle::veth_present(&r.spec))
         {
             let config = effective(&self.life, &self.base);
-            if let Err(e) = self.apply(config).await {
-                tracing::warn!(error = %format!("{e:#}"), "registered instances whose veth appeared could not join; trying again next interval");
+            match self.apply(config).await {
+                Ok(()) => applied = true,
+                Err(e) => {
+                    tracing::warn!(error = %format!("{e:#}"), "registered instances whose veth appeared could not join; trying again next interval");
+                }
             }
         }
+        applied
     }
 
     /// Groups each local instance owns, from the store.
@@ -532,9 +546,9 @@ impl Serving<'_> {
         owned
     }
 
-    /// Refreshes what `instances` answers.
-    async fn publish_lifecycle(&self) {
-        let owned = self.owned_groups().await;
+    /// Refreshes what `instances` answers, with the groups each instance
+    /// owns (`owned`).
+    fn publish_lifecycle(&self, owned: &HashMap<String, usize>) {
         let lines = self.life.lines(
             &self.running,
             |n| owned.get(n).copied().unwrap_or(0),

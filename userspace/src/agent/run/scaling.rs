@@ -6,7 +6,7 @@
 //! stopped one is removed the safe way first, then stopped).
 
 use std::{
-    collections::{BTreeMap, BTreeSet, VecDeque},
+    collections::{BTreeMap, BTreeSet, HashMap, VecDeque},
     path::PathBuf,
     time::{Duration, Instant},
 };
@@ -21,7 +21,10 @@ use crate::{
     },
     api::{InstanceSpec, ScaleLine},
     config::{Launcher, Service},
-    control::scale::{Decision, Effective, FailureBudget, Member, ScaleState, ScaleView, WallTime},
+    control::{
+        InstanceStatus,
+        scale::{Decision, Effective, FailureBudget, Member, ScaleState, ScaleView, WallTime},
+    },
     telemetry,
 };
 
@@ -154,12 +157,11 @@ impl Serving<'_> {
         Some((svc.clone(), launcher))
     }
 
-    /// One interval of the scaler (after the control loop's).
-    pub(super) async fn scale_step(&mut self) {
+    /// One interval of the scaler (after the control loop's), with the
+    /// groups each instance owns (`owned`) and the instances' `status`.
+    pub(super) fn scale_step(&mut self, owned: &HashMap<String, usize>, status: &[InstanceStatus]) {
         let now = Instant::now();
         let at = WallTime::now_local();
-        let status = self.agent.control.status().await.unwrap_or_default();
-        let owned = self.owned_groups().await;
         let scaled: Vec<Service> = self
             .running
             .services
