@@ -273,6 +273,20 @@ fn start_agent(
     (agent, pins, state)
 }
 
+/// Waits until `done`, polling every 200 ms; fails the test with `what`
+/// and the agent's log after `secs` seconds.
+fn wait_until(agent: &process::Agent, what: &str, secs: u64, done: impl Fn() -> bool) {
+    let t = Instant::now();
+    while !done() {
+        assert!(
+            t.elapsed() < Duration::from_secs(secs),
+            "{what} within {secs} s\n{}",
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 /// The launched instances `instance list` shows running.
 fn launched_running(sock: &str) -> Vec<String> {
     let out = process::sluice(&["instance", "list", "--api-socket", sock]);
@@ -304,20 +318,8 @@ fn the_scaler_launches_under_load_and_stops_when_idle() {
     );
     let (agent, _pins, _state) = start_agent(&tb, &config, "scale", 9485);
     let sock = agent.socket.to_str().expect("utf-8").to_owned();
-    let wait_for = |what: &str, secs: u64, done: &dyn Fn() -> bool| {
-        let t = Instant::now();
-        while !done() {
-            assert!(
-                t.elapsed() < Duration::from_secs(secs),
-                "{what} within {secs} s\n{}",
-                agent.log()
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        t.elapsed()
-    };
     // Below min at the start: one instance launched.
-    wait_for("kv-s0 launched to reach min", 20, &|| {
+    wait_until(&agent, "kv-s0 launched to reach min", 20, || {
         launched_running(&sock) == ["kv-s0"]
     });
     assert!(std::path::Path::new("/run/netns/sl-kv-s0").exists());
@@ -369,7 +371,7 @@ fn the_scaler_launches_under_load_and_stops_when_idle() {
 
     // Load gone: back down to min, one stop at a time.
     sender.rate.store(100, std::sync::atomic::Ordering::Relaxed);
-    wait_for("scaled back in to min", 60, &|| {
+    wait_until(&agent, "scaled back in to min", 60, || {
         let out = text(&process::sluice(&[
             "instance",
             "list",
@@ -511,23 +513,14 @@ fn a_failed_launched_instance_is_restarted_then_left_failed_with_an_alert() {
     );
     let (agent, _pins, _state) = start_agent(&tb, &config, "frule", 9487);
     let sock = agent.socket.to_str().expect("utf-8").to_owned();
-    let wait_for = |what: &str, done: &dyn Fn() -> bool| {
-        let t = Instant::now();
-        while !done() {
-            assert!(
-                t.elapsed() < Duration::from_secs(30),
-                "{what}\n{}",
-                agent.log()
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
-    };
     // The server and the veth die together, as a crashed container's do:
     // the namespace goes, and its veth pair with it.
     let kill = || drop(LaunchedGuard(vec!["fr-s0".into()]));
-    wait_for("fr-s0 launched", &|| launched_running(&sock) == ["fr-s0"]);
+    wait_until(&agent, "fr-s0 launched", 30, || {
+        launched_running(&sock) == ["fr-s0"]
+    });
     kill();
-    wait_for("fr-s0 restarted", &|| {
+    wait_until(&agent, "fr-s0 restarted", 30, || {
         launched_running(&sock) == ["fr-s0"]
             && std::path::Path::new("/run/netns/sl-fr-s0").exists()
             && text(&process::sluice(&[
@@ -539,15 +532,20 @@ fn a_failed_launched_instance_is_restarted_then_left_failed_with_an_alert() {
             .contains("restart fr-s0: failed")
     });
     kill();
-    wait_for("fr-s0 left failed, fr-s1 launched in its place", &|| {
-        let list = text(&process::sluice(&[
-            "instance",
-            "list",
-            "--api-socket",
-            &sock,
-        ]));
-        list.contains("left fr-s0 failed") && launched_running(&sock) == ["fr-s1"]
-    });
+    wait_until(
+        &agent,
+        "fr-s0 left failed, fr-s1 launched in its place",
+        30,
+        || {
+            let list = text(&process::sluice(&[
+                "instance",
+                "list",
+                "--api-socket",
+                &sock,
+            ]));
+            list.contains("left fr-s0 failed") && launched_running(&sock) == ["fr-s1"]
+        },
+    );
     let metrics = process::scrape(&tb.host, 9487).expect("scrape");
     let alert = process::metric(&metrics, "sluice_scale_failed_alert", "instance=\"fr-s0\"");
     assert!((alert - 1.0).abs() < 0.5, "alert {alert}\n{metrics}");
