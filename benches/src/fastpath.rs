@@ -20,7 +20,7 @@
 use std::{
     fmt::Write as _,
     net::{Ipv4Addr, SocketAddr, SocketAddrV4},
-    path::Path,
+    path::{Path, PathBuf},
     time::Instant,
 };
 
@@ -731,52 +731,87 @@ fn cluster_rows(fresh: usize, empty: &Xdp) -> anyhow::Result<Vec<ClusterRow>> {
     ])
 }
 
-/// Each experiment build in `dir` beside the full program, per packet
-/// kind, fresh frames; the full program is measured again in each pair so
-/// both share the machine's state of the moment.
-fn experiment_rows(
-    dir: &Path,
+/// A build of the program measured beside the full one: an experiment
+/// (one part of the work taken out) or a baseline (the program of another
+/// commit, for a before/after comparison in one run).
+pub(crate) struct Variant {
+    pub(crate) name: String,
+    pub(crate) removes: String,
+    pub(crate) object: PathBuf,
+    /// The action every run must return; an experiment may steer wrongly,
+    /// a baseline must steer as the full program does.
+    pub(crate) want: Option<u32>,
+}
+
+impl Variant {
+    /// The experiment builds `cargo xtask bench --experiments` leaves in `dir`.
+    fn experiments(dir: &Path) -> Vec<Self> {
+        EXPERIMENTS
+            .iter()
+            .map(|(feature, removes)| Self {
+                name: (*feature).to_owned(),
+                removes: (*removes).to_owned(),
+                object: dir.join(format!("{feature}.o")),
+                want: None,
+            })
+            .collect()
+    }
+
+    /// A baseline build (`cargo xtask bench --baseline REV`).
+    pub(crate) fn baseline(object: &Path) -> Self {
+        Self {
+            name: "baseline".to_owned(),
+            removes: format!("nothing: the program built from {}", object.display()),
+            object: object.to_owned(),
+            want: Some(XDP_REDIRECT),
+        }
+    }
+}
+
+/// Each variant beside the full program, per packet kind, fresh frames;
+/// the full program is measured again in each pair so both share the
+/// machine's state of the moment.
+fn variant_rows(
+    variants: &[Variant],
     empty: &Xdp,
     repeat: u32,
     fresh: usize,
 ) -> anyhow::Result<Vec<ExperimentRow>> {
     let cfg = Config::parse(&config(2, 0), Path::new("bench.toml"))?;
     let mut rows = Vec::new();
-    for (feature, removes) in EXPERIMENTS {
-        let path = dir.join(format!("{feature}.o"));
-        let object = std::fs::read(&path).with_context(|| {
+    for v in variants {
+        let object = std::fs::read(&v.object).with_context(|| {
             format!(
-                "{}: build it with `cargo xtask bench --experiments`",
-                path.display()
+                "{}: build it with `cargo xtask bench --experiments` or `--baseline REV`",
+                v.object.display()
             )
         })?;
-        eprintln!("[bench]   experiment {feature}");
+        eprintln!("[bench]   {} beside the full program", v.name);
         let mut full = Harness::from_config(&cfg);
-        let mut exp = Harness::with_object(&cfg, &object);
+        let mut other = Harness::with_object(&cfg, &object);
         for (name, f, warm) in kinds() {
             if let Some(w) = &warm {
                 run_once(full.dp.program_ref()?, w, 1)?;
-                run_once(exp.dp.program_ref()?, w, 1)?;
+                run_once(other.dp.program_ref()?, w, 1)?;
             }
             // As for the kinds: repeated runs see the rewritten MAC.
             let delivered_to = rewritten_dst(full.dp.program_ref()?, &f)?;
             full.dp.set_host_macs(&[NIC_MAC, delivered_to])?;
-            exp.dp.set_host_macs(&[NIC_MAC, delivered_to])?;
+            other.dp.set_host_macs(&[NIC_MAC, delivered_to])?;
             let ring = [f];
             // The three programs take turns call by call, so a drift of the
-            // machine's speed (a shared VM's) falls on all three alike. An
-            // experiment may steer wrongly: its action is not checked.
+            // machine's speed (a shared VM's) falls on all three alike.
             let progs = [
                 (empty, Some(XDP_PASS)),
                 (full.dp.program_ref()?, Some(XDP_REDIRECT)),
-                (exp.dp.program_ref()?, None),
+                (other.dp.program_ref()?, v.want),
             ];
             let fr = interleave(&progs, &ring, fresh, 1)?;
             let rp = interleave(&progs, &ring, 11, repeat)?;
             let own = |st: &[Stats], k: usize| st[k].trimmed - st[0].trimmed;
             rows.push(ExperimentRow {
-                experiment: feature.to_owned(),
-                removes: removes.to_owned(),
+                experiment: v.name.clone(),
+                removes: v.removes.clone(),
                 frame: name.to_owned(),
                 full_own: own(&fr, 1),
                 experiment_own: own(&fr, 2),
@@ -792,16 +827,19 @@ pub(crate) fn run(
     repeat: u32,
     fresh: u32,
     experiments: Option<&Path>,
-    experiments_only: bool,
+    baseline: Option<&Path>,
+    variants_only: bool,
 ) -> anyhow::Result<Figures> {
+    let mut variants = experiments.map(Variant::experiments).unwrap_or_default();
+    variants.extend(baseline.map(Variant::baseline));
     let cpu = pin_to_last_cpu()?;
     let fresh = usize::try_from(fresh)?;
     let mut empty_obj = Ebpf::load(objects::EMPTY_XDP).context("loading the empty program")?;
     let empty = empty_program(&mut empty_obj)?;
-    if let (Some(dir), true) = (experiments, experiments_only) {
+    if variants_only && !variants.is_empty() {
         return Ok(Figures {
             cpu,
-            experiments: experiment_rows(dir, empty, repeat / 5, fresh)?,
+            experiments: variant_rows(&variants, empty, repeat / 5, fresh)?,
             ..Figures::default()
         });
     }
@@ -822,10 +860,7 @@ pub(crate) fn run(
     scale.extend(pin_rows(empty, fresh)?);
     eprintln!("[bench]   cluster paths");
     let cluster = cluster_rows(fresh, empty)?;
-    let experiments = match experiments {
-        Some(dir) => experiment_rows(dir, empty, repeat / 5, fresh)?,
-        None => Vec::new(),
-    };
+    let experiments = variant_rows(&variants, empty, repeat / 5, fresh)?;
     Ok(Figures {
         cpu,
         program,
@@ -973,11 +1008,11 @@ fn experiments_table(s: &mut String, rows: &[ExperimentRow]) {
     }
     let _ = writeln!(
         s,
-        "\n#### Where the time goes (experiment builds; the empty program, the full one and the experiment take turns call by call; own work in ns, trimmed means)\n"
+        "\n#### Other builds beside this one (experiments: where the time goes; baseline: before/after; the empty program, the full one and the other build take turns call by call; own work in ns, trimmed means)\n"
     );
     let _ = writeln!(
         s,
-        "| experiment | takes out | frame | fresh: full | fresh: experiment | fresh: difference | repeat: full | repeat: experiment | repeat: difference |"
+        "| build | takes out | frame | fresh: full | fresh: other build | fresh: difference | repeat: full | repeat: other build | repeat: difference |"
     );
     let _ = writeln!(
         s,

@@ -59,10 +59,15 @@ struct Args {
     /// and passes this.
     #[arg(long)]
     experiments: Option<PathBuf>,
-    /// With `--experiments`: measure the experiments only, not the rest of
-    /// the fast-path tables.
+    /// The program built from another commit (`sluice-xdp` object), measured
+    /// beside this build on every packet kind with the same interleaving:
+    /// `cargo xtask bench --baseline REV` builds it and passes this.
     #[arg(long)]
-    experiments_only: bool,
+    baseline: Option<PathBuf>,
+    /// With `--experiments` or `--baseline`: measure only those, not the
+    /// rest of the fast-path tables.
+    #[arg(long, alias = "experiments-only")]
+    variants_only: bool,
     /// The `sluice` binary whose resident memory and HTTP distributor are
     /// measured (default: `$SLUICE_BIN`, else next to this one).
     #[arg(long)]
@@ -149,7 +154,8 @@ fn run(args: &Args) -> anyhow::Result<()> {
             args.repeat,
             args.fresh,
             args.experiments.as_deref(),
-            args.experiments_only,
+            args.baseline.as_deref(),
+            args.variants_only,
         )?)
     } else {
         None

@@ -89,6 +89,11 @@ enum Cmd {
         /// per-packet work out) and measure what each part costs.
         #[arg(long)]
         experiments: bool,
+        /// Also build the XDP program of another commit (any git revision,
+        /// e.g. `HEAD~1` or `main`) and measure it beside this build on every
+        /// packet kind, call by call: a before/after comparison in one run.
+        #[arg(long, value_name = "REV")]
+        baseline: Option<String>,
         /// Arguments for `sluice-bench` (e.g. `--repeat 1000000`).
         #[arg(last = true)]
         args: Vec<String>,
@@ -163,7 +168,11 @@ fn real_main() -> anyhow::Result<()> {
             hosts,
             scenario,
         } => demo(&root, seconds, rate, hosts, scenario),
-        Cmd::Bench { experiments, args } => {
+        Cmd::Bench {
+            experiments,
+            baseline,
+            args,
+        } => {
             let mut env = setup::ensure(false)?;
             setup::debian(
                 &mut env,
@@ -214,6 +223,10 @@ fn real_main() -> anyhow::Result<()> {
             if experiments {
                 let dir = build_experiments(&env, &root)?;
                 bench.arg("--experiments").arg(dir);
+            }
+            if let Some(rev) = baseline {
+                let object = build_baseline(&env, &root, &rev)?;
+                bench.arg("--baseline").arg(object);
             }
             // The cluster benchmark starts real agents: this build's.
             run(bench
@@ -358,8 +371,7 @@ fn demo(
     run(&mut cmd)
 }
 
-/// Builds the XDP program once per `exp-*` feature of `xdp-ebpf` (as
-/// aya-build builds the real one: release, BTF, `build-std=core`) into
+/// Builds the XDP program once per `exp-*` feature of `xdp-ebpf` into
 /// `target/experiments/<feature>.o`; returns that directory.
 fn build_experiments(env: &setup::Env, root: &Path) -> anyhow::Result<PathBuf> {
     let manifest = std::fs::read_to_string(root.join("xdp-ebpf/Cargo.toml"))
@@ -370,7 +382,6 @@ fn build_experiments(env: &setup::Env, root: &Path) -> anyhow::Result<PathBuf> {
         .filter(|name| name.starts_with("exp-"))
         .collect();
     let dir = root.join("target/experiments");
-    let build_dir = dir.join("build");
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     for (k, feature) in features.iter().enumerate() {
         eprintln!(
@@ -378,24 +389,96 @@ fn build_experiments(env: &setup::Env, root: &Path) -> anyhow::Result<PathBuf> {
             k + 1,
             features.len()
         );
-        let mut c = env.toolchain_cargo();
-        c.args([
-            "build",
-            "--quiet",
-            "--package",
-            "sluice-ebpf",
-            "--bin",
-            "sluice-xdp",
-            "--release",
-            "--target",
-            "bpfel-unknown-none",
-            "-Z",
-            "build-std=core",
-            "--features",
-            feature,
-        ])
-        .arg("--target-dir")
-        .arg(&build_dir)
+        build_xdp(
+            env,
+            root,
+            &dir.join("build"),
+            Some(feature),
+            &dir.join(format!("{feature}.o")),
+        )?;
+    }
+    Ok(dir)
+}
+
+/// Builds the XDP program of git revision `rev` (from a temporary worktree
+/// of this repository, removed afterwards) into
+/// `target/baseline/<commit>.o`; returns that path.
+fn build_baseline(env: &setup::Env, root: &Path, rev: &str) -> anyhow::Result<PathBuf> {
+    let out = Command::new("git")
+        .current_dir(root)
+        .args(["rev-parse", "--verify", "--short=12"])
+        .arg(format!("{rev}^{{commit}}"))
+        .output()
+        .context("running git rev-parse")?;
+    if !out.status.success() {
+        bail!(
+            "--baseline {rev}: not a commit of this repository ({}); give a revision such as `HEAD~1` or a commit hash",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    let commit = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    let dir = root.join("target/baseline");
+    let object = dir.join(format!("{commit}.o"));
+    if object.exists() {
+        eprintln!("[bench] baseline {commit}: built before, {}", object.display());
+        return Ok(object);
+    }
+    let tree = dir.join(format!("tree-{commit}"));
+    if tree.exists() {
+        // Left by an interrupted run.
+        let _ = Command::new("git")
+            .current_dir(root)
+            .args(["worktree", "remove", "--force"])
+            .arg(&tree)
+            .status();
+    }
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    eprintln!("[bench] baseline build: {rev} ({commit})");
+    run(Command::new("git")
+        .current_dir(root)
+        .args(["worktree", "add", "--quiet", "--detach"])
+        .arg(&tree)
+        .arg(&commit))?;
+    let built = build_xdp(env, &tree, &dir.join("build"), None, &object);
+    // The worktree goes whether or not the build worked.
+    let removed = run(Command::new("git")
+        .current_dir(root)
+        .args(["worktree", "remove", "--force"])
+        .arg(&tree));
+    built?;
+    removed?;
+    Ok(object)
+}
+
+/// Builds `sluice-xdp` of the workspace at `workspace` (as aya-build builds
+/// the real one: release, BTF, `build-std=core`), with an optional feature,
+/// in `build_dir`, and copies the object to `to`.
+fn build_xdp(
+    env: &setup::Env,
+    workspace: &Path,
+    build_dir: &Path,
+    feature: Option<&str>,
+    to: &Path,
+) -> anyhow::Result<()> {
+    let mut c = env.toolchain_cargo();
+    c.current_dir(workspace).args([
+        "build",
+        "--quiet",
+        "--package",
+        "sluice-ebpf",
+        "--bin",
+        "sluice-xdp",
+        "--release",
+        "--target",
+        "bpfel-unknown-none",
+        "-Z",
+        "build-std=core",
+    ]);
+    if let Some(f) = feature {
+        c.args(["--features", f]);
+    }
+    c.arg("--target-dir")
+        .arg(build_dir)
         .env(
             "CARGO_ENCODED_RUSTFLAGS",
             format!(
@@ -405,14 +488,12 @@ fn build_experiments(env: &setup::Env, root: &Path) -> anyhow::Result<PathBuf> {
         )
         .env_remove("RUSTC")
         .env_remove("RUSTC_WORKSPACE_WRAPPER");
-        env.apply(&mut c);
-        run(&mut c)?;
-        let built = build_dir.join("bpfel-unknown-none/release/sluice-xdp");
-        let to = dir.join(format!("{feature}.o"));
-        std::fs::copy(&built, &to)
-            .with_context(|| format!("copying {} to {}", built.display(), to.display()))?;
-    }
-    Ok(dir)
+    env.apply(&mut c);
+    run(&mut c)?;
+    let built = build_dir.join("bpfel-unknown-none/release/sluice-xdp");
+    std::fs::copy(&built, to)
+        .with_context(|| format!("copying {} to {}", built.display(), to.display()))?;
+    Ok(())
 }
 
 fn run(cmd: &mut Command) -> anyhow::Result<()> {
