@@ -420,7 +420,10 @@ fn build_baseline(env: &setup::Env, root: &Path, rev: &str) -> anyhow::Result<Pa
     let dir = root.join("target/baseline");
     let object = dir.join(format!("{commit}.o"));
     if object.exists() {
-        eprintln!("[bench] baseline {commit}: built before, {}", object.display());
+        eprintln!(
+            "[bench] baseline {commit}: built before, {}",
+            object.display()
+        );
         return Ok(object);
     }
     let tree = dir.join(format!("tree-{commit}"));
