@@ -13,9 +13,10 @@
 //! `count` is the live members plus the launches under way (`pending`);
 //! members that are not live (failed, drained, being removed) do not
 //! count: a failed instance is replaced by the failure rule or, failing
-//! that, by `BelowMin`. The bounds and the overload threshold are the
+//! that, by `BelowMin`. The bounds and the thresholds are the
 //! [`Effective`] ones: the first matching SLA window's, else the
-//! service's. The midpoint is `(overload + underload) / 2`.
+//! service's; above `overload`, below `underload` and below the midpoint
+//! are as [`Thresholds`] judges them.
 //!
 //! 1. Nothing is decided within `cooldown` of the last change (a launch,
 //!    a failed launch, a stop), so changes come one at a time. The
@@ -55,6 +56,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use super::qos::Thresholds;
 use crate::config::{FailureRule, ScaleConfig, SlaWindow, WlmConfig};
 
 /// Local wall-clock time as the SLA windows see it.
@@ -121,30 +123,33 @@ pub fn window_covers(w: &SlaWindow, at: WallTime) -> bool {
     }
 }
 
-/// The bounds and threshold in force at some time: the first matching
+/// The bounds and thresholds in force at some time: the first matching
 /// window's overrides, else the service's.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Effective {
     pub min_instances: u32,
     pub max_instances: u32,
-    /// The WLM overload threshold.
-    pub overload: f64,
+    /// The WLM thresholds, with the window's overload if it sets one.
+    pub thresholds: Thresholds,
     /// Index of the window in force, if any.
     pub window: Option<usize>,
 }
 
-/// The bounds and threshold in force at `at`.
+/// The bounds and thresholds in force at `at`.
 #[must_use]
 pub fn effective(scale: &ScaleConfig, wlm: &WlmConfig, at: WallTime) -> Effective {
     let window = scale.windows.iter().position(|w| window_covers(w, at));
     let w = window.map(|i| &scale.windows[i]);
+    let own = Thresholds::from(wlm);
     Effective {
         min_instances: w
             .and_then(|w| w.min_instances)
             .unwrap_or(scale.min_instances)
             .min(scale.max_instances),
         max_instances: scale.max_instances,
-        overload: w.and_then(|w| w.overload).unwrap_or(wlm.overload),
+        thresholds: w
+            .and_then(|w| w.overload)
+            .map_or(own, |o| own.with_overload(o)),
         window,
     }
 }
@@ -166,8 +171,6 @@ pub struct Member<'a> {
 #[derive(Clone, Copy, Debug)]
 pub struct ScaleView<'a> {
     pub eff: &'a Effective,
-    /// The service's WLM under-load threshold.
-    pub underload: f64,
     pub cfg: &'a ScaleConfig,
     pub members: &'a [Member<'a>],
     /// Launches under way.
@@ -235,8 +238,7 @@ impl ScaleState {
         let count = u32::try_from(live.len())
             .unwrap_or(u32::MAX)
             .saturating_add(v.pending);
-        let mid = f64::midpoint(v.eff.overload, v.underload);
-        self.observe(v, &live, mid);
+        self.observe(v, &live);
         if self
             .last_change
             .is_some_and(|t| v.now.saturating_duration_since(t) < v.cfg.cooldown)
@@ -285,7 +287,7 @@ impl ScaleState {
             let sum: f64 = live.iter().map(|m| m.utilisation).sum();
             #[expect(clippy::cast_precision_loss, reason = "a handful of instances")]
             let projected = sum / (live.len() - 1) as f64;
-            if projected < mid
+            if v.eff.thresholds.is_below_midpoint(projected)
                 && let Some(m) = least_utilised(&live)
             {
                 self.under = 0;
@@ -302,15 +304,16 @@ impl ScaleState {
     }
 
     /// Runs the interval counters.
-    fn observe(&mut self, v: &ScaleView<'_>, live: &[&Member<'_>], mid: f64) {
-        let saturated = live.iter().any(|m| m.utilisation > v.eff.overload)
-            && live.iter().all(|m| m.utilisation >= mid);
+    fn observe(&mut self, v: &ScaleView<'_>, live: &[&Member<'_>]) {
+        let t = v.eff.thresholds;
+        let saturated = live.iter().any(|m| t.is_overloaded(m.utilisation))
+            && !live.iter().any(|m| t.is_below_midpoint(m.utilisation));
         self.saturated = if v.pending == 0 && saturated {
             self.saturated.saturating_add(1)
         } else {
             0
         };
-        let under = !live.is_empty() && live.iter().all(|m| m.utilisation < v.underload);
+        let under = !live.is_empty() && live.iter().all(|m| t.is_underloaded(m.utilisation));
         self.under = if under {
             self.under.saturating_add(1)
         } else {

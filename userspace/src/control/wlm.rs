@@ -18,10 +18,12 @@
 //! apart (hysteresis in level); an element moves at most once per
 //! `cooldown`; and every move is projected first — a receiver must stay
 //! under its overload threshold, a merge must leave the taker under the
-//! midpoint of the two thresholds.
+//! midpoint of the two thresholds. The thresholds are judged by
+//! [`Thresholds`], with an SLA window's overload if one is in force.
 
 use std::time::{Duration, Instant};
 
+use super::qos::Thresholds;
 use crate::{
     config::{WlmConfig, WlmPolicy},
     coord::{CoordError, CoordStore, GroupEntry, Version},
@@ -157,7 +159,11 @@ pub fn group_rate(group: Group, buckets: &[f64]) -> f64 {
 /// Everything one decision looks at.
 pub struct View<'a> {
     pub me: &'a str,
+    /// The service's WLM settings; its load is judged by `thresholds`,
+    /// not by the overload and under-load here.
     pub cfg: &'a WlmConfig,
+    /// The thresholds in force (an SLA window may have set the overload).
+    pub thresholds: Thresholds,
     pub now: Instant,
     pub sample: Sample,
     /// The service's whole assignment.
@@ -169,10 +175,6 @@ pub struct View<'a> {
 }
 
 impl View<'_> {
-    fn midpoint(&self) -> f64 {
-        f64::midpoint(self.cfg.overload, self.cfg.underload)
-    }
-
     /// Utilisation `peer` would have with `extra_pps` more.
     fn projected(&self, sample: Sample, ceiling: Option<f64>, extra_pps: f64) -> f64 {
         let rate = sample.rate_pps + extra_pps;
@@ -204,10 +206,10 @@ pub fn decide(state: &mut ElementState, v: &View<'_>) -> Option<Action> {
         return Some(a);
     }
 
-    if s.utilisation > v.cfg.overload {
+    if v.thresholds.is_overloaded(s.utilisation) {
         state.over += 1;
         state.under = 0;
-    } else if s.utilisation < v.cfg.underload {
+    } else if v.thresholds.is_underloaded(s.utilisation) {
         state.under += 1;
         state.over = 0;
     } else {
@@ -262,7 +264,7 @@ fn shed(state: &ElementState, v: &View<'_>, mine: &[&GroupEntry]) -> Option<Acti
     // 70% of what the instance showed it can absorb.
     let keep = match state.ceiling_pps {
         Some(c) if s.drops_ps > 0.0 || s.rate_pps > c => 0.7 * c,
-        _ => v.midpoint() * v.cfg.capacity_pps,
+        _ => v.thresholds.midpoint() * v.cfg.capacity_pps,
     };
     let want = (s.rate_pps - keep).max(0.0);
     let hottest = mine
@@ -275,7 +277,10 @@ fn shed(state: &ElementState, v: &View<'_>, mine: &[&GroupEntry]) -> Option<Acti
     let receiver = |rate: f64| {
         v.peers
             .iter()
-            .filter(|p| v.projected(p.sample, p.ceiling_pps, rate) < v.cfg.overload)
+            .filter(|p| {
+                v.thresholds
+                    .is_below_overload(v.projected(p.sample, p.ceiling_pps, rate))
+            })
             .min_by(|a, b| a.sample.utilisation.total_cmp(&b.sample.utilisation))
     };
     // Halve the hottest group, and keep halving the half nearest what we
@@ -340,7 +345,7 @@ fn take(state: &ElementState, v: &View<'_>) -> Option<Action> {
                 }
                 let me_after = v.projected(v.sample, state.ceiling_pps, rate);
                 let peer_after = v.projected(peer.sample, peer.ceiling_pps, -rate);
-                if me_after >= v.cfg.overload || me_after > peer_after {
+                if !v.thresholds.is_below_overload(me_after) || me_after > peer_after {
                     continue;
                 }
                 let gain =
@@ -377,11 +382,14 @@ fn reclaim(state: &ElementState, v: &View<'_>, mine: &[&GroupEntry]) -> Option<A
         let Some(peer) = v.peers.iter().find(|p| p.name == b.owner) else {
             continue;
         };
-        if peer.sample.utilisation >= v.cfg.underload {
+        if !v.thresholds.is_underloaded(peer.sample.utilisation) {
             continue;
         }
         let rate = group_rate(buddy, v.buckets);
-        if v.projected(v.sample, state.ceiling_pps, rate) >= v.midpoint() {
+        if !v
+            .thresholds
+            .is_below_midpoint(v.projected(v.sample, state.ceiling_pps, rate))
+        {
             continue;
         }
         return Some(Action::Reclaim {

@@ -33,7 +33,7 @@ fn eff(cfg: &ScaleConfig) -> Effective {
     Effective {
         min_instances: cfg.min_instances,
         max_instances: cfg.max_instances,
-        overload: 0.8,
+        thresholds: Thresholds::new(0.8, 0.3),
         window: None,
     }
 }
@@ -60,7 +60,6 @@ fn step(
     let eff = eff(cfg);
     state.decide(&ScaleView {
         eff: &eff,
-        underload: 0.3,
         cfg,
         members,
         pending,
@@ -353,7 +352,7 @@ fn no_flapping_after_a_saturated_launch() {
         ..cfg()
     };
     let eff = Effective {
-        overload: 0.5,
+        thresholds: Thresholds::new(0.5, 0.45),
         ..eff(&cfg)
     };
     let names = ["a", "b", "c", "d", "e"];
@@ -368,7 +367,6 @@ fn no_flapping_after_a_saturated_launch() {
             let now = t0 + SEC * t;
             let d = s.decide(&ScaleView {
                 eff: &eff,
-                underload: 0.45,
                 cfg: &cfg,
                 members: &members,
                 pending: 0,
@@ -425,10 +423,13 @@ fn windows_set_the_effective_bounds_as_the_clock_moves() {
     t = t.advanced(1);
     assert_eq!(t, at(0, 8, 0));
     let e = effective(&scale, &wlm, t);
-    assert_eq!((e.min_instances, e.window, e.overload), (4, Some(0), 0.6));
+    assert_eq!(
+        (e.min_instances, e.window, e.thresholds),
+        (4, Some(0), Thresholds::new(0.6, wlm.underload))
+    );
     assert_eq!(min_at(at(0, 17, 59)), 4);
     let e = effective(&scale, &wlm, at(0, 18, 0));
-    assert_eq!((e.min_instances, e.overload), (3, wlm.overload));
+    assert_eq!((e.min_instances, e.thresholds), (3, Thresholds::from(&wlm)));
     // Saturday: the weekday window does not hold.
     assert_eq!(min_at(at(5, 10, 0)), 3);
     // Without windows: the service's own.
@@ -439,7 +440,7 @@ fn windows_set_the_effective_bounds_as_the_clock_moves() {
         Effective {
             min_instances: 2,
             max_instances: 5,
-            overload: wlm.overload,
+            thresholds: Thresholds::from(&wlm),
             window: None
         }
     );
@@ -500,7 +501,6 @@ fn the_policy_follows_the_windows() {
         let eff = effective(&scale, &wlm, clock);
         let d = s.decide(&ScaleView {
             eff: &eff,
-            underload: wlm.underload,
             cfg: &scale,
             members: &members,
             pending: 0,

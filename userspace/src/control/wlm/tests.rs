@@ -133,6 +133,7 @@ impl Sim {
             let view = View {
                 me: &self.names[i],
                 cfg: &self.cfg,
+                thresholds: Thresholds::from(&self.cfg),
                 now: self.now,
                 sample: samples[i],
                 assignment: &assignment,
