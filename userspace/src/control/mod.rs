@@ -27,7 +27,7 @@ use std::{
 use sluice_common::{HIT_BUCKETS_PER_SERVICE, maps::NO_OWNER, unit_of};
 
 use self::{
-    qos::{HostProbe, Inputs, Probe, Rate, Report, Reports},
+    qos::{HostProbe, Inputs, Probe, Rate, Report, Reports, Thresholds},
     wlm::{Action, ElementState, MoveLimiter, Peer, Sample, View},
 };
 use crate::{
@@ -115,6 +115,9 @@ struct ServiceCtl {
     name: String,
     id: u32,
     cfg: WlmConfig,
+    /// What counts as overloaded: `cfg`'s thresholds, or with the SLA
+    /// window's overload the agent set ([`Controller::set_overload`]).
+    thresholds: Thresholds,
     ports: Vec<u16>,
     hits: Vec<Rate>,
     buckets: Vec<f64>,
@@ -462,6 +465,7 @@ impl Controller {
                 name: sp.name.clone(),
                 id: sp.id,
                 cfg: sc.wlm.clone(),
+                thresholds: Thresholds::from(&sc.wlm),
                 ports: sc.ports.clone(),
                 hits: vec![Rate::default(); HIT_BUCKETS_PER_SERVICE as usize],
                 buckets: vec![0.0; HIT_BUCKETS_PER_SERVICE as usize],
@@ -705,8 +709,8 @@ impl Controller {
     pub fn set_overload(&mut self, service: &str, overload: f64) -> bool {
         match self.services.iter_mut().find(|s| s.name == service) {
             #[expect(clippy::float_cmp, reason = "set from the same config values")]
-            Some(s) if s.cfg.overload != overload => {
-                s.cfg.overload = overload;
+            Some(s) if s.thresholds.overload() != overload => {
+                s.thresholds = s.thresholds.with_overload(overload);
                 true
             }
             _ => false,
@@ -1078,6 +1082,7 @@ impl Controller {
                 let view = View {
                     me: &me.name,
                     cfg: &svc.cfg,
+                    thresholds: svc.thresholds,
                     now,
                     sample: samples[ii],
                     assignment: &assignment,

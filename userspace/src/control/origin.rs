@@ -14,7 +14,7 @@
 
 use sluice_common::maps::{NO_OWNER, SPILL, TIER_SLOTS, Tier};
 
-use super::{ControlError, Controller};
+use super::{ControlError, Controller, qos::Thresholds};
 use crate::{datapath::Datapath, plan::Plan};
 
 /// A subset instance as one interval sees it.
@@ -26,15 +26,6 @@ pub struct Member {
     pub utilisation: f64,
 }
 
-/// The service's WLM thresholds.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct Thresholds {
-    /// Every live member above this: one more slot spills over.
-    pub overload: f64,
-    /// Every live member below this: one spilled slot comes back.
-    pub underload: f64,
-}
-
 /// Slots of `tier` that spill over.
 #[must_use]
 pub fn spilled(tier: &Tier) -> u32 {
@@ -44,7 +35,8 @@ pub fn spilled(tier: &Tier) -> u32 {
 
 /// The tier a rule should have, from the one it has (see the module
 /// doc). Without a live member every slot spills (with `spill`) or has
-/// nobody.
+/// nobody. Every live member overloaded by `t`: one more slot spills
+/// over; every one under-loaded: one spilled slot comes back.
 #[must_use]
 pub fn next_tier(members: &[Member], spill: bool, t: Thresholds, current: &Tier) -> Tier {
     let live: Vec<&Member> = members.iter().filter(|m| m.live).collect();
@@ -97,14 +89,14 @@ pub fn next_tier(members: &[Member], spill: bool, t: Thresholds, current: &Tier)
     }
     if spill {
         let held = slots.iter().filter(|s| **s != SPILL).count();
-        if live.iter().all(|m| m.utilisation > t.overload) && held > 1 {
+        if live.iter().all(|m| t.is_overloaded(m.utilisation)) && held > 1 {
             let hi = pick(&slots, true);
             let k = slots
                 .iter()
                 .rposition(|s| *s == hi)
                 .expect("hi holds slots");
             slots[k] = SPILL;
-        } else if live.iter().all(|m| m.utilisation < t.underload)
+        } else if live.iter().all(|m| t.is_underloaded(m.utilisation))
             && let Some(k) = slots.iter().position(|s| *s == SPILL)
         {
             slots[k] = pick(&slots, false);
@@ -147,10 +139,7 @@ impl Controller {
     /// idle.
     pub(super) fn origin_step(&self, dp: &mut dyn Datapath) -> Result<(), ControlError> {
         for s in &self.services {
-            let t = Thresholds {
-                overload: s.cfg.overload,
-                underload: s.cfg.underload,
-            };
+            let t = s.thresholds;
             for (k, rule) in (0..).zip(&s.origins) {
                 let members: Vec<Member> = rule
                     .members
@@ -188,10 +177,7 @@ impl Controller {
 mod tests {
     use super::*;
 
-    const T: Thresholds = Thresholds {
-        overload: 0.8,
-        underload: 0.3,
-    };
+    const T: Thresholds = Thresholds::new(0.8, 0.3);
 
     fn members(live: &[(u32, bool)], utilisation: f64) -> Vec<Member> {
         live.iter()

@@ -16,6 +16,9 @@
 //! rate, hence the term above 1. Socket queue occupancy is measured and
 //! exported but does not enter `u`: /proc does not tell the buffer size it
 //! would be a fraction of.
+//!
+//! Whether a utilisation is overloaded or under-loaded is for
+//! [`Thresholds`] to say.
 
 use std::{
     collections::HashMap,
@@ -26,7 +29,10 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
+pub use self::thresholds::Thresholds;
 use crate::{config::WlmConfig, sys::link::LinkProbe};
+
+mod thresholds;
 
 /// QoS an application reports about itself over the agent's local API.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]

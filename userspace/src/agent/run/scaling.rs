@@ -176,8 +176,9 @@ impl Serving<'_> {
         for svc in scaled {
             let scale = svc.scale.clone().expect("filtered");
             let eff = crate::control::scale::effective(&scale, &svc.wlm, at);
-            if self.agent.control.set_overload(&svc.name, eff.overload) {
-                tracing::info!(service = %svc.name, overload = eff.overload, window = ?eff.window, "overload threshold set by the SLA window");
+            let overload = eff.thresholds.overload();
+            if self.agent.control.set_overload(&svc.name, overload) {
+                tracing::info!(service = %svc.name, overload, window = ?eff.window, "overload threshold set by the SLA window");
             }
             self.failure_rules(&svc, now);
             let ctl = self.scaler.services.entry(svc.name.clone()).or_default();
@@ -213,7 +214,6 @@ impl Serving<'_> {
             let pending = u32::try_from(ctl.pending.len()).unwrap_or(0);
             let decision = ctl.state.decide(&ScaleView {
                 eff: &eff,
-                underload: svc.wlm.underload,
                 cfg: &scale,
                 members: &members,
                 pending,
