@@ -926,6 +926,11 @@ const PAIR_RULE: &str = "---: | ---: | ---: | ---: | ---: | ---:";
 
 /// The fast-path tables, in Markdown.
 pub(crate) fn markdown(s: &mut String, f: &Figures) {
+    if f.kinds.is_empty() {
+        // `--variants-only`: the other builds were all that was measured.
+        experiments_table(s, &f.experiments);
+        return;
+    }
     let _ = writeln!(
         s,
         "#### Fast path (ns per run, `BPF_PROG_TEST_RUN`, CPU {} only; each Sluice call alternates with the empty program's on the same frame)\n",
