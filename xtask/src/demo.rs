@@ -117,13 +117,17 @@ fn sweep(pid: u32) -> Vec<String> {
         std::thread::sleep(std::time::Duration::from_millis(100));
         running = children();
     }
-    for p in running {
-        left.push(format!("process {p} ({})", comm(p)));
-        // SAFETY: a process the demo started (reparented to us), by pid.
-        unsafe {
-            libc::kill(p, libc::SIGKILL);
-            libc::waitpid(p, std::ptr::null_mut(), 0);
+    // A killed process's own children become ours in turn: a few rounds.
+    for _ in 0..5 {
+        if running.is_empty() {
+            break;
         }
+        for p in running {
+            left.push(format!("process {p} ({})", comm(p)));
+            kill(p);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        running = children();
     }
     let ours = |name: &str| {
         name.starts_with(&format!("sl-demo-{pid}-"))
@@ -132,6 +136,16 @@ fn sweep(pid: u32) -> Vec<String> {
     };
     for ns in entries("/run/netns").into_iter().filter(|n| ours(n)) {
         left.push(format!("network namespace {ns}"));
+        let pids = Command::new("ip").args(["netns", "pids", &ns]).output();
+        for p in pids
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default()
+            .split_whitespace()
+            .filter_map(|p| p.parse::<i32>().ok())
+        {
+            left.push(format!("process {p} ({}) in {ns}", comm(p)));
+            kill(p);
+        }
         let _ = Command::new("ip").args(["netns", "del", &ns]).status();
     }
     for pins in entries("/sys/fs/bpf")
@@ -173,6 +187,15 @@ fn children() -> Vec<i32> {
         }
     }
     running
+}
+
+/// Kills process `p` (one the demo started) and reaps it if it is ours.
+fn kill(p: i32) {
+    // SAFETY: a process the demo started, by pid.
+    unsafe {
+        libc::kill(p, libc::SIGKILL);
+        libc::waitpid(p, std::ptr::null_mut(), libc::WNOHANG);
+    }
 }
 
 fn comm(pid: i32) -> String {
