@@ -146,7 +146,7 @@ fn run(args: &Args) -> anyhow::Result<()> {
             };
             servers.throttle[THROTTLED].store(limit, Ordering::Relaxed);
             if phase == Phase::Recovered {
-                story.units_at_release = units_of(&agent, THROTTLED);
+                story.at_release = load_of(&agent, THROTTLED);
             }
         }
         match block_on(agent.tick()) {
@@ -167,7 +167,7 @@ fn run(args: &Args) -> anyhow::Result<()> {
     std::thread::sleep(Duration::from_millis(300));
     let received: usize = servers.finish().iter().map(Vec::len).sum();
     show(&agent, &tb, start, "done", false);
-    story.units_at_end = units_of(&agent, THROTTLED);
+    story.at_end = load_of(&agent, THROTTLED);
     // Merges move no traffic: they are in the history, not among the moves.
     story.merges = agent
         .control
@@ -205,12 +205,14 @@ fn groups(n: usize) -> String {
     plural(n, "group")
 }
 
-/// Units instance `k` owns.
-fn units_of(agent: &Agent, k: usize) -> u32 {
+/// Units instance `k` owns, and the packets a second it was delivered.
+fn load_of(agent: &Agent, k: usize) -> (u32, f64) {
     block_on(agent.control.status())
         .unwrap_or_default()
         .get(k)
-        .map_or(0, |st| st.groups.iter().map(|g| g.size()).sum())
+        .map_or((0, 0.0), |st| {
+            (st.groups.iter().map(|g| g.size()).sum(), st.sample.rate_pps)
+        })
 }
 
 /// The moves of each phase, to tell the story at the end and check it.
@@ -226,8 +228,10 @@ struct Story {
     /// moves.
     taken_back: usize,
     recovered_other: usize,
-    units_at_release: u32,
-    units_at_end: u32,
+    /// The throttled instance's units and packets a second at the release
+    /// and at the end.
+    at_release: (u32, f64),
+    at_end: (u32, f64),
     /// Buddies merged back into one group, in all.
     merges: usize,
 }
@@ -255,10 +259,12 @@ impl Story {
                 moves(self.throttled_other)
             ),
             format!(
-                "{throttled} recovered: {} taken back by {throttled} ({} units at the release, {} at the end), {} among the others; {} of buddies in all",
+                "{throttled} recovered: {} taken back by {throttled} ({} units, {:.0} pps at the release; {} units, {:.0} pps at the end), {} among the others; {} of buddies in all",
                 groups(self.taken_back),
-                self.units_at_release,
-                self.units_at_end,
+                self.at_release.0,
+                self.at_release.1,
+                self.at_end.0,
+                self.at_end.1,
                 moves(self.recovered_other),
                 plural(self.merges, "merge")
             ),
@@ -270,12 +276,12 @@ impl Story {
         if self.shed == 0 {
             anyhow::bail!("{throttled} was throttled but shed no work");
         }
-        if self.taken_back == 0 || self.units_at_end <= self.units_at_release {
+        if self.taken_back == 0 || self.at_end.0 <= self.at_release.0 {
             anyhow::bail!(
                 "{throttled} recovered but took no work back ({} takes; {} units at the release, {} at the end)",
                 self.taken_back,
-                self.units_at_release,
-                self.units_at_end
+                self.at_release.0,
+                self.at_end.0
             );
         }
         Ok(())
