@@ -69,7 +69,7 @@ const THROTTLE_AT: Duration = Duration::from_secs(3);
 const RELEASE_AT: Duration = Duration::from_secs(9);
 
 /// The demo's phases, in order.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Phase {
     Steady,
     Throttled,
@@ -129,10 +129,11 @@ fn run(args: &Args) -> anyhow::Result<()> {
     let mut story = Story::default();
     let mut phase = Phase::Steady;
     let mut last_print = start;
-    // Intervals a fixed period apart, however long a tick takes.
+    // Intervals a fixed period apart, however long a tick takes (missed
+    // ones are skipped, not made up in a burst).
     let mut next = start;
     while Instant::now() < end && !demo::stopping() {
-        next += agent.control.interval();
+        next = (next + agent.control.interval()).max(Instant::now());
         std::thread::sleep(next.saturating_duration_since(Instant::now()));
         let t = start.elapsed();
         let now = Phase::at(t);
