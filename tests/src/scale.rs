@@ -88,3 +88,14 @@ impl Drop for LaunchedGuard {
         }
     }
 }
+
+/// The launched instances `sluice instance list` shows running, by name.
+#[must_use]
+pub fn launched_running(sock: &str) -> Vec<String> {
+    let out = crate::process::sluice(&["instance", "list", "--api-socket", sock]);
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.contains(" launcher ") && l.contains(" running "))
+        .filter_map(|l| l.split_whitespace().nth(1).map(str::to_owned))
+        .collect()
+}

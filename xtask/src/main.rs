@@ -3,6 +3,7 @@
 //! Every command that builds first runs `setup`, which installs what a fresh
 //! machine lacks and is quick when everything is already there.
 
+mod demo;
 mod fuzz;
 mod setup;
 
@@ -55,14 +56,16 @@ enum Cmd {
     },
     /// Run Sluice on a built-in testbed (namespaces, 4 instances, tagged and
     /// untagged flows) with a live per-instance table: one instance is
-    /// throttled and sheds work, then recovers as the load falls and groups
-    /// merge back. With `--hosts N`: a cluster of N hosts behind an ECMP
+    /// throttled and sheds work, then recovers and takes work back from its
+    /// busier peers. With `--hosts N`: a cluster of N hosts behind an ECMP
     /// router with etcd, load spreading across hosts. With `--scenario
     /// scale`: the application loader launching instances as the load
     /// steps up and stopping them as it falls. Needs root, no NIC or
-    /// config; leaves nothing behind.
+    /// config; leaves nothing behind (checked after it); fails if the demo
+    /// did not show what it announced.
     Demo {
-        /// How long to run, in seconds.
+        /// How long to run, in seconds (at least 30 for the one-host
+        /// demos, 8 for a cluster).
         #[arg(long, default_value_t = 40)]
         seconds: u64,
         /// Datagrams per second the traffic generator sends at high load
@@ -74,10 +77,10 @@ enum Cmd {
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=6))]
         hosts: u64,
         /// What the one-host demo shows: `shed` (a throttled instance sheds
-        /// work) or `scale` (instances launched and stopped with the load;
+        /// work and takes it back) or `scale` (instances launched and stopped with the load;
         /// rate 3000 by default).
-        #[arg(long, value_enum, default_value_t = Scenario::Shed)]
-        scenario: Scenario,
+        #[arg(long, value_enum, default_value_t = demo::Scenario::Shed)]
+        scenario: demo::Scenario,
     },
     /// Benchmarks against their baselines in one run (fast path vs the empty
     /// program, owner-map writes, control loop, memory, the L7 distributor
@@ -167,7 +170,7 @@ fn real_main() -> anyhow::Result<()> {
             rate,
             hosts,
             scenario,
-        } => demo(&root, seconds, rate, hosts, scenario),
+        } => demo::demo(&root, seconds, rate, hosts, scenario),
         Cmd::Bench {
             experiments,
             baseline,
@@ -292,7 +295,7 @@ fn workspace_root() -> PathBuf {
         .to_owned()
 }
 
-fn require_root(why: &str) -> anyhow::Result<()> {
+pub(crate) fn require_root(why: &str) -> anyhow::Result<()> {
     if !setup::is_root() {
         bail!("run as root: {why}");
     }
@@ -300,7 +303,7 @@ fn require_root(why: &str) -> anyhow::Result<()> {
 }
 
 /// Runs cargo with the eBPF toolchain's environment.
-fn cargo(env: &setup::Env, args: &[&str], release: bool) -> anyhow::Result<()> {
+pub(crate) fn cargo(env: &setup::Env, args: &[&str], release: bool) -> anyhow::Result<()> {
     let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
     cmd.args(args);
     if release {
@@ -310,64 +313,6 @@ fn cargo(env: &setup::Env, args: &[&str], release: bool) -> anyhow::Result<()> {
         cmd.args(&args[..at]).arg("--release").args(&args[at..]);
     }
     env.apply(&mut cmd);
-    run(&mut cmd)
-}
-
-/// `cargo xtask demo`: one host (in-process agent) or a cluster.
-/// What the one-host demo shows.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-enum Scenario {
-    /// A throttled instance sheds work; groups merge back.
-    Shed,
-    /// Instances launched as the load steps up, stopped as it falls.
-    Scale,
-}
-
-fn demo(
-    root: &Path,
-    seconds: u64,
-    rate: Option<u64>,
-    hosts: u64,
-    scenario: Scenario,
-) -> anyhow::Result<()> {
-    if scenario == Scenario::Scale && hosts > 1 {
-        anyhow::bail!("--scenario scale runs on one host: leave out --hosts");
-    }
-    let env = setup::ensure(false)?;
-    require_root("the demo creates network namespaces and attaches an XDP program")?;
-    eprintln!("[demo] building");
-    let (bin, default_rate) = match (hosts, scenario) {
-        (1, Scenario::Shed) => ("sluice-demo", 8000),
-        (1, Scenario::Scale) => ("sluice-scale-demo", 3000),
-        _ => ("sluice-cluster-demo", 6000),
-    };
-    cargo(
-        &env,
-        &[
-            "build",
-            "--quiet",
-            "--package",
-            "sluice-tests",
-            "--bin",
-            bin,
-            "--package",
-            "sluice",
-        ],
-        false,
-    )?;
-    let mut cmd = Command::new(root.join("target/debug").join(bin));
-    cmd.args([
-        "--seconds",
-        &seconds.to_string(),
-        "--rate",
-        &rate.unwrap_or(default_rate).to_string(),
-    ]);
-    if hosts > 1 {
-        cmd.args(["--hosts", &hosts.to_string()]);
-    }
-    if hosts > 1 || scenario == Scenario::Scale {
-        cmd.env("SLUICE_BIN", root.join("target/debug/sluice"));
-    }
     run(&mut cmd)
 }
 

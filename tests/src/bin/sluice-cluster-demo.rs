@@ -9,7 +9,9 @@
 //! instance of host 1 is throttled: it drops and sheds in turn. A live
 //! table shows every instance of every host, from the cluster's store,
 //! and each host's data path counters. Ends after `--seconds` or on
-//! Ctrl-C, and removes everything it made.
+//! Ctrl-C, removes everything it made, and fails if a phase did not show
+//! what it announces (work on the other hosts' instances; the throttled
+//! instance giving work away).
 
 use std::{
     collections::HashMap,
@@ -100,10 +102,13 @@ fn run(args: &Args) -> anyhow::Result<()> {
     let mut phase =
         "host 0's instances take everything and are overloaded: they shed to the other hosts";
     let mut last_print = start;
+    // Units on the other hosts' instances, and the throttled instance's,
+    // when it is throttled.
+    let mut at_throttle = None;
     while Instant::now() < end && !demo::stopping() {
         std::thread::sleep(Duration::from_millis(500));
-        if start.elapsed() >= throttle_at && !phase.starts_with("kv-h1-0") {
-            // kv-h1-0 is instance PER_HOST in host-major order.
+        if start.elapsed() >= throttle_at && at_throttle.is_none() {
+            at_throttle = Some((elsewhere(&bed), units_of(&bed, THROTTLED)));
             servers.throttle[PER_HOST].store(args.rate / 20, Ordering::Relaxed);
             phase = "kv-h1-0 throttled: it drops, and sheds to instances on any host";
         }
@@ -112,6 +117,8 @@ fn run(args: &Args) -> anyhow::Result<()> {
             last_print = Instant::now();
         }
     }
+    // Ctrl-C: the story is cut short, nothing to check.
+    let interrupted = demo::stopping();
     demo::STOP.store(true, Ordering::Relaxed);
     let sent = generator
         .join()
@@ -119,12 +126,58 @@ fn run(args: &Args) -> anyhow::Result<()> {
     std::thread::sleep(Duration::from_millis(300));
     let received: usize = servers.finish().iter().map(Vec::len).sum();
     show(&bed, start, "done", false);
+    let at_end = units_of(&bed, THROTTLED);
     println!(
         "sent {sent}, received by the servers {received} (a throttled server drops by design)"
     );
+    let verdict = match at_throttle {
+        _ if interrupted => Ok(()),
+        Some((0, _)) => Err(anyhow::anyhow!(
+            "host 0 shed no work to the other hosts before {THROTTLED} was throttled"
+        )),
+        Some((elsewhere, before)) if at_end >= before => {
+            println!("units on the other hosts before the throttle: {elsewhere}");
+            Err(anyhow::anyhow!(
+                "{THROTTLED} was throttled but shed no work ({before} units then, {at_end} at the end)"
+            ))
+        }
+        Some((elsewhere, before)) => {
+            println!(
+                "units on the other hosts before the throttle: {elsewhere}; {THROTTLED}'s: {before} then, {at_end} at the end"
+            );
+            Ok(())
+        }
+        None => Err(anyhow::anyhow!("ended before the throttle")),
+    };
     drop(bed);
     eprintln!("[demo] stopped the agents and etcd, removed the cluster");
-    Ok(())
+    verdict
+}
+
+/// The instance throttled halfway (instance `PER_HOST` in host-major
+/// order: host 1's first).
+const THROTTLED: &str = "kv-h1-0";
+
+/// Units of the service's groups owned by `name`, as the store has them.
+fn units_of(bed: &ClusterBed, name: &str) -> u32 {
+    groups(bed)
+        .iter()
+        .filter(|e| e.owner == name)
+        .map(|e| e.group.size())
+        .sum()
+}
+
+/// Units owned by instances of hosts other than host 0.
+fn elsewhere(bed: &ClusterBed) -> u32 {
+    groups(bed)
+        .iter()
+        .filter(|e| !e.owner.starts_with("kv-h0-"))
+        .map(|e| e.group.size())
+        .sum()
+}
+
+fn groups(bed: &ClusterBed) -> Vec<sluice::coord::GroupEntry> {
+    bed.with_store(|s| Box::pin(async move { s.groups("kv").await.unwrap_or_default() }))
 }
 
 fn show(bed: &ClusterBed, start: Instant, phase: &str, redraw: bool) {

@@ -4,11 +4,15 @@
 //! and four instance namespaces with UDP servers; starts the agent (the same
 //! start-up and control loop as `sluice run`, in-process) with one tagged
 //! service; sends tagged and untagged datagrams at a steady rate; and shows
-//! a live per-instance table. A quarter of the way in, one instance's server
-//! is throttled: it drops, and its element splits its hottest group and
-//! hands halves to its peers. Halfway, the server recovers and the load
-//! falls: elements take their buddies back and the groups merge. Ends after
-//! `--seconds` or on Ctrl-C, and removes every namespace and link it made.
+//! a live per-instance table. After a few seconds of steady load, one
+//! instance's server is throttled: it drops, its element learns the rate it
+//! absorbs (its ceiling) and splits its hottest group, handing halves to its
+//! peers. Then the server recovers while the load stays: the element keeps
+//! its ceiling for 100 quiet intervals (10 s here), lets it grow back, and
+//! takes work back from its busier peers (the spread policy's own decision:
+//! a peer more than `balance_band` more loaded). Ends after `--seconds` or on
+//! Ctrl-C, removes every namespace and link it made, and fails if a phase
+//! did not show its moves.
 
 use std::{
     fmt::Write as _,
@@ -22,7 +26,9 @@ use std::{
 };
 
 use clap::Parser;
-use sluice::{agent::Agent, config::Config, coord::EmbeddedStore, datapath::Datapath as _};
+use sluice::{
+    agent::Agent, config::Config, control::MoveEvent, coord::EmbeddedStore, datapath::Datapath as _,
+};
 use sluice_tests::{
     block_on, demo,
     testbed::{self, Testbed},
@@ -30,14 +36,16 @@ use sluice_tests::{
 };
 
 /// Sluice on a built-in testbed: four instances, tagged and untagged UDP
-/// flows, a throttled instance shedding load and a live per-instance table.
+/// flows, a throttled instance shedding load and taking it back once it
+/// recovers, with a live per-instance table.
 #[derive(Parser)]
 #[command(version, about)]
 struct Args {
-    /// How long to run, in seconds.
-    #[arg(long, default_value_t = 40, value_parser = clap::value_parser!(u64).range(8..=3600))]
+    /// How long to run, in seconds (at least 30: the recovered instance
+    /// takes work back some 20 s in).
+    #[arg(long, default_value_t = 40, value_parser = clap::value_parser!(u64).range(30..=3600))]
     seconds: u64,
-    /// Datagrams per second the generator sends while the load is high.
+    /// Datagrams per second the generator sends.
     #[arg(long, default_value_t = 8000, value_parser = clap::value_parser!(u64).range(100..=1_000_000))]
     rate: u64,
 }
@@ -53,6 +61,46 @@ const TAGS: [&[u8; 8]; 6] = [
     b"tenant-e",
     b"tenant-f",
 ];
+/// The control interval. Short, so that the ceiling a throttled element
+/// learns, held for 100 quiet intervals before it relaxes, holds 10 s.
+const INTERVAL_MS: u64 = 100;
+/// When inst-2's server is throttled, and when it recovers.
+const THROTTLE_AT: Duration = Duration::from_secs(3);
+const RELEASE_AT: Duration = Duration::from_secs(9);
+
+/// The demo's phases, in order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    Steady,
+    Throttled,
+    Recovered,
+}
+
+impl Phase {
+    fn at(t: Duration) -> Self {
+        if t < THROTTLE_AT {
+            Self::Steady
+        } else if t < RELEASE_AT {
+            Self::Throttled
+        } else {
+            Self::Recovered
+        }
+    }
+
+    const fn announce(self) -> &'static str {
+        match self {
+            Self::Steady => {
+                "steady load, about half of every instance: the elements even out what the tags make uneven"
+            }
+            Self::Throttled => {
+                "inst-2 throttled: it drops, learns what it absorbs (its ceiling), and sheds work to its peers"
+            }
+            Self::Recovered => {
+                "inst-2 recovered, same load: it keeps its ceiling 10 s, then lets it grow back and takes work back from its busier peers"
+            }
+        }
+    }
+}
 
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
@@ -72,73 +120,173 @@ fn run(args: &Args) -> anyhow::Result<()> {
     let servers = UdpServers::start_with(&namespaces, dst, 256 << 10);
 
     let rate = Arc::new(AtomicU64::new(args.rate));
-    let generator = spawn_generator(&tb, dst, rate.clone(), args.seconds);
+    let generator = spawn_generator(&tb, dst, rate, args.seconds);
 
     let tty = std::io::stdout().is_terminal();
     let start = Instant::now();
     let end = start + Duration::from_secs(args.seconds);
-    let (throttle_at, release_at) = (
-        Duration::from_secs(args.seconds / 4),
-        Duration::from_secs(args.seconds / 2),
-    );
-    let mut phase = "steady load";
+    let throttled = agent.plan.instances[THROTTLED].name.clone();
+    let mut story = Story::default();
+    let mut phase = Phase::Steady;
     let mut last_print = start;
+    // Intervals a fixed period apart, however long a tick takes (missed
+    // ones are skipped, not made up in a burst).
+    let mut next = start;
     while Instant::now() < end && !demo::stopping() {
-        std::thread::sleep(agent.control.interval());
+        next = (next + agent.control.interval()).max(Instant::now());
+        std::thread::sleep(next.saturating_duration_since(Instant::now()));
         let t = start.elapsed();
-        if t >= throttle_at && t < release_at && phase == "steady load" {
-            servers.throttle[THROTTLED].store(args.rate / 16, Ordering::Relaxed);
-            phase = "inst-2 throttled: it drops, and sheds work";
-        } else if t >= release_at && phase != "released" {
-            servers.throttle[THROTTLED].store(0, Ordering::Relaxed);
-            rate.store(args.rate / 4, Ordering::Relaxed);
-            phase = "released";
-        }
-        if let Err(e) = block_on(agent.tick()) {
-            eprintln!("[demo] control interval failed: {e}");
-        }
-        if tty || last_print.elapsed() >= Duration::from_secs(5) {
-            let label = if phase == "released" {
-                "inst-2 recovered, load fell: groups merge back"
+        let now = Phase::at(t);
+        let changed = now != phase;
+        if changed {
+            phase = now;
+            let limit = if phase == Phase::Throttled {
+                args.rate / 16
             } else {
-                phase
+                0
             };
-            show(&agent, &tb, start, label, tty);
+            servers.throttle[THROTTLED].store(limit, Ordering::Relaxed);
+            if phase == Phase::Recovered {
+                story.at_release = load_of(&agent, THROTTLED);
+            }
+        }
+        match block_on(agent.tick()) {
+            Ok(made) => story.record(phase, &throttled, &made),
+            Err(e) => eprintln!("[demo] control interval failed: {e}"),
+        }
+        if tty || changed || last_print.elapsed() >= Duration::from_secs(5) {
+            show(&agent, &tb, start, phase.announce(), tty);
             last_print = Instant::now();
         }
     }
+    // Ctrl-C: the story is cut short, nothing to check.
+    let interrupted = demo::stopping();
     demo::STOP.store(true, Ordering::Relaxed);
     let sent = generator
         .join()
-        .map_err(|_| anyhow::anyhow!("generator thread panicked"))?;
+        .map_err(|_| anyhow::anyhow!("generator thread panicked"));
     std::thread::sleep(Duration::from_millis(300));
     let received: usize = servers.finish().iter().map(Vec::len).sum();
     show(&agent, &tb, start, "done", false);
-    let splits = agent
+    story.at_end = load_of(&agent, THROTTLED);
+    // Merges move no traffic: they are in the history, not among the moves.
+    story.merges = agent
         .control
         .history()
         .iter()
-        .filter(|e| e.kind == "split")
-        .count();
-    let takes = agent
-        .control
-        .history()
-        .iter()
-        .filter(|e| e.kind == "take")
-        .count();
-    let merges = agent
-        .control
-        .history()
-        .iter()
-        .filter(|e| e.kind == "merge" || e.kind == "reclaim")
+        .filter(|e| e.kind == "merge")
         .count();
     println!(
-        "sent {sent}, received by the servers {received}; {splits} splits, {takes} takes, {merges} merges and reclaims"
+        "sent {}, received by the servers {received}",
+        sent.as_ref().unwrap_or(&0)
     );
-    agent.stop()?;
+    for line in story.lines(&throttled) {
+        println!("{line}");
+    }
+    let stop = agent.stop();
     drop(tb);
     eprintln!("[demo] detached and removed the testbed");
-    Ok(())
+    sent?;
+    stop?;
+    if interrupted {
+        return Ok(());
+    }
+    story.check(&throttled)
+}
+
+fn plural(n: usize, what: &str) -> String {
+    format!("{n} {what}{}", if n == 1 { "" } else { "s" })
+}
+
+fn moves(n: usize) -> String {
+    plural(n, "move")
+}
+
+fn groups(n: usize) -> String {
+    plural(n, "group")
+}
+
+/// Units instance `k` owns, and the packets a second it was delivered.
+fn load_of(agent: &Agent, k: usize) -> (u32, f64) {
+    block_on(agent.control.status())
+        .unwrap_or_default()
+        .get(k)
+        .map_or((0, 0.0), |st| {
+            (st.groups.iter().map(|g| g.size()).sum(), st.sample.rate_pps)
+        })
+}
+
+/// The moves of each phase, to tell the story at the end and check it.
+#[derive(Default)]
+struct Story {
+    /// Moves during the steady load.
+    steady: usize,
+    /// Throttled: groups the throttled instance shed (splits and gives),
+    /// and moves among the others.
+    shed: usize,
+    throttled_other: usize,
+    /// Recovered: groups the recovered instance took back, and other
+    /// moves.
+    taken_back: usize,
+    recovered_other: usize,
+    /// The throttled instance's units and packets a second at the release
+    /// and at the end.
+    at_release: (u32, f64),
+    at_end: (u32, f64),
+    /// Buddies merged back into one group, in all.
+    merges: usize,
+}
+
+impl Story {
+    fn record(&mut self, phase: Phase, throttled: &str, made: &[MoveEvent]) {
+        for e in made {
+            let counter = match (phase, e.kind) {
+                (Phase::Steady, _) => &mut self.steady,
+                (Phase::Throttled, "split" | "give") if e.from == throttled => &mut self.shed,
+                (Phase::Throttled, _) => &mut self.throttled_other,
+                (Phase::Recovered, "take") if e.to == throttled => &mut self.taken_back,
+                (Phase::Recovered, _) => &mut self.recovered_other,
+            };
+            *counter += 1;
+        }
+    }
+
+    fn lines(&self, throttled: &str) -> [String; 3] {
+        [
+            format!("steady load: {} to even it out", moves(self.steady)),
+            format!(
+                "{throttled} throttled: {} shed by {throttled}, {} among the others",
+                groups(self.shed),
+                moves(self.throttled_other)
+            ),
+            format!(
+                "{throttled} recovered: {} taken back by {throttled} ({} units, {:.0} pps at the release; {} units, {:.0} pps at the end), {} among the others; {} of buddies in all",
+                groups(self.taken_back),
+                self.at_release.0,
+                self.at_release.1,
+                self.at_end.0,
+                self.at_end.1,
+                moves(self.recovered_other),
+                plural(self.merges, "merge")
+            ),
+        ]
+    }
+
+    /// Whether the throttled instance shed work and took work back.
+    fn check(&self, throttled: &str) -> anyhow::Result<()> {
+        if self.shed == 0 {
+            anyhow::bail!("{throttled} was throttled but shed no work");
+        }
+        if self.taken_back == 0 || self.at_end.0 <= self.at_release.0 {
+            anyhow::bail!(
+                "{throttled} recovered but took no work back ({} takes; {} units at the release, {} at the end)",
+                self.taken_back,
+                self.at_release.0,
+                self.at_end.0
+            );
+        }
+        Ok(())
+    }
 }
 
 fn show(agent: &Agent, tb: &Testbed, start: Instant, phase: &str, redraw: bool) {
@@ -221,15 +369,15 @@ fn show(agent: &Agent, tb: &Testbed, start: Instant, phase: &str, redraw: bool) 
 
 /// The demo's config: one tagged UDP service over the testbed's instances,
 /// a fast control loop, and a capacity that puts each instance at about
-/// half at the high rate.
+/// half.
 fn demo_config(tb: &Testbed, rate: u64) -> String {
     #[expect(clippy::cast_precision_loss, reason = "a rate")]
     let capacity = rate as f64 / INSTANCES as f64 * 2.0;
     format!(
-        "[agent]\ninterval_ms = 250\nmax_moves_per_sec = 4\n\n\
+        "[agent]\ninterval_ms = {INTERVAL_MS}\nmax_moves_per_sec = 4\n\n\
          [[service]]\nname = \"sessions\"\nvip = \"{}\"\nport = {PORT}\nprotocol = \"udp\"\n\
          tag = {{ kind = \"udp-payload\", offset = 0, length = 8 }}\n\
-         wlm = {{ capacity_pps = {capacity}, overload = 0.8, underload = 0.3, sustain = 2, cooldown_ms = 1000, min_group_units = 64 }}\n\n{}",
+         wlm = {{ capacity_pps = {capacity}, overload = 0.8, underload = 0.3, sustain = 4, cooldown_ms = 1000, min_group_units = 64 }}\n\n{}",
         testbed::VIP_V4,
         tb.instances_toml(0, INSTANCES)
     )

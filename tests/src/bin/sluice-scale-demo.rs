@@ -7,8 +7,10 @@
 //! A fifth of the way in, the load steps up past what two instances
 //! absorb: the scaler launches instances one at a time, a cooldown apart.
 //! Past the middle, the load falls: it stops them again, down to min.
-//! `sluice status` is shown live. Ends after `--seconds` or on Ctrl-C, and
-//! removes every namespace and link it made.
+//! `sluice status` is shown live. Ends after `--seconds` or on Ctrl-C,
+//! removes every namespace and link it made, and fails if a phase did not
+//! show what it announces (a launch to reach min, more under load, a stop
+//! once the load fell).
 
 use std::{
     fmt::Write as _,
@@ -39,6 +41,10 @@ struct Args {
     rate: u64,
 }
 
+/// The scaled service; its launched instances are `demo-s0`.. (namespaces
+/// `sl-demo-s0`..), apart from the tests' `kv-s0`..
+const SERVICE: &str = "demo";
+
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
     demo::exit("sluice-scale-demo", run(&args))
@@ -53,7 +59,7 @@ fn show(sock: &str, t: Duration, vip: SocketAddr, rate: u64, phase: &str, redraw
     }
     let _ = write!(
         out,
-        "Sluice scale demo  {:>5.1}s  service `kv` udp {vip}, {rate} datagrams/s, 1,000 an instance\n{phase}\n\n{}",
+        "Sluice scale demo  {:>5.1}s  service `{SERVICE}` udp {vip}, {rate} datagrams/s, 1,000 an instance\n{phase}\n\n{}",
         t.as_secs_f64(),
         String::from_utf8_lossy(&status.stdout)
     );
@@ -65,10 +71,10 @@ fn run(args: &Args) -> anyhow::Result<()> {
     demo::stop_on_signals();
     eprintln!("[demo] building the testbed: client, host, one configured instance");
     let tb = Testbed::new("sdemo", 1)?;
-    let _launched = LaunchedGuard((0..4).map(|k| format!("kv-s{k}")).collect());
+    let _launched = LaunchedGuard((0..4).map(|k| format!("{SERVICE}-s{k}")).collect());
     let counts = tempfile::tempdir()?;
     let config = scale::config(
-        "kv",
+        SERVICE,
         counts.path(),
         "min_instances = 2\nmax_instances = 4\nout_intervals = 4\nin_intervals = 12\ncooldown_secs = 3\ndrain_deadline_secs = 5",
         &tb,
@@ -104,6 +110,64 @@ fn run(args: &Args) -> anyhow::Result<()> {
         Duration::from_secs(args.seconds + 5),
         |i, s| format!("{i}:{s}").into_bytes(),
     );
+    let launched_running = drive(args, &sender, &sock, vip, low);
+    let sent = sender
+        .finish()
+        .map_err(|_| anyhow::anyhow!("generator thread panicked"))?;
+    std::thread::sleep(Duration::from_millis(500));
+    let launched: u64 = (0..4)
+        .map(|k| scale::sink_count(counts.path(), &format!("{SERVICE}-s{k}")))
+        .sum();
+    let configured = udp.total.load(Ordering::Relaxed);
+    let _ = udp.finish();
+    let decisions = process::sluice(&["instance", "list", "--api-socket", &sock]);
+    println!("{}", String::from_utf8_lossy(&decisions.stdout));
+    println!(
+        "sent {sent}; received by the configured instance {configured}, by the launched ones {launched}"
+    );
+    println!("{launched_running}");
+    drop(agent);
+    eprintln!("[demo] stopped the agent, removed the launched instances and the testbed");
+    if demo::stopping() {
+        return Ok(());
+    }
+    launched_running.check()?;
+    Ok(())
+}
+
+/// Launched instances running: most while the load was low, most while it
+/// was high, and at the end.
+struct Launched {
+    at_low: usize,
+    peak: usize,
+    at_end: usize,
+}
+
+impl std::fmt::Display for Launched {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "launched instances running: {} at low load, {} at most under load, {} once the load fell",
+            self.at_low, self.peak, self.at_end
+        )
+    }
+}
+
+impl Launched {
+    /// Whether the launched instances followed the load.
+    fn check(&self) -> anyhow::Result<()> {
+        if self.at_low == 0 || self.peak <= self.at_low || self.at_end >= self.peak {
+            anyhow::bail!(
+                "the launched instances did not follow the load ({self}): one expected at low load (min_instances = 2), more under load, fewer at the end"
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Steps the load low, high, low over `--seconds`, shows `sluice status`,
+/// and counts the launched instances running in each phase.
+fn drive(args: &Args, sender: &PacedSender, sock: &str, vip: SocketAddr, low: u64) -> Launched {
     let start = Instant::now();
     let (up, down) = (
         Duration::from_secs(args.seconds / 5),
@@ -111,14 +175,22 @@ fn run(args: &Args) -> anyhow::Result<()> {
     );
     let tty = std::io::stdout().is_terminal();
     let mut last_print = start;
+    let mut n = Launched {
+        at_low: 0,
+        peak: 0,
+        at_end: 0,
+    };
     while start.elapsed() < Duration::from_secs(args.seconds) && !demo::stopping() {
         let t = start.elapsed();
+        n.at_end = scale::launched_running(sock).len();
         let (rate, phase) = if t < up {
+            n.at_low = n.at_low.max(n.at_end);
             (
                 low,
                 "low load: one instance launched to reach min_instances = 2",
             )
         } else if t < down {
+            n.peak = n.peak.max(n.at_end);
             (
                 args.rate,
                 "load stepped up: saturated instances, launches a cooldown apart (max 4)",
@@ -131,26 +203,10 @@ fn run(args: &Args) -> anyhow::Result<()> {
         };
         sender.rate.store(rate, Ordering::Relaxed);
         if tty || last_print.elapsed() >= Duration::from_secs(5) {
-            show(&sock, t, vip, rate, phase, tty);
+            show(sock, t, vip, rate, phase, tty);
             last_print = Instant::now();
         }
         std::thread::sleep(Duration::from_millis(500));
     }
-    let sent = sender
-        .finish()
-        .map_err(|_| anyhow::anyhow!("generator thread panicked"))?;
-    std::thread::sleep(Duration::from_millis(500));
-    let launched: u64 = (0..4)
-        .map(|k| scale::sink_count(counts.path(), &format!("kv-s{k}")))
-        .sum();
-    let configured = udp.total.load(Ordering::Relaxed);
-    let _ = udp.finish();
-    let decisions = process::sluice(&["instance", "list", "--api-socket", &sock]);
-    println!("{}", String::from_utf8_lossy(&decisions.stdout));
-    println!(
-        "sent {sent}; received by the configured instance {configured}, by the launched ones {launched}"
-    );
-    drop(agent);
-    eprintln!("[demo] stopped the agent, removed the launched instances and the testbed");
-    Ok(())
+    n
 }
