@@ -9,7 +9,7 @@ use std::{
     sync::atomic::{AtomicU8, Ordering},
 };
 
-use super::{CoordError, CoordStore, EmbeddedStore, Events, GroupEntry, Load, Version};
+use super::{ClaimBatch, CoordError, CoordStore, EmbeddedStore, Events, GroupEntry, Load, Version};
 use crate::plan::Group;
 
 /// Which write of a [`FaultyStore`] fails.
@@ -20,6 +20,8 @@ pub(crate) enum StoreFault {
     Move = 1,
     Split = 2,
     Merge = 3,
+    /// A punt claim batch.
+    Claim = 4,
 }
 
 /// An in-memory [`EmbeddedStore`] with one armed fault.
@@ -110,6 +112,20 @@ impl CoordStore for FaultyStore {
         self.inner.merge(service, a, b).await
     }
 
+    async fn claim_units(
+        &self,
+        service: &str,
+        units: &[u32],
+        size: u32,
+        owners: &[String],
+        turn: usize,
+    ) -> Result<ClaimBatch, CoordError> {
+        self.trip(StoreFault::Claim)?;
+        self.inner
+            .claim_units(service, units, size, owners, turn)
+            .await
+    }
+
     async fn publish_load(&self, instance: &str, load: Load) -> Result<(), CoordError> {
         self.inner.publish_load(instance, load).await
     }
@@ -122,3 +138,6 @@ impl CoordStore for FaultyStore {
         self.inner.watch()
     }
 }
+
+#[cfg(test)]
+mod tests;
