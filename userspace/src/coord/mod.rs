@@ -12,18 +12,23 @@
 //! restarted agent resumes it. Changes are announced on a stream
 //! ([`CoordStore::watch`]).
 //!
+//! Cluster membership (live hosts, instance ids, shared service
+//! definitions) is a trait of its own, [`Membership`]; etcd backs both.
+//!
 //! May import `plan` (for [`Group`]); nothing above it.
 
 mod embedded;
 mod etcd;
 #[cfg(test)]
 pub(crate) mod fake;
+mod membership;
 mod ops;
 
 use std::{collections::HashMap, path::PathBuf, pin::Pin};
 
 pub use embedded::EmbeddedStore;
-pub use etcd::{EtcdOptions, EtcdStore, HostRecord, InstanceRecord};
+pub use etcd::{EtcdOptions, EtcdStore};
+pub use membership::{HostRecord, InstanceRecord, Membership};
 use serde::{Deserialize, Serialize};
 use sluice_common::UNITS_PER_SERVICE;
 use tokio_stream::Stream;
