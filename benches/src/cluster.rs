@@ -15,7 +15,7 @@ use std::{
 };
 
 use serde::Serialize;
-use sluice::coord::CoordStore as _;
+use sluice::coord::{CoordStore as _, Membership as _};
 use sluice_tests::{
     cluster::{ClusterBed, VIP_V4},
     netns, process,

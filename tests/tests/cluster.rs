@@ -7,7 +7,7 @@
 
 use std::{net::IpAddr, sync::Arc, time::Duration};
 
-use sluice::coord::{CoordStore as _, EtcdOptions, EtcdStore};
+use sluice::coord::{CoordStore as _, EtcdOptions, EtcdStore, Membership as _};
 use sluice_tests::{
     etcd::{ClientFuture, Etcd},
     process,

@@ -16,7 +16,7 @@ use std::{
 use sluice::{
     coord::{
         CoordError, CoordStore, EmbeddedStore, EtcdOptions, EtcdStore, Event, HostRecord, Load,
-        check_partition,
+        Membership as _, check_partition,
     },
     plan::Group,
 };

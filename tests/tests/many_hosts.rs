@@ -11,7 +11,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use sluice::coord::{CoordStore as _, GroupEntry};
+use sluice::coord::{CoordStore as _, GroupEntry, Membership as _};
 use sluice_common::key;
 use sluice_tests::{
     cluster::{ClusterBed, VIP_V4, VIP_V6},

@@ -17,7 +17,9 @@ use sluice_common::{
 use super::Agent;
 use crate::{
     config::{Config, Service},
-    coord::{CoordError, CoordStore as _, EtcdOptions, EtcdStore, HostRecord, InstanceRecord},
+    coord::{
+        CoordError, CoordStore, EtcdOptions, EtcdStore, HostRecord, InstanceRecord, Membership,
+    },
     datapath::xdp::XdpDatapath,
     plan::{RemotePlan, addr_words},
     sys::{ethtool, link, neigh},
@@ -34,7 +36,10 @@ pub struct Registry {
 
 /// This host's membership of the cluster.
 pub struct Cluster {
-    pub store: Arc<EtcdStore>,
+    /// The assignment, and every instance's load.
+    pub store: Arc<dyn CoordStore>,
+    /// The live hosts and the cluster's instances.
+    pub membership: Arc<dyn Membership>,
     /// This host's name (`cluster.host`).
     pub host: String,
     /// This host's underlay address.
@@ -97,17 +102,32 @@ impl Cluster {
     /// is kept beside the state file).
     pub async fn join(config: &Config, state: &Path) -> Result<Self, CoordError> {
         let c = &config.cluster;
-        let store = EtcdStore::connect(&EtcdOptions {
-            endpoints: c.etcd_endpoints.clone(),
-            cluster: c.name.clone(),
-            timeout: c.etcd_timeout,
-        })
-        .await?;
+        let etcd = Arc::new(
+            EtcdStore::connect(&EtcdOptions {
+                endpoints: c.etcd_endpoints.clone(),
+                cluster: c.name.clone(),
+                timeout: c.etcd_timeout,
+            })
+            .await?,
+        );
+        Self::join_with(config, state, etcd.clone(), etcd).await
+    }
+
+    /// As [`Self::join`], through `store` and `membership` (etcd's, or
+    /// stand-ins in tests).
+    pub async fn join_with(
+        config: &Config,
+        state: &Path,
+        store: Arc<dyn CoordStore>,
+        membership: Arc<dyn Membership>,
+    ) -> Result<Self, CoordError> {
+        let c = &config.cluster;
         let underlay = c
             .underlay
             .expect("the config check requires an underlay with etcd");
         let me = Self {
-            store: Arc::new(store),
+            store,
+            membership,
             host: c.host.clone(),
             underlay,
             slots: HashMap::new(),
@@ -115,7 +135,7 @@ impl Cluster {
             written: Written::default(),
         };
         me.check(config).await?;
-        me.store
+        me.membership
             .join(
                 &HostRecord {
                     name: c.host.clone(),
@@ -136,7 +156,7 @@ impl Cluster {
             .iter()
             .map(|s| (s.name.clone(), service_spec(s)))
             .collect();
-        self.store.check_services(&self.host, &specs).await?;
+        self.membership.check_services(&self.host, &specs).await?;
         Ok(())
     }
 
@@ -153,14 +173,17 @@ impl Cluster {
                     .map(|i| (i.name.as_str(), s.name.as_str()))
             })
             .collect();
-        let ids = self.store.register_instances(&self.host, &pairs).await?;
+        let ids = self
+            .membership
+            .register_instances(&self.host, &pairs)
+            .await?;
         let local = ids
             .into_iter()
             .zip(pairs)
             .map(|(id, (n, _))| (id, n.to_owned()))
             .collect();
         let remote = self
-            .store
+            .membership
             .instances()
             .await?
             .into_iter()
@@ -215,8 +238,8 @@ impl Cluster {
     /// encapsulated packets to take, and which instances are live; the
     /// control loop learns its remote peers and their loads.
     pub async fn sync(&mut self, agent: &mut Agent) -> anyhow::Result<Seen> {
-        let hosts = self.store.hosts().await?;
-        let instances = self.store.instances().await?;
+        let hosts = self.membership.hosts().await?;
+        let instances = self.membership.instances().await?;
         let loads = self.store.loads().await?;
         let live: HashSet<String> = hosts.keys().cloned().collect();
         let mut seen = Seen::default();
@@ -335,3 +358,6 @@ pub fn lease_file(state: &Path) -> std::path::PathBuf {
     p.push(".lease");
     p.into()
 }
+
+#[cfg(test)]
+mod tests;

@@ -141,7 +141,7 @@ pub fn run(a: &RunOptions) -> anyhow::Result<()> {
         // Leaving for good: the other hosts take this one's groups now,
         // not when its lease runs out.
         if let Some(c) = &cluster
-            && let Err(e) = rt.block_on(c.store.leave())
+            && let Err(e) = rt.block_on(c.membership.leave())
         {
             tracing::warn!(error = %e, "leaving the cluster failed: the other hosts take over when this host's lease expires");
         }

@@ -21,16 +21,15 @@
 //! group (about 30 bytes each): etcd's request limit (`--max-request-bytes`,
 //! 1.5 MiB by default) allows some 40,000 groups a service.
 //!
-//! Host liveness is a lease: `hosts/<host>` and the host's loads vanish when
-//! it stops renewing it, and the other hosts see its instances fail. The
-//! lease id is kept beside the agent's state file, so a restarted agent
-//! takes its host's lease over instead of waiting for it to expire (which
-//! would fail its instances on every other host).
+//! The cluster's membership (`hosts/`, `instances/`, `ids/`, `services/`,
+//! and the host's lease the `load/` and `hits/` keys live by) is in
+//! [`membership`].
+
+mod membership;
 
 use std::{
     collections::{BTreeMap, HashMap},
-    net::IpAddr,
-    path::{Path, PathBuf},
+    path::PathBuf,
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -59,25 +58,6 @@ pub struct EtcdOptions {
     /// Longest wait for one request: the control loop skips an interval
     /// rather than stall behind an unreachable etcd.
     pub timeout: Duration,
-}
-
-/// A live host as the cluster sees it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct HostRecord {
-    pub name: String,
-    /// Where other hosts send the packets of this host's instances.
-    pub underlay: IpAddr,
-    /// Its instances' names.
-    pub instances: Vec<String>,
-}
-
-/// A registered instance: its cluster-wide id, the host it runs on and
-/// the service it serves.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct InstanceRecord {
-    pub id: u32,
-    pub host: String,
-    pub service: String,
 }
 
 /// A service as stored: the assignment and the version counter.
@@ -112,7 +92,7 @@ impl Assignment {
     }
 }
 
-/// The etcd backend of [`CoordStore`], plus the cluster's membership.
+/// The etcd backend of [`CoordStore`] and of [`super::Membership`].
 pub struct EtcdStore {
     client: Client,
     prefix: String,
@@ -302,122 +282,6 @@ impl EtcdStore {
         Ok(resp.succeeded())
     }
 
-    /// Joins the cluster as `host`: takes the host's lease (over from the
-    /// previous agent of this host when its lease is still live, as after
-    /// a restart), publishes the host record under it, and keeps the lease
-    /// alive from then on. `lease_file` keeps the lease id across restarts.
-    /// Refused when another live agent holds the host's name.
-    pub async fn join(
-        &self,
-        host: &HostRecord,
-        ttl: Duration,
-        lease_file: &Path,
-    ) -> Result<(), CoordError> {
-        let key = self.key(&format!("hosts/{}", host.name));
-        let mut lease = self.client.lease_client();
-        let previous = std::fs::read_to_string(lease_file)
-            .ok()
-            .and_then(|t| t.trim().parse::<i64>().ok());
-        let mut id = None;
-        if let Some(prev) = previous
-            && let Ok(r) = lease.time_to_live(prev, None).await
-            && r.ttl() > 0
-        {
-            id = Some(prev);
-        }
-        let id = match id {
-            Some(id) => id,
-            None => lease
-                .grant(
-                    i64::try_from(ttl.as_secs().max(1)).unwrap_or(i64::MAX),
-                    None,
-                )
-                .await
-                .map_err(|e| self.err("lease grant", &e))?
-                .id(),
-        };
-        let value = serde_json::to_vec(host).expect("host record serialises");
-        // Ours if nobody holds it or our lease does (a restart).
-        let txn = Txn::new()
-            .when([Compare::create_revision(key.as_str(), CompareOp::Equal, 0)])
-            .and_then([TxnOp::put(
-                key.as_str(),
-                value.clone(),
-                Some(PutOptions::new().with_lease(id)),
-            )])
-            .or_else([TxnOp::txn(
-                Txn::new()
-                    .when([Compare::lease(key.as_str(), CompareOp::Equal, id)])
-                    .and_then([TxnOp::put(
-                        key.as_str(),
-                        value,
-                        Some(PutOptions::new().with_lease(id)),
-                    )]),
-            )]);
-        let resp = self.txn("join", txn).await?;
-        let nested_ok = resp.op_responses().into_iter().any(|r| match r {
-            etcd_client::TxnOpResponse::Txn(t) => t.succeeded(),
-            _ => false,
-        });
-        if !resp.succeeded() && !nested_ok {
-            return Err(CoordError::HostTaken {
-                host: host.name.clone(),
-                ttl,
-            });
-        }
-        if let Some(dir) = lease_file.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|source| CoordError::Io {
-                path: dir.to_owned(),
-                source,
-            })?;
-        }
-        std::fs::write(lease_file, id.to_string()).map_err(|source| CoordError::Io {
-            path: lease_file.to_owned(),
-            source,
-        })?;
-        *self.lease.lock().expect("lease lock") = Some(id);
-        *self.host.lock().expect("host lock") = Some(host.name.clone());
-        let keeper = tokio::spawn(keep_alive(
-            self.client.clone(),
-            Rejoin {
-                key,
-                value: serde_json::to_vec(host).expect("host record serialises"),
-                lease: self.lease.clone(),
-                lease_file: lease_file.to_owned(),
-            },
-            id,
-            ttl,
-        ));
-        self.tasks.lock().expect("tasks lock").push(keeper);
-        Ok(())
-    }
-
-    /// Leaves the cluster at once: the lease is revoked, so the other hosts
-    /// take this host's groups now rather than after the lease's time.
-    pub async fn leave(&self) -> Result<(), CoordError> {
-        let id = self.lease.lock().expect("lease lock").take();
-        if let Some(id) = id {
-            self.client
-                .lease_client()
-                .revoke(id)
-                .await
-                .map_err(|e| self.err("lease revoke", &e))?;
-        }
-        Ok(())
-    }
-
-    /// The live hosts, by name.
-    pub async fn hosts(&self) -> Result<BTreeMap<String, HostRecord>, CoordError> {
-        let prefix = self.key("hosts/");
-        self.list(&prefix).await
-    }
-
-    /// Every registered instance, by name.
-    pub async fn instances(&self) -> Result<BTreeMap<String, InstanceRecord>, CoordError> {
-        let prefix = self.key("instances/");
-        self.list(&prefix).await
-    }
-
     async fn list<T: serde::de::DeserializeOwned>(
         &self,
         prefix: &str,
@@ -438,164 +302,6 @@ impl EtcdStore {
             })
             .collect()
     }
-
-    /// Cluster-wide ids for this host's instances, given as (name,
-    /// service), in the same order: a registered instance keeps its id
-    /// (and now runs on `host`); a new one takes the lowest id nobody
-    /// holds, claimed in one transaction with its name so two hosts never
-    /// take the same id.
-    pub async fn register_instances(
-        &self,
-        host: &str,
-        instances: &[(&str, &str)],
-    ) -> Result<Vec<u32>, CoordError> {
-        // Read once; again only after losing a race for an id.
-        let mut known = self.instances().await?;
-        let mut ids = Vec::with_capacity(instances.len());
-        for (name, service) in instances {
-            ids.push(
-                self.register_instance(host, name, service, &mut known)
-                    .await?,
-            );
-        }
-        Ok(ids)
-    }
-
-    /// Registers `name` against `known` (the registry as last read, kept up
-    /// to date with what this call writes).
-    async fn register_instance(
-        &self,
-        host: &str,
-        name: &str,
-        service: &str,
-        known: &mut BTreeMap<String, InstanceRecord>,
-    ) -> Result<u32, CoordError> {
-        let key = self.key(&format!("instances/{name}"));
-        for _ in 0..CHANGE_TRIES {
-            let record = |id| InstanceRecord {
-                id,
-                host: host.to_owned(),
-                service: service.to_owned(),
-            };
-            if let Some(rec) = known.get(name) {
-                let id = rec.id;
-                if *rec != record(id) {
-                    let value =
-                        serde_json::to_vec(&record(id)).expect("instance record serialises");
-                    self.client
-                        .kv_client()
-                        .put(key.as_str(), value, None)
-                        .await
-                        .map_err(|e| self.err("register", &e))?;
-                    known.insert(name.to_owned(), record(id));
-                }
-                return Ok(id);
-            }
-            let held: std::collections::HashSet<u32> = known.values().map(|r| r.id).collect();
-            let Some(id) = (1..=sluice_common::MAX_INSTANCES).find(|i| !held.contains(i)) else {
-                return Err(CoordError::NoInstanceIds {
-                    max: sluice_common::MAX_INSTANCES,
-                });
-            };
-            let id_key = self.key(&format!("ids/{id}"));
-            let value = serde_json::to_vec(&record(id)).expect("instance record serialises");
-            let txn = Txn::new()
-                .when([
-                    Compare::create_revision(key.as_str(), CompareOp::Equal, 0),
-                    Compare::create_revision(id_key.as_str(), CompareOp::Equal, 0),
-                ])
-                .and_then([
-                    TxnOp::put(key.as_str(), value, None),
-                    TxnOp::put(id_key.as_str(), name, None),
-                ]);
-            if self.txn("register", txn).await?.succeeded() {
-                known.insert(name.to_owned(), record(id));
-                return Ok(id);
-            }
-            // Another host took the name or the id meanwhile.
-            *known = self.instances().await?;
-        }
-        Err(CoordError::Contended {
-            service: format!("instance registry ({name})"),
-            tries: CHANGE_TRIES,
-        })
-    }
-
-    /// Checks this host's definition of each service against the one the
-    /// cluster has (the first host to start stores its own): services are
-    /// the same on every host, or the packets of one would be read
-    /// differently depending on where they enter. A mismatch is refused
-    /// with the fields that differ.
-    pub async fn check_services(
-        &self,
-        host: &str,
-        specs: &[(String, serde_json::Value)],
-    ) -> Result<(), CoordError> {
-        for (service, spec) in specs {
-            let key = self.key(&format!("services/{service}"));
-            let stored = StoredSpec {
-                host: host.to_owned(),
-                spec: spec.clone(),
-            };
-            let txn = Txn::new()
-                .when([Compare::create_revision(key.as_str(), CompareOp::Equal, 0)])
-                .and_then([TxnOp::put(
-                    key.as_str(),
-                    serde_json::to_vec(&stored).expect("spec serialises"),
-                    None,
-                )])
-                .or_else([TxnOp::get(key.as_str(), None)]);
-            let resp = self.txn("service check", txn).await?;
-            if resp.succeeded() {
-                continue;
-            }
-            let theirs = resp.op_responses().into_iter().find_map(|r| match r {
-                etcd_client::TxnOpResponse::Get(g) => g.kvs().first().map(|kv| kv.value().to_vec()),
-                _ => None,
-            });
-            let Some(theirs) = theirs else { continue };
-            let theirs: StoredSpec =
-                serde_json::from_slice(&theirs).map_err(|e| self.corrupt(&key, e))?;
-            let fields = differing_fields(&theirs.spec, spec);
-            if !fields.is_empty() {
-                return Err(CoordError::ServiceMismatch {
-                    service: service.clone(),
-                    fields,
-                    host: theirs.host,
-                });
-            }
-        }
-        Ok(())
-    }
-}
-
-#[derive(Serialize, Deserialize)]
-struct StoredSpec {
-    /// The host that stored it first.
-    host: String,
-    spec: serde_json::Value,
-}
-
-/// Top-level fields of two JSON objects that differ, as `field: theirs, ours`.
-fn differing_fields(theirs: &serde_json::Value, ours: &serde_json::Value) -> Vec<String> {
-    let empty = serde_json::Map::new();
-    let t = theirs.as_object().unwrap_or(&empty);
-    let o = ours.as_object().unwrap_or(&empty);
-    let mut keys: Vec<&String> = t.keys().chain(o.keys()).collect();
-    keys.sort();
-    keys.dedup();
-    keys.into_iter()
-        .filter(|k| t.get(*k) != o.get(*k))
-        .map(|k| {
-            let show =
-                |v: Option<&serde_json::Value>| v.map_or("(unset)".into(), ToString::to_string);
-            format!(
-                "{k}: cluster has {}, this host {}",
-                show(t.get(k)),
-                show(o.get(k))
-            )
-        })
-        .collect()
 }
 
 /// Announces every change of an assignment key; re-establishes the watch
@@ -629,84 +335,6 @@ async fn watch_assignments(client: Client, prefix: String, events: broadcast::Se
         let _ = events.send(Event::Lagged);
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-}
-
-/// What it takes to join again after the lease expired.
-struct Rejoin {
-    key: String,
-    value: Vec<u8>,
-    lease: Arc<Mutex<Option<i64>>>,
-    lease_file: PathBuf,
-}
-
-/// Renews the lease a third of its time apart. A lease that expired anyway
-/// (this host out of etcd's reach for longer than its time: the other
-/// hosts have taken its groups) is replaced: the host joins again under a
-/// new lease and its elements take work from there.
-async fn keep_alive(client: Client, rejoin: Rejoin, mut id: i64, ttl: Duration) {
-    let every = (ttl / 3).max(Duration::from_millis(200));
-    loop {
-        match client.lease_client().keep_alive(id).await {
-            Ok((mut keeper, mut stream)) => loop {
-                if keeper.keep_alive().await.is_err() {
-                    break;
-                }
-                match stream.message().await {
-                    Ok(Some(r)) if r.ttl() > 0 => {}
-                    Ok(Some(_)) => {
-                        tracing::error!(
-                            lease = id,
-                            "this host's lease expired: the cluster counted its instances as failed; joining again"
-                        );
-                        match join_again(&client, &rejoin, ttl).await {
-                            Ok(Some(new)) => id = new,
-                            Ok(None) => return,
-                            Err(e) => tracing::warn!(error = %e, "joining again failed; retrying"),
-                        }
-                        break;
-                    }
-                    _ => break,
-                }
-                tokio::time::sleep(every).await;
-            },
-            Err(e) => {
-                tracing::warn!(error = %e, lease = id, "renewing this host's lease failed; retrying");
-            }
-        }
-        tokio::time::sleep(every).await;
-    }
-}
-
-/// A new lease and the host record under it, if nobody took the host's
-/// name meanwhile (`None`: somebody did, and this host stays out).
-async fn join_again(
-    client: &Client,
-    rejoin: &Rejoin,
-    ttl: Duration,
-) -> Result<Option<i64>, etcd_client::Error> {
-    let secs = i64::try_from(ttl.as_secs().max(1)).unwrap_or(i64::MAX);
-    let id = client.lease_client().grant(secs, None).await?.id();
-    let txn = Txn::new()
-        .when([Compare::create_revision(
-            rejoin.key.as_str(),
-            CompareOp::Equal,
-            0,
-        )])
-        .and_then([TxnOp::put(
-            rejoin.key.as_str(),
-            rejoin.value.clone(),
-            Some(PutOptions::new().with_lease(id)),
-        )]);
-    if !client.kv_client().txn(txn).await?.succeeded() {
-        tracing::error!(key = %rejoin.key, "another agent holds this host's name now; this one stays out of the cluster");
-        return Ok(None);
-    }
-    *rejoin.lease.lock().expect("lease lock") = Some(id);
-    if let Err(e) = std::fs::write(&rejoin.lease_file, id.to_string()) {
-        tracing::warn!(error = %e, file = %rejoin.lease_file.display(), "keeping the new lease id failed");
-    }
-    tracing::info!(lease = id, "joined the cluster again");
-    Ok(Some(id))
 }
 
 #[async_trait::async_trait]

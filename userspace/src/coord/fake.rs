@@ -1,15 +1,24 @@
-//! A store for unit tests whose next write of one kind fails once, the way
-//! a full disk fails the embedded store's persist (`ENOSPC`): nothing of
-//! that write is applied.
+//! Stand-ins for unit tests: a store whose next write of one kind fails
+//! once, the way a full disk fails the embedded store's persist
+//! (`ENOSPC`): nothing of that write is applied; and a cluster's
+//! membership in memory.
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeMap, HashMap},
     io,
-    path::PathBuf,
-    sync::atomic::{AtomicU8, Ordering},
+    path::{Path, PathBuf},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU8, Ordering},
+    },
+    time::Duration,
 };
 
-use super::{CoordError, CoordStore, EmbeddedStore, Events, GroupEntry, Load, Version};
+use super::{
+    ClaimBatch, CoordError, CoordStore, EmbeddedStore, Events, GroupEntry, HostRecord,
+    InstanceRecord, Load, Membership, Version,
+    membership::{differing_fields, lowest_free_id},
+};
 use crate::plan::Group;
 
 /// Which write of a [`FaultyStore`] fails.
@@ -20,6 +29,8 @@ pub(crate) enum StoreFault {
     Move = 1,
     Split = 2,
     Merge = 3,
+    /// A punt claim batch.
+    Claim = 4,
 }
 
 /// An in-memory [`EmbeddedStore`] with one armed fault.
@@ -110,6 +121,20 @@ impl CoordStore for FaultyStore {
         self.inner.merge(service, a, b).await
     }
 
+    async fn claim_units(
+        &self,
+        service: &str,
+        units: &[u32],
+        size: u32,
+        owners: &[String],
+        turn: usize,
+    ) -> Result<ClaimBatch, CoordError> {
+        self.trip(StoreFault::Claim)?;
+        self.inner
+            .claim_units(service, units, size, owners, turn)
+            .await
+    }
+
     async fn publish_load(&self, instance: &str, load: Load) -> Result<(), CoordError> {
         self.inner.publish_load(instance, load).await
     }
@@ -122,3 +147,130 @@ impl CoordStore for FaultyStore {
         self.inner.watch()
     }
 }
+
+/// A cluster's membership, in memory: one [`MemMembership`] an agent, all
+/// of a test's agents sharing one cluster ([`MemMembership::another_agent`]).
+/// No leases: a host is live from its join until its agent leaves.
+pub(crate) struct MemMembership {
+    cluster: Arc<Mutex<Members>>,
+    /// The host this agent joined as.
+    joined: Mutex<Option<String>>,
+}
+
+#[derive(Default)]
+struct Members {
+    hosts: BTreeMap<String, HostRecord>,
+    instances: BTreeMap<String, InstanceRecord>,
+    /// Each service's definition, and the host that stored it first.
+    services: BTreeMap<String, (serde_json::Value, String)>,
+}
+
+impl MemMembership {
+    /// The first agent of a new, empty cluster.
+    pub(crate) fn new() -> Self {
+        Self {
+            cluster: Arc::default(),
+            joined: Mutex::new(None),
+        }
+    }
+
+    /// Another agent of the same cluster.
+    pub(crate) fn another_agent(&self) -> Self {
+        Self {
+            cluster: self.cluster.clone(),
+            joined: Mutex::new(None),
+        }
+    }
+
+    fn members(&self) -> std::sync::MutexGuard<'_, Members> {
+        self.cluster.lock().expect("members lock")
+    }
+}
+
+#[async_trait::async_trait]
+impl Membership for MemMembership {
+    async fn join(
+        &self,
+        host: &HostRecord,
+        ttl: Duration,
+        _lease_file: &Path,
+    ) -> Result<(), CoordError> {
+        let mut joined = self.joined.lock().expect("joined lock");
+        let mut m = self.members();
+        if m.hosts.contains_key(&host.name) && joined.as_deref() != Some(&host.name) {
+            return Err(CoordError::HostTaken {
+                host: host.name.clone(),
+                ttl,
+            });
+        }
+        m.hosts.insert(host.name.clone(), host.clone());
+        *joined = Some(host.name.clone());
+        Ok(())
+    }
+
+    async fn leave(&self) -> Result<(), CoordError> {
+        if let Some(name) = self.joined.lock().expect("joined lock").take() {
+            self.members().hosts.remove(&name);
+        }
+        Ok(())
+    }
+
+    async fn hosts(&self) -> Result<BTreeMap<String, HostRecord>, CoordError> {
+        Ok(self.members().hosts.clone())
+    }
+
+    async fn instances(&self) -> Result<BTreeMap<String, InstanceRecord>, CoordError> {
+        Ok(self.members().instances.clone())
+    }
+
+    async fn register_instances(
+        &self,
+        host: &str,
+        instances: &[(&str, &str)],
+    ) -> Result<Vec<u32>, CoordError> {
+        let mut m = self.members();
+        let mut ids = Vec::with_capacity(instances.len());
+        for &(name, service) in instances {
+            let id = match m.instances.get(name) {
+                Some(rec) => rec.id,
+                None => lowest_free_id(&m.instances)?,
+            };
+            m.instances.insert(
+                name.to_owned(),
+                InstanceRecord {
+                    id,
+                    host: host.to_owned(),
+                    service: service.to_owned(),
+                },
+            );
+            ids.push(id);
+        }
+        Ok(ids)
+    }
+
+    async fn check_services(
+        &self,
+        host: &str,
+        specs: &[(String, serde_json::Value)],
+    ) -> Result<(), CoordError> {
+        let mut m = self.members();
+        for (service, spec) in specs {
+            let (theirs, first) = m
+                .services
+                .entry(service.clone())
+                .or_insert_with(|| (spec.clone(), host.to_owned()));
+            let fields = differing_fields(theirs, spec);
+            if !fields.is_empty() {
+                return Err(CoordError::ServiceMismatch {
+                    service: service.clone(),
+                    fields,
+                    host: first.clone(),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests;

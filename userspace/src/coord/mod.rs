@@ -12,18 +12,23 @@
 //! restarted agent resumes it. Changes are announced on a stream
 //! ([`CoordStore::watch`]).
 //!
+//! Cluster membership (live hosts, instance ids, shared service
+//! definitions) is a trait of its own, [`Membership`]; etcd backs both.
+//!
 //! May import `plan` (for [`Group`]); nothing above it.
 
 mod embedded;
 mod etcd;
 #[cfg(test)]
 pub(crate) mod fake;
+mod membership;
 mod ops;
 
 use std::{collections::HashMap, path::PathBuf, pin::Pin};
 
 pub use embedded::EmbeddedStore;
-pub use etcd::{EtcdOptions, EtcdStore, HostRecord, InstanceRecord};
+pub use etcd::{EtcdOptions, EtcdStore};
+pub use membership::{HostRecord, InstanceRecord, Membership};
 use serde::{Deserialize, Serialize};
 use sluice_common::UNITS_PER_SERVICE;
 use tokio_stream::Stream;
@@ -190,9 +195,8 @@ pub trait CoordStore: Send + Sync {
     /// and gives that part to the next of `owners` in turn (the batch's
     /// k-th claim goes to `owners[(turn + k) % owners.len()]`). Units of
     /// owned groups keep their owners; with no `owners`, nothing is
-    /// claimed. Backends override this to make the whole batch one write
-    /// (all or nothing); this default makes one write per split and per
-    /// claim, each a compare-and-swap, and stops at the first failure.
+    /// claimed. The whole batch is one write (all or nothing): backends
+    /// apply `ops::claim_units` to the service's groups.
     async fn claim_units(
         &self,
         service: &str,
@@ -200,45 +204,7 @@ pub trait CoordStore: Send + Sync {
         size: u32,
         owners: &[String],
         turn: usize,
-    ) -> Result<ClaimBatch, CoordError> {
-        let mut out = ClaimBatch::default();
-        for &unit in units {
-            let owner = loop {
-                let e = match self.group_of(service, unit).await {
-                    Ok(e) => e,
-                    Err(err) => break Err(err),
-                };
-                if !e.owner.is_empty() || owners.is_empty() {
-                    break Ok(e.owner);
-                }
-                if e.group.size() > size {
-                    match self.split(service, e.group, e.version).await {
-                        Ok(_) | Err(CoordError::Conflict { .. }) => continue,
-                        Err(err) => break Err(err),
-                    }
-                }
-                let to = &owners[(turn + out.claimed.len()) % owners.len()];
-                match self.move_group(service, e.group, e.version, to).await {
-                    Ok(_) => {
-                        out.claimed.push((e.group, to.clone()));
-                        break Ok(to.clone());
-                    }
-                    // Somebody else claimed or split it: read again.
-                    Err(CoordError::Conflict { .. }) => {}
-                    Err(err) => break Err(err),
-                }
-            };
-            match owner {
-                Ok(o) => out.owners.push(Some(o)),
-                Err(err) => {
-                    out.error = Some(err);
-                    break;
-                }
-            }
-        }
-        out.owners.resize(units.len(), None);
-        Ok(out)
-    }
+    ) -> Result<ClaimBatch, CoordError>;
     /// Publishes an instance's load.
     async fn publish_load(&self, instance: &str, load: Load) -> Result<(), CoordError>;
     /// Every instance's last published load.

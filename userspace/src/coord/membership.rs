@@ -1,0 +1,117 @@
+//! Cluster membership: which hosts are live, which instances the cluster
+//! has (each with a cluster-wide id), and the service definitions every
+//! host must share. The assignment itself is [`super::CoordStore`]'s.
+//!
+//! [`super::EtcdStore`] is the cluster's backend (its hosts live by etcd
+//! leases); `fake::MemMembership` is an in-memory one for unit tests. The
+//! rules both follow are here: the lowest free instance id
+//! ([`lowest_free_id`]) and what counts as a service defined differently
+//! ([`differing_fields`]).
+
+use std::{
+    collections::{BTreeMap, HashSet},
+    net::IpAddr,
+    path::Path,
+    time::Duration,
+};
+
+use serde::{Deserialize, Serialize};
+
+use super::CoordError;
+
+/// A live host as the cluster sees it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostRecord {
+    pub name: String,
+    /// Where other hosts send the packets of this host's instances.
+    pub underlay: IpAddr,
+    /// Its instances' names.
+    pub instances: Vec<String>,
+}
+
+/// A registered instance: its cluster-wide id, the host it runs on and
+/// the service it serves.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstanceRecord {
+    pub id: u32,
+    pub host: String,
+    pub service: String,
+}
+
+/// This host's membership of the cluster, as the agent uses it.
+#[async_trait::async_trait]
+pub trait Membership: Send + Sync {
+    /// Joins the cluster as `host` and stays live from then on (the
+    /// backend keeps it so, e.g. by renewing a lease of `ttl`), taking the
+    /// name over from this host's previous agent (a restart; `lease_file`
+    /// keeps what that takes). Refused with [`CoordError::HostTaken`] when
+    /// another live agent holds the host's name.
+    async fn join(
+        &self,
+        host: &HostRecord,
+        ttl: Duration,
+        lease_file: &Path,
+    ) -> Result<(), CoordError>;
+    /// Leaves the cluster at once, so the other hosts take this host's
+    /// groups now.
+    async fn leave(&self) -> Result<(), CoordError>;
+    /// The live hosts, by name.
+    async fn hosts(&self) -> Result<BTreeMap<String, HostRecord>, CoordError>;
+    /// Every registered instance, by name.
+    async fn instances(&self) -> Result<BTreeMap<String, InstanceRecord>, CoordError>;
+    /// Cluster-wide ids for this host's instances, given as (name,
+    /// service), in the same order: a registered instance keeps its id
+    /// (and now runs on `host`); a new one takes the lowest id nobody
+    /// holds ([`lowest_free_id`]), never one another host took meanwhile.
+    async fn register_instances(
+        &self,
+        host: &str,
+        instances: &[(&str, &str)],
+    ) -> Result<Vec<u32>, CoordError>;
+    /// Checks this host's definition of each service against the one the
+    /// cluster has (the first host to check one stores its own): services
+    /// are the same on every host, or the packets of one would be read
+    /// differently depending on where they enter. A mismatch is refused
+    /// with [`CoordError::ServiceMismatch`], naming the fields that differ
+    /// ([`differing_fields`]).
+    async fn check_services(
+        &self,
+        host: &str,
+        specs: &[(String, serde_json::Value)],
+    ) -> Result<(), CoordError>;
+}
+
+/// The lowest instance id none of `known` holds.
+pub(super) fn lowest_free_id(known: &BTreeMap<String, InstanceRecord>) -> Result<u32, CoordError> {
+    let held: HashSet<u32> = known.values().map(|r| r.id).collect();
+    (1..=sluice_common::MAX_INSTANCES)
+        .find(|i| !held.contains(i))
+        .ok_or(CoordError::NoInstanceIds {
+            max: sluice_common::MAX_INSTANCES,
+        })
+}
+
+/// Top-level fields of two JSON objects that differ, as `field: theirs, ours`.
+pub(super) fn differing_fields(
+    theirs: &serde_json::Value,
+    ours: &serde_json::Value,
+) -> Vec<String> {
+    let empty = serde_json::Map::new();
+    let t = theirs.as_object().unwrap_or(&empty);
+    let o = ours.as_object().unwrap_or(&empty);
+    let mut keys: Vec<&String> = t.keys().chain(o.keys()).collect();
+    keys.sort();
+    keys.dedup();
+    keys.into_iter()
+        .filter(|k| t.get(*k) != o.get(*k))
+        .map(|k| {
+            let show =
+                |v: Option<&serde_json::Value>| v.map_or("(unset)".into(), ToString::to_string);
+            format!(
+                "{k}: cluster has {}, this host {}",
+                show(t.get(k)),
+                show(o.get(k))
+            )
+        })
+        .collect()
+}
