@@ -146,7 +146,7 @@ impl Controller {
                     .iter()
                     .map(|(name, id)| Member {
                         id: *id,
-                        live: !self.failed.contains(name) && !self.drained.contains(name),
+                        live: !self.health.is_failed(name) && !self.drains.is_drained(name),
                         utilisation: s
                             .instances
                             .iter()

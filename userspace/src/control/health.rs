@@ -1,0 +1,243 @@
+//! Health: which instances have failed (their veth is gone, or their
+//! reports stopped), taking them out of the data path and the store, and
+//! taking them back after a hold-down; and the groups of other hosts'
+//! instances whose host is gone.
+
+use std::{
+    collections::{HashMap, HashSet},
+    time::{Duration, Instant},
+};
+
+use super::{
+    ControlError, MoveEvent, Out, UNOWNED,
+    moves::Mover,
+    qos::{Probe, Report},
+    services::ServiceCtl,
+    wlm::ElementState,
+};
+use crate::{
+    coord::{CoordError, GroupEntry},
+    datapath::Datapath,
+};
+
+/// Failed instances, and those whose failover has not wholly landed yet.
+pub(super) struct Health {
+    /// Instances found failed (their veth is gone): out of the data path,
+    /// their groups unowned, claimed again by the survivors.
+    failed: HashSet<String>,
+    /// Failed instances not yet wholly out (a write failed half-way): taken
+    /// out again each interval until it all lands.
+    failing: HashSet<String>,
+    /// How long a failed instance must look healthy again before it is
+    /// taken back.
+    hold_down: Duration,
+    /// When the controller started (reports get a grace period).
+    started: Instant,
+}
+
+impl Health {
+    pub(super) fn new(hold_down: Duration) -> Self {
+        Self {
+            failed: HashSet::new(),
+            failing: HashSet::new(),
+            hold_down,
+            started: Instant::now(),
+        }
+    }
+
+    pub(super) fn is_failed(&self, instance: &str) -> bool {
+        self.failed.contains(instance)
+    }
+
+    /// Takes over what `old` knows of the instances still `configured`,
+    /// and when it started.
+    pub(super) fn carry_over(&mut self, old: Self, configured: impl Fn(&String) -> bool) {
+        self.failed = old.failed.into_iter().filter(&configured).collect();
+        self.failing = old.failing.into_iter().filter(&configured).collect();
+        self.started = old.started;
+    }
+
+    /// Finds instances whose veth is gone (or came back with another
+    /// ifindex: a new container), or whose application stopped reporting
+    /// (`health = "reports"`: no report fresher than `report_life` once the
+    /// controller has run that long). Each is taken out of the data path
+    /// at once (its packets are punted, its pinned flows no longer hold)
+    /// and its groups become unowned in the store, to be claimed by the
+    /// survivors as their packets arrive.
+    pub(super) async fn fail_step(
+        &mut self,
+        mv: &mut Mover<'_>,
+        services: &[ServiceCtl],
+        probe: &dyn Probe,
+        reporting: &HashMap<String, Report>,
+        report_life: Duration,
+        now: Instant,
+    ) -> Result<Vec<MoveEvent>, ControlError> {
+        let mut made = Vec::new();
+        let grace_over = now.saturating_duration_since(self.started) > report_life;
+        let gone: Vec<String> = services
+            .iter()
+            .flat_map(|s| &s.instances)
+            .filter(|i| {
+                !self.failed.contains(&i.name)
+                    && (!probe.link_exists(i.ifindex)
+                        || (i.config.health_reports
+                            && grace_over
+                            && !reporting.contains_key(&i.name)))
+            })
+            .map(|i| i.name.clone())
+            .collect();
+        for name in gone {
+            tracing::warn!(instance = %name, "instance failed (veth gone or reports stopped); its groups are unowned until claimed");
+            // Failed at once: no claim gives it work from here on.
+            self.failed.insert(name.clone());
+            self.failing.insert(name);
+        }
+        let mut failing: Vec<String> = self.failing.iter().cloned().collect();
+        failing.sort();
+        for name in failing {
+            let (svc, id) = services
+                .iter()
+                .find_map(|s| {
+                    s.instances
+                        .iter()
+                        .find(|i| i.name == name)
+                        .map(|i| (s, i.id))
+                })
+                .expect("a configured instance");
+            mv.dp.set_instance_live(id, false)?;
+            for e in mv
+                .store
+                .groups(&svc.name)
+                .await?
+                .into_iter()
+                .filter(|e| e.owner == name)
+            {
+                mv.store
+                    .move_group(&svc.name, e.group, e.version, UNOWNED)
+                    .await?;
+                mv.write(svc, e.group, UNOWNED)?;
+                let ev = MoveEvent {
+                    at: now,
+                    service: svc.name.clone(),
+                    kind: "failover",
+                    group: Some(e.group),
+                    from: name.clone(),
+                    to: UNOWNED.to_owned(),
+                };
+                mv.record(ev.clone());
+                made.push(ev);
+            }
+            self.failing.remove(&name);
+        }
+        Ok(made)
+    }
+
+    /// Takes failed instances back: one is back when its veth resolves
+    /// again (the interface may be a new one, with a new ifindex and MAC:
+    /// the data path is pointed at it) and, with `health = "reports"`, its
+    /// reports are fresh — continuously for the hold-down. It then takes
+    /// work the way any element does.
+    pub(super) fn recover_step(
+        &mut self,
+        dp: &mut dyn Datapath,
+        services: &mut [ServiceCtl],
+        probe: &dyn Probe,
+        reporting: &HashMap<String, Report>,
+        now: Instant,
+    ) -> Result<(), ControlError> {
+        for s in services {
+            for i in &mut s.instances {
+                if !self.failed.contains(&i.name) || self.failing.contains(&i.name) {
+                    continue;
+                }
+                let back = probe
+                    .resolve(&i.config)
+                    .filter(|_| !i.config.health_reports || reporting.contains_key(&i.name));
+                let Some(r) = back else {
+                    i.recovering_since = None;
+                    continue;
+                };
+                let since = *i.recovering_since.get_or_insert(now);
+                if now.saturating_duration_since(since) < self.hold_down {
+                    continue;
+                }
+                dp.set_instance_target(i.id, r.ifindex, r.mac)?;
+                dp.set_instance_live(i.id, true)?;
+                i.ifindex = r.ifindex;
+                if r.netns.is_some() {
+                    i.netns = r.netns;
+                }
+                i.recovering_since = None;
+                i.state = ElementState::default();
+                self.failed.remove(&i.name);
+                tracing::info!(instance = %i.name, ifindex = r.ifindex, hold_down = ?self.hold_down, "instance recovered; it takes work as its element decides");
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Groups owned by instances of hosts that are gone (their lease expired)
+/// go to this host's least utilised instance not `out`. Every live host
+/// tries; the store's compare-and-swap lets one win each group, and the
+/// elements spread the load again from there.
+pub(super) async fn remote_fail_step(
+    mv: &mut Mover<'_>,
+    services: &[ServiceCtl],
+    out: Out<'_>,
+    now: Instant,
+) -> Result<Vec<MoveEvent>, ControlError> {
+    let mut made = Vec::new();
+    for svc in services {
+        let dead: Vec<&str> = svc
+            .remote
+            .iter()
+            .filter(|r| !r.live)
+            .map(|r| r.name.as_str())
+            .collect();
+        if dead.is_empty() {
+            continue;
+        }
+        let Some(to) = svc
+            .instances
+            .iter()
+            .filter(|i| !out.contains(&i.name))
+            .min_by(|a, b| a.sample.utilisation.total_cmp(&b.sample.utilisation))
+            .map(|i| i.name.clone())
+        else {
+            continue;
+        };
+        let orphans: Vec<GroupEntry> = mv
+            .store
+            .groups(&svc.name)
+            .await?
+            .into_iter()
+            .filter(|e| dead.contains(&e.owner.as_str()))
+            .collect();
+        for e in orphans {
+            match mv
+                .store
+                .move_group(&svc.name, e.group, e.version, &to)
+                .await
+            {
+                Ok(_) => {}
+                // Another host took it first.
+                Err(CoordError::Conflict { .. }) => continue,
+                Err(err) => return Err(err.into()),
+            }
+            mv.write(svc, e.group, &to)?;
+            let ev = MoveEvent {
+                at: now,
+                service: svc.name.clone(),
+                kind: "failover",
+                group: Some(e.group),
+                from: e.owner,
+                to: to.clone(),
+            };
+            mv.record(ev.clone());
+            made.push(ev);
+        }
+    }
+    Ok(made)
+}

@@ -1,0 +1,139 @@
+//! Measuring: each interval, every instance's counters become rates, the
+//! rates and the host's figures (socket statistics, cgroup CPU) and fresh
+//! application reports become [`Inputs`], and the inputs one utilisation
+//! ([`qos::utilisation`]); every service's per-unit hit rates too. Loads
+//! and hit rates are published in the store for the other hosts.
+
+use std::{
+    collections::HashMap,
+    sync::Mutex,
+    time::{Duration, Instant},
+};
+
+use sluice_common::maps::InstanceCounters;
+
+use super::{
+    ControlError,
+    qos::{self, Inputs, Probe, Rate, Report, Reports},
+    services::{InstCtl, ServiceCtl},
+    wlm::Sample,
+};
+use crate::{
+    coord::{CoordStore, Load},
+    datapath::Datapath,
+};
+
+/// One instance's counters, kept from one interval to the next to give
+/// rates.
+#[derive(Default)]
+pub(super) struct Meter {
+    packets: Rate,
+    bytes: Rate,
+    drops: Rate,
+    cpu: Rate,
+}
+
+/// Measures every instance over the interval that just ended.
+pub(super) async fn measure(
+    services: &mut [ServiceCtl],
+    dp: &dyn Datapath,
+    store: &dyn CoordStore,
+    probe: &dyn Probe,
+    reports: &HashMap<String, Report>,
+    now: Instant,
+) -> Result<(), ControlError> {
+    let mut loads = Vec::new();
+    for s in services {
+        let hits = dp.unit_hits(s.id)?;
+        for ((rate, h), b) in s.hits.iter_mut().zip(hits).zip(s.buckets.iter_mut()) {
+            *b = rate.update(h, now);
+        }
+        // In a cluster, this host sees only what it delivers: the other
+        // hosts' deliveries complete the service's per-unit rates.
+        store.publish_hits(&s.name, &s.buckets).await?;
+        if let Some(others) = store.others_hits(&s.name).await? {
+            for (b, o) in s.buckets.iter_mut().zip(others) {
+                *b += o;
+            }
+        }
+        for i in &mut s.instances {
+            let c = dp.instance_counters(i.id)?;
+            let inputs = instance(i, &c, probe, &s.ports, reports.get(&i.name).cloned(), now);
+            i.sample = Sample {
+                rate_pps: inputs.rate_pps,
+                drops_ps: inputs.drops_ps,
+                utilisation: qos::utilisation(&inputs, &s.cfg),
+            };
+            i.inputs = inputs;
+            loads.push((
+                i.name.clone(),
+                Load {
+                    utilisation: i.sample.utilisation,
+                    rate_pps: i.sample.rate_pps,
+                },
+            ));
+        }
+    }
+    for (name, load) in loads {
+        store.publish_load(&name, load).await?;
+    }
+    Ok(())
+}
+
+/// Instance `i`'s inputs: its counters `c` as rates, what the host says
+/// of its namespace (`ports`' sockets) and cgroup, and its `report`.
+fn instance(
+    i: &mut InstCtl,
+    c: &InstanceCounters,
+    probe: &dyn Probe,
+    ports: &[u16],
+    report: Option<Report>,
+    now: Instant,
+) -> Inputs {
+    let m = &mut i.meter;
+    let mut inputs = Inputs {
+        rate_pps: m.packets.update(c.packets, now),
+        bytes_ps: m.bytes.update(c.bytes, now),
+        report,
+        cpu_limit: i.config.cpu_limit,
+        ..Inputs::default()
+    };
+    if let Some(ns) = &i.netns {
+        match probe.netns_stats(ns, ports) {
+            Ok(st) => {
+                inputs.drops_ps = m.drops.update(st.rcvbuf_errors, now);
+                #[expect(clippy::cast_precision_loss, reason = "an estimate")]
+                let q = st.queue_bytes as f64;
+                inputs.queue_bytes = q;
+            }
+            Err(e) => {
+                tracing::debug!(instance = %i.name, error = %e, "netns stats unavailable");
+            }
+        }
+    }
+    if let Some(cg) = &i.config.cgroup {
+        match probe.cgroup_usage_usec(cg) {
+            Ok(usec) => inputs.cpu_cores = Some(m.cpu.update(usec, now) / 1e6),
+            Err(e) => {
+                tracing::debug!(instance = %i.name, error = %e, "cgroup CPU unavailable");
+            }
+        }
+    }
+    inputs
+}
+
+/// Every instance's report fresher than `max_age`, taken out from under
+/// the API's lock at once.
+pub(super) fn fresh_reports(
+    reports: &Mutex<Reports>,
+    services: &[ServiceCtl],
+    now: Instant,
+    max_age: Duration,
+) -> HashMap<String, Report> {
+    let reports = reports.lock().expect("reports lock");
+    services
+        .iter()
+        .flat_map(|s| &s.instances)
+        .filter_map(|i| Some((i.name.clone(), reports.fresh(&i.name, now, max_age)?)))
+        .collect()
+}
