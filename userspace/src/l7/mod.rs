@@ -13,7 +13,9 @@
 //! hashes tags, its unit's owner read from the same owner array the XDP
 //! program reads, so a group moved by a WLM element moves its requests
 //! too, on connections already open. Priority requests go to the
-//! least-loaded instance of their rule's subset. Requests are forwarded over
+//! least-loaded instance of their rule's subset. All of that (and where a
+//! request goes when its owner cannot take it) is decided in [`route`]; this
+//! module gives it the instances' state. Requests are forwarded over
 //! [`pool`]ed kept-alive connections; what the distributor measures of each
 //! instance ([`stats`]) is what its WLM element hears.
 //!
@@ -618,3 +620,6 @@ impl Drop for Distributor {
         self.workers = None;
     }
 }
+
+#[cfg(test)]
+mod tests;
