@@ -13,7 +13,9 @@
 //! hashes tags, its unit's owner read from the same owner array the XDP
 //! program reads, so a group moved by a WLM element moves its requests
 //! too, on connections already open. Priority requests go to the
-//! least-loaded instance of their rule's subset. Requests are forwarded over
+//! least-loaded instance of their rule's subset. All of that (and where a
+//! request goes when its owner cannot take it) is decided in [`route`]; this
+//! module gives it the instances' state. Requests are forwarded over
 //! [`pool`]ed kept-alive connections; what the distributor measures of each
 //! instance ([`stats`]) is what its WLM element hears.
 //!
@@ -37,7 +39,8 @@ use std::{
 
 use bytes::Bytes;
 use http_body_util::combinators::BoxBody;
-use sluice_common::HIT_BUCKETS_PER_SERVICE;
+use hyper::{HeaderMap, Uri};
+use sluice_common::{HIT_BUCKETS_PER_SERVICE, hit_index};
 use tokio::{net::TcpListener, task::JoinHandle};
 
 use crate::{
@@ -170,12 +173,7 @@ pub struct ServiceL7 {
     pub cfg: HttpConfig,
     pub backends: Vec<Arc<Backend>>,
     by_id: HashMap<u32, usize>,
-    /// Each priority rule's instances (indices into `backends`).
-    subsets: Vec<Vec<usize>>,
-    /// Instances in no subset.
-    ordinary: Vec<usize>,
-    /// Instances in some subset (spill-over targets).
-    reserved: Vec<usize>,
+    router: route::Router,
     counts: Arc<ServiceCounts>,
     owners: Arc<dyn Owners>,
     clock: Instant,
@@ -187,10 +185,8 @@ pub struct ServiceCounts {
     pub hits: Vec<AtomicU64>,
     pub refused: [AtomicU64; Refusal::ALL.len()],
     pub retries: AtomicU64,
-    /// Requests routed by their key, by flow hash (no key), to a priority
-    /// subset, or elsewhere than their unit's owner (it was down, failed,
-    /// reserved or on another host).
-    pub routed: [AtomicU64; 4],
+    /// Requests by how they were routed, in [`route::Routed::ALL`] order.
+    pub routed: [AtomicU64; route::Routed::ALL.len()],
 }
 
 impl Default for ServiceCounts {
@@ -206,13 +202,14 @@ impl Default for ServiceCounts {
     }
 }
 
-/// How a request was routed, as `ServiceCounts::routed` counts them.
-pub const ROUTED: [&str; 4] = ["key", "flow", "priority", "fallback"];
-
 impl ServiceCounts {
     pub fn refuse(&self, r: Refusal) {
         let i = Refusal::ALL.iter().position(|x| *x == r).expect("listed");
         self.refused[i].fetch_add(1, Relaxed);
+    }
+
+    fn route(&self, how: route::Routed) {
+        self.routed[how.index()].fetch_add(1, Relaxed);
     }
 }
 
@@ -221,38 +218,40 @@ impl ServiceL7 {
         u64::try_from(self.clock.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
-    /// Whether instance `i` may be sent a request now.
-    fn available(&self, i: usize) -> bool {
-        let b = &self.backends[i];
-        !b.failed.load(Relaxed) && b.down_until.load(Relaxed) <= self.now_ms()
-    }
-
     /// A connection to it failed: skip it for a while.
     fn eject(&self, i: usize) {
         let until = self.now_ms() + u64::try_from(EJECT.as_millis()).expect("small");
         self.backends[i].down_until.store(until, Relaxed);
     }
 
-    /// The least-loaded available instance of `set` other than `not`.
-    fn least_loaded(&self, set: &[usize], not: Option<usize>) -> Option<usize> {
-        route::least_loaded(
-            set.iter()
-                .copied()
-                .filter(|i| Some(*i) != not && self.available(*i))
-                .map(|i| (i, self.backends[i].stats.load())),
-        )
+    /// Where a request goes, in the order to try (see [`route`]); counted
+    /// as routed, and in its unit's hits.
+    fn route(&self, uri: &Uri, headers: &HeaderMap, flow: u32) -> route::Candidates<'_, Self> {
+        let r = self.router.route(&self.cfg, self, uri, headers, flow);
+        self.counts.route(r.how);
+        if let Some(unit) = r.unit {
+            // The service's own row of buckets: index as service 0's.
+            self.counts.hits[hit_index(0, unit) as usize].fetch_add(1, Relaxed);
+        }
+        if r.fell_back {
+            self.counts.route(route::Routed::Fallback);
+        }
+        r.candidates
+    }
+}
+
+impl route::Instances for ServiceL7 {
+    fn owner(&self, unit: u32) -> Option<usize> {
+        self.by_id.get(&self.owners.owner(self.id, unit)).copied()
     }
 
-    /// Where a request that matched no rule goes when its owner cannot
-    /// take it: the least-loaded ordinary instance, or with `spill` a
-    /// reserved one.
-    fn fallback(&self, not: Option<usize>) -> Option<usize> {
-        self.least_loaded(&self.ordinary, not).or_else(|| {
-            self.cfg
-                .spill
-                .then(|| self.least_loaded(&self.reserved, not))
-                .flatten()
-        })
+    fn available(&self, i: usize) -> bool {
+        let b = &self.backends[i];
+        !b.failed.load(Relaxed) && b.down_until.load(Relaxed) <= self.now_ms()
+    }
+
+    fn load(&self, i: usize) -> route::Load {
+        self.backends[i].stats.load()
     }
 }
 
@@ -503,14 +502,8 @@ impl Distributor {
                 }
             })
             .collect();
-        let index = |name: &String| backends.iter().position(|b| &b.name == name);
-        let subsets = cfg
-            .priority
-            .iter()
-            .map(|r| r.instances.iter().filter_map(index).collect())
-            .collect();
-        let (reserved, ordinary): (Vec<usize>, Vec<usize>) =
-            (0..backends.len()).partition(|i| backends[*i].reserved);
+        let names: Vec<&str> = backends.iter().map(|b| b.name.as_str()).collect();
+        let router = route::Router::new(&cfg.priority, &names);
         let counts = self.counts.entry(s.name.clone()).or_default().clone();
         Some(ServiceL7 {
             id,
@@ -521,9 +514,7 @@ impl Distributor {
                 .map(|(i, b)| (b.id, i))
                 .collect(),
             backends,
-            subsets,
-            ordinary,
-            reserved,
+            router,
             counts,
             owners: self.owners.clone(),
             clock: self.clock,
@@ -589,8 +580,8 @@ impl Distributor {
             for (r, n) in Refusal::ALL.iter().zip(&c.refused) {
                 crate::telemetry::http_refused(&svc.name, r.name(), n.load(Relaxed));
             }
-            for (how, n) in ROUTED.iter().zip(&c.routed) {
-                crate::telemetry::http_routed(&svc.name, how, n.load(Relaxed));
+            for (how, n) in route::Routed::ALL.iter().zip(&c.routed) {
+                crate::telemetry::http_routed(&svc.name, how.label(), n.load(Relaxed));
             }
             crate::telemetry::http_retries(&svc.name, c.retries.load(Relaxed));
             for b in &svc.backends {
@@ -629,3 +620,6 @@ impl Drop for Distributor {
         self.workers = None;
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -24,7 +24,7 @@ use hyper::{
     service::service_fn,
 };
 use hyper_util::rt::{TokioIo, TokioTimer};
-use sluice_common::{hit_index, key, unit_of};
+use sluice_common::key;
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
     net::{TcpListener, TcpStream},
@@ -275,51 +275,6 @@ fn idempotent(m: &Method) -> bool {
     )
 }
 
-/// Where a request goes first, and how it was chosen.
-struct Route {
-    first: Option<usize>,
-    /// Index of the priority rule it matched.
-    rule: Option<usize>,
-}
-
-fn route(svc: &ServiceL7, uri: &Uri, headers: &HeaderMap, flow: u32) -> Route {
-    if let Some(rule) = super::route::priority(&svc.cfg.priority, uri, headers) {
-        svc.counts.routed[2].fetch_add(1, Relaxed);
-        let first = svc.least_loaded(&svc.subsets[rule], None);
-        return Route {
-            first,
-            rule: Some(rule),
-        };
-    }
-    let keyed = svc
-        .cfg
-        .key
-        .as_ref()
-        .and_then(|k| super::route::request_key(k, uri, headers))
-        .map(key::request);
-    svc.counts.routed[usize::from(keyed.is_none())].fetch_add(1, Relaxed);
-    let unit = unit_of(keyed.unwrap_or(flow));
-    // The service's own row of buckets: index as service 0's.
-    svc.counts.hits[hit_index(0, unit) as usize].fetch_add(1, Relaxed);
-    let owner = svc.owners.owner(svc.id, unit);
-    let first = match svc.by_id.get(&owner) {
-        Some(&i) if !svc.backends[i].reserved && svc.available(i) => Some(i),
-        _ => {
-            svc.counts.routed[3].fetch_add(1, Relaxed);
-            svc.fallback(None)
-        }
-    };
-    Route { first, rule: None }
-}
-
-/// The instance to try when `failed` could not take a request.
-fn retry_target(svc: &ServiceL7, r: &Route, failed: usize) -> Option<usize> {
-    match r.rule {
-        Some(rule) => svc.least_loaded(&svc.subsets[rule], Some(failed)),
-        None => svc.fallback(Some(failed)),
-    }
-}
-
 /// The client connection a request came on.
 struct Client {
     peer: SocketAddr,
@@ -514,8 +469,8 @@ async fn handle(mut req: Request<Incoming>, client: &Client, slot: &Slot) -> Res
             "request target too long",
         );
     }
-    let r = route(&svc, req.uri(), req.headers(), client.flow_key());
-    let Some(first) = r.first else {
+    let mut candidates = svc.route(req.uri(), req.headers(), client.flow_key());
+    let Some(first) = candidates.next() else {
         return refuse(
             &svc,
             Refusal::NoInstance,
@@ -557,7 +512,7 @@ async fn handle(mut req: Request<Incoming>, client: &Client, slot: &Slot) -> Res
                 Failure::Sent => again,
                 Failure::Timeout => None,
             };
-            match (retry, retry_target(&svc, &r, first)) {
+            match (retry, candidates.next()) {
                 (Some(req), Some(next)) => {
                     svc.counts.retries.fetch_add(1, Relaxed);
                     send(&svc, next, req).await

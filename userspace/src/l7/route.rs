@@ -1,13 +1,17 @@
-//! Which instance a request goes to, as pure functions of the request's
-//! head: its key (header, cookie, path segment, query parameter), the
-//! priority rule it matches, and the least-loaded of a set of instances.
+//! Which instance a request goes to, decided whole here from the request's
+//! head (its key: header, cookie, path segment or query parameter; the
+//! priority rule it matches) and what [`Instances`] says of the service's
+//! instances now (the owner array, which are available, their load). The
+//! answer is the request's [`Candidates`] in the order to try them, so a
+//! retry is the next one.
 
 use hyper::{
     HeaderMap, Uri,
     header::{COOKIE, HeaderValue},
 };
+use sluice_common::{key, unit_of};
 
-use crate::config::{PriorityRule, RequestKey, RequestMatch};
+use crate::config::{HttpConfig, PriorityRule, RequestKey, RequestMatch};
 
 /// The value of cookie `name` in the request's `Cookie` headers.
 fn cookie<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h [u8]> {
@@ -101,106 +105,229 @@ pub fn least_loaded(candidates: impl IntoIterator<Item = (usize, Load)>) -> Opti
         .map(|(i, _)| i)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+/// The least-loaded available instance of `set` other than `not`.
+fn least_loaded_of(instances: &impl Instances, set: &[usize], not: Option<usize>) -> Option<usize> {
+    least_loaded(
+        set.iter()
+            .copied()
+            .filter(|&i| Some(i) != not && instances.available(i))
+            .map(|i| (i, instances.load(i))),
+    )
+}
 
-    fn head(uri: &str, headers: &[(&'static str, &str)]) -> (Uri, HeaderMap) {
-        let mut h = HeaderMap::new();
-        for (k, v) in headers {
-            h.append(*k, HeaderValue::from_str(v).unwrap());
-        }
-        (uri.parse().unwrap(), h)
-    }
+/// How a request's instance was chosen, as `sluice_http_routed_total{how}`
+/// counts them: each request once by key, flow or priority, and once more
+/// as [`Routed::Fallback`] if its unit's owner could not take it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Routed {
+    /// By the key it carries.
+    Key,
+    /// By its connection's flow hash (no key configured, or none in it).
+    Flow,
+    /// To its priority rule's subset.
+    Priority,
+    /// Elsewhere than its unit's owner (failed, ejected, reserved or on
+    /// another host).
+    Fallback,
+}
 
-    #[test]
-    fn keys_come_from_the_configured_place() {
-        let (u, h) = head(
-            "/users/alice/cart?user=bob&x=1",
-            &[("x-user", "carol"), ("cookie", "a=1; user=dave; b=2")],
-        );
-        let key = |k| request_key(&k, &u, &h).map(|v| String::from_utf8(v.to_vec()).unwrap());
-        assert_eq!(
-            key(RequestKey::Header("x-user".into())).as_deref(),
-            Some("carol")
-        );
-        assert_eq!(
-            key(RequestKey::Cookie("user".into())).as_deref(),
-            Some("dave")
-        );
-        assert_eq!(key(RequestKey::PathSegment(2)).as_deref(), Some("alice"));
-        assert_eq!(key(RequestKey::PathSegment(1)).as_deref(), Some("users"));
-        assert_eq!(key(RequestKey::PathSegment(4)), None);
-        assert_eq!(
-            key(RequestKey::Query("user".into())).as_deref(),
-            Some("bob")
-        );
-        assert_eq!(key(RequestKey::Query("nope".into())), None);
-        assert_eq!(key(RequestKey::Header("x-none".into())), None);
-        assert_eq!(key(RequestKey::Cookie("us".into())), None);
-    }
+impl Routed {
+    /// In [`Self::index`] order.
+    pub const ALL: [Self; 4] = [Self::Key, Self::Flow, Self::Priority, Self::Fallback];
 
-    #[test]
-    fn an_empty_key_is_missing() {
-        let (u, h) = head("/?user=", &[("x-user", ""), ("cookie", "user=")]);
-        for k in [
-            RequestKey::Header("x-user".into()),
-            RequestKey::Cookie("user".into()),
-            RequestKey::Query("user".into()),
-        ] {
-            assert_eq!(request_key(&k, &u, &h), None, "{k:?}");
+    /// The metric's `how` label.
+    #[must_use]
+    pub const fn label(self) -> &'static str {
+        match self {
+            Self::Key => "key",
+            Self::Flow => "flow",
+            Self::Priority => "priority",
+            Self::Fallback => "fallback",
         }
     }
 
-    #[test]
-    fn cookies_in_several_headers_are_found() {
-        let (u, h) = head("/", &[("cookie", "a=1"), ("cookie", "plan=pro")]);
-        assert!(matches(
-            &RequestMatch::Cookie {
-                name: "plan".into(),
-                value: "pro".into()
-            },
-            &u,
-            &h
-        ));
-    }
-
-    #[test]
-    fn priority_rules_match_in_order() {
-        let rule = |name: &str, when| PriorityRule {
-            name: name.into(),
-            when,
-            instances: vec!["x".into()],
-        };
-        let rules = [
-            rule(
-                "gold",
-                RequestMatch::Header {
-                    name: "x-tier".into(),
-                    value: "gold".into(),
-                },
-            ),
-            rule("checkout", RequestMatch::PathPrefix("/checkout".into())),
-        ];
-        let (u, h) = head("/checkout/1", &[("x-tier", "gold")]);
-        assert_eq!(priority(&rules, &u, &h), Some(0));
-        let (u, h) = head("/checkout/1", &[("x-tier", "silver")]);
-        assert_eq!(priority(&rules, &u, &h), Some(1));
-        let (u, h) = head("/check", &[("x-tier", "Gold")]);
-        assert_eq!(priority(&rules, &u, &h), None, "values match exactly");
-    }
-
-    #[test]
-    fn least_loaded_weighs_latency_by_queue() {
-        let l = |in_flight, latency_ms| Load {
-            in_flight,
-            latency_ms,
-        };
-        // A slow instance loses to a fast one with a short queue...
-        assert_eq!(least_loaded([(0, l(0, 50.0)), (1, l(3, 5.0))]), Some(1));
-        // ...but not to a fast one with a long one.
-        assert_eq!(least_loaded([(0, l(0, 50.0)), (1, l(20, 5.0))]), Some(0));
-        assert_eq!(least_loaded([(4, l(1, 1.0)), (7, l(1, 1.0))]), Some(4));
-        assert_eq!(least_loaded(std::iter::empty()), None);
+    /// Its place in [`Self::ALL`], and so in counters kept in that order.
+    #[must_use]
+    pub const fn index(self) -> usize {
+        self as usize
     }
 }
+
+/// What routing reads of a service's instances (indices into its list)
+/// when a request arrives.
+pub trait Instances {
+    /// The instance here that owns `unit` in the owner array; `None` if
+    /// its owner is on another host or nobody.
+    fn owner(&self, unit: u32) -> Option<usize>;
+    /// Whether `i` may be sent a request now (neither failed nor ejected).
+    fn available(&self, i: usize) -> bool;
+    fn load(&self, i: usize) -> Load;
+}
+
+/// A service's instances as routing sets them apart, made once a
+/// configuration.
+#[derive(Debug)]
+pub struct Router {
+    /// Each priority rule's instances.
+    subsets: Vec<Vec<usize>>,
+    /// Instances in no subset: they own the units and take the fallbacks.
+    ordinary: Vec<usize>,
+    /// Instances in some subset (spill-over targets), ascending.
+    reserved: Vec<usize>,
+}
+
+impl Router {
+    /// `names` are the service's instances, in order; the reserved ones
+    /// are those some rule names.
+    #[must_use]
+    pub fn new(rules: &[PriorityRule], names: &[&str]) -> Self {
+        let index = |name: &String| names.iter().position(|n| n == name);
+        let subsets = rules
+            .iter()
+            .map(|r| r.instances.iter().filter_map(index).collect())
+            .collect();
+        let (reserved, ordinary) = (0..names.len()).partition(|i| {
+            rules
+                .iter()
+                .any(|r| r.instances.iter().any(|n| n == names[*i]))
+        });
+        Self {
+            subsets,
+            ordinary,
+            reserved,
+        }
+    }
+
+    /// Where a request with this head, on a connection of flow key `flow`,
+    /// goes: a priority rule's request to the least-loaded of its subset;
+    /// any other to its unit's owner (by key, else by flow hash) if that
+    /// is an available ordinary instance here, else to the least-loaded
+    /// available ordinary one (with `spill`, reserved if none is).
+    #[must_use]
+    pub fn route<'s, I: Instances>(
+        &'s self,
+        cfg: &HttpConfig,
+        instances: &'s I,
+        uri: &Uri,
+        headers: &HeaderMap,
+        flow: u32,
+    ) -> Route<'s, I> {
+        let candidates = |rule, first| Candidates {
+            router: self,
+            instances,
+            rule,
+            spill: cfg.spill,
+            next: Next::First(first),
+        };
+        if let Some(rule) = priority(&cfg.priority, uri, headers) {
+            return Route {
+                how: Routed::Priority,
+                unit: None,
+                fell_back: false,
+                candidates: candidates(
+                    Some(rule),
+                    least_loaded_of(instances, &self.subsets[rule], None),
+                ),
+            };
+        }
+        let keyed = cfg
+            .key
+            .as_ref()
+            .and_then(|k| request_key(k, uri, headers))
+            .map(key::request);
+        let unit = unit_of(keyed.unwrap_or(flow));
+        let owner = instances
+            .owner(unit)
+            .filter(|&i| !self.is_reserved(i) && instances.available(i));
+        let first = owner.or_else(|| self.fallback(instances, cfg.spill, None));
+        Route {
+            how: if keyed.is_some() {
+                Routed::Key
+            } else {
+                Routed::Flow
+            },
+            unit: Some(unit),
+            fell_back: owner.is_none(),
+            candidates: candidates(None, first),
+        }
+    }
+
+    fn is_reserved(&self, i: usize) -> bool {
+        self.reserved.binary_search(&i).is_ok()
+    }
+
+    /// Where a request that matched no rule goes when its owner cannot
+    /// take it: the least-loaded ordinary instance, or with `spill` a
+    /// reserved one.
+    fn fallback(
+        &self,
+        instances: &impl Instances,
+        spill: bool,
+        not: Option<usize>,
+    ) -> Option<usize> {
+        least_loaded_of(instances, &self.ordinary, not).or_else(|| {
+            spill
+                .then(|| least_loaded_of(instances, &self.reserved, not))
+                .flatten()
+        })
+    }
+}
+
+/// Where a request goes, and how that was decided (for the counters).
+pub struct Route<'s, I> {
+    /// [`Routed::Key`], [`Routed::Flow`] or [`Routed::Priority`].
+    pub how: Routed,
+    /// The unit its key or flow hash falls in (none for a priority
+    /// request).
+    pub unit: Option<u32>,
+    /// Its unit's owner could not take it.
+    pub fell_back: bool,
+    pub candidates: Candidates<'s, I>,
+}
+
+/// A request's instances in the order to try them: its first choice, then
+/// where it goes if that one could not take it, chosen only when asked so
+/// that it sees availability and loads as they are then. A request is
+/// retried once, so there are at most two.
+pub struct Candidates<'s, I> {
+    router: &'s Router,
+    instances: &'s I,
+    /// The priority rule whose subset the retry stays in; none: the
+    /// fallback's instances.
+    rule: Option<usize>,
+    spill: bool,
+    next: Next,
+}
+
+enum Next {
+    First(Option<usize>),
+    /// The first choice was this one: the retry is another.
+    After(usize),
+    Done,
+}
+
+impl<I: Instances> Iterator for Candidates<'_, I> {
+    type Item = usize;
+
+    fn next(&mut self) -> Option<usize> {
+        match std::mem::replace(&mut self.next, Next::Done) {
+            Next::First(first) => {
+                if let Some(i) = first {
+                    self.next = Next::After(i);
+                }
+                first
+            }
+            Next::After(tried) => {
+                let (r, inst) = (self.router, self.instances);
+                match self.rule {
+                    Some(rule) => least_loaded_of(inst, &r.subsets[rule], Some(tried)),
+                    None => r.fallback(inst, self.spill, Some(tried)),
+                }
+            }
+            Next::Done => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
