@@ -24,13 +24,14 @@ use super::{
     AgentConfig, Config, ConfigError, FieldError, Instance, MAX_INSTANCES, PinMode, Protocol,
     Service, TagSpec, WlmConfig, WlmPolicy,
     raw::{
-        Field, Mac, RawAgent, RawAssign, RawConfig, RawHealth, RawInstance, RawLayer, RawPin,
-        RawProtocol, RawService, RawTag, RawTagKind, RawWlm, RawWlmPolicy, shown,
+        Field, Mac, RawAgent, RawAssign, RawConfig, RawLayer, RawPin, RawProtocol, RawService,
+        RawTag, RawTagKind, RawWlm, RawWlmPolicy, shown,
     },
 };
 
 mod cluster;
 mod http;
+mod instance;
 mod origin;
 mod scale;
 
@@ -155,15 +156,6 @@ pub(super) fn name_problem(n: &str, what: &str) -> Option<(String, String)> {
     }
     None
 }
-
-/// Whether `v` can be an interface name (what `ip link` accepts).
-pub(super) fn is_ifname(v: &str) -> bool {
-    !v.is_empty() && v.len() <= 15 && !v.contains(['/', ' '])
-}
-
-/// The fix for a bad interface name.
-pub(super) const VETH_FIX: &str =
-    "use the host-side interface name as `ip link` shows it (1 to 15 characters, no '/' or spaces)";
 
 struct Checker<'a> {
     text: &'a str,
@@ -1324,142 +1316,6 @@ impl Checker<'_> {
             queue_target: queue_target?,
             in_flight_target: in_flight_target?,
         })
-    }
-
-    /// An instance, with the spans of its name and veth.
-    fn instance(
-        &mut self,
-        at: &str,
-        raw: Spanned<RawInstance>,
-    ) -> Option<(Instance, InstanceSpans)> {
-        let table = raw.span();
-        let mut raw = raw.into_inner();
-        let name = self.name(raw.name.take(), &table, &format!("{at}.name"), "instance");
-        let veth_fix = VETH_FIX;
-        let veth = self.required(
-            raw.veth.take(),
-            &table,
-            &format!("{at}.veth"),
-            "add veth = \"<host-side veth of the instance's container>\"",
-            |v| {
-                (
-                    format!("`{v}` is not a valid interface name"),
-                    veth_fix.into(),
-                )
-            },
-        );
-        let veth = match veth {
-            Some((v, span)) if !is_ifname(&v) => {
-                self.report(
-                    Some(&span),
-                    format!("{at}.veth"),
-                    format!("`{v}` is not a valid interface name"),
-                    veth_fix,
-                );
-                None
-            }
-            other => other,
-        };
-        let extras = self.instance_extras(at, &mut raw);
-        let addr = match self.typed(raw.addr.take(), &format!("{at}.addr"), |v| {
-            (
-                format!("`{v}` is not an address and port"),
-                "write addr = \"198.18.16.2:8080\" or \"[fd00:5100::2]:8080\"".into(),
-            )
-        }) {
-            Got::Absent => Some(None),
-            Got::Value(a, _) => Some(Some(a)),
-            Got::Bad => None,
-        };
-        let (name, name_span) = name?;
-        let (veth, veth_span) = veth?;
-        let (mac, netns, cgroup, cpu_limit, health_reports) = extras?;
-        Some((
-            Instance {
-                name,
-                veth,
-                mac,
-                netns,
-                cgroup: cgroup.map(PathBuf::from),
-                cpu_limit,
-                health_reports,
-                addr: addr?,
-            },
-            (name_span, veth_span),
-        ))
-    }
-
-    /// An instance's optional fields: MAC, netns, cgroup, CPU limit and
-    /// health check.
-    #[expect(clippy::type_complexity, reason = "the fields, in config order")]
-    fn instance_extras(
-        &mut self,
-        at: &str,
-        raw: &mut RawInstance,
-    ) -> Option<(
-        Option<[u8; 6]>,
-        Option<String>,
-        Option<String>,
-        Option<f64>,
-        bool,
-    )> {
-        let mac = match self.typed(raw.mac.take(), &format!("{at}.mac"), |v| {
-            (
-                format!("`{v}` is not a unicast MAC address"),
-                "write six hex bytes like 02:00:5e:10:00:01, or leave mac out to discover it"
-                    .into(),
-            )
-        }) {
-            Got::Absent => Some(None),
-            Got::Value(m, _) => Some(Some(m.0)),
-            Got::Bad => None,
-        };
-        let string = |c: &mut Self, f: Option<Field<String>>, key: &str| match c.typed(
-            f,
-            &format!("{at}.{key}"),
-            |v| {
-                (
-                    format!("`{v}` is not a string"),
-                    "write it in quotes".into(),
-                )
-            },
-        ) {
-            Got::Absent => Some(None),
-            Got::Value(s, _) => Some(Some(s)),
-            Got::Bad => None,
-        };
-        let netns = string(self, raw.netns.take(), "netns");
-        let cgroup_given = raw.cgroup.is_some();
-        let cgroup = string(self, raw.cgroup.take(), "cgroup");
-        let cpu_span = raw.cpu_limit.as_ref().map(|f| f.span.clone());
-        let cpu_limit = match raw.cpu_limit.take() {
-            None => Some(None),
-            v => self
-                .num(v, &format!("{at}.cpu_limit"), 0.0, 0.01, 4096.0)
-                .map(Some),
-        };
-        if cpu_span.is_some() && !cgroup_given {
-            self.report(
-                cpu_span.as_ref(),
-                format!("{at}.cpu_limit"),
-                "cpu_limit without cgroup",
-                "add cgroup = \"/sys/fs/cgroup/<container>\" so CPU usage can be read",
-            );
-        }
-        let health_reports = match self.typed(raw.health.take(), &format!("{at}.health"), |v| {
-            (
-                format!("unknown health check `{v}`"),
-                "use \"veth\" (failed when its veth disappears) or \"reports\" (also when its QoS reports stop)".into(),
-            )
-        }) {
-            Got::Absent | Got::Value(RawHealth::Veth, _) => Some(false),
-            Got::Value(RawHealth::Reports, _) => Some(true),
-            Got::Bad => None,
-        };
-        if cpu_span.is_some() && !cgroup_given {
-            return None;
-        }
-        Some((mac?, netns?, cgroup?, cpu_limit?, health_reports?))
     }
 
     /// Names, endpoints, instance names and veths are each used once.

@@ -2,7 +2,10 @@
 //!
 //! - [`raw`]: the file as written, deserialized into typed values with
 //!   their positions (`toml::Spanned`);
-//! - [`check`]: the semantic checks that turn it into the types below.
+//! - [`check`]: the semantic checks that turn it into the types below;
+//! - [`instance`]: the rules of one instance, which an instance registered
+//!   while the agent runs meets too ([`InstanceSpec::check`]), and
+//!   [`live`] the checks of a registration against the running config.
 //!
 //! Every check runs before anything touches the kernel, so a bad config
 //! changes nothing; all errors of a file are reported at once, each naming
@@ -12,6 +15,7 @@
 //! A leaf apart from `sluice_common`: it imports nothing from the crate.
 
 mod check;
+mod instance;
 mod live;
 mod raw;
 
@@ -21,6 +25,8 @@ use std::{
     path::{Path, PathBuf},
     time::Duration,
 };
+
+pub use self::instance::InstanceSpec;
 
 /// Most instances, over all services (instance ids are `1..=MAX_INSTANCES`).
 pub const MAX_INSTANCES: usize = sluice_common::MAX_INSTANCES as usize;
