@@ -70,19 +70,19 @@ pub(super) const FIELDS: [&str; 8] = [
 ];
 
 /// The fix for a bad interface name.
-pub(super) const VETH_FIX: &str =
+const VETH_FIX: &str =
     "use the host-side interface name as `ip link` shows it (1 to 15 characters, no '/' or spaces)";
 
 /// CPU limits the agent takes, in CPUs.
 pub(super) const CPU_LIMIT: (f64, f64) = (0.01, 4096.0);
 
 /// Whether `v` can be an interface name (what `ip link` accepts).
-pub(super) fn is_ifname(v: &str) -> bool {
+fn is_ifname(v: &str) -> bool {
     !v.is_empty() && v.len() <= 15 && !v.contains(['/', ' '])
 }
 
 /// `name`: a plain, non-empty name.
-pub(super) fn name(n: &str) -> Result<(), Problem> {
+fn name(n: &str) -> Result<(), Problem> {
     if n.is_empty() {
         return Err(("empty".into(), "give the instance a name".into()));
     }
@@ -106,7 +106,7 @@ fn veth(v: &str) -> Result<(), Problem> {
 }
 
 /// `mac`: a unicast MAC address.
-pub(super) fn mac(m: &str) -> Result<[u8; 6], Problem> {
+fn mac(m: &str) -> Result<[u8; 6], Problem> {
     parse_mac(m).ok_or_else(|| {
         (
             format!("`{m}` is not a unicast MAC address"),
@@ -116,7 +116,7 @@ pub(super) fn mac(m: &str) -> Result<[u8; 6], Problem> {
 }
 
 /// `addr`: an address and port.
-pub(super) fn addr(a: &str) -> Result<SocketAddr, Problem> {
+fn addr(a: &str) -> Result<SocketAddr, Problem> {
     a.parse().map_err(|_| {
         (
             format!("`{a}` is not an address and port"),
@@ -126,7 +126,7 @@ pub(super) fn addr(a: &str) -> Result<SocketAddr, Problem> {
 }
 
 /// `health`: whether the instance has failed when its reports stop.
-pub(super) fn health(h: &str) -> Result<bool, Problem> {
+fn health(h: &str) -> Result<bool, Problem> {
     match h {
         "veth" => Ok(false),
         "reports" => Ok(true),
