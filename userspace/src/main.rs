@@ -166,37 +166,7 @@ enum InstanceCommand {
     /// Register an instance: it joins the data path at once with no groups
     /// and takes work as its WLM element decides (or by on-demand claims).
     /// Kept across agent restarts.
-    Add {
-        /// Service it is an instance of, as in the config.
-        #[arg(long)]
-        service: String,
-        /// Its name (letters, digits, `.`, `_`, `-`), unique on the host.
-        #[arg(long)]
-        name: String,
-        /// Host-side veth of its container.
-        #[arg(long)]
-        veth: String,
-        /// Named network namespace (`ip netns`) of its container.
-        #[arg(long)]
-        netns: Option<String>,
-        /// MAC of the container-side interface (discovered when absent).
-        #[arg(long)]
-        mac: Option<String>,
-        /// `layer = "http"` services: the address and port the L7
-        /// distributor reaches it at.
-        #[arg(long)]
-        addr: Option<String>,
-        /// cgroup v2 directory of its container, for CPU usage.
-        #[arg(long)]
-        cgroup: Option<String>,
-        /// CPUs the container may use (with --cgroup).
-        #[arg(long)]
-        cpu_limit: Option<f64>,
-        /// `veth` (failed when its veth disappears) or `reports` (also when
-        /// its QoS reports stop).
-        #[arg(long)]
-        health: Option<String>,
-    },
+    Add(InstanceSpec),
     /// Remove a registered instance: drained first, its pinned flows given
     /// until they go quiet or the deadline passes, then out of the data
     /// path. Shows progress until it is gone.
@@ -292,30 +262,7 @@ fn main() -> ExitCode {
 
 fn instance(command: InstanceCommand, api_socket: &Path) -> anyhow::Result<()> {
     match command {
-        InstanceCommand::Add {
-            service,
-            name,
-            veth,
-            netns,
-            mac,
-            addr,
-            cgroup,
-            cpu_limit,
-            health,
-        } => cli::instance_add(
-            api_socket,
-            InstanceSpec {
-                service,
-                name,
-                veth,
-                netns,
-                mac,
-                addr,
-                cgroup,
-                cpu_limit,
-                health,
-            },
-        ),
+        InstanceCommand::Add(spec) => cli::instance_add(api_socket, spec),
         InstanceCommand::Remove {
             instance,
             deadline,

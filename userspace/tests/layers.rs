@@ -21,7 +21,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
         &["config", "plan", "coord", "datapath", "sys", "telemetry"],
     ),
     ("l7", &["config", "sys", "telemetry"]),
-    ("api", &["control"]),
+    ("api", &["config", "control"]),
     ("cli", &["api", "config", "control", "datapath"]),
     (
         "agent",

@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     api::{InstanceSpec, RegisteredLine},
-    config::{Config, FieldError, Instance, parse_mac},
+    config::{Config, FieldError},
     sys::link,
 };
 
@@ -217,11 +217,11 @@ impl Lifecycle {
         &self,
         base: &Config,
         ready: impl Fn(&InstanceSpec) -> bool,
-    ) -> (Config, Vec<(String, FieldError)>) {
+    ) -> (Config, Vec<(String, Vec<FieldError>)>) {
         let mut config = base.clone();
         let mut refused = Vec::new();
         for r in self.registered.iter().filter(|r| ready(&r.spec)) {
-            if let Err(e) = add(&mut config, &r.spec) {
+            if let Err(e) = config.add_instance(&r.spec) {
                 refused.push((r.spec.name.clone(), e));
             }
         }
@@ -279,75 +279,15 @@ pub fn veth_present(spec: &InstanceSpec) -> bool {
     link::ifindex(&spec.veth).is_ok()
 }
 
-/// The config's instance for `spec`.
-pub fn instance(spec: &InstanceSpec) -> Result<Instance, FieldError> {
-    let bad = |field: &str, problem: String, fix: &str| FieldError {
-        line: None,
-        field: field.into(),
-        problem,
-        fix: fix.into(),
-    };
-    let mac = spec
-        .mac
-        .as_deref()
-        .map(|m| {
-            parse_mac(m).ok_or_else(|| {
-                bad(
-                    "mac",
-                    format!("`{m}` is not a unicast MAC address"),
-                    "write six hex bytes like 02:00:5e:10:00:01, or leave mac out to discover it",
-                )
-            })
-        })
-        .transpose()?;
-    let addr = spec
-        .addr
-        .as_deref()
-        .map(|a| {
-            a.parse().map_err(|_| {
-                bad(
-                    "addr",
-                    format!("`{a}` is not an address and port"),
-                    "write 198.18.16.2:8080 or [fd00:5100::2]:8080",
-                )
-            })
-        })
-        .transpose()?;
-    let health_reports = match spec.health.as_deref() {
-        None | Some("veth") => false,
-        Some("reports") => true,
-        Some(h) => {
-            return Err(bad(
-                "health",
-                format!("unknown health check `{h}`"),
-                "use \"veth\" (failed when its veth disappears) or \"reports\" (also when its QoS reports stop)",
-            ));
-        }
-    };
-    if let Some(c) = spec.cpu_limit
-        && !(c.is_finite() && (0.01..=4096.0).contains(&c) && spec.cgroup.is_some())
-    {
-        return Err(bad(
-            "cpu_limit",
-            format!("{c} needs a cgroup and must be 0.01 to 4096 CPUs"),
-            "give --cgroup with it, and a limit in CPUs",
-        ));
-    }
-    Ok(Instance {
-        name: spec.name.clone(),
-        veth: spec.veth.clone(),
-        mac,
-        netns: spec.netns.clone(),
-        cgroup: spec.cgroup.as_ref().map(PathBuf::from),
-        cpu_limit: spec.cpu_limit,
-        health_reports,
-        addr,
-    })
-}
-
-/// Adds `spec` to `config`, checked (see [`Config::add_instance`]).
-pub fn add(config: &mut Config, spec: &InstanceSpec) -> Result<(), FieldError> {
-    config.add_instance(&spec.service, instance(spec)?)
+/// Why a registration is refused, as the API answers and the log says
+/// it: each field's error, one a line.
+#[must_use]
+pub fn refusal(errors: &[FieldError]) -> String {
+    errors
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 #[cfg(test)]
@@ -433,7 +373,7 @@ veth = "slc-kv0"
         let (running, refused) = life.effective(&base(), |_| true);
         assert_eq!(running, base());
         assert_eq!(refused.len(), 1);
-        assert_eq!(refused[0].1.field, "name");
+        assert_eq!(refused[0].1[0].field, "name");
     }
 
     #[test]
@@ -446,22 +386,6 @@ veth = "slc-kv0"
             e.contains("state.instances.json") && e.contains("move it aside"),
             "{e}"
         );
-    }
-
-    #[test]
-    fn bad_spec_fields_are_named() {
-        let mut s = spec("kv-1", "v1");
-        s.mac = Some("ff:ff:ff:ff:ff:ff".into());
-        assert_eq!(instance(&s).unwrap_err().field, "mac");
-        let mut s = spec("kv-1", "v1");
-        s.health = Some("ping".into());
-        assert_eq!(instance(&s).unwrap_err().field, "health");
-        let mut s = spec("kv-1", "v1");
-        s.cpu_limit = Some(2.0);
-        assert_eq!(instance(&s).unwrap_err().field, "cpu_limit");
-        let mut s = spec("kv-1", "v1");
-        s.addr = Some("nowhere".into());
-        assert_eq!(instance(&s).unwrap_err().field, "addr");
     }
 
     #[test]

@@ -410,7 +410,9 @@ impl Serving<'_> {
             );
         }
         let mut config = self.running.clone();
-        lifecycle::add(&mut config, &spec).map_err(|e| anyhow::anyhow!("{e}"))?;
+        config
+            .add_instance(&spec)
+            .map_err(|e| anyhow::anyhow!("{}", lifecycle::refusal(&e)))?;
         self.apply(config)
             .await
             .with_context(|| format!("`{}` not added; nothing changed", spec.name))?;
@@ -574,7 +576,7 @@ fn refused(error: String) -> api::Response {
 fn effective(life: &Lifecycle, base: &Config) -> Config {
     let (config, refused) = life.effective(base, lifecycle::veth_present);
     for (name, e) in refused {
-        tracing::error!(instance = %name, error = %e, "a registered instance is refused by the running config and left out; `sluice instance remove` it, or fix the config");
+        tracing::error!(instance = %name, error = %lifecycle::refusal(&e), "a registered instance is refused by the running config and left out; `sluice instance remove` it, or fix the config");
     }
     config
 }

@@ -13,7 +13,8 @@
 //!
 //! This module holds the protocol's types; [`serve`] answers it in the
 //! agent, [`call`] speaks it for the CLI. May import `control` (for QoS
-//! reports).
+//! reports) and `config` (an instance registration is the config's
+//! [`InstanceSpec`], checked by the config's own rules).
 
 mod client;
 mod server;
@@ -24,6 +25,7 @@ pub use self::{
     client::{ClientError, call, call_waiting},
     server::{Job, MAX_LINE, ReportSockets, Shared, serve},
 };
+pub use crate::config::InstanceSpec;
 use crate::control::qos::Report;
 
 #[derive(Debug, Deserialize, Serialize)]
@@ -53,31 +55,6 @@ pub enum Request {
     },
     /// The registered instances and each scaled service's state.
     Instances {},
-}
-
-/// An instance as `sluice instance add` (or a launcher) registers it: the
-/// fields of a `[[service.instance]]` table, and its service.
-#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct InstanceSpec {
-    pub service: String,
-    pub name: String,
-    pub veth: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub netns: Option<String>,
-    /// `aa:bb:cc:dd:ee:ff`; discovered when absent.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub mac: Option<String>,
-    /// `layer = "http"` services: where the L7 distributor reaches it.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub addr: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub cgroup: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub cpu_limit: Option<f64>,
-    /// `reports`: failed when its QoS reports stop too.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub health: Option<String>,
 }
 
 /// One registered instance in an `instances` answer.

@@ -1,12 +1,10 @@
 //! Instances registered while the agent runs (`sluice instance add`, or
-//! started by a launcher): the rules the file's instances follow, checked
-//! against the running config, so an added instance is as good as one
-//! written in the file.
+//! started by a launcher): the rules the file's instances follow
+//! ([`InstanceSpec::check`]), then the checks against the running config
+//! (its service, uniqueness, shared veths, limits), so an added instance
+//! is as good as one written in the file.
 
-use super::{
-    Config, FieldError, Instance, MAX_INSTANCES,
-    check::{VETH_FIX, is_ifname, name_problem},
-};
+use super::{Config, FieldError, Instance, InstanceSpec, MAX_INSTANCES};
 
 /// An error about field `field` of a registration (no line: it did not
 /// come from the file).
@@ -28,37 +26,45 @@ impl Config {
             .any(|s| s.instances.iter().any(|i| i.name == name))
     }
 
-    /// Adds `inst` to service `service`, checked as the file's instances
-    /// are (name, veth, uniqueness, `addr` for http services, the
-    /// instance limit and the service's `max_instances`). Refused, it
-    /// changes nothing.
-    pub fn add_instance(&mut self, service: &str, inst: Instance) -> Result<(), FieldError> {
-        let Some(si) = self.services.iter().position(|s| s.name == service) else {
-            let known: Vec<&str> = self.services.iter().map(|s| s.name.as_str()).collect();
-            return Err(refuse(
-                "service",
-                format!("no service `{service}`"),
-                format!("use one of: {}", known.join(", ")),
-            ));
+    /// Adds `spec` to its service: checked as the file's instances are
+    /// ([`InstanceSpec::check`]), then against this config (its service,
+    /// uniqueness, shared veths, `addr` for http services, the instance
+    /// limit and the service's `max_instances`). Refused, it changes
+    /// nothing.
+    pub fn add_instance(&mut self, spec: &InstanceSpec) -> Result<(), Vec<FieldError>> {
+        let service = spec.service.as_str();
+        let (si, inst) = match (
+            self.services.iter().position(|s| s.name == service),
+            spec.check(),
+        ) {
+            (Some(si), Ok(inst)) => (si, inst),
+            (si, checked) => {
+                let mut errors = Vec::new();
+                if si.is_none() {
+                    let known: Vec<&str> = self.services.iter().map(|s| s.name.as_str()).collect();
+                    errors.push(refuse(
+                        "service",
+                        format!("no service `{service}`"),
+                        format!("use one of: {}", known.join(", ")),
+                    ));
+                }
+                errors.extend(checked.err().into_iter().flatten());
+                return Err(errors);
+            }
         };
-        if inst.name.is_empty() {
-            return Err(refuse("name", "empty", "give the instance a name"));
-        }
-        if let Some((problem, fix)) = name_problem(&inst.name, "instance") {
-            return Err(refuse("name", problem, fix));
-        }
+        self.running_checks(si, &inst).map_err(|e| vec![e])?;
+        self.services[si].instances.push(inst);
+        Ok(())
+    }
+
+    /// What refuses `inst` in service `si` of this config.
+    fn running_checks(&self, si: usize, inst: &Instance) -> Result<(), FieldError> {
+        let service = &self.services[si].name;
         if self.has_instance(&inst.name) {
             return Err(refuse(
                 "name",
                 format!("instance name `{}` is in use", inst.name),
                 "give every instance its own name",
-            ));
-        }
-        if !is_ifname(&inst.veth) {
-            return Err(refuse(
-                "veth",
-                format!("`{}` is not a valid interface name", inst.veth),
-                VETH_FIX,
             ));
         }
         for (sj, s) in self.services.iter().enumerate() {
@@ -122,7 +128,6 @@ impl Config {
                 "remove an instance first, or spread the instances over several hosts",
             ));
         }
-        self.services[si].instances.push(inst);
         Ok(())
     }
 
@@ -136,79 +141,4 @@ impl Config {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::config::tests::parse;
-
-    const BASE: &str = r#"
-[[service]]
-name = "kv"
-vip = "198.18.0.100"
-port = 7000
-protocol = "udp"
-
-[[service.instance]]
-name = "kv-0"
-veth = "slc-kv0"
-
-[[service]]
-name = "web"
-vip = "198.18.0.101"
-port = 80
-protocol = "tcp"
-layer = "http"
-
-[[service.instance]]
-name = "web-0"
-veth = "slc-web0"
-addr = "198.18.16.2:8080"
-"#;
-
-    fn inst(name: &str, veth: &str) -> Instance {
-        Instance {
-            name: name.into(),
-            veth: veth.into(),
-            mac: None,
-            netns: None,
-            cgroup: None,
-            cpu_limit: None,
-            health_reports: false,
-            addr: None,
-        }
-    }
-
-    fn refused(c: &mut Config, service: &str, i: Instance) -> FieldError {
-        let before = c.clone();
-        let e = c.add_instance(service, i).expect_err("refused");
-        assert_eq!(*c, before, "a refused registration changes nothing");
-        e
-    }
-
-    #[test]
-    fn a_good_instance_joins_its_service() {
-        let mut c = parse(BASE).unwrap();
-        c.add_instance("kv", inst("kv-1", "slc-kv1")).unwrap();
-        assert_eq!(c.services[0].instances.len(), 2);
-        assert!(c.has_instance("kv-1"));
-        assert_eq!(c.remove_instance("kv-1").unwrap().veth, "slc-kv1");
-        assert!(!c.has_instance("kv-1"));
-        assert!(c.remove_instance("kv-1").is_none());
-    }
-
-    #[test]
-    fn bad_registrations_name_the_field() {
-        let mut c = parse(BASE).unwrap();
-        assert_eq!(refused(&mut c, "nope", inst("x", "v")).field, "service");
-        assert_eq!(refused(&mut c, "kv", inst("", "v")).field, "name");
-        assert_eq!(refused(&mut c, "kv", inst("../x", "v")).field, "name");
-        let taken = refused(&mut c, "kv", inst("web-0", "v"));
-        assert!(taken.problem.contains("in use"), "{taken}");
-        assert_eq!(refused(&mut c, "kv", inst("kv-1", "a/b")).field, "veth");
-        let dup = refused(&mut c, "kv", inst("kv-1", "slc-kv0"));
-        assert!(dup.problem.contains("kv-0"), "{dup}");
-        assert_eq!(refused(&mut c, "web", inst("web-1", "w1")).field, "addr");
-        let mut with_addr = inst("kv-1", "k1");
-        with_addr.addr = Some("198.18.16.3:80".parse().unwrap());
-        assert_eq!(refused(&mut c, "kv", with_addr).field, "addr");
-    }
-}
+mod tests;

@@ -6,10 +6,7 @@
 //! file is still checked. Unknown keys are collected, not fatal, for the
 //! same reason (see [`super::parse`]).
 
-use std::{
-    net::{IpAddr, SocketAddr},
-    ops::Range,
-};
+use std::{net::IpAddr, ops::Range};
 
 use serde::{Deserialize, Deserializer, de::DeserializeOwned};
 use toml::Spanned;
@@ -150,14 +147,6 @@ pub(super) enum RawTagKind {
     QuicCid,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
-pub(super) enum RawHealth {
-    #[serde(rename = "veth")]
-    Veth,
-    #[serde(rename = "reports")]
-    Reports,
-}
-
 /// A MAC address written `aa:bb:cc:dd:ee:ff`, unicast and not all zeros.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) struct Mac(pub(super) [u8; 6]);
@@ -260,16 +249,18 @@ pub(super) struct RawTag {
     pub(super) cid_length: Option<Field<u16>>,
 }
 
+/// An instance's values are judged by [`super::InstanceSpec::check`], the
+/// rules a registration meets: strings here, as a registration gives them.
 #[derive(Debug, Deserialize)]
 pub(super) struct RawInstance {
     pub(super) name: Option<Field<String>>,
     pub(super) veth: Option<Field<String>>,
-    pub(super) mac: Option<Field<Mac>>,
+    pub(super) mac: Option<Field<String>>,
     pub(super) netns: Option<Field<String>>,
     pub(super) cgroup: Option<Field<String>>,
     pub(super) cpu_limit: Option<Field<f64>>,
-    pub(super) health: Option<Field<RawHealth>>,
-    pub(super) addr: Option<Field<SocketAddr>>,
+    pub(super) health: Option<Field<String>>,
+    pub(super) addr: Option<Field<String>>,
 }
 
 /// `[service.scale]`: instance bounds, pacing, launcher, failure rule and
