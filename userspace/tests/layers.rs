@@ -167,3 +167,45 @@ fn the_import_reader_sees_nested_and_single_paths() {
             .into()
     );
 }
+
+/// ARCHITECTURE.md's "to change X, open Y" table is true: every file it
+/// names exists and holds the item named beside it, so a file that is
+/// split or renamed takes the table with it.
+#[test]
+fn the_to_change_table_names_files_that_hold_their_items() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("the workspace");
+    let doc = fs::read_to_string(root.join("ARCHITECTURE.md")).expect("ARCHITECTURE.md");
+    let section = doc
+        .split("## To change X, open Y")
+        .nth(1)
+        .expect("ARCHITECTURE.md has a section \"To change X, open Y\"");
+    let section = section.split("\n## ").next().unwrap_or(section);
+    let mut rows = 0;
+    let mut wrong = Vec::new();
+    for line in section.lines().filter(|l| l.starts_with("| ")) {
+        let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+        // `| what | `file` | `item` |` splits into ["", what, file, item, ""].
+        let (Some(file), Some(item)) = (cells.get(2), cells.get(3)) else {
+            continue;
+        };
+        let (Some(file), Some(item)) = (
+            file.strip_prefix('`').and_then(|f| f.strip_suffix('`')),
+            item.strip_prefix('`').and_then(|i| i.strip_suffix('`')),
+        ) else {
+            continue; // the header and the rule
+        };
+        rows += 1;
+        match fs::read_to_string(root.join(file)) {
+            Ok(text) if text.contains(item) => {}
+            Ok(_) => wrong.push(format!("{file} does not hold `{item}`")),
+            Err(e) => wrong.push(format!("{file}: {e}")),
+        }
+    }
+    assert!(rows >= 10, "read only {rows} rows of the table");
+    assert!(
+        wrong.is_empty(),
+        "ARCHITECTURE.md's table is wrong: {wrong:#?}"
+    );
+}
