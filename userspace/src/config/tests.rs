@@ -29,6 +29,41 @@ name = "web-0"
 veth = "slc-web0"
 "#;
 
+/// Service `kv` (L4) with instance `kv-0`, service `web` (http) with
+/// `web-0`.
+pub(crate) const BASE: &str = r#"
+[[service]]
+name = "kv"
+vip = "198.18.0.100"
+port = 7000
+protocol = "udp"
+
+[[service.instance]]
+name = "kv-0"
+veth = "slc-kv0"
+
+[[service]]
+name = "web"
+vip = "198.18.0.101"
+port = 80
+protocol = "tcp"
+layer = "http"
+
+[[service.instance]]
+name = "web-0"
+veth = "slc-web0"
+addr = "198.18.16.2:8080"
+"#;
+
+pub(crate) fn spec(service: &str, name: &str, veth: &str) -> InstanceSpec {
+    InstanceSpec {
+        service: service.into(),
+        name: name.into(),
+        veth: veth.into(),
+        ..InstanceSpec::default()
+    }
+}
+
 pub(crate) fn parse(text: &str) -> Result<Config, ConfigError> {
     Config::parse(text, Path::new("test.toml"))
 }

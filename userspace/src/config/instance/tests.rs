@@ -3,43 +3,8 @@ use std::fmt::Write as _;
 use super::*;
 use crate::config::{
     Config,
-    tests::{only_error, parse},
+    tests::{BASE, only_error, parse, spec},
 };
-
-/// Service `kv` (L4) with instance `kv-0`, service `web` (http) with
-/// `web-0`.
-const BASE: &str = r#"
-[[service]]
-name = "kv"
-vip = "198.18.0.100"
-port = 7000
-protocol = "udp"
-
-[[service.instance]]
-name = "kv-0"
-veth = "slc-kv0"
-
-[[service]]
-name = "web"
-vip = "198.18.0.101"
-port = 80
-protocol = "tcp"
-layer = "http"
-
-[[service.instance]]
-name = "web-0"
-veth = "slc-web0"
-addr = "198.18.16.2:8080"
-"#;
-
-fn spec(service: &str, name: &str, veth: &str) -> InstanceSpec {
-    InstanceSpec {
-        service: service.into(),
-        name: name.into(),
-        veth: veth.into(),
-        ..InstanceSpec::default()
-    }
-}
 
 /// `BASE` with `s` written into the file as its service's second instance.
 fn written(s: &InstanceSpec) -> String {

@@ -1,38 +1,5 @@
 use super::*;
-use crate::config::tests::parse;
-
-const BASE: &str = r#"
-[[service]]
-name = "kv"
-vip = "198.18.0.100"
-port = 7000
-protocol = "udp"
-
-[[service.instance]]
-name = "kv-0"
-veth = "slc-kv0"
-
-[[service]]
-name = "web"
-vip = "198.18.0.101"
-port = 80
-protocol = "tcp"
-layer = "http"
-
-[[service.instance]]
-name = "web-0"
-veth = "slc-web0"
-addr = "198.18.16.2:8080"
-"#;
-
-fn inst(service: &str, name: &str, veth: &str) -> InstanceSpec {
-    InstanceSpec {
-        service: service.into(),
-        name: name.into(),
-        veth: veth.into(),
-        ..InstanceSpec::default()
-    }
-}
+use crate::config::tests::{BASE, parse, spec};
 
 /// The one error a registration of `i` meets; `c` is left as it was.
 fn refused(c: &mut Config, i: &InstanceSpec) -> FieldError {
@@ -46,7 +13,7 @@ fn refused(c: &mut Config, i: &InstanceSpec) -> FieldError {
 #[test]
 fn a_good_instance_joins_its_service() {
     let mut c = parse(BASE).unwrap();
-    c.add_instance(&inst("kv", "kv-1", "slc-kv1")).unwrap();
+    c.add_instance(&spec("kv", "kv-1", "slc-kv1")).unwrap();
     assert_eq!(c.services[0].instances.len(), 2);
     assert!(c.has_instance("kv-1"));
     assert_eq!(c.remove_instance("kv-1").unwrap().veth, "slc-kv1");
@@ -57,16 +24,16 @@ fn a_good_instance_joins_its_service() {
 #[test]
 fn bad_registrations_name_the_field() {
     let mut c = parse(BASE).unwrap();
-    assert_eq!(refused(&mut c, &inst("nope", "x", "v")).field, "service");
-    assert_eq!(refused(&mut c, &inst("kv", "", "v")).field, "name");
-    assert_eq!(refused(&mut c, &inst("kv", "../x", "v")).field, "name");
-    let taken = refused(&mut c, &inst("kv", "web-0", "v"));
+    assert_eq!(refused(&mut c, &spec("nope", "x", "v")).field, "service");
+    assert_eq!(refused(&mut c, &spec("kv", "", "v")).field, "name");
+    assert_eq!(refused(&mut c, &spec("kv", "../x", "v")).field, "name");
+    let taken = refused(&mut c, &spec("kv", "web-0", "v"));
     assert!(taken.problem.contains("in use"), "{taken}");
-    assert_eq!(refused(&mut c, &inst("kv", "kv-1", "a/b")).field, "veth");
-    let dup = refused(&mut c, &inst("kv", "kv-1", "slc-kv0"));
+    assert_eq!(refused(&mut c, &spec("kv", "kv-1", "a/b")).field, "veth");
+    let dup = refused(&mut c, &spec("kv", "kv-1", "slc-kv0"));
     assert!(dup.problem.contains("kv-0"), "{dup}");
-    assert_eq!(refused(&mut c, &inst("web", "web-1", "w1")).field, "addr");
-    let mut with_addr = inst("kv", "kv-1", "k1");
+    assert_eq!(refused(&mut c, &spec("web", "web-1", "w1")).field, "addr");
+    let mut with_addr = spec("kv", "kv-1", "k1");
     with_addr.addr = Some("198.18.16.3:80".into());
     assert_eq!(refused(&mut c, &with_addr).field, "addr");
 }
