@@ -8,7 +8,7 @@ use std::{
 
 use sluice_tests::{
     netns, process,
-    scale::{LaunchedGuard, sink_count},
+    scale::{LaunchedGuard, launched_running, sink_count},
     testbed::{self, Testbed},
     traffic::{PacedSender, TcpServers, UdpServers, tcp_echo},
 };
@@ -285,16 +285,6 @@ fn wait_until(agent: &process::Agent, what: &str, secs: u64, done: impl Fn() -> 
         );
         std::thread::sleep(Duration::from_millis(200));
     }
-}
-
-/// The launched instances `instance list` shows running.
-fn launched_running(sock: &str) -> Vec<String> {
-    let out = process::sluice(&["instance", "list", "--api-socket", sock]);
-    text(&out)
-        .lines()
-        .filter(|l| l.contains(" launcher ") && l.contains(" running "))
-        .filter_map(|l| l.split_whitespace().nth(1).map(str::to_owned))
-        .collect()
 }
 
 /// Load stepped up past what the instances absorb: the scaler launches
