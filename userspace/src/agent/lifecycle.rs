@@ -293,15 +293,7 @@ pub fn refusal(errors: &[FieldError]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn spec(name: &str, veth: &str) -> InstanceSpec {
-        InstanceSpec {
-            service: "kv".into(),
-            name: name.into(),
-            veth: veth.into(),
-            ..InstanceSpec::default()
-        }
-    }
+    use crate::config::tests::spec;
 
     fn base() -> Config {
         Config::parse(
@@ -329,12 +321,12 @@ veth = "slc-kv0"
         let mut life = Lifecycle::open(&state).unwrap();
         assert!(life.registered().is_empty());
         life.insert(Registered {
-            spec: spec("kv-1", "v1"),
+            spec: spec("kv", "kv-1", "v1"),
             source: Source::Api,
         })
         .unwrap();
         life.insert(Registered {
-            spec: spec("kv-2", "v2"),
+            spec: spec("kv", "kv-2", "v2"),
             source: Source::Launcher,
         })
         .unwrap();
@@ -366,7 +358,7 @@ veth = "slc-kv0"
         let mut life = Lifecycle::open(&state).unwrap();
         // Its name is the file's own now.
         life.insert(Registered {
-            spec: spec("kv-0", "v9"),
+            spec: spec("kv", "kv-0", "v9"),
             source: Source::Api,
         })
         .unwrap();
