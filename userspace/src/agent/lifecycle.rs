@@ -293,24 +293,10 @@ pub fn refusal(errors: &[FieldError]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::tests::spec;
+    use crate::config::tests::{BASE, parse, spec};
 
     fn base() -> Config {
-        Config::parse(
-            r#"
-[[service]]
-name = "kv"
-vip = "198.18.0.100"
-port = 7000
-protocol = "udp"
-
-[[service.instance]]
-name = "kv-0"
-veth = "slc-kv0"
-"#,
-            Path::new("t.toml"),
-        )
-        .unwrap()
+        parse(BASE).unwrap()
     }
 
     #[test]
