@@ -2,6 +2,7 @@
 //! that loads the real XDP program and runs frames through it with
 //! `BPF_PROG_TEST_RUN`.
 
+pub mod checker;
 pub mod cluster;
 pub mod demo;
 pub mod etcd;
