@@ -83,7 +83,7 @@ fn groups(bed: &ClusterBed) -> Vec<GroupEntry> {
 
 /// The bed, its agents started with `agent`/`extra` config lines, the
 /// service spread evenly over the six instances (written into etcd, as
-/// many_hosts does: idle instances trade nothing on their own), and the
+/// `many_hosts` does: idle instances trade nothing on their own), and the
 /// checker sending.
 fn setup(tag: &str, agent: &str, extra: &str) -> (ClusterBed, TagChecker) {
     let mut bed = ClusterBed::new(tag, HOSTS, PER_HOST);
@@ -469,5 +469,48 @@ fn an_instance_fails_while_another_host_sheds() {
         checker,
         healed,
         SETTLE,
+    );
+}
+
+/// `sluice xdp-pass` (the router's side of a test cluster's veths, see
+/// README's "Many hosts") attaches to every interface named and detaches on
+/// SIGTERM.
+#[test]
+fn xdp_pass_attaches_until_sigterm() {
+    let ns = sluice_tests::process::Netns(format!("sl-flt-xp-{}", std::process::id()));
+    sluice_tests::process::ip(&["netns", "add", &ns.0]);
+    sluice_tests::process::ip(&[
+        "-n", &ns.0, "link", "add", "xa", "type", "veth", "peer", "name", "xb",
+    ]);
+    let has_xdp = |dev: &str| {
+        let out = Command::new("ip")
+            .args(["-n", &ns.0, "link", "show", dev])
+            .output()
+            .expect("ip link");
+        String::from_utf8_lossy(&out.stdout).contains(" xdp")
+    };
+    let mut child = Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}", ns.0))
+        .arg(sluice_tests::process::sluice_bin())
+        .args(["xdp-pass", "--iface", "xa", "--iface", "xb"])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("sluice xdp-pass");
+    let t = std::time::Instant::now();
+    while !(has_xdp("xa") && has_xdp("xb")) {
+        if t.elapsed() > Duration::from_secs(10) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("not attached to both after 10 s");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // SAFETY: signalling the child this test started, still running.
+    unsafe { libc::kill(i32::try_from(child.id()).expect("pid"), libc::SIGTERM) };
+    let status = child.wait().expect("wait");
+    assert!(status.success(), "{status}");
+    assert!(
+        !has_xdp("xa") && !has_xdp("xb"),
+        "still attached after exit"
     );
 }

@@ -90,6 +90,21 @@ enum Command {
         #[arg(long)]
         pin_dir: Option<PathBuf>,
     },
+    /// Attach an XDP program that passes every frame (`XDP_PASS`) to each
+    /// interface until SIGINT/SIGTERM, then detach it. For test networks of
+    /// veth pairs: a frame a host's Sluice sends back out of its NIC
+    /// (`XDP_TX`, encapsulated to another host) reaches the veth's peer only
+    /// if the peer has an XDP program of its own; run this on the router's
+    /// (or switch's) side of each host's veth. Real NICs need nothing.
+    XdpPass {
+        /// Interfaces to attach to (in this network namespace; use `ip netns
+        /// exec NS sluice xdp-pass ...` for another).
+        #[arg(long, short, required = true)]
+        iface: Vec<String>,
+        /// Attach in generic (skb) mode instead of native.
+        #[arg(long)]
+        generic: bool,
+    },
     /// Check a config file and print what it would program; changes nothing.
     CheckConfig {
         /// TOML config to check.
@@ -216,6 +231,7 @@ fn main() -> ExitCode {
         }),
         Command::CheckConfig { config } => cli::check_config(&config),
         Command::Detach { iface, pin_dir } => cli::detach(iface.as_deref(), pin_dir),
+        Command::XdpPass { iface, generic } => cli::xdp_pass(&iface, generic),
         Command::Status { api_socket } => cli::status(&api_socket),
         Command::Groups {
             service,

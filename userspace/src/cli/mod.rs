@@ -1,5 +1,6 @@
 //! The commands that are not the agent itself: checking a config, taking
-//! down a pinned data path, and the local API's clients (`status`,
+//! down a pinned data path, an `XDP_PASS` program for test veths, and the
+//! local API's clients (`status`,
 //! `groups`, `drain`, `undrain`, `report`) with their tables.
 //!
 //! May import `api` (the client), `config`, `control` (the report type)
@@ -288,4 +289,65 @@ pub fn detach(iface: Option<&str>, pin_dir: Option<PathBuf>) -> anyhow::Result<(
         println!("{}: nothing pinned there", dir.display());
     }
     Ok(())
+}
+
+/// `sluice xdp-pass`: attaches the `XDP_PASS` program to every one of
+/// `ifaces`, waits for SIGINT or SIGTERM, and detaches (its links are
+/// dropped with the program; a killed process's links go with it too).
+pub fn xdp_pass(ifaces: &[String], generic: bool) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    use aya::programs::{Xdp, xdp::XdpMode};
+
+    let object = crate::datapath::xdp::objects::EMPTY_XDP;
+    anyhow::ensure!(
+        !object.is_empty(),
+        "this sluice was built without its XDP programs (bpf-linker missing): `cargo xtask build`"
+    );
+    // Blocked before anything is attached, so a signal that comes early
+    // waits for `sigwait` instead of killing the process mid-way.
+    let signals = block_term_signals()?;
+    let mut ebpf = aya::Ebpf::load(object).context("loading the pass program")?;
+    let prog: &mut Xdp = ebpf
+        .program_mut("empty")
+        .context("program `empty`")?
+        .try_into()?;
+    prog.load().context("loading the pass program")?;
+    let mode = if generic {
+        XdpMode::Skb
+    } else {
+        XdpMode::Driver
+    };
+    for iface in ifaces {
+        prog.attach(iface, mode)
+            .with_context(|| format!("attaching XDP_PASS to {iface}"))?;
+        println!("{iface}: XDP_PASS attached");
+    }
+    println!("until SIGINT or SIGTERM");
+    let mut sig = 0;
+    // SAFETY: waiting on a set built by `block_term_signals`.
+    let r = unsafe { libc::sigwait(&raw const signals, &raw mut sig) };
+    anyhow::ensure!(r == 0, "sigwait: {}", std::io::Error::from_raw_os_error(r));
+    drop(ebpf);
+    println!("detached from {}", ifaces.join(", "));
+    Ok(())
+}
+
+/// Blocks SIGINT and SIGTERM for this thread (the only one) and returns
+/// the set, for `sigwait`.
+fn block_term_signals() -> anyhow::Result<libc::sigset_t> {
+    // SAFETY: a zeroed sigset_t is valid input to sigemptyset, which
+    // initialises it; the calls only touch the set and this thread's mask.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&raw mut set);
+        libc::sigaddset(&raw mut set, libc::SIGINT);
+        libc::sigaddset(&raw mut set, libc::SIGTERM);
+        let r = libc::pthread_sigmask(libc::SIG_BLOCK, &raw const set, std::ptr::null_mut());
+        anyhow::ensure!(
+            r == 0,
+            "blocking signals: {}",
+            std::io::Error::from_raw_os_error(r)
+        );
+        Ok(set)
+    }
 }
