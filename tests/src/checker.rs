@@ -105,13 +105,14 @@ fn parse(b: &[u8]) -> Option<(u16, u8, u32)> {
 fn serve(
     sock: &UdpSocket,
     instance: usize,
+    until: Instant,
     serving: &AtomicBool,
     limit: &AtomicU64,
     records: &Mutex<Vec<Record>>,
 ) {
     let mut buf = [0u8; 256];
     let mut next = Instant::now();
-    while serving.load(Ordering::Relaxed) {
+    while serving.load(Ordering::Relaxed) && Instant::now() < until {
         let pps = limit.load(Ordering::Relaxed);
         if pps > 0 {
             // A slow instance: its socket queue fills and drops.
@@ -163,6 +164,9 @@ impl TagChecker {
         let dst = SocketAddr::new(vip, 7000);
         let records = Arc::new(Mutex::new(Vec::new()));
         let serving = Arc::new(AtomicBool::new(true));
+        // Servers stop on their own a while after the last round, should
+        // the test panic before `finish`.
+        let until = Instant::now() + ROUND * max_rounds + Duration::from_secs(10);
         let mut throttle = Vec::new();
         let servers = bed
             .all_instances()
@@ -177,7 +181,7 @@ impl TagChecker {
                 let limit = Arc::new(AtomicU64::new(0));
                 throttle.push(limit.clone());
                 let (serving, records) = (serving.clone(), records.clone());
-                std::thread::spawn(move || serve(&sock, i, &serving, &limit, &records))
+                std::thread::spawn(move || serve(&sock, i, until, &serving, &limit, &records))
             })
             .collect();
         let socks: Vec<UdpSocket> = netns::run_in(&bed.client.0, || {
