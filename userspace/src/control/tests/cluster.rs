@@ -269,6 +269,38 @@ fn an_overloaded_host_never_sheds_to_another_hosts_failed_instance() {
     c.assert_agree(1, &[]);
 }
 
+/// As with a failed one: a drained instance on another host publishes a
+/// load near 0 and was the overloaded host's favourite receiver.
+#[test]
+fn an_overloaded_host_never_sheds_to_another_hosts_drained_instance() {
+    let mut c = two_hosts();
+    c.hosts[0].ctl.set_drained("a0", true).expect("a0 is A's");
+    for _ in 0..2 {
+        c.hosts[0].dp.deliver(0, 0x8010, 500);
+        c.round();
+    }
+    assert!(c.owned_by("a0").is_empty(), "a0 gave its group away");
+    for _ in 0..4 {
+        c.hosts[0].dp.deliver(0, 0x8010, 500);
+        c.hosts[1].dp.deliver(0, 0x0010, 450);
+        c.hosts[1].dp.deliver(0, 0x2010, 450);
+        let made = c.round();
+        assert!(
+            made.iter().all(|e| e.to != "a0"),
+            "a group was moved onto the drained a0: {made:?}"
+        );
+    }
+    let a0 = c.hosts[1]
+        .ctl
+        .remote_status()
+        .into_iter()
+        .find(|r| r.name == "a0")
+        .expect("a0 seen by host B");
+    assert_eq!(a0.state, InstanceState::Drained);
+    c.assert_agree(0, &[]);
+    c.assert_agree(1, &[]);
+}
+
 /// Defect (issue 27, D1): a failed instance's failover ran once. A group
 /// another host moved onto it afterwards (it still looked like a peer
 /// there) stayed with it for good: dead everywhere in the cluster.
