@@ -1,7 +1,13 @@
 //! Health: which instances have failed (their veth is gone, or their
 //! reports stopped), taking them out of the data path and the store, and
 //! taking them back after a hold-down; and the groups of other hosts'
-//! instances whose host is gone.
+//! instances whose host is gone, or that are no longer registered.
+//!
+//! Bounds (in control intervals) for a group left with an instance that
+//! takes no work: a failed local instance's groups are unowned at the next
+//! interval of its host, however they got there (every interval looks
+//! again); a removed instance's are taken after
+//! [`UNKNOWN_OWNER_INTERVALS`]; a dead host's once its lease has expired.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -204,7 +210,7 @@ impl Health {
 /// groups are taken: an instance another host registers is known here
 /// from the next read of the cluster, which comes every interval, so only
 /// a removed one (or one of a host whose records are gone) stays unknown.
-pub(super) const UNKNOWN_OWNER_INTERVALS: u32 = 2;
+pub const UNKNOWN_OWNER_INTERVALS: u32 = 2;
 
 /// Owners of groups unknown here, and for how many intervals in a row.
 #[derive(Default)]

@@ -58,6 +58,7 @@ use self::{
     wlm::MoveLimiter,
 };
 pub use self::{
+    health::UNKNOWN_OWNER_INTERVALS,
     services::{InstanceStatus, RemoteStatus},
     settle::{Settled, StoreStep, settle_service},
 };

@@ -14,7 +14,7 @@ use sluice_common::maps::NO_OWNER;
 
 use super::{super::Controller, FakeHost};
 use crate::{
-    control::MoveEvent,
+    control::{MoveEvent, UNKNOWN_OWNER_INTERVALS},
     coord::{CoordStore, EmbeddedStore, GroupEntry, InstanceState},
     datapath::{Datapath, fake::MemDatapath},
     plan::{Group, Plan, RemotePlan, Resolved},
@@ -364,11 +364,15 @@ fn an_owner_removed_from_the_cluster_does_not_stop_the_other_hosts_loop() {
         .find(|s| s.name == "a1")
         .expect("a1");
     assert!(a1.sample.rate_pps > 0.0, "host A measured nothing: {a1:?}");
-    // And after two intervals the orphaned group is taken, by compare
-    // and swap, by one of A's instances.
+    // And once it has been unknown for UNKNOWN_OWNER_INTERVALS (2)
+    // intervals, the orphaned group is taken, by compare and swap, by one
+    // of A's instances.
+    assert!(c.owned_by("b0").len() == 1, "not before: {made:?}");
     let mut made = made;
-    c.now += Duration::from_secs(1);
-    made.extend(c.tick(0));
+    for _ in 1..UNKNOWN_OWNER_INTERVALS {
+        c.now += Duration::from_secs(1);
+        made.extend(c.tick(0));
+    }
     assert!(
         c.owned_by("b0").is_empty(),
         "b0 still owns {:?}",
