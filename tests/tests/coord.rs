@@ -176,6 +176,7 @@ async fn contract_limits(s: &dyn CoordStore, last_version: u64) {
         Load {
             utilisation: 0.5,
             rate_pps: 10.0,
+            ..Load::default()
         },
     )
     .await
@@ -185,6 +186,7 @@ async fn contract_limits(s: &dyn CoordStore, last_version: u64) {
         Load {
             utilisation: 0.25,
             rate_pps: 5.0,
+            ..Load::default()
         },
     )
     .await
@@ -333,6 +335,7 @@ fn a_host_lives_by_its_lease() {
                 Load {
                     utilisation: 0.1,
                     rate_pps: 1.0,
+                    ..Load::default()
                 },
             )
             .await

@@ -27,7 +27,7 @@ use super::{
 use crate::{
     api::{self, InstanceLine, InstanceSpec},
     config::{Config, StoreKind, format_mac},
-    control::InstanceStatus,
+    control::{InstanceState, InstanceStatus},
     coord::{CoordStore, EmbeddedStore, Event},
     datapath::{AttachMode, Datapath as _, xdp},
     sys::lock::AgentLock,
@@ -629,6 +629,17 @@ async fn publish_status(agent: &Agent, status: Option<&[InstanceStatus]>, shared
     // In a cluster, every instance's host: this one's, and the others'.
     let me = &agent.cluster.host;
     let remote = agent.control.remote_status();
+    // Every instance's state: this host's, and what the others publish.
+    let state_of = |owner: &str| -> InstanceState {
+        remote.iter().find(|r| r.name == owner).map_or_else(
+            || {
+                status
+                    .and_then(|st| st.iter().find(|s| s.name == owner))
+                    .map_or_else(InstanceState::default, |s| s.state)
+            },
+            |r| r.state,
+        )
+    };
     let host_of = |owner: &str| -> String {
         remote.iter().find(|r| r.name == owner).map_or_else(
             || {
@@ -649,6 +660,7 @@ async fn publish_status(agent: &Agent, status: Option<&[InstanceStatus]>, shared
                     .into_iter()
                     .map(|e| api::GroupLine {
                         host: host_of(&e.owner),
+                        state: state_of(&e.owner),
                         group: e.group.to_string(),
                         owner: e.owner,
                         version: e.version,
@@ -674,6 +686,7 @@ async fn publish_status(agent: &Agent, status: Option<&[InstanceStatus]>, shared
             groups: s.groups.iter().map(ToString::to_string).collect(),
             host: me.clone(),
             live: true,
+            state: s.state,
         })
         .collect();
     lines.extend(remote.into_iter().map(|r| {
@@ -687,7 +700,7 @@ async fn publish_status(agent: &Agent, status: Option<&[InstanceStatus]>, shared
             })
             .unwrap_or_default();
         InstanceLine {
-            drained: false,
+            drained: r.state == InstanceState::Drained,
             service: r.service,
             name: r.name,
             utilisation: r.sample.utilisation,
@@ -696,6 +709,7 @@ async fn publish_status(agent: &Agent, status: Option<&[InstanceStatus]>, shared
             groups: owned,
             host: r.host,
             live: r.live,
+            state: r.state,
         }
     }));
     *shared.status.lock().expect("status lock") = lines;

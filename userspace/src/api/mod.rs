@@ -26,7 +26,7 @@ pub use self::{
     server::{Job, MAX_LINE, ReportSockets, Shared, serve},
 };
 pub use crate::config::InstanceSpec;
-use crate::control::qos::Report;
+use crate::control::{InstanceState, qos::Report};
 
 #[derive(Debug, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
@@ -115,6 +115,10 @@ pub struct GroupLine {
     /// The owner's host (a cluster's; empty on one host).
     #[serde(default)]
     pub host: String,
+    /// The owner's state (`ok` for an unowned group, and from an older
+    /// agent).
+    #[serde(default)]
+    pub state: InstanceState,
 }
 
 /// One instance in a status answer.
@@ -134,6 +138,10 @@ pub struct InstanceLine {
     /// Its host holds its lease (always, for this host's own).
     #[serde(default = "yes")]
     pub live: bool,
+    /// Failed, drained, reserved or ok, as its host publishes it (`ok`
+    /// from an older agent, which shows only `drained`).
+    #[serde(default)]
+    pub state: InstanceState,
 }
 
 const fn yes() -> bool {

@@ -7,14 +7,15 @@
 //! and `datapath` (pins).
 
 use std::{
+    fmt::Write as _,
     path::{Path, PathBuf},
     time::{Duration, Instant},
 };
 
 use crate::{
-    api::{self, InstanceLine, InstanceSpec, RegisteredLine, Request, ScaleLine},
+    api::{self, GroupLine, InstanceLine, InstanceSpec, RegisteredLine, Request, ScaleLine},
     config::Config,
-    control::qos::Report,
+    control::{InstanceState, qos::Report},
     datapath::xdp::{XdpDatapath, default_pin_dir},
 };
 
@@ -48,6 +49,17 @@ fn instances(api_socket: &Path) -> anyhow::Result<Vec<InstanceLine>> {
 pub fn status(api_socket: &Path) -> anyhow::Result<()> {
     // Ask first: no table header above an error.
     let instances = instances(api_socket)?;
+    print!("{}", status_table(&instances));
+    // An older agent has no `instances` request: the table above is all.
+    if let Ok((_, scale)) = registered(api_socket) {
+        print_scale(&scale);
+    }
+    Ok(())
+}
+
+/// The `status` table: one line per instance.
+fn status_table(instances: &[InstanceLine]) -> String {
+    let mut out = String::new();
     let cluster = instances.iter().any(|i| !i.host.is_empty());
     let host = |i: &InstanceLine| {
         if cluster {
@@ -63,8 +75,9 @@ pub fn status(api_socket: &Path) -> anyhow::Result<()> {
             String::new()
         }
     };
-    println!(
-        "{}{:<16} {:<16} {:>6} {:>10} {:>8}  groups",
+    let _ = writeln!(
+        out,
+        "{}{:<16} {:<16} {:<8} {:>6} {:>10} {:>8}  groups",
         if cluster {
             format!("{:<12} ", "host")
         } else {
@@ -72,52 +85,84 @@ pub fn status(api_socket: &Path) -> anyhow::Result<()> {
         },
         "service",
         "instance",
+        "state",
         "util",
         "pps",
         "drops/s"
     );
     for i in instances {
-        println!(
-            "{}{:<16} {:<16} {:>6.2} {:>10.0} {:>8.0}  {}{}",
-            host(&i),
+        // An older agent says only `drained`.
+        let state = if i.drained && i.state == InstanceState::Ok {
+            InstanceState::Drained
+        } else {
+            i.state
+        };
+        // A failed instance is not idle: its figure says nothing.
+        let util = if state == InstanceState::Failed {
+            "-".to_owned()
+        } else {
+            format!("{:.2}", i.utilisation)
+        };
+        let _ = writeln!(
+            out,
+            "{}{:<16} {:<16} {:<8} {:>6} {:>10.0} {:>8.0}  {}",
+            host(i),
             i.service,
             i.name,
-            i.utilisation,
+            state.as_str(),
+            util,
             i.rate_pps,
             i.drops_ps,
             i.groups.join(" "),
-            if i.drained { "  (drained)" } else { "" }
         );
     }
-    // An older agent has no `instances` request: the table above is all.
-    if let Ok((_, scale)) = registered(api_socket) {
-        print_scale(&scale);
-    }
-    Ok(())
+    out
 }
 
 /// `sluice groups SERVICE`: the service's groups and owners.
 pub fn groups(api_socket: &Path, service: String) -> anyhow::Result<()> {
     let answer = api::call(api_socket, &Request::Groups { service })?;
     let groups = answer.groups.unwrap_or_default();
-    if groups.iter().any(|g| !g.host.is_empty()) {
-        println!(
-            "{:<12} {:<16} {:<12} {:>8}",
-            "group", "owner", "host", "version"
-        );
-        for g in groups {
-            println!(
-                "{:<12} {:<16} {:<12} {:>8}",
-                g.group, g.owner, g.host, g.version
-            );
-        }
-    } else {
-        println!("{:<12} {:<16} {:>8}", "group", "owner", "version");
-        for g in groups {
-            println!("{:<12} {:<16} {:>8}", g.group, g.owner, g.version);
-        }
-    }
+    print!("{}", groups_table(&groups));
     Ok(())
+}
+
+/// The `groups` table: one line per group, with its owner's host (in a
+/// cluster) and state (`-`: unowned).
+fn groups_table(groups: &[GroupLine]) -> String {
+    let mut out = String::new();
+    let cluster = groups.iter().any(|g| !g.host.is_empty());
+    let host = |h: &str| {
+        if cluster {
+            format!("{h:<12} ")
+        } else {
+            String::new()
+        }
+    };
+    let _ = writeln!(
+        out,
+        "{:<12} {:<16} {}{:>8}  state",
+        "group",
+        "owner",
+        host("host"),
+        "version"
+    );
+    for g in groups {
+        let state = if g.owner.is_empty() {
+            "-"
+        } else {
+            g.state.as_str()
+        };
+        let _ = writeln!(
+            out,
+            "{:<12} {:<16} {}{:>8}  {state}",
+            g.group,
+            g.owner,
+            host(&g.host),
+            g.version
+        );
+    }
+    out
 }
 
 /// `sluice drain INSTANCE`: asks the agent to drain, then shows progress
@@ -351,3 +396,6 @@ fn block_term_signals() -> anyhow::Result<libc::sigset_t> {
         Ok(set)
     }
 }
+
+#[cfg(test)]
+mod tests;

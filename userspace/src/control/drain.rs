@@ -106,7 +106,7 @@ impl Drains {
                     .chain(
                         svc.remote
                             .iter()
-                            .filter(|r| r.live)
+                            .filter(|r| r.takes_work())
                             .map(|r| (r.sample.utilisation, &r.name)),
                     )
                     .min_by(|a, b| a.0.total_cmp(&b.0))

@@ -1,7 +1,13 @@
 //! Health: which instances have failed (their veth is gone, or their
 //! reports stopped), taking them out of the data path and the store, and
 //! taking them back after a hold-down; and the groups of other hosts'
-//! instances whose host is gone.
+//! instances whose host is gone, or that are no longer registered.
+//!
+//! Bounds (in control intervals) for a group left with an instance that
+//! takes no work: a failed local instance's groups are unowned at the next
+//! interval of its host, however they got there (every interval looks
+//! again); a removed instance's are taken after
+//! [`UNKNOWN_OWNER_INTERVALS`]; a dead host's once its lease has expired.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -16,7 +22,7 @@ use super::{
     wlm::ElementState,
 };
 use crate::{
-    coord::{CoordError, GroupEntry},
+    coord::{CoordError, GroupEntry, InstanceState, Load},
     datapath::Datapath,
 };
 
@@ -25,8 +31,8 @@ pub(super) struct Health {
     /// Instances found failed (their veth is gone): out of the data path,
     /// their groups unowned, claimed again by the survivors.
     failed: HashSet<String>,
-    /// Failed instances not yet wholly out (a write failed half-way): taken
-    /// out again each interval until it all lands.
+    /// Failed instances not yet out of the data path (a write failed
+    /// half-way): marked not live again each interval until it lands.
     failing: HashSet<String>,
     /// How long a failed instance must look healthy again before it is
     /// taken back.
@@ -63,7 +69,9 @@ impl Health {
     /// controller has run that long). Each is taken out of the data path
     /// at once (its packets are punted, its pinned flows no longer hold)
     /// and its groups become unowned in the store, to be claimed by the
-    /// survivors as their packets arrive.
+    /// survivors as their packets arrive. Every interval after that, any
+    /// group a failed instance owns again (another host moved it there
+    /// before it read the instance's state) is unowned too.
     pub(super) async fn fail_step(
         &mut self,
         mv: &mut Mover<'_>,
@@ -75,7 +83,7 @@ impl Health {
     ) -> Result<Vec<MoveEvent>, ControlError> {
         let mut made = Vec::new();
         let grace_over = now.saturating_duration_since(self.started) > report_life;
-        let gone: Vec<String> = services
+        let gone: Vec<(String, Load)> = services
             .iter()
             .flat_map(|s| &s.instances)
             .filter(|i| {
@@ -85,17 +93,26 @@ impl Health {
                             && grace_over
                             && !reporting.contains_key(&i.name)))
             })
-            .map(|i| i.name.clone())
+            .map(|i| {
+                let load = Load {
+                    utilisation: i.sample.utilisation,
+                    rate_pps: i.sample.rate_pps,
+                    state: InstanceState::Failed,
+                };
+                (i.name.clone(), load)
+            })
             .collect();
-        for name in gone {
+        for (name, load) in gone {
             tracing::warn!(instance = %name, "instance failed (veth gone or reports stopped); its groups are unowned until claimed");
-            // Failed at once: no claim gives it work from here on.
+            // Failed at once: no claim gives it work from here on, and no
+            // other host either (this interval's load said `ok`).
             self.failed.insert(name.clone());
+            mv.store.publish_load(&name, load).await?;
             self.failing.insert(name);
         }
-        let mut failing: Vec<String> = self.failing.iter().cloned().collect();
-        failing.sort();
-        for name in failing {
+        let mut failed: Vec<String> = self.failed.iter().cloned().collect();
+        failed.sort();
+        for name in failed {
             let (svc, id) = services
                 .iter()
                 .find_map(|s| {
@@ -105,7 +122,9 @@ impl Health {
                         .map(|i| (s, i.id))
                 })
                 .expect("a configured instance");
-            mv.dp.set_instance_live(id, false)?;
+            if self.failing.contains(&name) {
+                mv.dp.set_instance_live(id, false)?;
+            }
             for e in mv
                 .store
                 .groups(&svc.name)
@@ -113,9 +132,17 @@ impl Health {
                 .into_iter()
                 .filter(|e| e.owner == name)
             {
-                mv.store
+                match mv
+                    .store
                     .move_group(&svc.name, e.group, e.version, UNOWNED)
-                    .await?;
+                    .await
+                {
+                    Ok(_) => {}
+                    // Another writer moved it first: the next interval
+                    // looks again.
+                    Err(CoordError::Conflict { .. }) => continue,
+                    Err(err) => return Err(err.into()),
+                }
                 mv.write(svc, e.group, UNOWNED)?;
                 let ev = MoveEvent {
                     at: now,
@@ -178,25 +205,56 @@ impl Health {
     }
 }
 
-/// Groups owned by instances of hosts that are gone (their lease expired)
-/// go to this host's least utilised instance not `out`. Every live host
-/// tries; the store's compare-and-swap lets one win each group, and the
-/// elements spread the load again from there.
+/// Intervals in a row a group's owner must be unknown here (not one of
+/// this host's instances, nor registered by another host) before its
+/// groups are taken: an instance another host registers is known here
+/// from the next read of the cluster, which comes every interval, so only
+/// a removed one (or one of a host whose records are gone) stays unknown.
+pub const UNKNOWN_OWNER_INTERVALS: u32 = 2;
+
+/// Owners of groups unknown here, and for how many intervals in a row.
+#[derive(Default)]
+pub(super) struct Orphans {
+    seen: HashMap<(String, String), u32>,
+}
+
+/// Groups owned by instances of hosts that are gone (their lease expired),
+/// or for [`UNKNOWN_OWNER_INTERVALS`] by instances unknown here (removed on
+/// another host), go to this host's least utilised instance not `out`.
+/// Every live host tries; the store's compare-and-swap lets one win each
+/// group, and the elements spread the load again from there.
 pub(super) async fn remote_fail_step(
     mv: &mut Mover<'_>,
     services: &[ServiceCtl],
     out: Out<'_>,
+    orphans: &mut Orphans,
     now: Instant,
 ) -> Result<Vec<MoveEvent>, ControlError> {
     let mut made = Vec::new();
+    let mut seen = HashMap::new();
     for svc in services {
-        let dead: Vec<&str> = svc
+        let groups = mv.store.groups(&svc.name).await?;
+        let mut gone: HashSet<&str> = svc
             .remote
             .iter()
             .filter(|r| !r.live)
             .map(|r| r.name.as_str())
             .collect();
-        if dead.is_empty() {
+        for e in &groups {
+            if e.owner == UNOWNED || svc.id_of(&e.owner).is_some() {
+                continue;
+            }
+            let key = (svc.name.clone(), e.owner.clone());
+            if seen.contains_key(&key) {
+                continue;
+            }
+            let n = orphans.seen.get(&key).copied().unwrap_or(0) + 1;
+            if n >= UNKNOWN_OWNER_INTERVALS {
+                gone.insert(&e.owner);
+            }
+            seen.insert(key, n);
+        }
+        if gone.is_empty() {
             continue;
         }
         let Some(to) = svc
@@ -208,14 +266,11 @@ pub(super) async fn remote_fail_step(
         else {
             continue;
         };
-        let orphans: Vec<GroupEntry> = mv
-            .store
-            .groups(&svc.name)
-            .await?
-            .into_iter()
-            .filter(|e| dead.contains(&e.owner.as_str()))
+        let taken: Vec<&GroupEntry> = groups
+            .iter()
+            .filter(|e| gone.contains(e.owner.as_str()))
             .collect();
-        for e in orphans {
+        for e in taken {
             match mv
                 .store
                 .move_group(&svc.name, e.group, e.version, &to)
@@ -232,12 +287,13 @@ pub(super) async fn remote_fail_step(
                 service: svc.name.clone(),
                 kind: "failover",
                 group: Some(e.group),
-                from: e.owner,
+                from: e.owner.clone(),
                 to: to.clone(),
             };
             mv.record(ev.clone());
             made.push(ev);
         }
     }
+    orphans.seen = seen;
     Ok(made)
 }

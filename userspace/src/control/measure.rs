@@ -19,7 +19,7 @@ use super::{
     wlm::Sample,
 };
 use crate::{
-    coord::{CoordStore, Load},
+    coord::{CoordStore, InstanceState, Load},
     datapath::Datapath,
 };
 
@@ -33,13 +33,15 @@ pub(super) struct Meter {
     cpu: Rate,
 }
 
-/// Measures every instance over the interval that just ended.
+/// Measures every instance over the interval that just ended, and
+/// publishes each one's load with its `state`.
 pub(super) async fn measure(
     services: &mut [ServiceCtl],
     dp: &dyn Datapath,
     store: &dyn CoordStore,
     probe: &dyn Probe,
     reports: &HashMap<String, Report>,
+    state: &dyn Fn(&str) -> InstanceState,
     now: Instant,
 ) -> Result<(), ControlError> {
     let mut loads = Vec::new();
@@ -70,6 +72,8 @@ pub(super) async fn measure(
                 Load {
                     utilisation: i.sample.utilisation,
                     rate_pps: i.sample.rate_pps,
+                    // Other hosts give work only to `ok` ones.
+                    state: state(&i.name),
                 },
             ));
         }

@@ -58,9 +58,11 @@ use self::{
     wlm::MoveLimiter,
 };
 pub use self::{
+    health::UNKNOWN_OWNER_INTERVALS,
     services::{InstanceStatus, RemoteStatus},
     settle::{Settled, StoreStep, settle_service},
 };
+pub use crate::coord::InstanceState;
 use crate::{
     config::Config,
     coord::{CoordError, CoordStore, GroupEntry, Load},
@@ -130,6 +132,19 @@ impl<'a> Out<'a> {
     fn failed(self, instance: &str) -> bool {
         self.health.is_failed(instance)
     }
+
+    /// What this host publishes of local `instance` (and `status` shows).
+    fn state(self, instance: &str) -> InstanceState {
+        if self.health.is_failed(instance) {
+            InstanceState::Failed
+        } else if self.drains.is_drained(instance) {
+            InstanceState::Drained
+        } else if self.drains.gives_away(instance) {
+            InstanceState::Reserved
+        } else {
+            InstanceState::Ok
+        }
+    }
 }
 
 pub struct Controller {
@@ -147,6 +162,8 @@ pub struct Controller {
     drains: Drains,
     claims: Claims,
     reconciler: Reconciler,
+    /// Group owners unknown here, for how long ([`health::remote_fail_step`]).
+    orphans: health::Orphans,
 }
 
 impl Controller {
@@ -201,6 +218,7 @@ impl Controller {
             drains: Drains::new(config),
             claims: Claims::default(),
             reconciler: Reconciler::default(),
+            orphans: health::Orphans::default(),
         };
         // Other hosts' instances as the start saw them: live, no load yet.
         let hosts = plan.remote.iter().map(|r| r.host.clone()).collect();
@@ -338,7 +356,9 @@ impl Controller {
         let life = self.report_life();
         let reports = measure::fresh_reports(&self.reports, &self.services, now, life);
         let (store, probe) = (&*self.store, &*self.probe);
-        measure::measure(&mut self.services, dp, store, probe, &reports, now).await?;
+        let out = Out::new(&self.drains, &self.health);
+        let state = |name: &str| out.state(name);
+        measure::measure(&mut self.services, dp, store, probe, &reports, &state, now).await?;
         Ok(reports)
     }
 
@@ -356,7 +376,8 @@ impl Controller {
             .fail_step(&mut mv, &self.services, probe, reports, life, now)
             .await?;
         let out = Out::new(&self.drains, &self.health);
-        made.extend(health::remote_fail_step(&mut mv, &self.services, out, now).await?);
+        let orphans = &mut self.orphans;
+        made.extend(health::remote_fail_step(&mut mv, &self.services, out, orphans, now).await?);
         (self.health).recover_step(dp, &mut self.services, probe, reports, now)?;
         Ok(made)
     }
@@ -486,8 +507,10 @@ impl Controller {
     /// Current state of every instance.
     pub async fn status(&self) -> Result<Vec<InstanceStatus>, ControlError> {
         let mut out = Vec::new();
+        let state = Out::new(&self.drains, &self.health);
         for s in &self.services {
-            out.extend(s.status(&self.store.groups(&s.name).await?));
+            let groups = self.store.groups(&s.name).await?;
+            out.extend(s.status(&groups, |name| state.state(name)));
         }
         Ok(out)
     }

@@ -5,6 +5,8 @@
 //! writer's change to the store is followed the same way
 //! ([`Reconciler::follow`]).
 
+use std::collections::{BTreeMap, BTreeSet};
+
 use sluice_common::maps::NO_OWNER;
 
 use super::{ControlError, UNOWNED, services::ServiceCtl};
@@ -13,9 +15,13 @@ use crate::{coord::CoordStore, datapath::Datapath, plan::Group};
 /// Whether the data path may disagree with the store.
 #[derive(Default)]
 pub(super) struct Reconciler {
-    /// A data path write failed: the data path may disagree with the store
-    /// until every group is written again (next interval).
+    /// A data path write failed, or a group's owner is unknown here: the
+    /// data path may disagree with the store until every group is written
+    /// again (next interval).
     resync: bool,
+    /// Each service's group owners unknown here at the last write, whose
+    /// groups are written unowned.
+    unknown: BTreeMap<String, BTreeSet<String>>,
 }
 
 impl Reconciler {
@@ -45,7 +51,8 @@ impl Reconciler {
         Ok(())
     }
 
-    /// Every group written again if an earlier write failed.
+    /// Every group written again if an earlier write failed, or while a
+    /// group's owner is unknown here.
     pub(super) async fn catch_up(
         &mut self,
         dp: &mut dyn Datapath,
@@ -71,7 +78,13 @@ impl Reconciler {
         let r = match service {
             None => self.resync(dp, store, services).await,
             Some(name) => match services.iter().find(|s| s.name == name) {
-                Some(svc) => self.rewrite(dp, store, svc).await,
+                Some(svc) => match self.rewrite(dp, store, svc).await {
+                    Ok(unknown) => {
+                        self.note_unknown(&svc.name, unknown);
+                        Ok(())
+                    }
+                    Err(e) => Err(e),
+                },
                 // Not one of ours (another cluster's service shares etcd).
                 None => Ok(()),
             },
@@ -82,25 +95,44 @@ impl Reconciler {
         r
     }
 
-    /// `svc`'s groups written into `dp` again from the store. An owner this
-    /// host does not know yet (an instance another host registered since
-    /// this one last read the cluster) is reported after the rest is
-    /// written.
+    /// `svc`'s groups written into `dp` again from the store. A group whose
+    /// owner this host does not know (registered since this host last read
+    /// the cluster, or removed with its records while it still owned it)
+    /// is written unowned: its packets are punted and counted, nothing
+    /// stops here. Returns those owners.
     async fn rewrite(
         &mut self,
         dp: &mut dyn Datapath,
         store: &dyn CoordStore,
         svc: &ServiceCtl,
-    ) -> Result<(), ControlError> {
-        let mut unknown = None;
+    ) -> Result<BTreeSet<String>, ControlError> {
+        let mut unknown = BTreeSet::new();
         for e in store.groups(&svc.name).await? {
-            match self.write(dp, svc, e.group, &e.owner) {
-                Ok(()) => {}
-                Err(err @ ControlError::UnknownInstance { .. }) => unknown = Some(err),
-                Err(err) => return Err(err),
-            }
+            let owner = if e.owner == UNOWNED || svc.id_of(&e.owner).is_some() {
+                e.owner.as_str()
+            } else {
+                unknown.insert(e.owner.clone());
+                UNOWNED
+            };
+            self.write(dp, svc, e.group, owner)?;
         }
-        unknown.map_or(Ok(()), Err)
+        Ok(unknown)
+    }
+
+    /// Owners of `service`'s groups unknown here: while there are any,
+    /// every interval writes the groups again (the owner may be known by
+    /// then, or its groups taken, see [`super::health::remote_fail_step`]).
+    fn note_unknown(&mut self, service: &str, owners: BTreeSet<String>) {
+        let before = self.unknown.get(service);
+        if !owners.is_empty() && before != Some(&owners) {
+            tracing::warn!(service, owners = ?owners, "groups owned by instances this host does not know are punted until the owner is known or its groups are taken");
+        }
+        if owners.is_empty() {
+            self.unknown.remove(service);
+        } else {
+            self.unknown.insert(service.to_owned(), owners);
+            self.resync = true;
+        }
     }
 
     /// Every group of every service written into `dp` again from the
@@ -111,20 +143,15 @@ impl Reconciler {
         store: &dyn CoordStore,
         services: &[ServiceCtl],
     ) -> Result<(), ControlError> {
-        let mut unknown = None;
+        self.resync = true;
+        let mut unknown = Vec::new();
         for svc in services {
-            match self.rewrite(dp, store, svc).await {
-                Ok(()) => {}
-                // Its groups wait for the next look at the cluster.
-                Err(err @ ControlError::UnknownInstance { .. }) => unknown = Some(err),
-                Err(err) => return Err(err),
-            }
-        }
-        if let Some(err) = unknown {
-            self.resync = true;
-            return Err(err);
+            unknown.push((svc.name.as_str(), self.rewrite(dp, store, svc).await?));
         }
         self.resync = false;
+        for (service, owners) in unknown {
+            self.note_unknown(service, owners);
+        }
         tracing::debug!("data path written again from the store");
         Ok(())
     }

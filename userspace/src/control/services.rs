@@ -15,7 +15,7 @@ use super::{
 };
 use crate::{
     config::{Config, WlmConfig},
-    coord::{GroupEntry, Load},
+    coord::{GroupEntry, InstanceState, Load},
     plan::{Group, Plan, RemotePlan},
 };
 
@@ -29,6 +29,8 @@ pub struct RemoteStatus {
     pub live: bool,
     /// As its host published it.
     pub sample: Sample,
+    /// As its host published it.
+    pub state: InstanceState,
 }
 
 /// What `status` shows of an instance.
@@ -40,6 +42,8 @@ pub struct InstanceStatus {
     pub inputs: Inputs,
     pub groups: Vec<Group>,
     pub ceiling_pps: Option<f64>,
+    /// Failed, drained, reserved or ok, as this host publishes it.
+    pub state: InstanceState,
 }
 
 /// An instance on this host, as the loop knows it.
@@ -71,6 +75,16 @@ pub(super) struct RemoteCtl {
     /// Its host holds its lease.
     pub(super) live: bool,
     pub(super) sample: Sample,
+    /// As its host published it with its load.
+    pub(super) state: InstanceState,
+}
+
+impl RemoteCtl {
+    /// Whether it may be given work: its host is live and publishes it
+    /// `ok` (not failed, drained or reserved).
+    pub(super) fn takes_work(&self) -> bool {
+        self.live && self.state == InstanceState::Ok
+    }
 }
 
 /// A service as the loop knows it.
@@ -107,8 +121,10 @@ impl ServiceCtl {
     }
 
     /// The peers local instance `ii`'s element weighs itself against:
-    /// the other local instances not `out` (drained, failed) and the live
-    /// remote ones, each with its sample in `samples` (local ones first).
+    /// the other local instances not `out` (drained, failed) and the
+    /// remote ones that take work ([`RemoteCtl::takes_work`]: a failed or
+    /// drained one publishes a load near 0 and would look the least
+    /// loaded), each with its sample in `samples` (local ones first).
     pub(super) fn peers(
         &self,
         ii: usize,
@@ -130,7 +146,7 @@ impl ServiceCtl {
                 self.remote
                     .iter()
                     .enumerate()
-                    .filter(|(_, r)| r.live)
+                    .filter(|(_, r)| r.takes_work())
                     .map(|(j, r)| Peer {
                         name: r.name.clone(),
                         sample: samples[local + j],
@@ -158,12 +174,14 @@ impl ServiceCtl {
     }
 
     /// What `status` shows of each local instance, with its groups in
-    /// `assignment`.
+    /// `assignment` and its `state`.
     pub(super) fn status<'a>(
         &'a self,
         assignment: &'a [GroupEntry],
+        state: impl Fn(&str) -> InstanceState + 'a,
     ) -> impl Iterator<Item = InstanceStatus> + 'a {
-        self.instances.iter().map(|i| InstanceStatus {
+        self.instances.iter().map(move |i| InstanceStatus {
+            state: state(&i.name),
             service: self.name.clone(),
             name: i.name.clone(),
             sample: i.sample,
@@ -185,6 +203,7 @@ impl ServiceCtl {
             host: r.host.clone(),
             live: r.live,
             sample: r.sample,
+            state: r.state,
         })
     }
 
@@ -212,6 +231,9 @@ impl ServiceCtl {
                     host: r.host.clone(),
                     live: live_hosts.contains(&r.host),
                     sample,
+                    state: loads
+                        .get(&r.name)
+                        .map_or_else(InstanceState::default, |l| l.state),
                 }
             })
             .collect();
@@ -270,6 +292,7 @@ pub(super) fn carry_over(services: &mut [ServiceCtl], old: Vec<ServiceCtl>) {
                 if let Some(o) = old.iter().find(|o| o.name == r.name) {
                     r.live = o.live;
                     r.sample = o.sample;
+                    r.state = o.state;
                 }
             }
         }

@@ -175,6 +175,8 @@ impl<D: Datapath, S: CoordStore + 'static> Rig<D, S> {
     }
 }
 
+mod cluster;
+
 fn mem() -> MemDatapath {
     MemDatapath::default()
 }

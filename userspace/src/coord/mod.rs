@@ -54,6 +54,38 @@ pub struct GroupEntry {
 pub struct Load {
     pub utilisation: f64,
     pub rate_pps: f64,
+    /// Whether it takes work; a record without one (an older agent's) is
+    /// `ok`.
+    #[serde(default)]
+    pub state: InstanceState,
+}
+
+/// Whether an instance takes work, as its host publishes it: other hosts
+/// move groups only to `ok` ones.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum InstanceState {
+    #[default]
+    Ok,
+    /// Its veth is gone or its reports stopped: it owns nothing.
+    Failed,
+    /// Drained by an operator: it gives its groups away.
+    Drained,
+    /// In an http service's priority subset: it owns no units.
+    Reserved,
+}
+
+impl InstanceState {
+    /// As `status` and `groups` show it.
+    #[must_use]
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Ok => "ok",
+            Self::Failed => "failed",
+            Self::Drained => "drained",
+            Self::Reserved => "reserved",
+        }
+    }
 }
 
 /// A change others may want to react to.
