@@ -55,7 +55,9 @@ impl Membership for EtcdStore {
         {
             // Taken over with `r.ttl()` seconds left: as if renewed then.
             let left = Duration::from_secs(r.ttl().unsigned_abs());
-            renewed = renewed.checked_sub(ttl.saturating_sub(left)).unwrap_or(renewed);
+            renewed = renewed
+                .checked_sub(ttl.saturating_sub(left))
+                .unwrap_or(renewed);
             id = Some(prev);
         }
         let id = match id {
