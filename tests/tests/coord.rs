@@ -14,6 +14,7 @@ use std::{
 };
 
 use sluice::{
+    control::fence::{Fence, FenceState},
     coord::{
         CoordError, CoordStore, EmbeddedStore, EtcdOptions, EtcdStore, Event, HostRecord, Load,
         Membership as _, check_partition,
@@ -643,10 +644,11 @@ impl Relay {
     }
 }
 
-/// A host cut off from etcd for longer than its lease: the lease expires
-/// and the host vanishes; once etcd is back in reach, the agent finds its
-/// lease gone (the keep-alive call itself fails with "lease not found"),
-/// takes a new one and is live again.
+/// A host cut off from etcd for longer than its lease: its fence (fed by
+/// the keeper's renewals) closes before the lease expires, then the host
+/// vanishes; once etcd is back in reach, the agent finds its lease gone
+/// (the keep-alive call itself fails with "lease not found"), takes a new
+/// one, is live again, and its fence hears of the rejoin.
 #[test]
 fn a_host_cut_off_past_its_lease_joins_again_once_healed() {
     let site = site("coord-rejoin", 7);
@@ -670,8 +672,16 @@ fn a_host_cut_off_past_its_lease_joins_again_once_healed() {
             a.join(&host("a", 1), ttl, &lease_file).await.unwrap();
             let b = EtcdStore::connect(&opts).await.unwrap();
             assert!(b.hosts().await.unwrap().contains_key("a"));
+            // The keeper's renewals, as the agent's fence hears them.
+            let lease = a.lease_state().expect("etcd has a lease to watch");
+            let first = lease.borrow().renewed;
+            tokio::time::sleep(ttl / 2).await;
+            assert!(lease.borrow().renewed > first, "renewed within T/2");
 
             relay.cut();
+            let cut = Instant::now();
+            let mut fence = Fence::new(ttl, lease.borrow().renewed);
+            fence.set_peers(1);
             let t = Instant::now();
             while b.hosts().await.unwrap().contains_key("a") {
                 assert!(
@@ -680,6 +690,18 @@ fn a_host_cut_off_past_its_lease_joins_again_once_healed() {
                 );
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
+            // Fenced before the others could see its lease gone: no unit
+            // had two deliverers.
+            let expired = Instant::now();
+            fence.renewed(lease.borrow().renewed);
+            let deadline = fence.deadline().expect("a peer: a deadline");
+            assert!(
+                deadline < expired && deadline <= cut + ttl / 2,
+                "fence at {:?} after the cut, lease gone by {:?}",
+                deadline - cut,
+                expired - cut
+            );
+            assert_eq!(fence.state(expired), FenceState::Fenced);
             // Past its lease, out of reach a while longer.
             tokio::time::sleep(ttl).await;
             relay.heal();
@@ -691,7 +713,15 @@ fn a_host_cut_off_past_its_lease_joins_again_once_healed() {
                 );
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
-            t.elapsed()
+            let back = t.elapsed();
+            // The agent hears of the new lease (it re-reads its tables,
+            // then lifts the fence).
+            let state = *lease.borrow();
+            assert_eq!(state.joins, 1, "one rejoin: {state:?}");
+            assert_eq!(state.lost, None);
+            fence.rejoined(state.renewed);
+            assert_eq!(fence.state(Instant::now()), FenceState::Renewing);
+            back
         })
     });
     eprintln!("a host cut off past its lease (2 s) was live again {back_after:?} after the heal");
