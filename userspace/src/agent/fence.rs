@@ -39,7 +39,7 @@ pub enum Wake {
     Lease,
     /// A datagram on the vouch port.
     Datagram(Vec<u8>, SocketAddr),
-    /// Time to look again (every renewal period).
+    /// Time to look again (every round period, `T/12`).
     Tick,
 }
 
@@ -75,7 +75,7 @@ impl Fencing {
             }
         };
         let LeaseState { renewed, joins, .. } = *lease.borrow();
-        let mut tick = tokio::time::interval(Fence::renew_every(c.lease_ttl));
+        let mut tick = tokio::time::interval(Fence::ask_every(c.lease_ttl));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         Some(Self {
             fence: Fence::new(c.lease_ttl, renewed),

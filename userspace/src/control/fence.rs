@@ -12,7 +12,11 @@
 //! A full etcd outage must not fence every host: nobody can take over
 //! then. So a host whose renewals go unacknowledged for `T/3` asks its
 //! peers (the other hosts live at its last read of the store) whether
-//! *they* renewed within the last `T/2`, every `T/6`:
+//! *they* renewed within the last `T/4`, every `T/12`. A peer that reaches
+//! the store renews every `T/6`, so it says yes; in an outage that began
+//! at most `T/6` after this host's last acknowledged renewal (its next
+//! one failed), every peer's last renewal is at least `T/4` old by the
+//! round asked at `t_s + 5T/12` — a round before the deadline:
 //! - a peer says it did: the store is reachable, this host is the one cut
 //!   off; any vouch is dropped and the host fences at `F` (or at once if
 //!   `F` is past);
@@ -51,7 +55,7 @@ pub struct Fence {
 struct Round {
     asked: Instant,
     answers: usize,
-    /// Some peer renewed within `T/2`: no vouch this round.
+    /// Some peer renewed within `T/4`: no vouch this round.
     renewed: bool,
 }
 
@@ -111,6 +115,19 @@ impl Fence {
         self.ttl / 2
     }
 
+    /// How often the peers are asked while renewals fail: `T/12`, so that
+    /// a round falls between `t_s + 5T/12` and the deadline.
+    #[must_use]
+    pub fn ask_every(ttl: Duration) -> Duration {
+        (ttl / 12).max(Duration::from_millis(50))
+    }
+
+    /// A peer whose last acknowledged renewal is younger than this (`T/4`)
+    /// reaches the store: it renews every `T/6`.
+    fn renewing(&self) -> Duration {
+        self.ttl / 4
+    }
+
     /// A renewal sent at `sent` was acknowledged (one no later than the
     /// last counted changes nothing).
     pub fn renewed(&mut self, sent: Instant) {
@@ -146,16 +163,16 @@ impl Fence {
     }
 
     /// Whether to ask the peers now: renewals have gone unacknowledged for
-    /// `T/3`, there are peers, and the last round is `T/6` old.
+    /// `T/3`, there are peers, and the last round is `T/12` old.
     #[must_use]
     pub fn should_ask(&self, now: Instant) -> bool {
         let overdue = now.saturating_duration_since(self.renewed) >= self.ttl / 3;
         self.peers > 0
             && self.lost.is_none()
             && overdue
-            && self.round.is_none_or(|r| {
-                now.saturating_duration_since(r.asked) >= Self::renew_every(self.ttl)
-            })
+            && self
+                .round
+                .is_none_or(|r| now.saturating_duration_since(r.asked) >= Self::ask_every(self.ttl))
     }
 
     /// The peers were asked at `now`.
@@ -170,13 +187,13 @@ impl Fence {
     /// A peer answered the current round: its last acknowledged renewal was
     /// sent `renewed_ago` before it answered (`None`: it has none).
     pub fn answer(&mut self, renewed_ago: Option<Duration>) {
-        let half = self.half();
+        let (half, renewing) = (self.half(), self.renewing());
         let Some(round) = self.round.as_mut() else {
             // No round open (a late answer after a renewal): nothing to decide.
             return;
         };
         round.answers += 1;
-        if renewed_ago.is_some_and(|d| d < half) {
+        if renewed_ago.is_some_and(|d| d < renewing) {
             // The store is in the peer's reach: this host is the one cut off.
             round.renewed = true;
             self.vouched = None;

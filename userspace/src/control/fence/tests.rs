@@ -52,16 +52,16 @@ fn a_host_cut_off_while_a_peer_renews_stays_fenced() {
     let q = t0 + T / 3;
     assert!(f.should_ask(q));
     f.asked(q);
-    assert!(!f.should_ask(q + ms(10)), "one round every T/6");
+    assert!(!f.should_ask(q + ms(10)), "one round every T/12");
     // One peer cannot renew either, the other can: this host is cut off.
     f.answer(Some(T));
-    f.answer(Some(ms(300)));
+    f.answer(Some(ms(1499)));
     assert_eq!(f.deadline(), Some(t0 + T / 2));
     // Answers after that in the same round change nothing.
     f.answer(None);
     assert_eq!(f.deadline(), Some(t0 + T / 2));
     assert_eq!(f.state(t0 + T / 2), FenceState::Fenced);
-    assert!(f.should_ask(q + T / 6), "asks again");
+    assert!(f.should_ask(q + T / 12), "asks again");
 }
 
 #[test]
@@ -76,7 +76,7 @@ fn an_outage_of_the_store_for_everybody_is_vouched_for() {
         f.answer(None);
         assert_eq!(f.deadline(), Some((t0 + T / 2).max(q + T / 2)));
         assert_ne!(f.state(q + ms(1)), FenceState::Fenced);
-        q += T / 6;
+        q += T / 12;
     }
     assert_eq!(f.state(q), FenceState::Vouched);
     // The store back: renewals rule again.
@@ -108,6 +108,33 @@ fn a_lost_lease_fences_at_once_until_the_host_joined_again() {
     assert_eq!(f.deadline(), None);
     f.set_peers(1);
     assert_eq!(f.deadline(), Some(at + ms(500) + T / 2));
+}
+
+/// A full outage: every host's renewals stop within `T/6` of this host's
+/// last; the round at `t_s + 5T/12` hears every peer's renewal at least
+/// `T/4` old and vouches before the deadline.
+#[test]
+fn in_a_full_outage_a_round_before_the_deadline_vouches() {
+    let t0 = Instant::now();
+    let mut f = fence(t0, 2);
+    // The peers renewed as late as T/6 after this host's last.
+    let peer_last = t0 + T / 6;
+    let mut q = t0 + T / 3;
+    let mut vouched_at = None;
+    while q < t0 + T / 2 {
+        if f.should_ask(q) {
+            f.asked(q);
+            f.answer(Some(q - peer_last));
+            f.answer(Some(q - peer_last));
+            if f.state(q) == FenceState::Vouched {
+                vouched_at.get_or_insert(q);
+            }
+        }
+        q += ms(50);
+    }
+    let at = vouched_at.expect("vouched before the deadline");
+    assert!(at < t0 + T / 2, "vouched at {:?}", at - t0);
+    assert!(f.deadline().unwrap() > t0 + T / 2);
 }
 
 /// Random renewals, rounds and answers: the deadline never exceeds
@@ -147,13 +174,13 @@ fn the_deadline_passes_the_last_renewal_only_when_vouched() {
                 6..=9 => {
                     let ago = match rng.random_range(0..3) {
                         0 => None,
-                        1 => Some(ms(rng.random_range(0..3000))),
-                        _ => Some(ms(rng.random_range(3000..20_000))),
+                        1 => Some(ms(rng.random_range(0..1500))),
+                        _ => Some(ms(rng.random_range(1500..20_000))),
                     };
                     f.answer(ago);
                     if let Some((asked, renewed, n)) = round.as_mut() {
                         *n += 1;
-                        if ago.is_some_and(|d| d < T / 2) {
+                        if ago.is_some_and(|d| d < T / 4) {
                             *renewed = true;
                             vouch = None;
                         } else if !*renewed {
