@@ -353,6 +353,19 @@ fn an_etcd_outage_loses_nothing_and_moves_resume_after() {
     });
     std::thread::sleep(Duration::from_secs(10));
     let moves_during = moves(&bed);
+    // Past every lease's fence deadline (half of 5 s), no host is fenced:
+    // each asked its peers over the underlay, none could renew either,
+    // and they vouched for each other.
+    let fence: Vec<(f64, f64)> = (0..HOSTS)
+        .map(|k| {
+            let text = process::scrape(&bed.hosts[k].ns.0, 9600 + u16::try_from(k).unwrap())
+                .expect("scrape");
+            (
+                process::metric(&text, "sluice_fenced", ""),
+                process::metric(&text, "sluice_fence_vouched", ""),
+            )
+        })
+        .collect();
     bed.etcd.restart();
     let at_return = groups(&bed);
     std::thread::sleep(Duration::from_secs(2));
@@ -364,6 +377,10 @@ fn an_etcd_outage_loses_nothing_and_moves_resume_after() {
     eprintln!(
         "etcd outage of 10 s: {} of {sent} datagrams received; moves {moves_before} -> {moves_during}",
         seqs.len()
+    );
+    assert!(
+        fence.iter().all(|&(fenced, vouched)| fenced == 0.0 && vouched == 1.0),
+        "every host vouched for, none fenced (fenced, vouched by host): {fence:?}"
     );
     assert_eq!(u64::try_from(seqs.len()).unwrap(), sent, "nothing lost");
     assert!((moves_during - moves_before).abs() < 0.5, "nothing moved");
