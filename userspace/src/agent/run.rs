@@ -22,7 +22,7 @@ use scaling::Scaler;
 use super::{
     Agent,
     cluster::{Cluster, Registry},
-    fence::{Fencing, Wake},
+    fence::Fencing,
     lifecycle::{self, Lifecycle, Registered, Removal, RemovalStep, Source},
 };
 use crate::{
@@ -215,8 +215,8 @@ struct Serving<'a> {
     fencing: Option<Fencing>,
 }
 
-/// The fence's next wake-up; never without a fence.
-async fn fence_wait(f: Option<&mut Fencing>) -> Wake {
+/// Until the fence has news for the data path; never without a fence.
+async fn fence_wait(f: Option<&mut Fencing>) {
     match f {
         Some(f) => f.wait().await,
         None => std::future::pending().await,
@@ -256,7 +256,7 @@ async fn event_loop(
     // Other writers (hosts of a cluster, the CLI) change the assignment
     // too: the data path follows the store.
     let mut changes = store.watch();
-    let fencing = Fencing::of(&running, cluster.as_deref()).await;
+    let fencing = Fencing::of(&running, cluster.as_deref(), &shared).await;
     let mut r = Serving {
         a,
         agent,
@@ -300,7 +300,7 @@ async fn event_loop(
             },
             Some(job) = jobs.recv() => r.job(job).await,
             Some(outcome) = r.scaler.outcomes.recv() => r.launched(outcome).await,
-            wake = fence_wait(r.fencing.as_mut()) => r.fence_step(wake).await,
+            () = fence_wait(r.fencing.as_mut()) => r.fence_step().await,
             _ = r.control.tick() => {
                 if let Some(c) = r.cluster.as_deref_mut()
                     && let Err(e) = c.sync(&mut r.agent).await
@@ -337,18 +337,21 @@ async fn event_loop(
 }
 
 impl Serving<'_> {
-    /// Acts on what woke the fence.
-    async fn fence_step(&mut self, wake: Wake) {
+    /// The fence's deadline to the data path; after a rejoin, the tables
+    /// re-read.
+    async fn fence_step(&mut self) {
         if let (Some(f), Some(c)) = (self.fencing.as_mut(), self.cluster.as_deref_mut()) {
-            f.step(wake, &mut self.agent, c, &self.running, &self.shared)
-                .await;
+            f.step(&mut self.agent, c, &self.running).await;
         }
     }
 
-    /// The fence asks the hosts the last look at the cluster found.
+    /// The fence asks the hosts the last look at the cluster found; the
+    /// data path gets the deadline as it is now (the loop may have waited
+    /// on etcd).
     fn fence_peers(&mut self) {
         if let (Some(f), Some(c)) = (self.fencing.as_mut(), self.cluster.as_deref()) {
             f.set_peers(c.peers());
+            f.apply(&mut self.agent);
         }
     }
 
