@@ -14,6 +14,7 @@ use std::{
 };
 
 use sluice::{
+    control::fence::{Fence, FenceState},
     coord::{
         CoordError, CoordStore, EmbeddedStore, EtcdOptions, EtcdStore, Event, HostRecord, Load,
         Membership as _, check_partition,
@@ -585,4 +586,146 @@ fn an_etcd_outage_fails_calls_quickly_and_the_store_recovers() {
     rt_thread
         .join()
         .unwrap_or_else(|p| std::panic::resume_unwind(p));
+}
+
+/// A TCP relay to etcd that can be cut (every connection closed, new ones
+/// refused at once) and healed: a partition between one client and etcd,
+/// while other clients reach etcd directly.
+struct Relay {
+    port: u16,
+    cut: Arc<std::sync::atomic::AtomicBool>,
+    open: Arc<std::sync::Mutex<Vec<std::net::TcpStream>>>,
+}
+
+impl Relay {
+    /// Listens on `addr` (a free port) and relays to `to`. Its threads are
+    /// made by the calling thread, so they share its network namespace.
+    fn start(addr: IpAddr, to: std::net::SocketAddr) -> Self {
+        use std::sync::atomic::Ordering;
+        let listener = std::net::TcpListener::bind((addr, 0)).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let cut = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let open = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (c, o) = (cut.clone(), open.clone());
+        std::thread::spawn(move || {
+            // Ends with the test process; every stream it holds is closed
+            // on a cut.
+            for client in listener.incoming() {
+                let Ok(client) = client else { continue };
+                if c.load(Ordering::SeqCst) {
+                    continue; // dropped: closed at once
+                }
+                let Ok(server) = std::net::TcpStream::connect(to) else {
+                    continue;
+                };
+                let mut held = o.lock().unwrap();
+                held.push(client.try_clone().unwrap());
+                held.push(server.try_clone().unwrap());
+                for (mut from, mut into) in [
+                    (client.try_clone().unwrap(), server.try_clone().unwrap()),
+                    (server, client),
+                ] {
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut from, &mut into);
+                        let _ = into.shutdown(std::net::Shutdown::Both);
+                    });
+                }
+            }
+        });
+        Self { port, cut, open }
+    }
+
+    fn cut(&self) {
+        self.cut.store(true, std::sync::atomic::Ordering::SeqCst);
+        for s in self.open.lock().unwrap().drain(..) {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
+    fn heal(&self) {
+        self.cut.store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// A host cut off from etcd for longer than its lease: its fence (fed by
+/// the keeper's renewals) closes before the lease expires, then the host
+/// vanishes; once etcd is back in reach, the agent finds its lease gone
+/// (the keep-alive call itself fails with "lease not found"), takes a new
+/// one, is live again, and its fence hears of the rejoin.
+#[test]
+fn a_host_cut_off_past_its_lease_joins_again_once_healed() {
+    let site = site("coord-rejoin", 7);
+    let opts = site.options("rejoin");
+    let etcd_addr: std::net::SocketAddr = opts.endpoints[0]
+        .trim_start_matches("http://")
+        .parse()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let lease_file = dir.path().join("a.lease");
+    let back_after = site.run(move || {
+        let relay = Relay::start(etcd_addr.ip(), etcd_addr);
+        let relayed = EtcdOptions {
+            endpoints: vec![format!("http://{}:{}", etcd_addr.ip(), relay.port)],
+            timeout: Duration::from_secs(1),
+            ..opts.clone()
+        };
+        rt().block_on(async {
+            let ttl = Duration::from_secs(2);
+            let a = EtcdStore::connect(&relayed).await.unwrap();
+            a.join(&host("a", 1), ttl, &lease_file).await.unwrap();
+            let b = EtcdStore::connect(&opts).await.unwrap();
+            assert!(b.hosts().await.unwrap().contains_key("a"));
+            // The keeper's renewals, as the agent's fence hears them.
+            let lease = a.lease_state().expect("etcd has a lease to watch");
+            let first = lease.borrow().renewed;
+            tokio::time::sleep(ttl / 2).await;
+            assert!(lease.borrow().renewed > first, "renewed within T/2");
+
+            relay.cut();
+            let cut = Instant::now();
+            let mut fence = Fence::new(ttl, lease.borrow().renewed);
+            fence.set_peers(1);
+            let t = Instant::now();
+            while b.hosts().await.unwrap().contains_key("a") {
+                assert!(
+                    t.elapsed() < Duration::from_secs(15),
+                    "`a` cut off, but its lease never expired"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            // Fenced before the others could see its lease gone: no unit
+            // had two deliverers.
+            let expired = Instant::now();
+            fence.renewed(lease.borrow().renewed);
+            let deadline = fence.deadline().expect("a peer: a deadline");
+            assert!(
+                deadline < expired && deadline <= cut + ttl / 2,
+                "fence at {:?} after the cut, lease gone by {:?}",
+                deadline - cut,
+                expired - cut
+            );
+            assert_eq!(fence.state(expired), FenceState::Fenced);
+            // Past its lease, out of reach a while longer.
+            tokio::time::sleep(ttl).await;
+            relay.heal();
+            let t = Instant::now();
+            while !b.hosts().await.unwrap().contains_key("a") {
+                assert!(
+                    t.elapsed() < Duration::from_secs(10),
+                    "`a` never joined again after the partition healed"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            let back = t.elapsed();
+            // The agent hears of the new lease (it re-reads its tables,
+            // then lifts the fence).
+            let state = *lease.borrow();
+            assert_eq!(state.joins, 1, "one rejoin: {state:?}");
+            assert_eq!(state.lost, None);
+            fence.rejoined(state.renewed);
+            assert_eq!(fence.state(Instant::now()), FenceState::Renewing);
+            back
+        })
+    });
+    eprintln!("a host cut off past its lease (2 s) was live again {back_after:?} after the heal");
 }

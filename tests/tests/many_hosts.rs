@@ -353,6 +353,19 @@ fn an_etcd_outage_loses_nothing_and_moves_resume_after() {
     });
     std::thread::sleep(Duration::from_secs(10));
     let moves_during = moves(&bed);
+    // Past every lease's fence deadline (half of 5 s), no host is fenced:
+    // each asked its peers over the underlay, none could renew either,
+    // and they vouched for each other.
+    let fence: Vec<(f64, f64)> = (0..HOSTS)
+        .map(|k| {
+            let text = process::scrape(&bed.hosts[k].ns.0, 9600 + u16::try_from(k).unwrap())
+                .expect("scrape");
+            (
+                process::metric(&text, "sluice_fenced", ""),
+                process::metric(&text, "sluice_fence_vouched", ""),
+            )
+        })
+        .collect();
     bed.etcd.restart();
     let at_return = groups(&bed);
     std::thread::sleep(Duration::from_secs(2));
@@ -364,6 +377,12 @@ fn an_etcd_outage_loses_nothing_and_moves_resume_after() {
     eprintln!(
         "etcd outage of 10 s: {} of {sent} datagrams received; moves {moves_before} -> {moves_during}",
         seqs.len()
+    );
+    assert!(
+        fence
+            .iter()
+            .all(|&(fenced, vouched)| fenced < 0.5 && vouched > 0.5),
+        "every host vouched for, none fenced (fenced, vouched by host): {fence:?}"
     );
     assert_eq!(u64::try_from(seqs.len()).unwrap(), sent, "nothing lost");
     assert!((moves_during - moves_before).abs() < 0.5, "nothing moved");
@@ -659,5 +678,76 @@ fn concurrent_moves_and_restarts_keep_one_owner_per_unit_everywhere() {
     assert!(
         versions.len() > g.len() + 20,
         "the elements hardly moved anything"
+    );
+}
+
+/// One host cut off from etcd (a blackhole route to etcd in its
+/// namespace; the underlay to the other hosts stays): its peers still
+/// renew, so nobody vouches for it, and it fences itself before the others
+/// can see its lease expire; they stay open. Healed, it joins again under
+/// a new lease, re-reads its tables, and the fence lifts.
+#[test]
+fn a_host_cut_off_from_etcd_fences_itself_before_its_lease_expires_and_rejoins() {
+    // etcd's address on the router (see `sluice_tests::cluster`).
+    const ETCD: &str = "198.18.250.1/32";
+    let mut bed = ClusterBed::new("mh-fence", HOSTS, PER_HOST);
+    start_cluster(&mut bed);
+    let metric = |bed: &ClusterBed, k: usize, name: &str| {
+        let text =
+            process::scrape(&bed.hosts[k].ns.0, 9600 + u16::try_from(k).unwrap()).expect("scrape");
+        process::metric(&text, name, "")
+    };
+    let live = |bed: &ClusterBed| {
+        bed.with_store(|s| {
+            Box::pin(async move { s.hosts().await.expect("hosts").contains_key("h0") })
+        })
+    };
+    assert!(live(&bed));
+    assert!(
+        metric(&bed, 0, "sluice_fenced") < 0.5,
+        "h0 open at the start"
+    );
+    let ns0 = bed.hosts[0].ns.0.clone();
+    let cut = Instant::now();
+    process::ip(&["-n", &ns0, "route", "add", "blackhole", ETCD]);
+    let mut fenced_at = None;
+    let gone_at = loop {
+        assert!(
+            cut.elapsed() < Duration::from_secs(20),
+            "h0's lease never expired"
+        );
+        if fenced_at.is_none() && metric(&bed, 0, "sluice_fenced") > 0.5 {
+            fenced_at = Some(cut.elapsed());
+        }
+        if !live(&bed) {
+            break cut.elapsed();
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let fenced_at = fenced_at.unwrap_or_else(|| {
+        panic!("h0's lease expired after {gone_at:?}, but h0 was not fenced by then")
+    });
+    assert!(fenced_at < gone_at);
+    for k in 1..HOSTS {
+        assert!(
+            metric(&bed, k, "sluice_fenced") < 0.5,
+            "h{k} reaches etcd: not fenced"
+        );
+    }
+    process::ip(&["-n", &ns0, "route", "del", "blackhole", ETCD]);
+    let healed = Instant::now();
+    while !(live(&bed)
+        && metric(&bed, 0, "sluice_fenced") < 0.5
+        && metric(&bed, 0, "sluice_fence_rejoins_total") > 0.5)
+    {
+        assert!(
+            healed.elapsed() < Duration::from_secs(20),
+            "h0 never joined again and lifted its fence after the heal"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    eprintln!(
+        "h0 cut off from etcd (lease 2 s): fenced after {fenced_at:?}, its lease gone after {gone_at:?}; healed: open again after {:?}",
+        healed.elapsed()
     );
 }

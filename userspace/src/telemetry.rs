@@ -113,6 +113,7 @@ fn describe() {
         "sluice_attach_info",
         "How the XDP program is attached (mode label)"
     );
+    describe_fence();
     describe_gauge!(
         "sluice_punt_queue_depth",
         "Punted frames waiting for a claim"
@@ -512,4 +513,39 @@ pub fn http_retries(service: &str, n: u64) {
 /// How the program is attached to `iface` (`native` or `generic`).
 pub fn attached(iface: &str, mode: &'static str) {
     gauge!("sluice_attach_info", "iface" => iface.to_owned(), "mode" => mode).set(1.0);
+}
+
+/// This host's fence (see `control::fence`): whether it is past its
+/// deadline, the time to it, whether a vouch holds it open.
+pub fn fence(fenced: bool, deadline_in: Option<f64>, vouched: bool) {
+    gauge!("sluice_fenced").set(if fenced { 1.0 } else { 0.0 });
+    if let Some(d) = deadline_in {
+        gauge!("sluice_fence_deadline_seconds").set(d);
+    }
+    gauge!("sluice_fence_vouched").set(if vouched { 1.0 } else { 0.0 });
+}
+
+/// The host found its lease lost and joined again.
+pub fn fence_rejoined() {
+    counter!("sluice_fence_rejoins_total").increment(1);
+}
+
+/// The fence's metrics (see [`fence`]).
+fn describe_fence() {
+    describe_gauge!(
+        "sluice_fenced",
+        "1 while this host is fenced (past its lease's fence deadline: it delivers nothing as an owner)"
+    );
+    describe_gauge!(
+        "sluice_fence_deadline_seconds",
+        "Seconds to this host's fence deadline (negative: past it)"
+    );
+    describe_gauge!(
+        "sluice_fence_vouched",
+        "1 while the fence is extended because every peer that answered cannot renew either"
+    );
+    describe_counter!(
+        "sluice_fence_rejoins_total",
+        "Times this host found its lease lost and joined the cluster again"
+    );
 }

@@ -44,6 +44,9 @@ pub struct Cluster {
     pub host: String,
     /// This host's underlay address.
     underlay: IpAddr,
+    /// The other live hosts' underlay addresses (of this host's family)
+    /// at the last look: whom the fence asks.
+    peers: Vec<IpAddr>,
     /// Other hosts' slots in the data path's `REMOTE_HOSTS`, by name;
     /// kept while the agent runs, so a host's slot never changes under
     /// its instances.
@@ -130,6 +133,7 @@ impl Cluster {
             membership,
             host: c.host.clone(),
             underlay,
+            peers: Vec::new(),
             slots: HashMap::new(),
             next_hops: HashMap::new(),
             written: Written::default(),
@@ -245,6 +249,7 @@ impl Cluster {
         let mut seen = Seen::default();
         let (_, family) = addr_words(self.underlay);
         let mut members = Vec::new();
+        let mut peers = Vec::new();
         for (name, h) in &hosts {
             if *name == self.host {
                 continue;
@@ -255,6 +260,7 @@ impl Cluster {
                 continue;
             }
             seen.hosts += 1;
+            peers.push(h.underlay);
             members.push(MemberKey {
                 addr: underlay,
                 family,
@@ -317,9 +323,22 @@ impl Cluster {
                 host: rec.host.clone(),
             });
         }
+        self.peers = peers;
         agent.control.set_remote(&remote, &live, &loads);
         agent.plan.remote = remote;
         Ok(seen)
+    }
+
+    /// This host's underlay address.
+    #[must_use]
+    pub const fn underlay(&self) -> IpAddr {
+        self.underlay
+    }
+
+    /// The other live hosts' underlay addresses at the last look.
+    #[must_use]
+    pub fn peers(&self) -> &[IpAddr] {
+        &self.peers
     }
 
     /// After a reload, whose programming may have rewritten instance

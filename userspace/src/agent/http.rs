@@ -128,6 +128,10 @@ impl Datapath for WithRequests<'_> {
         self.dp.set_tier(service_id, rule, tier)
     }
 
+    fn set_fence(&mut self, until: Option<Instant>) -> Result<(), DatapathError> {
+        self.dp.set_fence(until)
+    }
+
     fn unit_hits(&self, id: u32) -> Result<Vec<u64>, DatapathError> {
         let mut hits = self.dp.unit_hits(id)?;
         if let Some(requests) = self.l7.unit_hits(id) {

@@ -8,6 +8,7 @@
 //! import every other module.
 
 pub mod cluster;
+pub mod fence;
 mod http;
 pub mod launch;
 pub mod lifecycle;

@@ -22,6 +22,7 @@ use scaling::Scaler;
 use super::{
     Agent,
     cluster::{Cluster, Registry},
+    fence::Fencing,
     lifecycle::{self, Lifecycle, Registered, Removal, RemovalStep, Source},
 };
 use crate::{
@@ -210,6 +211,16 @@ struct Serving<'a> {
     running: Config,
     life: Lifecycle,
     scaler: Scaler,
+    /// The fence (a cluster's, see `control::fence`).
+    fencing: Option<Fencing>,
+}
+
+/// Until the fence has news for the data path; never without a fence.
+async fn fence_wait(f: Option<&mut Fencing>) {
+    match f {
+        Some(f) => f.wait().await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Serves the agent until SIGINT or SIGTERM; returns it for shutdown.
@@ -245,6 +256,7 @@ async fn event_loop(
     // Other writers (hosts of a cluster, the CLI) change the assignment
     // too: the data path follows the store.
     let mut changes = store.watch();
+    let fencing = Fencing::of(&running, cluster.as_deref(), &shared).await;
     let mut r = Serving {
         a,
         agent,
@@ -262,6 +274,7 @@ async fn event_loop(
                 .unwrap_or_else(|| std::path::Path::new("."))
                 .join("launch"),
         ),
+        fencing,
     };
     let owned = r.owned_groups().await;
     r.publish_lifecycle(&owned);
@@ -287,12 +300,14 @@ async fn event_loop(
             },
             Some(job) = jobs.recv() => r.job(job).await,
             Some(outcome) = r.scaler.outcomes.recv() => r.launched(outcome).await,
+            () = fence_wait(r.fencing.as_mut()) => r.fence_step().await,
             _ = r.control.tick() => {
                 if let Some(c) = r.cluster.as_deref_mut()
                     && let Err(e) = c.sync(&mut r.agent).await
                 {
                     tracing::warn!(error = %format!("{e:#}"), "reading the cluster failed; the data path keeps the last assignment");
                 }
+                r.fence_peers();
                 apply_commands(&mut r.agent, &r.shared);
                 if let Err(e) = r.agent.tick().await {
                     tracing::warn!(error = %e, "control interval failed");
@@ -322,6 +337,24 @@ async fn event_loop(
 }
 
 impl Serving<'_> {
+    /// The fence's deadline to the data path; after a rejoin, the tables
+    /// re-read.
+    async fn fence_step(&mut self) {
+        if let (Some(f), Some(c)) = (self.fencing.as_mut(), self.cluster.as_deref_mut()) {
+            f.step(&mut self.agent, c, &self.running).await;
+        }
+    }
+
+    /// The fence asks the hosts the last look at the cluster found; the
+    /// data path gets the deadline as it is now (the loop may have waited
+    /// on etcd).
+    fn fence_peers(&mut self) {
+        if let (Some(f), Some(c)) = (self.fencing.as_mut(), self.cluster.as_deref()) {
+            f.set_peers(c.peers());
+            f.apply(&mut self.agent);
+        }
+    }
+
     /// Applies `config` through the agent's whole-or-nothing reload; on
     /// success it is the running config, and the API's instances, the
     /// report sockets and the control interval follow it.

@@ -121,6 +121,20 @@ pub struct GroupLine {
     pub state: InstanceState,
 }
 
+/// This host's fence in a status answer (a cluster's; see
+/// `control::fence`).
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+pub struct FenceLine {
+    /// `open`, `renewing`, `vouched`, `fenced` or `lost`.
+    pub state: String,
+    /// Milliseconds to the deadline (negative: past it); `None`: no fence.
+    pub deadline_in_ms: Option<i64>,
+    /// Milliseconds since the last acknowledged renewal was sent.
+    pub renewed_ago_ms: u64,
+    /// Other hosts live at the last read of the store.
+    pub peers: usize,
+}
+
 /// One instance in a status answer.
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
 pub struct InstanceLine {
@@ -161,6 +175,9 @@ pub struct Response {
     pub registered: Option<Vec<RegisteredLine>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scale: Option<Vec<ScaleLine>>,
+    /// This host's fence (in a cluster).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fence: Option<FenceLine>,
     /// What a lifecycle request did (`kv-3 added, id 4`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub done: Option<String>,

@@ -17,7 +17,8 @@ use tokio::{
 };
 
 use super::{
-    Command, GroupLine, InstanceLine, InstanceSpec, RegisteredLine, Request, Response, ScaleLine,
+    Command, FenceLine, GroupLine, InstanceLine, InstanceSpec, RegisteredLine, Request, Response,
+    ScaleLine,
 };
 use crate::control::qos::Reports;
 
@@ -39,6 +40,8 @@ pub struct Shared {
     pub registered: Arc<Mutex<Vec<RegisteredLine>>>,
     /// Scaled services, refreshed by the control loop.
     pub scale: Arc<Mutex<Vec<ScaleLine>>>,
+    /// This host's fence, refreshed by the event loop (a cluster's).
+    pub fence: Arc<Mutex<Option<FenceLine>>>,
     /// Lifecycle requests for the event loop, each with its answer to come.
     jobs: mpsc::UnboundedSender<Job>,
     /// The event loop's end of `jobs`, until it takes it.
@@ -83,6 +86,7 @@ impl Shared {
         Self {
             registered: Arc::default(),
             scale: Arc::default(),
+            fence: Arc::default(),
             jobs,
             job_queue: Arc::new(Mutex::new(Some(queue))),
             reports,
@@ -175,6 +179,7 @@ fn answer_now(shared: &Shared, request: Result<Request, serde_json::Error>) -> R
         Ok(Request::Status {}) => Response {
             ok: true,
             instances: Some(shared.status.lock().expect("status lock").clone()),
+            fence: shared.fence.lock().expect("fence lock").clone(),
             ..Response::default()
         },
         Ok(Request::Groups { service }) => {

@@ -13,7 +13,9 @@ use std::{
 };
 
 use crate::{
-    api::{self, GroupLine, InstanceLine, InstanceSpec, RegisteredLine, Request, ScaleLine},
+    api::{
+        self, FenceLine, GroupLine, InstanceLine, InstanceSpec, RegisteredLine, Request, ScaleLine,
+    },
     config::Config,
     control::{InstanceState, qos::Report},
     datapath::xdp::{XdpDatapath, default_pin_dir},
@@ -39,17 +41,35 @@ pub fn check_config(path: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn instances(api_socket: &Path) -> anyhow::Result<Vec<InstanceLine>> {
-    Ok(api::call(api_socket, &Request::Status {})?
-        .instances
-        .unwrap_or_default())
+fn instances(api_socket: &Path) -> anyhow::Result<(Vec<InstanceLine>, Option<FenceLine>)> {
+    let answer = api::call(api_socket, &Request::Status {})?;
+    Ok((answer.instances.unwrap_or_default(), answer.fence))
 }
 
-/// `sluice status`: one line per instance.
+/// The fence's line under the status table: how this host's lease stands.
+fn fence_line(f: &FenceLine) -> String {
+    let secs = |ms: u64| format!("{:.1} s", Duration::from_millis(ms).as_secs_f64());
+    let deadline = match f.deadline_in_ms {
+        None => "none".to_owned(),
+        Some(ms) if ms <= 0 => format!("passed {} ago", secs(ms.unsigned_abs())),
+        Some(ms) => format!("in {}", secs(ms.unsigned_abs())),
+    };
+    format!(
+        "fence: {}, deadline {deadline}, last renewal sent {} ago, {} peers",
+        f.state,
+        secs(f.renewed_ago_ms),
+        f.peers
+    )
+}
+
+/// `sluice status`: one line per instance, and the fence's (a cluster's).
 pub fn status(api_socket: &Path) -> anyhow::Result<()> {
     // Ask first: no table header above an error.
-    let instances = instances(api_socket)?;
+    let (instances, fence) = instances(api_socket)?;
     print!("{}", status_table(&instances));
+    if let Some(f) = &fence {
+        println!("{}", fence_line(f));
+    }
     // An older agent has no `instances` request: the table above is all.
     if let Ok((_, scale)) = registered(api_socket) {
         print_scale(&scale);
@@ -173,7 +193,7 @@ pub fn drain(api_socket: &Path, instance: &str, timeout: u64) -> anyhow::Result<
             .find(|i| i.name == instance)
             .map_or(0, |i| i.groups.len())
     };
-    let total = left(&instances(api_socket)?);
+    let total = left(&instances(api_socket)?.0);
     api::call(
         api_socket,
         &Request::Drain {
@@ -183,7 +203,7 @@ pub fn drain(api_socket: &Path, instance: &str, timeout: u64) -> anyhow::Result<
     let start = Instant::now();
     let mut last = usize::MAX;
     loop {
-        let now = left(&instances(api_socket)?);
+        let now = left(&instances(api_socket)?.0);
         if now != last {
             println!(
                 "{instance}: {}/{total} groups moved",

@@ -606,7 +606,14 @@ pub struct ClusterConfig {
     pub etcd_timeout: Duration,
     /// UDP port packets between hosts are encapsulated to (GUE).
     pub encap_port: u16,
+    /// UDP port, on each host's underlay address, a host that cannot renew
+    /// its lease asks its peers on whether they can (the fence's vouch).
+    pub fence_port: u16,
 }
+
+/// The fence's vouch port unless `cluster.fence_port` says otherwise: the
+/// one after the encapsulation port's default.
+pub const DEFAULT_FENCE_PORT: u16 = 6081;
 
 impl Default for ClusterConfig {
     fn default() -> Self {
@@ -619,6 +626,7 @@ impl Default for ClusterConfig {
             lease_ttl: Duration::from_secs(5),
             etcd_timeout: Duration::from_secs(1),
             encap_port: sluice_common::encap::DEFAULT_ENCAP_PORT,
+            fence_port: DEFAULT_FENCE_PORT,
         }
     }
 }

@@ -67,6 +67,7 @@ pub(super) struct RawCluster {
     pub(super) lease_ttl_secs: Option<Field<u32>>,
     pub(super) etcd_timeout_ms: Option<Field<u32>>,
     pub(super) encap_port: Option<Field<u32>>,
+    pub(super) fence_port: Option<Field<u32>>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]

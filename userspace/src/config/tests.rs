@@ -120,6 +120,11 @@ fn a_cluster_table_parses_and_its_absence_means_one_host() {
     assert_eq!(c.etcd_endpoints, ["http://198.18.0.1:2379"]);
     assert_eq!(c.name, "default");
     assert_eq!(c.lease_ttl, Duration::from_secs(5));
+    assert_eq!(c.fence_port, DEFAULT_FENCE_PORT);
+    let c = parse(&format!("{CLUSTER}fence_port = 7001\n{GOOD}"))
+        .unwrap()
+        .cluster;
+    assert_eq!(c.fence_port, 7001);
 }
 
 #[test]

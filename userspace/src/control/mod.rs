@@ -28,6 +28,7 @@
 mod claims;
 mod drain;
 mod elements;
+pub mod fence;
 mod health;
 mod measure;
 mod moves;

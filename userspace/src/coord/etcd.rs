@@ -101,6 +101,8 @@ pub struct EtcdStore {
     lease: Arc<Mutex<Option<i64>>>,
     /// This host's name, once joined.
     host: Mutex<Option<String>>,
+    /// The lease's renewals as the keeper sees them, once joined.
+    lease_state: Mutex<Option<tokio::sync::watch::Receiver<super::LeaseState>>>,
     events: broadcast::Sender<Event>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
 }
@@ -142,6 +144,7 @@ impl EtcdStore {
             endpoints,
             lease: Arc::new(Mutex::new(None)),
             host: Mutex::new(None),
+            lease_state: Mutex::new(None),
             events: broadcast::channel(1024).0,
             tasks: Mutex::new(Vec::new()),
         };

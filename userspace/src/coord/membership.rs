@@ -12,7 +12,7 @@ use std::{
     collections::{BTreeMap, HashSet},
     net::IpAddr,
     path::Path,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use serde::{Deserialize, Serialize};
@@ -36,6 +36,18 @@ pub struct InstanceRecord {
     pub id: u32,
     pub host: String,
     pub service: String,
+}
+
+/// This host's lease as its keeper last saw it: what the fence
+/// (`control::fence`) counts from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LeaseState {
+    /// When the last acknowledged renewal (or the grant) was sent.
+    pub renewed: Instant,
+    /// How many times the lease was found lost and the host joined again.
+    pub joins: u64,
+    /// Since when the lease is known lost, if it is and not yet replaced.
+    pub lost: Option<Instant>,
 }
 
 /// This host's membership of the cluster, as the agent uses it.
@@ -79,6 +91,19 @@ pub trait Membership: Send + Sync {
         host: &str,
         specs: &[(String, serde_json::Value)],
     ) -> Result<(), CoordError>;
+    /// The host's lease as it is renewed, lost and replaced, once joined;
+    /// `None`: the backend has no lease to watch (nothing to fence by).
+    fn lease_state(&self) -> Option<tokio::sync::watch::Receiver<LeaseState>> {
+        None
+    }
+}
+
+/// How often a host's lease is renewed: a sixth of its time, so that a
+/// host fences itself (`control::fence`, at half the lease past its last
+/// acknowledged renewal) only after two renewals went unanswered.
+#[must_use]
+pub fn renew_every(ttl: Duration) -> Duration {
+    (ttl / 6).max(Duration::from_millis(100))
 }
 
 /// The lowest instance id none of `known` holds.

@@ -28,7 +28,7 @@ use std::{collections::HashMap, path::PathBuf, pin::Pin};
 
 pub use embedded::EmbeddedStore;
 pub use etcd::{EtcdOptions, EtcdStore};
-pub use membership::{HostRecord, InstanceRecord, Membership};
+pub use membership::{HostRecord, InstanceRecord, LeaseState, Membership, renew_every};
 use serde::{Deserialize, Serialize};
 use sluice_common::UNITS_PER_SERVICE;
 use tokio_stream::Stream;

@@ -31,6 +31,8 @@ pub(crate) struct MemDatapath {
     hits: HashMap<u32, u64>,
     /// (service, rule) -> its tier; absent: every slot `NO_OWNER`.
     pub(crate) tiers: HashMap<(u32, u32), Tier>,
+    /// The fence deadline last set ([`Datapath::set_fence`]).
+    fence: Option<std::time::Instant>,
 }
 
 impl MemDatapath {
@@ -51,6 +53,12 @@ impl MemDatapath {
 
     pub(crate) fn is_live(&self, id: u32) -> bool {
         !self.dead.contains(&id)
+    }
+
+    /// The fence deadline last set: after it, this host delivers nothing
+    /// as an owner (`None`: unfenced).
+    pub(crate) fn fence(&self) -> Option<std::time::Instant> {
+        self.fence
     }
 }
 
@@ -115,6 +123,11 @@ impl Datapath for MemDatapath {
 
     fn set_tier(&mut self, service_id: u32, rule: u32, tier: &Tier) -> Result<(), DatapathError> {
         self.tiers.insert((service_id, rule), *tier);
+        Ok(())
+    }
+
+    fn set_fence(&mut self, until: Option<std::time::Instant>) -> Result<(), DatapathError> {
+        self.fence = until;
         Ok(())
     }
 
@@ -235,5 +248,9 @@ impl<D: Datapath> Datapath for Faulty<D> {
     fn set_tier(&mut self, service_id: u32, rule: u32, tier: &Tier) -> Result<(), DatapathError> {
         self.trip(Fault::SetTier, names::TIERS)?;
         self.inner.set_tier(service_id, rule, tier)
+    }
+
+    fn set_fence(&mut self, until: Option<std::time::Instant>) -> Result<(), DatapathError> {
+        self.inner.set_fence(until)
     }
 }

@@ -69,6 +69,12 @@ pub trait Datapath {
     /// Rewrites that tier's slots (one map update: a packet sees the old
     /// tier or the new one).
     fn set_tier(&mut self, service_id: u32, rule: u32, tier: &Tier) -> Result<(), DatapathError>;
+    /// Stops this host delivering as an owner after `until` (`CLOCK_MONOTONIC`, as `Instant`):
+    /// packets it would deliver or encapsulate are dropped and counted `fenced`. `None`: no fence.
+    fn set_fence(&mut self, until: Option<std::time::Instant>) -> Result<(), DatapathError> {
+        let _ = until;
+        Ok(())
+    }
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -48,6 +48,13 @@ impl Checker<'_> {
             1,
             65_535,
         );
+        let fence_port = self.int(
+            raw.fence_port,
+            "cluster.fence_port",
+            u32::from(d.fence_port),
+            1,
+            65_535,
+        );
         let no_endpoints = matches!(&endpoints, Some(e) if e.is_empty());
         if etcd {
             for (missing, field, fix) in [
@@ -92,6 +99,7 @@ impl Checker<'_> {
             lease_ttl: Duration::from_secs(lease_secs?.into()),
             etcd_timeout: Duration::from_millis(timeout_ms?.into()),
             encap_port: u16::try_from(encap_port?).expect("checked to fit"),
+            fence_port: u16::try_from(fence_port?).expect("checked to fit"),
         })
     }
 

@@ -13,16 +13,19 @@ use std::{
     collections::BTreeMap,
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
-use etcd_client::{Client, Compare, CompareOp, PutOptions, Txn, TxnOp};
+use etcd_client::{
+    Client, Compare, CompareOp, LeaseKeepAliveStream, LeaseKeeper, PutOptions, Txn, TxnOp,
+};
 use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
 
 use super::{CHANGE_TRIES, EtcdStore};
 use crate::coord::{
-    CoordError, HostRecord, InstanceRecord, Membership,
-    membership::{differing_fields, lowest_free_id},
+    CoordError, HostRecord, InstanceRecord, LeaseState, Membership,
+    membership::{differing_fields, lowest_free_id, renew_every},
 };
 
 #[async_trait::async_trait]
@@ -44,10 +47,17 @@ impl Membership for EtcdStore {
             .ok()
             .and_then(|t| t.trim().parse::<i64>().ok());
         let mut id = None;
+        // When the lease is known to run until from (a full time from it).
+        let mut renewed = Instant::now();
         if let Some(prev) = previous
             && let Ok(r) = lease.time_to_live(prev, None).await
             && r.ttl() > 0
         {
+            // Taken over with `r.ttl()` seconds left: as if renewed then.
+            let left = Duration::from_secs(r.ttl().unsigned_abs());
+            renewed = renewed
+                .checked_sub(ttl.saturating_sub(left))
+                .unwrap_or(renewed);
             id = Some(prev);
         }
         let id = match id {
@@ -102,6 +112,12 @@ impl Membership for EtcdStore {
         })?;
         *self.lease.lock().expect("lease lock") = Some(id);
         *self.host.lock().expect("host lock") = Some(host.name.clone());
+        let (state, watched) = watch::channel(LeaseState {
+            renewed,
+            joins: 0,
+            lost: None,
+        });
+        *self.lease_state.lock().expect("lease state lock") = Some(watched);
         let keeper = tokio::spawn(keep_alive(
             self.client.clone(),
             Rejoin {
@@ -112,6 +128,7 @@ impl Membership for EtcdStore {
             },
             id,
             ttl,
+            state,
         ));
         self.tasks.lock().expect("tasks lock").push(keeper);
         Ok(())
@@ -203,6 +220,10 @@ impl Membership for EtcdStore {
         }
         Ok(())
     }
+
+    fn lease_state(&self) -> Option<watch::Receiver<LeaseState>> {
+        self.lease_state.lock().expect("lease state lock").clone()
+    }
 }
 
 impl EtcdStore {
@@ -277,41 +298,107 @@ struct Rejoin {
     lease_file: PathBuf,
 }
 
-/// Renews the lease a third of its time apart. A lease that expired anyway
-/// (this host out of etcd's reach for longer than its time: the other
-/// hosts have taken its groups) is replaced: the host joins again under a
-/// new lease and its elements take work from there.
-async fn keep_alive(client: Client, rejoin: Rejoin, mut id: i64, ttl: Duration) {
-    let every = (ttl / 3).max(Duration::from_millis(200));
+/// What one renewal came to.
+enum Renewal {
+    /// etcd acknowledged it: the lease runs a full time from its sending.
+    Acked,
+    /// etcd says the lease is gone.
+    Lost,
+    /// No answer, or an error that says nothing of the lease.
+    Failed(String),
+}
+
+/// Renews the lease every [`renew_every`] and tells `state` each
+/// acknowledged renewal's send time (what the fence counts from). A lease
+/// found lost is replaced: the host joins again under a new lease, and
+/// `state.joins` counts it (the agent then re-reads its tables: it may
+/// have missed moves). Lost is what etcd says: a renewal answered with TTL
+/// 0, or — the keep-alive stream opened anew after a partition fails with
+/// "lease not found" — `time_to_live` finding it gone.
+async fn keep_alive(
+    client: Client,
+    rejoin: Rejoin,
+    mut id: i64,
+    ttl: Duration,
+    state: watch::Sender<LeaseState>,
+) {
+    let every = renew_every(ttl);
+    // A hung stream is noticed before the fence's warning (T/3) ends.
+    let wait = (ttl / 6).max(Duration::from_millis(200));
+    let mut stream = None;
     loop {
-        match client.lease_client().keep_alive(id).await {
-            Ok((mut keeper, mut stream)) => loop {
-                if keeper.keep_alive().await.is_err() {
-                    break;
-                }
-                match stream.message().await {
-                    Ok(Some(r)) if r.ttl() > 0 => {}
-                    Ok(Some(_)) => {
-                        tracing::error!(
-                            lease = id,
-                            "this host's lease expired: the cluster counted its instances as failed; joining again"
-                        );
-                        match join_again(&client, &rejoin, ttl).await {
-                            Ok(Some(new)) => id = new,
-                            Ok(None) => return,
-                            Err(e) => tracing::warn!(error = %e, "joining again failed; retrying"),
-                        }
-                        break;
-                    }
-                    _ => break,
-                }
-                tokio::time::sleep(every).await;
-            },
-            Err(e) => {
+        let sent = Instant::now();
+        match renew(&client, &mut stream, id, wait).await {
+            Renewal::Acked => state.send_modify(|s| s.renewed = s.renewed.max(sent)),
+            Renewal::Failed(e) => {
                 tracing::warn!(error = %e, lease = id, "renewing this host's lease failed; retrying");
+                stream = None;
+            }
+            Renewal::Lost => {
+                tracing::error!(
+                    lease = id,
+                    "this host's lease expired: the cluster counted its instances as failed; joining again"
+                );
+                stream = None;
+                state.send_modify(|s| {
+                    s.lost.get_or_insert(sent);
+                });
+                let granted = Instant::now();
+                match join_again(&client, &rejoin, ttl).await {
+                    Ok(Some(new)) => {
+                        id = new;
+                        state.send_modify(|s| {
+                            s.renewed = granted;
+                            s.joins += 1;
+                            s.lost = None;
+                        });
+                        continue;
+                    }
+                    Ok(None) => return,
+                    Err(e) => tracing::warn!(error = %e, "joining again failed; retrying"),
+                }
             }
         }
         tokio::time::sleep(every).await;
+    }
+}
+
+/// One renewal of lease `id`, on `stream` (opened if there is none; the
+/// opening sends a renewal and waits for its answer), answered within
+/// `wait`.
+async fn renew(
+    client: &Client,
+    stream: &mut Option<(LeaseKeeper, LeaseKeepAliveStream)>,
+    id: i64,
+    wait: Duration,
+) -> Renewal {
+    let once = async {
+        if let Some((keeper, answers)) = stream.as_mut() {
+            keeper.keep_alive().await.map_err(|e| e.to_string())?;
+            return match answers.message().await.map_err(|e| e.to_string())? {
+                Some(r) => Ok(r.ttl() > 0),
+                None => Err("the keep-alive stream ended".to_owned()),
+            };
+        }
+        let opened = client.lease_client().keep_alive(id).await;
+        match opened {
+            Ok(s) => {
+                *stream = Some(s);
+                Ok(true)
+            }
+            Err(e) => Err(e.to_string()),
+        }
+    };
+    let why = match tokio::time::timeout(wait, once).await {
+        Ok(Ok(true)) => return Renewal::Acked,
+        Ok(Ok(false)) => return Renewal::Lost,
+        Ok(Err(e)) => e,
+        Err(_) => format!("no answer within {wait:?}"),
+    };
+    // Whether the lease is still there says whether to retry or rejoin.
+    match tokio::time::timeout(wait, client.lease_client().time_to_live(id, None)).await {
+        Ok(Ok(r)) if r.ttl() <= 0 => Renewal::Lost,
+        _ => Renewal::Failed(why),
     }
 }
 

@@ -1,0 +1,237 @@
+use std::time::{Duration, Instant};
+
+use rand::{Rng as _, SeedableRng as _, rngs::StdRng};
+
+use super::{Fence, FenceState};
+
+const T: Duration = Duration::from_secs(6);
+
+fn ms(n: u64) -> Duration {
+    Duration::from_millis(n)
+}
+
+/// A fence of a host with `peers` peers whose lease was granted at `t0`.
+fn fence(t0: Instant, peers: usize) -> Fence {
+    let mut f = Fence::new(T, t0);
+    f.set_peers(peers);
+    f
+}
+
+#[test]
+fn each_acknowledged_renewal_moves_the_deadline_to_half_the_lease_past_its_sending() {
+    let t0 = Instant::now();
+    let mut f = fence(t0, 2);
+    assert_eq!(f.deadline(), Some(t0 + T / 2));
+    f.renewed(t0 + ms(1000));
+    assert_eq!(f.deadline(), Some(t0 + ms(1000) + T / 2));
+    // An old renewal acknowledged late does not move it back or forth.
+    f.renewed(t0 + ms(500));
+    assert_eq!(f.deadline(), Some(t0 + ms(1000) + T / 2));
+    assert_eq!(f.state(t0 + ms(1100)), FenceState::Renewing);
+    assert_eq!(f.state(t0 + ms(1000) + T / 2), FenceState::Fenced);
+    assert_eq!(Fence::renew_every(T), ms(1000));
+}
+
+#[test]
+fn a_single_host_is_never_fenced() {
+    let t0 = Instant::now();
+    let f = fence(t0, 0);
+    assert_eq!(f.deadline(), None);
+    assert_eq!(f.state(t0 + T * 10), FenceState::Open);
+    assert!(!f.should_ask(t0 + T * 10), "nobody to ask");
+}
+
+#[test]
+fn a_host_cut_off_while_a_peer_renews_stays_fenced() {
+    let t0 = Instant::now();
+    let mut f = fence(t0, 2);
+    assert!(
+        !f.should_ask(t0 + ms(1900)),
+        "renewals are only T/3 late at 2 s"
+    );
+    let q = t0 + T / 3;
+    assert!(f.should_ask(q));
+    f.asked(q);
+    assert!(!f.should_ask(q + ms(10)), "one round every T/12");
+    // One peer cannot renew either, the other can: this host is cut off.
+    f.answer(Some(T));
+    f.answer(Some(ms(1499)));
+    assert_eq!(f.deadline(), Some(t0 + T / 2));
+    // Answers after that in the same round change nothing.
+    f.answer(None);
+    assert_eq!(f.deadline(), Some(t0 + T / 2));
+    assert_eq!(f.state(t0 + T / 2), FenceState::Fenced);
+    assert!(f.should_ask(q + T / 12), "asks again");
+}
+
+#[test]
+fn an_outage_of_the_store_for_everybody_is_vouched_for() {
+    let t0 = Instant::now();
+    let mut f = fence(t0, 2);
+    let mut q = t0 + T / 3;
+    for _ in 0..20 {
+        assert!(f.should_ask(q));
+        f.asked(q);
+        f.answer(Some(T));
+        f.answer(None);
+        assert_eq!(f.deadline(), Some((t0 + T / 2).max(q + T / 2)));
+        assert_ne!(f.state(q + ms(1)), FenceState::Fenced);
+        q += T / 12;
+    }
+    assert_eq!(f.state(q), FenceState::Vouched);
+    // The store back: renewals rule again.
+    f.renewed(q);
+    assert_eq!(f.deadline(), Some(q + T / 2));
+    assert_eq!(f.state(q), FenceState::Renewing);
+}
+
+#[test]
+fn no_answer_is_no_vouch() {
+    let t0 = Instant::now();
+    let mut f = fence(t0, 3);
+    f.asked(t0 + T / 3);
+    assert_eq!(f.deadline(), Some(t0 + T / 2));
+    assert_eq!(f.state(t0 + T / 2 + ms(1)), FenceState::Fenced);
+}
+
+#[test]
+fn a_lost_lease_fences_at_once_until_the_host_joined_again() {
+    let t0 = Instant::now();
+    let mut f = fence(t0, 0);
+    let at = t0 + ms(200);
+    f.lost(at);
+    assert_eq!(f.deadline(), Some(at), "even a single host");
+    assert_eq!(f.state(at), FenceState::Lost);
+    assert!(!f.should_ask(at + T), "nothing to vouch for");
+    assert_eq!(f.renewed_ago(at), None, "a lost host vouches for nobody");
+    f.rejoined(at + ms(500));
+    assert_eq!(f.deadline(), None);
+    f.set_peers(1);
+    assert_eq!(f.deadline(), Some(at + ms(500) + T / 2));
+}
+
+/// A full outage: every host's renewals stop within `T/6` of this host's
+/// last; the round at `t_s + 5T/12` hears every peer's renewal at least
+/// `T/4` old and vouches before the deadline.
+#[test]
+fn in_a_full_outage_a_round_before_the_deadline_vouches() {
+    let t0 = Instant::now();
+    let mut f = fence(t0, 2);
+    // The peers renewed as late as T/6 after this host's last.
+    let peer_last = t0 + T / 6;
+    let mut q = t0 + T / 3;
+    let mut vouched_at = None;
+    while q < t0 + T / 2 {
+        if f.should_ask(q) {
+            f.asked(q);
+            f.answer(Some(q - peer_last));
+            f.answer(Some(q - peer_last));
+            if f.state(q) == FenceState::Vouched {
+                vouched_at.get_or_insert(q);
+            }
+        }
+        q += ms(50);
+    }
+    let at = vouched_at.expect("vouched before the deadline");
+    assert!(at < t0 + T / 2, "vouched at {:?}", at - t0);
+    assert!(f.deadline().unwrap() > t0 + T / 2);
+}
+
+/// Random renewals, rounds and answers: the deadline never exceeds
+/// `t_s + T/2` unless a round since the last renewal had answers and none
+/// of them renewed (a peer that renewed cancels the vouch); a vouched
+/// deadline is at most the latest round's `asked + T/2`.
+#[test]
+fn the_deadline_passes_the_last_renewal_only_when_vouched() {
+    for seed in 0..500u64 {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let t0 = Instant::now();
+        let mut now = t0;
+        let peers = rng.random_range(0..4usize);
+        let mut f = fence(t0, peers);
+        // The model: last acked send, current round (asked, any renewed,
+        // answers), best vouch since the last renewal.
+        let mut ts = t0;
+        let mut round: Option<(Instant, bool, usize)> = None;
+        let mut vouch: Option<Instant> = None;
+        for step in 0..200 {
+            now += ms(rng.random_range(0..700));
+            match rng.random_range(0..10) {
+                0..=2 => {
+                    // A renewal acknowledged, sent a little earlier.
+                    let sent = now.checked_sub(ms(rng.random_range(0..400))).unwrap_or(now);
+                    f.renewed(sent);
+                    if sent > ts {
+                        ts = sent;
+                        round = None;
+                        vouch = None;
+                    }
+                }
+                3..=5 if f.should_ask(now) => {
+                    f.asked(now);
+                    round = Some((now, false, 0));
+                }
+                6..=9 => {
+                    let ago = match rng.random_range(0..3) {
+                        0 => None,
+                        1 => Some(ms(rng.random_range(0..1500))),
+                        _ => Some(ms(rng.random_range(1500..20_000))),
+                    };
+                    f.answer(ago);
+                    if let Some((asked, renewed, n)) = round.as_mut() {
+                        *n += 1;
+                        if ago.is_some_and(|d| d < T / 4) {
+                            *renewed = true;
+                            vouch = None;
+                        } else if !*renewed {
+                            vouch = Some(vouch.map_or(*asked + T / 2, |v| v.max(*asked + T / 2)));
+                        }
+                    }
+                }
+                _ => {}
+            }
+            let d = f.deadline();
+            if peers == 0 {
+                assert_eq!(d, None, "seed {seed} step {step}: a single host");
+                continue;
+            }
+            let d = d.expect("peers: a deadline");
+            let own = ts + T / 2;
+            if d > own {
+                // Vouched: by a round whose answers so far all said the
+                // store is out of reach, bounded by that round's asking.
+                let (asked, renewed, _) = round.unwrap_or_else(|| {
+                    panic!("seed {seed} step {step}: past t_s + T/2 with no round")
+                });
+                assert!(
+                    vouch.is_some() && !renewed,
+                    "seed {seed} step {step}: vouched though a peer renewed"
+                );
+                assert!(
+                    d <= asked + T / 2,
+                    "seed {seed} step {step}: past asked + T/2"
+                );
+            }
+            assert_eq!(
+                d,
+                vouch.map_or(own, |v| v.max(own)),
+                "seed {seed} step {step}"
+            );
+        }
+    }
+}
+
+/// What the agent does with the deadline: the data path keeps it, and a
+/// single host's fence is taken off.
+#[test]
+fn the_data_path_is_given_the_deadline() {
+    use crate::datapath::{Datapath as _, fake::MemDatapath};
+    let t0 = Instant::now();
+    let mut dp = MemDatapath::default();
+    let mut f = fence(t0, 1);
+    dp.set_fence(f.deadline()).unwrap();
+    assert_eq!(dp.fence(), Some(t0 + T / 2));
+    f.set_peers(0);
+    dp.set_fence(f.deadline()).unwrap();
+    assert_eq!(dp.fence(), None);
+}
