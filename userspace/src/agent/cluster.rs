@@ -424,6 +424,14 @@ impl Cluster {
         {
             self.membership.update_host(&self.record()).await?;
         }
+        let lost: Vec<&String> = self
+            .names
+            .iter()
+            .filter(|n| instances.get(*n).is_none_or(|r| r.host != self.host))
+            .collect();
+        if !lost.is_empty() {
+            tracing::error!(instances = ?lost, "the cluster has no record of these instances of this host (collected while this host was out of etcd's reach for longer than the grace): the other hosts cannot reach them; reload (SIGHUP) to register them again");
+        }
         let dead: HashSet<&String> = instances
             .values()
             .map(|r| &r.host)
@@ -456,15 +464,19 @@ impl Cluster {
 /// records are collected.
 pub const COLLECT_AFTER_LEASES: u32 = 12;
 
+/// The shortest grace, whatever the lease time.
+pub const COLLECT_AT_LEAST: std::time::Duration = std::time::Duration::from_mins(5);
+
 /// How long a host must be seen not live before any other host deletes
 /// its instances' records (name, id, load): [`COLLECT_AFTER_LEASES`] lease
-/// times, a minute at the default 5 s. Long enough that a host out of
-/// etcd's reach for a while (its lease expired, its groups taken over)
-/// finds its records when it joins again; short enough that a cluster
-/// whose hosts come and go never runs out of ids.
+/// times, and at least [`COLLECT_AT_LEAST`]. A host whose agent still runs
+/// but lost etcd for longer finds its instances unknown to the cluster
+/// when it is back (it logs so; a reload registers them again, under new
+/// ids), so the grace is far longer than an ordinary outage or restart;
+/// it only has to be finite for ids and slots never to run out.
 #[must_use]
 pub fn collect_grace(config: &Config) -> std::time::Duration {
-    config.cluster.lease_ttl * COLLECT_AFTER_LEASES
+    (config.cluster.lease_ttl * COLLECT_AFTER_LEASES).max(COLLECT_AT_LEAST)
 }
 
 /// Other hosts' slots in the data path's `REMOTE_HOSTS` (1..=`MAX_HOSTS`),

@@ -8,6 +8,13 @@
 //! lease id is kept beside the agent's state file, so a restarted agent
 //! takes its host's lease over instead of waiting for it to expire (which
 //! would fail its instances on every other host).
+//!
+//! Instance records go when nobody runs the instance any more: its host
+//! deletes them when a reload drops it ([`Membership::retire_instances`]),
+//! and any live host deletes those of a host gone for longer than the
+//! agent's grace ([`Membership::collect_host`]). Each delete compares the
+//! record's revision, so a record another host took over, or another
+//! collector deleted, is left alone.
 
 use std::{
     collections::BTreeMap,
