@@ -729,3 +729,138 @@ fn a_host_cut_off_past_its_lease_joins_again_once_healed() {
     });
     eprintln!("a host cut off past its lease (2 s) was live again {back_after:?} after the heal");
 }
+
+/// D4: an instance name registered to another live host is refused, naming
+/// that host, and nothing of the refused registration stays; once that
+/// host is gone, the instance moves over with its id.
+#[test]
+fn an_instance_name_live_on_another_host_is_refused() {
+    let site = site("coord-dup", 7);
+    let opts = site.options("dup");
+    let dir = tempfile::tempdir().unwrap();
+    site.run(move || {
+        rt().block_on(async {
+            let ttl = Duration::from_secs(2);
+            let a = EtcdStore::connect(&opts).await.unwrap();
+            a.join(&host("a", 1), ttl, &dir.path().join("a.lease"))
+                .await
+                .unwrap();
+            let ids_a = a.register_instances("a", &[("a0", "kv")]).await.unwrap();
+            let b = EtcdStore::connect(&opts).await.unwrap();
+            b.join(&host("b", 2), ttl, &dir.path().join("b.lease"))
+                .await
+                .unwrap();
+            let e = b
+                .register_instances("b", &[("b0", "kv"), ("a0", "kv")])
+                .await
+                .unwrap_err();
+            assert!(
+                matches!(e, CoordError::InstanceTaken { ref instance, ref host } if instance == "a0" && host == "a"),
+                "{e}"
+            );
+            let reg = b.instances().await.unwrap();
+            assert_eq!(reg["a0"].host, "a", "a's instance stays a's");
+            assert!(!reg.contains_key("b0"), "nothing half-applied: {reg:?}");
+
+            // `a` is gone: a0 moves to b, keeping its id.
+            a.leave().await.unwrap();
+            let ids_b = b
+                .register_instances("b", &[("b0", "kv"), ("a0", "kv")])
+                .await
+                .unwrap();
+            assert_eq!(ids_b[1], ids_a[0]);
+            assert_eq!(b.instances().await.unwrap()["a0"].host, "b");
+        });
+    });
+}
+
+/// The keys under `prefix` of the cluster `cluster` (raw, as etcd has them).
+async fn raw_keys(endpoint: &str, cluster: &str, prefix: &str) -> Vec<String> {
+    let mut raw = etcd_client::Client::connect([endpoint], None)
+        .await
+        .unwrap();
+    let full = format!("/sluice/{cluster}/{prefix}");
+    let resp = raw
+        .get(
+            full.as_str(),
+            Some(
+                etcd_client::GetOptions::new()
+                    .with_prefix()
+                    .with_keys_only(),
+            ),
+        )
+        .await
+        .unwrap();
+    resp.kvs()
+        .iter()
+        .map(|kv| String::from_utf8_lossy(kv.key())[full.len()..].to_owned())
+        .collect()
+}
+
+/// D5: a host deletes the records (name, id, load) of the instances it
+/// dropped, so a cluster registering and dropping instances for ever never
+/// runs out of ids; a dead host's records are collected by the live hosts,
+/// two collectors at once deleting each record once; the host record
+/// follows the host's instances.
+#[test]
+fn records_of_dropped_instances_and_dead_hosts_are_deleted() {
+    let site = site("coord-gc", 8);
+    let opts = site.options("gc");
+    let endpoint = site.etcd.endpoint();
+    let dir = tempfile::tempdir().unwrap();
+    site.run(move || {
+        rt().block_on(async {
+            let ttl = Duration::from_secs(2);
+            let a = Arc::new(EtcdStore::connect(&opts).await.unwrap());
+            a.join(&host("a", 1), ttl, &dir.path().join("a.lease"))
+                .await
+                .unwrap();
+            a.register_instances("a", &[("keep", "kv"), ("x", "kv")])
+                .await
+                .unwrap();
+            a.publish_load("x", Load::default()).await.unwrap();
+            assert_eq!(a.retire_instances("a", &["keep"]).await.unwrap(), ["x"]);
+            assert_eq!(raw_keys(&endpoint, "gc", "instances/").await, ["keep"]);
+            assert_eq!(raw_keys(&endpoint, "gc", "ids/").await, ["1"]);
+            assert!(raw_keys(&endpoint, "gc", "load/").await.is_empty());
+
+            // More instances over time than there are ids.
+            for n in 0..=sluice_common::MAX_INSTANCES {
+                let name = format!("x{n}");
+                let ids = a
+                    .register_instances("a", &[("keep", "kv"), (&name, "kv")])
+                    .await
+                    .unwrap_or_else(|e| panic!("instance {n}: {e}"));
+                assert_eq!(ids, [1, 2], "instance {n}");
+                a.retire_instances("a", &["keep"]).await.unwrap();
+            }
+
+            // The host record follows the host's instances.
+            let mut rec = host("a", 1);
+            rec.instances = vec!["keep".into()];
+            a.update_host(&rec).await.unwrap();
+            assert_eq!(a.hosts().await.unwrap()["a"], rec);
+
+            // A dead host's records: not while it is live; then by two
+            // collectors at once, each record deleted once.
+            let c = EtcdStore::connect(&opts).await.unwrap();
+            c.join(&host("c", 3), ttl, &dir.path().join("c.lease"))
+                .await
+                .unwrap();
+            let names: Vec<String> = (0..20).map(|i| format!("c{i}")).collect();
+            let pairs: Vec<(&str, &str)> = names.iter().map(|n| (n.as_str(), "kv")).collect();
+            c.register_instances("c", &pairs).await.unwrap();
+            assert!(a.collect_host("c").await.unwrap().is_empty(), "c is live");
+            c.leave().await.unwrap();
+            let b = Arc::new(EtcdStore::connect(&opts).await.unwrap());
+            let (ga, gb) = tokio::join!(a.collect_host("c"), b.collect_host("c"));
+            let mut all: Vec<String> = ga.unwrap().into_iter().chain(gb.unwrap()).collect();
+            all.sort();
+            let mut want = names.clone();
+            want.sort();
+            assert_eq!(all, want, "each record collected exactly once");
+            assert_eq!(raw_keys(&endpoint, "gc", "instances/").await, ["keep"]);
+            assert_eq!(raw_keys(&endpoint, "gc", "ids/").await, ["1"]);
+        });
+    });
+}

@@ -3,7 +3,7 @@
 //! lease taken and kept.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::{BTreeMap, HashMap, HashSet},
     net::IpAddr,
     path::Path,
     sync::Arc,
@@ -47,10 +47,15 @@ pub struct Cluster {
     /// The other live hosts' underlay addresses (of this host's family)
     /// at the last look: whom the fence asks.
     peers: Vec<IpAddr>,
-    /// Other hosts' slots in the data path's `REMOTE_HOSTS`, by name;
-    /// kept while the agent runs, so a host's slot never changes under
-    /// its instances.
-    slots: HashMap<String, u32>,
+    /// Other hosts' slots in the data path's `REMOTE_HOSTS`.
+    slots: Slots,
+    /// This host's instances as last published in its host record.
+    names: Vec<String>,
+    /// Since when each host that has instance records was seen not live
+    /// (by this agent): collected after [`collect_grace`].
+    dead_since: HashMap<String, std::time::Instant>,
+    /// [`collect_grace`] of the config joined with.
+    grace: std::time::Duration,
     /// Next hops resolved, by host, and when: asked again after
     /// [`NEXT_HOP_REFRESH`] (a gateway may fail over to another MAC).
     next_hops: HashMap<String, ([u8; 6], std::time::Instant)>,
@@ -95,6 +100,15 @@ pub fn service_spec(s: &Service) -> serde_json::Value {
         "pin_idle_secs": s.pin_idle_secs,
         "assign": if s.on_demand { "on-demand" } else { "even" },
         "wlm": format!("{:?}", s.wlm),
+        // Fields older agents did not store read as their defaults
+        // (`coord::membership::spec_defaults`): L4, no HTTP, no origins.
+        "layer": if s.http.is_some() { "http" } else { "l4" },
+        "http": s.http.as_ref().map(|h| serde_json::json!({"key": format!("{:?}", h.key)})),
+        "origins": s.origins.iter().map(|o| serde_json::json!({
+            "name": o.name,
+            "prefixes": o.prefixes.iter().map(|(a, l)| format!("{a}/{l}")).collect::<Vec<_>>(),
+            "spill": o.spill,
+        })).collect::<Vec<_>>(),
     })
 }
 
@@ -134,7 +148,10 @@ impl Cluster {
             host: c.host.clone(),
             underlay,
             peers: Vec::new(),
-            slots: HashMap::new(),
+            slots: Slots::default(),
+            names: instance_names(config),
+            dead_since: HashMap::new(),
+            grace: collect_grace(config),
             next_hops: HashMap::new(),
             written: Written::default(),
         };
@@ -225,6 +242,10 @@ impl Cluster {
     /// resolve (up to a second), so the first packets for them go out.
     pub async fn start(&mut self, agent: &mut Agent, config: &Config) -> anyhow::Result<()> {
         self.program_local(&mut agent.datapath, config, &agent.iface)?;
+        // Instances this host's previous agent ran and this one does not.
+        if let Err(e) = self.settled(config).await {
+            tracing::warn!(error = %e, "deleting the records of instances this host no longer runs failed; the next reload tries again");
+        }
         let until = std::time::Instant::now() + std::time::Duration::from_secs(1);
         loop {
             let seen = self.sync(agent).await?;
@@ -246,6 +267,13 @@ impl Cluster {
         let instances = self.membership.instances().await?;
         let loads = self.store.loads().await?;
         let live: HashSet<String> = hosts.keys().cloned().collect();
+        self.slots.forget_dead(&live);
+        if let Err(e) = self
+            .collect_seen(&hosts, &instances, std::time::Instant::now())
+            .await
+        {
+            tracing::warn!(error = %e, "collecting the records of dead hosts failed; tried again next interval");
+        }
         let mut seen = Seen::default();
         let (_, family) = addr_words(self.underlay);
         let mut members = Vec::new();
@@ -266,7 +294,7 @@ impl Cluster {
                 family,
                 pad: [0; 3],
             });
-            let slot = self.slot(name)?;
+            let slot = self.slots.slot(name)?;
             let stale = self
                 .next_hops
                 .get(name)
@@ -308,8 +336,13 @@ impl Cluster {
             let Some(service_id) = agent.plan.service_id(&rec.service) else {
                 continue;
             };
-            let slot = self.slot(&rec.host)?;
-            let entry = (service_id, slot, live.contains(&rec.host));
+            // A dead host's instances name no slot: its slot may be given
+            // to another host.
+            let entry = if live.contains(&rec.host) {
+                (service_id, self.slots.slot(&rec.host)?, true)
+            } else {
+                (service_id, 0, false)
+            };
             if self.written.instances.get(&rec.id) != Some(&entry) {
                 agent
                     .datapath
@@ -324,6 +357,8 @@ impl Cluster {
             });
         }
         self.peers = peers;
+        self.forget_vanished(agent, &remote)?;
+        self.slots.end_of_look();
         agent.control.set_remote(&remote, &live, &loads);
         agent.plan.remote = remote;
         Ok(seen)
@@ -341,23 +376,178 @@ impl Cluster {
         &self.peers
     }
 
+    /// Instances deleted from the cluster since the last look (dropped by
+    /// a reload, or collected): not live in the data path, and pointing at
+    /// no slot any more (the slot may be given to another host).
+    fn forget_vanished(&mut self, agent: &mut Agent, remote: &[RemotePlan]) -> anyhow::Result<()> {
+        let ids: HashSet<u32> = remote.iter().map(|r| r.id).collect();
+        let vanished: Vec<(u32, u32)> = self
+            .written
+            .instances
+            .iter()
+            .filter(|(id, _)| !ids.contains(id))
+            .map(|(id, e)| (*id, e.0))
+            .collect();
+        for (id, service_id) in vanished {
+            agent
+                .datapath
+                .set_remote_instance(id, service_id, 0, false)?;
+            self.written.instances.remove(&id);
+        }
+        Ok(())
+    }
+
     /// After a reload, whose programming may have rewritten instance
     /// entries: the next look writes everything again.
     pub fn forget_written(&mut self) {
         self.written = Written::default();
     }
 
-    /// The `REMOTE_HOSTS` slot of host `name`, given on first sight.
+    /// After a start or a reload took effect with `config`: the records of
+    /// this host's instances it no longer runs are deleted (their names and
+    /// ids free for any host), and the host record lists the ones it runs.
+    /// Not before: a refused reload keeps the instances it would drop.
+    pub async fn settled(&mut self, config: &Config) -> Result<(), CoordError> {
+        let names = instance_names(config);
+        let keep: Vec<&str> = names.iter().map(String::as_str).collect();
+        let gone = self.membership.retire_instances(&self.host, &keep).await?;
+        if !gone.is_empty() {
+            tracing::info!(instances = ?gone, "deleted the cluster's records of the instances this host dropped");
+        }
+        self.names = names;
+        self.membership.update_host(&self.record()).await
+    }
+
+    /// One look for records to collect at `now` (see [`Self::collect_seen`]).
+    pub async fn collect(&mut self, now: std::time::Instant) -> Result<Vec<String>, CoordError> {
+        let hosts = self.membership.hosts().await?;
+        let instances = self.membership.instances().await?;
+        self.collect_seen(&hosts, &instances, now).await
+    }
+
+    /// Deletes the instance records of hosts seen not live for
+    /// [`collect_grace`] (any live host may; the store's compare-and-swap
+    /// keeps two collectors from colliding); returns the names deleted.
+    /// Also publishes this host's record again when it lists other
+    /// instances than the host runs (as after joining again under a new
+    /// lease with the record it started with).
+    async fn collect_seen(
+        &mut self,
+        hosts: &BTreeMap<String, HostRecord>,
+        instances: &BTreeMap<String, InstanceRecord>,
+        now: std::time::Instant,
+    ) -> Result<Vec<String>, CoordError> {
+        if hosts
+            .get(&self.host)
+            .is_some_and(|h| h.instances != self.names)
+        {
+            self.membership.update_host(&self.record()).await?;
+        }
+        let lost: Vec<&String> = self
+            .names
+            .iter()
+            .filter(|n| instances.get(*n).is_none_or(|r| r.host != self.host))
+            .collect();
+        if !lost.is_empty() {
+            tracing::error!(instances = ?lost, "the cluster has no record of these instances of this host (collected while this host was out of etcd's reach for longer than the grace): the other hosts cannot reach them; reload (SIGHUP) to register them again");
+        }
+        let dead: HashSet<&String> = instances
+            .values()
+            .map(|r| &r.host)
+            .filter(|h| !hosts.contains_key(*h) && **h != self.host)
+            .collect();
+        self.dead_since.retain(|h, _| dead.contains(h));
+        let mut gone = Vec::new();
+        for host in dead {
+            let since = *self.dead_since.entry(host.clone()).or_insert(now);
+            if now.saturating_duration_since(since) >= self.grace {
+                let names = self.membership.collect_host(host).await?;
+                tracing::info!(host = %host, instances = ?names, "collected the records of a host gone for longer than the grace");
+                gone.extend(names);
+                self.dead_since.remove(host);
+            }
+        }
+        Ok(gone)
+    }
+
+    fn record(&self) -> HostRecord {
+        HostRecord {
+            name: self.host.clone(),
+            underlay: self.underlay,
+            instances: self.names.clone(),
+        }
+    }
+}
+
+/// How many lease times a host must have been gone before its instances'
+/// records are collected.
+pub const COLLECT_AFTER_LEASES: u32 = 12;
+
+/// The shortest grace, whatever the lease time.
+pub const COLLECT_AT_LEAST: std::time::Duration = std::time::Duration::from_mins(5);
+
+/// How long a host must be seen not live before any other host deletes
+/// its instances' records (name, id, load): [`COLLECT_AFTER_LEASES`] lease
+/// times, and at least [`COLLECT_AT_LEAST`]. A host whose agent still runs
+/// but lost etcd for longer finds its instances unknown to the cluster
+/// when it is back (it logs so; a reload registers them again, under new
+/// ids), so the grace is far longer than an ordinary outage or restart;
+/// it only has to be finite for ids and slots never to run out.
+#[must_use]
+pub fn collect_grace(config: &Config) -> std::time::Duration {
+    (config.cluster.lease_ttl * COLLECT_AFTER_LEASES).max(COLLECT_AT_LEAST)
+}
+
+/// Other hosts' slots in the data path's `REMOTE_HOSTS` (1..=`MAX_HOSTS`),
+/// for live hosts only: a host keeps its slot while it is live, and a
+/// slot freed when its host is gone is given again.
+#[derive(Default)]
+struct Slots {
+    by_host: HashMap<String, u32>,
+    /// Free slots, to give again.
+    free: Vec<u32>,
+    /// Freed during this look: free from the next one on, once no
+    /// instance entry of the data path names them.
+    freed: Vec<u32>,
+    /// The highest slot ever given.
+    top: u32,
+}
+
+impl Slots {
+    /// The `REMOTE_HOSTS` slot of live host `name`: its own, else the
+    /// lowest free one.
     fn slot(&mut self, name: &str) -> anyhow::Result<u32> {
-        if let Some(s) = self.slots.get(name) {
+        if let Some(s) = self.by_host.get(name) {
             return Ok(*s);
         }
-        let next = u32::try_from(self.slots.len()).expect("bounded") + 1;
-        if next > MAX_HOSTS {
-            anyhow::bail!("more than {MAX_HOSTS} other hosts in the cluster");
-        }
-        self.slots.insert(name.to_owned(), next);
+        let next = if let Some((i, _)) = self.free.iter().enumerate().min_by_key(|(_, s)| **s) {
+            self.free.swap_remove(i)
+        } else if self.top < MAX_HOSTS {
+            self.top += 1;
+            self.top
+        } else {
+            anyhow::bail!("more than {MAX_HOSTS} other live hosts in the cluster");
+        };
+        self.by_host.insert(name.to_owned(), next);
         Ok(next)
+    }
+
+    /// Frees the slots of the hosts not in `live`.
+    fn forget_dead(&mut self, live: &HashSet<String>) {
+        let freed = &mut self.freed;
+        self.by_host.retain(|h, s| {
+            let keep = live.contains(h);
+            if !keep {
+                freed.push(*s);
+            }
+            keep
+        });
+    }
+
+    /// After a look rewrote the instance entries: the slots it freed may
+    /// be given again.
+    fn end_of_look(&mut self) {
+        self.free.append(&mut self.freed);
     }
 }
 

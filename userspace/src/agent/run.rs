@@ -382,6 +382,9 @@ impl Serving<'_> {
             .await?;
         if let Some(c) = self.cluster.as_deref_mut() {
             c.forget_written();
+            if let Err(e) = c.settled(&config).await {
+                tracing::warn!(error = %e, "updating this host's cluster records after the reload failed; the next reload tries again");
+            }
         }
         *self.shared.instances.lock().expect("instances lock") = instance_names(&self.agent);
         if let Err(e) = self.report_sockets.sync(&report_targets(&self.agent)) {

@@ -7,9 +7,9 @@
 //! | `assign/<service>` | the service's assignment: `{"next_version", "groups": [[group, owner, version], ...]}` | permanent |
 //! | `services/<service>` | what every host must configure alike (VIPs, ports, protocols, tag, ...) | permanent |
 //! | `hosts/<host>` | a live host: its underlay address and instances | the host's lease |
-//! | `instances/<instance>` | `{"id", "host"}`: the instance's cluster-wide id | permanent |
-//! | `ids/<id>` | the instance holding that id | permanent |
-//! | `load/<instance>` | the instance's last published load | the host's lease |
+//! | `instances/<instance>` | `{"id", "host", "service"}`: the instance's cluster-wide id | until its host drops it, or its host has been gone for the grace |
+//! | `ids/<id>` | the instance holding that id | as `instances/<instance>` |
+//! | `load/<instance>` | the instance's last published load | the host's lease, or until its host drops it |
 //! | `hits/<service>/<host>` | the per-unit hit rates of the service the host delivered | the host's lease |
 //!
 //! A service's assignment is one key, so every change of it is one etcd

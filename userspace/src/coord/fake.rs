@@ -17,7 +17,7 @@ use std::{
 use super::{
     ClaimBatch, CoordError, CoordStore, EmbeddedStore, Events, GroupEntry, HostRecord,
     InstanceRecord, Load, Membership, Version,
-    membership::{differing_fields, lowest_free_id},
+    membership::{differing_fields, lowest_free_id, taken},
 };
 use crate::plan::Group;
 
@@ -229,6 +229,12 @@ impl Membership for MemMembership {
         instances: &[(&str, &str)],
     ) -> Result<Vec<u32>, CoordError> {
         let mut m = self.members();
+        // All checked before anything is written: a refusal applies nothing.
+        for &(name, _) in instances {
+            if let Some(rec) = m.instances.get(name) {
+                taken(name, host, rec, &m.hosts)?;
+            }
+        }
         let mut ids = Vec::with_capacity(instances.len());
         for &(name, service) in instances {
             let id = match m.instances.get(name) {
@@ -246,6 +252,45 @@ impl Membership for MemMembership {
             ids.push(id);
         }
         Ok(ids)
+    }
+
+    async fn retire_instances(&self, host: &str, keep: &[&str]) -> Result<Vec<String>, CoordError> {
+        let mut m = self.members();
+        let gone: Vec<String> = m
+            .instances
+            .iter()
+            .filter(|(n, r)| r.host == host && !keep.contains(&n.as_str()))
+            .map(|(n, _)| n.clone())
+            .collect();
+        for n in &gone {
+            m.instances.remove(n);
+        }
+        Ok(gone)
+    }
+
+    async fn update_host(&self, host: &HostRecord) -> Result<(), CoordError> {
+        let joined = self.joined.lock().expect("joined lock");
+        if joined.as_deref() == Some(&host.name) {
+            self.members().hosts.insert(host.name.clone(), host.clone());
+        }
+        Ok(())
+    }
+
+    async fn collect_host(&self, host: &str) -> Result<Vec<String>, CoordError> {
+        let mut m = self.members();
+        if m.hosts.contains_key(host) {
+            return Ok(Vec::new());
+        }
+        let gone: Vec<String> = m
+            .instances
+            .iter()
+            .filter(|(_, r)| r.host == host)
+            .map(|(n, _)| n.clone())
+            .collect();
+        for n in &gone {
+            m.instances.remove(n);
+        }
+        Ok(gone)
     }
 
     async fn check_services(

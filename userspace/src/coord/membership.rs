@@ -73,13 +73,28 @@ pub trait Membership: Send + Sync {
     async fn instances(&self) -> Result<BTreeMap<String, InstanceRecord>, CoordError>;
     /// Cluster-wide ids for this host's instances, given as (name,
     /// service), in the same order: a registered instance keeps its id
-    /// (and now runs on `host`); a new one takes the lowest id nobody
-    /// holds ([`lowest_free_id`]), never one another host took meanwhile.
+    /// (and now runs on `host`, if it ran on a host no longer live); a new
+    /// one takes the lowest id nobody holds ([`lowest_free_id`]), never
+    /// one another host took meanwhile. A name registered to another live
+    /// host is refused with [`CoordError::InstanceTaken`], and nothing of
+    /// this call stays registered.
     async fn register_instances(
         &self,
         host: &str,
         instances: &[(&str, &str)],
     ) -> Result<Vec<u32>, CoordError>;
+    /// Deletes the records (name, id, load) of `host`'s instances that are
+    /// not in `keep`: a reload dropped them, so their names and ids are
+    /// free again. Returns the names deleted.
+    async fn retire_instances(&self, host: &str, keep: &[&str]) -> Result<Vec<String>, CoordError>;
+    /// Publishes this host's record again (its instances changed), if it
+    /// is still joined.
+    async fn update_host(&self, host: &HostRecord) -> Result<(), CoordError>;
+    /// Deletes the records of `host`'s instances if `host` is not live:
+    /// each only if nobody changed it meanwhile (another collector, or a
+    /// host that took the instance over), so collectors never collide.
+    /// Returns the names this call deleted.
+    async fn collect_host(&self, host: &str) -> Result<Vec<String>, CoordError>;
     /// Checks this host's definition of each service against the one the
     /// cluster has (the first host to check one stores its own): services
     /// are the same on every host, or the packets of one would be read
@@ -116,14 +131,43 @@ pub(super) fn lowest_free_id(known: &BTreeMap<String, InstanceRecord>) -> Result
         })
 }
 
-/// Top-level fields of two JSON objects that differ, as `field: theirs, ours`.
-pub(super) fn differing_fields(
+/// A registration of `name` by `host` refused: `holder` holds it and is
+/// live.
+pub(super) fn taken(
+    name: &str,
+    host: &str,
+    holder: &InstanceRecord,
+    live: &BTreeMap<String, HostRecord>,
+) -> Result<(), CoordError> {
+    if holder.host != host && live.contains_key(&holder.host) {
+        return Err(CoordError::InstanceTaken {
+            instance: name.to_owned(),
+            host: holder.host.clone(),
+        });
+    }
+    Ok(())
+}
+
+/// Service definition fields newer than the first cluster release, with
+/// the value a definition stored by an older agent (which lacks them)
+/// means: an L4 service, no HTTP settings, no origin rules.
+fn spec_defaults() -> serde_json::Value {
+    serde_json::json!({"layer": "l4", "http": null, "origins": []})
+}
+
+/// Top-level fields of two JSON objects that differ, as `field: theirs,
+/// ours`; a field one side lacks reads as its default ([`spec_defaults`]).
+pub(crate) fn differing_fields(
     theirs: &serde_json::Value,
     ours: &serde_json::Value,
 ) -> Vec<String> {
     let empty = serde_json::Map::new();
-    let t = theirs.as_object().unwrap_or(&empty);
-    let o = ours.as_object().unwrap_or(&empty);
+    let with_defaults = |v: &serde_json::Value| {
+        let mut m = spec_defaults().as_object().cloned().unwrap_or_default();
+        m.extend(v.as_object().unwrap_or(&empty).clone());
+        m
+    };
+    let (t, o) = (&with_defaults(theirs), &with_defaults(ours));
     let mut keys: Vec<&String> = t.keys().chain(o.keys()).collect();
     keys.sort();
     keys.dedup();

@@ -28,6 +28,8 @@ use std::{collections::HashMap, path::PathBuf, pin::Pin};
 
 pub use embedded::EmbeddedStore;
 pub use etcd::{EtcdOptions, EtcdStore};
+#[cfg(test)]
+pub(crate) use membership::differing_fields;
 pub use membership::{HostRecord, InstanceRecord, LeaseState, Membership, renew_every};
 use serde::{Deserialize, Serialize};
 use sluice_common::UNITS_PER_SERVICE;
@@ -166,6 +168,10 @@ pub enum CoordError {
         host: String,
         ttl: std::time::Duration,
     },
+    #[error(
+        "instance `{instance}` already runs on host `{host}`, which is live: an instance name is the cluster's, one instance a name. Rename this host's instance, or remove it from `{host}` first (a host gone for longer than its lease gives its instances up to the next host that starts them)"
+    )]
+    InstanceTaken { instance: String, host: String },
     #[error("all {max} instance ids of the cluster are taken")]
     NoInstanceIds { max: u32 },
     #[error(

@@ -8,6 +8,13 @@
 //! lease id is kept beside the agent's state file, so a restarted agent
 //! takes its host's lease over instead of waiting for it to expire (which
 //! would fail its instances on every other host).
+//!
+//! Instance records go when nobody runs the instance any more: its host
+//! deletes them when a reload drops it ([`Membership::retire_instances`]),
+//! and any live host deletes those of a host gone for longer than the
+//! agent's grace ([`Membership::collect_host`]). Each delete compares the
+//! record's revision, so a record another host took over, or another
+//! collector deleted, is left alone.
 
 use std::{
     collections::BTreeMap,
@@ -17,7 +24,8 @@ use std::{
 };
 
 use etcd_client::{
-    Client, Compare, CompareOp, LeaseKeepAliveStream, LeaseKeeper, PutOptions, Txn, TxnOp,
+    Client, Compare, CompareOp, GetOptions, LeaseKeepAliveStream, LeaseKeeper, PutOptions, Txn,
+    TxnOp,
 };
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
@@ -25,7 +33,7 @@ use tokio::sync::watch;
 use super::{CHANGE_TRIES, EtcdStore};
 use crate::coord::{
     CoordError, HostRecord, InstanceRecord, LeaseState, Membership,
-    membership::{differing_fields, lowest_free_id, renew_every},
+    membership::{differing_fields, lowest_free_id, renew_every, taken},
 };
 
 #[async_trait::async_trait]
@@ -159,7 +167,9 @@ impl Membership for EtcdStore {
     }
 
     /// A new instance's id is claimed in one transaction with its name, so
-    /// two hosts never take the same id.
+    /// two hosts never take the same id. Every name is checked against the
+    /// live hosts first; one refused on the way (a host that took a name
+    /// meanwhile) undoes the names this call created.
     async fn register_instances(
         &self,
         host: &str,
@@ -167,14 +177,91 @@ impl Membership for EtcdStore {
     ) -> Result<Vec<u32>, CoordError> {
         // Read once; again only after losing a race for an id.
         let mut known = self.instances().await?;
+        let live = self.hosts().await?;
+        for (name, _) in instances {
+            if let Some(rec) = known.get(*name) {
+                taken(name, host, rec, &live)?;
+            }
+        }
         let mut ids = Vec::with_capacity(instances.len());
+        let mut created = Vec::new();
         for (name, service) in instances {
-            ids.push(
-                self.register_instance(host, name, service, &mut known)
-                    .await?,
-            );
+            match self
+                .register_instance(host, name, service, &mut known)
+                .await
+            {
+                Ok((id, new)) => {
+                    ids.push(id);
+                    if new {
+                        created.push(*name);
+                    }
+                }
+                Err(e) => {
+                    let keep: Vec<&str> = known
+                        .iter()
+                        .filter(|(n, r)| r.host == host && !created.contains(&n.as_str()))
+                        .map(|(n, _)| n.as_str())
+                        .collect();
+                    if let Err(undo) = self.retire_instances(host, &keep).await {
+                        tracing::warn!(error = %undo, "undoing a refused registration failed: the next reload deletes what is left");
+                    }
+                    return Err(e);
+                }
+            }
         }
         Ok(ids)
+    }
+
+    /// One transaction an instance, on the record's revision: a record
+    /// rewritten meanwhile (taken over by another host) stays.
+    async fn retire_instances(&self, host: &str, keep: &[&str]) -> Result<Vec<String>, CoordError> {
+        let mut gone = Vec::new();
+        for (name, rec, revision) in self.instances_at().await? {
+            if rec.host != host || keep.contains(&name.as_str()) {
+                continue;
+            }
+            if self.delete_instance(&name, &rec, revision, None).await? {
+                gone.push(name);
+            }
+        }
+        Ok(gone)
+    }
+
+    /// Under this host's lease, and only while `hosts/<host>` is still
+    /// under it (a host whose lease ended joins again with its record).
+    async fn update_host(&self, host: &HostRecord) -> Result<(), CoordError> {
+        let Some(lease) = *self.lease.lock().expect("lease lock") else {
+            return Ok(());
+        };
+        let key = self.key(&format!("hosts/{}", host.name));
+        let txn = Txn::new()
+            .when([Compare::lease(key.as_str(), CompareOp::Equal, lease)])
+            .and_then([TxnOp::put(
+                key.as_str(),
+                serde_json::to_vec(host).expect("host record serialises"),
+                Some(PutOptions::new().with_lease(lease)),
+            )]);
+        self.txn("update host", txn).await?;
+        Ok(())
+    }
+
+    /// Each instance in one transaction comparing its record's revision
+    /// and that `hosts/<host>` does not exist: of two collectors, the
+    /// second finds the record gone; a host that joined again, or took
+    /// the instance over, keeps it.
+    async fn collect_host(&self, host: &str) -> Result<Vec<String>, CoordError> {
+        let host_key = self.key(&format!("hosts/{host}"));
+        let mut gone = Vec::new();
+        for (name, rec, revision) in self.instances_at().await? {
+            if rec.host == host
+                && self
+                    .delete_instance(&name, &rec, revision, Some(&host_key))
+                    .await?
+            {
+                gone.push(name);
+            }
+        }
+        Ok(gone)
     }
 
     /// One transaction a service: store this host's definition if the
@@ -228,14 +315,15 @@ impl Membership for EtcdStore {
 
 impl EtcdStore {
     /// Registers `name` against `known` (the registry as last read, kept up
-    /// to date with what this call writes).
+    /// to date with what this call writes): its id, and whether this call
+    /// created the record.
     async fn register_instance(
         &self,
         host: &str,
         name: &str,
         service: &str,
         known: &mut BTreeMap<String, InstanceRecord>,
-    ) -> Result<u32, CoordError> {
+    ) -> Result<(u32, bool), CoordError> {
         let key = self.key(&format!("instances/{name}"));
         for _ in 0..CHANGE_TRIES {
             let record = |id| InstanceRecord {
@@ -245,41 +333,122 @@ impl EtcdStore {
             };
             if let Some(rec) = known.get(name) {
                 let id = rec.id;
-                if *rec != record(id) {
-                    let value =
-                        serde_json::to_vec(&record(id)).expect("instance record serialises");
-                    self.client
-                        .kv_client()
-                        .put(key.as_str(), value, None)
-                        .await
-                        .map_err(|e| self.err("register", &e))?;
-                    known.insert(name.to_owned(), record(id));
+                if *rec == record(id) {
+                    return Ok((id, false));
                 }
-                return Ok(id);
+                // Ours (the service changed), or a dead host's: taken over
+                // only if that host is still not live and nobody rewrote
+                // the record since it was read.
+                let revision = self.revision_of(&key).await?;
+                let value = serde_json::to_vec(&record(id)).expect("instance record serialises");
+                let mut when = vec![Compare::mod_revision(
+                    key.as_str(),
+                    CompareOp::Equal,
+                    revision,
+                )];
+                if rec.host != host {
+                    when.push(Compare::create_revision(
+                        self.key(&format!("hosts/{}", rec.host)),
+                        CompareOp::Equal,
+                        0,
+                    ));
+                }
+                let txn = Txn::new()
+                    .when(when)
+                    .and_then([TxnOp::put(key.as_str(), value, None)]);
+                if revision != 0 && self.txn("register", txn).await?.succeeded() {
+                    known.insert(name.to_owned(), record(id));
+                    return Ok((id, false));
+                }
+            } else {
+                let id = lowest_free_id(known)?;
+                let id_key = self.key(&format!("ids/{id}"));
+                let value = serde_json::to_vec(&record(id)).expect("instance record serialises");
+                let txn = Txn::new()
+                    .when([
+                        Compare::create_revision(key.as_str(), CompareOp::Equal, 0),
+                        Compare::create_revision(id_key.as_str(), CompareOp::Equal, 0),
+                    ])
+                    .and_then([
+                        TxnOp::put(key.as_str(), value, None),
+                        TxnOp::put(id_key.as_str(), name, None),
+                    ]);
+                if self.txn("register", txn).await?.succeeded() {
+                    known.insert(name.to_owned(), record(id));
+                    return Ok((id, true));
+                }
             }
-            let id = lowest_free_id(known)?;
-            let id_key = self.key(&format!("ids/{id}"));
-            let value = serde_json::to_vec(&record(id)).expect("instance record serialises");
-            let txn = Txn::new()
-                .when([
-                    Compare::create_revision(key.as_str(), CompareOp::Equal, 0),
-                    Compare::create_revision(id_key.as_str(), CompareOp::Equal, 0),
-                ])
-                .and_then([
-                    TxnOp::put(key.as_str(), value, None),
-                    TxnOp::put(id_key.as_str(), name, None),
-                ]);
-            if self.txn("register", txn).await?.succeeded() {
-                known.insert(name.to_owned(), record(id));
-                return Ok(id);
-            }
-            // Another host took the name or the id meanwhile.
+            // Another host took the name, the id or the record meanwhile.
             *known = self.instances().await?;
+            if let Some(rec) = known.get(name) {
+                taken(name, host, rec, &self.hosts().await?)?;
+            }
         }
         Err(CoordError::Contended {
             service: format!("instance registry ({name})"),
             tries: CHANGE_TRIES,
         })
+    }
+
+    /// The modification revision of `key` (0: no such key).
+    async fn revision_of(&self, key: &str) -> Result<i64, CoordError> {
+        let resp = self
+            .client
+            .kv_client()
+            .get(key, None)
+            .await
+            .map_err(|e| self.err("read", &e))?;
+        Ok(resp
+            .kvs()
+            .first()
+            .map_or(0, etcd_client::KeyValue::mod_revision))
+    }
+
+    /// Every instance record with its modification revision.
+    async fn instances_at(&self) -> Result<Vec<(String, InstanceRecord, i64)>, CoordError> {
+        let prefix = self.key("instances/");
+        let resp = self
+            .client
+            .kv_client()
+            .get(prefix.as_str(), Some(GetOptions::new().with_prefix()))
+            .await
+            .map_err(|e| self.err("read", &e))?;
+        resp.kvs()
+            .iter()
+            .map(|kv| {
+                let key = String::from_utf8_lossy(kv.key());
+                let name = key.strip_prefix(prefix.as_str()).unwrap_or(&key).to_owned();
+                let rec = serde_json::from_slice(kv.value()).map_err(|e| self.corrupt(&key, e))?;
+                Ok((name, rec, kv.mod_revision()))
+            })
+            .collect()
+    }
+
+    /// Deletes instance `name`'s record, its id and its load, if the record
+    /// is still at `revision` (and, given `dead_host`, that host's key
+    /// does not exist); whether it did.
+    async fn delete_instance(
+        &self,
+        name: &str,
+        rec: &InstanceRecord,
+        revision: i64,
+        dead_host: Option<&str>,
+    ) -> Result<bool, CoordError> {
+        let key = self.key(&format!("instances/{name}"));
+        let mut when = vec![Compare::mod_revision(
+            key.as_str(),
+            CompareOp::Equal,
+            revision,
+        )];
+        if let Some(h) = dead_host {
+            when.push(Compare::create_revision(h, CompareOp::Equal, 0));
+        }
+        let txn = Txn::new().when(when).and_then([
+            TxnOp::delete(key.as_str(), None),
+            TxnOp::delete(self.key(&format!("ids/{}", rec.id)), None),
+            TxnOp::delete(self.key(&format!("load/{name}")), None),
+        ]);
+        Ok(self.txn("delete instance", txn).await?.succeeded())
     }
 }
 
