@@ -465,3 +465,77 @@ proptest! {
         }
     }
 }
+
+/// Units each of `sim`'s instances owns.
+fn unit_counts(sim: &Sim) -> Vec<u32> {
+    let a = ready(sim.store.groups("svc")).unwrap();
+    sim.names
+        .iter()
+        .map(|n| {
+            a.iter()
+                .filter(|e| &e.owner == n)
+                .map(|e| e.group.size())
+                .sum()
+        })
+        .collect()
+}
+
+/// A host joining an idle cluster got nothing: the first host's instances
+/// kept every unit, since without load nobody is over the band. Joining
+/// elements take their share by unit count.
+#[test]
+fn instances_joining_an_idle_cluster_take_their_share_by_count() {
+    // Two instances own everything; two join (a second host); no load.
+    let mut sim = Sim::with_owners(cfg(), vec![1e9; 4], uniform(0.0), 2);
+    assert_eq!(unit_counts(&sim)[2..], [0, 0]);
+    sim.run(30);
+    let counts = unit_counts(&sim);
+    let share = sluice_common::UNITS_PER_SERVICE / 4;
+    for (i, &c) in counts.iter().enumerate() {
+        assert!(
+            c.abs_diff(share) < cfg().min_group_units * 2,
+            "instance {i} owns {c} units, share {share}: {counts:?}"
+        );
+    }
+    // At most one move an interval per element, within the move limit.
+    assert!(sim.moves.len() <= 8, "{:?}", sim.moves);
+}
+
+/// Three instances: the share (21,845 units) is no power of two; the
+/// joiner takes ever smaller parts from both owners until the gaps are
+/// under `min_group_units`, then stops for good — later intervals move
+/// nothing by count.
+#[test]
+fn a_joiner_stops_at_its_share_and_only_joiners_take_by_count() {
+    let mut sim = Sim::with_owners(cfg(), vec![1e9; 3], uniform(0.0), 2);
+    sim.run(40);
+    let counts = unit_counts(&sim);
+    let share = sluice_common::UNITS_PER_SERVICE / 3;
+    assert!(
+        share - counts[2] < 2 * cfg().min_group_units,
+        "the joiner owns {}: {counts:?}",
+        counts[2]
+    );
+    let moved = sim.moves.len();
+    sim.run(20);
+    assert_eq!(
+        sim.moves.len(),
+        moved,
+        "moves after the join: {:?}",
+        sim.moves
+    );
+    // An owner that already had units never took any by count.
+    assert!(sim.moves.iter().all(|m| m.1 == 2), "{:?}", sim.moves);
+}
+
+/// Pack gathers work on few instances: a joiner takes nothing by count.
+#[test]
+fn under_pack_a_joiner_takes_nothing_by_count() {
+    let cfg = WlmConfig {
+        policy: WlmPolicy::Pack,
+        ..cfg()
+    };
+    let mut sim = Sim::with_owners(cfg, vec![1e9; 3], uniform(0.0), 2);
+    sim.run(20);
+    assert_eq!(unit_counts(&sim)[2], 0);
+}
