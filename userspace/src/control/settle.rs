@@ -6,8 +6,10 @@
 //! Other hosts keep changing the store in between, so the store step does
 //! not write what was decided: it applies the same rule again to the
 //! assignment as it is then, as one compare-and-swap
-//! ([`CoordStore::rewrite`]), so a move made meanwhile stands; a host whose
-//! init lost the race takes the winner's assignment. The plan (and so the
+//! ([`CoordStore::rewrite`]), so a move made meanwhile stands; only the
+//! owners the decision found no longer configured lose their groups (an
+//! owner named since is another host's newer instance). A host whose init
+//! lost the race takes the winner's assignment. The plan (and so the
 //! data path) is then given what the store holds. Undoing a store step
 //! ([`Undo`]) gives back only the groups it changed, each only if nobody
 //! changed it since.
@@ -41,6 +43,11 @@ struct Step {
     configured: Vec<String>,
     /// This host's instances that take a dropped instance's groups first.
     preferred: Vec<String>,
+    /// The stored owners the decision found no longer configured: only
+    /// they lose their groups. An owner the store names later (another
+    /// host's instance registered since this host read the cluster, or
+    /// named by the init that beat this host's) keeps its groups.
+    gone: Vec<String>,
     on_demand: bool,
     /// Instance name to id (the unowned name to `NO_OWNER`).
     ids: HashMap<String, u32>,
@@ -138,7 +145,17 @@ impl Step {
     /// The rule again, on the assignment as the store has it at the write:
     /// the owners to write, or `None` to leave it.
     fn again(&self, stored: Option<&[GroupEntry]>) -> Option<Vec<(Group, String)>> {
-        let configured: Vec<&str> = self.configured.iter().map(String::as_str).collect();
+        let new_owners = stored
+            .into_iter()
+            .flatten()
+            .map(|e| e.owner.as_str())
+            .filter(|o| !self.gone.iter().any(|g| g == o));
+        let configured: Vec<&str> = self
+            .configured
+            .iter()
+            .map(String::as_str)
+            .chain(new_owners)
+            .collect();
         let preferred: Vec<&str> = self.preferred.iter().map(String::as_str).collect();
         match settle_service(
             stored,
@@ -270,6 +287,12 @@ impl Settled {
                 Err(CoordError::UnknownService { .. }) => None,
                 Err(e) => return Err(e.into()),
             };
+            let gone: Vec<String> = stored
+                .iter()
+                .flatten()
+                .filter(|e| e.owner != UNOWNED && !configured.contains(&e.owner.as_str()))
+                .map(|e| e.owner.clone())
+                .collect();
             let step = settle_service(
                 stored.as_deref(),
                 &configured,
@@ -301,6 +324,7 @@ impl Settled {
                 wanted,
                 configured: configured.iter().map(|n| (*n).to_owned()).collect(),
                 preferred: preferred.iter().map(|n| (*n).to_owned()).collect(),
+                gone,
                 on_demand: sc.on_demand,
                 ids,
             });

@@ -297,3 +297,18 @@ fn a_reload_deals_dropped_groups_to_live_local_instances_only() {
         }
     }
 }
+
+/// Two hosts starting at once: the winner's init names instances this
+/// host has not seen registered yet. They are not instances "no longer
+/// configured": the store's assignment stands.
+#[test]
+fn an_init_lost_to_unknown_instances_leaves_them_their_groups() {
+    let store = Arc::new(EmbeddedStore::in_memory());
+    let cfg = config(&text(1, 3));
+    let mut mine = plan(&cfg);
+    let settled = ready(Controller::settle(&cfg, &mut mine, &*store)).unwrap();
+    let all: Group = "0x0000/0".parse().unwrap();
+    assert!(ready(store.init("s0", &[(all, "other-0".to_owned())])).unwrap());
+    ready(Controller::commit(settled, &cfg, &mut mine, store.clone())).unwrap();
+    assert_eq!(owners(&*store, "s0"), vec![(all, "other-0".to_owned())]);
+}
