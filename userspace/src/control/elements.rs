@@ -47,6 +47,12 @@ pub(super) async fn step(
             let assignment = mv.store.groups(&svc.name).await?;
             let peers = svc.peers(ii, &samples, |n| out.contains(n));
             let me = &svc.instances[ii];
+            let siblings: Vec<&str> = svc
+                .instances
+                .iter()
+                .filter(|i| i.name != me.name)
+                .map(|i| i.name.as_str())
+                .collect();
             let view = View {
                 me: &me.name,
                 cfg: &svc.cfg,
@@ -56,6 +62,7 @@ pub(super) async fn step(
                 assignment: &assignment,
                 buckets: &svc.buckets,
                 peers: &peers,
+                siblings: &siblings,
             };
             let mut state = me.state.clone();
             let action = wlm::decide(&mut state, &view);

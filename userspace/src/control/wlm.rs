@@ -10,18 +10,22 @@
 //! - pack reclaims a buddy group from another under-loaded peer, merging
 //!   the two, so work gathers onto few instances and the rest go idle.
 //!
-//! A joining element — under spread, one whose instance owns no unit at
-//! its first decision (a host joining the cluster, an instance added by a
-//! reload, a host back after the others took its groups) — first takes
-//! its share by unit count ([`join`]): each interval, before cooldown and
-//! sustain, one aligned part (a power of two of units, split off as
-//! needed) from the peer holding the most units, as much as the peer holds
-//! above the share and the element lacks below it (the share: the owned
-//! units over the element and its peers). It stops for good once either
-//! gap is under `min_group_units` (the element is then short of its share
-//! by less than that times the number of peers), or the part would
-//! overload it; from then on load alone moves work. Each element makes at most one move an interval and every move
-//! takes a token of the agent's move limit, so a join is not a storm.
+//! A joining element — under spread, one whose instance, and every other
+//! instance of the service on its host, owns no unit at its first
+//! decision: a host joining the cluster, or back after the others took its
+//! groups — first takes its share by unit count ([`join`]): each interval
+//! while it is under-loaded, before cooldown and sustain, one aligned part
+//! (a power of two of units, split off as needed) from the peer holding
+//! the most units, as much as the peer holds above the share and the
+//! element lacks below it (the share: the owned units over the element and
+//! its peers). It stops for good once either gap is under
+//! `min_group_units` (the element is then short of its share by less than
+//! that times the number of peers), or the part would overload it; from
+//! then on load alone moves work. Each element makes at most one move an
+//! interval and every move takes a token of the agent's move limit, so a
+//! join is not a storm. An instance added to a host that owns units, or
+//! restarted beside one, takes work by load only, as does every instance
+//! with `underload = 0`.
 //!
 //! Pure logic: the agent feeds it samples and applies what it returns
 //! through the coordination store, so it is tested without a kernel.
@@ -188,6 +192,9 @@ pub struct View<'a> {
     pub buckets: &'a [f64],
     /// The service's other instances.
     pub peers: &'a [Peer],
+    /// Those of them on this host (a joining host's elements take their
+    /// share by count only if all of them own nothing too; see the module).
+    pub siblings: &'a [&'a str],
 }
 
 impl View<'_> {
@@ -235,7 +242,14 @@ pub fn decide(state: &mut ElementState, v: &View<'_>) -> Option<Action> {
     if v.cfg.policy != WlmPolicy::Spread {
         state.joining = Some(false);
     }
-    if *state.joining.get_or_insert(mine.is_empty()) && !v.thresholds.is_overloaded(s.utilisation) {
+    let host_owns_nothing = || {
+        v.assignment
+            .iter()
+            .all(|e| e.owner != v.me && !v.siblings.contains(&e.owner.as_str()))
+    };
+    if *state.joining.get_or_insert_with(host_owns_nothing)
+        && v.thresholds.is_underloaded(s.utilisation)
+    {
         if let Some(a) = join(state, v) {
             return Some(a);
         }

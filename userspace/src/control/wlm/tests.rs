@@ -139,6 +139,7 @@ impl Sim {
                 assignment: &assignment,
                 buckets: &self.buckets,
                 peers: &peers,
+                siblings: &[],
             };
             let Some(action) = decide(&mut self.states[i], &view) else {
                 continue;
@@ -538,4 +539,50 @@ fn under_pack_a_joiner_takes_nothing_by_count() {
     let mut sim = Sim::with_owners(cfg, vec![1e9; 3], uniform(0.0), 2);
     sim.run(20);
     assert_eq!(unit_counts(&sim)[2], 0);
+}
+
+/// Only a host all of whose instances own nothing joins by count: an
+/// instance restarted (or added) beside one that owns units, or any with
+/// `underload = 0`, waits for load.
+#[test]
+fn only_a_host_owning_nothing_joins_and_only_while_under_loaded() {
+    let all: Group = "0x0000/0".parse().unwrap();
+    let assignment = [GroupEntry {
+        group: all,
+        owner: "a0".into(),
+        version: 1,
+    }];
+    let peers: Vec<Peer> = ["a0", "a1"]
+        .iter()
+        .map(|n| Peer {
+            name: (*n).to_owned(),
+            sample: Sample::default(),
+            ceiling_pps: None,
+        })
+        .collect();
+    let decide_with = |cfg: &WlmConfig, siblings: &[&str]| {
+        let view = View {
+            me: "a1",
+            cfg,
+            thresholds: Thresholds::from(cfg),
+            now: Instant::now(),
+            sample: Sample::default(),
+            assignment: &assignment,
+            buckets: &[],
+            peers: &peers[..1],
+            siblings,
+        };
+        decide(&mut ElementState::default(), &view)
+    };
+    let joined = decide_with(&cfg(), &[]);
+    assert!(
+        matches!(&joined, Some(Action::Take { part, from, .. }) if part.size() == 32768 && from == "a0"),
+        "{joined:?}"
+    );
+    assert_eq!(decide_with(&cfg(), &["a0"]), None, "a0 is on this host");
+    let frozen = WlmConfig {
+        underload: 0.0,
+        ..cfg()
+    };
+    assert_eq!(decide_with(&frozen, &[]), None, "underload = 0");
 }
