@@ -10,10 +10,10 @@
 //! - pack reclaims a buddy group from another under-loaded peer, merging
 //!   the two, so work gathers onto few instances and the rest go idle.
 //!
-//! A joining element — under spread, one whose instance, and every other
-//! instance of the service on its host, owns no unit at its first
-//! decision: a host joining the cluster, or back after the others took its
-//! groups — first takes its share by unit count ([`join`]): each interval
+//! A joining element — under spread, one whose first decision comes at an
+//! interval that started with no instance of the service on its host
+//! owning a unit: a host joining the cluster, or back after the others took
+//! its groups — first takes its share by unit count ([`join`]): each interval
 //! while it is under-loaded, before cooldown and sustain, one aligned part
 //! (a power of two of units, split off as needed) from the peer holding
 //! the most units, as much as the peer holds above the share and the
@@ -113,6 +113,13 @@ impl ElementState {
         self.ceiling_pps
     }
 
+    /// Whether the element has not decided yet (whether it joins is judged
+    /// at its first decision).
+    #[must_use]
+    pub const fn is_new(&self) -> bool {
+        self.joining.is_none()
+    }
+
     /// Records that this element made a move at `now` (starts the cooldown).
     pub fn moved(&mut self, now: Instant) {
         self.last_move = Some(now);
@@ -192,9 +199,9 @@ pub struct View<'a> {
     pub buckets: &'a [f64],
     /// The service's other instances.
     pub peers: &'a [Peer],
-    /// Those of them on this host (a joining host's elements take their
-    /// share by count only if all of them own nothing too; see the module).
-    pub siblings: &'a [&'a str],
+    /// Whether no instance of the service on this host owned a unit at
+    /// the start of the interval (its elements then join; see the module).
+    pub host_idle: bool,
 }
 
 impl View<'_> {
@@ -242,14 +249,7 @@ pub fn decide(state: &mut ElementState, v: &View<'_>) -> Option<Action> {
     if v.cfg.policy != WlmPolicy::Spread {
         state.joining = Some(false);
     }
-    let host_owns_nothing = || {
-        v.assignment
-            .iter()
-            .all(|e| e.owner != v.me && !v.siblings.contains(&e.owner.as_str()))
-    };
-    if *state.joining.get_or_insert_with(host_owns_nothing)
-        && v.thresholds.is_underloaded(s.utilisation)
-    {
+    if *state.joining.get_or_insert(v.host_idle) && v.thresholds.is_underloaded(s.utilisation) {
         if let Some(a) = join(state, v) {
             return Some(a);
         }

@@ -139,7 +139,8 @@ impl Sim {
                 assignment: &assignment,
                 buckets: &self.buckets,
                 peers: &peers,
-                siblings: &[],
+                // Each instance a host of its own.
+                host_idle: assignment.iter().all(|e| e.owner != self.names[i]),
             };
             let Some(action) = decide(&mut self.states[i], &view) else {
                 continue;
@@ -560,7 +561,7 @@ fn only_a_host_owning_nothing_joins_and_only_while_under_loaded() {
             ceiling_pps: None,
         })
         .collect();
-    let decide_with = |cfg: &WlmConfig, siblings: &[&str]| {
+    let decide_with = |cfg: &WlmConfig, host_idle: bool| {
         let view = View {
             me: "a1",
             cfg,
@@ -570,19 +571,19 @@ fn only_a_host_owning_nothing_joins_and_only_while_under_loaded() {
             assignment: &assignment,
             buckets: &[],
             peers: &peers[..1],
-            siblings,
+            host_idle,
         };
         decide(&mut ElementState::default(), &view)
     };
-    let joined = decide_with(&cfg(), &[]);
+    let joined = decide_with(&cfg(), true);
     assert!(
         matches!(&joined, Some(Action::Take { part, from, .. }) if part.size() == 32768 && from == "a0"),
         "{joined:?}"
     );
-    assert_eq!(decide_with(&cfg(), &["a0"]), None, "a0 is on this host");
+    assert_eq!(decide_with(&cfg(), false), None, "a0 is on this host");
     let frozen = WlmConfig {
         underload: 0.0,
         ..cfg()
     };
-    assert_eq!(decide_with(&frozen, &[]), None, "underload = 0");
+    assert_eq!(decide_with(&frozen, true), None, "underload = 0");
 }
