@@ -104,6 +104,14 @@ impl CoordStore for Counting {
         self.wrote();
         self.inner.reset(service, groups).await
     }
+    async fn rewrite(
+        &self,
+        service: &str,
+        f: &sluice::coord::Rewrite<'_>,
+    ) -> Result<sluice::coord::Rewritten, CoordError> {
+        self.wrote();
+        self.inner.rewrite(service, f).await
+    }
     async fn move_group(
         &self,
         service: &str,

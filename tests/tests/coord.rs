@@ -864,3 +864,113 @@ fn records_of_dropped_instances_and_dead_hosts_are_deleted() {
         });
     });
 }
+
+/// Config of one UDP service `kv` with instances `kv-0..n`.
+fn kv_config(n: usize) -> sluice::config::Config {
+    use std::fmt::Write as _;
+    let mut t = String::from(
+        "[[service]]\nname = \"kv\"\nvip = \"198.18.1.1\"\nport = 7000\nprotocol = \"udp\"\n",
+    );
+    for i in 0..n {
+        let _ = write!(
+            t,
+            "\n[[service.instance]]\nname = \"kv-{i}\"\nveth = \"v{i}\"\n"
+        );
+    }
+    sluice::config::Config::parse(&t, std::path::Path::new("test.toml")).unwrap()
+}
+
+/// The plan of `config`, without the host: instance `k` on ifindex `100 + k`.
+fn kv_plan(config: &sluice::config::Config) -> sluice::plan::Plan {
+    let mut k = 0u8;
+    sluice::plan::Plan::build(config, |_, _| {
+        k += 1;
+        Ok::<_, std::convert::Infallible>(sluice::plan::Resolved {
+            ifindex: 100 + u32::from(k),
+            mac: [2, 0, 0, 0, 0, k],
+            netns: None,
+            netns_id: None,
+        })
+    })
+    .unwrap_or_else(|e| match e {})
+}
+
+/// Defect D3 with etcd: a reload dropping an instance wrote the whole
+/// assignment back with a plain put, reverting what another host moved
+/// between the reload's settle and its commit.
+#[test]
+fn a_reload_keeps_another_host_s_move() {
+    use sluice::control::Controller;
+    let site = site("coord-settle", 41);
+    let opts = site.options("settle");
+    site.run(move || {
+        rt().block_on(async {
+            let a: Arc<dyn CoordStore> = Arc::new(EtcdStore::connect(&opts).await.unwrap());
+            let b = EtcdStore::connect(&opts).await.unwrap();
+            let cfg3 = kv_config(3);
+            Controller::new(&cfg3, &mut kv_plan(&cfg3), a.clone())
+                .await
+                .unwrap();
+            let cfg2 = kv_config(2);
+            let mut two = kv_plan(&cfg2);
+            let settled = Controller::settle(&cfg2, &mut two, &*a).await.unwrap();
+            let g = b
+                .groups("kv")
+                .await
+                .unwrap()
+                .into_iter()
+                .find(|e| e.owner == "kv-0")
+                .unwrap();
+            b.move_group("kv", g.group, g.version, "kv-1")
+                .await
+                .unwrap();
+            Controller::commit(settled, &cfg2, &mut two, a.clone())
+                .await
+                .unwrap();
+            let after = b.groups("kv").await.unwrap();
+            assert_eq!(
+                after.iter().find(|e| e.group == g.group).unwrap().owner,
+                "kv-1",
+                "the other host's move was reverted"
+            );
+            assert!(after.iter().all(|e| e.owner != "kv-2"));
+        });
+    });
+}
+
+/// Defect D3, versions: a key made anew (deleted by an operator) counted
+/// versions from zero again, so a version an element still held could
+/// match a new entry.
+#[test]
+fn versions_never_repeat_after_the_key_is_made_anew() {
+    let site = site("coord-versions", 42);
+    let opts = site.options("versions");
+    site.run(move || {
+        rt().block_on(async {
+            let b = EtcdStore::connect(&opts).await.unwrap();
+            assert!(b.init("kv", &even(2)).await.unwrap());
+            let g = b.groups("kv").await.unwrap()[0].clone();
+            b.split("kv", g.group, g.version).await.unwrap();
+            let last = b
+                .groups("kv")
+                .await
+                .unwrap()
+                .iter()
+                .map(|e| e.version)
+                .max()
+                .unwrap();
+            let mut raw = etcd_client::Client::connect(&opts.endpoints, None)
+                .await
+                .unwrap();
+            raw.delete("/sluice/versions/assign/kv", None)
+                .await
+                .unwrap();
+            assert!(b.init("kv", &even(2)).await.unwrap());
+            let fresh = b.groups("kv").await.unwrap();
+            assert!(
+                fresh.iter().all(|e| e.version > last),
+                "versions repeat after the key was made anew: {fresh:?}, last {last}"
+            );
+        });
+    });
+}

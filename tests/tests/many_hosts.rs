@@ -36,10 +36,11 @@ fn groups(bed: &ClusterBed) -> Vec<GroupEntry> {
     bed.with_store(|s| Box::pin(async move { s.groups("kv").await.expect("kv") }))
 }
 
-/// Starts every host's agent, then spreads the service over every
-/// instance of the cluster by writing the assignment into etcd, as
-/// another writer would: the agents follow it through their watches.
-/// (Idle instances never trade groups on their own.)
+/// Starts every host's agent, one after the other, and waits until the
+/// cluster has spread itself: the first host's instances take every unit,
+/// each joining host's instances take their share by unit count from the
+/// instances holding more (nobody writes the assignment for them); then
+/// nothing moves (the instances are idle). Returns the settled assignment.
 fn start_cluster(bed: &mut ClusterBed) -> Vec<GroupEntry> {
     start_cluster_with(bed, "")
 }
@@ -49,30 +50,45 @@ fn start_cluster_with(bed: &mut ClusterBed, extra: &str) -> Vec<GroupEntry> {
         let c = config_with(bed, k, extra);
         bed.start_agent(k, &c);
     }
-    let names: Vec<String> = (0..HOSTS)
-        .flat_map(|k| (0..PER_HOST).map(move |j| format!("kv-h{k}-{j}")))
-        .collect();
-    let spread: Vec<(sluice::plan::Group, String)> = sluice::plan::group::even(names.len())
-        .into_iter()
-        .zip(&names)
-        .flat_map(|(gs, n)| gs.into_iter().map(move |g| (g, n.clone())))
-        .collect();
-    bed.with_store(move |s| {
-        Box::pin(async move {
-            let t = Instant::now();
-            while s.hosts().await.expect("hosts").len() < HOSTS {
-                assert!(
-                    t.elapsed() < Duration::from_secs(20),
-                    "not every host joined"
-                );
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            s.reset("kv", &spread).await.expect("reset");
-        })
-    });
-    // The watches fire at once; a second is ample.
-    std::thread::sleep(Duration::from_secs(1));
-    groups(bed)
+    wait_spread(bed, HOSTS * PER_HOST)
+}
+
+/// Waits until the `instances` instances each own a share of the units
+/// (within a factor of two) and nothing has moved for ten intervals.
+fn wait_spread(bed: &ClusterBed, instances: usize) -> Vec<GroupEntry> {
+    let share = sluice_common::UNITS_PER_SERVICE / u32::try_from(instances).unwrap();
+    // Bounded: a join takes a few moves an instance, a few a second.
+    let t = Instant::now();
+    let (mut last, mut since) = (groups(bed), Instant::now());
+    loop {
+        std::thread::sleep(Duration::from_millis(200));
+        let now = groups(bed);
+        if now != last {
+            (last, since) = (now, Instant::now());
+            continue;
+        }
+        let counts = unit_counts(&last);
+        let spread =
+            counts.len() == instances && counts.values().all(|&c| c >= share / 2 && c <= 2 * share);
+        // Ten intervals without a move: settled.
+        if spread && since.elapsed() > Duration::from_secs(2) {
+            eprintln!("the cluster started spread: units per instance {counts:?}");
+            return last;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(40),
+            "the cluster did not spread itself over every instance: {counts:?}"
+        );
+    }
+}
+
+/// Units each instance owns.
+fn unit_counts(groups: &[GroupEntry]) -> std::collections::BTreeMap<String, u32> {
+    let mut out = std::collections::BTreeMap::new();
+    for e in groups.iter().filter(|e| !e.owner.is_empty()) {
+        *out.entry(e.owner.clone()).or_default() += e.group.size();
+    }
+    out
 }
 
 /// Instance index (host-major, as `bed.all_instances()`) of owner `name`.
@@ -515,19 +531,10 @@ fn connections_survive_moves_between_hosts_and_an_ecmp_change() {
             .collect()
     };
     let first = on(&[0, 1, 2]);
-    bed.with_store(move |s| {
-        Box::pin(async move {
-            let t = Instant::now();
-            while s.hosts().await.expect("hosts").len() < 4 {
-                assert!(
-                    t.elapsed() < Duration::from_secs(20),
-                    "not every host joined"
-                );
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            s.reset("kv", &first).await.expect("reset");
-        })
-    });
+    // The start's join moves done first (they are not repeated: host 3's
+    // instances own nothing after this reset, and take nothing by count).
+    wait_spread(&bed, 4 * PER_HOST);
+    bed.with_store(move |s| Box::pin(async move { s.reset("kv", &first).await.expect("reset") }));
     std::thread::sleep(Duration::from_secs(1));
     let dst = SocketAddr::new(IpAddr::V4(VIP_V4), 7000);
     let servers = traffic::TcpServers::start(&bed.all_instances(), dst, &names);

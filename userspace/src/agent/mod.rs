@@ -21,10 +21,10 @@ use cluster::Registry;
 use crate::{
     config::{ClusterConfig, Config},
     control::{Claimed, ControlError, Controller, InstanceStatus, MoveEvent, Settled},
-    coord::{CoordStore, GroupEntry},
+    coord::CoordStore,
     datapath::{AttachMode, Datapath as _, DatapathError, punt::Punt, xdp::XdpDatapath},
     l7::{Distributor, L7Error},
-    plan::{Group, Plan, RemotePlan, ResolveError, Resolved, resolve_instance},
+    plan::{Plan, RemotePlan, ResolveError, Resolved, resolve_instance},
     sys::link::{self, LinkError},
     telemetry,
 };
@@ -77,6 +77,7 @@ async fn prepare(
     pin_dir: Option<&Path>,
     registry: Option<&Registry>,
     resolve: impl FnMut(&crate::config::Instance, &str) -> Result<Resolved, ResolveError>,
+    failed: impl Fn(&str) -> bool,
 ) -> Result<Prepared, StartError> {
     let iface_err = |source| StartError::Iface {
         iface: iface.to_owned(),
@@ -113,6 +114,10 @@ async fn prepare(
         for (sid, owners) in (0..).zip(XdpDatapath::pinned_owners(d, services)?) {
             plan.take_pinned_owners(sid, &owners);
         }
+    }
+    // Before settling: a failed instance takes no removed instance's groups.
+    for i in &mut plan.instances {
+        i.live = !failed(&i.name);
     }
     let settled = Controller::settle(config, &mut plan, store).await?;
     let datapath = XdpDatapath::load_with(&plan, pin_dir)?;
@@ -185,15 +190,25 @@ impl Agent {
         pin_dir: Option<&Path>,
         registry: Option<&Registry>,
     ) -> Result<Self, StartError> {
-        let prepared = prepare(config, iface, &*store, pin_dir, registry, resolve_instance).await?;
+        let prepared = prepare(
+            config,
+            iface,
+            &*store,
+            pin_dir,
+            registry,
+            resolve_instance,
+            |_| false,
+        )
+        .await?;
         let Prepared {
-            plan,
+            mut plan,
             settled,
             mut datapath,
         } = prepared;
         let mut l7 = Distributor::new(http::owners(datapath.owner_view()));
         let staged = l7.stage(config)?;
-        let control = Controller::commit(settled, config, &plan, store).await?;
+        // The plan gets the store's assignment as the commit left it.
+        let control = Controller::commit(settled, config, &mut plan, store).await?;
         datapath.program(&plan)?;
         let punt = Self::open_punt(&mut datapath, config, iface);
         let mode = attach(&mut datapath, iface, force_generic)?;
@@ -299,23 +314,24 @@ impl Agent {
             Some(pin_dir),
             registry,
             resolve,
+            failed,
         )
         .await?;
-        for i in &mut plan.instances {
-            i.live = !self.control.is_failed(&i.name);
-        }
         // New listeners bound before the switch; dropped (closed) if it
         // fails.
         let staged = self.l7.stage(config)?;
-        // The switch. What to go back to if it fails half-way.
-        let before = self.control.assignments().await?;
-        let control = Controller::commit(settled, config, &plan, store.clone()).await?;
+        // The switch; the plan gets the store's assignment as the commit
+        // left it.
+        let mut control = Controller::commit(settled, config, &mut plan, store.clone()).await?;
         let switched = match datapath.program(&plan) {
             Ok(()) => attach(&mut datapath, &self.iface, force_generic),
             Err(e) => Err(e.into()),
         };
         if let Err(e) = switched {
-            self.roll_back(&before, &*store).await;
+            // What the commit changed goes back, group by group, unless
+            // another host changed that group since.
+            control.undo_commit().await;
+            self.roll_back().await;
             return Err(e);
         }
         let old_control = std::mem::replace(&mut self.control, control);
@@ -336,15 +352,9 @@ impl Agent {
         Ok(())
     }
 
-    /// After a failed switch: the store and the maps as they were.
-    async fn roll_back(&mut self, before: &[(String, Vec<GroupEntry>)], store: &dyn CoordStore) {
-        for (service, groups) in before {
-            let groups: Vec<(Group, String)> =
-                groups.iter().map(|e| (e.group, e.owner.clone())).collect();
-            if let Err(e) = store.reset(service, &groups).await {
-                tracing::error!(service, error = %e, "rolling back: restoring the assignment failed");
-            }
-        }
+    /// After a failed switch (its store changes given back): the maps as
+    /// they were.
+    async fn roll_back(&mut self) {
         if let Err(e) = self.datapath.program(&self.plan) {
             tracing::error!(error = %e, "rolling back: rewriting the maps failed");
         }

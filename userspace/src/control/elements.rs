@@ -40,6 +40,15 @@ pub(super) async fn step(
             .map(|i| i.sample)
             .chain(svc.remote.iter().map(|r| r.sample))
             .collect();
+        // Whether this host joins (see `wlm`): judged once, for every
+        // element at its first decision, from the interval's start.
+        let host_idle = if svc.instances.iter().any(|i| i.state.is_new()) {
+            let a = mv.store.groups(&svc.name).await?;
+            a.iter()
+                .all(|e| !svc.instances.iter().any(|i| i.name == e.owner))
+        } else {
+            false
+        };
         for ii in order {
             if out.contains(&svc.instances[ii].name) {
                 continue;
@@ -56,6 +65,7 @@ pub(super) async fn step(
                 assignment: &assignment,
                 buckets: &svc.buckets,
                 peers: &peers,
+                host_idle,
             };
             let mut state = me.state.clone();
             let action = wlm::decide(&mut state, &view);

@@ -165,6 +165,8 @@ pub struct Controller {
     reconciler: Reconciler,
     /// Group owners unknown here, for how long ([`health::remote_fail_step`]).
     orphans: health::Orphans,
+    /// What the commit that built this controller changed in the store.
+    undo: Option<settle::Undo>,
 }
 
 impl Controller {
@@ -193,17 +195,30 @@ impl Controller {
         Settled::decide(config, plan, store).await
     }
 
-    /// Stores what [`Self::settle`] decided and builds the controller. If a
-    /// write fails, the services already written get their previous
-    /// assignment back, and the error is returned.
+    /// Stores what [`Self::settle`] decided — the same rule applied again
+    /// to the store as it is now, by compare-and-swap, so other hosts'
+    /// moves since stand — and builds the controller; `plan`'s groups
+    /// become what the store holds. If a write fails, what the services
+    /// already written changed is given back, and the error is returned.
     pub async fn commit(
         settled: Settled,
         config: &Config,
-        plan: &Plan,
+        plan: &mut Plan,
         store: Arc<dyn CoordStore>,
     ) -> Result<Self, ControlError> {
-        settled.store(&*store).await?;
-        Ok(Self::build(config, plan, store))
+        let undo = settled.store(&*store, plan).await?;
+        let mut ctl = Self::build(config, plan, store);
+        ctl.undo = Some(undo);
+        Ok(ctl)
+    }
+
+    /// The start or reload that committed this controller failed after
+    /// the commit: each group the commit changed gets its owner back if
+    /// nobody changed it since (once; later calls do nothing).
+    pub async fn undo_commit(&mut self) {
+        if let Some(undo) = self.undo.take() {
+            undo.apply(&*self.store).await;
+        }
     }
 
     fn build(config: &Config, plan: &Plan, store: Arc<dyn CoordStore>) -> Self {
@@ -220,6 +235,7 @@ impl Controller {
             claims: Claims::default(),
             reconciler: Reconciler::default(),
             orphans: health::Orphans::default(),
+            undo: None,
         };
         // Other hosts' instances as the start saw them: live, no load yet.
         let hosts = plan.remote.iter().map(|r| r.host.clone()).collect();

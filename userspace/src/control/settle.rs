@@ -2,6 +2,17 @@
 //! assignment is decided from what the store holds and the plan, writing
 //! nothing ([`Settled::decide`]), and stored only once everything else that
 //! can refuse has said yes ([`Settled::store`]).
+//!
+//! Other hosts keep changing the store in between, so the store step does
+//! not write what was decided: it applies the same rule again to the
+//! assignment as it is then, as one compare-and-swap
+//! ([`CoordStore::rewrite`]), so a move made meanwhile stands; only the
+//! owners the decision found no longer configured lose their groups (an
+//! owner named since is another host's newer instance). A host whose init
+//! lost the race takes the winner's assignment. The plan (and so the
+//! data path) is then given what the store holds. Undoing a store step
+//! ([`Undo`]) gives back only the groups it changed, each only if nobody
+//! changed it since.
 
 use std::collections::HashMap;
 
@@ -10,14 +21,36 @@ use sluice_common::maps::NO_OWNER;
 use super::{ControlError, UNOWNED};
 use crate::{
     config::Config,
-    coord::{CoordError, CoordStore, GroupEntry, check_partition},
+    coord::{CoordError, CoordStore, GroupEntry, Version, check_partition},
     plan::{Group, Plan},
 };
 
 /// What [`Controller::settle`](super::Controller::settle) decided for each
 /// service, to be stored by [`Controller::commit`](super::Controller::commit).
 pub struct Settled {
-    steps: Vec<(String, StoreStep)>,
+    steps: Vec<Step>,
+}
+
+/// One service's decision and what is needed to take it again.
+struct Step {
+    service: String,
+    /// Index of the service in the plan.
+    index: usize,
+    decided: StoreStep,
+    /// The plan's assignment, for a service the store has none of.
+    wanted: Vec<(Group, String)>,
+    /// Every instance that may own a group (this host's and the others').
+    configured: Vec<String>,
+    /// This host's instances that take a dropped instance's groups first.
+    preferred: Vec<String>,
+    /// The stored owners the decision found no longer configured: only
+    /// they lose their groups. An owner the store names later (another
+    /// host's instance registered since this host read the cluster, or
+    /// named by the init that beat this host's) keeps its groups.
+    gone: Vec<String>,
+    on_demand: bool,
+    /// Instance name to id (the unowned name to `NO_OWNER`).
+    ids: HashMap<String, u32>,
 }
 
 /// How a service's starting assignment gets into the store.
@@ -43,15 +76,21 @@ impl StoreStep {
 }
 
 /// Settles one service's starting assignment from what the store holds
-/// (`None`: nothing), the configured instance names and the plan's
-/// assignment (`wanted`). A stored assignment is kept as far as it can be:
-/// only the groups of instances no longer configured change hands — round
-/// robin over the configured ones, or unowned (claimed by the next packet)
-/// for an on-demand service — so every other flow stays where it is.
+/// (`None`: nothing), the instance names that may own groups
+/// (`configured`: this host's and the other hosts'), the ones that take a
+/// dropped instance's groups (`preferred`) and the plan's assignment
+/// (`wanted`). A stored assignment is kept as far as it can be: only the
+/// groups of instances no longer configured change hands, so every other
+/// flow stays where it is. They go round robin over `preferred` (this
+/// host's live instances that are not reserved: when every host reloads at
+/// once, another host's instance may be being dropped too), over every
+/// configured instance if there is none, or unowned (claimed by the next
+/// packet) for an on-demand service.
 #[must_use]
 pub fn settle_service(
     stored: Option<&[GroupEntry]>,
     configured: &[&str],
+    preferred: &[&str],
     wanted: Vec<(Group, String)>,
     on_demand: bool,
 ) -> StoreStep {
@@ -74,7 +113,12 @@ pub fn settle_service(
         .map(|e| e.owner.as_str())
         .collect();
     gone.dedup();
-    let mut next = configured.iter().cycle();
+    let takers = if preferred.is_empty() {
+        configured
+    } else {
+        preferred
+    };
+    let mut next = takers.iter().cycle();
     let groups = stored
         .iter()
         .map(|e| {
@@ -97,20 +141,103 @@ pub fn settle_service(
     )
 }
 
+impl Step {
+    /// The rule again, on the assignment as the store has it at the write:
+    /// the owners to write, or `None` to leave it.
+    fn again(&self, stored: Option<&[GroupEntry]>) -> Option<Vec<(Group, String)>> {
+        let new_owners = stored
+            .into_iter()
+            .flatten()
+            .map(|e| e.owner.as_str())
+            .filter(|o| !self.gone.iter().any(|g| g == o));
+        let configured: Vec<&str> = self
+            .configured
+            .iter()
+            .map(String::as_str)
+            .chain(new_owners)
+            .collect();
+        let preferred: Vec<&str> = self.preferred.iter().map(String::as_str).collect();
+        match settle_service(
+            stored,
+            &configured,
+            &preferred,
+            self.wanted.clone(),
+            self.on_demand,
+        ) {
+            StoreStep::Resume(_) => None,
+            StoreStep::Init(g) | StoreStep::Reset(g, _) => Some(g),
+        }
+    }
+}
+
+/// A group a store step changed: the version it wrote and the owner the
+/// group had before.
+type Changed = (Group, Version, String);
+
+/// What a store step changed, to be given back if the start or reload
+/// fails after it.
+#[derive(Debug, Default)]
+pub(super) struct Undo {
+    /// Per service, the groups the step changed.
+    services: Vec<(String, Vec<Changed>)>,
+}
+
+impl Undo {
+    /// Gives back what the step changed: each changed group still at the
+    /// version the step wrote gets its owner back, by compare-and-swap; a
+    /// group someone changed since is left as it is. Failures are logged.
+    pub(super) async fn apply(self, store: &dyn CoordStore) {
+        for (service, changed) in self.services.iter().rev() {
+            let back = |now: Option<&[GroupEntry]>| {
+                let now = now?;
+                let mut any = false;
+                let groups = now
+                    .iter()
+                    .map(|e| {
+                        let before = changed
+                            .iter()
+                            .find(|(g, v, _)| *g == e.group && *v == e.version)
+                            .map(|(_, _, o)| o.clone());
+                        any |= before.is_some();
+                        (e.group, before.unwrap_or_else(|| e.owner.clone()))
+                    })
+                    .collect();
+                any.then_some(groups)
+            };
+            if let Err(e) = store.rewrite(service, &back).await {
+                tracing::error!(service = %service, error = %e, "restoring the previous assignment failed");
+            }
+        }
+    }
+}
+
+/// The groups `written` changed from `found`, with their earlier owners
+/// (groups whose extent is new have none to go back to, and stay).
+fn changes(found: &[GroupEntry], written: &[GroupEntry]) -> Vec<Changed> {
+    written
+        .iter()
+        .filter_map(|w| {
+            let before = found.iter().find(|f| f.group == w.group)?;
+            (before.owner != w.owner).then(|| (w.group, w.version, before.owner.clone()))
+        })
+        .collect()
+}
+
 impl Settled {
     /// Decides the starting assignment of every service without writing
     /// anything: the store's, if it has one that partitions the units (a
     /// restarted agent resumes it; groups of instances no longer configured
-    /// go to the others, or unowned for on-demand services), else the
-    /// plan's (even, or what the pinned data path held). `plan`'s groups
-    /// are replaced by it, so the data path is programmed with it.
+    /// go to this host's live, unreserved instances, or unowned for
+    /// on-demand services), else the plan's (even, or what the pinned data
+    /// path held). `plan`'s groups are replaced by it, so the data path is
+    /// programmed with it.
     pub(super) async fn decide(
         config: &Config,
         plan: &mut Plan,
         store: &dyn CoordStore,
     ) -> Result<Self, ControlError> {
         let mut steps = Vec::with_capacity(plan.services.len());
-        for (sp, sc) in plan.services.iter_mut().zip(&config.services) {
+        for (index, (sp, sc)) in plan.services.iter_mut().zip(&config.services).enumerate() {
             // An unowned group has the empty owner name.
             let mut names: HashMap<u32, &str> = plan
                 .instances
@@ -126,7 +253,8 @@ impl Settled {
                     .map(|r| (r.id, r.name.as_str())),
             );
             names.insert(NO_OWNER, UNOWNED);
-            let ids: HashMap<&str, u32> = names.iter().map(|(id, n)| (*n, *id)).collect();
+            let ids: HashMap<String, u32> =
+                names.iter().map(|(id, n)| ((*n).to_owned(), *id)).collect();
             let configured: Vec<&str> = sc
                 .instances
                 .iter()
@@ -138,6 +266,17 @@ impl Settled {
                         .map(|r| r.name.as_str()),
                 )
                 .collect();
+            let live = |name: &str| {
+                plan.instances
+                    .iter()
+                    .any(|i| i.service_id == sp.id && i.name == name && i.live)
+            };
+            let preferred: Vec<&str> = sc
+                .instances
+                .iter()
+                .map(|i| i.name.as_str())
+                .filter(|n| !sc.is_reserved(n) && live(n))
+                .collect();
             let wanted: Vec<(Group, String)> = sp
                 .groups
                 .iter()
@@ -148,7 +287,19 @@ impl Settled {
                 Err(CoordError::UnknownService { .. }) => None,
                 Err(e) => return Err(e.into()),
             };
-            let step = settle_service(stored.as_deref(), &configured, wanted, sc.on_demand);
+            let gone: Vec<String> = stored
+                .iter()
+                .flatten()
+                .filter(|e| e.owner != UNOWNED && !configured.contains(&e.owner.as_str()))
+                .map(|e| e.owner.clone())
+                .collect();
+            let step = settle_service(
+                stored.as_deref(),
+                &configured,
+                &preferred,
+                wanted.clone(),
+                sc.on_demand,
+            );
             match &step {
                 StoreStep::Resume(_) => {
                     tracing::info!(service = %sp.name, "resuming the stored assignment");
@@ -166,41 +317,73 @@ impl Settled {
                 .iter()
                 .map(|(g, o)| (*g, ids[o.as_str()]))
                 .collect();
-            steps.push((sp.name.clone(), step));
+            steps.push(Step {
+                service: sp.name.clone(),
+                index,
+                decided: step,
+                wanted,
+                configured: configured.iter().map(|n| (*n).to_owned()).collect(),
+                preferred: preferred.iter().map(|n| (*n).to_owned()).collect(),
+                gone,
+                on_demand: sc.on_demand,
+                ids,
+            });
         }
         Ok(Self { steps })
     }
 
-    /// Stores the decided assignments. If a write fails, the services
-    /// already written get their previous assignment back, and the error
-    /// is returned.
-    pub(super) async fn store(self, store: &dyn CoordStore) -> Result<(), ControlError> {
-        let mut undo: Vec<(String, Vec<(Group, String)>)> = Vec::new();
-        for (service, step) in &self.steps {
-            let written = match step {
-                StoreStep::Resume(_) => Ok(()),
-                StoreStep::Init(groups) => store.init(service, groups).await.map(|_| ()),
-                StoreStep::Reset(groups, _) => {
-                    let before = store.groups(service).await?;
-                    let r = store.reset(service, groups).await;
-                    if r.is_ok() {
-                        undo.push((
-                            service.clone(),
-                            before.into_iter().map(|e| (e.group, e.owner)).collect(),
-                        ));
-                    }
-                    r
+    /// Stores the decided assignments, each by the rule applied again to
+    /// the store as it is at the write (see the module), and gives `plan`
+    /// the groups the store then holds. If a write fails, what the
+    /// services already written changed is given back ([`Undo::apply`]),
+    /// and the error is returned; else what to give back if the start or
+    /// reload fails later.
+    pub(super) async fn store(
+        self,
+        store: &dyn CoordStore,
+        plan: &mut Plan,
+    ) -> Result<Undo, ControlError> {
+        let mut undo = Undo::default();
+        for step in &self.steps {
+            let again = |stored: Option<&[GroupEntry]>| step.again(stored);
+            let r = match store.rewrite(&step.service, &again).await {
+                Ok(r) => r,
+                Err(e) => {
+                    undo.apply(store).await;
+                    return Err(e.into());
                 }
             };
-            if let Err(e) = written {
-                for (s, groups) in &undo {
-                    if let Err(e) = store.reset(s, groups).await {
-                        tracing::error!(service = %s, error = %e, "restoring the previous assignment failed");
-                    }
-                }
-                return Err(e.into());
+            if r.written
+                && let Some(found) = &r.found
+            {
+                undo.services
+                    .push((step.service.clone(), changes(found, &r.entries)));
             }
+            let decided = step.decided.groups();
+            let now: Vec<(Group, String)> = r
+                .entries
+                .iter()
+                .map(|e| (e.group, e.owner.clone()))
+                .collect();
+            if now != decided {
+                tracing::info!(service = %step.service, "the store changed since the start was decided; following it");
+            }
+            plan.services[step.index].groups = now
+                .iter()
+                .map(|(g, o)| {
+                    let id = step.ids.get(o.as_str()).copied().unwrap_or_else(|| {
+                        // An instance registered after this host read the
+                        // cluster: unowned here until the next look.
+                        tracing::warn!(service = %step.service, group = %g, owner = %o, "the store names an instance this host does not know yet");
+                        NO_OWNER
+                    });
+                    (*g, id)
+                })
+                .collect();
         }
-        Ok(())
+        Ok(undo)
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -10,6 +10,23 @@
 //! - pack reclaims a buddy group from another under-loaded peer, merging
 //!   the two, so work gathers onto few instances and the rest go idle.
 //!
+//! A joining element — under spread, one whose first decision comes at an
+//! interval that started with no instance of the service on its host
+//! owning a unit: a host joining the cluster, or back after the others took
+//! its groups — first takes its share by unit count ([`join`]): each interval
+//! while it is under-loaded, before cooldown and sustain, one aligned part
+//! (a power of two of units, split off as needed) from the peer holding
+//! the most units, as much as the peer holds above the share and the
+//! element lacks below it (the share: the owned units over the element and
+//! its peers). It stops for good once either gap is under
+//! `min_group_units` (the element is then short of its share by less than
+//! that times the number of peers), or the part would overload it; from
+//! then on load alone moves work. Each element makes at most one move an
+//! interval and every move takes a token of the agent's move limit, so a
+//! join is not a storm. An instance added to a host that owns units, or
+//! restarted beside one, takes work by load only, as does every instance
+//! with `underload = 0`.
+//!
 //! Pure logic: the agent feeds it samples and applies what it returns
 //! through the coordination store, so it is tested without a kernel.
 //!
@@ -85,12 +102,22 @@ pub struct ElementState {
     quiet: u32,
     hold: u32,
     relaxed: bool,
+    /// Whether the element is taking its share by unit count (see the
+    /// module); `None` until its first decision.
+    joining: Option<bool>,
 }
 
 impl ElementState {
     #[must_use]
     pub const fn ceiling_pps(&self) -> Option<f64> {
         self.ceiling_pps
+    }
+
+    /// Whether the element has not decided yet (whether it joins is judged
+    /// at its first decision).
+    #[must_use]
+    pub const fn is_new(&self) -> bool {
+        self.joining.is_none()
     }
 
     /// Records that this element made a move at `now` (starts the cooldown).
@@ -172,6 +199,9 @@ pub struct View<'a> {
     pub buckets: &'a [f64],
     /// The service's other instances.
     pub peers: &'a [Peer],
+    /// Whether no instance of the service on this host owned a unit at
+    /// the start of the interval (its elements then join; see the module).
+    pub host_idle: bool,
 }
 
 impl View<'_> {
@@ -215,6 +245,15 @@ pub fn decide(state: &mut ElementState, v: &View<'_>) -> Option<Action> {
     } else {
         state.over = 0;
         state.under = 0;
+    }
+    if v.cfg.policy != WlmPolicy::Spread {
+        state.joining = Some(false);
+    }
+    if *state.joining.get_or_insert(v.host_idle) && v.thresholds.is_underloaded(s.utilisation) {
+        if let Some(a) = join(state, v) {
+            return Some(a);
+        }
+        state.joining = Some(false);
     }
     if state
         .last_move
@@ -365,6 +404,64 @@ fn take(state: &ElementState, v: &View<'_>) -> Option<Action> {
         }
     }
     best.map(|(_, a)| a)
+}
+
+/// A joining element's next part of its share by unit count (see the
+/// module), or `None` when it has its share or there is nothing to take.
+fn join(state: &ElementState, v: &View<'_>) -> Option<Action> {
+    let units = |name: &str| -> u32 {
+        v.assignment
+            .iter()
+            .filter(|e| e.owner == name)
+            .map(|e| e.group.size())
+            .sum()
+    };
+    // Unowned units (an on-demand service's) are nobody's share.
+    let owned: u32 = v
+        .assignment
+        .iter()
+        .filter(|e| !e.owner.is_empty())
+        .map(|e| e.group.size())
+        .sum();
+    let members = u32::try_from(v.peers.len() + 1).unwrap_or(u32::MAX);
+    let share = owned / members;
+    let (donor, held) = v
+        .peers
+        .iter()
+        .map(|p| (p, units(&p.name)))
+        .max_by_key(|(p, held)| (*held, std::cmp::Reverse(p.name.clone())))?;
+    let want = share
+        .saturating_sub(units(v.me))
+        .min(held.saturating_sub(share));
+    if want < v.cfg.min_group_units.max(1) {
+        return None;
+    }
+    let e = v
+        .assignment
+        .iter()
+        .filter(|e| e.owner == donor.name)
+        .max_by_key(|e| (e.group.size(), std::cmp::Reverse(e.group.base())))?;
+    // The largest power of two of units the gaps allow, from the start of
+    // the donor's largest group.
+    let size = (1u32 << want.ilog2()).min(e.group.size());
+    let part = Group::new(
+        e.group.base(),
+        e.group.prefix_len() + (e.group.size() / size).ilog2(),
+    )
+    .expect("an aligned part of the group");
+    let rate = group_rate(part, v.buckets);
+    if !v
+        .thresholds
+        .is_below_overload(v.projected(v.sample, state.ceiling_pps, rate))
+    {
+        return None;
+    }
+    Some(Action::Take {
+        group: e.group,
+        version: e.version,
+        part,
+        from: donor.name.clone(),
+    })
 }
 
 /// Pack: a buddy of one of my groups from another under-loaded peer, if I

@@ -14,8 +14,8 @@ use tokio::sync::broadcast;
 use tokio_stream::{StreamExt as _, wrappers::BroadcastStream};
 
 use super::{
-    ClaimBatch, CoordError, CoordStore, Event, Events, GroupEntry, Load, Version, check_partition,
-    ops,
+    ClaimBatch, CoordError, CoordStore, Event, Events, GroupEntry, Load, Rewrite, Rewritten,
+    Version, check_partition, ops,
 };
 use crate::plan::Group;
 
@@ -109,12 +109,25 @@ impl EmbeddedStore {
         service: &str,
         f: impl FnOnce(&mut State) -> Result<T, CoordError>,
     ) -> Result<T, CoordError> {
+        self.change_if(service, |state| f(state).map(|out| (out, true)))
+    }
+
+    /// As [`Self::change`], for an `f` that may change nothing (says so
+    /// with `false`): then nothing is persisted or announced.
+    fn change_if<T>(
+        &self,
+        service: &str,
+        f: impl FnOnce(&mut State) -> Result<(T, bool), CoordError>,
+    ) -> Result<T, CoordError> {
         let mut state = self.state.lock().expect("store lock");
         let before = self
             .path
             .as_ref()
             .map(|_| serde_json::to_vec(&*state).expect("state serialises"));
-        let out = f(&mut state)?;
+        let (out, changed) = f(&mut state)?;
+        if !changed {
+            return Ok(out);
+        }
         if let Some(path) = &self.path
             && let Err(e) = persist(path, &state)
         {
@@ -205,7 +218,7 @@ impl CoordStore for EmbeddedStore {
             return Ok(false);
         }
         self.change(service, |state| {
-            let entries = ops::build(&mut state.next_version, service, groups)?;
+            let entries = ops::rewrite(None, &mut state.next_version, service, groups)?;
             state.services.insert(service.to_owned(), entries);
             Ok(true)
         })
@@ -213,9 +226,38 @@ impl CoordStore for EmbeddedStore {
 
     async fn reset(&self, service: &str, groups: &[(Group, String)]) -> Result<(), CoordError> {
         self.change(service, |state| {
-            let entries = ops::build(&mut state.next_version, service, groups)?;
+            let entries = ops::rewrite(None, &mut state.next_version, service, groups)?;
             state.services.insert(service.to_owned(), entries);
             Ok(())
+        })
+    }
+
+    /// `f` decides under the store's lock: nobody writes in between.
+    async fn rewrite(&self, service: &str, f: &Rewrite<'_>) -> Result<Rewritten, CoordError> {
+        self.change_if(service, |state| {
+            let found = state.services.get(service).cloned();
+            let Some(groups) = f(found.as_deref()) else {
+                let entries = found.clone().unwrap_or_default();
+                return Ok((
+                    Rewritten {
+                        found,
+                        entries,
+                        written: false,
+                    },
+                    false,
+                ));
+            };
+            let entries =
+                ops::rewrite(found.as_deref(), &mut state.next_version, service, &groups)?;
+            state.services.insert(service.to_owned(), entries.clone());
+            Ok((
+                Rewritten {
+                    found,
+                    entries,
+                    written: true,
+                },
+                true,
+            ))
         })
     }
 

@@ -42,12 +42,21 @@ use serde::{Deserialize, Serialize};
 use tokio::{sync::broadcast, task::JoinHandle};
 use tokio_stream::{StreamExt as _, wrappers::BroadcastStream};
 
-use super::{ClaimBatch, CoordError, CoordStore, Event, Events, GroupEntry, Load, Version, ops};
+use super::{
+    ClaimBatch, CoordError, CoordStore, Event, Events, GroupEntry, Load, Rewrite, Rewritten,
+    Version, ops,
+};
 use crate::plan::Group;
 
 /// How many times a change is tried when other writers keep changing the
 /// same service's assignment under it.
 const CHANGE_TRIES: u32 = 16;
+
+/// More versions than one write can hand out (a write rewrites at most
+/// every group, 2^16, or splits a few hundred claimed units down 16 times):
+/// a key made at revision `r` counts from `r << 20`, beyond what the
+/// earlier writes (one revision each) can have reached.
+const VERSIONS_PER_REVISION: u32 = 20;
 
 /// Where the cluster's etcd is and how long to wait for it.
 #[derive(Clone, Debug)]
@@ -60,7 +69,12 @@ pub struct EtcdOptions {
     pub timeout: Duration,
 }
 
-/// A service as stored: the assignment and the version counter.
+/// A service as stored: the assignment and the version counter. The
+/// counter is read and written in the same compare-and-swap as the groups
+/// (every write compares the key's revision), so two writers never hand out
+/// the same version; a key made anew (first, or after someone deleted it)
+/// starts its counter at etcd's revision times [`VERSIONS_PER_REVISION`],
+/// above every version a deleted key could have handed out.
 #[derive(Default, Serialize, Deserialize)]
 struct Assignment {
     next_version: Version,
@@ -202,6 +216,20 @@ impl EtcdStore {
 
     /// The service's assignment and the revision of its key.
     async fn read(&self, service: &str) -> Result<(Assignment, Vec<GroupEntry>, i64), CoordError> {
+        self.read_at(service)
+            .await?
+            .0
+            .ok_or_else(|| CoordError::UnknownService {
+                service: service.to_owned(),
+            })
+    }
+
+    /// As [`Self::read`], `None` when the service has no assignment, and
+    /// etcd's revision at the read.
+    async fn read_at(
+        &self,
+        service: &str,
+    ) -> Result<(Option<(Assignment, Vec<GroupEntry>, i64)>, i64), CoordError> {
         let key = self.key(&format!("assign/{service}"));
         let resp = self
             .client
@@ -209,17 +237,19 @@ impl EtcdStore {
             .get(key.as_str(), None)
             .await
             .map_err(|e| self.err("read", &e))?;
+        let at = resp
+            .header()
+            .map_or(0, etcd_client::ResponseHeader::revision);
         let Some(kv) = resp.kvs().first() else {
-            return Err(CoordError::UnknownService {
-                service: service.to_owned(),
-            });
+            return Ok((None, at));
         };
         let a: Assignment =
             serde_json::from_slice(kv.value()).map_err(|e| self.corrupt(&key, e))?;
         let entries = a.entries().map_err(|e| self.corrupt(&key, e))?;
         super::check_partition(entries.iter().map(|e| &e.group))
             .map_err(|e| self.corrupt(&key, e))?;
-        Ok((a, entries, kv.mod_revision()))
+        let revision = kv.mod_revision();
+        Ok((Some((a, entries, revision)), at))
     }
 
     /// Applies `f` to the service's groups and writes them back if nobody
@@ -254,35 +284,90 @@ impl EtcdStore {
         })
     }
 
-    /// Writes `groups` as the service's assignment: only if it has none
-    /// (`only_new`), else whatever it has.
-    async fn write_new(
+    /// For a key that does not parse: an empty assignment at the key's
+    /// revision (a write compares it), with its counter starting anew.
+    async fn revisions(
+        &self,
+        key: &str,
+    ) -> Result<(Option<(Assignment, Vec<GroupEntry>, i64)>, i64), CoordError> {
+        let resp = self
+            .client
+            .kv_client()
+            .get(key, Some(GetOptions::new().with_keys_only()))
+            .await
+            .map_err(|e| self.err("read", &e))?;
+        let at = resp
+            .header()
+            .map_or(0, etcd_client::ResponseHeader::revision);
+        let next = u64::try_from(at).unwrap_or(0) << VERSIONS_PER_REVISION;
+        Ok((
+            resp.kvs().first().map(|kv| {
+                let a = Assignment {
+                    next_version: next,
+                    groups: Vec::new(),
+                };
+                (a, Vec::new(), kv.mod_revision())
+            }),
+            at,
+        ))
+    }
+
+    /// Rewrites the service's assignment with `f` (see
+    /// [`CoordStore::rewrite`]), comparing the key's revision (its creation
+    /// when it has none); with `fresh`, every group gets a fresh version.
+    async fn rewrite_with(
         &self,
         service: &str,
-        groups: &[(Group, String)],
-        only_new: bool,
-    ) -> Result<bool, CoordError> {
+        f: &Rewrite<'_>,
+        fresh: bool,
+    ) -> Result<Rewritten, CoordError> {
         let key = self.key(&format!("assign/{service}"));
-        // Versions keep growing over a reset: a stale version never matches.
-        let next = match self.read(service).await {
-            Ok((a, _, _)) => a.next_version,
-            Err(CoordError::UnknownService { .. } | CoordError::Corrupt { .. }) => 0,
-            Err(e) => return Err(e),
-        };
-        let mut next = next;
-        let entries = ops::build(&mut next, service, groups)?;
-        let value = serde_json::to_vec(&Assignment::from_entries(next, &entries))
-            .expect("assignment serialises");
-        let put = TxnOp::put(key.as_str(), value, None);
-        let txn = if only_new {
-            Txn::new()
-                .when([Compare::create_revision(key.as_str(), CompareOp::Equal, 0)])
-                .and_then([put])
-        } else {
-            Txn::new().and_then([put])
-        };
-        let resp = self.txn("write", txn).await?;
-        Ok(resp.succeeded())
+        for _ in 0..CHANGE_TRIES {
+            let (read, at) = match self.read_at(service).await {
+                // A reset replaces a corrupt assignment (the agent never
+                // resets; an operator's tool may).
+                Err(CoordError::Corrupt { .. }) if fresh => self.revisions(&key).await?,
+                r => r?,
+            };
+            let (found, mut next, compare) = match read {
+                Some((a, entries, revision)) => (
+                    Some(entries),
+                    a.next_version,
+                    Compare::mod_revision(key.as_str(), CompareOp::Equal, revision),
+                ),
+                None => (
+                    None,
+                    u64::try_from(at).unwrap_or(0) << VERSIONS_PER_REVISION,
+                    Compare::create_revision(key.as_str(), CompareOp::Equal, 0),
+                ),
+            };
+            let Some(groups) = f(found.as_deref()) else {
+                let entries = found.clone().unwrap_or_default();
+                return Ok(Rewritten {
+                    found,
+                    entries,
+                    written: false,
+                });
+            };
+            let keep = if fresh { None } else { found.as_deref() };
+            let entries = ops::rewrite(keep, &mut next, service, &groups)?;
+            let value = serde_json::to_vec(&Assignment::from_entries(next, &entries))
+                .expect("assignment serialises");
+            let txn = Txn::new()
+                .when([compare])
+                .and_then([TxnOp::put(key.as_str(), value, None)]);
+            if self.txn("write", txn).await?.succeeded() {
+                return Ok(Rewritten {
+                    found,
+                    entries,
+                    written: true,
+                });
+            }
+        }
+        Err(CoordError::Contended {
+            service: service.to_owned(),
+            tries: CHANGE_TRIES,
+        })
     }
 
     async fn list<T: serde::de::DeserializeOwned>(
@@ -347,11 +432,17 @@ impl CoordStore for EtcdStore {
     }
 
     async fn init(&self, service: &str, groups: &[(Group, String)]) -> Result<bool, CoordError> {
-        self.write_new(service, groups, true).await
+        let only_new = |found: Option<&[GroupEntry]>| found.is_none().then(|| groups.to_vec());
+        Ok(self.rewrite_with(service, &only_new, true).await?.written)
     }
 
     async fn reset(&self, service: &str, groups: &[(Group, String)]) -> Result<(), CoordError> {
-        self.write_new(service, groups, false).await.map(|_| ())
+        let all = |_: Option<&[GroupEntry]>| Some(groups.to_vec());
+        self.rewrite_with(service, &all, true).await.map(|_| ())
+    }
+
+    async fn rewrite(&self, service: &str, f: &Rewrite<'_>) -> Result<Rewritten, CoordError> {
+        self.rewrite_with(service, f, false).await
     }
 
     async fn move_group(

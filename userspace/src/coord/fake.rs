@@ -16,7 +16,7 @@ use std::{
 
 use super::{
     ClaimBatch, CoordError, CoordStore, EmbeddedStore, Events, GroupEntry, HostRecord,
-    InstanceRecord, Load, Membership, Version,
+    InstanceRecord, Load, Membership, Rewrite, Rewritten, Version,
     membership::{differing_fields, lowest_free_id, taken},
 };
 use crate::plan::Group;
@@ -88,6 +88,10 @@ impl CoordStore for FaultyStore {
 
     async fn reset(&self, service: &str, groups: &[(Group, String)]) -> Result<(), CoordError> {
         self.inner.reset(service, groups).await
+    }
+
+    async fn rewrite(&self, service: &str, f: &Rewrite<'_>) -> Result<Rewritten, CoordError> {
+        self.inner.rewrite(service, f).await
     }
 
     async fn move_group(

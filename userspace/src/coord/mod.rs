@@ -113,6 +113,24 @@ pub struct ClaimBatch {
     pub error: Option<CoordError>,
 }
 
+/// How [`CoordStore::rewrite`] changes an assignment: from the groups as
+/// stored (`None`: the service has none), the owners they should have (a
+/// partition of the units), or `None` to leave them as they are.
+pub type Rewrite<'a> =
+    dyn Fn(Option<&[GroupEntry]>) -> Option<Vec<(Group, String)>> + Send + Sync + 'a;
+
+/// What [`CoordStore::rewrite`] found and left.
+#[derive(Clone, Debug, Default)]
+pub struct Rewritten {
+    /// The groups as the rewrite found them when it decided (`None`: the
+    /// service had none).
+    pub found: Option<Vec<GroupEntry>>,
+    /// The groups as stored after it, sorted by base (empty: none).
+    pub entries: Vec<GroupEntry>,
+    /// Whether it wrote.
+    pub written: bool,
+}
+
 /// Changes of the store, as they happen.
 pub type Events = Pin<Box<dyn Stream<Item = Event> + Send>>;
 
@@ -203,9 +221,17 @@ pub trait CoordStore: Send + Sync {
     /// Stores `groups` as the assignment of `service` unless it has one;
     /// returns whether it did. The groups must partition the units.
     async fn init(&self, service: &str, groups: &[(Group, String)]) -> Result<bool, CoordError>;
-    /// Replaces the assignment of `service` whole (after a config change
-    /// made the stored one invalid).
+    /// Replaces the assignment of `service` whole, every group with a
+    /// fresh version (tests and benches set up assignments with it; the
+    /// agent changes assignments only by compare-and-swap).
     async fn reset(&self, service: &str, groups: &[(Group, String)]) -> Result<(), CoordError>;
+    /// Rewrites the assignment of `service` as one compare-and-swap: `f`
+    /// decides from the groups as stored; if another writer got in before
+    /// the write, they are read again and `f` decides again, so a change
+    /// made meanwhile stands unless `f` itself changes it. A group `f`
+    /// leaves with its extent and owner keeps its version; every other
+    /// gets a fresh one. Backends apply `ops::rewrite`.
+    async fn rewrite(&self, service: &str, f: &Rewrite<'_>) -> Result<Rewritten, CoordError>;
     /// Gives `group` to `to`, if it is still at `version`.
     async fn move_group(
         &self,

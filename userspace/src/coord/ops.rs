@@ -28,9 +28,11 @@ fn find(
     }
 }
 
-/// A fresh assignment from `groups` (any order), which must partition the
-/// units.
-pub(super) fn build(
+/// The assignment `groups` (any order, a partition of the units) as it
+/// replaces `found`: a group of `found` with the same extent and owner
+/// keeps its version (nothing changed for it), every other is fresh.
+pub(super) fn rewrite(
+    found: Option<&[GroupEntry]>,
     next: &mut Version,
     service: &str,
     groups: &[(Group, String)],
@@ -39,12 +41,18 @@ pub(super) fn build(
         service: service.to_owned(),
         reason,
     })?;
+    let kept = |g: Group, o: &str| {
+        found?
+            .iter()
+            .find(|e| e.group == g && e.owner == o)
+            .map(|e| e.version)
+    };
     let mut out: Vec<GroupEntry> = groups
         .iter()
         .map(|(g, o)| GroupEntry {
             group: *g,
             owner: o.clone(),
-            version: fresh(next),
+            version: kept(*g, o).unwrap_or_else(|| fresh(next)),
         })
         .collect();
     out.sort_by_key(|e| e.group.base());

@@ -139,6 +139,8 @@ impl Sim {
                 assignment: &assignment,
                 buckets: &self.buckets,
                 peers: &peers,
+                // Each instance a host of its own.
+                host_idle: assignment.iter().all(|e| e.owner != self.names[i]),
             };
             let Some(action) = decide(&mut self.states[i], &view) else {
                 continue;
@@ -464,4 +466,124 @@ proptest! {
             prop_assert!(false, "{:?}: {}", policy, e);
         }
     }
+}
+
+/// Units each of `sim`'s instances owns.
+fn unit_counts(sim: &Sim) -> Vec<u32> {
+    let a = ready(sim.store.groups("svc")).unwrap();
+    sim.names
+        .iter()
+        .map(|n| {
+            a.iter()
+                .filter(|e| &e.owner == n)
+                .map(|e| e.group.size())
+                .sum()
+        })
+        .collect()
+}
+
+/// A host joining an idle cluster got nothing: the first host's instances
+/// kept every unit, since without load nobody is over the band. Joining
+/// elements take their share by unit count.
+#[test]
+fn instances_joining_an_idle_cluster_take_their_share_by_count() {
+    // Two instances own everything; two join (a second host); no load.
+    let mut sim = Sim::with_owners(cfg(), vec![1e9; 4], uniform(0.0), 2);
+    assert_eq!(unit_counts(&sim)[2..], [0, 0]);
+    sim.run(30);
+    let counts = unit_counts(&sim);
+    let share = sluice_common::UNITS_PER_SERVICE / 4;
+    for (i, &c) in counts.iter().enumerate() {
+        assert!(
+            c.abs_diff(share) < cfg().min_group_units * 2,
+            "instance {i} owns {c} units, share {share}: {counts:?}"
+        );
+    }
+    // At most one move an interval per element, within the move limit.
+    assert!(sim.moves.len() <= 8, "{:?}", sim.moves);
+}
+
+/// Three instances: the share (21,845 units) is no power of two; the
+/// joiner takes ever smaller parts from both owners until the gaps are
+/// under `min_group_units`, then stops for good — later intervals move
+/// nothing by count.
+#[test]
+fn a_joiner_stops_at_its_share_and_only_joiners_take_by_count() {
+    let mut sim = Sim::with_owners(cfg(), vec![1e9; 3], uniform(0.0), 2);
+    sim.run(40);
+    let counts = unit_counts(&sim);
+    let share = sluice_common::UNITS_PER_SERVICE / 3;
+    assert!(
+        share - counts[2] < 2 * cfg().min_group_units,
+        "the joiner owns {}: {counts:?}",
+        counts[2]
+    );
+    let moved = sim.moves.len();
+    sim.run(20);
+    assert_eq!(
+        sim.moves.len(),
+        moved,
+        "moves after the join: {:?}",
+        sim.moves
+    );
+    // An owner that already had units never took any by count.
+    assert!(sim.moves.iter().all(|m| m.1 == 2), "{:?}", sim.moves);
+}
+
+/// Pack gathers work on few instances: a joiner takes nothing by count.
+#[test]
+fn under_pack_a_joiner_takes_nothing_by_count() {
+    let cfg = WlmConfig {
+        policy: WlmPolicy::Pack,
+        ..cfg()
+    };
+    let mut sim = Sim::with_owners(cfg, vec![1e9; 3], uniform(0.0), 2);
+    sim.run(20);
+    assert_eq!(unit_counts(&sim)[2], 0);
+}
+
+/// Only a host all of whose instances own nothing joins by count: an
+/// instance restarted (or added) beside one that owns units, or any with
+/// `underload = 0`, waits for load.
+#[test]
+fn only_a_host_owning_nothing_joins_and_only_while_under_loaded() {
+    let all: Group = "0x0000/0".parse().unwrap();
+    let assignment = [GroupEntry {
+        group: all,
+        owner: "a0".into(),
+        version: 1,
+    }];
+    let peers: Vec<Peer> = ["a0", "a1"]
+        .iter()
+        .map(|n| Peer {
+            name: (*n).to_owned(),
+            sample: Sample::default(),
+            ceiling_pps: None,
+        })
+        .collect();
+    let decide_with = |cfg: &WlmConfig, host_idle: bool| {
+        let view = View {
+            me: "a1",
+            cfg,
+            thresholds: Thresholds::from(cfg),
+            now: Instant::now(),
+            sample: Sample::default(),
+            assignment: &assignment,
+            buckets: &[],
+            peers: &peers[..1],
+            host_idle,
+        };
+        decide(&mut ElementState::default(), &view)
+    };
+    let joined = decide_with(&cfg(), true);
+    assert!(
+        matches!(&joined, Some(Action::Take { part, from, .. }) if part.size() == 32768 && from == "a0"),
+        "{joined:?}"
+    );
+    assert_eq!(decide_with(&cfg(), false), None, "a0 is on this host");
+    let frozen = WlmConfig {
+        underload: 0.0,
+        ..cfg()
+    };
+    assert_eq!(decide_with(&frozen, true), None, "underload = 0");
 }
