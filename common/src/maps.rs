@@ -403,9 +403,15 @@ pub struct ClusterEntry {
     pub port_be: u16,
     /// The NIC's MTU: an encapsulated packet longer than this is not sent.
     pub mtu: u16,
-    pub reserved: u32,
+    pub pad2: u32,
+    /// The fence: past this time (ns of `CLOCK_MONOTONIC`, read coarse)
+    /// this host no longer acts as an owner — every packet it would
+    /// deliver to an instance or encapsulate to another host is dropped
+    /// and counted `fenced`. 0: no fence. Nanoseconds in 64 bits never
+    /// wrap, so a fence left by an agent that died stays up.
+    pub fence_ns: u64,
 }
-const _: () = assert!(size_of::<ClusterEntry>() == 32);
+const _: () = assert!(size_of::<ClusterEntry>() == 40);
 
 /// Another host of the cluster (`REMOTE_HOSTS`, indexed from 1).
 #[repr(C)]

@@ -13,7 +13,7 @@ use sluice_common::{
 
 use crate::{
     XDP_REDIRECT_ACTION,
-    cluster::to_host,
+    cluster::{fenced, to_host},
     count::{bump, count},
     frame::XdpFrame,
     lookup::{live_instance, local_live, unit_owner},
@@ -96,6 +96,11 @@ pub(crate) fn steer(
             Err(_) => (XDP_PASS, counters::UNOWNED),
         };
     };
+    // A fenced host's table is stale (the others took its units): it
+    // neither delivers nor sends on, not even what another host sent it.
+    if fenced() {
+        return (XDP_DROP, counters::FENCED);
+    }
     if instance.flags & INSTANCE_REMOTE != 0 {
         // Its hits are counted where it is delivered.
         return to_host(frame, flow, instance, owner, keyed.key, 0);

@@ -3,6 +3,8 @@
 //! sockets, and the [`Datapath`] implementation the control loop writes
 //! through.
 
+use std::time::{Duration, Instant};
+
 use aya::maps::{
     Array, DevMap, HashMap, MapData, MapError, PerCpuArray,
     lpm_trie::{Key as LpmKey, LpmTrie},
@@ -34,6 +36,28 @@ fn coarse_secs() -> u32 {
     // SAFETY: clock_gettime writes the timespec it is given.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &raw mut ts) };
     u32::try_from(ts.tv_sec & 0xFFFF).expect("masked")
+}
+
+/// `at` in nanoseconds of `CLOCK_MONOTONIC`, the clock `Instant` reads
+/// (and, coarse, the XDP program): its distance from now added to the
+/// clock's now. Never 0, which means "no fence".
+fn kernel_ns(at: Instant) -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    let now = Instant::now();
+    // SAFETY: clock_gettime writes the timespec it is given.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut ts) };
+    let mono = u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000
+        + u64::try_from(ts.tv_nsec).unwrap_or(0);
+    let ns = |d: Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+    let t = if at >= now {
+        mono.saturating_add(ns(at - now))
+    } else {
+        mono.saturating_sub(ns(now - at))
+    };
+    t.max(1)
 }
 
 impl XdpDatapath {
@@ -274,10 +298,31 @@ impl XdpDatapath {
     }
 
     /// This host's place in its cluster: where encapsulated packets leave
-    /// from and arrive at (all zero: no cluster).
+    /// from and arrive at (all zero: no cluster). The fence stays as
+    /// [`Self::set_fence`] left it, whatever `entry` says.
     pub fn set_cluster(&mut self, entry: ClusterEntry) -> Result<(), DatapathError> {
+        let fence_ns = self.cluster_entry()?.fence_ns;
+        let mut map: Array<&mut MapData, ClusterEntry> = self.map_mut(names::CLUSTER)?;
+        map.set(0, ClusterEntry { fence_ns, ..entry }, 0)
+            .map_err(map_err(names::CLUSTER))
+    }
+
+    /// Stops this host delivering as an owner after `until`: in cluster
+    /// mode, past it the program drops (and counts `fenced`) every packet
+    /// it would deliver to an instance or encapsulate to another host.
+    /// `None`: no fence. A deadline already past fences at once.
+    pub fn set_fence(&mut self, until: Option<Instant>) -> Result<(), DatapathError> {
+        let entry = ClusterEntry {
+            fence_ns: until.map_or(0, kernel_ns),
+            ..self.cluster_entry()?
+        };
         let mut map: Array<&mut MapData, ClusterEntry> = self.map_mut(names::CLUSTER)?;
         map.set(0, entry, 0).map_err(map_err(names::CLUSTER))
+    }
+
+    fn cluster_entry(&self) -> Result<ClusterEntry, DatapathError> {
+        let map: Array<&MapData, ClusterEntry> = self.map(names::CLUSTER)?;
+        map.get(&0, 0).map_err(map_err(names::CLUSTER))
     }
 
     /// Another host of the cluster, at `index` (`1..=MAX_HOSTS`).
@@ -371,7 +416,7 @@ impl Datapath for XdpDatapath {
         // Plain stores into the mapped arrays: no syscall a unit. A unit
         // that changes hands remembers its previous owner, for the second
         // chance of the connections still there.
-        let t = std::time::Instant::now();
+        let t = Instant::now();
         let moved_at = coarse_secs();
         for unit in group.units() {
             let i = owner_index(service_id, unit);
