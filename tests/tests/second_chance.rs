@@ -201,7 +201,7 @@ fn cookie_handshake(client: SocketAddr, vip: SocketAddr) -> (TcpListener, u32, u
         libc::socket(
             libc::AF_PACKET,
             libc::SOCK_RAW,
-            i32::from((libc::ETH_P_ALL as u16).to_be()),
+            i32::from(u16::try_from(libc::ETH_P_ALL).unwrap().to_be()),
         )
     };
     assert!(raw >= 0, "AF_PACKET socket");
@@ -280,4 +280,28 @@ fn the_ack_completing_a_syn_cookie_stays_with_the_new_owner_v6() {
         "fd00:5100::9".parse().unwrap(),
         "fd00:5100:1::1".parse().unwrap(),
     );
+}
+
+/// A move long past (18.2 h, 2^16 s, ago) is old news too: its time is
+/// not compared modulo 2^16 s, where it would look recent again.
+#[test]
+fn a_move_two_to_the_sixteen_seconds_ago_gives_no_second_chance() {
+    let ns = namespace("wrap");
+    netns::run_in(&ns.0, || {
+        let vip: SocketAddr = "198.18.1.1:7443".parse().unwrap();
+        let _listener = TcpListener::bind(vip).expect("listen");
+        let mut h = Harness::new(CONFIG);
+        h.dp.set_instance_netns(2, Some(u32::MAX)).unwrap();
+        h.dp.set_group_owner(0, Group::ALL, 2).unwrap();
+        let stranger: SocketAddr = "198.18.0.9:40200".parse().unwrap();
+        let ack = Packet::tcp(stranger, vip, TCP_ACK).build();
+        h.dp.set_previous(0, Group::ALL, 1, Duration::ZERO);
+        assert_eq!(&h.run(&ack).frame[..6], &instance_mac(1), "a recent move");
+        h.dp.set_previous(0, Group::ALL, 1, Duration::from_secs(1 << 16));
+        assert_eq!(
+            &h.run(&ack).frame[..6],
+            &instance_mac(2),
+            "a move 2^16 s ago: no second chance"
+        );
+    });
 }

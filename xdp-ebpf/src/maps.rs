@@ -37,7 +37,7 @@ pub(crate) static OWNERS: Array<u32> =
 /// `maps::previous_entry`): a connection the new owner has no socket for
 /// gets its second chance there.
 #[map]
-pub(crate) static PREVIOUS: Array<u32> =
+pub(crate) static PREVIOUS: Array<u64> =
     Array::with_max_entries(MAX_SERVICES * UNITS_PER_SERVICE, BPF_F_MMAPABLE);
 
 /// Room for the socket lookup's tuple: the program's stack (512 bytes) is

@@ -27,7 +27,7 @@ use crate::{
 };
 
 /// Seconds of the clock the XDP program reads (`bpf_ktime_get_coarse_ns`:
-/// `CLOCK_MONOTONIC_COARSE`), modulo 2^16 as `PREVIOUS` keeps them.
+/// `CLOCK_MONOTONIC_COARSE`), in 32 bits as `PREVIOUS` keeps them.
 fn coarse_secs() -> u32 {
     let mut ts = libc::timespec {
         tv_sec: 0,
@@ -35,7 +35,7 @@ fn coarse_secs() -> u32 {
     };
     // SAFETY: clock_gettime writes the timespec it is given.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &raw mut ts) };
-    u32::try_from(ts.tv_sec & 0xFFFF).expect("masked")
+    u32::try_from(ts.tv_sec & 0xFFFF_FFFF).expect("masked")
 }
 
 /// `at` in nanoseconds of `CLOCK_MONOTONIC`, the clock `Instant` reads
@@ -320,6 +320,18 @@ impl XdpDatapath {
         map.set(0, entry, 0).map_err(map_err(names::CLUSTER))
     }
 
+    /// Records that `group`'s units of `service_id` left `owner` `ago`,
+    /// as a move does (the second chance's window counts from then): for
+    /// tests and tools that replay an old move.
+    pub fn set_previous(&mut self, service_id: u32, group: Group, owner: u32, ago: Duration) {
+        let ago = u32::try_from(ago.as_secs()).unwrap_or(u32::MAX);
+        let moved_at = coarse_secs().wrapping_sub(ago);
+        for unit in group.units() {
+            let i = owner_index(service_id, unit);
+            self.previous.set_wide(i, previous_entry(owner, moved_at));
+        }
+    }
+
     fn cluster_entry(&self) -> Result<ClusterEntry, DatapathError> {
         let map: Array<&MapData, ClusterEntry> = self.map(names::CLUSTER)?;
         map.get(&0, 0).map_err(map_err(names::CLUSTER))
@@ -422,7 +434,7 @@ impl Datapath for XdpDatapath {
             let i = owner_index(service_id, unit);
             let old = self.owners.get(i);
             if old != owner && old != NO_OWNER {
-                self.previous.set(i, previous_entry(old, moved_at));
+                self.previous.set_wide(i, previous_entry(old, moved_at));
             }
             self.owners.set(i, owner);
         }
