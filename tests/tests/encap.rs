@@ -431,3 +431,43 @@ fn a_single_host_ignores_the_fence() {
     assert_eq!(r.action, XDP_REDIRECT);
     assert_eq!(h.global()[counters::FENCED as usize], 0);
 }
+
+/// A punted frame whose unit the store gives to an instance on another
+/// host (issue 27, defect 7): the agent sends it there itself, encapsulated
+/// byte for byte as the program encapsulates one; not where the program
+/// would drop it (fenced, an instance that is not remote).
+#[test]
+fn the_agent_encapsulates_a_punted_frame_as_the_program_does() {
+    use sluice_common::parse;
+    let mut a = host_a(1500);
+    for p in [
+        Packet::udp(client(40040), kv4()).payload(vec![6u8; 80]),
+        Packet::udp(
+            "[fd00:5100::9]:40041".parse().unwrap(),
+            "[fd00:5100::1]:7000".parse().unwrap(),
+        ),
+    ] {
+        let frame = p.build();
+        let sent = a.run(&frame);
+        assert_eq!(sent.action, XDP_TX);
+        let flow = parse::parse(frame.as_slice()).unwrap();
+        let key = parse::key_for(frame.as_slice(), &flow, &a.plan.services[0].entry).key;
+        let got = a.dp.encapsulate(&frame, 3, key, flow.family, 0).unwrap();
+        assert_eq!(got.as_deref(), Some(sent.frame.as_slice()), "{p:?}");
+    }
+    let frame = Packet::udp(client(40042), kv4()).build();
+    assert_eq!(
+        a.dp.encapsulate(&frame, 1, 0, FAMILY_V4, 0).unwrap(),
+        None,
+        "kv-a is local"
+    );
+    let past = std::time::Instant::now()
+        .checked_sub(std::time::Duration::from_millis(10))
+        .unwrap();
+    a.dp.set_fence(Some(past)).unwrap();
+    assert_eq!(
+        a.dp.encapsulate(&frame, 3, 0, FAMILY_V4, 0).unwrap(),
+        None,
+        "fenced"
+    );
+}

@@ -12,9 +12,9 @@ use aya::maps::{
 use sluice_common::{
     MAX_HOST_MACS,
     maps::{
-        ClusterEntry, HostEntry, INSTANCE_LIVE, INSTANCE_LOOKUP, INSTANCE_REMOTE, InstanceCounters,
-        InstanceEntry, InstanceName, MemberKey, NO_OWNER, OriginKey, RemoteHost, ServiceCounters,
-        ServiceEntry, ServiceKey, ServiceSlot, Tier, mac_word, names, origin_key,
+        ClusterEntry, FAMILY_V4, HostEntry, INSTANCE_LIVE, INSTANCE_LOOKUP, INSTANCE_REMOTE,
+        InstanceCounters, InstanceEntry, InstanceName, MemberKey, NO_OWNER, OriginKey, RemoteHost,
+        ServiceCounters, ServiceEntry, ServiceKey, ServiceSlot, Tier, mac_word, names, origin_key,
         origin_prefix_len, previous_entry,
     },
     owner_index,
@@ -330,6 +330,77 @@ impl XdpDatapath {
             let i = owner_index(service_id, unit);
             self.previous.set_wide(i, previous_entry(owner, moved_at));
         }
+    }
+
+    /// Whether the fence set by [`Self::set_fence`] is down now (in a
+    /// cluster): this host then sends nothing on as an owner.
+    pub fn is_fenced(&self) -> Result<bool, DatapathError> {
+        let cl = self.cluster_entry()?;
+        Ok(cl.family != 0 && cl.fence_ns != 0 && kernel_ns(Instant::now()) > cl.fence_ns)
+    }
+
+    /// `frame` (untagged Ethernet, its inner packet of `family`, of key
+    /// `key` and arrived on `vlan`) encapsulated for `owner`, an instance
+    /// on another host, byte for byte as the XDP program sends it (see
+    /// `cluster::to_host` there): for a punted frame whose unit the store
+    /// gives to another host. `None` where the program would drop it: no
+    /// cluster, fenced, not a remote instance, no next hop, too big.
+    pub fn encapsulate(
+        &self,
+        frame: &[u8],
+        owner: u32,
+        key: u32,
+        family: u8,
+        vlan: u16,
+    ) -> Result<Option<Vec<u8>>, DatapathError> {
+        use sluice_common::{encap, parse::ETH_HLEN};
+        let cl = self.cluster_entry()?;
+        if cl.family == 0 || self.is_fenced()? {
+            return Ok(None);
+        }
+        let instances: Array<&MapData, InstanceEntry> = self.map(names::INSTANCES)?;
+        let inst = instances
+            .get(&owner, 0)
+            .map_err(map_err(names::INSTANCES))?;
+        let hosts: Array<&MapData, RemoteHost> = self.map(names::REMOTE_HOSTS)?;
+        let Ok(host) = hosts.get(&inst.host, 0) else {
+            return Ok(None);
+        };
+        let inner = frame.get(ETH_HLEN..).unwrap_or_default();
+        let outer_len = encap::outer_len(cl.family);
+        if inst.flags & INSTANCE_REMOTE == 0
+            || host.next_hop == [0; 6]
+            || inner.len() + outer_len > usize::from(cl.mtu)
+        {
+            return Ok(None);
+        }
+        let (Ok(target), Ok(len)) = (u16::try_from(owner), u16::try_from(inner.len())) else {
+            return Ok(None);
+        };
+        let t = encap::Tunnel {
+            src: cl.underlay,
+            dst: host.underlay,
+            sport: encap::source_port(key),
+            dport: u16::from_be(cl.port_be),
+        };
+        let g = encap::Gue {
+            inner_family: family,
+            target,
+            vlan,
+            previous: 0,
+        };
+        let mut out = Vec::with_capacity(ETH_HLEN + outer_len + inner.len());
+        out.extend_from_slice(&host.next_hop);
+        out.extend_from_slice(&cl.mac);
+        if cl.family == FAMILY_V4 {
+            out.extend_from_slice(&0x0800u16.to_be_bytes());
+            out.extend_from_slice(&encap::outer_v4(&t, len, &g));
+        } else {
+            out.extend_from_slice(&0x86DDu16.to_be_bytes());
+            out.extend_from_slice(&encap::outer_v6(&t, len, &g));
+        }
+        out.extend_from_slice(inner);
+        Ok(Some(out))
     }
 
     fn cluster_entry(&self) -> Result<ClusterEntry, DatapathError> {
