@@ -367,6 +367,12 @@ impl Agent {
             return 0;
         };
         let mut frames = punt.queue.drain();
+        // A fenced host acts as no unit's owner (as its data path does):
+        // it claims nothing and sends nothing on.
+        if self.datapath.is_fenced().unwrap_or(false) {
+            punt.no_owner += frames.len() as u64;
+            return frames.len();
+        }
         let now = Instant::now();
         // Each frame's (service, unit), and each service's units in the
         // order they first appear.
