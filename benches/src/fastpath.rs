@@ -668,7 +668,8 @@ fn cluster_rows(fresh: usize, empty: &Xdp) -> anyhow::Result<Vec<ClusterRow>> {
         pad: 0,
         port_be: DEFAULT_ENCAP_PORT.to_be(),
         mtu: 1500,
-        reserved: 0,
+        pad2: 0,
+        fence_ns: 0,
     };
     let member = |ip| MemberKey {
         addr: v4(ip),

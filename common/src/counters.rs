@@ -77,8 +77,14 @@ pub const ORIGIN: u32 = 21;
 /// over to the unit's own owner. Counted beside the outcome.
 pub const ORIGIN_SPILLED: u32 = 22;
 
+/// The host is fenced (its cluster lease could not be renewed in time,
+/// see `ClusterEntry::fence_ns`): a packet it would deliver to an instance
+/// or encapsulate to another host, dropped, so that no unit has two
+/// deliverers once the other hosts take this one's units.
+pub const FENCED: u32 = 23;
+
 /// Number of global counters.
-pub const COUNT: u32 = 23;
+pub const COUNT: u32 = 24;
 
 /// Whether counter `index` is an outcome (one per packet) rather than an
 /// attribute counted beside one.
@@ -112,4 +118,5 @@ pub const NAMES: [&str; COUNT as usize] = [
     "second_chance",
     "origin",
     "origin_spilled",
+    "fenced",
 ];

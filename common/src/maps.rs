@@ -51,7 +51,8 @@ pub mod names {
 /// Written into the pin directory; an agent adopts only pins of its own
 /// layout.
 pub const LAYOUT: u64 = {
-    const EPOCH: u64 = 7;
+    // 8: `PREVIOUS` entries are 64 bits (owner, 32-bit move time).
+    const EPOCH: u64 = 8;
     let parts = [
         EPOCH,
         size_of::<ClusterEntry>() as u64,
@@ -344,21 +345,23 @@ pub const INSTANCE_REMOTE: u32 = 2;
 pub const INSTANCE_LOOKUP: u32 = 4;
 
 /// An entry of `PREVIOUS` (indexed like `OWNERS`): the unit's owner before
-/// its last move, and when that was, so a packet of a connection the new
-/// owner has no socket for can go to the old one ("second chance") for a
-/// while. 0: none.
+/// its last move, and when that was (seconds of `CLOCK_MONOTONIC_COARSE`),
+/// so a packet of a connection the new owner has no socket for can go to
+/// the old one ("second chance") for a while. 0: none. 64 bits, as an
+/// array element takes 8 bytes anyway: 32 bits of seconds wrap after 136
+/// years, where 16 wrapped every 18 h and old moves looked recent again.
 #[inline(always)]
 #[must_use]
-pub const fn previous_entry(owner: u32, moved_at_secs: u32) -> u32 {
-    (owner & 0xFFFF) | (moved_at_secs << 16)
+pub const fn previous_entry(owner: u32, moved_at_secs: u32) -> u64 {
+    owner as u64 | (moved_at_secs as u64) << 32
 }
 
-/// The owner and the move's time (seconds, modulo 2^16) of a `PREVIOUS`
-/// entry.
+/// The owner and the move's time (seconds) of a `PREVIOUS` entry.
 #[inline(always)]
 #[must_use]
-pub const fn previous_parts(entry: u32) -> (u32, u32) {
-    (entry & 0xFFFF, entry >> 16)
+#[expect(clippy::cast_possible_truncation, reason = "the two halves")]
+pub const fn previous_parts(entry: u64) -> (u32, u32) {
+    (entry as u32, (entry >> 32) as u32)
 }
 
 /// Value of the instance array, indexed by instance id (ids start at 1; 0 is
@@ -403,9 +406,15 @@ pub struct ClusterEntry {
     pub port_be: u16,
     /// The NIC's MTU: an encapsulated packet longer than this is not sent.
     pub mtu: u16,
-    pub reserved: u32,
+    pub pad2: u32,
+    /// The fence: past this time (ns of `CLOCK_MONOTONIC`, read coarse)
+    /// this host no longer acts as an owner — every packet it would
+    /// deliver to an instance or encapsulate to another host is dropped
+    /// and counted `fenced`. 0: no fence. Nanoseconds in 64 bits never
+    /// wrap, so a fence left by an agent that died stays up.
+    pub fence_ns: u64,
 }
-const _: () = assert!(size_of::<ClusterEntry>() == 32);
+const _: () = assert!(size_of::<ClusterEntry>() == 40);
 
 /// Another host of the cluster (`REMOTE_HOSTS`, indexed from 1).
 #[repr(C)]

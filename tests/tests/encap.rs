@@ -69,7 +69,8 @@ fn cluster(underlay: [u8; 4], mac: [u8; 6], mtu: u16) -> ClusterEntry {
         pad: 0,
         port_be: PORT.to_be(),
         mtu,
-        reserved: 0,
+        pad2: 0,
+        fence_ns: 0,
     }
 }
 
@@ -327,7 +328,8 @@ fn an_ipv6_underlay_carries_the_packets_too() {
         pad: 0,
         port_be: PORT.to_be(),
         mtu: 1500,
-        reserved: 0,
+        pad2: 0,
+        fence_ns: 0,
     };
     let member6 = |addr| MemberKey {
         addr,
@@ -369,4 +371,103 @@ fn an_ipv6_underlay_carries_the_packets_too() {
     assert_eq!(a.run(&sized(1440).build()).action, XDP_TX);
     assert_eq!(a.run(&sized(1441).build()).action, XDP_DROP);
     assert_eq!(a.global()[counters::ENCAP_TOO_BIG as usize], 1);
+}
+
+/// A fenced host (its lease not renewed in time) delivers nothing as an
+/// owner: past the deadline, what it would encapsulate to another host,
+/// deliver to its own instance, or deliver from another host (its table is
+/// stale, the sender's choice may be too) is dropped and counted
+/// `fenced`. Before the deadline, or with none, it delivers.
+#[test]
+fn a_fenced_host_delivers_nothing_past_its_deadline() {
+    use std::time::{Duration, Instant};
+    let past = Instant::now()
+        .checked_sub(Duration::from_millis(10))
+        .unwrap();
+    let future = Instant::now() + Duration::from_hours(1);
+    let p = Packet::udp(client(40030), kv4()).payload(vec![5u8; 64]);
+
+    let mut a = host_a(1500);
+    let sent = a.run(&p.build());
+    a.dp.set_fence(Some(past)).unwrap();
+    assert_eq!(a.run(&p.build()).action, XDP_DROP, "to another host");
+    assert_eq!(a.global()[counters::FENCED as usize], 1);
+    assert_eq!(
+        a.global()[counters::ENCAPSULATED as usize],
+        1,
+        "before the fence"
+    );
+    a.dp.set_fence(Some(future)).unwrap();
+    assert_eq!(a.run(&p.build()).action, XDP_TX, "deadline ahead");
+    a.dp.set_fence(None).unwrap();
+    assert_eq!(a.run(&p.build()).action, XDP_TX, "no fence");
+    // A cluster entry written again keeps the fence.
+    a.dp.set_fence(Some(past)).unwrap();
+    a.dp.set_cluster(cluster(A_UNDERLAY, NIC_MAC, 1500))
+        .unwrap();
+    assert_eq!(a.run(&p.build()).action, XDP_DROP, "fence kept");
+
+    let mut b = host_b();
+    b.dp.set_fence(Some(past)).unwrap();
+    assert_eq!(b.run(&p.build()).action, XDP_DROP, "to its own instance");
+    assert_eq!(b.run(&sent.frame).action, XDP_DROP, "from another host");
+    assert_eq!(b.global()[counters::FENCED as usize], 2);
+    assert_eq!(b.instance(3).packets, 0);
+    b.dp.set_fence(Some(future)).unwrap();
+    assert_eq!(b.run(&p.build()).action, XDP_REDIRECT);
+    assert_eq!(b.run(&sent.frame).action, XDP_REDIRECT);
+}
+
+/// Without a cluster there is no lease to lose: a fence is not enforced.
+#[test]
+fn a_single_host_ignores_the_fence() {
+    let mut h = Harness::new(CONFIG);
+    h.dp.set_group_owner(KV, Group::ALL, 1).unwrap();
+    let past = std::time::Instant::now()
+        .checked_sub(std::time::Duration::from_millis(10))
+        .unwrap();
+    h.dp.set_fence(Some(past)).unwrap();
+    let r = h.run(&Packet::udp(client(40031), kv4()).build());
+    assert_eq!(r.action, XDP_REDIRECT);
+    assert_eq!(h.global()[counters::FENCED as usize], 0);
+}
+
+/// A punted frame whose unit the store gives to an instance on another
+/// host (issue 27, defect 7): the agent sends it there itself, encapsulated
+/// byte for byte as the program encapsulates one; not where the program
+/// would drop it (fenced, an instance that is not remote).
+#[test]
+fn the_agent_encapsulates_a_punted_frame_as_the_program_does() {
+    use sluice_common::parse;
+    let mut a = host_a(1500);
+    for p in [
+        Packet::udp(client(40040), kv4()).payload(vec![6u8; 80]),
+        Packet::udp(
+            "[fd00:5100::9]:40041".parse().unwrap(),
+            "[fd00:5100::1]:7000".parse().unwrap(),
+        ),
+    ] {
+        let frame = p.build();
+        let sent = a.run(&frame);
+        assert_eq!(sent.action, XDP_TX);
+        let flow = parse::parse(frame.as_slice()).unwrap();
+        let key = parse::key_for(frame.as_slice(), &flow, &a.plan.services[0].entry).key;
+        let got = a.dp.encapsulate(&frame, 3, key, flow.family, 0).unwrap();
+        assert_eq!(got.as_deref(), Some(sent.frame.as_slice()), "{p:?}");
+    }
+    let frame = Packet::udp(client(40042), kv4()).build();
+    assert_eq!(
+        a.dp.encapsulate(&frame, 1, 0, FAMILY_V4, 0).unwrap(),
+        None,
+        "kv-a is local"
+    );
+    let past = std::time::Instant::now()
+        .checked_sub(std::time::Duration::from_millis(10))
+        .unwrap();
+    a.dp.set_fence(Some(past)).unwrap();
+    assert_eq!(
+        a.dp.encapsulate(&frame, 3, 0, FAMILY_V4, 0).unwrap(),
+        None,
+        "fenced"
+    );
 }

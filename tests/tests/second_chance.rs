@@ -150,3 +150,158 @@ fn a_connection_the_new_owner_lacks_goes_to_the_previous_one_v6() {
         "fd00:5100:1::1".parse().unwrap(),
     );
 }
+
+/// The ACK completing a SYN-cookie handshake: the new owner has no socket
+/// for it (a cookie leaves no request socket behind), only its listener,
+/// which will take it. It stays with the new owner rather than going to
+/// the previous one, which would reset it; an ACK whose cookie does not
+/// check out still gets its second chance.
+fn syn_cookie_for(tag: &str, client_ip: IpAddr, vip_ip: IpAddr) {
+    let ns = namespace(&format!("ck{tag}"));
+    netns::run_in(&ns.0, || {
+        // Cookies for every SYN, as under SYN-queue overflow.
+        std::fs::write("/proc/sys/net/ipv4/tcp_syncookies", "2").expect("tcp_syncookies");
+        let vip = SocketAddr::new(vip_ip, 7443);
+        let client = SocketAddr::new(client_ip, 40100);
+        let (_listener, seq, ack) = cookie_handshake(client, vip);
+        let mut h = Harness::new(CONFIG);
+        h.dp.set_instance_netns(2, Some(u32::MAX)).unwrap();
+        h.dp.set_group_owner(0, Group::ALL, 1).unwrap();
+        h.dp.set_group_owner(0, Group::ALL, 2).unwrap();
+        let p = Packet::tcp(client, vip, TCP_ACK);
+        let at = p.build().len() - 20;
+        let completing = |seq: u32, ack: u32| {
+            let mut f = p.build();
+            f[at + 4..at + 8].copy_from_slice(&seq.to_be_bytes());
+            f[at + 8..at + 12].copy_from_slice(&ack.to_be_bytes());
+            f
+        };
+        let r = h.run(&completing(seq, ack));
+        assert_eq!(r.action, XDP_REDIRECT);
+        assert_eq!(
+            &r.frame[..6],
+            &instance_mac(2),
+            "a valid cookie's ACK is the new owner's connection"
+        );
+        let r = h.run(&completing(seq, ack ^ 0x0100_0000));
+        assert_eq!(&r.frame[..6], &instance_mac(1), "a bad cookie: to a");
+        assert_eq!(h.global()[counters::SECOND_CHANCE as usize], 1);
+    });
+}
+
+/// A handshake from `client` to a listener on `vip` answered with a SYN
+/// cookie, both ends then closed by reset (no socket of it is left):
+/// the listener, kept open, and the sequence and acknowledgement numbers
+/// of the ACK that completed it, read from the SYN-ACK on the loopback.
+fn cookie_handshake(client: SocketAddr, vip: SocketAddr) -> (TcpListener, u32, u32) {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    let listener = TcpListener::bind(vip).expect("listen");
+    // SAFETY: plain socket call; the fd is owned right after.
+    let raw = unsafe {
+        libc::socket(
+            libc::AF_PACKET,
+            libc::SOCK_RAW,
+            i32::from(u16::try_from(libc::ETH_P_ALL).unwrap().to_be()),
+        )
+    };
+    assert!(raw >= 0, "AF_PACKET socket");
+    // SAFETY: a fresh fd of ours.
+    let cap = unsafe { OwnedFd::from_raw_fd(raw) };
+    let tv = libc::timeval {
+        tv_sec: 1,
+        tv_usec: 0,
+    };
+    // SAFETY: a timeval of the size given.
+    unsafe {
+        libc::setsockopt(
+            cap.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&raw const tv).cast(),
+            u32::try_from(size_of::<libc::timeval>()).unwrap(),
+        )
+    };
+    let s = socket2::Socket::new(
+        socket2::Domain::for_address(client),
+        socket2::Type::STREAM,
+        None,
+    )
+    .expect("socket");
+    s.set_linger(Some(Duration::ZERO)).unwrap();
+    s.bind(&client.into()).expect("bind the client");
+    s.connect(&vip.into()).expect("connect");
+    let (server, _) = listener.accept().expect("accept");
+    socket2::SockRef::from(&server)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
+    drop((s, server));
+    let v4 = vip.is_ipv4();
+    let (ip_len, src_at) = if v4 { (20, 12) } else { (40, 8) };
+    let mut buf = [0u8; 2048];
+    for _ in 0..64 {
+        // SAFETY: `buf` holds the length given.
+        let n = unsafe { libc::recv(cap.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+        assert!(n > 0, "no SYN-ACK seen on the loopback");
+        let f = &buf[14..usize::try_from(n).unwrap()];
+        let (tcp, proto) = (ip_len, if v4 { f[9] } else { f[6] });
+        if f.len() < ip_len + 20 || proto != 6 || f[tcp + 13] != 0x12 {
+            continue;
+        }
+        let sport = u16::from_be_bytes([f[tcp], f[tcp + 1]]);
+        let src_len = if v4 { 4 } else { 16 };
+        let from_vip = match vip.ip() {
+            IpAddr::V4(a) => f[src_at..src_at + src_len] == a.octets(),
+            IpAddr::V6(a) => f[src_at..src_at + src_len] == a.octets(),
+        };
+        if sport != vip.port() || !from_vip {
+            continue;
+        }
+        let word = |at: usize| u32::from_be_bytes(f[at..at + 4].try_into().unwrap());
+        // The ACK's sequence is the SYN-ACK's acknowledgement; its
+        // acknowledgement, the cookie + 1.
+        return (listener, word(tcp + 8), word(tcp + 4).wrapping_add(1));
+    }
+    panic!("no SYN-ACK from {vip} among 64 frames");
+}
+
+#[test]
+fn the_ack_completing_a_syn_cookie_stays_with_the_new_owner_v4() {
+    syn_cookie_for(
+        "v4",
+        "198.18.0.9".parse().unwrap(),
+        "198.18.1.1".parse().unwrap(),
+    );
+}
+
+#[test]
+fn the_ack_completing_a_syn_cookie_stays_with_the_new_owner_v6() {
+    syn_cookie_for(
+        "v6",
+        "fd00:5100::9".parse().unwrap(),
+        "fd00:5100:1::1".parse().unwrap(),
+    );
+}
+
+/// A move long past (18.2 h, 2^16 s, ago) is old news too: its time is
+/// not compared modulo 2^16 s, where it would look recent again.
+#[test]
+fn a_move_two_to_the_sixteen_seconds_ago_gives_no_second_chance() {
+    let ns = namespace("wrap");
+    netns::run_in(&ns.0, || {
+        let vip: SocketAddr = "198.18.1.1:7443".parse().unwrap();
+        let _listener = TcpListener::bind(vip).expect("listen");
+        let mut h = Harness::new(CONFIG);
+        h.dp.set_instance_netns(2, Some(u32::MAX)).unwrap();
+        h.dp.set_group_owner(0, Group::ALL, 2).unwrap();
+        let stranger: SocketAddr = "198.18.0.9:40200".parse().unwrap();
+        let ack = Packet::tcp(stranger, vip, TCP_ACK).build();
+        h.dp.set_previous(0, Group::ALL, 1, Duration::ZERO);
+        assert_eq!(&h.run(&ack).frame[..6], &instance_mac(1), "a recent move");
+        h.dp.set_previous(0, Group::ALL, 1, Duration::from_secs(1 << 16));
+        assert_eq!(
+            &h.run(&ack).frame[..6],
+            &instance_mac(2),
+            "a move 2^16 s ago: no second chance"
+        );
+    });
+}

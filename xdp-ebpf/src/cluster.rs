@@ -2,7 +2,10 @@
 //! packet, and encapsulating one for an instance on another host (as
 //! Katran's `pckt_encap.h`).
 
-use aya_ebpf::bindings::xdp_action::{XDP_DROP, XDP_PASS, XDP_TX};
+use aya_ebpf::{
+    bindings::xdp_action::{XDP_DROP, XDP_PASS, XDP_TX},
+    helpers::generated::bpf_ktime_get_coarse_ns,
+};
 use sluice_common::{
     counters,
     encap::{self, GUE_LEN, Gue, Tunnel},
@@ -74,6 +77,19 @@ pub(crate) fn decapsulate(
         return malformed;
     }
     Ok(Ok(g))
+}
+
+/// Whether this host is fenced: in a cluster, past the deadline the agent
+/// set (its lease not renewed in time), it acts as no unit's owner. The
+/// clock is read only then; coarse, it lags by a tick at most, which the
+/// agent's margin covers.
+#[inline(always)]
+pub(crate) fn fenced() -> bool {
+    let Some(cl) = CLUSTER.get(0) else {
+        return false;
+    };
+    // SAFETY: helper without arguments.
+    cl.family != 0 && cl.fence_ns != 0 && unsafe { bpf_ktime_get_coarse_ns() } > cl.fence_ns
 }
 
 /// Encapsulates the packet for `owner`, an instance on another host, and

@@ -4,7 +4,8 @@
 
 use aya_ebpf::{
     helpers::generated::{
-        bpf_sk_release, bpf_skc_lookup_tcp, bpf_xdp_adjust_head, bpf_xdp_load_bytes,
+        bpf_sk_release, bpf_skc_lookup_tcp, bpf_tcp_check_syncookie, bpf_xdp_adjust_head,
+        bpf_xdp_load_bytes,
     },
     programs::XdpContext,
 };
@@ -13,7 +14,7 @@ use sluice_common::{
     parse::{ETH_HLEN, Flow, Frame, FromBytes, VLAN_TAG_LEN},
 };
 
-use crate::maps::SCRATCH;
+use crate::maps::{HEADERS, HEADERS_TCP_AT, SCRATCH};
 
 /// `VLAN_TAG_LEN` as the head adjustment that drops a tag.
 #[expect(
@@ -182,9 +183,44 @@ impl XdpFrame {
         }
         // SAFETY: a socket the helper returned, read then released.
         let state = unsafe { (*sk).state };
+        // Only a listener: the ACK of a handshake it answered with a SYN
+        // cookie is its connection too (no request socket is left to find).
+        let cookie = state == TCP_LISTEN && self.completes_syn_cookie(flow, sk.cast());
         // SAFETY: releasing the reference the lookup took.
         unsafe { bpf_sk_release(sk.cast()) };
-        state != TCP_LISTEN
+        state != TCP_LISTEN || cookie
+    }
+
+    /// Whether this TCP packet is the ACK completing a handshake that
+    /// listener `sk` answered with a SYN cookie: the kernel checks the
+    /// cookie (`bpf_tcp_check_syncookie`, as Cilium and Katran-like load
+    /// balancers do) on copies of the IP and TCP headers, in a per-CPU
+    /// slot as the stack is spoken for.
+    #[inline(always)]
+    fn completes_syn_cookie(&self, flow: &Flow, sk: *mut core::ffi::c_void) -> bool {
+        const TCP_SYN_RST_ACK: u8 = 0x16;
+        const TCP_ACK: u8 = 0x10;
+        if flow.tcp_flags & TCP_SYN_RST_ACK != TCP_ACK {
+            return false;
+        }
+        let Some(slot) = HEADERS.get_ptr_mut(0) else {
+            return false;
+        };
+        let ip = slot.cast::<u8>();
+        // The IP header right after the Ethernet header (and its one VLAN
+        // tag, still on the frame here).
+        let l3 = ETH_HLEN + if flow.vlan_tagged { VLAN_TAG_LEN } else { 0 };
+        let ip_len: u32 = if flow.family == FAMILY_V4 { 20 } else { 40 };
+        #[expect(clippy::cast_possible_truncation, reason = "offsets within a frame")]
+        let (l3, l4) = (l3 as u32, flow.l4_off as u32);
+        // SAFETY: the slot holds 40 bytes of IP header room then 20 of TCP
+        // header; the helpers write and read within them.
+        unsafe {
+            let th = ip.add(HEADERS_TCP_AT);
+            bpf_xdp_load_bytes(self.ctx, l3, ip.cast(), ip_len) == 0
+                && bpf_xdp_load_bytes(self.ctx, l4, th.cast(), 20) == 0
+                && bpf_tcp_check_syncookie(sk, ip.cast(), ip_len, th.cast(), 20) == 0
+        }
     }
 
     /// Writes an Ethernet header at the front.

@@ -37,13 +37,21 @@ pub(crate) static OWNERS: Array<u32> =
 /// `maps::previous_entry`): a connection the new owner has no socket for
 /// gets its second chance there.
 #[map]
-pub(crate) static PREVIOUS: Array<u32> =
+pub(crate) static PREVIOUS: Array<u64> =
     Array::with_max_entries(MAX_SERVICES * UNITS_PER_SERVICE, BPF_F_MMAPABLE);
 
 /// Room for the socket lookup's tuple: the program's stack (512 bytes) is
 /// spoken for by the parsed headers.
 #[map]
 pub(crate) static SCRATCH: PerCpuArray<bpf_sock_tuple> = PerCpuArray::with_max_entries(1, 0);
+
+/// Room for copies of a packet's IP header (40 bytes, an IPv6 one's size)
+/// and TCP header (20, from [`HEADERS_TCP_AT`]), for the SYN cookie check.
+#[map]
+pub(crate) static HEADERS: PerCpuArray<[u32; 15]> = PerCpuArray::with_max_entries(1, 0);
+
+/// Where the TCP header's copy starts in a `HEADERS` slot.
+pub(crate) const HEADERS_TCP_AT: usize = 40;
 
 /// This host (entry 0): its MACs — frames for any other MAC are not
 /// steered — and the live half of the service table.

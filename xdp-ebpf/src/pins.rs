@@ -58,11 +58,11 @@ pub(crate) fn second_chance(
     }
     #[expect(
         clippy::cast_possible_truncation,
-        reason = "seconds; only their low 16 bits are compared"
+        reason = "seconds in 32 bits wrap after 136 years"
     )]
     // SAFETY: helper without arguments.
     let now_secs = (unsafe { bpf_ktime_get_coarse_ns() } / 1_000_000_000) as u32;
-    if now_secs.wrapping_sub(moved_at) & 0xFFFF > svc.pin_idle_secs {
+    if now_secs.wrapping_sub(moved_at) > svc.pin_idle_secs {
         return SecondChance::Here;
     }
     if frame.has_connection(flow, instance.netns_id) {

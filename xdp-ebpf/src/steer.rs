@@ -6,14 +6,14 @@ use sluice_common::{
     counters,
     encap::{self, Gue},
     hit_index,
-    maps::{INSTANCE_REMOTE, PIN_TCP, PIN_UDP, PROTO_TCP, ServiceEntry},
+    maps::{INSTANCE_REMOTE, InstanceEntry, PIN_TCP, PIN_UDP, PROTO_TCP, ServiceEntry},
     parse::{self, Flow, Frame},
     unit_of,
 };
 
 use crate::{
     XDP_REDIRECT_ACTION,
-    cluster::to_host,
+    cluster::{fenced, to_host},
     count::{bump, count},
     frame::XdpFrame,
     lookup::{live_instance, local_live, unit_owner},
@@ -65,19 +65,10 @@ pub(crate) fn steer(
     // A client of an SLA origin rule: its tier's slot, not the unit's owner.
     let tier = tier_owner(flow, svc, unit, peer);
     let (owner, instance, of_unit) = if let Some(g) = peer {
-        // The sender's choice, if it is a live instance of this host;
-        // else this host's owner of the unit, if that is one. Never sent
-        // on: a packet does not loop between hosts whose tables disagree.
-        let target = u32::from(g.target);
-        if let Some(i) = local_live(target, svc.id) {
-            (target, Some(i), target == unit_owner(svc.id, unit))
-        } else {
-            let owner = unit_owner(svc.id, unit);
-            let Some(i) = local_live(owner, svc.id) else {
-                return (XDP_DROP, counters::DECAP_STALE);
-            };
-            (owner, Some(i), true)
-        }
+        let Some((owner, i, of_unit)) = peer_owner(g, svc.id, unit) else {
+            return (XDP_DROP, counters::DECAP_STALE);
+        };
+        (owner, Some(i), of_unit)
     } else if svc.flags & pin_kind != 0 && !cfg!(feature = "exp-no-pins") {
         pinned_owner(flow, svc, unit, tier, sc)
     } else {
@@ -96,6 +87,11 @@ pub(crate) fn steer(
             Err(_) => (XDP_PASS, counters::UNOWNED),
         };
     };
+    // A fenced host's table is stale (the others took its units): it
+    // neither delivers nor sends on, not even what another host sent it.
+    if fenced() {
+        return (XDP_DROP, counters::FENCED);
+    }
     if instance.flags & INSTANCE_REMOTE != 0 {
         // Its hits are counted where it is delivered.
         return to_host(frame, flow, instance, owner, keyed.key, 0);
@@ -152,6 +148,20 @@ pub(crate) fn steer(
     }
     count(sc, |c| c.delivered += 1);
     (action, counters::DELIVERED)
+}
+
+/// Who takes a packet another host sent: the sender's choice, if it is a
+/// live instance of this host; else this host's owner of the unit, if that
+/// is one; else none. Never sent on: a packet does not loop between hosts
+/// whose tables disagree.
+#[inline(always)]
+fn peer_owner(g: Gue, service_id: u32, unit: u32) -> Option<(u32, &'static InstanceEntry, bool)> {
+    let target = u32::from(g.target);
+    if let Some(i) = local_live(target, service_id) {
+        return Some((target, i, target == unit_owner(service_id, unit)));
+    }
+    let owner = unit_owner(service_id, unit);
+    local_live(owner, service_id).map(|i| (owner, i, true))
 }
 
 /// The packet's key (the experiment `exp-no-key-hash` takes the ports

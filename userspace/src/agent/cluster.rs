@@ -232,7 +232,8 @@ impl Cluster {
             pad: 0,
             port_be: config.cluster.encap_port.to_be(),
             mtu,
-            reserved: 0,
+            pad2: 0,
+            fence_ns: 0,
         })?;
         Ok(())
     }

@@ -365,7 +365,8 @@ impl Agent {
     }
 
     /// Resolves every punted frame waiting: claims its unit if nobody owns
-    /// it, and sends it to the owner with the owner's MAC. The claims of
+    /// it, and sends it to the owner with the owner's MAC, or, an owner on
+    /// another host, encapsulated to that host. The claims of
     /// the whole batch are one store write a service (the embedded store
     /// rewrites and fsyncs its file per write, etcd makes a round trip):
     /// claimed one by one, a backlog of new units held the agent's loop
@@ -377,10 +378,19 @@ impl Agent {
             return 0;
         };
         let mut frames = punt.queue.drain();
+        // A fenced host acts as no unit's owner (as its data path does):
+        // it claims nothing and sends nothing on.
+        if self.datapath.is_fenced().unwrap_or(false) {
+            punt.no_owner += frames.len() as u64;
+            return frames.len();
+        }
         let now = Instant::now();
         // Each frame's (service, unit), and each service's units in the
         // order they first appear.
         let mut targets = Vec::with_capacity(frames.len());
+        // Each frame's key, family and VLAN: what its GUE header carries if
+        // its owner is on another host.
+        let mut wire = Vec::with_capacity(frames.len());
         let mut units: Vec<(u32, Vec<u32>)> = Vec::new();
         let mut seen = std::collections::HashSet::new();
         for frame in &mut frames {
@@ -389,12 +399,20 @@ impl Agent {
                 let key = flow.service_key();
                 let svc = self.plan.services.iter().find(|s| s.keys.contains(&key))?;
                 let keyed = sluice_common::parse::key_for(frame.as_slice(), &flow, &svc.entry);
-                Some((svc.id, sluice_common::unit_of(keyed.key), flow.vlan_tagged))
+                let unit = sluice_common::unit_of(keyed.key);
+                Some((
+                    svc.id,
+                    unit,
+                    flow.vlan_tagged,
+                    (keyed.key, flow.family, flow.vlan),
+                ))
             })();
-            let Some((service_id, unit, vlan_tagged)) = target else {
+            let Some((service_id, unit, vlan_tagged, w)) = target else {
                 targets.push(None);
+                wire.push((0, 0, 0));
                 continue;
             };
+            wire.push(w);
             // As the data path does: the instance's veth is untagged.
             if vlan_tagged {
                 frame.drain(12..12 + sluice_common::parse::VLAN_TAG_LEN);
@@ -419,13 +437,26 @@ impl Agent {
             }
             outcome.extend(units.into_iter().map(|u| (service_id, u)).zip(claimed));
         }
-        for (frame, target) in frames.iter_mut().zip(&targets) {
+        for ((frame, target), &(key, family, vlan)) in frames.iter_mut().zip(&targets).zip(&wire) {
             let Some(target) = target else {
                 punt.not_service += 1;
                 continue;
             };
             let inst = match outcome.get(target) {
                 Some(Claimed::Owner(id)) => self.plan.instance(*id),
+                // Sent to its host, as the data path would have (where it
+                // would drop it, say fenced or without a next hop, so do we).
+                Some(Claimed::Remote(id)) => {
+                    let nic = link::ifindex(&self.iface).ok();
+                    match (
+                        nic,
+                        self.datapath.encapsulate(frame, *id, key, family, vlan),
+                    ) {
+                        (Some(nic), Ok(Some(out))) => punt.reinject(nic, &out),
+                        _ => punt.send_failed += 1,
+                    }
+                    continue;
+                }
                 Some(Claimed::Failed) | None => {
                     punt.claim_failed += 1;
                     continue;

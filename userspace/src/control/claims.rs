@@ -123,15 +123,24 @@ impl Claims {
                 // A failed owner's failover is pending (its store write
                 // failed): frames for it would go into a dead veth.
                 Some(o) if o == UNOWNED || out.failed(o) => Claimed::NoOwner,
-                Some(o) => svc
-                    .instances
-                    .iter()
-                    .find(|i| &i.name == o)
-                    .map_or(Claimed::NoOwner, |i| Claimed::Owner(i.id)),
+                Some(o) => owner_claimed(svc, o),
             })
             .collect();
         (outcomes, error)
     }
+}
+
+/// A unit's owner `name` as a claim's outcome: a local instance; or one
+/// on another host, whose frames are encapsulated there, while its host is
+/// live (once it is not, this host's elements take its groups).
+fn owner_claimed(svc: &ServiceCtl, name: &str) -> Claimed {
+    if let Some(i) = svc.instances.iter().find(|i| i.name == name) {
+        return Claimed::Owner(i.id);
+    }
+    svc.remote
+        .iter()
+        .find(|r| r.name == name && r.live)
+        .map_or(Claimed::NoOwner, |r| Claimed::Remote(r.id))
 }
 
 /// Who a claim of `svc` may go to: the least utilised instances (to a

@@ -91,6 +91,9 @@ pub enum ControlError {
 pub enum Claimed {
     /// The unit's owner, by instance id.
     Owner(u32),
+    /// The unit's owner is an instance on another (live) host, by its
+    /// cluster-wide id: the frame is encapsulated to that host.
+    Remote(u32),
     /// Nobody to give it to (every instance drained or failed, or its
     /// owner failed and its failover is pending).
     NoOwner,

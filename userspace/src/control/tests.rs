@@ -479,3 +479,35 @@ fn a_failed_instance_comes_back_after_the_hold_down_and_takes_work() {
     r.tick().unwrap();
     assert!(r.ctl.is_failed("kv-1"));
 }
+
+/// Defect 7 of issue 27: a punted frame's unit the store gives to an
+/// instance on another (live) host was `NoOwner`, its frame dropped; it is
+/// that instance's, to be encapsulated to its host. While its host is not
+/// live, nobody's yet (this host's elements take its groups).
+#[test]
+fn a_punted_unit_owned_on_another_host_is_claimed_as_remote() {
+    use std::collections::HashMap;
+
+    use super::Claimed;
+    use crate::plan::RemotePlan;
+
+    let mut r = Rig::new(&text("even", 1000.0), EmbeddedStore::in_memory(), mem());
+    let remote = [RemotePlan {
+        id: 9,
+        name: "kv-r".to_owned(),
+        service_id: 0,
+        host: "h2".to_owned(),
+    }];
+    let live = HashSet::from(["h2".to_owned()]);
+    r.ctl.set_remote(&remote, &live, &HashMap::new());
+    let e = r.groups()[0].clone();
+    ready(r.store.move_group("kv", e.group, e.version, "kv-r")).expect("moved");
+    let claim = |r: &mut Rig<_, _>| {
+        let (got, err) = ready(r.ctl.claim_batch(&mut r.dp, 0, &[e.group.base()], r.now));
+        assert!(err.is_none(), "{err:?}");
+        got
+    };
+    assert_eq!(claim(&mut r), [Claimed::Remote(9)]);
+    r.ctl.set_remote(&remote, &HashSet::new(), &HashMap::new());
+    assert_eq!(claim(&mut r), [Claimed::NoOwner], "its host is not live");
+}

@@ -5,7 +5,7 @@
 use std::{
     os::fd::{AsFd as _, AsRawFd as _},
     ptr::NonNull,
-    sync::atomic::{AtomicU32, Ordering},
+    sync::atomic::{AtomicU32, AtomicU64, Ordering},
 };
 
 use aya::maps::MapData;
@@ -55,15 +55,27 @@ impl OwnerTable {
         })
     }
 
-    fn slot(&self, index: u32) -> &AtomicU32 {
+    /// Element `index`: 8 bytes, 8-byte aligned, in the mapping.
+    fn element(&self, index: u32) -> *mut u64 {
         assert!(
             index < self.entries,
             "owner index {index} out of {}",
             self.entries
         );
-        // SAFETY: in bounds (checked); each element starts 8-byte aligned
-        // and its first 4 bytes are the u32 value; only accessed atomically.
-        unsafe { &*self.ptr.as_ptr().add(index as usize).cast::<AtomicU32>() }
+        // SAFETY: in bounds (checked).
+        unsafe { self.ptr.as_ptr().add(index as usize) }
+    }
+
+    fn slot(&self, index: u32) -> &AtomicU32 {
+        // SAFETY: an element's first 4 bytes are the u32 value; only
+        // accessed atomically.
+        unsafe { &*self.element(index).cast::<AtomicU32>() }
+    }
+
+    /// Stores a 64-bit element whole (`PREVIOUS`'s).
+    pub(super) fn set_wide(&self, index: u32, value: u64) {
+        // SAFETY: a whole element, only accessed atomically.
+        unsafe { &*self.element(index).cast::<AtomicU64>() }.store(value, Ordering::Release);
     }
 
     pub(super) fn set(&self, index: u32, owner: u32) {

@@ -3,6 +3,8 @@
 //! sockets, and the [`Datapath`] implementation the control loop writes
 //! through.
 
+use std::time::{Duration, Instant};
+
 use aya::maps::{
     Array, DevMap, HashMap, MapData, MapError, PerCpuArray,
     lpm_trie::{Key as LpmKey, LpmTrie},
@@ -10,9 +12,9 @@ use aya::maps::{
 use sluice_common::{
     MAX_HOST_MACS,
     maps::{
-        ClusterEntry, HostEntry, INSTANCE_LIVE, INSTANCE_LOOKUP, INSTANCE_REMOTE, InstanceCounters,
-        InstanceEntry, InstanceName, MemberKey, NO_OWNER, OriginKey, RemoteHost, ServiceCounters,
-        ServiceEntry, ServiceKey, ServiceSlot, Tier, mac_word, names, origin_key,
+        ClusterEntry, FAMILY_V4, HostEntry, INSTANCE_LIVE, INSTANCE_LOOKUP, INSTANCE_REMOTE,
+        InstanceCounters, InstanceEntry, InstanceName, MemberKey, NO_OWNER, OriginKey, RemoteHost,
+        ServiceCounters, ServiceEntry, ServiceKey, ServiceSlot, Tier, mac_word, names, origin_key,
         origin_prefix_len, previous_entry,
     },
     owner_index,
@@ -25,7 +27,7 @@ use crate::{
 };
 
 /// Seconds of the clock the XDP program reads (`bpf_ktime_get_coarse_ns`:
-/// `CLOCK_MONOTONIC_COARSE`), modulo 2^16 as `PREVIOUS` keeps them.
+/// `CLOCK_MONOTONIC_COARSE`), in 32 bits as `PREVIOUS` keeps them.
 fn coarse_secs() -> u32 {
     let mut ts = libc::timespec {
         tv_sec: 0,
@@ -33,7 +35,29 @@ fn coarse_secs() -> u32 {
     };
     // SAFETY: clock_gettime writes the timespec it is given.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &raw mut ts) };
-    u32::try_from(ts.tv_sec & 0xFFFF).expect("masked")
+    u32::try_from(ts.tv_sec & 0xFFFF_FFFF).expect("masked")
+}
+
+/// `at` in nanoseconds of `CLOCK_MONOTONIC`, the clock `Instant` reads
+/// (and, coarse, the XDP program): its distance from now added to the
+/// clock's now. Never 0, which means "no fence".
+fn kernel_ns(at: Instant) -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    let now = Instant::now();
+    // SAFETY: clock_gettime writes the timespec it is given.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut ts) };
+    let mono = u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000
+        + u64::try_from(ts.tv_nsec).unwrap_or(0);
+    let ns = |d: Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+    let t = if at >= now {
+        mono.saturating_add(ns(at - now))
+    } else {
+        mono.saturating_sub(ns(now - at))
+    };
+    t.max(1)
 }
 
 impl XdpDatapath {
@@ -274,10 +298,114 @@ impl XdpDatapath {
     }
 
     /// This host's place in its cluster: where encapsulated packets leave
-    /// from and arrive at (all zero: no cluster).
+    /// from and arrive at (all zero: no cluster). The fence stays as
+    /// [`Self::set_fence`] left it, whatever `entry` says.
     pub fn set_cluster(&mut self, entry: ClusterEntry) -> Result<(), DatapathError> {
+        let fence_ns = self.cluster_entry()?.fence_ns;
+        let mut map: Array<&mut MapData, ClusterEntry> = self.map_mut(names::CLUSTER)?;
+        map.set(0, ClusterEntry { fence_ns, ..entry }, 0)
+            .map_err(map_err(names::CLUSTER))
+    }
+
+    /// Stops this host delivering as an owner after `until`: in cluster
+    /// mode, past it the program drops (and counts `fenced`) every packet
+    /// it would deliver to an instance or encapsulate to another host.
+    /// `None`: no fence. A deadline already past fences at once.
+    pub fn set_fence(&mut self, until: Option<Instant>) -> Result<(), DatapathError> {
+        let entry = ClusterEntry {
+            fence_ns: until.map_or(0, kernel_ns),
+            ..self.cluster_entry()?
+        };
         let mut map: Array<&mut MapData, ClusterEntry> = self.map_mut(names::CLUSTER)?;
         map.set(0, entry, 0).map_err(map_err(names::CLUSTER))
+    }
+
+    /// Records that `group`'s units of `service_id` left `owner` `ago`,
+    /// as a move does (the second chance's window counts from then): for
+    /// tests and tools that replay an old move.
+    pub fn set_previous(&mut self, service_id: u32, group: Group, owner: u32, ago: Duration) {
+        let ago = u32::try_from(ago.as_secs()).unwrap_or(u32::MAX);
+        let moved_at = coarse_secs().wrapping_sub(ago);
+        for unit in group.units() {
+            let i = owner_index(service_id, unit);
+            self.previous.set_wide(i, previous_entry(owner, moved_at));
+        }
+    }
+
+    /// Whether the fence set by [`Self::set_fence`] is down now (in a
+    /// cluster): this host then sends nothing on as an owner.
+    pub fn is_fenced(&self) -> Result<bool, DatapathError> {
+        let cl = self.cluster_entry()?;
+        Ok(cl.family != 0 && cl.fence_ns != 0 && kernel_ns(Instant::now()) > cl.fence_ns)
+    }
+
+    /// `frame` (untagged Ethernet, its inner packet of `family`, of key
+    /// `key` and arrived on `vlan`) encapsulated for `owner`, an instance
+    /// on another host, byte for byte as the XDP program sends it (see
+    /// `cluster::to_host` there): for a punted frame whose unit the store
+    /// gives to another host. `None` where the program would drop it: no
+    /// cluster, fenced, not a remote instance, no next hop, too big.
+    pub fn encapsulate(
+        &self,
+        frame: &[u8],
+        owner: u32,
+        key: u32,
+        family: u8,
+        vlan: u16,
+    ) -> Result<Option<Vec<u8>>, DatapathError> {
+        use sluice_common::{encap, parse::ETH_HLEN};
+        let cl = self.cluster_entry()?;
+        if cl.family == 0 || self.is_fenced()? {
+            return Ok(None);
+        }
+        let instances: Array<&MapData, InstanceEntry> = self.map(names::INSTANCES)?;
+        let inst = instances
+            .get(&owner, 0)
+            .map_err(map_err(names::INSTANCES))?;
+        let hosts: Array<&MapData, RemoteHost> = self.map(names::REMOTE_HOSTS)?;
+        let Ok(host) = hosts.get(&inst.host, 0) else {
+            return Ok(None);
+        };
+        let inner = frame.get(ETH_HLEN..).unwrap_or_default();
+        let outer_len = encap::outer_len(cl.family);
+        if inst.flags & INSTANCE_REMOTE == 0
+            || host.next_hop == [0; 6]
+            || inner.len() + outer_len > usize::from(cl.mtu)
+        {
+            return Ok(None);
+        }
+        let (Ok(target), Ok(len)) = (u16::try_from(owner), u16::try_from(inner.len())) else {
+            return Ok(None);
+        };
+        let t = encap::Tunnel {
+            src: cl.underlay,
+            dst: host.underlay,
+            sport: encap::source_port(key),
+            dport: u16::from_be(cl.port_be),
+        };
+        let g = encap::Gue {
+            inner_family: family,
+            target,
+            vlan,
+            previous: 0,
+        };
+        let mut out = Vec::with_capacity(ETH_HLEN + outer_len + inner.len());
+        out.extend_from_slice(&host.next_hop);
+        out.extend_from_slice(&cl.mac);
+        if cl.family == FAMILY_V4 {
+            out.extend_from_slice(&0x0800u16.to_be_bytes());
+            out.extend_from_slice(&encap::outer_v4(&t, len, &g));
+        } else {
+            out.extend_from_slice(&0x86DDu16.to_be_bytes());
+            out.extend_from_slice(&encap::outer_v6(&t, len, &g));
+        }
+        out.extend_from_slice(inner);
+        Ok(Some(out))
+    }
+
+    fn cluster_entry(&self) -> Result<ClusterEntry, DatapathError> {
+        let map: Array<&MapData, ClusterEntry> = self.map(names::CLUSTER)?;
+        map.get(&0, 0).map_err(map_err(names::CLUSTER))
     }
 
     /// Another host of the cluster, at `index` (`1..=MAX_HOSTS`).
@@ -371,13 +499,13 @@ impl Datapath for XdpDatapath {
         // Plain stores into the mapped arrays: no syscall a unit. A unit
         // that changes hands remembers its previous owner, for the second
         // chance of the connections still there.
-        let t = std::time::Instant::now();
+        let t = Instant::now();
         let moved_at = coarse_secs();
         for unit in group.units() {
             let i = owner_index(service_id, unit);
             let old = self.owners.get(i);
             if old != owner && old != NO_OWNER {
-                self.previous.set(i, previous_entry(old, moved_at));
+                self.previous.set_wide(i, previous_entry(old, moved_at));
             }
             self.owners.set(i, owner);
         }
