@@ -29,7 +29,6 @@ use crate::{
     config::Config,
     control::fence::{Fence, FenceState},
     coord::LeaseState,
-    datapath::Datapath as _,
     telemetry,
 };
 

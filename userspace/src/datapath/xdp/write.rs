@@ -565,4 +565,8 @@ impl Datapath for XdpDatapath {
     fn unit_hits(&self, id: u32) -> Result<Vec<u64>, DatapathError> {
         self.sum_unit_hits(id)
     }
+
+    fn set_fence(&mut self, until: Option<Instant>) -> Result<(), DatapathError> {
+        Self::set_fence(self, until)
+    }
 }
