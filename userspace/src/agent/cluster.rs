@@ -20,8 +20,9 @@ use crate::{
     coord::{
         CoordError, CoordStore, EtcdOptions, EtcdStore, HostRecord, InstanceRecord, Membership,
     },
-    datapath::xdp::XdpDatapath,
-    plan::{RemotePlan, addr_words},
+    control::Controller,
+    datapath::{ClusterTables, xdp::XdpDatapath},
+    plan::{Plan, RemotePlan, addr_words},
     sys::{ethtool, link, neigh},
 };
 
@@ -238,6 +239,27 @@ impl Cluster {
     /// encapsulated packets to take, and which instances are live; the
     /// control loop learns its remote peers and their loads.
     pub async fn sync(&mut self, agent: &mut Agent) -> anyhow::Result<Seen> {
+        let Agent {
+            datapath,
+            plan,
+            control,
+            ..
+        } = agent;
+        self.sync_tables(datapath, plan, control, neigh::next_hop_mac)
+            .await
+    }
+
+    /// [`Self::sync`]'s work on the parts it touches: the cluster tables of
+    /// `dp` (the XDP data path, or the simulation's), the plan's other
+    /// hosts' instances, the control loop's peers; next hops resolved by
+    /// `next_hop`.
+    pub async fn sync_tables(
+        &mut self,
+        dp: &mut dyn ClusterTables,
+        plan: &mut Plan,
+        control: &mut Controller,
+        next_hop: fn(IpAddr) -> std::io::Result<Option<[u8; 6]>>,
+    ) -> anyhow::Result<Seen> {
         let hosts = self.membership.hosts().await?;
         let instances = self.membership.instances().await?;
         let loads = self.store.loads().await?;
@@ -266,7 +288,7 @@ impl Cluster {
                 .get(name)
                 .is_none_or(|(_, at)| at.elapsed() > NEXT_HOP_REFRESH);
             if stale {
-                match neigh::next_hop_mac(h.underlay) {
+                match next_hop(h.underlay) {
                     Ok(Some(mac)) => {
                         self.next_hops
                             .insert(name.clone(), (mac, std::time::Instant::now()));
@@ -286,12 +308,12 @@ impl Cluster {
                 pad: 0,
             };
             if self.written.hosts.get(&slot) != Some(&host) {
-                agent.datapath.set_remote_host(slot, host)?;
+                dp.set_remote_host(slot, host)?;
                 self.written.hosts.insert(slot, host);
             }
         }
         if members != self.written.members {
-            agent.datapath.set_members(&members)?;
+            dp.set_members(&members)?;
             self.written.members = members;
         }
         let mut remote = Vec::new();
@@ -299,15 +321,13 @@ impl Cluster {
             if rec.host == self.host {
                 continue;
             }
-            let Some(service_id) = agent.plan.service_id(&rec.service) else {
+            let Some(service_id) = plan.service_id(&rec.service) else {
                 continue;
             };
             let slot = self.slot(&rec.host)?;
             let entry = (service_id, slot, live.contains(&rec.host));
             if self.written.instances.get(&rec.id) != Some(&entry) {
-                agent
-                    .datapath
-                    .set_remote_instance(rec.id, entry.0, entry.1, entry.2)?;
+                dp.set_remote_instance(rec.id, entry.0, entry.1, entry.2)?;
                 self.written.instances.insert(rec.id, entry);
             }
             remote.push(RemotePlan {
@@ -317,8 +337,8 @@ impl Cluster {
                 host: rec.host.clone(),
             });
         }
-        agent.control.set_remote(&remote, &live, &loads);
-        agent.plan.remote = remote;
+        control.set_remote(&remote, &live, &loads);
+        plan.remote = remote;
         Ok(seen)
     }
 

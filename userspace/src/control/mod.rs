@@ -132,6 +132,31 @@ impl<'a> Out<'a> {
     }
 }
 
+/// Where the controller reads the time when it is not handed it (its
+/// start, the move limiter's first token): the host's clock, or a
+/// simulation's, so a simulated run is the same every time.
+#[derive(Clone, Default)]
+pub struct Clock(Option<Arc<dyn Fn() -> Instant + Send + Sync>>);
+
+impl Clock {
+    /// The host's monotonic clock.
+    #[must_use]
+    pub fn real() -> Self {
+        Self(None)
+    }
+
+    /// A clock that reads `now` (a simulation's).
+    #[must_use]
+    pub fn from_fn(now: impl Fn() -> Instant + Send + Sync + 'static) -> Self {
+        Self(Some(Arc::new(now)))
+    }
+
+    #[must_use]
+    pub fn now(&self) -> Instant {
+        self.0.as_ref().map_or_else(Instant::now, |f| f())
+    }
+}
+
 pub struct Controller {
     store: Arc<dyn CoordStore>,
     services: Vec<ServiceCtl>,
@@ -147,6 +172,9 @@ pub struct Controller {
     drains: Drains,
     claims: Claims,
     reconciler: Reconciler,
+    /// When [`Self::tick`] last measured every instance: the loop's
+    /// progress, as the simulation checks it.
+    measured: Option<Instant>,
 }
 
 impl Controller {
@@ -184,23 +212,35 @@ impl Controller {
         plan: &Plan,
         store: Arc<dyn CoordStore>,
     ) -> Result<Self, ControlError> {
-        settled.store(&*store).await?;
-        Ok(Self::build(config, plan, store))
+        Self::commit_with_clock(settled, config, plan, store, &Clock::real()).await
     }
 
-    fn build(config: &Config, plan: &Plan, store: Arc<dyn CoordStore>) -> Self {
+    /// As [`Self::commit`], reading the time from `clock`.
+    pub async fn commit_with_clock(
+        settled: Settled,
+        config: &Config,
+        plan: &Plan,
+        store: Arc<dyn CoordStore>,
+        clock: &Clock,
+    ) -> Result<Self, ControlError> {
+        settled.store(&*store).await?;
+        Ok(Self::build(config, plan, store, clock.now()))
+    }
+
+    fn build(config: &Config, plan: &Plan, store: Arc<dyn CoordStore>, now: Instant) -> Self {
         let mut ctl = Self {
             store,
             services: services::views(config, plan),
-            limiter: MoveLimiter::new(config.agent.max_moves_per_sec, Instant::now()),
+            limiter: MoveLimiter::new(config.agent.max_moves_per_sec, now),
             reports: Arc::new(Mutex::new(Reports::default())),
             interval: config.agent.interval,
             history: History::default(),
             probe: Box::new(HostProbe::new()),
-            health: Health::new(config.agent.recovery_hold_down),
+            health: Health::new(config.agent.recovery_hold_down, now),
             drains: Drains::new(config),
             claims: Claims::default(),
             reconciler: Reconciler::default(),
+            measured: None,
         };
         // Other hosts' instances as the start saw them: live, no load yet.
         let hosts = plan.remote.iter().map(|r| r.host.clone()).collect();
@@ -234,6 +274,12 @@ impl Controller {
     pub fn with_probe(mut self, probe: Box<dyn Probe>) -> Self {
         self.probe = probe;
         self
+    }
+
+    /// When an interval last measured every instance (`None`: never yet).
+    #[must_use]
+    pub fn last_measured(&self) -> Option<Instant> {
+        self.measured
     }
 
     #[must_use]
@@ -339,6 +385,7 @@ impl Controller {
         let reports = measure::fresh_reports(&self.reports, &self.services, now, life);
         let (store, probe) = (&*self.store, &*self.probe);
         measure::measure(&mut self.services, dp, store, probe, &reports, now).await?;
+        self.measured = Some(now);
         Ok(reports)
     }
 

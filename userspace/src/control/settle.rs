@@ -3,7 +3,7 @@
 //! nothing ([`Settled::decide`]), and stored only once everything else that
 //! can refuse has said yes ([`Settled::store`]).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use sluice_common::maps::NO_OWNER;
 
@@ -111,8 +111,10 @@ impl Settled {
     ) -> Result<Self, ControlError> {
         let mut steps = Vec::with_capacity(plan.services.len());
         for (sp, sc) in plan.services.iter_mut().zip(&config.services) {
-            // An unowned group has the empty owner name.
-            let mut names: HashMap<u32, &str> = plan
+            // An unowned group has the empty owner name. Ordered: with a
+            // name under two ids (D4), which id wins must not depend on
+            // hashing (the simulation replays runs exactly).
+            let mut names: BTreeMap<u32, &str> = plan
                 .instances
                 .iter()
                 .filter(|i| i.service_id == sp.id)
