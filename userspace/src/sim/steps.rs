@@ -342,9 +342,18 @@ impl Sim {
             })
             .map(|(n, t)| (n.clone(), *t))
             .collect();
+        for h in &self.hosts {
+            if live_hosts.contains_key(&h.name) {
+                self.gone_since.remove(&h.name);
+            } else {
+                self.gone_since.entry(h.name.clone()).or_insert(now);
+            }
+        }
         for (name, rec) in &registered {
-            if !live_hosts.contains_key(&rec.host) && configured.contains(name) {
-                bad.push((name.clone(), Duration::ZERO));
+            if let Some(&since) = self.gone_since.get(&rec.host)
+                && configured.contains(name)
+            {
+                bad.push((name.clone(), since));
             }
         }
         for (name, since) in bad {
@@ -397,7 +406,7 @@ impl Sim {
         }
         // I4.
         if now > self.heal_at + k + super::LEASE_TTL {
-            for (h, host) in self.hosts.iter().enumerate() {
+            'hosts: for (h, host) in self.hosts.iter().enumerate() {
                 if host.agent.is_none() {
                     continue;
                 }
@@ -409,7 +418,13 @@ impl Sim {
                             registered.get(&g.owner).map_or(u32::MAX, |r| r.id)
                         };
                         let have = owner_in(&host.dp, g.group.base());
-                        if want != have {
+                        if want == have {
+                            continue;
+                        }
+                        // A change another host just made reaches this one
+                        // by its watch: only a difference that lasts counts.
+                        let since = *self.differ_since.entry(h).or_insert(now);
+                        if now > since + k {
                             return fail(
                                 Invariant::I4Converged,
                                 format!(
@@ -418,8 +433,10 @@ impl Sim {
                                 ),
                             );
                         }
+                        continue 'hosts;
                     }
                 }
+                self.differ_since.remove(&h);
             }
         }
         // I5.
