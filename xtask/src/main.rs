@@ -333,7 +333,12 @@ fn test(env: &setup::Env, args: &[String]) -> anyhow::Result<()> {
     eprintln!("[test] simulation: 3000 seeds of 20 intervals, faults {SIM_SUITE_FAULTS}");
     sim(
         &[
-            "--seeds", "3000", "--intervals", "20", "--faults", SIM_SUITE_FAULTS,
+            "--seeds",
+            "3000",
+            "--intervals",
+            "20",
+            "--faults",
+            SIM_SUITE_FAULTS,
         ]
         .map(String::from),
         true,
@@ -367,7 +372,16 @@ const SIM_SUITE_FAULTS: &str = "crash,watch,load";
 /// less time than in a debug build.
 fn sim(args: &[String], release: bool) -> anyhow::Result<()> {
     let mut c = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
-    c.args(["run", "--quiet", "--package", "sluice", "--features", "sim", "--bin", "sluice-sim"]);
+    c.args([
+        "run",
+        "--quiet",
+        "--package",
+        "sluice",
+        "--features",
+        "sim",
+        "--bin",
+        "sluice-sim",
+    ]);
     if release {
         c.arg("--release");
     }

@@ -17,10 +17,10 @@ use sluice_common::{
 use super::Agent;
 use crate::{
     config::{Config, Service},
+    control::Controller,
     coord::{
         CoordError, CoordStore, EtcdOptions, EtcdStore, HostRecord, InstanceRecord, Membership,
     },
-    control::Controller,
     datapath::{ClusterTables, xdp::XdpDatapath},
     plan::{Plan, RemotePlan, addr_words},
     sys::{ethtool, link, neigh},

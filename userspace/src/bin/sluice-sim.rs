@@ -60,12 +60,19 @@ fn main() -> ExitCode {
             hosts: a.hosts,
             faults: faults.clone(),
             intervals: a.intervals,
-            rejoin: if a.rejoin { Rejoin::Fixed } else { Rejoin::Never },
+            rejoin: if a.rejoin {
+                Rejoin::Fixed
+            } else {
+                Rejoin::Never
+            },
         };
         let out = sim::run(&opts);
         steps += out.steps;
         if a.check_determinism && sim::run(&opts).trace_hash != out.trace_hash {
-            eprintln!("\nseed {seed}: two runs gave different traces: {}", opts.replay_line());
+            eprintln!(
+                "\nseed {seed}: two runs gave different traces: {}",
+                opts.replay_line()
+            );
             return ExitCode::FAILURE;
         }
         if let Some(v) = &out.violation {
@@ -88,14 +95,14 @@ fn main() -> ExitCode {
                 eprintln!("    {l}");
             }
         }
-        let done = i as u64 + 1;
-        if done % 10 == 0 || done == a.seeds {
+        let done = i + 1;
+        if done.is_multiple_of(10) || done as u64 == a.seeds {
             let width = 30;
-            let filled = (done * width / a.seeds) as usize;
+            let filled = done * width / usize::try_from(a.seeds).unwrap_or(usize::MAX).max(1);
             eprint!(
                 "\r[{}{}] {done}/{} seeds, {} failed, {:.0}s",
-                "#".repeat(filled),
-                ".".repeat(width as usize - filled),
+                "#".repeat(filled.min(width)),
+                ".".repeat(width - filled.min(width)),
                 a.seeds,
                 failures.values().map(Vec::len).sum::<usize>(),
                 started.elapsed().as_secs_f64()
@@ -113,7 +120,11 @@ fn main() -> ExitCode {
         started.elapsed().as_secs_f64()
     );
     for (inv, lines) in &failures {
-        println!("{}: {} seeds failed; first replays:", inv.name(), lines.len());
+        println!(
+            "{}: {} seeds failed; first replays:",
+            inv.name(),
+            lines.len()
+        );
         for l in lines.iter().take(3) {
             println!("  {l}");
         }

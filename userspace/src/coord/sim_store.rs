@@ -493,22 +493,21 @@ impl Membership for SimStore {
             });
         }
         let now = s.now;
-        let id = match previous.filter(|p| s.leases.contains_key(p)) {
-            // A restart takes the live lease over.
-            Some(id) => id,
-            None => {
-                s.next_lease += 1;
-                let id = s.next_lease;
-                s.leases.insert(
-                    id,
-                    Lease {
-                        host: host.name.clone(),
-                        ttl,
-                        expires: now + ttl,
-                    },
-                );
-                id
-            }
+        // A restart takes the live lease over; else a new one.
+        let id = if let Some(id) = previous.filter(|p| s.leases.contains_key(p)) {
+            id
+        } else {
+            s.next_lease += 1;
+            let id = s.next_lease;
+            s.leases.insert(
+                id,
+                Lease {
+                    host: host.name.clone(),
+                    ttl,
+                    expires: now + ttl,
+                },
+            );
+            id
         };
         if let Some(l) = s.leases.get_mut(&id) {
             l.expires = now + ttl;

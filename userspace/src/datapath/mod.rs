@@ -13,7 +13,10 @@
 #[cfg(any(test, feature = "sim"))]
 #[cfg_attr(
     not(test),
-    expect(dead_code, reason = "the simulation uses only part of the unit tests' fakes")
+    expect(
+        dead_code,
+        reason = "the simulation uses only part of the unit tests' fakes"
+    )
 )]
 pub(crate) mod fake;
 mod owners;

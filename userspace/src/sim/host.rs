@@ -69,7 +69,7 @@ fn resolved(name: &str) -> Resolved {
     let ix = ifindex_of(name);
     Resolved {
         ifindex: ix,
-        mac: [2, 0, 0, 0, (ix >> 8) as u8, (ix & 0xff) as u8],
+        mac: [2, 0, 0, 0, ix.to_be_bytes()[2], ix.to_be_bytes()[3]],
         netns: None,
         netns_id: None,
     }
@@ -160,13 +160,9 @@ impl Agent {
         trace: &mut String,
     ) -> anyhow::Result<Self> {
         ready(async {
-            let mut cluster = Cluster::join_with(
-                config,
-                Path::new("sim.state"),
-                store.clone(),
-                store.clone(),
-            )
-            .await?;
+            let mut cluster =
+                Cluster::join_with(config, Path::new("sim.state"), store.clone(), store.clone())
+                    .await?;
             let (plan, settled) = prepare(config, &cluster, &store, veths, |_| false).await?;
             let mut plan = plan;
             let mut control =
@@ -252,13 +248,9 @@ impl Agent {
         clock: &Clock,
     ) -> anyhow::Result<()> {
         let control = &self.control;
-        let (mut plan, settled) = ready(prepare(
-            config,
-            &self.cluster,
-            &self.store,
-            veths,
-            |n| control.is_failed(n),
-        ))?;
+        let (mut plan, settled) = ready(prepare(config, &self.cluster, &self.store, veths, |n| {
+            control.is_failed(n)
+        }))?;
         for i in &mut plan.instances {
             i.live = !self.control.is_failed(&i.name);
         }

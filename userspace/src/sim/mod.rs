@@ -107,6 +107,16 @@ impl Rng {
         self.next() % n
     }
 
+    /// Uniform in `0..n` (`n > 0`), as an index.
+    fn pick(&mut self, n: usize) -> usize {
+        usize::try_from(self.below(n as u64)).expect("below n")
+    }
+
+    /// Uniform in `0..max`.
+    fn millis(&mut self, max: Duration) -> Duration {
+        Duration::from_millis(self.below(u64::try_from(max.as_millis()).expect("short").max(1)))
+    }
+
     fn chance(&mut self, one_in: u64) -> bool {
         self.below(one_in) == 0
     }
@@ -236,7 +246,11 @@ impl Options {
             self.seed,
             self.hosts,
             self.intervals,
-            self.faults.iter().map(|k| k.name()).collect::<Vec<_>>().join(",")
+            self.faults
+                .iter()
+                .map(|k| k.name())
+                .collect::<Vec<_>>()
+                .join(",")
         );
         if self.rejoin == Rejoin::Fixed {
             line.push_str(" --rejoin");
@@ -276,6 +290,10 @@ struct Fault {
     end: Duration,
 }
 
+#[expect(
+    clippy::struct_excessive_bools,
+    reason = "independent fault states of one host"
+)]
 struct Host {
     name: String,
     underlay_last: u8,
@@ -311,7 +329,10 @@ impl Host {
             LEASE_TTL.as_secs(),
         );
         for n in &self.instances {
-            let _ = write!(t, "\n[[service.instance]]\nname = \"{n}\"\nveth = \"v{n}\"\n");
+            let _ = write!(
+                t,
+                "\n[[service.instance]]\nname = \"{n}\"\nveth = \"v{n}\"\n"
+            );
         }
         Config::parse(&t, std::path::Path::new("sim.toml"))
             .unwrap_or_else(|e| panic!("the sim's config: {e}"))
@@ -326,7 +347,10 @@ impl Host {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Route {
     /// Delivered to instance `id` on host `host`.
-    Delivered { host: usize, id: u32 },
+    Delivered {
+        host: usize,
+        id: u32,
+    },
     Punted,
     Dropped,
 }
@@ -337,7 +361,7 @@ struct Sim {
     store: SimCluster,
     hosts: Vec<Host>,
     now: Duration,
-    sim_now: Arc<AtomicU64>,
+    clock_nanos: Arc<AtomicU64>,
     base: Instant,
     clock: Clock,
     faults: Vec<Fault>,
@@ -413,17 +437,19 @@ impl Sim {
         if !opts.faults.is_empty() {
             let n = 1 + rng.below(3);
             for _ in 0..n {
-                let kind = opts.faults[rng.below(opts.faults.len() as u64) as usize];
-                let host = rng.below(opts.hosts as u64) as usize;
-                let start = Duration::from_millis(2000 + rng.below(heal_at.as_millis() as u64 / 2));
+                let kind = opts.faults[rng.pick(opts.faults.len())];
+                let host = rng.pick(opts.hosts);
+                let start = Duration::from_secs(2) + rng.millis(heal_at / 2);
                 let len = match kind {
                     FaultKind::Pause | FaultKind::Partition => {
-                        LEASE_TTL / 2 + Duration::from_millis(rng.below(LEASE_TTL.as_millis() as u64 * 2))
+                        LEASE_TTL / 2 + rng.millis(LEASE_TTL * 2)
                     }
-                    _ => Duration::from_millis(500 + rng.below(5000)),
+                    _ => Duration::from_millis(500) + rng.millis(Duration::from_secs(5)),
                 };
                 let also = if kind == FaultKind::Reload {
-                    (0..opts.hosts).filter(|&o| o != host && rng.chance(2)).collect()
+                    (0..opts.hosts)
+                        .filter(|&o| o != host && rng.chance(2))
+                        .collect()
                 } else {
                     Vec::new()
                 };
@@ -448,7 +474,7 @@ impl Sim {
             store,
             hosts,
             now: Duration::ZERO,
-            sim_now,
+            clock_nanos: sim_now,
             base,
             clock,
             faults,
@@ -465,13 +491,22 @@ impl Sim {
         let plan: Vec<String> = sim
             .faults
             .iter()
-            .map(|f| format!("{}@h{}{:?} {:?}..{:?}", f.kind.name(), f.host, f.also, f.start, f.end))
+            .map(|f| {
+                format!(
+                    "{}@h{}{:?} {:?}..{:?}",
+                    f.kind.name(),
+                    f.host,
+                    f.also,
+                    f.start,
+                    f.end
+                )
+            })
             .collect();
         sim.log(format!("faults: {}", plan.join("; ")));
         sim
     }
 
-    fn log(&mut self, line: String) {
+    fn log(&mut self, line: impl std::fmt::Display) {
         let line = format!("{:>6.1}s {line}", self.now.as_secs_f64());
         for b in line.bytes() {
             self.hash ^= u64::from(b);
@@ -505,7 +540,7 @@ impl Sim {
                 if due.is_empty() || self.rng.chance(12) {
                     break;
                 }
-                let (h, action) = due[self.rng.below(due.len() as u64) as usize];
+                let (h, action) = due[self.rng.pick(due.len())];
                 self.act(h, action);
                 self.steps += 1;
                 if let Some(v) = self.check() {
@@ -513,8 +548,10 @@ impl Sim {
                 }
             }
             self.now += QUANTUM;
-            self.sim_now
-                .store(u64::try_from(self.now.as_nanos()).expect("short runs"), Ordering::Relaxed);
+            self.clock_nanos.store(
+                u64::try_from(self.now.as_nanos()).expect("short runs"),
+                Ordering::Relaxed,
+            );
             if let Some(v) = self.check() {
                 return Some(v);
             }
@@ -527,7 +564,14 @@ impl Sim {
         let store = Arc::new(self.store.handle(h));
         let mut line = String::new();
         let host = &mut self.hosts[h];
-        match Agent::start(&config, store, &mut host.dp, &host.veths, &self.clock, &mut line) {
+        match Agent::start(
+            &config,
+            store,
+            &mut host.dp,
+            &host.veths,
+            &self.clock,
+            &mut line,
+        ) {
             Ok(a) => {
                 host.agent = Some(a);
                 host.able_since = self.now;

@@ -4,8 +4,8 @@
 use std::{collections::BTreeSet, time::Duration};
 
 use super::{
-    CAPACITY, FaultKind, INTERVAL, Invariant, K_INTERVALS, NO_OWNER, NOBODY, P_INTERVALS,
-    QUANTUM, Route, SAMPLES, Sim, Violation, check_partition, owner_in, w_window,
+    CAPACITY, FaultKind, INTERVAL, Invariant, K_INTERVALS, NO_OWNER, NOBODY, P_INTERVALS, QUANTUM,
+    Route, SAMPLES, Sim, Violation, check_partition, owner_in, w_window,
 };
 
 /// One thing a host's agent does.
@@ -37,7 +37,7 @@ impl Sim {
                     self.heal(k, h);
                 }
             }
-            self.log("all faults healed".into());
+            self.log("all faults healed");
         }
     }
 
@@ -68,7 +68,7 @@ impl Sim {
                 for &o in std::iter::once(&h).chain(also) {
                     let host = &mut self.hosts[o];
                     if host.instances.len() > 1 && self.rng.chance(2) {
-                        let k = self.rng.below(host.instances.len() as u64) as usize;
+                        let k = self.rng.pick(host.instances.len());
                         let gone = host.instances.remove(k);
                         self.bad_since.entry(gone).or_insert(self.now);
                     } else {
@@ -80,7 +80,7 @@ impl Sim {
             }
             FaultKind::Instance => {
                 let host = &self.hosts[h];
-                let name = host.instances[self.rng.below(host.instances.len() as u64) as usize].clone();
+                let name = host.instances[self.rng.pick(host.instances.len())].clone();
                 host.veths.gone.lock().expect("veths").insert(name.clone());
                 self.bad_since.entry(name).or_insert(self.now);
             }
@@ -123,7 +123,9 @@ impl Sim {
             }
             FaultKind::Instance => {
                 let back: Vec<String> =
-                    std::mem::take(&mut *host.veths.gone.lock().expect("veths")).into_iter().collect();
+                    std::mem::take(&mut *host.veths.gone.lock().expect("veths"))
+                        .into_iter()
+                        .collect();
                 for n in &back {
                     self.bad_since.remove(n);
                 }
@@ -178,11 +180,9 @@ impl Sim {
         let Some(rh) = dp.remote_hosts.get(&slot) else {
             return Route::Dropped;
         };
-        let Some(t) = self
-            .hosts
-            .iter()
-            .position(|h| rh.underlay[0] == u32::from_be_bytes([198, 18, 1, h.underlay_last]).to_be())
-        else {
+        let Some(t) = self.hosts.iter().position(|h| {
+            rh.underlay[0] == u32::from_be_bytes([198, 18, 1, h.underlay_last]).to_be()
+        }) else {
             return Route::Dropped;
         };
         // The receiver takes it only from a member.
@@ -191,7 +191,8 @@ impl Sim {
         if !tdp.members.iter().any(|m| m.addr[0] == from) {
             return Route::Dropped;
         }
-        let local = |id: u32| id != NO_OWNER && !tdp.remote_instances.contains_key(&id) && tdp.is_live(id);
+        let local =
+            |id: u32| id != NO_OWNER && !tdp.remote_instances.contains_key(&id) && tdp.is_live(id);
         if local(owner) {
             return Route::Delivered { host: t, id: owner };
         }
@@ -212,10 +213,22 @@ impl Sim {
     /// as busy.
     pub(super) fn traffic(&mut self) {
         let hosts = self.hosts.len();
-        let total = CAPACITY * 0.5 * (2 * hosts) as f64 * QUANTUM.as_secs_f64();
+        // Half the capacity of two instances a host, a sample's share of
+        // it from each host.
+        let per_host = CAPACITY * QUANTUM.as_secs_f64() / f64::from(SAMPLES);
+        #[expect(
+            clippy::cast_possible_truncation,
+            clippy::cast_sign_loss,
+            reason = "a small positive packet count"
+        )]
+        let base = per_host.round() as u64;
         for (k, unit) in Self::sample_units().enumerate() {
-            let hot = if k < SAMPLES as usize / 4 { self.hot } else { 1 };
-            let n = (total / f64::from(SAMPLES) / hosts as f64) as u64 * hot;
+            let hot = if k < SAMPLES as usize / 4 {
+                self.hot
+            } else {
+                1
+            };
+            let n = base * hot;
             for e in 0..hosts {
                 match self.route(e, unit) {
                     Route::Delivered { host, id } => {
@@ -300,6 +313,7 @@ impl Sim {
     }
 
     /// The invariants, now.
+    #[expect(clippy::too_many_lines, reason = "one block an invariant, in order")]
     pub(super) fn check(&mut self) -> Option<Violation> {
         let now = self.now;
         let fail = |invariant, detail: String| {
@@ -324,7 +338,10 @@ impl Sim {
             {
                 return fail(
                     Invariant::I1Partition,
-                    format!("{service}: group {} owned by unregistered `{}`", g.group, g.owner),
+                    format!(
+                        "{service}: group {} owned by unregistered `{}`",
+                        g.group, g.owner
+                    ),
                 );
             }
         }
@@ -336,7 +353,8 @@ impl Sim {
             .filter(|(n, _)| {
                 // A removed instance put back by a later reload is good again.
                 let failed_or_drained = self.hosts.iter().any(|h| {
-                    h.veths.gone.lock().expect("veths").contains(*n) || h.drained.as_ref() == Some(n)
+                    h.veths.gone.lock().expect("veths").contains(*n)
+                        || h.drained.as_ref() == Some(n)
                 });
                 failed_or_drained || !configured.contains(n)
             })
@@ -365,7 +383,8 @@ impl Sim {
                 .iter()
                 .filter(|h| {
                     h.can_act()
-                        && (host.as_deref() == Some(&h.name) || !live_hosts.contains_key(host.as_deref().unwrap_or("")))
+                        && (host.as_deref() == Some(&h.name)
+                            || !live_hosts.contains_key(host.as_deref().unwrap_or("")))
                 })
                 .map(|h| h.able_since)
                 .min();
@@ -381,7 +400,7 @@ impl Sim {
                     format!(
                         "{service}: group {} still with `{name}` {:.1}s after it went bad (host {host:?})",
                         g.group,
-                        (now - from).as_secs_f64()
+                        now.saturating_sub(from).as_secs_f64()
                     ),
                 );
             }
@@ -456,7 +475,7 @@ impl Sim {
                         Invariant::I5SplitDelivery,
                         format!(
                             "unit {unit:#06x} delivered to {targets:?} (host, instance id) for {:.1}s",
-                            (now - since).as_secs_f64()
+                            now.saturating_sub(since).as_secs_f64()
                         ),
                     );
                 }
