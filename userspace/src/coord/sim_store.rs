@@ -1,4 +1,4 @@
-//! The simulation's store (`crate::sim`): etcd's semantics in memory, on
+//! The simulation's store (the top-level `sim` module's): etcd's semantics in memory, on
 //! a simulated clock. One [`SimCluster`] holds the keys; each host's agent
 //! talks to it through its own [`SimStore`] handle, so a fault can cut one
 //! host off (its calls fail with [`CoordError::Etcd`]) while the others go
