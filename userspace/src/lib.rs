@@ -22,7 +22,10 @@
 //! - [`api`]: the local API's protocol, server and client;
 //! - [`agent`]: start-up, the event loop, signals and reload;
 //! - [`cli`]: the client-side commands and their tables;
-//! - [`sys`] and [`telemetry`]: leaves (host facts; metric names).
+//! - [`sys`] and [`telemetry`]: leaves (host facts; metric names);
+//! - `sim` (tests and the `sim` feature): the deterministic simulation of
+//!   the control plane, at the top beside `agent` (it runs the agent's
+//!   cluster glue).
 
 pub mod agent;
 pub mod api;
@@ -33,6 +36,8 @@ pub mod coord;
 pub mod datapath;
 pub mod l7;
 pub mod plan;
+#[cfg(any(test, feature = "sim"))]
+pub mod sim;
 pub mod sys;
 pub mod telemetry;
 #[cfg(test)]

@@ -37,6 +37,13 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "telemetry",
         ],
     ),
+    // The simulation runs the agent's cluster glue and the control loop
+    // against the store's and the data path's in-memory stand-ins; only
+    // tests and `sluice-sim` build it.
+    (
+        "sim",
+        &["agent", "config", "control", "coord", "datapath", "plan"],
+    ),
 ];
 
 fn sources(module: &str) -> Vec<PathBuf> {

@@ -17,11 +17,12 @@ use sluice_common::{
 use super::Agent;
 use crate::{
     config::{Config, Service},
+    control::Controller,
     coord::{
         CoordError, CoordStore, EtcdOptions, EtcdStore, HostRecord, InstanceRecord, Membership,
     },
-    datapath::xdp::XdpDatapath,
-    plan::{RemotePlan, addr_words},
+    datapath::{ClusterTables, xdp::XdpDatapath},
+    plan::{Plan, RemotePlan, addr_words},
     sys::{ethtool, link, neigh},
 };
 
@@ -264,6 +265,27 @@ impl Cluster {
     /// encapsulated packets to take, and which instances are live; the
     /// control loop learns its remote peers and their loads.
     pub async fn sync(&mut self, agent: &mut Agent) -> anyhow::Result<Seen> {
+        let Agent {
+            datapath,
+            plan,
+            control,
+            ..
+        } = agent;
+        self.sync_tables(datapath, plan, control, neigh::next_hop_mac)
+            .await
+    }
+
+    /// [`Self::sync`]'s work on the parts it touches: the cluster tables of
+    /// `dp` (the XDP data path, or the simulation's), the plan's other
+    /// hosts' instances, the control loop's peers; next hops resolved by
+    /// `next_hop`.
+    pub async fn sync_tables(
+        &mut self,
+        dp: &mut dyn ClusterTables,
+        plan: &mut Plan,
+        control: &mut Controller,
+        next_hop: fn(IpAddr) -> std::io::Result<Option<[u8; 6]>>,
+    ) -> anyhow::Result<Seen> {
         let hosts = self.membership.hosts().await?;
         let instances = self.membership.instances().await?;
         let loads = self.store.loads().await?;
@@ -301,7 +323,7 @@ impl Cluster {
                 .get(name)
                 .is_none_or(|(_, at)| at.elapsed() > NEXT_HOP_REFRESH);
             if stale {
-                match neigh::next_hop_mac(h.underlay) {
+                match next_hop(h.underlay) {
                     Ok(Some(mac)) => {
                         self.next_hops
                             .insert(name.clone(), (mac, std::time::Instant::now()));
@@ -321,12 +343,12 @@ impl Cluster {
                 pad: 0,
             };
             if self.written.hosts.get(&slot) != Some(&host) {
-                agent.datapath.set_remote_host(slot, host)?;
+                dp.set_remote_host(slot, host)?;
                 self.written.hosts.insert(slot, host);
             }
         }
         if members != self.written.members {
-            agent.datapath.set_members(&members)?;
+            dp.set_members(&members)?;
             self.written.members = members;
         }
         let mut remote = Vec::new();
@@ -334,7 +356,7 @@ impl Cluster {
             if rec.host == self.host {
                 continue;
             }
-            let Some(service_id) = agent.plan.service_id(&rec.service) else {
+            let Some(service_id) = plan.service_id(&rec.service) else {
                 continue;
             };
             // A dead host's instances name no slot: its slot may be given
@@ -345,9 +367,7 @@ impl Cluster {
                 (service_id, 0, false)
             };
             if self.written.instances.get(&rec.id) != Some(&entry) {
-                agent
-                    .datapath
-                    .set_remote_instance(rec.id, entry.0, entry.1, entry.2)?;
+                dp.set_remote_instance(rec.id, entry.0, entry.1, entry.2)?;
                 self.written.instances.insert(rec.id, entry);
             }
             remote.push(RemotePlan {
@@ -358,10 +378,10 @@ impl Cluster {
             });
         }
         self.peers = peers;
-        self.forget_vanished(agent, &remote)?;
+        self.forget_vanished(dp, &remote)?;
         self.slots.end_of_look();
-        agent.control.set_remote(&remote, &live, &loads);
-        agent.plan.remote = remote;
+        control.set_remote(&remote, &live, &loads);
+        plan.remote = remote;
         Ok(seen)
     }
 
@@ -380,7 +400,11 @@ impl Cluster {
     /// Instances deleted from the cluster since the last look (dropped by
     /// a reload, or collected): not live in the data path, and pointing at
     /// no slot any more (the slot may be given to another host).
-    fn forget_vanished(&mut self, agent: &mut Agent, remote: &[RemotePlan]) -> anyhow::Result<()> {
+    fn forget_vanished(
+        &mut self,
+        dp: &mut dyn ClusterTables,
+        remote: &[RemotePlan],
+    ) -> anyhow::Result<()> {
         let ids: HashSet<u32> = remote.iter().map(|r| r.id).collect();
         let vanished: Vec<(u32, u32)> = self
             .written
@@ -390,9 +414,7 @@ impl Cluster {
             .map(|(id, e)| (*id, e.0))
             .collect();
         for (id, service_id) in vanished {
-            agent
-                .datapath
-                .set_remote_instance(id, service_id, 0, false)?;
+            dp.set_remote_instance(id, service_id, 0, false)?;
             self.written.instances.remove(&id);
         }
         Ok(())

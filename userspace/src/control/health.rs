@@ -42,12 +42,12 @@ pub(super) struct Health {
 }
 
 impl Health {
-    pub(super) fn new(hold_down: Duration) -> Self {
+    pub(super) fn new(hold_down: Duration, now: Instant) -> Self {
         Self {
             failed: HashSet::new(),
             failing: HashSet::new(),
             hold_down,
-            started: Instant::now(),
+            started: now,
         }
     }
 

@@ -151,6 +151,31 @@ impl<'a> Out<'a> {
     }
 }
 
+/// Where the controller reads the time when it is not handed it (its
+/// start, the move limiter's first token): the host's clock, or a
+/// simulation's, so a simulated run is the same every time.
+#[derive(Clone, Default)]
+pub struct Clock(Option<Arc<dyn Fn() -> Instant + Send + Sync>>);
+
+impl Clock {
+    /// The host's monotonic clock.
+    #[must_use]
+    pub fn real() -> Self {
+        Self(None)
+    }
+
+    /// A clock that reads `now` (a simulation's).
+    #[must_use]
+    pub fn from_fn(now: impl Fn() -> Instant + Send + Sync + 'static) -> Self {
+        Self(Some(Arc::new(now)))
+    }
+
+    #[must_use]
+    pub fn now(&self) -> Instant {
+        self.0.as_ref().map_or_else(Instant::now, |f| f())
+    }
+}
+
 pub struct Controller {
     store: Arc<dyn CoordStore>,
     services: Vec<ServiceCtl>,
@@ -170,6 +195,9 @@ pub struct Controller {
     orphans: health::Orphans,
     /// What the commit that built this controller changed in the store.
     undo: Option<settle::Undo>,
+    /// When [`Self::tick`] last measured every instance: the loop's
+    /// progress, as the simulation checks it.
+    measured: Option<Instant>,
 }
 
 impl Controller {
@@ -209,10 +237,7 @@ impl Controller {
         plan: &mut Plan,
         store: Arc<dyn CoordStore>,
     ) -> Result<Self, ControlError> {
-        let undo = settled.store(&*store, plan).await?;
-        let mut ctl = Self::build(config, plan, store);
-        ctl.undo = Some(undo);
-        Ok(ctl)
+        Self::commit_with_clock(settled, config, plan, store, &Clock::real()).await
     }
 
     /// The start or reload that committed this controller failed after
@@ -224,21 +249,36 @@ impl Controller {
         }
     }
 
-    fn build(config: &Config, plan: &Plan, store: Arc<dyn CoordStore>) -> Self {
+    /// As [`Self::commit`], reading the time from `clock`.
+    pub async fn commit_with_clock(
+        settled: Settled,
+        config: &Config,
+        plan: &mut Plan,
+        store: Arc<dyn CoordStore>,
+        clock: &Clock,
+    ) -> Result<Self, ControlError> {
+        let undo = settled.store(&*store, plan).await?;
+        let mut ctl = Self::build(config, plan, store, clock.now());
+        ctl.undo = Some(undo);
+        Ok(ctl)
+    }
+
+    fn build(config: &Config, plan: &Plan, store: Arc<dyn CoordStore>, now: Instant) -> Self {
         let mut ctl = Self {
             store,
             services: services::views(config, plan),
-            limiter: MoveLimiter::new(config.agent.max_moves_per_sec, Instant::now()),
+            limiter: MoveLimiter::new(config.agent.max_moves_per_sec, now),
             reports: Arc::new(Mutex::new(Reports::default())),
             interval: config.agent.interval,
             history: History::default(),
             probe: Box::new(HostProbe::new()),
-            health: Health::new(config.agent.recovery_hold_down),
+            health: Health::new(config.agent.recovery_hold_down, now),
             drains: Drains::new(config),
             claims: Claims::default(),
             reconciler: Reconciler::default(),
             orphans: health::Orphans::default(),
             undo: None,
+            measured: None,
         };
         // Other hosts' instances as the start saw them: live, no load yet.
         let hosts = plan.remote.iter().map(|r| r.host.clone()).collect();
@@ -272,6 +312,12 @@ impl Controller {
     pub fn with_probe(mut self, probe: Box<dyn Probe>) -> Self {
         self.probe = probe;
         self
+    }
+
+    /// When an interval last measured every instance (`None`: never yet).
+    #[must_use]
+    pub fn last_measured(&self) -> Option<Instant> {
+        self.measured
     }
 
     #[must_use]
@@ -379,6 +425,7 @@ impl Controller {
         let out = Out::new(&self.drains, &self.health);
         let state = |name: &str| out.state(name);
         measure::measure(&mut self.services, dp, store, probe, &reports, &state, now).await?;
+        self.measured = Some(now);
         Ok(reports)
     }
 

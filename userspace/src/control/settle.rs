@@ -14,7 +14,7 @@
 //! ([`Undo`]) gives back only the groups it changed, each only if nobody
 //! changed it since.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use sluice_common::maps::NO_OWNER;
 
@@ -238,8 +238,10 @@ impl Settled {
     ) -> Result<Self, ControlError> {
         let mut steps = Vec::with_capacity(plan.services.len());
         for (index, (sp, sc)) in plan.services.iter_mut().zip(&config.services).enumerate() {
-            // An unowned group has the empty owner name.
-            let mut names: HashMap<u32, &str> = plan
+            // An unowned group has the empty owner name. Ordered: with a
+            // name under two ids, which id wins must not depend on hashing
+            // (the simulation replays runs exactly).
+            let mut names: BTreeMap<u32, &str> = plan
                 .instances
                 .iter()
                 .filter(|i| i.service_id == sp.id)

@@ -23,6 +23,8 @@ mod etcd;
 pub(crate) mod fake;
 mod membership;
 mod ops;
+#[cfg(any(test, feature = "sim"))]
+pub mod sim_store;
 
 use std::{collections::HashMap, path::PathBuf, pin::Pin};
 

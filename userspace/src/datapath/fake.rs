@@ -3,24 +3,27 @@
 //! drive traffic into it with [`MemDatapath::deliver`]), and [`Faulty`]
 //! wraps any data path and makes one chosen kind of write fail once.
 
-use std::{collections::HashMap, io};
+use std::{
+    collections::{BTreeMap, HashMap},
+    io,
+};
 
 use aya::{maps::MapError, sys::SyscallError};
 use sluice_common::{
-    HIT_BUCKETS_PER_SERVICE, hit_index,
-    maps::{InstanceCounters, NO_OWNER, ServiceCounters, Tier, names},
-    owner_index,
+    HIT_BUCKETS_PER_SERVICE, UNITS_PER_SERVICE, hit_index,
+    maps::{InstanceCounters, MemberKey, NO_OWNER, RemoteHost, ServiceCounters, Tier, names},
 };
 
-use super::{Datapath, DatapathError, GlobalCounters};
+use super::{ClusterTables, Datapath, DatapathError, GlobalCounters};
 use crate::plan::Group;
 
 /// An in-memory data path: what the XDP program would hold, and what it
 /// would count if packets of the given units arrived.
 #[derive(Debug, Default)]
 pub(crate) struct MemDatapath {
-    /// `owner_index(service, unit)` -> owner; absent: `NO_OWNER`.
-    owners: HashMap<u32, u32>,
+    /// Service -> each unit's owner (`NO_OWNER` until written): a vector,
+    /// so whole-service writes stay cheap in the simulation.
+    owners: HashMap<u32, Vec<u32>>,
     /// Instances marked not live.
     dead: std::collections::HashSet<u32>,
     /// Where each re-pointed instance now goes: (ifindex, MAC).
@@ -33,6 +36,12 @@ pub(crate) struct MemDatapath {
     pub(crate) tiers: HashMap<(u32, u32), Tier>,
     /// The fence deadline last set ([`Datapath::set_fence`]).
     fence: Option<std::time::Instant>,
+    /// The cluster tables ([`ClusterTables`]): other hosts by slot, the
+    /// members whose encapsulated packets are taken, and each other
+    /// host's instance as (service, host slot, live).
+    pub(crate) remote_hosts: BTreeMap<u32, RemoteHost>,
+    pub(crate) members: Vec<MemberKey>,
+    pub(crate) remote_instances: BTreeMap<u32, (u32, u32, bool)>,
 }
 
 impl MemDatapath {
@@ -60,6 +69,51 @@ impl MemDatapath {
     pub(crate) fn fence(&self) -> Option<std::time::Instant> {
         self.fence
     }
+
+    /// As if `n` packets of `unit` of service `service_id` came in
+    /// encapsulated by another host for instance `id` of this host:
+    /// delivered to it if it is live, else dropped (`decap_stale`).
+    /// Returns whether they were delivered.
+    pub(crate) fn deliver_to(&mut self, service_id: u32, unit: u32, id: u32, n: u64) -> bool {
+        *self.hits.entry(hit_index(service_id, unit)).or_default() += n;
+        let takes = !self.dead.contains(&id) && self.is_local(id);
+        let s = self.services.entry(service_id).or_default();
+        s.packets += n;
+        if !takes {
+            return false;
+        }
+        s.delivered += n;
+        self.instances.entry(id).or_default().packets += n;
+        true
+    }
+
+    /// Whether instance `id` is this host's (not a remote entry).
+    fn is_local(&self, id: u32) -> bool {
+        !self.remote_instances.contains_key(&id)
+    }
+}
+
+impl ClusterTables for MemDatapath {
+    fn set_remote_host(&mut self, index: u32, host: RemoteHost) -> Result<(), DatapathError> {
+        self.remote_hosts.insert(index, host);
+        Ok(())
+    }
+
+    fn set_members(&mut self, members: &[MemberKey]) -> Result<(), DatapathError> {
+        members.clone_into(&mut self.members);
+        Ok(())
+    }
+
+    fn set_remote_instance(
+        &mut self,
+        id: u32,
+        service_id: u32,
+        host: u32,
+        live: bool,
+    ) -> Result<(), DatapathError> {
+        self.remote_instances.insert(id, (service_id, host, live));
+        Ok(())
+    }
 }
 
 impl Datapath for MemDatapath {
@@ -69,17 +123,19 @@ impl Datapath for MemDatapath {
         group: Group,
         owner: u32,
     ) -> Result<(), DatapathError> {
-        for unit in group.units() {
-            self.owners.insert(owner_index(service_id, unit), owner);
-        }
+        let units = self
+            .owners
+            .entry(service_id)
+            .or_insert_with(|| vec![NO_OWNER; UNITS_PER_SERVICE as usize]);
+        let base = group.base() as usize;
+        units[base..base + group.size() as usize].fill(owner);
         Ok(())
     }
 
     fn owner_of_unit(&self, service_id: u32, unit: u32) -> u32 {
         self.owners
-            .get(&owner_index(service_id, unit))
-            .copied()
-            .unwrap_or(NO_OWNER)
+            .get(&service_id)
+            .map_or(NO_OWNER, |u| u[unit as usize])
     }
 
     fn set_instance_live(&mut self, id: u32, live: bool) -> Result<(), DatapathError> {

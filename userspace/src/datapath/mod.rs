@@ -4,13 +4,20 @@
 //! - [`xdp`]: the real one: loads the XDP program, sizes and writes its maps,
 //!   attaches, pins and adopts across agent restarts;
 //! - [`punt`]: the agent's end of the punt path (`AF_XDP` sockets, re-injection);
-//! - `fake` (tests only): an in-memory data path, and a wrapper that makes
-//!   a chosen write fail once.
+//! - `fake` (tests and the simulation only): an in-memory data path, and a
+//!   wrapper that makes a chosen write fail once.
 //!
 //! May import `plan` (what to program), `sys` and `telemetry`; nothing
 //! above it (`control`, `agent`) is known here.
 
-#[cfg(test)]
+#[cfg(any(test, feature = "sim"))]
+#[cfg_attr(
+    not(test),
+    expect(
+        dead_code,
+        reason = "the simulation uses only part of the unit tests' fakes"
+    )
+)]
 pub(crate) mod fake;
 mod owners;
 pub mod punt;
@@ -22,13 +29,54 @@ use std::path::PathBuf;
 use ::aya::{maps::MapError, programs::ProgramError};
 use sluice_common::{
     counters,
-    maps::{InstanceCounters, PROGRAM_NAME, ServiceCounters, Tier},
+    maps::{InstanceCounters, MemberKey, PROGRAM_NAME, RemoteHost, ServiceCounters, Tier},
 };
 
 use crate::plan::Group;
 
 /// Global counters, indexed as in [`sluice_common::counters`].
 pub type GlobalCounters = [u64; counters::COUNT as usize];
+
+/// The cluster tables an agent writes each interval (`agent::cluster`):
+/// the other hosts, whose encapsulated packets to take, and where each
+/// other host's instance is. The XDP data path's maps, or the
+/// simulation's in-memory ones.
+pub trait ClusterTables {
+    /// Another host of the cluster, at `index` (`1..=MAX_HOSTS`).
+    fn set_remote_host(&mut self, index: u32, host: RemoteHost) -> Result<(), DatapathError>;
+    /// The underlay addresses encapsulated packets are taken from: exactly
+    /// `members` from now on.
+    fn set_members(&mut self, members: &[MemberKey]) -> Result<(), DatapathError>;
+    /// Instance `id` of service `service_id` runs on the host in slot
+    /// `host`, live or not.
+    fn set_remote_instance(
+        &mut self,
+        id: u32,
+        service_id: u32,
+        host: u32,
+        live: bool,
+    ) -> Result<(), DatapathError>;
+}
+
+impl ClusterTables for xdp::XdpDatapath {
+    fn set_remote_host(&mut self, index: u32, host: RemoteHost) -> Result<(), DatapathError> {
+        xdp::XdpDatapath::set_remote_host(self, index, host)
+    }
+
+    fn set_members(&mut self, members: &[MemberKey]) -> Result<(), DatapathError> {
+        xdp::XdpDatapath::set_members(self, members)
+    }
+
+    fn set_remote_instance(
+        &mut self,
+        id: u32,
+        service_id: u32,
+        host: u32,
+        live: bool,
+    ) -> Result<(), DatapathError> {
+        xdp::XdpDatapath::set_remote_instance(self, id, service_id, host, live)
+    }
+}
 
 /// What the control loop needs of a data path. Ids are the plan's: services
 /// from 0, instances from 1 (`NO_OWNER` is 0).
