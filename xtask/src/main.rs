@@ -133,10 +133,10 @@ enum Cmd {
         /// partition, pause, lease, watch, reload, instance, drain, load.
         #[arg(long, default_value = "all")]
         faults: String,
-        /// Simulate the lease fix: an expired lease is replaced at the next
-        /// renewal (today's keeper retries the dead one forever).
+        /// Simulate the lease keeper before its fix: an expired lease is
+        /// retried forever instead of replaced (to replay old findings).
         #[arg(long)]
-        rejoin: bool,
+        old_keeper: bool,
         /// Run every seed twice and fail if the two traces differ.
         #[arg(long)]
         check_determinism: bool,
@@ -280,7 +280,7 @@ fn real_main() -> anyhow::Result<()> {
             hosts,
             intervals,
             faults,
-            rejoin,
+            old_keeper,
             check_determinism,
             debug,
         } => {
@@ -296,8 +296,8 @@ fn real_main() -> anyhow::Result<()> {
                 "--faults".into(),
                 faults,
             ];
-            if rejoin {
-                a.push("--rejoin".into());
+            if old_keeper {
+                a.push("--old-keeper".into());
             }
             if check_determinism {
                 a.push("--check-determinism".into());
@@ -365,7 +365,7 @@ fn test(env: &setup::Env, args: &[String]) -> anyhow::Result<()> {
 
 /// The simulation's fault kinds the test suite runs: those the code passes
 /// today (`sluice::sim::SUITE_FAULTS`); widen as issue 27's fixes land.
-const SIM_SUITE_FAULTS: &str = "watch,load";
+const SIM_SUITE_FAULTS: &str = "all";
 
 /// Runs `sluice-sim` with `args`: needs no XDP object, so it builds with
 /// the empty stand-in (`AYA_BUILD_SKIP`); optimised, a seed takes ~10x

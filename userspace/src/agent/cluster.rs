@@ -380,6 +380,7 @@ impl Cluster {
         self.peers = peers;
         self.forget_vanished(dp, &remote)?;
         self.slots.end_of_look();
+        control.set_host_live(live.contains(&self.host));
         control.set_remote(&remote, &live, &loads);
         plan.remote = remote;
         Ok(seen)

@@ -29,10 +29,10 @@ struct Args {
     /// crash, partition, pause, lease, watch, reload, instance, drain, load.
     #[arg(long, default_value = "all")]
     faults: String,
-    /// Simulate the lease fix: renewing an expired lease joins again
-    /// (today's keeper retries the dead lease forever).
+    /// Simulate the lease keeper before its fix: an expired lease is
+    /// retried forever instead of replaced (to replay old findings).
     #[arg(long)]
-    rejoin: bool,
+    old_keeper: bool,
     /// Run each seed twice and fail if the traces differ.
     #[arg(long)]
     check_determinism: bool,
@@ -60,10 +60,10 @@ fn main() -> ExitCode {
             hosts: a.hosts,
             faults: faults.clone(),
             intervals: a.intervals,
-            rejoin: if a.rejoin {
-                Rejoin::Fixed
-            } else {
+            rejoin: if a.old_keeper {
                 Rejoin::Never
+            } else {
+                Rejoin::Fixed
             },
         };
         let out = sim::run(&opts);

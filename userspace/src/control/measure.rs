@@ -78,8 +78,14 @@ pub(super) async fn measure(
             ));
         }
     }
+    // Best effort: a store that refuses loads (unreachable, or this host's
+    // lease gone until the keeper joins again) must not stop this
+    // interval's failover and drains, which need only local figures.
     for (name, load) in loads {
-        store.publish_load(&name, load).await?;
+        if let Err(e) = store.publish_load(&name, load).await {
+            tracing::warn!(error = %e, "publishing this host's loads failed; the next interval publishes again");
+            break;
+        }
     }
     Ok(())
 }

@@ -198,6 +198,9 @@ pub struct Controller {
     /// When [`Self::tick`] last measured every instance: the loop's
     /// progress, as the simulation checks it.
     measured: Option<Instant>,
+    /// Whether this host was live (its lease held) at the last look at the
+    /// cluster ([`Self::set_host_live`]); always in a single host.
+    host_live: bool,
 }
 
 impl Controller {
@@ -279,6 +282,7 @@ impl Controller {
             orphans: health::Orphans::default(),
             undo: None,
             measured: None,
+            host_live: true,
         };
         // Other hosts' instances as the start saw them: live, no load yet.
         let hosts = plan.remote.iter().map(|r| r.host.clone()).collect();
@@ -368,6 +372,17 @@ impl Controller {
         self.health.is_failed(instance)
     }
 
+    /// Whether this host's lease was live at the last look at the cluster.
+    /// A host without one moves no group onto its own instances (no
+    /// element's take, no remote failover, no drain): the others may
+    /// already have taken its instances' groups, and its instances are no
+    /// owners anyone else would accept. Found by the simulation: a host
+    /// back from a partition took groups for its lease-less instances
+    /// before its keeper had joined again.
+    pub fn set_host_live(&mut self, live: bool) {
+        self.host_live = live;
+    }
+
     /// The cluster as this host last read it: the other hosts' instances
     /// (`remote`, for every service), which hosts are live, and every
     /// instance's published load. Instances registered since the start
@@ -444,7 +459,11 @@ impl Controller {
             .await?;
         let out = Out::new(&self.drains, &self.health);
         let orphans = &mut self.orphans;
-        made.extend(health::remote_fail_step(&mut mv, &self.services, out, orphans, now).await?);
+        if self.host_live {
+            made.extend(
+                health::remote_fail_step(&mut mv, &self.services, out, orphans, now).await?,
+            );
+        }
         (self.health).recover_step(dp, &mut self.services, probe, reports, now)?;
         Ok(made)
     }
@@ -457,6 +476,9 @@ impl Controller {
         now: Instant,
     ) -> Result<Vec<MoveEvent>, ControlError> {
         self.origin_step(dp)?;
+        if !self.host_live {
+            return Ok(Vec::new());
+        }
         let mut mv = Mover::new(&*self.store, dp, &mut self.reconciler, &mut self.history);
         let out = Out::new(&self.drains, &self.health);
         let limiter = &mut self.limiter;

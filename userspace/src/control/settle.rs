@@ -273,12 +273,20 @@ impl Settled {
                     .iter()
                     .any(|i| i.service_id == sp.id && i.name == name && i.live)
             };
-            let preferred: Vec<&str> = sc
+            let mut preferred: Vec<&str> = sc
                 .instances
                 .iter()
                 .map(|i| i.name.as_str())
                 .filter(|n| !sc.is_reserved(n) && live(n))
                 .collect();
+            if preferred.is_empty() {
+                // None of this host's own can take: the other hosts' do,
+                // never this host's failed or reserved ones (found by the
+                // simulation: a reload dropping an instance beside a
+                // failed one dealt groups to the failed one).
+                let local_out = |n: &str| sc.instances.iter().any(|i| i.name == n);
+                preferred = configured.iter().copied().filter(|n| !local_out(n)).collect();
+            }
             let wanted: Vec<(Group, String)> = sp
                 .groups
                 .iter()

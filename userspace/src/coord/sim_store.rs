@@ -41,9 +41,11 @@ const WATCH_QUEUE: usize = 64;
 /// What renewing an expired lease does.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Rejoin {
-    /// Fails for good (today's etcd keeper: "lease not found" forever).
+    /// Fails for good (the etcd keeper before issue 27's fix: "lease not
+    /// found" forever); `--old-keeper` replays it.
     Never,
-    /// A new lease, and the host record put back under it.
+    /// A new lease, and the host record put back under it (the keeper's
+    /// rejoin).
     Fixed,
 }
 
@@ -283,15 +285,15 @@ impl SimStore {
 
     /// Renews this host's lease (its keeper's one keep-alive). See
     /// [`Rejoin`] for an expired one.
-    pub fn renew(&self) -> Result<(), CoordError> {
+    pub fn renew(&self) -> Result<bool, CoordError> {
         let mut s = self.reach("lease keep alive")?;
         let Some(&id) = s.lease_files.get(&self.host) else {
-            return Ok(());
+            return Ok(false);
         };
         let now = s.now;
         if let Some(l) = s.leases.get_mut(&id) {
             l.expires = now + l.ttl;
-            return Ok(());
+            return Ok(false);
         }
         match s.rejoin {
             Rejoin::Never => Err(CoordError::Etcd {
@@ -301,10 +303,10 @@ impl SimStore {
             }),
             Rejoin::Fixed => {
                 let Some(record) = s.records.get(&self.host).cloned() else {
-                    return Ok(());
+                    return Ok(false);
                 };
                 if s.hosts.contains_key(&record.name) {
-                    return Ok(());
+                    return Ok(false);
                 }
                 s.next_lease += 1;
                 let (id, ttl) = (s.next_lease, s.ttl);
@@ -319,7 +321,7 @@ impl SimStore {
                 s.lease_files.insert(self.host, id);
                 s.hosts.insert(record.name.clone(), (record, id));
                 s.revision += 1;
-                Ok(())
+                Ok(true)
             }
         }
     }

@@ -20,6 +20,7 @@ use crate::{
     config::Config,
     control::{
         Clock, Controller,
+        fence::Fence,
         qos::{NetnsStats, Probe},
     },
     coord::{Event, sim_store::SimStore},
@@ -95,6 +96,9 @@ pub(super) struct Agent {
     pub(super) since: Instant,
     pub(super) next_tick: Instant,
     pub(super) next_renew: Instant,
+    /// The real fence, fed as `agent::fence` feeds it: renewals, the
+    /// peers' answers, a lost lease and the rejoin.
+    pub(super) fence: Fence,
 }
 
 /// Programs `dp` with `plan` as `XdpDatapath::program` does: the local
@@ -185,6 +189,10 @@ impl Agent {
                 let _ = write!(trace, " sync-failed({e})");
             }
             let now = clock.now();
+            // Joined just now: the join's grant counts as a renewal.
+            let mut fence = Fence::new(config.cluster.lease_ttl, now);
+            fence.set_peers(cluster.peers().len());
+            let _ = dp.set_fence(fence.deadline());
             Ok(Self {
                 store,
                 cluster,
@@ -192,7 +200,8 @@ impl Agent {
                 plan,
                 since: now,
                 next_tick: now + config.agent.interval,
-                next_renew: now + config.cluster.lease_ttl / 3,
+                next_renew: now + Fence::renew_every(config.cluster.lease_ttl),
+                fence,
             })
         })
     }
@@ -220,6 +229,8 @@ impl Agent {
                 }
             }
         });
+        self.fence.set_peers(self.cluster.peers().len());
+        let _ = dp.set_fence(self.fence.deadline());
         self.next_tick = now + self.control.interval();
         out
     }

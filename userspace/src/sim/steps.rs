@@ -1,11 +1,16 @@
 //! The simulation's steps: faults starting and healing, traffic through
 //! the hosts' data paths, one host action, and the invariants.
 
-use std::{collections::BTreeSet, time::Duration};
+use std::{collections::BTreeSet, fmt::Write as _, time::Duration};
 
 use super::{
-    CAPACITY, FaultKind, INTERVAL, Invariant, K_INTERVALS, NO_OWNER, NOBODY, P_INTERVALS, QUANTUM,
-    Route, SAMPLES, Sim, Violation, check_partition, owner_in, w_window,
+    CAPACITY, FaultKind, INTERVAL, Invariant, K_INTERVALS, LEASE_TTL, NO_OWNER, NOBODY,
+    P_INTERVALS, QUANTUM, Route, SAMPLES, Sim, Violation, check_partition, owner_in, ready,
+    w_window,
+};
+use crate::{
+    control::fence::Fence,
+    datapath::{Datapath as _, fake::MemDatapath},
 };
 
 /// One thing a host's agent does.
@@ -69,8 +74,8 @@ impl Sim {
                     let host = &mut self.hosts[o];
                     if host.instances.len() > 1 && self.rng.chance(2) {
                         let k = self.rng.pick(host.instances.len());
-                        let gone = host.instances.remove(k);
-                        self.bad_since.entry(gone).or_insert(self.now);
+                        // Removed once a reload with it gone succeeds.
+                        host.instances.remove(k);
                     } else {
                         host.extras += 1;
                         host.instances.push(format!("h{o}x{}", host.extras));
@@ -136,6 +141,7 @@ impl Sim {
                     if let Some(a) = &mut host.agent {
                         let _ = a.control.set_drained(&n, false);
                     }
+                    self.drain_progress.remove(&n);
                     self.bad_since.remove(&n);
                     true
                 }
@@ -159,10 +165,13 @@ impl Sim {
     /// as they are (the XDP program's steer and decapsulate, reduced).
     fn route(&self, e: usize, unit: u32) -> Route {
         let dp = &self.hosts[e].dp;
-        // FENCING HOOK (I5): once `MemDatapath` keeps a fence deadline
-        // (`Datapath::set_fence`, the lease helper's), a fenced host's
-        // deliveries and encapsulations are dropped here. Until then no
-        // host is fenced.
+        // Past its fence deadline a host delivers, encapsulates and takes
+        // in nothing (the XDP program drops it; the agent claims nothing).
+        let now = self.instant();
+        let fenced = |dp: &MemDatapath| dp.fence().is_some_and(|f| now >= f);
+        if fenced(dp) {
+            return Route::Dropped;
+        }
         let owner = owner_in(dp, unit);
         if owner == NOBODY {
             return Route::Punted;
@@ -188,6 +197,9 @@ impl Sim {
         // The receiver takes it only from a member.
         let from = u32::from_be_bytes([198, 18, 1, self.hosts[e].underlay_last]).to_be();
         let tdp = &self.hosts[t].dp;
+        if fenced(tdp) {
+            return Route::Dropped;
+        }
         if !tdp.members.iter().any(|m| m.addr[0] == from) {
             return Route::Dropped;
         }
@@ -280,17 +292,75 @@ impl Sim {
     pub(super) fn act(&mut self, h: usize, action: Action) {
         let now = self.instant();
         let clock = self.clock.clone();
+        // What the peers would answer the fence's question now: how long
+        // ago each running one's last acknowledged renewal was sent.
+        let answers: Vec<Option<Duration>> = if action == Action::Renew {
+            self.hosts
+                .iter()
+                .enumerate()
+                .filter(|(p, o)| *p != h && !o.paused)
+                .filter_map(|(_, o)| o.agent.as_ref().map(|a| a.fence.renewed_ago(now)))
+                .collect()
+        } else {
+            Vec::new()
+        };
         let host = &mut self.hosts[h];
         let config = host.reload_due.then(|| host.config());
         let Some(a) = host.agent.as_mut() else { return };
         let line = match action {
-            Action::Tick => a.tick(&mut host.dp, now),
-            Action::Renew => {
-                a.next_renew = now + super::LEASE_TTL / 3;
-                match a.store.renew() {
-                    Ok(()) => String::new(),
-                    Err(e) => format!("renew-failed({e})"),
+            Action::Tick => {
+                if std::mem::take(&mut host.reload_retry) {
+                    host.reload_due = true;
                 }
+                a.tick(&mut host.dp, now)
+            }
+            Action::Renew => {
+                let mut line = match a.store.renew() {
+                    Ok(false) => {
+                        a.fence.renewed(now);
+                        String::new()
+                    }
+                    Ok(true) => {
+                        // The keeper found the lease gone and joined
+                        // again: fenced until the tables are re-read.
+                        a.fence.lost(now);
+                        let r = ready(a.control.resync_now(&mut host.dp));
+                        a.fence.rejoined(now);
+                        match r {
+                            Ok(()) => "rejoined".to_owned(),
+                            Err(e) => format!("rejoined resync-failed({e})"),
+                        }
+                    }
+                    Err(e) => {
+                        if e.to_string().contains("lease not found") {
+                            a.fence.lost(now);
+                        }
+                        format!("renew-failed({e})")
+                    }
+                };
+                // Renewals overdue: the fence asks the peers.
+                if a.fence.should_ask(now) {
+                    a.fence.asked(now);
+                    for answer in &answers {
+                        a.fence.answer(*answer);
+                    }
+                    let _ = write!(
+                        line,
+                        " asked({} answers): {}",
+                        answers.len(),
+                        a.fence.state(now).name()
+                    );
+                }
+                // Retried sooner while overdue, as the fence task asks.
+                let renewed = a.fence.last_renewal() == now;
+                a.next_renew = now
+                    + if renewed {
+                        Fence::renew_every(LEASE_TTL)
+                    } else {
+                        Fence::ask_every(LEASE_TTL)
+                    };
+                let _ = host.dp.set_fence(a.fence.deadline());
+                line
             }
             Action::Follow => match self.store.next_event(h) {
                 Some(ev) => format!("{ev:?} {}", a.follow(&mut host.dp, &ev)),
@@ -303,9 +373,22 @@ impl Sim {
             Action::Reload => {
                 host.reload_due = false;
                 let config = config.expect("a reload has its config");
+                let before: Vec<String> = a.plan.instances.iter().map(|i| i.name.clone()).collect();
                 match a.reload(&config, &mut host.dp, &host.veths, &clock) {
-                    Ok(()) => format!("reloaded {:?}", host.instances),
-                    Err(e) => format!("reload-failed({e:#})"),
+                    Ok(()) => {
+                        for gone in before.into_iter().filter(|n| !host.instances.contains(n)) {
+                            self.bad_since.entry(gone).or_insert(self.now);
+                        }
+                        format!("reloaded {:?}", host.instances)
+                    }
+                    Err(e) => {
+                        // A refused reload changes nothing; the operator
+                        // sends it again after an interval (e.g. once a
+                        // gone veth's instance is found failed and keeps
+                        // its last interface, or the store is back).
+                        host.reload_retry = true;
+                        format!("reload-failed({e:#})")
+                    }
                 }
             }
         };
@@ -389,7 +472,28 @@ impl Sim {
                 .map(|h| h.able_since)
                 .min();
             let Some(able) = acting else { continue };
-            let from = since.max(able);
+            let mut from = since.max(able);
+            // Its host gone, the others can act only once they see it gone.
+            if let Some(h) = host.as_deref()
+                && let Some(&gone) = self.gone_since.get(h)
+            {
+                from = from.max(gone);
+            }
+            let drained = self.hosts.iter().any(|h| h.drained.as_ref() == Some(&name))
+                && configured.contains(&name);
+            if drained {
+                let owned = assignments
+                    .iter()
+                    .flat_map(|(_, gs)| gs.iter())
+                    .filter(|g| g.owner == name)
+                    .count();
+                let p = self.drain_progress.entry(name.clone()).or_insert((owned, now));
+                if owned < p.0 {
+                    *p = (owned, now);
+                }
+                p.0 = owned;
+                from = from.max(p.1);
+            }
             if now > from + k
                 && let Some((service, g)) = assignments
                     .iter()
@@ -424,7 +528,7 @@ impl Sim {
             }
         }
         // I4.
-        if now > self.heal_at + k + super::LEASE_TTL {
+        if now > self.heal_at + k + LEASE_TTL {
             'hosts: for (h, host) in self.hosts.iter().enumerate() {
                 if host.agent.is_none() {
                     continue;
