@@ -45,7 +45,7 @@ enum Wake {
     Changed,
     /// A datagram on the vouch port.
     Datagram(Vec<u8>, SocketAddr),
-    /// Time to look again (every round period, `T/12`).
+    /// Time to look again (every round period, `T/24`).
     Tick,
 }
 
