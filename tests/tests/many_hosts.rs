@@ -405,7 +405,13 @@ fn an_etcd_outage_loses_nothing_and_moves_resume_after() {
     );
     assert!(
         dropped.iter().all(|&d| d < 0.5),
-        "a data path was fenced (dropped by host): {dropped:?}"
+        "a data path was fenced (dropped by host): {dropped:?}\n{}",
+        // When each host was fenced and vouched for.
+        bed.logs()
+            .lines()
+            .filter(|l| l.starts_with("--- ") || l.contains("agent::fence"))
+            .collect::<Vec<_>>()
+            .join("\n")
     );
     assert!(
         fence
