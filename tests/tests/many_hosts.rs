@@ -390,9 +390,28 @@ fn an_etcd_outage_loses_nothing_and_moves_resume_after() {
     let got = servers.finish();
     let (seqs, dup) = received_seqs(&got);
     assert!(!dup, "a datagram arrived twice");
+    // What the data paths dropped as fenced, by host (published again now
+    // that the event loops no longer wait on etcd).
+    let dropped: Vec<f64> = (0..HOSTS)
+        .map(|k| {
+            let text = process::scrape(&bed.hosts[k].ns.0, 9600 + u16::try_from(k).unwrap())
+                .expect("scrape");
+            process::metric(&text, "sluice_datapath_packets_total", "action=\"fenced\"")
+        })
+        .collect();
     eprintln!(
-        "etcd outage of 10 s: {} of {sent} datagrams received; moves {moves_before} -> {moves_during}",
+        "etcd outage of 10 s: {} of {sent} datagrams received; moves {moves_before} -> {moves_during}; dropped as fenced, by host: {dropped:?}",
         seqs.len()
+    );
+    assert!(
+        dropped.iter().all(|&d| d < 0.5),
+        "a data path was fenced (dropped by host): {dropped:?}\n{}",
+        // When each host was fenced and vouched for.
+        bed.logs()
+            .lines()
+            .filter(|l| l.starts_with("--- ") || l.contains("agent::fence"))
+            .collect::<Vec<_>>()
+            .join("\n")
     );
     assert!(
         fence

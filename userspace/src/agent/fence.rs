@@ -2,11 +2,13 @@
 //! the lease keeper's renewals to [`Fence`], asks and answers the peers
 //! over the underlay, and keeps the status and metrics: it runs while the
 //! event loop waits on an unreachable etcd (a peer's question must be
-//! answered then). The event loop ([`Fencing`]) gives the data path the
-//! deadline ([`Datapath::set_fence`]: the XDP program stops delivering
-//! past it, even with this agent stopped) and, after the host joined again
-//! under a new lease, re-reads its tables from the store; only then does
-//! the fence lift.
+//! answered then). The task also gives the data path each deadline as it
+//! changes, from its start on ([`FenceWriter`]: the XDP program stops
+//! delivering past it, even with this agent stopped): through the event
+//! loop, a vouched deadline came late, past the old one, whenever the loop
+//! waited on etcd calls timing out one after another. The event loop
+//! ([`Fencing`]), after the host joined again under a new lease, re-reads
+//! its tables from the store; only then does the fence lift.
 //!
 //! The vouch protocol, UDP on `cluster.fence_port` (default
 //! [`crate::config::DEFAULT_FENCE_PORT`]) of each host's underlay address:
@@ -29,6 +31,7 @@ use crate::{
     config::Config,
     control::fence::{Fence, FenceState},
     coord::LeaseState,
+    datapath::xdp::FenceWriter,
     telemetry,
 };
 
@@ -42,22 +45,17 @@ enum Wake {
     Changed,
     /// A datagram on the vouch port.
     Datagram(Vec<u8>, SocketAddr),
-    /// Time to look again (every round period, `T/12`).
+    /// Time to look again (every round period, `T/24`).
     Tick,
 }
 
 /// The event loop's end of the fence.
 pub struct Fencing {
-    deadline: watch::Receiver<Option<Instant>>,
     /// Joins the task waits on a resync for.
     rejoin: watch::Receiver<u64>,
     /// Joins resynced.
     resynced: watch::Sender<u64>,
     peers: watch::Sender<Vec<IpAddr>>,
-    /// The deadline the data path has (`None`: no fence) ...
-    written: Option<Instant>,
-    /// ... once given.
-    given: bool,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -76,7 +74,12 @@ struct FenceTask {
     rejoin: watch::Sender<u64>,
     resynced: watch::Receiver<u64>,
     peers: watch::Receiver<Vec<IpAddr>>,
-    deadline: watch::Sender<Option<Instant>>,
+    /// The data path's fence.
+    writer: FenceWriter,
+    /// The deadline the data path has (`None`: no fence) ...
+    written: Option<Instant>,
+    /// ... once given.
+    given: bool,
     socket: Option<UdpSocket>,
     port: u16,
     nonce: u64,
@@ -85,9 +88,16 @@ struct FenceTask {
 }
 
 impl Fencing {
-    /// The fence of `cluster`'s host, if its membership has a lease; its
-    /// task starts at once.
-    pub async fn new(config: &Config, cluster: &Cluster, shared: &Shared) -> Option<Self> {
+    /// The fence of `cluster`'s host, if its membership has a lease, over
+    /// the data path's fence `writer`; its task starts at once, and gives
+    /// the data path its first deadline (one a previous agent left, maybe
+    /// past, is replaced).
+    pub async fn new(
+        config: &Config,
+        cluster: &Cluster,
+        shared: &Shared,
+        writer: FenceWriter,
+    ) -> Option<Self> {
         let lease = cluster.membership.lease_state()?;
         let c = &config.cluster;
         let bind = SocketAddr::new(cluster.underlay(), c.fence_port);
@@ -99,11 +109,13 @@ impl Fencing {
             }
         };
         let LeaseState { renewed, joins, .. } = *lease.borrow();
-        let fence = Fence::new(c.lease_ttl, renewed);
-        let (deadline_tx, deadline) = watch::channel(fence.deadline());
+        let mut fence = Fence::new(c.lease_ttl, renewed);
+        // The peers of the start's look at the cluster: the first deadline
+        // is the lease's, not "no fence".
+        fence.set_peers(cluster.peers().len());
         let (rejoin_tx, rejoin) = watch::channel(joins);
         let (resynced, resynced_rx) = watch::channel(joins);
-        let (peers, peers_rx) = watch::channel(Vec::new());
+        let (peers, peers_rx) = watch::channel(cluster.peers().to_vec());
         let task = FenceTask {
             fence,
             lease,
@@ -111,7 +123,9 @@ impl Fencing {
             rejoin: rejoin_tx,
             resynced: resynced_rx,
             peers: peers_rx,
-            deadline: deadline_tx,
+            writer,
+            written: None,
+            given: false,
             socket,
             port: c.fence_port,
             nonce: 0,
@@ -120,26 +134,27 @@ impl Fencing {
         };
         let every = Fence::ask_every(c.lease_ttl);
         Some(Self {
-            deadline,
             rejoin,
             resynced,
             peers,
-            written: None,
-            given: false,
             task: tokio::spawn(task.run(every)),
         })
     }
 
     /// As [`Self::new`], for the agent's cluster if it has one.
-    pub async fn of(config: &Config, cluster: Option<&Cluster>, shared: &Shared) -> Option<Self> {
-        Self::new(config, cluster?, shared).await
+    pub async fn of(
+        config: &Config,
+        cluster: Option<&Cluster>,
+        shared: &Shared,
+        writer: FenceWriter,
+    ) -> Option<Self> {
+        Self::new(config, cluster?, shared, writer).await
     }
 
-    /// Waits until the deadline moved or a rejoin wants its resync.
+    /// Waits until a rejoin wants its resync.
     pub async fn wait(&mut self) {
-        tokio::select! {
-            r = self.deadline.changed() => if r.is_err() { std::future::pending::<()>().await },
-            r = self.rejoin.changed() => if r.is_err() { std::future::pending::<()>().await },
+        if self.rejoin.changed().await.is_err() {
+            std::future::pending::<()>().await;
         }
     }
 
@@ -154,9 +169,8 @@ impl Fencing {
         });
     }
 
-    /// Gives the data path the deadline, and resyncs after a rejoin.
+    /// Resyncs after a rejoin.
     pub async fn step(&mut self, agent: &mut Agent, cluster: &mut Cluster, config: &Config) {
-        self.apply(agent);
         let want = *self.rejoin.borrow_and_update();
         if want > *self.resynced.borrow() {
             match rejoin(agent, cluster, config).await {
@@ -169,25 +183,13 @@ impl Fencing {
             }
         }
     }
-
-    /// The deadline to the data path, when it changed.
-    pub fn apply(&mut self, agent: &mut Agent) {
-        let deadline = *self.deadline.borrow_and_update();
-        if !self.given || self.written != deadline {
-            match agent.datapath.set_fence(deadline) {
-                Ok(()) => (self.written, self.given) = (deadline, true),
-                Err(e) => {
-                    tracing::error!(error = %e, "giving the data path the fence deadline failed");
-                }
-            }
-        }
-    }
 }
 
 impl FenceTask {
     async fn run(mut self, every: Duration) {
         let mut tick = tokio::time::interval(every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        self.write();
         loop {
             let wake = self.wait(&mut tick).await;
             let now = Instant::now();
@@ -195,6 +197,7 @@ impl FenceTask {
                 Wake::Changed | Wake::Tick => self.update(now).await,
                 Wake::Datagram(d, from) => self.datagram(&d, from, now).await,
             }
+            self.write();
             self.publish(now);
         }
     }
@@ -247,12 +250,21 @@ impl FenceTask {
         if self.fence.should_ask(now) {
             self.ask(now).await;
         }
+    }
+
+    /// The deadline to the data path, when it changed (or the last write
+    /// failed: tried again at the next wake, a round period at most).
+    fn write(&mut self) {
         let deadline = self.fence.deadline();
-        self.deadline.send_if_modified(|d| {
-            let changed = *d != deadline;
-            *d = deadline;
-            changed
-        });
+        if self.given && self.written == deadline {
+            return;
+        }
+        match self.writer.set(deadline) {
+            Ok(()) => (self.written, self.given) = (deadline, true),
+            Err(e) => {
+                tracing::error!(error = %e, "giving the data path the fence deadline failed");
+            }
+        }
     }
 
     /// Asks every peer whether it renewed.
@@ -291,12 +303,6 @@ impl FenceTask {
             let ago = u32::from_be_bytes(rest[8..].try_into().expect("4 bytes"));
             let ago = (ago != u32::MAX).then(|| Duration::from_millis(ago.into()));
             self.fence.answer(ago);
-            let deadline = self.fence.deadline();
-            self.deadline.send_if_modified(|d| {
-                let changed = *d != deadline;
-                *d = deadline;
-                changed
-            });
         }
     }
 

@@ -345,6 +345,9 @@ impl Agent {
             &http::ids(&plan),
             http::owners(datapath.owner_view()),
         );
+        // The fence's task keeps writing the (pinned, adopted) cluster
+        // entry; this data path takes turns with it as the old one did.
+        datapath.keep_fence_writers(&self.datapath);
         // The old program is already swapped out of the pinned link;
         // dropping it closes its fds.
         drop(std::mem::replace(&mut self.datapath, datapath));

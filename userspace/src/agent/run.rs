@@ -215,7 +215,7 @@ struct Serving<'a> {
     fencing: Option<Fencing>,
 }
 
-/// Until the fence has news for the data path; never without a fence.
+/// Until a rejoin wants the tables re-read; never without a fence.
 async fn fence_wait(f: Option<&mut Fencing>) {
     match f {
         Some(f) => f.wait().await,
@@ -256,7 +256,8 @@ async fn event_loop(
     // Other writers (hosts of a cluster, the CLI) change the assignment
     // too: the data path follows the store.
     let mut changes = store.watch();
-    let fencing = Fencing::of(&running, cluster.as_deref(), &shared).await;
+    let writer = agent.datapath.fence_writer();
+    let fencing = Fencing::of(&running, cluster.as_deref(), &shared, writer).await;
     let mut r = Serving {
         a,
         agent,
@@ -337,21 +338,18 @@ async fn event_loop(
 }
 
 impl Serving<'_> {
-    /// The fence's deadline to the data path; after a rejoin, the tables
-    /// re-read.
+    /// After a rejoin, the tables re-read (the fence's task gives the data
+    /// path its deadlines itself).
     async fn fence_step(&mut self) {
         if let (Some(f), Some(c)) = (self.fencing.as_mut(), self.cluster.as_deref_mut()) {
             f.step(&mut self.agent, c, &self.running).await;
         }
     }
 
-    /// The fence asks the hosts the last look at the cluster found; the
-    /// data path gets the deadline as it is now (the loop may have waited
-    /// on etcd).
+    /// The fence asks the hosts the last look at the cluster found.
     fn fence_peers(&mut self) {
         if let (Some(f), Some(c)) = (self.fencing.as_mut(), self.cluster.as_deref()) {
             f.set_peers(c.peers());
-            f.apply(&mut self.agent);
         }
     }
 

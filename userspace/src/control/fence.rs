@@ -12,11 +12,13 @@
 //! A full etcd outage must not fence every host: nobody can take over
 //! then. So a host whose renewals go unacknowledged for `T/3` asks its
 //! peers (the other hosts live at its last read of the store) whether
-//! *they* renewed within the last `T/4`, every `T/12`. A peer that reaches
+//! *they* renewed within the last `T/4`, every `T/24`. A peer that reaches
 //! the store renews every `T/6`, so it says yes; in an outage that began
 //! at most `T/6` after this host's last acknowledged renewal (its next
-//! one failed), every peer's last renewal is at least `T/4` old by the
-//! round asked at `t_s + 5T/12` — a round before the deadline:
+//! one failed), every peer's last renewal is at least `T/4` old by a
+//! round asked between `t_s + 5T/12` and `t_s + 11T/24`, leaving `T/24`
+//! for its answers before the deadline (with rounds every `T/12`, the
+//! one window of a round could be missed by a timer waking late):
 //! - a peer says it did: the store is reachable, this host is the one cut
 //!   off; any vouch is dropped and the host fences at `F` (or at once if
 //!   `F` is past);
@@ -115,11 +117,12 @@ impl Fence {
         self.ttl / 2
     }
 
-    /// How often the peers are asked while renewals fail: `T/12`, so that
-    /// a round falls between `t_s + 5T/12` and the deadline.
+    /// How often the peers are asked while renewals fail: `T/24`, so that
+    /// a round falls between `t_s + 5T/12` and `t_s + 11T/24`, in time for
+    /// its answers to come back before the deadline.
     #[must_use]
     pub fn ask_every(ttl: Duration) -> Duration {
-        (ttl / 12).max(Duration::from_millis(50))
+        (ttl / 24).max(Duration::from_millis(25))
     }
 
     /// A peer whose last acknowledged renewal is younger than this (`T/4`)
@@ -163,16 +166,18 @@ impl Fence {
     }
 
     /// Whether to ask the peers now: renewals have gone unacknowledged for
-    /// `T/3`, there are peers, and the last round is `T/12` old.
+    /// `T/3`, there are peers, and the last round is half a round period
+    /// old (a timer of the period drives the rounds: a wake less late than
+    /// the one before still asks, rather than skipping a whole period).
     #[must_use]
     pub fn should_ask(&self, now: Instant) -> bool {
         let overdue = now.saturating_duration_since(self.renewed) >= self.ttl / 3;
         self.peers > 0
             && self.lost.is_none()
             && overdue
-            && self
-                .round
-                .is_none_or(|r| now.saturating_duration_since(r.asked) >= Self::ask_every(self.ttl))
+            && self.round.is_none_or(|r| {
+                now.saturating_duration_since(r.asked) >= Self::ask_every(self.ttl) / 2
+            })
     }
 
     /// The peers were asked at `now`.

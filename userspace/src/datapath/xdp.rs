@@ -34,8 +34,8 @@ use sluice_common::{
     owner_index,
 };
 
-pub use self::counters::count_pinned_flows;
 use self::pins::{Pins, check_pins, layout_tag, pin_tag};
+pub use self::{counters::count_pinned_flows, write::FenceWriter};
 use super::{DatapathError, owners::OwnerTable, service_table};
 use crate::plan::Plan;
 
@@ -82,6 +82,8 @@ pub struct XdpDatapath {
     /// (service id, rule index) -> the rule's entry in `TIERS`, as
     /// [`Self::program`] last wrote them.
     tiers: std::collections::HashMap<(u32, u32), u32>,
+    /// `CLUSTER`, shared with the [`FenceWriter`]s given out.
+    cluster: write::ClusterMap,
 }
 
 /// Sluice's XDP program in a loaded object.
@@ -191,6 +193,15 @@ impl XdpDatapath {
         };
         let owners = Arc::new(table(names::OWNERS)?);
         let previous = table(names::PREVIOUS)?;
+        let cluster = match ebpf.map(names::CLUSTER) {
+            Some(aya::maps::Map::Array(data)) => write::cluster_map(data)?,
+            _ => {
+                return Err(DatapathError::Missing {
+                    what: "array map",
+                    name: names::CLUSTER,
+                });
+            }
+        };
         Ok(Self {
             ebpf,
             link: None,
@@ -201,6 +212,7 @@ impl XdpDatapath {
                 link: None,
             }),
             tiers: std::collections::HashMap::new(),
+            cluster,
         })
     }
 

@@ -52,7 +52,7 @@ fn a_host_cut_off_while_a_peer_renews_stays_fenced() {
     let q = t0 + T / 3;
     assert!(f.should_ask(q));
     f.asked(q);
-    assert!(!f.should_ask(q + ms(10)), "one round every T/12");
+    assert!(!f.should_ask(q + ms(10)), "one round a period (T/24)");
     // One peer cannot renew either, the other can: this host is cut off.
     f.answer(Some(T));
     f.answer(Some(ms(1499)));
@@ -135,6 +135,47 @@ fn in_a_full_outage_a_round_before_the_deadline_vouches() {
     let at = vouched_at.expect("vouched before the deadline");
     assert!(at < t0 + T / 2, "vouched at {:?}", at - t0);
     assert!(f.deadline().unwrap() > t0 + T / 2);
+}
+
+/// As the agent's task drives it: a round on each tick of a timer of the
+/// round period, every wake a little late (1 or 3 ms, by turns), the
+/// answers back 5 ms after; the peers renewed as late as `T/6` after this
+/// host. Whatever the timer's phase, a round vouches with its answers in
+/// before the deadline (a wake less late than the one before must not
+/// skip its round).
+#[test]
+fn rounds_on_late_ticks_still_vouch_before_the_deadline() {
+    let t0 = Instant::now();
+    let peer_last = t0 + T / 6;
+    let every = Fence::ask_every(T);
+    for phase in 0..12u32 {
+        let mut f = fence(t0, 2);
+        let mut vouched_at = None;
+        for k in 0u32.. {
+            let due = t0 + every * phase / 12 + every * k;
+            if due >= t0 + T / 2 {
+                break;
+            }
+            let wake = due + ms(if k % 2 == 0 { 3 } else { 1 });
+            if !f.should_ask(wake) {
+                continue;
+            }
+            f.asked(wake);
+            let back = wake + ms(5);
+            f.answer(Some(back - peer_last));
+            f.answer(Some(back - peer_last));
+            if f.state(back) == FenceState::Vouched {
+                vouched_at = Some(back);
+                break;
+            }
+        }
+        let at = vouched_at.unwrap_or_else(|| panic!("phase {phase}: no round vouched"));
+        assert!(
+            at < t0 + T / 2,
+            "phase {phase}: vouched at {:?}, past the deadline",
+            at - t0
+        );
+    }
 }
 
 /// Random renewals, rounds and answers: the deadline never exceeds

@@ -3,7 +3,11 @@
 //! sockets, and the [`Datapath`] implementation the control loop writes
 //! through.
 
-use std::time::{Duration, Instant};
+use std::{
+    os::fd::AsFd as _,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
 
 use aya::maps::{
     Array, DevMap, HashMap, MapData, MapError, PerCpuArray,
@@ -58,6 +62,48 @@ fn kernel_ns(at: Instant) -> u64 {
         mono.saturating_sub(ns(now - at))
     };
     t.max(1)
+}
+
+/// Entry 0 of `CLUSTER` through a descriptor of its own, shared by the
+/// data path and its [`FenceWriter`]s: the lock keeps one's read, modify
+/// and write of the entry from undoing the other's.
+pub(super) type ClusterMap = Arc<Mutex<Array<MapData, ClusterEntry>>>;
+
+/// [`ClusterMap`] for the loaded `CLUSTER` map `data`.
+pub(super) fn cluster_map(data: &MapData) -> Result<ClusterMap, DatapathError> {
+    let fd = data
+        .fd()
+        .as_fd()
+        .try_clone_to_owned()
+        .map_err(|io_error| DatapathError::Map {
+            name: names::CLUSTER,
+            source: MapError::SyscallError(aya::sys::SyscallError {
+                call: "dup",
+                io_error,
+            }),
+        })?;
+    let data = MapData::from_fd(fd).map_err(map_err(names::CLUSTER))?;
+    let map = Array::try_from(aya::maps::Map::Array(data)).map_err(map_err(names::CLUSTER))?;
+    Ok(Arc::new(Mutex::new(map)))
+}
+
+/// Sets this host's fence in the data path ([`XdpDatapath::set_fence`])
+/// from another task than the one holding the [`XdpDatapath`]: the agent's
+/// fence task writes each deadline as it changes, while the control loop
+/// may wait on the store.
+#[derive(Clone)]
+pub struct FenceWriter(ClusterMap);
+
+impl FenceWriter {
+    /// As [`XdpDatapath::set_fence`].
+    pub fn set(&self, until: Option<Instant>) -> Result<(), DatapathError> {
+        let mut map = self.0.lock().expect("cluster map lock");
+        let entry = ClusterEntry {
+            fence_ns: until.map_or(0, kernel_ns),
+            ..map.get(&0, 0).map_err(map_err(names::CLUSTER))?
+        };
+        map.set(0, entry, 0).map_err(map_err(names::CLUSTER))
+    }
 }
 
 impl XdpDatapath {
@@ -299,10 +345,11 @@ impl XdpDatapath {
 
     /// This host's place in its cluster: where encapsulated packets leave
     /// from and arrive at (all zero: no cluster). The fence stays as
-    /// [`Self::set_fence`] left it, whatever `entry` says.
+    /// [`Self::set_fence`] (or a [`FenceWriter`]) left it, whatever `entry`
+    /// says.
     pub fn set_cluster(&mut self, entry: ClusterEntry) -> Result<(), DatapathError> {
-        let fence_ns = self.cluster_entry()?.fence_ns;
-        let mut map: Array<&mut MapData, ClusterEntry> = self.map_mut(names::CLUSTER)?;
+        let mut map = self.cluster.lock().expect("cluster map lock");
+        let fence_ns = map.get(&0, 0).map_err(map_err(names::CLUSTER))?.fence_ns;
         map.set(0, ClusterEntry { fence_ns, ..entry }, 0)
             .map_err(map_err(names::CLUSTER))
     }
@@ -312,12 +359,22 @@ impl XdpDatapath {
     /// it would deliver to an instance or encapsulate to another host.
     /// `None`: no fence. A deadline already past fences at once.
     pub fn set_fence(&mut self, until: Option<Instant>) -> Result<(), DatapathError> {
-        let entry = ClusterEntry {
-            fence_ns: until.map_or(0, kernel_ns),
-            ..self.cluster_entry()?
-        };
-        let mut map: Array<&mut MapData, ClusterEntry> = self.map_mut(names::CLUSTER)?;
-        map.set(0, entry, 0).map_err(map_err(names::CLUSTER))
+        self.fence_writer().set(until)
+    }
+
+    /// A handle that sets the fence as [`Self::set_fence`] does, for the
+    /// agent's fence task: it must not wait for the control loop, which
+    /// may be waiting on an unreachable store.
+    #[must_use]
+    pub fn fence_writer(&self) -> FenceWriter {
+        FenceWriter(self.cluster.clone())
+    }
+
+    /// For a reload: this data path, which adopted `old`'s pinned maps,
+    /// writes the `CLUSTER` entry through `old`'s handle, so the fence
+    /// writers given out and this data path keep taking turns on it.
+    pub fn keep_fence_writers(&mut self, old: &Self) {
+        self.cluster = old.cluster.clone();
     }
 
     /// Records that `group`'s units of `service_id` left `owner` `ago`,
@@ -404,7 +461,7 @@ impl XdpDatapath {
     }
 
     fn cluster_entry(&self) -> Result<ClusterEntry, DatapathError> {
-        let map: Array<&MapData, ClusterEntry> = self.map(names::CLUSTER)?;
+        let map = self.cluster.lock().expect("cluster map lock");
         map.get(&0, 0).map_err(map_err(names::CLUSTER))
     }
 
