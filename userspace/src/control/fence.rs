@@ -59,6 +59,9 @@ struct Round {
     answers: usize,
     /// Some peer renewed within `T/4`: no vouch this round.
     renewed: bool,
+    /// The vouch earlier rounds gave, which a peer's renewal in this one
+    /// does not take back.
+    prior: Option<Instant>,
 }
 
 /// How the fence stands, for the status and the metrics.
@@ -186,6 +189,7 @@ impl Fence {
             asked: now,
             answers: 0,
             renewed: false,
+            prior: self.vouched,
         });
     }
 
@@ -199,9 +203,15 @@ impl Fence {
         };
         round.answers += 1;
         if renewed_ago.is_some_and(|d| d < renewing) {
-            // The store is in the peer's reach: this host is the one cut off.
+            // The store is in the peer's reach: this host is the one cut
+            // off, or etcd is just back and its own renewal not through
+            // yet. This round vouches nothing; what an earlier round (all
+            // peers out of reach) gave stands until its end, at most T/2
+            // after that round: the bound on two deliverers when etcd
+            // comes back to some hosts first (found by the outage test:
+            // fencing the moment peers renew cost ~300 ms of traffic).
             round.renewed = true;
-            self.vouched = None;
+            self.vouched = round.prior;
         } else if !round.renewed {
             let until = round.asked + half;
             self.vouched = Some(self.vouched.map_or(until, |v| v.max(until)));

@@ -193,7 +193,7 @@ fn the_deadline_passes_the_last_renewal_only_when_vouched() {
         // The model: last acked send, current round (asked, any renewed,
         // answers), best vouch since the last renewal.
         let mut ts = t0;
-        let mut round: Option<(Instant, bool, usize)> = None;
+        let mut round: Option<(Instant, bool, usize, Option<Instant>)> = None;
         let mut vouch: Option<Instant> = None;
         for step in 0..200 {
             now += ms(rng.random_range(0..700));
@@ -210,7 +210,7 @@ fn the_deadline_passes_the_last_renewal_only_when_vouched() {
                 }
                 3..=5 if f.should_ask(now) => {
                     f.asked(now);
-                    round = Some((now, false, 0));
+                    round = Some((now, false, 0, vouch));
                 }
                 6..=9 => {
                     let ago = match rng.random_range(0..3) {
@@ -219,11 +219,11 @@ fn the_deadline_passes_the_last_renewal_only_when_vouched() {
                         _ => Some(ms(rng.random_range(1500..20_000))),
                     };
                     f.answer(ago);
-                    if let Some((asked, renewed, n)) = round.as_mut() {
+                    if let Some((asked, renewed, n, prior)) = round.as_mut() {
                         *n += 1;
                         if ago.is_some_and(|d| d < T / 4) {
                             *renewed = true;
-                            vouch = None;
+                            vouch = *prior;
                         } else if !*renewed {
                             vouch = Some(vouch.map_or(*asked + T / 2, |v| v.max(*asked + T / 2)));
                         }
@@ -241,13 +241,10 @@ fn the_deadline_passes_the_last_renewal_only_when_vouched() {
             if d > own {
                 // Vouched: by a round whose answers so far all said the
                 // store is out of reach, bounded by that round's asking.
-                let (asked, renewed, _) = round.unwrap_or_else(|| {
+                let (asked, _, _, _) = round.unwrap_or_else(|| {
                     panic!("seed {seed} step {step}: past t_s + T/2 with no round")
                 });
-                assert!(
-                    vouch.is_some() && !renewed,
-                    "seed {seed} step {step}: vouched though a peer renewed"
-                );
+                assert!(vouch.is_some(), "seed {seed} step {step}: no vouch");
                 assert!(
                     d <= asked + T / 2,
                     "seed {seed} step {step}: past asked + T/2"
@@ -275,4 +272,30 @@ fn the_data_path_is_given_the_deadline() {
     f.set_peers(0);
     dp.set_fence(f.deadline()).unwrap();
     assert_eq!(dp.fence(), None);
+}
+
+/// etcd comes back to the peers a moment before this host's own renewal
+/// gets through: the vouch an earlier round gave (every peer out of reach)
+/// stands until its end, and the round where a peer renewed adds nothing.
+/// Before, the vouch was dropped and the host fenced at once (~300 ms of
+/// traffic lost in the outage test as etcd returned).
+#[test]
+fn a_vouch_given_stands_when_the_store_comes_back_to_the_peers_first() {
+    let t0 = Instant::now();
+    let mut f = fence(t0, 2);
+    let q1 = t0 + T / 3;
+    f.asked(q1);
+    f.answer(Some(T));
+    f.answer(None);
+    assert_eq!(f.deadline(), Some(q1 + T / 2), "every peer out of reach");
+    let q2 = q1 + T / 4;
+    f.asked(q2);
+    f.answer(None);
+    f.answer(Some(ms(10)));
+    assert_eq!(
+        f.deadline(),
+        Some(q1 + T / 2),
+        "the earlier round's vouch stands, this one's does not"
+    );
+    assert_eq!(f.state(q1 + T / 2), FenceState::Fenced, "and ends");
 }
