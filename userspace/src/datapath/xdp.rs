@@ -34,8 +34,8 @@ use sluice_common::{
     owner_index,
 };
 
-pub use self::counters::count_pinned_flows;
 use self::pins::{Pins, check_pins, layout_tag, pin_tag};
+pub use self::{counters::count_pinned_flows, write::ProgramStep};
 use super::{DatapathError, owners::OwnerTable, service_table};
 use crate::plan::Plan;
 
