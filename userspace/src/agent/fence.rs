@@ -29,6 +29,7 @@ use crate::{
     config::Config,
     control::fence::{Fence, FenceState},
     coord::LeaseState,
+    datapath::xdp::XdpDatapath,
     telemetry,
 };
 
@@ -170,11 +171,23 @@ impl Fencing {
         }
     }
 
+    /// Waits until the deadline moved (a reload's load waits beside it).
+    pub async fn deadline_moved(&mut self) {
+        if self.deadline.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+
     /// The deadline to the data path, when it changed.
     pub fn apply(&mut self, agent: &mut Agent) {
+        self.apply_to(&mut agent.datapath);
+    }
+
+    /// The deadline to `dp`, when it changed.
+    pub fn apply_to(&mut self, dp: &mut XdpDatapath) {
         let deadline = *self.deadline.borrow_and_update();
         if !self.given || self.written != deadline {
-            match agent.datapath.set_fence(deadline) {
+            match dp.set_fence(deadline) {
                 Ok(()) => (self.written, self.given) = (deadline, true),
                 Err(e) => {
                     tracing::error!(error = %e, "giving the data path the fence deadline failed");
