@@ -112,36 +112,26 @@ impl Harness {
     /// ids from the data path's registry (a name keeps its id, a newcomer
     /// takes the lowest free one); MACs by config order as in [`Self::new`].
     pub fn reprogram(&mut self, config: &str) {
-        let config =
-            Config::parse(config, Path::new("test-config.toml")).expect("test config is valid");
-        let plan = test_plan(&config, &self.dp.registered().expect("registry"));
+        let plan = self.plan_for(config);
         self.dp
             .program(&plan)
             .unwrap_or_else(|e| panic!("programming the maps: {}", error_chain(&e)));
         self.plan = plan;
     }
 
+    /// The plan a reload with `config` programs (see [`Self::reprogram`]),
+    /// not written yet.
+    #[must_use]
+    pub fn plan_for(&self, config: &str) -> Plan {
+        let config =
+            Config::parse(config, Path::new("test-config.toml")).expect("test config is valid");
+        test_plan(&config, &self.dp.registered().expect("registry"))
+    }
+
     /// Runs the program once on `frame`.
     #[must_use]
     pub fn run(&self, frame: &[u8]) -> Run {
-        let mut out = vec![0u8; frame.len() + 256];
-        let opts = TestRunOptions {
-            data_in: Some(frame),
-            data_out: Some(&mut out),
-            ..TestRunOptions::default()
-        };
-        let r = self
-            .dp
-            .program_ref()
-            .expect("program loaded")
-            .test_run(opts)
-            .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN failed: {e}"));
-        out.truncate(r.data_size_out as usize);
-        Run {
-            action: r.return_value,
-            frame: out,
-            duration_ns: r.duration.as_nanos(),
-        }
+        run_on(&self.dp, frame)
     }
 
     #[must_use]
@@ -167,5 +157,28 @@ impl Harness {
             .iter()
             .find(|i| i.mac == mac)
             .map(|i| i.id)
+    }
+}
+
+/// Runs `dp`'s program once on `frame` (also midway through programming
+/// it, see [`XdpDatapath::program_observed`]).
+#[must_use]
+pub fn run_on(dp: &XdpDatapath, frame: &[u8]) -> Run {
+    let mut out = vec![0u8; frame.len() + 256];
+    let opts = TestRunOptions {
+        data_in: Some(frame),
+        data_out: Some(&mut out),
+        ..TestRunOptions::default()
+    };
+    let r = dp
+        .program_ref()
+        .expect("program loaded")
+        .test_run(opts)
+        .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN failed: {e}"));
+    out.truncate(r.data_size_out as usize);
+    Run {
+        action: r.return_value,
+        frame: out,
+        duration_ns: r.duration.as_nanos(),
     }
 }

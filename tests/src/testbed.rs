@@ -377,7 +377,7 @@ impl Testbed {
         pin_dir: &std::path::Path,
     ) -> Result<(), sluice::agent::StartError> {
         netns::run_in(&self.host, || {
-            crate::block_on(agent.reload(config, store, pin_dir, false, None))
+            crate::block_on(agent.reload(config, store, pin_dir, false, None, None))
         })
     }
 

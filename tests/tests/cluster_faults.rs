@@ -196,6 +196,7 @@ fn conclude(name: &str, bed: &ClusterBed, checker: TagChecker, healed: u32, sett
     let after = healed + rounds(settle);
     let f: Figures = checker.finish(after);
     let tables = table_differences(bed);
+    let (fenced, stale) = (drops(bed, "fenced"), drops(bed, "decap_stale"));
     // Two deliverers for at most the fencing window, measured to the round.
     let bound = rounds(FENCE_WINDOW + ROUND);
     let secs = |r: u32| f64::from(r) * ROUND.as_secs_f64();
@@ -203,7 +204,7 @@ fn conclude(name: &str, bed: &ClusterBed, checker: TagChecker, healed: u32, sett
         "FAULT {name}: {} of {} queries answered; split sessions {} tag-seconds (1 s windows) over {} of {TAGS} tags, \
          {:.1} tag-seconds to the round, longest {:.1} s (bound {:.1} s: window {:?} + a round); \
          lost during the fault {}; lost after healing (+{:?}) {} of {} (by host entered {:?}); \
-         tables equal to the store: {}",
+         dropped fenced {fenced:?}, decap_stale {stale:?} (by host); tables equal to the store: {}",
         f.received,
         f.sent,
         f.split_tag_seconds,
@@ -243,6 +244,28 @@ fn conclude(name: &str, bed: &ClusterBed, checker: TagChecker, healed: u32, sett
         failed.join("; "),
         tail(&bed.logs(), 40)
     );
+}
+
+/// Per host, the packets its data path counted under `action` (as its
+/// metrics last published them): where lost queries went.
+fn drops(bed: &ClusterBed, action: &str) -> Vec<u64> {
+    (0..HOSTS)
+        .map(|k| {
+            let port = 9600 + u16::try_from(k).expect("few hosts");
+            sluice_tests::process::scrape(&bed.hosts[k].ns.0, port).map_or(0, |text| {
+                let label = format!("action=\"{action}\"");
+                #[expect(
+                    clippy::cast_possible_truncation,
+                    clippy::cast_sign_loss,
+                    reason = "a packet count"
+                )]
+                let n =
+                    sluice_tests::process::metric(&text, "sluice_datapath_packets_total", &label)
+                        as u64;
+                n
+            })
+        })
+        .collect()
 }
 
 /// The last `n` lines of `text`.

@@ -17,7 +17,7 @@ use sluice_common::{
     maps::{ClusterEntry, FAMILY_V4, FAMILY_V6, MemberKey, PROTO_UDP, RemoteHost},
 };
 use sluice_tests::{
-    harness::{Harness, XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX, instance_mac},
+    harness::{Harness, XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX, instance_mac, run_on},
     packet::{NIC_MAC, Packet},
 };
 
@@ -301,6 +301,87 @@ fn a_target_that_is_not_ours_goes_to_our_owner_or_nowhere() {
     assert_eq!(b.run(&to_a).action, XDP_DROP);
     assert_eq!(b.global()[counters::DECAP_STALE as usize], 1);
     assert_eq!(b.global()[counters::ENCAPSULATED as usize], 0);
+}
+
+/// Host B's instances before a reload: kv-c (owning every unit) and kv-d.
+const B_BEFORE: &str = r#"
+[[service]]
+name = "kv"
+vips = ["198.18.1.1", "fd00:5100::1"]
+port = 7000
+protocol = "udp"
+[[service.instance]]
+name = "kv-c"
+veth = "t-kvc"
+[[service.instance]]
+name = "kv-d"
+veth = "t-kvd"
+"#;
+
+/// B after the reload: kv-c dropped, its units kv-d's.
+const B_AFTER: &str = r#"
+[[service]]
+name = "kv"
+vips = ["198.18.1.1", "fd00:5100::1"]
+port = 7000
+protocol = "udp"
+[[service.instance]]
+name = "kv-d"
+veth = "t-kvd"
+"#;
+
+/// A reload on B drops kv-c, the owner of every unit, for kv-d. The old
+/// program runs while the maps are written: after every step, a packet A
+/// still sends to kv-c (A's table follows the store a moment later), and
+/// one entering B, must find a deliverer. Taken out before its units had
+/// their new owner, kv-c left A's packets nobody (`decap_stale`; B never
+/// sends a decapsulated packet on).
+#[test]
+fn a_reload_dropping_an_owner_leaves_no_step_without_a_deliverer() {
+    let mut b = Harness::new(B_BEFORE);
+    b.dp.set_cluster(cluster(B_UNDERLAY, B_MAC, 1500)).unwrap();
+    b.dp.set_members(&[member(A_UNDERLAY)]).unwrap();
+    b.plan.add_host_mac(B_MAC);
+    b.dp.set_host_macs(&b.plan.host_macs).unwrap();
+    let id = |n: &str| b.plan.instances.iter().find(|i| i.name == n).unwrap().id;
+    let (c, d) = (id("kv-c"), id("kv-d"));
+    b.dp.set_group_owner(KV, Group::ALL, c).unwrap();
+    let for_c = from_a(|f| f[14 + 20 + 8 + 5] = u8::try_from(c).unwrap());
+    let direct = Packet::udp(client(40020), kv4()).build();
+    for f in [&for_c, &direct] {
+        assert_eq!(b.run(f).action, XDP_REDIRECT);
+    }
+    let mut plan = b.plan_for(B_AFTER);
+    plan.add_host_mac(B_MAC);
+    plan.services[KV as usize].groups = vec![(Group::ALL, d)];
+    let mut gaps = Vec::new();
+    b.dp.program_observed(&plan, |dp, step| {
+        for (what, f) in [
+            ("A's packet for kv-c", &for_c),
+            ("a packet entering B", &direct),
+        ] {
+            let got = run_on(dp, f);
+            if got.action != XDP_REDIRECT {
+                gaps.push(format!("{what} after step {step:?}: action {}", got.action));
+            }
+        }
+    })
+    .unwrap();
+    let g = b.global();
+    assert!(
+        gaps.is_empty(),
+        "{}; decap_stale {}, punted or unowned {}",
+        gaps.join("; "),
+        g[counters::DECAP_STALE as usize],
+        g[counters::PUNTED as usize] + g[counters::UNOWNED as usize]
+    );
+    // Done: kv-d takes both.
+    let d_mac = plan.instances.iter().find(|i| i.id == d).unwrap().mac;
+    for f in [&for_c, &direct] {
+        let got = b.run(f);
+        assert_eq!(got.action, XDP_REDIRECT);
+        assert_eq!(got.frame[..6], d_mac);
+    }
 }
 
 /// The same round trip over an IPv6 underlay: 60 bytes of outer headers,

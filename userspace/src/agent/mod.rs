@@ -17,6 +17,7 @@ pub mod run;
 use std::{path::Path, sync::Arc, time::Instant};
 
 use cluster::Registry;
+use fence::Fencing;
 
 use crate::{
     config::{ClusterConfig, Config},
@@ -69,7 +70,13 @@ struct Prepared {
 
 /// Builds the plan (ids from the cluster's or the pinned registry, owners from the pinned
 /// data path where the store has none), settles the starting assignment
-/// and loads the program against the pins — writing nothing.
+/// and loads the program against the pins — writing nothing. `running`:
+/// a reload's running data path and its fence, kept meanwhile (see
+/// [`load_beside`]).
+#[expect(
+    clippy::too_many_arguments,
+    reason = "one private step shared by start and reload"
+)]
 async fn prepare(
     config: &Config,
     iface: &str,
@@ -78,6 +85,7 @@ async fn prepare(
     registry: Option<&Registry>,
     resolve: impl FnMut(&crate::config::Instance, &str) -> Result<Resolved, ResolveError>,
     failed: impl Fn(&str) -> bool,
+    running: Option<(&mut XdpDatapath, &mut Fencing)>,
 ) -> Result<Prepared, StartError> {
     let iface_err = |source| StartError::Iface {
         iface: iface.to_owned(),
@@ -120,13 +128,33 @@ async fn prepare(
         i.live = !failed(&i.name);
     }
     let settled = Controller::settle(config, &mut plan, store).await?;
-    let datapath = XdpDatapath::load_with(&plan, pin_dir)?;
+    let datapath = match running {
+        Some(_) => load_beside(&plan, pin_dir).await?,
+        None => XdpDatapath::load_with(&plan, pin_dir)?,
+    };
     datapath.check_adoptable(iface)?;
     Ok(Prepared {
         plan,
         settled,
         datapath,
     })
+}
+
+/// Loads the program for `plan` against the pins on a thread of its own,
+/// while the running data path keeps serving: the verifier may take a
+/// second or more on a busy host, and the agent's runtime has one thread.
+/// Blocking it that long starved the lease keeper and the fence task, and
+/// the data path's fence deadline ran out: a reload fenced its host, which
+/// then dropped every packet it would deliver. Meanwhile the fence task
+/// writes each deadline to the running data path itself ([`FenceWriter`]),
+/// so a host cut off from etcd still fences on time.
+///
+/// [`FenceWriter`]: crate::datapath::xdp::FenceWriter
+async fn load_beside(plan: &Plan, pin_dir: Option<&Path>) -> Result<XdpDatapath, DatapathError> {
+    let (plan, pins) = (plan.clone(), pin_dir.map(Path::to_path_buf));
+    tokio::task::spawn_blocking(move || XdpDatapath::load_with(&plan, pins.as_deref()))
+        .await
+        .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
 }
 
 /// Attaches, saying what holds the interface when something does.
@@ -198,6 +226,7 @@ impl Agent {
             registry,
             resolve_instance,
             |_| false,
+            None,
         )
         .await?;
         let Prepared {
@@ -255,6 +284,10 @@ impl Agent {
     /// pinned link; if any of it fails, the store and the maps get the
     /// running assignment back and the running program stays.
     ///
+    /// With `fence` (a cluster's), the new program is loaded on a thread of
+    /// its own while the fence's deadlines keep reaching the running data
+    /// path (see [`load_beside`]).
+    ///
     /// What the running agent holds carries over: the punt sockets (they
     /// keep their queues: binding new ones would find the queues busy),
     /// drained and failed instances, the elements' measurements.
@@ -265,6 +298,7 @@ impl Agent {
         pin_dir: &Path,
         force_generic: bool,
         registry: Option<&Registry>,
+        fence: Option<&mut Fencing>,
     ) -> Result<(), StartError> {
         if !self.datapath.is_pinned() {
             return Err(StartError::Reload(
@@ -315,6 +349,7 @@ impl Agent {
             registry,
             resolve,
             failed,
+            fence.map(|f| (&mut self.datapath, f)),
         )
         .await?;
         // New listeners bound before the switch; dropped (closed) if it

@@ -376,6 +376,7 @@ impl Serving<'_> {
                 &self.a.pin_dir,
                 self.a.generic,
                 registry.as_ref(),
+                self.fencing.as_mut(),
             )
             .await?;
         if let Some(c) = self.cluster.as_deref_mut() {

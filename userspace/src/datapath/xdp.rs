@@ -35,7 +35,10 @@ use sluice_common::{
 };
 
 use self::pins::{Pins, check_pins, layout_tag, pin_tag};
-pub use self::{counters::count_pinned_flows, write::FenceWriter};
+pub use self::{
+    counters::count_pinned_flows,
+    write::{FenceWriter, ProgramStep},
+};
 use super::{DatapathError, owners::OwnerTable, service_table};
 use crate::plan::Plan;
 

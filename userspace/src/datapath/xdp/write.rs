@@ -106,30 +106,71 @@ impl FenceWriter {
     }
 }
 
+/// A step of [`XdpDatapath::program`], in the order it takes them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProgramStep {
+    /// The plan's instances and their veths.
+    Instances,
+    /// Every unit's owner.
+    Owners,
+    /// The origin rules' tiers.
+    Origins,
+    /// The service table.
+    Services,
+    /// The host's MACs.
+    HostMacs,
+    /// Instances no longer configured taken out, now that nothing names
+    /// them: until then, a packet still sent to one (by another host whose
+    /// table follows the store a moment later, which this host must not
+    /// send a decapsulated packet on to) is delivered to it.
+    Retired,
+}
+
 impl XdpDatapath {
     /// Writes the whole plan: instances and their veths first, then owners,
-    /// and the services last, so no packet matches a service whose owners
-    /// are not in place yet.
+    /// and the services, so no packet matches a service whose owners are
+    /// not in place yet; instances no longer configured go out last, when
+    /// no unit names them (the running program reads the maps throughout).
     ///
     /// Ids come from the registry ([`crate::plan::ids`]): an id now held by
     /// another name than before gets a new generation, so the pins its
     /// previous instance left do not hold, and its counters start from
     /// zero; ids no longer configured are taken out of the data path.
     pub fn program(&mut self, plan: &Plan) -> Result<(), DatapathError> {
-        self.program_instances(plan)?;
+        self.program_observed(plan, |_, _| {})
+    }
+
+    /// As [`Self::program`], handing the data path to `after` as each step
+    /// leaves it (tests send packets through every one: none may find its
+    /// unit without a deliverer).
+    pub fn program_observed(
+        &mut self,
+        plan: &Plan,
+        mut after: impl FnMut(&Self, ProgramStep),
+    ) -> Result<(), DatapathError> {
+        let retired = self.program_instances(plan)?;
+        after(self, ProgramStep::Instances);
         for s in &plan.services {
             for (g, owner) in &s.groups {
                 self.set_group_owner(s.id, *g, *owner)?;
             }
         }
+        after(self, ProgramStep::Owners);
         self.set_origins(plan)?;
+        after(self, ProgramStep::Origins);
         self.set_services(plan)?;
-        self.set_host_macs(&plan.host_macs)
+        after(self, ProgramStep::Services);
+        self.set_host_macs(&plan.host_macs)?;
+        after(self, ProgramStep::HostMacs);
+        self.retire(&retired)?;
+        after(self, ProgramStep::Retired);
+        Ok(())
     }
 
     /// The instance maps and the id registry, for `plan` (see
-    /// [`Self::program`]).
-    fn program_instances(&mut self, plan: &Plan) -> Result<(), DatapathError> {
+    /// [`Self::program`]); returns the ids no longer configured, for
+    /// [`Self::retire`].
+    fn program_instances(&mut self, plan: &Plan) -> Result<Vec<u32>, DatapathError> {
         let registered = self.registered()?;
         let held_by = |id: u32, name: &str| registered.iter().any(|(r, n)| *r == id && n == name);
         let retired: Vec<u32> = registered
@@ -188,10 +229,6 @@ impl XdpDatapath {
                     .map_err(map_err(names::INSTANCES))?;
             }
         }
-        // Out of the data path; the generation stays, for the next holder.
-        for id in &retired {
-            self.update_instance(*id, |e| e.flags = 0)?;
-        }
         // A failed instance's veth may be gone: it is pointed at its new
         // one when it recovers.
         for i in plan.instances.iter().filter(|i| i.live) {
@@ -207,11 +244,22 @@ impl XdpDatapath {
                     .set(i.id, entry, 0)
                     .map_err(map_err(names::INSTANCE_NAMES))?;
             }
-            for id in &retired {
-                registry
-                    .set(*id, InstanceName::default(), 0)
-                    .map_err(map_err(names::INSTANCE_NAMES))?;
-            }
+        }
+        Ok(retired)
+    }
+
+    /// Takes `retired` out of the data path and the id registry; the
+    /// generation stays, for the next holder.
+    fn retire(&mut self, retired: &[u32]) -> Result<(), DatapathError> {
+        for id in retired {
+            self.update_instance(*id, |e| e.flags = 0)?;
+        }
+        let mut registry: Array<&mut MapData, InstanceName> =
+            self.map_mut(names::INSTANCE_NAMES)?;
+        for id in retired {
+            registry
+                .set(*id, InstanceName::default(), 0)
+                .map_err(map_err(names::INSTANCE_NAMES))?;
         }
         Ok(())
     }
