@@ -285,7 +285,11 @@ impl Settled {
                 // simulation: a reload dropping an instance beside a
                 // failed one dealt groups to the failed one).
                 let local_out = |n: &str| sc.instances.iter().any(|i| i.name == n);
-                preferred = configured.iter().copied().filter(|n| !local_out(n)).collect();
+                preferred = configured
+                    .iter()
+                    .copied()
+                    .filter(|n| !local_out(n))
+                    .collect();
             }
             let wanted: Vec<(Group, String)> = sp
                 .groups

@@ -14,7 +14,8 @@
 //!   owner is unowned or a registered instance;
 //! - I2: no unit stays with a failed, drained or removed instance (or one
 //!   of a host whose lease is gone) longer than K intervals once its host
-//!   can act (agent running, not paused, not cut off);
+//!   can act (agent running, not paused, not cut off); a drained one gives
+//!   a group away at least every 2K intervals (drains share the move limit);
 //! - I3: every host that can act measures at least every P intervals;
 //! - I4: once every fault has healed, every running host's data path says
 //!   what the store says within K intervals (and stays so);
@@ -378,8 +379,9 @@ struct Sim {
     /// Host -> since when its record is gone from the store (I2).
     gone_since: BTreeMap<String, Duration>,
     /// Drained instance -> (groups it owned at the last look, since when):
-    /// a drain gives away one group an interval, so I2 asks that it keeps
-    /// giving (a group at least every K intervals), not that it is done.
+    /// a drain gives away one group an interval within the move limit it
+    /// shares with the elements, so I2 asks that it keeps giving (a group
+    /// at least every 2K intervals), not that it is done.
     drain_progress: BTreeMap<String, (usize, Duration)>,
     /// Host -> since when its data path differs from the store (I4).
     differ_since: BTreeMap<usize, Duration>,

@@ -487,12 +487,18 @@ impl Sim {
                     .flat_map(|(_, gs)| gs.iter())
                     .filter(|g| g.owner == name)
                     .count();
-                let p = self.drain_progress.entry(name.clone()).or_insert((owned, now));
-                if owned < p.0 {
+                let p = self
+                    .drain_progress
+                    .entry(name.clone())
+                    .or_insert((owned, now));
+                // A reload may deal a drained instance groups (the settle
+                // does not know drains); its drain moves them on.
+                if owned != p.0 {
                     *p = (owned, now);
                 }
-                p.0 = owned;
-                from = from.max(p.1);
+                // Drains share the move limit with the elements: one may
+                // wait a few intervals for a token.
+                from = from.max(p.1) + k;
             }
             if now > from + k
                 && let Some((service, g)) = assignments

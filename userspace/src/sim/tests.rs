@@ -59,7 +59,12 @@ fn the_suites_faults_hold_the_invariants() {
 fn a_removed_instance_is_no_move_target() {
     let out = run(&options(4, "reload"));
     if let Some(v) = out.violation {
-        panic!("{} {}\n{}", v.invariant.name(), v.detail, out.tail.join("\n"));
+        panic!(
+            "{} {}\n{}",
+            v.invariant.name(),
+            v.detail,
+            out.tail.join("\n")
+        );
     }
 }
 
@@ -74,7 +79,12 @@ fn a_host_whose_lease_is_gone_keeps_measuring() {
     };
     let out = run(&o);
     if let Some(v) = out.violation {
-        panic!("{} {}\n{}", v.invariant.name(), v.detail, out.tail.join("\n"));
+        panic!(
+            "{} {}\n{}",
+            v.invariant.name(),
+            v.detail,
+            out.tail.join("\n")
+        );
     }
 }
 
@@ -89,6 +99,11 @@ fn a_reload_beside_a_failed_instance_deals_it_nothing() {
     };
     let out = run(&o);
     if let Some(v) = out.violation {
-        panic!("{} {}\n{}", v.invariant.name(), v.detail, out.tail.join("\n"));
+        panic!(
+            "{} {}\n{}",
+            v.invariant.name(),
+            v.detail,
+            out.tail.join("\n")
+        );
     }
 }
