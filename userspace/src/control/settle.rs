@@ -75,6 +75,32 @@ impl StoreStep {
     }
 }
 
+/// Who takes a dropped instance's groups: this host's live instances that
+/// are not reserved, or, if there is none, the other hosts' (never this
+/// host's failed or reserved ones: found by the simulation, a reload
+/// dropping an instance beside a failed one dealt groups to the failed
+/// one).
+fn takers<'a>(
+    sc: &'a crate::config::Service,
+    configured: &[&'a str],
+    live: impl Fn(&str) -> bool,
+) -> Vec<&'a str> {
+    let own: Vec<&str> = sc
+        .instances
+        .iter()
+        .map(|i| i.name.as_str())
+        .filter(|n| !sc.is_reserved(n) && live(n))
+        .collect();
+    if !own.is_empty() {
+        return own;
+    }
+    configured
+        .iter()
+        .copied()
+        .filter(|n| !sc.instances.iter().any(|i| i.name == *n))
+        .collect()
+}
+
 /// Settles one service's starting assignment from what the store holds
 /// (`None`: nothing), the instance names that may own groups
 /// (`configured`: this host's and the other hosts'), the ones that take a
@@ -273,24 +299,7 @@ impl Settled {
                     .iter()
                     .any(|i| i.service_id == sp.id && i.name == name && i.live)
             };
-            let mut preferred: Vec<&str> = sc
-                .instances
-                .iter()
-                .map(|i| i.name.as_str())
-                .filter(|n| !sc.is_reserved(n) && live(n))
-                .collect();
-            if preferred.is_empty() {
-                // None of this host's own can take: the other hosts' do,
-                // never this host's failed or reserved ones (found by the
-                // simulation: a reload dropping an instance beside a
-                // failed one dealt groups to the failed one).
-                let local_out = |n: &str| sc.instances.iter().any(|i| i.name == n);
-                preferred = configured
-                    .iter()
-                    .copied()
-                    .filter(|n| !local_out(n))
-                    .collect();
-            }
+            let preferred = takers(sc, &configured, live);
             let wanted: Vec<(Group, String)> = sp
                 .groups
                 .iter()

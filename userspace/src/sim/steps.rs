@@ -483,8 +483,8 @@ impl Sim {
                 && configured.contains(&name);
             if drained {
                 let owned = assignments
-                    .iter()
-                    .flat_map(|(_, gs)| gs.iter())
+                    .values()
+                    .flatten()
                     .filter(|g| g.owner == name)
                     .count();
                 let p = self
