@@ -16,8 +16,7 @@ use std::{
 
 use super::{
     ClaimBatch, CoordError, CoordStore, EmbeddedStore, Events, GroupEntry, HostRecord,
-    InstanceRecord, Load, Membership, Rewrite, Rewritten, Version,
-    membership::{differing_fields, lowest_free_id, taken},
+    InstanceRecord, Load, Membership, Rewrite, Rewritten, Version, membership::in_memory,
 };
 use crate::plan::Group;
 
@@ -232,44 +231,13 @@ impl Membership for MemMembership {
         host: &str,
         instances: &[(&str, &str)],
     ) -> Result<Vec<u32>, CoordError> {
-        let mut m = self.members();
-        // All checked before anything is written: a refusal applies nothing.
-        for &(name, _) in instances {
-            if let Some(rec) = m.instances.get(name) {
-                taken(name, host, rec, &m.hosts)?;
-            }
-        }
-        let mut ids = Vec::with_capacity(instances.len());
-        for &(name, service) in instances {
-            let id = match m.instances.get(name) {
-                Some(rec) => rec.id,
-                None => lowest_free_id(&m.instances)?,
-            };
-            m.instances.insert(
-                name.to_owned(),
-                InstanceRecord {
-                    id,
-                    host: host.to_owned(),
-                    service: service.to_owned(),
-                },
-            );
-            ids.push(id);
-        }
-        Ok(ids)
+        let m = &mut *self.members();
+        in_memory::register(&mut m.instances, &m.hosts, host, instances)
     }
 
     async fn retire_instances(&self, host: &str, keep: &[&str]) -> Result<Vec<String>, CoordError> {
-        let mut m = self.members();
-        let gone: Vec<String> = m
-            .instances
-            .iter()
-            .filter(|(n, r)| r.host == host && !keep.contains(&n.as_str()))
-            .map(|(n, _)| n.clone())
-            .collect();
-        for n in &gone {
-            m.instances.remove(n);
-        }
-        Ok(gone)
+        let retired = in_memory::retire(&mut self.members().instances, host, |n| keep.contains(&n));
+        Ok(retired)
     }
 
     async fn update_host(&self, host: &HostRecord) -> Result<(), CoordError> {
@@ -281,20 +249,11 @@ impl Membership for MemMembership {
     }
 
     async fn collect_host(&self, host: &str) -> Result<Vec<String>, CoordError> {
-        let mut m = self.members();
+        let m = &mut *self.members();
         if m.hosts.contains_key(host) {
             return Ok(Vec::new());
         }
-        let gone: Vec<String> = m
-            .instances
-            .iter()
-            .filter(|(_, r)| r.host == host)
-            .map(|(n, _)| n.clone())
-            .collect();
-        for n in &gone {
-            m.instances.remove(n);
-        }
-        Ok(gone)
+        Ok(in_memory::retire(&mut m.instances, host, |_| false))
     }
 
     async fn check_services(
@@ -302,22 +261,7 @@ impl Membership for MemMembership {
         host: &str,
         specs: &[(String, serde_json::Value)],
     ) -> Result<(), CoordError> {
-        let mut m = self.members();
-        for (service, spec) in specs {
-            let (theirs, first) = m
-                .services
-                .entry(service.clone())
-                .or_insert_with(|| (spec.clone(), host.to_owned()));
-            let fields = differing_fields(theirs, spec);
-            if !fields.is_empty() {
-                return Err(CoordError::ServiceMismatch {
-                    service: service.clone(),
-                    fields,
-                    host: first.clone(),
-                });
-            }
-        }
-        Ok(())
+        in_memory::check_specs(&mut self.members().services, host, specs)
     }
 }
 

@@ -184,3 +184,89 @@ pub(crate) fn differing_fields(
         })
         .collect()
 }
+
+/// The membership rules over records held in memory, shared by the two
+/// in-memory backends (`fake::MemMembership` and the simulation's
+/// `sim_store::SimStore`), so both keep them as etcd's transactions do.
+#[cfg(any(test, feature = "sim"))]
+pub(super) mod in_memory {
+    use std::collections::BTreeMap;
+
+    use super::{HostRecord, InstanceRecord, lowest_free_id, taken};
+    use crate::coord::{CoordError, membership::differing_fields};
+
+    /// [`super::Membership::register_instances`]: every name checked
+    /// against the `live` hosts before anything is written (a refusal
+    /// applies nothing); a known name keeps its id, a new one takes the
+    /// lowest free id.
+    pub(in crate::coord) fn register(
+        records: &mut BTreeMap<String, InstanceRecord>,
+        live: &BTreeMap<String, HostRecord>,
+        host: &str,
+        instances: &[(&str, &str)],
+    ) -> Result<Vec<u32>, CoordError> {
+        for &(name, _) in instances {
+            if let Some(rec) = records.get(name) {
+                taken(name, host, rec, live)?;
+            }
+        }
+        let mut ids = Vec::with_capacity(instances.len());
+        for &(name, service) in instances {
+            let id = match records.get(name) {
+                Some(rec) => rec.id,
+                None => lowest_free_id(records)?,
+            };
+            records.insert(
+                name.to_owned(),
+                InstanceRecord {
+                    id,
+                    host: host.to_owned(),
+                    service: service.to_owned(),
+                },
+            );
+            ids.push(id);
+        }
+        Ok(ids)
+    }
+
+    /// Deletes the records of `host`'s instances `keep` does not name;
+    /// returns their names.
+    pub(in crate::coord) fn retire(
+        records: &mut BTreeMap<String, InstanceRecord>,
+        host: &str,
+        keep: impl Fn(&str) -> bool,
+    ) -> Vec<String> {
+        let gone: Vec<String> = records
+            .iter()
+            .filter(|(n, r)| r.host == host && !keep(n))
+            .map(|(n, _)| n.clone())
+            .collect();
+        for n in &gone {
+            records.remove(n);
+        }
+        gone
+    }
+
+    /// [`super::Membership::check_services`] against `stored` (service ->
+    /// its definition and the host that stored it first).
+    pub(in crate::coord) fn check_specs(
+        stored: &mut BTreeMap<String, (serde_json::Value, String)>,
+        host: &str,
+        specs: &[(String, serde_json::Value)],
+    ) -> Result<(), CoordError> {
+        for (service, spec) in specs {
+            let (theirs, first) = stored
+                .entry(service.clone())
+                .or_insert_with(|| (spec.clone(), host.to_owned()));
+            let fields = differing_fields(theirs, spec);
+            if !fields.is_empty() {
+                return Err(CoordError::ServiceMismatch {
+                    service: service.clone(),
+                    fields,
+                    host: first.clone(),
+                });
+            }
+        }
+        Ok(())
+    }
+}

@@ -29,9 +29,7 @@ use std::{
 
 use super::{
     ClaimBatch, CoordError, CoordStore, Event, Events, GroupEntry, HostRecord, InstanceRecord,
-    Load, Membership, Rewrite, Rewritten, Version,
-    membership::{differing_fields, lowest_free_id, taken},
-    ops,
+    Load, Membership, Rewrite, Rewritten, Version, membership::in_memory, ops,
 };
 use crate::plan::Group;
 
@@ -236,6 +234,15 @@ impl SimCluster {
 }
 
 impl State {
+    /// The loads of instances whose records were deleted: one revision
+    /// each, as etcd's deletes.
+    fn forget_loads(&mut self, gone: &[String]) {
+        for n in gone {
+            self.loads.remove(n);
+            self.revision += 1;
+        }
+    }
+
     fn expire(&mut self, id: i64) {
         self.leases.remove(&id);
         self.hosts.retain(|_, (_, l)| *l != id);
@@ -583,44 +590,15 @@ impl Membership for SimStore {
             .iter()
             .map(|(n, (r, _))| (n.clone(), r.clone()))
             .collect();
-        for &(name, _) in instances {
-            if let Some(rec) = s.instances.get(name) {
-                taken(name, host, rec, &live)?;
-            }
-        }
-        let mut ids = Vec::with_capacity(instances.len());
-        for &(name, service) in instances {
-            let id = match s.instances.get(name) {
-                Some(r) => r.id,
-                None => lowest_free_id(&s.instances)?,
-            };
-            s.instances.insert(
-                name.to_owned(),
-                InstanceRecord {
-                    id,
-                    host: host.to_owned(),
-                    service: service.to_owned(),
-                },
-            );
-            s.revision += 1;
-            ids.push(id);
-        }
+        let ids = in_memory::register(&mut s.instances, &live, host, instances)?;
+        s.revision += ids.len() as u64;
         Ok(ids)
     }
 
     async fn retire_instances(&self, host: &str, keep: &[&str]) -> Result<Vec<String>, CoordError> {
         let mut s = self.reach("retire")?;
-        let gone: Vec<String> = s
-            .instances
-            .iter()
-            .filter(|(n, r)| r.host == host && !keep.contains(&n.as_str()))
-            .map(|(n, _)| n.clone())
-            .collect();
-        for n in &gone {
-            s.instances.remove(n);
-            s.loads.remove(n);
-            s.revision += 1;
-        }
+        let gone = in_memory::retire(&mut s.instances, host, |n| keep.contains(&n));
+        s.forget_loads(&gone);
         Ok(gone)
     }
 
@@ -642,17 +620,8 @@ impl Membership for SimStore {
         if s.hosts.contains_key(host) {
             return Ok(Vec::new());
         }
-        let gone: Vec<String> = s
-            .instances
-            .iter()
-            .filter(|(_, r)| r.host == host)
-            .map(|(n, _)| n.clone())
-            .collect();
-        for n in &gone {
-            s.instances.remove(n);
-            s.loads.remove(n);
-            s.revision += 1;
-        }
+        let gone = in_memory::retire(&mut s.instances, host, |_| false);
+        s.forget_loads(&gone);
         Ok(gone)
     }
 
@@ -662,20 +631,6 @@ impl Membership for SimStore {
         specs: &[(String, serde_json::Value)],
     ) -> Result<(), CoordError> {
         let mut s = self.reach("service check")?;
-        for (service, spec) in specs {
-            let (theirs, first) = s
-                .specs
-                .entry(service.clone())
-                .or_insert_with(|| (spec.clone(), host.to_owned()));
-            let fields = differing_fields(theirs, spec);
-            if !fields.is_empty() {
-                return Err(CoordError::ServiceMismatch {
-                    service: service.clone(),
-                    fields,
-                    host: first.clone(),
-                });
-            }
-        }
-        Ok(())
+        in_memory::check_specs(&mut s.specs, host, specs)
     }
 }
