@@ -31,23 +31,36 @@ fn a_seed_replays_exactly() {
     );
 }
 
+/// Runs `o` and fails the test with the broken invariant, the replay line
+/// and the trace's tail if one broke.
+fn holds(o: &Options) {
+    let out = run(o);
+    if let Some(v) = out.violation {
+        panic!(
+            "{} at {:.1}s: {}\nreplay: {}\n{}",
+            v.invariant.name(),
+            v.at.as_secs_f64(),
+            v.detail,
+            o.replay_line(),
+            out.tail.join("\n")
+        );
+    }
+}
+
+/// `seed` with `faults`, 40 intervals: a seed that once found a defect.
+fn finding(seed: u64, faults: &str) -> Options {
+    Options {
+        intervals: 40,
+        ..options(seed, faults)
+    }
+}
+
 #[test]
 fn the_suites_faults_hold_the_invariants() {
-    // SLUICE_SIM_FAULTS widens it (e.g. `all`) once the fixes are in.
+    // SLUICE_SIM_FAULTS narrows or widens it (e.g. `reload,drain`).
     let faults = std::env::var("SLUICE_SIM_FAULTS").unwrap_or_else(|_| SUITE_FAULTS.into());
     for seed in 1..=24 {
-        let o = options(seed, &faults);
-        let out = run(&o);
-        if let Some(v) = out.violation {
-            panic!(
-                "{} at {:.1}s: {}\nreplay: {}\n{}",
-                v.invariant.name(),
-                v.at.as_secs_f64(),
-                v.detail,
-                o.replay_line(),
-                out.tail.join("\n")
-            );
-        }
+        holds(&options(seed, &faults));
     }
 }
 
@@ -57,15 +70,7 @@ fn the_suites_faults_hold_the_invariants() {
 /// regression test of that finding.
 #[test]
 fn a_removed_instance_is_no_move_target() {
-    let out = run(&options(4, "reload"));
-    if let Some(v) = out.violation {
-        panic!(
-            "{} {}\n{}",
-            v.invariant.name(),
-            v.detail,
-            out.tail.join("\n")
-        );
-    }
+    holds(&options(4, "reload"));
 }
 
 /// Found by the simulation (seed 51, lease faults): a host whose lease
@@ -73,19 +78,16 @@ fn a_removed_instance_is_no_move_target() {
 /// failover and drains ran, until the keeper joined again (I3).
 #[test]
 fn a_host_whose_lease_is_gone_keeps_measuring() {
-    let o = Options {
-        intervals: 40,
-        ..options(51, "lease")
-    };
-    let out = run(&o);
-    if let Some(v) = out.violation {
-        panic!(
-            "{} {}\n{}",
-            v.invariant.name(),
-            v.detail,
-            out.tail.join("\n")
-        );
-    }
+    holds(&finding(51, "lease"));
+}
+
+/// Found by the simulation (seed 31 then; 126 of 3,000 seeds of 40
+/// intervals without the fix, seed 46 the first): a host back from a
+/// partition moved groups onto its own instances before its keeper had
+/// joined again, owners no other host would take (I2).
+#[test]
+fn a_host_without_a_lease_moves_nothing_onto_its_instances() {
+    holds(&finding(46, "all"));
 }
 
 /// Found by the simulation (seed 647, all faults): a reload dropping an
@@ -93,17 +95,5 @@ fn a_host_whose_lease_is_gone_keeps_measuring() {
 /// failed one (this host had no live instance left to prefer) (I2).
 #[test]
 fn a_reload_beside_a_failed_instance_deals_it_nothing() {
-    let o = Options {
-        intervals: 40,
-        ..options(647, "all")
-    };
-    let out = run(&o);
-    if let Some(v) = out.violation {
-        panic!(
-            "{} {}\n{}",
-            v.invariant.name(),
-            v.detail,
-            out.tail.join("\n")
-        );
-    }
+    holds(&finding(647, "all"));
 }
