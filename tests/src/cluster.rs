@@ -88,6 +88,9 @@ pub struct ClusterBed {
     pub router: Netns,
     pub hosts: Vec<Host>,
     pub etcd: Etcd,
+    /// The hosts' `cluster.lease_ttl_secs` ([`Self::cluster_toml`]); 2
+    /// unless a test sets it before starting the agents.
+    pub lease_secs: u32,
     /// `XDP_PASS` programs on the router's host-facing veths (see
     /// [`pass_program`]); detached on drop.
     passes: Vec<aya::Ebpf>,
@@ -203,6 +206,7 @@ impl ClusterBed {
             router,
             hosts: Vec::new(),
             etcd,
+            lease_secs: 2,
             passes: Vec::new(),
         };
         for k in 0..hosts {
@@ -341,11 +345,12 @@ impl ClusterBed {
         let h = &self.hosts[k];
         format!(
             "[agent]\n{agent}\n\n[cluster]\nstore = \"etcd\"\nhost = \"{}\"\nunderlay = \"{}\"\n\
-             etcd_endpoints = [\"{}\"]\nname = \"{}\"\nlease_ttl_secs = 2\n\n",
+             etcd_endpoints = [\"{}\"]\nname = \"{}\"\nlease_ttl_secs = {}\n\n",
             h.name,
             h.underlay,
             self.etcd_endpoint(),
-            self.prefix
+            self.prefix,
+            self.lease_secs
         )
     }
 

@@ -6,11 +6,11 @@
 //! Each fault is one test; each prints one `FAULT` line with its figures
 //! (README's failure table) and then checks:
 //! - throughout, no tag reached two instances (through different hosts in
-//!   the same round) for longer than the fencing window [`FENCE_WINDOW`]
-//!   plus a round; the line also gives the coarse figure, split tag-seconds
+//!   the same round) for longer than the window [`split_window`] plus a
+//!   round; the line also gives the coarse figure, split tag-seconds
 //!   (a tag reached by two instances within one 1 s window, summed);
 //! - no query sent after healing was lost ("after healing": from
-//!   [`SETTLE`] after the fault was undone);
+//!   [`settle`] after the fault was undone);
 //! - at the end, every host's data path, and its API's groups, equal the
 //!   store.
 
@@ -36,16 +36,30 @@ const PER_HOST: usize = 2;
 const TAGS: u16 = 50;
 /// The agents' control interval (`agent.interval_ms`).
 const INTERVAL: Duration = Duration::from_millis(200);
-/// The hosts' lease (`cluster.lease_ttl_secs` in [`ClusterBed::cluster_toml`]).
-const LEASE_TTL: Duration = Duration::from_secs(2);
-/// The documented fencing window: a host that cannot renew its lease stops
-/// delivering as an owner within `lease_ttl / 2 + interval`; so one unit
-/// has two deliverers for at most this long.
-const FENCE_WINDOW: Duration = LEASE_TTL.checked_div(2).unwrap().saturating_add(INTERVAL);
+/// The hosts' lease (`cluster.lease_ttl_secs` in [`ClusterBed::cluster_toml`])
+/// unless a scenario says otherwise.
+const LEASE_SECS: u32 = 2;
+
+/// The bed's lease.
+fn lease(bed: &ClusterBed) -> Duration {
+    Duration::from_secs(bed.lease_secs.into())
+}
+
+/// The documented bound on one unit having two deliverers: a host whose
+/// table is old acts on it at most until its fence (`9/10` of the lease
+/// after its last renewal) or its next full write from the store (each
+/// interval), and one interval more.
+fn split_window(bed: &ClusterBed) -> Duration {
+    sluice::control::fence::Fence::reach(lease(bed)) + INTERVAL
+}
+
 /// "After healing" starts this long after the fault is undone: two control
 /// intervals and a lease.
-const SETTLE: Duration = LEASE_TTL.saturating_add(INTERVAL.saturating_mul(2));
-/// How long the checker runs after [`SETTLE`].
+fn settle(bed: &ClusterBed) -> Duration {
+    lease(bed) + INTERVAL * 2
+}
+
+/// How long the checker runs after [`settle`].
 const CHECK: Duration = Duration::from_secs(3);
 /// Traffic before the fault.
 const BASELINE: Duration = Duration::from_secs(2);
@@ -86,7 +100,13 @@ fn groups(bed: &ClusterBed) -> Vec<GroupEntry> {
 /// `many_hosts` does: idle instances trade nothing on their own), and the
 /// checker sending.
 fn setup(tag: &str, agent: &str, extra: &str) -> (ClusterBed, TagChecker) {
+    setup_leased(tag, agent, extra, LEASE_SECS)
+}
+
+/// As [`setup`], the hosts' lease `lease_secs`.
+fn setup_leased(tag: &str, agent: &str, extra: &str, lease_secs: u32) -> (ClusterBed, TagChecker) {
     let mut bed = ClusterBed::new(tag, HOSTS, PER_HOST);
+    bed.lease_secs = lease_secs;
     for k in 0..HOSTS {
         let c = config(&bed, k, agent, extra, &ALL);
         bed.start_agent(k, &c);
@@ -189,16 +209,23 @@ fn rounds(d: Duration) -> u32 {
 }
 
 /// Waits out `settle` and the check time after healing at round `healed`,
-/// stops the checker, prints the scenario's `FAULT` line and asserts the
-/// aims.
-fn conclude(name: &str, bed: &ClusterBed, checker: TagChecker, healed: u32, settle: Duration) {
+/// stops the checker, prints the scenario's `FAULT` line, asserts the aims
+/// and returns the figures.
+fn conclude(
+    name: &str,
+    bed: &ClusterBed,
+    checker: TagChecker,
+    healed: u32,
+    settle: Duration,
+) -> Figures {
     std::thread::sleep(settle + CHECK);
     let after = healed + rounds(settle);
     let f: Figures = checker.finish(after);
     let tables = table_differences(bed);
     let (fenced, stale) = (drops(bed, "fenced"), drops(bed, "decap_stale"));
-    // Two deliverers for at most the fencing window, measured to the round.
-    let bound = rounds(FENCE_WINDOW + ROUND);
+    // Two deliverers for at most the window, measured to the round.
+    let window = split_window(bed);
+    let bound = rounds(window + ROUND);
     let secs = |r: u32| f64::from(r) * ROUND.as_secs_f64();
     eprintln!(
         "FAULT {name}: {} of {} queries answered; split sessions {} tag-seconds (1 s windows) over {} of {TAGS} tags, \
@@ -212,7 +239,7 @@ fn conclude(name: &str, bed: &ClusterBed, checker: TagChecker, healed: u32, sett
         secs(f.split_rounds),
         secs(f.longest_split_rounds),
         secs(bound),
-        FENCE_WINDOW,
+        window,
         f.lost_before,
         settle,
         f.lost_after,
@@ -244,6 +271,7 @@ fn conclude(name: &str, bed: &ClusterBed, checker: TagChecker, healed: u32, sett
         failed.join("; "),
         tail(&bed.logs(), 40)
     );
+    f
 }
 
 /// Per host, the packets its data path counted under `action` (as its
@@ -374,7 +402,7 @@ fn a_host_partitioned_from_etcd_for_20_s() {
         &bed,
         checker,
         healed,
-        SETTLE,
+        settle(&bed),
     );
 }
 
@@ -386,18 +414,19 @@ fn an_agent_paused_past_its_lease() {
     std::thread::sleep(BASELINE);
     let pid = bed.hosts[1].agent.as_ref().expect("agent").pid();
     let paused = Paused::new(pid);
-    std::thread::sleep(LEASE_TTL * 2);
+    std::thread::sleep(lease(&bed) * 2);
     drop(paused);
     let healed = checker.round_now();
-    conclude("SIGSTOP agent 2x lease", &bed, checker, healed, SETTLE);
+    let settle = settle(&bed);
+    conclude("SIGSTOP agent 2x lease", &bed, checker, healed, settle);
 }
 
 /// Host 1's agent is killed (SIGKILL) while it drains an instance (moves
-/// in flight, 4 a second), and started again 3 s later.
-#[test]
-fn an_agent_killed_mid_move_and_restarted() {
+/// in flight, 4 a second), and started `down` later; the hosts' lease is
+/// `lease_secs`. Returns the figures.
+fn kill_mid_move(tag: &str, name: &str, lease_secs: u32, down: Duration) -> Figures {
     const AGENT: &str = "max_moves_per_sec = 4";
-    let (mut bed, checker) = setup("flt-kill", AGENT, "");
+    let (mut bed, checker) = setup_leased(tag, AGENT, "", lease_secs);
     std::thread::sleep(BASELINE);
     let before = groups(&bed).iter().filter(|e| e.owner == "kv-h1-0").count();
     api::call(
@@ -410,17 +439,44 @@ fn an_agent_killed_mid_move_and_restarted() {
     std::thread::sleep(Duration::from_millis(600));
     bed.kill_agent(1);
     let at_kill = groups(&bed).iter().filter(|e| e.owner == "kv-h1-0").count();
-    eprintln!("kill -9 mid-drain: kv-h1-0 had {before} groups, {at_kill} at the kill");
-    std::thread::sleep(Duration::from_secs(3));
+    eprintln!("{name}: kv-h1-0 had {before} groups, {at_kill} at the kill");
+    std::thread::sleep(down);
     let c = config(&bed, 1, AGENT, "", &ALL);
     bed.start_agent(1, &c);
     let healed = checker.round_now();
-    conclude(
-        "kill -9 agent mid-move, restart after 3 s",
-        &bed,
-        checker,
-        healed,
-        SETTLE,
+    let settle = settle(&bed);
+    conclude(name, &bed, checker, healed, settle)
+}
+
+/// The default lease (5 s), the agent started again after 3 s: within its
+/// lease, so nobody else took its groups, and its data path, fenced only
+/// 9/10 of a lease after the last renewal, delivered throughout; the new
+/// agent takes the lease over. Nothing may be lost (before the fence's
+/// margin was cut from half the lease to a tenth, its host fenced 2.5 s
+/// after the last renewal and lost ~9% of the queries).
+#[test]
+fn an_agent_killed_mid_move_and_restarted_within_its_lease() {
+    let f = kill_mid_move(
+        "flt-kill",
+        "kill -9 agent mid-move, restart after 3 s (lease 5 s)",
+        5,
+        Duration::from_secs(3),
+    );
+    assert_eq!(
+        f.lost_before, 0,
+        "queries lost while the agent was down within its lease"
+    );
+}
+
+/// The agent (lease 2 s) started again after 3 s, past its lease: the
+/// others take its groups, its host fences meanwhile, and it rejoins.
+#[test]
+fn an_agent_killed_mid_move_and_restarted_past_its_lease() {
+    kill_mid_move(
+        "flt-kill2",
+        "kill -9 agent mid-move, restart after 3 s (lease 2 s)",
+        LEASE_SECS,
+        Duration::from_secs(3),
     );
 }
 
@@ -491,7 +547,7 @@ fn an_instance_fails_while_another_host_sheds() {
         &bed,
         checker,
         healed,
-        SETTLE,
+        settle(&bed),
     );
 }
 

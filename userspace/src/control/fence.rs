@@ -1,24 +1,29 @@
 //! The fence: a host that cannot renew its lease stops acting as an owner
 //! before its lease can expire elsewhere, so no unit has two deliverers.
 //!
-//! With `T` the lease's time, renewals go out every `T/6`. Let `t_s` be
+//! With `T` the lease's time, renewals go out every `T/10`. Let `t_s` be
 //! when the last *acknowledged* renewal was *sent*: etcd cannot expire the
-//! lease before `t_s + T`, and the other hosts take over only after that.
-//! The fence deadline is `F = t_s + T/2`; past it the data path delivers
-//! and encapsulates nothing (the kernel checks it per packet, so a stopped
-//! agent is fenced too). That leaves `T/2` of margin for clock rates, the
-//! agent's loop and the others' reaction.
+//! lease before `t_s + T` (it counts from receiving that renewal), and the
+//! other hosts take over only after they saw it expire. The fence deadline
+//! is `F = t_s + T - M`, with the margin `M = T/10`; past it the data path
+//! delivers and encapsulates nothing (the kernel checks it per packet, so a
+//! stopped or dead agent is fenced too). `M` covers what could make `F`
+//! late against etcd's expiry: clock rates (the kernel and the agent read
+//! the same `CLOCK_MONOTONIC`; etcd's differs by parts per million) and a
+//! deadline written a moment after it was computed. It is small so that an
+//! agent killed and started again within about `8T/10` of its death (4 s
+//! at the default lease, less its start-up) loses nothing: the new agent
+//! takes the lease over and renews before `F`.
 //!
 //! A full etcd outage must not fence every host: nobody can take over
 //! then. So a host whose renewals go unacknowledged for `T/3` asks its
 //! peers (the other hosts live at its last read of the store) whether
 //! *they* renewed within the last `T/4`, every `T/24`. A peer that reaches
-//! the store renews every `T/6`, so it says yes; in an outage that began
-//! at most `T/6` after this host's last acknowledged renewal (its next
-//! one failed), every peer's last renewal is at least `T/4` old by a
-//! round asked between `t_s + 5T/12` and `t_s + 11T/24`, leaving `T/24`
-//! for its answers before the deadline (with rounds every `T/12`, the
-//! one window of a round could be missed by a timer waking late):
+//! the store renews every `T/10`, so it says yes; in an outage that began
+//! at most `T/10` after this host's last acknowledged renewal (its next
+//! one failed), every peer's last renewal is at least `T/4` old by any
+//! round asked from `t_s + 7T/20` on, and rounds come every `T/24` until
+//! `F = t_s + 9T/10`: several have their answers back in time.
 //! - a peer says it did: the store is reachable, this host is the one cut
 //!   off; any vouch is dropped and the host fences at `F` (or at once if
 //!   `F` is past);
@@ -108,28 +113,36 @@ impl Fence {
         }
     }
 
-    /// How often the lease is renewed: `T/6`, so that two renewals can be
-    /// lost before the fence's `T/3` of warning ends.
+    /// How often the lease is renewed: `T/10`, so that a dead agent's last
+    /// renewal is recent when it dies (the fence counts from it), and three
+    /// renewals can be lost before the peers are asked.
     #[must_use]
     pub fn renew_every(ttl: Duration) -> Duration {
         crate::coord::renew_every(ttl)
     }
 
-    /// `T/2`: the fence's distance from the last acknowledged renewal.
-    fn half(&self) -> Duration {
+    /// `T - M`: the fence's distance from the last acknowledged renewal
+    /// (`M = T/10`, see the module's text).
+    #[must_use]
+    pub fn reach(ttl: Duration) -> Duration {
+        ttl.saturating_sub(ttl / 10)
+    }
+
+    /// `T/2`: how long past its round a vouch holds.
+    fn vouch_for(&self) -> Duration {
         self.ttl / 2
     }
 
     /// How often the peers are asked while renewals fail: `T/24`, so that
-    /// a round falls between `t_s + 5T/12` and `t_s + 11T/24`, in time for
-    /// its answers to come back before the deadline.
+    /// several rounds fall between `t_s + 7T/20` and the deadline, in time
+    /// for their answers to come back.
     #[must_use]
     pub fn ask_every(ttl: Duration) -> Duration {
         (ttl / 24).max(Duration::from_millis(25))
     }
 
     /// A peer whose last acknowledged renewal is younger than this (`T/4`)
-    /// reaches the store: it renews every `T/6`.
+    /// reaches the store: it renews every `T/10`.
     fn renewing(&self) -> Duration {
         self.ttl / 4
     }
@@ -196,7 +209,7 @@ impl Fence {
     /// A peer answered the current round: its last acknowledged renewal was
     /// sent `renewed_ago` before it answered (`None`: it has none).
     pub fn answer(&mut self, renewed_ago: Option<Duration>) {
-        let (half, renewing) = (self.half(), self.renewing());
+        let (vouch_for, renewing) = (self.vouch_for(), self.renewing());
         let Some(round) = self.round.as_mut() else {
             // No round open (a late answer after a renewal): nothing to decide.
             return;
@@ -213,16 +226,21 @@ impl Fence {
             round.renewed = true;
             self.vouched = round.prior;
         } else if !round.renewed {
-            let until = round.asked + half;
+            let until = round.asked + vouch_for;
             self.vouched = Some(self.vouched.map_or(until, |v| v.max(until)));
         }
+    }
+
+    /// The deadline its renewals alone give: `t_s + T - M`.
+    fn own(&self) -> Instant {
+        self.renewed + Self::reach(self.ttl)
     }
 
     /// The deadline after which this host delivers nothing as an owner;
     /// `None`: no fence (no peers could take its units).
     #[must_use]
     pub fn deadline(&self) -> Option<Instant> {
-        let own = self.renewed + self.half();
+        let own = self.own();
         let f = self.vouched.map_or(own, |v| v.max(own));
         if let Some(lost) = self.lost {
             return Some(f.min(lost));
@@ -241,7 +259,7 @@ impl Fence {
         };
         if f <= now {
             FenceState::Fenced
-        } else if self.vouched.is_some_and(|v| v > self.renewed + self.half()) {
+        } else if self.vouched.is_some_and(|v| v > self.own()) {
             FenceState::Vouched
         } else {
             FenceState::Renewing

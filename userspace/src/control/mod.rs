@@ -278,7 +278,12 @@ impl Controller {
             health: Health::new(config.agent.recovery_hold_down, now),
             drains: Drains::new(config),
             claims: Claims::default(),
-            reconciler: Reconciler::default(),
+            // Only etcd has other writers a stalled watch could hide; every
+            // interval, so that a stall costs at most one.
+            reconciler: Reconciler::every(
+                (config.cluster.store == crate::config::StoreKind::Etcd)
+                    .then_some(config.agent.interval),
+            ),
             orphans: health::Orphans::default(),
             undo: None,
             measured: None,
@@ -419,7 +424,7 @@ impl Controller {
         // An earlier write that failed is made good first: every phase
         // below writes the data path as if it said what the store says.
         (self.reconciler)
-            .catch_up(dp, &*self.store, &self.services)
+            .catch_up(dp, &*self.store, &self.services, now)
             .await?;
         let reports = self.measure(dp, now).await?;
         let mut made = self.health_step(dp, &reports, now).await?;

@@ -5,7 +5,10 @@
 //! writer's change to the store is followed the same way
 //! ([`Reconciler::follow`]).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    time::{Duration, Instant},
+};
 
 use sluice_common::maps::NO_OWNER;
 
@@ -22,9 +25,26 @@ pub(super) struct Reconciler {
     /// Each service's group owners unknown here at the last write, whose
     /// groups are written unowned.
     unknown: BTreeMap<String, BTreeSet<String>>,
+    /// With a store other hosts write (etcd), every group is written again
+    /// this often (each interval) whatever the watch said: a watch that
+    /// stalls without an error (a half-open connection) would otherwise
+    /// leave this host's data path on an old owner for as long as it
+    /// stalls, the unit delivered by two hosts to two instances. Found by
+    /// the simulation.
+    every: Option<Duration>,
+    /// When every group was last written from the store at an interval.
+    full: Option<Instant>,
 }
 
 impl Reconciler {
+    /// A reconciler that writes every group again at least `every`.
+    pub(super) fn every(every: Option<Duration>) -> Self {
+        Self {
+            every,
+            ..Self::default()
+        }
+    }
+
     /// Points `group` of `svc` at instance `to` in the data path. A failed
     /// write leaves the data path behind the store: every group is written
     /// again at the next interval.
@@ -51,16 +71,39 @@ impl Reconciler {
         Ok(())
     }
 
-    /// Every group written again if an earlier write failed, or while a
-    /// group's owner is unknown here.
+    /// Every group written again if an earlier write failed, while a
+    /// group's owner is unknown here, or when the last full write is
+    /// [`Self::every`] old at `now`. Only the first two fail the interval:
+    /// a periodic write that fails (the store out of reach) is tried again
+    /// at the next one.
     pub(super) async fn catch_up(
         &mut self,
         dp: &mut dyn Datapath,
         store: &dyn CoordStore,
         services: &[ServiceCtl],
+        now: Instant,
     ) -> Result<(), ControlError> {
         if self.resync {
             self.resync(dp, store, services).await?;
+            self.full = Some(now);
+            return Ok(());
+        }
+        let due = self.every.is_some_and(|e| {
+            self.full
+                .is_none_or(|f| now.saturating_duration_since(f) >= e)
+        });
+        if due {
+            match self.resync(dp, store, services).await {
+                Ok(()) => self.full = Some(now),
+                Err(ControlError::Coord(e)) => {
+                    // The store out of reach: nothing was wrong with the
+                    // data path, which keeps the last assignment.
+                    self.resync = false;
+                    tracing::debug!(error = %e, "the periodic write from the store could not read it; trying again next interval");
+                }
+                // A data path write failed: that does fail the interval.
+                Err(e) => return Err(e),
+            }
         }
         Ok(())
     }

@@ -113,12 +113,13 @@ pub trait Membership: Send + Sync {
     }
 }
 
-/// How often a host's lease is renewed: a sixth of its time, so that a
-/// host fences itself (`control::fence`, at half the lease past its last
-/// acknowledged renewal) only after two renewals went unanswered.
+/// How often a host's lease is renewed: a tenth of its time. The fence
+/// (`control::fence`, at `9T/10` past the last acknowledged renewal)
+/// counts from the last renewal before a crash, so a recent one leaves a
+/// restarted agent the most time to take the lease over.
 #[must_use]
 pub fn renew_every(ttl: Duration) -> Duration {
-    (ttl / 6).max(Duration::from_millis(100))
+    (ttl / 10).max(Duration::from_millis(100))
 }
 
 /// The lowest instance id none of `known` holds.

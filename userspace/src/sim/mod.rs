@@ -69,13 +69,14 @@ const SAMPLES: u32 = 32;
 /// Each instance's capacity (`wlm.capacity_pps`).
 const CAPACITY: f64 = 1000.0;
 
-/// The fencing window W of I5: a host's lease time plus one interval (the
-/// others take its groups one interval after its lease is gone; a host
-/// that is cut off stops delivering as an owner before its lease can
-/// expire elsewhere, once fencing is in).
+/// The window W of I5: 9/10 of a host's lease time plus one interval. A
+/// host whose table is old delivers by it for at most that long: a host
+/// that cannot renew (cut off, paused, crashed) fences itself 9/10 of a
+/// lease after its last renewal, and a running host writes every group
+/// again from the store each interval, whatever its watch says.
 #[must_use]
 pub fn w_window() -> Duration {
-    LEASE_TTL + INTERVAL
+    crate::control::fence::Fence::reach(LEASE_TTL) + INTERVAL
 }
 
 /// Polls `f` once: the simulated store and data path never wait.
@@ -453,6 +454,9 @@ impl Sim {
                     FaultKind::Pause | FaultKind::Partition => {
                         LEASE_TTL / 2 + rng.millis(LEASE_TTL * 2)
                     }
+                    // A watch can stall (no error) for long: up to three
+                    // lease times, well past W.
+                    FaultKind::Watch => Duration::from_millis(500) + rng.millis(LEASE_TTL * 3),
                     _ => Duration::from_millis(500) + rng.millis(Duration::from_secs(5)),
                 };
                 let also = if kind == FaultKind::Reload {

@@ -5,6 +5,8 @@ use rand::{Rng as _, SeedableRng as _, rngs::StdRng};
 use super::{Fence, FenceState};
 
 const T: Duration = Duration::from_secs(6);
+/// The fence's distance from the last acknowledged renewal: `T - T/10`.
+const R: Duration = Duration::from_millis(5400);
 
 fn ms(n: u64) -> Duration {
     Duration::from_millis(n)
@@ -18,18 +20,19 @@ fn fence(t0: Instant, peers: usize) -> Fence {
 }
 
 #[test]
-fn each_acknowledged_renewal_moves_the_deadline_to_half_the_lease_past_its_sending() {
+fn each_acknowledged_renewal_moves_the_deadline_to_nine_tenths_of_the_lease_past_its_sending() {
     let t0 = Instant::now();
     let mut f = fence(t0, 2);
-    assert_eq!(f.deadline(), Some(t0 + T / 2));
+    assert_eq!(Fence::reach(T), R);
+    assert_eq!(f.deadline(), Some(t0 + R));
     f.renewed(t0 + ms(1000));
-    assert_eq!(f.deadline(), Some(t0 + ms(1000) + T / 2));
+    assert_eq!(f.deadline(), Some(t0 + ms(1000) + R));
     // An old renewal acknowledged late does not move it back or forth.
     f.renewed(t0 + ms(500));
-    assert_eq!(f.deadline(), Some(t0 + ms(1000) + T / 2));
+    assert_eq!(f.deadline(), Some(t0 + ms(1000) + R));
     assert_eq!(f.state(t0 + ms(1100)), FenceState::Renewing);
-    assert_eq!(f.state(t0 + ms(1000) + T / 2), FenceState::Fenced);
-    assert_eq!(Fence::renew_every(T), ms(1000));
+    assert_eq!(f.state(t0 + ms(1000) + R), FenceState::Fenced);
+    assert_eq!(Fence::renew_every(T), ms(600));
 }
 
 #[test]
@@ -56,11 +59,11 @@ fn a_host_cut_off_while_a_peer_renews_stays_fenced() {
     // One peer cannot renew either, the other can: this host is cut off.
     f.answer(Some(T));
     f.answer(Some(ms(1499)));
-    assert_eq!(f.deadline(), Some(t0 + T / 2));
+    assert_eq!(f.deadline(), Some(t0 + R));
     // Answers after that in the same round change nothing.
     f.answer(None);
-    assert_eq!(f.deadline(), Some(t0 + T / 2));
-    assert_eq!(f.state(t0 + T / 2), FenceState::Fenced);
+    assert_eq!(f.deadline(), Some(t0 + R));
+    assert_eq!(f.state(t0 + R), FenceState::Fenced);
     assert!(f.should_ask(q + T / 12), "asks again");
 }
 
@@ -74,14 +77,14 @@ fn an_outage_of_the_store_for_everybody_is_vouched_for() {
         f.asked(q);
         f.answer(Some(T));
         f.answer(None);
-        assert_eq!(f.deadline(), Some((t0 + T / 2).max(q + T / 2)));
+        assert_eq!(f.deadline(), Some((t0 + R).max(q + T / 2)));
         assert_ne!(f.state(q + ms(1)), FenceState::Fenced);
         q += T / 12;
     }
     assert_eq!(f.state(q), FenceState::Vouched);
     // The store back: renewals rule again.
     f.renewed(q);
-    assert_eq!(f.deadline(), Some(q + T / 2));
+    assert_eq!(f.deadline(), Some(q + R));
     assert_eq!(f.state(q), FenceState::Renewing);
 }
 
@@ -90,8 +93,8 @@ fn no_answer_is_no_vouch() {
     let t0 = Instant::now();
     let mut f = fence(t0, 3);
     f.asked(t0 + T / 3);
-    assert_eq!(f.deadline(), Some(t0 + T / 2));
-    assert_eq!(f.state(t0 + T / 2 + ms(1)), FenceState::Fenced);
+    assert_eq!(f.deadline(), Some(t0 + R));
+    assert_eq!(f.state(t0 + R + ms(1)), FenceState::Fenced);
 }
 
 #[test]
@@ -107,21 +110,21 @@ fn a_lost_lease_fences_at_once_until_the_host_joined_again() {
     f.rejoined(at + ms(500));
     assert_eq!(f.deadline(), None);
     f.set_peers(1);
-    assert_eq!(f.deadline(), Some(at + ms(500) + T / 2));
+    assert_eq!(f.deadline(), Some(at + ms(500) + R));
 }
 
-/// A full outage: every host's renewals stop within `T/6` of this host's
-/// last; the round at `t_s + 5T/12` hears every peer's renewal at least
-/// `T/4` old and vouches before the deadline.
+/// A full outage: every host's renewals stop within `T/10` of this host's
+/// last; a round from `t_s + 7T/20` on hears every peer's renewal at least
+/// `T/4` old and vouches well before the deadline.
 #[test]
 fn in_a_full_outage_a_round_before_the_deadline_vouches() {
     let t0 = Instant::now();
     let mut f = fence(t0, 2);
-    // The peers renewed as late as T/6 after this host's last.
-    let peer_last = t0 + T / 6;
+    // The peers renewed as late as a renewal period after this host's last.
+    let peer_last = t0 + Fence::renew_every(T);
     let mut q = t0 + T / 3;
     let mut vouched_at = None;
-    while q < t0 + T / 2 {
+    while q < t0 + R {
         if f.should_ask(q) {
             f.asked(q);
             f.answer(Some(q - peer_last));
@@ -133,27 +136,28 @@ fn in_a_full_outage_a_round_before_the_deadline_vouches() {
         q += ms(50);
     }
     let at = vouched_at.expect("vouched before the deadline");
-    assert!(at < t0 + T / 2, "vouched at {:?}", at - t0);
-    assert!(f.deadline().unwrap() > t0 + T / 2);
+    // The first round whose vouch passes t_s + 9T/10 (from t_s + 2T/5 on).
+    assert!(at <= t0 + T * 2 / 5 + ms(50), "vouched at {:?}", at - t0);
+    assert!(f.deadline().unwrap() > t0 + R);
 }
 
 /// As the agent's task drives it: a round on each tick of a timer of the
 /// round period, every wake a little late (1 or 3 ms, by turns), the
-/// answers back 5 ms after; the peers renewed as late as `T/6` after this
+/// answers back 5 ms after; the peers renewed as late as `T/10` after this
 /// host. Whatever the timer's phase, a round vouches with its answers in
 /// before the deadline (a wake less late than the one before must not
 /// skip its round).
 #[test]
 fn rounds_on_late_ticks_still_vouch_before_the_deadline() {
     let t0 = Instant::now();
-    let peer_last = t0 + T / 6;
+    let peer_last = t0 + Fence::renew_every(T);
     let every = Fence::ask_every(T);
     for phase in 0..12u32 {
         let mut f = fence(t0, 2);
         let mut vouched_at = None;
         for k in 0u32.. {
             let due = t0 + every * phase / 12 + every * k;
-            if due >= t0 + T / 2 {
+            if due >= t0 + R {
                 break;
             }
             let wake = due + ms(if k % 2 == 0 { 3 } else { 1 });
@@ -170,16 +174,19 @@ fn rounds_on_late_ticks_still_vouch_before_the_deadline() {
             }
         }
         let at = vouched_at.unwrap_or_else(|| panic!("phase {phase}: no round vouched"));
+        // A vouch (the round + T/2) passes the renewals' deadline (t_s +
+        // 9T/10) from rounds past t_s + 2T/5 on: the first of them vouches,
+        // many rounds before that deadline.
         assert!(
-            at < t0 + T / 2,
-            "phase {phase}: vouched at {:?}, past the deadline",
+            at <= t0 + T * 2 / 5 + every + ms(10),
+            "phase {phase}: vouched at {:?}, later than the first round that could",
             at - t0
         );
     }
 }
 
 /// Random renewals, rounds and answers: the deadline never exceeds
-/// `t_s + T/2` unless a round since the last renewal had answers and none
+/// `t_s + T - T/10` unless a round since the last renewal had answers and none
 /// of them renewed (a peer that renewed cancels the vouch); a vouched
 /// deadline is at most the latest round's `asked + T/2`.
 #[test]
@@ -237,12 +244,12 @@ fn the_deadline_passes_the_last_renewal_only_when_vouched() {
                 continue;
             }
             let d = d.expect("peers: a deadline");
-            let own = ts + T / 2;
+            let own = ts + R;
             if d > own {
                 // Vouched: by a round whose answers so far all said the
                 // store is out of reach, bounded by that round's asking.
                 let (asked, _, _, _) = round.unwrap_or_else(|| {
-                    panic!("seed {seed} step {step}: past t_s + T/2 with no round")
+                    panic!("seed {seed} step {step}: past t_s + T - T/10 with no round")
                 });
                 assert!(vouch.is_some(), "seed {seed} step {step}: no vouch");
                 assert!(
@@ -268,7 +275,7 @@ fn the_data_path_is_given_the_deadline() {
     let mut dp = MemDatapath::default();
     let mut f = fence(t0, 1);
     dp.set_fence(f.deadline()).unwrap();
-    assert_eq!(dp.fence(), Some(t0 + T / 2));
+    assert_eq!(dp.fence(), Some(t0 + R));
     f.set_peers(0);
     dp.set_fence(f.deadline()).unwrap();
     assert_eq!(dp.fence(), None);
@@ -283,7 +290,8 @@ fn the_data_path_is_given_the_deadline() {
 fn a_vouch_given_stands_when_the_store_comes_back_to_the_peers_first() {
     let t0 = Instant::now();
     let mut f = fence(t0, 2);
-    let q1 = t0 + T / 3;
+    // A round late enough that its vouch passes the renewals' deadline.
+    let q1 = t0 + T / 2;
     f.asked(q1);
     f.answer(Some(T));
     f.answer(None);
