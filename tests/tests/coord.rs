@@ -679,7 +679,10 @@ fn a_host_cut_off_past_its_lease_joins_again_once_healed() {
             let lease = a.lease_state().expect("etcd has a lease to watch");
             let first = lease.borrow().renewed;
             tokio::time::sleep(ttl / 2).await;
-            assert!(lease.borrow().renewed > first, "renewed within T/2 (every T/10)");
+            assert!(
+                lease.borrow().renewed > first,
+                "renewed within T/2 (every T/10)"
+            );
 
             relay.cut();
             let cut = Instant::now();
