@@ -35,7 +35,8 @@ use std::{
 
 pub use backend::{Backend, Framing, SeenRequest};
 pub use client::{
-    Download, KeptAlive, TRANSFER_LIMIT, curl, stream_download, stream_upload, ws_echo,
+    Download, KeptAlive, TRANSFER_LIMIT, curl, stream_download, stream_upload, stream_upload_as,
+    ws_echo,
 };
 pub use pattern::{Fnv1a, pattern_matches, upload_reply};
 pub use pyserver::PyServer;

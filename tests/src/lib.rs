@@ -8,6 +8,7 @@ pub mod demo;
 pub mod etcd;
 pub mod harness;
 pub mod http;
+pub mod l7bed;
 pub mod netns;
 pub mod packet;
 pub mod process;

@@ -5,7 +5,6 @@
 
 use std::{
     collections::{HashMap, HashSet},
-    fmt::Write as _,
     net::SocketAddr,
     sync::{
         Arc,
@@ -18,104 +17,13 @@ use bytes::Bytes;
 use sluice::{api, plan::Group};
 use sluice_tests::{
     http::{self, Backend, KeptAlive, PyServer},
+    l7bed::{
+        PORT, backends, config, config_wlm, connect, get_as, metric, metrics, start, testbed, vip,
+    },
     netns,
-    process::{self, Agent, PinDir},
-    testbed::{NIC, Testbed},
+    process::{self, Agent},
+    testbed::Testbed,
 };
-
-/// Port the instances' servers listen on.
-const PORT: u16 = 8080;
-const METRICS: u16 = 9480;
-
-fn vip() -> SocketAddr {
-    "198.18.1.1:80".parse().expect("addr")
-}
-
-struct Running {
-    agent: Agent,
-    _pins: PinDir,
-    _state: tempfile::TempDir,
-}
-
-fn testbed(tag: &str, n: usize) -> Testbed {
-    Testbed::new(tag, n).unwrap_or_else(|e| panic!("building the testbed: {e}"))
-}
-
-/// An http service `web` on 198.18.1.1:80 over the testbed's instances
-/// (`web-<k>`), `http` being the body of its `[service.http]` table and
-/// `extra` more TOML after it (priority rules).
-fn config(tb: &Testbed, http: &str, extra: &str) -> String {
-    // Idle instances would merge their groups while the test looks.
-    config_wlm(tb, "underload = 0.0", http, extra)
-}
-
-/// As [`config`], with the service's `wlm` table given.
-fn config_wlm(tb: &Testbed, wlm: &str, http: &str, extra: &str) -> String {
-    let mut c = format!(
-        "[agent]\ninterval_ms = 200\n\n[[service]]\nname = \"web\"\nvip = \"198.18.1.1\"\nport = 80\nprotocol = \"tcp\"\nlayer = \"http\"\n\
-         wlm = {{ {wlm} }}\n\n[service.http]\n{http}\n\n{extra}\n"
-    );
-    for (k, i) in tb.instances.iter().enumerate() {
-        let _ = write!(
-            c,
-            "[[service.instance]]\nname = \"web-{k}\"\nveth = \"{}\"\nnetns = \"{}\"\naddr = \"{}:{PORT}\"\n\n",
-            i.veth, i.netns, i.addr_v4
-        );
-    }
-    c
-}
-
-fn start(tb: &Testbed, tag: &str, config: &str) -> Running {
-    let pins = PinDir::new(tag);
-    let state = tempfile::tempdir().expect("tempdir");
-    let agent = process::start_on(
-        &tb.host,
-        NIC,
-        &process::Start {
-            config,
-            pin_dir: &pins.0,
-            state: &state.path().join("state.json"),
-            cleanup: true,
-            metrics_port: METRICS,
-        },
-    );
-    Running {
-        agent,
-        _pins: pins,
-        _state: state,
-    }
-}
-
-/// The tests' own server in every instance, named `web-<k>`.
-fn backends(tb: &Testbed) -> Vec<Backend> {
-    tb.instances
-        .iter()
-        .enumerate()
-        .map(|(k, i)| {
-            Backend::start(
-                &i.netns,
-                SocketAddr::new(i.addr_v4.into(), PORT),
-                &format!("web-{k}"),
-            )
-        })
-        .collect()
-}
-
-fn connect(tb: &Testbed) -> KeptAlive {
-    netns::run_in(&tb.client, || {
-        KeptAlive::connect(vip(), Duration::from_secs(5))
-    })
-    .expect("connecting to the VIP")
-}
-
-fn get_as(c: &mut KeptAlive, path: &str, headers: &[(&str, &str)]) -> http::Reply {
-    let mut b = hyper::Request::get(path);
-    for (k, v) in headers {
-        b = b.header(*k, *v);
-    }
-    c.send(b.body(Bytes::new()).expect("request"))
-        .unwrap_or_else(|e| panic!("GET {path} {headers:?}: {e}"))
-}
 
 /// The service's groups and owners as the agent's API says.
 fn groups(agent: &Agent) -> Vec<(Group, String)> {
@@ -140,23 +48,6 @@ fn owner_of(groups: &[(Group, String)], user: &str) -> String {
         .iter()
         .find(|(g, _)| g.contains(unit))
         .map_or_else(|| "(nobody)".into(), |(_, o)| o.clone())
-}
-
-/// The agent's Prometheus text, once the control loop has published what
-/// came before (it does every interval, 200 ms).
-fn metrics(tb: &Testbed) -> String {
-    std::thread::sleep(Duration::from_millis(500));
-    http::curl(&tb.host, &[&format!("http://127.0.0.1:{METRICS}/metrics")])
-        .expect("metrics")
-        .1
-}
-
-/// The value of the series `name{labels...}` that has every label given.
-fn metric(text: &str, name: &str, labels: &[&str]) -> f64 {
-    text.lines()
-        .filter(|l| l.starts_with(name) && labels.iter().all(|x| l.contains(x)))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
 }
 
 /// `threads` clients in the client namespace, each on a kept-alive

@@ -82,7 +82,7 @@ struct State {
 /// - `/slow?ms=N`: answers after N ms (at most a minute);
 /// - `/download?bytes=N`: N pattern bytes (see [`super::pattern_matches`]),
 ///   chunked, made 64 KiB at a time as they are sent;
-/// - `/upload` (POST, PUT): reads the body as it comes and answers
+/// - `/upload` (POST, PUT, or GET with a body): reads the body as it comes and answers
 ///   [`super::upload_reply`] for it; `Expect: 100-continue` is honoured;
 /// - `/echo-headers`: the request's headers, a `name: value` line each;
 /// - `/ws`: WebSocket, echoing text and binary messages;
@@ -295,8 +295,10 @@ async fn route(state: &State, req: Request<Incoming>) -> Answer {
             Some(n) => Response::new(PatternBody::new(n, false).boxed_unsync()),
             None => text(StatusCode::BAD_REQUEST, "want /download?bytes=N\n"),
         },
-        "/upload" if matches!(*req.method(), Method::POST | Method::PUT) => upload(req).await,
-        "/upload" => text(StatusCode::METHOD_NOT_ALLOWED, "POST or PUT\n"),
+        "/upload" if matches!(*req.method(), Method::POST | Method::PUT | Method::GET) => {
+            upload(req).await
+        }
+        "/upload" => text(StatusCode::METHOD_NOT_ALLOWED, "POST, PUT or GET\n"),
         "/echo-headers" => {
             let mut out = String::new();
             for (n, v) in req.headers() {

@@ -13,7 +13,7 @@ use bytes::Bytes;
 use futures_util::{SinkExt as _, StreamExt as _};
 use http_body_util::{BodyExt as _, Empty, Full, Limited};
 use hyper::{
-    Request, Response,
+    Method, Request, Response,
     body::{Body, Incoming},
     client::conn::http1::{self, SendRequest},
     header::{self, HeaderValue},
@@ -112,10 +112,28 @@ pub fn stream_upload(
     total_bytes: u64,
     chunked: bool,
 ) -> Result<Reply, HttpError> {
-    let req = Request::post(path)
-        .header(header::HOST, host(addr))
+    stream_upload_as(Method::POST, addr, path, total_bytes, chunked)
+}
+
+/// As [`stream_upload`], with `method` (a GET with a body, say).
+pub fn stream_upload_as(
+    method: Method,
+    addr: SocketAddr,
+    path: &str,
+    total_bytes: u64,
+    chunked: bool,
+) -> Result<Reply, HttpError> {
+    let mut req = Request::builder()
+        .method(method)
+        .uri(path)
+        .header(header::HOST, host(addr));
+    if chunked {
+        // hyper would send a GET's body of unknown length as none at all.
+        req = req.header(header::TRANSFER_ENCODING, "chunked");
+    }
+    let req = req
         .body(PatternBody::new(total_bytes, !chunked))
-        .expect("a valid POST request");
+        .expect("a valid request");
     exchange(addr, req, "an upload", collect)
 }
 

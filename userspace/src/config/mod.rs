@@ -315,8 +315,17 @@ pub struct HttpConfig {
     pub pool_idle: Duration,
     pub limits: HttpLimits,
     pub connect_timeout: Duration,
-    /// Longest wait for a response's head from an instance.
+    /// Longest wait for a response's head from an instance, once the
+    /// request has been sent whole.
     pub response_timeout: Duration,
+    /// A request body up to this size is read whole before an instance is
+    /// picked (a slow or broken upload then holds none of its
+    /// connections, and can go elsewhere if the instance fails).
+    pub body_buffer_bytes: u32,
+    /// Failures of an instance's own in a row (refused or reset
+    /// connections, response timeouts) that eject it for a second; a
+    /// client's malformed or aborted request is never one.
+    pub eject_after_failures: u32,
 }
 
 impl Default for HttpConfig {
@@ -336,6 +345,8 @@ impl Default for HttpConfig {
             },
             connect_timeout: Duration::from_secs(1),
             response_timeout: Duration::from_secs(30),
+            body_buffer_bytes: 16 * 1024,
+            eject_after_failures: 5,
         }
     }
 }

@@ -217,6 +217,8 @@ pub(super) struct RawHttp {
     pub(super) idle_timeout_secs: Option<Field<u32>>,
     pub(super) connect_timeout_ms: Option<Field<u32>>,
     pub(super) response_timeout_ms: Option<Field<u32>>,
+    pub(super) body_buffer_bytes: Option<Field<u32>>,
+    pub(super) eject_after_failures: Option<Field<u32>>,
     #[serde(default)]
     pub(super) priority: Vec<Spanned<RawPriority>>,
 }

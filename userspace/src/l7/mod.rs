@@ -25,6 +25,7 @@ mod pool;
 mod proxy;
 pub mod route;
 pub mod stats;
+mod upload;
 mod workers;
 
 use std::{
@@ -32,7 +33,7 @@ use std::{
     net::{IpAddr, SocketAddr},
     sync::{
         Arc, RwLock,
-        atomic::{AtomicBool, AtomicU64, Ordering::Relaxed},
+        atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed},
     },
     time::{Duration, Instant},
 };
@@ -142,9 +143,12 @@ pub struct Backend {
     pub stats: stats::InstanceStats,
     /// Failed, as the control loop says (veth gone, reports stopped).
     failed: AtomicBool,
-    /// Until when (ms on the distributor's clock) it is skipped after a
-    /// failed connection: requests go straight elsewhere meanwhile.
+    /// Until when (ms on the distributor's clock) it is skipped after
+    /// `eject_after_failures` failures in a row: requests go straight
+    /// elsewhere meanwhile.
     down_until: AtomicU64,
+    /// Its own failures since its last answer.
+    failures: AtomicU32,
 }
 
 impl Backend {
@@ -163,7 +167,7 @@ impl Backend {
     }
 }
 
-/// How long an instance that refused a connection is skipped.
+/// How long an ejected instance is skipped.
 const EJECT: Duration = Duration::from_secs(1);
 
 /// One http service, as one configuration of it is applied.
@@ -218,10 +222,28 @@ impl ServiceL7 {
         u64::try_from(self.clock.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
-    /// A connection to it failed: skip it for a while.
-    fn eject(&self, i: usize) {
-        let until = self.now_ms() + u64::try_from(EJECT.as_millis()).expect("small");
-        self.backends[i].down_until.store(until, Relaxed);
+    /// Instance `i` failed on its own (refused, reset, timed out): past
+    /// `eject_after_failures` in a row, skip it for a while (Envoy's
+    /// consecutive gateway failures). One request never ejects it.
+    fn failed(&self, i: usize) {
+        let b = &self.backends[i];
+        let n = b.failures.fetch_add(1, Relaxed) + 1;
+        if n >= self.cfg.eject_after_failures {
+            b.failures.store(0, Relaxed);
+            let until = self.now_ms() + u64::try_from(EJECT.as_millis()).expect("small");
+            b.down_until.store(until, Relaxed);
+            tracing::info!(service = %self.name, instance = %b.name, failures = n, "instance ejected for {EJECT:?}");
+        }
+    }
+
+    /// Instance `i` answered: its failures in a row start again.
+    fn answered(&self, i: usize) {
+        let f = &self.backends[i].failures;
+        // Read first: a store on every request would bounce the line
+        // between workers.
+        if f.load(Relaxed) != 0 {
+            f.store(0, Relaxed);
+        }
     }
 
     /// Where a request goes, in the order to try (see [`route`]); counted
@@ -498,6 +520,7 @@ impl Distributor {
                         stats: stats::InstanceStats::default(),
                         failed: AtomicBool::new(false),
                         down_until: AtomicU64::new(0),
+                        failures: AtomicU32::new(0),
                     })),
                 }
             })

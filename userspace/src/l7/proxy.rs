@@ -30,7 +30,7 @@ use tokio::{
     net::{TcpListener, TcpStream},
 };
 
-use super::{Backend, Body, Refusal, ServiceL7, Slot, pool};
+use super::{Backend, Body, Refusal, ServiceL7, Slot, pool, upload};
 
 /// Accepts connections until the task is aborted.
 pub(super) async fn accept(listener: TcpListener, slot: Arc<Slot>) {
@@ -300,12 +300,27 @@ impl Client {
 
 /// Why a request got no response from an instance.
 enum Failure {
-    /// It never reached the instance (handed back to send elsewhere).
-    Unsent(Box<Request<Body>>),
+    /// It never reached the instance (handed back to send elsewhere);
+    /// whether that was the instance's fault (refused, reset) rather than
+    /// a stale pooled connection or a busy pool.
+    Unsent(Box<Request<Body>>, bool),
     /// It may have reached it.
     Sent,
     /// No response head in time.
     Timeout,
+    /// The client broke its own body (a malformed chunk, cut short).
+    Client,
+}
+
+impl Failure {
+    /// Whether it counts against the instance.
+    fn theirs(&self) -> bool {
+        match self {
+            Self::Unsent(_, theirs) => *theirs,
+            Self::Sent | Self::Timeout => true,
+            Self::Client => false,
+        }
+    }
 }
 
 fn empty() -> Body {
@@ -329,8 +344,15 @@ impl Drop for InFlight {
     }
 }
 
-/// Sends `req` to instance `i` and waits for the response head.
-async fn send(svc: &ServiceL7, i: usize, req: Request<Body>) -> Result<Response<Body>, Failure> {
+/// Sends `req` to instance `i` and waits for the response head: within
+/// `response_timeout` of the start, or, for a body streamed as the client
+/// sends it (`upload`), of its last byte sent.
+async fn send(
+    svc: &ServiceL7,
+    i: usize,
+    req: Request<Body>,
+    upload: Option<&upload::Progress>,
+) -> Result<Response<Body>, Failure> {
     let b = &svc.backends[i];
     let start = Instant::now();
     let wait = svc.cfg.response_timeout;
@@ -339,29 +361,43 @@ async fn send(svc: &ServiceL7, i: usize, req: Request<Body>) -> Result<Response<
         Err(e) => {
             tracing::debug!(instance = %b.name, error = %e, "no connection");
             b.stats.answered(None, 0.0);
-            return Err(Failure::Unsent(Box::new(req)));
+            let theirs = !matches!(e, pool::PoolError::Busy { .. });
+            return Err(Failure::Unsent(Box::new(req), theirs));
         }
     };
     let in_flight = InFlight::new(b);
     let exchange = async {
         if conn.sender.ready().await.is_err() {
-            return Err(Failure::Unsent(Box::new(req)));
+            // Closed while idle in the pool: not a failure of the instance.
+            return Err(Failure::Unsent(Box::new(req), false));
         }
         conn.sender.try_send_request(req).await.map_err(|mut e| {
             tracing::debug!(instance = %b.name, error = %e.error(), "request failed");
             e.take_message()
-                .map_or(Failure::Sent, |r| Failure::Unsent(Box::new(r)))
+                .map_or(Failure::Sent, |r| Failure::Unsent(Box::new(r), true))
         })
     };
-    let resp = match tokio::time::timeout(wait.saturating_sub(start.elapsed()), exchange).await {
-        Ok(Ok(resp)) => resp,
-        Ok(Err(f)) => {
+    let deadline = async {
+        match upload {
+            Some(p) => {
+                p.until_sent().await;
+                tokio::time::sleep(wait).await;
+            }
+            None => tokio::time::sleep(wait.saturating_sub(start.elapsed())).await,
+        }
+    };
+    let result = tokio::select! {
+        r = exchange => r,
+        () = deadline => Err(Failure::Timeout),
+    };
+    let resp = match result {
+        Ok(resp) => resp,
+        Err(_) if upload.is_some_and(upload::Progress::client_failed) => {
+            return Err(Failure::Client);
+        }
+        Err(f) => {
             b.stats.answered(None, 0.0);
             return Err(f);
-        }
-        Err(_) => {
-            b.stats.answered(None, 0.0);
-            return Err(Failure::Timeout);
         }
     };
     b.stats
@@ -369,10 +405,14 @@ async fn send(svc: &ServiceL7, i: usize, req: Request<Body>) -> Result<Response<
     let (mut parts, body) = resp.into_parts();
     let upgraded = parts.status == StatusCode::SWITCHING_PROTOCOLS;
     strip_hop_by_hop(&mut parts.headers, upgraded);
+    // An instance that answered before it had the whole body may read the
+    // rest as a request of its own, answered to the next one sent on the
+    // connection: such a connection is closed after this response, never
+    // pooled. An upgraded one is the tunnel's now.
     let relay = Relay {
         inner: body,
-        // An upgraded connection is the tunnel's now, not the pool's.
         conn: (!upgraded).then_some(conn),
+        reuse: upload.is_none_or(upload::Progress::sent),
         backend: b.clone(),
         _in_flight: in_flight,
     };
@@ -384,13 +424,17 @@ async fn send(svc: &ServiceL7, i: usize, req: Request<Body>) -> Result<Response<
 struct Relay {
     inner: Incoming,
     conn: Option<pool::Conn>,
+    /// Whether `conn` may serve another request (else it closes).
+    reuse: bool,
     backend: Arc<Backend>,
     _in_flight: InFlight,
 }
 
 impl Relay {
     fn give_back(&mut self) {
-        if let Some(c) = self.conn.take() {
+        if let Some(c) = self.conn.take()
+            && self.reuse
+        {
             self.backend.pool().put(c);
         }
     }
@@ -458,6 +502,111 @@ async fn tunnel(
     }
 }
 
+/// The request's head as the instance is to get it.
+fn to_instance(parts: &mut hyper::http::request::Parts, client: &Client, upgrade: bool) {
+    strip_hop_by_hop(&mut parts.headers, upgrade);
+    // hyper answers `Expect: 100-continue` itself when the body is read
+    // (as it is sent on); the instance must not wait for one of its own.
+    parts.headers.remove(header::EXPECT);
+    add_forwarded(&mut parts.headers, client.peer, client.local);
+    parts.uri = parts
+        .uri
+        .path_and_query()
+        .map_or_else(|| Uri::from_static("/"), |p| Uri::from(p.clone()));
+    parts.version = Version::HTTP_11;
+}
+
+/// A request to send again, with its body's progress.
+type Again = (Request<Body>, Option<Arc<upload::Progress>>);
+
+/// The body to send and its progress (none for no body); and, for an
+/// idempotent request whose body was read whole, what to send again if
+/// the instance fails after it got it.
+fn outgoing(
+    parts: &mut hyper::http::request::Parts,
+    body: Option<upload::Buffered>,
+    upgrade: bool,
+) -> (Body, Option<Arc<upload::Progress>>, Option<Again>) {
+    let (body, progress, whole) = match body {
+        None => (empty(), None, Some(Bytes::new())),
+        Some(upload::Buffered::Whole(b)) if b.is_empty() => (empty(), None, Some(b)),
+        Some(upload::Buffered::Whole(b)) => {
+            let u = upload::Upload::whole(b.clone());
+            let p = u.progress();
+            (u.boxed(), Some(p), Some(b))
+        }
+        Some(upload::Buffered::Partial(u)) => {
+            // hyper sends a GET's or HEAD's body of unknown length only
+            // when told it is chunked.
+            if u.size_hint().exact().is_none() {
+                parts.headers.insert(
+                    header::TRANSFER_ENCODING,
+                    HeaderValue::from_static("chunked"),
+                );
+            }
+            let p = u.progress();
+            (u.boxed(), Some(p), None)
+        }
+    };
+    let again = whole
+        .filter(|_| idempotent(&parts.method) && !upgrade)
+        .map(|b| {
+            let mut p = Request::new(empty());
+            *p.method_mut() = parts.method.clone();
+            *p.uri_mut() = parts.uri.clone();
+            *p.headers_mut() = parts.headers.clone();
+            if b.is_empty() {
+                (p, None)
+            } else {
+                let u = upload::Upload::whole(b);
+                let progress = u.progress();
+                *p.body_mut() = u.boxed();
+                (p, Some(progress))
+            }
+        });
+    (body, progress, again)
+}
+
+/// Sends `req` to `first`; if that instance fails, once more to the next
+/// candidate when the request can be (see [`Failure`]). Only the
+/// instances' own failures count against them.
+async fn exchange(
+    svc: &ServiceL7,
+    first: usize,
+    mut candidates: impl Iterator<Item = usize>,
+    req: Request<Body>,
+    progress: Option<Arc<upload::Progress>>,
+    again: Option<Again>,
+) -> Result<Response<Body>, Failure> {
+    let failure = match send(svc, first, req, progress.as_deref()).await {
+        Ok(resp) => {
+            svc.answered(first);
+            return Ok(resp);
+        }
+        Err(f) => f,
+    };
+    if failure.theirs() {
+        svc.failed(first);
+    }
+    let retry = match failure {
+        // The instance never saw it: any request may go elsewhere.
+        Failure::Unsent(req, _) => Some((*req, progress)),
+        Failure::Sent => again,
+        Failure::Timeout | Failure::Client => return Err(failure),
+    };
+    let (Some((req, progress)), Some(next)) = (retry, candidates.next()) else {
+        return Err(Failure::Sent);
+    };
+    svc.counts.retries.fetch_add(1, Relaxed);
+    let r = send(svc, next, req, progress.as_deref()).await;
+    match &r {
+        Ok(_) => svc.answered(next),
+        Err(f) if f.theirs() => svc.failed(next),
+        Err(_) => {}
+    }
+    r
+}
+
 async fn handle(mut req: Request<Incoming>, client: &Client, slot: &Slot) -> Response<Body> {
     let svc = slot.current();
     let target_len = req.uri().path_and_query().map_or(1, |p| p.as_str().len());
@@ -469,7 +618,28 @@ async fn handle(mut req: Request<Incoming>, client: &Client, slot: &Slot) -> Res
             "request target too long",
         );
     }
-    let mut candidates = svc.route(req.uri(), req.headers(), client.flow_key());
+    let upgrade = is_upgrade(&req);
+    let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+    let (mut parts, body) = req.into_parts();
+    // A short body is read whole before an instance is picked: a slow or
+    // broken upload is then the client's alone (see `upload`).
+    let body = if body.is_end_stream() {
+        None
+    } else {
+        match upload::buffer(body, svc.cfg.body_buffer_bytes as usize).await {
+            Ok(b) => Some(b),
+            Err(e) => {
+                tracing::debug!(peer = %client.peer, error = %e, "request body");
+                return refuse(
+                    &svc,
+                    Refusal::BadRequest,
+                    StatusCode::BAD_REQUEST,
+                    "the request body is malformed or was cut short",
+                );
+            }
+        }
+    };
+    let mut candidates = svc.route(&parts.uri, &parts.headers, client.flow_key());
     let Some(first) = candidates.next() else {
         return refuse(
             &svc,
@@ -478,50 +648,10 @@ async fn handle(mut req: Request<Incoming>, client: &Client, slot: &Slot) -> Res
             "no instance can take this request",
         );
     };
-    let upgrade = is_upgrade(&req);
-    let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
-    let (mut parts, body) = req.into_parts();
-    strip_hop_by_hop(&mut parts.headers, upgrade);
-    // hyper answers `Expect: 100-continue` itself when the body is read
-    // (as it is sent on); the instance must not wait for one of its own.
-    parts.headers.remove(header::EXPECT);
-    add_forwarded(&mut parts.headers, client.peer, client.local);
-    parts.uri = parts
-        .uri
-        .path_and_query()
-        .map_or_else(|| Uri::from_static("/"), |p| Uri::from(p.clone()));
-    parts.version = Version::HTTP_11;
-    // What to send again if the instance fails after it got the request:
-    // only an idempotent request without a body can be.
-    let again = (idempotent(&parts.method) && body.is_end_stream() && !upgrade).then(|| {
-        let mut p = Request::new(empty());
-        *p.method_mut() = parts.method.clone();
-        *p.uri_mut() = parts.uri.clone();
-        *p.headers_mut() = parts.headers.clone();
-        p
-    });
-    let req = Request::from_parts(parts, body.boxed());
-    let outcome = match send(&svc, first, req).await {
-        Ok(resp) => Ok(resp),
-        Err(failure) => {
-            svc.eject(first);
-            let timed_out = matches!(failure, Failure::Timeout);
-            let retry = match failure {
-                // The instance never saw it: any request may go elsewhere.
-                Failure::Unsent(req) => Some(*req),
-                Failure::Sent => again,
-                Failure::Timeout => None,
-            };
-            match (retry, candidates.next()) {
-                (Some(req), Some(next)) => {
-                    svc.counts.retries.fetch_add(1, Relaxed);
-                    send(&svc, next, req).await
-                }
-                _ if timed_out => Err(Failure::Timeout),
-                _ => Err(Failure::Sent),
-            }
-        }
-    };
+    to_instance(&mut parts, client, upgrade);
+    let (body, progress, again) = outgoing(&mut parts, body, upgrade);
+    let req = Request::from_parts(parts, body);
+    let outcome = exchange(&svc, first, candidates, req, progress, again).await;
     match outcome {
         Ok(mut resp) => {
             if let Some(from_client) = client_upgrade
@@ -537,6 +667,12 @@ async fn handle(mut req: Request<Incoming>, client: &Client, slot: &Slot) -> Res
             }
             resp
         }
+        Err(Failure::Client) => refuse(
+            &svc,
+            Refusal::BadRequest,
+            StatusCode::BAD_REQUEST,
+            "the request body is malformed or was cut short",
+        ),
         Err(Failure::Timeout) => refuse(
             &svc,
             Refusal::InstanceTimeout,

@@ -44,6 +44,7 @@ fn service(owner: u32) -> ServiceL7 {
                 stats: stats::InstanceStats::default(),
                 failed: AtomicBool::new(false),
                 down_until: AtomicU64::new(0),
+                failures: AtomicU32::new(0),
             })
         })
         .collect();
@@ -84,11 +85,33 @@ fn a_failed_or_ejected_owner_is_passed_over() {
     svc.backends[B].failed.store(true, Relaxed);
     assert_eq!(candidates(&svc, &alice), [A], "failed");
     svc.backends[B].failed.store(false, Relaxed);
-    svc.eject(B);
+    for _ in 0..svc.cfg.eject_after_failures {
+        svc.failed(B);
+    }
     assert_eq!(candidates(&svc, &alice), [A], "ejected");
     // Back once its time is up.
     svc.backends[B].down_until.store(svc.now_ms(), Relaxed);
     assert_eq!(candidates(&svc, &alice), [B, A]);
+}
+
+#[test]
+fn only_failures_in_a_row_eject_an_instance() {
+    let svc = service(2);
+    let alice = [("x-user", "alice")];
+    let n = svc.cfg.eject_after_failures;
+    assert!(n > 1, "one failure must not eject");
+    for _ in 1..n {
+        svc.failed(B);
+    }
+    assert_eq!(candidates(&svc, &alice), [B, A], "not yet");
+    // An answer in between starts the count again.
+    svc.answered(B);
+    for _ in 1..n {
+        svc.failed(B);
+    }
+    assert_eq!(candidates(&svc, &alice), [B, A], "the count started again");
+    svc.failed(B);
+    assert_eq!(candidates(&svc, &alice), [A], "ejected after {n} in a row");
 }
 
 #[test]

@@ -180,7 +180,6 @@ impl Checker<'_> {
     /// at their defaults).
     fn http_numbers(&mut self, at: &str, raw: &mut RawHttp) -> Option<HttpConfig> {
         let d = HttpConfig::default();
-        let l = &d.limits;
         let ms = |c: &mut Self, f, key: &str, def: Duration, lo, hi| {
             let def = u32::try_from(def.as_millis()).expect("small");
             c.int(f, &format!("{at}.{key}"), def, lo, hi)
@@ -209,6 +208,65 @@ impl Checker<'_> {
             1,
             3600,
         );
+        let limits = self.http_limits(at, raw, &d.limits);
+        let connect_timeout = ms(
+            self,
+            raw.connect_timeout_ms.take(),
+            "connect_timeout_ms",
+            d.connect_timeout,
+            10,
+            60_000,
+        );
+        let response_timeout = ms(
+            self,
+            raw.response_timeout_ms.take(),
+            "response_timeout_ms",
+            d.response_timeout,
+            100,
+            3_600_000,
+        );
+        let body_buffer_bytes = int(
+            self,
+            raw.body_buffer_bytes.take(),
+            "body_buffer_bytes",
+            d.body_buffer_bytes,
+            0,
+            16 << 20,
+        );
+        let eject_after_failures = int(
+            self,
+            raw.eject_after_failures.take(),
+            "eject_after_failures",
+            d.eject_after_failures,
+            1,
+            1000,
+        );
+        Some(HttpConfig {
+            pool_size: pool_size?,
+            pool_idle: pool_idle?,
+            limits: limits?,
+            connect_timeout: connect_timeout?,
+            response_timeout: response_timeout?,
+            body_buffer_bytes: body_buffer_bytes?,
+            eject_after_failures: eject_after_failures?,
+            ..d
+        })
+    }
+
+    /// `[service.http]`'s limits on what a client may send.
+    fn http_limits(&mut self, at: &str, raw: &mut RawHttp, l: &HttpLimits) -> Option<HttpLimits> {
+        let ms = |c: &mut Self, f, key: &str, def: Duration, lo, hi| {
+            let def = u32::try_from(def.as_millis()).expect("small");
+            c.int(f, &format!("{at}.{key}"), def, lo, hi)
+                .map(|v| Duration::from_millis(v.into()))
+        };
+        let secs = |c: &mut Self, f, key: &str, def: Duration, lo, hi| {
+            let def = u32::try_from(def.as_secs()).expect("small");
+            c.int(f, &format!("{at}.{key}"), def, lo, hi)
+                .map(|v| Duration::from_secs(v.into()))
+        };
+        let int =
+            |c: &mut Self, f, key: &str, def, lo, hi| c.int(f, &format!("{at}.{key}"), def, lo, hi);
         let max_header_bytes = int(
             self,
             raw.max_header_bytes.take(),
@@ -249,35 +307,12 @@ impl Checker<'_> {
             1,
             86_400,
         );
-        let connect_timeout = ms(
-            self,
-            raw.connect_timeout_ms.take(),
-            "connect_timeout_ms",
-            d.connect_timeout,
-            10,
-            60_000,
-        );
-        let response_timeout = ms(
-            self,
-            raw.response_timeout_ms.take(),
-            "response_timeout_ms",
-            d.response_timeout,
-            100,
-            3_600_000,
-        );
-        Some(HttpConfig {
-            pool_size: pool_size?,
-            pool_idle: pool_idle?,
-            limits: HttpLimits {
-                max_header_bytes: max_header_bytes?,
-                max_headers: max_headers?,
-                max_request_line: max_request_line?,
-                header_timeout: header_timeout?,
-                idle_timeout: idle_timeout?,
-            },
-            connect_timeout: connect_timeout?,
-            response_timeout: response_timeout?,
-            ..d
+        Some(HttpLimits {
+            max_header_bytes: max_header_bytes?,
+            max_headers: max_headers?,
+            max_request_line: max_request_line?,
+            header_timeout: header_timeout?,
+            idle_timeout: idle_timeout?,
         })
     }
 
