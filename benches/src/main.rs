@@ -50,6 +50,10 @@ struct Args {
     /// Seconds of each measured L7 run (`wrk -d`).
     #[arg(long, default_value_t = 10)]
     l7_seconds: u32,
+    /// Also profile Sluice's HTTP distributor (`perf record`, one more run
+    /// a scenario) and write its flame graphs (SVG) and folded stacks here.
+    #[arg(long)]
+    l7_profile: Option<PathBuf>,
     /// Run only these parts (default: all): fast-path, e2e, cluster, punt,
     /// control, memory, l7.
     #[arg(long, value_delimiter = ',')]
@@ -194,7 +198,11 @@ fn run(args: &Args) -> anyhow::Result<()> {
         eprintln!(
             "[bench] L7: HTTP/1.1 through Sluice, HAProxy and nginx on the namespace testbed"
         );
-        l7::run(&sluice_bin(args), args.l7_seconds)?
+        l7::run(
+            &sluice_bin(args),
+            args.l7_seconds,
+            args.l7_profile.as_deref(),
+        )?
     } else {
         Vec::new()
     };
