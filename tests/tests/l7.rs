@@ -681,7 +681,7 @@ fn a_slow_instance_sheds_requests_by_its_measured_latency() {
     assert!(
         metric(
             &m,
-            "sluice_instance_reported_latency_p99_seconds",
+            "sluice_instance_observed_latency_p99_seconds",
             &["instance=\"web-0\""]
         ) >= 0.02,
         "the distributor's latency did not reach the element"
