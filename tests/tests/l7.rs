@@ -748,6 +748,66 @@ fn forwarding_headers_keep_every_hop_and_quote_the_host() {
     assert!(seen_at(&servers, "/fwd-backslash").is_empty());
 }
 
+/// `health = "reports"` on an http instance: the distributor's own
+/// figures keep no report fresh, so an instance whose application never
+/// reports is failed while the distributor serves it, and its requests go
+/// to the other instance.
+#[test]
+fn an_http_instance_whose_application_is_silent_fails_while_served() {
+    let tb = testbed("l7hlth", 2);
+    let servers = backends(&tb);
+    let c = config(&tb, "key = { header = \"X-User\" }", "").replace(
+        "name = \"web-0\"\n",
+        "name = \"web-0\"\nhealth = \"reports\"\n",
+    );
+    let run = start(&tb, "l7hlth", &c);
+    let mut client = connect(&tb);
+    let failed = |log: &str| {
+        log.lines()
+            .any(|l| l.contains("instance failed") && l.contains("web-0"))
+    };
+    // Requests of 20 users, some of them web-0's, until it is failed: past
+    // the three intervals (600 ms) reports count for, and the grace.
+    let t = Instant::now();
+    let mut n = 0;
+    while !failed(&run.agent.log()) {
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "web-0 has never reported, was served {} requests, and is not failed:\n{}",
+            servers[0].requests(),
+            run.agent.log()
+        );
+        let user = format!("u{}", n % 20);
+        assert_eq!(get_as(&mut client, "/", &[("x-user", &user)]).status, 200);
+        n += 1;
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        servers[0].requests() > 0,
+        "the distributor never served web-0"
+    );
+    // Failed: the distributor hears it at its next interval, then every
+    // user's requests go to web-1, all answered.
+    let t = Instant::now();
+    loop {
+        let at: Vec<String> = (0..20)
+            .map(|u| {
+                let r = get_as(&mut client, "/", &[("x-user", &format!("u{u}"))]);
+                assert_eq!(r.status, 200, "u{u}");
+                r.instance().unwrap_or_default().to_owned()
+            })
+            .collect();
+        if at.iter().all(|i| i == "web-1") {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(2),
+            "web-0 failed, yet requests still reach it: {at:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 #[test]
 fn a_slow_instance_sheds_requests_by_its_measured_latency() {
     let tb = testbed("l7wlm", 2);
