@@ -54,6 +54,10 @@ struct Args {
     /// a scenario) and write its flame graphs (SVG) and folded stacks here.
     #[arg(long)]
     l7_profile: Option<PathBuf>,
+    /// With `--l7-profile`: only the profiles, no measured rounds (the
+    /// table stays empty).
+    #[arg(long, requires = "l7_profile")]
+    l7_profile_only: bool,
     /// Run only these parts (default: all): fast-path, e2e, cluster, punt,
     /// control, memory, l7.
     #[arg(long, value_delimiter = ',')]
@@ -202,6 +206,7 @@ fn run(args: &Args) -> anyhow::Result<()> {
             &sluice_bin(args),
             args.l7_seconds,
             args.l7_profile.as_deref(),
+            args.l7_profile_only,
         )?
     } else {
         Vec::new()

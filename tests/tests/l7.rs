@@ -520,6 +520,185 @@ fn curl_and_python_http_server_through_the_distributor() {
     assert_eq!(used.len(), 2, "20 users all on {used:?}");
 }
 
+/// What one raw request `bytes` (ending with `Connection: close`) gets.
+fn raw(tb: &Testbed, bytes: &[u8]) -> Vec<http::Reply> {
+    let out = netns::run_in(&tb.client, || {
+        http::raw_exchange(vip(), bytes, Duration::from_secs(5))
+    })
+    .expect("exchange");
+    http::parse_responses(&out)
+}
+
+/// The request the backends saw at `path`, once.
+fn seen_at(servers: &[Backend], path: &str) -> Vec<http::SeenRequest> {
+    servers
+        .iter()
+        .flat_map(Backend::seen)
+        .filter(|s| s.path == path)
+        .collect()
+}
+
+/// Every line of header `name` as one list (RFC 9110, 5.3).
+fn combined(s: &http::SeenRequest, name: &str) -> String {
+    s.headers
+        .iter()
+        .filter(|(n, _)| n == name)
+        .map(|(_, v)| v.as_str())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+#[test]
+fn forwarding_headers_keep_every_hop_and_quote_the_host() {
+    let tb = testbed("l7fwd", 1);
+    let servers = backends(&tb);
+    let run = start(
+        &tb,
+        "l7fwd",
+        &config(&tb, "key = { header = \"X-User\" }", ""),
+    );
+    let client = sluice_tests::testbed::CLIENT_V4;
+    let ours = |host: &str| format!("for={client};proto=http;by=198.18.1.1;host={host}");
+
+    // A Host that would close the quoted string and forge a hop: refused
+    // (RFC 9112, 3.2: an invalid Host is a 400), and nothing is forwarded.
+    let forged = raw(
+        &tb,
+        b"GET /fwd-forged HTTP/1.1\r\nHost: a\", for=6.6.6.6;host=\"b\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!(
+        forged.first().map(|r| r.status),
+        Some(400),
+        "{forged:?}\n{}",
+        run.agent.log()
+    );
+    assert!(
+        seen_at(&servers, "/fwd-forged").is_empty(),
+        "the forged Host reached the instance"
+    );
+
+    // Several lines of each from earlier proxies: one list each, every
+    // earlier hop kept, ours appended once at the end.
+    let replies = raw(
+        &tb,
+        b"GET /fwd-lines HTTP/1.1\r\nHost: a\r\n\
+          X-Forwarded-For: 198.18.200.1\r\n\
+          Forwarded: for=198.18.200.1\r\n\
+          X-Forwarded-For: 198.18.200.2, 198.18.200.3\r\n\
+          Forwarded: for=\"[fd00:5100::9]\";proto=https, for=198.18.200.3\r\n\
+          Connection: close\r\n\r\n",
+    );
+    assert_eq!(replies.first().map(|r| r.status), Some(200), "{replies:?}");
+    let seen = seen_at(&servers, "/fwd-lines");
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert_eq!(
+        combined(&seen[0], "x-forwarded-for"),
+        format!("198.18.200.1, 198.18.200.2, 198.18.200.3, {client}"),
+        "{:?}",
+        seen[0].headers
+    );
+    assert_eq!(
+        combined(&seen[0], "forwarded"),
+        format!(
+            "for=198.18.200.1, for=\"[fd00:5100::9]\";proto=https, for=198.18.200.3, {}",
+            ours("a")
+        ),
+        "{:?}",
+        seen[0].headers
+    );
+
+    // Hosts that are valid (RFC 3986 reg-name, IP literal, port) but no
+    // RFC 7239 token: quoted. A backslash is no URI character: refused.
+    for (host, value) in [
+        ("a:8080", "\"a:8080\""),
+        ("[fd00:5100::1]:80", "\"[fd00:5100::1]:80\""),
+        ("x;for=6.6.6.6,y", "\"x;for=6.6.6.6,y\""),
+        ("web.example", "web.example"),
+    ] {
+        let path = format!("/fwd-host-{}", host.len());
+        let req = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+        let replies = raw(&tb, req.as_bytes());
+        assert_eq!(
+            replies.first().map(|r| r.status),
+            Some(200),
+            "{host}: {replies:?}"
+        );
+        let seen = seen_at(&servers, &path);
+        assert_eq!(seen.len(), 1, "{host}: {seen:?}");
+        assert_eq!(combined(&seen[0], "forwarded"), ours(value), "Host {host}");
+    }
+    let backslash = raw(
+        &tb,
+        b"GET /fwd-backslash HTTP/1.1\r\nHost: a\\b\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!(
+        backslash.first().map(|r| r.status),
+        Some(400),
+        "{backslash:?}"
+    );
+    assert!(seen_at(&servers, "/fwd-backslash").is_empty());
+}
+
+/// `health = "reports"` on an http instance: the distributor's own
+/// figures keep no report fresh, so an instance whose application never
+/// reports is failed while the distributor serves it, and its requests go
+/// to the other instance.
+#[test]
+fn an_http_instance_whose_application_is_silent_fails_while_served() {
+    let tb = testbed("l7hlth", 2);
+    let servers = backends(&tb);
+    let c = config(&tb, "key = { header = \"X-User\" }", "").replace(
+        "name = \"web-0\"\n",
+        "name = \"web-0\"\nhealth = \"reports\"\n",
+    );
+    let run = start(&tb, "l7hlth", &c);
+    let mut client = connect(&tb);
+    let failed = |log: &str| {
+        log.lines()
+            .any(|l| l.contains("instance failed") && l.contains("web-0"))
+    };
+    // Requests of 20 users, some of them web-0's, until it is failed: past
+    // the three intervals (600 ms) reports count for, and the grace.
+    let t = Instant::now();
+    let mut n = 0;
+    while !failed(&run.agent.log()) {
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "web-0 has never reported, was served {} requests, and is not failed:\n{}",
+            servers[0].requests(),
+            run.agent.log()
+        );
+        let user = format!("u{}", n % 20);
+        assert_eq!(get_as(&mut client, "/", &[("x-user", &user)]).status, 200);
+        n += 1;
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        servers[0].requests() > 0,
+        "the distributor never served web-0"
+    );
+    // Failed: the distributor hears it at its next interval, then every
+    // user's requests go to web-1, all answered.
+    let t = Instant::now();
+    loop {
+        let at: Vec<String> = (0..20)
+            .map(|u| {
+                let r = get_as(&mut client, "/", &[("x-user", &format!("u{u}"))]);
+                assert_eq!(r.status, 200, "u{u}");
+                r.instance().unwrap_or_default().to_owned()
+            })
+            .collect();
+        if at.iter().all(|i| i == "web-1") {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(2),
+            "web-0 failed, yet requests still reach it: {at:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 #[test]
 fn a_slow_instance_sheds_requests_by_its_measured_latency() {
     let tb = testbed("l7wlm", 2);
@@ -572,7 +751,7 @@ fn a_slow_instance_sheds_requests_by_its_measured_latency() {
     assert!(
         metric(
             &m,
-            "sluice_instance_reported_latency_p99_seconds",
+            "sluice_instance_observed_latency_p99_seconds",
             &["instance=\"web-0\""]
         ) >= 0.02,
         "the distributor's latency did not reach the element"

@@ -100,6 +100,14 @@ fn describe() {
         "Requests in flight the application reported"
     );
     describe_gauge!(
+        "sluice_instance_observed_latency_p99_seconds",
+        "Latency p99 the L7 distributor measured of an instance over the interval"
+    );
+    describe_gauge!(
+        "sluice_instance_observed_in_flight",
+        "Requests in flight to an instance, as the L7 distributor counts them"
+    );
+    describe_gauge!(
         "sluice_instance_groups",
         "Work unit groups an instance owns"
     );
@@ -382,6 +390,10 @@ pub struct InstanceGauges {
     pub reported_latency_p99_ms: f64,
     pub reported_queue_depth: f64,
     pub reported_in_flight: f64,
+    /// The L7 distributor's figures (http services), apart from the
+    /// application's.
+    pub observed_latency_p99_ms: f64,
+    pub observed_in_flight: f64,
     pub groups: u32,
     pub units: u32,
 }
@@ -401,6 +413,9 @@ pub fn instance(service: &str, instance: &str, g: &InstanceGauges) {
         .set(g.reported_latency_p99_ms / 1e3);
     gauge!("sluice_instance_reported_queue_depth", &labels).set(g.reported_queue_depth);
     gauge!("sluice_instance_reported_in_flight", &labels).set(g.reported_in_flight);
+    gauge!("sluice_instance_observed_latency_p99_seconds", &labels)
+        .set(g.observed_latency_p99_ms / 1e3);
+    gauge!("sluice_instance_observed_in_flight", &labels).set(g.observed_in_flight);
     gauge!("sluice_instance_groups", &labels).set(f64::from(g.groups));
     gauge!("sluice_instance_units", &labels).set(f64::from(g.units));
 }

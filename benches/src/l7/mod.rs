@@ -274,7 +274,12 @@ fn check_programs() -> anyhow::Result<()> {
 /// run on a fresh testbed; `secs` a measured run. `sluice` is the agent's
 /// binary. With `profile`, one more run of Sluice a scenario under `perf`,
 /// its flame graph written there.
-pub(crate) fn run(sluice: &Path, secs: u32, profile: Option<&Path>) -> anyhow::Result<Vec<Row>> {
+pub(crate) fn run(
+    sluice: &Path,
+    secs: u32,
+    profile: Option<&Path>,
+    profile_only: bool,
+) -> anyhow::Result<Vec<Row>> {
     check_programs()?;
     let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
     let mut rows = Vec::new();
@@ -287,14 +292,25 @@ pub(crate) fn run(sluice: &Path, secs: u32, profile: Option<&Path>) -> anyhow::R
             continue;
         }
         eprintln!("[bench] L7, {}", sc.label());
-        rows.extend(scenario(sc, cores, sluice, secs)?);
+        if !profile_only {
+            rows.extend(scenario(sc, cores, sluice, secs)?);
+        }
         if let Some(dir) = profile {
-            let mut bed = Bed::new(sc)?;
             let (proxy_cpu, wrk_cpu) = sc.cpus(cores);
-            bed.start(Proxy::Sluice, proxy_cpu.as_deref(), sluice)
-                .context("Sluice did not come up for profiling")?;
-            let svg = profile::record(&bed, wrk_cpu.as_deref(), secs, dir, sc)?;
-            eprintln!("[bench]   flame graph: {}", svg.display());
+            for p in [Proxy::Sluice, Proxy::Haproxy] {
+                let mut bed = Bed::new(sc)?;
+                bed.start(p, proxy_cpu.as_deref(), sluice)
+                    .with_context(|| format!("{} did not come up for profiling", p.name()))?;
+                let (syscalls, switches) = profile::per_request(&bed, wrk_cpu.as_deref(), secs)?;
+                eprintln!(
+                    "[bench]   {}: {syscalls:.2} system calls and {switches:.3} context switches a request",
+                    p.name()
+                );
+                if p == Proxy::Sluice {
+                    let svg = profile::record(&bed, wrk_cpu.as_deref(), secs, dir, sc)?;
+                    eprintln!("[bench]   flame graph: {}", svg.display());
+                }
+            }
         }
     }
     Ok(rows)

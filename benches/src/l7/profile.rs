@@ -91,6 +91,44 @@ pub(crate) fn record(
     Ok(svg)
 }
 
+/// System calls and context switches a request, of the proxy `bed` runs,
+/// over a `wrk` run of `secs` (after a warm-up).
+pub(crate) fn per_request(
+    bed: &Bed,
+    wrk_cpu: Option<&str>,
+    secs: u32,
+) -> anyhow::Result<(f64, f64)> {
+    let pid = bed.proxy_pid().context("no proxy started")?;
+    bed.wrk(wrk_cpu, WARM_UP_SECS)?;
+    let stat = Command::new("perf")
+        .args([
+            "stat",
+            "-x,",
+            "-e",
+            "raw_syscalls:sys_enter,context-switches",
+        ])
+        .args(["-p", &pid.to_string(), "--", "sleep", &secs.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("starting `perf stat`")?;
+    let w = bed.wrk(wrk_cpu, secs)?;
+    let out = stat.wait_with_output()?;
+    let text = String::from_utf8_lossy(&out.stderr);
+    let count = |event: &str| -> anyhow::Result<f64> {
+        text.lines()
+            .find(|l| l.contains(event))
+            .and_then(|l| l.split(',').next()?.parse::<f64>().ok())
+            .with_context(|| format!("no {event} count in perf stat's output: {text}"))
+    };
+    #[expect(clippy::cast_precision_loss, reason = "a request count")]
+    let requests = w.requests.max(1) as f64;
+    Ok((
+        count("raw_syscalls:sys_enter")? / requests,
+        count("context-switches")? / requests,
+    ))
+}
+
 /// The `n` functions with the most samples under them (each counted once a
 /// stack), or in them (`own`: the stack's last frame), as shares of all
 /// samples.

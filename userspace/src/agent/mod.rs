@@ -545,6 +545,7 @@ impl Agent {
         }
         for st in status {
             let r = st.inputs.report.clone().unwrap_or_default();
+            let o = st.inputs.observed.clone().unwrap_or_default();
             telemetry::instance(
                 &st.service,
                 &st.name,
@@ -557,6 +558,8 @@ impl Agent {
                     reported_latency_p99_ms: r.latency_p99_ms.unwrap_or(0.0),
                     reported_queue_depth: r.queue_depth.unwrap_or(0.0),
                     reported_in_flight: r.in_flight.unwrap_or(0.0),
+                    observed_latency_p99_ms: o.latency_p99_ms.unwrap_or(0.0),
+                    observed_in_flight: o.in_flight.unwrap_or(0.0),
                     groups: u32::try_from(st.groups.len()).unwrap_or(u32::MAX),
                     units: st.groups.iter().map(|g| g.size()).sum(),
                 },

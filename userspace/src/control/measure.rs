@@ -40,7 +40,7 @@ pub(super) async fn measure(
     dp: &dyn Datapath,
     store: &dyn CoordStore,
     probe: &dyn Probe,
-    reports: &HashMap<String, Report>,
+    reports: &Fresh,
     state: &dyn Fn(&str) -> InstanceState,
     now: Instant,
 ) -> Result<(), ControlError> {
@@ -60,7 +60,7 @@ pub(super) async fn measure(
         }
         for i in &mut s.instances {
             let c = dp.instance_counters(i.id)?;
-            let inputs = instance(i, &c, probe, &s.ports, reports.get(&i.name).cloned(), now);
+            let inputs = instance(i, &c, probe, &s.ports, reports.of(&i.name), now);
             i.sample = Sample {
                 rate_pps: inputs.rate_pps,
                 drops_ps: inputs.drops_ps,
@@ -91,13 +91,14 @@ pub(super) async fn measure(
 }
 
 /// Instance `i`'s inputs: its counters `c` as rates, what the host says
-/// of its namespace (`ports`' sockets) and cgroup, and its `report`.
+/// of its namespace (`ports`' sockets) and cgroup, and its application's
+/// `report` and the distributor's `observed` figures.
 fn instance(
     i: &mut InstCtl,
     c: &InstanceCounters,
     probe: &dyn Probe,
     ports: &[u16],
-    report: Option<Report>,
+    (report, observed): (Option<Report>, Option<Report>),
     now: Instant,
 ) -> Inputs {
     let m = &mut i.meter;
@@ -105,6 +106,7 @@ fn instance(
         rate_pps: m.packets.update(c.packets, now),
         bytes_ps: m.bytes.update(c.bytes, now),
         report,
+        observed,
         cpu_limit: i.config.cpu_limit,
         ..Inputs::default()
     };
@@ -132,18 +134,40 @@ fn instance(
     inputs
 }
 
-/// Every instance's report fresher than `max_age`, taken out from under
+/// The fresh reports of an interval, by instance name: the applications'
+/// (what `health = "reports"` hears) and the L7 distributor's figures.
+#[derive(Debug, Default)]
+pub(super) struct Fresh {
+    pub(super) apps: HashMap<String, Report>,
+    pub(super) observed: HashMap<String, Report>,
+}
+
+impl Fresh {
+    fn of(&self, instance: &str) -> (Option<Report>, Option<Report>) {
+        (
+            self.apps.get(instance).cloned(),
+            self.observed.get(instance).cloned(),
+        )
+    }
+}
+
+/// Every instance's reports fresher than `max_age`, taken out from under
 /// the API's lock at once.
 pub(super) fn fresh_reports(
     reports: &Mutex<Reports>,
     services: &[ServiceCtl],
     now: Instant,
     max_age: Duration,
-) -> HashMap<String, Report> {
+) -> Fresh {
     let reports = reports.lock().expect("reports lock");
-    services
-        .iter()
-        .flat_map(|s| &s.instances)
-        .filter_map(|i| Some((i.name.clone(), reports.fresh(&i.name, now, max_age)?)))
-        .collect()
+    let mut fresh = Fresh::default();
+    for i in services.iter().flat_map(|s| &s.instances) {
+        if let Some(r) = reports.fresh(&i.name, now, max_age) {
+            fresh.apps.insert(i.name.clone(), r);
+        }
+        if let Some(r) = reports.fresh_observed(&i.name, now, max_age) {
+            fresh.observed.insert(i.name.clone(), r);
+        }
+    }
+    fresh
 }

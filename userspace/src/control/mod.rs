@@ -446,7 +446,7 @@ impl Controller {
         let state = |name: &str| out.state(name);
         measure::measure(&mut self.services, dp, store, probe, &reports, &state, now).await?;
         self.measured = Some(now);
-        Ok(reports)
+        Ok(reports.apps)
     }
 
     /// Failover of instances found failed here and of other hosts' gone

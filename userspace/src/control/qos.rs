@@ -60,6 +60,10 @@ pub struct Inputs {
     pub cpu_limit: Option<f64>,
     /// The application's last report, if fresh.
     pub report: Option<Report>,
+    /// What the L7 distributor measured of the instance (http services),
+    /// if fresh: a source of its own, never taken for the application's
+    /// report (`health = "reports"` hears the application only).
+    pub observed: Option<Report>,
 }
 
 /// The utilisation of an instance (see the module docs).
@@ -72,7 +76,7 @@ pub fn utilisation(i: &Inputs, cfg: &WlmConfig) -> f64 {
     if let (Some(c), Some(l)) = (i.cpu_cores, i.cpu_limit) {
         u = u.max(c / l);
     }
-    if let Some(r) = &i.report {
+    for r in i.report.iter().chain(&i.observed) {
         for (v, t) in [
             (r.latency_p99_ms, cfg.latency_target_ms),
             (r.queue_depth, cfg.queue_target),
@@ -172,25 +176,54 @@ pub fn cgroup_usage_usec(cgroup: &Path) -> io::Result<u64> {
         .ok_or_else(|| io::Error::other(format!("no usage_usec in {}/cpu.stat", cgroup.display())))
 }
 
-/// Application reports, newest per instance.
+/// Application reports, newest per instance, and apart from them what the
+/// L7 distributor measured of each instance: the distributor's figures
+/// keep neither an application's report fresh nor replace its figures.
 #[derive(Debug, Default)]
 pub struct Reports {
     latest: HashMap<String, (Report, Instant)>,
+    observed: HashMap<String, (Report, Instant)>,
 }
 
 impl Reports {
+    /// An application's report (local API, `sluice report`).
     pub fn put(&mut self, r: Report, now: Instant) {
         self.latest.insert(r.instance.clone(), (r, now));
     }
 
-    /// The report of `instance` if it is younger than `max_age`.
+    /// The L7 distributor's figures of an instance, for one interval.
+    pub fn observe(&mut self, r: Report, now: Instant) {
+        self.observed.insert(r.instance.clone(), (r, now));
+    }
+
+    /// The application's report of `instance` if it is younger than
+    /// `max_age`.
     #[must_use]
     pub fn fresh(&self, instance: &str, now: Instant, max_age: Duration) -> Option<Report> {
-        self.latest
-            .get(instance)
-            .filter(|(_, at)| now.saturating_duration_since(*at) <= max_age)
-            .map(|(r, _)| r.clone())
+        young(&self.latest, instance, now, max_age)
     }
+
+    /// The distributor's figures of `instance` if younger than `max_age`.
+    #[must_use]
+    pub fn fresh_observed(
+        &self,
+        instance: &str,
+        now: Instant,
+        max_age: Duration,
+    ) -> Option<Report> {
+        young(&self.observed, instance, now, max_age)
+    }
+}
+
+fn young(
+    from: &HashMap<String, (Report, Instant)>,
+    instance: &str,
+    now: Instant,
+    max_age: Duration,
+) -> Option<Report> {
+    from.get(instance)
+        .filter(|(_, at)| now.saturating_duration_since(*at) <= max_age)
+        .map(|(r, _)| r.clone())
 }
 
 /// A counter sampled at intervals, giving per-second rates.
@@ -328,6 +361,33 @@ mod tests {
         };
         // in_flight has no target, so it does not count.
         assert!((utilisation(&i, &cfg) - 0.9).abs() < 1e-9);
+    }
+
+    #[test]
+    fn the_distributors_figures_count_beside_the_applications() {
+        let cfg = WlmConfig {
+            latency_target_ms: Some(20.0),
+            queue_target: Some(100.0),
+            ..WlmConfig::default()
+        };
+        let report = |latency, queue| Report {
+            instance: "a".into(),
+            latency_p99_ms: latency,
+            queue_depth: queue,
+            in_flight: None,
+        };
+        let i = Inputs {
+            report: Some(report(Some(4.0), Some(50.0))),
+            observed: Some(report(Some(16.0), None)),
+            ..Inputs::default()
+        };
+        // The most constrained figure of either source: 16 / 20.
+        assert!((utilisation(&i, &cfg) - 0.8).abs() < 1e-9);
+        let i = Inputs {
+            observed: Some(report(Some(4.0), None)),
+            ..i
+        };
+        assert!((utilisation(&i, &cfg) - 0.5).abs() < 1e-9, "50 / 100");
     }
 
     #[test]

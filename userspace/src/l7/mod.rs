@@ -21,6 +21,7 @@
 //!
 //! May import `config`, `sys` and `telemetry`.
 
+mod forwarded;
 mod pool;
 mod proxy;
 pub mod route;

@@ -30,7 +30,7 @@ use tokio::{
     net::{TcpListener, TcpStream},
 };
 
-use super::{Backend, Body, Refusal, ServiceL7, Slot, pool, upload};
+use super::{Backend, Body, Refusal, ServiceL7, Slot, forwarded, pool, upload};
 
 /// Accepts connections until the task is aborted.
 pub(super) async fn accept(listener: TcpListener, slot: Arc<Slot>) {
@@ -220,37 +220,9 @@ fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
 }
 
 /// `X-Forwarded-For`, `X-Forwarded-Proto` and `Forwarded` (RFC 7239),
-/// appended to what earlier proxies wrote.
+/// appended to what earlier proxies wrote (see [`forwarded`]).
 fn add_forwarded(h: &mut HeaderMap, peer: SocketAddr, local: Option<SocketAddr>) {
-    let ip = peer.ip();
-    let xff = match h.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-        Some(prev) => format!("{prev}, {ip}"),
-        None => ip.to_string(),
-    };
-    let node = |a: std::net::IpAddr| {
-        if a.is_ipv6() {
-            format!("\"[{a}]\"")
-        } else {
-            a.to_string()
-        }
-    };
-    let mut fwd = format!("for={};proto=http", node(ip));
-    if let Some(l) = local {
-        fwd = format!("{fwd};by={}", node(l.ip()));
-    }
-    if let Some(host) = h.get(header::HOST).and_then(|v| v.to_str().ok()) {
-        fwd = format!("{fwd};host=\"{host}\"");
-    }
-    let fwd = match h.get(header::FORWARDED).and_then(|v| v.to_str().ok()) {
-        Some(prev) => format!("{prev}, {fwd}"),
-        None => fwd,
-    };
-    for (name, value) in [("x-forwarded-for", xff), ("forwarded", fwd)] {
-        if let Ok(v) = HeaderValue::from_str(&value) {
-            h.insert(name, v);
-        }
-    }
-    h.insert("x-forwarded-proto", HeaderValue::from_static("http"));
+    forwarded::Forwarding::new(peer, local).add(h);
 }
 
 fn is_upgrade(req: &Request<Incoming>) -> bool {
@@ -616,6 +588,16 @@ async fn handle(mut req: Request<Incoming>, client: &Client, slot: &Slot) -> Res
             Refusal::UriTooLong,
             StatusCode::URI_TOO_LONG,
             "request target too long",
+        );
+    }
+    // RFC 9112, 3.2: an invalid Host (or two) is a 400; it is what
+    // `Forwarded` would carry on.
+    if !forwarded::host_is_valid(req.headers()) {
+        return refuse(
+            &svc,
+            Refusal::BadRequest,
+            StatusCode::BAD_REQUEST,
+            "invalid Host",
         );
     }
     let upgrade = is_upgrade(&req);
