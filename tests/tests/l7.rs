@@ -769,3 +769,96 @@ fn a_reload_reroutes_open_connections_and_a_refused_one_changes_nothing() {
     assert_eq!(at(&mut c, "plain"), HashSet::from(["web-0".to_owned()]));
     drop(taken);
 }
+
+/// Waits (at most `limit`) until `ok` holds of the backend's connections
+/// (open now, most at once); the last seen.
+fn wait_connections(
+    b: &Backend,
+    limit: Duration,
+    ok: impl Fn((usize, usize)) -> bool,
+) -> Result<(usize, usize), (usize, usize)> {
+    let t = Instant::now();
+    loop {
+        let c = b.connections();
+        if ok(c) {
+            return Ok(c);
+        }
+        if t.elapsed() > limit {
+            return Err(c);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// `clients` kept-alive clients, each sending `each` GETs to a backend
+/// that holds every request 50 ms: many requests wait for a pooled
+/// connection at once, on every worker thread.
+fn crowd(tb: &Testbed, clients: usize, each: usize) {
+    let statuses = load(tb, clients, each, |_, _, c| get_as(c, "/", &[]).status).join();
+    assert_eq!(statuses.len(), clients * each);
+    assert!(
+        statuses.iter().all(|s| *s == 200),
+        "answered {:?}",
+        statuses.iter().filter(|s| **s != 200).collect::<Vec<_>>()
+    );
+}
+
+#[test]
+fn pool_size_caps_connections_to_an_instance_over_all_worker_threads() {
+    // The distributor runs a thread a CPU (the agent runs on this machine).
+    let threads = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+    assert!(
+        threads >= 2,
+        "needs two CPUs, for two worker threads; this machine has {threads}"
+    );
+    let tb = testbed("l7pool", 1);
+    let servers = backends(&tb);
+    servers[0].set_delay(Duration::from_millis(50));
+    let _run = start(&tb, "l7pool", &config(&tb, "pool_size = 2", ""));
+    // 12 client connections: spread by the kernel over the workers' own
+    // listening sockets (all on one: 1 in 2,048).
+    crowd(&tb, 12, 4);
+    let (_, most) = servers[0].connections();
+    assert!(
+        most <= 2,
+        "pool_size = 2, and {most} connections were open to the instance at once"
+    );
+}
+
+#[test]
+fn a_reload_applies_pool_size_and_pool_idle_to_instances_it_keeps() {
+    let tb = testbed("l7pool2", 1);
+    let servers = backends(&tb);
+    servers[0].set_delay(Duration::from_millis(50));
+    let run = start(&tb, "l7pool2", &config(&tb, "pool_size = 8", ""));
+    crowd(&tb, 12, 4);
+    let (open, most) = servers[0].connections();
+    assert!(most >= 4, "pool_size = 8 let only {most} open at once");
+    std::fs::write(
+        run.agent.config_path(),
+        config(&tb, "pool_size = 2\npool_idle_secs = 1", ""),
+    )
+    .expect("config");
+    run.agent.hup();
+    wait_log(&run.agent, "config reloaded", 1);
+    // The idle connections beyond the new size are closed at once...
+    let (open, _) = wait_connections(&servers[0], Duration::from_secs(5), |(o, _)| o <= 2)
+        .unwrap_or_else(|c| {
+            panic!("pool_size 8 -> 2: {c:?} (open, most) to the instance after the reload, {open} before")
+        });
+    servers[0].reset_most_open();
+    // ...no more than 2 open under the same crowd...
+    crowd(&tb, 12, 4);
+    let (_, most) = servers[0].connections();
+    assert!(
+        most <= 2,
+        "pool_size 8 -> 2: {most} open at once after the reload ({open} when it was applied)"
+    );
+    // ...and those left idle close after the new pool_idle_secs (1 s, the
+    // old 30 s) and the next sweep (every 200 ms interval).
+    wait_connections(&servers[0], Duration::from_secs(6), |(o, _)| o == 0).unwrap_or_else(|c| {
+        panic!(
+            "pool_idle_secs 30 -> 1: {c:?} (open, most) to the instance 6 s after the last request"
+        )
+    });
+}

@@ -294,7 +294,9 @@ pub struct HttpLimits {
     /// A request head must arrive whole within this (slowloris: 408 and
     /// closed).
     pub header_timeout: Duration,
-    /// A kept-alive client connection idle this long is closed.
+    /// A kept-alive client connection idle this long is closed (never
+    /// shorter than `response_timeout`: a client waiting for a slow answer
+    /// is idle meanwhile).
     pub idle_timeout: Duration,
 }
 
@@ -309,7 +311,8 @@ pub struct HttpConfig {
     /// Requests matching no rule may go to reserved instances when no
     /// other instance can take them.
     pub spill: bool,
-    /// Most kept-alive connections to one instance.
+    /// Most connections open to one instance, busy or idle, over all the
+    /// distributor's threads.
     pub pool_size: u32,
     /// An idle pooled connection is closed after this.
     pub pool_idle: Duration,

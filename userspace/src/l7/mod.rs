@@ -21,6 +21,7 @@
 //!
 //! May import `config`, `sys` and `telemetry`.
 
+mod limit;
 mod pool;
 mod proxy;
 pub mod route;
@@ -137,8 +138,8 @@ pub struct Backend {
     pub id: u32,
     /// In a priority subset: only its rules' requests (or spill-over).
     pub reserved: bool,
-    /// One pool a worker thread.
-    pools: Vec<pool::Pool>,
+    /// Its connections, `pool_size` at most over all worker threads.
+    pool: pool::Pool,
     pub stats: stats::InstanceStats,
     /// Failed, as the control loop says (veth gone, reports stopped).
     failed: AtomicBool,
@@ -148,18 +149,16 @@ pub struct Backend {
 }
 
 impl Backend {
-    /// The calling worker's pool.
+    /// Its pool (the calling worker's idle connections in it).
     fn pool(&self) -> &pool::Pool {
-        &self.pools[workers::current() % self.pools.len()]
+        &self.pool
     }
 
-    /// Open connections and idle ones, over every worker's pool; and how
-    /// many were ever opened.
+    /// Open connections and idle ones, over every worker; and how many
+    /// were ever opened.
     fn connections(&self) -> (u32, u32, u64) {
-        self.pools.iter().fold((0, 0, 0), |(o, i, n), p| {
-            let (po, pi) = p.connections();
-            (o + po, i + pi, n + p.opened.load(Relaxed))
-        })
+        let (open, idle) = self.pool.connections();
+        (open, idle, self.pool.opened.load(Relaxed))
     }
 }
 
@@ -475,26 +474,24 @@ impl Distributor {
                 let reserved = cfg.is_reserved(&i.name);
                 match old.get(&i.name) {
                     Some(b)
-                        if b.pools[0].addr() == addr
-                            && b.id == inst_id
-                            && b.reserved == reserved =>
+                        if b.pool.addr() == addr && b.id == inst_id && b.reserved == reserved =>
                     {
+                        // Kept with its connections, under the new settings.
+                        b.pool
+                            .configure(cfg.pool_size, cfg.pool_idle, cfg.connect_timeout);
                         Some(b.clone())
                     }
                     _ => Some(Arc::new(Backend {
                         name: i.name.clone(),
                         id: inst_id,
                         reserved,
-                        pools: (0..workers)
-                            .map(|_| {
-                                pool::Pool::new(
-                                    addr,
-                                    cfg.pool_size,
-                                    cfg.pool_idle,
-                                    cfg.connect_timeout,
-                                )
-                            })
-                            .collect(),
+                        pool: pool::Pool::new(
+                            addr,
+                            cfg.pool_size,
+                            cfg.pool_idle,
+                            cfg.connect_timeout,
+                            workers,
+                        ),
                         stats: stats::InstanceStats::default(),
                         failed: AtomicBool::new(false),
                         down_until: AtomicU64::new(0),
@@ -566,9 +563,7 @@ impl Distributor {
     /// Closes idle connections past their time.
     pub fn sweep(&self) {
         for b in self.each_backend() {
-            for p in &b.pools {
-                p.sweep();
-            }
+            b.pool.sweep();
         }
     }
 

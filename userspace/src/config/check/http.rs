@@ -178,6 +178,10 @@ impl Checker<'_> {
 
     /// The pool's, the limits' and the timeouts' numbers (the rest left
     /// at their defaults).
+    #[expect(
+        clippy::too_many_lines,
+        reason = "one field after another, each as long as its range: split, the list would be hidden"
+    )]
     fn http_numbers(&mut self, at: &str, raw: &mut RawHttp) -> Option<HttpConfig> {
         let d = HttpConfig::default();
         let l = &d.limits;
@@ -241,6 +245,8 @@ impl Checker<'_> {
             100,
             600_000,
         );
+        let idle_span = raw.idle_timeout_secs.as_ref().map(|f| f.span.clone());
+        let response_span = raw.response_timeout_ms.as_ref().map(|f| f.span.clone());
         let idle_timeout = secs(
             self,
             raw.idle_timeout_secs.take(),
@@ -265,6 +271,11 @@ impl Checker<'_> {
             100,
             3_600_000,
         );
+        let (idle_timeout, response_timeout) = (idle_timeout?, response_timeout?);
+        let span = idle_span.or(response_span);
+        if !self.idle_outlasts_response(at, idle_timeout, response_timeout, span.as_ref()) {
+            return None;
+        }
         Some(HttpConfig {
             pool_size: pool_size?,
             pool_idle: pool_idle?,
@@ -273,12 +284,42 @@ impl Checker<'_> {
                 max_headers: max_headers?,
                 max_request_line: max_request_line?,
                 header_timeout: header_timeout?,
-                idle_timeout: idle_timeout?,
+                idle_timeout,
             },
             connect_timeout: connect_timeout?,
-            response_timeout: response_timeout?,
+            response_timeout,
             ..d
         })
+    }
+
+    /// Whether `idle_timeout_secs` is at least `response_timeout_ms`
+    /// (reported if not, at `span`): while a client waits for its answer
+    /// nothing moves on its connection, and the idle timeout would cut it
+    /// first, silently.
+    fn idle_outlasts_response(
+        &mut self,
+        at: &str,
+        idle: Duration,
+        response: Duration,
+        span: Option<&Range<usize>>,
+    ) -> bool {
+        if idle >= response {
+            return true;
+        }
+        let (idle, response) = (idle.as_secs(), response.as_millis());
+        self.report(
+            span,
+            format!("{at}.idle_timeout_secs"),
+            format!(
+                "idle_timeout_secs = {idle} is shorter than response_timeout_ms = {response}: a client waiting that long for a slow answer would be closed as idle"
+            ),
+            format!(
+                "raise idle_timeout_secs to at least {}, or lower response_timeout_ms to {} or less",
+                response.div_ceil(1000),
+                u128::from(idle) * 1000
+            ),
+        );
+        false
     }
 
     /// A token-valued field (header or cookie name), if given.
@@ -662,6 +703,33 @@ addr = "[fd00:5100:0:18::2]:8080"
             assert!(e.problem.contains(says), "{e}");
             assert!(!e.fix.is_empty(), "{e}");
         }
+    }
+
+    #[test]
+    fn an_idle_timeout_shorter_than_the_response_timeout_is_refused() {
+        let e = one_error(
+            "header_timeout_ms = 2000",
+            "idle_timeout_secs = 10\nresponse_timeout_ms = 30000",
+        );
+        assert_eq!(e.field, "service[0].http.idle_timeout_secs", "{e}");
+        assert!(
+            e.problem.contains("idle_timeout_secs = 10")
+                && e.problem.contains("response_timeout_ms = 30000"),
+            "{e}"
+        );
+        assert!(e.fix.contains("at least 30"), "{e}");
+        assert_eq!(e.line, Some(12), "at idle_timeout_secs: {e}");
+        // The default idle time (60 s) against a longer response timeout:
+        // the error points at the one written.
+        let e = one_error("header_timeout_ms = 2000", "response_timeout_ms = 90000");
+        assert_eq!(e.field, "service[0].http.idle_timeout_secs", "{e}");
+        assert!(e.fix.contains("at least 90"), "{e}");
+        assert_eq!(e.line, Some(12), "at response_timeout_ms: {e}");
+        let equal = WEB.replace(
+            "header_timeout_ms = 2000",
+            "idle_timeout_secs = 30\nresponse_timeout_ms = 30000",
+        );
+        assert!(parse(&equal).is_ok(), "equal timeouts");
     }
 
     #[test]
