@@ -862,3 +862,139 @@ fn a_reload_applies_pool_size_and_pool_idle_to_instances_it_keeps() {
         )
     });
 }
+
+/// Opens `n` connections to the VIP from the client namespace, all at
+/// once, each given `timeout` to connect; those that did, left idle.
+fn open_idle(tb: &Testbed, n: usize, timeout: Duration) -> Vec<std::net::TcpStream> {
+    netns::run_in(&tb.client, || {
+        // One thread, this one: every socket is made in the namespace.
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            let tasks: Vec<_> = (0..n)
+                .map(|_| {
+                    tokio::spawn(tokio::time::timeout(
+                        timeout,
+                        tokio::net::TcpStream::connect(vip()),
+                    ))
+                })
+                .collect();
+            let mut open = Vec::with_capacity(n);
+            for t in tasks {
+                if let Ok(Ok(Ok(s))) = t.await {
+                    open.push(s.into_std().expect("a std stream"));
+                }
+            }
+            open
+        })
+    })
+}
+
+#[test]
+fn five_thousand_idle_clients_are_capped_and_the_agent_keeps_serving_and_its_own_files() {
+    // This process holds the 5,000 client sockets itself.
+    let own = rustix::process::getrlimit(rustix::process::Resource::Nofile);
+    let hard = own.maximum.unwrap_or(u64::MAX);
+    assert!(
+        hard >= 6000,
+        "the test needs 6,000 descriptors; its hard limit is {hard}"
+    );
+    rustix::process::setrlimit(
+        rustix::process::Resource::Nofile,
+        rustix::process::Rlimit {
+            current: Some(hard),
+            maximum: own.maximum,
+        },
+    )
+    .expect("raising this test's open-file limit");
+    let tb = testbed("l7cap", 1);
+    let _servers = backends(&tb);
+    let pins = PinDir::new("l7cap");
+    let state = tempfile::tempdir().expect("tempdir");
+    let http = "max_connections = 4000\nheader_timeout_ms = 60000\nidle_timeout_secs = 120";
+    // Started as a service manager starts it: soft limit 1,024.
+    let agent = process::start_on_with_nofile(
+        &tb.host,
+        NIC,
+        &process::Start {
+            config: &config(&tb, http, ""),
+            pin_dir: &pins.0,
+            state: &state.path().join("state.json"),
+            cleanup: true,
+            metrics_port: METRICS,
+        },
+        1024,
+        8192,
+    );
+    let mut good = connect(&tb);
+    assert_eq!(get_as(&mut good, "/", &[]).status, 200);
+
+    let idle = open_idle(&tb, 5000, Duration::from_secs(8));
+    eprintln!("{} of 5,000 idle connections made", idle.len());
+    // The agent accepts what it will meanwhile.
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        get_as(&mut good, "/", &[]).status,
+        200,
+        "a client already served, with 5,000 more open"
+    );
+    let status = api::call(&agent.socket, &api::Request::Status {});
+    assert!(
+        status.is_ok(),
+        "the agent's API, with 5,000 clients open: {status:?}\n{}",
+        agent.log()
+    );
+    // A reload reads the config and writes the state file.
+    agent.hup();
+    wait_log(&agent, "config reloaded", 1);
+    assert!(
+        idle.len() >= 4500,
+        "only {} of 5,000 clients could connect",
+        idle.len()
+    );
+    let m = metrics(&tb);
+    let web = "service=\"web\"";
+    let open = metric(&m, "sluice_http_connections{", &[web]);
+    assert!(
+        (open - 4000.0).abs() < 0.5,
+        "{open} client connections open, the cap 4,000\n{}",
+        m.lines()
+            .filter(|l| l.contains("connections"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    let max = metric(&m, "sluice_http_connections_max", &[web]);
+    assert!((max - 4000.0).abs() < 0.5, "the cap published as {max}");
+    assert!(
+        metric(&m, "sluice_http_connections_capped_total", &[web]) >= 1.0,
+        "{m}"
+    );
+    assert_eq!(
+        agent
+            .log()
+            .matches("client connections at max_connections")
+            .count(),
+        1,
+        "one line when the cap is reached:\n{}",
+        agent.log()
+    );
+    // Closed, they make room: a new client is served.
+    drop(idle);
+    let t = Instant::now();
+    let mut fresh = loop {
+        match netns::run_in(&tb.client, || {
+            KeptAlive::connect(vip(), Duration::from_secs(5))
+        }) {
+            Ok(c) => break c,
+            Err(e) => assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "no new connection: {e}"
+            ),
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(get_as(&mut fresh, "/", &[]).status, 200);
+    drop(agent);
+}

@@ -298,6 +298,10 @@ pub struct HttpLimits {
     /// shorter than `response_timeout`: a client waiting for a slow answer
     /// is idle meanwhile).
     pub idle_timeout: Duration,
+    /// Most client connections open at once (further ones wait in the
+    /// listen backlog); `None`: an even share of what the open-file limit
+    /// leaves (see `l7::admit`).
+    pub max_connections: Option<u32>,
 }
 
 /// `[service.http]`: how a `layer = "http"` service's requests are routed
@@ -336,6 +340,7 @@ impl Default for HttpConfig {
                 max_request_line: 8192,
                 header_timeout: Duration::from_secs(10),
                 idle_timeout: Duration::from_mins(1),
+                max_connections: None,
             },
             connect_timeout: Duration::from_secs(1),
             response_timeout: Duration::from_secs(30),

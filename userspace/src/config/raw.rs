@@ -217,6 +217,7 @@ pub(super) struct RawHttp {
     pub(super) idle_timeout_secs: Option<Field<u32>>,
     pub(super) connect_timeout_ms: Option<Field<u32>>,
     pub(super) response_timeout_ms: Option<Field<u32>>,
+    pub(super) max_connections: Option<Field<u32>>,
     #[serde(default)]
     pub(super) priority: Vec<Spanned<RawPriority>>,
 }

@@ -21,6 +21,7 @@
 //!
 //! May import `config`, `sys` and `telemetry`.
 
+mod admit;
 mod limit;
 mod pool;
 mod proxy;
@@ -118,6 +119,19 @@ pub enum L7Error {
         addr: SocketAddr,
         #[source]
         source: std::io::Error,
+    },
+    #[error(
+        "`{field}`: {clients} client connections, {pools} connections to instances, {listeners} listeners and {} descriptors kept for the agent's own files exceed the open-file limit of {limit}; fix: {fix}",
+        admit::RESERVE
+    )]
+    Descriptors {
+        /// The field to change, e.g. `service[0].http.max_connections`.
+        field: String,
+        clients: u64,
+        pools: u64,
+        listeners: u64,
+        limit: u64,
+        fix: String,
     },
     #[error("starting the L7 distributor's threads")]
     Runtime(#[source] std::io::Error),
@@ -287,6 +301,8 @@ pub struct Staged {
     new: Vec<(String, Bound)>,
     /// Local routes added for VIPs new to the distributor.
     routes: Vec<(IpAddr, LocalRoute)>,
+    /// Each service's cap on client connections.
+    caps: HashMap<String, u32>,
 }
 
 /// Ids the plan gave services and instances.
@@ -305,6 +321,8 @@ pub struct Distributor {
     owners: Arc<dyn Owners>,
     services: HashMap<String, Listening>,
     counts: HashMap<String, Arc<ServiceCounts>>,
+    /// Each service's client connections; kept across reloads.
+    gates: HashMap<String, Arc<admit::Gate>>,
     /// Local routes the distributor added, by VIP (removed on drop).
     routes: HashMap<IpAddr, LocalRoute>,
     clock: Instant,
@@ -347,6 +365,7 @@ impl Distributor {
             owners,
             services: HashMap::new(),
             counts: HashMap::new(),
+            gates: HashMap::new(),
             routes: HashMap::new(),
             clock: Instant::now(),
         }
@@ -359,6 +378,13 @@ impl Distributor {
         if self.workers.is_none() && config.services.iter().any(|s| s.http.is_some()) {
             self.workers = Some(workers::Workers::start().map_err(L7Error::Runtime)?);
         }
+        // Before anything is bound: a configuration whose connections
+        // cannot all have a descriptor is refused whole.
+        let caps = admit::caps(
+            config,
+            self.workers.as_ref().map_or(1, workers::Workers::len),
+            crate::sys::rlimit::nofile(),
+        )?;
         let mut routes: Vec<(IpAddr, LocalRoute)> = Vec::new();
         for s in config.services.iter().filter(|s| s.http.is_some()) {
             for vip in &s.vips {
@@ -394,7 +420,7 @@ impl Distributor {
             }
             new.push((s.name.clone(), bound));
         }
-        Ok(Staged { new, routes })
+        Ok(Staged { new, routes, caps })
     }
 
     /// Serves `config`'s http services with what [`Self::stage`] bound:
@@ -410,6 +436,13 @@ impl Distributor {
             .filter_map(|s| Some((s.name.clone(), Arc::new(self.build(s, ids)?))))
             .collect();
         self.services.retain(|name, _| built.contains_key(name));
+        self.gates.retain(|name, _| built.contains_key(name));
+        for (name, cap) in &staged.caps {
+            self.gates
+                .entry(name.clone())
+                .or_insert_with(|| admit::Gate::new(name, *cap))
+                .resize(*cap);
+        }
         for (name, l) in &self.services {
             if let Some(svc) = built.get(name) {
                 *l.slot.0.write().expect("slot lock") = svc.clone();
@@ -420,6 +453,7 @@ impl Distributor {
                 continue;
             };
             let slot = Arc::new(Slot(RwLock::new(svc)));
+            let gate = self.gates.get(&name).expect("made above").clone();
             let addrs = bound.iter().map(|(a, _)| *a).collect();
             let workers = self.workers.as_ref().expect("made by stage");
             let tasks = bound
@@ -427,7 +461,7 @@ impl Distributor {
                 .flat_map(|(addr, listeners)| {
                     tracing::info!(service = %name, %addr, workers = listeners.len(), "listening for HTTP requests");
                     listeners.into_iter().enumerate().map(|(k, l)| {
-                        workers.handle(k).spawn(proxy::accept(l, slot.clone()))
+                        workers.handle(k).spawn(proxy::accept(l, slot.clone(), gate.clone()))
                     })
                 })
                 .collect();
@@ -579,6 +613,10 @@ impl Distributor {
                 crate::telemetry::http_routed(&svc.name, how.label(), n.load(Relaxed));
             }
             crate::telemetry::http_retries(&svc.name, c.retries.load(Relaxed));
+            if let Some(g) = self.gates.get(&svc.name) {
+                let (open, max, capped) = g.counts();
+                crate::telemetry::http_connections(&svc.name, open, max, capped);
+            }
             for b in &svc.backends {
                 let s = &b.stats;
                 let classes: Vec<(&str, u64)> = stats::CLASSES

@@ -271,6 +271,11 @@ impl Checker<'_> {
             100,
             3_600_000,
         );
+        // Absent, the distributor derives it from the open-file limit.
+        let max_connections = match raw.max_connections.take() {
+            None => Some(None),
+            f => int(self, f, "max_connections", 0, 1, 1_000_000).map(Some),
+        };
         let (idle_timeout, response_timeout) = (idle_timeout?, response_timeout?);
         let span = idle_span.or(response_span);
         if !self.idle_outlasts_response(at, idle_timeout, response_timeout, span.as_ref()) {
@@ -285,6 +290,7 @@ impl Checker<'_> {
                 max_request_line: max_request_line?,
                 header_timeout: header_timeout?,
                 idle_timeout,
+                max_connections: max_connections?,
             },
             connect_timeout: connect_timeout?,
             response_timeout,
@@ -674,6 +680,12 @@ addr = "[fd00:5100:0:18::2]:8080"
                 "out of range",
             ),
             (
+                "pool_size = 8",
+                "pool_size = 8\nmax_connections = 0",
+                "service[0].http.max_connections",
+                "out of range",
+            ),
+            (
                 "instances = [\"web-2\"]",
                 "instances = [\"web-9\"]",
                 "service[0].http.priority[0].instances",
@@ -730,6 +742,20 @@ addr = "[fd00:5100:0:18::2]:8080"
             "idle_timeout_secs = 30\nresponse_timeout_ms = 30000",
         );
         assert!(parse(&equal).is_ok(), "equal timeouts");
+    }
+
+    #[test]
+    fn max_connections_is_given_or_left_to_the_distributor() {
+        let given = WEB.replace("pool_size = 8", "pool_size = 8\nmax_connections = 500");
+        let limits = |text: &str| {
+            parse(text).unwrap().services[0]
+                .http
+                .clone()
+                .unwrap()
+                .limits
+        };
+        assert_eq!(limits(&given).max_connections, Some(500));
+        assert_eq!(limits(WEB).max_connections, None, "derived");
     }
 
     #[test]
