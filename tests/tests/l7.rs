@@ -892,34 +892,33 @@ fn open_idle(tb: &Testbed, n: usize, timeout: Duration) -> Vec<std::net::TcpStre
     })
 }
 
-#[test]
-fn five_thousand_idle_clients_are_capped_and_the_agent_keeps_serving_and_its_own_files() {
-    // This process holds the 5,000 client sockets itself.
-    let own = rustix::process::getrlimit(rustix::process::Resource::Nofile);
+/// Raises this process's soft open-file limit to its hard one, which must
+/// be at least `need`.
+fn raise_own_nofile(need: u64) {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let own = getrlimit(Resource::Nofile);
     let hard = own.maximum.unwrap_or(u64::MAX);
     assert!(
-        hard >= 6000,
-        "the test needs 6,000 descriptors; its hard limit is {hard}"
+        hard >= need,
+        "the test needs {need} descriptors; its hard limit is {hard}"
     );
-    rustix::process::setrlimit(
-        rustix::process::Resource::Nofile,
-        rustix::process::Rlimit {
-            current: Some(hard),
-            maximum: own.maximum,
-        },
-    )
-    .expect("raising this test's open-file limit");
-    let tb = testbed("l7cap", 1);
-    let _servers = backends(&tb);
-    let pins = PinDir::new("l7cap");
+    let raised = Rlimit {
+        current: Some(hard),
+        maximum: own.maximum,
+    };
+    setrlimit(Resource::Nofile, raised).expect("raising this test's open-file limit");
+}
+
+/// As [`start`], the agent started as a service manager starts it: soft
+/// open-file limit 1,024, hard 8,192.
+fn start_at_1024(tb: &Testbed, tag: &str, config: &str) -> Running {
+    let pins = PinDir::new(tag);
     let state = tempfile::tempdir().expect("tempdir");
-    let http = "max_connections = 4000\nheader_timeout_ms = 60000\nidle_timeout_secs = 120";
-    // Started as a service manager starts it: soft limit 1,024.
     let agent = process::start_on_with_nofile(
         &tb.host,
         NIC,
         &process::Start {
-            config: &config(&tb, http, ""),
+            config,
             pin_dir: &pins.0,
             state: &state.path().join("state.json"),
             cleanup: true,
@@ -928,6 +927,22 @@ fn five_thousand_idle_clients_are_capped_and_the_agent_keeps_serving_and_its_own
         1024,
         8192,
     );
+    Running {
+        agent,
+        _pins: pins,
+        _state: state,
+    }
+}
+
+#[test]
+fn five_thousand_idle_clients_are_capped_and_the_agent_keeps_serving_and_its_own_files() {
+    // This process holds the 5,000 client sockets itself.
+    raise_own_nofile(6000);
+    let tb = testbed("l7cap", 1);
+    let _servers = backends(&tb);
+    let http = "max_connections = 4000\nheader_timeout_ms = 60000\nidle_timeout_secs = 120";
+    let run = start_at_1024(&tb, "l7cap", &config(&tb, http, ""));
+    let agent = &run.agent;
     let mut good = connect(&tb);
     assert_eq!(get_as(&mut good, "/", &[]).status, 200);
 
@@ -948,7 +963,7 @@ fn five_thousand_idle_clients_are_capped_and_the_agent_keeps_serving_and_its_own
     );
     // A reload reads the config and writes the state file.
     agent.hup();
-    wait_log(&agent, "config reloaded", 1);
+    wait_log(agent, "config reloaded", 1);
     assert!(
         idle.len() >= 4500,
         "only {} of 5,000 clients could connect",
@@ -996,5 +1011,25 @@ fn five_thousand_idle_clients_are_capped_and_the_agent_keeps_serving_and_its_own
         std::thread::sleep(Duration::from_millis(100));
     };
     assert_eq!(get_as(&mut fresh, "/", &[]).status, 200);
-    drop(agent);
+    // A cap the open-file limit (8,192) cannot hold is refused, naming the
+    // field; the running cap stays.
+    std::fs::write(
+        agent.config_path(),
+        config(&tb, &http.replace("4000", "100000"), ""),
+    )
+    .expect("config");
+    agent.hup();
+    wait_log(agent, "config reload refused", 1);
+    assert!(
+        agent.log().contains("service[0].http.max_connections"),
+        "the refusal names the field:\n{}",
+        agent.log()
+    );
+    let m = metrics(&tb);
+    let max = metric(&m, "sluice_http_connections_max", &[web]);
+    assert!(
+        (max - 4000.0).abs() < 0.5,
+        "the cap after a refused reload: {max}"
+    );
+    drop(run);
 }

@@ -42,8 +42,8 @@ pub(super) struct Gate {
     open: Arc<Limit>,
     /// Connections that waited in the backlog for the cap.
     capped: AtomicU64,
-    /// At the cap since the last time a connection was let in without a
-    /// wait (the log says so once a transition).
+    /// At the cap since a connection was last let in under 90 % of it
+    /// (the log says so once a transition).
     full: AtomicBool,
 }
 
@@ -68,8 +68,11 @@ impl Gate {
     /// is one; hold it until the connection closes.
     pub(super) async fn admit(&self) -> Lease {
         if let Some(l) = self.open.try_take() {
-            if self.full.swap(false, Relaxed) {
-                tracing::info!(service = %self.service, open = self.open.held(), max_connections = self.open.size(), "below max_connections again: accepting client connections");
+            // Left once under 90 %: a cap reached over and over while
+            // clients come and go says so once.
+            let (open, max) = (u64::from(self.open.held()), u64::from(self.open.size()));
+            if open * 10 < max * 9 && self.full.swap(false, Relaxed) {
+                tracing::info!(service = %self.service, open, max_connections = max, "under 90 % of max_connections again: accepting client connections at once");
             }
             return l;
         }
