@@ -111,6 +111,9 @@ pub(super) fn caps(
         .enumerate()
         .filter_map(|(i, s)| Some((i, s, s.http.as_ref()?)))
         .collect();
+    if http.is_empty() {
+        return Ok(HashMap::new());
+    }
     let pools: u64 = http
         .iter()
         .map(|(_, s, h)| u64::from(h.pool_size) * s.instances.len() as u64)
@@ -237,6 +240,10 @@ mod tests {
         assert_eq!(c["s2"], 1000);
         let all = caps(&config(&[None]), 2, 1 << 40).unwrap();
         assert_eq!(u64::from(all["s0"]), MAX);
+        // No http service: nothing to fit, whatever the limit.
+        let l4 = "[[service]]\nname = \"dns\"\nvip = \"198.18.1.9\"\nport = 53\nprotocol = \"udp\"\n\n[[service.instance]]\nname = \"d0\"\nveth = \"vd0\"\n";
+        let l4 = Config::parse(l4, Path::new("t.toml")).unwrap();
+        assert!(caps(&l4, 2, 10).unwrap().is_empty());
     }
 
     #[test]
