@@ -61,19 +61,30 @@ pub fn config_wlm(tb: &Testbed, wlm: &str, http: &str, extra: &str) -> String {
 
 #[must_use]
 pub fn start(tb: &Testbed, tag: &str, config: &str) -> Running {
+    start_with(tb, tag, config, None)
+}
+
+/// As [`start`], the agent started with open-file limits `(soft, hard)`
+/// (as a service manager starts it: soft 1,024), whatever this process has.
+#[must_use]
+pub fn start_with_nofile(tb: &Testbed, tag: &str, config: &str, soft: u64, hard: u64) -> Running {
+    start_with(tb, tag, config, Some((soft, hard)))
+}
+
+fn start_with(tb: &Testbed, tag: &str, config: &str, nofile: Option<(u64, u64)>) -> Running {
     let pins = PinDir::new(tag);
     let state = tempfile::tempdir().expect("tempdir");
-    let agent = process::start_on(
-        &tb.host,
-        NIC,
-        &process::Start {
-            config,
-            pin_dir: &pins.0,
-            state: &state.path().join("state.json"),
-            cleanup: true,
-            metrics_port: METRICS,
-        },
-    );
+    let s = process::Start {
+        config,
+        pin_dir: &pins.0,
+        state: &state.path().join("state.json"),
+        cleanup: true,
+        metrics_port: METRICS,
+    };
+    let agent = match nofile {
+        None => process::start_on(&tb.host, NIC, &s),
+        Some((soft, hard)) => process::start_on_with_nofile(&tb.host, NIC, &s, soft, hard),
+    };
     Running {
         agent,
         _pins: pins,

@@ -191,11 +191,36 @@ pub fn start(ns: &Netns, s: &Start<'_>) -> Agent {
 /// answers.
 #[must_use]
 pub fn start_on(ns: &str, iface: &str, s: &Start<'_>) -> Agent {
+    start_limited(ns, iface, s, None)
+}
+
+/// As [`start_on`], the agent started with the open-file limits `soft` and
+/// `hard` (e.g. the usual soft limit, 1,024), whatever this process has.
+#[must_use]
+pub fn start_on_with_nofile(ns: &str, iface: &str, s: &Start<'_>, soft: u64, hard: u64) -> Agent {
+    start_limited(ns, iface, s, Some((soft, hard)))
+}
+
+fn start_limited(ns: &str, iface: &str, s: &Start<'_>, nofile: Option<(u64, u64)>) -> Agent {
     let dir = tempfile::tempdir().expect("tempdir");
     let socket = dir.path().join("agent.sock");
-    let child = run_command(ns, iface, s, dir.path())
-        .spawn()
-        .expect("start sluice");
+    let mut cmd = run_command(ns, iface, s, dir.path());
+    if let Some((soft, hard)) = nofile {
+        use std::os::unix::process::CommandExt as _;
+        let limit = rustix::process::Rlimit {
+            current: Some(soft),
+            maximum: Some(hard),
+        };
+        // SAFETY: between fork and exec only setrlimit runs, a plain
+        // system call (async-signal-safe), on a value made before the fork.
+        unsafe {
+            cmd.pre_exec(move || {
+                rustix::process::setrlimit(rustix::process::Resource::Nofile, limit)
+                    .map_err(Into::into)
+            });
+        }
+    }
+    let child = cmd.spawn().expect("start sluice");
     let mut agent = Agent { child, socket, dir };
     let t = Instant::now();
     while sluice::api::call(&agent.socket, &sluice::api::Request::Status {}).is_err() {

@@ -18,7 +18,8 @@ use sluice::{api, plan::Group};
 use sluice_tests::{
     http::{self, Backend, KeptAlive, PyServer},
     l7bed::{
-        PORT, backends, config, config_wlm, connect, get_as, metric, metrics, start, testbed, vip,
+        PORT, Running, backends, config, config_wlm, connect, get_as, metric, metrics, start,
+        start_with_nofile, testbed, vip,
     },
     netns,
     process::{self, Agent},
@@ -838,4 +839,249 @@ fn a_reload_reroutes_open_connections_and_a_refused_one_changes_nothing() {
     assert_eq!(at(&mut c, "gold"), HashSet::from(["web-1".to_owned()]));
     assert_eq!(at(&mut c, "plain"), HashSet::from(["web-0".to_owned()]));
     drop(taken);
+}
+
+/// Waits (at most `limit`) until `ok` holds of the backend's connections
+/// (open now, most at once); the last seen.
+fn wait_connections(
+    b: &Backend,
+    limit: Duration,
+    ok: impl Fn((usize, usize)) -> bool,
+) -> Result<(usize, usize), (usize, usize)> {
+    let t = Instant::now();
+    loop {
+        let c = b.connections();
+        if ok(c) {
+            return Ok(c);
+        }
+        if t.elapsed() > limit {
+            return Err(c);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// `clients` kept-alive clients, each sending `each` GETs to a backend
+/// that holds every request 50 ms: many requests wait for a pooled
+/// connection at once, on every worker thread.
+fn crowd(tb: &Testbed, clients: usize, each: usize) {
+    let statuses = load(tb, clients, each, |_, _, c| get_as(c, "/", &[]).status).join();
+    assert_eq!(statuses.len(), clients * each);
+    assert!(
+        statuses.iter().all(|s| *s == 200),
+        "answered {:?}",
+        statuses.iter().filter(|s| **s != 200).collect::<Vec<_>>()
+    );
+}
+
+#[test]
+fn pool_size_caps_connections_to_an_instance_over_all_worker_threads() {
+    // The distributor runs a thread a CPU (the agent runs on this machine).
+    let threads = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+    assert!(
+        threads >= 2,
+        "needs two CPUs, for two worker threads; this machine has {threads}"
+    );
+    let tb = testbed("l7pool", 1);
+    let servers = backends(&tb);
+    servers[0].set_delay(Duration::from_millis(50));
+    let _run = start(&tb, "l7pool", &config(&tb, "pool_size = 2", ""));
+    // 12 client connections: spread by the kernel over the workers' own
+    // listening sockets (all on one: 1 in 2,048).
+    crowd(&tb, 12, 4);
+    let (_, most) = servers[0].connections();
+    assert!(
+        most <= 2,
+        "pool_size = 2, and {most} connections were open to the instance at once"
+    );
+}
+
+#[test]
+fn a_reload_applies_pool_size_and_pool_idle_to_instances_it_keeps() {
+    let tb = testbed("l7pool2", 1);
+    let servers = backends(&tb);
+    servers[0].set_delay(Duration::from_millis(50));
+    let run = start(&tb, "l7pool2", &config(&tb, "pool_size = 8", ""));
+    crowd(&tb, 12, 4);
+    let (open, most) = servers[0].connections();
+    assert!(most >= 4, "pool_size = 8 let only {most} open at once");
+    std::fs::write(
+        run.agent.config_path(),
+        config(&tb, "pool_size = 2\npool_idle_secs = 1", ""),
+    )
+    .expect("config");
+    run.agent.hup();
+    wait_log(&run.agent, "config reloaded", 1);
+    // The idle connections beyond the new size are closed at once...
+    let (open, _) = wait_connections(&servers[0], Duration::from_secs(5), |(o, _)| o <= 2)
+        .unwrap_or_else(|c| {
+            panic!("pool_size 8 -> 2: {c:?} (open, most) to the instance after the reload, {open} before")
+        });
+    servers[0].reset_most_open();
+    // ...no more than 2 open under the same crowd...
+    crowd(&tb, 12, 4);
+    let (_, most) = servers[0].connections();
+    assert!(
+        most <= 2,
+        "pool_size 8 -> 2: {most} open at once after the reload ({open} when it was applied)"
+    );
+    // ...and those left idle close after the new pool_idle_secs (1 s, the
+    // old 30 s) and the next sweep (every 200 ms interval).
+    wait_connections(&servers[0], Duration::from_secs(6), |(o, _)| o == 0).unwrap_or_else(|c| {
+        panic!(
+            "pool_idle_secs 30 -> 1: {c:?} (open, most) to the instance 6 s after the last request"
+        )
+    });
+}
+
+/// Opens `n` connections to the VIP from the client namespace, all at
+/// once, each given `timeout` to connect; those that did, left idle.
+fn open_idle(tb: &Testbed, n: usize, timeout: Duration) -> Vec<std::net::TcpStream> {
+    netns::run_in(&tb.client, || {
+        // One thread, this one: every socket is made in the namespace.
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            let tasks: Vec<_> = (0..n)
+                .map(|_| {
+                    tokio::spawn(tokio::time::timeout(
+                        timeout,
+                        tokio::net::TcpStream::connect(vip()),
+                    ))
+                })
+                .collect();
+            let mut open = Vec::with_capacity(n);
+            for t in tasks {
+                if let Ok(Ok(Ok(s))) = t.await {
+                    open.push(s.into_std().expect("a std stream"));
+                }
+            }
+            open
+        })
+    })
+}
+
+/// Raises this process's soft open-file limit to its hard one, which must
+/// be at least `need`.
+fn raise_own_nofile(need: u64) {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let own = getrlimit(Resource::Nofile);
+    let hard = own.maximum.unwrap_or(u64::MAX);
+    assert!(
+        hard >= need,
+        "the test needs {need} descriptors; its hard limit is {hard}"
+    );
+    let raised = Rlimit {
+        current: Some(hard),
+        maximum: own.maximum,
+    };
+    setrlimit(Resource::Nofile, raised).expect("raising this test's open-file limit");
+}
+
+/// As [`start`], the agent started as a service manager starts it: soft
+/// open-file limit 1,024, hard 8,192.
+fn start_at_1024(tb: &Testbed, tag: &str, config: &str) -> Running {
+    start_with_nofile(tb, tag, config, 1024, 8192)
+}
+
+#[test]
+fn five_thousand_idle_clients_are_capped_and_the_agent_keeps_serving_and_its_own_files() {
+    // This process holds the 5,000 client sockets itself.
+    raise_own_nofile(6000);
+    let tb = testbed("l7cap", 1);
+    let _servers = backends(&tb);
+    let http = "max_connections = 4000\nheader_timeout_ms = 60000\nidle_timeout_secs = 120";
+    let run = start_at_1024(&tb, "l7cap", &config(&tb, http, ""));
+    let agent = &run.agent;
+    let mut good = connect(&tb);
+    assert_eq!(get_as(&mut good, "/", &[]).status, 200);
+
+    let idle = open_idle(&tb, 5000, Duration::from_secs(8));
+    eprintln!("{} of 5,000 idle connections made", idle.len());
+    // The agent accepts what it will meanwhile.
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        get_as(&mut good, "/", &[]).status,
+        200,
+        "a client already served, with 5,000 more open"
+    );
+    let status = api::call(&agent.socket, &api::Request::Status {});
+    assert!(
+        status.is_ok(),
+        "the agent's API, with 5,000 clients open: {status:?}\n{}",
+        agent.log()
+    );
+    // A reload reads the config and writes the state file.
+    agent.hup();
+    wait_log(agent, "config reloaded", 1);
+    assert!(
+        idle.len() >= 4500,
+        "only {} of 5,000 clients could connect",
+        idle.len()
+    );
+    let m = metrics(&tb);
+    let web = "service=\"web\"";
+    let open = metric(&m, "sluice_http_connections{", &[web]);
+    assert!(
+        (open - 4000.0).abs() < 0.5,
+        "{open} client connections open, the cap 4,000\n{}",
+        m.lines()
+            .filter(|l| l.contains("connections"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    let max = metric(&m, "sluice_http_connections_max", &[web]);
+    assert!((max - 4000.0).abs() < 0.5, "the cap published as {max}");
+    assert!(
+        metric(&m, "sluice_http_connections_capped_total", &[web]) >= 1.0,
+        "{m}"
+    );
+    assert_eq!(
+        agent
+            .log()
+            .matches("client connections at max_connections")
+            .count(),
+        1,
+        "one line when the cap is reached:\n{}",
+        agent.log()
+    );
+    // Closed, they make room: a new client is served.
+    drop(idle);
+    let t = Instant::now();
+    let mut fresh = loop {
+        match netns::run_in(&tb.client, || {
+            KeptAlive::connect(vip(), Duration::from_secs(5))
+        }) {
+            Ok(c) => break c,
+            Err(e) => assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "no new connection: {e}"
+            ),
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(get_as(&mut fresh, "/", &[]).status, 200);
+    // A cap the open-file limit (8,192) cannot hold is refused, naming the
+    // field; the running cap stays.
+    std::fs::write(
+        agent.config_path(),
+        config(&tb, &http.replace("4000", "100000"), ""),
+    )
+    .expect("config");
+    agent.hup();
+    wait_log(agent, "config reload refused", 1);
+    assert!(
+        agent.log().contains("service[0].http.max_connections"),
+        "the refusal names the field:\n{}",
+        agent.log()
+    );
+    let m = metrics(&tb);
+    let max = metric(&m, "sluice_http_connections_max", &[web]);
+    assert!(
+        (max - 4000.0).abs() < 0.5,
+        "the cap after a refused reload: {max}"
+    );
+    drop(run);
 }

@@ -191,6 +191,18 @@ fn describe_http() {
         "HTTP requests sent again to another instance after the first failed"
     );
     describe_gauge!(
+        "sluice_http_connections",
+        "Client connections open to an http service"
+    );
+    describe_gauge!(
+        "sluice_http_connections_max",
+        "Most client connections an http service holds open (max_connections, or its share of the open-file limit)"
+    );
+    describe_counter!(
+        "sluice_http_connections_capped_total",
+        "Client connections of an http service kept waiting in the listen backlog because max_connections were open"
+    );
+    describe_gauge!(
         "sluice_scale_instances",
         "Instances of a scaled service in the data path"
     );
@@ -523,6 +535,15 @@ pub fn http_routed(service: &str, how: &'static str, n: u64) {
 /// Requests sent again to another instance.
 pub fn http_retries(service: &str, n: u64) {
     counter!("sluice_http_retries_total", "service" => service.to_owned()).absolute(n);
+}
+
+/// A service's client connections: open now, its cap, and how often the
+/// cap stopped its listeners.
+pub fn http_connections(service: &str, open: u32, max: u32, capped: u64) {
+    gauge!("sluice_http_connections", "service" => service.to_owned()).set(f64::from(open));
+    gauge!("sluice_http_connections_max", "service" => service.to_owned()).set(f64::from(max));
+    counter!("sluice_http_connections_capped_total", "service" => service.to_owned())
+        .absolute(capped);
 }
 
 /// How the program is attached to `iface` (`native` or `generic`).

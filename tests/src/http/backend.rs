@@ -75,6 +75,9 @@ struct State {
     delay_us: AtomicU64,
     requests: AtomicUsize,
     log: Mutex<VecDeque<SeenRequest>>,
+    /// Connections open now, and the most ever open at once.
+    open: AtomicUsize,
+    most_open: AtomicUsize,
 }
 
 /// A running backend; stopped on drop. Routes:
@@ -119,6 +122,8 @@ impl Backend {
             delay_us: AtomicU64::new(0),
             requests: AtomicUsize::new(0),
             log: Mutex::new(VecDeque::new()),
+            open: AtomicUsize::new(0),
+            most_open: AtomicUsize::new(0),
         });
         let (stop, stopped) = oneshot::channel();
         let shared = Arc::clone(&state);
@@ -139,6 +144,22 @@ impl Backend {
     #[must_use]
     pub fn requests(&self) -> usize {
         self.state.requests.load(Ordering::Relaxed)
+    }
+
+    /// Connections open to it now, and the most open at once since it
+    /// started (or since [`Backend::reset_most_open`]).
+    #[must_use]
+    pub fn connections(&self) -> (usize, usize) {
+        (
+            self.state.open.load(Ordering::Relaxed),
+            self.state.most_open.load(Ordering::Relaxed),
+        )
+    }
+
+    /// Starts counting the most connections open at once afresh.
+    pub fn reset_most_open(&self) {
+        let open = self.state.open.load(Ordering::Relaxed);
+        self.state.most_open.store(open, Ordering::Relaxed);
     }
 
     /// The last 100,000 requests received, oldest first.
@@ -225,7 +246,11 @@ async fn accept(listener: &tokio::net::TcpListener, state: &Arc<State>) {
         let _ = stream.set_nodelay(true);
         let state = Arc::clone(state);
         tokio::spawn(async move {
-            let service = service_fn(move |req| answer(Arc::clone(&state), req));
+            let _open = Open::new(&state);
+            let service = {
+                let state = Arc::clone(&state);
+                service_fn(move |req| answer(Arc::clone(&state), req))
+            };
             // A client that goes away mid-request is no error of the
             // backend's.
             let _ = http1::Builder::new()
@@ -234,6 +259,23 @@ async fn accept(listener: &tokio::net::TcpListener, state: &Arc<State>) {
                 .with_upgrades()
                 .await;
         });
+    }
+}
+
+/// Counts a connection open while it lives.
+struct Open(Arc<State>);
+
+impl Open {
+    fn new(state: &Arc<State>) -> Self {
+        let now = state.open.fetch_add(1, Ordering::Relaxed) + 1;
+        state.most_open.fetch_max(now, Ordering::Relaxed);
+        Self(Arc::clone(state))
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

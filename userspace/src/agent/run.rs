@@ -31,7 +31,7 @@ use crate::{
     control::{InstanceState, InstanceStatus},
     coord::{CoordStore, EmbeddedStore, Event},
     datapath::{AttachMode, Datapath as _, xdp},
-    sys::lock::AgentLock,
+    sys::{lock::AgentLock, rlimit},
     telemetry,
 };
 
@@ -60,6 +60,15 @@ pub struct RunOptions {
 
 /// Runs the agent until SIGINT or SIGTERM.
 pub fn run(a: &RunOptions) -> anyhow::Result<()> {
+    // First: every client connection of the L7 distributor is a descriptor,
+    // and at the usual soft limit (1,024) a thousand clients would leave
+    // none for the state file, etcd or a namespace.
+    match rlimit::raise_nofile() {
+        Ok(n) => tracing::info!(before = n.before, now = n.now, "open-file limit"),
+        Err(e) => {
+            tracing::warn!(error = %e, limit = rlimit::nofile(), "cannot raise the open-file limit; going on with it");
+        }
+    }
     let base = Config::load(&a.config)?;
     // Before anything of the running data path or the store is read or
     // written: a second agent started by mistake touches nothing.

@@ -294,8 +294,14 @@ pub struct HttpLimits {
     /// A request head must arrive whole within this (slowloris: 408 and
     /// closed).
     pub header_timeout: Duration,
-    /// A kept-alive client connection idle this long is closed.
+    /// A kept-alive client connection idle this long is closed (never
+    /// shorter than `response_timeout`: a client waiting for a slow answer
+    /// is idle meanwhile).
     pub idle_timeout: Duration,
+    /// Most client connections open at once (further ones wait in the
+    /// listen backlog); `None`: an even share of what the open-file limit
+    /// leaves (see `l7::admit`).
+    pub max_connections: Option<u32>,
 }
 
 /// `[service.http]`: how a `layer = "http"` service's requests are routed
@@ -309,7 +315,8 @@ pub struct HttpConfig {
     /// Requests matching no rule may go to reserved instances when no
     /// other instance can take them.
     pub spill: bool,
-    /// Most kept-alive connections to one instance.
+    /// Most connections open to one instance, busy or idle, over all the
+    /// distributor's threads.
     pub pool_size: u32,
     /// An idle pooled connection is closed after this.
     pub pool_idle: Duration,
@@ -342,6 +349,7 @@ impl Default for HttpConfig {
                 max_request_line: 8192,
                 header_timeout: Duration::from_secs(10),
                 idle_timeout: Duration::from_mins(1),
+                max_connections: None,
             },
             connect_timeout: Duration::from_secs(1),
             response_timeout: Duration::from_secs(30),

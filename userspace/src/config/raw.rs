@@ -219,6 +219,7 @@ pub(super) struct RawHttp {
     pub(super) response_timeout_ms: Option<Field<u32>>,
     pub(super) body_buffer_bytes: Option<Field<u32>>,
     pub(super) eject_after_failures: Option<Field<u32>>,
+    pub(super) max_connections: Option<Field<u32>>,
     #[serde(default)]
     pub(super) priority: Vec<Spanned<RawPriority>>,
 }

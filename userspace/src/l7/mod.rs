@@ -21,7 +21,9 @@
 //!
 //! May import `config`, `sys` and `telemetry`.
 
+mod admit;
 mod forwarded;
+mod limit;
 mod pool;
 mod proxy;
 pub mod route;
@@ -120,6 +122,19 @@ pub enum L7Error {
         #[source]
         source: std::io::Error,
     },
+    #[error(
+        "`{field}`: {clients} client connections, {pools} connections to instances, {listeners} listeners and {} descriptors kept for the agent's own files exceed the open-file limit of {limit}; fix: {fix}",
+        admit::RESERVE
+    )]
+    Descriptors {
+        /// The field to change, e.g. `service[0].http.max_connections`.
+        field: String,
+        clients: u64,
+        pools: u64,
+        listeners: u64,
+        limit: u64,
+        fix: String,
+    },
     #[error("starting the L7 distributor's threads")]
     Runtime(#[source] std::io::Error),
     #[error(
@@ -139,8 +154,8 @@ pub struct Backend {
     pub id: u32,
     /// In a priority subset: only its rules' requests (or spill-over).
     pub reserved: bool,
-    /// One pool a worker thread.
-    pools: Vec<pool::Pool>,
+    /// Its connections, `pool_size` at most over all worker threads.
+    pool: pool::Pool,
     pub stats: stats::InstanceStats,
     /// Failed, as the control loop says (veth gone, reports stopped).
     failed: AtomicBool,
@@ -153,18 +168,16 @@ pub struct Backend {
 }
 
 impl Backend {
-    /// The calling worker's pool.
+    /// Its pool (the calling worker's idle connections in it).
     fn pool(&self) -> &pool::Pool {
-        &self.pools[workers::current() % self.pools.len()]
+        &self.pool
     }
 
-    /// Open connections and idle ones, over every worker's pool; and how
-    /// many were ever opened.
+    /// Open connections and idle ones, over every worker; and how many
+    /// were ever opened.
     fn connections(&self) -> (u32, u32, u64) {
-        self.pools.iter().fold((0, 0, 0), |(o, i, n), p| {
-            let (po, pi) = p.connections();
-            (o + po, i + pi, n + p.opened.load(Relaxed))
-        })
+        let (open, idle) = self.pool.connections();
+        (open, idle, self.pool.opened.load(Relaxed))
     }
 }
 
@@ -311,6 +324,8 @@ pub struct Staged {
     new: Vec<(String, Bound)>,
     /// Local routes added for VIPs new to the distributor.
     routes: Vec<(IpAddr, LocalRoute)>,
+    /// Each service's cap on client connections.
+    caps: HashMap<String, u32>,
 }
 
 /// Ids the plan gave services and instances.
@@ -329,6 +344,8 @@ pub struct Distributor {
     owners: Arc<dyn Owners>,
     services: HashMap<String, Listening>,
     counts: HashMap<String, Arc<ServiceCounts>>,
+    /// Each service's client connections; kept across reloads.
+    gates: HashMap<String, Arc<admit::Gate>>,
     /// Local routes the distributor added, by VIP (removed on drop).
     routes: HashMap<IpAddr, LocalRoute>,
     clock: Instant,
@@ -371,6 +388,7 @@ impl Distributor {
             owners,
             services: HashMap::new(),
             counts: HashMap::new(),
+            gates: HashMap::new(),
             routes: HashMap::new(),
             clock: Instant::now(),
         }
@@ -383,6 +401,13 @@ impl Distributor {
         if self.workers.is_none() && config.services.iter().any(|s| s.http.is_some()) {
             self.workers = Some(workers::Workers::start().map_err(L7Error::Runtime)?);
         }
+        // Before anything is bound: a configuration whose connections
+        // cannot all have a descriptor is refused whole.
+        let caps = admit::caps(
+            config,
+            self.workers.as_ref().map_or(1, workers::Workers::len),
+            crate::sys::rlimit::nofile(),
+        )?;
         let mut routes: Vec<(IpAddr, LocalRoute)> = Vec::new();
         for s in config.services.iter().filter(|s| s.http.is_some()) {
             for vip in &s.vips {
@@ -418,7 +443,7 @@ impl Distributor {
             }
             new.push((s.name.clone(), bound));
         }
-        Ok(Staged { new, routes })
+        Ok(Staged { new, routes, caps })
     }
 
     /// Serves `config`'s http services with what [`Self::stage`] bound:
@@ -434,6 +459,13 @@ impl Distributor {
             .filter_map(|s| Some((s.name.clone(), Arc::new(self.build(s, ids)?))))
             .collect();
         self.services.retain(|name, _| built.contains_key(name));
+        self.gates.retain(|name, _| built.contains_key(name));
+        for (name, cap) in &staged.caps {
+            self.gates
+                .entry(name.clone())
+                .or_insert_with(|| admit::Gate::new(name, *cap))
+                .resize(*cap);
+        }
         for (name, l) in &self.services {
             if let Some(svc) = built.get(name) {
                 *l.slot.0.write().expect("slot lock") = svc.clone();
@@ -444,6 +476,7 @@ impl Distributor {
                 continue;
             };
             let slot = Arc::new(Slot(RwLock::new(svc)));
+            let gate = self.gates.get(&name).expect("made above").clone();
             let addrs = bound.iter().map(|(a, _)| *a).collect();
             let workers = self.workers.as_ref().expect("made by stage");
             let tasks = bound
@@ -451,7 +484,7 @@ impl Distributor {
                 .flat_map(|(addr, listeners)| {
                     tracing::info!(service = %name, %addr, workers = listeners.len(), "listening for HTTP requests");
                     listeners.into_iter().enumerate().map(|(k, l)| {
-                        workers.handle(k).spawn(proxy::accept(l, slot.clone()))
+                        workers.handle(k).spawn(proxy::accept(l, slot.clone(), gate.clone()))
                     })
                 })
                 .collect();
@@ -498,26 +531,24 @@ impl Distributor {
                 let reserved = cfg.is_reserved(&i.name);
                 match old.get(&i.name) {
                     Some(b)
-                        if b.pools[0].addr() == addr
-                            && b.id == inst_id
-                            && b.reserved == reserved =>
+                        if b.pool.addr() == addr && b.id == inst_id && b.reserved == reserved =>
                     {
+                        // Kept with its connections, under the new settings.
+                        b.pool
+                            .configure(cfg.pool_size, cfg.pool_idle, cfg.connect_timeout);
                         Some(b.clone())
                     }
                     _ => Some(Arc::new(Backend {
                         name: i.name.clone(),
                         id: inst_id,
                         reserved,
-                        pools: (0..workers)
-                            .map(|_| {
-                                pool::Pool::new(
-                                    addr,
-                                    cfg.pool_size,
-                                    cfg.pool_idle,
-                                    cfg.connect_timeout,
-                                )
-                            })
-                            .collect(),
+                        pool: pool::Pool::new(
+                            addr,
+                            cfg.pool_size,
+                            cfg.pool_idle,
+                            cfg.connect_timeout,
+                            workers,
+                        ),
                         stats: stats::InstanceStats::default(),
                         failed: AtomicBool::new(false),
                         down_until: AtomicU64::new(0),
@@ -590,9 +621,7 @@ impl Distributor {
     /// Closes idle connections past their time.
     pub fn sweep(&self) {
         for b in self.each_backend() {
-            for p in &b.pools {
-                p.sweep();
-            }
+            b.pool.sweep();
         }
     }
 
@@ -608,6 +637,10 @@ impl Distributor {
                 crate::telemetry::http_routed(&svc.name, how.label(), n.load(Relaxed));
             }
             crate::telemetry::http_retries(&svc.name, c.retries.load(Relaxed));
+            if let Some(g) = self.gates.get(&svc.name) {
+                let (open, max, capped) = g.counts();
+                crate::telemetry::http_connections(&svc.name, open, max, capped);
+            }
             for b in &svc.backends {
                 let s = &b.stats;
                 let classes: Vec<(&str, u64)> = stats::CLASSES

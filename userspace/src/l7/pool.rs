@@ -1,5 +1,6 @@
-//! Kept-alive connections to one instance: at most `size` open, idle ones
-//! reused newest first and closed after `idle`. A connection goes back to
+//! Kept-alive connections to one instance: at most `size` open over all
+//! the distributor's threads, idle ones kept by thread, reused newest first
+//! and closed after `idle`. A connection goes back to
 //! the pool only when its response has been relayed whole, so a slow
 //! client never holds up another request on it.
 
@@ -14,12 +15,12 @@ use std::{
 
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
-use tokio::{
-    net::TcpStream,
-    sync::{Notify, OwnedSemaphorePermit, Semaphore},
-};
+use tokio::{net::TcpStream, sync::Notify};
 
-use super::Body;
+use super::{
+    Body,
+    limit::{Lease, Limit},
+};
 
 #[derive(Debug, thiserror::Error)]
 pub(super) enum PoolError {
@@ -49,40 +50,68 @@ pub(super) enum PoolError {
 /// [`Pool::put`]).
 pub(super) struct Conn {
     pub(super) sender: SendRequest<Body>,
-    permit: OwnedSemaphorePermit,
+    lease: Lease,
 }
 
+fn ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// An idle connection, and since when.
+type Idle = (SendRequest<Body>, Lease, Instant);
+
+/// One instance's pool: at most `size` connections open over all the
+/// distributor's threads (one [`Limit`]), the idle ones kept per thread,
+/// so a request uses a connection its own thread drives where it can.
 pub(super) struct Pool {
     addr: SocketAddr,
-    size: u32,
-    idle_for: Duration,
-    connect_timeout: Duration,
-    /// One permit per open connection, busy or idle.
-    open: Arc<Semaphore>,
-    idle: Mutex<Vec<(SendRequest<Body>, OwnedSemaphorePermit, Instant)>>,
+    /// Settings a reload may change while it runs, in milliseconds
+    /// (atomics: read on every request, no lock).
+    idle_for_ms: AtomicU64,
+    connect_timeout_ms: AtomicU64,
+    /// One lease per open connection, busy or idle, on any thread.
+    open: Arc<Limit>,
+    /// Idle connections, by worker.
+    idle: Vec<Mutex<Vec<Idle>>>,
+    /// A connection was put back (on any worker).
     returned: Notify,
     /// Connections ever opened (a fresh connection per request would show).
     pub(super) opened: AtomicU64,
 }
 
 impl Pool {
+    /// A pool for `workers` threads.
     #[must_use]
     pub(super) fn new(
         addr: SocketAddr,
         size: u32,
         idle_for: Duration,
         connect_timeout: Duration,
+        workers: usize,
     ) -> Self {
+        let workers = workers.max(1);
         Self {
             addr,
-            size,
-            idle_for,
-            connect_timeout,
-            open: Arc::new(Semaphore::new(size as usize)),
-            idle: Mutex::new(Vec::new()),
+            idle_for_ms: AtomicU64::new(ms(idle_for)),
+            connect_timeout_ms: AtomicU64::new(ms(connect_timeout)),
+            open: Limit::new(size),
+            idle: (0..workers).map(|_| Mutex::default()).collect(),
             returned: Notify::new(),
             opened: AtomicU64::new(0),
         }
+    }
+
+    /// Takes a reload's settings: a smaller `size` closes idle connections
+    /// at once and busy ones as they come back.
+    pub(super) fn configure(&self, size: u32, idle_for: Duration, connect_timeout: Duration) {
+        self.idle_for_ms.store(ms(idle_for), Relaxed);
+        self.connect_timeout_ms.store(ms(connect_timeout), Relaxed);
+        self.open.resize(size);
+        for idle in &self.idle {
+            let mut idle = idle.lock().expect("pool lock");
+            while self.open.shrinking() && idle.pop().is_some() {}
+        }
+        self.sweep();
     }
 
     #[must_use]
@@ -90,57 +119,83 @@ impl Pool {
         self.addr
     }
 
+    fn idle_for(&self) -> Duration {
+        Duration::from_millis(self.idle_for_ms.load(Relaxed))
+    }
+
+    /// The calling thread's worker index.
+    fn mine(&self) -> usize {
+        super::workers::current() % self.idle.len()
+    }
+
     /// Open connections, and how many of them are idle.
     #[must_use]
     pub(super) fn connections(&self) -> (u32, u32) {
-        let idle = u32::try_from(self.idle.lock().expect("pool lock").len()).unwrap_or(u32::MAX);
-        let free = u32::try_from(self.open.available_permits()).unwrap_or(u32::MAX);
-        (self.size.saturating_sub(free), idle)
+        let idle: usize = self
+            .idle
+            .iter()
+            .map(|i| i.lock().expect("pool lock").len())
+            .sum();
+        (self.open.held(), u32::try_from(idle).unwrap_or(u32::MAX))
     }
 
-    /// An idle connection still open, newest first; stale ones are closed.
-    fn pop_idle(&self) -> Option<Conn> {
-        let mut idle = self.idle.lock().expect("pool lock");
-        while let Some((sender, permit, since)) = idle.pop() {
-            if since.elapsed() < self.idle_for && sender.is_ready() {
-                return Some(Conn { sender, permit });
+    /// An idle connection of worker `k` still open, newest first; stale
+    /// ones are closed.
+    fn pop_idle(&self, k: usize) -> Option<Conn> {
+        let idle_for = self.idle_for();
+        let mut idle = self.idle[k].lock().expect("pool lock");
+        while let Some((sender, lease, since)) = idle.pop() {
+            // Not `is_ready`: just put back, its task may not have seen
+            // the response end yet; closing it would open another for
+            // nothing (the request waits for `ready` before it is sent).
+            if since.elapsed() < idle_for && !sender.is_closed() {
+                return Some(Conn { sender, lease });
             }
         }
         None
     }
 
-    /// A connection to the instance: idle, new, or (all `size` busy) the
-    /// first one put back within `wait`.
+    /// A connection to the instance: this worker's idle one, a new one,
+    /// another worker's idle one, or (all `size` open and busy) the first
+    /// one put back or closed within `wait`.
     pub(super) async fn get(&self, wait: Duration) -> Result<Conn, PoolError> {
         let deadline = tokio::time::Instant::now() + wait;
+        let me = self.mine();
         loop {
-            if let Some(c) = self.pop_idle() {
+            let returned = self.returned.notified();
+            tokio::pin!(returned);
+            returned.as_mut().enable();
+            if let Some(c) = self.pop_idle(me) {
                 return Ok(c);
             }
-            let permit = if let Ok(p) = self.open.clone().try_acquire_owned() {
-                p
-            } else {
-                let returned = self.returned.notified();
-                tokio::select! {
-                    p = self.open.clone().acquire_owned() => p.expect("never closed"),
-                    () = returned => continue,
-                    () = tokio::time::sleep_until(deadline) => {
-                        return Err(PoolError::Busy { addr: self.addr, size: self.size, timeout: wait });
-                    }
+            if let Some(lease) = self.open.try_take() {
+                return self.connect(lease).await;
+            }
+            // All open: another worker's idle one (its thread drives the
+            // connection, so this request takes cross-thread wakeups; better
+            // than waiting while it idles, or closing it to open another).
+            if let Some(c) = (0..self.idle.len())
+                .filter(|k| *k != me)
+                .find_map(|k| self.pop_idle(k))
+            {
+                return Ok(c);
+            }
+            tokio::select! {
+                lease = self.open.take() => return self.connect(lease).await,
+                () = &mut returned => {}
+                () = tokio::time::sleep_until(deadline) => {
+                    return Err(PoolError::Busy { addr: self.addr, size: self.open.size(), timeout: wait });
                 }
-            };
-            return self.connect(permit).await;
+            }
         }
     }
 
-    async fn connect(&self, permit: OwnedSemaphorePermit) -> Result<Conn, PoolError> {
+    async fn connect(&self, lease: Lease) -> Result<Conn, PoolError> {
         let addr = self.addr;
-        let stream = tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr))
+        let timeout = Duration::from_millis(self.connect_timeout_ms.load(Relaxed));
+        let stream = tokio::time::timeout(timeout, TcpStream::connect(addr))
             .await
-            .map_err(|_| PoolError::ConnectTimeout {
-                addr,
-                timeout: self.connect_timeout,
-            })?
+            .map_err(|_| PoolError::ConnectTimeout { addr, timeout })?
             .map_err(|source| PoolError::Connect { addr, source })?;
         // Requests are small writes that must not wait for an ACK.
         let _ = stream.set_nodelay(true);
@@ -155,26 +210,30 @@ impl Pool {
                 tracing::debug!(%addr, error = %e, "instance connection ended");
             }
         });
-        Ok(Conn { sender, permit })
+        Ok(Conn { sender, lease })
     }
 
     /// Puts a connection whose exchange is complete back, if it is still
-    /// open.
+    /// open (and the pool is not shrinking: then it closes).
     pub(super) fn put(&self, c: Conn) {
-        if c.sender.is_closed() {
+        if c.sender.is_closed() || self.open.shrinking() {
             return;
         }
-        let Conn { sender, permit } = c;
-        self.idle
+        let Conn { sender, lease } = c;
+        self.idle[self.mine()]
             .lock()
             .expect("pool lock")
-            .push((sender, permit, Instant::now()));
+            .push((sender, lease, Instant::now()));
         self.returned.notify_one();
     }
 
     /// Closes idle connections past their time.
     pub(super) fn sweep(&self) {
-        let mut idle = self.idle.lock().expect("pool lock");
-        idle.retain(|(s, _, since)| since.elapsed() < self.idle_for && !s.is_closed());
+        let idle_for = self.idle_for();
+        for idle in &self.idle {
+            idle.lock()
+                .expect("pool lock")
+                .retain(|(s, _, since)| since.elapsed() < idle_for && !s.is_closed());
+        }
     }
 }

@@ -26,21 +26,55 @@ use hyper::{
 use hyper_util::rt::{TokioIo, TokioTimer};
 use sluice_common::key;
 use tokio::{
-    io::{AsyncRead, AsyncWrite, ReadBuf},
+    io::{AsyncRead, AsyncWrite, Interest, ReadBuf, unix::AsyncFd},
     net::{TcpListener, TcpStream},
 };
 
-use super::{Backend, Body, Refusal, ServiceL7, Slot, forwarded, pool, upload};
+use super::{
+    Backend, Body, Refusal, ServiceL7, Slot, admit::Gate, forwarded, limit::Lease, pool, upload,
+};
 
-/// Accepts connections until the task is aborted.
-pub(super) async fn accept(listener: TcpListener, slot: Arc<Slot>) {
+/// Accepts connections until the task is aborted, at most the service's
+/// cap at once: a pending connection is taken from the listen backlog only
+/// once the service has room for it (see [`super::admit`]), so no place
+/// under the cap is held by a listener waiting for a client.
+pub(super) async fn accept(listener: TcpListener, slot: Arc<Slot>, gate: Arc<Gate>) {
+    let listener = match listener.into_std().and_then(|l| {
+        // SAFETY: the std listener owns its descriptor, and the AsyncFd owns
+        // the listener from here on: the descriptor stays open, the same
+        // one, for as long as the AsyncFd lives.
+        unsafe { AsyncFd::register_with_interest(l, Interest::READABLE) }.map_err(Into::into)
+    }) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(error = %e, "watching a listening socket for HTTP connections");
+            return;
+        }
+    };
     loop {
-        match listener.accept().await {
+        let mut ready = match listener.readable().await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(error = %e, "waiting for an HTTP connection");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let lease = gate.admit().await;
+        let Ok(accepted) = ready.try_io(|l| l.get_ref().accept()) else {
+            // Gone meanwhile (the client gave up): wait for the next.
+            continue;
+        };
+        match accepted.and_then(|(s, peer)| {
+            s.set_nonblocking(true)?;
+            Ok((TcpStream::from_std(s)?, peer))
+        }) {
             Ok((stream, peer)) => {
                 let _ = stream.set_nodelay(true);
-                tokio::spawn(serve(stream, peer, slot.clone()));
+                tokio::spawn(serve(stream, peer, slot.clone(), lease));
             }
             Err(e) => {
+                drop(lease);
                 // Out of file descriptors and the like: back off, go on.
                 tracing::warn!(error = %e, "accepting an HTTP connection");
                 tokio::time::sleep(Duration::from_millis(50)).await;
@@ -54,6 +88,9 @@ struct Watched {
     inner: TcpStream,
     last: Arc<AtomicU64>,
     clock: Instant,
+    /// Its place under the service's cap, for as long as the connection
+    /// lives (an upgraded one too: the tunnel holds the stream).
+    _lease: Lease,
 }
 
 impl Watched {
@@ -113,7 +150,7 @@ async fn idle_for(last: &AtomicU64, clock: Instant, idle: Duration) {
     }
 }
 
-async fn serve(stream: TcpStream, peer: SocketAddr, slot: Arc<Slot>) {
+async fn serve(stream: TcpStream, peer: SocketAddr, slot: Arc<Slot>, lease: Lease) {
     let svc = slot.current();
     let limits = svc.cfg.limits.clone();
     let local = stream.local_addr().ok();
@@ -123,6 +160,7 @@ async fn serve(stream: TcpStream, peer: SocketAddr, slot: Arc<Slot>) {
         inner: stream,
         last: last.clone(),
         clock,
+        _lease: lease,
     };
     let client = Arc::new(Client {
         peer,

@@ -1,6 +1,6 @@
 //! What the agent asks of the host, below any Sluice concept: network
-//! namespaces, interfaces over rtnetlink, ethtool settings, and the lock a
-//! running agent holds.
+//! namespaces, interfaces over rtnetlink, ethtool settings, the lock a
+//! running agent holds, and its open-file limit.
 //!
 //! A leaf: it imports nothing from the rest of the crate.
 
@@ -9,6 +9,7 @@ pub mod link;
 pub mod lock;
 pub mod neigh;
 pub mod netns;
+pub mod rlimit;
 pub mod route;
 
 /// What to check when a bpffs path cannot be made or read.

@@ -208,6 +208,8 @@ impl Checker<'_> {
             1,
             3600,
         );
+        let idle_span = raw.idle_timeout_secs.as_ref().map(|f| f.span.clone());
+        let response_span = raw.response_timeout_ms.as_ref().map(|f| f.span.clone());
         let limits = self.http_limits(at, raw, &d.limits);
         let connect_timeout = ms(
             self,
@@ -241,12 +243,17 @@ impl Checker<'_> {
             1,
             1000,
         );
+        let (limits, response_timeout) = (limits?, response_timeout?);
+        let span = idle_span.or(response_span);
+        if !self.idle_outlasts_response(at, limits.idle_timeout, response_timeout, span.as_ref()) {
+            return None;
+        }
         Some(HttpConfig {
             pool_size: pool_size?,
             pool_idle: pool_idle?,
-            limits: limits?,
+            limits,
             connect_timeout: connect_timeout?,
-            response_timeout: response_timeout?,
+            response_timeout,
             body_buffer_bytes: body_buffer_bytes?,
             eject_after_failures: eject_after_failures?,
             ..d
@@ -307,13 +314,49 @@ impl Checker<'_> {
             1,
             86_400,
         );
+        // Absent, the distributor derives it from the open-file limit.
+        let max_connections = match raw.max_connections.take() {
+            None => Some(None),
+            f => int(self, f, "max_connections", 0, 1, 1_000_000).map(Some),
+        };
         Some(HttpLimits {
             max_header_bytes: max_header_bytes?,
             max_headers: max_headers?,
             max_request_line: max_request_line?,
             header_timeout: header_timeout?,
             idle_timeout: idle_timeout?,
+            max_connections: max_connections?,
         })
+    }
+
+    /// Whether `idle_timeout_secs` is at least `response_timeout_ms`
+    /// (reported if not, at `span`): while a client waits for its answer
+    /// nothing moves on its connection, and the idle timeout would cut it
+    /// first, silently.
+    fn idle_outlasts_response(
+        &mut self,
+        at: &str,
+        idle: Duration,
+        response: Duration,
+        span: Option<&Range<usize>>,
+    ) -> bool {
+        if idle >= response {
+            return true;
+        }
+        let (idle, response) = (idle.as_secs(), response.as_millis());
+        self.report(
+            span,
+            format!("{at}.idle_timeout_secs"),
+            format!(
+                "idle_timeout_secs = {idle} is shorter than response_timeout_ms = {response}: a client waiting that long for a slow answer would be closed as idle"
+            ),
+            format!(
+                "raise idle_timeout_secs to at least {}, or lower response_timeout_ms to {} or less",
+                response.div_ceil(1000),
+                u128::from(idle) * 1000
+            ),
+        );
+        false
     }
 
     /// A token-valued field (header or cookie name), if given.
@@ -668,6 +711,12 @@ addr = "[fd00:5100:0:18::2]:8080"
                 "out of range",
             ),
             (
+                "pool_size = 8",
+                "pool_size = 8\nmax_connections = 0",
+                "service[0].http.max_connections",
+                "out of range",
+            ),
+            (
                 "instances = [\"web-2\"]",
                 "instances = [\"web-9\"]",
                 "service[0].http.priority[0].instances",
@@ -697,6 +746,47 @@ addr = "[fd00:5100:0:18::2]:8080"
             assert!(e.problem.contains(says), "{e}");
             assert!(!e.fix.is_empty(), "{e}");
         }
+    }
+
+    #[test]
+    fn an_idle_timeout_shorter_than_the_response_timeout_is_refused() {
+        let e = one_error(
+            "header_timeout_ms = 2000",
+            "idle_timeout_secs = 10\nresponse_timeout_ms = 30000",
+        );
+        assert_eq!(e.field, "service[0].http.idle_timeout_secs", "{e}");
+        assert!(
+            e.problem.contains("idle_timeout_secs = 10")
+                && e.problem.contains("response_timeout_ms = 30000"),
+            "{e}"
+        );
+        assert!(e.fix.contains("at least 30"), "{e}");
+        assert_eq!(e.line, Some(12), "at idle_timeout_secs: {e}");
+        // The default idle time (60 s) against a longer response timeout:
+        // the error points at the one written.
+        let e = one_error("header_timeout_ms = 2000", "response_timeout_ms = 90000");
+        assert_eq!(e.field, "service[0].http.idle_timeout_secs", "{e}");
+        assert!(e.fix.contains("at least 90"), "{e}");
+        assert_eq!(e.line, Some(12), "at response_timeout_ms: {e}");
+        let equal = WEB.replace(
+            "header_timeout_ms = 2000",
+            "idle_timeout_secs = 30\nresponse_timeout_ms = 30000",
+        );
+        assert!(parse(&equal).is_ok(), "equal timeouts");
+    }
+
+    #[test]
+    fn max_connections_is_given_or_left_to_the_distributor() {
+        let given = WEB.replace("pool_size = 8", "pool_size = 8\nmax_connections = 500");
+        let limits = |text: &str| {
+            parse(text).unwrap().services[0]
+                .http
+                .clone()
+                .unwrap()
+                .limits
+        };
+        assert_eq!(limits(&given).max_connections, Some(500));
+        assert_eq!(limits(WEB).max_connections, None, "derived");
     }
 
     #[test]
