@@ -50,6 +50,10 @@ struct Args {
     /// Seconds of each measured L7 run (`wrk -d`).
     #[arg(long, default_value_t = 10)]
     l7_seconds: u32,
+    /// Another `sluice` binary (a build of another commit), measured in
+    /// the L7 table beside this one, in the same interleaved rounds.
+    #[arg(long)]
+    l7_baseline: Option<PathBuf>,
     /// Also profile Sluice's HTTP distributor (`perf record`, one more run
     /// a scenario) and write its flame graphs (SVG) and folded stacks here.
     #[arg(long)]
@@ -205,6 +209,7 @@ fn run(args: &Args) -> anyhow::Result<()> {
         l7::run(
             &sluice_bin(args),
             args.l7_seconds,
+            args.l7_baseline.as_deref(),
             args.l7_profile.as_deref(),
             args.l7_profile_only,
         )?

@@ -1,6 +1,12 @@
 //! `sluice`: the agent (`sluice run`) and its CLI. Arguments and dispatch
 //! only; the work is in the library's `agent` and `cli` modules.
 
+/// The L7 distributor allocates and frees many small blocks a request;
+/// mimalloc's per-thread free lists serve them without glibc's locks and
+/// consolidation (measured: `cargo xtask bench`, README's L7 table).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::{
     path::{Path, PathBuf},
     process::ExitCode,

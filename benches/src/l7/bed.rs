@@ -182,7 +182,9 @@ impl Bed {
         let (proxy, limit) = match p {
             Proxy::Haproxy => (self.haproxy(cpu)?, START_TIMEOUT),
             Proxy::Nginx => (self.nginx(cpu)?, START_TIMEOUT),
-            Proxy::Sluice => (self.sluice(cpu, sluice)?, SLUICE_START_TIMEOUT),
+            Proxy::Sluice | Proxy::SluiceBaseline => {
+                (self.sluice(cpu, sluice)?, SLUICE_START_TIMEOUT)
+            }
         };
         let proxy = self.proxy.insert(proxy);
         let mut procs: Vec<&mut Daemon> = vec![proxy];

@@ -89,14 +89,23 @@ enum Proxy {
     Sluice,
     Haproxy,
     Nginx,
+    /// Another build of the agent (`--l7-baseline`), measured beside this
+    /// one in the same rounds.
+    SluiceBaseline,
 }
 
 impl Proxy {
-    const ALL: [Self; 3] = [Self::Sluice, Self::Haproxy, Self::Nginx];
+    const ALL: [Self; 4] = [
+        Self::Sluice,
+        Self::Haproxy,
+        Self::Nginx,
+        Self::SluiceBaseline,
+    ];
 
     const fn name(self) -> &'static str {
         match self {
             Self::Sluice => "Sluice",
+            Self::SluiceBaseline => "Sluice (baseline)",
             Self::Haproxy => "HAProxy",
             Self::Nginx => "nginx",
         }
@@ -105,6 +114,10 @@ impl Proxy {
     fn setup(self, sc: Scenario) -> String {
         let n = sc.workers;
         match (self, sc.keyed) {
+            (Self::SluiceBaseline, _) => format!(
+                "the `--l7-baseline` build, as Sluice's row, {}",
+                if sc.keyed { "keyed" } else { "flow hash" }
+            ),
             (Self::Sluice, false) => format!(
                 "`sluice run`, `layer = \"http\"`, `pool_size = {POOL}`, {n} worker(s), flow hash"
             ),
@@ -277,6 +290,7 @@ fn check_programs() -> anyhow::Result<()> {
 pub(crate) fn run(
     sluice: &Path,
     secs: u32,
+    baseline: Option<&Path>,
     profile: Option<&Path>,
     profile_only: bool,
 ) -> anyhow::Result<Vec<Row>> {
@@ -293,7 +307,7 @@ pub(crate) fn run(
         }
         eprintln!("[bench] L7, {}", sc.label());
         if !profile_only {
-            rows.extend(scenario(sc, cores, sluice, secs)?);
+            rows.extend(scenario(sc, cores, (sluice, baseline), secs)?);
         }
         if let Some(dir) = profile {
             let (proxy_cpu, wrk_cpu) = sc.cpus(cores);
@@ -316,18 +330,31 @@ pub(crate) fn run(
     Ok(rows)
 }
 
-fn scenario(sc: Scenario, cores: usize, sluice: &Path, secs: u32) -> anyhow::Result<Vec<Row>> {
+fn scenario(
+    sc: Scenario,
+    cores: usize,
+    (sluice, baseline): (&Path, Option<&Path>),
+    secs: u32,
+) -> anyhow::Result<Vec<Row>> {
     let (proxy_cpu, wrk_cpu) = sc.cpus(cores);
-    let mut samples: Vec<Vec<Sample>> = Proxy::ALL.iter().map(|_| Vec::new()).collect();
-    let mut failed: Vec<Option<String>> = Proxy::ALL.iter().map(|_| None).collect();
+    let proxies: Vec<Proxy> = Proxy::ALL
+        .into_iter()
+        .filter(|p| *p != Proxy::SluiceBaseline || baseline.is_some())
+        .collect();
+    let mut samples: Vec<Vec<Sample>> = proxies.iter().map(|_| Vec::new()).collect();
+    let mut failed: Vec<Option<String>> = proxies.iter().map(|_| None).collect();
     for round in 1..=ROUNDS {
-        for (k, &p) in Proxy::ALL.iter().enumerate() {
+        for (k, &p) in proxies.iter().enumerate() {
             if failed[k].is_some() {
                 continue;
             }
+            let bin = match (p, baseline) {
+                (Proxy::SluiceBaseline, Some(b)) => b,
+                _ => sluice,
+            };
             let mut bed = Bed::new(sc)?;
             let measured = bed
-                .start(p, proxy_cpu.as_deref(), sluice)
+                .start(p, proxy_cpu.as_deref(), bin)
                 .context("did not come up")
                 .and_then(|()| bed.measure(wrk_cpu.as_deref(), secs));
             drop(bed);
@@ -358,7 +385,7 @@ fn scenario(sc: Scenario, cores: usize, sluice: &Path, secs: u32) -> anyhow::Res
             }
         }
     }
-    Ok(Proxy::ALL
+    Ok(proxies
         .iter()
         .zip(failed)
         .zip(&samples)

@@ -202,7 +202,7 @@ pub(crate) fn table(s: &mut String, rows: &[Row], secs: u32) {
         let _ = writeln!(s, "\n{}:\n", sc.label());
         match of(Proxy::Sluice) {
             Some(sl) => {
-                for b in [Proxy::Haproxy, Proxy::Nginx] {
+                for b in [Proxy::Haproxy, Proxy::Nginx, Proxy::SluiceBaseline] {
                     if let Some(b) = of(b) {
                         let _ = writeln!(s, "{}", reading(sl, b));
                     }

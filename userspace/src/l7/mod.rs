@@ -23,6 +23,7 @@
 
 mod admit;
 mod forwarded;
+mod hop;
 mod limit;
 mod pool;
 mod proxy;
@@ -38,7 +39,7 @@ use std::{
         Arc, RwLock,
         atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed},
     },
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use bytes::Bytes;
@@ -181,6 +182,15 @@ impl Backend {
     }
 }
 
+/// Milliseconds on the coarse monotonic clock (a tick's resolution, read
+/// without a system call or a TSC read): for the distributor's timeouts and
+/// ejections, which count in tens of milliseconds and more, read several
+/// times a request.
+fn coarse_ms() -> u64 {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::MonotonicCoarse);
+    u64::try_from(t.tv_sec).unwrap_or(0) * 1000 + u64::try_from(t.tv_nsec).unwrap_or(0) / 1_000_000
+}
+
 /// How long an ejected instance is skipped.
 const EJECT: Duration = Duration::from_secs(1);
 
@@ -194,7 +204,6 @@ pub struct ServiceL7 {
     router: route::Router,
     counts: Arc<ServiceCounts>,
     owners: Arc<dyn Owners>,
-    clock: Instant,
 }
 
 /// What a service's requests add up to; kept across reloads.
@@ -232,10 +241,6 @@ impl ServiceCounts {
 }
 
 impl ServiceL7 {
-    fn now_ms(&self) -> u64 {
-        u64::try_from(self.clock.elapsed().as_millis()).unwrap_or(u64::MAX)
-    }
-
     /// Instance `i` failed on its own (refused, reset, timed out): past
     /// `eject_after_failures` in a row, skip it for a while (Envoy's
     /// consecutive gateway failures). One request never ejects it.
@@ -244,7 +249,7 @@ impl ServiceL7 {
         let n = b.failures.fetch_add(1, Relaxed) + 1;
         if n >= self.cfg.eject_after_failures {
             b.failures.store(0, Relaxed);
-            let until = self.now_ms() + u64::try_from(EJECT.as_millis()).expect("small");
+            let until = coarse_ms() + u64::try_from(EJECT.as_millis()).expect("small");
             b.down_until.store(until, Relaxed);
             tracing::info!(service = %self.name, instance = %b.name, failures = n, "instance ejected for {EJECT:?}");
         }
@@ -283,7 +288,7 @@ impl route::Instances for ServiceL7 {
 
     fn available(&self, i: usize) -> bool {
         let b = &self.backends[i];
-        !b.failed.load(Relaxed) && b.down_until.load(Relaxed) <= self.now_ms()
+        !b.failed.load(Relaxed) && b.down_until.load(Relaxed) <= coarse_ms()
     }
 
     fn load(&self, i: usize) -> route::Load {
@@ -348,7 +353,6 @@ pub struct Distributor {
     gates: HashMap<String, Arc<admit::Gate>>,
     /// Local routes the distributor added, by VIP (removed on drop).
     routes: HashMap<IpAddr, LocalRoute>,
-    clock: Instant,
 }
 
 fn endpoints(s: &Service) -> Vec<SocketAddr> {
@@ -390,7 +394,6 @@ impl Distributor {
             counts: HashMap::new(),
             gates: HashMap::new(),
             routes: HashMap::new(),
-            clock: Instant::now(),
         }
     }
 
@@ -572,7 +575,6 @@ impl Distributor {
             router,
             counts,
             owners: self.owners.clone(),
-            clock: self.clock,
             cfg,
         })
     }

@@ -18,9 +18,9 @@ use std::{
 use bytes::Bytes;
 use http_body_util::{BodyExt as _, Empty, Full};
 use hyper::{
-    HeaderMap, Method, Request, Response, StatusCode, Uri, Version,
+    Method, Request, Response, StatusCode, Uri, Version,
     body::{Body as _, Frame, Incoming, SizeHint},
-    header::{self, HeaderName, HeaderValue},
+    header::{self, HeaderValue},
     service::service_fn,
 };
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -31,7 +31,8 @@ use tokio::{
 };
 
 use super::{
-    Backend, Body, Refusal, ServiceL7, Slot, admit::Gate, forwarded, limit::Lease, pool, upload,
+    Backend, Body, Refusal, ServiceL7, Slot, admit::Gate, forwarded, hop, limit::Lease, pool,
+    upload,
 };
 
 /// Accepts connections until the task is aborted, at most the service's
@@ -87,7 +88,6 @@ pub(super) async fn accept(listener: TcpListener, slot: Arc<Slot>, gate: Arc<Gat
 struct Watched {
     inner: TcpStream,
     last: Arc<AtomicU64>,
-    clock: Instant,
     /// Its place under the service's cap, for as long as the connection
     /// lives (an upgraded one too: the tunnel holds the stream).
     _lease: Lease,
@@ -95,8 +95,7 @@ struct Watched {
 
 impl Watched {
     fn touch(&self) {
-        let ms = u64::try_from(self.clock.elapsed().as_millis()).unwrap_or(u64::MAX);
-        self.last.store(ms, Relaxed);
+        self.last.store(super::coarse_ms(), Relaxed);
     }
 }
 
@@ -138,10 +137,10 @@ impl AsyncWrite for Watched {
 }
 
 /// Resolves when nothing has moved for `idle`.
-async fn idle_for(last: &AtomicU64, clock: Instant, idle: Duration) {
+async fn idle_for(last: &AtomicU64, idle: Duration) {
     let idle_ms = u64::try_from(idle.as_millis()).unwrap_or(u64::MAX);
     loop {
-        let now = u64::try_from(clock.elapsed().as_millis()).unwrap_or(u64::MAX);
+        let now = super::coarse_ms();
         let quiet = now.saturating_sub(last.load(Relaxed));
         if quiet >= idle_ms {
             return;
@@ -154,19 +153,19 @@ async fn serve(stream: TcpStream, peer: SocketAddr, slot: Arc<Slot>, lease: Leas
     let svc = slot.current();
     let limits = svc.cfg.limits.clone();
     let local = stream.local_addr().ok();
-    let clock = Instant::now();
-    let last = Arc::new(AtomicU64::new(0));
+    let last = Arc::new(AtomicU64::new(super::coarse_ms()));
     let io = Watched {
         inner: stream,
         last: last.clone(),
-        clock,
         _lease: lease,
     };
     let client = Arc::new(Client {
         peer,
-        local,
+        flow: local.map_or(0, |l| {
+            key::host::flow(peer, l, sluice_common::maps::PROTO_TCP)
+        }),
+        forwarding: forwarded::Forwarding::new(peer, local),
         last: last.clone(),
-        clock,
     });
     let handler = service_fn(move |req| {
         let (slot, client) = (slot.clone(), client.clone());
@@ -184,7 +183,7 @@ async fn serve(stream: TcpStream, peer: SocketAddr, slot: Arc<Slot>, lease: Leas
         .with_upgrades();
     let result = tokio::select! {
         r = conn => r,
-        () = idle_for(&last, clock, limits.idle_timeout) => {
+        () = idle_for(&last, limits.idle_timeout) => {
             svc.counts.refuse(Refusal::Idle);
             return;
         }
@@ -225,58 +224,6 @@ fn refuse(svc: &ServiceL7, r: Refusal, status: StatusCode, why: &str) -> Respons
     answer(status, why)
 }
 
-/// Headers meaningful for one hop only (RFC 9110, 7.6.1), and those the
-/// `Connection` header names.
-fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
-    let named: Vec<HeaderName> = h
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-        .filter(|n| !(keep_upgrade && n == header::UPGRADE))
-        .collect();
-    for n in named {
-        h.remove(n);
-    }
-    for n in [
-        header::TE,
-        header::TRAILER,
-        header::TRANSFER_ENCODING,
-        header::PROXY_AUTHORIZATION,
-        HeaderName::from_static("keep-alive"),
-        HeaderName::from_static("proxy-connection"),
-    ] {
-        h.remove(n);
-    }
-    if keep_upgrade {
-        h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-    } else {
-        h.remove(header::CONNECTION);
-        h.remove(header::UPGRADE);
-    }
-}
-
-/// `X-Forwarded-For`, `X-Forwarded-Proto` and `Forwarded` (RFC 7239),
-/// appended to what earlier proxies wrote (see [`forwarded`]).
-fn add_forwarded(h: &mut HeaderMap, peer: SocketAddr, local: Option<SocketAddr>) {
-    forwarded::Forwarding::new(peer, local).add(h);
-}
-
-fn is_upgrade(req: &Request<Incoming>) -> bool {
-    req.version() == Version::HTTP_11
-        && req.headers().contains_key(header::UPGRADE)
-        && req
-            .headers()
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .any(|v| {
-                v.split(',')
-                    .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
-            })
-}
-
 /// Safe to send twice (RFC 9110, 9.2.2).
 fn idempotent(m: &Method) -> bool {
     matches!(
@@ -288,23 +235,18 @@ fn idempotent(m: &Method) -> bool {
 /// The client connection a request came on.
 struct Client {
     peer: SocketAddr,
-    local: Option<SocketAddr>,
+    /// The flow key of the connection, as the XDP program would hash it:
+    /// a client's requests without a key stay on one instance.
+    flow: u32,
+    /// Its part of the forwarding headers, made once.
+    forwarding: forwarded::Forwarding,
     /// When bytes last moved on it (see [`Watched`]).
     last: Arc<AtomicU64>,
-    clock: Instant,
 }
 
 impl Client {
-    /// The flow key of the connection, as the XDP program would hash it:
-    /// a client's requests without a key stay on one instance.
-    fn flow_key(&self) -> u32 {
-        self.local.map_or(0, |l| {
-            key::host::flow(self.peer, l, sluice_common::maps::PROTO_TCP)
-        })
-    }
-
-    fn watch(&self) -> (Arc<AtomicU64>, Instant) {
-        (self.last.clone(), self.clock)
+    fn watch(&self) -> Arc<AtomicU64> {
+        self.last.clone()
     }
 }
 
@@ -414,7 +356,7 @@ async fn send(
         .answered(Some(resp.status().as_u16()), start.elapsed().as_secs_f64());
     let (mut parts, body) = resp.into_parts();
     let upgraded = parts.status == StatusCode::SWITCHING_PROTOCOLS;
-    strip_hop_by_hop(&mut parts.headers, upgraded);
+    hop::strip(&mut parts.headers, upgraded);
     // An instance that answered before it had the whole body may read the
     // rest as a request of its own, answered to the next one sent on the
     // connection: such a connection is closed after this response, never
@@ -495,7 +437,7 @@ impl Drop for Relay {
 async fn tunnel(
     client: hyper::upgrade::OnUpgrade,
     instance: hyper::upgrade::OnUpgrade,
-    (last, clock): (Arc<AtomicU64>, Instant),
+    last: Arc<AtomicU64>,
     idle: Duration,
 ) {
     let (Ok(c), Ok(i)) = tokio::join!(client, instance) else {
@@ -508,17 +450,17 @@ async fn tunnel(
                 tracing::debug!(error = %e, "upgraded connection ended");
             }
         }
-        () = idle_for(&last, clock, idle) => {}
+        () = idle_for(&last, idle) => {}
     }
 }
 
 /// The request's head as the instance is to get it.
 fn to_instance(parts: &mut hyper::http::request::Parts, client: &Client, upgrade: bool) {
-    strip_hop_by_hop(&mut parts.headers, upgrade);
+    hop::strip(&mut parts.headers, upgrade);
     // hyper answers `Expect: 100-continue` itself when the body is read
     // (as it is sent on); the instance must not wait for one of its own.
     parts.headers.remove(header::EXPECT);
-    add_forwarded(&mut parts.headers, client.peer, client.local);
+    client.forwarding.add(&mut parts.headers);
     parts.uri = parts
         .uri
         .path_and_query()
@@ -638,7 +580,7 @@ async fn handle(mut req: Request<Incoming>, client: &Client, slot: &Slot) -> Res
             "invalid Host",
         );
     }
-    let upgrade = is_upgrade(&req);
+    let upgrade = hop::is_upgrade(&req);
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
     // A short body is read whole before an instance is picked: a slow or
@@ -659,7 +601,7 @@ async fn handle(mut req: Request<Incoming>, client: &Client, slot: &Slot) -> Res
             }
         }
     };
-    let mut candidates = svc.route(&parts.uri, &parts.headers, client.flow_key());
+    let mut candidates = svc.route(&parts.uri, &parts.headers, client.flow);
     let Some(first) = candidates.next() else {
         return refuse(
             &svc,
