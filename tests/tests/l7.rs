@@ -5,6 +5,7 @@
 
 use std::{
     collections::{HashMap, HashSet},
+    fmt::Write as _,
     net::SocketAddr,
     sync::{
         Arc,
@@ -360,6 +361,18 @@ fn hostile_input_is_refused_counted_and_others_are_still_served() {
     assert_eq!(
         exchange(huge.as_bytes()).first().map(|r| r.status),
         Some(431)
+    );
+    // One header over the default `max_headers` (100); hyper's own limit
+    // is what enforces it.
+    let many = (0..101).fold(String::new(), |mut m, k| {
+        let _ = write!(m, "X-H{k}: v\r\n");
+        m
+    });
+    let many = format!("GET / HTTP/1.1\r\nHost: a\r\n{many}Connection: close\r\n\r\n");
+    assert_eq!(
+        exchange(many.as_bytes()).first().map(|r| r.status),
+        Some(431),
+        "101 headers and more"
     );
     let long_uri = format!(
         "GET /{} HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",

@@ -10,7 +10,7 @@ use std::{
         Arc, Mutex,
         atomic::{AtomicU64, Ordering::Relaxed},
     },
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use hyper::client::conn::http1::SendRequest;
@@ -57,8 +57,8 @@ fn ms(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
-/// An idle connection, and since when.
-type Idle = (SendRequest<Body>, Lease, Instant);
+/// An idle connection, and since when (coarse ms).
+type Idle = (SendRequest<Body>, Lease, u64);
 
 /// One instance's pool: at most `size` connections open over all the
 /// distributor's threads (one [`Limit`]), the idle ones kept per thread,
@@ -119,10 +119,6 @@ impl Pool {
         self.addr
     }
 
-    fn idle_for(&self) -> Duration {
-        Duration::from_millis(self.idle_for_ms.load(Relaxed))
-    }
-
     /// The calling thread's worker index.
     fn mine(&self) -> usize {
         super::workers::current() % self.idle.len()
@@ -142,13 +138,14 @@ impl Pool {
     /// An idle connection of worker `k` still open, newest first; stale
     /// ones are closed.
     fn pop_idle(&self, k: usize) -> Option<Conn> {
-        let idle_for = self.idle_for();
+        let idle_for = self.idle_for_ms.load(Relaxed);
+        let now = super::coarse_ms();
         let mut idle = self.idle[k].lock().expect("pool lock");
         while let Some((sender, lease, since)) = idle.pop() {
             // Not `is_ready`: just put back, its task may not have seen
             // the response end yet; closing it would open another for
             // nothing (the request waits for `ready` before it is sent).
-            if since.elapsed() < idle_for && !sender.is_closed() {
+            if now.saturating_sub(since) < idle_for && !sender.is_closed() {
                 return Some(Conn { sender, lease });
             }
         }
@@ -223,17 +220,18 @@ impl Pool {
         self.idle[self.mine()]
             .lock()
             .expect("pool lock")
-            .push((sender, lease, Instant::now()));
+            .push((sender, lease, super::coarse_ms()));
         self.returned.notify_one();
     }
 
     /// Closes idle connections past their time.
     pub(super) fn sweep(&self) {
-        let idle_for = self.idle_for();
+        let idle_for = self.idle_for_ms.load(Relaxed);
+        let now = super::coarse_ms();
         for idle in &self.idle {
             idle.lock()
                 .expect("pool lock")
-                .retain(|(s, _, since)| since.elapsed() < idle_for && !s.is_closed());
+                .retain(|(s, _, since)| now.saturating_sub(*since) < idle_for && !s.is_closed());
         }
     }
 }

@@ -84,6 +84,9 @@ pub(super) async fn accept(listener: TcpListener, slot: Arc<Slot>, gate: Arc<Gat
     }
 }
 
+/// The header count hyper allows when not told (its `DEFAULT_MAX_HEADERS`).
+const HYPER_MAX_HEADERS: u32 = 100;
+
 /// A stream that notes when bytes last moved either way.
 struct Watched {
     inner: TcpStream,
@@ -176,8 +179,12 @@ async fn serve(stream: TcpStream, peer: SocketAddr, slot: Arc<Slot>, lease: Leas
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_timeout)
         .max_header_size(limits.max_header_bytes as usize)
-        .max_headers(limits.max_headers as usize)
         .keep_alive(true);
+    // hyper's own limit is 100 on the stack; set, it builds a vector of
+    // that many slots each request.
+    if limits.max_headers != HYPER_MAX_HEADERS {
+        builder.max_headers(limits.max_headers as usize);
+    }
     let conn = builder
         .serve_connection(TokioIo::new(io), handler)
         .with_upgrades();
@@ -461,10 +468,13 @@ fn to_instance(parts: &mut hyper::http::request::Parts, client: &Client, upgrade
     // (as it is sent on); the instance must not wait for one of its own.
     parts.headers.remove(header::EXPECT);
     client.forwarding.add(&mut parts.headers);
-    parts.uri = parts
-        .uri
-        .path_and_query()
-        .map_or_else(|| Uri::from_static("/"), |p| Uri::from(p.clone()));
+    // Origin form for the instance; most requests are in it already.
+    if parts.uri.scheme().is_some() || parts.uri.path_and_query().is_none() {
+        parts.uri = parts
+            .uri
+            .path_and_query()
+            .map_or_else(|| Uri::from_static("/"), |p| Uri::from(p.clone()));
+    }
     parts.version = Version::HTTP_11;
 }
 
