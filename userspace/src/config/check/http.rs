@@ -176,32 +176,56 @@ impl Checker<'_> {
         })
     }
 
+    /// A whole-number field of the table at `at`.
+    fn int_at(
+        &mut self,
+        at: &str,
+        f: Option<Field<u32>>,
+        key: &str,
+        def: u32,
+        lo: u32,
+        hi: u32,
+    ) -> Option<u32> {
+        self.int(f, &format!("{at}.{key}"), def, lo, hi)
+    }
+
+    /// A field of the table at `at` in milliseconds.
+    fn ms_at(
+        &mut self,
+        at: &str,
+        f: Option<Field<u32>>,
+        key: &str,
+        def: Duration,
+        lo: u32,
+        hi: u32,
+    ) -> Option<Duration> {
+        let def = u32::try_from(def.as_millis()).expect("small");
+        self.int_at(at, f, key, def, lo, hi)
+            .map(|v| Duration::from_millis(v.into()))
+    }
+
+    /// A field of the table at `at` in seconds.
+    fn secs_at(
+        &mut self,
+        at: &str,
+        f: Option<Field<u32>>,
+        key: &str,
+        def: Duration,
+        lo: u32,
+        hi: u32,
+    ) -> Option<Duration> {
+        let def = u32::try_from(def.as_secs()).expect("small");
+        self.int_at(at, f, key, def, lo, hi)
+            .map(|v| Duration::from_secs(v.into()))
+    }
+
     /// The pool's, the limits' and the timeouts' numbers (the rest left
     /// at their defaults).
     fn http_numbers(&mut self, at: &str, raw: &mut RawHttp) -> Option<HttpConfig> {
         let d = HttpConfig::default();
-        let ms = |c: &mut Self, f, key: &str, def: Duration, lo, hi| {
-            let def = u32::try_from(def.as_millis()).expect("small");
-            c.int(f, &format!("{at}.{key}"), def, lo, hi)
-                .map(|v| Duration::from_millis(v.into()))
-        };
-        let secs = |c: &mut Self, f, key: &str, def: Duration, lo, hi| {
-            let def = u32::try_from(def.as_secs()).expect("small");
-            c.int(f, &format!("{at}.{key}"), def, lo, hi)
-                .map(|v| Duration::from_secs(v.into()))
-        };
-        let int =
-            |c: &mut Self, f, key: &str, def, lo, hi| c.int(f, &format!("{at}.{key}"), def, lo, hi);
-        let pool_size = int(
-            self,
-            raw.pool_size.take(),
-            "pool_size",
-            d.pool_size,
-            1,
-            4096,
-        );
-        let pool_idle = secs(
-            self,
+        let pool_size = self.int_at(at, raw.pool_size.take(), "pool_size", d.pool_size, 1, 4096);
+        let pool_idle = self.secs_at(
+            at,
             raw.pool_idle_secs.take(),
             "pool_idle_secs",
             d.pool_idle,
@@ -211,32 +235,32 @@ impl Checker<'_> {
         let idle_span = raw.idle_timeout_secs.as_ref().map(|f| f.span.clone());
         let response_span = raw.response_timeout_ms.as_ref().map(|f| f.span.clone());
         let limits = self.http_limits(at, raw, &d.limits);
-        let connect_timeout = ms(
-            self,
+        let connect_timeout = self.ms_at(
+            at,
             raw.connect_timeout_ms.take(),
             "connect_timeout_ms",
             d.connect_timeout,
             10,
             60_000,
         );
-        let response_timeout = ms(
-            self,
+        let response_timeout = self.ms_at(
+            at,
             raw.response_timeout_ms.take(),
             "response_timeout_ms",
             d.response_timeout,
             100,
             3_600_000,
         );
-        let body_buffer_bytes = int(
-            self,
+        let body_buffer_bytes = self.int_at(
+            at,
             raw.body_buffer_bytes.take(),
             "body_buffer_bytes",
             d.body_buffer_bytes,
             0,
             16 << 20,
         );
-        let eject_after_failures = int(
-            self,
+        let eject_after_failures = self.int_at(
+            at,
             raw.eject_after_failures.take(),
             "eject_after_failures",
             d.eject_after_failures,
@@ -262,52 +286,40 @@ impl Checker<'_> {
 
     /// `[service.http]`'s limits on what a client may send.
     fn http_limits(&mut self, at: &str, raw: &mut RawHttp, l: &HttpLimits) -> Option<HttpLimits> {
-        let ms = |c: &mut Self, f, key: &str, def: Duration, lo, hi| {
-            let def = u32::try_from(def.as_millis()).expect("small");
-            c.int(f, &format!("{at}.{key}"), def, lo, hi)
-                .map(|v| Duration::from_millis(v.into()))
-        };
-        let secs = |c: &mut Self, f, key: &str, def: Duration, lo, hi| {
-            let def = u32::try_from(def.as_secs()).expect("small");
-            c.int(f, &format!("{at}.{key}"), def, lo, hi)
-                .map(|v| Duration::from_secs(v.into()))
-        };
-        let int =
-            |c: &mut Self, f, key: &str, def, lo, hi| c.int(f, &format!("{at}.{key}"), def, lo, hi);
-        let max_header_bytes = int(
-            self,
+        let max_header_bytes = self.int_at(
+            at,
             raw.max_header_bytes.take(),
             "max_header_bytes",
             l.max_header_bytes,
             1024,
             1 << 20,
         );
-        let max_headers = int(
-            self,
+        let max_headers = self.int_at(
+            at,
             raw.max_headers.take(),
             "max_headers",
             l.max_headers,
             8,
             1024,
         );
-        let max_request_line = int(
-            self,
+        let max_request_line = self.int_at(
+            at,
             raw.max_request_line.take(),
             "max_request_line",
             l.max_request_line,
             64,
             65_536,
         );
-        let header_timeout = ms(
-            self,
+        let header_timeout = self.ms_at(
+            at,
             raw.header_timeout_ms.take(),
             "header_timeout_ms",
             l.header_timeout,
             100,
             600_000,
         );
-        let idle_timeout = secs(
-            self,
+        let idle_timeout = self.secs_at(
+            at,
             raw.idle_timeout_secs.take(),
             "idle_timeout_secs",
             l.idle_timeout,
@@ -317,7 +329,9 @@ impl Checker<'_> {
         // Absent, the distributor derives it from the open-file limit.
         let max_connections = match raw.max_connections.take() {
             None => Some(None),
-            f => int(self, f, "max_connections", 0, 1, 1_000_000).map(Some),
+            f => self
+                .int_at(at, f, "max_connections", 0, 1, 1_000_000)
+                .map(Some),
         };
         Some(HttpLimits {
             max_header_bytes: max_header_bytes?,
