@@ -197,17 +197,18 @@ fn a_get_or_head_with_a_chunked_body_reaches_the_instance_with_it() {
 /// Each connection's request paths, in order.
 type PathLog = Arc<Mutex<Vec<Vec<String>>>>;
 
-/// A server that answers `/upload` at once with 413 and keeps the
-/// connection without reading the body, then reads whatever comes next as
-/// a request: a desync waiting to happen. It logs each connection's request
-/// paths.
-struct EarlyAnswerer {
+/// A server of raw bytes. It answers `/upload` at once with 413 and keeps
+/// the connection without reading the body, then reads whatever comes next
+/// as a request: a desync waiting to happen. `/frame/...` gets one of the
+/// framings an instance may use (see [`framed`]), written in pieces. It
+/// logs each connection's request paths.
+struct RawInstance {
     stop: Arc<AtomicBool>,
     log: PathLog,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
-impl EarlyAnswerer {
+impl RawInstance {
     fn start(netns: &str, addr: SocketAddr) -> Self {
         let listener = netns::run_in(netns, || TcpListener::bind(addr)).expect("binding");
         listener.set_nonblocking(true).expect("nonblocking");
@@ -250,7 +251,7 @@ impl EarlyAnswerer {
     }
 }
 
-impl Drop for EarlyAnswerer {
+impl Drop for RawInstance {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
         if let Some(t) = self.thread.take() {
@@ -270,6 +271,18 @@ fn serve(mut s: TcpStream, id: usize, stop: &AtomicBool, log: &Mutex<Vec<Vec<Str
             buf.drain(..end + 4);
             let path = head.split_whitespace().nth(1).unwrap_or("").to_owned();
             log.lock().expect("lock")[id].push(path.clone());
+            if let Some((pieces, close)) = framed(&path) {
+                for p in pieces {
+                    if s.write_all(p).is_err() {
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                if close {
+                    return;
+                }
+                continue;
+            }
             let reply = if path == "/upload" {
                 "HTTP/1.1 413 Payload Too Large\r\nContent-Length: 0\r\n\r\n".to_owned()
             } else {
@@ -296,7 +309,7 @@ fn serve(mut s: TcpStream, id: usize, stop: &AtomicBool, log: &Mutex<Vec<Vec<Str
 fn a_connection_answered_before_its_body_was_sent_is_never_reused() {
     let tb = testbed("l7early", 1);
     let i = &tb.instances[0];
-    let server = EarlyAnswerer::start(&i.netns, SocketAddr::new(i.addr_v4.into(), PORT));
+    let server = RawInstance::start(&i.netns, SocketAddr::new(i.addr_v4.into(), PORT));
     let run = start(&tb, "l7early", &config(&tb, "pool_size = 1", ""));
 
     // A body past the distributor's buffer, so it is streamed; the instance
@@ -336,5 +349,117 @@ fn a_connection_answered_before_its_body_was_sent_is_never_reused() {
         );
     }
     drop(up);
+    drop(run);
+}
+
+/// What [`RawInstance`] answers to `/frame/...`: the pieces it writes (a
+/// pause between each), and whether it closes the connection after.
+fn framed(path: &str) -> Option<(Vec<&'static [u8]>, bool)> {
+    Some(match path {
+        "/frame/length" => (
+            vec![b"HTTP/1.1 200 OK\r\nContent-Le", b"ngth: 11\r\n\r\nhello", b" world"],
+            false,
+        ),
+        "/frame/chunked" => (
+            vec![
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5;ext=\"a\"\r\nhel",
+                b"lo\r\n",
+                b"6\r\n world\r",
+                b"\n0\r\nX-Trailer: t\r\n\r\n",
+            ],
+            false,
+        ),
+        "/frame/interim" => (
+            vec![
+                b"HTTP/1.1 100 Continue\r\n\r\n",
+                b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 11\r\n\r\nhello world",
+            ],
+            false,
+        ),
+        // A HEAD's answer: a length, and no body.
+        "/frame/head" => (
+            vec![b"HTTP/1.1 200 OK\r\nContent-Length: 1234\r\n\r\n"],
+            false,
+        ),
+        "/frame/no-content" => (vec![b"HTTP/1.1 204 No Content\r\n\r\n"], false),
+        // No length: the body ends when the connection does.
+        "/frame/close" => (
+            vec![b"HTTP/1.1 200 OK\r\n\r\nhello", b" world"],
+            true,
+        ),
+        "/frame/not-http" => (vec![b"220 smtp.example ESMTP\r\n\r\n"], true),
+        _ => return None,
+    })
+}
+
+#[test]
+fn an_instances_response_is_relayed_whole_in_every_framing_and_its_connection_reused_only_when_framed()
+ {
+    let tb = testbed("l7frame", 1);
+    let i = &tb.instances[0];
+    let server = RawInstance::start(&i.netns, SocketAddr::new(i.addr_v4.into(), PORT));
+    let run = start(&tb, "l7frame", &config(&tb, "pool_size = 1", ""));
+
+    // One client connection for all: any framing read wrong would show as
+    // a wrong body here or in a later answer.
+    let mut c = connect(&tb);
+    for path in ["/frame/length", "/frame/chunked", "/frame/interim"] {
+        let r = get_as(&mut c, path, &[]);
+        assert_eq!(
+            (r.status, r.text()),
+            (200, "hello world".to_owned()),
+            "{path}"
+        );
+    }
+    assert!(
+        get_as(&mut c, "/frame/interim", &[])
+            .header("link")
+            .is_none(),
+        "an interim response's headers leaked into the final one"
+    );
+    let head = c
+        .send(
+            hyper::Request::head("/frame/head")
+                .body(bytes::Bytes::new())
+                .expect("request"),
+        )
+        .expect("HEAD");
+    assert_eq!(
+        (head.status, head.header("content-length"), head.body.len()),
+        (200, Some("1234"), 0),
+        "a HEAD's answer keeps its length and has no body"
+    );
+    let r = get_as(&mut c, "/frame/no-content", &[]);
+    assert_eq!((r.status, r.body.len()), (204, 0));
+    let r = get_as(&mut c, "/frame/close", &[]);
+    assert_eq!((r.status, r.text()), (200, "hello world".to_owned()));
+    let r = get_as(&mut c, "/frame/not-http", &[]);
+    assert_eq!(
+        r.status, 502,
+        "an answer that is not HTTP is the instance's failure"
+    );
+    let r = get_as(&mut c, "/after", &[]);
+    assert_eq!((r.status, r.text()), (200, "/after".to_owned()));
+
+    // Every framed answer left the connection fit to reuse; a body that
+    // ends with the connection, and garbage, did not.
+    let log = server.log();
+    assert_eq!(
+        log,
+        vec![
+            vec![
+                "/frame/length",
+                "/frame/chunked",
+                "/frame/interim",
+                "/frame/interim",
+                "/frame/head",
+                "/frame/no-content",
+                "/frame/close"
+            ],
+            vec!["/frame/not-http"],
+            vec!["/after"],
+        ],
+        "requests by instance connection"
+    );
     drop(run);
 }

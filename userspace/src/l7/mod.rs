@@ -22,6 +22,7 @@
 //! May import `config`, `sys` and `telemetry`.
 
 mod admit;
+mod chunked;
 mod forwarded;
 mod hop;
 mod limit;
@@ -30,6 +31,7 @@ mod proxy;
 pub mod route;
 pub mod stats;
 mod upload;
+mod upstream;
 mod workers;
 
 use std::{
@@ -42,8 +44,6 @@ use std::{
     time::Duration,
 };
 
-use bytes::Bytes;
-use http_body_util::combinators::BoxBody;
 use hyper::{HeaderMap, Uri};
 use sluice_common::{HIT_BUCKETS_PER_SERVICE, hit_index};
 use tokio::{net::TcpListener, task::JoinHandle};
@@ -52,9 +52,6 @@ use crate::{
     config::{Config, HttpConfig, Service},
     sys::route::LocalRoute,
 };
-
-/// Bodies as the distributor relays them.
-pub type Body = BoxBody<Bytes, hyper::Error>;
 
 /// The owner of a unit, as the data path has it (instance id, or
 /// `NO_OWNER`).

@@ -13,13 +13,11 @@ use std::{
     time::Duration,
 };
 
-use hyper::client::conn::http1::SendRequest;
-use hyper_util::rt::TokioIo;
 use tokio::{net::TcpStream, sync::Notify};
 
 use super::{
-    Body,
     limit::{Lease, Limit},
+    upstream::Upstream,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -32,12 +30,6 @@ pub(super) enum PoolError {
     },
     #[error("connecting to {addr}: no answer within {timeout:?}")]
     ConnectTimeout { addr: SocketAddr, timeout: Duration },
-    #[error("HTTP handshake with {addr}")]
-    Handshake {
-        addr: SocketAddr,
-        #[source]
-        source: hyper::Error,
-    },
     #[error("all {size} connections to {addr} stayed busy for {timeout:?}")]
     Busy {
         addr: SocketAddr,
@@ -49,8 +41,11 @@ pub(super) enum PoolError {
 /// A connection taken from the pool; dropped, it closes (put it back with
 /// [`Pool::put`]).
 pub(super) struct Conn {
-    pub(super) sender: SendRequest<Body>,
+    pub(super) up: Upstream,
     lease: Lease,
+    /// Taken idle from the pool (else opened for this request): an
+    /// instance may close it just as a request goes out.
+    pub(super) reused: bool,
 }
 
 fn ms(d: Duration) -> u64 {
@@ -58,7 +53,7 @@ fn ms(d: Duration) -> u64 {
 }
 
 /// An idle connection, and since when (coarse ms).
-type Idle = (SendRequest<Body>, Lease, u64);
+type Idle = (Upstream, Lease, u64);
 
 /// One instance's pool: at most `size` connections open over all the
 /// distributor's threads (one [`Limit`]), the idle ones kept per thread,
@@ -141,12 +136,13 @@ impl Pool {
         let idle_for = self.idle_for_ms.load(Relaxed);
         let now = super::coarse_ms();
         let mut idle = self.idle[k].lock().expect("pool lock");
-        while let Some((sender, lease, since)) = idle.pop() {
-            // Not `is_ready`: just put back, its task may not have seen
-            // the response end yet; closing it would open another for
-            // nothing (the request waits for `ready` before it is sent).
-            if now.saturating_sub(since) < idle_for && !sender.is_closed() {
-                return Some(Conn { sender, lease });
+        while let Some((up, lease, since)) = idle.pop() {
+            if now.saturating_sub(since) < idle_for && up.is_reusable() {
+                return Some(Conn {
+                    up,
+                    lease,
+                    reused: true,
+                });
             }
         }
         None
@@ -156,8 +152,12 @@ impl Pool {
     /// another worker's idle one, or (all `size` open and busy) the first
     /// one put back or closed within `wait`.
     pub(super) async fn get(&self, wait: Duration) -> Result<Conn, PoolError> {
-        let deadline = tokio::time::Instant::now() + wait;
         let me = self.mine();
+        // Most requests: no waiter registered, no clock read.
+        if let Some(c) = self.pop_idle(me) {
+            return Ok(c);
+        }
+        let deadline = tokio::time::Instant::now() + wait;
         loop {
             let returned = self.returned.notified();
             tokio::pin!(returned);
@@ -168,9 +168,10 @@ impl Pool {
             if let Some(lease) = self.open.try_take() {
                 return self.connect(lease).await;
             }
-            // All open: another worker's idle one (its thread drives the
-            // connection, so this request takes cross-thread wakeups; better
-            // than waiting while it idles, or closing it to open another).
+            // All open: another worker's idle one (registered with that
+            // worker's reactor, so this request takes cross-thread wakeups;
+            // better than waiting while it idles, or closing it to open
+            // another).
             if let Some(c) = (0..self.idle.len())
                 .filter(|k| *k != me)
                 .find_map(|k| self.pop_idle(k))
@@ -196,31 +197,25 @@ impl Pool {
             .map_err(|source| PoolError::Connect { addr, source })?;
         // Requests are small writes that must not wait for an ACK.
         let _ = stream.set_nodelay(true);
-        let (sender, conn) = hyper::client::conn::http1::Builder::new()
-            .handshake(TokioIo::new(stream))
-            .await
-            .map_err(|source| PoolError::Handshake { addr, source })?;
         self.opened.fetch_add(1, Relaxed);
-        tokio::spawn(async move {
-            // Ends when the instance closes it or every sender is gone.
-            if let Err(e) = conn.with_upgrades().await {
-                tracing::debug!(%addr, error = %e, "instance connection ended");
-            }
-        });
-        Ok(Conn { sender, lease })
+        Ok(Conn {
+            up: Upstream::new(stream),
+            lease,
+            reused: false,
+        })
     }
 
-    /// Puts a connection whose exchange is complete back, if it is still
-    /// open (and the pool is not shrinking: then it closes).
+    /// Puts a connection whose exchange ended cleanly back, if it is
+    /// still open (and the pool is not shrinking: then it closes).
     pub(super) fn put(&self, c: Conn) {
-        if c.sender.is_closed() || self.open.shrinking() {
+        if !c.up.is_reusable() || self.open.shrinking() {
             return;
         }
-        let Conn { sender, lease } = c;
+        let Conn { up, lease, .. } = c;
         self.idle[self.mine()]
             .lock()
             .expect("pool lock")
-            .push((sender, lease, super::coarse_ms()));
+            .push((up, lease, super::coarse_ms()));
         self.returned.notify_one();
     }
 
@@ -231,7 +226,7 @@ impl Pool {
         for idle in &self.idle {
             idle.lock()
                 .expect("pool lock")
-                .retain(|(s, _, since)| now.saturating_sub(*since) < idle_for && !s.is_closed());
+                .retain(|(up, _, since)| now.saturating_sub(*since) < idle_for && up.is_reusable());
         }
     }
 }

@@ -12,27 +12,31 @@ use std::{
         atomic::{AtomicU64, Ordering::Relaxed},
     },
     task::{Context, Poll},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
-use bytes::Bytes;
-use http_body_util::{BodyExt as _, Empty, Full};
+use bytes::{Bytes, BytesMut};
 use hyper::{
     Method, Request, Response, StatusCode, Uri, Version,
     body::{Body as _, Frame, Incoming, SizeHint},
     header::{self, HeaderValue},
+    http::request::Parts,
     service::service_fn,
 };
 use hyper_util::rt::{TokioIo, TokioTimer};
 use sluice_common::key;
 use tokio::{
-    io::{AsyncRead, AsyncWrite, Interest, ReadBuf, unix::AsyncFd},
+    io::{AsyncRead, AsyncWrite, AsyncWriteExt as _, Interest, ReadBuf, unix::AsyncFd},
     net::{TcpListener, TcpStream},
 };
 
 use super::{
-    Backend, Body, Refusal, ServiceL7, Slot, admit::Gate, forwarded, hop, limit::Lease, pool,
-    upload,
+    Backend, Refusal, ServiceL7, Slot,
+    admit::Gate,
+    forwarded, hop,
+    limit::Lease,
+    pool, upload,
+    upstream::{self, Framing, Head, Sending, Upstream},
 };
 
 /// Accepts connections until the task is aborted, at most the service's
@@ -214,19 +218,15 @@ async fn serve(stream: TcpStream, peer: SocketAddr, slot: Arc<Slot>, lease: Leas
 }
 
 /// A response of the distributor's own.
-fn answer(status: StatusCode, why: &str) -> Response<Body> {
-    let mut r = Response::new(
-        Full::new(Bytes::from(format!("{why}\n")))
-            .map_err(|never| match never {})
-            .boxed(),
-    );
+fn answer(status: StatusCode, why: &str) -> Response<Reply> {
+    let mut r = Response::new(Reply::Own(Some(Bytes::from(format!("{why}\n")))));
     *r.status_mut() = status;
     r.headers_mut()
         .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
     r
 }
 
-fn refuse(svc: &ServiceL7, r: Refusal, status: StatusCode, why: &str) -> Response<Body> {
+fn refuse(svc: &ServiceL7, r: Refusal, status: StatusCode, why: &str) -> Response<Reply> {
     svc.counts.refuse(r);
     answer(status, why)
 }
@@ -259,12 +259,15 @@ impl Client {
 
 /// Why a request got no response from an instance.
 enum Failure {
-    /// It never reached the instance (handed back to send elsewhere);
-    /// whether that was the instance's fault (refused, reset) rather than
-    /// a stale pooled connection or a busy pool.
-    Unsent(Box<Request<Body>>, bool),
+    /// It never reached the instance; whether that was the instance's
+    /// fault (refused, reset) rather than a busy pool.
+    Unsent(bool),
     /// It may have reached it.
     Sent,
+    /// A kept-alive connection closed or reset as the request went out,
+    /// nothing answered: the instance closing an idle connection as it was
+    /// taken, or the instance gone (then its refused connections count).
+    Stale,
     /// No response head in time.
     Timeout,
     /// The client broke its own body (a malformed chunk, cut short).
@@ -275,15 +278,11 @@ impl Failure {
     /// Whether it counts against the instance.
     fn theirs(&self) -> bool {
         match self {
-            Self::Unsent(_, theirs) => *theirs,
+            Self::Unsent(theirs) => *theirs,
             Self::Sent | Self::Timeout => true,
-            Self::Client => false,
+            Self::Stale | Self::Client => false,
         }
     }
-}
-
-fn empty() -> Body {
-    Empty::new().map_err(|never| match never {}).boxed()
 }
 
 /// Counts a request in flight at an instance until dropped (with the
@@ -303,93 +302,289 @@ impl Drop for InFlight {
     }
 }
 
-/// Sends `req` to instance `i` and waits for the response head: within
-/// `response_timeout` of the start, or, for a body streamed as the client
-/// sends it (`upload`), of its last byte sent.
+/// A request body as it goes to an instance.
+enum Outgoing {
+    /// Read whole (empty: none); can be sent again.
+    Whole(Bytes),
+    /// Streamed as the client sends it; `None` once sending began.
+    Stream(Option<upload::Upload>),
+}
+
+impl Outgoing {
+    /// Whether it can still be sent (again).
+    const fn intact(&self) -> bool {
+        !matches!(self, Self::Stream(None))
+    }
+}
+
+/// How an exchange on a connection broke.
+enum Broke {
+    Write(std::io::Error),
+    Read(upstream::ReadError),
+    Timeout,
+    Client,
+}
+
+/// Writes the request and a body read whole, then reads the response head.
+async fn whole(up: &mut Upstream, parts: &Parts, body: &Bytes) -> Result<Head, Broke> {
+    let sending = if !body.is_empty() {
+        Sending::Length(body.len() as u64)
+    } else if parts.headers.contains_key(header::CONTENT_LENGTH) {
+        // The client said 0: so does the instance's request.
+        Sending::Length(0)
+    } else {
+        Sending::Nothing
+    };
+    let mut out = std::mem::take(&mut up.out);
+    out.clear();
+    upstream::write_head(parts, sending, &mut out);
+    // Small bodies go in the head's write.
+    let r = if body.len() <= COPY_BODY_BELOW {
+        out.extend_from_slice(body);
+        up.stream.write_all(&out).await
+    } else {
+        match up.stream.write_all(&out).await {
+            Ok(()) => up.stream.write_all(body).await,
+            e => e,
+        }
+    };
+    up.out = out;
+    r.map_err(Broke::Write)?;
+    up.read_head(parts.method == Method::HEAD)
+        .await
+        .map_err(Broke::Read)
+}
+
+/// Bodies shorter than this are copied after the head, one write for both.
+const COPY_BODY_BELOW: usize = 4096;
+
+/// Writes the request and streams its body as the client sends it, while
+/// reading the response head: an instance may answer before it has the
+/// whole body (413). The response timer starts once the body was sent
+/// whole. Also says whether it was.
+async fn streamed(
+    up: &mut Upstream,
+    parts: &Parts,
+    mut body: upload::Upload,
+    wait: Duration,
+) -> Result<(Head, bool), Broke> {
+    let chunked = body.size_hint().exact().is_none();
+    let sending = match body.size_hint().exact() {
+        Some(n) => Sending::Length(n),
+        None => Sending::Chunked,
+    };
+    let mut out = BytesMut::new();
+    upstream::write_head(parts, sending, &mut out);
+    let to_head = parts.method == Method::HEAD;
+    let (mut rd, mut wr) = up.stream.split();
+    let pump = async {
+        wr.write_all(&out).await.map_err(Broke::Write)?;
+        while let Some(frame) = std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await
+        {
+            let Ok(data) = frame.map_err(|_| Broke::Client)?.into_data() else {
+                continue;
+            };
+            if data.is_empty() {
+                continue;
+            }
+            if chunked {
+                out.clear();
+                upstream::chunk_prefix(data.len(), &mut out);
+                wr.write_all(&out).await.map_err(Broke::Write)?;
+                wr.write_all(&data).await.map_err(Broke::Write)?;
+                wr.write_all(b"\r\n").await.map_err(Broke::Write)?;
+            } else {
+                wr.write_all(&data).await.map_err(Broke::Write)?;
+            }
+        }
+        if chunked {
+            wr.write_all(b"0\r\n\r\n").await.map_err(Broke::Write)?;
+        }
+        Ok(())
+    };
+    let head = upstream::read_head(&mut rd, &mut up.buf, to_head);
+    let timer = tokio::time::sleep(wait);
+    tokio::pin!(pump, head, timer);
+    let mut pumping = true;
+    let mut sent = false;
+    loop {
+        tokio::select! {
+            r = &mut pump, if pumping => {
+                pumping = false;
+                match r {
+                    Ok(()) => sent = true,
+                    Err(Broke::Client) => return Err(Broke::Client),
+                    // The instance stopped reading: its answer may be on
+                    // its way still.
+                    Err(_) => {}
+                }
+                timer.as_mut().reset(tokio::time::Instant::now() + wait);
+            }
+            h = &mut head => return h.map(|h| (h, sent)).map_err(Broke::Read),
+            () = &mut timer, if !pumping => return Err(Broke::Timeout),
+        }
+    }
+}
+
+/// What an instance answered: the response, and for a 101 the connection
+/// (the tunnel's now).
+struct Answer {
+    resp: Response<Reply>,
+    upgraded: Option<Upstream>,
+}
+
+/// Sends the request to instance `i` and waits for the response head:
+/// within `response_timeout` of the start, or, for a body streamed as the
+/// client sends it, of its last byte sent.
 async fn send(
     svc: &ServiceL7,
     i: usize,
-    req: Request<Body>,
-    upload: Option<&upload::Progress>,
-) -> Result<Response<Body>, Failure> {
+    parts: &Parts,
+    body: &mut Outgoing,
+) -> Result<Answer, Failure> {
     let b = &svc.backends[i];
-    let start = Instant::now();
+    let start = tokio::time::Instant::now();
     let wait = svc.cfg.response_timeout;
     let mut conn = match b.pool().get(wait).await {
         Ok(c) => c,
         Err(e) => {
             tracing::debug!(instance = %b.name, error = %e, "no connection");
             b.stats.answered(None, 0.0);
-            let theirs = !matches!(e, pool::PoolError::Busy { .. });
-            return Err(Failure::Unsent(Box::new(req), theirs));
+            return Err(Failure::Unsent(!matches!(e, pool::PoolError::Busy { .. })));
         }
     };
     let in_flight = InFlight::new(b);
-    let exchange = async {
-        if conn.sender.ready().await.is_err() {
-            // Closed while idle in the pool: not a failure of the instance.
-            return Err(Failure::Unsent(Box::new(req), false));
+    let result = match body {
+        Outgoing::Whole(bytes) => {
+            tokio::time::timeout_at(start + wait, whole(&mut conn.up, parts, bytes))
+                .await
+                .unwrap_or(Err(Broke::Timeout))
+                .map(|h| (h, true))
         }
-        conn.sender.try_send_request(req).await.map_err(|mut e| {
-            tracing::debug!(instance = %b.name, error = %e.error(), "request failed");
-            e.take_message()
-                .map_or(Failure::Sent, |r| Failure::Unsent(Box::new(r), true))
-        })
-    };
-    let deadline = async {
-        match upload {
-            Some(p) => {
-                p.until_sent().await;
-                tokio::time::sleep(wait).await;
-            }
-            None => tokio::time::sleep(wait.saturating_sub(start.elapsed())).await,
+        Outgoing::Stream(u) => {
+            let u = u.take().expect("a streamed body is sent once");
+            streamed(&mut conn.up, parts, u, wait).await
         }
     };
-    let result = tokio::select! {
-        r = exchange => r,
-        () = deadline => Err(Failure::Timeout),
-    };
-    let resp = match result {
-        Ok(resp) => resp,
-        Err(_) if upload.is_some_and(upload::Progress::client_failed) => {
-            return Err(Failure::Client);
-        }
-        Err(f) => {
+    let (head, sent) = match result {
+        Ok(r) => r,
+        Err(broke) => {
+            let failure = match broke {
+                Broke::Client => return Err(Failure::Client),
+                Broke::Timeout => Failure::Timeout,
+                Broke::Write(_) | Broke::Read(upstream::ReadError::Closed { any: false })
+                    if conn.reused =>
+                {
+                    Failure::Stale
+                }
+                Broke::Write(e) => {
+                    tracing::debug!(instance = %b.name, error = %e, "request failed");
+                    Failure::Sent
+                }
+                Broke::Read(e) => {
+                    tracing::debug!(instance = %b.name, error = %e, "response failed");
+                    Failure::Sent
+                }
+            };
             b.stats.answered(None, 0.0);
-            return Err(f);
+            return Err(failure);
         }
     };
     b.stats
-        .answered(Some(resp.status().as_u16()), start.elapsed().as_secs_f64());
-    let (mut parts, body) = resp.into_parts();
-    let upgraded = parts.status == StatusCode::SWITCHING_PROTOCOLS;
-    hop::strip(&mut parts.headers, upgraded);
+        .answered(Some(head.status.as_u16()), start.elapsed().as_secs_f64());
+    let Head {
+        status,
+        version,
+        mut headers,
+        framing,
+        keep_alive,
+    } = head;
+    let upgraded = framing == Framing::Upgrade;
+    hop::strip(&mut headers, upgraded);
+    let mut resp = Response::new(Reply::Own(None));
+    *resp.status_mut() = status;
+    *resp.version_mut() = version;
+    *resp.headers_mut() = headers;
+    if upgraded {
+        return Ok(Answer {
+            resp,
+            upgraded: Some(conn.up),
+        });
+    }
     // An instance that answered before it had the whole body may read the
     // rest as a request of its own, answered to the next one sent on the
     // connection: such a connection is closed after this response, never
-    // pooled. An upgraded one is the tunnel's now.
-    let relay = Relay {
-        inner: body,
-        conn: (!upgraded).then_some(conn),
-        reuse: upload.is_none_or(upload::Progress::sent),
+    // pooled.
+    *resp.body_mut() = Reply::Relay(Relay {
+        conn: Some(conn),
+        framing,
+        reuse: keep_alive && sent,
         backend: b.clone(),
         _in_flight: in_flight,
-    };
-    Ok(Response::from_parts(parts, relay.boxed()))
+    });
+    Ok(Answer {
+        resp,
+        upgraded: None,
+    })
 }
 
-/// A response body relayed from an instance: its connection goes back to
-/// the pool once the body has been read whole, and is closed if not.
-struct Relay {
-    inner: Incoming,
+/// What the distributor sends a client: an answer of its own, or an
+/// instance's response body relayed.
+pub(super) enum Reply {
+    Own(Option<Bytes>),
+    Relay(Relay),
+}
+
+impl hyper::body::Body for Reply {
+    type Data = Bytes;
+    type Error = upstream::ReadError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, upstream::ReadError>>> {
+        match self.get_mut() {
+            Self::Own(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+            Self::Relay(r) => r.poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Self::Own(b) => b.is_none(),
+            Self::Relay(r) => r.is_end(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Self::Own(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
+            Self::Relay(r) => match r.framing {
+                Framing::Length(n) => SizeHint::with_exact(n),
+                Framing::Empty | Framing::Upgrade => SizeHint::with_exact(0),
+                Framing::Chunked(_) | Framing::Close => SizeHint::default(),
+            },
+        }
+    }
+}
+
+/// A response body relayed from an instance, read in the client
+/// connection's task: its connection goes back to the pool once the body
+/// has been read whole and the exchange was clean, and is closed if not.
+pub(super) struct Relay {
     conn: Option<pool::Conn>,
-    /// Whether `conn` may serve another request (else it closes).
+    framing: Framing,
+    /// Whether `conn` may serve another request once the body is read.
     reuse: bool,
     backend: Arc<Backend>,
     _in_flight: InFlight,
 }
 
 impl Relay {
+    fn is_end(&self) -> bool {
+        self.conn.is_none() || matches!(self.framing, Framing::Empty | Framing::Length(0))
+    }
+
     fn give_back(&mut self) {
         if let Some(c) = self.conn.take()
             && self.reuse
@@ -397,43 +592,40 @@ impl Relay {
             self.backend.pool().put(c);
         }
     }
-}
-
-impl hyper::body::Body for Relay {
-    type Data = Bytes;
-    type Error = hyper::Error;
 
     fn poll_frame(
-        mut self: Pin<&mut Self>,
+        &mut self,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let r = Pin::new(&mut self.inner).poll_frame(cx);
-        match &r {
-            Poll::Ready(Some(Ok(f))) => {
-                if let Some(d) = f.data_ref() {
-                    self.backend.stats.bytes.fetch_add(d.len() as u64, Relaxed);
+    ) -> Poll<Option<Result<Frame<Bytes>, upstream::ReadError>>> {
+        let Some(conn) = self.conn.as_mut() else {
+            return Poll::Ready(None);
+        };
+        match std::task::ready!(upstream::poll_body(&mut conn.up, &mut self.framing, cx)) {
+            Ok(upstream::Read::Data(d)) => {
+                self.backend.stats.bytes.fetch_add(d.len() as u64, Relaxed);
+                if self.is_end() {
+                    // The last bytes: the connection can serve the next
+                    // request while the client is still being sent these.
+                    self.give_back();
                 }
+                Poll::Ready(Some(Ok(Frame::data(d))))
             }
-            Poll::Ready(None) => self.give_back(),
-            Poll::Ready(Some(Err(_))) => self.conn = None,
-            Poll::Pending => {}
+            Ok(upstream::Read::End) => {
+                self.give_back();
+                Poll::Ready(None)
+            }
+            Err(e) => {
+                self.conn = None;
+                Poll::Ready(Some(Err(e)))
+            }
         }
-        r
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
     }
 }
 
 impl Drop for Relay {
     fn drop(&mut self) {
         // An empty body (HEAD, 204, 304) may never be polled.
-        if self.inner.is_end_stream() {
+        if self.is_end() {
             self.give_back();
         }
     }
@@ -443,16 +635,20 @@ impl Drop for Relay {
 /// closes or nothing moves for `idle`.
 async fn tunnel(
     client: hyper::upgrade::OnUpgrade,
-    instance: hyper::upgrade::OnUpgrade,
+    mut instance: Upstream,
     last: Arc<AtomicU64>,
     idle: Duration,
 ) {
-    let (Ok(c), Ok(i)) = tokio::join!(client, instance) else {
+    let Ok(c) = client.await else {
         return;
     };
-    let (mut c, mut i) = (TokioIo::new(c), TokioIo::new(i));
+    let mut c = TokioIo::new(c);
+    // What the instance sent after its 101 head.
+    if !instance.buf.is_empty() && c.write_all(&instance.buf).await.is_err() {
+        return;
+    }
     tokio::select! {
-        r = tokio::io::copy_bidirectional(&mut c, &mut i) => {
+        r = tokio::io::copy_bidirectional(&mut c, &mut instance.stream) => {
             if let Err(e) = r {
                 tracing::debug!(error = %e, "upgraded connection ended");
             }
@@ -462,7 +658,7 @@ async fn tunnel(
 }
 
 /// The request's head as the instance is to get it.
-fn to_instance(parts: &mut hyper::http::request::Parts, client: &Client, upgrade: bool) {
+fn to_instance(parts: &mut Parts, client: &Client, upgrade: bool) {
     hop::strip(&mut parts.headers, upgrade);
     // hyper answers `Expect: 100-continue` itself when the body is read
     // (as it is sent on); the instance must not wait for one of its own.
@@ -478,72 +674,21 @@ fn to_instance(parts: &mut hyper::http::request::Parts, client: &Client, upgrade
     parts.version = Version::HTTP_11;
 }
 
-/// A request to send again, with its body's progress.
-type Again = (Request<Body>, Option<Arc<upload::Progress>>);
-
-/// The body to send and its progress (none for no body); and, for an
-/// idempotent request whose body was read whole, what to send again if
-/// the instance fails after it got it.
-fn outgoing(
-    parts: &mut hyper::http::request::Parts,
-    body: Option<upload::Buffered>,
-    upgrade: bool,
-) -> (Body, Option<Arc<upload::Progress>>, Option<Again>) {
-    let (body, progress, whole) = match body {
-        None => (empty(), None, Some(Bytes::new())),
-        Some(upload::Buffered::Whole(b)) if b.is_empty() => (empty(), None, Some(b)),
-        Some(upload::Buffered::Whole(b)) => {
-            let u = upload::Upload::whole(b.clone());
-            let p = u.progress();
-            (u.boxed(), Some(p), Some(b))
-        }
-        Some(upload::Buffered::Partial(u)) => {
-            // hyper sends a GET's or HEAD's body of unknown length only
-            // when told it is chunked.
-            if u.size_hint().exact().is_none() {
-                parts.headers.insert(
-                    header::TRANSFER_ENCODING,
-                    HeaderValue::from_static("chunked"),
-                );
-            }
-            let p = u.progress();
-            (u.boxed(), Some(p), None)
-        }
-    };
-    let again = whole
-        .filter(|_| idempotent(&parts.method) && !upgrade)
-        .map(|b| {
-            let mut p = Request::new(empty());
-            *p.method_mut() = parts.method.clone();
-            *p.uri_mut() = parts.uri.clone();
-            *p.headers_mut() = parts.headers.clone();
-            if b.is_empty() {
-                (p, None)
-            } else {
-                let u = upload::Upload::whole(b);
-                let progress = u.progress();
-                *p.body_mut() = u.boxed();
-                (p, Some(progress))
-            }
-        });
-    (body, progress, again)
-}
-
-/// Sends `req` to `first`; if that instance fails, once more to the next
-/// candidate when the request can be (see [`Failure`]). Only the
+/// Sends the request to `first`; if that instance fails, once more to
+/// the next candidate when the request can be (see [`Failure`]). Only the
 /// instances' own failures count against them.
 async fn exchange(
     svc: &ServiceL7,
     first: usize,
     mut candidates: impl Iterator<Item = usize>,
-    req: Request<Body>,
-    progress: Option<Arc<upload::Progress>>,
-    again: Option<Again>,
-) -> Result<Response<Body>, Failure> {
-    let failure = match send(svc, first, req, progress.as_deref()).await {
-        Ok(resp) => {
+    parts: &Parts,
+    mut body: Outgoing,
+    idempotent: bool,
+) -> Result<Answer, Failure> {
+    let failure = match send(svc, first, parts, &mut body).await {
+        Ok(a) => {
             svc.answered(first);
-            return Ok(resp);
+            return Ok(a);
         }
         Err(f) => f,
     };
@@ -552,15 +697,15 @@ async fn exchange(
     }
     let retry = match failure {
         // The instance never saw it: any request may go elsewhere.
-        Failure::Unsent(req, _) => Some((*req, progress)),
-        Failure::Sent => again,
+        Failure::Unsent(_) => body.intact(),
+        Failure::Sent | Failure::Stale => idempotent && body.intact(),
         Failure::Timeout | Failure::Client => return Err(failure),
     };
-    let (Some((req, progress)), Some(next)) = (retry, candidates.next()) else {
+    let (true, Some(next)) = (retry, candidates.next()) else {
         return Err(Failure::Sent);
     };
     svc.counts.retries.fetch_add(1, Relaxed);
-    let r = send(svc, next, req, progress.as_deref()).await;
+    let r = send(svc, next, parts, &mut body).await;
     match &r {
         Ok(_) => svc.answered(next),
         Err(f) if f.theirs() => svc.failed(next),
@@ -569,7 +714,7 @@ async fn exchange(
     r
 }
 
-async fn handle(mut req: Request<Incoming>, client: &Client, slot: &Slot) -> Response<Body> {
+async fn handle(mut req: Request<Incoming>, client: &Client, slot: &Slot) -> Response<Reply> {
     let svc = slot.current();
     let target_len = req.uri().path_and_query().map_or(1, |p| p.as_str().len());
     if target_len > svc.cfg.limits.max_request_line as usize {
@@ -621,15 +766,15 @@ async fn handle(mut req: Request<Incoming>, client: &Client, slot: &Slot) -> Res
         );
     };
     to_instance(&mut parts, client, upgrade);
-    let (body, progress, again) = outgoing(&mut parts, body, upgrade);
-    let req = Request::from_parts(parts, body);
-    let outcome = exchange(&svc, first, candidates, req, progress, again).await;
-    match outcome {
-        Ok(mut resp) => {
-            if let Some(from_client) = client_upgrade
-                && resp.status() == StatusCode::SWITCHING_PROTOCOLS
-            {
-                let to_instance = hyper::upgrade::on(&mut resp);
+    let body = match body {
+        None => Outgoing::Whole(Bytes::new()),
+        Some(upload::Buffered::Whole(b)) => Outgoing::Whole(b),
+        Some(upload::Buffered::Partial(u)) => Outgoing::Stream(Some(u)),
+    };
+    let again = idempotent(&parts.method) && !upgrade;
+    match exchange(&svc, first, candidates, &parts, body, again).await {
+        Ok(Answer { resp, upgraded }) => {
+            if let (Some(from_client), Some(to_instance)) = (client_upgrade, upgraded) {
                 tokio::spawn(tunnel(
                     from_client,
                     to_instance,

@@ -5,69 +5,17 @@
 //! `http-buffer-request`): a slow or broken upload of that size then never
 //! holds a pooled connection, its failure is the client's and answered 400
 //! without an instance seeing any of it, and a whole body can be sent again
-//! elsewhere. A longer body is streamed after what was read, and its
-//! [`Progress`] tells the proxy when it was sent whole (the response timer
-//! starts then) or whether the client broke it (not the instance's fault).
+//! elsewhere. A longer body is streamed after what was read (the proxy
+//! tells a client's failure from an instance's as it sends it).
 
 use std::{
     collections::VecDeque,
     pin::Pin,
-    sync::{
-        Arc,
-        atomic::{AtomicU8, Ordering::Relaxed},
-    },
     task::{Context, Poll},
 };
 
 use bytes::{Bytes, BytesMut};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
-use tokio::sync::Notify;
-
-const SENDING: u8 = 0;
-const SENT: u8 = 1;
-const CLIENT_FAILED: u8 = 2;
-
-/// Whether a streamed body has been sent whole, or broken by the client.
-#[derive(Default)]
-pub(super) struct Progress {
-    state: AtomicU8,
-    changed: Notify,
-}
-
-impl Progress {
-    fn finish(&self, how: u8) {
-        if self
-            .state
-            .compare_exchange(SENDING, how, Relaxed, Relaxed)
-            .is_ok()
-        {
-            self.changed.notify_waiters();
-        }
-    }
-
-    pub(super) fn sent(&self) -> bool {
-        self.state.load(Relaxed) == SENT
-    }
-
-    pub(super) fn client_failed(&self) -> bool {
-        self.state.load(Relaxed) == CLIENT_FAILED
-    }
-
-    /// Resolves once the body has been sent whole; never if the client
-    /// broke it (the exchange fails on its own then).
-    pub(super) async fn until_sent(&self) {
-        loop {
-            let changed = self.changed.notified();
-            tokio::pin!(changed);
-            changed.as_mut().enable();
-            match self.state.load(Relaxed) {
-                SENT => return,
-                CLIENT_FAILED => std::future::pending().await,
-                _ => changed.await,
-            }
-        }
-    }
-}
 
 /// A request body as read so far.
 pub(super) enum Buffered {
@@ -101,7 +49,6 @@ pub(super) async fn buffer(mut body: Incoming, limit: usize) -> Result<Buffered,
                     head,
                     head_len: len,
                     rest: Some(body),
-                    progress: Arc::default(),
                 }));
             }
         }
@@ -128,23 +75,6 @@ pub(super) struct Upload {
     head: VecDeque<Bytes>,
     head_len: usize,
     rest: Option<Incoming>,
-    progress: Arc<Progress>,
-}
-
-impl Upload {
-    /// A body read whole, sent with its [`Progress`] told.
-    pub(super) fn whole(body: Bytes) -> Self {
-        Self {
-            head_len: body.len(),
-            head: VecDeque::from([body]),
-            rest: None,
-            progress: Arc::default(),
-        }
-    }
-
-    pub(super) fn progress(&self) -> Arc<Progress> {
-        self.progress.clone()
-    }
 }
 
 impl Body for Upload {
@@ -157,33 +87,16 @@ impl Body for Upload {
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         if let Some(b) = self.head.pop_front() {
             self.head_len -= b.len();
-            // Told here too: hyper stops polling once the body says it
-            // has ended.
-            let _ = self.is_end_stream();
             return Poll::Ready(Some(Ok(Frame::data(b))));
         }
-        let Some(rest) = self.rest.as_mut() else {
-            self.progress.finish(SENT);
-            return Poll::Ready(None);
-        };
-        let r = Pin::new(rest).poll_frame(cx);
-        match &r {
-            Poll::Ready(None) => self.progress.finish(SENT),
-            Poll::Ready(Some(Err(_))) => self.progress.finish(CLIENT_FAILED),
-            Poll::Ready(Some(Ok(_))) => {
-                let _ = self.is_end_stream();
-            }
-            Poll::Pending => {}
+        match self.rest.as_mut() {
+            Some(rest) => Pin::new(rest).poll_frame(cx),
+            None => Poll::Ready(None),
         }
-        r
     }
 
     fn is_end_stream(&self) -> bool {
-        let end = self.head.is_empty() && self.rest.as_ref().is_none_or(Incoming::is_end_stream);
-        if end {
-            self.progress.finish(SENT);
-        }
-        end
+        self.head.is_empty() && self.rest.as_ref().is_none_or(Incoming::is_end_stream)
     }
 
     fn size_hint(&self) -> SizeHint {
