@@ -200,8 +200,9 @@ type PathLog = Arc<Mutex<Vec<Vec<String>>>>;
 /// A server of raw bytes. It answers `/upload` at once with 413 and keeps
 /// the connection without reading the body, then reads whatever comes next
 /// as a request: a desync waiting to happen. `/frame/...` gets one of the
-/// framings an instance may use (see [`framed`]), written in pieces. It
-/// logs each connection's request paths.
+/// framings an instance may use (see [`framed`]), written in pieces;
+/// `/echo` its body back as it reads it (see [`echo`]). It logs each
+/// connection's request paths.
 struct RawInstance {
     stop: Arc<AtomicBool>,
     log: PathLog,
@@ -271,6 +272,10 @@ fn serve(mut s: TcpStream, id: usize, stop: &AtomicBool, log: &Mutex<Vec<Vec<Str
             buf.drain(..end + 4);
             let path = head.split_whitespace().nth(1).unwrap_or("").to_owned();
             log.lock().expect("lock")[id].push(path.clone());
+            if path == "/echo" {
+                echo(&mut s, &head, &mut buf, &mut chunk);
+                return;
+            }
             if let Some((pieces, close)) = framed(&path) {
                 for p in pieces {
                     if s.write_all(p).is_err() {
@@ -460,6 +465,105 @@ fn an_instances_response_is_relayed_whole_in_every_framing_and_its_connection_re
             vec!["/after"],
         ],
         "requests by instance connection"
+    );
+    drop(run);
+}
+
+/// Answers at once, then streams back the request body (of the head's
+/// `Content-Length`) as it reads it, chunked, and closes: a full-duplex
+/// instance (an echo, a transcoder) that needs the body after its head.
+fn echo(s: &mut TcpStream, head: &str, buf: &mut Vec<u8>, chunk: &mut [u8]) {
+    let length: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length: "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    if s.write_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        .is_err()
+    {
+        return;
+    }
+    let mut left = length;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while left > 0 && Instant::now() < deadline {
+        if buf.is_empty() {
+            match s.read(chunk) {
+                Ok(0) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                    continue;
+                }
+                Err(_) => return,
+            }
+        }
+        let n = left.min(buf.len());
+        let mut out = format!("{n:x}\r\n").into_bytes();
+        out.extend(buf.drain(..n));
+        out.extend_from_slice(b"\r\n");
+        if s.write_all(&out).is_err() {
+            return;
+        }
+        left -= n;
+    }
+    let _ = s.write_all(b"0\r\n\r\n");
+}
+
+#[test]
+fn an_instance_that_answers_first_and_reads_the_body_after_gets_all_of_it() {
+    let tb = testbed("l7echo", 1);
+    let i = &tb.instances[0];
+    let _server = RawInstance::start(&i.netns, SocketAddr::new(i.addr_v4.into(), PORT));
+    let run = start(&tb, "l7echo", &config(&tb, "", ""));
+
+    // Past the distributor's 16 KiB body buffer, so streamed; sent in two
+    // parts, the second only once the echo of the first came back.
+    let body: Vec<u8> = (0..100_000u32).map(|i| b'a' + (i % 26) as u8).collect();
+    let (first, second) = body.split_at(40_000);
+    let mut c = dial(&tb.client);
+    let head = format!(
+        "POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    c.write_all(head.as_bytes()).expect("head");
+    c.write_all(first).expect("first part");
+    let mut got = Vec::new();
+    let mut buf = vec![0; 65_536];
+    let deadline = Instant::now() + Duration::from_secs(8);
+    // The response is chunked to the client too: count the body's letters
+    // in it (the framing has none of `a`..`z` but hex digits `a`..`f`,
+    // which the chunk sizes here never exceed four of).
+    let letters = |got: &[u8]| {
+        let text = String::from_utf8_lossy(got);
+        let body_start = text.find("\r\n\r\n").map_or(text.len(), |i| i + 4);
+        text[body_start..]
+            .split("\r\n")
+            .enumerate()
+            .filter(|(k, _)| k % 2 == 1)
+            .map(|(_, part)| part.len())
+            .sum::<usize>()
+    };
+    let mut sent_second = false;
+    while Instant::now() < deadline && letters(&got) < body.len() {
+        if !sent_second && letters(&got) >= first.len() {
+            c.write_all(second).expect("second part");
+            sent_second = true;
+        }
+        match c.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+            Err(e) => panic!("reading the echo: {e}"),
+        }
+    }
+    assert!(
+        sent_second,
+        "the echo of the first part never came back: the instance never got the body after its head ({} bytes in)",
+        got.len()
+    );
+    assert_eq!(
+        letters(&got),
+        body.len(),
+        "the whole body came back through the distributor"
     );
     drop(run);
 }

@@ -26,8 +26,9 @@ pub(super) enum ChunkError {
 enum State {
     /// Reading a chunk size: its value so far, whether a digit was seen.
     Size(u64, bool),
-    /// Past the size's digits: whitespace and `;` extensions up to the
-    /// line's CR (the size, bytes skipped).
+    /// Past the size's digits: whitespace before a `;` (the size).
+    Space(u64),
+    /// In `;` extensions up to the line's CR (the size, bytes skipped).
     Extension(u64, usize),
     /// Expecting the LF of a size line.
     SizeLf(u64),
@@ -108,12 +109,21 @@ fn step(state: State, b: u8) -> Result<State, ChunkError> {
             None if !any => return Err(ChunkError::Size),
             None => match b {
                 b'\r' => State::SizeLf(size),
-                b';' | b' ' | b'\t' => State::Extension(size, 0),
+                b';' => State::Extension(size, 0),
+                b' ' | b'\t' => State::Space(size),
                 _ => return Err(ChunkError::Size),
             },
         },
+        State::Space(size) => match b {
+            b'\r' => State::SizeLf(size),
+            b';' => State::Extension(size, 0),
+            b' ' | b'\t' => State::Space(size),
+            _ => return Err(ChunkError::Size),
+        },
         State::Extension(size, n) => match b {
             b'\r' => State::SizeLf(size),
+            // Control bytes (a bare LF above all) are not extension text.
+            _ if b != b'\t' && (b < 0x20 || b == 0x7f) => return Err(ChunkError::Delimiter),
             _ if n >= MAX_EXTENSION_BYTES => return Err(ChunkError::TooLong),
             _ => State::Extension(size, n + 1),
         },
@@ -192,7 +202,9 @@ mod tests {
 
     #[test]
     fn a_malformed_body_is_an_error() {
-        let cases: [(&[u8], ChunkError); 7] = [
+        let cases: [(&[u8], ChunkError); 9] = [
+            (b"5 5\r\n", ChunkError::Size),
+            (b"5;x\nhello\r\n", ChunkError::Delimiter),
             (b"\r\n", ChunkError::Size),
             (b"g\r\n", ChunkError::Size),
             (b"-1\r\n", ChunkError::Size),

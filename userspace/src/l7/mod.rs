@@ -28,6 +28,8 @@ mod hop;
 mod limit;
 mod pool;
 mod proxy;
+mod pump;
+mod relay;
 pub mod route;
 pub mod stats;
 mod upload;

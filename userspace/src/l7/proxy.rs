@@ -18,7 +18,7 @@ use std::{
 use bytes::{Bytes, BytesMut};
 use hyper::{
     Method, Request, Response, StatusCode, Uri, Version,
-    body::{Body as _, Frame, Incoming, SizeHint},
+    body::{Body as _, Incoming},
     header::{self, HeaderValue},
     http::request::Parts,
     service::service_fn,
@@ -35,7 +35,10 @@ use super::{
     admit::Gate,
     forwarded, hop,
     limit::Lease,
-    pool, upload,
+    pool,
+    pump::{Pump, PumpError},
+    relay::{Relay, Reply},
+    upload,
     upstream::{self, Framing, Head, Sending, Upstream},
 };
 
@@ -287,7 +290,7 @@ impl Failure {
 
 /// Counts a request in flight at an instance until dropped (with the
 /// response body it relays).
-struct InFlight(Arc<Backend>);
+pub(super) struct InFlight(Arc<Backend>);
 
 impl InFlight {
     fn new(b: &Arc<Backend>) -> Self {
@@ -326,7 +329,7 @@ enum Broke {
 }
 
 /// Writes the request and a body read whole, then reads the response head.
-async fn whole(up: &mut Upstream, parts: &Parts, body: &Bytes) -> Result<Head, Broke> {
+async fn whole(up: &mut Upstream, parts: &Parts, body: &Bytes) -> Result<(Head, Sent), Broke> {
     let sending = if !body.is_empty() {
         Sending::Length(body.len() as u64)
     } else if parts.headers.contains_key(header::CONTENT_LENGTH) {
@@ -349,10 +352,21 @@ async fn whole(up: &mut Upstream, parts: &Parts, body: &Bytes) -> Result<Head, B
         }
     };
     up.out = out;
-    r.map_err(Broke::Write)?;
-    up.read_head(parts.method == Method::HEAD)
-        .await
-        .map_err(Broke::Read)
+    let to_head = parts.method == Method::HEAD;
+    match r {
+        Ok(()) => up
+            .read_head(to_head)
+            .await
+            .map(|h| (h, Sent::Whole))
+            .map_err(Broke::Read),
+        // An instance that refuses a request (401, 413) may answer and
+        // close before it has read the body: its answer is the client's.
+        Err(e) => up
+            .read_head(to_head)
+            .await
+            .map(|h| (h, Sent::Partly))
+            .map_err(|_| Broke::Write(e)),
+    }
 }
 
 /// Bodies shorter than this are copied after the head, one write for both.
@@ -360,70 +374,58 @@ const COPY_BODY_BELOW: usize = 4096;
 
 /// Writes the request and streams its body as the client sends it, while
 /// reading the response head: an instance may answer before it has the
-/// whole body (413). The response timer starts once the body was sent
-/// whole. Also says whether it was.
+/// whole body (a 413, or an echo). The response timer starts once the body
+/// was sent whole. Also gives how the body's sending stands.
 async fn streamed(
     up: &mut Upstream,
     parts: &Parts,
-    mut body: upload::Upload,
+    body: upload::Upload,
     wait: Duration,
-) -> Result<(Head, bool), Broke> {
-    let chunked = body.size_hint().exact().is_none();
+) -> Result<(Head, Sent), Broke> {
     let sending = match body.size_hint().exact() {
         Some(n) => Sending::Length(n),
         None => Sending::Chunked,
     };
-    let mut out = BytesMut::new();
-    upstream::write_head(parts, sending, &mut out);
+    let mut head = BytesMut::new();
+    upstream::write_head(parts, sending, &mut head);
+    let mut pump = Pump::new(body, sending == Sending::Chunked, head);
     let to_head = parts.method == Method::HEAD;
     let (mut rd, mut wr) = up.stream.split();
-    let pump = async {
-        wr.write_all(&out).await.map_err(Broke::Write)?;
-        while let Some(frame) = std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await
-        {
-            let Ok(data) = frame.map_err(|_| Broke::Client)?.into_data() else {
-                continue;
-            };
-            if data.is_empty() {
-                continue;
-            }
-            if chunked {
-                out.clear();
-                upstream::chunk_prefix(data.len(), &mut out);
-                wr.write_all(&out).await.map_err(Broke::Write)?;
-                wr.write_all(&data).await.map_err(Broke::Write)?;
-                wr.write_all(b"\r\n").await.map_err(Broke::Write)?;
-            } else {
-                wr.write_all(&data).await.map_err(Broke::Write)?;
-            }
-        }
-        if chunked {
-            wr.write_all(b"0\r\n\r\n").await.map_err(Broke::Write)?;
-        }
-        Ok(())
-    };
     let head = upstream::read_head(&mut rd, &mut up.buf, to_head);
     let timer = tokio::time::sleep(wait);
-    tokio::pin!(pump, head, timer);
-    let mut pumping = true;
-    let mut sent = false;
+    tokio::pin!(head, timer);
+    let mut sent = None;
     loop {
         tokio::select! {
-            r = &mut pump, if pumping => {
-                pumping = false;
-                match r {
-                    Ok(()) => sent = true,
-                    Err(Broke::Client) => return Err(Broke::Client),
+            r = std::future::poll_fn(|cx| pump.poll_send(&mut wr, cx)), if sent.is_none() => {
+                sent = Some(match r {
+                    Ok(()) => Sent::Whole,
+                    Err(PumpError::Client) => return Err(Broke::Client),
                     // The instance stopped reading: its answer may be on
                     // its way still.
-                    Err(_) => {}
-                }
+                    Err(PumpError::Instance(e)) => {
+                        tracing::debug!(error = %e, "the instance stopped taking the request body");
+                        Sent::Partly
+                    }
+                });
                 timer.as_mut().reset(tokio::time::Instant::now() + wait);
             }
-            h = &mut head => return h.map(|h| (h, sent)).map_err(Broke::Read),
-            () = &mut timer, if !pumping => return Err(Broke::Timeout),
+            h = &mut head => {
+                let h = h.map_err(Broke::Read)?;
+                return Ok((h, sent.unwrap_or(Sent::Sending(pump))));
+            }
+            () = &mut timer, if sent.is_some() => return Err(Broke::Timeout),
         }
     }
+}
+
+/// How far a request's body was sent when its response head came.
+enum Sent {
+    Whole,
+    /// Not whole, and no more will be.
+    Partly,
+    /// Still going: the response body sends the rest as it is read.
+    Sending(Pump),
 }
 
 /// What an instance answered: the response, and for a 101 the connection
@@ -459,7 +461,6 @@ async fn send(
             tokio::time::timeout_at(start + wait, whole(&mut conn.up, parts, bytes))
                 .await
                 .unwrap_or(Err(Broke::Timeout))
-                .map(|h| (h, true))
         }
         Outgoing::Stream(u) => {
             let u = u.take().expect("a streamed body is sent once");
@@ -494,6 +495,7 @@ async fn send(
         .answered(Some(head.status.as_u16()), start.elapsed().as_secs_f64());
     let Head {
         status,
+        reason,
         version,
         mut headers,
         framing,
@@ -504,6 +506,9 @@ async fn send(
     let mut resp = Response::new(Reply::Own(None));
     *resp.status_mut() = status;
     *resp.version_mut() = version;
+    if let Some(reason) = reason {
+        resp.extensions_mut().insert(reason);
+    }
     *resp.headers_mut() = headers;
     if upgraded {
         return Ok(Answer {
@@ -515,120 +520,16 @@ async fn send(
     // rest as a request of its own, answered to the next one sent on the
     // connection: such a connection is closed after this response, never
     // pooled.
-    *resp.body_mut() = Reply::Relay(Relay {
-        conn: Some(conn),
-        framing,
-        reuse: keep_alive && sent,
-        backend: b.clone(),
-        _in_flight: in_flight,
-    });
+    let (reuse, pump) = match sent {
+        Sent::Whole => (keep_alive, None),
+        Sent::Partly => (false, None),
+        Sent::Sending(p) => (false, Some(p)),
+    };
+    *resp.body_mut() = Reply::Relay(Relay::new(conn, framing, pump, reuse, b.clone(), in_flight));
     Ok(Answer {
         resp,
         upgraded: None,
     })
-}
-
-/// What the distributor sends a client: an answer of its own, or an
-/// instance's response body relayed.
-pub(super) enum Reply {
-    Own(Option<Bytes>),
-    Relay(Relay),
-}
-
-impl hyper::body::Body for Reply {
-    type Data = Bytes;
-    type Error = upstream::ReadError;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, upstream::ReadError>>> {
-        match self.get_mut() {
-            Self::Own(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
-            Self::Relay(r) => r.poll_frame(cx),
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        match self {
-            Self::Own(b) => b.is_none(),
-            Self::Relay(r) => r.is_end(),
-        }
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match self {
-            Self::Own(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
-            Self::Relay(r) => match r.framing {
-                Framing::Length(n) => SizeHint::with_exact(n),
-                Framing::Empty | Framing::Upgrade => SizeHint::with_exact(0),
-                Framing::Chunked(_) | Framing::Close => SizeHint::default(),
-            },
-        }
-    }
-}
-
-/// A response body relayed from an instance, read in the client
-/// connection's task: its connection goes back to the pool once the body
-/// has been read whole and the exchange was clean, and is closed if not.
-pub(super) struct Relay {
-    conn: Option<pool::Conn>,
-    framing: Framing,
-    /// Whether `conn` may serve another request once the body is read.
-    reuse: bool,
-    backend: Arc<Backend>,
-    _in_flight: InFlight,
-}
-
-impl Relay {
-    fn is_end(&self) -> bool {
-        self.conn.is_none() || matches!(self.framing, Framing::Empty | Framing::Length(0))
-    }
-
-    fn give_back(&mut self) {
-        if let Some(c) = self.conn.take()
-            && self.reuse
-        {
-            self.backend.pool().put(c);
-        }
-    }
-
-    fn poll_frame(
-        &mut self,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, upstream::ReadError>>> {
-        let Some(conn) = self.conn.as_mut() else {
-            return Poll::Ready(None);
-        };
-        match std::task::ready!(upstream::poll_body(&mut conn.up, &mut self.framing, cx)) {
-            Ok(upstream::Read::Data(d)) => {
-                self.backend.stats.bytes.fetch_add(d.len() as u64, Relaxed);
-                if self.is_end() {
-                    // The last bytes: the connection can serve the next
-                    // request while the client is still being sent these.
-                    self.give_back();
-                }
-                Poll::Ready(Some(Ok(Frame::data(d))))
-            }
-            Ok(upstream::Read::End) => {
-                self.give_back();
-                Poll::Ready(None)
-            }
-            Err(e) => {
-                self.conn = None;
-                Poll::Ready(Some(Err(e)))
-            }
-        }
-    }
-}
-
-impl Drop for Relay {
-    fn drop(&mut self) {
-        // An empty body (HEAD, 204, 304) may never be polled.
-        if self.is_end() {
-            self.give_back();
-        }
-    }
 }
 
 /// Joins an upgraded client connection to its instance until either side
@@ -733,6 +634,16 @@ async fn handle(mut req: Request<Incoming>, client: &Client, slot: &Slot) -> Res
             Refusal::BadRequest,
             StatusCode::BAD_REQUEST,
             "invalid Host",
+        );
+    }
+    // A tunnel to wherever the client names is not what a distributor is
+    // for (and an instance would get it as `GET /`).
+    if req.method() == Method::CONNECT {
+        return refuse(
+            &svc,
+            Refusal::BadRequest,
+            StatusCode::METHOD_NOT_ALLOWED,
+            "CONNECT is not proxied",
         );
     }
     let upgrade = hop::is_upgrade(&req);

@@ -57,6 +57,9 @@ pub(super) enum ReadError {
     HeadTooLarge,
     #[error("malformed chunked body: {0}")]
     Chunk(#[from] chunked::ChunkError),
+    /// The client broke the request body while the answer was relayed.
+    #[error("the client broke its request body")]
+    ClientBody,
 }
 
 /// How a request's body goes on the wire.
@@ -86,6 +89,8 @@ pub(super) enum Framing {
 /// A response head as read.
 pub(super) struct Head {
     pub(super) status: StatusCode,
+    /// The instance's reason phrase when it is not the status's usual one.
+    pub(super) reason: Option<hyper::ext::ReasonPhrase>,
     pub(super) version: Version,
     pub(super) headers: HeaderMap,
     pub(super) framing: Framing,
@@ -105,13 +110,19 @@ impl Upstream {
 
     /// Whether an idle connection can carry a request: the instance sent
     /// nothing on it while it idled (bytes or an end mean it is closing or
-    /// out of step). No system call unless something arrived.
+    /// out of step). No system call unless the socket was last seen
+    /// readable.
     pub(super) fn is_reusable(&self) -> bool {
         if !self.buf.is_empty() {
             return false;
         }
         let mut cx = Context::from_waker(Waker::noop());
-        match self.stream.poll_read_ready(&mut cx) {
+        // Unconstrained: out of its task's budget, tokio would say
+        // `Pending` without looking at the socket.
+        let ready = std::pin::pin!(tokio::task::unconstrained(std::future::poll_fn(|cx| {
+            self.stream.poll_read_ready(cx)
+        })));
+        match ready.poll(&mut cx) {
             Poll::Pending => true,
             Poll::Ready(Err(_)) => false,
             Poll::Ready(Ok(())) => matches!(
@@ -253,6 +264,10 @@ fn parse(buf: &mut BytesMut, to_head: bool) -> Result<Option<Head>, ReadError> {
             let _ = buf.split_to(len);
             continue;
         }
+        let reason = r
+            .reason
+            .filter(|why| status.canonical_reason() != Some(*why))
+            .and_then(|why| hyper::ext::ReasonPhrase::try_from(why.as_bytes()).ok());
         let version = if r.version == Some(0) {
             Version::HTTP_10
         } else {
@@ -277,7 +292,7 @@ fn parse(buf: &mut BytesMut, to_head: bool) -> Result<Option<Head>, ReadError> {
                 .map_err(|_| ReadError::Head("header value"))?;
             map.append(name, value);
         }
-        return frame(status, version, map, to_head).map(Some);
+        return frame(status, version, map, to_head).map(|h| Some(Head { reason, ..h }));
     }
 }
 
@@ -302,7 +317,10 @@ fn frame(
     {
         // Both framings: the length is not to be trusted, nor the
         // connection after (RFC 9112, 6.3, 3).
-        if headers.remove(header::CONTENT_LENGTH).is_some() {
+        if headers.remove(header::CONTENT_LENGTH).is_some()
+            || version == Version::HTTP_10
+            || chunked_twice(&headers)
+        {
             keep_alive = false;
         }
         if chunked {
@@ -320,11 +338,23 @@ fn frame(
     }
     Ok(Head {
         status,
+        reason: None,
         version,
         headers,
         framing,
         keep_alive,
     })
+}
+
+/// `chunked` named more than once over the `Transfer-Encoding` lines.
+fn chunked_twice(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+        .filter(|c| c.trim_ascii().eq_ignore_ascii_case(b"chunked"))
+        .count()
+        > 1
 }
 
 fn last_coding_is_chunked(te: &HeaderValue) -> bool {

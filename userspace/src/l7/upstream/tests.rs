@@ -77,6 +77,17 @@ fn a_response_is_framed_as_rfc_9112_says() {
             Framing::Upgrade,
             true,
         ),
+        // Chunked in HTTP/1.0, or twice: read, but the connection is not kept.
+        (
+            "HTTP/1.0 200 OK\r\nTransfer-Encoding: chunked\r\nConnection: keep-alive\r\n\r\n",
+            chunked,
+            false,
+        ),
+        (
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n",
+            chunked,
+            false,
+        ),
     ];
     for (wire, framing, kept) in cases {
         assert_eq!(framed(wire), (framing, kept), "{wire:?}");
@@ -171,4 +182,19 @@ fn numbers_are_written_as_http_wants_them() {
         };
         assert_eq!(&out[..], want.as_bytes());
     }
+}
+
+#[test]
+fn an_unusual_reason_phrase_is_kept() {
+    let h = head(
+        "HTTP/1.1 499 Client Closed Request\r\nContent-Length: 0\r\n\r\n",
+        false,
+    )
+    .unwrap()
+    .unwrap();
+    assert_eq!(h.reason.unwrap().as_bytes(), b"Client Closed Request");
+    let h = head("HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n", false)
+        .unwrap()
+        .unwrap();
+    assert!(h.reason.is_none(), "the usual phrase needs no extension");
 }
