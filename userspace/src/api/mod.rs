@@ -16,6 +16,7 @@
 //! reports) and `config` (an instance registration is the config's
 //! [`InstanceSpec`], checked by the config's own rules).
 
+mod budget;
 mod client;
 mod server;
 

@@ -18,7 +18,7 @@ use tokio::{
 
 use super::{
     Command, FenceLine, GroupLine, InstanceLine, InstanceSpec, RegisteredLine, Request, Response,
-    ScaleLine,
+    ScaleLine, budget::Budget,
 };
 use crate::control::qos::Reports;
 
@@ -34,8 +34,9 @@ pub struct Shared {
     pub groups: Arc<Mutex<HashMap<String, Vec<GroupLine>>>>,
     /// Drains and undrains waiting for the control loop.
     pub commands: Arc<Mutex<Vec<Command>>>,
-    /// Connection slots over every socket (see [`MAX_CONNECTIONS`]).
-    pub slots: Arc<Semaphore>,
+    /// Refused connections being answered, over every socket (see
+    /// [`REFUSALS`]).
+    refusals: Arc<Semaphore>,
     /// Registered instances, refreshed by the control loop.
     pub registered: Arc<Mutex<Vec<RegisteredLine>>>,
     /// Scaled services, refreshed by the control loop.
@@ -94,7 +95,7 @@ impl Shared {
             status: Arc::default(),
             groups: Arc::default(),
             commands: Arc::default(),
-            slots: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
+            refusals: Arc::new(Semaphore::new(REFUSALS)),
         }
     }
 
@@ -233,10 +234,24 @@ fn queue(shared: &Shared, c: Command) -> Response {
 /// Longest request line; a longer one is answered with an error and the
 /// connection closed, so a client cannot make the agent buffer without end.
 pub const MAX_LINE: usize = 64 << 10;
-/// Most connections served at once, over every socket.
-const MAX_CONNECTIONS: usize = 256;
+/// Most connections the control socket serves at once (root's only).
+const CONTROL_CONNECTIONS: usize = 64;
+/// Most connections each report socket serves at once, and most of them
+/// one peer (user id) holds: budgets of their own, so no local user's
+/// flood takes root's answers or another instance's reports (see
+/// [`budget`](super::budget)).
+const REPORT_CONNECTIONS: usize = 32;
+const PEER_CONNECTIONS: usize = 8;
+/// Most refused connections being answered at once, over every socket;
+/// past it a refused connection is closed without an answer.
+const REFUSALS: usize = 32;
+/// How long a refused peer is given to send its request and take the
+/// answer.
+const REFUSAL_WAIT: Duration = Duration::from_secs(1);
 /// A connection that sends no complete line for this long is closed.
 const IDLE: Duration = Duration::from_mins(1);
+/// An answer not taken by the client within this closes the connection.
+const WRITE_WAIT: Duration = Duration::from_secs(5);
 
 /// Who a socket is for.
 #[derive(Clone, Debug)]
@@ -333,44 +348,64 @@ fn bind_with_mode(path: &Path, mode: u32) -> std::io::Result<UnixListener> {
     UnixListener::from_std(listener)
 }
 
-/// Accepts on `listener` until the task is dropped, each connection in a
-/// task of its own.
+/// Accepts on `listener` until the task is dropped: each admitted
+/// connection that fits in `budget` is served in a task of its own; any
+/// other is told why and closed.
 fn accept_loop(
     listener: UnixListener,
     shared: Shared,
     access: Access,
-    slots: Arc<Semaphore>,
+    budget: Arc<Budget>,
 ) -> JoinHandle<()> {
     let access = Arc::new(access);
     tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
-            let (shared, access) = (shared.clone(), access.clone());
-            let slot = slots.clone().try_acquire_owned();
-            tokio::spawn(async move {
-                let Ok(_slot) = slot else {
-                    let _ = say(stream, &refuse("too many connections; try again".into())).await;
-                    return;
-                };
-                connection(stream, &shared, &access).await;
-            });
+            let cred = stream.peer_cred().ok();
+            let held =
+                admit(&access, cred).and_then(|()| budget.take(cred.map_or(u32::MAX, |c| c.uid())));
+            match held {
+                Ok(held) => {
+                    let (shared, access) = (shared.clone(), access.clone());
+                    tokio::spawn(async move {
+                        connection(stream, &shared, &access).await;
+                        drop(held);
+                    });
+                }
+                Err(why) => {
+                    if let Some(unlogged) = budget.log_refusal(Instant::now()) {
+                        tracing::warn!(?access, %why, refused_since_last_line = unlogged, "API connection refused");
+                    }
+                    // A few at once are told why; past that (a flood), the
+                    // connection is closed at once.
+                    if let Ok(permit) = shared.refusals.clone().try_acquire_owned() {
+                        tokio::spawn(async move {
+                            refuse_and_close(stream, why).await;
+                            drop(permit);
+                        });
+                    }
+                }
+            }
         }
     })
 }
 
-async fn say(mut stream: UnixStream, r: &Response) -> std::io::Result<()> {
-    let mut out = serde_json::to_vec(r).expect("serialises");
+/// Reads a refused peer's first line (closing at once could break its
+/// write before it reads why), answers why, and closes, within
+/// [`REFUSAL_WAIT`] each.
+async fn refuse_and_close(stream: UnixStream, why: String) {
+    let (r, mut w) = stream.into_split();
+    let mut buf = Vec::new();
+    let limit = u64::try_from(MAX_LINE).expect("small") + 1;
+    let mut line = BufReader::new(r).take(limit);
+    let _ = tokio::time::timeout(REFUSAL_WAIT, line.read_until(b'\n', &mut buf)).await;
+    let mut out = serde_json::to_vec(&refuse(why)).expect("serialises");
     out.push(b'\n');
-    stream.write_all(&out).await
+    let _ = tokio::time::timeout(REFUSAL_WAIT, w.write_all(&out)).await;
 }
 
-/// Answers one connection's lines until it closes, idles or breaks a rule.
+/// Answers one admitted connection's lines until it closes, idles, leaves
+/// an answer unread for [`WRITE_WAIT`] or breaks a rule.
 async fn connection(stream: UnixStream, shared: &Shared, access: &Access) {
-    // A refused peer's first request is read and answered with the reason:
-    // closing at once could break its write before it reads why.
-    let refused = admit(access, stream.peer_cred().ok()).err();
-    if let Some(why) = &refused {
-        tracing::warn!(?access, %why, "API connection refused");
-    }
     let (r, mut w) = stream.into_split();
     let mut r = BufReader::new(r);
     let mut buf = Vec::new();
@@ -384,9 +419,7 @@ async fn connection(stream: UnixStream, shared: &Shared, access: &Access) {
             break;
         }
         let whole = buf.last() == Some(&b'\n');
-        let response = if let Some(why) = &refused {
-            refuse(why.clone())
-        } else if !whole && n > MAX_LINE {
+        let response = if !whole && n > MAX_LINE {
             refuse(format!("request line longer than {MAX_LINE} bytes"))
         } else {
             let line = String::from_utf8_lossy(&buf);
@@ -407,7 +440,8 @@ async fn connection(stream: UnixStream, shared: &Shared, access: &Access) {
         };
         let mut out = serde_json::to_vec(&response).expect("serialises");
         out.push(b'\n');
-        if w.write_all(&out).await.is_err() || refused.is_some() || (!whole && n > MAX_LINE) {
+        let wrote = tokio::time::timeout(WRITE_WAIT, w.write_all(&out)).await;
+        if !matches!(wrote, Ok(Ok(()))) || (!whole && n > MAX_LINE) {
             break;
         }
     }
@@ -426,8 +460,8 @@ pub fn serve(path: &Path, shared: Shared) -> std::io::Result<JoinHandle<()>> {
         ));
     }
     let listener = bind_with_mode(path, 0o600)?;
-    let slots = shared.slots.clone();
-    Ok(accept_loop(listener, shared, Access::Control, slots))
+    let budget = Budget::new(CONTROL_CONNECTIONS, None);
+    Ok(accept_loop(listener, shared, Access::Control, budget))
 }
 
 /// One report socket per instance, `DIR/INSTANCE.sock`, mode 0666 so it can
@@ -477,12 +511,8 @@ impl ReportSockets {
                 instance: name.clone(),
                 netns: netns.clone(),
             };
-            let task = accept_loop(
-                listener,
-                self.shared.clone(),
-                access,
-                self.shared.slots.clone(),
-            );
+            let budget = Budget::new(REPORT_CONNECTIONS, Some(PEER_CONNECTIONS));
+            let task = accept_loop(listener, self.shared.clone(), access, budget);
             self.open.insert(name.clone(), (netns.clone(), task));
         }
         Ok(())
@@ -506,266 +536,4 @@ impl Drop for ReportSockets {
 }
 
 #[cfg(test)]
-mod tests {
-    use std::time::Duration;
-
-    use super::*;
-    use crate::{
-        api::{ClientError, call},
-        control::qos::Report,
-    };
-
-    fn shared() -> Shared {
-        Shared::new(Arc::default(), vec!["a".into()])
-    }
-
-    /// The answer to `line`, which must be one given at once.
-    fn now(s: &Shared, line: &str) -> Response {
-        match answer(s, line) {
-            Answer::Now(r) => r,
-            Answer::Later(_) => panic!("`{line}` was handed to the event loop"),
-        }
-    }
-
-    #[tokio::test]
-    async fn lifecycle_requests_wait_for_the_event_loop() {
-        let s = shared();
-        let mut jobs = s.take_jobs().expect("the queue, once");
-        assert!(s.take_jobs().is_none());
-        let Answer::Later(rx) = answer(
-            &s,
-            r#"{"instance_add": {"service": "kv", "name": "kv-9", "veth": "v9"}}"#,
-        ) else {
-            panic!("an add is answered by the event loop");
-        };
-        let Some(Job::Add { spec, reply }) = jobs.recv().await else {
-            panic!("the add is queued");
-        };
-        assert_eq!((spec.name.as_str(), spec.veth.as_str()), ("kv-9", "v9"));
-        reply
-            .send(Response {
-                ok: true,
-                done: Some("added".into()),
-                ..Response::default()
-            })
-            .unwrap();
-        assert_eq!(rx.await.unwrap().done.as_deref(), Some("added"));
-        let bad = now(
-            &s,
-            r#"{"instance_remove": {"instance": "kv-9", "deadline_secs": -1}}"#,
-        );
-        assert!(bad.error.unwrap().contains("out of range"));
-        let unknown_field = now(
-            &s,
-            r#"{"instance_add": {"service": "kv", "name": "x", "veth": "v", "vet": 1}}"#,
-        );
-        assert!(unknown_field.error.unwrap().contains("bad request"));
-        let listed = now(&s, r#"{"instances": {}}"#);
-        assert!(listed.registered.is_some() && listed.scale.is_some());
-    }
-
-    #[test]
-    fn drains_are_queued_for_known_instances() {
-        let s = shared();
-        assert!(now(&s, r#"{"drain": {"instance": "a"}}"#).ok);
-        assert!(now(&s, r#"{"undrain": {"instance": "a"}}"#).ok);
-        assert_eq!(
-            *s.commands.lock().unwrap(),
-            vec![Command::Drain("a".into()), Command::Undrain("a".into())]
-        );
-        assert!(!now(&s, r#"{"drain": {"instance": "zz"}}"#).ok);
-        assert_eq!(
-            now(&s, r#"{"groups": {"service": "nope"}}"#)
-                .error
-                .as_deref(),
-            Some("unknown service `nope`")
-        );
-    }
-
-    #[test]
-    fn reports_for_known_instances_only() {
-        let s = shared();
-        let ok = now(&s, r#"{"report": {"instance": "a", "queue_depth": 4}}"#);
-        assert!(ok.ok, "{ok:?}");
-        assert!(
-            s.reports
-                .lock()
-                .unwrap()
-                .fresh("a", Instant::now(), Duration::from_secs(1))
-                .is_some()
-        );
-        let no = now(&s, r#"{"report": {"instance": "b"}}"#);
-        assert_eq!(no.error.as_deref(), Some("unknown instance `b`"));
-        let bad = now(&s, r#"{"reprot": {}}"#);
-        assert!(bad.error.unwrap().starts_with("bad request"));
-    }
-
-    #[tokio::test]
-    async fn serves_over_a_unix_socket() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("agent.sock");
-        let s = shared();
-        let _task = serve(&path, s.clone()).unwrap();
-        let p = path.clone();
-        let r = tokio::task::spawn_blocking(move || {
-            call(
-                &p,
-                &Request::Report(Report {
-                    instance: "a".into(),
-                    in_flight: Some(2.0),
-                    ..Report::default()
-                }),
-            )
-        })
-        .await
-        .unwrap();
-        assert!(r.unwrap().ok);
-        let p = path.clone();
-        let e = tokio::task::spawn_blocking(move || {
-            call(
-                &p,
-                &Request::Report(Report {
-                    instance: "zz".into(),
-                    ..Report::default()
-                }),
-            )
-        })
-        .await
-        .unwrap();
-        assert!(matches!(e, Err(ClientError::Refused(_))));
-        let missing = call(&dir.path().join("none.sock"), &Request::Status {});
-        assert!(matches!(missing, Err(ClientError::NoAgent { .. })));
-    }
-
-    /// Sends `bytes` on a fresh connection to `path` and reads the answer
-    /// line; with `closed`, also whether the agent then closed the
-    /// connection (waiting up to 2 s).
-    async fn exchange_then(path: &Path, bytes: &[u8], closed: bool) -> (Response, bool) {
-        let mut s = UnixStream::connect(path).await.unwrap();
-        s.write_all(bytes).await.unwrap();
-        let mut r = BufReader::new(s);
-        let mut line = String::new();
-        r.read_line(&mut line).await.unwrap();
-        let mut rest = Vec::new();
-        let closed = closed
-            && tokio::time::timeout(Duration::from_secs(2), r.read_to_end(&mut rest))
-                .await
-                .is_ok_and(|n| n.is_ok_and(|n| n == 0));
-        (serde_json::from_str(&line).unwrap(), closed)
-    }
-
-    async fn exchange(path: &Path, bytes: &[u8]) -> (Response, bool) {
-        exchange_then(path, bytes, false).await
-    }
-
-    #[tokio::test]
-    async fn a_line_over_the_cap_is_answered_and_the_connection_closed() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("agent.sock");
-        let _task = serve(&path, shared()).unwrap();
-        let long = vec![b'x'; MAX_LINE + 10];
-        let (r, closed) = exchange_then(&path, &long, true).await;
-        assert_eq!(
-            r.error.as_deref(),
-            Some("request line longer than 65536 bytes")
-        );
-        assert!(closed, "the connection stays open");
-        // Malformed and well-formed lines on one connection.
-        let mut s = UnixStream::connect(&path).await.unwrap();
-        s.write_all(b"{not json\n{\"status\": {}}\n").await.unwrap();
-        let mut lines = BufReader::new(s).lines();
-        let bad: Response =
-            serde_json::from_str(&lines.next_line().await.unwrap().unwrap()).unwrap();
-        assert!(bad.error.unwrap().starts_with("bad request"));
-        let ok: Response =
-            serde_json::from_str(&lines.next_line().await.unwrap().unwrap()).unwrap();
-        assert!(ok.ok);
-    }
-
-    #[tokio::test]
-    async fn sockets_have_their_modes_and_report_sockets_take_their_own_reports_only() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("agent.sock");
-        let s = Shared::new(Arc::default(), vec!["a".into(), "b".into()]);
-        let _task = serve(&path, s.clone()).unwrap();
-        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
-        assert_eq!(mode(&path), 0o600);
-        let mut reports = ReportSockets::new(&dir.path().join("report"), s.clone()).unwrap();
-        reports
-            .sync(&[("a".into(), None), ("b".into(), None)])
-            .unwrap();
-        let a = dir.path().join("report/a.sock");
-        assert_eq!(mode(&a), 0o666);
-        let (r, _) = exchange(
-            &a,
-            b"{\"report\": {\"instance\": \"a\", \"queue_depth\": 3}}\n",
-        )
-        .await;
-        assert!(r.ok, "{r:?}");
-        let (r, _) = exchange(
-            &a,
-            b"{\"report\": {\"instance\": \"b\", \"queue_depth\": 3}}\n",
-        )
-        .await;
-        assert_eq!(
-            r.error.as_deref(),
-            Some("this socket takes reports for `a` only, not `b`")
-        );
-        let (r, _) = exchange(&a, b"{\"drain\": {\"instance\": \"b\"}}\n").await;
-        assert!(r.error.unwrap().contains("`report` requests for `a` only"));
-        assert!(s.commands.lock().unwrap().is_empty());
-        assert!(
-            s.reports
-                .lock()
-                .unwrap()
-                .fresh("b", Instant::now(), Duration::from_secs(1))
-                .is_none()
-        );
-        // An instance that leaves the config loses its socket.
-        reports.sync(&[("a".into(), None)]).unwrap();
-        assert!(!dir.path().join("report/b.sock").exists());
-        drop(reports);
-        assert!(!a.exists(), "sockets are removed on drop");
-    }
-
-    /// The network namespace check, with this process as the peer: a
-    /// socket for an instance in another namespace refuses it.
-    #[tokio::test]
-    async fn a_report_socket_refuses_a_peer_outside_its_instances_namespace() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = Shared::new(Arc::default(), vec!["a".into(), "b".into()]);
-        let mut reports = ReportSockets::new(dir.path(), s).unwrap();
-        // `a` lives in this process's namespace; `b` in a namespace file
-        // that is not this process's (the init process's user namespace
-        // file stands in: any other nsfs inode).
-        reports
-            .sync(&[
-                ("a".into(), Some("/proc/self/ns/net".into())),
-                ("b".into(), Some("/proc/self/ns/user".into())),
-            ])
-            .unwrap();
-        let (r, _) = exchange(
-            &dir.path().join("a.sock"),
-            b"{\"report\": {\"instance\": \"a\"}}\n",
-        )
-        .await;
-        assert!(r.ok, "{r:?}");
-        // Root in the agent's own namespace may report for anyone.
-        let (r, _) = exchange(
-            &dir.path().join("b.sock"),
-            b"{\"report\": {\"instance\": \"b\"}}\n",
-        )
-        .await;
-        // SAFETY: geteuid has no preconditions.
-        if unsafe { libc::geteuid() } == 0 {
-            assert!(r.ok, "{r:?}");
-        } else {
-            assert!(
-                r.error
-                    .unwrap()
-                    .contains("from its own network namespace only"),
-                "a non-root peer elsewhere is refused"
-            );
-        }
-    }
-}
+mod tests;
