@@ -403,10 +403,7 @@ async fn streamed(
                     Err(PumpError::Client) => return Err(Broke::Client),
                     // The instance stopped reading: its answer may be on
                     // its way still.
-                    Err(PumpError::Instance(e)) => {
-                        tracing::debug!(error = %e, "the instance stopped taking the request body");
-                        Sent::Partly
-                    }
+                    Err(PumpError::Instance) => Sent::Partly,
                 });
                 timer.as_mut().reset(tokio::time::Instant::now() + wait);
             }

@@ -21,8 +21,8 @@ use super::{upload::Upload, upstream};
 pub(super) enum PumpError {
     /// The client broke it (a malformed chunk, cut short).
     Client,
-    /// The instance stopped taking it.
-    Instance(io::Error),
+    /// The instance stopped taking it (logged where it happened).
+    Instance,
 }
 
 pub(super) struct Pump {
@@ -53,12 +53,17 @@ impl Pump {
     ) -> Poll<Result<(), PumpError>> {
         loop {
             while !self.out.is_empty() {
-                let n = ready!(Pin::new(&mut *w).poll_write(cx, &self.out))
-                    .map_err(PumpError::Instance)?;
-                if n == 0 {
-                    return Poll::Ready(Err(PumpError::Instance(io::ErrorKind::WriteZero.into())));
+                let written = match ready!(Pin::new(&mut *w).poll_write(cx, &self.out)) {
+                    Ok(0) => Err(io::ErrorKind::WriteZero.into()),
+                    r => r,
+                };
+                match written {
+                    Ok(n) => self.out.advance(n),
+                    Err(e) => {
+                        tracing::debug!(error = %e, "the instance stopped taking the request body");
+                        return Poll::Ready(Err(PumpError::Instance));
+                    }
                 }
-                self.out.advance(n);
             }
             if self.ended {
                 return Poll::Ready(Ok(()));

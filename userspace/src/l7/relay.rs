@@ -120,12 +120,8 @@ impl Relay {
         if let Some(pump) = self.pump.as_mut() {
             match pump.poll_send(&mut conn.up.stream, cx) {
                 Poll::Pending => {}
-                Poll::Ready(Ok(())) => self.pump = None,
-                // The instance stopped taking it: its answer goes on.
-                Poll::Ready(Err(PumpError::Instance(e))) => {
-                    tracing::debug!(error = %e, "the instance stopped taking the request body");
-                    self.pump = None;
-                }
+                // Sent, or the instance stopped taking it: its answer goes on.
+                Poll::Ready(Ok(()) | Err(PumpError::Instance)) => self.pump = None,
                 Poll::Ready(Err(PumpError::Client)) => {
                     self.conn = None;
                     return Poll::Ready(Some(Err(upstream::ReadError::ClientBody)));
