@@ -220,8 +220,10 @@ fn conclude(
 ) -> Figures {
     std::thread::sleep(settle + CHECK);
     let after = healed + rounds(settle);
-    let f: Figures = checker.finish(after);
+    // While the instances' servers still run: stopping them is a failure
+    // the agents act on (`health = "sockets"`), moving groups.
     let tables = table_differences(bed);
+    let f: Figures = checker.finish(after);
     let (fenced, stale) = (drops(bed, "fenced"), drops(bed, "decap_stale"));
     // Two deliverers for at most the window, measured to the round.
     let window = split_window(bed);
@@ -448,19 +450,24 @@ fn kill_mid_move(tag: &str, name: &str, lease_secs: u32, down: Duration) -> Figu
     conclude(name, &bed, checker, healed, settle)
 }
 
-/// The default lease (5 s), the agent started again after 3 s: within its
-/// lease, so nobody else took its groups, and its data path, fenced only
-/// 9/10 of a lease after the last renewal, delivered throughout; the new
-/// agent takes the lease over. Nothing may be lost (before the fence's
-/// margin was cut from half the lease to a tenth, its host fenced 2.5 s
-/// after the last renewal and lost ~9% of the queries).
+/// The default lease (5 s), the agent started again after 3.5 s: within
+/// its lease, so nobody else took its groups, and its data path, fenced
+/// only 9/10 of a lease after the last renewal, delivered throughout; the
+/// new agent takes the lease over, renews it as it joins and moves the
+/// fence on at once. Nothing may be lost. Defects: with the fence's
+/// margin half the lease, the host fenced 2.5 s after the last renewal
+/// and lost ~9% of the queries; with the new agent's first deadline
+/// written only once it had loaded its program and looked at the other
+/// hosts (0.4 s idle, 1.4 s on a loaded machine), a restart after 3 s
+/// fenced its host on a loaded CI machine (204 queries dropped `fenced`;
+/// 86 here with four CPU burners).
 #[test]
 fn an_agent_killed_mid_move_and_restarted_within_its_lease() {
     let f = kill_mid_move(
         "flt-kill",
-        "kill -9 agent mid-move, restart after 3 s (lease 5 s)",
+        "kill -9 agent mid-move, restart after 3.5 s (lease 5 s)",
         5,
-        Duration::from_secs(3),
+        Duration::from_millis(3500),
     );
     assert_eq!(
         f.lost_before, 0,

@@ -419,6 +419,60 @@ fn a_host_lives_by_its_lease() {
     eprintln!("a host whose agent stopped was gone after {gone_after:?} (lease 2 s)");
 }
 
+/// Defect: a restarted agent whose host's lease was in its last second
+/// (etcd gives the time left in whole seconds, rounded down: 0) took it
+/// for gone, asked for a new lease, and was refused as a second agent of
+/// its host, since the old lease still held the host's record. Found by
+/// the fault test restarting an agent 3.5 s into a 5 s lease on a loaded
+/// machine. The restart takes the lease over, as in any other second.
+#[test]
+fn a_restart_in_the_leases_last_second_takes_it_over() {
+    let site = site("coord-last", 43);
+    let opts = site.options("last");
+    let dir = tempfile::tempdir().unwrap();
+    let lease_file = dir.path().join("a.lease");
+    site.run(move || {
+        rt().block_on(async {
+            let ttl = Duration::from_secs(2);
+            let a = EtcdStore::connect(&opts).await.unwrap();
+            a.join(&host("a", 1), ttl, &lease_file).await.unwrap();
+            let id: i64 = std::fs::read_to_string(&lease_file)
+                .unwrap()
+                .trim()
+                .parse()
+                .unwrap();
+            // The agent dies: nothing renews the lease from here.
+            drop(a);
+            let mut raw = etcd_client::Client::connect(&opts.endpoints, None)
+                .await
+                .unwrap();
+            let t = Instant::now();
+            while raw.lease_time_to_live(id, None).await.unwrap().ttl() > 0 {
+                assert!(
+                    t.elapsed() < ttl * 2,
+                    "the lease never got to its last second"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            let a = EtcdStore::connect(&opts).await.unwrap();
+            a.join(&host("a", 1), ttl, &lease_file)
+                .await
+                .expect("a restart in the lease's last second joins");
+            let again: i64 = std::fs::read_to_string(&lease_file)
+                .unwrap()
+                .trim()
+                .parse()
+                .unwrap();
+            assert_eq!(again, id, "the lease was taken over, not replaced");
+            tokio::time::sleep(ttl * 2).await;
+            assert!(
+                a.hosts().await.unwrap().contains_key("a"),
+                "the restarted agent kept `a` live"
+            );
+        });
+    });
+}
+
 /// Ids are the cluster's: two hosts registering at once never share one,
 /// and a name keeps its id when it registers again (also from another host).
 #[test]

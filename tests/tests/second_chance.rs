@@ -55,8 +55,12 @@ fn namespace(tag: &str) -> Netns {
 /// A connection from `client` to `vip`, established in the calling
 /// thread's namespace; the listener stays open too.
 fn connect(client: SocketAddr, vip: SocketAddr) -> (TcpListener, TcpStream, TcpStream) {
-    {
-        let l = TcpListener::bind(vip).expect("listen");
+    let l = TcpListener::bind(vip).expect("listen");
+    // An IPv6 address's local route is added by the kernel's address work
+    // a moment after `ip addr add` returns, even with `nodad`: until then
+    // a connect finds no route (seen: ENETUNREACH, 1 run in ~20).
+    let mut tries = 0;
+    let s = loop {
         let s = socket2::Socket::new(
             socket2::Domain::for_address(client),
             socket2::Type::STREAM,
@@ -64,10 +68,17 @@ fn connect(client: SocketAddr, vip: SocketAddr) -> (TcpListener, TcpStream, TcpS
         )
         .expect("socket");
         s.bind(&client.into()).expect("bind the client");
-        s.connect(&vip.into()).expect("connect");
-        let (server, _) = l.accept().expect("accept");
-        (l, s.into(), server)
-    }
+        match s.connect(&vip.into()) {
+            Ok(()) => break s,
+            Err(e) if e.kind() == std::io::ErrorKind::NetworkUnreachable && tries < 100 => {
+                tries += 1;
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(e) => panic!("connect: {e}"),
+        }
+    };
+    let (server, _) = l.accept().expect("accept");
+    (l, s.into(), server)
 }
 
 fn second_chance_for(tag: &str, client_ip: IpAddr, vip_ip: IpAddr) {

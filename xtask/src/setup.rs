@@ -11,7 +11,9 @@
 //! - bpffs mounted at /sys/fs/bpf (for pinned maps);
 //! - `protoc` with the well-known protobuf types (the etcd client's build
 //!   compiles etcd's API with it) and `etcd` (the cluster tests run a real
-//!   one): Debian's `protobuf-compiler`, `libprotobuf-dev`, `etcd-server`.
+//!   one): Debian's `protobuf-compiler`, `libprotobuf-dev`, `etcd-server`;
+//! - what the tests run as real parts: `curl` and `python3` (the L7
+//!   tests' client and server), `nft` (the fault tests' partitions).
 
 use std::{
     env,
@@ -40,6 +42,10 @@ const CLUSTER_PACKAGES: [&str; 3] = ["protobuf-compiler", "libprotobuf-dev", "et
 /// The L7 tests' real client and real server: curl, and Python's
 /// `http.server` in an instance.
 const HTTP_TEST_PACKAGES: [&str; 2] = ["curl", "python3"];
+
+/// The cluster fault tests cut a host off from etcd with nftables in its
+/// namespace.
+const FAULT_TEST_PACKAGES: [&str; 1] = ["nftables"];
 
 /// What the build needs to know about the eBPF toolchain.
 pub(crate) struct Env {
@@ -159,6 +165,13 @@ pub(crate) fn ensure(check_only: bool) -> anyhow::Result<Env> {
         &HTTP_TEST_PACKAGES,
         "curl and python3",
         "the L7 tests run them as a real client and a real server",
+        check_only,
+    )?;
+    debian(
+        &mut env,
+        &FAULT_TEST_PACKAGES,
+        "nft",
+        "the cluster fault tests partition a host with it",
         check_only,
     )?;
     Ok(env)

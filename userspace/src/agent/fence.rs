@@ -65,6 +65,71 @@ impl Drop for Fencing {
     }
 }
 
+/// The fence while the agent starts, before [`Fencing`] runs. A previous
+/// agent's data path fences `T - M` after that agent's last renewal; an
+/// agent started within the lease took the lease over and renewed it as it
+/// joined ([`LeaseState::resumed`]), but loads its program, settles with
+/// the store and looks at the other hosts before its fence task runs: a
+/// start slower than the dead agent's remaining reach (a second or so)
+/// fenced a host whose lease was live, dropping what it delivers. So this
+/// writes the renewed deadline to the pinned data path at once, and each
+/// later renewal's while the runtime turns, until dropped.
+pub struct StartFence(Option<tokio::task::JoinHandle<()>>);
+
+impl Drop for StartFence {
+    fn drop(&mut self) {
+        if let Some(t) = &self.0 {
+            t.abort();
+        }
+    }
+}
+
+impl StartFence {
+    /// Holds the fence of the data path pinned in `pin_dir` for `cluster`'s
+    /// resumed lease; does nothing for a new lease (a host whose lease
+    /// expired stays fenced until its tables are read again) or without a
+    /// pinned data path. Must run in the agent's runtime.
+    pub fn hold(cluster: Option<&Cluster>, config: &Config, pin_dir: &std::path::Path) -> Self {
+        let Some(mut lease) = cluster.and_then(|c| c.membership.lease_state()) else {
+            return Self(None);
+        };
+        let state = *lease.borrow_and_update();
+        if !state.resumed {
+            return Self(None);
+        }
+        let writer = match FenceWriter::pinned(pin_dir) {
+            Ok(Some(w)) => w,
+            Ok(None) => return Self(None),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot reach the pinned data path's fence before the start: its deadline stands until the agent runs");
+                return Self(None);
+            }
+        };
+        let mut fence = Fence::new(config.cluster.lease_ttl, state.renewed);
+        // Whether there are peers is known after the first look at the
+        // hosts; a resumed lease is a cluster's, so keep a deadline.
+        fence.set_peers(1);
+        let write = move |fence: &Fence| {
+            if let Err(e) = writer.set(fence.deadline()) {
+                tracing::warn!(error = %e, "giving the data path the fence deadline failed");
+            }
+        };
+        write(&fence);
+        Self(Some(tokio::spawn(async move {
+            while lease.changed().await.is_ok() {
+                let s = *lease.borrow_and_update();
+                match s.lost {
+                    Some(at) => fence.lost(at),
+                    // A new lease: fenced until the tables are read again.
+                    None if s.joins > 0 => fence.lost(Instant::now()),
+                    None => fence.renewed(s.renewed),
+                }
+                write(&fence);
+            }
+        })))
+    }
+}
+
 /// The fence's own task.
 struct FenceTask {
     fence: Fence,

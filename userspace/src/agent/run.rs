@@ -22,7 +22,7 @@ use scaling::Scaler;
 use super::{
     Agent,
     cluster::{Cluster, Registry},
-    fence::Fencing,
+    fence::{Fencing, StartFence},
     lifecycle::{self, Lifecycle, Registered, Removal, RemovalStep, Source},
 };
 use crate::{
@@ -93,6 +93,12 @@ pub fn run(a: &RunOptions) -> anyhow::Result<()> {
             return Err(e);
         }
     };
+    // Before the program loads: a restart within the lease keeps the
+    // running data path delivering (see `StartFence`).
+    let start_fence = {
+        let _rt = rt.enter();
+        StartFence::hold(cluster.as_ref(), &config, &a.pin_dir)
+    };
     // Before start-up, so the first map writes are measured too. Without a
     // runtime serving yet, the exporter serves from a thread of its own.
     telemetry::install(a.metrics_addr, &host_label(&config))
@@ -141,6 +147,7 @@ pub fn run(a: &RunOptions) -> anyhow::Result<()> {
         &store,
         cluster.as_mut(),
         (base, config, life),
+        start_fence,
     ))?;
     let _ = std::fs::remove_file(&a.api_socket);
     report(&agent, true);
@@ -239,6 +246,7 @@ async fn event_loop(
     store: &Arc<dyn CoordStore>,
     cluster: Option<&mut Cluster>,
     (base, running, life): (Config, Config, Lifecycle),
+    start_fence: StartFence,
 ) -> anyhow::Result<Agent> {
     let shared = api::Shared::new(agent.control.reports.clone(), instance_names(&agent));
     let mut jobs = shared.take_jobs().expect("a new API's job queue");
@@ -266,6 +274,7 @@ async fn event_loop(
     // too: the data path follows the store.
     let mut changes = store.watch();
     let writer = agent.datapath.fence_writer();
+    drop(start_fence);
     let fencing = Fencing::of(&running, cluster.as_deref(), &shared, writer).await;
     let mut r = Serving {
         a,

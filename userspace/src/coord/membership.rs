@@ -48,6 +48,9 @@ pub struct LeaseState {
     pub joins: u64,
     /// Since when the lease is known lost, if it is and not yet replaced.
     pub lost: Option<Instant>,
+    /// The join took the lease of this host's previous agent over (a
+    /// restart within the lease): that agent's data path still delivers.
+    pub resumed: bool,
 }
 
 /// This host's membership of the cluster, as the agent uses it.

@@ -57,17 +57,32 @@ impl Membership for EtcdStore {
         let mut id = None;
         // When the lease is known to run until from (a full time from it).
         let mut renewed = Instant::now();
+        let mut stream = None;
+        // `ttl()` is the whole seconds left, rounded down: 0 is a lease in
+        // its last second, still holding the host's record (-1: gone).
         if let Some(prev) = previous
             && let Ok(r) = lease.time_to_live(prev, None).await
-            && r.ttl() > 0
+            && r.ttl() >= 0
         {
-            // Taken over with `r.ttl()` seconds left: as if renewed then.
-            let left = Duration::from_secs(r.ttl().unsigned_abs());
-            renewed = renewed
-                .checked_sub(ttl.saturating_sub(left))
-                .unwrap_or(renewed);
-            id = Some(prev);
+            // Taken over: renewed at once, as the previous agent's data
+            // path fences `T - M` after that agent's last renewal, and the
+            // start has a program to load before the fence task runs.
+            let sent = Instant::now();
+            match renew(&self.client, &mut stream, prev, renew_wait(ttl)).await {
+                Renewal::Acked => (renewed, id) = (sent, Some(prev)),
+                // Expired meanwhile: a new lease.
+                Renewal::Lost => {}
+                // As if renewed when it had that much left.
+                Renewal::Failed(_) => {
+                    let left = Duration::from_secs(r.ttl().unsigned_abs());
+                    renewed = renewed
+                        .checked_sub(ttl.saturating_sub(left))
+                        .unwrap_or(renewed);
+                    id = Some(prev);
+                }
+            }
         }
+        let resumed = id.is_some();
         let id = match id {
             Some(id) => id,
             None => lease
@@ -124,6 +139,7 @@ impl Membership for EtcdStore {
             renewed,
             joins: 0,
             lost: None,
+            resumed,
         });
         *self.lease_state.lock().expect("lease state lock") = Some(watched);
         let keeper = tokio::spawn(keep_alive(
@@ -134,7 +150,7 @@ impl Membership for EtcdStore {
                 lease: self.lease.clone(),
                 lease_file: lease_file.to_owned(),
             },
-            id,
+            (id, stream),
             ttl,
             state,
         ));
@@ -487,14 +503,12 @@ enum Renewal {
 async fn keep_alive(
     client: Client,
     rejoin: Rejoin,
-    mut id: i64,
+    (mut id, mut stream): (i64, Option<(LeaseKeeper, LeaseKeepAliveStream)>),
     ttl: Duration,
     state: watch::Sender<LeaseState>,
 ) {
     let every = renew_every(ttl);
-    // A hung stream is noticed before the fence's warning (T/3) ends.
-    let wait = (ttl / 6).max(Duration::from_millis(200));
-    let mut stream = None;
+    let wait = renew_wait(ttl);
     loop {
         let sent = Instant::now();
         match renew(&client, &mut stream, id, wait).await {
@@ -530,6 +544,12 @@ async fn keep_alive(
         }
         tokio::time::sleep(every).await;
     }
+}
+
+/// How long a renewal may go unanswered: a hung stream is noticed before
+/// the fence's warning (`T/3`) ends.
+fn renew_wait(ttl: Duration) -> Duration {
+    (ttl / 6).max(Duration::from_millis(200))
 }
 
 /// One renewal of lease `id`, on `stream` (opened if there is none; the

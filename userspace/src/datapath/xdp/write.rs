@@ -5,6 +5,7 @@
 
 use std::{
     os::fd::AsFd as _,
+    path::Path,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
@@ -95,6 +96,19 @@ pub(super) fn cluster_map(data: &MapData) -> Result<ClusterMap, DatapathError> {
 pub struct FenceWriter(ClusterMap);
 
 impl FenceWriter {
+    /// A writer on the `CLUSTER` map a previous agent pinned in `pin_dir`,
+    /// before this agent adopts its data path (which loads a program
+    /// first); `None` when nothing is pinned there.
+    pub fn pinned(pin_dir: &Path) -> Result<Option<Self>, DatapathError> {
+        let path = pin_dir.join(names::CLUSTER);
+        if !path.exists() {
+            return Ok(None);
+        }
+        let data = MapData::from_pin(&path).map_err(map_err(names::CLUSTER))?;
+        let map = Array::try_from(aya::maps::Map::Array(data)).map_err(map_err(names::CLUSTER))?;
+        Ok(Some(Self(Arc::new(Mutex::new(map)))))
+    }
+
     /// As [`XdpDatapath::set_fence`].
     pub fn set(&self, until: Option<Instant>) -> Result<(), DatapathError> {
         let mut map = self.0.lock().expect("cluster map lock");
