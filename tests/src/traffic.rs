@@ -31,6 +31,9 @@ pub struct UdpServers {
     /// A throttled server lets its socket queue fill and drop: a slow
     /// instance.
     pub throttle: Vec<Arc<AtomicU64>>,
+    /// Per server: set, it closes its socket at once and receives no more,
+    /// as a server process killed in its container.
+    crashed: Vec<Arc<AtomicBool>>,
     handles: Vec<JoinHandle<Vec<Received>>>,
 }
 
@@ -38,7 +41,7 @@ pub struct UdpServers {
 /// `limit` is set, until `stop`, then drains what is queued.
 fn receive(
     sock: &UdpSocket,
-    stop: &AtomicBool,
+    (stop, crashed): (&AtomicBool, &AtomicBool),
     total: &AtomicU64,
     limit: &AtomicU64,
 ) -> Vec<Received> {
@@ -53,6 +56,9 @@ fn receive(
         total.fetch_add(1, Ordering::Relaxed);
     };
     while !stop.load(Ordering::Relaxed) {
+        if crashed.load(Ordering::Relaxed) {
+            return got;
+        }
         let pps = limit.load(Ordering::Relaxed);
         if pps > 0 {
             let now = Instant::now();
@@ -103,6 +109,7 @@ impl UdpServers {
         let stop = Arc::new(AtomicBool::new(false));
         let total = Arc::new(AtomicU64::new(0));
         let mut throttle = Vec::new();
+        let mut crashed = Vec::new();
         let handles = namespaces
             .iter()
             .map(|ns| {
@@ -113,16 +120,26 @@ impl UdpServers {
                     .expect("timeout");
                 let limit = Arc::new(AtomicU64::new(0));
                 throttle.push(limit.clone());
+                let crash = Arc::new(AtomicBool::new(false));
+                crashed.push(crash.clone());
                 let (stop, total) = (stop.clone(), total.clone());
-                std::thread::spawn(move || receive(&sock, &stop, &total, &limit))
+                // The socket is the thread's: it closes when the thread ends.
+                std::thread::spawn(move || receive(&sock, (&stop, &crash), &total, &limit))
             })
             .collect();
         Self {
             stop,
             total,
             throttle,
+            crashed,
             handles,
         }
+    }
+
+    /// Server `k` closes its socket within its read timeout (20 ms) and
+    /// receives nothing more, as if its process were killed.
+    pub fn crash(&self, k: usize) {
+        self.crashed[k].store(true, Ordering::Relaxed);
     }
 
     /// Waits until the servers have received `n` datagrams, or `timeout`.

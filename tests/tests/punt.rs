@@ -151,8 +151,13 @@ struct Loaded {
 /// datagrams a second for `run`.
 fn three_under_load(tag: &str, agent: &str, wlm: &str, rate: u64, run: Duration) -> Loaded {
     let tb = Testbed::new(tag, 3).unwrap_or_else(|e| panic!("building the testbed: {e}"));
+    let interval = if agent.contains("interval_ms") {
+        ""
+    } else {
+        "interval_ms = 100\n"
+    };
     let toml = format!(
-        "[agent]\ninterval_ms = 100\n{agent}\n\n[[service]]\nname = \"kv\"\nvip = \"{}\"\nport = 7000\nprotocol = \"udp\"\n\
+        "[agent]\n{interval}{agent}\n\n[[service]]\nname = \"kv\"\nvip = \"{}\"\nport = 7000\nprotocol = \"udp\"\n\
          wlm = {{ {wlm} }}\n\n{}",
         testbed::VIP_V4,
         tb.instances_toml(0, 3)
@@ -278,6 +283,96 @@ fn a_deleted_instance_fails_over_to_the_survivors() {
     assert!(
         claims > 0,
         "the survivors claimed the failed instance's units"
+    );
+    agent.stop().expect("detach");
+}
+
+/// Defect (issue 29): the server in one instance killed while its
+/// container and veth stay up. With the default health nothing moved and
+/// the instance's third of the traffic was lost for as long as the run
+/// lasted. Now the agent finds nothing bound to the service's port in the
+/// instance's namespace at its next interval (the default, 1 s), fails it
+/// over, and the survivors claim its units: loss is one stretch, no longer
+/// than an interval.
+#[test]
+fn a_dead_server_in_a_live_container_fails_over_within_an_interval() {
+    let Loaded {
+        tb: _tb,
+        mut agent,
+        servers,
+        sender,
+        t0,
+    } = three_under_load(
+        "dead",
+        "interval_ms = 1000",
+        "min_group_units = 256, underload = 0.0",
+        RATE,
+        Duration::from_secs(4),
+    );
+    let interval = agent.control.interval();
+    let mut crashed = None;
+    let mut last_tick = Instant::now();
+    while !sender.is_finished() {
+        block_on(agent.process_punts());
+        if last_tick.elapsed() >= interval {
+            block_on(agent.tick()).expect("tick");
+            last_tick = Instant::now();
+        }
+        if crashed.is_none() && t0.elapsed() > Duration::from_millis(1500) {
+            servers.crash(1);
+            crashed = Some(t0.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let sent = sender.finish().expect("sender");
+    let end = Instant::now() + Duration::from_secs(2);
+    while servers.total.load(Ordering::Relaxed) < sent && Instant::now() < end {
+        block_on(agent.process_punts());
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let crashed = crashed.expect("crashed");
+    let failed = agent
+        .control
+        .history()
+        .iter()
+        .find(|e| e.kind == "failover")
+        .map(|e| e.at.duration_since(t0));
+    let got = servers.finish();
+    let seqs: HashSet<u64> = got
+        .iter()
+        .flatten()
+        .map(|d| u64::from_be_bytes(d.payload[..8].try_into().expect("seq")))
+        .collect();
+    #[expect(clippy::cast_precision_loss, reason = "times")]
+    let sent_at = |seq: u64| Duration::from_secs_f64(seq as f64 / RATE as f64);
+    let lost: Vec<u64> = (0..sent).filter(|s| !seqs.contains(s)).collect();
+    let window = match (lost.first(), lost.last()) {
+        (Some(a), Some(b)) => sent_at(*b).saturating_sub(sent_at(*a)),
+        _ => Duration::ZERO,
+    };
+    eprintln!(
+        "server of inst-1 killed at {crashed:?}, failed over at {failed:?}; sent {sent}, lost {} between {:?} and {:?}: a loss window of {window:?} (interval {interval:?})",
+        lost.len(),
+        lost.first().map(|s| sent_at(*s)),
+        lost.last().map(|s| sent_at(*s)),
+    );
+    let failed = failed.expect("the dead server's instance was failed over");
+    assert!(agent.control.is_failed("inst-1"));
+    let after = failed
+        .checked_sub(crashed)
+        .expect("failed over after the kill");
+    assert!(
+        after <= interval + Duration::from_millis(300),
+        "failed over {after:?} after the kill; the interval is {interval:?}"
+    );
+    assert!(
+        window <= interval + Duration::from_millis(300),
+        "lost traffic over {window:?}"
+    );
+    assert!(
+        lost.first()
+            .is_none_or(|s| sent_at(*s) + Duration::from_millis(100) >= crashed),
+        "lost before the kill"
     );
     agent.stop().expect("detach");
 }

@@ -9,7 +9,7 @@ use std::{net::SocketAddr, path::PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::{FieldError, Instance, check::name_problem, parse_mac};
+use super::{FieldError, HealthCheck, Instance, check::name_problem, parse_mac};
 
 /// An instance as `sluice instance add` (or a launcher) registers it: the
 /// fields of a `[[service.instance]]` table, and its service. The API's
@@ -47,8 +47,9 @@ pub struct InstanceSpec {
     #[arg(long)]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpu_limit: Option<f64>,
-    /// `veth` (failed when its veth disappears) or `reports` (also when
-    /// its QoS reports stop).
+    /// `sockets` (the default: failed when its veth disappears or its
+    /// application's sockets on the service's ports go), `veth` (its veth
+    /// only) or `reports` (also when its QoS reports stop).
     #[arg(long)]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health: Option<String>,
@@ -125,14 +126,15 @@ fn addr(a: &str) -> Result<SocketAddr, Problem> {
     })
 }
 
-/// `health`: whether the instance has failed when its reports stop.
-fn health(h: &str) -> Result<bool, Problem> {
+/// `health`: what fails the instance besides its veth disappearing.
+fn health(h: &str) -> Result<HealthCheck, Problem> {
     match h {
-        "veth" => Ok(false),
-        "reports" => Ok(true),
+        "veth" => Ok(HealthCheck::Veth),
+        "sockets" => Ok(HealthCheck::Sockets),
+        "reports" => Ok(HealthCheck::Reports),
         _ => Err((
             format!("unknown health check `{h}`"),
-            "use \"veth\" (failed when its veth disappears) or \"reports\" (also when its QoS reports stop)".into(),
+            "use \"sockets\" (the default: failed when its veth disappears or its application's sockets on the service's ports go), \"veth\" (its veth only) or \"reports\" (also when its QoS reports stop)".into(),
         )),
     }
 }
@@ -191,11 +193,11 @@ impl InstanceSpec {
                 said("cpu_limit", p);
             }
         }
-        let health_reports = match self.health.as_deref().map(health).transpose() {
-            Ok(h) => h.unwrap_or(false),
+        let health = match self.health.as_deref().map(health).transpose() {
+            Ok(h) => h.unwrap_or_default(),
             Err(p) => {
                 said("health", p);
-                false
+                HealthCheck::default()
             }
         };
         let addr = match self.addr.as_deref().map(addr).transpose() {
@@ -215,7 +217,7 @@ impl InstanceSpec {
             netns: self.netns.clone(),
             cgroup: self.cgroup.as_ref().map(PathBuf::from),
             cpu_limit: self.cpu_limit,
-            health_reports,
+            health,
             addr,
         })
     }

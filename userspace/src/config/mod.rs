@@ -238,13 +238,42 @@ pub struct Instance {
     /// CPUs the container may use; with `cgroup`, CPU utilisation is
     /// usage / limit.
     pub cpu_limit: Option<f64>,
-    /// `health = "reports"`: the instance has failed when its application
-    /// stops reporting QoS (3 intervals); its veth disappearing always
-    /// counts.
-    pub health_reports: bool,
+    /// What fails the instance besides its veth disappearing.
+    pub health: HealthCheck,
     /// Where the L7 distributor reaches the instance (`layer = "http"`
     /// services: a proxy, not direct server return).
     pub addr: Option<SocketAddr>,
+}
+
+/// `health`: what fails an instance besides its veth disappearing.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum HealthCheck {
+    /// `"veth"`: nothing else.
+    Veth,
+    /// `"sockets"` (the default): its application's sockets, read in its
+    /// namespace (`netns`). Once something was seen bound to the service's
+    /// ports, nothing bound there any more fails it at the next interval
+    /// (the process died, the container did not), and so does most of
+    /// what it was sent being refused for two intervals in a row.
+    #[default]
+    Sockets,
+    /// `"reports"`: also its application's QoS reports stopping (none for
+    /// 3 intervals).
+    Reports,
+}
+
+impl HealthCheck {
+    /// Whether the application's sockets are watched.
+    #[must_use]
+    pub fn sockets(self) -> bool {
+        self != Self::Veth
+    }
+
+    /// Whether the application's reports must keep coming.
+    #[must_use]
+    pub fn reports(self) -> bool {
+        self == Self::Reports
+    }
 }
 
 /// Where a request's key is found (`[service.http] key`).

@@ -1,5 +1,5 @@
-//! Health: which instances have failed (their veth is gone, or their
-//! reports stopped), taking them out of the data path and the store, and
+//! Health: which instances have failed (their veth is gone, their
+//! application's sockets went, or their reports stopped), taking them out of the data path and the store, and
 //! taking them back after a hold-down; and the groups of other hosts'
 //! instances whose host is gone, or that are no longer registered.
 //!
@@ -18,13 +18,65 @@ use super::{
     ControlError, MoveEvent, Out, UNOWNED,
     moves::Mover,
     qos::{Probe, Report},
-    services::ServiceCtl,
+    services::{InstCtl, ServiceCtl},
     wlm::ElementState,
 };
 use crate::{
     coord::{CoordError, GroupEntry, InstanceState, Load},
     datapath::Datapath,
 };
+
+/// A share of what an instance was sent that, refused by its stack
+/// (no socket, or reset) for [`REFUSING_INTERVALS`] in a row, fails it.
+const REFUSED_SHARE: f64 = 0.5;
+
+/// Intervals in a row of refusing before the instance fails: one could be
+/// an application restarting.
+const REFUSING_INTERVALS: u32 = 2;
+
+/// Below this many packets a second delivered, refusals say nothing (a
+/// few stray datagrams to a closed port).
+const REFUSING_MIN_PPS: f64 = 5.0;
+
+/// What the loop saw of an instance's application sockets
+/// (`health = "sockets"`).
+#[derive(Clone, Copy, Debug, Default)]
+struct Sockets {
+    /// Something was seen bound to the service's ports. Only from then on
+    /// does nothing bound there mean the application is gone: one that
+    /// serves from raw or AF_XDP sockets never binds, and is never judged
+    /// by its sockets.
+    armed: bool,
+    /// Intervals in a row most of what it was sent was refused.
+    refusing: u32,
+}
+
+impl Sockets {
+    /// This interval's look at `i`'s sockets: why its application is down,
+    /// if it is.
+    fn look(&mut self, i: &InstCtl) -> Option<&'static str> {
+        let inputs = &i.inputs;
+        match inputs.listeners {
+            Some(0) if self.armed => {
+                return Some("nothing is bound to the service's ports in its namespace any more");
+            }
+            Some(0) | None => {}
+            Some(_) => self.armed = true,
+        }
+        let refused = self.armed
+            && inputs.rate_pps >= REFUSING_MIN_PPS
+            && inputs.refused_ps >= REFUSED_SHARE * inputs.rate_pps;
+        self.refusing = if refused { self.refusing + 1 } else { 0 };
+        (self.refusing >= REFUSING_INTERVALS)
+            .then_some("its stack refuses most of what it is sent (no socket, or resets)")
+    }
+
+    /// Whether the application looks up again: bound to the ports, if it
+    /// ever was.
+    fn up(self, i: &InstCtl) -> bool {
+        !(self.armed && i.inputs.listeners == Some(0))
+    }
+}
 
 /// Failed instances, and those whose failover has not wholly landed yet.
 pub(super) struct Health {
@@ -39,6 +91,8 @@ pub(super) struct Health {
     hold_down: Duration,
     /// When the controller started (reports get a grace period).
     started: Instant,
+    /// Each instance's application sockets, as last seen.
+    sockets: HashMap<String, Sockets>,
 }
 
 impl Health {
@@ -48,6 +102,7 @@ impl Health {
             failing: HashSet::new(),
             hold_down,
             started: now,
+            sockets: HashMap::new(),
         }
     }
 
@@ -61,12 +116,19 @@ impl Health {
         self.failed = old.failed.into_iter().filter(&configured).collect();
         self.failing = old.failing.into_iter().filter(&configured).collect();
         self.started = old.started;
+        self.sockets = old
+            .sockets
+            .into_iter()
+            .filter(|(n, _)| configured(n))
+            .collect();
     }
 
     /// Finds instances whose veth is gone (or came back with another
-    /// ifindex: a new container), or whose application stopped reporting
-    /// (`health = "reports"`: no report fresher than `report_life` once the
-    /// controller has run that long). Each is taken out of the data path
+    /// ifindex: a new container), whose application's sockets went
+    /// (`health = "sockets"` or `"reports"`, see [`Sockets`]), or whose
+    /// application stopped reporting (`health = "reports"`: no report
+    /// fresher than `report_life` once the controller has run that long).
+    /// Each is taken out of the data path
     /// at once (its packets are punted, its pinned flows no longer hold)
     /// and its groups become unowned in the store, to be claimed by the
     /// survivors as their packets arrive. Every interval after that, any
@@ -83,27 +145,32 @@ impl Health {
     ) -> Result<Vec<MoveEvent>, ControlError> {
         let mut made = Vec::new();
         let grace_over = now.saturating_duration_since(self.started) > report_life;
-        let gone: Vec<(String, Load)> = services
-            .iter()
-            .flat_map(|s| &s.instances)
-            .filter(|i| {
-                !self.failed.contains(&i.name)
-                    && (!probe.link_exists(i.ifindex)
-                        || (i.config.health_reports
-                            && grace_over
-                            && !reporting.contains_key(&i.name)))
-            })
-            .map(|i| {
+        let mut gone: Vec<(String, Load, &str)> = Vec::new();
+        for i in services.iter().flat_map(|s| &s.instances) {
+            if self.failed.contains(&i.name) {
+                continue;
+            }
+            let sockets = self.sockets.entry(i.name.clone()).or_default();
+            let why = if !probe.link_exists(i.ifindex) {
+                Some("its veth is gone")
+            } else if i.config.health.reports() && grace_over && !reporting.contains_key(&i.name) {
+                Some("its application's reports stopped")
+            } else if i.config.health.sockets() {
+                sockets.look(i)
+            } else {
+                None
+            };
+            if let Some(why) = why {
                 let load = Load {
                     utilisation: i.sample.utilisation,
                     rate_pps: i.sample.rate_pps,
                     state: InstanceState::Failed,
                 };
-                (i.name.clone(), load)
-            })
-            .collect();
-        for (name, load) in gone {
-            tracing::warn!(instance = %name, "instance failed (veth gone or reports stopped); its groups are unowned until claimed");
+                gone.push((i.name.clone(), load, why));
+            }
+        }
+        for (name, load, why) in gone {
+            tracing::warn!(instance = %name, why, "instance failed; its groups are unowned until claimed");
             // Failed at once: no claim gives it work from here on, and no
             // other host either (this interval's load said `ok`).
             self.failed.insert(name.clone());
@@ -178,9 +245,11 @@ impl Health {
                 if !self.failed.contains(&i.name) || self.failing.contains(&i.name) {
                     continue;
                 }
-                let back = probe
-                    .resolve(&i.config)
-                    .filter(|_| !i.config.health_reports || reporting.contains_key(&i.name));
+                let sockets = self.sockets.entry(i.name.clone()).or_default();
+                let back = probe.resolve(&i.config).filter(|_| {
+                    (!i.config.health.reports() || reporting.contains_key(&i.name))
+                        && (!i.config.health.sockets() || sockets.up(i))
+                });
                 let Some(r) = back else {
                     i.recovering_since = None;
                     continue;
@@ -197,6 +266,7 @@ impl Health {
                 }
                 i.recovering_since = None;
                 i.state = ElementState::default();
+                sockets.refusing = 0;
                 self.failed.remove(&i.name);
                 tracing::info!(instance = %i.name, ifindex = r.ifindex, hold_down = ?self.hold_down, "instance recovered; it takes work as its element decides");
             }

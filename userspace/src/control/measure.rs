@@ -30,6 +30,7 @@ pub(super) struct Meter {
     packets: Rate,
     bytes: Rate,
     drops: Rate,
+    refused: Rate,
     cpu: Rate,
 }
 
@@ -60,7 +61,16 @@ pub(super) async fn measure(
         }
         for i in &mut s.instances {
             let c = dp.instance_counters(i.id)?;
-            let inputs = instance(i, &c, probe, &s.ports, reports.of(&i.name), now);
+            // An http instance is reached at its own address's port.
+            let own;
+            let ports: &[u16] = match i.config.addr {
+                Some(a) => {
+                    own = [a.port()];
+                    &own
+                }
+                None => &s.ports,
+            };
+            let inputs = instance(i, &c, probe, ports, reports.of(&i.name), now);
             i.sample = Sample {
                 rate_pps: inputs.rate_pps,
                 drops_ps: inputs.drops_ps,
@@ -117,6 +127,8 @@ fn instance(
                 #[expect(clippy::cast_precision_loss, reason = "an estimate")]
                 let q = st.queue_bytes as f64;
                 inputs.queue_bytes = q;
+                inputs.listeners = st.listeners;
+                inputs.refused_ps = m.refused.update(st.refused, now);
             }
             Err(e) => {
                 tracing::debug!(instance = %i.name, error = %e, "netns stats unavailable");

@@ -29,9 +29,13 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-pub use self::thresholds::Thresholds;
+pub use self::{
+    netns::{NetnsStats, netns_stats},
+    thresholds::Thresholds,
+};
 use crate::{config::WlmConfig, sys::link::LinkProbe};
 
+mod netns;
 mod thresholds;
 
 /// QoS an application reports about itself over the agent's local API.
@@ -55,6 +59,12 @@ pub struct Inputs {
     pub drops_ps: f64,
     /// Bytes queued on the service's sockets in the instance.
     pub queue_bytes: f64,
+    /// Sockets bound or listening on the service's ports in the
+    /// instance's namespace (`None`: not known).
+    pub listeners: Option<u32>,
+    /// Traffic the instance's stack refused, per second (datagrams to no
+    /// socket, TCP resets sent).
+    pub refused_ps: f64,
     /// CPUs in use by the instance's cgroup.
     pub cpu_cores: Option<f64>,
     pub cpu_limit: Option<f64>,
@@ -88,81 +98,6 @@ pub fn utilisation(i: &Inputs, cfg: &WlmConfig) -> f64 {
         }
     }
     u
-}
-
-/// Socket statistics read inside an instance's namespace.
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
-pub struct NetnsStats {
-    /// UDP + UDP6 `RcvbufErrors`, since the namespace was made.
-    pub rcvbuf_errors: u64,
-    /// Bytes queued for reading on UDP sockets bound to the given ports.
-    pub queue_bytes: u64,
-}
-
-/// Reads [`NetnsStats`] in the namespace at `netns` (a thread of our own
-/// enters it; `/proc/thread-self/net` then shows that namespace).
-pub fn netns_stats(netns: &Path, ports: &[u16]) -> io::Result<NetnsStats> {
-    crate::sys::netns::run_in(netns, || {
-        let (mut queue, mut drops) = (0, 0);
-        for file in ["/proc/thread-self/net/udp", "/proc/thread-self/net/udp6"] {
-            let (q, d) = udp_sockets(&fs::read_to_string(file).unwrap_or_default(), ports);
-            queue += q;
-            drops += d;
-        }
-        // With the service's ports known, count its own sockets' drops: a
-        // container may serve several services (instances), and the
-        // namespace-wide counter would charge each with all of them.
-        let rcvbuf_errors = if ports.is_empty() {
-            let snmp = fs::read_to_string("/proc/thread-self/net/snmp")?;
-            let snmp6 = fs::read_to_string("/proc/thread-self/net/snmp6").unwrap_or_default();
-            snmp_field(&snmp, "Udp:", "RcvbufErrors").unwrap_or(0)
-                + snmp6_field(&snmp6, "Udp6RcvbufErrors").unwrap_or(0)
-        } else {
-            drops
-        };
-        Ok(NetnsStats {
-            rcvbuf_errors,
-            queue_bytes: queue,
-        })
-    })?
-}
-
-/// A field of a `/proc/net/snmp` table: a header line names the fields, the
-/// next line with the same prefix holds the values.
-fn snmp_field(text: &str, prefix: &str, field: &str) -> Option<u64> {
-    let mut lines = text.lines().filter(|l| l.starts_with(prefix));
-    let names = lines.next()?;
-    let values = lines.next()?;
-    let at = names.split_whitespace().position(|n| n == field)?;
-    values.split_whitespace().nth(at)?.parse().ok()
-}
-
-fn snmp6_field(text: &str, field: &str) -> Option<u64> {
-    text.lines().find_map(|l| {
-        let mut it = l.split_whitespace();
-        (it.next() == Some(field))
-            .then(|| it.next()?.parse().ok())
-            .flatten()
-    })
-}
-
-/// Sums over the sockets of a `/proc/net/udp` table whose local port is
-/// one of `ports`: their `rx_queue` bytes and their `drops` (the last
-/// column).
-fn udp_sockets(table: &str, ports: &[u16]) -> (u64, u64) {
-    table
-        .lines()
-        .skip(1)
-        .filter_map(|l| {
-            let mut cols = l.split_whitespace();
-            let local = cols.nth(1)?;
-            let port = u16::from_str_radix(local.rsplit(':').next()?, 16).ok()?;
-            let queues = cols.nth(2)?;
-            let rx = u64::from_str_radix(queues.split(':').nth(1)?, 16).ok()?;
-            let drops = cols.last()?.parse::<u64>().ok()?;
-            ports.contains(&port).then_some((rx, drops))
-        })
-        .fold((0, 0), |(q, d), (rx, drops)| (q + rx, d + drops))
 }
 
 /// CPU time used by a cgroup v2, in microseconds.
@@ -388,26 +323,6 @@ mod tests {
             ..i
         };
         assert!((utilisation(&i, &cfg) - 0.5).abs() < 1e-9, "50 / 100");
-    }
-
-    #[test]
-    fn proc_tables_parse() {
-        let snmp = "Udp: InDatagrams NoPorts InErrors OutDatagrams RcvbufErrors SndbufErrors\nUdp: 10 0 7 3 5 0\n";
-        assert_eq!(snmp_field(snmp, "Udp:", "RcvbufErrors"), Some(5));
-        assert_eq!(
-            snmp6_field(
-                "Udp6InDatagrams 4\nUdp6RcvbufErrors 2\n",
-                "Udp6RcvbufErrors"
-            ),
-            Some(2)
-        );
-        let udp = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode ref pointer drops\n\
-                   0: 0101A8C6:1B58 00000000:0000 07 00000000:00000400 00:00000000 00000000     0        0 1 2 0 17\n\
-                   1: 0101A8C6:1B59 00000000:0000 07 00000000:00000100 00:00000000 00000000     0        0 1 2 0 5\n";
-        // Queue and drops are the sockets' own: another service's socket in
-        // the same container (port 7001) is not charged to port 7000's.
-        assert_eq!(udp_sockets(udp, &[7000]), (0x400, 17));
-        assert_eq!(udp_sockets(udp, &[7000, 7001]), (0x500, 22));
     }
 
     #[test]

@@ -49,6 +49,9 @@ fn text(assign: &str, moves_per_sec: f64) -> String {
 struct FakeHost {
     gone: Arc<Mutex<HashSet<u32>>>,
     recreated: Arc<Mutex<std::collections::HashMap<String, u32>>>,
+    /// What each instance's namespace (by its path's file name) shows;
+    /// unreadable when absent.
+    sockets: Arc<Mutex<std::collections::HashMap<String, NetnsStats>>>,
 }
 
 impl super::qos::Probe for FakeHost {
@@ -56,8 +59,14 @@ impl super::qos::Probe for FakeHost {
         !self.gone.lock().unwrap().contains(&ifindex)
     }
 
-    fn netns_stats(&self, _: &std::path::Path, _: &[u16]) -> std::io::Result<NetnsStats> {
-        Err(std::io::ErrorKind::Unsupported.into())
+    fn netns_stats(&self, netns: &std::path::Path, _: &[u16]) -> std::io::Result<NetnsStats> {
+        let name = netns.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        self.sockets
+            .lock()
+            .unwrap()
+            .get(name)
+            .copied()
+            .ok_or_else(|| std::io::ErrorKind::Unsupported.into())
     }
 
     fn cgroup_usage_usec(&self, _: &std::path::Path) -> std::io::Result<u64> {
@@ -89,12 +98,16 @@ struct Rig<D, S> {
 }
 
 impl<D: Datapath, S: CoordStore + 'static> Rig<D, S> {
-    fn new(text: &str, store: S, mut dp: D) -> Self {
+    fn new(text: &str, store: S, dp: D) -> Self {
         let cfg = config(text);
-        let mut plan = plan(&cfg);
+        let plan = plan(&cfg);
+        Self::with_plan(&cfg, plan, store, dp)
+    }
+
+    fn with_plan(cfg: &crate::config::Config, mut plan: Plan, store: S, mut dp: D) -> Self {
         let store = Arc::new(store);
         let host = FakeHost::default();
-        let ctl = ready(Controller::new(&cfg, &mut plan, store.clone()))
+        let ctl = ready(Controller::new(cfg, &mut plan, store.clone()))
             .expect("controller")
             .with_probe(Box::new(host.clone()));
         // What `XdpDatapath::program` writes of the settled assignment.
@@ -176,6 +189,7 @@ impl<D: Datapath, S: CoordStore + 'static> Rig<D, S> {
 }
 
 mod cluster;
+mod sockets;
 
 fn mem() -> MemDatapath {
     MemDatapath::default()

@@ -481,7 +481,7 @@ mac = "02:00:00:00:00:03"
             netns: Some("sluice-no-such-netns".into()),
             cgroup: None,
             cpu_limit: None,
-            health_reports: false,
+            health: crate::config::HealthCheck::default(),
             addr: None,
         };
         let e = resolve_instance(&inst, "service[0].instance[2]").unwrap_err();

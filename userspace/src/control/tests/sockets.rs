@@ -1,0 +1,140 @@
+//! `health = "sockets"`: an instance whose application died while its
+//! container and veth stayed up is failed from what its namespace's stack
+//! shows, and taken back once its application is bound again.
+
+use std::path::PathBuf;
+
+use super::{FakeHost, Rig, mem, text};
+use crate::{
+    control::qos::NetnsStats,
+    coord::EmbeddedStore,
+    datapath::fake::MemDatapath,
+    testing::{config, plan},
+};
+
+/// [`text`]'s three instances, each in namespace `ns-<k>`, with `health`.
+fn rig(health: &str) -> Rig<MemDatapath, EmbeddedStore> {
+    let mut t = text("even", 1000.0);
+    if !health.is_empty() {
+        t = t.replace(
+            "[[service.instance]]\n",
+            &format!("[[service.instance]]\nhealth = \"{health}\"\n"),
+        );
+    }
+    let cfg = config(&t);
+    let mut plan = plan(&cfg);
+    for (k, i) in plan.instances.iter_mut().enumerate() {
+        i.netns = Some(PathBuf::from(format!("/run/netns/ns-{k}")));
+    }
+    Rig::with_plan(&cfg, plan, EmbeddedStore::in_memory(), mem())
+}
+
+/// Instance `k`'s namespace shows `listeners` sockets on the service's
+/// port and `refused` refusals so far.
+fn show(host: &FakeHost, k: usize, listeners: u32, refused: u64) {
+    host.sockets.lock().unwrap().insert(
+        format!("ns-{k}"),
+        NetnsStats {
+            listeners: Some(listeners),
+            refused,
+            ..NetnsStats::default()
+        },
+    );
+}
+
+#[test]
+fn an_instance_whose_application_closes_its_socket_fails_over_and_comes_back_once_bound_again() {
+    let mut r = rig("");
+    for k in 0..3 {
+        show(&r.host, k, 1, 0);
+    }
+    let lost = r.owned_by("kv-1");
+    r.tick().unwrap();
+    assert!(!r.ctl.is_failed("kv-1"));
+    // The server in kv-1 dies; its container and veth stay.
+    show(&r.host, 1, 0, 0);
+    let made = r.tick().unwrap();
+    assert!(r.ctl.is_failed("kv-1"), "failed at the first interval");
+    assert!(!r.dp.is_live(2), "out of the data path at once");
+    assert_eq!(
+        made.iter().filter(|e| e.kind == "failover").count(),
+        lost.len()
+    );
+    assert!(r.owned_by("kv-1").is_empty());
+    r.assert_agree();
+    let owner = r.claim(lost[0].base()).expect("a survivor");
+    assert!(owner == 1 || owner == 3, "claimed by {owner}");
+    // Still unbound: it stays failed past the hold-down (5 s).
+    for _ in 0..8 {
+        r.tick().unwrap();
+        assert!(r.ctl.is_failed("kv-1"));
+    }
+    // Restarted: bound again, it is back after the hold-down.
+    show(&r.host, 1, 1, 0);
+    let mut ticks = 0;
+    while r.ctl.is_failed("kv-1") {
+        r.tick().unwrap();
+        ticks += 1;
+        assert!(ticks <= 7, "not back 7 intervals after binding again");
+    }
+    assert!(
+        ticks >= 5,
+        "back after {ticks} intervals, before the hold-down"
+    );
+    assert!(r.dp.is_live(2));
+    r.assert_agree();
+}
+
+#[test]
+fn an_instance_never_seen_bound_is_not_judged_by_its_sockets() {
+    // An application serving from raw or AF_XDP sockets binds nothing.
+    let mut r = rig("");
+    for k in 0..3 {
+        show(&r.host, k, 0, 0);
+    }
+    for _ in 0..5 {
+        r.tick().unwrap();
+    }
+    assert!((0..3).all(|k| !r.ctl.is_failed(&format!("kv-{k}"))));
+}
+
+#[test]
+fn health_veth_ignores_the_sockets() {
+    let mut r = rig("veth");
+    for k in 0..3 {
+        show(&r.host, k, 1, 0);
+    }
+    r.tick().unwrap();
+    show(&r.host, 1, 0, 0);
+    for _ in 0..3 {
+        r.tick().unwrap();
+    }
+    assert!(!r.ctl.is_failed("kv-1"));
+}
+
+#[test]
+fn most_traffic_refused_for_two_intervals_fails_an_instance() {
+    // Bound, but not where its traffic goes (say to 127.0.0.1 only): its
+    // stack refuses what it is sent.
+    let mut r = rig("");
+    for k in 0..3 {
+        show(&r.host, k, 1, 0);
+    }
+    let unit = r.owned_by("kv-1")[0].base();
+    r.tick().unwrap();
+    let mut refused = 0;
+    // One interval refusing half, then a restart's blip: not failed.
+    for (of_100, failed) in [
+        (0, false),
+        (60, false),
+        (10, false),
+        (60, false),
+        (90, true),
+    ] {
+        r.dp.deliver(0, unit, 100);
+        refused += of_100;
+        show(&r.host, 1, 1, refused);
+        r.tick().unwrap();
+        assert_eq!(r.ctl.is_failed("kv-1"), failed, "refusing {of_100} of 100");
+    }
+}
