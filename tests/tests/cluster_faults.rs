@@ -138,8 +138,25 @@ fn setup_leased(tag: &str, agent: &str, extra: &str, lease_secs: u32) -> (Cluste
     (bed, c)
 }
 
-/// How host `k`'s data path and API differ from the store (empty: equal).
+/// How the hosts' data paths and APIs differ from the store (empty:
+/// equal), looked at until they agree, up to two intervals: a move made
+/// while the store and then each host are read (the elements keep
+/// working) shows as a difference that the next look no longer has; a
+/// host that does not follow the store still shows one.
 fn table_differences(bed: &ClusterBed) -> Vec<String> {
+    let mut out = tables_once(bed);
+    for _ in 0..8 {
+        if out.is_empty() {
+            break;
+        }
+        std::thread::sleep(INTERVAL / 4);
+        out = tables_once(bed);
+    }
+    out
+}
+
+/// One look at [`table_differences`].
+fn tables_once(bed: &ClusterBed) -> Vec<String> {
     let g = groups(bed);
     let mut want = vec![String::new(); sluice_common::UNITS_PER_SERVICE as usize];
     for e in &g {

@@ -500,6 +500,17 @@ fn a_killed_instance_mid_load_retries_idempotent_requests_and_fails_the_rest_fas
         metric(&m, "sluice_http_retries_total", &[]) >= 1.0,
         "no retry counted"
     );
+    // The workload manager acts on the kill too (`health = "sockets"`, the
+    // default): nothing listens on web-0's port in its namespace any more
+    // (asked over sock_diag there), so it is failed over, not left owning
+    // a share of the keys.
+    let log = run.agent.log();
+    assert!(
+        log.lines().any(|l| l.contains("instance failed")
+            && l.contains("instance=web-0")
+            && l.contains("nothing is bound")),
+        "web-0 was not failed:\n{log}"
+    );
     drop(run);
 }
 
