@@ -511,6 +511,19 @@ fn a_killed_instance_mid_load_retries_idempotent_requests_and_fails_the_rest_fas
             && l.contains("nothing is bound")),
         "web-0 was not failed:\n{log}"
     );
+    let m = metrics(&tb);
+    assert!(
+        metric(
+            &m,
+            "sluice_instance_failures_total",
+            &["instance=\"web-0\"", "reason=\"unbound\""]
+        ) >= 1.0,
+        "the failure not counted:\n{}",
+        m.lines()
+            .filter(|l| l.contains("failures"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
     drop(run);
 }
 

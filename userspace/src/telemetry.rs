@@ -136,6 +136,14 @@ fn describe() {
     );
     describe_origin();
     describe_http();
+    describe_health();
+}
+
+fn describe_health() {
+    describe_counter!(
+        "sluice_instance_failures_total",
+        "Instances found failed, by reason: veth_gone, reports_stopped, unbound (nothing bound to the service's ports any more), refusing (most of its traffic refused)"
+    );
 }
 
 fn describe_origin() {
@@ -317,6 +325,12 @@ const fn reason(kind: &str) -> &'static str {
         b"failover" => "instance_failed",
         _ => "operator",
     }
+}
+
+/// Counts an instance found failed, by why (`veth_gone`,
+/// `reports_stopped`, `unbound`, `refusing`).
+pub fn instance_failed(service: &str, instance: &str, reason: &'static str) {
+    counter!("sluice_instance_failures_total", "service" => service.to_owned(), "instance" => instance.to_owned(), "reason" => reason).increment(1);
 }
 
 /// Counts a move.

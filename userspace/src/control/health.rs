@@ -38,6 +38,36 @@ const REFUSING_INTERVALS: u32 = 2;
 /// few stray datagrams to a closed port).
 const REFUSING_MIN_PPS: f64 = 5.0;
 
+/// Why an instance failed: the log's words, and the `reason` of
+/// `sluice_instance_failures_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Cause {
+    Veth,
+    Reports,
+    Unbound,
+    Refusing,
+}
+
+impl Cause {
+    const fn reason(self) -> &'static str {
+        match self {
+            Self::Veth => "veth_gone",
+            Self::Reports => "reports_stopped",
+            Self::Unbound => "unbound",
+            Self::Refusing => "refusing",
+        }
+    }
+
+    const fn why(self) -> &'static str {
+        match self {
+            Self::Veth => "its veth is gone",
+            Self::Reports => "its application's reports stopped",
+            Self::Unbound => "nothing is bound to the service's ports in its namespace any more",
+            Self::Refusing => "its stack refuses most of what it is sent (no socket, or resets)",
+        }
+    }
+}
+
 /// What the loop saw of an instance's application sockets
 /// (`health = "sockets"`).
 #[derive(Clone, Copy, Debug, Default)]
@@ -54,12 +84,10 @@ struct Sockets {
 impl Sockets {
     /// This interval's look at `i`'s sockets: why its application is down,
     /// if it is.
-    fn look(&mut self, i: &InstCtl) -> Option<&'static str> {
+    fn look(&mut self, i: &InstCtl) -> Option<Cause> {
         let inputs = &i.inputs;
         match inputs.listeners {
-            Some(0) if self.armed => {
-                return Some("nothing is bound to the service's ports in its namespace any more");
-            }
+            Some(0) if self.armed => return Some(Cause::Unbound),
             Some(0) | None => {}
             Some(_) => self.armed = true,
         }
@@ -67,8 +95,7 @@ impl Sockets {
             && inputs.rate_pps >= REFUSING_MIN_PPS
             && inputs.refused_ps >= REFUSED_SHARE * inputs.rate_pps;
         self.refusing = if refused { self.refusing + 1 } else { 0 };
-        (self.refusing >= REFUSING_INTERVALS)
-            .then_some("its stack refuses most of what it is sent (no socket, or resets)")
+        (self.refusing >= REFUSING_INTERVALS).then_some(Cause::Refusing)
     }
 
     /// Whether the application looks up again: bound to the ports, if it
@@ -145,32 +172,38 @@ impl Health {
     ) -> Result<Vec<MoveEvent>, ControlError> {
         let mut made = Vec::new();
         let grace_over = now.saturating_duration_since(self.started) > report_life;
-        let mut gone: Vec<(String, Load, &str)> = Vec::new();
-        for i in services.iter().flat_map(|s| &s.instances) {
-            if self.failed.contains(&i.name) {
-                continue;
-            }
-            let sockets = self.sockets.entry(i.name.clone()).or_default();
-            let why = if !probe.link_exists(i.ifindex) {
-                Some("its veth is gone")
-            } else if i.config.health.reports() && grace_over && !reporting.contains_key(&i.name) {
-                Some("its application's reports stopped")
-            } else if i.config.health.sockets() {
-                sockets.look(i)
-            } else {
-                None
-            };
-            if let Some(why) = why {
-                let load = Load {
-                    utilisation: i.sample.utilisation,
-                    rate_pps: i.sample.rate_pps,
-                    state: InstanceState::Failed,
+        let mut gone: Vec<(&str, String, Load, Cause)> = Vec::new();
+        for s in services {
+            for i in &s.instances {
+                if self.failed.contains(&i.name) {
+                    continue;
+                }
+                let sockets = self.sockets.entry(i.name.clone()).or_default();
+                let cause = if !probe.link_exists(i.ifindex) {
+                    Some(Cause::Veth)
+                } else if i.config.health.reports()
+                    && grace_over
+                    && !reporting.contains_key(&i.name)
+                {
+                    Some(Cause::Reports)
+                } else if i.config.health.sockets() {
+                    sockets.look(i)
+                } else {
+                    None
                 };
-                gone.push((i.name.clone(), load, why));
+                if let Some(cause) = cause {
+                    let load = Load {
+                        utilisation: i.sample.utilisation,
+                        rate_pps: i.sample.rate_pps,
+                        state: InstanceState::Failed,
+                    };
+                    gone.push((&s.name, i.name.clone(), load, cause));
+                }
             }
         }
-        for (name, load, why) in gone {
-            tracing::warn!(instance = %name, why, "instance failed; its groups are unowned until claimed");
+        for (service, name, load, cause) in gone {
+            tracing::warn!(instance = %name, reason = cause.reason(), why = cause.why(), "instance failed; its groups are unowned until claimed");
+            crate::telemetry::instance_failed(service, &name, cause.reason());
             // Failed at once: no claim gives it work from here on, and no
             // other host either (this interval's load said `ok`).
             self.failed.insert(name.clone());
