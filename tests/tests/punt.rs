@@ -182,6 +182,44 @@ fn three_under_load(tag: &str, agent: &str, wlm: &str, rate: u64, run: Duration)
     }
 }
 
+/// Serves the punt path and the control loop while `sender` runs, with
+/// `fault` made once `at` into the run (from `t0`); then the punt path
+/// until every datagram sent arrived (2 s at most). Returns when the fault
+/// was made and how many datagrams were sent.
+fn serve_through(
+    agent: &mut sluice::agent::Agent,
+    sender: PacedSender,
+    servers: &UdpServers,
+    t0: Instant,
+    at: Duration,
+    fault: impl FnOnce(),
+) -> (Duration, u64) {
+    let mut fault = Some(fault);
+    let mut made = None;
+    let mut last_tick = Instant::now();
+    while !sender.is_finished() {
+        block_on(agent.process_punts());
+        if last_tick.elapsed() >= agent.control.interval() {
+            block_on(agent.tick()).expect("tick");
+            last_tick = Instant::now();
+        }
+        if t0.elapsed() > at
+            && let Some(f) = fault.take()
+        {
+            f();
+            made = Some(t0.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let sent = sender.finish().expect("sender");
+    let end = Instant::now() + Duration::from_secs(2);
+    while servers.total.load(Ordering::Relaxed) < sent && Instant::now() < end {
+        block_on(agent.process_punts());
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    (made.expect("the fault was made while the sender ran"), sent)
+}
+
 #[test]
 fn a_deleted_instance_fails_over_to_the_survivors() {
     let Loaded {
@@ -197,31 +235,20 @@ fn a_deleted_instance_fails_over_to_the_survivors() {
         RATE,
         Duration::from_secs(3),
     );
-    let mut deleted = None;
-    let mut last_tick = Instant::now();
-    while !sender.is_finished() {
-        block_on(agent.process_punts());
-        if last_tick.elapsed() >= agent.control.interval() {
-            block_on(agent.tick()).expect("tick");
-            last_tick = Instant::now();
-        }
-        if deleted.is_none() && t0.elapsed() > Duration::from_secs(1) {
+    let (deleted, sent) = serve_through(
+        &mut agent,
+        sender,
+        &servers,
+        t0,
+        Duration::from_secs(1),
+        || {
             let st = std::process::Command::new("ip")
                 .args(["-n", &tb.host, "link", "del", &tb.instances[1].veth])
                 .status()
                 .expect("ip");
             assert!(st.success());
-            deleted = Some(t0.elapsed());
-        }
-        std::thread::sleep(Duration::from_millis(1));
-    }
-    let sent = sender.finish().expect("sender");
-    let end = Instant::now() + Duration::from_secs(2);
-    while servers.total.load(Ordering::Relaxed) < sent && Instant::now() < end {
-        block_on(agent.process_punts());
-        std::thread::sleep(Duration::from_millis(2));
-    }
-    let deleted = deleted.expect("deleted");
+        },
+    );
     let detected = agent
         .control
         .history()
@@ -310,27 +337,14 @@ fn a_dead_server_in_a_live_container_fails_over_within_an_interval() {
         Duration::from_secs(4),
     );
     let interval = agent.control.interval();
-    let mut crashed = None;
-    let mut last_tick = Instant::now();
-    while !sender.is_finished() {
-        block_on(agent.process_punts());
-        if last_tick.elapsed() >= interval {
-            block_on(agent.tick()).expect("tick");
-            last_tick = Instant::now();
-        }
-        if crashed.is_none() && t0.elapsed() > Duration::from_millis(1500) {
-            servers.crash(1);
-            crashed = Some(t0.elapsed());
-        }
-        std::thread::sleep(Duration::from_millis(1));
-    }
-    let sent = sender.finish().expect("sender");
-    let end = Instant::now() + Duration::from_secs(2);
-    while servers.total.load(Ordering::Relaxed) < sent && Instant::now() < end {
-        block_on(agent.process_punts());
-        std::thread::sleep(Duration::from_millis(2));
-    }
-    let crashed = crashed.expect("crashed");
+    let (crashed, sent) = serve_through(
+        &mut agent,
+        sender,
+        &servers,
+        t0,
+        Duration::from_millis(1500),
+        || servers.crash(1),
+    );
     let failed = agent
         .control
         .history()

@@ -7,7 +7,7 @@ use std::{
     ffi::CString,
     fs, io,
     os::{
-        fd::{AsRawFd, FromRawFd, OwnedFd},
+        fd::{AsRawFd, OwnedFd},
         unix::fs::MetadataExt,
     },
     path::{Path, PathBuf},
@@ -212,19 +212,7 @@ fn query_link(ifindex: u32) -> Option<LinkInfo> {
 
 /// An rtnetlink socket in the calling thread's namespace.
 fn netlink_socket() -> Option<OwnedFd> {
-    // SAFETY: plain socket creation; the fd is owned right after.
-    let raw = unsafe {
-        libc::socket(
-            libc::AF_NETLINK,
-            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-            libc::NETLINK_ROUTE,
-        )
-    };
-    if raw < 0 {
-        return None;
-    }
-    // SAFETY: `raw` is a fresh fd we own.
-    Some(unsafe { OwnedFd::from_raw_fd(raw) })
+    super::netlink_socket(libc::SOCK_RAW, libc::NETLINK_ROUTE).ok()
 }
 
 /// Answers whether an interface still exists, in the namespace the probe

@@ -7,7 +7,7 @@
 
 use std::{
     io,
-    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+    os::fd::{AsRawFd as _, OwnedFd},
 };
 
 /// `SOCK_DIAG_BY_FAMILY`: the request and each answer's type.
@@ -26,19 +26,7 @@ const MSG_SPORT: usize = 4;
 /// How many TCP sockets (IPv4 and IPv6) listen on one of `ports` in the
 /// calling thread's network namespace.
 pub fn tcp_listeners(ports: &[u16]) -> io::Result<u32> {
-    // SAFETY: plain socket creation; the fd is owned right after.
-    let raw = unsafe {
-        libc::socket(
-            libc::AF_NETLINK,
-            libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
-            libc::NETLINK_SOCK_DIAG,
-        )
-    };
-    if raw < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: `raw` is a fresh fd we own.
-    let sock = unsafe { OwnedFd::from_raw_fd(raw) };
+    let sock = super::netlink_socket(libc::SOCK_DGRAM, libc::NETLINK_SOCK_DIAG)?;
     let mut n = 0;
     for family in [libc::AF_INET, libc::AF_INET6] {
         send_dump(&sock, family)?;
