@@ -182,10 +182,26 @@ fn three_under_load(tag: &str, agent: &str, wlm: &str, rate: u64, run: Duration)
     }
 }
 
+/// Stops `sender`, then serves the punt path until every datagram it sent
+/// arrived (2 s at most); returns how many it sent.
+fn finish_sending(
+    agent: &mut sluice::agent::Agent,
+    sender: PacedSender,
+    servers: &UdpServers,
+) -> u64 {
+    let sent = sender.finish().expect("sender");
+    let end = Instant::now() + Duration::from_secs(2);
+    while servers.total.load(Ordering::Relaxed) < sent && Instant::now() < end {
+        block_on(agent.process_punts());
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    sent
+}
+
 /// Serves the punt path and the control loop while `sender` runs, with
-/// `fault` made once `at` into the run (from `t0`); then the punt path
-/// until every datagram sent arrived (2 s at most). Returns when the fault
-/// was made and how many datagrams were sent.
+/// `fault` made once `at` into the run (from `t0`); then
+/// [`finish_sending`]. Returns when the fault was made and how many
+/// datagrams were sent.
 fn serve_through(
     agent: &mut sluice::agent::Agent,
     sender: PacedSender,
@@ -211,12 +227,7 @@ fn serve_through(
         }
         std::thread::sleep(Duration::from_millis(1));
     }
-    let sent = sender.finish().expect("sender");
-    let end = Instant::now() + Duration::from_secs(2);
-    while servers.total.load(Ordering::Relaxed) < sent && Instant::now() < end {
-        block_on(agent.process_punts());
-        std::thread::sleep(Duration::from_millis(2));
-    }
+    let sent = finish_sending(agent, sender, servers);
     (made.expect("the fault was made while the sender ran"), sent)
 }
 
@@ -678,12 +689,7 @@ fn a_failed_instance_comes_back_when_its_veth_does_and_takes_work() {
         }
         std::thread::sleep(Duration::from_millis(1));
     }
-    let sent = sender.finish().expect("sender");
-    let end = Instant::now() + Duration::from_secs(2);
-    while servers.total.load(Ordering::Relaxed) < sent && Instant::now() < end {
-        block_on(agent.process_punts());
-        std::thread::sleep(Duration::from_millis(2));
-    }
+    let sent = finish_sending(&mut agent, sender, &servers);
     let (deleted, replugged) = (deleted.expect("deleted"), replugged.expect("replugged"));
     let recovered = recovered.expect("inst-1 recovered");
     let took: Vec<_> = agent

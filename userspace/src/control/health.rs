@@ -178,7 +178,6 @@ impl Health {
                 if self.failed.contains(&i.name) {
                     continue;
                 }
-                let sockets = self.sockets.entry(i.name.clone()).or_default();
                 let cause = if !probe.link_exists(i.ifindex) {
                     Some(Cause::Veth)
                 } else if i.config.health.reports()
@@ -187,7 +186,7 @@ impl Health {
                 {
                     Some(Cause::Reports)
                 } else if i.config.health.sockets() {
-                    sockets.look(i)
+                    self.sockets.entry(i.name.clone()).or_default().look(i)
                 } else {
                     None
                 };
@@ -278,10 +277,10 @@ impl Health {
                 if !self.failed.contains(&i.name) || self.failing.contains(&i.name) {
                     continue;
                 }
-                let sockets = self.sockets.entry(i.name.clone()).or_default();
+                let sockets = self.sockets.get_mut(&i.name);
                 let back = probe.resolve(&i.config).filter(|_| {
                     (!i.config.health.reports() || reporting.contains_key(&i.name))
-                        && (!i.config.health.sockets() || sockets.up(i))
+                        && (!i.config.health.sockets() || sockets.as_ref().is_none_or(|s| s.up(i)))
                 });
                 let Some(r) = back else {
                     i.recovering_since = None;
@@ -299,7 +298,9 @@ impl Health {
                 }
                 i.recovering_since = None;
                 i.state = ElementState::default();
-                sockets.refusing = 0;
+                if let Some(s) = sockets {
+                    s.refusing = 0;
+                }
                 self.failed.remove(&i.name);
                 tracing::info!(instance = %i.name, ifindex = r.ifindex, hold_down = ?self.hold_down, "instance recovered; it takes work as its element decides");
             }

@@ -188,6 +188,27 @@ impl<D: Datapath, S: CoordStore + 'static> Rig<D, S> {
     }
 }
 
+impl<S: CoordStore + 'static> Rig<MemDatapath, S> {
+    /// `kv-1` (id 2) was failed over by the interval that `made` these
+    /// moves: failed, out of the data path, each of its groups `lost`
+    /// unowned; their units are punted now, and the first packet of one
+    /// claims it for a survivor.
+    fn assert_kv1_failed_over(&mut self, made: &[super::MoveEvent], lost: &[Group]) {
+        assert!(self.ctl.is_failed("kv-1"), "failed at this interval");
+        assert!(!self.dp.is_live(2), "out of the data path at once");
+        assert_eq!(
+            made.iter().filter(|e| e.kind == "failover").count(),
+            lost.len()
+        );
+        assert!(self.owned_by("kv-1").is_empty());
+        self.assert_agree();
+        let unit = lost[0].base();
+        assert_eq!(self.dp.owner_of_unit(0, unit), NO_OWNER);
+        let owner = self.claim(unit).expect("a survivor");
+        assert!(owner == 1 || owner == 3, "claimed by {owner}");
+    }
+}
+
 mod cluster;
 mod sockets;
 
@@ -276,20 +297,7 @@ fn failover_unowns_a_vanished_instance_and_survivors_claim_its_units() {
     assert!(!r.ctl.is_failed("kv-1"));
     r.host.gone.lock().unwrap().insert(102);
     let made = r.tick().unwrap();
-    assert!(r.ctl.is_failed("kv-1"));
-    assert!(!r.dp.is_live(2), "out of the data path at once");
-    assert_eq!(
-        made.iter().filter(|e| e.kind == "failover").count(),
-        lost.len()
-    );
-    assert!(r.owned_by("kv-1").is_empty());
-    r.assert_agree();
-    // Its units are punted now; the first packet of each claims it for a
-    // survivor.
-    let unit = lost[0].base();
-    assert_eq!(r.dp.owner_of_unit(0, unit), NO_OWNER);
-    let owner = r.claim(unit).expect("a survivor");
-    assert!(owner == 1 || owner == 3, "claimed by {owner}");
+    r.assert_kv1_failed_over(&made, &lost);
     r.assert_agree();
     // A failed instance stays out of claims.
     for g in &lost {

@@ -54,16 +54,7 @@ fn an_instance_whose_application_closes_its_socket_fails_over_and_comes_back_onc
     // The server in kv-1 dies; its container and veth stay.
     show(&r.host, 1, 0, 0);
     let made = r.tick().unwrap();
-    assert!(r.ctl.is_failed("kv-1"), "failed at the first interval");
-    assert!(!r.dp.is_live(2), "out of the data path at once");
-    assert_eq!(
-        made.iter().filter(|e| e.kind == "failover").count(),
-        lost.len()
-    );
-    assert!(r.owned_by("kv-1").is_empty());
-    r.assert_agree();
-    let owner = r.claim(lost[0].base()).expect("a survivor");
-    assert!(owner == 1 || owner == 3, "claimed by {owner}");
+    r.assert_kv1_failed_over(&made, &lost);
     // Still unbound: it stays failed past the hold-down (5 s).
     for _ in 0..8 {
         r.tick().unwrap();

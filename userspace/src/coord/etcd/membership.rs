@@ -509,6 +509,10 @@ async fn keep_alive(
 ) {
     let every = renew_every(ttl);
     let wait = renew_wait(ttl);
+    // A stream handed over comes from the join's own renewal, just made.
+    if stream.is_some() {
+        tokio::time::sleep(every).await;
+    }
     loop {
         let sent = Instant::now();
         match renew(&client, &mut stream, id, wait).await {
