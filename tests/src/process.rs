@@ -191,20 +191,34 @@ pub fn start(ns: &Netns, s: &Start<'_>) -> Agent {
 /// answers.
 #[must_use]
 pub fn start_on(ns: &str, iface: &str, s: &Start<'_>) -> Agent {
-    start_limited(ns, iface, s, None)
+    start_limited(ns, iface, s, None, &[])
+}
+
+/// As [`start`], with `env` added to the agent's environment (e.g.
+/// `NOTIFY_SOCKET`, as systemd sets it).
+#[must_use]
+pub fn start_with_env(ns: &Netns, s: &Start<'_>, env: &[(&str, &Path)]) -> Agent {
+    start_limited(&ns.0, "nic0", s, None, env)
 }
 
 /// As [`start_on`], the agent started with the open-file limits `soft` and
 /// `hard` (e.g. the usual soft limit, 1,024), whatever this process has.
 #[must_use]
 pub fn start_on_with_nofile(ns: &str, iface: &str, s: &Start<'_>, soft: u64, hard: u64) -> Agent {
-    start_limited(ns, iface, s, Some((soft, hard)))
+    start_limited(ns, iface, s, Some((soft, hard)), &[])
 }
 
-fn start_limited(ns: &str, iface: &str, s: &Start<'_>, nofile: Option<(u64, u64)>) -> Agent {
+fn start_limited(
+    ns: &str,
+    iface: &str,
+    s: &Start<'_>,
+    nofile: Option<(u64, u64)>,
+    env: &[(&str, &Path)],
+) -> Agent {
     let dir = tempfile::tempdir().expect("tempdir");
     let socket = dir.path().join("agent.sock");
     let mut cmd = run_command(ns, iface, s, dir.path());
+    cmd.envs(env.iter().copied());
     if let Some((soft, hard)) = nofile {
         use std::os::unix::process::CommandExt as _;
         let limit = rustix::process::Rlimit {

@@ -12,7 +12,8 @@ use std::{
     process::ExitCode,
 };
 
-use clap::{Parser, Subcommand, ValueEnum};
+use anyhow::Context as _;
+use clap::{CommandFactory as _, Parser, Subcommand, ValueEnum};
 use sluice::{
     agent::run::RunOptions, api::InstanceSpec, cli, control::qos::Report,
     datapath::xdp::default_pin_dir,
@@ -180,6 +181,19 @@ enum Command {
         #[arg(long, alias = "api-socket")]
         socket: Option<PathBuf>,
     },
+    /// Print a shell completion script, e.g. `sluice completions bash >
+    /// /etc/bash_completion.d/sluice` (the Debian package installs them).
+    Completions {
+        /// Shell to complete for.
+        shell: clap_complete::Shell,
+    },
+    /// Write the man pages, sluice.1 and one for each command
+    /// (sluice-run.1, ...), into a directory (the package's build does).
+    #[command(hide = true)]
+    Man {
+        /// Directory to write them in (created if missing).
+        out: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -272,6 +286,11 @@ fn main() -> ExitCode {
                 in_flight,
             },
         ),
+        Command::Completions { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "sluice", &mut std::io::stdout());
+            Ok(())
+        }
+        Command::Man { out } => man_pages(&out),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -292,6 +311,30 @@ fn instance(command: InstanceCommand, api_socket: &Path) -> anyhow::Result<()> {
         } => cli::instance_remove(api_socket, &instance, deadline, timeout),
         InstanceCommand::List => cli::instance_list(api_socket),
     }
+}
+
+/// sluice.1, then a page per command, nested ones too (sluice-instance-add.1),
+/// named as `man` looks them up.
+fn man_pages(out: &Path) -> anyhow::Result<()> {
+    fn write(cmd: &clap::Command, name: &str, out: &Path) -> anyhow::Result<()> {
+        let path = out.join(format!("{name}.1"));
+        let mut file =
+            std::fs::File::create(&path).with_context(|| format!("{}", path.display()))?;
+        clap_mangen::Man::new(cmd.clone().name(name.to_owned()))
+            .render(&mut file)
+            .with_context(|| format!("{}", path.display()))?;
+        for sub in cmd
+            .get_subcommands()
+            .filter(|c| !c.is_hide_set() && c.get_name() != "help")
+        {
+            write(sub, &format!("{name}-{}", sub.get_name()), out)?;
+        }
+        Ok(())
+    }
+    std::fs::create_dir_all(out).with_context(|| format!("{}", out.display()))?;
+    let mut cmd = Cli::command();
+    cmd.build();
+    write(&cmd, "sluice", out)
 }
 
 fn init_logging(format: LogFormat) {

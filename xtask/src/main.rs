@@ -5,6 +5,7 @@
 
 mod demo;
 mod fuzz;
+mod package;
 mod setup;
 
 use std::{
@@ -144,6 +145,16 @@ enum Cmd {
         #[arg(long)]
         debug: bool,
     },
+    /// Build the Debian package (`target/debian/sluice_VERSION_ARCH.deb`):
+    /// /usr/bin/sluice, the systemd unit (Type=notify; not enabled until
+    /// the interface is set in /etc/default/sluice), the config under
+    /// /etc/sluice, the dashboard, man pages and completions. Installs
+    /// cargo-deb first if missing.
+    Package {
+        /// From a debug build, compressed fast (what the tests install).
+        #[arg(long)]
+        debug: bool,
+    },
     /// Build and run the agent: `cargo xtask run -- run --iface IF --config FILE`.
     Run {
         /// Build with optimisations.
@@ -191,11 +202,11 @@ fn real_main() -> anyhow::Result<()> {
             lint(&env, fix)
         }
         Cmd::Test { no_lint, args } => {
-            let env = setup::ensure(false)?;
+            let mut env = setup::ensure(false)?;
             if !no_lint {
                 lint(&env, false)?;
             }
-            test(&env, &args)
+            test(&mut env, &root, &args)
         }
         Cmd::Demo {
             seconds,
@@ -304,6 +315,10 @@ fn real_main() -> anyhow::Result<()> {
             }
             sim(&a, !debug)
         }
+        Cmd::Package { debug } => {
+            let mut env = setup::ensure(false)?;
+            package::package(&mut env, &root, debug).map(drop)
+        }
         Cmd::Run { release, args } => {
             let env = setup::ensure(false)?;
             let mut a = vec!["run", "--package", "sluice", "--"];
@@ -320,9 +335,9 @@ const ROOT_TESTS: &str = "sluice-tests";
 
 /// Every test as root; as another user, the unprivileged ones, then an
 /// error naming what was left out and why.
-fn test(env: &setup::Env, args: &[String]) -> anyhow::Result<()> {
+fn test(env: &mut setup::Env, root: &Path, args: &[String]) -> anyhow::Result<()> {
     // `cargo test <base> [-- <args>]`.
-    let run_tests = |base: &[&str]| {
+    let run_tests = |env: &setup::Env, base: &[&str]| {
         let mut a = base.to_vec();
         if !args.is_empty() {
             a.push("--");
@@ -345,22 +360,29 @@ fn test(env: &setup::Env, args: &[String]) -> anyhow::Result<()> {
     )?;
     if !setup::is_root() {
         eprintln!("[test] not root: running the tests that need no privileges");
-        run_tests(&["test", "--no-fail-fast"])?;
+        run_tests(env, &["test", "--no-fail-fast"])?;
         bail!(
             "ran only the unprivileged tests; the kernel and end-to-end tests (package {ROOT_TESTS}: \
              BPF_PROG_TEST_RUN, network namespaces, XDP on veths, the agent as a process) need root: \
              run `sudo cargo xtask test`"
         );
     }
-    // The process tests run the `sluice` binary itself.
+    // The process tests run the `sluice` binary itself, and the package
+    // test installs the package made of it.
     cargo(env, &["build", "--package", "sluice", "--bins"], false)?;
-    run_tests(&[
-        "test",
-        "--workspace",
-        "--exclude",
-        "sluice-ebpf",
-        "--no-fail-fast",
-    ])
+    let deb = package::package(env, root, true)?;
+    // SAFETY: xtask runs no other thread that could read the environment.
+    unsafe { std::env::set_var("SLUICE_DEB", &deb) };
+    run_tests(
+        env,
+        &[
+            "test",
+            "--workspace",
+            "--exclude",
+            "sluice-ebpf",
+            "--no-fail-fast",
+        ],
+    )
 }
 
 /// The simulation's fault kinds the test suite runs: those the code passes
@@ -545,7 +567,7 @@ fn build_xdp(
     Ok(())
 }
 
-fn run(cmd: &mut Command) -> anyhow::Result<()> {
+pub(crate) fn run(cmd: &mut Command) -> anyhow::Result<()> {
     let shown = std::iter::once(cmd.get_program())
         .chain(cmd.get_args())
         .map(|a| a.to_string_lossy())

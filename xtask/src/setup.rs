@@ -13,7 +13,9 @@
 //!   compiles etcd's API with it) and `etcd` (the cluster tests run a real
 //!   one): Debian's `protobuf-compiler`, `libprotobuf-dev`, `etcd-server`;
 //! - what the tests run as real parts: `curl` and `python3` (the L7
-//!   tests' client and server), `nft` (the fault tests' partitions).
+//!   tests' client and server), `nft` (the fault tests' partitions);
+//! - for `cargo xtask package` (and the package test) only: `cargo-deb`,
+//!   `dpkg-dev`, `systemd` and `man-db` ([`packaging`]).
 
 use std::{
     env,
@@ -25,6 +27,7 @@ use std::{
 use anyhow::{Context as _, bail};
 
 const BPF_LINKER_VERSION: &str = "0.13";
+const CARGO_DEB_VERSION: &str = "3.8.0";
 const BPF_LINKER_CRATE: &str = "bpf-linker@0.13.0";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 const DEBIAN_PACKAGES: [&str; 4] = [
@@ -378,6 +381,49 @@ fn bpffs(env: &mut Env, check_only: bool) -> anyhow::Result<()> {
         .context("running mount")?;
     if !status.success() {
         bail!("mounting bpffs failed; run `mount -t bpf bpf /sys/fs/bpf` as root");
+    }
+    Ok(())
+}
+
+/// cargo-deb, which `cargo xtask package` builds the Debian package with
+/// (chosen over a hand-written `dpkg-deb` tree: it writes the systemd
+/// maintainer scripts as debhelper does, the conffiles and the shared
+/// library dependencies). Its `$auto` dependencies need `dpkg-shlibdeps`
+/// (dpkg-dev); the package test verifies the unit with `systemd-analyze`
+/// (systemd), which looks up the unit's man pages (man-db).
+pub(crate) fn packaging(env: &mut Env) -> anyhow::Result<()> {
+    debian(
+        env,
+        &["dpkg-dev", "systemd", "man-db"],
+        "dpkg-dev, systemd and man-db",
+        "dpkg-shlibdeps finds the package's dependencies; systemd-analyze checks its unit and the man pages it names",
+        false,
+    )?;
+    let ok = |env: &Env| {
+        let mut c = Command::new("cargo-deb");
+        c.arg("--version").env("PATH", path_with(&env.cargo_bin));
+        output(&mut c).is_some_and(|v| v.split_whitespace().nth(1) == Some(CARGO_DEB_VERSION))
+    };
+    if ok(env) {
+        step("cargo-deb", &format!("ok ({CARGO_DEB_VERSION})"));
+        return Ok(());
+    }
+    step(
+        "cargo-deb",
+        &format!("installing {CARGO_DEB_VERSION} (builds the Debian package; a minute or two)"),
+    );
+    let status = Command::new("cargo")
+        .args([
+            "install",
+            &format!("cargo-deb@{CARGO_DEB_VERSION}"),
+            "--locked",
+        ])
+        .status()
+        .context("running cargo install")?;
+    if !status.success() || !ok(env) {
+        bail!(
+            "installing cargo-deb failed; run `cargo install cargo-deb@{CARGO_DEB_VERSION} --locked` and retry"
+        );
     }
     Ok(())
 }

@@ -31,7 +31,7 @@ use crate::{
     control::{InstanceState, InstanceStatus},
     coord::{CoordStore, EmbeddedStore, Event},
     datapath::{AttachMode, Datapath as _, xdp},
-    sys::{lock::AgentLock, rlimit},
+    sys::{self, lock::AgentLock, rlimit},
     telemetry,
 };
 
@@ -297,6 +297,7 @@ async fn event_loop(
     };
     let owned = r.owned_groups().await;
     r.publish_lifecycle(&owned);
+    sys::notify::ready(&format!("steering on {}", a.iface));
     loop {
         tokio::select! {
             Some(change) = changes.next() => {
@@ -310,13 +311,7 @@ async fn event_loop(
             }
             _ = tokio::signal::ctrl_c() => break,
             _ = term.recv() => break,
-            _ = hup.recv() => match r.reload_file().await {
-                Ok(()) => tracing::info!(config = %a.config.display(), "config reloaded"),
-                Err(e) => tracing::error!(
-                    error = %format!("{e:#}"),
-                    "config reload refused; the running config stays in force"
-                ),
-            },
+            _ = hup.recv() => r.reload().await,
             Some(job) = jobs.recv() => r.job(job).await,
             Some(outcome) = r.scaler.outcomes.recv() => r.launched(outcome).await,
             () = fence_wait(r.fencing.as_mut()) => r.fence_step().await,
@@ -352,6 +347,7 @@ async fn event_loop(
             _ = stats.tick(), if a.stats_interval > 0 => report(&r.agent, false),
         }
     }
+    sys::notify::stopping();
     Ok(r.agent)
 }
 
@@ -414,6 +410,20 @@ impl Serving<'_> {
 
     /// SIGHUP: the config file again, with the registrations, applied whole
     /// or not at all (see [`Agent::reload`]).
+    /// SIGHUP, as the service manager sees it too: reloading, then ready
+    /// again whether the new config was applied or refused.
+    async fn reload(&mut self) {
+        sys::notify::reloading();
+        match self.reload_file().await {
+            Ok(()) => tracing::info!(config = %self.a.config.display(), "config reloaded"),
+            Err(e) => tracing::error!(
+                error = %format!("{e:#}"),
+                "config reload refused; the running config stays in force"
+            ),
+        }
+        sys::notify::ready(&format!("steering on {}", self.a.iface));
+    }
+
     async fn reload_file(&mut self) -> anyhow::Result<()> {
         let base = Config::load(&self.a.config)?;
         let config = effective(&self.life, &base);

@@ -1,7 +1,7 @@
 //! What the agent asks of the host, below any Sluice concept: network
 //! namespaces, interfaces over rtnetlink, listening sockets over
-//! `sock_diag`, ethtool settings, the lock a running agent holds, and its
-//! open-file limit.
+//! `sock_diag`, ethtool settings, the lock a running agent holds, its
+//! open-file limit, and readiness for the service manager.
 //!
 //! A leaf: it imports nothing from the rest of the crate.
 
@@ -10,6 +10,7 @@ pub mod link;
 pub mod lock;
 pub mod neigh;
 pub mod netns;
+pub mod notify;
 pub mod rlimit;
 pub mod route;
 pub mod sockdiag;
