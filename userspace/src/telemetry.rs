@@ -142,7 +142,11 @@ fn describe() {
 fn describe_health() {
     describe_counter!(
         "sluice_instance_failures_total",
-        "Instances found failed, by reason: veth_gone, reports_stopped, unbound (nothing bound to the service's ports any more), refusing (most of its traffic refused)"
+        "Instances found failed, by reason: veth_gone, reports_stopped, unbound (nothing bound to the service's ports any more), refusing (most of its traffic refused), probe (its active probe failed `fall` times in a row)"
+    );
+    describe_gauge!(
+        "sluice_probe_up",
+        "Active probe verdict per instance ([service.probe]): 1 up (rise successes in a row), 0 down (fall failures in a row)"
     );
 }
 
@@ -331,6 +335,11 @@ const fn reason(kind: &str) -> &'static str {
 /// `reports_stopped`, `unbound`, `refusing`).
 pub fn instance_failed(service: &str, instance: &str, reason: &'static str) {
     counter!("sluice_instance_failures_total", "service" => service.to_owned(), "instance" => instance.to_owned(), "reason" => reason).increment(1);
+}
+
+/// An instance's active probe verdict changed.
+pub fn probe_verdict(instance: &str, up: bool) {
+    gauge!("sluice_probe_up", "instance" => instance.to_owned()).set(if up { 1.0 } else { 0.0 });
 }
 
 /// Counts a move.

@@ -28,6 +28,7 @@ mod cluster;
 mod http;
 mod instance;
 mod origin;
+mod probe;
 mod scale;
 mod service;
 mod tag;

@@ -599,6 +599,50 @@ pub struct Service {
     /// SLA origin rules (L4 services only): clients by source prefix to
     /// reserved subsets.
     pub origins: Vec<OriginRule>,
+    /// `[service.probe]`: an active check of every instance's application;
+    /// `None`: passive signals only (`health`).
+    pub probe: Option<Probe>,
+}
+
+/// `[service.probe]`: what the agent asks each instance's application, how
+/// often, and how many answers in a row change its mind.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Probe {
+    pub kind: ProbeKind,
+    pub interval: Duration,
+    /// Longest wait for one probe's answer (at most `interval`).
+    pub timeout: Duration,
+    /// Successes in a row that bring a failed instance back (after the
+    /// hold-down).
+    pub rise: u32,
+    /// Failures in a row that fail it.
+    pub fall: u32,
+}
+
+/// How an instance is probed. `port` defaults to the service's first.
+/// L4 services are probed from inside the instance's network namespace at
+/// the service's first VIP (which the instance holds, for direct server
+/// return); http services at the instance's `addr`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ProbeKind {
+    /// A datagram `send`; the answer must start with `expect` (any answer
+    /// when empty).
+    Udp {
+        port: Option<u16>,
+        send: Vec<u8>,
+        expect: Vec<u8>,
+    },
+    /// A TCP connection accepted.
+    Tcp { port: Option<u16> },
+    /// `GET path`; the status must be `status`, or any 2xx or 3xx.
+    Http {
+        port: Option<u16>,
+        path: String,
+        status: Option<u16>,
+    },
+    /// A command run in the instance's network namespace that must exit
+    /// 0; `{name}`, `{service}`, `{vip}` and `{port}` filled in.
+    Exec { command: Vec<String> },
 }
 
 impl Service {

@@ -179,10 +179,40 @@ pub(super) struct RawService {
     pub(super) layer: Option<Field<RawLayer>>,
     pub(super) http: Option<Spanned<RawHttp>>,
     pub(super) scale: Option<Spanned<RawScale>>,
+    pub(super) probe: Option<Spanned<RawProbe>>,
     #[serde(default)]
     pub(super) origin: Vec<Spanned<RawOrigin>>,
     #[serde(default)]
     pub(super) instance: Vec<Spanned<RawInstance>>,
+}
+
+/// `[service.probe]`: every kind's keys in one table; a key of another
+/// kind is reported as not applying.
+#[derive(Debug, Deserialize)]
+pub(super) struct RawProbe {
+    pub(super) kind: Option<Field<RawProbeKind>>,
+    pub(super) port: Option<Field<u16>>,
+    pub(super) send: Option<Field<String>>,
+    pub(super) expect: Option<Field<String>>,
+    pub(super) path: Option<Field<String>>,
+    pub(super) status: Option<Field<u16>>,
+    pub(super) command: Option<Spanned<Vec<Field<String>>>>,
+    pub(super) interval_ms: Option<Field<u32>>,
+    pub(super) timeout_ms: Option<Field<u32>>,
+    pub(super) rise: Option<Field<u32>>,
+    pub(super) fall: Option<Field<u32>>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+pub(super) enum RawProbeKind {
+    #[serde(rename = "udp")]
+    Udp,
+    #[serde(rename = "tcp")]
+    Tcp,
+    #[serde(rename = "http")]
+    Http,
+    #[serde(rename = "exec")]
+    Exec,
 }
 
 /// `[[service.origin]]`: packets from these source prefixes go to a

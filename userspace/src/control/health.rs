@@ -1,5 +1,6 @@
 //! Health: which instances have failed (their veth is gone, their
-//! application's sockets went, or their reports stopped), taking them out of the data path and the store, and
+//! application's sockets went, its active probe fails, or its reports
+//! stopped), taking them out of the data path and the store, and
 //! taking them back after a hold-down; and the groups of other hosts'
 //! instances whose host is gone, or that are no longer registered.
 //!
@@ -16,6 +17,7 @@ use std::{
 
 use super::{
     ControlError, MoveEvent, Out, UNOWNED,
+    active::{ActiveProbes, Verdict},
     moves::Mover,
     qos::{Probe, Report},
     services::{InstCtl, ServiceCtl},
@@ -46,6 +48,7 @@ enum Cause {
     Reports,
     Unbound,
     Refusing,
+    Probe,
 }
 
 impl Cause {
@@ -55,6 +58,7 @@ impl Cause {
             Self::Reports => "reports_stopped",
             Self::Unbound => "unbound",
             Self::Refusing => "refusing",
+            Self::Probe => "probe",
         }
     }
 
@@ -64,6 +68,7 @@ impl Cause {
             Self::Reports => "its application's reports stopped",
             Self::Unbound => "nothing is bound to the service's ports in its namespace any more",
             Self::Refusing => "its stack refuses most of what it is sent (no socket, or resets)",
+            Self::Probe => "its active probe failed `fall` times in a row",
         }
     }
 }
@@ -120,6 +125,8 @@ pub(super) struct Health {
     started: Instant,
     /// Each instance's application sockets, as last seen.
     sockets: HashMap<String, Sockets>,
+    /// `[service.probe]`: the probe tasks and their verdicts.
+    active: ActiveProbes,
 }
 
 impl Health {
@@ -130,6 +137,7 @@ impl Health {
             hold_down,
             started: now,
             sockets: HashMap::new(),
+            active: ActiveProbes::default(),
         }
     }
 
@@ -139,7 +147,7 @@ impl Health {
 
     /// Takes over what `old` knows of the instances still `configured`,
     /// and when it started.
-    pub(super) fn carry_over(&mut self, old: Self, configured: impl Fn(&String) -> bool) {
+    pub(super) fn carry_over(&mut self, mut old: Self, configured: impl Fn(&String) -> bool) {
         self.failed = old.failed.into_iter().filter(&configured).collect();
         self.failing = old.failing.into_iter().filter(&configured).collect();
         self.started = old.started;
@@ -148,6 +156,9 @@ impl Health {
             .into_iter()
             .filter(|(n, _)| configured(n))
             .collect();
+        // The tasks go on; the next interval's sync ends or restarts those
+        // the reload changed.
+        self.active = std::mem::take(&mut old.active);
     }
 
     /// Finds instances whose veth is gone (or came back with another
@@ -171,6 +182,7 @@ impl Health {
         now: Instant,
     ) -> Result<Vec<MoveEvent>, ControlError> {
         let mut made = Vec::new();
+        self.active.sync(services);
         let grace_over = now.saturating_duration_since(self.started) > report_life;
         let mut gone: Vec<(&str, String, Load, Cause)> = Vec::new();
         for s in services {
@@ -180,6 +192,8 @@ impl Health {
                 }
                 let cause = if !probe.link_exists(i.ifindex) {
                     Some(Cause::Veth)
+                } else if matches!(self.active.verdict(&i.name), Some(Verdict::Down(_))) {
+                    Some(Cause::Probe)
                 } else if i.config.health.reports()
                     && grace_over
                     && !reporting.contains_key(&i.name)
@@ -278,8 +292,10 @@ impl Health {
                     continue;
                 }
                 let sockets = self.sockets.get_mut(&i.name);
+                let probed_down = matches!(self.active.verdict(&i.name), Some(Verdict::Down(_)));
                 let back = probe.resolve(&i.config).filter(|_| {
-                    (!i.config.health.reports() || reporting.contains_key(&i.name))
+                    !probed_down
+                        && (!i.config.health.reports() || reporting.contains_key(&i.name))
                         && (!i.config.health.sockets() || sockets.as_ref().is_none_or(|s| s.up(i)))
                 });
                 let Some(r) = back else {

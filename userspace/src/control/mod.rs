@@ -25,6 +25,7 @@
 //! paths are unit-tested with in-memory fakes. May import `config`,
 //! `plan`, `coord`, `datapath` (the trait), `sys` and `telemetry`.
 
+mod active;
 mod claims;
 mod drain;
 mod elements;

@@ -103,6 +103,12 @@ pub(super) struct ServiceCtl {
     pub(super) remote: Vec<RemoteCtl>,
     /// SLA origin rules, in config order.
     pub(super) origins: Vec<origin::RuleCtl>,
+    /// `[service.probe]`, and what it needs: the first VIP (L4 instances
+    /// are probed there, inside their namespace) and whether instances are
+    /// reached at their `addr` (http).
+    pub(super) probe: Option<crate::config::Probe>,
+    pub(super) vip: std::net::IpAddr,
+    pub(super) http: bool,
 }
 
 impl ServiceCtl {
@@ -274,6 +280,9 @@ pub(super) fn views(config: &Config, plan: &Plan) -> Vec<ServiceCtl> {
                 .collect(),
             remote: Vec::new(),
             origins: origin::rules(plan, sp.id),
+            probe: sc.probe.clone(),
+            vip: sc.vips[0],
+            http: sc.http.is_some(),
         })
         .collect()
 }

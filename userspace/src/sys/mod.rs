@@ -1,7 +1,8 @@
 //! What the agent asks of the host, below any Sluice concept: network
 //! namespaces, interfaces over rtnetlink, listening sockets over
 //! `sock_diag`, ethtool settings, the lock a running agent holds, its
-//! open-file limit, and readiness for the service manager.
+//! open-file limit, readiness for the service manager, and active probes
+//! of applications.
 //!
 //! A leaf: it imports nothing from the rest of the crate.
 
@@ -11,6 +12,7 @@ pub mod lock;
 pub mod neigh;
 pub mod netns;
 pub mod notify;
+pub mod probe;
 pub mod rlimit;
 pub mod route;
 pub mod sockdiag;

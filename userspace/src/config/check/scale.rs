@@ -418,7 +418,7 @@ impl Checker<'_> {
 
     /// A command line: a non-empty list of strings, the program not empty,
     /// every placeholder a known one.
-    fn argv(
+    pub(super) fn argv(
         &mut self,
         field: &str,
         table: &Range<usize>,

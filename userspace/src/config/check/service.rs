@@ -159,6 +159,7 @@ impl Checker<'_> {
             instances.len(),
             wlm.as_ref().map(|w| w.underload),
         );
+        let probe = self.probe(&format!("{at}.probe"), raw.probe);
         let on_demand = match self.typed(raw.assign, &format!("{at}.assign"), |v| {
             (
                 format!("unknown assignment `{v}`"),
@@ -192,6 +193,7 @@ impl Checker<'_> {
                 http: http?,
                 scale: scale?,
                 origins: origins?,
+                probe: probe?,
             },
             ServiceSpans {
                 name: name_span,
