@@ -234,7 +234,75 @@ async fn prober(name: String, spec: Spec, verdicts: Arc<Mutex<HashMap<String, Ve
 
 #[cfg(test)]
 mod tests {
-    use super::{Streak, Verdict};
+    use std::path::PathBuf;
+
+    use super::{Streak, Verdict, target};
+    use crate::{
+        config::tests::BASE,
+        control::services::views,
+        sys::probe::Check,
+        testing::{config, plan},
+    };
+
+    #[test]
+    fn l4_instances_are_probed_in_their_namespace_at_the_vip_and_http_ones_at_their_addr() {
+        let text = BASE
+            .replacen(
+                "protocol = \"udp\"\n",
+                "protocol = \"udp\"\nprobe = { kind = \"udp\", send = \"ping\" }\n",
+                1,
+            )
+            .replacen(
+                "layer = \"http\"\n",
+                "layer = \"http\"\nprobe = { kind = \"http\", path = \"/healthz\" }\n",
+                1,
+            );
+        let cfg = config(&text);
+        let mut services = views(&cfg, &plan(&cfg));
+        let (kv, web) = (&services[0], &services[1]);
+        let probe = |s: &crate::control::services::ServiceCtl| s.probe.clone().expect("probe");
+        assert_eq!(
+            target(kv, &kv.instances[0], &probe(kv)),
+            None,
+            "no namespace known: not probed (through the data path it could reach another instance)"
+        );
+        let t = target(web, &web.instances[0], &probe(web)).expect("target");
+        assert_eq!(t.netns, None, "http instances: from the agent's namespace");
+        assert_eq!(
+            t.check,
+            Check::Http {
+                addr: "198.18.16.2:8080".parse().unwrap(),
+                host: "198.18.0.101".into(),
+                path: "/healthz".into(),
+                status: None,
+            }
+        );
+        services[0].instances[0].netns = Some(PathBuf::from("/run/netns/kv0"));
+        let kv = &services[0];
+        let t = target(kv, &kv.instances[0], &probe(kv)).expect("target");
+        assert_eq!(t.netns, Some(PathBuf::from("/run/netns/kv0")));
+        assert_eq!(
+            t.check,
+            Check::Udp {
+                addr: "198.18.0.100:7000".parse().unwrap(),
+                send: b"ping".to_vec(),
+                expect: Vec::new(),
+            }
+        );
+        let exec = crate::config::Probe {
+            kind: crate::config::ProbeKind::Exec {
+                command: vec!["check".into(), "{name}@{vip}:{port}".into()],
+            },
+            ..probe(kv)
+        };
+        let t = target(kv, &kv.instances[0], &exec).expect("target");
+        assert_eq!(
+            t.check,
+            Check::Exec {
+                argv: vec!["check".into(), "kv-0@198.18.0.100:7000".into()]
+            }
+        );
+    }
 
     const OK: Result<(), String> = Ok(());
 
