@@ -299,8 +299,13 @@ fn pipelining_streaming_continue_and_websocket() {
         );
     }
     let grew = rss_kib(pid).saturating_sub(rss_before);
+    eprintln!("the agent's RSS grew {grew} KiB relaying 150 MB");
+    // One body held whole would add its 50 MiB. Streamed, what grows is
+    // what the allocator keeps of freed buffers (mimalloc holds them a
+    // while): 9 to 26 MiB seen, the top on a loaded machine (24 MiB, the
+    // bound before, failed a full run once).
     assert!(
-        grew < 24 * 1024,
+        grew < 40 * 1024,
         "the agent's RSS grew {grew} KiB relaying 150 MB: bodies are being buffered"
     );
 

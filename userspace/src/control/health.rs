@@ -40,6 +40,45 @@ const REFUSING_INTERVALS: u32 = 2;
 /// few stray datagrams to a closed port).
 const REFUSING_MIN_PPS: f64 = 5.0;
 
+/// An instance that fails again within this many hold-downs of coming
+/// back is flapping: each such failure doubles its next hold-down ...
+const FLAP_WINDOW_HOLD_DOWNS: u32 = 10;
+
+/// ... up to this many times the configured one.
+const MAX_HOLD_DOWN_FACTOR: u32 = 8;
+
+/// An instance's failures close together (flap damping: a server that
+/// crashes under load, restarts and crashes again, or one refusing every
+/// other interval, is not given work back at every hold-down). As Envoy
+/// lengthens an outlier's ejection each time it is ejected again.
+#[derive(Clone, Copy, Debug, Default)]
+struct Flaps {
+    /// Failures in a row, each within the window of the last recovery.
+    strikes: u32,
+    /// When it last came back.
+    recovered: Option<Instant>,
+}
+
+impl Flaps {
+    /// Counts a failure at `now`; returns the hold-down it must wait out.
+    fn fail(&mut self, hold_down: Duration, now: Instant) -> Duration {
+        let window = hold_down * FLAP_WINDOW_HOLD_DOWNS;
+        let again = self
+            .recovered
+            .is_some_and(|t| now.saturating_duration_since(t) < window);
+        self.strikes = if again { self.strikes + 1 } else { 1 };
+        self.hold_down(hold_down)
+    }
+
+    fn hold_down(self, hold_down: Duration) -> Duration {
+        let factor = 1u32
+            .checked_shl(self.strikes.saturating_sub(1))
+            .unwrap_or(u32::MAX)
+            .min(MAX_HOLD_DOWN_FACTOR);
+        hold_down * factor
+    }
+}
+
 /// Why an instance failed: the log's words, and the `reason` of
 /// `sluice_instance_failures_total`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -127,6 +166,8 @@ pub(super) struct Health {
     sockets: HashMap<String, Sockets>,
     /// `[service.probe]`: the probe tasks and their verdicts.
     active: ActiveProbes,
+    /// Each instance's recent failures, for its hold-down.
+    flaps: HashMap<String, Flaps>,
 }
 
 impl Health {
@@ -138,6 +179,7 @@ impl Health {
             started: now,
             sockets: HashMap::new(),
             active: ActiveProbes::default(),
+            flaps: HashMap::new(),
         }
     }
 
@@ -159,6 +201,11 @@ impl Health {
         // The tasks go on; the next interval's sync ends or restarts those
         // the reload changed.
         self.active = std::mem::take(&mut old.active);
+        self.flaps = old
+            .flaps
+            .into_iter()
+            .filter(|(n, _)| configured(n))
+            .collect();
     }
 
     /// Finds instances whose veth is gone (or came back with another
@@ -215,7 +262,9 @@ impl Health {
             }
         }
         for (service, name, load, cause) in gone {
-            tracing::warn!(instance = %name, reason = cause.reason(), why = cause.why(), "instance failed; its groups are unowned until claimed");
+            let flaps = self.flaps.entry(name.clone()).or_default();
+            let hold_down = flaps.fail(self.hold_down, now);
+            tracing::warn!(instance = %name, reason = cause.reason(), why = cause.why(), hold_down = ?hold_down, failures_in_a_row = flaps.strikes, "instance failed; its groups are unowned until claimed");
             crate::telemetry::instance_failed(service, &name, cause.reason());
             // Failed at once: no claim gives it work from here on, and no
             // other host either (this interval's load said `ok`).
@@ -303,9 +352,12 @@ impl Health {
                     continue;
                 };
                 let since = *i.recovering_since.get_or_insert(now);
-                if now.saturating_duration_since(since) < self.hold_down {
+                let flaps = self.flaps.entry(i.name.clone()).or_default();
+                let hold_down = flaps.hold_down(self.hold_down);
+                if now.saturating_duration_since(since) < hold_down {
                     continue;
                 }
+                flaps.recovered = Some(now);
                 dp.set_instance_target(i.id, r.ifindex, r.mac)?;
                 dp.set_instance_live(i.id, true)?;
                 i.ifindex = r.ifindex;
@@ -318,7 +370,7 @@ impl Health {
                     s.refusing = 0;
                 }
                 self.failed.remove(&i.name);
-                tracing::info!(instance = %i.name, ifindex = r.ifindex, hold_down = ?self.hold_down, "instance recovered; it takes work as its element decides");
+                tracing::info!(instance = %i.name, ifindex = r.ifindex, hold_down = ?hold_down, "instance recovered; it takes work as its element decides");
             }
         }
         Ok(())

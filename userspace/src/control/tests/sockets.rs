@@ -129,3 +129,51 @@ fn most_traffic_refused_for_two_intervals_fails_an_instance() {
         assert_eq!(r.ctl.is_failed("kv-1"), failed, "refusing {of_100} of 100");
     }
 }
+
+/// Ticks until `kv-1` is back; how many it took.
+fn ticks_until_back(r: &mut Rig<MemDatapath, EmbeddedStore>, most: u32) -> u32 {
+    let mut ticks = 0;
+    while r.ctl.is_failed("kv-1") {
+        r.tick().unwrap();
+        ticks += 1;
+        assert!(
+            ticks <= most,
+            "not back {most} intervals after binding again"
+        );
+    }
+    ticks
+}
+
+/// An application that dies again soon after each recovery (a crash under
+/// load, say) waits twice as long each time before it gets work back, up
+/// to 8 hold-downs; once it stays up for 10 hold-downs, a failure costs
+/// one hold-down again.
+#[test]
+fn an_instance_failing_again_soon_after_recovering_waits_longer_each_time() {
+    let mut r = rig("");
+    for k in 0..3 {
+        show(&r.host, k, 1, 0);
+    }
+    r.tick().unwrap();
+    // Hold-down 5 s, an interval a second: back in 5 to 6 intervals once
+    // bound again, then 10 to 11, 20 to 21, 40 to 41, and no longer.
+    for want in [5, 10, 20, 40, 40] {
+        show(&r.host, 1, 0, 0);
+        r.tick().unwrap();
+        assert!(r.ctl.is_failed("kv-1"));
+        show(&r.host, 1, 1, 0);
+        let took = ticks_until_back(&mut r, want + 2);
+        assert!(took >= want, "back after {took} intervals, before {want}");
+    }
+    // Up for 10 hold-downs (50 s): the next failure is a first one again.
+    for _ in 0..51 {
+        r.tick().unwrap();
+    }
+    show(&r.host, 1, 0, 0);
+    r.tick().unwrap();
+    assert!(r.ctl.is_failed("kv-1"));
+    show(&r.host, 1, 1, 0);
+    let took = ticks_until_back(&mut r, 7);
+    assert!(took >= 5, "back after {took} intervals");
+    r.assert_agree();
+}
