@@ -126,6 +126,7 @@ fn a_hung_application_is_failed_by_its_probe_and_taken_back() {
     let mut last_tick = Instant::now();
     let mut failed_at = None;
     let mut recovered_at = None;
+    let mut reason = None;
     while !sender.is_finished() {
         block_on(agent.process_punts());
         if last_tick.elapsed() >= agent.control.interval() {
@@ -134,6 +135,7 @@ fn a_hung_application_is_failed_by_its_probe_and_taken_back() {
             let failed = agent.control.is_failed("inst-1");
             if failed && failed_at.is_none() {
                 failed_at = Some(t0.elapsed());
+                reason = agent.control.failure_reason("inst-1");
             }
             if !failed && failed_at.is_some() && recovered_at.is_none() {
                 recovered_at = Some(t0.elapsed());
@@ -170,6 +172,11 @@ fn a_hung_application_is_failed_by_its_probe_and_taken_back() {
     let (control, hold_down) = (Duration::from_millis(200), Duration::from_millis(600));
     let slack = Duration::from_millis(400);
     let failed = failed_at.expect("the hung application's instance was failed by its probe");
+    assert_eq!(
+        reason,
+        Some("probe"),
+        "failed for its probe (`sluice status` says why)"
+    );
     let after = failed.checked_sub(hung).expect("failed after it hung");
     // `fall` (2) failed rounds, then the next control interval.
     assert!(
@@ -188,5 +195,6 @@ fn a_hung_application_is_failed_by_its_probe_and_taken_back() {
         "taken back {after:?} after it answered"
     );
     assert!(!agent.control.is_failed("inst-1"));
+    assert_eq!(agent.control.failure_reason("inst-1"), None);
     agent.stop().expect("detach");
 }

@@ -750,6 +750,7 @@ async fn publish_status(agent: &Agent, status: Option<&[InstanceStatus]>, shared
             host: me.clone(),
             live: true,
             state: s.state,
+            failure: agent.control.failure_reason(&s.name).map(str::to_owned),
         })
         .collect();
     lines.extend(remote.into_iter().map(|r| {
@@ -773,6 +774,7 @@ async fn publish_status(agent: &Agent, status: Option<&[InstanceStatus]>, shared
             host: r.host,
             live: r.live,
             state: r.state,
+            failure: None,
         }
     }));
     *shared.status.lock().expect("status lock") = lines;

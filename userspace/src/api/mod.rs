@@ -157,6 +157,10 @@ pub struct InstanceLine {
     /// from an older agent, which shows only `drained`).
     #[serde(default)]
     pub state: InstanceState,
+    /// Why it failed, when it has (this host's instances): the `reason` of
+    /// `sluice_instance_failures_total`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure: Option<String>,
 }
 
 const fn yes() -> bool {

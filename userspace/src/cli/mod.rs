@@ -123,6 +123,13 @@ fn status_table(instances: &[InstanceLine]) -> String {
         } else {
             format!("{:.2}", i.utilisation)
         };
+        let mut groups = i.groups.join(" ");
+        if let Some(why) = &i.failure {
+            if !groups.is_empty() {
+                groups.push(' ');
+            }
+            let _ = write!(groups, "(failed: {why})");
+        }
         let _ = writeln!(
             out,
             "{}{:<16} {:<16} {:<8} {:>6} {:>10.0} {:>8.0}  {}",
@@ -133,7 +140,7 @@ fn status_table(instances: &[InstanceLine]) -> String {
             util,
             i.rate_pps,
             i.drops_ps,
-            i.groups.join(" "),
+            groups,
         );
     }
     out

@@ -18,6 +18,7 @@ fn line(name: &str, host: &str, utilisation: f64, state: InstanceState) -> Insta
         host: host.into(),
         live: true,
         state,
+        failure: None,
     }
 }
 
@@ -29,6 +30,29 @@ fn words<'a>(table: &'a str, name: &str) -> Vec<&'a str> {
         .unwrap_or_else(|| panic!("no line for {name}:\n{table}"))
         .split_whitespace()
         .collect()
+}
+
+/// A failed instance says why, after its groups.
+#[test]
+fn status_says_why_an_instance_failed() {
+    let mut failed = line("a0", "", 0.0, InstanceState::Failed);
+    failed.failure = Some("probe".into());
+    let mut ok = line("a1", "", 0.5, InstanceState::Ok);
+    ok.groups = vec!["0x0000/1".into()];
+    let table = status_table(&[failed, ok]);
+    assert!(
+        table
+            .lines()
+            .any(|l| l.contains("a0") && l.ends_with("(failed: probe)")),
+        "{table}"
+    );
+    assert!(
+        !table.contains("a1")
+            || !table
+                .lines()
+                .any(|l| l.contains("a1") && l.contains("failed")),
+        "{table}"
+    );
 }
 
 /// Defect (issue 27): `sluice status` showed another host's failed instance

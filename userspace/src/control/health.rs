@@ -168,6 +168,8 @@ pub(super) struct Health {
     active: ActiveProbes,
     /// Each instance's recent failures, for its hold-down.
     flaps: HashMap<String, Flaps>,
+    /// Why each failed instance failed (`sluice status` says it).
+    causes: HashMap<String, Cause>,
 }
 
 impl Health {
@@ -180,11 +182,18 @@ impl Health {
             sockets: HashMap::new(),
             active: ActiveProbes::default(),
             flaps: HashMap::new(),
+            causes: HashMap::new(),
         }
     }
 
     pub(super) fn is_failed(&self, instance: &str) -> bool {
         self.failed.contains(instance)
+    }
+
+    /// Why a failed instance failed: the `reason` of
+    /// `sluice_instance_failures_total` (`probe`, `unbound`, ...).
+    pub(super) fn failure_reason(&self, instance: &str) -> Option<&'static str> {
+        self.causes.get(instance).map(|c| c.reason())
     }
 
     /// Takes over what `old` knows of the instances still `configured`,
@@ -203,6 +212,11 @@ impl Health {
         self.active = std::mem::take(&mut old.active);
         self.flaps = old
             .flaps
+            .into_iter()
+            .filter(|(n, _)| configured(n))
+            .collect();
+        self.causes = old
+            .causes
             .into_iter()
             .filter(|(n, _)| configured(n))
             .collect();
@@ -269,6 +283,7 @@ impl Health {
             // Failed at once: no claim gives it work from here on, and no
             // other host either (this interval's load said `ok`).
             self.failed.insert(name.clone());
+            self.causes.insert(name.clone(), cause);
             mv.store.publish_load(&name, load).await?;
             self.failing.insert(name);
         }
@@ -370,6 +385,7 @@ impl Health {
                     s.refusing = 0;
                 }
                 self.failed.remove(&i.name);
+                self.causes.remove(&i.name);
                 tracing::info!(instance = %i.name, ifindex = r.ifindex, hold_down = ?hold_down, "instance recovered; it takes work as its element decides");
             }
         }

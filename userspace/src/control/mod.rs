@@ -600,6 +600,13 @@ impl Controller {
     }
 
     /// Current state of every instance.
+    /// Why a failed instance of this host failed (`probe`, `unbound`,
+    /// `veth_gone`, ...); `None` for one that has not.
+    #[must_use]
+    pub fn failure_reason(&self, instance: &str) -> Option<&'static str> {
+        self.health.failure_reason(instance)
+    }
+
     pub async fn status(&self) -> Result<Vec<InstanceStatus>, ControlError> {
         let mut out = Vec::new();
         let state = Out::new(&self.drains, &self.health);
