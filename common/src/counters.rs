@@ -14,7 +14,8 @@ pub const PASS_MALFORMED: u32 = 2;
 /// An IP fragment: only the first carries ports, so none is steered and all
 /// go to the kernel, which reassembles them.
 pub const PASS_FRAGMENT: u32 = 3;
-/// IP, but neither UDP nor TCP (ICMP, ESP, ...).
+/// IP, but neither UDP nor TCP (ESP, ICMP other than an error about a
+/// UDP or TCP flow, ...).
 pub const PASS_NOT_L4: u32 = 4;
 /// UDP/TCP not addressed to a configured (VIP, port, protocol).
 pub const PASS_NO_SERVICE: u32 = 5;
@@ -83,14 +84,24 @@ pub const ORIGIN_SPILLED: u32 = 22;
 /// deliverers once the other hosts take this one's units.
 pub const FENCED: u32 = 23;
 
+/// Not an outcome: an ICMP error about a flow of a service (destination
+/// unreachable, packet too big) steered as the flow's own packets are, to
+/// the instance that holds the connection. Counted beside the outcome
+/// (`delivered`, `encapsulated`, or `unowned` when the unit has no owner:
+/// an error never claims one).
+pub const ICMP_ERROR: u32 = 24;
+
 /// Number of global counters.
-pub const COUNT: u32 = 24;
+pub const COUNT: u32 = 25;
 
 /// Whether counter `index` is an outcome (one per packet) rather than an
 /// attribute counted beside one.
 #[must_use]
 pub const fn is_outcome(index: u32) -> bool {
-    !matches!(index, TAG_MISSING | SECOND_CHANCE | ORIGIN | ORIGIN_SPILLED) && index < COUNT
+    !matches!(
+        index,
+        TAG_MISSING | SECOND_CHANCE | ORIGIN | ORIGIN_SPILLED | ICMP_ERROR
+    ) && index < COUNT
 }
 
 /// Names for display and metrics, indexed like the counters.
@@ -119,4 +130,5 @@ pub const NAMES: [&str; COUNT as usize] = [
     "origin",
     "origin_spilled",
     "fenced",
+    "icmp_error",
 ];

@@ -108,7 +108,14 @@ pub fn check(data: &[u8]) {
         return;
     };
     let end = ip_end(frame, flow.vlan_tagged, flow.family);
-    let l4_len = if flow.proto == PROTO_TCP { 20 } else { 8 };
+    // Of a quoted packet (an ICMP error's), only the ports are read.
+    let l4_len = if flow.icmp {
+        4
+    } else if flow.proto == PROTO_TCP {
+        20
+    } else {
+        8
+    };
     assert!(matches!(flow.proto, PROTO_UDP | PROTO_TCP), "{flow:?}");
     assert!(
         flow.l4_off + l4_len <= end && end <= frame.len(),
@@ -132,6 +139,13 @@ pub fn check(data: &[u8]) {
         assert_eq!(parse(&frame[..cut]), Err(Pass::Truncated), "cut at {cut}");
     }
 
+    if flow.icmp {
+        assert!(
+            keyed.key == flow.flow_key() && !keyed.tagged,
+            "an ICMP error is keyed by the quoted flow's hash: {keyed:?}"
+        );
+        return;
+    }
     match svc.tag_kind {
         TAG_UDP_PAYLOAD | TAG_QUIC_CID => {
             let want = reference_tag(exact, &flow, &svc)

@@ -124,6 +124,13 @@ pub struct Flow {
     pub vlan_tagged: bool,
     /// Its VLAN id; 0 when untagged or priority-tagged.
     pub vlan: u16,
+    /// An ICMP error about this flow (IPv4 destination unreachable, IPv6
+    /// destination unreachable or packet too big), addressed to the VIP by
+    /// a router on the way back to the client: the fields above are the
+    /// quoted packet's, source and destination swapped, so the error keys
+    /// as the flow's own packets do and reaches the instance that holds the
+    /// connection (its path MTU). `l4_off` is the quoted transport header's.
+    pub icmp: bool,
 }
 
 impl Flow {
@@ -241,6 +248,9 @@ fn parse_v4<F: Frame + ?Sized>(f: &F, l3: usize) -> Result<Flow, Pass> {
     }
     let proto = fixed[2].to_le_bytes()[1];
     let l4_off = l3 + hdr_len;
+    if proto == IPPROTO_ICMP {
+        return icmp_v4(f, l4_off, l3 + tot_len);
+    }
     let (ports, tcp_flags) = parse_l4(f, proto, l4_off, l3 + tot_len)?;
     Ok(Flow {
         family: FAMILY_V4,
@@ -253,6 +263,7 @@ fn parse_v4<F: Frame + ?Sized>(f: &F, l3: usize) -> Result<Flow, Pass> {
         ip6_word0: 0,
         vlan_tagged: false,
         vlan: 0,
+        icmp: false,
     })
 }
 
@@ -314,6 +325,9 @@ fn parse_v6<F: Frame + ?Sized>(f: &F, l3: usize) -> Result<Flow, Pass> {
         // Longer chain than we walk: not ours to judge, but not steerable.
         return Err(Pass::Malformed);
     }
+    if next == IPPROTO_ICMPV6 {
+        return icmp_v6(f, off, end);
+    }
     let (ports, tcp_flags) = parse_l4(f, next, off, end)?;
     Ok(Flow {
         family: FAMILY_V6,
@@ -326,6 +340,113 @@ fn parse_v6<F: Frame + ?Sized>(f: &F, l3: usize) -> Result<Flow, Pass> {
         ip6_word0: word0,
         vlan_tagged: false,
         vlan: 0,
+        icmp: false,
+    })
+}
+
+const IPPROTO_ICMP: u8 = 1;
+const IPPROTO_ICMPV6: u8 = 58;
+/// ICMP destination unreachable (fragmentation needed is its code 4).
+const ICMP_DEST_UNREACH: u8 = 3;
+const ICMPV6_DEST_UNREACH: u8 = 1;
+const ICMPV6_PACKET_TOO_BIG: u8 = 2;
+/// The ICMP header before the quoted packet: type, code, checksum, and 4
+/// bytes (unused, or the next hop's MTU).
+const ICMP_HLEN: usize = 8;
+
+/// The source and destination ports of a ports word swapped: the flow the
+/// quoted packet (instance to client) belongs to, as the client sends it.
+#[inline(always)]
+const fn swap_ports(ports: u32) -> u32 {
+    ports.rotate_left(16)
+}
+
+/// An `ICMPv4` error at `off` (the packet ends at `end`): the flow of the
+/// UDP or TCP packet it quotes, seen from the client. Only the first 8
+/// bytes of the quoted transport header are sure to be there (RFC 792):
+/// the ports are all that is read of it.
+#[inline(always)]
+fn icmp_v4<F: Frame + ?Sized>(f: &F, off: usize, end: usize) -> Result<Flow, Pass> {
+    let h = f.load::<[u8; 2]>(off).ok_or(Pass::Truncated)?;
+    if h[0] != ICMP_DEST_UNREACH {
+        return Err(Pass::NotL4);
+    }
+    let inner = off + ICMP_HLEN;
+    // Two bytes, not one: the verifier does not take a one-byte load's
+    // bounds check as LLVM rewrites it (see `quic_dcid`).
+    let vhl = f.load::<[u8; 2]>(inner).ok_or(Pass::Truncated)?[0];
+    if vhl >> 4 != 4 {
+        return Err(Pass::Malformed);
+    }
+    let hdr_len = usize::from(vhl & 0x0f) * 4;
+    if hdr_len < 20 {
+        return Err(Pass::Malformed);
+    }
+    let fixed = f.load::<[u32; 5]>(inner).ok_or(Pass::Truncated)?;
+    let l4_off = inner + hdr_len;
+    let ports = f.load::<u32>(l4_off).ok_or(Pass::Truncated)?;
+    if l4_off + 4 > end {
+        return Err(Pass::Truncated);
+    }
+    // A quoted non-first fragment carries no ports.
+    let w1 = fixed[1].to_le_bytes();
+    if u16::from_be_bytes([w1[2], w1[3]]) & 0x1fff != 0 {
+        return Err(Pass::Fragment);
+    }
+    let proto = fixed[2].to_le_bytes()[1];
+    if proto != PROTO_UDP && proto != PROTO_TCP {
+        return Err(Pass::NotL4);
+    }
+    Ok(Flow {
+        family: FAMILY_V4,
+        proto,
+        src: [fixed[4], 0, 0, 0],
+        dst: [fixed[3], 0, 0, 0],
+        ports: swap_ports(ports),
+        l4_off,
+        tcp_flags: 0,
+        ip6_word0: 0,
+        vlan_tagged: false,
+        vlan: 0,
+        icmp: true,
+    })
+}
+
+/// An `ICMPv6` error at `off` (the packet ends at `end`): destination
+/// unreachable or packet too big, quoting a UDP or TCP packet with no
+/// extension headers (what a server sends back).
+#[inline(always)]
+fn icmp_v6<F: Frame + ?Sized>(f: &F, off: usize, end: usize) -> Result<Flow, Pass> {
+    let h = f.load::<[u8; 2]>(off).ok_or(Pass::Truncated)?;
+    if h[0] != ICMPV6_DEST_UNREACH && h[0] != ICMPV6_PACKET_TOO_BIG {
+        return Err(Pass::NotL4);
+    }
+    let inner = off + ICMP_HLEN;
+    let hdr = f.load::<[u32; 10]>(inner).ok_or(Pass::Truncated)?;
+    if hdr[0].to_le_bytes()[0] >> 4 != 6 {
+        return Err(Pass::Malformed);
+    }
+    let l4_off = inner + 40;
+    let ports = f.load::<u32>(l4_off).ok_or(Pass::Truncated)?;
+    if l4_off + 4 > end {
+        return Err(Pass::Truncated);
+    }
+    let proto = hdr[1].to_le_bytes()[2];
+    if proto != PROTO_UDP && proto != PROTO_TCP {
+        return Err(Pass::NotL4);
+    }
+    Ok(Flow {
+        family: FAMILY_V6,
+        proto,
+        src: [hdr[6], hdr[7], hdr[8], hdr[9]],
+        dst: [hdr[2], hdr[3], hdr[4], hdr[5]],
+        ports: swap_ports(ports),
+        l4_off,
+        tcp_flags: 0,
+        ip6_word0: 0,
+        vlan_tagged: false,
+        vlan: 0,
+        icmp: true,
     })
 }
 
@@ -383,6 +504,18 @@ pub struct Keyed {
 /// and the packet carries it, else the flow hash.
 #[inline(always)]
 pub fn key_for<F: Frame + ?Sized>(f: &F, flow: &Flow, svc: &ServiceEntry) -> Keyed {
+    // An ICMP error quotes what the server sent, not the client's tag: the
+    // flow hash (the flow label is the server's too).
+    if flow.icmp {
+        return Keyed {
+            key: flow.flow_key(),
+            tagged: false,
+            tag_missing: matches!(
+                svc.tag_kind,
+                TAG_UDP_PAYLOAD | TAG_QUIC_CID | TAG_IPV6_FLOW_LABEL
+            ),
+        };
+    }
     let tag = match svc.tag_kind {
         TAG_UDP_PAYLOAD | TAG_QUIC_CID => datagram_tag(f, flow, svc),
         TAG_IPV6_FLOW_LABEL if flow.family == FAMILY_V6 => {

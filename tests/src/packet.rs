@@ -300,6 +300,43 @@ fn sum16(b: &[u8]) -> u32 {
         .sum()
 }
 
+/// What a router on the way back to `client`'s sender sends the VIP when
+/// the server's answer (addresses and ports swapped; an ACK for TCP, 1,400
+/// bytes of payload for UDP) does not fit its next hop: an `ICMPv4`
+/// "fragmentation needed" (next-hop MTU 1400) or an `ICMPv6` "packet too
+/// big" (1280), quoting the first `quoted` bytes of the answer's IP
+/// packet, in a frame addressed to the host as `client`'s own are.
+#[must_use]
+pub fn icmp_error(client: &Packet, quoted: usize) -> Vec<u8> {
+    let reply = match client.l4 {
+        L4::Tcp(_) => Packet::tcp(client.dst, client.src, 0x10),
+        _ => Packet::udp(client.dst, client.src).payload(vec![0x5a; 1400]),
+    }
+    .build();
+    let mut frame = client.build()[..14].to_vec();
+    let quote = &reply[14..reply.len().min(14 + quoted)];
+    match client.dst.ip() {
+        IpAddr::V4(vip) => {
+            let tot = u16::try_from(20 + 8 + quote.len())
+                .expect("small")
+                .to_be_bytes();
+            frame.extend_from_slice(&[0x45, 0, tot[0], tot[1], 0, 1, 0, 0, 64, 1, 0, 0]);
+            frame.extend_from_slice(&[198, 18, 2, 1]);
+            frame.extend_from_slice(&vip.octets());
+            frame.extend_from_slice(&[3, 4, 0, 0, 0, 0, 0x05, 0x78]);
+        }
+        IpAddr::V6(vip) => {
+            let plen = u16::try_from(8 + quote.len()).expect("small").to_be_bytes();
+            frame.extend_from_slice(&[0x60, 0, 0, 0, plen[0], plen[1], 58, 64]);
+            frame.extend_from_slice(&[0xfd, 0, 0x51, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 9]);
+            frame.extend_from_slice(&vip.octets());
+            frame.extend_from_slice(&[2, 0, 0, 0, 0, 0, 0x05, 0x00]);
+        }
+    }
+    frame.extend_from_slice(quote);
+    frame
+}
+
 /// Internet checksum of `b`, starting from a partial sum.
 #[must_use]
 pub fn checksum(b: &[u8], initial: u32) -> u16 {

@@ -299,6 +299,85 @@ impl Testbed {
         })
     }
 
+    /// A client behind a router: a namespace `far` (`198.18.3.2/24`) whose
+    /// way to the host goes through the client namespace, which forwards;
+    /// the router's link towards `far` has MTU `mtu` (`far`'s own side
+    /// 1500), so what an instance sends `far` in full-size segments does not
+    /// fit there and the router answers the VIP with ICMP "fragmentation
+    /// needed", as a router on the Internet would. The host and every
+    /// instance route `198.18.3.0/24` back through the router. Returns the
+    /// namespace's name (deleted with the testbed).
+    pub fn far_client(&mut self, mtu: u32) -> Result<String, TestbedError> {
+        let (c, far) = (self.client.clone(), format!("{}-f", self.prefix));
+        self.add_netns(&far)?;
+        ip(&[
+            "link",
+            "add",
+            "name",
+            "far0",
+            "netns",
+            &c,
+            "mtu",
+            &mtu.to_string(),
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            &far,
+        ])?;
+        for (ns, dev, addr) in [
+            (&c, "far0", "198.18.3.1/24"),
+            (&far, "eth0", "198.18.3.2/24"),
+        ] {
+            ip(&["-n", ns, "addr", "add", addr, "dev", dev])?;
+            ip(&["-n", ns, "link", "set", dev, "up"])?;
+        }
+        ip(&["-n", &far, "link", "set", "eth0", "mtu", "1500"])?;
+        ip(&[
+            "-n",
+            &far,
+            "route",
+            "add",
+            "198.18.1.0/24",
+            "via",
+            "198.18.3.1",
+        ])?;
+        Self::sysctl(&c, "net.ipv4.ip_forward", "1")?;
+        // Forwarded through the router to the NIC: full checksums, as the
+        // client's own (see `build_client`).
+        netns::run_in(&far, || {
+            netns::set_offload("eth0", Offload::TxChecksum, false)
+        })
+        .map_err(|source| TestbedError::Io {
+            what: "turning tx checksum offload off on the far client's veth".into(),
+            source,
+        })?;
+        ip(&[
+            "-n",
+            &self.host,
+            "route",
+            "add",
+            "198.18.3.0/24",
+            "via",
+            "198.18.0.2",
+        ])?;
+        for (k, i) in self.instances.iter().enumerate() {
+            let net = 16 + u8::try_from(k).expect("at most 200 instances");
+            ip(&[
+                "-n",
+                &i.netns,
+                "route",
+                "add",
+                "198.18.3.0/24",
+                "via",
+                &format!("198.18.{net}.1"),
+            ])?;
+        }
+        Ok(far)
+    }
+
     /// Adds `n` veth pairs with both ends in the host namespace (`lv<i>`,
     /// peer `lp<i>`): stand-in instances for tests and benchmarks that need
     /// many interfaces but no traffic. Returns (veth, peer MAC) pairs.

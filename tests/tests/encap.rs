@@ -552,3 +552,35 @@ fn the_agent_encapsulates_a_punted_frame_as_the_program_does() {
         "fenced"
     );
 }
+
+/// An ICMP error about a flow whose owner is on another host goes there,
+/// encapsulated as the flow's own packets are, and is delivered to the
+/// owner byte for byte (issue 29, part 2).
+#[test]
+fn an_icmp_error_goes_to_the_host_of_the_flows_owner() {
+    let a = host_a(1500);
+    let b = host_b();
+    for client in [
+        Packet::udp(client(40030), kv4()),
+        Packet::udp(
+            "[fd00:5100::9]:40031".parse().unwrap(),
+            "[fd00:5100::1]:7000".parse().unwrap(),
+        ),
+    ] {
+        let error = sluice_tests::packet::icmp_error(&client, 1000);
+        let own = a.run(&client.build());
+        let sent = a.run(&error);
+        assert_eq!(sent.action, XDP_TX, "{client:?}");
+        // To the same host as the flow's own packets, in the same tunnel.
+        assert_eq!(sent.frame[..14], own.frame[..14]);
+        let got = b.run(&sent.frame);
+        assert_eq!(got.action, XDP_REDIRECT, "{client:?}");
+        let mut want = error.clone();
+        want[..6].copy_from_slice(&instance_mac(3));
+        want[6..12].copy_from_slice(&NIC_MAC);
+        assert_eq!(got.frame, want, "{client:?}");
+    }
+    assert_eq!(a.global()[counters::ICMP_ERROR as usize], 2);
+    assert_eq!(b.global()[counters::DECAP_DELIVERED as usize], 2);
+    assert_eq!(b.instance(3).packets, 2);
+}

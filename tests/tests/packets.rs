@@ -13,7 +13,7 @@ use sluice::{datapath::Datapath as _, plan::Group};
 use sluice_common::{counters, key, maps::NO_OWNER};
 use sluice_tests::{
     harness::{Harness, XDP_PASS, XDP_REDIRECT},
-    packet::{Ext, L4, Packet},
+    packet::{Ext, L4, Packet, icmp_error},
 };
 
 const CONFIG: &str = r#"
@@ -1231,4 +1231,169 @@ veth = "t-c0"
         assert_eq!(h.run(&to("198.18.1.1:7000").build()).action, XDP_REDIRECT);
         assert_eq!(h.run(&to("198.18.1.4:7000").build()).action, XDP_REDIRECT);
     }
+}
+
+/// ICMP errors about a flow (issue 29, part 2) reach the instance its own
+/// packets reach, so the instance that holds the connection learns its
+/// path MTU: IPv4 "fragmentation needed" quoting 28 bytes (the minimum a
+/// router must) or the whole segment, IPv6 "packet too big". Counted as
+/// delivered and as `icmp_error`; a tagged service's by the flow hash (the
+/// quote is the server's packet, not the client's tag), counted as
+/// `tag_missing`. Before, all were passed to the host's stack (`pass_not_l4`).
+#[test]
+fn icmp_errors_reach_the_instance_of_the_flow_they_quote() {
+    let h = harness();
+    let tagged = Packet::udp(sa("198.18.0.11:5555"), sa("198.18.1.2:7100"))
+        .payload(b"....tag-0001rest".to_vec());
+    for (name, client, service, quoted, tag_missing) in [
+        (
+            "ipv4 tcp, 28 bytes quoted",
+            Packet::tcp(sa("198.18.0.10:40001"), sa("198.18.1.1:7443"), ACK),
+            TCP4,
+            28,
+            false,
+        ),
+        (
+            "ipv4 tcp, all quoted",
+            Packet::tcp(sa("198.18.0.12:40009"), sa("198.18.1.1:7000"), ACK),
+            TCP4,
+            576,
+            false,
+        ),
+        (
+            "ipv4 udp",
+            Packet::udp(sa("198.18.0.10:40000"), sa("198.18.1.1:7000")),
+            UDP4,
+            1232,
+            false,
+        ),
+        (
+            "ipv6 udp, packet too big",
+            Packet::udp(sa("[fd00:5100::10]:40000"), sa("[fd00:5100::1]:7000")),
+            UDP6,
+            1232,
+            false,
+        ),
+        (
+            "ipv6 tcp, packet too big",
+            Packet::tcp(sa("[fd00:5100::10]:40001"), sa("[fd00:5100::1]:8000"), ACK),
+            TCP6,
+            1232,
+            false,
+        ),
+        (
+            "ipv4 tagged udp: by the flow hash",
+            tagged,
+            TAGGED4,
+            1232,
+            true,
+        ),
+    ] {
+        let frame = icmp_error(&client, quoted);
+        let owner = h.plan.owner_of_key(service, agent_key(&client, &Key::Flow));
+        if !tag_missing {
+            assert_eq!(target(&h, &client), owner, "{name}: the flow's own packets");
+        }
+        let g0 = h.global();
+        let s0 = h.service(service);
+        let run = h.run(&frame);
+        assert_eq!(run.action, XDP_REDIRECT, "{name}: action");
+        let mut want = frame.clone();
+        want[..6].copy_from_slice(&h.plan.instance(owner).expect("planned").mac);
+        assert_eq!(
+            run.frame, want,
+            "{name}: the error as it came, to instance {owner}"
+        );
+        let mut want_global = [0u64; counters::COUNT as usize];
+        want_global[counters::DELIVERED as usize] = 1;
+        want_global[counters::ICMP_ERROR as usize] = 1;
+        want_global[counters::TAG_MISSING as usize] = u64::from(tag_missing);
+        let got: Vec<u64> = h.global().iter().zip(g0).map(|(a, b)| a - b).collect();
+        assert_eq!(
+            got,
+            want_global,
+            "{name}: global counters, in order {:?}",
+            counters::NAMES
+        );
+        let s1 = h.service(service);
+        assert_eq!(
+            (s1.packets - s0.packets, s1.delivered - s0.delivered),
+            (1, 1),
+            "{name}"
+        );
+    }
+}
+
+/// An error about a flow of a unit nobody owns claims nothing (it is not
+/// punted): to the host's stack, counted `unowned` and `icmp_error`. Other
+/// ICMP, and errors about flows of no service, pass as before.
+#[test]
+fn icmp_errors_about_unowned_or_unknown_flows_pass() {
+    let h = harness();
+    let orphan = Packet::udp(sa("198.18.0.10:40000"), sa("198.18.1.3:9000"));
+    let stranger = Packet::udp(sa("198.18.0.10:40000"), sa("198.18.1.1:9999"));
+    let mut echo = icmp_error(&orphan, 64);
+    echo[34] = 8;
+    for (name, frame, counter, icmp) in [
+        ("unowned", icmp_error(&orphan, 64), counters::UNOWNED, true),
+        (
+            "no service",
+            icmp_error(&stranger, 64),
+            counters::PASS_NO_SERVICE,
+            true,
+        ),
+        ("echo request", echo, counters::PASS_NOT_L4, false),
+    ] {
+        let g0 = h.global();
+        let run = h.run(&frame);
+        assert_eq!(
+            (run.action, &run.frame),
+            (XDP_PASS, &frame),
+            "{name}: passed untouched"
+        );
+        let mut want = [0u64; counters::COUNT as usize];
+        want[counter as usize] = 1;
+        // Counted as an error of its service only when it has one.
+        want[counters::ICMP_ERROR as usize] = u64::from(icmp && counter == counters::UNOWNED);
+        let got: Vec<u64> = h.global().iter().zip(g0).map(|(a, b)| a - b).collect();
+        assert_eq!(
+            got,
+            want,
+            "{name}: global counters, in order {:?}",
+            counters::NAMES
+        );
+    }
+}
+
+/// An error about a pinned connection whose unit moved goes where the
+/// connection lives (the pin), and makes no pin of its own for a flow
+/// never seen, nor counts one lost.
+#[test]
+fn an_icmp_error_follows_the_pin_and_makes_none() {
+    let mut h = Harness::new(PIN_CONFIG);
+    let (syn, ack, first, other, unit) = connection(&h, "198.18.0.30:50000");
+    assert_eq!(target(&h, &syn), first);
+    move_unit(&mut h, 0, unit, other);
+    assert_eq!(target(&h, &ack), first, "pinned");
+    let s0 = h.service(0);
+    let error = icmp_error(&ack, 28);
+    let run = h.run(&error);
+    assert_eq!(run.action, XDP_REDIRECT);
+    assert_eq!(
+        h.instance_by_mac(&run.frame[..6]),
+        Some(first),
+        "to the connection's instance"
+    );
+    // A flow never seen, in the moved unit: the unit's owner, no pin.
+    let newcomer = Packet::tcp(same_unit_client(syn.src, syn.dst), syn.dst, ACK);
+    let run = h.run(&icmp_error(&newcomer, 28));
+    assert_eq!(h.instance_by_mac(&run.frame[..6]), Some(other));
+    let s1 = h.service(0);
+    assert_eq!(s1.pins_created - s0.pins_created, 0, "no pin made");
+    assert_eq!(s1.pins_lost - s0.pins_lost, 0, "no pin counted lost");
+    assert_eq!(
+        target(&h, &Packet::tcp(newcomer.src, newcomer.dst, SYN)),
+        other,
+        "the newcomer's own SYN is not held by anything the error left"
+    );
 }

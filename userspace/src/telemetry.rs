@@ -156,6 +156,10 @@ fn describe_origin() {
         "Packets from an SLA origin rule's source prefixes, steered by its tier (also counted under their action)"
     );
     describe_counter!(
+        "sluice_datapath_icmp_errors_total",
+        "ICMP errors about a flow of a service (destination unreachable, packet too big) steered to the flow's instance (also counted under their action)"
+    );
+    describe_counter!(
         "sluice_datapath_origin_spilled_total",
         "Packets of an origin rule sent to the unit's own owner by a spilled tier slot (also counted under their action)"
     );
@@ -360,6 +364,7 @@ pub fn datapath(global: &[u64; counters::COUNT as usize]) {
     counter!("sluice_datapath_origin_total").absolute(global[counters::ORIGIN as usize]);
     counter!("sluice_datapath_origin_spilled_total")
         .absolute(global[counters::ORIGIN_SPILLED as usize]);
+    counter!("sluice_datapath_icmp_errors_total").absolute(global[counters::ICMP_ERROR as usize]);
 }
 
 /// An origin rule's tier changed how many of its slots spill over to the

@@ -97,6 +97,11 @@ fn try_sluice_xdp(frame: &mut XdpFrame) -> Result<(u32, u32), Pass> {
         }
         svc
     } else {
+        // An error about a flow of no service is the host's (one about
+        // our own encapsulated packets included: never decapsulated).
+        if flow.icmp {
+            return Err(Pass::NoService);
+        }
         // Not a service's: perhaps a cluster member's encapsulated packet.
         let g = match decapsulate(frame, &flow, host)? {
             Ok(g) => g,

@@ -84,7 +84,8 @@ pub(crate) fn second_chance(
 /// and its owner live, else the unit's owner (or `tier`'s, an origin
 /// rule's choice), pinned from now on. A TCP SYN starts a new connection:
 /// it follows the unit's owner and replaces any pin an earlier connection
-/// on the same 5-tuple left (clients reuse ports).
+/// on the same 5-tuple left (clients reuse ports). An ICMP error about
+/// the flow follows its pin but neither makes one nor counts one lost.
 #[inline(always)]
 pub(crate) fn pinned_owner(
     flow: &Flow,
@@ -117,12 +118,15 @@ pub(crate) fn pinned_owner(
             return (pin.owner, Some(instance), of_unit);
         }
         count(sc, |c| c.pins_expired += 1);
-    } else if tcp && flow.tcp_flags & TCP_SYN == 0 {
+    } else if tcp && flow.tcp_flags & TCP_SYN == 0 && !flow.icmp {
         count(sc, |c| c.pins_lost += 1);
     }
     let owner = tier.unwrap_or_else(|| unit_owner(svc.id, unit));
     let instance = live_instance(owner, svc.id);
-    if let Some(i) = instance {
+    // An ICMP error follows a pin, never makes one.
+    if let Some(i) = instance
+        && !flow.icmp
+    {
         let pin = Pin {
             owner,
             generation: i.generation,

@@ -6,7 +6,9 @@ use sluice_common::{
     counters,
     encap::{self, Gue},
     hit_index,
-    maps::{INSTANCE_REMOTE, InstanceEntry, PIN_TCP, PIN_UDP, PROTO_TCP, ServiceEntry},
+    maps::{
+        INSTANCE_REMOTE, InstanceEntry, PIN_TCP, PIN_UDP, PROTO_TCP, ServiceCounters, ServiceEntry,
+    },
     parse::{self, Flow, Frame},
     unit_of,
 };
@@ -42,19 +44,7 @@ pub(crate) fn steer(
     };
     // Counted where the packet entered the cluster, once.
     if peer.is_none() {
-        count(sc, |c| {
-            c.packets += 1;
-            c.bytes += bytes;
-            if keyed.tagged {
-                c.tagged += 1;
-            }
-            if keyed.tag_missing {
-                c.tag_missing += 1;
-            }
-        });
-        if keyed.tag_missing {
-            bump(&GLOBAL_COUNTERS, counters::TAG_MISSING);
-        }
+        count_arrival(sc, &keyed, flow.icmp, bytes);
     }
 
     let pin_kind = if flow.proto == PROTO_TCP {
@@ -76,6 +66,11 @@ pub(crate) fn steer(
         (owner, live_instance(owner, svc.id), tier.is_none())
     };
     let Some(instance) = instance else {
+        // An error about a flow nobody holds claims nothing: to the kernel.
+        if flow.icmp {
+            count(sc, |c| c.unowned += 1);
+            return (XDP_PASS, counters::UNOWNED);
+        }
         // No live owner: to the agent, which claims the unit and re-injects
         // the packet. With no socket on this queue, to the kernel.
         if of_unit {
@@ -110,8 +105,9 @@ pub(crate) fn steer(
         }
     };
     // A unit's hits are the load that moves with it: a packet held by a pin
-    // to another instance is that instance's load, not the unit's.
-    if of_unit {
+    // to another instance is that instance's load, not the unit's (nor is
+    // an ICMP error any load).
+    if of_unit && !flow.icmp {
         bump(&UNIT_HITS, hit_index(svc.id, unit));
     }
 
@@ -148,6 +144,28 @@ pub(crate) fn steer(
     }
     count(sc, |c| c.delivered += 1);
     (action, counters::DELIVERED)
+}
+
+/// A service's packet as it arrives from a client: its service's packets
+/// and bytes, and whether its tag made it; an ICMP error, globally.
+#[inline(always)]
+fn count_arrival(sc: Option<*mut ServiceCounters>, keyed: &parse::Keyed, icmp: bool, bytes: u64) {
+    count(sc, |c| {
+        c.packets += 1;
+        c.bytes += bytes;
+        if keyed.tagged {
+            c.tagged += 1;
+        }
+        if keyed.tag_missing {
+            c.tag_missing += 1;
+        }
+    });
+    if keyed.tag_missing {
+        bump(&GLOBAL_COUNTERS, counters::TAG_MISSING);
+    }
+    if icmp {
+        bump(&GLOBAL_COUNTERS, counters::ICMP_ERROR);
+    }
 }
 
 /// Who takes a packet another host sent: the sender's choice, if it is a

@@ -377,6 +377,8 @@ fn the_fuzz_checks_hold_on_seeds_and_their_one_byte_mutations() {
         vlan,
         udp4(&quic_short(&CID[..8], b"pn")),
         udp6_hop(&quic_long(&CID, b"")),
+        icmp4_frag_needed(40),
+        icmp6_too_big(),
     ];
     let mut runs = 0;
     for seed in &seeds {
@@ -414,4 +416,126 @@ fn the_fuzz_checks_hold_on_seeds_and_their_one_byte_mutations() {
         let k = key_for(seed.as_slice(), &flow, &crate::fuzz::spec(spec));
         assert!(k.tagged, "{spec:?}: {k:?}");
     }
+}
+
+/// An `ICMPv4` "fragmentation needed" from router 198.18.2.1 to the VIP
+/// 198.18.1.1, quoting the first `quoted` bytes of the server's TCP
+/// segment 198.18.1.1:7000 -> 198.18.0.1:12345 (IP header included).
+fn icmp4_frag_needed(quoted: usize) -> std::vec::Vec<u8> {
+    let mut inner = std::vec![0x45, 0, 5, 0xdc, 0, 2, 0x40, 0, 63, PROTO_TCP, 0, 0];
+    inner.extend_from_slice(&[198, 18, 1, 1, 198, 18, 0, 1]);
+    inner.extend_from_slice(&[0x1b, 0x58, 0x30, 0x39, 0, 0, 0, 9, 0, 0, 0, 7, 0x50, 0x10]);
+    inner.extend_from_slice(&[0xff, 0xff, 0, 0, 0, 0]);
+    inner.truncate(quoted);
+    let mut v = std::vec![0u8; 12];
+    v.extend_from_slice(&[0x08, 0x00]);
+    let tot = u16::try_from(20 + 8 + inner.len()).unwrap().to_be_bytes();
+    v.extend_from_slice(&[0x45, 0, tot[0], tot[1], 0, 3, 0, 0, 64, IPPROTO_ICMP, 0, 0]);
+    v.extend_from_slice(&[198, 18, 2, 1, 198, 18, 1, 1]);
+    // Type 3 code 4, checksum, unused, next-hop MTU 1400.
+    v.extend_from_slice(&[ICMP_DEST_UNREACH, 4, 0, 0, 0, 0, 0x05, 0x78]);
+    v.extend_from_slice(&inner);
+    v
+}
+
+/// An `ICMPv6` "packet too big" (MTU 1280) to the VIP `fd00:5100::1:1`,
+/// quoting the server's UDP datagram `[fd00:5100::1:1]:7000` ->
+/// `[fd00:5100::2]:12345`.
+fn icmp6_too_big() -> std::vec::Vec<u8> {
+    let vip = [0xfd, 0, 0x51, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 1];
+    let client = [0xfd, 0, 0x51, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
+    let router = [0xfd, 0, 0x51, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 9];
+    let mut inner = std::vec![0x60, 0, 0, 0, 0x05, 0xc8, PROTO_UDP, 63];
+    inner.extend_from_slice(&vip);
+    inner.extend_from_slice(&client);
+    inner.extend_from_slice(&[0x1b, 0x58, 0x30, 0x39, 0x05, 0xc8, 0, 0]);
+    inner.extend_from_slice(b"payload");
+    let mut v = std::vec![0u8; 12];
+    v.extend_from_slice(&[0x86, 0xdd]);
+    let plen = u16::try_from(8 + inner.len()).unwrap().to_be_bytes();
+    v.extend_from_slice(&[0x60, 0, 0, 0, plen[0], plen[1], IPPROTO_ICMPV6, 64]);
+    v.extend_from_slice(&router);
+    v.extend_from_slice(&vip);
+    v.extend_from_slice(&[ICMPV6_PACKET_TOO_BIG, 0, 0, 0, 0, 0, 0x05, 0x00]);
+    v.extend_from_slice(&inner);
+    v
+}
+
+/// An ICMP error keys as the flow it is about, seen from the client: the
+/// quoted packet's addresses and ports swapped, so it finds the flow's
+/// service, unit and pin.
+#[test]
+fn icmp_errors_parse_as_the_quoted_flow_seen_from_the_client() {
+    for quoted in [28, 40] {
+        let f = icmp4_frag_needed(quoted);
+        let flow = parse(f.as_slice()).unwrap();
+        let client_packet = tcp4();
+        let client = parse(client_packet.as_slice()).unwrap();
+        assert!(flow.icmp, "quoted {quoted}");
+        assert_eq!(flow.proto, PROTO_TCP);
+        assert_eq!(
+            (flow.src, flow.dst, flow.ports),
+            (client.src, client.dst, client.ports)
+        );
+        assert_eq!(flow.service_key(), client.service_key());
+        assert_eq!(flow.flow_key(), client.flow_key());
+        assert_eq!(flow.pin_key(), client.pin_key());
+        assert_eq!(flow.tcp_flags, 0, "no SYN: it opens nothing");
+        assert_eq!(flow.l4_off, 14 + 20 + 8 + 20);
+    }
+    let f = icmp6_too_big();
+    let flow = parse(f.as_slice()).unwrap();
+    assert!(flow.icmp);
+    assert_eq!((flow.family, flow.proto), (FAMILY_V6, PROTO_UDP));
+    assert_eq!(key::host::dst_port(flow.ports), 7000);
+    assert_eq!(flow.dst[3].to_le_bytes(), [0, 1, 0, 1], "the VIP");
+    assert_eq!(flow.src[3].to_le_bytes(), [0, 0, 0, 2], "the client");
+}
+
+#[test]
+fn icmp_errors_keyed_by_the_flow_hash_whatever_the_tag() {
+    let f = icmp6_too_big();
+    let flow = parse(f.as_slice()).unwrap();
+    let tagged = ServiceEntry {
+        tag_kind: TAG_UDP_PAYLOAD,
+        tag_offset: 0,
+        tag_len: 4,
+        ..ServiceEntry::default()
+    };
+    let k = key_for(f.as_slice(), &flow, &tagged);
+    assert_eq!(
+        (k.key, k.tagged, k.tag_missing),
+        (flow.flow_key(), false, true)
+    );
+    let k = key_for(f.as_slice(), &flow, &ServiceEntry::default());
+    assert_eq!(
+        (k.key, k.tagged, k.tag_missing),
+        (flow.flow_key(), false, false)
+    );
+}
+
+#[test]
+fn other_icmp_and_unusable_quotes_pass() {
+    let mut echo = icmp4_frag_needed(40);
+    echo[34] = 8; // echo request
+    assert_eq!(parse(echo.as_slice()), Err(Pass::NotL4));
+    let mut ttl = icmp4_frag_needed(40);
+    ttl[34] = 11; // time exceeded: not for the flow's owner
+    assert_eq!(parse(ttl.as_slice()), Err(Pass::NotL4));
+    // Fewer than the ports quoted.
+    assert_eq!(
+        parse(icmp4_frag_needed(23).as_slice()),
+        Err(Pass::Truncated)
+    );
+    // The quoted packet a non-first fragment: no ports in it.
+    let mut frag = icmp4_frag_needed(40);
+    frag[42 + 6..42 + 8].copy_from_slice(&[0, 0x10]);
+    assert_eq!(parse(frag.as_slice()), Err(Pass::Fragment));
+    // Quoting ICMP (an error about an error is never sent, RFC 1122).
+    let mut icmp = icmp4_frag_needed(40);
+    icmp[42 + 9] = IPPROTO_ICMP;
+    assert_eq!(parse(icmp.as_slice()), Err(Pass::NotL4));
+    let mut v6 = icmp6_too_big();
+    v6[54] = 128; // echo request
+    assert_eq!(parse(v6.as_slice()), Err(Pass::NotL4));
 }
