@@ -249,7 +249,7 @@ fn parse_v4<F: Frame + ?Sized>(f: &F, l3: usize) -> Result<Flow, Pass> {
     let proto = fixed[2].to_le_bytes()[1];
     let l4_off = l3 + hdr_len;
     if proto == IPPROTO_ICMP {
-        return icmp_v4(f, l4_off, l3 + tot_len);
+        return icmp_v4(f, l4_off, l3 + tot_len, fixed[4]);
     }
     let (ports, tcp_flags) = parse_l4(f, proto, l4_off, l3 + tot_len)?;
     Ok(Flow {
@@ -326,7 +326,7 @@ fn parse_v6<F: Frame + ?Sized>(f: &F, l3: usize) -> Result<Flow, Pass> {
         return Err(Pass::Malformed);
     }
     if next == IPPROTO_ICMPV6 {
-        return icmp_v6(f, off, end);
+        return icmp_v6(f, off, end, [hdr[6], hdr[7], hdr[8], hdr[9]]);
     }
     let (ports, tcp_flags) = parse_l4(f, next, off, end)?;
     Ok(Flow {
@@ -366,7 +366,7 @@ const fn swap_ports(ports: u32) -> u32 {
 /// bytes of the quoted transport header are sure to be there (RFC 792):
 /// the ports are all that is read of it.
 #[inline(always)]
-fn icmp_v4<F: Frame + ?Sized>(f: &F, off: usize, end: usize) -> Result<Flow, Pass> {
+fn icmp_v4<F: Frame + ?Sized>(f: &F, off: usize, end: usize, to: u32) -> Result<Flow, Pass> {
     let h = f.load::<[u8; 2]>(off).ok_or(Pass::Truncated)?;
     if h[0] != ICMP_DEST_UNREACH {
         return Err(Pass::NotL4);
@@ -394,7 +394,9 @@ fn icmp_v4<F: Frame + ?Sized>(f: &F, off: usize, end: usize) -> Result<Flow, Pas
         return Err(Pass::Fragment);
     }
     let proto = fixed[2].to_le_bytes()[1];
-    if proto != PROTO_UDP && proto != PROTO_TCP {
+    // An error goes to the source of the packet it quotes: one that does
+    // not is no flow's (and must not reach another VIP's instances).
+    if (proto != PROTO_UDP && proto != PROTO_TCP) || fixed[3] != to {
         return Err(Pass::NotL4);
     }
     Ok(Flow {
@@ -416,7 +418,7 @@ fn icmp_v4<F: Frame + ?Sized>(f: &F, off: usize, end: usize) -> Result<Flow, Pas
 /// unreachable or packet too big, quoting a UDP or TCP packet with no
 /// extension headers (what a server sends back).
 #[inline(always)]
-fn icmp_v6<F: Frame + ?Sized>(f: &F, off: usize, end: usize) -> Result<Flow, Pass> {
+fn icmp_v6<F: Frame + ?Sized>(f: &F, off: usize, end: usize, to: [u32; 4]) -> Result<Flow, Pass> {
     let h = f.load::<[u8; 2]>(off).ok_or(Pass::Truncated)?;
     if h[0] != ICMPV6_DEST_UNREACH && h[0] != ICMPV6_PACKET_TOO_BIG {
         return Err(Pass::NotL4);
@@ -432,7 +434,13 @@ fn icmp_v6<F: Frame + ?Sized>(f: &F, off: usize, end: usize) -> Result<Flow, Pas
         return Err(Pass::Truncated);
     }
     let proto = hdr[1].to_le_bytes()[2];
-    if proto != PROTO_UDP && proto != PROTO_TCP {
+    // As for IPv4: to the quoted packet's source only.
+    if (proto != PROTO_UDP && proto != PROTO_TCP)
+        || hdr[2] != to[0]
+        || hdr[3] != to[1]
+        || hdr[4] != to[2]
+        || hdr[5] != to[3]
+    {
         return Err(Pass::NotL4);
     }
     Ok(Flow {

@@ -538,4 +538,12 @@ fn other_icmp_and_unusable_quotes_pass() {
     let mut v6 = icmp6_too_big();
     v6[54] = 128; // echo request
     assert_eq!(parse(v6.as_slice()), Err(Pass::NotL4));
+    // Sent to another address than the quoted packet's source: to one VIP
+    // about another's flow, say.
+    let mut elsewhere = icmp4_frag_needed(40);
+    elsewhere[33] = 2; // outer destination 198.18.1.2
+    assert_eq!(parse(elsewhere.as_slice()), Err(Pass::NotL4));
+    let mut elsewhere = icmp6_too_big();
+    elsewhere[53] = 2; // outer destination fd00:5100::1:2
+    assert_eq!(parse(elsewhere.as_slice()), Err(Pass::NotL4));
 }
