@@ -60,6 +60,10 @@ use crate::{
     clippy::needless_pass_by_value,
     reason = "the #[xdp] macro hands over the context by value"
 )]
+// The macro's entry calls this body: inlined, or past LLVM's size threshold
+// it stays a BPF-to-BPF call, ~10 ns a packet (measured when the ICMP
+// parsing grew the program).
+#[inline(always)]
 fn sluice_xdp(ctx: XdpContext) -> u32 {
     let mut frame = XdpFrame::new(&ctx);
     let (action, counter) = match try_sluice_xdp(&mut frame) {
