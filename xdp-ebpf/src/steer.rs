@@ -44,7 +44,7 @@ pub(crate) fn steer(
     };
     // Counted where the packet entered the cluster, once.
     if peer.is_none() {
-        count_arrival(sc, keyed.tagged, keyed.tag_missing, flow.icmp, bytes);
+        count_arrival(sc, keyed, flow.icmp, bytes);
     }
 
     let pin_kind = if flow.proto == PROTO_TCP {
@@ -147,27 +147,20 @@ pub(crate) fn steer(
 }
 
 /// A service's packet as it arrives from a client: its service's packets
-/// and bytes, and whether its tag made it; an ICMP error, globally. Flags
-/// by value: a `Keyed` by reference would live on the stack.
+/// and bytes, and whether its tag made it; an ICMP error, globally.
 #[inline(always)]
-fn count_arrival(
-    sc: Option<*mut ServiceCounters>,
-    tagged: bool,
-    tag_missing: bool,
-    icmp: bool,
-    bytes: u64,
-) {
+fn count_arrival(sc: Option<*mut ServiceCounters>, keyed: parse::Keyed, icmp: bool, bytes: u64) {
     count(sc, |c| {
         c.packets += 1;
         c.bytes += bytes;
-        if tagged {
+        if keyed.tagged {
             c.tagged += 1;
         }
-        if tag_missing {
+        if keyed.tag_missing {
             c.tag_missing += 1;
         }
     });
-    if tag_missing {
+    if keyed.tag_missing {
         bump(&GLOBAL_COUNTERS, counters::TAG_MISSING);
     }
     if icmp {

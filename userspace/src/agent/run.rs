@@ -408,8 +408,6 @@ impl Serving<'_> {
         Ok(())
     }
 
-    /// SIGHUP: the config file again, with the registrations, applied whole
-    /// or not at all (see [`Agent::reload`]).
     /// SIGHUP, as the service manager sees it too: reloading, then ready
     /// again whether the new config was applied or refused.
     async fn reload(&mut self) {
@@ -424,6 +422,8 @@ impl Serving<'_> {
         sys::notify::ready(&format!("steering on {}", self.a.iface));
     }
 
+    /// SIGHUP: the config file again, with the registrations, applied whole
+    /// or not at all (see [`Agent::reload`]).
     async fn reload_file(&mut self) -> anyhow::Result<()> {
         let base = Config::load(&self.a.config)?;
         let config = effective(&self.life, &base);

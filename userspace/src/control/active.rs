@@ -97,14 +97,13 @@ impl Drop for ActiveProbes {
 }
 
 impl ActiveProbes {
-    /// The verdict on `instance`, if its application is probed and one was
-    /// reached.
-    pub(super) fn verdict(&self, instance: &str) -> Option<Verdict> {
-        self.verdicts
-            .lock()
-            .expect("verdicts lock")
-            .get(instance)
-            .cloned()
+    /// Whether `instance`'s application is probed and `fall` probes in a
+    /// row failed (not yet `rise` succeeded since).
+    pub(super) fn is_down(&self, instance: &str) -> bool {
+        matches!(
+            self.verdicts.lock().expect("verdicts lock").get(instance),
+            Some(Verdict::Down(_))
+        )
     }
 
     /// Starts a task for every probed instance that has none or whose

@@ -17,7 +17,7 @@ use std::{
 
 use super::{
     ControlError, MoveEvent, Out, UNOWNED,
-    active::{ActiveProbes, Verdict},
+    active::ActiveProbes,
     moves::Mover,
     qos::{Probe, Report},
     services::{InstCtl, ServiceCtl},
@@ -151,9 +151,9 @@ impl Sockets {
 
 /// Failed instances, and those whose failover has not wholly landed yet.
 pub(super) struct Health {
-    /// Instances found failed (their veth is gone): out of the data path,
-    /// their groups unowned, claimed again by the survivors.
-    failed: HashSet<String>,
+    /// Instances found failed, and why (`sluice status` says it): out of
+    /// the data path, their groups unowned, claimed again by the survivors.
+    failed: HashMap<String, Cause>,
     /// Failed instances not yet out of the data path (a write failed
     /// half-way): marked not live again each interval until it lands.
     failing: HashSet<String>,
@@ -168,38 +168,39 @@ pub(super) struct Health {
     active: ActiveProbes,
     /// Each instance's recent failures, for its hold-down.
     flaps: HashMap<String, Flaps>,
-    /// Why each failed instance failed (`sluice status` says it).
-    causes: HashMap<String, Cause>,
 }
 
 impl Health {
     pub(super) fn new(hold_down: Duration, now: Instant) -> Self {
         Self {
-            failed: HashSet::new(),
+            failed: HashMap::new(),
             failing: HashSet::new(),
             hold_down,
             started: now,
             sockets: HashMap::new(),
             active: ActiveProbes::default(),
             flaps: HashMap::new(),
-            causes: HashMap::new(),
         }
     }
 
     pub(super) fn is_failed(&self, instance: &str) -> bool {
-        self.failed.contains(instance)
+        self.failed.contains_key(instance)
     }
 
     /// Why a failed instance failed: the `reason` of
     /// `sluice_instance_failures_total` (`probe`, `unbound`, ...).
     pub(super) fn failure_reason(&self, instance: &str) -> Option<&'static str> {
-        self.causes.get(instance).map(|c| c.reason())
+        self.failed.get(instance).map(|c| c.reason())
     }
 
     /// Takes over what `old` knows of the instances still `configured`,
     /// and when it started.
     pub(super) fn carry_over(&mut self, mut old: Self, configured: impl Fn(&String) -> bool) {
-        self.failed = old.failed.into_iter().filter(&configured).collect();
+        self.failed = old
+            .failed
+            .into_iter()
+            .filter(|(n, _)| configured(n))
+            .collect();
         self.failing = old.failing.into_iter().filter(&configured).collect();
         self.started = old.started;
         self.sockets = old
@@ -212,11 +213,6 @@ impl Health {
         self.active = std::mem::take(&mut old.active);
         self.flaps = old
             .flaps
-            .into_iter()
-            .filter(|(n, _)| configured(n))
-            .collect();
-        self.causes = old
-            .causes
             .into_iter()
             .filter(|(n, _)| configured(n))
             .collect();
@@ -248,12 +244,12 @@ impl Health {
         let mut gone: Vec<(&str, String, Load, Cause)> = Vec::new();
         for s in services {
             for i in &s.instances {
-                if self.failed.contains(&i.name) {
+                if self.failed.contains_key(&i.name) {
                     continue;
                 }
                 let cause = if !probe.link_exists(i.ifindex) {
                     Some(Cause::Veth)
-                } else if matches!(self.active.verdict(&i.name), Some(Verdict::Down(_))) {
+                } else if self.active.is_down(&i.name) {
                     Some(Cause::Probe)
                 } else if i.config.health.reports()
                     && grace_over
@@ -282,12 +278,11 @@ impl Health {
             crate::telemetry::instance_failed(service, &name, cause.reason());
             // Failed at once: no claim gives it work from here on, and no
             // other host either (this interval's load said `ok`).
-            self.failed.insert(name.clone());
-            self.causes.insert(name.clone(), cause);
+            self.failed.insert(name.clone(), cause);
             mv.store.publish_load(&name, load).await?;
             self.failing.insert(name);
         }
-        let mut failed: Vec<String> = self.failed.iter().cloned().collect();
+        let mut failed: Vec<String> = self.failed.keys().cloned().collect();
         failed.sort();
         for name in failed {
             let (svc, id) = services
@@ -352,11 +347,11 @@ impl Health {
     ) -> Result<(), ControlError> {
         for s in services {
             for i in &mut s.instances {
-                if !self.failed.contains(&i.name) || self.failing.contains(&i.name) {
+                if !self.failed.contains_key(&i.name) || self.failing.contains(&i.name) {
                     continue;
                 }
                 let sockets = self.sockets.get_mut(&i.name);
-                let probed_down = matches!(self.active.verdict(&i.name), Some(Verdict::Down(_)));
+                let probed_down = self.active.is_down(&i.name);
                 let back = probe.resolve(&i.config).filter(|_| {
                     !probed_down
                         && (!i.config.health.reports() || reporting.contains_key(&i.name))
@@ -385,7 +380,6 @@ impl Health {
                     s.refusing = 0;
                 }
                 self.failed.remove(&i.name);
-                self.causes.remove(&i.name);
                 tracing::info!(instance = %i.name, ifindex = r.ifindex, hold_down = ?hold_down, "instance recovered; it takes work as its element decides");
             }
         }

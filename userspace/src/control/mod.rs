@@ -599,7 +599,6 @@ impl Controller {
         Ok(out)
     }
 
-    /// Current state of every instance.
     /// Why a failed instance of this host failed (`probe`, `unbound`,
     /// `veth_gone`, ...); `None` for one that has not.
     #[must_use]
@@ -607,6 +606,7 @@ impl Controller {
         self.health.failure_reason(instance)
     }
 
+    /// Current state of every instance.
     pub async fn status(&self) -> Result<Vec<InstanceStatus>, ControlError> {
         let mut out = Vec::new();
         let state = Out::new(&self.drains, &self.health);
